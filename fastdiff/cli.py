@@ -1,0 +1,194 @@
+"""`fastdiff train | sample | eval | env`.
+
+Errors that the user can fix (FastdiffError) print one line and exit with status 2; anything else is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fastdiff.errors import ConfigError, FastdiffError
+
+
+def _add_train(sub):
+    p = sub.add_parser("train", help="train a DDPM UNet", description="Train a DDPM UNet on a dataset.")
+    p.add_argument("--preset", help="named configuration (default: digits, or the run's own with --resume)")
+    p.add_argument("--dataset", help="digits | mnist | fashion-mnist | cifar10 | fer2013 | folder | synthetic")
+    p.add_argument("--data-dir", help="folder with the dataset files (default: $FASTDIFF_DATA_DIR or ./data)")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, logs, config)")
+    p.add_argument("--steps", type=int, help="total optimizer steps")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--warmup", type=int, dest="warmup_steps", help="learning-rate warm-up steps")
+    p.add_argument("--amp", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--ema-decay", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--ckpt-every", type=int)
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--channels", type=int, help="image channels of the model (1 or 3)")
+    p.add_argument("--num-classes", type=int, help="0 for unconditional")
+    p.add_argument("--prediction", choices=["eps", "v", "x0"])
+    p.add_argument("--schedule", choices=["linear", "cosine"])
+    p.add_argument("--zero-terminal-snr", action="store_true", default=None)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--no-progress", action="store_true")
+
+
+TRAIN_FLAGS = {  # CLI dest -> config key
+    "dataset": "data.dataset", "data_dir": "data.data_dir", "steps": "train.steps", "batch_size": "train.batch_size",
+    "lr": "train.lr", "warmup_steps": "train.warmup_steps", "amp": "train.amp", "ema_decay": "train.ema_decay",
+    "seed": "train.seed", "ckpt_every": "train.ckpt_every", "log_every": "train.log_every",
+    "image_size": "model.image_size", "channels": "model.in_channels", "num_classes": "model.num_classes",
+    "prediction": "diffusion.prediction", "schedule": "diffusion.schedule",
+    "zero_terminal_snr": "diffusion.zero_terminal_snr",
+}
+# Flags that may change when a run is resumed; the rest would make the checkpoint and the config disagree.
+RESUMABLE = {"steps", "ckpt_every", "log_every", "data_dir"}
+
+
+def resolve_train_config(args):
+    from fastdiff.config import RunConfig, apply_overrides, preset_config
+
+    given = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
+    saved = Path(args.out) / "config.json"
+    if args.resume and saved.exists():
+        if args.preset:
+            raise ConfigError("--resume continues the run with its own config; drop --preset")
+        changed = sorted(set(given) - RESUMABLE)
+        if changed:
+            flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+            raise ConfigError(f"{flags} cannot change on --resume (only --steps, --ckpt-every, --log-every, "
+                              "--data-dir can)")
+        cfg = RunConfig.from_dict(json.loads(saved.read_text()))
+    else:
+        cfg = preset_config(args.preset or "digits")
+    return apply_overrides(cfg, {TRAIN_FLAGS[k]: v for k, v in given.items()})
+
+
+def cmd_train(args) -> int:
+    cfg = resolve_train_config(args)
+    if args.dry_run:
+        print(cfg.to_json())
+        return 0
+    from fastdiff.train import train_ddpm
+
+    record = train_ddpm(cfg, args.out, device=args.device, resume=args.resume, progress=not args.no_progress)
+    print(json.dumps({"run_dir": str(args.out), **record}))
+    return 0
+
+
+def _add_sampling_flags(p, n_default):
+    p.add_argument("--checkpoint", required=True, help="run directory (its latest checkpoint) or a checkpoint folder")
+    p.add_argument("--n", type=int, default=n_default, help="number of samples")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], help="default: the run's (ddim)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the run's; ddpm: all T)")
+    p.add_argument("--eta", type=float, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+
+
+def cmd_sample(args) -> int:
+    from fastdiff.images import save_grid, save_samples, save_trajectory
+    from fastdiff.sampling import TrajectoryRecorder, generate, load_run, parse_labels
+    from fastdiff.train.loop import resolve_device
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise ConfigError(f"--out must be a .png file, got {out}")
+    device = resolve_device(args.device)
+    loaded = load_run(args.checkpoint, device, use_ema=not args.no_ema)
+    sc, mc = loaded.config.sample, loaded.config.model
+    sampler = args.sampler or sc.sampler
+    steps = args.steps or (sc.steps if sampler == "ddim" else loaded.config.diffusion.num_timesteps)
+    labels = parse_labels(args.labels, args.n, mc.num_classes)
+    recorder = TrajectoryRecorder(steps, rows=min(args.n, args.trajectory_rows)) if args.trajectory else None
+    guidance = sc.guidance if args.guidance is None else args.guidance
+    samples, labels, seeds, seconds = generate(
+        loaded, n=args.n, seed=args.seed, sampler=sampler, steps=steps, eta=sc.eta if args.eta is None else args.eta,
+        guidance=guidance, labels=labels, batch_size=args.batch_size, clip=sc.clip, spacing=sc.spacing,
+        callback=recorder)
+    nrow = mc.num_classes if labels is not None and args.labels is None and args.n % mc.num_classes == 0 else None
+    grid = save_grid(samples, out, nrow=nrow)
+    raw = save_samples(out.with_suffix(".npz"), samples, labels, seeds)
+    result = {"grid": str(grid), "samples": str(raw), "n": args.n, "sampler": sampler, "steps": steps,
+              "guidance": guidance if labels is not None else None, "seconds": round(seconds, 3),
+              "images_per_sec": args.n / seconds, "checkpoint": loaded.path}
+    if recorder is not None:
+        traj = out.with_name(out.stem + "_trajectory.png")
+        save_trajectory(recorder.frames, traj, title=f"{sampler}, {steps} steps")
+        result["trajectory"] = str(traj)
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from fastdiff.evaluate import evaluate_run
+
+    result = evaluate_run(args.checkpoint, n=args.n, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+                          eta=args.eta, seed=args.seed, device=args.device, batch_size=args.batch_size,
+                          classifier_steps=args.classifier_steps, log=lambda s: print(s, file=sys.stderr))
+    floor = result["fd_cls_floor"]
+    print(f"FD_cls {result['fd_cls']:.3f} (real-vs-real floor {floor:.3f}, ratio {result['fd_ratio']:.2f})")
+    if "cond_accuracy" in result:
+        print(f"class-conditional accuracy {100 * result['cond_accuracy']:.1f}% "
+              f"(classifier on held-out real images: {100 * result['classifier_test_accuracy']:.1f}%)")
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_env(args) -> int:
+    from fastdiff.envinfo import collect
+
+    info = collect()
+    for key, value in info.items():
+        print(f"{key:>18}: {value}")
+    print(json.dumps(info))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastdiff", description="Fast diffusion training and sampling.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    p = sub.add_parser("sample", help="draw samples from a trained run into a PNG grid (+ .npz)")
+    _add_sampling_flags(p, 100)
+    p.add_argument("--labels", type=int, nargs="+", help="class labels, repeated to fill --n")
+    p.add_argument("--out", required=True, help="output PNG (raw samples go beside it as .npz)")
+    p.add_argument("--trajectory", action="store_true", help="also write <out>_trajectory.png")
+    p.add_argument("--trajectory-rows", type=int, default=4)
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    p = sub.add_parser("eval", help="FD_cls, its real-vs-real floor, and class-conditional accuracy")
+    _add_sampling_flags(p, 1000)
+    p.add_argument("--classifier-steps", type=int, default=1500,
+                   help="training steps of the evaluation classifier when it is not cached yet")
+    p.set_defaults(batch_size=500)
+    sub.add_parser("env", help="versions, device, and which kernels are usable")
+    return parser
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "env": cmd_env}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except FastdiffError as e:
+        print(f"fastdiff {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fastdiff {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Run configuration: dataclasses, named presets, and CLI overrides on top of a preset.
+
+A resolved config is written to every run directory as config.json and read back by sample, eval and resume.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field
+
+from fastdiff.errors import ConfigError
+from fastdiff.models.unet import UNetConfig
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "linear"  # linear | cosine
+    num_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    zero_terminal_snr: bool = False
+    prediction: str = "eps"  # eps | v | x0
+
+
+@dataclass
+class DataConfig:
+    """Images are loaded at model.image_size (resized when the dataset's native size differs)."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None  # None: $FASTDIFF_DATA_DIR or ./data
+    hflip: bool = False  # random horizontal flips (CIFAR-10, FER-2013; never digits)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10_000
+    batch_size: int = 128
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 500
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    amp: str = "fp32"  # fp32 | bf16 | fp16
+    p_uncond: float = 0.1  # label dropout for classifier-free guidance (class-conditional models)
+    seed: int = 0
+    ckpt_every: int = 1000
+    keep_checkpoints: int = 2
+    log_every: int = 100
+    channels_last: bool = True  # NHWC activations: ~15% faster on CPU (oneDNN) and the fast layout for GPU convs
+
+
+@dataclass
+class SampleConfig:
+    """Defaults for `fastdiff sample` and `fastdiff eval` with this run's checkpoints."""
+
+    sampler: str = "ddim"  # ddim | ddpm
+    steps: int = 50
+    eta: float = 0.0
+    guidance: float = 1.0
+    spacing: str = "trailing"
+    clip: float | None = 1.0
+
+
+@dataclass
+class RunConfig:
+    preset: str = "digits"
+    model: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in d.items():
+            if key not in sections:
+                raise ConfigError(f"unknown config section {key!r}")
+            if key == "preset":
+                kwargs[key] = value
+                continue
+            section_cls = {"model": UNetConfig, "diffusion": DiffusionConfig, "data": DataConfig,
+                           "train": TrainConfig, "sample": SampleConfig}[key]
+            kwargs[key] = _build(section_cls, value, key)
+        return cls(**kwargs)
+
+
+def _build(section_cls, values: dict, where: str):
+    names = {f.name for f in dataclasses.fields(section_cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ConfigError(f"unknown option(s) {sorted(unknown)} in config section {where!r}")
+    try:
+        return section_cls(**values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid {where} config: {e}") from None
+
+
+# Presets: overrides on the defaults above. Sizes, steps and learning rates were chosen by measurement
+# (see README); `digits` is sized to train on 2 CPU cores in a few minutes.
+PRESETS: dict[str, dict] = {
+    "digits": {
+        "model": dict(image_size=8, in_channels=1, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                      attn_resolutions=(4,), dropout=0.0, num_groups=8, num_classes=10),
+        "data": dict(dataset="digits"),
+        "train": dict(steps=1000, batch_size=128, lr=2e-3, warmup_steps=100, ema_decay=0.999, ckpt_every=250,
+                      log_every=100),
+        "sample": dict(guidance=2.0),
+    },
+    "mnist": {
+        "model": dict(image_size=28, in_channels=1, base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
+                      attn_resolutions=(7,), dropout=0.1, num_groups=32, num_classes=10),
+        "data": dict(dataset="mnist"),
+        "train": dict(steps=20_000, batch_size=128, lr=2e-4, warmup_steps=500, ema_decay=0.9995),
+        "sample": dict(guidance=2.0),
+    },
+    "fashion-mnist": {
+        "model": dict(image_size=28, in_channels=1, base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
+                      attn_resolutions=(7,), dropout=0.1, num_groups=32, num_classes=10),
+        "data": dict(dataset="fashion-mnist"),
+        "train": dict(steps=30_000, batch_size=128, lr=2e-4, warmup_steps=500, ema_decay=0.9995),
+        "sample": dict(guidance=2.0),
+    },
+    "fer2013": {
+        "model": dict(image_size=48, in_channels=1, base_channels=64, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
+                      attn_resolutions=(12,), dropout=0.1, num_groups=32, num_classes=7),
+        "data": dict(dataset="fer2013", hflip=True),
+        "train": dict(steps=100_000, batch_size=128, lr=2e-4, warmup_steps=1000),
+        "sample": dict(guidance=2.0),
+    },
+    "cifar10-ddpm": {
+        # Ho et al. 2020, Appendix B: 35.7M parameters, T = 1000 linear betas, lr 2e-4, batch 128, 800k steps,
+        # dropout 0.1, random flips, EMA 0.9999, unconditional.
+        "model": dict(image_size=32, in_channels=3, base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
+                      attn_resolutions=(16,), dropout=0.1, num_groups=32, num_classes=0),
+        "data": dict(dataset="cifar10", hflip=True),
+        "train": dict(steps=800_000, batch_size=128, lr=2e-4, warmup_steps=5000, grad_clip=1.0, ema_decay=0.9999,
+                      ckpt_every=5000, log_every=500),
+    },
+}
+
+
+def preset_config(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    base = RunConfig().to_dict()
+    base["preset"] = name
+    for section, values in PRESETS[name].items():
+        base[section].update(copy.deepcopy(values))
+    return RunConfig.from_dict(base)
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict[str, object]) -> RunConfig:
+    """Overrides are {"section.option": value}; None values are skipped (flags the user did not pass)."""
+    d = cfg.to_dict()
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        section, _, option = key.partition(".")
+        if section not in d or not isinstance(d[section], dict) or option not in d[section]:
+            raise ConfigError(f"unknown option {key!r}")
+        d[section][option] = value
+    return RunConfig.from_dict(d)

@@ -1,0 +1,197 @@
+"""Samplers as plain functions over any `model(x, t, labels) -> output`.
+
+Every sampler here is the same loop: for each step i, evaluate the model (with classifier-free guidance when
+asked), then one `fastdiff.ops.sampler_step` with that step's coefficients:
+
+    x0     = p*x_t + q*out                    (the parameterisation; optionally clipped)
+    x_prev = A*x0 + B*x_t + sigma*z           (the sampler's update; z from the sample's own seed)
+
+The coefficients of all steps are computed up front in float64 and moved to the device once, so the loop has
+no host syncs. Noise comes from per-sample seeds: a sample depends only on its seed, label and settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from fastdiff import ops
+from fastdiff.diffusion.parameterization import check_prediction, x0_coefficients
+from fastdiff.diffusion.schedules import NoiseSchedule
+from fastdiff.errors import ConfigError
+from fastdiff.reference import seeded_randn
+
+SPACINGS = ("leading", "trailing", "linspace")
+VARIANCES = ("fixed_small", "fixed_large")
+
+
+def make_timesteps(num_train_timesteps: int, steps: int, spacing: str = "trailing") -> torch.Tensor:
+    """Descending int64 timesteps, spaced as in diffusers / Lin et al. 2024, Table 2.
+
+    leading:  0, r, 2r, ... (r = T // steps), reversed   -- never reaches T-1
+    trailing: round(T - k*T/steps) - 1 for k = 0..steps-1 -- always starts at T-1
+    linspace: round(linspace(0, T-1, steps)), reversed   -- both ends
+    """
+    T = num_train_timesteps
+    if not 1 <= steps <= T:
+        raise ConfigError(f"steps={steps} must be between 1 and the {T} training timesteps")
+    if spacing == "leading":
+        ts = torch.arange(steps, dtype=torch.float64) * (T // steps)
+    elif spacing == "trailing":
+        ts = torch.round(torch.arange(T, 0, -T / steps, dtype=torch.float64)) - 1
+        ts = ts.flip(0)
+    elif spacing == "linspace":
+        ts = torch.linspace(0, T - 1, steps, dtype=torch.float64).round()
+    else:
+        raise ConfigError(f"unknown timestep spacing {spacing!r}; use one of {', '.join(SPACINGS)}")
+    return ts.to(torch.int64).flip(0)
+
+
+@dataclass
+class StepTable:
+    """Everything the loop reads per step, on the device: model timesteps and (p, q, A, B, sigma)."""
+
+    timesteps: torch.Tensor  # [n] float32, the model's t input
+    coefs: torch.Tensor  # [n, 5] float32: p, q, A, B, sigma
+
+    def __len__(self) -> int:
+        return self.timesteps.shape[0]
+
+
+def _table(timesteps, p, q, A, B, sigma, device) -> StepTable:
+    coefs = torch.stack([p, q, A, B, sigma], dim=1).to(device, torch.float32)
+    return StepTable(timesteps.to(device, torch.float32), coefs)
+
+
+def _prev_alphas_cumprod(schedule: NoiseSchedule, timesteps: torch.Tensor) -> torch.Tensor:
+    ab = schedule.alphas_cumprod64
+    # The step after the last one lands on clean data: alphas_cumprod = 1 (diffusers' set_alpha_to_one).
+    return torch.cat([ab[timesteps[1:]], torch.ones(1, dtype=torch.float64)])
+
+
+def ddim_table(schedule, timesteps, *, eta: float = 0.0, prediction: str = "eps", device=None) -> StepTable:
+    """DDIM (Song et al. 2021, eq. 12) written as x_prev = A*x0 + B*x_t + sigma*z.
+
+    eps_hat = (x_t - sqrt(ab) x0) / sqrt(1-ab) is re-derived from the (possibly clipped) x0, so
+    x_prev = sqrt(ab_prev) x0 + c * eps_hat + sigma z  with c = sqrt(1 - ab_prev - sigma^2).
+    """
+    if eta < 0:
+        raise ConfigError(f"eta={eta} must be >= 0")
+    ab = schedule.alphas_cumprod64[timesteps]
+    ab_prev = _prev_alphas_cumprod(schedule, timesteps)
+    p, q = x0_coefficients(check_prediction(prediction), ab)
+    # (16): sigma_t(eta) = eta * sqrt((1 - ab_prev) / (1 - ab)) * sqrt(1 - ab / ab_prev)
+    sigma = eta * ((1 - ab_prev) / (1 - ab)).sqrt() * (1 - ab / ab_prev).clamp(min=0).sqrt()
+    c = (1 - ab_prev - sigma**2).clamp(min=0).sqrt()
+    A = ab_prev.sqrt() - c * ab.sqrt() / (1 - ab).sqrt()
+    B = c / (1 - ab).sqrt()
+    return _table(timesteps, p, q, A, B, sigma, device or schedule.device)
+
+
+def ddpm_table(schedule, timesteps, *, variance: str = "fixed_small", prediction: str = "eps", device=None):
+    """DDPM ancestral sampling (Ho et al. 2020, eq. 6-7) from the posterior q(x_prev | x_t, x0).
+
+    On a subset of timesteps the step's beta is 1 - ab/ab_prev (the respacing of Nichol & Dhariwal 2021).
+    mean = sqrt(ab_prev) beta / (1-ab) * x0 + sqrt(alpha) (1-ab_prev) / (1-ab) * x_t
+    fixed_small: sigma^2 = beta (1-ab_prev) / (1-ab);  fixed_large: sigma^2 = beta;  no noise on the last step.
+    """
+    if variance not in VARIANCES:
+        raise ConfigError(f"unknown DDPM variance {variance!r}; use one of {', '.join(VARIANCES)}")
+    ab = schedule.alphas_cumprod64[timesteps]
+    ab_prev = _prev_alphas_cumprod(schedule, timesteps)
+    p, q = x0_coefficients(check_prediction(prediction), ab)
+    alpha = ab / ab_prev
+    beta = 1 - alpha
+    A = ab_prev.sqrt() * beta / (1 - ab)
+    B = alpha.sqrt() * (1 - ab_prev) / (1 - ab)
+    var = beta * (1 - ab_prev) / (1 - ab) if variance == "fixed_small" else beta.clone()
+    var[-1] = 0.0
+    return _table(timesteps, p, q, A, B, var.sqrt(), device or schedule.device)
+
+
+def guided(model: Callable, x, t, labels, guidance: float, null_label: int | None):
+    """Classifier-free guidance (Ho & Salimans 2022): out = uncond + guidance * (cond - uncond).
+
+    guidance = 1 is the plain conditional model (one evaluation); other values evaluate the conditional and
+    the unconditional (null label) halves as one batch.
+    """
+    if labels is None or guidance == 1.0:
+        return model(x, t, labels)
+    if null_label is None:
+        raise ConfigError("classifier-free guidance needs a class-conditional model (null_label is None)")
+    null = torch.full_like(labels, null_label)
+    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
+    cond, uncond = out.chunk(2)
+    return uncond + guidance * (cond - uncond)
+
+
+def run_table(
+    model: Callable,
+    x: torch.Tensor,
+    table: StepTable,
+    *,
+    seeds: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    guidance: float = 1.0,
+    null_label: int | None = None,
+    clip: float | None = None,
+    callback: Callable | None = None,
+) -> torch.Tensor:
+    """The shared sampling loop. callback(i, t, x_prev, x0) is called after each step when given."""
+    n = x.shape[0]
+    if seeds.shape != (n,):
+        raise ConfigError(f"seeds must have shape [{n}] (one per sample), got {list(seeds.shape)}")
+    if labels is not None and labels.shape != (n,):
+        raise ConfigError(f"labels must have shape [{n}] (one per sample), got {list(labels.shape)}")
+    seeds = seeds.to(x.device)
+    for i in range(len(table)):
+        t = table.timesteps[i].expand(n)
+        out = guided(model, x, t, labels, guidance, null_label)
+        p, q, A, B, sigma = (c.expand(n) for c in table.coefs[i].unbind(0))
+        x, x0 = ops.sampler_step(x, out, p, q, A, B, sigma, seeds, i, clip=clip, return_x0=True)
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+def sample_ddim(
+    model, x, schedule, *, steps=50, eta=0.0, seeds, labels=None, guidance=1.0, null_label=None,
+    prediction="eps", clip=None, spacing="trailing", callback=None,
+):
+    """DDIM(eta) from initial noise x (use `initial_noise`); eta = 0 is deterministic, eta = 1 is DDPM-like."""
+    ts = make_timesteps(schedule.num_timesteps, steps, spacing)
+    table = ddim_table(schedule, ts, eta=eta, prediction=prediction, device=x.device)
+    return run_table(model, x, table, seeds=seeds, labels=labels, guidance=guidance, null_label=null_label,
+                     clip=clip, callback=callback)
+
+
+def sample_ddpm(
+    model, x, schedule, *, steps=None, variance="fixed_small", seeds, labels=None, guidance=1.0, null_label=None,
+    prediction="eps", clip=None, spacing="trailing", callback=None,
+):
+    """DDPM ancestral sampling over all T steps (steps=None) or a respaced subset."""
+    ts = make_timesteps(schedule.num_timesteps, steps or schedule.num_timesteps, spacing)
+    table = ddpm_table(schedule, ts, variance=variance, prediction=prediction, device=x.device)
+    return run_table(model, x, table, seeds=seeds, labels=labels, guidance=guidance, null_label=null_label,
+                     clip=clip, callback=callback)
+
+
+def initial_noise(seeds: torch.Tensor, shape: tuple[int, ...], device=None, dtype=torch.float32) -> torch.Tensor:
+    """x_T for each seed: standard normal of `shape` (C, H, W), a pure function of the seed."""
+    device = device if device is not None else seeds.device
+    return seeded_randn(seeds.to(device), tuple(shape), dtype)
+
+
+def seeds_for(seed: int, n: int) -> torch.Tensor:
+    """Per-sample seeds seed, seed+1, ..., seed+n-1: sample k of a run is reproducible on its own."""
+    if not 0 <= seed < 2**63 - n:
+        raise ConfigError(f"seed={seed} must be a non-negative 63-bit integer")
+    return torch.arange(seed, seed + n, dtype=torch.int64)
+
+
+__all__ = [
+    "SPACINGS", "VARIANCES", "StepTable", "ddim_table", "ddpm_table", "guided", "initial_noise", "make_timesteps",
+    "run_table", "sample_ddim", "sample_ddpm", "seeds_for",
+]

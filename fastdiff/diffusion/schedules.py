@@ -1,0 +1,104 @@
+"""Noise schedules: betas and alphas_cumprod, computed in float64 and kept in float32 on the model's device."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastdiff.errors import ConfigError
+
+SCHEDULES = ("linear", "cosine")
+
+
+def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """Ho et al. 2020: betas linear from 1e-4 to 0.02 at T = 1000 (endpoints scaled by 1000/T for other T)."""
+    scale = 1000.0 / num_timesteps
+    return torch.linspace(beta_start * scale, beta_end * scale, num_timesteps, dtype=torch.float64)
+
+
+def cosine_alpha_bar(t: torch.Tensor, s: float = 0.008) -> torch.Tensor:
+    """Nichol & Dhariwal 2021, eq. 17 before normalisation: f(t) = cos^2((t + s) / (1 + s) * pi / 2), t in [0, 1]."""
+    return torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+
+
+def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """betas_t = min(1 - alpha_bar((t+1)/T) / alpha_bar(t/T), max_beta) (Nichol & Dhariwal 2021)."""
+    steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+    ab = cosine_alpha_bar(steps, s)
+    return (1 - ab[1:] / ab[:-1]).clamp(max=max_beta)
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2024, Algorithm 1: shift and scale sqrt(alphas_cumprod) so the last step has SNR exactly 0."""
+    sqrt_ab = torch.cumprod(1 - betas, 0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    ab = sqrt_ab**2
+    alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])
+    return 1 - alphas
+
+
+class NoiseSchedule:
+    """betas, alphas and alphas_cumprod for T discrete timesteps.
+
+    `alphas_cumprod64` (float64, CPU) is the exact table samplers derive their coefficients from; `betas` and
+    `alphas_cumprod` (float32, on `device`) are what training and the model-side math read.
+    """
+
+    def __init__(
+        self,
+        kind: str = "linear",
+        num_timesteps: int = 1000,
+        *,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        cosine_s: float = 0.008,
+        max_beta: float = 0.999,
+        zero_terminal_snr: bool = False,
+        device: torch.device | str = "cpu",
+    ):
+        if kind == "linear":
+            betas = linear_betas(num_timesteps, beta_start, beta_end)
+        elif kind == "cosine":
+            betas = cosine_betas(num_timesteps, cosine_s, max_beta)
+        else:
+            raise ConfigError(f"unknown noise schedule {kind!r}; use one of {', '.join(SCHEDULES)}")
+        if zero_terminal_snr:
+            betas = rescale_zero_terminal_snr(betas)
+        self.kind = kind
+        self.num_timesteps = num_timesteps
+        self.zero_terminal_snr = zero_terminal_snr
+        self.betas64 = betas
+        self.alphas_cumprod64 = torch.cumprod(1 - betas, 0)
+        self.device = torch.device(device)
+        self.betas = betas.to(self.device, torch.float32)
+        self.alphas_cumprod = self.alphas_cumprod64.to(self.device, torch.float32)
+
+    @classmethod
+    def from_config(cls, cfg, device="cpu") -> "NoiseSchedule":
+        return cls(
+            cfg.schedule,
+            cfg.num_timesteps,
+            beta_start=cfg.beta_start,
+            beta_end=cfg.beta_end,
+            zero_terminal_snr=cfg.zero_terminal_snr,
+            device=device,
+        )
+
+    def to(self, device) -> "NoiseSchedule":
+        self.device = torch.device(device)
+        self.betas = self.betas.to(self.device)
+        self.alphas_cumprod = self.alphas_cumprod.to(self.device)
+        return self
+
+    def snr(self) -> torch.Tensor:
+        return self.alphas_cumprod64 / (1 - self.alphas_cumprod64)
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """q(x_t | x_0): sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, with t of shape [B] on x0's device."""
+        ab = self.alphas_cumprod[t].view(-1, *([1] * (x0.dim() - 1)))
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+
+    def __repr__(self) -> str:
+        return f"NoiseSchedule({self.kind!r}, T={self.num_timesteps}, zero_terminal_snr={self.zero_terminal_snr})"

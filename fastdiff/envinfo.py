@@ -1,0 +1,56 @@
+"""`fastdiff env`: versions, the device, and whether each kernel backend can run here."""
+
+from __future__ import annotations
+
+import platform
+
+
+def _triton_status(cuda: bool) -> tuple[str | None, str]:
+    try:
+        import triton
+    except ImportError:
+        return None, "not installed"
+    from fastdiff.ops.dispatch import triton_interpreting
+
+    if cuda:
+        return triton.__version__, "usable on the GPU"
+    if triton_interpreting():
+        return triton.__version__, "usable on the CPU through TRITON_INTERPRET=1 (slow)"
+    return triton.__version__, "installed; needs a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)"
+
+
+def collect() -> dict:
+    import torch
+
+    from fastdiff import __version__
+    from fastdiff.ops.dispatch import native_available
+
+    cuda = torch.cuda.is_available()
+    triton_version, triton_status = _triton_status(cuda)
+    info = {
+        "fastdiff": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "device": "cuda" if cuda else "cpu",
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "gpu_count": torch.cuda.device_count() if cuda else 0,
+        "cpu_threads": torch.get_num_threads(),
+        "triton_kernels": triton_status,
+        "native_extension": "built (fastdiff._C)" if native_available() else "not built (optional; see README)",
+    }
+    if cuda:
+        props = torch.cuda.get_device_properties(0)
+        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        info["compute_capability"] = f"{props.major}.{props.minor}"
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            info["driver"] = pynvml.nvmlSystemGetDriverVersion()
+            pynvml.nvmlShutdown()
+        except Exception as e:  # noqa: BLE001 - telemetry is optional
+            info["driver"] = f"unknown ({type(e).__name__})"
+    return info

@@ -1,0 +1,113 @@
+"""Image outputs: PNG grids, raw sample archives, and denoising-trajectory figures."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastdiff.errors import FastdiffError
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Float images in [-1, 1], [N, C, H, W] -> uint8 [N, H, W, C]."""
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def make_grid(x: torch.Tensor, nrow: int | None = None, pad: int = 1, scale: int = 1) -> np.ndarray:
+    """Tile N images into one uint8 [H, W, C] array, nrow images per row, each upscaled by `scale` (nearest)."""
+    imgs = to_uint8(x)
+    if scale > 1:
+        imgs = imgs.repeat(scale, axis=1).repeat(scale, axis=2)
+    n, h, w, c = imgs.shape
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
+    rows = int(math.ceil(n / nrow))
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = imgs[i]
+    return grid
+
+
+def auto_scale(size: int) -> int:
+    """Upscale factor so that small images (8x8 digits) are visible in a grid: at least ~64 px per image."""
+    return max(1, 64 // size)
+
+
+def _writable(path: Path) -> Path:
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FastdiffError(f"cannot create the output folder {path.parent}: {e.strerror}; choose a writable path")
+    return path
+
+
+def save_png(array: np.ndarray, path) -> Path:
+    from PIL import Image
+
+    path = _writable(path)
+    img = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    try:
+        img.save(path)
+    except (OSError, ValueError) as e:
+        raise FastdiffError(f"cannot write {path}: {e}; choose a writable .png path")
+    return path
+
+
+def save_grid(x: torch.Tensor, path, nrow: int | None = None) -> Path:
+    return save_png(make_grid(x, nrow, scale=auto_scale(x.shape[-1])), path)
+
+
+def save_samples(path, samples: torch.Tensor, labels: torch.Tensor | None, seeds: torch.Tensor) -> Path:
+    """Raw samples as .npz: images uint8 [N, H, W, C], float samples in [-1, 1], labels and per-sample seeds."""
+    path = _writable(path)
+    arrays = {"images": to_uint8(samples), "samples": samples.float().cpu().numpy(), "seeds": seeds.cpu().numpy()}
+    if labels is not None:
+        arrays["labels"] = labels.cpu().numpy()
+    try:
+        np.savez_compressed(path, **arrays)
+    except OSError as e:
+        raise FastdiffError(f"cannot write {path}: {e.strerror}")
+    return path
+
+
+def save_trajectory(frames: list[tuple[str, torch.Tensor, torch.Tensor]], path, title: str = "") -> Path:
+    """The DDPM paper's figure: for each sample a row of x_t from noise to image, under it a row of the
+    model's x0 prediction at the same steps. frames: [(column label, x [R, C, H, W], x0 [R, C, H, W]), ...],
+    where x is the sample after that denoising step (the step's input was at timestep t)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = _writable(path)
+    n_rows = frames[0][1].shape[0]
+    cols = len(frames)
+    fig, axes = plt.subplots(2 * n_rows, cols, figsize=(1.1 * cols, 1.15 * 2 * n_rows), squeeze=False)
+    for j, (t, xt, x0) in enumerate(frames):
+        for r in range(n_rows):
+            for k, img in enumerate((xt[r : r + 1], x0[r : r + 1])):
+                ax = axes[2 * r + k][j]
+                a = to_uint8(img)[0]
+                ax.imshow(a[..., 0] if a.shape[-1] == 1 else a, cmap="gray", vmin=0, vmax=255,
+                          interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if r == 0 and k == 0:
+                    ax.set_title(t, fontsize=7)
+                if j == 0:
+                    ax.set_ylabel("sample" if k == 0 else "x0 pred", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as e:
+        raise FastdiffError(f"cannot write {path}: {e.strerror}")
+    finally:
+        plt.close(fig)
+    return path

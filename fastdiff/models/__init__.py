@@ -1,0 +1,3 @@
+from fastdiff.models.unet import UNet, UNetConfig
+
+__all__ = ["UNet", "UNetConfig"]

@@ -1,0 +1,79 @@
+"""Backend selection for the fused ops.
+
+CUDA tensors go to the Triton kernels; CPU tensors go to the plain-PyTorch reference, or to the Triton kernels
+when TRITON_INTERPRET=1 (the Triton interpreter runs them on the CPU), or to the native extension
+(fastdiff._C) when it is built. FASTDIFF_BACKEND=torch|triton|native forces one backend for every op.
+
+The choice is made in Python at call (or trace) time, so torch.compile bakes it into the graph.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from fastdiff.errors import ConfigError
+
+BACKENDS = ("torch", "triton", "native")
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def native_available() -> bool:
+    """True when the optional native extension fastdiff._C is built and loads."""
+    try:
+        from fastdiff.ops import native
+    except ImportError:
+        return False
+    return native.available()
+
+
+def native_preferred_on_cpu() -> bool:
+    """Use the native kernels automatically on CPU tensors (only where they were measured faster)."""
+    return native_available()
+
+
+def forced_backend() -> str | None:
+    name = os.environ.get("FASTDIFF_BACKEND", "").strip().lower()
+    if not name or name == "auto":
+        return None
+    if name not in BACKENDS:
+        raise ConfigError(f"FASTDIFF_BACKEND={name!r} is not a backend; use one of {', '.join(BACKENDS)} or unset it")
+    return name
+
+
+def backend_for(x: torch.Tensor, supported: tuple[str, ...] = BACKENDS) -> str:
+    """The backend that runs an op on tensor x; `supported` lists the backends that op implements."""
+    forced = forced_backend()
+    if forced is not None:
+        if forced not in supported:
+            return "torch"
+        if forced == "triton" and not triton_available():
+            raise ConfigError("FASTDIFF_BACKEND=triton but triton is not installed; pip install triton")
+        if forced == "triton" and x.device.type == "cpu" and not triton_interpreting():
+            raise ConfigError("FASTDIFF_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 (or use a CUDA device)")
+        if forced == "native" and not native_available():
+            raise ConfigError(
+                "FASTDIFF_BACKEND=native but the extension fastdiff._C is not built; build it with "
+                "`FASTDIFF_BUILD_EXT=1 pip install --no-build-isolation -e .` (see README)"
+            )
+        return forced
+    if x.device.type == "cuda":
+        return "triton" if "triton" in supported and triton_available() else "torch"
+    if x.device.type == "cpu":
+        if "triton" in supported and triton_interpreting() and triton_available():
+            return "triton"
+        if "native" in supported and native_preferred_on_cpu():
+            return "native"
+    return "torch"

@@ -1,0 +1,24 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def tiny_overrides():
+    """A digits run small enough for a few training steps in a test."""
+    return {
+        "model.base_channels": 16, "model.num_groups": 4, "train.batch_size": 16, "train.log_every": 1,
+        "train.ckpt_every": 2, "train.warmup_steps": 2,
+    }

@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from fastdiff import checkpoint as ckpt
+from fastdiff.errors import CheckpointError
+
+
+def _save(run_dir, step, model, opt, keep=2):
+    tensors, meta = ckpt.optimizer_tensors(opt)
+    return ckpt.save_checkpoint(run_dir, step, tensors={"model": model.state_dict(), "optimizer": tensors},
+                                state={"step": step, "optimizer": meta}, config={"x": 1}, keep=keep)
+
+
+def test_round_trip_and_prune(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    for step in (1, 2, 3):
+        path = _save(tmp_path, step, model, opt)
+    assert [s for s, _ in ckpt.checkpoint_dirs(tmp_path)] == [2, 3]
+    assert ckpt.resolve_checkpoint(tmp_path) == path
+    model2 = torch.nn.Linear(3, 2)
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=0.5)
+    ckpt.load_model_weights(model2, ckpt.load_tensors(path, "model"), path)
+    ckpt.load_optimizer(opt2, ckpt.load_tensors(path, "optimizer"), ckpt.load_json(path, "state")["optimizer"])
+    assert torch.equal(model2.weight, model.weight)
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    assert s2["param_groups"][0]["lr"] == 0.1
+    for k in s1["state"][0]:
+        assert torch.equal(torch.as_tensor(s1["state"][0][k]), torch.as_tensor(s2["state"][0][k]))
+
+
+def test_interrupted_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    good = _save(tmp_path, 1, model, opt)
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(ckpt, "_fsync", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, 2, model, opt)
+    monkeypatch.undo()
+    assert ckpt.resolve_checkpoint(tmp_path) == good  # the half-written step 2 is invisible
+    ckpt.remove_stale_temporaries(tmp_path)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [good.name]
+
+
+def test_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        ckpt.resolve_checkpoint(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        ckpt.resolve_checkpoint(tmp_path)
+    model = torch.nn.Linear(2, 2)
+    path = _save(tmp_path, 1, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    (path / "model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        ckpt.load_tensors(path, "model")
+    with pytest.raises(CheckpointError, match="does not fit"):
+        ckpt.load_model_weights(torch.nn.Linear(3, 3), ckpt.load_tensors(_save(tmp_path, 2, model, torch.optim.SGD(
+            model.parameters(), lr=0.1)), "model"), path)

@@ -1,0 +1,117 @@
+"""The command line end to end at tiny settings, and one clear line (exit status 2) for each bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fastdiff.cli import main
+
+TINY = ["--steps", "4", "--batch-size", "16", "--log-every", "2", "--ckpt-every", "2", "--no-progress"]
+
+
+def run(args, capsys):
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", "--preset", "digits", "--out", str(run_dir), *TINY]) == 0
+    return run_dir
+
+
+def test_train_writes_a_run(trained):
+    assert (trained / "config.json").exists() and (trained / "stats.jsonl").exists()
+    assert (trained / "checkpoints" / "step-000000004" / "ema.safetensors").exists()
+
+
+def test_dry_run_prints_resolved_config(capsys, tmp_path):
+    code, out, _ = run(["train", "--preset", "mnist", "--out", str(tmp_path), "--lr", "1e-3", "--dry-run"], capsys)
+    cfg = json.loads(out)
+    assert code == 0 and cfg["train"]["lr"] == 1e-3 and cfg["data"]["dataset"] == "mnist"
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_sample_grid_npz_trajectory(trained, tmp_path, capsys):
+    out_png = tmp_path / "s.png"
+    code, out, _ = run(["sample", "--checkpoint", str(trained), "--n", "12", "--steps", "3", "--labels", "3", "7",
+                        "--guidance", "2", "--out", str(out_png), "--trajectory", "--seed", "5"], capsys)
+    assert code == 0
+    result = json.loads(out.strip().splitlines()[-1])
+    assert out_png.exists() and (tmp_path / "s_trajectory.png").exists()
+    data = np.load(result["samples"])
+    assert data["images"].shape == (12, 8, 8, 1) and data["labels"].tolist()[:4] == [3, 7, 3, 7]
+    assert data["seeds"].tolist()[:2] == [5, 6]
+    # Sample k depends only on its own seed and label: the first 4 again, alone, in a smaller batch.
+    out2 = tmp_path / "again.png"
+    assert main(["sample", "--checkpoint", str(trained), "--n", "4", "--steps", "3", "--labels", "3", "7",
+                 "--guidance", "2", "--out", str(out2), "--seed", "5", "--batch-size", "3"]) == 0
+    # Equal up to float32 rounding: oneDNN picks its convolution algorithm by batch size, so results move in the
+    # last bits (~1e-5 here), while another seed moves them by O(1).
+    np.testing.assert_allclose(np.load(tmp_path / "again.npz")["samples"], data["samples"][:4], atol=1e-4)
+
+
+def test_sample_ddpm(trained, tmp_path, capsys):
+    code, out, _ = run(["sample", "--checkpoint", str(trained), "--n", "2", "--sampler", "ddpm", "--steps", "5",
+                        "--out", str(tmp_path / "d.png")], capsys)
+    assert code == 0 and json.loads(out)["sampler"] == "ddpm"
+
+
+def test_eval_prints_json_last(trained, capsys):
+    code, out, _ = run(["eval", "--checkpoint", str(trained), "--n", "40", "--steps", "2", "--classifier-steps", "20"],
+                       capsys)
+    assert code == 0
+    result = json.loads(out.strip().splitlines()[-1])
+    assert {"fd_cls", "fd_cls_floor", "fd_ratio", "cond_accuracy", "classifier_test_accuracy"} <= set(result)
+    assert result["fd_cls"] >= 0 and 0 <= result["cond_accuracy"] <= 1
+    assert "FD_cls" in out and "floor" in out
+
+
+def test_resume_extends_and_guards_flags(trained, capsys):
+    code, _, err = run(["train", "--out", str(trained), "--resume", "--lr", "1"], capsys)
+    assert code == 2 and "--lr cannot change on --resume" in err
+    assert main(["train", "--out", str(trained), "--resume", "--steps", "6", "--no-progress"]) == 0
+    assert (trained / "checkpoints" / "step-000000006").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--preset", "imagenet-xl", "--out", "{tmp}/r"], "unknown preset 'imagenet-xl'"),
+        (["train", "--dataset", "imagenet", "--out", "{tmp}/r", *TINY], "unknown dataset 'imagenet'"),
+        (["train", "--dataset", "mnist", "--data-dir", "{tmp}/corrupt", "--out", "{tmp}/r", *TINY],
+         "not an IDX file"),
+        (["sample", "--checkpoint", "{tmp}/missing", "--out", "{tmp}/x.png"], "does not exist"),
+        (["sample", "--checkpoint", "{tmp}", "--out", "{tmp}/x.png"], "holds no checkpoint"),
+        (["eval", "--checkpoint", "{tmp}/missing"], "does not exist"),
+        (["train", "--out", "{tmp}/blocker/run", *TINY], "cannot write to the run directory"),
+        (["sample", "--checkpoint", "{run}", "--out", "{tmp}/blocker/x.png", "--n", "1", "--steps", "1"],
+         "cannot create the output folder"),
+        (["sample", "--checkpoint", "{run}", "--out", "{tmp}/x.jpg"], "must be a .png"),
+        (["sample", "--checkpoint", "{run}", "--out", "{tmp}/x.png", "--labels", "12"], "outside 0..9"),
+        (["train", "--image-size", "10", "--out", "{tmp}/r", *TINY], "not divisible"),
+        (["train", "--amp", "fp16", "--device", "cpu", "--out", "{tmp}/r", *TINY], "needs a CUDA device"),
+    ],
+)
+def test_bad_inputs_give_one_clear_line(args, message, tmp_path, trained, capsys):
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    corrupt = tmp_path / "corrupt" / "mnist"
+    corrupt.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        (corrupt / name).write_bytes(b"\x01\x02\x03\x04garbage")
+    args = [a.format(tmp=tmp_path, run=trained) for a in args]
+    code, _, err = run(args, capsys)
+    assert code == 2
+    assert message in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "fastdiff.cli", "env"], capture_output=True, text=True, check=True)
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info["torch"] and "native_extension" in info

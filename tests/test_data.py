@@ -1,0 +1,210 @@
+"""Every dataset format from tiny files made here, the download path against a local HTTP server, and the
+errors for missing or corrupt files."""
+
+import gzip
+import hashlib
+import http.server
+import pickle
+import tarfile
+import threading
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastdiff.data import download as dl
+from fastdiff.data import load_dataset
+from fastdiff.errors import ConfigError, DataError
+
+
+def idx_bytes(arr: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    return header + arr.astype(np.uint8).tobytes()
+
+
+def write_mnist(folder: Path, n_train=12, n_test=5, gz=True, size=28):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    files = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        files[f"{prefix}-images-idx3-ubyte"] = idx_bytes(rng.integers(0, 256, (n, size, size)))
+        files[f"{prefix}-labels-idx1-ubyte"] = idx_bytes(np.arange(n) % 10)
+    written = {}
+    for name, data in files.items():
+        path = folder / (name + (".gz" if gz else ""))
+        path.write_bytes(gzip.compress(data) if gz else data)
+        written[path.name] = path
+    return written
+
+
+def test_digits_default():
+    train, test = load_dataset("digits"), load_dataset("digits", "test")
+    assert train.images.shape == (1437, 1, 8, 8) and test.images.shape == (360, 1, 8, 8)
+    x, y = train.batch(torch.arange(4), "cpu")
+    assert x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1 and y.dtype == torch.int64
+    assert train.num_classes == 10
+    assert load_dataset("digits", image_size=16).images.shape[-1] == 16
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_mnist_idx(tmp_path, gz):
+    write_mnist(tmp_path / "mnist", gz=gz)
+    d = load_dataset("mnist", data_dir=tmp_path, download=False)
+    assert d.images.shape == (12, 1, 28, 28) and d.labels.tolist()[:3] == [0, 1, 2]
+    t = load_dataset("mnist", "test", data_dir=tmp_path, image_size=32)
+    assert t.images.shape == (5, 1, 32, 32)
+
+
+@pytest.mark.parametrize("damage", ["magic", "truncated", "gzip"])
+def test_corrupt_idx(tmp_path, damage):
+    files = write_mnist(tmp_path / "fashion-mnist")
+    path = files["train-images-idx3-ubyte.gz"]
+    raw = gzip.decompress(path.read_bytes())
+    if damage == "magic":
+        path.write_bytes(gzip.compress(b"\x00\x00\x09\x03" + raw[4:]))
+    elif damage == "truncated":
+        path.write_bytes(gzip.compress(raw[:-7]))
+    else:
+        path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz") as e:
+        load_dataset("fashion-mnist", data_dir=tmp_path, download=False)
+    assert "download it again" in str(e.value)
+
+
+def write_cifar(folder: Path, protocol=2):
+    batches = folder / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        d = {b"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8), b"labels": [1, 2, 3],
+             b"batch_label": b"x", b"filenames": [b"a", b"b", b"c"]}
+        (batches / name).write_bytes(pickle.dumps(d, protocol=protocol))
+    return batches
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_cifar10(tmp_path, protocol):
+    write_cifar(tmp_path / "cifar10", protocol)
+    d = load_dataset("cifar10", data_dir=tmp_path, download=False)
+    assert d.images.shape == (15, 3, 32, 32) and d.num_classes == 10
+    assert load_dataset("cifar10", "test", data_dir=tmp_path).images.shape == (3, 3, 32, 32)
+
+
+def test_cifar_pickle_with_code_is_refused(tmp_path):
+    batches = write_cifar(tmp_path / "cifar10")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (batches / "test_batch").write_bytes(pickle.dumps({b"data": Evil()}))
+    with pytest.raises(DataError, match="not allowed"):
+        load_dataset("cifar10", "test", data_dir=tmp_path, download=False)
+
+
+def test_cifar_from_archive(tmp_path):
+    src = tmp_path / "src"
+    write_cifar(src)
+    archive = tmp_path / "cifar10" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    assert len(load_dataset("cifar10", data_dir=tmp_path, download=False)) == 15
+
+
+def test_fer2013(tmp_path):
+    rows = ["emotion,pixels,Usage"]
+    for i, usage in enumerate(["Training", "Training", "PublicTest", "PrivateTest"]):
+        rows.append(f"{i % 7}," + " ".join(str((i + j) % 256) for j in range(48 * 48)) + f",{usage}")
+    (tmp_path / "fer2013").mkdir()
+    (tmp_path / "fer2013" / "fer2013.csv").write_text("\n".join(rows) + "\n")
+    train = load_dataset("fer2013", data_dir=tmp_path)
+    assert train.images.shape == (2, 1, 48, 48) and train.num_classes == 7
+    assert len(load_dataset("fer2013", "test", data_dir=tmp_path)) == 2
+    rows[2] = "1,1 2 3,Training"
+    (tmp_path / "fer2013" / "fer2013.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError, match="line 3 has 3 pixel values"):
+        load_dataset("fer2013", data_dir=tmp_path)
+
+
+def test_fer2013_missing_explains(tmp_path):
+    with pytest.raises(DataError, match="Kaggle"):
+        load_dataset("fer2013", data_dir=tmp_path)
+
+
+def test_folder(tmp_path):
+    from PIL import Image
+
+    for cls in ("cats", "dogs"):
+        (tmp_path / cls).mkdir()
+        for i in range(10):
+            Image.fromarray(np.full((20, 30, 3), i * 20, np.uint8)).save(tmp_path / cls / f"{i}.png")
+    train = load_dataset("folder", data_dir=tmp_path, image_size=16, channels=3)
+    test = load_dataset("folder", "test", data_dir=tmp_path, image_size=16, channels=3)
+    assert train.images.shape == (18, 3, 16, 16) and test.images.shape == (2, 3, 16, 16)
+    assert train.class_names == ["cats", "dogs"]
+    (tmp_path / "cats" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="broken.png"):
+        load_dataset("folder", data_dir=tmp_path, image_size=16, channels=3)
+
+
+def test_synthetic_and_errors(tmp_path):
+    d = load_dataset("synthetic", image_size=8, channels=3)
+    assert d.images.shape == (1024, 3, 8, 8)
+    with pytest.raises(ConfigError, match="unknown dataset 'imagenet'"):
+        load_dataset("imagenet")
+    with pytest.raises(ConfigError, match="1 channel"):
+        load_dataset("digits", channels=3)
+    with pytest.raises(DataError, match="not found"):
+        load_dataset("mnist", data_dir=tmp_path, download=False)
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    root = tmp_path / "served"
+    root.mkdir()
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+
+
+def _serve_mnist(root: Path, monkeypatch, url, algorithm="md5"):
+    files = write_mnist(root)
+    checksums = {name: f"{algorithm}:{hashlib.new(algorithm, p.read_bytes()).hexdigest()}" for name, p in files.items()}
+    monkeypatch.setitem(dl.RESOURCES, "mnist", {"mirrors": ["http://127.0.0.1:9/nothing/", url], "files": checksums})
+    return checksums
+
+
+def test_download_from_local_server(tmp_path, http_server, monkeypatch):
+    root, url = http_server
+    _serve_mnist(root, monkeypatch, url, "sha256")
+    d = load_dataset("mnist", data_dir=tmp_path / "data")
+    assert d.images.shape == (12, 1, 28, 28)
+    assert sorted(p.name for p in (tmp_path / "data" / "mnist").iterdir() if p.name.startswith("train"))[0].endswith(
+        ".gz")
+    assert not list((tmp_path / "data" / "mnist").glob("*.part"))
+
+
+def test_download_checksum_mismatch(tmp_path, http_server, monkeypatch):
+    root, url = http_server
+    checksums = _serve_mnist(root, monkeypatch, url)
+    checksums["train-images-idx3-ubyte.gz"] = "md5:" + "0" * 32
+    with pytest.raises(DataError, match="failed its md5 check") as e:
+        load_dataset("mnist", data_dir=tmp_path / "data")
+    assert "put them in" in str(e.value)
+    assert not (tmp_path / "data" / "mnist" / "train-images-idx3-ubyte.gz").exists()
+
+
+def test_download_offline_says_where_to_put_files(tmp_path, monkeypatch):
+    monkeypatch.setitem(dl.RESOURCES, "cifar10", {"mirrors": ["http://127.0.0.1:9/"],
+                                                  "files": {"cifar-10-python.tar.gz": "md5:" + "0" * 32}})
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", data_dir=tmp_path)
+    msg = str(e.value)
+    assert "cifar-10-python.tar.gz" in msg and str(tmp_path / "cifar10") in msg

@@ -1,0 +1,51 @@
+import math
+
+import torch
+
+from fastdiff.diffusion import NoiseSchedule
+from fastdiff.diffusion.schedules import cosine_alpha_bar
+
+
+def test_linear_closed_form():
+    s = NoiseSchedule("linear", 1000)
+    expected = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    torch.testing.assert_close(s.betas64, expected)
+    torch.testing.assert_close(s.alphas_cumprod64, torch.cumprod(1 - expected, 0))
+    assert s.betas.dtype == torch.float32 and s.alphas_cumprod.dtype == torch.float32
+    # ab_T for the DDPM schedule is ~4.04e-5 (SNR > 0 at the last step).
+    assert math.isclose(s.alphas_cumprod64[-1].item(), 4.035e-5, rel_tol=1e-3)
+
+
+def test_cosine_closed_form():
+    T = 1000
+    s = NoiseSchedule("cosine", T)
+    t = torch.arange(1, T + 1, dtype=torch.float64) / T
+    closed = cosine_alpha_bar(t) / cosine_alpha_bar(torch.zeros(1, dtype=torch.float64))
+    unclipped = s.betas64 < 0.999
+    # Where no beta was capped, alphas_cumprod is exactly f(t)/f(0) (Nichol & Dhariwal 2021, eq. 17).
+    first_cap = int((~unclipped).nonzero()[0]) if (~unclipped).any() else T
+    torch.testing.assert_close(s.alphas_cumprod64[:first_cap], closed[:first_cap], rtol=1e-10, atol=1e-12)
+    assert s.betas64.max() <= 0.999
+    assert s.betas64[-1] == 0.999  # the cap binds at the very end
+
+
+def test_zero_terminal_snr():
+    s = NoiseSchedule("linear", zero_terminal_snr=True)
+    ref = NoiseSchedule("linear")
+    assert s.alphas_cumprod64[-1] == 0
+    assert s.snr()[-1] == 0
+    torch.testing.assert_close(s.alphas_cumprod64[0], ref.alphas_cumprod64[0])
+    assert (s.alphas_cumprod64[1:] <= s.alphas_cumprod64[:-1]).all()
+
+
+def test_other_T_scales_linear_endpoints():
+    s = NoiseSchedule("linear", 250)
+    assert math.isclose(s.betas64[0].item(), 4e-4) and math.isclose(s.betas64[-1].item(), 0.08)
+
+
+def test_add_noise_matches_definition():
+    s = NoiseSchedule("cosine")
+    x0, eps = torch.randn(3, 1, 2, 2), torch.randn(3, 1, 2, 2)
+    t = torch.tensor([0, 500, 999])
+    ab = s.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(s.add_noise(x0, eps, t), ab.sqrt() * x0 + (1 - ab).sqrt() * eps)

@@ -1,0 +1,81 @@
+import json
+
+import pytest
+import torch
+
+from fastdiff import checkpoint as ckpt
+from fastdiff.config import apply_overrides, preset_config
+from fastdiff.errors import FastdiffError, TrainingDiverged
+from fastdiff.train import train_ddpm
+
+
+def tiny(overrides, **extra):
+    return apply_overrides(preset_config("digits"), {**overrides, **extra})
+
+
+def test_smoke_loss_decreases(tmp_path, tiny_overrides):
+    cfg = tiny(tiny_overrides, **{"train.steps": 30, "train.log_every": 10, "train.ckpt_every": 30,
+                                  "train.lr": 3e-3})
+    train_ddpm(cfg, tmp_path, progress=False, echo=lambda s: None)
+    stats = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in stats] == [10, 20, 30]
+    assert stats[-1]["loss"] < stats[0]["loss"]
+    assert {"kimg", "sec_per_kimg", "images_per_sec", "peak_mem_mb", "loss"} <= set(stats[0])
+    assert (tmp_path / "log.txt").read_text().count("step ") >= 3
+    assert json.loads((tmp_path / "config.json").read_text())["preset"] == "digits"
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_resume_continues_exactly(tmp_path, tiny_overrides, prediction):
+    over = {**tiny_overrides, "diffusion.prediction": prediction, "model.dropout": 0.1}
+    straight = tiny(over, **{"train.steps": 6})
+    train_ddpm(straight, tmp_path / "a", progress=False, echo=lambda s: None)
+    # The same run killed after 4 steps (its config said 4), then resumed to 6.
+    train_ddpm(tiny(over, **{"train.steps": 4}), tmp_path / "b", progress=False, echo=lambda s: None)
+    train_ddpm(straight, tmp_path / "b", resume=True, progress=False, echo=lambda s: None)
+    a, b = ckpt.latest_checkpoint(tmp_path / "a"), ckpt.latest_checkpoint(tmp_path / "b")
+    assert a.name == b.name == "step-000000006"
+    for name in ("model", "ema", "optimizer"):
+        ta, tb = ckpt.load_tensors(a, name), ckpt.load_tensors(b, name)
+        assert ta.keys() == tb.keys()
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), f"{name}.{k} differs after resume"
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_overrides, monkeypatch):
+    cfg = tiny(tiny_overrides, **{"train.steps": 8})
+    from fastdiff.data import datasets
+
+    real_batch = datasets.ImageData.batch
+    calls = {"n": 0}
+
+    def poisoned(self, index, device):
+        calls["n"] += 1
+        x, y = real_batch(self, index, device)
+        return (x * float("nan") if calls["n"] > 3 else x), y
+
+    monkeypatch.setattr(datasets.ImageData, "batch", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"nan between steps 4 and 4.*step-000000002"):
+        train_ddpm(cfg, tmp_path, progress=False, echo=lambda s: None)
+    good = ckpt.latest_checkpoint(tmp_path)
+    assert good.name == "step-000000002"
+    assert all(torch.isfinite(v).all() for v in ckpt.load_tensors(good, "model").values())
+
+
+def test_run_dir_guards(tmp_path, tiny_overrides):
+    cfg = tiny(tiny_overrides, **{"train.steps": 2})
+    with pytest.raises(FastdiffError, match="no checkpoint to resume"):
+        train_ddpm(cfg, tmp_path / "r", resume=True, progress=False)
+    train_ddpm(cfg, tmp_path / "r", progress=False, echo=lambda s: None)
+    with pytest.raises(FastdiffError, match="already holds a run"):
+        train_ddpm(cfg, tmp_path / "r", progress=False)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(FastdiffError, match="cannot write to the run directory"):
+        train_ddpm(cfg, blocker / "run", progress=False)
+
+
+def test_bf16_autocast_on_cpu(tmp_path, tiny_overrides):
+    cfg = tiny(tiny_overrides, **{"train.steps": 2, "train.amp": "bf16"})
+    rec = train_ddpm(cfg, tmp_path, progress=False, echo=lambda s: None)
+    assert rec["step"] == 2 and rec["loss"] == rec["loss"]
