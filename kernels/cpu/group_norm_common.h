@@ -14,9 +14,13 @@ namespace gn {
 
 constexpr int64_t kBlock = 512;            // elements per float32 partial sum
 constexpr int64_t kParallelMin = 1 << 14;  // elements below which one thread is faster
-// NCHW rows (H*W) shorter than this are processed as one flat loop per sample (see forward_nchw_short_rows): a
-// vectorised loop per channel costs more in set-up than it computes on a few elements.
+// NCHW rows (H*W) shorter than this are not worth a loop each: the forward runs its affine flat over the group
+// with w and b expanded per element, the backward reduces them with plain loops (a vector reduction's set-up and
+// final horizontal sum cost more than a few scalar additions).
 constexpr int64_t kShortRow = 32;
+// Elements per flat silu loop of the NCHW forward (whole groups, at least one): long enough to amortise the
+// loop set-up, small enough for its float32 buffer to stay in L1/L2.
+constexpr int64_t kFlatChunk = 4096;
 
 template <typename F>
 inline double blocked_sum(int64_t count, F term) {

@@ -38,7 +38,10 @@ __device__ __forceinline__ uint32_t current_step(const SamplerStepParams& P) {
 __device__ __forceinline__ float update(const SamplerStepParams& P, int64_t n, float xf, float of, float z,
                                         float* x0_value) {
   float x0 = P.p[n] * xf + P.q[n] * of;
-  if (P.has_clip) x0 = fminf(fmaxf(x0, -P.clip), P.clip);
+  if (P.has_clip) {  // comparisons rather than fminf/fmaxf: a NaN stays NaN, as with torch.clamp
+    x0 = x0 < -P.clip ? -P.clip : x0;
+    x0 = x0 > P.clip ? P.clip : x0;
+  }
   *x0_value = x0;
   return P.A[n] * x0 + P.B[n] * xf + P.sigma[n] * z;
 }
