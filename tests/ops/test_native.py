@@ -257,6 +257,19 @@ def test_compile_fullgraph_traces_the_native_ops():
             torch.testing.assert_close(a, e)
 
 
+@pytest.mark.slow
+@requires_native
+def test_compile_inductor_runs_the_native_ops():
+    def block(x, w, b, coefs, seeds, i):
+        h = native.group_norm_silu(x * 2.0, 4, w, b) + 1.0  # pointwise neighbours for inductor to fuse around
+        return native.sampler_step(x, h, *coefs, seeds, i, clip=1.0)
+
+    compiled = torch.compile(block, fullgraph=True)
+    x, w, b = torch.randn(2, 8, 4, 4), torch.randn(8), torch.randn(8)
+    coefs, seeds = _coefs(2), torch.arange(2)
+    torch.testing.assert_close(compiled(x, w, b, coefs, seeds, 3), block(x, w, b, coefs, seeds, 3))
+
+
 @requires_native
 def test_ddim_run_matches_the_reference_backend():
     cfg = UNetConfig(image_size=8, in_channels=1, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
@@ -264,13 +277,13 @@ def test_ddim_run_matches_the_reference_backend():
     torch.manual_seed(0)
     model = UNet(cfg).eval().requires_grad_(False)
     schedule = NoiseSchedule("linear", 1000)
-    seeds = seeds_for(0, 3)
+    seeds = seeds_for(0, 2)
     x = initial_noise(seeds, (1, 8, 8))
-    labels = torch.tensor([1, 5, 9])
+    labels = torch.tensor([1, 9])
     runs = {}
     for provider in ("torch-eager", "fastdiff-native"):
         with ops_provider(provider), torch.no_grad():
-            runs[provider] = sample_ddim(model, x, schedule, steps=4, eta=1.0, seeds=seeds, labels=labels,
+            runs[provider] = sample_ddim(model, x, schedule, steps=3, eta=1.0, seeds=seeds, labels=labels,
                                          guidance=2.0, null_label=10, clip=1.0)
     torch.testing.assert_close(runs["fastdiff-native"], runs["torch-eager"], atol=1e-4, rtol=1e-4)
 
