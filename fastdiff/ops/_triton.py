@@ -4,8 +4,9 @@ Triton is optional (the package must import where it is absent, e.g. macOS). Ker
 functions and wrapped in `kernel`, which decorates them with `triton.jit` on first launch, once per mode:
 `triton.jit` decides between compiling and interpreting from TRITON_INTERPRET *when it decorates*, so a kernel
 decorated at import time would ignore a later change of the variable (tests set it per test). The kernels use
-only Triton builtins plus `tl.reduce` with our own `add` combine function: Triton's own `@jit` helpers
-(`tl.sum`, `tl.sigmoid`, ...) are decorated once when triton is first imported and then fail in the other mode.
+only Triton builtins plus `tl.reduce` with the `add` combine function below: Triton's `@jit` helpers
+(`tl.sum`, `tl.sigmoid`, `tl.zeros`, `tl.cdiv`, ...) are decorated once, when triton is first imported, and
+then fail in the other mode.
 """
 
 import os
@@ -55,10 +56,20 @@ def _add(a, b):
     return a + b
 
 
-# The combine function of every sum reduction. The interpreter calls `combine_fn.fn` (the plain function), the
-# compiler inlines the JITFunction, so one object serves both modes (built directly, not through `triton.jit`,
-# so that TRITON_INTERPRET at import time does not turn it into an interpreter-only function).
-add = triton.JITFunction(_add) if triton is not None else _add
+def _sum_combine():
+    """The combine function of every sum reduction (`tl.reduce(x, axis, add)`).
+
+    Triton's own sum combine where it exists (3.0 to 3.9 at least): the interpreter recognises it and sums with
+    numpy, while any other combine function is called from Python once per element (about 100x slower). Else our
+    own, built with `triton.JITFunction` rather than `triton.jit` so that it is never an interpreter-only object.
+    The interpreter calls `combine_fn.fn`, the compiler inlines the JITFunction: one object serves both modes.
+    """
+    if triton is None:
+        return _add
+    return getattr(getattr(tl, "standard", None), "_sum_combine", None) or triton.JITFunction(_add)
+
+
+add = _sum_combine()
 
 
 def next_power_of_2(n: int) -> int:

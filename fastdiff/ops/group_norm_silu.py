@@ -240,9 +240,9 @@ def group_norm_silu_bwd(dy, x, weight, bias, mean, rstd, num_groups: int, max_fu
     if num_chunks > 1:
         _group_norm_silu_bwd_kernel[grid](*args, MODE=STATS, **meta)
     _group_norm_silu_bwd_kernel[grid](*args, MODE=SPLIT if num_chunks > 1 else FUSED, **meta)
-    sums = dwdb.sum(dim=(1, 3)).reshape(2, C)  # over samples and chunks: [2, G, Cg] -> [2, C]
-    dw = sums[0].to(weight.dtype) if weight is not None else x.new_empty(0)
-    db = sums[1].to(bias.dtype) if bias is not None else x.new_empty(0)
+    # Sum the partials over samples and chunks: [N, G, chunks, Cg] -> [G, Cg] -> [C] (two separate tensors).
+    dw = dwdb[0].sum(dim=(0, 2)).reshape(C).to(weight.dtype) if weight is not None else x.new_empty(0)
+    db = dwdb[1].sum(dim=(0, 2)).reshape(C).to(bias.dtype) if bias is not None else x.new_empty(0)
     return dx, dw, db
 
 

@@ -78,9 +78,9 @@ def _sampler_step_kernel(
         # Counter (g, step, 0, 0) for the Philox group g = e // 4 of every 4 consecutive logical elements.
         g = (tl.arange(0, BLOCK_R)[:, None] + r0) * (L // 4) + (l0 // 4) + tl.arange(0, BLOCK_Q)[None, :]
         c0 = g.to(tl.uint32)
-        c1 = tl.zeros([BLOCK_R, BLOCK_Q], dtype=tl.uint32) + step_u32
-        c2 = tl.zeros([BLOCK_R, BLOCK_Q], dtype=tl.uint32)
-        c3 = tl.zeros([BLOCK_R, BLOCK_Q], dtype=tl.uint32)
+        c1 = tl.full([BLOCK_R, BLOCK_Q], 0, tl.uint32) + step_u32
+        c2 = tl.full([BLOCK_R, BLOCK_Q], 0, tl.uint32)
+        c3 = tl.full([BLOCK_R, BLOCK_Q], 0, tl.uint32)
         for _ in tl.static_range(10):  # Philox4x32-10 (Salmon et al. 2011): M0, M1 multipliers, W0, W1 key bumps
             hi0 = tl.umulhi(c0, 0xD2511F53)
             lo0 = c0 * 0xD2511F53

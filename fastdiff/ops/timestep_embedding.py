@@ -43,7 +43,7 @@ def _timestep_embedding_kernel(
     tl.store(row_base + half + i, tl.sin(args), mask=mask)
     if ODD:
         if tl.program_id(1) == 0:
-            tl.store(row_base + (dim - 1), tl.zeros([BLOCK_B, 1], dtype=tl.float32), mask=rmask)
+            tl.store(row_base + (dim - 1), tl.full([BLOCK_B, 1], 0.0, tl.float32), mask=rmask)
 
 
 def timestep_embedding_fwd(t: torch.Tensor, dim: int, max_period: float) -> torch.Tensor:
