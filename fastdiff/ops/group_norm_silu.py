@@ -30,9 +30,10 @@ def _group_norm_silu_fwd_kernel(
     w_ptr, b_ptr,  # [C] weight and bias (read when HAS_W / HAS_B)
     mean_ptr, rstd_ptr,  # [N*G] float32, written by chunk 0 of each group (saved for the backward)
     part_ptr,  # [N*G, num_chunks, 2] float32 chunk (mean, m2): written in STATS mode, read in SPLIT mode
-    HW, Cg, G, num_chunks,
+    HW, G, num_chunks,
     eps,
     sxn, sxc, sxhw,  # strides of x and y
+    Cg: tl.constexpr,  # channels per group; constexpr so that the channel mask folds away (vector loads)
     MODE: tl.constexpr,  # STATS=0, FUSED=1, SPLIT=2
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
@@ -96,8 +97,9 @@ def _group_norm_silu_bwd_kernel(
     mean_ptr, rstd_ptr,  # [N*G] float32 from the forward
     part_ptr,  # [N*G, num_chunks, 2] float32 chunk sums of (dxhat, dxhat*xhat): written in STATS, read in SPLIT
     dwdb_ptr,  # [2, N*G, num_chunks, Cg] float32 partial dweight, dbias (written in STATS and FUSED)
-    HW, Cg, G, num_chunks, NG,
+    HW, G, num_chunks, NG,
     sxn, sxc, sxhw,  # strides of x, dy and dx
+    Cg: tl.constexpr,  # channels per group
     MODE: tl.constexpr,  # STATS=0, FUSED=1, SPLIT=2
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
@@ -206,8 +208,8 @@ def group_norm_silu_fwd(x, weight, bias, num_groups: int, eps: float, max_fused:
     part = torch.empty((N * num_groups, num_chunks, 2), device=x.device, dtype=torch.float32)
     dummy = mean  # stands in for an absent weight or bias (never read)
     args = (x, y, weight if weight is not None else dummy, bias if bias is not None else dummy, mean, rstd, part,
-            HW, Cg, num_groups, num_chunks, float(eps), *strides)
-    meta = dict(HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_C=block_c, BLOCK_HW=block_hw,
+            HW, num_groups, num_chunks, float(eps), *strides)
+    meta = dict(Cg=Cg, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_C=block_c, BLOCK_HW=block_hw,
                 BLOCK_CHUNKS=block_chunks, num_warps=warps)
     grid = (N * num_groups * num_chunks,)
     if num_chunks > 1:
@@ -233,8 +235,8 @@ def group_norm_silu_bwd(dy, x, weight, bias, mean, rstd, num_groups: int, max_fu
     part = torch.empty((NG, num_chunks, 2), device=x.device, dtype=torch.float32)
     dwdb = torch.empty((2, N, num_groups, num_chunks, Cg), device=x.device, dtype=torch.float32)
     args = (dy, x, dx, weight if weight is not None else mean, bias if bias is not None else mean, mean, rstd,
-            part, dwdb, HW, Cg, num_groups, num_chunks, NG, *strides)
-    meta = dict(HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_C=block_c, BLOCK_HW=block_hw,
+            part, dwdb, HW, num_groups, num_chunks, NG, *strides)
+    meta = dict(Cg=Cg, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_C=block_c, BLOCK_HW=block_hw,
                 BLOCK_CHUNKS=block_chunks, num_warps=warps)
     grid = (NG * num_chunks,)
     if num_chunks > 1:

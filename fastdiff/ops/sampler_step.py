@@ -28,7 +28,7 @@ def _sampler_step_kernel(
     step_ptr,  # 0-d int64 step on the device (read when STEP_FROM_PTR, so the caller never syncs)
     step,  # the step as an int (used when not STEP_FROM_PTR), already masked to 32 bits
     clip,  # x0 is clamped to [-clip, clip] when HAS_CLIP
-    R, L,  # the per-sample view; L % 4 == 0 or R == 1, so no group of 4 elements straddles two rows
+    R, L,  # the per-sample view; L % 4 == 0 or R == 1 (then BLOCK_R == 1), so no group of 4 straddles two rows
     tiles_r, tiles_l,  # tiles per sample along R and L
     sxn, sxr, sxl,  # strides of x in the [N, R, L] view
     son, sor, sol,  # strides of out
@@ -52,9 +52,18 @@ def _sampler_step_kernel(
 
     rows = r0 + tl.arange(0, BLOCK_R)[:, None]  # [BLOCK_R, 1]
     cols = l0 + tl.arange(0, 4 * BLOCK_Q)[None, :]  # [1, 4*BLOCK_Q]
-    mask = (rows < R) & (cols < L)
-    x = tl.load(x_ptr + n64 * sxn + rows * sxr + cols * sxl, mask=mask, other=0.0).to(tl.float32)
-    o = tl.load(out_ptr + n64 * son + rows * sor + cols * sol, mask=mask, other=0.0).to(tl.float32)
+    if BLOCK_R == 1:  # one run per sample: leave rows out of the offsets so the loads vectorise
+        mask = cols < L
+        x_offs = n64 * sxn + cols * sxl
+        o_offs = n64 * son + cols * sol
+        y_offs = n64 * syn + cols * syl
+    else:
+        mask = (rows < R) & (cols < L)
+        x_offs = n64 * sxn + rows * sxr + cols * sxl
+        o_offs = n64 * son + rows * sor + cols * sol
+        y_offs = n64 * syn + rows * syr + cols * syl
+    x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(out_ptr + o_offs, mask=mask, other=0.0).to(tl.float32)
 
     p = tl.load(p_ptr + n * sp).to(tl.float32)
     q = tl.load(q_ptr + n * sq).to(tl.float32)
@@ -107,9 +116,9 @@ def _sampler_step_kernel(
         z = tl.reshape(z, [BLOCK_R, 4 * BLOCK_Q])
         y = y + sigma * z
 
-    tl.store(y_ptr + n64 * syn + rows * syr + cols * syl, y, mask=mask)
+    tl.store(y_ptr + y_offs, y, mask=mask)
     if WRITE_X0:
-        tl.store(x0_ptr + n64 * syn + rows * syr + cols * syl, x0, mask=mask)
+        tl.store(x0_ptr + y_offs, x0, mask=mask)
 
 
 def _view_strides(t: torch.Tensor, rows: int, cols: int):
@@ -152,7 +161,7 @@ def sampler_step_fwd(x, model_out, p, q, A, B, sigma, seeds, step_tensor, step_i
     N = x.shape[0]
     if seeds.dtype != torch.int64:
         seeds = seeds.to(torch.int64)
-    block_r = min(next_power_of_2(rows), 64)
+    block_r = min(next_power_of_2(rows), 64)  # 1 exactly when rows == 1
     block_q = max(1, min(_TILE // (4 * block_r), next_power_of_2(cdiv(cols, 4))))
     tiles_r, tiles_l = cdiv(rows, block_r), cdiv(cols, 4 * block_q)
     x0_out = x0 if return_x0 else y
