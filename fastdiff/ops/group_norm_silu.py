@@ -195,13 +195,13 @@ def group_norm_silu_fwd(x, weight, bias, num_groups: int, eps: float, max_fused:
     """Launch the forward on 4-D x; returns (y, mean, rstd), mean/rstd float32 [N * num_groups]."""
     check_launchable(x)
     _check_groups(x, num_groups)
+    y = torch.empty_like(x)
+    if _group_strides(x) is None or y.stride() != x.stride():  # rare layouts: run contiguous, copy back
+        y_c, mean, rstd = group_norm_silu_fwd(x.contiguous(), weight, bias, num_groups, eps, max_fused, chunk)
+        return y.copy_(y_c), mean, rstd
     strides = _group_strides(x)
-    if strides is None:
-        x = x.contiguous()
-        strides = _group_strides(x)
     N, C, H, W = x.shape
     HW = H * W
-    y = torch.empty_like(x)
     mean = torch.empty(N * num_groups, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     Cg, block_c, block_hw, num_chunks, block_chunks, warps = _plan(N, C, HW, num_groups, max_fused, chunk)
@@ -222,14 +222,15 @@ def group_norm_silu_bwd(dy, x, weight, bias, mean, rstd, num_groups: int, max_fu
                         chunk: int = CHUNK):
     """Launch the backward; returns (dx, dweight, dbias), the last two empty when weight / bias is None."""
     check_launchable(x)
-    if _group_strides(x) is None:
-        x = x.contiguous()
+    dx = torch.empty_like(x)
+    if _group_strides(x) is None or dx.stride() != x.stride():  # rare layouts: run contiguous, copy back
+        dx_c, dw, db = group_norm_silu_bwd(dy, x.contiguous(), weight, bias, mean, rstd, num_groups, max_fused, chunk)
+        return dx.copy_(dx_c), dw, db
     strides = _group_strides(x)
     if dy.stride() != x.stride():
         dy = torch.empty_like(x).copy_(dy)
     N, C, H, W = x.shape
     HW = H * W
-    dx = torch.empty_like(x)
     Cg, block_c, block_hw, num_chunks, block_chunks, warps = _plan(N, C, HW, num_groups, max_fused, chunk)
     NG = N * num_groups
     part = torch.empty((NG, num_chunks, 2), device=x.device, dtype=torch.float32)

@@ -159,8 +159,9 @@ def sampler_step_fwd(x, model_out, p, q, A, B, sigma, seeds, step_tensor, step_i
         return y, x0
     rows, cols, (sx, so, sy) = view
     N = x.shape[0]
-    if seeds.dtype != torch.int64:
-        seeds = seeds.to(torch.int64)
+    seeds = seeds.to(device=x.device, dtype=torch.int64)  # no-ops in the samplers (already int64 on the device)
+    if step_tensor is not None:
+        step_tensor = step_tensor.to(x.device)
     block_r = min(next_power_of_2(rows), 64)  # 1 exactly when rows == 1
     block_q = max(1, min(_TILE // (4 * block_r), next_power_of_2(cdiv(cols, 4))))
     tiles_r, tiles_l = cdiv(rows, block_r), cdiv(cols, 4 * block_q)

@@ -144,3 +144,19 @@ def test_ddim_eta0_same_images_on_triton_and_torch(device, monkeypatch):
     torch.testing.assert_close(triton_images, torch_images, rtol=1e-4, atol=1e-4)
     to_uint8 = lambda im: ((im.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # noqa: E731
     assert (to_uint8(triton_images).int() - to_uint8(torch_images).int()).abs().max() <= 1
+
+
+def test_strided_views_and_mixed_layouts(device):
+    shape = (3, 2, 6, 9) if device.type == "cpu" else (32, 3, 66, 65)
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(shape, generator=g).to(device)
+    x = base[..., 1:-1]  # h and w do not merge: the contiguous fallback
+    out = torch.randn(x.shape, generator=g).to(device).to(memory_format=torch.channels_last)
+    coefs = _coefs(x.shape[0], device)
+    seeds = torch.arange(x.shape[0], device=device)
+    y, x0 = sampler_step(x, out, *coefs, seeds, 2, return_x0=True)
+    y_ref, x0_ref = reference.sampler_step(x, out, *coefs, seeds, 2, return_x0=True)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x0, x0_ref, rtol=1e-5, atol=1e-5)
+    y_nchw = sampler_step(x.contiguous(), out, *coefs, seeds, 2)  # x NCHW, model output channels_last
+    torch.testing.assert_close(y_nchw, y_ref, rtol=1e-5, atol=1e-5)
