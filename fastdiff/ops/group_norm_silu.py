@@ -170,16 +170,27 @@ def _group_strides(x: torch.Tensor):
     return None
 
 
-def _plan(N: int, C: int, HW: int, G: int, max_fused: int, chunk: int):
-    """Block sizes and chunk count: one chunk when the group fits in max_fused elements."""
+def _plan(N: int, C: int, HW: int, G: int, max_fused: int, chunk: int, num_sms: int = 0):
+    """Block sizes and chunk count: one chunk when the group fits in max_fused elements.
+
+    Groups are split as well when there are fewer groups than SMs and each is large (batch 1 at high
+    resolution), so that the whole GPU works; the extra read is cheaper than idle SMs.
+    """
     Cg = C // G
     block_c = next_power_of_2(Cg)
     block_hw = next_power_of_2(HW)
-    if block_c * block_hw > max_fused:
+    starved = N * G < num_sms and Cg * HW >= 4 * chunk
+    if block_c * block_hw > max_fused or starved:
         block_hw = max(1, min(block_hw, next_power_of_2(max(chunk // block_c, 1))))
     num_chunks = cdiv(HW, block_hw)
     warps = min(16, max(1, (block_c * block_hw) // 1024))
     return Cg, block_c, block_hw, num_chunks, next_power_of_2(num_chunks), warps
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _check_groups(x, num_groups: int) -> None:
@@ -204,7 +215,8 @@ def group_norm_silu_fwd(x, weight, bias, num_groups: int, eps: float, max_fused:
     HW = H * W
     mean = torch.empty(N * num_groups, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    Cg, block_c, block_hw, num_chunks, block_chunks, warps = _plan(N, C, HW, num_groups, max_fused, chunk)
+    Cg, block_c, block_hw, num_chunks, block_chunks, warps = _plan(N, C, HW, num_groups, max_fused, chunk,
+                                                                   _num_sms(x.device))
     part = torch.empty((N * num_groups, num_chunks, 2), device=x.device, dtype=torch.float32)
     dummy = mean  # stands in for an absent weight or bias (never read)
     args = (x, y, weight if weight is not None else dummy, bias if bias is not None else dummy, mean, rstd, part,
@@ -231,7 +243,8 @@ def group_norm_silu_bwd(dy, x, weight, bias, mean, rstd, num_groups: int, max_fu
         dy = torch.empty_like(x).copy_(dy)
     N, C, H, W = x.shape
     HW = H * W
-    Cg, block_c, block_hw, num_chunks, block_chunks, warps = _plan(N, C, HW, num_groups, max_fused, chunk)
+    Cg, block_c, block_hw, num_chunks, block_chunks, warps = _plan(N, C, HW, num_groups, max_fused, chunk,
+                                                                   _num_sms(x.device))
     NG = N * num_groups
     part = torch.empty((NG, num_chunks, 2), device=x.device, dtype=torch.float32)
     dwdb = torch.empty((2, N, num_groups, num_chunks, Cg), device=x.device, dtype=torch.float32)
