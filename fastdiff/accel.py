@@ -104,7 +104,7 @@ def denoise_step(model, x, t, coefs, seeds, step, labels, *, guidance: float, nu
     """One step of `run_table` with every per-step value on the device: t [n], coefs [5], step a 0-d int64."""
     n = x.shape[0]
     out = guided(model, x, t, labels, guidance, null_label)
-    p, q, A, B, sigma = (c.expand(n) for c in coefs.unbind(0))
+    p, q, A, B, sigma = [c.expand(n) for c in coefs.unbind(0)]
     return ops.sampler_step(x, out, p, q, A, B, sigma, seeds, step, clip=clip, return_x0=True)
 
 

@@ -72,7 +72,7 @@ def add_ratios(rows: list[dict]) -> None:
 def _cell(row: dict, key: str) -> str:
     tel = row.get("telemetry") or {}
     if key == "spread":
-        return f"{row['p20_ms']:.4g}-{row['p80_ms']:.4g}" if "p20_ms" in row else ""
+        return f"{_cell(row, 'p20_ms')}-{_cell(row, 'p80_ms')}" if "p20_ms" in row else ""
     if key in ("power", "clock", "util"):
         name = {"power": "power_w_mean", "clock": "sm_clock_mhz_mean", "util": "util_pct_mean"}[key]
         return f"{tel[name]:.0f}" if name in tel else ""
@@ -82,7 +82,7 @@ def _cell(row: dict, key: str) -> str:
     if key.startswith("vs_"):
         return f"{value:.2f}x"
     if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+        return f"{value:.4g}" if abs(value) < 100 else f"{value:.1f}"
     return str(value)
 
 

@@ -111,7 +111,8 @@ def run_job(job: Job, device, *, quick: bool, reps: int, budget: Budget):
             for row in sample_rows(job, device, reps=reps, warmup=warmup, budget=budget):
                 yield {**base, **row}
         else:
-            yield {**base, **train_row(job, device, reps=reps, warmup=warmup)}
+            # A training step is short next to a sampling run: more of them for the same confidence.
+            yield {**base, **train_row(job, device, reps=reps if quick else 3 * reps, warmup=warmup)}
     except Exception as e:  # noqa: BLE001 - one broken provider must not lose the rest of the report
         yield {**base, "status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
     finally:
