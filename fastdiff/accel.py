@@ -64,6 +64,9 @@ class AccelOptions:
             raise ConfigError("CUDA graphs need a CUDA device; drop --cuda-graphs or use --device cuda")
         if device.type != "cuda" and self.amp == "fp16":
             raise ConfigError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or fp32")
+        if self.compile and self.cuda_graphs and self.compile_mode in ("reduce-overhead", "max-autotune"):
+            raise ConfigError(f"--compile-mode {self.compile_mode} makes CUDA graphs of its own inside ours; use "
+                              "max-autotune-no-cudagraphs (or the default mode), or --no-cuda-graphs")
         return self
 
     def describe(self) -> str:

@@ -49,6 +49,8 @@ def test_options_defaults_and_checks():
     with pytest.raises(ConfigError, match="unknown --amp"):
         AccelOptions(amp="fp8").check("cpu")
     assert AccelOptions(amp="bf16", compile=True).describe() == "bf16+compile"
+    with pytest.raises(ConfigError, match="max-autotune-no-cudagraphs"):
+        AccelOptions(compile=True, cuda_graphs=True, compile_mode="reduce-overhead").check("cpu")
 
 
 def test_bucket_sizes():
@@ -160,7 +162,7 @@ def test_compiled_train_step_matches_eager():
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         step = TrainStep(model.parameters(), opt, _loss_fn(forward), grad_clip=1.0, seed=3, device="cpu",
                          timed_first_call=compile_)
-        losses = [float(step(k, *batch)[0]) for k in range(3)]
+        losses = [float(step(k, *batch)[0].detach()) for k in range(3)]
         results.append((losses, [p.detach().clone() for p in model.parameters()], step.take_setup_seconds()))
     torch._dynamo.reset()
     (l0, p0, s0), (l1, p1, s1) = results
@@ -260,3 +262,52 @@ def test_graphed_train_step_follows_the_eager_step_and_resumes():
     torch.testing.assert_close(resumed_losses, graphed_losses[2:], atol=1e-6, rtol=1e-5)
     for a, b in zip(resumed.parameters(), graphed_model.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_train_ddpm_fast_path_runs_and_resumes(tmp_path, tiny_overrides):
+    """`fastdiff train` defaults on a GPU (compile + graphed step): finite loss, checkpoints, resume."""
+    from fastdiff import checkpoint as ckpt
+    from fastdiff.config import apply_overrides, preset_config
+    from fastdiff.train import train_ddpm
+
+    def cfg(steps):
+        over = {**tiny_overrides, "train.steps": steps, "model.dropout": 0.1}
+        return apply_overrides(preset_config("digits"), over)
+
+    rec = train_ddpm(cfg(6), tmp_path / "a", device="cuda", progress=False, echo=lambda s: None)
+    assert rec["step"] == 6 and rec["loss"] == rec["loss"]
+    assert "GraphedTrainStep(compiled)" in (tmp_path / "a" / "log.txt").read_text()
+    train_ddpm(cfg(4), tmp_path / "b", device="cuda", progress=False, echo=lambda s: None)
+    train_ddpm(cfg(6), tmp_path / "b", device="cuda", resume=True, progress=False, echo=lambda s: None)
+    a, b = ckpt.load_tensors(ckpt.latest_checkpoint(tmp_path / "a"), "model"), ckpt.load_tensors(
+        ckpt.latest_checkpoint(tmp_path / "b"), "model")
+    for k in a:  # same random numbers and state; GPU kernels with atomics make it close rather than bitwise
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 convolutions without TF32, so that two layouts of the same model agree to fp32 rounding."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.mark.gpu
+def test_generate_fast_path_matches_plain(tmp_path, tiny_overrides, no_tf32):
+    from fastdiff.config import apply_overrides, preset_config
+    from fastdiff.sampling import generate, load_run
+    from fastdiff.train import train_ddpm
+
+    cfg = apply_overrides(preset_config("digits"), {**tiny_overrides, "train.steps": 2})
+    train_ddpm(cfg, tmp_path, device="cpu", progress=False, echo=lambda s: None)
+    plain, *_ = generate(load_run(tmp_path, "cuda"), n=10, steps=5, guidance=2.0, labels=torch.arange(10),
+                         batch_size=4)
+    timings = {}
+    opts = AccelOptions.for_device("cuda", amp="fp32", compile=False)
+    fast, *_ = generate(load_run(tmp_path, "cuda"), n=10, steps=5, guidance=2.0, labels=torch.arange(10),
+                        batch_size=4, accel=opts, timings=timings)
+    assert timings["setup_s"] > 0 and timings["sampling_s"] > 0
+    torch.testing.assert_close(fast, plain, atol=1e-4, rtol=0)  # channels_last convolutions: rounding only

@@ -16,6 +16,7 @@ import torch
 from fastdiff.bench import diffusers_ref
 from fastdiff.bench.e2e import Job, SampleCase, sample_rows, train_row
 from fastdiff.bench.report import SAMPLE_COLUMNS, TRAIN_COLUMNS, environment, markdown_table, write_reports
+from fastdiff.config import PRESETS
 from fastdiff.errors import ConfigError
 
 SECTIONS = ("ops", "sample", "train")
@@ -143,6 +144,9 @@ def run_bench(*, device, out: Path, quick: bool = False, sections=SECTIONS, pres
     device = torch.device(device)
     if presets is None:
         presets = ("mnist",) if quick and device.type == "cpu" else DEFAULT_PRESETS
+    missing = [p for p in presets if p not in PRESETS]
+    if missing:
+        raise ConfigError(f"unknown preset(s) {missing}; choose from {', '.join(PRESETS)}")
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         raise ConfigError(f"unknown bench section(s) {sorted(unknown)}; use {', '.join(SECTIONS)}")
