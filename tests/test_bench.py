@@ -135,13 +135,13 @@ def tiny_preset(monkeypatch):
 
 def test_sampling_and_training_rows(tiny_preset):
     cpu = torch.device("cpu")
-    job = Job("sample", tiny_preset, "torch-eager", "fp32", 3, [SampleCase("ddpm", 1000, 2), SampleCase("ddim", 4, 4)])
-    rows = list(sample_rows(job, cpu, reps=2))
+    job = Job("sample", tiny_preset, "torch-eager", "fp32", 3, [SampleCase("ddpm", 1000, 2), SampleCase("ddim", 4, 1)])
+    rows = list(sample_rows(job, cpu, reps=1, warmup=0))
     assert [r["sampler"] for r in rows] == ["ddpm-1000", "ddim-4"] and all(r["status"] == "ok" for r in rows)
     # images/s is extrapolated from the timed steps to the whole run.
     assert rows[0]["images_per_s"] == pytest.approx(3 / (rows[0]["median_ms"] / 1e3 * 500))
     assert rows[0]["peak_mem_mb"] is None and "telemetry" not in rows[0]
-    row = train_row(Job("train", tiny_preset, "fastdiff", "fp32", 4), cpu, reps=2)
+    row = train_row(Job("train", tiny_preset, "fastdiff", "fp32", 4), cpu, reps=1, warmup=0)
     assert row["status"] == "ok" and row["images_per_s"] > 0 and row["step"] == "TrainStep"
 
 
