@@ -42,7 +42,7 @@ rc=$?
 log "pytest -m gpu: exit $rc ($(tail -1 "$OUT/pytest-gpu.log"))"
 
 limit=$(( $(left) - 10 ))
-budget=$(( limit - 150 ))  # the last job may still compile and capture after the budget (a cifar10-ddpm train step)
+budget=$(( limit - 90 ))  # a job started before the budget ends may still compile and capture; the limit kills it
 if [ "$budget" -lt 60 ]; then budget=60; fi
 log "fastdiff bench (limit ${limit} s, budget ${budget} s)"
 timeout "$limit" $PY -m fastdiff.cli bench --out "$OUT" --budget-s "$budget" >"$OUT/bench.log" 2>&1
