@@ -205,6 +205,7 @@ class FastSampler:
         if not self.options.cuda_graphs:
             st.body(self.step_fn)
             st.index.zero_()
+            _synchronize(self.device)
             return
         device = self.device
         side = torch.cuda.Stream(device)
