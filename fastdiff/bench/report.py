@@ -79,6 +79,8 @@ def _cell(row: dict, key: str) -> str:
     value = row.get(key)
     if value is None:
         return ""
+    if isinstance(value, (list, tuple)):
+        return "x".join(str(v) for v in value)
     if key.startswith("vs_"):
         return f"{value:.2f}x"
     if isinstance(value, float):
@@ -97,7 +99,7 @@ def generic_table(rows: list[dict]) -> str:
     """A table of whatever keys the rows have (the op micro-benchmarks define their own)."""
     keys: list[str] = []
     for r in rows:
-        keys += [k for k in r if k not in keys and not isinstance(r[k], (dict, list))]
+        keys += [k for k in r if k not in keys and not isinstance(r[k], dict)]
     return markdown_table(rows, [(k, k) for k in keys])
 
 
