@@ -7,8 +7,9 @@ CPU (`run_native_benchmarks("cpu")`), for the `digits` and `mnist` presets with 
   calls forward+backward in channels_last (as `fastdiff train` runs them); the sampler step with and without
   noise.
 Providers: `torch-eager` (the reference ops, i.e. FASTDIFF_BACKEND=torch, no compile) and `fastdiff-native`
-(the same model and sampler with the native ops swapped in). Providers are timed in alternation (see
-`timing.time_interleaved`), and every row carries its ratio to torch-eager from the same run.
+(the same model and sampler under FASTDIFF_BACKEND=native: `fastdiff.ops` runs the native kernels). Providers
+are timed in alternation (see `timing.time_interleaved`); every row carries its ratio to torch-eager from the
+same run.
 
 GPU (`run_native_benchmarks("cuda")`): the CUDA C++ sampler step and GroupNorm+SiLU against torch-eager and,
 where `fastdiff.ops` has them, the Triton kernels, at sizes that fill the GPU; GB/s from the stated bytes.
@@ -16,7 +17,6 @@ where `fastdiff.ops` has them, the Triton kernels, at sizes that fill the GPU; G
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from typing import Callable
@@ -25,6 +25,7 @@ import torch
 
 import fastdiff.ops as fops
 from fastdiff import reference
+from fastdiff.bench.e2e import ops_backend
 from fastdiff.bench.timing import time_fn, time_interleaved
 from fastdiff.config import preset_config
 from fastdiff.diffusion import NoiseSchedule, initial_noise, sample_ddim, seeds_for
@@ -38,18 +39,14 @@ PRESETS = ("digits", "mnist")
 GUIDANCE = 2.0
 
 
-@contextlib.contextmanager
+BACKEND_OF = {"torch-eager": "torch", "fastdiff-native": "native"}
+
+
 def ops_provider(provider: str):
-    """Route the model's and the sampler's fused ops (`fastdiff.ops.<op>`, looked up at call time by
-    `fastdiff.nn` and the samplers) to one provider's implementation for the duration, whatever the automatic
-    dispatch would pick: each provider runs exactly the implementation it names."""
-    impl = {"torch-eager": reference, "fastdiff-native": native}[provider]
-    saved = fops.sampler_step, fops.group_norm_silu
-    fops.sampler_step, fops.group_norm_silu = impl.sampler_step, impl.group_norm_silu
-    try:
-        yield
-    finally:
-        fops.sampler_step, fops.group_norm_silu = saved
+    """FASTDIFF_BACKEND for one provider while the block runs: the model's and the sampler's fused ops
+    (`fastdiff.ops.<op>`) run exactly the implementation the provider names, whatever the automatic dispatch
+    would pick (timestep_embedding has no native kernel and runs the reference under both)."""
+    return ops_backend(BACKEND_OF[provider])
 
 
 def _with_provider(provider: str, fn: Callable[[], object]) -> Callable[[], object]:

@@ -69,6 +69,19 @@ def cuda_available() -> bool:
     return bool(info and info.get("with_cuda"))
 
 
+def unavailable_reason(device) -> str | None:
+    """Why the native kernels cannot run on tensors of `device` (None when they can)."""
+    device = torch.device(device)
+    info, error = _load()
+    if info is None:
+        return f"{error} (build it: make ext, see README)"
+    if device.type == "cuda" and not info.get("with_cuda"):
+        return "fastdiff._C was built without CUDA kernels (rebuild it with a CUDA toolkit and a CUDA torch)"
+    if device.type not in ("cpu", "cuda"):
+        return f"fastdiff._C has no kernels for {device.type} tensors"
+    return None
+
+
 def _ops():
     if _OPS is None:
         info, error = _load()
@@ -153,4 +166,4 @@ def seeded_randn(seeds: torch.Tensor, shape: tuple[int, ...], dtype=torch.float3
 
 
 __all__ = ["available", "cuda_available", "group_norm_silu", "load_error", "philox_normal", "sampler_step",
-           "seeded_randn"]
+           "seeded_randn", "unavailable_reason"]
