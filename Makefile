@@ -60,9 +60,10 @@ ext-test: ext
 	$(EXT_BUILD)/fastdiff_vecmath_check
 	$(BIN)/python -m pytest -q tests/ops/test_native.py
 
-# Compile the CUDA kernels alone with nvcc (no torch, no GPU needed): what CI checks on a CPU machine.
-ext-cuda-check:
-	cmake -S . -B build/cuda-check -DFASTDIFF_CUDA_KERNELS_ONLY=ON $(CMAKE_ARGS)
+# Compile the CUDA kernels with nvcc and their torch-facing wrapper against the venv's torch headers, without
+# linking (no CUDA torch, no GPU needed): what CI checks on a CPU machine.
+ext-cuda-check: setup
+	cmake -S . -B build/cuda-check -DFASTDIFF_CUDA_KERNELS_ONLY=ON -DPython_EXECUTABLE=$(abspath $(BIN)/python) $(CMAKE_ARGS)
 	cmake --build build/cuda-check -j $(EXT_JOBS)
 
 clean:
