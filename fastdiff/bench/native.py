@@ -77,6 +77,26 @@ def group_norm_shapes(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, 
     return shapes
 
 
+# Groups of the profiler's op names (self CPU time) for `profile_shares`, first match wins.
+OP_GROUPS = (("convolution", ("conv",)), ("group_norm_silu", ("group_norm", "silu")),
+             ("matmul_attention", ("mm", "linear", "softmax", "scaled_dot_product")),
+             ("sampler_step", ("sampler_step",)))
+
+
+def profile_shares(fn: Callable[[], object]) -> dict:
+    """Share of the self CPU time of one call of fn() per op group (OP_GROUPS, the rest as "other"), from
+    torch.profiler; also the total in ms. Says where end-to-end time goes, e.g. how much is convolution."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    totals = dict.fromkeys([name for name, _ in OP_GROUPS] + ["other"], 0.0)
+    for event in prof.key_averages():
+        key = event.key.lower()
+        group = next((name for name, needles in OP_GROUPS if any(n in key for n in needles)), "other")
+        totals[group] += event.self_cpu_time_total
+    total = sum(totals.values())
+    return {"profiled_ms": total / 1e3, **{f"share_{k}": v / total for k, v in totals.items()}}
+
+
 def _rows(timings: dict, base: dict, images: int | None = None) -> list[dict]:
     ref = timings["torch-eager"].median_ms
     out = []
@@ -130,6 +150,10 @@ def cpu_rows(preset: str, *, batch: int = 64, steps: int = 10, rounds: int = 5, 
             fops.group_norm_silu(a, g, w, b)
 
     rows += _rows(interleaved(forward), {**common, "kind": "op", "op": "unet forward", "shape": list(xx.shape)})
+    for provider in PROVIDERS:  # where the forward's time goes (after the timing: the profiler adds overhead)
+        with ops_provider(provider):
+            rows.append({**common, "kind": "profile", "op": "unet forward", "shape": list(xx.shape),
+                         "provider": provider, **profile_shares(forward)})
     rows += _rows(interleaved(gn_forward), {**common, "kind": "op", "op": f"group_norm_silu x{len(gn_calls)}",
                                             "shape": list(xx.shape)})
     # Training: forward+backward of the same calls (2 * batch = 128 is also the presets' training batch),
@@ -227,6 +251,10 @@ def format_table(rows: list[dict]) -> str:
              f"{'GB/s':>7} {'vs torch':>8}"]
     for r in rows:
         where = r.get("preset", r.get("device", ""))
+        if r["kind"] == "profile":
+            shares = " ".join(f"{k[6:]} {v:.0%}" for k, v in r.items() if k.startswith("share_"))
+            lines.append(f"{where:<14} prof {r['op']:<34} {r['provider']:<16} {r['profiled_ms']:>10.3f}  {shares}")
+            continue
         ips = f"{r['images_per_s']:.1f}" if "images_per_s" in r else ""
         gbs = f"{r['gb_per_s']:.0f}" if "gb_per_s" in r else ""
         lines.append(f"{where:<14} {r['kind']:<4} {r['op']:<34} {r['provider']:<16} {r['median_ms']:>10.3f} "
