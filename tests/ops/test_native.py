@@ -8,6 +8,7 @@ import torch
 from fastdiff import ops as fops
 from fastdiff import reference
 from fastdiff.bench.e2e import Job, SampleCase, ops_backend, sample_rows
+from fastdiff.bench.native import format_table, profile_shares
 from fastdiff.bench.ops import sampler_step_case
 from fastdiff.bench.suite import Budget, plan, run_job
 from fastdiff.diffusion import NoiseSchedule, initial_noise, sample_ddim, seeds_for
@@ -440,3 +441,20 @@ def test_cuda_group_norm_silu(shape, groups):
         torch.testing.assert_close(y, y64.float(), atol=1e-5, rtol=1e-5)
         for a, e in zip(got, want):
             torch.testing.assert_close(a, e.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_profile_shares_split_the_time_by_op_group():
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+    x = torch.randn(2, 4, 16, 16)
+
+    def fn():
+        with torch.no_grad():
+            return reference.group_norm_silu(conv(x), 2) @ torch.randn(16, 16)
+
+    shares = profile_shares(fn)
+    assert shares["profiled_ms"] > 0 and sum(v for k, v in shares.items() if k.startswith("share_")) == pytest.approx(1)
+    for group in ("convolution", "group_norm_silu", "matmul_attention"):
+        assert shares[f"share_{group}"] > 0, group
+    assert shares["share_sampler_step"] == 0
+    row = {"preset": "digits", "kind": "profile", "op": "unet forward", "provider": "torch-eager", **shares}
+    assert "convolution" in format_table([row])
