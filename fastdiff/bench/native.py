@@ -17,6 +17,8 @@ where `fastdiff.ops` has them, the Triton kernels, at sizes that fill the GPU; G
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import sys
 from typing import Callable
@@ -35,6 +37,7 @@ from fastdiff.nn import GroupNormSiLU
 from fastdiff.ops import native
 
 PROVIDERS = ("torch-eager", "fastdiff-native")
+LAYOUTS = ("nchw", "channels_last")
 PRESETS = ("digits", "mnist")
 GUIDANCE = 2.0
 
@@ -98,10 +101,13 @@ def profile_shares(fn: Callable[[], object]) -> dict:
 
 
 def _rows(timings: dict, base: dict, images: int | None = None) -> list[dict]:
-    ref = timings["torch-eager"].median_ms
+    """Rows of timings keyed by provider or by (provider, layout); the ratio is to torch-eager (NCHW)."""
+    timings = {k if isinstance(k, tuple) else (k, None): t for k, t in timings.items()}
+    ref = (timings.get(("torch-eager", None)) or timings[("torch-eager", "nchw")]).median_ms
     out = []
-    for provider, t in timings.items():
-        row = {**base, "provider": provider, **t.to_dict(), "ratio_vs_torch_eager": ref / t.median_ms}
+    for (provider, layout), t in timings.items():
+        row = {**base, "provider": provider, **({"layout": layout} if layout else {}), **t.to_dict(),
+               "ratio_vs_torch_eager": ref / t.median_ms}
         if images is not None:
             row["images_per_s"] = images / (t.median_ms * 1e-3)
         out.append(row)
@@ -109,10 +115,20 @@ def _rows(timings: dict, base: dict, images: int | None = None) -> list[dict]:
 
 
 def cpu_rows(preset: str, *, batch: int = 64, steps: int = 10, rounds: int = 5, clock: str = "wall",
-             etas: tuple[float, ...] = (0.0, 1.0)) -> list[dict]:
-    """The e2e and op rows of one preset on the CPU (see the module docstring)."""
+             etas: tuple[float, ...] = (0.0, 1.0), layouts: tuple[str, ...] = ("nchw",), op_rows: bool = True
+             ) -> list[dict]:
+    """The e2e and op rows of one preset on the CPU (see the module docstring). layouts: the memory formats of
+    the e2e and UNet-forward rows ("nchw", "channels_last": the model's weights and the images), each provider
+    in each, all against torch-eager NCHW; op_rows=False keeps the e2e rows alone."""
     model, cfg = _unet(preset, "cpu")
     model.requires_grad_(False)
+    unknown = set(layouts) - set(LAYOUTS)
+    if unknown or "nchw" not in layouts:
+        raise ConfigError(f"layouts must include nchw (the baseline) and come from {', '.join(LAYOUTS)}; "
+                          f"got {', '.join(layouts)}")
+    models = {"nchw": model}
+    if "channels_last" in layouts:
+        models["channels_last"] = copy.deepcopy(model).to(memory_format=torch.channels_last)
     schedule = NoiseSchedule.from_config(cfg.diffusion, "cpu")
     seeds = seeds_for(0, batch)
     shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
@@ -127,29 +143,39 @@ def cpu_rows(preset: str, *, batch: int = 64, steps: int = 10, rounds: int = 5, 
         fns = {p: _with_provider(p, fn_of_provider) for p in PROVIDERS}
         return time_interleaved(fns, "cpu", rounds=rounds, reps_per_round=reps, clock=clock)
 
+    def interleaved_layouts(fn_of_layout):
+        fns = {(p, layout): _with_provider(p, functools.partial(fn_of_layout, layout))
+               for layout in layouts for p in PROVIDERS}
+        return time_interleaved(fns, "cpu", rounds=rounds, clock=clock)
+
+    def images(layout, t):
+        return t.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+
     for eta in etas:
-        def sample(eta=eta):
+        def sample(layout, eta=eta):
             with torch.no_grad():
-                return sample_ddim(model, x, schedule, steps=steps, eta=eta, seeds=seeds, labels=labels,
-                                   guidance=GUIDANCE, null_label=null, clip=1.0)
+                return sample_ddim(models[layout], images(layout, x), schedule, steps=steps, eta=eta, seeds=seeds,
+                                   labels=labels, guidance=GUIDANCE, null_label=null, clip=1.0)
         base = {**common, "kind": "e2e", "op": f"ddim{steps} eta={eta:g} guidance={GUIDANCE:g}",
                 "shape": [batch, *shape]}
-        rows += _rows(interleaved(sample), base, images=batch)
+        rows += _rows(interleaved_layouts(sample), base, images=batch)
+    if not op_rows:
+        return rows
 
     # One UNet forward at the batch the guided sampler feeds it, and its GroupNorm+SiLU calls alone.
     xx, tt, yy = torch.cat([x, x]), torch.full((2 * batch,), 500.0), torch.cat([labels, torch.full_like(labels, null)])
     gn_calls = [(torch.randn(s), g, torch.randn(s[1]), torch.randn(s[1]))
                 for s, g in group_norm_shapes(model, xx, tt, yy)]
 
-    def forward():
+    def forward(layout="nchw"):
         with torch.no_grad():
-            return model(xx, tt, yy)
+            return models[layout](images(layout, xx), tt, yy)
 
     def gn_forward():
         for a, g, w, b in gn_calls:
             fops.group_norm_silu(a, g, w, b)
 
-    rows += _rows(interleaved(forward), {**common, "kind": "op", "op": "unet forward", "shape": list(xx.shape)})
+    rows += _rows(interleaved_layouts(forward), {**common, "kind": "op", "op": "unet forward", "shape": list(xx.shape)})
     for provider in PROVIDERS:  # where the forward's time goes (after the timing: the profiler adds overhead)
         with ops_provider(provider):
             rows.append({**common, "kind": "profile", "op": "unet forward", "shape": list(xx.shape),
@@ -230,25 +256,26 @@ def _gpu_op_rows(op: str, impls: dict, call: Callable, nbytes: int, shape: list,
 
 
 def run_native_benchmarks(device="cpu", quick: bool = False, *, presets=PRESETS, batch: int = 64, steps: int = 10,
-                          rounds: int = 5, clock: str = "wall") -> list[dict]:
-    """All rows for `device` (the entry point of `fastdiff bench`). quick: digits only, batch 4, one DDIM step
-    (eta 1), one round on the CPU (seconds); small tensors on a GPU."""
+                          rounds: int = 5, clock: str = "wall", **cpu_kw) -> list[dict]:
+    """All rows for `device` (benchmarks/bench_native_cpu.py). quick: digits only, batch 4, one DDIM step (eta 1),
+    both layouts, one round on the CPU (seconds); small tensors on a GPU. cpu_kw: etas, layouts, op_rows of
+    `cpu_rows`."""
     if not native.available():
         raise ConfigError(f"the native benchmarks need the extension: {native.load_error()} (see README)")
     if torch.device(device).type == "cuda":
         return gpu_rows(device, quick)
     if quick:
-        return cpu_rows("digits", batch=4, steps=1, rounds=1, clock=clock, etas=(1.0,))
+        return cpu_rows("digits", batch=4, steps=1, rounds=1, clock=clock, etas=(1.0,), layouts=LAYOUTS)
     rows = []
     for preset in presets:
-        rows += cpu_rows(preset, batch=batch, steps=steps, rounds=rounds, clock=clock)
+        rows += cpu_rows(preset, batch=batch, steps=steps, rounds=rounds, clock=clock, **cpu_kw)
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
     """A plain-text table of the rows, one line per provider."""
-    lines = [f"{'preset/device':<14} {'kind':<4} {'op':<34} {'provider':<16} {'median ms':>10} {'images/s':>9} "
-             f"{'GB/s':>7} {'vs torch':>8}"]
+    lines = [f"{'preset/device':<14} {'kind':<4} {'op [layout]':<34} {'provider':<16} {'median ms':>10} "
+             f"{'images/s':>9} {'GB/s':>7} {'vs torch':>8}"]
     for r in rows:
         where = r.get("preset", r.get("device", ""))
         if r["kind"] == "profile":
@@ -257,6 +284,7 @@ def format_table(rows: list[dict]) -> str:
             continue
         ips = f"{r['images_per_s']:.1f}" if "images_per_s" in r else ""
         gbs = f"{r['gb_per_s']:.0f}" if "gb_per_s" in r else ""
-        lines.append(f"{where:<14} {r['kind']:<4} {r['op']:<34} {r['provider']:<16} {r['median_ms']:>10.3f} "
+        op = f"{r['op']} [{r['layout']}]" if r.get("layout", "nchw") != "nchw" else r["op"]
+        lines.append(f"{where:<14} {r['kind']:<4} {op:<34} {r['provider']:<16} {r['median_ms']:>10.3f} "
                      f"{ips:>9} {gbs:>7} {r['ratio_vs_torch_eager']:>7.2f}x")
     return "\n".join(lines)

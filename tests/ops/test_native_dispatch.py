@@ -8,7 +8,7 @@ import torch
 from fastdiff import ops as fops
 from fastdiff import reference
 from fastdiff.bench.e2e import Job, SampleCase, ops_backend, sample_rows
-from fastdiff.bench.native import format_table, profile_shares
+from fastdiff.bench.native import cpu_rows, format_table, profile_shares, run_native_benchmarks
 from fastdiff.bench.ops import sampler_step_case
 from fastdiff.bench.suite import Budget, plan, run_job
 from fastdiff.diffusion import NoiseSchedule, initial_noise, sample_ddim, seeds_for
@@ -154,3 +154,18 @@ def test_profile_shares_split_the_time_by_op_group():
     assert shares["share_sampler_step"] == 0
     row = {"preset": "digits", "kind": "profile", "op": "unet forward", "provider": "torch-eager", **shares}
     assert "convolution" in format_table([row])
+
+
+@requires_native
+def test_native_cpu_benchmark_quick():
+    rows = run_native_benchmarks("cpu", quick=True)
+    e2e = [(r["provider"], r["layout"]) for r in rows if r["kind"] == "e2e"]
+    assert sorted(e2e) == sorted((p, layout) for p in ("torch-eager", "fastdiff-native")
+                                 for layout in ("nchw", "channels_last"))
+    eager = next(r for r in rows if r["kind"] == "e2e" and r["provider"] == "torch-eager" and r["layout"] == "nchw")
+    assert eager["ratio_vs_torch_eager"] == 1.0 and eager["images_per_s"] > 0
+    assert {r["provider"] for r in rows if r["kind"] == "profile"} == {"torch-eager", "fastdiff-native"}
+    table = format_table(rows)
+    assert "[channels_last]" in table and "convolution" in table and "sampler_step" in table
+    with pytest.raises(ConfigError, match="layouts must include nchw"):
+        cpu_rows("digits", layouts=("channels_last",))
