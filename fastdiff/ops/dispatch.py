@@ -16,6 +16,10 @@ import os
 import torch
 
 from fastdiff.errors import ConfigError
+from fastdiff.ops import native as _native
+
+# Probe the optional extension now, outside any torch.compile trace: dispatch reads the answer as a constant.
+_native._load()
 
 BACKENDS = ("torch", "triton", "native")
 
@@ -29,14 +33,9 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
 def native_available() -> bool:
     """True when the optional native extension fastdiff._C is built and loads."""
-    try:
-        from fastdiff.ops import native
-    except ImportError:
-        return False
-    return native.available()
+    return _native.available()
 
 
 # Ops whose native CPU kernel was measured faster than the reference (benchmarks/bench_native_cpu.py; the

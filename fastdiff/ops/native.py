@@ -7,14 +7,14 @@ module loads the library, registers the fake (meta) implementations that torch.c
 ops as plain functions. Build it with `FASTDIFF_BUILD_EXT=1 pip install --no-build-isolation -e .` or with
 cmake (see the README); without it, `available()` is False and the rest of fastdiff never needs it.
 
-- `sampler_step`: the noise is the reference's Philox stream, equal to float32 rounding. There is no native
-  backward: when an input requires grad, the call goes to the reference, which draws the same noise.
+- `sampler_step`: the noise is the reference's Philox stream, equal to float32 rounding. The forward is native
+  also when an input requires grad (so a run gives the same values with and without autograd); the backward
+  is the reference's (its vector-Jacobian product at the same inputs, which draws the same noise).
 - `group_norm_silu`: forward and backward are native (fp32 statistics; float32, float16, bfloat16).
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import json
@@ -29,11 +29,20 @@ from fastdiff import reference
 NAMESPACE = "fastdiff_native"
 _BUILD_INFO = Path(__file__).resolve().parent.parent / "_C.json"
 _OPS = None  # torch.ops.fastdiff_native once the library is loaded (a plain global: torch.compile reads it as is)
+# _probe()'s answer, kept in a plain global rather than functools.cache: torch.compile ignores a cache wrapper and
+# traces the function inside (a file read here, which would break the graph), but reads a global as a constant.
+_STATE: tuple[dict | None, str | None] | None = None
 
 
-@functools.cache
 def _load() -> tuple[dict | None, str | None]:
     """(build info, None) once fastdiff._C is loaded and its ops registered, else (None, why not)."""
+    global _STATE
+    if _STATE is None:
+        _STATE = _probe()
+    return _STATE
+
+
+def _probe() -> tuple[dict | None, str | None]:
     if importlib.util.find_spec("fastdiff._C") is None:
         return None, "the extension fastdiff._C is not built"
     try:
@@ -136,16 +145,42 @@ def _register_fakes() -> None:
 # --- the ops ---------------------------------------------------------------------------------------------------
 
 
+def _sampler_step_fwd(x, model_out, p, q, A, B, sigma, seeds, step, clip, return_x0):
+    op = _ops().sampler_step
+    if isinstance(step, torch.Tensor):
+        return op.default(x, model_out, p, q, A, B, sigma, seeds, step, clip, return_x0)
+    return op.int(x, model_out, p, q, A, B, sigma, seeds, operator.index(step), clip, return_x0)
+
+
+class _SamplerStep(torch.autograd.Function):
+    """The native forward with the reference's backward (recomputed: backward is rare, e.g. a loss through a
+    sampling step in distillation)."""
+
+    @staticmethod
+    def forward(ctx, x, model_out, p, q, A, B, sigma, seeds, step, clip, return_x0):
+        ctx.save_for_backward(x, model_out, p, q, A, B, sigma, seeds)
+        ctx.step, ctx.clip = step, clip
+        x_prev, x0 = _sampler_step_fwd(x, model_out, p, q, A, B, sigma, seeds, step, clip, True)
+        ctx.mark_non_differentiable(seeds)
+        return x_prev, x0
+
+    @staticmethod
+    def backward(ctx, grad_prev, grad_x0):
+        saved = ctx.saved_tensors
+        diff = [t.detach().requires_grad_(need) for t, need in zip(saved[:7], ctx.needs_input_grad[:7])]
+        with torch.enable_grad():
+            outs = reference.sampler_step(*diff, saved[7], ctx.step, ctx.clip, True)
+            wanted = [t for t in diff if t.requires_grad]
+            grads = iter(torch.autograd.grad(outs, wanted, (grad_prev, grad_x0), allow_unused=True))
+        return (*(next(grads) if t.requires_grad else None for t in diff), None, None, None, None)
+
+
 def sampler_step(x, model_out, p, q, A, B, sigma, seeds, step, clip=None, return_x0: bool = False):
     """See `fastdiff.reference.sampler_step`; `step` is an int or a 0-d integer tensor (host or device)."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, model_out, p, q, A, B, sigma)):
-        # No native backward: the reference is differentiable and draws the same noise.
-        return reference.sampler_step(x, model_out, p, q, A, B, sigma, seeds, step, clip, return_x0)
-    op = _ops().sampler_step
-    if isinstance(step, torch.Tensor):
-        x_prev, x0 = op.default(x, model_out, p, q, A, B, sigma, seeds, step, clip, return_x0)
+        x_prev, x0 = _SamplerStep.apply(x, model_out, p, q, A, B, sigma, seeds, step, clip, return_x0)
     else:
-        x_prev, x0 = op.int(x, model_out, p, q, A, B, sigma, seeds, operator.index(step), clip, return_x0)
+        x_prev, x0 = _sampler_step_fwd(x, model_out, p, q, A, B, sigma, seeds, step, clip, return_x0)
     return (x_prev, x0) if return_x0 else x_prev
 
 

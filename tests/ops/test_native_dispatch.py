@@ -109,7 +109,7 @@ def test_bench_native_provider_rows():
 
 def test_unbuilt_extension_is_reported(monkeypatch):
     monkeypatch.setattr(native.importlib.util, "find_spec", lambda name: None)
-    assert native._load.__wrapped__() == (None, "the extension fastdiff._C is not built")
+    assert native._probe() == (None, "the extension fastdiff._C is not built")
 
 
 @requires_native
@@ -117,7 +117,7 @@ def test_extension_built_for_another_torch_is_refused(monkeypatch, tmp_path):
     record = tmp_path / "_C.json"
     record.write_text('{"torch_version": "0.0.1", "with_cuda": false}')
     monkeypatch.setattr(native, "_BUILD_INFO", record)
-    info, error = native._load.__wrapped__()
+    info, error = native._probe()
     assert info is None and "built against torch 0.0.1" in error and "rebuild" in error
 
 
