@@ -11,7 +11,7 @@ VENV_FLAGS ?=
 STAMP := $(VENV)/.fastdiff-installed
 RUN ?= runs/digits
 
-.PHONY: setup demo test test-all lint bench clean
+.PHONY: setup demo test test-all lint bench clean ext ext-test ext-cuda-check
 
 setup: $(STAMP)
 
@@ -44,5 +44,27 @@ bench: setup
 lint: setup
 	$(BIN)/ruff check fastdiff tests benchmarks
 
+# The optional native extension fastdiff._C (kernels/, CMakeLists.txt), built in place into fastdiff/ with the
+# venv's torch; the CUDA kernels too when a CUDA toolkit and a CUDA torch are present. One compile job by default
+# (EXT_JOBS=4 for more); extra cmake options in CMAKE_ARGS, e.g. CMAKE_ARGS=-DFASTDIFF_CUDA=OFF.
+EXT_BUILD ?= build/ext
+EXT_JOBS ?= 1
+CMAKE_ARGS ?=
+
+ext: setup
+	cmake -S . -B $(EXT_BUILD) -DPython_EXECUTABLE=$(abspath $(BIN)/python) -DFASTDIFF_BUILD_TESTS=ON $(CMAKE_ARGS)
+	cmake --build $(EXT_BUILD) -j $(EXT_JOBS)
+
+# The accuracy check of the vectorised math (all 2^23 uniforms), then the op tests against the reference.
+ext-test: ext
+	$(EXT_BUILD)/fastdiff_vecmath_check
+	$(BIN)/python -m pytest -q tests/ops/test_native.py
+
+# Compile the CUDA kernels with nvcc and their torch-facing wrapper against the venv's torch headers, without
+# linking (no CUDA torch, no GPU needed): what CI checks on a CPU machine.
+ext-cuda-check: setup
+	cmake -S . -B build/cuda-check -DFASTDIFF_CUDA_KERNELS_ONLY=ON -DPython_EXECUTABLE=$(abspath $(BIN)/python) $(CMAKE_ARGS)
+	cmake --build build/cuda-check -j $(EXT_JOBS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache fastdiff/_C*.so fastdiff/_C.json

@@ -8,6 +8,8 @@
 #
 # Optional: wheels in $FASTDIFF_WHEELS (default benchmarks/wheels) are installed first without network, e.g.
 # diffusers and its dependencies for the `diffusers` provider (see benchmarks/results/README.md).
+# Optional: FASTDIFF_NATIVE=1 builds the native extension fastdiff._C (CPU and CUDA kernels; needs cmake and nvcc,
+# log in native-build.log) before the tests, so the `gpu` tests and the `fastdiff-native` bench rows run on it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-results}
@@ -31,6 +33,13 @@ if $PY -m pip install --quiet --no-deps --no-build-isolation -e . >"$OUT/install
 else
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
     log "pip install failed (see install.log); using PYTHONPATH=$PWD"
+fi
+
+if [ "${FASTDIFF_NATIVE:-0}" = 1 ]; then
+    log "building fastdiff._C (limit 240 s)"
+    timeout 240 sh -c "cmake -S . -B build/ext -DPython_EXECUTABLE=$(command -v "$PY") && cmake --build build/ext -j 8" \
+        >"$OUT/native-build.log" 2>&1
+    log "fastdiff._C build: exit $?"
 fi
 
 timeout 60 $PY -m fastdiff.cli env >"$OUT/env.txt" 2>&1

@@ -8,6 +8,8 @@ Providers (the same architecture and weights initialisation in each):
   fastdiff       what `fastdiff sample` / `fastdiff train` run by default: on a GPU every fast path of
                  `fastdiff.accel` (fused ops, channels_last, torch.compile, CUDA graphs: one replay per denoising
                  step, a graphed training step); on the CPU the plain loop with the automatic op backend.
+  fastdiff-native  the torch-eager loop with the native kernels of the optional extension fastdiff._C
+                 (FASTDIFF_BACKEND=native: its C++ CPU or CUDA GroupNorm+SiLU and sampler step), NCHW, no compile.
   diffusers      diffusers' UNet2DModel at the same configuration with its DDPM/DDIM scheduler loop (eager).
 A training step is loss + backward + clip + AdamW step + LR schedule + EMA update for every provider.
 """
@@ -33,7 +35,7 @@ from fastdiff.models import UNet
 from fastdiff.sampling import sampler_table
 from fastdiff.train.loop import EMA, peak_memory_mb, warmup_lambda
 
-PROVIDERS = ("torch-eager", "torch-compile", "fastdiff", "diffusers")
+PROVIDERS = ("torch-eager", "torch-compile", "fastdiff", "fastdiff-native", "diffusers")
 
 
 @dataclass
@@ -87,6 +89,9 @@ def provider_options(provider: str, dtype: str, device: torch.device) -> AccelOp
 
 
 def backend_of(provider: str) -> str | None:
+    """The FASTDIFF_BACKEND a provider runs under (None: the automatic choice)."""
+    if provider == "fastdiff-native":
+        return "native"
     return "torch" if provider in ("torch-eager", "torch-compile") else None
 
 
@@ -225,5 +230,5 @@ def train_row(job: Job, device, *, reps: int, warmup: int = 1) -> dict:
 def _describe(provider: str, opts: AccelOptions) -> str:
     if provider == "diffusers":
         return f"{opts.amp}+UNet2DModel"
-    ops = "reference-ops" if backend_of(provider) == "torch" else "fused-ops"
+    ops = {"torch": "reference-ops", "native": "native-ops"}.get(backend_of(provider), "fused-ops")
     return f"{opts.describe()}+{ops}"

@@ -1,4 +1,5 @@
-"""Micro-benchmarks of the fused ops: torch-eager, torch-compile and fastdiff-triton side by side in one run.
+"""Micro-benchmarks of the fused ops: torch-eager, torch-compile, fastdiff-triton and fastdiff-native side by side
+in one run.
 
 Every row names the op, provider, shape, dtype, median time (and the 0.2/0.8 quantiles), the bytes the op must
 move by a stated formula, the GB/s that makes, the fraction of the device's copy bandwidth measured in the same
@@ -7,13 +8,15 @@ run (`timing.copy_bandwidth_gbs`, read + write), and the speed ratio to torch-ea
 
 `run_op_benchmarks(device, quick)` is what `fastdiff bench` calls. On a GPU the full run uses tensors of 64 MB or
 more; `quick` uses small shapes and, on the CPU, torch-eager alone (compiling and the Triton interpreter take far
-longer than the few seconds a quick run may use), so it only checks that the harness works there.
+longer than the few seconds a quick run may use), so it only checks that the harness works there. fastdiff-native
+(the kernels of the optional extension fastdiff._C, for group_norm_silu and sampler_step) runs wherever it is
+built, quick runs included; where it is not built its rows say why they were skipped.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -21,7 +24,7 @@ import torch
 from fastdiff import reference
 from fastdiff.bench.timing import copy_bandwidth_gbs, time_fn
 
-PROVIDERS = ("torch-eager", "torch-compile", "fastdiff-triton")
+PROVIDERS = ("torch-eager", "torch-compile", "fastdiff-triton", "fastdiff-native")
 OPS = ("group_norm_silu", "group_norm_silu_fwd_bwd", "sampler_step", "timestep_embedding")
 
 
@@ -36,6 +39,7 @@ class Case:
     byte_formula: str
     providers: dict[str, Callable[[], object]]
     note: str = ""
+    skipped: dict[str, str] = field(default_factory=dict)  # provider -> why it has no callable here
 
 
 def _triton_usable(device: torch.device) -> bool:
@@ -44,14 +48,25 @@ def _triton_usable(device: torch.device) -> bool:
     return triton_available() and (device.type == "cuda" or triton_interpreting())
 
 
-def _providers(eager, triton_fn, device, quick) -> dict:
-    """eager/compile/triton callables; compile and triton only where they can run in the time allowed."""
+def _providers(eager, triton_fn, device, quick, native_fn=None) -> dict:
+    """eager/compile/triton/native callables; compile and triton only where they can run in the time allowed,
+    native where the extension is built for the device (see `_native_skipped`)."""
     out = {"torch-eager": eager}
     if not (quick and device.type == "cpu"):
         out["torch-compile"] = torch.compile(eager)
         if _triton_usable(device):
             out["fastdiff-triton"] = triton_fn
+    if native_fn is not None and not _native_skipped(device):
+        out["fastdiff-native"] = native_fn
     return out
+
+
+def _native_skipped(device) -> dict[str, str]:
+    """{"fastdiff-native": why} when the native kernels cannot run on `device`, else {}."""
+    from fastdiff.ops import native
+
+    reason = native.unavailable_reason(device)
+    return {"fastdiff-native": f"skipped: {reason}"} if reason else {}
 
 
 def group_norm_silu_case(device, shape, dtype, groups=32, channels_last=False, backward=False, quick=False) -> Case:
@@ -68,11 +83,18 @@ def group_norm_silu_case(device, shape, dtype, groups=32, channels_last=False, b
     def triton_fn(x, num_groups, w, b):
         return torch.ops.fastdiff.group_norm_silu_fwd(x, w, b, num_groups, 1e-5)[0]
 
+    def native_fn(x, num_groups, w, b):
+        from fastdiff.ops import native
+
+        return native.group_norm_silu(x, num_groups, w, b)
+
+    note = "channels_last" if channels_last else ""
     if not backward:
         eager = lambda: reference.group_norm_silu(x, groups, w, b)  # noqa: E731
-        providers = _providers(eager, lambda: triton_fn(x, groups, w, b), device, quick)
+        providers = _providers(eager, lambda: triton_fn(x, groups, w, b), device, quick,
+                               lambda: native_fn(x, groups, w, b))
         return Case("group_norm_silu", shape, dtype, 2 * numel * item, "2 * numel * itemsize (read x, write y)",
-                    providers, "channels_last" if channels_last else "")
+                    providers, note, _native_skipped(device))
     x.requires_grad_()
     w.requires_grad_()
     b.requires_grad_()
@@ -86,9 +108,11 @@ def group_norm_silu_case(device, shape, dtype, groups=32, channels_last=False, b
         providers["torch-compile"] = fwd_bwd(torch.compile(reference.group_norm_silu))
         if _triton_usable(device):
             providers["fastdiff-triton"] = fwd_bwd(triton_fn)
+    if not _native_skipped(device):
+        providers["fastdiff-native"] = fwd_bwd(native_fn)
     return Case("group_norm_silu_fwd_bwd", shape, dtype, 5 * numel * item,
-                "5 * numel * itemsize (fwd: read x, write y; bwd: read x, dy, write dx)", providers,
-                "channels_last" if channels_last else "")
+                "5 * numel * itemsize (fwd: read x, write y; bwd: read x, dy, write dx)", providers, note,
+                _native_skipped(device))
 
 
 def sampler_step_case(device, shape, dtype, quick=False) -> Case:
@@ -103,9 +127,16 @@ def sampler_step_case(device, shape, dtype, quick=False) -> Case:
     args = (x, out, p, q, A, B, sigma, seeds)
     eager = lambda: reference.sampler_step(*args, step)  # noqa: E731
     triton_fn = lambda: torch.ops.fastdiff.sampler_step(*args, step, 0, None, False)  # noqa: E731
+
+    def native_fn():
+        from fastdiff.ops import native
+
+        return native.sampler_step(*args, step)
+
     return Case("sampler_step", shape, dtype, 3 * x.numel() * x.element_size(),
                 "3 * numel * itemsize (read x, model_out; write x_prev; noise drawn in-kernel)",
-                _providers(eager, triton_fn, device, quick), "sigma > 0, step from a device tensor")
+                _providers(eager, triton_fn, device, quick, native_fn), "sigma > 0, step from a device tensor",
+                _native_skipped(device))
 
 
 def timestep_embedding_case(device, batch, dim, quick=False) -> Case:
@@ -162,6 +193,10 @@ def measure_case(case: Case, device: torch.device, copy_gbs: float, quick: bool)
         gbs = case.nbytes / (t.median_ms * 1e-3) / 1e9
         row.update(t.to_dict(), status="ok", gbps=gbs, frac_copy_bw=gbs / copy_gbs if copy_gbs else None)
         rows.append(row)
+    for name, status in case.skipped.items():
+        rows.append({"op": case.op, "provider": name, "shape": list(case.shape),
+                     "dtype": str(case.dtype).split(".")[-1], "note": case.note, "device": device.type,
+                     "status": status})
     times = {r["provider"]: r["median_ms"] for r in rows if r["status"] == "ok"}
     for r in rows:
         if r["status"] == "ok":
@@ -179,7 +214,7 @@ def run_op_benchmarks(device, quick: bool = False, ops=OPS) -> list[dict]:
     for build in default_cases(device, quick, ops):
         case = build()
         rows += measure_case(case, device, copy_gbs, quick)
-        for r in rows[-len(case.providers):]:
+        for r in rows[-(len(case.providers) + len(case.skipped)):]:
             r["copy_gbps"] = copy_gbs
         del case
         if device.type == "cuda":
@@ -216,7 +251,7 @@ def main(ops, argv=None) -> dict:
 
     from fastdiff.envinfo import collect
 
-    ap = argparse.ArgumentParser(description=f"Benchmark {', '.join(ops)}: torch-eager, torch-compile, triton")
+    ap = argparse.ArgumentParser(description=f"Benchmark {', '.join(ops)}: torch-eager, torch-compile, triton, native")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="small shapes (a few seconds on the CPU)")
     args = ap.parse_args(argv)

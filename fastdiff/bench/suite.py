@@ -48,7 +48,8 @@ def _cases(device: torch.device, quick: bool) -> list[SampleCase]:
 def plan(device: torch.device, quick: bool, presets=DEFAULT_PRESETS, providers=None) -> list[Job]:
     """The jobs in the order they run. On a GPU: the targets (mnist sampling at batch 64, cifar10-ddpm training
     at batch 128 and sampling at batch 1024, bf16 against torch-eager fp32 and torch-compile bf16), then the
-    diffusers rows, the other preset/batch/dtype combinations. On the CPU: small batches, fp32."""
+    diffusers and fastdiff-native rows, the other preset/batch/dtype combinations. On the CPU: small batches, fp32.
+    fastdiff-native rows are kept where the extension is not built and skipped with the reason."""
     cuda = device.type == "cuda"
     fast_dtype = "bf16" if cuda else "fp32"
     trio = [("torch-eager", "fp32"), ("torch-compile", fast_dtype), ("fastdiff", fast_dtype)]
@@ -65,7 +66,7 @@ def plan(device: torch.device, quick: bool, presets=DEFAULT_PRESETS, providers=N
         sample("mnist", 64, trio)
         train("cifar10-ddpm", 128, trio)
         sample("cifar10-ddpm", 1024, trio)
-        sample("mnist", 64, [("diffusers", "fp32")])
+        sample("mnist", 64, [("diffusers", "fp32"), ("fastdiff-native", "fp32")])
         train("cifar10-ddpm", 128, [("diffusers", "fp32"), ("diffusers", "bf16")])
         sample("cifar10-ddpm", 1024, [("diffusers", "fp32")])
         train("mnist", 128, trio + [("diffusers", "fp32")])
@@ -77,7 +78,7 @@ def plan(device: torch.device, quick: bool, presets=DEFAULT_PRESETS, providers=N
     else:
         batch = 2 if quick or not cuda else 16
         for preset in presets:
-            sample(preset, batch, trio + [("diffusers", "fp32")])
+            sample(preset, batch, trio + [("fastdiff-native", "fp32"), ("diffusers", "fp32")])
             train(preset, batch, trio + [("diffusers", "fp32")])
     if providers:
         jobs = [j for j in jobs if j.provider in providers]
@@ -94,6 +95,11 @@ def _job_fields(job: Job) -> dict:
 def _skip_reason(job: Job, device: torch.device, quick: bool) -> str | None:
     if job.provider == "torch-compile" and device.type == "cpu" and quick:
         return "skipped: --quick on the CPU (Inductor's C++ compile takes minutes on a small CPU)"
+    if job.provider == "fastdiff-native":
+        from fastdiff.ops import native
+
+        reason = native.unavailable_reason(device)
+        return f"skipped: {reason}" if reason else None
     return None
 
 

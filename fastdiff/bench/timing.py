@@ -140,3 +140,45 @@ def copy_bandwidth_gbs(nbytes: int, device) -> float:
     dst = torch.empty_like(src)
     t = time_fn(lambda: dst.copy_(src), device)
     return 2 * src.numel() * 4 / (t.median_ms * 1e-3) / 1e9
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device, *, rounds: int = 5, reps_per_round: int = 1,
+                     warmup: int = 1, clock: str = "wall") -> dict[str, Timing]:
+    """Median-of-rounds times of several providers, measured in alternation (A B A B ...).
+
+    On a shared or throttling machine the load drifts during a benchmark; alternating the providers round by
+    round exposes each to the same drift, so their ratio stays meaningful where back-to-back blocks of
+    repetitions would not. Each round times `reps_per_round` calls of each provider; a provider's times are the
+    per-call means of its rounds. clock: "wall" (CUDA events on a GPU, perf_counter on the CPU) or "thread"
+    (CPU time of the calling thread: immune to other processes taking the core, meaningful only for work that
+    runs on the calling thread alone, e.g. with torch.set_num_threads(1)).
+    """
+    device = torch.device(device)
+    if clock not in ("wall", "thread"):
+        raise ValueError(f"clock must be 'wall' or 'thread', got {clock!r}")
+    cuda = device.type == "cuda"
+    if cuda and clock == "thread":
+        raise ValueError("clock='thread' measures CPU work; use clock='wall' on a GPU")
+    now = time.thread_time if clock == "thread" else time.perf_counter
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            if cuda:
+                torch.cuda.synchronize(device)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(reps_per_round):
+                    fn()
+                end.record()
+                torch.cuda.synchronize(device)
+                elapsed = start.elapsed_time(end)
+            else:
+                t0 = now()
+                for _ in range(reps_per_round):
+                    fn()
+                elapsed = (now() - t0) * 1e3
+            times[name].append(elapsed / reps_per_round)
+    return {name: _summary(ts) for name, ts in times.items()}

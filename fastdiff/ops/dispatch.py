@@ -16,6 +16,10 @@ import os
 import torch
 
 from fastdiff.errors import ConfigError
+from fastdiff.ops import native as _native
+
+# Probe the optional extension now, outside any torch.compile trace: dispatch reads the answer as a constant.
+_native._load()
 
 BACKENDS = ("torch", "triton", "native")
 
@@ -29,19 +33,33 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
 def native_available() -> bool:
     """True when the optional native extension fastdiff._C is built and loads."""
-    try:
-        from fastdiff.ops import native
-    except ImportError:
+    return _native.available()
+
+
+# Ops whose native CPU kernel was measured faster than the reference (benchmarks/bench_native_cpu.py, 2-core
+# AVX2 CPU, digits and mnist UNet shapes: sampler step 16-35x; GroupNorm+SiLU forward 1.2-1.7x, forward+backward
+# 1.5-3.1x; the README has the table). CPU tensors go to the native kernel of these automatically when it is built.
+NATIVE_FASTER_ON_CPU = frozenset({"sampler_step", "group_norm_silu"})
+
+
+def native_preferred_on_cpu(op: str | None = None) -> bool:
+    """Use the native kernel of `op` automatically on CPU tensors: built, and measured faster. Without an op
+    name, whether the extension is built at all."""
+    if op is not None and op not in NATIVE_FASTER_ON_CPU:
         return False
-    return native.available()
-
-
-def native_preferred_on_cpu() -> bool:
-    """Use the native kernels automatically on CPU tensors (only where they were measured faster)."""
     return native_available()
+
+
+def _native_unavailable_error() -> ConfigError:
+    from fastdiff.ops import native
+
+    reason = native.load_error() or "the extension fastdiff._C is not available"
+    return ConfigError(
+        f"FASTDIFF_BACKEND=native but {reason}; build it with "
+        "`FASTDIFF_BUILD_EXT=1 pip install --no-build-isolation -e .` (see README)"
+    )
 
 
 def forced_backend() -> str | None:
@@ -53,8 +71,9 @@ def forced_backend() -> str | None:
     return name
 
 
-def backend_for(x: torch.Tensor, supported: tuple[str, ...] = BACKENDS) -> str:
-    """The backend that runs an op on tensor x; `supported` lists the backends that op implements."""
+def backend_for(x: torch.Tensor, supported: tuple[str, ...] = BACKENDS, op: str | None = None) -> str:
+    """The backend that runs an op on tensor x; `supported` lists the backends that op implements, `op` names
+    it (for the per-op choice of the native kernels on CPU)."""
     forced = forced_backend()
     if forced is not None:
         if forced not in supported:
@@ -64,16 +83,19 @@ def backend_for(x: torch.Tensor, supported: tuple[str, ...] = BACKENDS) -> str:
         if forced == "triton" and x.device.type == "cpu" and not triton_interpreting():
             raise ConfigError("FASTDIFF_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 (or use a CUDA device)")
         if forced == "native" and not native_available():
-            raise ConfigError(
-                "FASTDIFF_BACKEND=native but the extension fastdiff._C is not built; build it with "
-                "`FASTDIFF_BUILD_EXT=1 pip install --no-build-isolation -e .` (see README)"
-            )
+            raise _native_unavailable_error()
+        if forced == "native" and x.device.type == "cuda":
+            from fastdiff.ops import native
+
+            if not native.cuda_available():
+                raise ConfigError("FASTDIFF_BACKEND=native on CUDA tensors, but fastdiff._C was built without CUDA "
+                                  "kernels; rebuild it where a CUDA toolkit and a CUDA build of torch are installed")
         return forced
     if x.device.type == "cuda":
         return "triton" if "triton" in supported and triton_available() else "torch"
     if x.device.type == "cpu":
         if "triton" in supported and triton_interpreting() and triton_available():
             return "triton"
-        if "native" in supported and native_preferred_on_cpu():
+        if "native" in supported and native_preferred_on_cpu(op):
             return "native"
     return "torch"

@@ -13,9 +13,9 @@ import torch
 from fastdiff import reference
 from fastdiff.errors import ConfigError
 from fastdiff.ops._triton import add, cdiv, check_launchable, kernel, next_power_of_2, tl
-from fastdiff.ops.dispatch import backend_for, native_available
+from fastdiff.ops.dispatch import backend_for
 
-SUPPORTED = ("torch", "triton", "native") if native_available() else ("torch", "triton")
+SUPPORTED = ("torch", "triton", "native")
 
 MAX_FUSED_FWD = 16384  # elements of one group held in registers by the fused forward (64 KB in fp32)
 MAX_FUSED_BWD = 8192  # the backward holds x and dy
@@ -313,7 +313,7 @@ def group_norm_silu(x, num_groups: int, weight=None, bias=None, eps: float = 1e-
 
     Statistics are float32 whatever x's dtype; the output has x's dtype.
     """
-    backend = backend_for(x, SUPPORTED)
+    backend = backend_for(x, SUPPORTED, op="group_norm_silu")
     if backend == "native":
         from fastdiff.ops import native
 

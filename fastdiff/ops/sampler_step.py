@@ -9,9 +9,9 @@ import torch
 
 from fastdiff import reference
 from fastdiff.ops._triton import cdiv, check_launchable, kernel, next_power_of_2, tl
-from fastdiff.ops.dispatch import backend_for, native_available
+from fastdiff.ops.dispatch import backend_for
 
-SUPPORTED = ("torch", "triton", "native") if native_available() else ("torch", "triton")
+SUPPORTED = ("torch", "triton", "native")
 
 _MASK32 = 0xFFFFFFFF
 _TILE = 2048  # elements per program: 16 per thread with 4 warps, enough loads in flight to cover DRAM latency
@@ -199,7 +199,7 @@ def sampler_step(x, model_out, p, q, A, B, sigma, seeds, step, clip=None, return
     seeds: [N] int64; step: an int or a 0-d int64 tensor on x's device (read in the kernel: no host sync, no
     recompile). Returns x_prev, or (x_prev, x0) with return_x0, in x's dtype.
     """
-    backend = backend_for(x, SUPPORTED)
+    backend = backend_for(x, SUPPORTED, op="sampler_step")
     if backend == "native":
         from fastdiff.ops import native
 

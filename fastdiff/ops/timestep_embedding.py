@@ -13,9 +13,9 @@ import torch
 
 from fastdiff import reference
 from fastdiff.ops._triton import cdiv, check_launchable, kernel, next_power_of_2, tl
-from fastdiff.ops.dispatch import backend_for, native_available
+from fastdiff.ops.dispatch import backend_for
 
-SUPPORTED = ("torch", "triton", "native") if native_available() else ("torch", "triton")
+SUPPORTED = ("torch", "triton")  # no native kernel: FASTDIFF_BACKEND=native runs the reference
 
 
 @kernel
@@ -79,10 +79,6 @@ def _(t, dim, max_period):
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
     """[B] timesteps (float or integer) -> float32 [B, dim]; an odd dim is zero-padded."""
     backend = backend_for(t, SUPPORTED)
-    if backend == "native":
-        from fastdiff.ops import native
-
-        return native.timestep_embedding(t, dim, max_period)
     if backend == "triton" and t.dim() == 1:
         return torch.ops.fastdiff.timestep_embedding(t, dim, float(max_period))
     return reference.timestep_embedding(t, dim, max_period)

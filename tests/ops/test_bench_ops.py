@@ -9,13 +9,21 @@ import pytest
 import torch
 
 from fastdiff.bench.ops import Case, format_table, measure_case, run_op_benchmarks
+from fastdiff.ops import native
 
 
 def test_quick_run_on_cpu_reports_every_op():
     rows = run_op_benchmarks("cpu", quick=True)
     assert {r["op"] for r in rows} == {"group_norm_silu", "group_norm_silu_fwd_bwd", "sampler_step",
                                        "timestep_embedding"}
+    # torch-eager alone on the CPU, and the native kernels (timed where fastdiff._C is built, else skipped with
+    # the reason) for the ops they implement.
+    assert {r["provider"] for r in rows if r["op"] == "timestep_embedding"} == {"torch-eager"}
     for r in rows:
+        if r["provider"] == "fastdiff-native":
+            assert r["op"] != "timestep_embedding"
+            assert r["status"] == "ok" if native.available() else r["status"].startswith("skipped: ")
+            continue
         assert r["status"] == "ok" and r["provider"] == "torch-eager"
         assert r["median_ms"] > 0 and r["gbps"] == pytest.approx(r["bytes"] / r["median_ms"] / 1e6)
         assert r["vs_torch_eager"] == pytest.approx(1.0) and r["frac_copy_bw"] > 0

@@ -20,7 +20,8 @@ def test_package_works_without_triton():
         "import sys; sys.modules['triton'] = None\n"
         "import torch; from fastdiff import ops, reference\n"
         "x = torch.randn(2, 4, 3, 3)\n"
-        "assert torch.equal(ops.group_norm_silu(x, 2), reference.group_norm_silu(x, 2))\n"
+        # the reference, or the native kernel where fastdiff._C is built (equal to float32 rounding)
+        "torch.testing.assert_close(ops.group_norm_silu(x, 2), reference.group_norm_silu(x, 2))\n"
         "assert ops.timestep_embedding(torch.tensor([1.0]), 8).shape == (1, 8)\n"
         "print('ok')\n"
     )

@@ -1,0 +1,171 @@
+"""The native extension through the rest of fastdiff: FASTDIFF_BACKEND=native and the per-op CPU preference
+through fastdiff.ops (the UNet, the samplers), the fastdiff-native provider of `fastdiff bench` and its profile
+rows, loading and dispatch errors. Tests that need the extension skip (with the reason) when it is not built."""
+
+import pytest
+import torch
+
+from fastdiff import ops as fops
+from fastdiff import reference
+from fastdiff.bench.e2e import Job, SampleCase, ops_backend, sample_rows
+from fastdiff.bench.native import cpu_rows, format_table, profile_shares, run_native_benchmarks
+from fastdiff.bench.ops import sampler_step_case
+from fastdiff.bench.suite import Budget, plan, run_job
+from fastdiff.diffusion import NoiseSchedule, initial_noise, sample_ddim, seeds_for
+from fastdiff.errors import ConfigError
+from fastdiff.models.unet import UNet, UNetConfig
+from fastdiff.nn import GroupNormSiLU
+from fastdiff.ops import dispatch, native
+
+requires_native = pytest.mark.skipif(not native.available(), reason=f"{native.load_error()} (build it: make ext)")
+
+
+def _coefs(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.rand(n, generator=g) for _ in range(5))
+
+def _spy(monkeypatch, names=("sampler_step", "group_norm_silu")) -> dict:
+    """Count the calls of fastdiff.ops.native.<name> (which fastdiff.ops looks up at call time)."""
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        def counted(*args, _name=name, _fn=getattr(native, name), **kwargs):
+            calls[_name] += 1
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setattr(native, name, counted)
+    return calls
+
+
+def _tiny_unet():
+    cfg = UNetConfig(image_size=8, in_channels=1, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                     attn_resolutions=(), dropout=0.0, num_groups=4, num_classes=10)
+    torch.manual_seed(0)
+    return UNet(cfg).eval().requires_grad_(False)
+
+
+@requires_native
+def test_ddim_run_under_fastdiff_backend_native_matches_the_reference(monkeypatch):
+    # FASTDIFF_BACKEND=native reaches the kernels through fastdiff.ops, i.e. through the UNet and the sampler.
+    model, schedule = _tiny_unet(), NoiseSchedule("linear", 1000)
+    seeds = seeds_for(0, 2)
+    x = initial_noise(seeds, (1, 8, 8))
+    labels = torch.tensor([1, 9])
+    calls = _spy(monkeypatch)
+    runs = {}
+    for backend in ("torch", "native"):
+        with ops_backend(backend), torch.no_grad():
+            runs[backend] = sample_ddim(model, x, schedule, steps=3, eta=1.0, seeds=seeds, labels=labels,
+                                        guidance=2.0, null_label=10, clip=1.0)
+    # Under native: one sampler step per step, every GroupNormSiLU once per (guided, batched) forward.
+    group_norms = sum(isinstance(m, GroupNormSiLU) for m in model.modules())
+    assert calls == {"sampler_step": 3, "group_norm_silu": 3 * group_norms} and group_norms > 0
+    torch.testing.assert_close(runs["native"], runs["torch"], atol=1e-4, rtol=1e-4)
+
+
+@requires_native
+def test_cpu_preference_is_per_op(monkeypatch):
+    # Automatic use on CPU tensors only for the ops listed as measured faster.
+    monkeypatch.delenv("FASTDIFF_BACKEND", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(dispatch, "NATIVE_FASTER_ON_CPU", frozenset({"sampler_step"}))
+    calls = _spy(monkeypatch)
+    x = torch.randn(2, 4, 3, 3)
+    fops.group_norm_silu(x, 2)
+    fops.sampler_step(x, x, *_coefs(2), torch.arange(2), 1)
+    assert calls == {"sampler_step": 1, "group_norm_silu": 0}
+    monkeypatch.setattr(dispatch, "NATIVE_FASTER_ON_CPU", frozenset({"group_norm_silu", "sampler_step"}))
+    fops.group_norm_silu(x, 2)
+    assert calls == {"sampler_step": 1, "group_norm_silu": 1}
+
+
+# --- fastdiff bench: the fastdiff-native provider ----------------------------------------------------------
+
+
+def test_bench_native_provider_is_skipped_with_the_reason(monkeypatch):
+    monkeypatch.setattr(native, "unavailable_reason", lambda device: "the extension fastdiff._C is not built")
+    cpu = torch.device("cpu")
+    jobs = [j for j in plan(cpu, quick=True, presets=("mnist",)) if j.provider == "fastdiff-native"]
+    assert [j.section for j in jobs] == ["sample"]
+    rows = list(run_job(jobs[0], cpu, quick=True, reps=1, budget=Budget(60.0)))
+    assert rows and all(r["status"] == "skipped: the extension fastdiff._C is not built" for r in rows)
+    case = sampler_step_case(cpu, (2, 1, 4, 4), torch.float32, quick=True)
+    assert "fastdiff-native" not in case.providers
+    assert case.skipped == {"fastdiff-native": "skipped: the extension fastdiff._C is not built"}
+
+
+@requires_native
+def test_bench_native_provider_rows():
+    cpu = torch.device("cpu")
+    case = sampler_step_case(cpu, (2, 1, 4, 4), torch.float32, quick=True)
+    assert case.skipped == {}
+    torch.testing.assert_close(case.providers["fastdiff-native"](), case.providers["torch-eager"]())
+    job = Job("sample", "digits", "fastdiff-native", "fp32", 2, [SampleCase("ddim", 4, 1)])
+    row = next(sample_rows(job, cpu, reps=1, warmup=0))
+    assert row["status"] == "ok" and row["images_per_s"] > 0 and row["options"].endswith("+native-ops")
+
+
+# --- loading and dispatch ----------------------------------------------------------------------------------
+
+
+def test_unbuilt_extension_is_reported(monkeypatch):
+    monkeypatch.setattr(native.importlib.util, "find_spec", lambda name: None)
+    assert native._probe() == (None, "the extension fastdiff._C is not built")
+
+
+@requires_native
+def test_extension_built_for_another_torch_is_refused(monkeypatch, tmp_path):
+    record = tmp_path / "_C.json"
+    record.write_text('{"torch_version": "0.0.1", "with_cuda": false}')
+    monkeypatch.setattr(native, "_BUILD_INFO", record)
+    info, error = native._probe()
+    assert info is None and "built against torch 0.0.1" in error and "rebuild" in error
+
+
+def test_forced_native_without_extension_names_the_build(monkeypatch):
+    monkeypatch.setenv("FASTDIFF_BACKEND", "native")
+    monkeypatch.setattr(dispatch, "native_available", lambda: False)
+    with pytest.raises(ConfigError, match="FASTDIFF_BUILD_EXT=1 pip install --no-build-isolation -e ."):
+        dispatch.backend_for(torch.zeros(1), ("torch", "native"))
+
+
+@requires_native
+def test_dispatch_picks_native(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("FASTDIFF_BACKEND", "native")
+    assert dispatch.backend_for(torch.zeros(1), ("torch", "native"), op="group_norm_silu") == "native"
+    monkeypatch.delenv("FASTDIFF_BACKEND")
+    for op in ("sampler_step", "group_norm_silu", "timestep_embedding"):
+        expected = "native" if op in dispatch.NATIVE_FASTER_ON_CPU else "torch"
+        assert dispatch.backend_for(torch.zeros(1), ("torch", "native"), op=op) == expected
+
+
+def test_profile_shares_split_the_time_by_op_group():
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+    x = torch.randn(2, 4, 16, 16)
+
+    def fn():
+        with torch.no_grad():
+            return reference.group_norm_silu(conv(x), 2) @ torch.randn(16, 16)
+
+    shares = profile_shares(fn)
+    assert shares["profiled_ms"] > 0 and sum(v for k, v in shares.items() if k.startswith("share_")) == pytest.approx(1)
+    for group in ("convolution", "group_norm_silu", "matmul_attention"):
+        assert shares[f"share_{group}"] > 0, group
+    assert shares["share_sampler_step"] == 0
+    row = {"preset": "digits", "kind": "profile", "op": "unet forward", "provider": "torch-eager", **shares}
+    assert "convolution" in format_table([row])
+
+
+@requires_native
+def test_native_cpu_benchmark_quick():
+    rows = run_native_benchmarks("cpu", quick=True)
+    e2e = [(r["provider"], r["layout"]) for r in rows if r["kind"] == "e2e"]
+    assert sorted(e2e) == sorted((p, layout) for p in ("torch-eager", "fastdiff-native")
+                                 for layout in ("nchw", "channels_last"))
+    eager = next(r for r in rows if r["kind"] == "e2e" and r["provider"] == "torch-eager" and r["layout"] == "nchw")
+    assert eager["ratio_vs_torch_eager"] == 1.0 and eager["images_per_s"] > 0
+    assert {r["provider"] for r in rows if r["kind"] == "profile"} == {"torch-eager", "fastdiff-native"}
+    table = format_table(rows)
+    assert "[channels_last]" in table and "convolution" in table and "sampler_step" in table
+    with pytest.raises(ConfigError, match="layouts must include nchw"):
+        cpu_rows("digits", layouts=("channels_last",))
