@@ -13,11 +13,11 @@ import torch
 
 from fastdiff import checkpoint as ckpt
 from fastdiff.config import RunConfig
-from fastdiff.diffusion import NoiseSchedule, initial_noise, sample_ddim, sample_ddpm, seeds_for
+from fastdiff.diffusion import NoiseSchedule, initial_noise, sample_ddim, sample_ddpm, sample_student, seeds_for
 from fastdiff.errors import ConfigError
 from fastdiff.models import UNet
 
-SAMPLERS = ("ddim", "ddpm")
+SAMPLERS = ("ddim", "ddpm", "student")
 
 
 @dataclass
@@ -59,13 +59,17 @@ def parse_labels(spec: list[int] | None, n: int, num_classes: int) -> torch.Tens
 @torch.no_grad()
 def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
              guidance: float = 1.0, labels: torch.Tensor | None = None, batch_size: int = 256, clip=1.0,
-             spacing: str = "trailing", callback=None, device=None):
+             spacing: str = "trailing", callback=None, device=None, refiner=None):
     """n samples as float [-1, 1] on the CPU, with their labels, seeds and the sampling time in seconds.
 
+    sampler "student" is the few-step sampler of an ADD student run (1 to len(student_timesteps) steps).
+    refiner (`fastdiff.models.refiner.Refiner`): applied to each batch's output, inside the timed region.
     callback(i, t, x, x0) sees the first batch only (for trajectory figures).
     """
     if sampler not in SAMPLERS:
         raise ConfigError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+    if sampler == "student" and not loaded.config.is_student:
+        raise ConfigError(f"{loaded.path} is not an ADD student run; sample it with --sampler ddim or ddpm")
     if n < 1:
         raise ConfigError(f"--n must be at least 1, got {n}")
     mc, dc = loaded.config.model, loaded.config.diffusion
@@ -85,8 +89,14 @@ def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = "ddim", st
                       spacing=spacing, callback=callback if start == 0 else None)
         if sampler == "ddim":
             x = sample_ddim(loaded.model, x, loaded.schedule, steps=steps, eta=eta, **common)
+        elif sampler == "student":
+            common.pop("spacing")
+            x = sample_student(loaded.model, x, loaded.schedule, timesteps=loaded.config.distill.student_timesteps,
+                               steps=steps, **common)
         else:
             x = sample_ddpm(loaded.model, x, loaded.schedule, steps=steps, **common)
+        if refiner is not None:
+            x = refiner(x).clamp(-clip, clip) if clip is not None else refiner(x)
         out.append(x.float().cpu())
     seconds = time.perf_counter() - t0
     return torch.cat(out), labels, seeds, seconds
