@@ -36,6 +36,11 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest -q
 
+# The benchmark suite (ops, end-to-end sampling and training per provider): `make bench BENCH_FLAGS=--quick`.
+BENCH_FLAGS ?=
+bench: setup
+	$(BIN)/fastdiff bench $(BENCH_FLAGS)
+
 lint: setup
 	$(BIN)/ruff check fastdiff tests benchmarks
 

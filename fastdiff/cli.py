@@ -36,9 +36,28 @@ def _add_train(sub):
     p.add_argument("--schedule", choices=["linear", "cosine"])
     p.add_argument("--zero-terminal-snr", action="store_true", default=None)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC activations (default: on)")
+    _add_accel_flags(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("--no-progress", action="store_true")
+
+
+def _add_accel_flags(p):
+    g = p.add_argument_group("acceleration (defaults: on with a CUDA device, off on the CPU)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
+    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture each step as a CUDA graph (one replay per step)")
+    g.add_argument("--compile-mode", help="torch.compile mode (default: Inductor's default)")
+
+
+def accel_options(args, device, **extra):
+    """AccelOptions for the device's defaults, overridden by the flags the user passed."""
+    from fastdiff.accel import AccelOptions
+
+    return AccelOptions.for_device(device, compile=args.compile, cuda_graphs=args.cuda_graphs,
+                                   compile_mode=args.compile_mode, **extra).check(device)
 
 
 TRAIN_FLAGS = {  # CLI dest -> config key
@@ -47,10 +66,10 @@ TRAIN_FLAGS = {  # CLI dest -> config key
     "seed": "train.seed", "ckpt_every": "train.ckpt_every", "log_every": "train.log_every",
     "image_size": "model.image_size", "channels": "model.in_channels", "num_classes": "model.num_classes",
     "prediction": "diffusion.prediction", "schedule": "diffusion.schedule",
-    "zero_terminal_snr": "diffusion.zero_terminal_snr",
+    "zero_terminal_snr": "diffusion.zero_terminal_snr", "channels_last": "train.channels_last",
 }
 # Flags that may change when a run is resumed; the rest would make the checkpoint and the config disagree.
-RESUMABLE = {"steps", "ckpt_every", "log_every", "data_dir"}
+RESUMABLE = {"steps", "ckpt_every", "log_every", "data_dir", "channels_last"}
 
 
 def resolve_train_config(args):
@@ -78,8 +97,11 @@ def cmd_train(args) -> int:
         print(cfg.to_json())
         return 0
     from fastdiff.train import train_ddpm
+    from fastdiff.train.loop import resolve_device
 
-    record = train_ddpm(cfg, args.out, device=args.device, resume=args.resume, progress=not args.no_progress)
+    device = resolve_device(args.device)
+    record = train_ddpm(cfg, args.out, device=device, resume=args.resume, progress=not args.no_progress,
+                        accel=accel_options(args, device))
     print(json.dumps({"run_dir": str(args.out), **record}))
     return 0
 
@@ -203,16 +225,21 @@ def cmd_sample(args) -> int:
     labels = parse_labels(args.labels, args.n, mc.num_classes)
     recorder = TrajectoryRecorder(steps, rows=min(args.n, args.trajectory_rows)) if args.trajectory else None
     guidance = sc.guidance if args.guidance is None else args.guidance
+    accel = accel_options(args, device, amp=args.amp, channels_last=args.channels_last)
+    timings = {}
     samples, labels, seeds, seconds = generate(
         loaded, n=args.n, seed=args.seed, sampler=sampler, steps=steps, eta=sc.eta if args.eta is None else args.eta,
         guidance=guidance, labels=labels, batch_size=args.batch_size, clip=sc.clip, spacing=sc.spacing,
-        callback=recorder, refiner=load_refiner(args.refine, device) if args.refine else None)
+        callback=recorder, accel=accel, timings=timings,
+        refiner=load_refiner(args.refine, device) if args.refine else None)
     nrow = mc.num_classes if labels is not None and args.labels is None and args.n % mc.num_classes == 0 else None
     grid = save_grid(samples, out, nrow=nrow)
     raw = save_samples(out.with_suffix(".npz"), samples, labels, seeds)
     result = {"grid": str(grid), "samples": str(raw), "n": args.n, "sampler": sampler, "steps": steps,
               "guidance": guidance if labels is not None else None, "seconds": round(seconds, 3),
-              "images_per_sec": args.n / seconds, "checkpoint": loaded.path, "refiner": args.refine}
+              "images_per_sec": args.n / max(timings["sampling_s"], 1e-9),
+              "setup_seconds": round(timings["setup_s"], 3), "accel": accel.describe(), "checkpoint": loaded.path,
+              "refiner": args.refine}
     if recorder is not None:
         traj = out.with_name(out.stem + "_trajectory.png")
         save_trajectory(recorder.frames, traj, title=f"{sampler}, {steps} steps")
@@ -258,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trajectory", action="store_true", help="also write <out>_trajectory.png")
     p.add_argument("--trajectory-rows", type=int, default=4)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--amp", choices=["fp32", "bf16", "fp16"], help="autocast for the model (default: bf16 on a GPU)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC activations (default: on a GPU)")
+    _add_accel_flags(p)
     p = sub.add_parser("eval", help="FD_cls, its real-vs-real floor, and class-conditional accuracy")
     _add_sampling_flags(p, 1000)
     p.add_argument("--classifier-steps", type=int, default=1500,
@@ -266,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("env", help="versions, device, and which kernels are usable")
     _add_distill(sub)
     _add_train_refiner(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -294,8 +326,37 @@ def cmd_train_refiner(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from fastdiff.bench.suite import run_bench
+    from fastdiff.train.loop import resolve_device
+
+    doc = run_bench(device=resolve_device(args.device), out=Path(args.out), quick=args.quick, sections=args.sections,
+                    presets=args.presets, providers=args.providers, budget_s=args.budget_s, reps=args.reps)
+    errors = [r for r in doc["rows"] if str(r.get("status", "")).startswith("error")]
+    for r in errors:
+        print(f"fastdiff bench: {r['section']} {r['preset']} {r['provider']}: {r['status']}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def _add_bench(sub):
+    from fastdiff.bench.e2e import PROVIDERS
+    from fastdiff.bench.suite import DEFAULT_PRESETS, SECTIONS
+
+    p = sub.add_parser("bench", help="op, sampling and training benchmarks against the plain PyTorch reference",
+                       description="Benchmark the op kernels and end-to-end sampling and training per provider; "
+                       "print a table and write bench.json and bench.md.")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (CI: under a minute on a CPU)")
+    p.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.md (default: runs/bench)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    p.add_argument("--presets", nargs="+", help=f"default: {' '.join(DEFAULT_PRESETS)} (mnist with --quick on a CPU)")
+    p.add_argument("--providers", nargs="+", choices=PROVIDERS, help="default: all (diffusers when installed)")
+    p.add_argument("--budget-s", type=float, help="time budget; later jobs are skipped (default 35 quick, 420 full)")
+    p.add_argument("--reps", type=int, help="timed calls per row (default 2 quick, 5 full)")
+
+
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "env": cmd_env, "distill": cmd_distill,
-            "train-refiner": cmd_train_refiner}
+            "train-refiner": cmd_train_refiner, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ CPU: perf_counter around each call, same statistics. Times are in milliseconds.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -95,6 +96,37 @@ def time_fn(fn: Callable[[], object], device, **kw) -> Timing:
     if device.type == "cuda":
         return time_cuda(fn, device=device, **{k: v for k, v in kw.items() if k in _CUDA_KW})
     return time_cpu(fn, **{k: v for k, v in kw.items() if k in _CPU_KW})
+
+
+def time_calls(fn: Callable[[], object], device, *, warmup: int = 1, reps: int = 5,
+               region: Callable[[], contextlib.AbstractContextManager] | None = None) -> Timing:
+    """Median-of-`reps` time of long calls (end-to-end sampling or training steps), after `warmup` calls.
+
+    No L2 flush (each call moves far more than L2). On a GPU each call is bracketed by CUDA events; on the CPU by
+    perf_counter. `region()` is entered around the timed calls only (telemetry sampling).
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    times: list[float] = []
+    with region() if region is not None else contextlib.nullcontext():
+        if cuda:
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+            for start, end in events:
+                start.record()
+                fn()
+                end.record()
+            torch.cuda.synchronize(device)
+            times = [start.elapsed_time(end) for start, end in events]
+        else:
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+    return _summary(times)
 
 
 _CUDA_KW = {"warmup_ms", "rep_ms", "min_reps", "max_reps", "flush_l2"}

@@ -1,14 +1,327 @@
-"""Fused GroupNorm + SiLU: silu(group_norm(x, num_groups, weight, bias, eps))."""
+"""Fused GroupNorm + SiLU: silu(group_norm(x, num_groups, weight, bias, eps)), forward and backward.
 
-from __future__ import annotations
+Each (sample, group) is viewed as a [Cg, HW] matrix with strides (s_c, s_hw): (HW, 1) for NCHW, (1, C) for
+channels_last, so one kernel serves both layouts. When a group fits on chip (<= MAX_FUSED_FWD elements) one program
+holds it in registers: one read and one write of the activation. Otherwise the group is split into chunks along HW
+and a statistics pass runs first (two reads, one write). Statistics are float32, computed two-pass on the tile
+(mean, then the corrected sum of squared deviations), and chunks merge with Chan et al.'s formula, so a large mean
+(1e3 with std 1) costs no precision.
+"""
+
+import torch
 
 from fastdiff import reference
-from fastdiff.ops.dispatch import backend_for
+from fastdiff.errors import ConfigError
+from fastdiff.ops._triton import add, cdiv, check_launchable, kernel, next_power_of_2, tl
+from fastdiff.ops.dispatch import backend_for, native_available
 
-SUPPORTED = ("torch",)
+SUPPORTED = ("torch", "triton", "native") if native_available() else ("torch", "triton")
+
+MAX_FUSED_FWD = 16384  # elements of one group held in registers by the fused forward (64 KB in fp32)
+MAX_FUSED_BWD = 8192  # the backward holds x and dy
+CHUNK = 4096  # elements per program on the split path
+STATS, FUSED, SPLIT = 0, 1, 2  # the MODE of a launch: chunk statistics only, one-pass, normalise with chunk stats
+
+
+@kernel
+def _group_norm_silu_fwd_kernel(
+    x_ptr,  # [N, C, H, W], group (n, g) element (c, hw) at n*sxn + (g*Cg + c)*sxc + hw*sxhw
+    y_ptr,  # output, same strides as x
+    w_ptr, b_ptr,  # [C] weight and bias (read when HAS_W / HAS_B)
+    mean_ptr, rstd_ptr,  # [N*G] float32, written by chunk 0 of each group (saved for the backward)
+    part_ptr,  # [N*G, num_chunks, 2] float32 chunk (mean, m2): written in STATS mode, read in SPLIT mode
+    HW, G, num_chunks,
+    eps,
+    sxn, sxc, sxhw,  # strides of x and y
+    Cg: tl.constexpr,  # channels per group; constexpr so that the channel mask folds away (vector loads)
+    MODE: tl.constexpr,  # STATS=0, FUSED=1, SPLIT=2
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # >= Cg (the whole group's channels)
+    BLOCK_HW: tl.constexpr,  # spatial positions per program (all of HW when FUSED)
+    BLOCK_CHUNKS: tl.constexpr,  # >= num_chunks
+):
+    # program_id -> (group n*G + g, chunk). Bytes: FUSED reads x once and writes y once; STATS reads x once.
+    pid = tl.program_id(0)
+    ng = pid // num_chunks
+    chunk = pid % num_chunks
+    n = ng // G
+    g = ng % G
+    c = tl.arange(0, BLOCK_C)[:, None]
+    hw = chunk * BLOCK_HW + tl.arange(0, BLOCK_HW)[None, :]
+    mask = (c < Cg) & (hw < HW)
+    offs = n.to(tl.int64) * sxn + (g * Cg + c) * sxc + hw * sxhw
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+    if MODE == 2:  # merge the chunks' (mean, m2): Chan, Golub & LeVeque (1983)
+        k = tl.arange(0, BLOCK_CHUNKS)
+        kmask = k < num_chunks
+        mean_k = tl.load(part_ptr + (ng * num_chunks + k) * 2, mask=kmask, other=0.0)
+        m2_k = tl.load(part_ptr + (ng * num_chunks + k) * 2 + 1, mask=kmask, other=0.0)
+        count_k = tl.where(kmask, Cg * tl.minimum(BLOCK_HW, HW - k * BLOCK_HW), 0).to(tl.float32)
+        total = Cg * HW * 1.0
+        mean = tl.reduce(count_k * mean_k, 0, add) / total
+        dev = mean_k - mean
+        var = (tl.reduce(m2_k, 0, add) + tl.reduce(count_k * dev * dev, 0, add)) / total
+    else:  # two passes over the tile in registers, with the rounding error of the first mean corrected
+        count = Cg * tl.minimum(BLOCK_HW, HW - chunk * BLOCK_HW) * 1.0
+        mean0 = tl.reduce(x, None, add) / count
+        d = tl.where(mask, x - mean0, 0.0)
+        sd = tl.reduce(d, None, add)
+        mean = mean0 + sd / count
+        m2 = tl.reduce(d * d, None, add) - sd * sd / count
+        var = m2 / count
+
+    if MODE == 0:
+        tl.store(part_ptr + (ng * num_chunks + chunk) * 2, mean)
+        tl.store(part_ptr + (ng * num_chunks + chunk) * 2 + 1, m2)
+    else:
+        rstd = 1.0 / tl.sqrt_rn(tl.maximum(var, 0.0) + eps)
+        tl.store(mean_ptr + ng, mean, mask=chunk == 0)
+        tl.store(rstd_ptr + ng, rstd, mask=chunk == 0)
+        h = (x - mean) * rstd
+        if HAS_W:
+            h = h * tl.load(w_ptr + g * Cg + c, mask=c < Cg, other=0.0).to(tl.float32)
+        if HAS_B:
+            h = h + tl.load(b_ptr + g * Cg + c, mask=c < Cg, other=0.0).to(tl.float32)
+        y = h / (1.0 + tl.exp(-h))  # silu(h) = h * sigmoid(h)
+        tl.store(y_ptr + offs, y, mask=mask)
+
+
+@kernel
+def _group_norm_silu_bwd_kernel(
+    dy_ptr,  # gradient of the output, same strides as x
+    x_ptr,  # the forward input
+    dx_ptr,  # gradient of x (written unless STATS), same strides as x
+    w_ptr, b_ptr,  # [C] weight and bias (read when HAS_W / HAS_B)
+    mean_ptr, rstd_ptr,  # [N*G] float32 from the forward
+    part_ptr,  # [N*G, num_chunks, 2] float32 chunk sums of (dxhat, dxhat*xhat): written in STATS, read in SPLIT
+    dwdb_ptr,  # [2, N*G, num_chunks, Cg] float32 partial dweight, dbias (written in STATS and FUSED)
+    HW, G, num_chunks, NG,
+    sxn, sxc, sxhw,  # strides of x, dy and dx
+    Cg: tl.constexpr,  # channels per group
+    MODE: tl.constexpr,  # STATS=0, FUSED=1, SPLIT=2
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+    BLOCK_CHUNKS: tl.constexpr,
+):
+    # program_id -> (group, chunk). Bytes: FUSED reads x and dy once and writes dx once.
+    # With xhat = (x - mean) * rstd, h = w*xhat + b, y = silu(h):
+    #   dh = dy * s * (1 + h * (1 - s)), s = sigmoid(h);  dw = sum(dh * xhat), db = sum(dh);  dxhat = dh * w
+    #   dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))   (means over the group)
+    pid = tl.program_id(0)
+    ng = pid // num_chunks
+    chunk = pid % num_chunks
+    n = ng // G
+    g = ng % G
+    c = tl.arange(0, BLOCK_C)[:, None]
+    hw = chunk * BLOCK_HW + tl.arange(0, BLOCK_HW)[None, :]
+    cmask = c < Cg
+    mask = cmask & (hw < HW)
+    offs = n.to(tl.int64) * sxn + (g * Cg + c) * sxc + hw * sxhw
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + ng)
+    rstd = tl.load(rstd_ptr + ng)
+
+    xhat = (x - mean) * rstd
+    if HAS_W:
+        w = tl.load(w_ptr + g * Cg + c, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        w = tl.full([BLOCK_C, 1], 1.0, tl.float32)
+    h = xhat * w
+    if HAS_B:
+        h = h + tl.load(b_ptr + g * Cg + c, mask=cmask, other=0.0).to(tl.float32)
+    s = 1.0 / (1.0 + tl.exp(-h))
+    dh = tl.where(mask, dy * s * (1.0 + h * (1.0 - s)), 0.0)
+    dxhat = dh * w
+
+    if MODE != 2:  # per-channel partial dweight, dbias of this chunk
+        cvec = tl.arange(0, BLOCK_C)
+        dst = dwdb_ptr + (ng * num_chunks + chunk) * Cg + cvec
+        tl.store(dst, tl.reduce(dh * xhat, 1, add), mask=cvec < Cg)
+        tl.store(dst + NG * num_chunks * Cg, tl.reduce(dh, 1, add), mask=cvec < Cg)
+    if MODE == 0:
+        tl.store(part_ptr + (ng * num_chunks + chunk) * 2, tl.reduce(dxhat, None, add))
+        tl.store(part_ptr + (ng * num_chunks + chunk) * 2 + 1, tl.reduce(dxhat * xhat, None, add))
+    else:
+        if MODE == 2:
+            k = tl.arange(0, BLOCK_CHUNKS)
+            kmask = k < num_chunks
+            sum_dxhat = tl.reduce(tl.load(part_ptr + (ng * num_chunks + k) * 2, mask=kmask, other=0.0), 0, add)
+            sum_dxhat_xhat = tl.reduce(tl.load(part_ptr + (ng * num_chunks + k) * 2 + 1, mask=kmask, other=0.0),
+                                       0, add)
+        else:
+            sum_dxhat = tl.reduce(dxhat, None, add)
+            sum_dxhat_xhat = tl.reduce(dxhat * xhat, None, add)
+        total = Cg * HW * 1.0
+        dx = rstd * (dxhat - sum_dxhat / total - xhat * (sum_dxhat_xhat / total))
+        tl.store(dx_ptr + offs, dx, mask=mask)
+
+
+def _group_strides(x: torch.Tensor):
+    """(s_n, s_c, s_hw) when h and w of x merge into one index (NCHW, channels_last), else None."""
+    N, C, H, W = x.shape
+    sn, sc, sh, sw = x.stride()
+    if H == 1 or sh == W * sw:
+        return sn, sc, (sw if W > 1 else sh)
+    return None
+
+
+def _plan(N: int, C: int, HW: int, G: int, max_fused: int, chunk: int, num_sms: int = 0):
+    """Block sizes and chunk count: one chunk when the group fits in max_fused elements.
+
+    Groups are split as well when there are fewer groups than SMs and each is large (batch 1 at high
+    resolution), so that the whole GPU works; the extra read is cheaper than idle SMs.
+    """
+    Cg = C // G
+    block_c = next_power_of_2(Cg)
+    block_hw = next_power_of_2(HW)
+    starved = N * G < num_sms and Cg * HW >= 4 * chunk
+    if block_c * block_hw > max_fused or starved:
+        block_hw = max(1, min(block_hw, next_power_of_2(max(chunk // block_c, 1))))
+    num_chunks = cdiv(HW, block_hw)
+    warps = min(16, max(1, (block_c * block_hw) // 1024))
+    return Cg, block_c, block_hw, num_chunks, next_power_of_2(num_chunks), warps
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _check_groups(x, num_groups: int) -> None:
+    if x.dim() < 2 or num_groups <= 0 or x.shape[1] % num_groups:
+        raise ConfigError(
+            f"group_norm_silu: {x.shape[1] if x.dim() > 1 else 'no'} channels cannot be split into {num_groups} "
+            "groups; use a num_groups that divides the channel count"
+        )
+
+
+def group_norm_silu_fwd(x, weight, bias, num_groups: int, eps: float, max_fused: int = MAX_FUSED_FWD,
+                        chunk: int = CHUNK):
+    """Launch the forward on 4-D x; returns (y, mean, rstd), mean/rstd float32 [N * num_groups]."""
+    check_launchable(x)
+    _check_groups(x, num_groups)
+    y = torch.empty_like(x)
+    if _group_strides(x) is None or y.stride() != x.stride():  # rare layouts: run contiguous, copy back
+        y_c, mean, rstd = group_norm_silu_fwd(x.contiguous(), weight, bias, num_groups, eps, max_fused, chunk)
+        return y.copy_(y_c), mean, rstd
+    strides = _group_strides(x)
+    N, C, H, W = x.shape
+    HW = H * W
+    mean = torch.empty(N * num_groups, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    Cg, block_c, block_hw, num_chunks, block_chunks, warps = _plan(N, C, HW, num_groups, max_fused, chunk,
+                                                                   _num_sms(x.device))
+    part = torch.empty((N * num_groups, num_chunks, 2), device=x.device, dtype=torch.float32)
+    dummy = mean  # stands in for an absent weight or bias (never read)
+    args = (x, y, weight if weight is not None else dummy, bias if bias is not None else dummy, mean, rstd, part,
+            HW, num_groups, num_chunks, float(eps), *strides)
+    meta = dict(Cg=Cg, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_C=block_c, BLOCK_HW=block_hw,
+                BLOCK_CHUNKS=block_chunks, num_warps=warps)
+    grid = (N * num_groups * num_chunks,)
+    if num_chunks > 1:
+        _group_norm_silu_fwd_kernel[grid](*args, MODE=STATS, **meta)
+    _group_norm_silu_fwd_kernel[grid](*args, MODE=SPLIT if num_chunks > 1 else FUSED, **meta)
+    return y, mean, rstd
+
+
+def group_norm_silu_bwd(dy, x, weight, bias, mean, rstd, num_groups: int, max_fused: int = MAX_FUSED_BWD,
+                        chunk: int = CHUNK):
+    """Launch the backward; returns (dx, dweight, dbias), the last two empty when weight / bias is None."""
+    check_launchable(x)
+    dx = torch.empty_like(x)
+    if _group_strides(x) is None or dx.stride() != x.stride():  # rare layouts: run contiguous, copy back
+        dx_c, dw, db = group_norm_silu_bwd(dy, x.contiguous(), weight, bias, mean, rstd, num_groups, max_fused, chunk)
+        return dx.copy_(dx_c), dw, db
+    strides = _group_strides(x)
+    if dy.stride() != x.stride():
+        dy = torch.empty_like(x).copy_(dy)
+    N, C, H, W = x.shape
+    HW = H * W
+    Cg, block_c, block_hw, num_chunks, block_chunks, warps = _plan(N, C, HW, num_groups, max_fused, chunk,
+                                                                   _num_sms(x.device))
+    NG = N * num_groups
+    part = torch.empty((NG, num_chunks, 2), device=x.device, dtype=torch.float32)
+    dwdb = torch.empty((2, N, num_groups, num_chunks, Cg), device=x.device, dtype=torch.float32)
+    args = (dy, x, dx, weight if weight is not None else mean, bias if bias is not None else mean, mean, rstd,
+            part, dwdb, HW, num_groups, num_chunks, NG, *strides)
+    meta = dict(Cg=Cg, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_C=block_c, BLOCK_HW=block_hw,
+                BLOCK_CHUNKS=block_chunks, num_warps=warps)
+    grid = (NG * num_chunks,)
+    if num_chunks > 1:
+        _group_norm_silu_bwd_kernel[grid](*args, MODE=STATS, **meta)
+    _group_norm_silu_bwd_kernel[grid](*args, MODE=SPLIT if num_chunks > 1 else FUSED, **meta)
+    # Sum the partials over samples and chunks: [N, G, chunks, Cg] -> [G, Cg] -> [C] (two separate tensors).
+    dw = dwdb[0].sum(dim=(0, 2)).reshape(C).to(weight.dtype) if weight is not None else x.new_empty(0)
+    db = dwdb[1].sum(dim=(0, 2)).reshape(C).to(bias.dtype) if bias is not None else x.new_empty(0)
+    return dx, dw, db
+
+
+@torch.library.custom_op("fastdiff::group_norm_silu_fwd", mutates_args=())
+def _group_norm_silu_fwd_op(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, num_groups: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return group_norm_silu_fwd(x, weight, bias, num_groups, eps)
+
+
+@_group_norm_silu_fwd_op.register_fake
+def _(x, weight, bias, num_groups, eps):
+    stats = x.new_empty((x.shape[0] * num_groups,), dtype=torch.float32)
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("fastdiff::group_norm_silu_bwd", mutates_args=())
+def _group_norm_silu_bwd_op(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, mean: torch.Tensor,
+    rstd: torch.Tensor, num_groups: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return group_norm_silu_bwd(dy, x, weight, bias, mean, rstd, num_groups)
+
+
+@_group_norm_silu_bwd_op.register_fake
+def _(dy, x, weight, bias, mean, rstd, num_groups):
+    dw = torch.empty_like(weight) if weight is not None else x.new_empty(0)
+    db = torch.empty_like(bias) if bias is not None else x.new_empty(0)
+    return torch.empty_like(x), dw, db
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, num_groups, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.num_groups = num_groups
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dw, db = torch.ops.fastdiff.group_norm_silu_bwd(dy, x, weight, bias, mean, rstd, ctx.num_groups)
+    return dx, (dw if weight is not None else None), (db if bias is not None else None), None, None
+
+
+# The autograd formula lives on the op itself (torch.library.register_autograd) rather than in a separate
+# autograd.Function, so torch.compile and opcheck see one differentiable op.
+_group_norm_silu_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def group_norm_silu(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5):
-    """silu(group_norm(x)) for 4-D x (NCHW or channels_last), with gradients for x, weight and bias."""
-    backend_for(x, SUPPORTED)
+    """silu(group_norm(x)) for x [N, C, *] (NCHW or channels_last), with gradients for x, weight and bias.
+
+    Statistics are float32 whatever x's dtype; the output has x's dtype.
+    """
+    backend = backend_for(x, SUPPORTED)
+    if backend == "native":
+        from fastdiff.ops import native
+
+        return native.group_norm_silu(x, num_groups, weight, bias, eps)
+    if backend == "triton":
+        _check_groups(x, num_groups)
+        if x.dim() != 4:  # [N, C, *] runs as [N, C, prod(*), 1]
+            y = group_norm_silu(x.reshape(x.shape[0], x.shape[1], -1, 1), num_groups, weight, bias, eps)
+            return y.reshape(x.shape)
+        return torch.ops.fastdiff.group_norm_silu_fwd(x, weight, bias, num_groups, float(eps))[0]
     return reference.group_norm_silu(x, num_groups, weight, bias, eps)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ from fastdiff.diffusion import NoiseSchedule, training_target
 from fastdiff.diffusion.parameterization import check_prediction
 from fastdiff.errors import ConfigError
 from fastdiff.models import UNet
+from fastdiff.train.distributed import QuietLog, init_world
 from fastdiff.train.loop import (
     EMA,
     Batcher,
@@ -25,13 +27,14 @@ from fastdiff.train.loop import (
     autocast,
     check_finite,
     grad_scaler,
-    mix_seed,
     peak_memory_mb,
     prepare_run_dir,
     resolve_device,
-    step_generator,
     warmup_lambda,
 )
+
+if TYPE_CHECKING:
+    from fastdiff.accel import AccelOptions
 
 
 def diffusion_loss(model, schedule: NoiseSchedule, x0, labels, gen, *, prediction: str, p_uncond: float,
@@ -59,10 +62,15 @@ def _flip(x: torch.Tensor, gen) -> torch.Tensor:
 
 
 def train_ddpm(cfg: RunConfig, out, *, device="auto", resume: bool = False, progress: bool = True,
-               echo=print) -> dict:
-    """Train (or resume) a DDPM run in directory `out`; returns the final stats record."""
+               echo=print, accel: AccelOptions | None = None) -> dict:
+    """Train (or resume) a DDPM run in directory `out`; returns the final stats record.
+
+    `accel` picks the fast paths (default: compile + CUDA graphs on a GPU, the plain step on the CPU).
+    """
+    from fastdiff.accel import AccelOptions, compile_model, make_train_step  # accel imports train.loop
+
     run_dir = Path(out)
-    device = resolve_device(device)
+    world, device = init_world(resolve_device(device), cfg.train.batch_size)  # torchrun: one process per device
     tc, mc = cfg.train, cfg.model
     amp_dtype(tc.amp)
     check_prediction(cfg.diffusion.prediction)
@@ -76,14 +84,16 @@ def train_ddpm(cfg: RunConfig, out, *, device="auto", resume: bool = False, prog
     if mc.num_classes and data.num_classes != mc.num_classes:
         raise ConfigError(f"the model has {mc.num_classes} classes but {cfg.data.dataset} has {data.num_classes}; "
                           f"set the model's num_classes to {data.num_classes} (or 0 for unconditional)")
-    prepare_run_dir(run_dir, resume)
-    ckpt.remove_stale_temporaries(run_dir)
+    if world.is_main:
+        prepare_run_dir(run_dir, resume)
+        ckpt.remove_stale_temporaries(run_dir)
+    world.barrier()
 
     torch.manual_seed(tc.seed)
     model = UNet(mc).to(device)
     memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
-    ema = EMA(model, tc.ema_decay)
+    ema = EMA(model, tc.ema_decay) if world.is_main else None
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
                             fused=device.type == "cuda")
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(tc.warmup_steps))
@@ -96,19 +106,34 @@ def train_ddpm(cfg: RunConfig, out, *, device="auto", resume: bool = False, prog
     if resume:
         path = ckpt.latest_checkpoint(run_dir)
         ckpt.load_model_weights(model, ckpt.load_tensors(path, "model", device), path)
-        ckpt.load_model_weights(ema.model, ckpt.load_tensors(path, "ema", device), path)
+        if ema is not None:
+            ckpt.load_model_weights(ema.model, ckpt.load_tensors(path, "ema", device), path)
         state = ckpt.load_json(path, "state")
         ckpt.load_optimizer(opt, ckpt.load_tensors(path, "optimizer", device), state["optimizer"])
         lr_sched.load_state_dict(state["lr_scheduler"])
         scaler.load_state_dict(state["grad_scaler"]) if state.get("grad_scaler") else None
         start, images_seen, last_ckpt = state["step"], state["images_seen"], str(path)
-    ckpt.write_json_atomic(run_dir / "config.json", cfg.to_dict())
+    if world.is_main:
+        ckpt.write_json_atomic(run_dir / "config.json", cfg.to_dict())
+    progress = progress and world.is_main
 
-    log = RunLog(run_dir, echo=(lambda s: tqdm.write(s)) if progress else echo)
+    log = RunLog(run_dir, echo=(lambda s: tqdm.write(s)) if progress else echo) if world.is_main else QuietLog()
+    accel = AccelOptions.for_device(device) if accel is None else accel.check(device)
+    accel = world.adjust(accel, log.line)
+    forward = compile_model(world.wrap(model), accel)
+
+    def loss_fn(gen, x0, labels):
+        x0 = _flip(x0, gen) if cfg.data.hflip else x0
+        return diffusion_loss(forward, schedule, x0, labels, gen, prediction=cfg.diffusion.prediction,
+                              p_uncond=tc.p_uncond, null_label=null_label, device=device, amp=tc.amp)
+
+    step_fn = make_train_step(model, opt, loss_fn, grad_clip=tc.grad_clip, seed=world.seed(tc.seed), device=device,
+                              amp=tc.amp, options=accel, scaler=scaler, log=log.line)
     n_params = sum(p.numel() for p in model.parameters())
     log.line(f"{'resuming at step ' + str(start) if resume else 'training'} preset={cfg.preset} "
              f"dataset={cfg.data.dataset} ({len(data)} images {tuple(data.shape)}) params={n_params / 1e6:.2f}M "
-             f"device={device} amp={tc.amp} steps={tc.steps} batch={tc.batch_size}")
+             f"device={device} amp={tc.amp} steps={tc.steps} batch={tc.batch_size} "
+             f"step={type(step_fn).__name__}({'compiled' if accel.compile else 'eager'}) processes={world.size}")
 
     def save(step: int) -> str:
         opt_tensors, opt_meta = ckpt.optimizer_tensors(opt)
@@ -127,45 +152,39 @@ def train_ddpm(cfg: RunConfig, out, *, device="auto", resume: bool = False, prog
     model.train()
     try:
         for step in range(start, tc.steps):
-            gen = step_generator(tc.seed, step, device)
-            x0, labels = data.batch(batcher.indices(step), device)
+            x0, labels = data.batch(world.shard(batcher.indices(step)), device)
             x0 = x0.contiguous(memory_format=memory_format)
-            if cfg.data.hflip:
-                x0 = _flip(x0, gen)
-            torch.manual_seed(mix_seed(tc.seed, step, stream=1))  # dropout masks
-            loss = diffusion_loss(model, schedule, x0, labels, gen, prediction=cfg.diffusion.prediction,
-                                  p_uncond=tc.p_uncond, null_label=null_label, device=device, amp=tc.amp)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            scaler.step(opt)
-            scaler.update()
+            loss, grad_norm = step_fn(step, x0, labels)  # flips, noise and dropout come from (seed, step)
             lr_sched.step()
-            ema.update(model, step)
+            if ema is not None:
+                ema.update(model, step)
             images_seen += tc.batch_size
             loss_sum += loss.detach()
             done = step + 1
             bar.update(1)
             if done % tc.log_every == 0 or done % tc.ckpt_every == 0 or done == tc.steps:
                 n = done - interval_start
-                mean_loss = check_finite(loss_sum, interval_start, done, last_ckpt) / n
+                mean_loss = check_finite(world.mean(loss_sum), interval_start, done, last_ckpt) / n
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                dt = time.perf_counter() - t_interval
+                setup_s = step_fn.take_setup_seconds()  # compile and capture time, kept out of images/s
+                dt = time.perf_counter() - t_interval - setup_s
                 record = {"step": done, "kimg": images_seen / 1000, "loss": mean_loss,
                           "grad_norm": float(grad_norm), "lr": lr_sched.get_last_lr()[0],
                           "images_per_sec": n * tc.batch_size / dt, "sec_per_kimg": dt / (n * tc.batch_size / 1000),
                           "peak_mem_mb": peak_memory_mb(device), "time": time.time()}
+                if setup_s:
+                    record["setup_s"] = setup_s
                 log.stats(record)
                 log.line(f"step {done}/{tc.steps} loss {mean_loss:.4f} {record['images_per_sec']:.0f} img/s")
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 loss_sum.zero_()
                 interval_start, t_interval = done, time.perf_counter()
-                if done % tc.ckpt_every == 0 or done == tc.steps:
+                if (done % tc.ckpt_every == 0 or done == tc.steps) and world.is_main:
                     last_ckpt = save(done)
                     log.line(f"checkpoint {last_ckpt}")
     finally:
         bar.close()
         log.close()
+        world.close()
     return record

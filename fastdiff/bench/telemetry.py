@@ -1,0 +1,98 @@
+"""GPU telemetry during a timed region: power, SM clock and utilisation from NVML (nvidia-ml-py).
+
+A background thread reads the counters every `interval_s` while the region runs; the summary gives means and
+maxima. Without a GPU or without NVML the sampler records nothing and `summary()` is None.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+from typing import Callable
+
+import torch
+
+READINGS = ("power_w", "sm_clock_mhz", "util_pct")
+
+
+def _handle(pynvml, index: int):
+    """The NVML handle of CUDA device `index`: by PCI address (CUDA_VISIBLE_DEVICES renumbers devices), else index."""
+    props = torch.cuda.get_device_properties(index)
+    if all(hasattr(props, a) for a in ("pci_domain_id", "pci_bus_id", "pci_device_id")):
+        address = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+        try:
+            return pynvml.nvmlDeviceGetHandleByPciBusId(address)
+        except pynvml.NVMLError:
+            pass
+    return pynvml.nvmlDeviceGetHandleByIndex(index)
+
+
+def _nvml_reader(device: torch.device) -> Callable[[], dict] | None:
+    """A function returning one reading of the GPU behind `device`, or None where NVML is unusable."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        handle = _handle(pynvml, index)
+    except Exception:  # noqa: BLE001 - telemetry is optional: no driver, no library, no permission
+        return None
+
+    def read() -> dict:
+        return {
+            "power_w": pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0,
+            "sm_clock_mhz": float(pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)),
+            "util_pct": float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu),
+        }
+
+    return read
+
+
+class TelemetrySampler:
+    """Context manager: `with TelemetrySampler(device) as tel: ...` then `tel.summary()`.
+
+    `reader` replaces NVML (tests pass a fake one); it returns a dict with the READINGS keys.
+    """
+
+    def __init__(self, device, interval_s: float = 0.05, reader: Callable[[], dict] | None = None):
+        device = torch.device(device)
+        self.reader = reader if reader is not None else (_nvml_reader(device) if device.type == "cuda" else None)
+        self.interval_s = interval_s
+        self.samples: list[dict] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _read(self) -> None:
+        try:
+            self.samples.append(self.reader())
+        except Exception:  # noqa: BLE001 - a failed reading is skipped, never fatal to a benchmark
+            pass
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._read()
+
+    def __enter__(self) -> "TelemetrySampler":
+        if self.reader is not None:
+            self._read()  # at least one reading, however short the region
+            self._thread = threading.Thread(target=self._loop, name="fastdiff-telemetry", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._read()
+
+    def summary(self) -> dict | None:
+        """{power_w_mean, power_w_max, sm_clock_mhz_mean, ..., samples} or None when nothing was read."""
+        if not self.samples:
+            return None
+        out: dict = {"samples": len(self.samples)}
+        for key in READINGS:
+            values = [s[key] for s in self.samples if key in s]
+            if values:
+                out[f"{key}_mean"] = round(statistics.fmean(values), 1)
+                out[f"{key}_max"] = round(max(values), 1)
+        return out

@@ -1,0 +1,110 @@
+"""Multi-process training under torchrun: one process per GPU (or per CPU worker with gloo), DistributedDataParallel.
+
+`fastdiff train` reads torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). The
+global batch of step k is the single-process batch of step k (`Batcher.indices(k)`); rank r trains on its
+contiguous slice r of it, so the data order is the same for any number of processes. Each rank draws its own
+noise, timesteps and dropout masks from (seed, rank, step), so a run is deterministic for a given world size and
+resumes exactly; a world size of 1 draws exactly what a plain single-process run draws. Rank 0 alone writes
+the run directory (logs, stats, checkpoints) and keeps the EMA; every rank loads checkpoints on resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from fastdiff.errors import ConfigError
+from fastdiff.train.loop import mix_seed
+
+
+@dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    initialised_here: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def seed(self, seed: int) -> int:
+        """The seed of this rank's random streams: the run's own seed on a single process."""
+        return seed if not self.distributed else mix_seed(seed, self.rank, stream=11)
+
+    def shard(self, indices: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous slice of a global batch of indices."""
+        per = indices.shape[0] // self.size
+        return indices[self.rank * per : (self.rank + 1) * per]
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of a tensor over the ranks (the tensor itself on one process)."""
+        if not self.distributed:
+            return value
+        value = value.clone()
+        dist.all_reduce(value)
+        return value / self.size
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """DistributedDataParallel(model) on several processes (gradients averaged in backward), else model."""
+        if not self.distributed:
+            return model
+        device = next(model.parameters()).device
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+    def adjust(self, accel, log):
+        """The acceleration options this world can use: no CUDA graphs around DDP's collectives."""
+        if self.distributed and accel.cuda_graphs:
+            log("CUDA graphs are off with several processes (DDP all-reduces in backward); compile stays on")
+            return dataclasses.replace(accel, cuda_graphs=False)
+        return accel
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.initialised_here and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init_world(device: torch.device, batch_size: int) -> tuple[World, torch.device]:
+    """The World from torchrun's environment (one process: World()), and the device this rank uses."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World(), device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if batch_size % size:
+        raise ConfigError(f"--batch-size {batch_size} is not divisible by the {size} processes; "
+                          f"use a multiple of {size}")
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs; "
+                              "lower --nproc_per_node")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    here = not dist.is_initialized()
+    if here:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return World(rank, size, local_rank, here), device
+
+
+class QuietLog:
+    """The run log of ranks other than 0: they write nothing."""
+
+    def line(self, text: str) -> None:
+        pass
+
+    def stats(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,129 @@
+"""GroupNorm + SiLU: the Triton kernels (interpreter on CPU, compiled on GPU) against `fastdiff.reference`."""
+
+import pytest
+import torch
+
+from fastdiff import nn as fnn
+from fastdiff import reference
+from fastdiff.ops import group_norm_silu
+from fastdiff.ops.group_norm_silu import group_norm_silu_bwd, group_norm_silu_fwd
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TINY_SHAPES = [((1, 2, 1, 1), 1), ((2, 6, 5, 7), 3), ((3, 8, 4, 4), 4)]  # minimal, odd, power of two
+GPU_SHAPES = [((2, 64, 33, 33), 32), ((8, 256, 32, 32), 32), ((4, 96, 64, 64), 8), ((2, 32, 128, 128), 4)]
+
+
+def _inputs(shape, dtype, device, channels_last, affine=True, mean=0.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) + mean).to(device=device, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    C = shape[1]
+    w = (1 + 0.5 * torch.randn(C, generator=g)).to(device, dtype) if affine else None
+    b = (0.5 * torch.randn(C, generator=g)).to(device, dtype) if affine else None
+    dy = torch.randn(shape, generator=g).to(device, dtype)
+    return x, w, b, dy
+
+
+def _grads(fn, x, w, b, dy):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    y = fn(*leaves)
+    params = [t for t in leaves if t is not None]
+    return (y.detach(), *torch.autograd.grad(y, params, dy))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_forward_and_backward_match_reference(device, dtype, channels_last, assert_lowp_close):
+    shapes = TINY_SHAPES if device.type == "cpu" else GPU_SHAPES
+    for i, (shape, G) in enumerate(shapes):
+        x, w, b, dy = _inputs(shape, dtype, device, channels_last, affine=i != 1)
+        ours = _grads(lambda x, w, b: group_norm_silu(x, G, w, b), x, w, b, dy)
+        assert ours[0].dtype == dtype and ours[0].stride() == x.stride()
+        truth = _grads(lambda x, w, b: reference.group_norm_silu(x, G, w, b, upcast=True), x, w, b, dy.float())
+        if dtype == torch.float32:
+            for name, a, t in zip(["y", "dx", "dw", "db"], ours, truth):
+                torch.testing.assert_close(a, t, atol=2e-5, rtol=2e-5, msg=lambda m: f"{shape} {name}: {m}")
+        else:
+            torch_lowp = _grads(lambda x, w, b: reference.group_norm_silu(x, G, w, b), x, w, b, dy)
+            for name, a, r, t in zip(["y", "dx", "dw", "db"], ours, torch_lowp, truth):
+                assert_lowp_close(a, r, t, name=f"{shape} {name}", atol=2e-3 if name in ("y", "dx") else 5e-3)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_split_path_matches_fused(device, channels_last):
+    # A small max_fused forces the two-kernel path (chunk statistics merged across programs) at tiny sizes.
+    shape, G = ((2, 6, 9, 5), 2) if device.type == "cpu" else ((2, 64, 96, 96), 4)
+    chunk = 16 if device.type == "cpu" else 4096
+    x, w, b, dy = _inputs(shape, torch.float32, device, channels_last)
+    y, mean, rstd = group_norm_silu_fwd(x, w, b, G, 1e-5, max_fused=chunk, chunk=chunk)
+    dx, dw, db = group_norm_silu_bwd(dy, x, w, b, mean, rstd, G, max_fused=chunk, chunk=chunk)
+    truth = _grads(lambda x, w, b: reference.group_norm_silu(x, G, w, b), x, w, b, dy)
+    for name, a, t in zip(["y", "dx", "dw", "db"], (y, dx, dw, db), truth):
+        torch.testing.assert_close(a, t, atol=2e-5, rtol=2e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
+def test_statistics_are_stable_for_a_large_mean(device, split):
+    # mean 1e3, std 1: E[x^2] - E[x]^2 in float32 would lose every significant digit of the variance.
+    shape, G = ((2, 4, 8, 8), 2) if device.type == "cpu" else ((4, 128, 64, 64), 32)
+    x, w, b, _ = _inputs(shape, torch.float32, device, False, mean=1e3)
+    limit = 32 if split else 1 << 20
+    y, mean, rstd = group_norm_silu_fwd(x, w, b, G, 1e-5, max_fused=limit, chunk=limit)
+    truth = reference.group_norm_silu(x.double(), G, w.double(), b.double())
+    torch_err = (reference.group_norm_silu(x, G, w, b).double() - truth).abs().max().item()
+    err = (y.double() - truth).abs().max().item()
+    assert err <= 2 * torch_err + 1e-5, f"max err {err:.3g} vs torch fp32 {torch_err:.3g}"
+    xs = x.double().view(shape[0], G, -1)
+    torch.testing.assert_close(mean.double(), xs.mean(-1).flatten(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(rstd.double(), (xs.var(-1, unbiased=False) + 1e-5).rsqrt().flatten(), rtol=1e-4, atol=0)
+
+
+def test_opcheck(device):
+    shape, G = ((2, 4, 3, 3), 2) if device.type == "cpu" else ((4, 64, 16, 16), 8)
+    x, w, b, dy = _inputs(shape, torch.float32, device, False)
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    torch.library.opcheck(torch.ops.fastdiff.group_norm_silu_fwd.default, (x, w, b, G, 1e-5))
+    torch.library.opcheck(torch.ops.fastdiff.group_norm_silu_fwd.default, (x.detach(), None, None, G, 1e-5))
+    y, mean, rstd = torch.ops.fastdiff.group_norm_silu_fwd(x.detach(), w.detach(), b.detach(), G, 1e-5)
+    torch.library.opcheck(torch.ops.fastdiff.group_norm_silu_bwd.default,
+                          (dy, x.detach(), w.detach(), b.detach(), mean, rstd, G))
+
+
+def test_module_matches_on_every_backend(device, monkeypatch):
+    shape, G = ((2, 8, 5, 5), 4) if device.type == "cpu" else ((8, 128, 32, 32), 32)
+    m = fnn.GroupNormSiLU(G, shape[1]).to(device)
+    torch.nn.init.normal_(m.weight)
+    x = torch.randn(shape, device=device)
+    y_triton = m(x)
+    monkeypatch.setenv("FASTDIFF_BACKEND", "torch")
+    torch.testing.assert_close(y_triton, m(x), atol=2e-5, rtol=2e-5)
+
+
+def test_compiles_without_graph_breaks(device):
+    shape, G = ((2, 4, 3, 3), 2) if device.type == "cpu" else ((8, 64, 32, 32), 8)
+    m = torch.nn.Sequential(torch.nn.Conv2d(shape[1], shape[1], 1), fnn.GroupNormSiLU(G, shape[1])).to(device)
+    x = torch.randn(shape, device=device)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, fullgraph=True)
+    y = compiled(x)
+    y.square().sum().backward()
+    grads = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    y_ref = torch.nn.Sequential(m[0], torch.nn.GroupNorm(G, shape[1]).to(device), torch.nn.SiLU())(x)
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(y, y_ref, atol=2e-5, rtol=2e-5)
+    for g, p in zip(grads, m[0].parameters()):
+        torch.testing.assert_close(g, p.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_non_dense_input(device):
+    # A slice whose h and w do not merge into one index runs on a contiguous copy; results and layouts still match.
+    base = torch.randn((2, 8, 6, 9) if device.type == "cpu" else (8, 64, 34, 33), device=device)
+    x = base[:, :, :, 1:-1]
+    w, b = torch.randn(x.shape[1], device=device), torch.randn(x.shape[1], device=device)
+    dy = torch.randn(x.shape, device=device)
+    ours = _grads(lambda x, w, b: group_norm_silu(x, 4, w, b), x, w, b, dy)
+    ref = _grads(lambda x, w, b: reference.group_norm_silu(x, 4, w, b), x, w, b, dy)
+    for a, r in zip(ours, ref):
+        torch.testing.assert_close(a, r, atol=2e-5, rtol=2e-5)

@@ -1,0 +1,317 @@
+"""The fast paths of fastdiff.accel against the plain ones: same samples, same training steps.
+
+CPU tests run the static-buffer sampler, compile (with the quick aot_eager backend) and the eager train step;
+the CUDA-graph paths are `gpu` tests (bitwise equality in fp32, one replay per step, no host syncs, resume).
+"""
+
+import pytest
+import torch
+
+from fastdiff.accel import AccelOptions, FastSampler, GraphedTrainStep, TrainStep, autocast_model, bucket_size
+from fastdiff.diffusion import NoiseSchedule, ddim_table, ddpm_table, initial_noise, make_timesteps, run_table
+from fastdiff.errors import ConfigError
+from fastdiff.models import UNet
+from fastdiff.models.unet import UNetConfig
+
+CFG = dict(image_size=8, in_channels=1, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+           attn_resolutions=(4,), dropout=0.0, num_groups=4)
+
+
+def tiny_unet(num_classes=10, device="cpu", dropout=0.0):
+    torch.manual_seed(0)
+    return UNet(UNetConfig(**{**CFG, "num_classes": num_classes, "dropout": dropout})).to(device).eval()
+
+
+def tables(device="cpu"):
+    schedule = NoiseSchedule("linear", 1000)
+    ts = make_timesteps(1000, 3, "trailing")
+    return schedule, {"ddim-eta0.5": ddim_table(schedule, ts, eta=0.5, device=device),
+                      "ddpm": ddpm_table(schedule, ts, device=device)}
+
+
+def sampling_inputs(n, device="cpu"):
+    seeds = torch.arange(100, 100 + n)
+    x = initial_noise(seeds, (1, 8, 8))
+    labels = torch.arange(n) % 10
+    return x.to(device), seeds.to(device), labels.to(device)
+
+
+def test_options_defaults_and_checks():
+    assert AccelOptions.for_device("cpu").plain
+    gpu = AccelOptions.for_device("cuda")
+    assert gpu.compile and gpu.cuda_graphs and gpu.channels_last and gpu.amp == "bf16"
+    assert not AccelOptions.for_device("cuda", compile=False, cuda_graphs=None).compile
+    assert AccelOptions.for_device("cuda", cuda_graphs=False).cuda_graphs is False
+    with pytest.raises(ConfigError, match="CUDA graphs need a CUDA device"):
+        AccelOptions(cuda_graphs=True).check("cpu")
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        AccelOptions(amp="fp16").check("cpu")
+    with pytest.raises(ConfigError, match="unknown --amp"):
+        AccelOptions(amp="fp8").check("cpu")
+    assert AccelOptions(amp="bf16", compile=True).describe() == "bf16+compile"
+    with pytest.raises(ConfigError, match="max-autotune-no-cudagraphs"):
+        AccelOptions(compile=True, cuda_graphs=True, compile_mode="reduce-overhead").check("cuda")
+
+
+def test_bucket_sizes():
+    assert [bucket_size(n) for n in (1, 2, 3, 5, 8, 9, 1000)] == [1, 2, 4, 8, 8, 16, 1024]
+
+
+@pytest.mark.parametrize("name", ["ddim-eta0.5", "ddpm"])
+def test_static_sampler_is_bitwise_the_plain_loop(name):
+    model = tiny_unet()
+    _, tabs = tables()
+    x, seeds, labels = sampling_inputs(4)
+    kw = dict(seeds=seeds, labels=labels, guidance=2.0, null_label=10, clip=1.0)
+    plain_frames, fast_frames = [], []
+    want = run_table(model, x, tabs[name], callback=lambda *a: plain_frames.append(a), **kw)
+    fast = FastSampler(model, AccelOptions(), device="cpu", shape=(1, 8, 8), guidance=2.0, null_label=10, clip=1.0)
+    got = fast.run(x, tabs[name], seeds=seeds, labels=labels, callback=lambda *a: fast_frames.append(a))
+    assert torch.equal(got, want)
+    assert len(fast_frames) == len(plain_frames) == len(tabs[name])
+    for (i, t, xp, x0), (j, t2, xp2, x02) in zip(fast_frames, plain_frames):
+        assert i == j and torch.equal(t, t2) and torch.equal(xp, xp2) and torch.equal(x0, x02)
+    # The frames handed out are copies: the static buffers moved on, the frames did not.
+    assert not torch.equal(fast_frames[0][2], fast_frames[-1][2])
+    assert fast.replays == 0 and fast.setup_s == 0.0
+
+
+def test_padding_to_a_bucket_keeps_each_sample():
+    model = tiny_unet()
+    _, tabs = tables()
+    x, seeds, labels = sampling_inputs(5)
+    fast = FastSampler(model, AccelOptions(), device="cpu", shape=(1, 8, 8), guidance=2.0, null_label=10, clip=1.0)
+    got = fast.run(x, tabs["ddpm"], seeds=seeds, labels=labels)
+    again = fast.run(x[:3], tabs["ddpm"], seeds=seeds[:3], labels=labels[:3])
+    assert sorted(fast._buckets) == [4, 8]
+    want = run_table(model, x, tabs["ddpm"], seeds=seeds, labels=labels, guidance=2.0, null_label=10, clip=1.0)
+    # oneDNN picks its convolution algorithm by batch size: equal up to float32 rounding, not bitwise.
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(again, want[:3], atol=1e-4, rtol=0)
+
+
+def test_channels_last_and_bf16_stay_close():
+    model = tiny_unet()
+    _, tabs = tables()
+    x, seeds, labels = sampling_inputs(4)
+    want = run_table(model, x, tabs["ddpm"], seeds=seeds, labels=labels, guidance=2.0, null_label=10, clip=1.0)
+    cl = FastSampler(tiny_unet(), AccelOptions(channels_last=True), device="cpu", shape=(1, 8, 8), guidance=2.0,
+                     null_label=10, clip=1.0)
+    torch.testing.assert_close(cl.run(x, tabs["ddpm"], seeds=seeds, labels=labels), want, atol=1e-4, rtol=0)
+    # bf16: the model runs under autocast and hands float32 to guidance and the sampler step, exactly as the
+    # plain loop over the autocast model does.
+    bf = FastSampler(tiny_unet(), AccelOptions(amp="bf16"), device="cpu", shape=(1, 8, 8), guidance=2.0,
+                     null_label=10, clip=1.0)
+    got = bf.run(x, tabs["ddpm"], seeds=seeds, labels=labels)
+    ref = run_table(autocast_model(tiny_unet(), "cpu", "bf16"), x, tabs["ddpm"], seeds=seeds, labels=labels,
+                    guidance=2.0, null_label=10, clip=1.0)
+    assert torch.equal(got, ref) and not torch.equal(got, want)
+
+
+def test_compiled_sampler_has_no_graph_breaks_and_matches():
+    model = tiny_unet()
+    _, tabs = tables()
+    x, seeds, labels = sampling_inputs(4)
+    want = run_table(model, x, tabs["ddpm"], seeds=seeds, labels=labels, guidance=2.0, null_label=10, clip=1.0)
+    torch._dynamo.reset()
+    opts = AccelOptions(compile=True, compile_backend="aot_eager")  # fullgraph: a graph break raises
+    fast = FastSampler(model, opts, device="cpu", shape=(1, 8, 8), guidance=2.0, null_label=10, clip=1.0)
+    got = fast.run(x, tabs["ddpm"], seeds=seeds, labels=labels)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert fast.setup_s > 0
+    torch._dynamo.reset()
+
+
+def test_sampler_input_errors():
+    fast = FastSampler(tiny_unet(), AccelOptions(), device="cpu", shape=(1, 8, 8), null_label=10)
+    _, tabs = tables()
+    x, seeds, labels = sampling_inputs(4)
+    with pytest.raises(ConfigError, match="seeds must have shape"):
+        fast.run(x, tabs["ddpm"], seeds=seeds[:2], labels=labels)
+    with pytest.raises(ConfigError, match="built for images"):
+        fast.run(torch.zeros(4, 1, 16, 16), tabs["ddpm"], seeds=seeds, labels=labels)
+    # No labels for a conditional model: unconditional samples (the null label), as the plain loop gives.
+    want = run_table(fast_model := tiny_unet(), x, tabs["ddpm"], seeds=seeds)
+    got = FastSampler(fast_model, AccelOptions(), device="cpu", shape=(1, 8, 8), null_label=10).run(
+        x, tabs["ddpm"], seeds=seeds)
+    assert torch.equal(got, want)
+
+
+def test_graphed_train_step_needs_cuda():
+    model = tiny_unet()
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        GraphedTrainStep(model.parameters(), opt, lambda gen, x: x.sum(), grad_clip=1.0, seed=0, device="cpu")
+
+
+def _loss_fn(model):
+    schedule = NoiseSchedule("linear", 1000, device=next(model.parameters()).device)
+
+    def loss_fn(gen, x0, labels):
+        from fastdiff.train.ddpm import diffusion_loss
+
+        return diffusion_loss(model, schedule, x0, labels, gen, prediction="eps", p_uncond=0.1, null_label=10,
+                              device=x0.device, amp="fp32")
+
+    return loss_fn
+
+
+def test_compiled_train_step_matches_eager():
+    batch = (torch.rand(8, 1, 8, 8) * 2 - 1, torch.arange(8) % 10)
+    results = []
+    for compile_ in (False, True):
+        torch._dynamo.reset()
+        model = tiny_unet().train()
+        forward = torch.compile(model, backend="aot_eager", fullgraph=True) if compile_ else model
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        step = TrainStep(model.parameters(), opt, _loss_fn(forward), grad_clip=1.0, seed=3, device="cpu",
+                         timed_first_call=compile_)
+        losses = [float(step(k, *batch)[0].detach()) for k in range(3)]
+        results.append((losses, [p.detach().clone() for p in model.parameters()], step.take_setup_seconds()))
+    torch._dynamo.reset()
+    (l0, p0, s0), (l1, p1, s1) = results
+    assert s0 == 0 and s1 > 0
+    torch.testing.assert_close(l1, l0, atol=1e-5, rtol=1e-5)
+    for a, b in zip(p0, p1):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- CUDA graphs (run on a GPU machine)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["ddim-eta0.5", "ddpm"])
+def test_graphed_sampler_bitwise_equals_ungraphed(amp, name):
+    _, tabs = tables("cuda")
+    x, seeds, labels = sampling_inputs(8, "cuda")
+    kw = dict(device="cuda", shape=(1, 8, 8), guidance=2.0, null_label=10, clip=1.0)
+    plain = FastSampler(tiny_unet(device="cuda"), AccelOptions(amp=amp), **kw)
+    graphed = FastSampler(tiny_unet(device="cuda"), AccelOptions(amp=amp, cuda_graphs=True), **kw)
+    want = plain.run(x, tabs[name], seeds=seeds, labels=labels)
+    got = graphed.run(x, tabs[name], seeds=seeds, labels=labels)
+    assert graphed.replays == len(tabs[name]) and graphed.setup_s > 0
+    assert torch.equal(got, want), f"max diff {(got - want).abs().max().item()}"
+    if amp == "fp32":  # and the plain run_table loop itself (same kernels, NCHW, fp32)
+        ref = run_table(tiny_unet(device="cuda"), x, tabs[name], seeds=seeds, labels=labels, guidance=2.0,
+                        null_label=10, clip=1.0)
+        assert torch.equal(got, ref), f"max diff {(got - ref).abs().max().item()}"
+    # A second run replays the same graph from a fresh table and batch.
+    again = graphed.run(x, tabs[name], seeds=seeds, labels=labels)
+    assert torch.equal(again, want) and graphed.replays == 2 * len(tabs[name])
+
+
+@pytest.mark.gpu
+def test_graphed_sampler_makes_no_host_syncs():
+    _, tabs = tables("cuda")
+    x, seeds, labels = sampling_inputs(8, "cuda")
+    fast = FastSampler(tiny_unet(device="cuda"), AccelOptions(cuda_graphs=True, channels_last=True, amp="bf16"),
+                       device="cuda", shape=(1, 8, 8), guidance=2.0, null_label=10, clip=1.0)
+    fast.run(x, tabs["ddpm"], seeds=seeds, labels=labels)  # capture first (capture synchronises once)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = fast.run(x, tabs["ddpm"], seeds=seeds, labels=labels)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.gpu
+def test_compiled_graphed_sampler_bitwise_equals_compiled():
+    _, tabs = tables("cuda")
+    x, seeds, labels = sampling_inputs(8, "cuda")
+    kw = dict(device="cuda", shape=(1, 8, 8), guidance=2.0, null_label=10, clip=1.0)
+    torch._dynamo.reset()
+    model = tiny_unet(device="cuda")
+    compiled = FastSampler(model, AccelOptions(compile=True, channels_last=True), **kw)
+    graphed = FastSampler(model, AccelOptions(compile=True, channels_last=True, cuda_graphs=True), **kw)
+    want = compiled.run(x, tabs["ddpm"], seeds=seeds, labels=labels)
+    got = graphed.run(x, tabs["ddpm"], seeds=seeds, labels=labels)
+    assert torch.equal(got, want), f"max diff {(got - want).abs().max().item()}"
+    torch._dynamo.reset()
+
+
+def _train(model, step_cls, steps, start=0, opt_state=None):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    step = step_cls(model.parameters(), opt, _loss_fn(model), grad_clip=1.0, seed=5, device="cuda")
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.rand(8, 1, 8, 8, generator=gen) * 2 - 1, torch.arange(8) % 10) for _ in range(steps)]
+    losses = []
+    for k in range(start, steps):
+        loss, _ = step(k, batches[k][0].cuda(), batches[k][1].cuda())
+        losses.append(loss.clone())
+    return torch.stack(losses), opt
+
+
+@pytest.mark.gpu
+def test_graphed_train_step_follows_the_eager_step_and_resumes():
+    eager_model = tiny_unet(device="cuda", dropout=0.1).train()
+    eager_losses, _ = _train(eager_model, TrainStep, 4)
+    graphed_model = tiny_unet(device="cuda", dropout=0.1).train()
+    graphed_losses, _ = _train(graphed_model, GraphedTrainStep, 4)
+    # Same random numbers (re-seeded generators read at replay); the LR comes from a float32 device tensor, so
+    # the weights agree to rounding rather than bitwise.
+    torch.testing.assert_close(graphed_losses, eager_losses, atol=1e-5, rtol=1e-4)
+    for a, b in zip(graphed_model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # Killed after 2 steps and resumed with a new graph: continues as the uninterrupted graphed run.
+    first = tiny_unet(device="cuda", dropout=0.1).train()
+    _, opt = _train(first, GraphedTrainStep, 2)
+    resumed = tiny_unet(device="cuda", dropout=0.1).train()
+    resumed.load_state_dict(first.state_dict())
+    resumed_losses, _ = _train(resumed, GraphedTrainStep, 4, start=2, opt_state=opt.state_dict())
+    torch.testing.assert_close(resumed_losses, graphed_losses[2:], atol=1e-6, rtol=1e-5)
+    for a, b in zip(resumed.parameters(), graphed_model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_train_ddpm_fast_path_runs_and_resumes(tmp_path, tiny_overrides):
+    """`fastdiff train` defaults on a GPU (compile + graphed step): finite loss, checkpoints, resume."""
+    from fastdiff import checkpoint as ckpt
+    from fastdiff.config import apply_overrides, preset_config
+    from fastdiff.train import train_ddpm
+
+    def cfg(steps):
+        over = {**tiny_overrides, "train.steps": steps, "model.dropout": 0.1}
+        return apply_overrides(preset_config("digits"), over)
+
+    rec = train_ddpm(cfg(6), tmp_path / "a", device="cuda", progress=False, echo=lambda s: None)
+    assert rec["step"] == 6 and rec["loss"] == rec["loss"]
+    assert "GraphedTrainStep(compiled)" in (tmp_path / "a" / "log.txt").read_text()
+    train_ddpm(cfg(4), tmp_path / "b", device="cuda", progress=False, echo=lambda s: None)
+    train_ddpm(cfg(6), tmp_path / "b", device="cuda", resume=True, progress=False, echo=lambda s: None)
+    a, b = ckpt.load_tensors(ckpt.latest_checkpoint(tmp_path / "a"), "model"), ckpt.load_tensors(
+        ckpt.latest_checkpoint(tmp_path / "b"), "model")
+    for k in a:  # same random numbers and state; GPU kernels with atomics make it close rather than bitwise
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 convolutions without TF32, so that two layouts of the same model agree to fp32 rounding."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.mark.gpu
+def test_generate_fast_path_matches_plain(tmp_path, tiny_overrides, no_tf32):
+    from fastdiff.config import apply_overrides, preset_config
+    from fastdiff.sampling import generate, load_run
+    from fastdiff.train import train_ddpm
+
+    cfg = apply_overrides(preset_config("digits"), {**tiny_overrides, "train.steps": 2})
+    train_ddpm(cfg, tmp_path, device="cpu", progress=False, echo=lambda s: None)
+    plain, *_ = generate(load_run(tmp_path, "cuda"), n=10, steps=5, guidance=2.0, labels=torch.arange(10),
+                         batch_size=4)
+    timings = {}
+    opts = AccelOptions.for_device("cuda", amp="fp32", compile=False)
+    fast, *_ = generate(load_run(tmp_path, "cuda"), n=10, steps=5, guidance=2.0, labels=torch.arange(10),
+                        batch_size=4, accel=opts, timings=timings)
+    assert timings["setup_s"] > 0 and timings["sampling_s"] > 0
+    torch.testing.assert_close(fast, plain, atol=1e-4, rtol=0)  # channels_last convolutions: rounding only

@@ -1,0 +1,77 @@
+"""Training under torchrun's environment: DDP on the CPU with gloo, two processes, at a tiny size."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from fastdiff import checkpoint as ckpt
+from fastdiff.config import RunConfig, apply_overrides, preset_config
+from fastdiff.errors import ConfigError
+from fastdiff.train.distributed import World, init_world
+
+
+def test_world_of_one_is_the_plain_run(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    world, device = init_world(torch.device("cpu"), 6)
+    assert world == World() and device.type == "cpu" and world.seed(7) == 7
+    idx = torch.arange(6)
+    assert torch.equal(world.shard(idx), idx) and world.mean(torch.tensor(3.0)) == 3.0
+
+
+def test_ranks_take_contiguous_slices_and_own_streams():
+    ranks = [World(rank=r, size=3) for r in range(3)]
+    idx = torch.arange(12) * 10
+    assert torch.equal(torch.cat([w.shard(idx) for w in ranks]), idx)
+    assert len({w.seed(0) for w in ranks}) == 3
+
+
+def test_batch_must_split_evenly(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match="not divisible by the 2 processes"):
+        init_world(torch.device("cpu"), 5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, cfg_dict, out, resume):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from fastdiff.train import train_ddpm
+
+    train_ddpm(RunConfig.from_dict(cfg_dict), out, device="cpu", resume=resume, progress=False, echo=lambda s: None)
+
+
+def _launch(cfg, out, resume=False):
+    mp.spawn(_worker, args=(2, _free_port(), cfg.to_dict(), str(out), resume), nprocs=2, join=True)
+
+
+@pytest.mark.slow
+def test_two_processes_train_resume_exactly_and_only_rank0_writes(tmp_path, tiny_overrides):
+    over = {**tiny_overrides, "model.dropout": 0.1, "train.log_every": 2}
+
+    def cfg(steps):
+        return apply_overrides(preset_config("digits"), {**over, "train.steps": steps})
+
+    _launch(cfg(4), tmp_path / "a")
+    _launch(cfg(2), tmp_path / "b")
+    _launch(cfg(4), tmp_path / "b", resume=True)
+    log = (tmp_path / "a" / "log.txt").read_text()
+    assert "processes=2" in log and log.count("training preset") == 1  # one writer
+    stats = [json.loads(line) for line in (tmp_path / "a" / "stats.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in stats] == [2, 4] and stats[-1]["kimg"] == 4 * 16 / 1000
+    a, b = ckpt.latest_checkpoint(tmp_path / "a"), ckpt.latest_checkpoint(tmp_path / "b")
+    assert a.name == b.name == "step-000000004"
+    for name in ("model", "ema", "optimizer"):
+        ta, tb = ckpt.load_tensors(a, name), ckpt.load_tensors(b, name)
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), f"{name}.{k} differs after a resumed two-process run"
