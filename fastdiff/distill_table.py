@@ -119,7 +119,8 @@ def main(argv=None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(table + "\n")
         write_json_atomic(out.with_suffix(".json"), {"rows": records, **meta})
-    print(json.dumps({"rows": records, **meta}))
+    else:
+        print(json.dumps({"rows": records, **meta}))
     return 0
 
 

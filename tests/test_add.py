@@ -16,7 +16,7 @@ from fastdiff.errors import ConfigError
 from fastdiff.models import UNet, UNetConfig
 from fastdiff.models.discriminator import Discriminator
 from fastdiff.models.vit import ViT, ViTConfig
-from fastdiff.sampling import load_run
+from fastdiff.sampling import load_run, sampler_table
 from fastdiff.train import train_add, train_ddpm
 from fastdiff.train.add_losses import (
     c_of_t,
@@ -132,6 +132,14 @@ def test_student_table_coefficients():
         student_timesteps((999, 749, 499, 249), 5)
     with pytest.raises(ConfigError, match="strictly decreasing"):
         student_timesteps((249, 999))
+
+
+def test_sampler_table_of_a_student_is_the_student_table():
+    """The table the fast (graphed) sampler runs for `--sampler student` is the plain loop's."""
+    sched = NoiseSchedule("linear")
+    table = sampler_table(sched, "student", 2, prediction="v", trained_timesteps=(999, 749, 499, 249))
+    ref = student_table(sched, torch.tensor([999, 499]), prediction="v")
+    assert torch.equal(table.timesteps, ref.timesteps) and torch.equal(table.coefs, ref.coefs)
 
 
 def test_student_sampler_renoises_the_x0_prediction():

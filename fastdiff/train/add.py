@@ -245,6 +245,10 @@ def train_add(cfg: RunConfig, out, *, device="auto", resume: bool = False, progr
              f"disc trainable params={n_disc / 1e6:.2f}M backbone={'trained' if st.disc.train_backbone else 'frozen'} "
              f"device={device} amp={tc.amp} steps={tc.steps} batch={tc.batch_size}")
 
+    if cfg.diffusion.prediction == "eps" and not cfg.diffusion.zero_terminal_snr:
+        ab = float(schedule.alphas_cumprod[max(dc.student_timesteps)])
+        log.line(f"note: an eps-prediction student's x0 at t={max(dc.student_timesteps)} multiplies its eps error by "
+                 f"1/sqrt(ab) = {ab ** -0.5:.0f}; a v-prediction teacher (e.g. preset digits-v) distils better")
     bar = tqdm(total=tc.steps, initial=st.step, disable=not progress, unit="step", dynamic_ncols=True)
     meter = IntervalMeter(STATS, device, st.step)
     record = {}
