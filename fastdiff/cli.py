@@ -1,4 +1,4 @@
-"""`fastdiff train | sample | eval | env | distill | train-refiner`.
+"""`fastdiff train | sample | eval | env | bench | distill | train-refiner`.
 
 Errors that the user can fix (FastdiffError) print one line and exit with status 2; anything else is a bug
 and keeps its traceback.
