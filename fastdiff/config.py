@@ -195,7 +195,7 @@ PRESETS["fashion-mnist"] = {**copy.deepcopy(PRESETS["mnist"]), "data": dict(data
 PRESETS["fashion-mnist"]["train"]["steps"] = 30_000
 # The digits teacher for ADD students (`make distill-demo`): the same network and schedule, v-prediction. An
 # eps-prediction teacher's x0 at t = 999 is (x - sqrt(1 - ab) eps) / sqrt(ab), which multiplies its eps error by
-# 1 / sqrt(ab) = 156, so its student starts from a poor 1-step sampler (README, "Few-step students").
+# 1 / sqrt(ab) = 157, so its student starts from a poor 1-step sampler (README, "Few-step students").
 PRESETS["digits-v"] = {**copy.deepcopy(PRESETS["digits"]), "diffusion": dict(prediction="v")}
 
 

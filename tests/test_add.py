@@ -170,7 +170,7 @@ def test_student_sampler_renoises_the_x0_prediction():
 
 def test_eps_prediction_amplifies_x0_error_at_the_noisiest_step():
     """Why few-step students use v-prediction: at t = 999 of the linear schedule a unit error in the network
-    output moves eps-prediction's x0 by sqrt(1-ab)/sqrt(ab) ~ 156, but v-prediction's by sqrt(1-ab) < 1."""
+    output moves eps-prediction's x0 by sqrt(1-ab)/sqrt(ab) ~ 157, but v-prediction's by sqrt(1-ab) < 1."""
     ab = NoiseSchedule("linear").alphas_cumprod64[torch.tensor([999, 249])]
     _, q_eps = x0_coefficients("eps", ab)
     _, q_v = x0_coefficients("v", ab)
