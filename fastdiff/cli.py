@@ -1,4 +1,4 @@
-"""`fastdiff train | sample | eval | env`.
+"""`fastdiff train | sample | eval | env | bench | distill | train-refiner`.
 
 Errors that the user can fix (FastdiffError) print one line and exit with status 2; anything else is a bug
 and keeps its traceback.
@@ -106,20 +106,111 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _add_distill(sub):
+    p = sub.add_parser("distill", help="distil a teacher run into a 1-4 step student (ADD)",
+                       description="Adversarial Diffusion Distillation of a DDPM teacher run into a few-step student.")
+    p.add_argument("--teacher", help="the teacher's run directory (or checkpoint folder); not needed with --resume")
+    p.add_argument("--out", required=True, help="the student's run directory")
+    p.add_argument("--preset", help="distillation preset (default: the teacher's preset name if one exists, "
+                   "else 'default')")
+    p.add_argument("--steps", type=int, help="total student updates")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="student learning rate")
+    p.add_argument("--warmup", type=int, dest="warmup_steps")
+    p.add_argument("--amp", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--ema-decay", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--ckpt-every", type=int)
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--student-timesteps", type=int, nargs="+", help="noisiest first (default 999 749 499 249)")
+    p.add_argument("--adv-weight", type=float, help="weight of the hinge adversarial loss")
+    p.add_argument("--distill-weight", type=float, help="lambda of the distillation loss (2.5)")
+    p.add_argument("--distill-weighting", choices=["sqrt_ab", "ab", "snr", "none"], help="c(t)")
+    p.add_argument("--teacher-t-min", type=int)
+    p.add_argument("--teacher-t-max", type=int)
+    p.add_argument("--teacher-guidance", type=float, help="classifier-free guidance of the teacher's target")
+    p.add_argument("--r1-gamma", type=float)
+    p.add_argument("--disc-lr", type=float)
+    p.add_argument("--disc-steps", type=int, help="discriminator updates per student update")
+    p.add_argument("--augment", help="DiffAugment ops, comma-separated: translation,cutout,brightness,contrast "
+                   "('' for none)")
+    p.add_argument("--backbone", help="pretrain (a ViT trained on the dataset and cached), none (random, trained), "
+                   "or a local timm/DINO ViT state dict")
+    p.add_argument("--train-backbone", action="store_true", default=None, help="adapt the backbone too")
+    p.add_argument("--backbone-steps", type=int, help="pretraining steps of a 'pretrain' backbone")
+    p.add_argument("--backbone-size", type=int, help="input size of a file backbone (default: its own)")
+    p.add_argument("--disc-heads", type=int, help="heads on this many evenly spaced backbone blocks")
+    p.add_argument("--disc-head", choices=["conv", "mlp"])
+    p.add_argument("--disc-mbstd", type=int, help="minibatch-std channel in the heads (group size; 0: off)")
+    p.add_argument("--no-spectral-norm", action="store_false", dest="spectral_norm", default=None)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--resume", action="store_true", help="continue the student run in --out")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--no-progress", action="store_true")
+
+
+DISTILL_FLAGS = {  # CLI dest -> config key
+    "steps": "train.steps", "batch_size": "train.batch_size", "lr": "train.lr", "warmup_steps": "train.warmup_steps",
+    "amp": "train.amp", "ema_decay": "train.ema_decay", "seed": "train.seed", "ckpt_every": "train.ckpt_every",
+    "log_every": "train.log_every", **{k: "distill." + k for k in (
+        "student_timesteps", "adv_weight", "distill_weight", "distill_weighting", "teacher_t_min", "teacher_t_max",
+        "teacher_guidance", "r1_gamma", "disc_lr", "disc_steps", "augment", "backbone", "train_backbone",
+        "backbone_steps", "backbone_size", "disc_heads", "disc_head", "disc_mbstd", "spectral_norm")},
+}
+DISTILL_RESUMABLE = {"steps", "ckpt_every", "log_every"}
+
+
+def resolve_distill_config(args):
+    from fastdiff import checkpoint as ckpt
+    from fastdiff.config import RunConfig, apply_overrides, distill_config
+
+    given = {k: getattr(args, k) for k in DISTILL_FLAGS if getattr(args, k) is not None}
+    saved = Path(args.out) / "config.json"
+    if args.resume and saved.exists():
+        if args.preset or args.teacher:
+            raise ConfigError("--resume continues the student run with its own config; drop --preset and --teacher")
+        changed = sorted(set(given) - DISTILL_RESUMABLE)
+        if changed:
+            flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+            raise ConfigError(f"{flags} cannot change on --resume (only --steps, --ckpt-every, --log-every can)")
+        cfg = RunConfig.from_dict(json.loads(saved.read_text()))
+    else:
+        if not args.teacher:
+            raise ConfigError("fastdiff distill needs --teacher RUN_DIR (a run trained with fastdiff train)")
+        path = ckpt.resolve_checkpoint(args.teacher)
+        cfg = distill_config(RunConfig.from_dict(ckpt.load_json(path, "config")), args.teacher, args.preset)
+    return apply_overrides(cfg, {DISTILL_FLAGS[k]: v for k, v in given.items()})
+
+
+def cmd_distill(args) -> int:
+    cfg = resolve_distill_config(args)
+    if args.dry_run:
+        print(cfg.to_json())
+        return 0
+    from fastdiff.train import train_add
+
+    record = train_add(cfg, args.out, device=args.device, resume=args.resume, progress=not args.no_progress)
+    print(json.dumps({"run_dir": str(args.out), **record}))
+    return 0
+
+
 def _add_sampling_flags(p, n_default):
     p.add_argument("--checkpoint", required=True, help="run directory (its latest checkpoint) or a checkpoint folder")
     p.add_argument("--n", type=int, default=n_default, help="number of samples")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], help="default: the run's (ddim)")
+    p.add_argument("--sampler", choices=["ddim", "ddpm", "student"],
+                   help="default: the run's (ddim; student for a distilled student run)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the run's; ddpm: all T)")
     p.add_argument("--eta", type=float, help="DDIM eta (0 = deterministic)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
+    p.add_argument("--refine", metavar="RUN_DIR", help="apply a refiner trained with `fastdiff train-refiner`")
 
 
 def cmd_sample(args) -> int:
     from fastdiff.images import save_grid, save_samples, save_trajectory
+    from fastdiff.models.refiner import load_refiner
     from fastdiff.sampling import TrajectoryRecorder, generate, load_run, parse_labels
     from fastdiff.train.loop import resolve_device
 
@@ -130,7 +221,7 @@ def cmd_sample(args) -> int:
     loaded = load_run(args.checkpoint, device, use_ema=not args.no_ema)
     sc, mc = loaded.config.sample, loaded.config.model
     sampler = args.sampler or sc.sampler
-    steps = args.steps or (sc.steps if sampler == "ddim" else loaded.config.diffusion.num_timesteps)
+    steps = args.steps or (loaded.config.diffusion.num_timesteps if sampler == "ddpm" else sc.steps)
     labels = parse_labels(args.labels, args.n, mc.num_classes)
     recorder = TrajectoryRecorder(steps, rows=min(args.n, args.trajectory_rows)) if args.trajectory else None
     guidance = sc.guidance if args.guidance is None else args.guidance
@@ -139,14 +230,16 @@ def cmd_sample(args) -> int:
     samples, labels, seeds, seconds = generate(
         loaded, n=args.n, seed=args.seed, sampler=sampler, steps=steps, eta=sc.eta if args.eta is None else args.eta,
         guidance=guidance, labels=labels, batch_size=args.batch_size, clip=sc.clip, spacing=sc.spacing,
-        callback=recorder, accel=accel, timings=timings)
+        callback=recorder, accel=accel, timings=timings,
+        refiner=load_refiner(args.refine, device) if args.refine else None)
     nrow = mc.num_classes if labels is not None and args.labels is None and args.n % mc.num_classes == 0 else None
     grid = save_grid(samples, out, nrow=nrow)
     raw = save_samples(out.with_suffix(".npz"), samples, labels, seeds)
     result = {"grid": str(grid), "samples": str(raw), "n": args.n, "sampler": sampler, "steps": steps,
               "guidance": guidance if labels is not None else None, "seconds": round(seconds, 3),
               "images_per_sec": args.n / max(timings["sampling_s"], 1e-9),
-              "setup_seconds": round(timings["setup_s"], 3), "accel": accel.describe(), "checkpoint": loaded.path}
+              "setup_seconds": round(timings["setup_s"], 3), "accel": accel.describe(), "checkpoint": loaded.path,
+              "refiner": args.refine}
     if recorder is not None:
         traj = out.with_name(out.stem + "_trajectory.png")
         save_trajectory(recorder.frames, traj, title=f"{sampler}, {steps} steps")
@@ -160,7 +253,8 @@ def cmd_eval(args) -> int:
 
     result = evaluate_run(args.checkpoint, n=args.n, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                           eta=args.eta, seed=args.seed, device=args.device, batch_size=args.batch_size,
-                          classifier_steps=args.classifier_steps, log=lambda s: print(s, file=sys.stderr))
+                          classifier_steps=args.classifier_steps, log=lambda s: print(s, file=sys.stderr),
+                          refine=args.refine)
     floor = result["fd_cls_floor"]
     print(f"FD_cls {result['fd_cls']:.3f} (real-vs-real floor {floor:.3f}, ratio {result['fd_ratio']:.2f})")
     if "cond_accuracy" in result:
@@ -201,8 +295,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training steps of the evaluation classifier when it is not cached yet")
     p.set_defaults(batch_size=500)
     sub.add_parser("env", help="versions, device, and which kernels are usable")
+    _add_distill(sub)
+    _add_train_refiner(sub)
     _add_bench(sub)
     return parser
+
+
+def _add_train_refiner(sub):
+    p = sub.add_parser("train-refiner", help="train a refiner for a run's samples (fastdiff sample --refine)",
+                       description="Train a small UNet that maps a run's x0 estimates to cleaner images, on pairs "
+                                   "made from real training images.")
+    p.add_argument("--checkpoint", required=True, help="the run (teacher or student) whose x0 estimates it refines")
+    p.add_argument("--out", required=True, help="the refiner's run directory")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--t-max", type=int, help="pairs come from x0 estimates at t in [0, t-max] (default: T/2)")
+    p.add_argument("--base-channels", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+
+
+def cmd_train_refiner(args) -> int:
+    from fastdiff.models.refiner import RefinerConfig, train_refiner_run
+
+    cfg = RefinerConfig(generator=args.checkpoint, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                        t_max=args.t_max, base_channels=args.base_channels, seed=args.seed)
+    record = train_refiner_run(cfg, args.out, device=args.device, log=lambda s: print(s, file=sys.stderr))
+    print(json.dumps({"run_dir": str(args.out), **record}))
+    return 0
 
 
 def cmd_bench(args) -> int:
@@ -234,7 +355,8 @@ def _add_bench(sub):
     p.add_argument("--reps", type=int, help="timed calls per row (default 2 quick, 5 full)")
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "env": cmd_env, "bench": cmd_bench}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "env": cmd_env, "distill": cmd_distill,
+            "train-refiner": cmd_train_refiner, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,12 +55,54 @@ class TrainConfig:
 class SampleConfig:
     """Defaults for `fastdiff sample` and `fastdiff eval` with this run's checkpoints."""
 
-    sampler: str = "ddim"  # ddim | ddpm
+    sampler: str = "ddim"  # ddim | ddpm | student (the few-step sampler of an ADD student)
     steps: int = 50
     eta: float = 0.0
     guidance: float = 1.0
     spacing: str = "trailing"
     clip: float | None = 1.0
+
+
+@dataclass
+class ADDConfig:
+    """Adversarial Diffusion Distillation (Sauer et al. 2023) of a teacher run into a few-step student.
+
+    The student's optimizer, warm-up, EMA, AMP, steps, batch size and checkpointing are the run's `train`
+    section; this section holds what is specific to ADD. A run whose config has it is a student.
+    """
+
+    teacher: str = ""  # the teacher's run directory or checkpoint folder
+    student_timesteps: tuple[int, ...] = (999, 749, 499, 249)  # the student's timesteps, noisiest first
+    # Generator loss = adv_weight * hinge adversarial + distill_weight * c(t) * ||x0_student - sg(x0_teacher)||^2
+    adv_weight: float = 1.0
+    distill_weight: float = 2.5  # lambda
+    distill_weighting: str = "sqrt_ab"  # c(t): sqrt_ab | ab | snr | none
+    teacher_t_min: int = 0  # the teacher's timestep is uniform on [teacher_t_min, teacher_t_max]
+    teacher_t_max: int = 999
+    teacher_guidance: float = 1.0  # classifier-free guidance of the teacher's x0 (class-conditional teachers)
+    # Discriminator: hinge loss + r1_gamma / 2 * E ||grad of D(real) w.r.t. the head inputs||^2
+    r1_gamma: float = 1e-4
+    disc_lr: float = 1e-4
+    betas: tuple[float, float] = (0.0, 0.99)  # Adam betas of the student and the discriminator
+    disc_steps: int = 1  # discriminator updates per student update
+    augment: str = "translation,cutout"  # DiffAugment ops, comma-separated ('' for none)
+    backbone: str = "pretrain"  # pretrain (a ViT classifier trained on the dataset, cached) | none | PATH
+    train_backbone: bool = False  # adapt the backbone too (a 'none' backbone always trains)
+    backbone_steps: int = 600  # pretraining steps of a 'pretrain' backbone
+    backbone_patch: int = 2  # architecture of a 'pretrain' / 'none' backbone (a file brings its own)
+    backbone_dim: int = 64
+    backbone_depth: int = 4
+    backbone_heads: int = 4
+    backbone_size: int = 0  # input size of a file backbone (0: its pretraining size)
+    disc_heads: int = 2  # heads on this many evenly spaced backbone blocks
+    disc_head: str = "conv"  # conv | mlp
+    disc_width: int = 64
+    disc_mbstd: int = 4  # minibatch-std channel over same-label samples (groups of this size if unconditional); 0: off
+    spectral_norm: bool = True
+
+    def __post_init__(self):
+        self.student_timesteps = tuple(int(t) for t in self.student_timesteps)
+        self.betas = tuple(self.betas)
 
 
 @dataclass
@@ -71,9 +113,17 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    distill: ADDConfig | None = None  # set on ADD students only
+
+    @property
+    def is_student(self) -> bool:
+        return self.distill is not None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.distill is None:  # teacher configs stay as they were before ADD existed
+            del d["distill"]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -85,11 +135,11 @@ class RunConfig:
         for key, value in d.items():
             if key not in sections:
                 raise ConfigError(f"unknown config section {key!r}")
-            if key == "preset":
+            if key == "preset" or (key == "distill" and value is None):
                 kwargs[key] = value
                 continue
             section_cls = {"model": UNetConfig, "diffusion": DiffusionConfig, "data": DataConfig,
-                           "train": TrainConfig, "sample": SampleConfig}[key]
+                           "train": TrainConfig, "sample": SampleConfig, "distill": ADDConfig}[key]
             kwargs[key] = _build(section_cls, value, key)
         return cls(**kwargs)
 
@@ -143,6 +193,10 @@ PRESETS: dict[str, dict] = {
 # Fashion-MNIST: the MNIST network and settings, trained longer (its classes are harder to tell apart).
 PRESETS["fashion-mnist"] = {**copy.deepcopy(PRESETS["mnist"]), "data": dict(dataset="fashion-mnist")}
 PRESETS["fashion-mnist"]["train"]["steps"] = 30_000
+# The digits teacher for ADD students (`make distill-demo`): the same network and schedule, v-prediction. An
+# eps-prediction teacher's x0 at t = 999 is (x - sqrt(1 - ab) eps) / sqrt(ab), which multiplies its eps error by
+# 1 / sqrt(ab) = 157, so its student starts from a poor 1-step sampler (README, "Few-step students").
+PRESETS["digits-v"] = {**copy.deepcopy(PRESETS["digits"]), "diffusion": dict(prediction="v")}
 
 
 def preset_config(name: str) -> RunConfig:
@@ -165,4 +219,43 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, object]) -> RunConfig:
         if section not in d or not isinstance(d[section], dict) or option not in d[section]:
             raise ConfigError(f"unknown option {key!r}")
         d[section][option] = value
+    return RunConfig.from_dict(d)
+
+
+# Distillation presets: overrides on top of the teacher's config (its model, diffusion and data sections stay).
+# `train` here is the student's loop; `sample` makes `fastdiff sample` use the few-step sampler.
+DISTILL_PRESETS: dict[str, dict] = {
+    "default": {
+        "train": dict(steps=4000, batch_size=64, lr=1e-5, warmup_steps=100, weight_decay=0.0, grad_clip=1.0,
+                      ema_decay=0.999, ckpt_every=500, log_every=50),
+        "distill": dict(),
+        "sample": dict(sampler="student", steps=4, guidance=1.0, eta=0.0),
+    },
+}
+DISTILL_PRESETS["digits"] = {
+    "train": dict(steps=1000, batch_size=64, lr=1e-4, warmup_steps=50, weight_decay=0.0, grad_clip=1.0,
+                  ema_decay=0.999, ckpt_every=250, log_every=50),
+    # Measured on digits-v (README, "Few-step students"): a backbone adapted with the heads beat a frozen one,
+    # and without spectral norm or with r1_gamma 1 the 4-step student was worse.
+    "distill": dict(disc_lr=2e-4, r1_gamma=0.1, train_backbone=True),
+    "sample": dict(sampler="student", steps=4, guidance=1.0, eta=0.0),
+}
+DISTILL_PRESETS["digits-v"] = DISTILL_PRESETS["digits"]
+
+
+def distill_config(teacher_cfg: RunConfig, teacher_path: str, preset: str | None = None) -> RunConfig:
+    """A student run's config: the teacher's model, diffusion and data sections with a distillation preset on top.
+
+    preset None picks the preset named like the teacher's (e.g. digits), else "default".
+    """
+    if teacher_cfg.is_student:
+        raise ConfigError(f"{teacher_path} is itself an ADD student; distil from a DDPM teacher run")
+    name = preset or (teacher_cfg.preset if teacher_cfg.preset in DISTILL_PRESETS else "default")
+    if name not in DISTILL_PRESETS:
+        raise ConfigError(f"unknown distillation preset {name!r}; choose one of: {', '.join(DISTILL_PRESETS)}")
+    d = teacher_cfg.to_dict()
+    d["train"] = asdict(TrainConfig())
+    d["distill"] = asdict(ADDConfig(teacher=str(teacher_path), teacher_guidance=teacher_cfg.sample.guidance))
+    for section, values in DISTILL_PRESETS[name].items():
+        d[section].update(copy.deepcopy(values))
     return RunConfig.from_dict(d)

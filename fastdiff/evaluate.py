@@ -105,8 +105,11 @@ def score_samples(model: Classifier, samples: torch.Tensor, labels: torch.Tensor
 
 def evaluate_run(checkpoint, *, n: int = 1000, sampler: str | None = None, steps: int | None = None,
                  guidance: float | None = None, eta: float | None = None, seed: int = 0, device=None,
-                 batch_size: int = 500, classifier_steps: int = 1500, log=None) -> dict:
-    """Sample n images from a run and score them: FD_cls, its floor, and class-conditional accuracy."""
+                 batch_size: int = 500, classifier_steps: int = 1500, log=None, refine=None) -> dict:
+    """Sample n images from a run and score them: FD_cls, its floor, and class-conditional accuracy.
+
+    refine: a refiner run directory (`fastdiff train-refiner`) applied to the samples.
+    """
     from fastdiff.data import load_dataset
     from fastdiff.sampling import default_labels, generate, load_run
     from fastdiff.train.loop import resolve_device
@@ -119,6 +122,11 @@ def evaluate_run(checkpoint, *, n: int = 1000, sampler: str | None = None, steps
     train = load_dataset(cfg.data.dataset, "train", **kw)
     test = load_dataset(cfg.data.dataset, "test", **kw)
     run_dir = Path(loaded.path).parent.parent
+    if cfg.is_student and Path(cfg.distill.teacher).exists():
+        # score a student with its teacher's cached classifier, so that their FD_cls compare
+        from fastdiff.checkpoint import resolve_checkpoint
+
+        run_dir = resolve_checkpoint(cfg.distill.teacher).parent.parent
     cache = Path(cfg.data.data_dir) if cfg.data.data_dir and Path(cfg.data.data_dir).is_dir() else run_dir
     classifier = load_or_train_classifier(train, cache, device, log, steps=classifier_steps)
     ref = real_reference(classifier, train, test, n, device)
@@ -126,11 +134,16 @@ def evaluate_run(checkpoint, *, n: int = 1000, sampler: str | None = None, steps
     steps = steps or sc.steps
     guidance = sc.guidance if guidance is None else guidance
     labels = default_labels(n, cfg.model.num_classes)
+    refiner = None
+    if refine:
+        from fastdiff.models.refiner import load_refiner
+
+        refiner = load_refiner(refine, device)
     samples, labels, _, seconds = generate(loaded, n=n, seed=seed, sampler=sampler, steps=steps,
                                            eta=sc.eta if eta is None else eta, guidance=guidance, labels=labels,
-                                           batch_size=batch_size, clip=sc.clip, spacing=sc.spacing)
+                                           batch_size=batch_size, clip=sc.clip, spacing=sc.spacing, refiner=refiner)
     result = {"checkpoint": loaded.path, "dataset": cfg.data.dataset, "n": n, "sampler": sampler, "steps": steps,
-              "guidance": guidance if labels is not None else None}
+              "guidance": guidance if labels is not None else None, "refiner": refine}
     result.update(score_samples(classifier, samples, labels, ref, device))
     result["classifier_test_accuracy"] = ref["classifier_test_accuracy"]
     result["images_per_sec"] = n / seconds

@@ -21,13 +21,16 @@ from fastdiff.diffusion import (
     make_timesteps,
     sample_ddim,
     sample_ddpm,
+    sample_student,
     seeds_for,
+    student_table,
+    student_timesteps,
 )
 from fastdiff.diffusion.samplers import StepTable
 from fastdiff.errors import ConfigError
 from fastdiff.models import UNet
 
-SAMPLERS = ("ddim", "ddpm")
+SAMPLERS = ("ddim", "ddpm", "student")
 
 
 @dataclass
@@ -69,15 +72,20 @@ def parse_labels(spec: list[int] | None, n: int, num_classes: int) -> torch.Tens
 @torch.no_grad()
 def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
              guidance: float = 1.0, labels: torch.Tensor | None = None, batch_size: int = 256, clip=1.0,
-             spacing: str = "trailing", callback=None, device=None, accel=None, timings: dict | None = None):
+             spacing: str = "trailing", callback=None, device=None, accel=None, timings: dict | None = None,
+             refiner=None):
     """n samples as float [-1, 1] on the CPU, with their labels, seeds and the sampling time in seconds.
 
+    sampler "student" is the few-step sampler of an ADD student run (1 to len(student_timesteps) steps).
+    refiner (`fastdiff.models.refiner.Refiner`): applied to each batch's output, inside the timed region.
     callback(i, t, x, x0) sees the first batch only (for trajectory figures). `accel` (`fastdiff.accel.AccelOptions`)
     selects the fast paths; None or all-off is the plain loop. `timings`, when given, receives setup_s (compile and
     capture) and sampling_s (the rest).
     """
     if sampler not in SAMPLERS:
         raise ConfigError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+    if sampler == "student" and not loaded.config.is_student:
+        raise ConfigError(f"{loaded.path} is not an ADD student run; sample it with --sampler ddim or ddpm")
     if n < 1:
         raise ConfigError(f"--n must be at least 1, got {n}")
     mc, dc = loaded.config.model, loaded.config.diffusion
@@ -90,7 +98,7 @@ def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = "ddim", st
     if accel is not None and not accel.plain:
         fast = _fast_sampler(loaded, accel, device, shape, guidance, clip)
         table = sampler_table(loaded.schedule, sampler, steps, eta=eta, prediction=dc.prediction, spacing=spacing,
-                              device=device)
+                              device=device, trained_timesteps=_trained_timesteps(loaded))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
@@ -104,8 +112,14 @@ def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = "ddim", st
             x = fast.run(x, table, seeds=s, labels=y, callback=common["callback"])
         elif sampler == "ddim":
             x = sample_ddim(loaded.model, x, loaded.schedule, steps=steps, eta=eta, **common)
+        elif sampler == "student":
+            common.pop("spacing")
+            x = sample_student(loaded.model, x, loaded.schedule, timesteps=_trained_timesteps(loaded),
+                               steps=steps, **common)
         else:
             x = sample_ddpm(loaded.model, x, loaded.schedule, steps=steps, **common)
+        if refiner is not None:
+            x = refiner(x).clamp(-clip, clip) if clip is not None else refiner(x)
         out.append(x.float().cpu())
     seconds = time.perf_counter() - t0
     if timings is not None:
@@ -121,9 +135,20 @@ def _fast_sampler(loaded: Loaded, accel, device, shape, guidance, clip):
                        null_label=loaded.model.null_label, clip=clip, capacity=loaded.schedule.num_timesteps)
 
 
+def _trained_timesteps(loaded: Loaded):
+    return loaded.config.distill.student_timesteps if loaded.config.is_student else None
+
+
 def sampler_table(schedule: NoiseSchedule, sampler: str, steps: int | None, *, eta: float = 0.0,
-                  prediction: str = "eps", spacing: str = "trailing", device=None) -> StepTable:
-    """The StepTable that `sample_ddim` / `sample_ddpm` (fixed-small variance) would run."""
+                  prediction: str = "eps", spacing: str = "trailing", device=None,
+                  trained_timesteps=None) -> StepTable:
+    """The StepTable that `sample_ddim` / `sample_ddpm` (fixed-small variance) / `sample_student` would run.
+
+    sampler "student" needs `trained_timesteps`, the timesteps the student was distilled on.
+    """
+    if sampler == "student":
+        ts = student_timesteps(trained_timesteps, steps)
+        return student_table(schedule, ts, prediction=prediction, device=device)
     ts = make_timesteps(schedule.num_timesteps, steps or schedule.num_timesteps, spacing)
     if sampler == "ddim":
         return ddim_table(schedule, ts, eta=eta, prediction=prediction, device=device)

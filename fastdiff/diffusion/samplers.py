@@ -111,6 +111,38 @@ def ddpm_table(schedule, timesteps, *, variance: str = "fixed_small", prediction
     return _table(timesteps, p, q, A, B, var.sqrt(), device or schedule.device)
 
 
+def student_timesteps(trained, steps: int | None = None) -> torch.Tensor:
+    """The timesteps of a `steps`-step student run: `steps` of its trained timesteps, evenly spread, noisiest first.
+
+    A student distilled on {999, 749, 499, 249} samples with [999] (1 step), [999, 499] (2), [999, 749, 249] (3)
+    or all four; steps=None uses all of them.
+    """
+    ts = torch.as_tensor(list(trained), dtype=torch.int64)
+    if ts.dim() != 1 or len(ts) == 0 or bool((ts[1:] >= ts[:-1]).any()):
+        raise ConfigError(f"student timesteps must be a non-empty, strictly decreasing list, got {ts.tolist()}")
+    k = len(ts) if steps is None else steps
+    if not 1 <= k <= len(ts):
+        raise ConfigError(f"a student distilled on {len(ts)} timesteps {ts.tolist()} samples with 1 to {len(ts)} "
+                          f"steps, not {k}")
+    picks = torch.div(torch.arange(k) * len(ts) + k // 2, k, rounding_mode="floor")
+    return ts[picks]
+
+
+def student_table(schedule, timesteps, *, prediction: str = "v", device=None) -> StepTable:
+    """The few-step ADD sampler (Sauer et al. 2023): predict x0, then re-noise it to the next timestep.
+
+    x_next = sqrt(ab_next) x0 + sqrt(1 - ab_next) z with fresh per-sample noise z, i.e. A = sqrt(ab_next),
+    B = 0, sigma = sqrt(1 - ab_next); after the last step ab_next = 1, so the output is the x0 prediction.
+    """
+    if int(timesteps.max()) >= schedule.num_timesteps or int(timesteps.min()) < 0:
+        raise ConfigError(f"student timesteps {timesteps.tolist()} outside 0..{schedule.num_timesteps - 1}")
+    ab = schedule.alphas_cumprod64[timesteps]
+    ab_next = _prev_alphas_cumprod(schedule, timesteps)
+    p, q = x0_coefficients(check_prediction(prediction), ab)
+    A, B, sigma = ab_next.sqrt(), torch.zeros_like(ab), (1 - ab_next).sqrt()
+    return _table(timesteps, p, q, A, B, sigma, device or schedule.device)
+
+
 def guided(model: Callable, x, t, labels, guidance: float, null_label: int | None):
     """Classifier-free guidance (Ho & Salimans 2022): out = uncond + guidance * (cond - uncond).
 
@@ -178,6 +210,17 @@ def sample_ddpm(
                      clip=clip, callback=callback)
 
 
+def sample_student(
+    model, x, schedule, *, timesteps=(999, 749, 499, 249), steps=None, seeds, labels=None, guidance=1.0,
+    null_label=None, prediction="v", clip=None, callback=None,
+):
+    """A distilled student in 1 to len(timesteps) steps (`student_timesteps` picks which) from initial noise x."""
+    ts = student_timesteps(timesteps, steps)
+    table = student_table(schedule, ts, prediction=prediction, device=x.device)
+    return run_table(model, x, table, seeds=seeds, labels=labels, guidance=guidance, null_label=null_label,
+                     clip=clip, callback=callback)
+
+
 def initial_noise(seeds: torch.Tensor, shape: tuple[int, ...], device=None, dtype=torch.float32) -> torch.Tensor:
     """x_T for each seed: standard normal of `shape` (C, H, W), a pure function of the seed."""
     device = device if device is not None else seeds.device
@@ -193,5 +236,5 @@ def seeds_for(seed: int, n: int) -> torch.Tensor:
 
 __all__ = [
     "SPACINGS", "VARIANCES", "StepTable", "ddim_table", "ddpm_table", "guided", "initial_noise", "make_timesteps",
-    "run_table", "sample_ddim", "sample_ddpm", "seeds_for",
+    "run_table", "sample_ddim", "sample_ddpm", "sample_student", "seeds_for", "student_table", "student_timesteps",
 ]

@@ -170,3 +170,34 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
         raise FastdiffError(f"--resume: {run_dir} holds no checkpoint to resume from; drop --resume to start a run")
     if not resume and has_ckpt:
         raise FastdiffError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+
+
+class IntervalMeter:
+    """Running sums of named loss terms on the device, read once per logging interval (one host sync).
+
+    `read` returns the interval means and the throughput, and stops the run with TrainingDiverged when any
+    term was NaN or infinite during the interval.
+    """
+
+    def __init__(self, names: tuple[str, ...], device: torch.device, start: int):
+        self.names = names
+        self.device = device
+        self.sums = torch.zeros(len(names), device=device)
+        self.start, self.t0 = start, time.perf_counter()
+
+    def add(self, *values: torch.Tensor) -> None:
+        self.sums += torch.stack([v.detach().float() for v in values])
+
+    def read(self, done: int, batch_size: int, last_ckpt: str | None) -> dict:
+        n = done - self.start
+        check_finite(self.sums.sum(), self.start, done, last_ckpt)
+        means = (self.sums / n).tolist()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - self.t0
+        record = dict(zip(self.names, means))
+        record.update(images_per_sec=n * batch_size / dt, sec_per_kimg=dt / (n * batch_size / 1000),
+                      peak_mem_mb=peak_memory_mb(self.device))
+        self.sums.zero_()
+        self.start, self.t0 = done, time.perf_counter()
+        return record

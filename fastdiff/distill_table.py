@@ -1,0 +1,128 @@
+"""The teacher-vs-student table of `make distill-demo`: FD_cls, class-conditional accuracy and images/s of a
+teacher (DDIM 50 and 4 steps) and its ADD student (1, 2 and 4 steps), each without and with a refiner.
+
+Every row is scored with the same evaluation classifier (the teacher's, cached in its run directory) against
+the same held-out images. A refined row reuses its unrefined row's samples; its images/s counts the sampling
+and the refiner's time. Run: python -m fastdiff.distill_table --teacher RUN --student RUN [--refiner RUN].
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fastdiff.checkpoint import resolve_checkpoint, write_json_atomic
+from fastdiff.data import load_dataset
+from fastdiff.errors import ConfigError, FastdiffError
+from fastdiff.evaluate import load_or_train_classifier, real_reference, score_samples
+from fastdiff.sampling import default_labels, generate, load_run
+
+
+def _rows(teacher_steps, student_steps):
+    return [("teacher", "ddim", s) for s in teacher_steps] + [("student", "student", s) for s in student_steps]
+
+
+def compare(teacher, student, refiner=None, *, n: int = 1000, seed: int = 0, teacher_steps=(50, 4),
+            student_steps=(1, 2, 4), batch_size: int = 500, device="cpu", log=None) -> list[dict]:
+    """One record per (model, sampler, steps, refined) row."""
+    from fastdiff.models.refiner import load_refiner
+
+    device = torch.device(device)
+    runs = {"teacher": load_run(teacher, device), "student": load_run(student, device)}
+    if not runs["student"].config.is_student or runs["teacher"].config.is_student:
+        raise ConfigError("--teacher must be a DDPM run and --student an ADD student run")
+    cfg = runs["teacher"].config
+    kw = dict(data_dir=cfg.data.data_dir, image_size=cfg.model.image_size, channels=cfg.model.in_channels)
+    train, test = load_dataset(cfg.data.dataset, "train", **kw), load_dataset(cfg.data.dataset, "test", **kw)
+    cache = resolve_checkpoint(teacher).parent.parent
+    classifier = load_or_train_classifier(train, cache, device, log)
+    reference = real_reference(classifier, train, test, n, device)
+    ref_model = load_refiner(refiner, device) if refiner else None
+    labels = default_labels(n, cfg.model.num_classes)
+    records = []
+    for who, sampler, steps in _rows(teacher_steps, student_steps):
+        loaded = runs[who]
+        sc = loaded.config.sample
+        samples, labels, _, seconds = generate(loaded, n=n, seed=seed, sampler=sampler, steps=steps, eta=0.0,
+                                               guidance=sc.guidance, labels=labels, batch_size=batch_size,
+                                               clip=sc.clip, spacing=sc.spacing)
+        base = {"model": who, "sampler": sampler, "steps": steps, "guidance": sc.guidance, "n": n}
+        records.append({**base, "refined": False, **score_samples(classifier, samples, labels, reference, device),
+                        "images_per_sec": n / seconds})
+        if ref_model is not None:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                refined = torch.cat([ref_model(samples[i:i + batch_size].to(device)).cpu()
+                                     for i in range(0, n, batch_size)]).clamp(-1, 1)
+            extra = time.perf_counter() - t0
+            records.append({**base, "refined": True, **score_samples(classifier, refined, labels, reference, device),
+                            "images_per_sec": n / (seconds + extra)})
+        if log:
+            r = records[-1]
+            log(f"{who} {sampler} {steps} steps: FD_cls {records[-1 - (ref_model is not None)]['fd_cls']:.3f}"
+                + (f", refined {r['fd_cls']:.3f}" if ref_model is not None else ""))
+    return records
+
+
+def markdown(records: list[dict]) -> str:
+    lines = ["| model | sampler | steps | refiner | FD_cls | FD_cls / floor | accuracy | images/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        acc = f"{100 * r['cond_accuracy']:.1f}%" if "cond_accuracy" in r else "-"
+        sampler = f"{r['sampler']} (guidance {r['guidance']:g})" if r["guidance"] != 1 else r["sampler"]
+        lines.append(f"| {r['model']} | {sampler} | {r['steps']} | {'yes' if r['refined'] else 'no'} | "
+                     f"{r['fd_cls']:.3f} | {r['fd_ratio']:.2f} | {acc} | {r['images_per_sec']:.0f} |")
+    floor = records[0]["fd_cls_floor"]
+    lines.append(f"\nFD_cls real-vs-real floor: {floor:.3f} ({records[0]['n']} samples per row).")
+    return "\n".join(lines)
+
+
+def targets(records: list[dict]) -> dict:
+    """The issue's acceptance checks on the unrefined rows."""
+    fd = {(r["model"], r["steps"]): r for r in records if not r["refined"]}
+    t50, t4 = fd[("teacher", 50)]["fd_cls"], fd[("teacher", 4)]["fd_cls"]
+    s1, s4 = fd[("student", 1)], fd[("student", 4)]
+    return {"student4_within_1.5x_teacher50": s4["fd_cls"] <= 1.5 * t50,
+            "student1_below_teacher_ddim4": s1["fd_cls"] < t4,
+            "student4_accuracy_at_least_85": s4.get("cond_accuracy", 0.0) >= 0.85}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastdiff.distill_table", description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--student", required=True)
+    p.add_argument("--refiner", help="a refiner run (fastdiff train-refiner) to add refined rows")
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the table (markdown) here and the records beside it as .json")
+    args = p.parse_args(argv)
+    try:
+        records = compare(args.teacher, args.student, args.refiner, n=args.n, seed=args.seed,
+                          log=lambda s: print(s, file=sys.stderr))
+    except FastdiffError as e:
+        print(f"distill_table: error: {e}", file=sys.stderr)
+        return 2
+    table = markdown(records)
+    checks = targets(records)
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or
+            platform.machine(), "targets": checks}
+    print(table)
+    print("targets: " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in checks.items()))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table + "\n")
+        write_json_atomic(out.with_suffix(".json"), {"rows": records, **meta})
+    else:
+        print(json.dumps({"rows": records, **meta}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

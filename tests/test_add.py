@@ -1,0 +1,269 @@
+"""ADD: loss signs, where gradients go, the few-step sampler, and a tiny distillation run end to end on the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fastdiff import checkpoint as ckpt
+from fastdiff.cli import main
+from fastdiff.config import apply_overrides, distill_config, preset_config
+from fastdiff.diffusion import NoiseSchedule, initial_noise, sample_student, seeds_for, student_table
+from fastdiff.diffusion.parameterization import x0_coefficients
+from fastdiff.diffusion.samplers import student_timesteps
+from fastdiff.errors import ConfigError
+from fastdiff.models import UNet, UNetConfig
+from fastdiff.models.discriminator import Discriminator
+from fastdiff.models.vit import ViT, ViTConfig
+from fastdiff.sampling import load_run, sampler_table
+from fastdiff.train import train_add, train_ddpm
+from fastdiff.train.add_losses import (
+    c_of_t,
+    discriminator_logits,
+    discriminator_loss,
+    distillation_loss,
+    hinge_discriminator_loss,
+    hinge_generator_loss,
+    r1_penalty,
+    student_x0,
+)
+
+TINY_UNET = UNetConfig(image_size=8, in_channels=1, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                       attn_resolutions=(), dropout=0.0, num_groups=4, num_classes=10)
+
+
+def test_hinge_signs():
+    good_real, good_fake = [torch.full((4, 3), 2.0)], [torch.full((4, 3), -2.0)]
+    assert hinge_discriminator_loss(good_real, good_fake) == 0  # beyond the margin on both sides
+    assert hinge_discriminator_loss(good_fake, good_real) == 6  # relu(1+2) + relu(1+2)
+    assert hinge_discriminator_loss([torch.zeros(4, 3)], [torch.zeros(4, 3)]) == 2
+    # The generator gains (loss falls) when D scores its images as more real.
+    assert hinge_generator_loss([torch.full((4, 3), 1.0)]) < hinge_generator_loss([torch.full((4, 3), -1.0)])
+    assert hinge_generator_loss([torch.full((2, 2), 0.5), torch.full((2, 2), 1.5)]) == -1.0
+
+
+def test_r1_penalty_of_a_linear_head():
+    """D_b = mean_tokens(f_b @ w): the gradient is w / n at every token, so ||grad||^2 = |w|^2 / n."""
+    f = torch.randn(3, 5, 4, requires_grad=True)
+    w = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    r1 = r1_penalty([f @ w], [f])
+    torch.testing.assert_close(r1, w.pow(2).sum() / 5)
+
+
+def test_c_of_t_and_distillation_gradient():
+    sched = NoiseSchedule("linear")
+    ab = sched.alphas_cumprod[torch.tensor([0, 999])]
+    torch.testing.assert_close(c_of_t("sqrt_ab", ab), ab.sqrt())
+    with pytest.raises(ConfigError, match="unknown distillation weighting"):
+        c_of_t("lpips", ab)
+    # A teacher predicting x0 = 0 everywhere: the loss is mean(c(t) * mean(x0_s^2)) and its gradient reaches x0_s
+    # only through the first term (the teacher's input is detached).
+    calls = []
+
+    def teacher(x, t, labels):
+        calls.append(x.requires_grad)
+        return torch.zeros_like(x)
+
+    x0_s = torch.randn(6, 1, 8, 8, requires_grad=True)
+    loss = distillation_loss(teacher, sched, x0_s, None, torch.Generator().manual_seed(0), prediction="x0",
+                             t_min=0, t_max=999, weighting="none")
+    torch.testing.assert_close(loss, x0_s.pow(2).mean())
+    loss.backward()
+    torch.testing.assert_close(x0_s.grad, 2 * x0_s.detach() / x0_s.numel())
+    assert calls == [False]
+
+
+def _tiny_setup(train_backbone=False):
+    torch.manual_seed(0)
+    teacher = UNet(TINY_UNET).eval().requires_grad_(False)
+    student = UNet(TINY_UNET)
+    student.load_state_dict(teacher.state_dict())
+    vit = ViT(ViTConfig(image_size=8, in_channels=1, patch_size=2, dim=16, depth=2, num_heads=2))
+    disc = Discriminator(vit, 10, num_heads=2, width=8, train_backbone=train_backbone)
+    return teacher, student, disc, NoiseSchedule("linear")
+
+
+def test_generator_step_gradients_reach_only_the_student():
+    teacher, student, disc, sched = _tiny_setup()
+    g = torch.Generator().manual_seed(0)
+    x0, labels = torch.rand(4, 1, 8, 8) * 2 - 1, torch.tensor([1, 2, 3, 4])
+    disc.set_trainable(False)
+    x0_s, s = student_x0(student, sched, x0, labels, torch.tensor([999, 499]), g, prediction="v")
+    assert set(s.tolist()) <= {999, 499}
+    adv = hinge_generator_loss(discriminator_logits(disc, x0_s, labels, ("translation",), g))
+    dist = distillation_loss(teacher, sched, x0_s, labels, g, prediction="v", t_min=0, t_max=999, guidance=2.0,
+                             null_label=teacher.null_label)
+    (adv + 2.5 * dist).backward()
+    assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert all(p.grad is None for p in disc.parameters())
+
+
+@pytest.mark.parametrize("train_backbone", [False, True])
+def test_discriminator_step_gradients(train_backbone):
+    teacher, student, disc, sched = _tiny_setup(train_backbone)
+    g = torch.Generator().manual_seed(1)
+    x_real, labels = torch.rand(4, 1, 8, 8) * 2 - 1, torch.tensor([1, 2, 3, 4])
+    x_fake = student_x0(student, sched, x_real, labels, torch.tensor([999]), g, prediction="v")[0]
+    loss, parts = discriminator_loss(disc, x_real, x_fake, labels, g, augment=("translation", "cutout"),
+                                     r1_gamma=1.0)
+    loss.backward()
+    assert parts["r1"] > 0 and torch.isfinite(loss)
+    assert all(p.grad is not None for p in disc.heads.parameters())
+    used = list(disc.backbone.blocks.parameters()) + list(disc.backbone.patch.parameters())  # not the final norm
+    assert all((p.grad is not None) == train_backbone for p in used)
+    assert all(p.grad is None for p in student.parameters()), "the fake images reach D detached"
+
+
+def test_student_table_coefficients():
+    sched = NoiseSchedule("linear")
+    ts = student_timesteps((999, 749, 499, 249), 4)
+    table = student_table(sched, ts, prediction="v")
+    ab = sched.alphas_cumprod64
+    p, q, A, B, sigma = table.coefs.double().unbind(1)
+    ab_next = torch.cat([ab[ts[1:]], torch.ones(1, dtype=torch.float64)])
+    torch.testing.assert_close(A, ab_next.sqrt(), check_dtype=False)
+    torch.testing.assert_close(sigma, (1 - ab_next).sqrt(), check_dtype=False)
+    assert B.abs().max() == 0 and A[-1] == 1 and sigma[-1] == 0
+    assert student_timesteps((999, 749, 499, 249), 1).tolist() == [999]
+    assert student_timesteps((999, 749, 499, 249), 2).tolist() == [999, 499]
+    with pytest.raises(ConfigError, match="1 to 4 steps"):
+        student_timesteps((999, 749, 499, 249), 5)
+    with pytest.raises(ConfigError, match="strictly decreasing"):
+        student_timesteps((249, 999))
+
+
+def test_sampler_table_of_a_student_is_the_student_table():
+    """The table the fast (graphed) sampler runs for `--sampler student` is the plain loop's."""
+    sched = NoiseSchedule("linear")
+    table = sampler_table(sched, "student", 2, prediction="v", trained_timesteps=(999, 749, 499, 249))
+    ref = student_table(sched, torch.tensor([999, 499]), prediction="v")
+    assert torch.equal(table.timesteps, ref.timesteps) and torch.equal(table.coefs, ref.coefs)
+
+
+def test_student_sampler_renoises_the_x0_prediction():
+    """An x0-model that always predicts c: every step re-noises c to the next timestep with the sample's own
+    noise (mean sqrt(ab) c, variance 1 - ab), and the output after the last step is c exactly."""
+    sched = NoiseSchedule("linear")
+    c = 0.3
+    seen = []
+
+    def model(x, t, labels):
+        seen.append((int(t[0]), x.clone()))
+        return torch.full_like(x, c)
+
+    seeds = seeds_for(0, 4096)
+    x = sample_student(model, initial_noise(seeds, (1, 2, 2)), sched, steps=3, seeds=seeds, prediction="x0")
+    torch.testing.assert_close(x, torch.full_like(x, c))
+    assert [t for t, _ in seen] == [999, 749, 249]
+    for t, xt in seen[1:]:
+        ab = float(sched.alphas_cumprod64[t])
+        assert abs(xt.mean().item() - ab**0.5 * c) < 0.03 and abs(xt.var().item() - (1 - ab)) < 0.03
+    # Sample k's re-noising depends only on its seed: the first 3 again, alone, see the same inputs.
+    full = [xt for _, xt in seen]
+    seen.clear()
+    sample_student(model, initial_noise(seeds[:3], (1, 2, 2)), sched, steps=3, seeds=seeds[:3], prediction="x0")
+    for (_, xt), ref in zip(seen, full):
+        torch.testing.assert_close(xt, ref[:3])
+
+
+def test_eps_prediction_amplifies_x0_error_at_the_noisiest_step():
+    """Why few-step students use v-prediction: at t = 999 of the linear schedule a unit error in the network
+    output moves eps-prediction's x0 by sqrt(1-ab)/sqrt(ab) ~ 157, but v-prediction's by sqrt(1-ab) < 1."""
+    ab = NoiseSchedule("linear").alphas_cumprod64[torch.tensor([999, 249])]
+    _, q_eps = x0_coefficients("eps", ab)
+    _, q_v = x0_coefficients("v", ab)
+    assert q_eps[0].abs() > 150 and q_v.abs().max() < 1
+    ab_z = NoiseSchedule("linear", zero_terminal_snr=True).alphas_cumprod64[999:]
+    p, q = x0_coefficients("v", ab_z)  # zero terminal SNR: x0 = -v exactly
+    assert p.item() == 0 and q.item() == -1
+    with pytest.raises(ConfigError, match="zero terminal SNR"):
+        x0_coefficients("eps", ab_z)
+
+
+TINY = ["--batch-size", "16", "--log-every", "2", "--ckpt-every", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def student_run(tmp_path_factory):
+    """A tiny v-prediction teacher (2 DDPM steps) and a student distilled from it for 2 steps on the CLI."""
+    root = tmp_path_factory.mktemp("add")
+    tiny = {"model.base_channels": 16, "model.num_groups": 4, "train.batch_size": 16, "train.steps": 2,
+            "train.ckpt_every": 2, "diffusion.prediction": "v"}
+    train_ddpm(apply_overrides(preset_config("digits"), tiny), root / "teacher", progress=False, echo=lambda s: None)
+    assert main(["distill", "--teacher", str(root / "teacher"), "--out", str(root / "student"), "--steps", "2",
+                 "--backbone-steps", "3", "--r1-gamma", "0.1", *TINY]) == 0
+    return root
+
+
+def test_distill_cli_end_to_end(student_run, capsys):
+    run = student_run / "student"
+    state = json.loads((ckpt.latest_checkpoint(run) / "state.json").read_text())
+    config = json.loads((run / "config.json").read_text())
+    assert state["kind"] == "add-student" and state["student_timesteps"] == [999, 749, 499, 249]
+    assert config["distill"]["student_timesteps"] == [999, 749, 499, 249] and config["sample"]["sampler"] == "student"
+    stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    assert {"g_adv", "distill", "d_loss", "r1", "d_real", "d_fake", "images_per_sec"} <= set(stats[-1])
+    assert list((student_run / "teacher").glob("vit-digits-*.safetensors")), "the pretrained backbone is cached"
+    # `fastdiff sample` on the student uses the few-step sampler by itself; --steps picks 1 to 4.
+    capsys.readouterr()
+    for steps, expected in ((None, 4), ("1", 1)):
+        extra = ["--steps", steps] if steps else []
+        assert main(["sample", "--checkpoint", str(run), "--n", "10", "--out", str(run / "s.png"), *extra]) == 0
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert result["sampler"] == "student" and result["steps"] == expected
+        assert np.isfinite(np.load(run / "s.npz")["samples"]).all()
+
+
+def test_distill_resume_continues_exactly(student_run):
+    """Killed after step 1 (its config said 1) and resumed to 2 == 2 steps in one go; a trained random backbone."""
+    root = student_run
+    over = {"train.steps": 2, "train.batch_size": 8, "train.log_every": 1, "train.ckpt_every": 1,
+            "distill.backbone": "none", "distill.backbone_dim": 16, "distill.backbone_depth": 2,
+            "distill.backbone_heads": 2, "distill.disc_width": 8, "distill.r1_gamma": 0.1}
+    cfg = apply_overrides(distill_config(load_run(root / "teacher", "cpu").config, str(root / "teacher")), over)
+    quiet = dict(progress=False, echo=lambda s: None)
+    train_add(cfg, root / "a", **quiet)
+    train_add(apply_overrides(cfg, {"train.steps": 1}), root / "b", **quiet)
+    train_add(cfg, root / "b", resume=True, **quiet)
+    a, b = ckpt.latest_checkpoint(root / "a"), ckpt.latest_checkpoint(root / "b")
+    assert a.name == b.name == "step-000000002"
+    for name in ("model", "ema", "disc", "optimizer", "disc_optimizer"):
+        ta, tb = ckpt.load_tensors(a, name), ckpt.load_tensors(b, name)
+        assert ta.keys() == tb.keys() and any(k.startswith("backbone.") for k in ckpt.load_tensors(a, "disc"))
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), f"{name}.{k} differs after resume"
+    assert "no backbone checkpoint" in (root / "a" / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["distill", "--out", "{tmp}/s"], "needs --teacher"),
+    (["distill", "--teacher", "{tmp}/missing", "--out", "{tmp}/s"], "does not exist"),
+    (["distill", "--teacher", "{root}/student", "--out", "{tmp}/s"], "is itself an ADD student"),
+    (["distill", "--teacher", "{root}/teacher", "--out", "{tmp}/s", "--backbone", "{tmp}/none.pth", *TINY],
+     "backbone file"),
+    (["distill", "--out", "{root}/student", "--resume", "--r1-gamma", "1"], "cannot change on --resume"),
+    (["sample", "--checkpoint", "{root}/teacher", "--sampler", "student", "--out", "{tmp}/x.png"],
+     "not an ADD student run"),
+    (["sample", "--checkpoint", "{root}/student", "--steps", "5", "--out", "{tmp}/x.png"], "1 to 4 steps"),
+])
+def test_distill_errors_are_one_line(args, message, student_run, tmp_path, capsys):
+    args = [a.format(tmp=tmp_path, root=student_run) for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_refiner_trains_and_applies(student_run, capsys):
+    run, ref = student_run / "student", student_run / "refiner"
+    assert main(["train-refiner", "--checkpoint", str(run), "--out", str(ref), "--steps", "3", "--batch-size", "8",
+                 "--base-channels", "8"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["step"] == 3 and np.isfinite(record["loss"])
+    assert main(["sample", "--checkpoint", str(run), "--n", "4", "--refine", str(ref), "--out",
+                 str(ref / "r.png")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["refiner"] == str(ref)
+    assert main(["sample", "--checkpoint", str(run), "--n", "4", "--refine", str(run), "--out",
+                 str(ref / "r.png")]) == 2
+    assert "not a refiner run" in capsys.readouterr().err
