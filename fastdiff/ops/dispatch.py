@@ -9,7 +9,6 @@ The choice is made in Python at call (or trace) time, so torch.compile bakes it 
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -24,9 +23,12 @@ _native._load()
 BACKENDS = ("torch", "triton", "native")
 
 
-@functools.cache
+# Probed once at import for the same reason (Dynamo would trace through a functools.cache wrapper).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def triton_interpreting() -> bool:
