@@ -54,11 +54,12 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return xp.permute(0, 2, 3, 1)[idx_b, rows.view(b, h, 1), cols.view(b, 1, w)].permute(0, 3, 1, 2)
 
 
-def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int, *, steps: int = 1500,
-                     batch_size: int = 128, lr: float = 2e-3, seed: int = 0, device="cpu", log=None) -> Classifier:
-    """images: float in [-1, 1], [N, C, H, W]."""
-    torch.manual_seed(seed)
-    model = Classifier(ClassifierConfig(images.shape[1], num_classes)).to(device)
+def fit_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, steps: int, batch_size: int,
+                   lr: float, seed: int, log=None, name: str = "classifier") -> nn.Module:
+    """Train `model` (already on its device) to classify images in [-1, 1], [N, C, H, W]: AdamW with a one-cycle
+    schedule, random translations, label smoothing 0.1, batches drawn from a generator seeded by `seed`. Returns
+    it in eval mode. Shared by the evaluation classifier and the ADD discriminator's ViT backbone."""
+    device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)
@@ -72,5 +73,13 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
         opt.step()
         sched.step()
         if log and (step + 1) % 500 == 0:
-            log(f"classifier step {step + 1}/{steps} loss {loss.item():.3f}")
+            log(f"{name} step {step + 1}/{steps} loss {loss.item():.3f}")
     return model.eval()
+
+
+def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int, *, steps: int = 1500,
+                     batch_size: int = 128, lr: float = 2e-3, seed: int = 0, device="cpu", log=None) -> Classifier:
+    """images: float in [-1, 1], [N, C, H, W]."""
+    torch.manual_seed(seed)
+    model = Classifier(ClassifierConfig(images.shape[1], num_classes)).to(device)
+    return fit_classifier(model, images, labels, steps=steps, batch_size=batch_size, lr=lr, seed=seed, log=log)

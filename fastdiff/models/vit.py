@@ -280,25 +280,12 @@ def load_vit_file(path, *, image_size: int | None = None, num_heads: int | None 
 def pretrain_vit(images: torch.Tensor, labels: torch.Tensor, cfg: ViTConfig, *, steps: int = 1500,
                  batch_size: int = 128, lr: float = 1e-3, seed: int = 0, device="cpu", log=None) -> ViT:
     """Train a ViT classifier on images in [-1, 1] (random translations, label smoothing); returns it in eval."""
-    from fastdiff.models.classifier import _augment
+    from fastdiff.models.classifier import fit_classifier
 
     torch.manual_seed(seed)
     model = ViT(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for step in range(steps):
-        idx = torch.randint(0, len(images), (batch_size,), generator=gen)
-        x = _augment(images[idx], gen).to(device)
-        loss = F.cross_entropy(model(x), labels[idx].to(device), label_smoothing=0.1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if log and (step + 1) % 500 == 0:
-            log(f"ViT backbone step {step + 1}/{steps} loss {loss.item():.3f}")
-    return model.eval()
+    return fit_classifier(model, images, labels, steps=steps, batch_size=batch_size, lr=lr, seed=seed, log=log,
+                          name="ViT backbone")
 
 
 def _load_cached(path: Path, meta_path: Path) -> ViT:
