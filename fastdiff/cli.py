@@ -72,21 +72,34 @@ TRAIN_FLAGS = {  # CLI dest -> config key
 RESUMABLE = {"steps", "ckpt_every", "log_every", "data_dir", "channels_last"}
 
 
+def _flags(names) -> str:
+    return ", ".join("--" + k.replace("_", "-") for k in sorted(names))
+
+
+def _resumed_config(args, given: dict, resumable: set, not_on_resume: dict):
+    """The run's saved config when `--resume` finds one in --out (None otherwise), after checking that no flag
+    in `not_on_resume` is given and that `given` changes only `resumable` flags (any other change would make the
+    checkpoint and the config disagree)."""
+    from fastdiff.config import RunConfig
+
+    saved = Path(args.out) / "config.json"
+    if not (args.resume and saved.exists()):
+        return None
+    extra = [k for k, v in not_on_resume.items() if v]
+    if extra:
+        raise ConfigError(f"--resume continues the run with its own config; drop {_flags(extra)}")
+    changed = set(given) - resumable
+    if changed:
+        raise ConfigError(f"{_flags(changed)} cannot change on --resume (only {_flags(resumable)} can)")
+    return RunConfig.from_dict(json.loads(saved.read_text()))
+
+
 def resolve_train_config(args):
-    from fastdiff.config import RunConfig, apply_overrides, preset_config
+    from fastdiff.config import apply_overrides, preset_config
 
     given = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
-    saved = Path(args.out) / "config.json"
-    if args.resume and saved.exists():
-        if args.preset:
-            raise ConfigError("--resume continues the run with its own config; drop --preset")
-        changed = sorted(set(given) - RESUMABLE)
-        if changed:
-            flags = ", ".join("--" + k.replace("_", "-") for k in changed)
-            raise ConfigError(f"{flags} cannot change on --resume (only --steps, --ckpt-every, --log-every, "
-                              "--data-dir can)")
-        cfg = RunConfig.from_dict(json.loads(saved.read_text()))
-    else:
+    cfg = _resumed_config(args, given, RESUMABLE, {"preset": args.preset})
+    if cfg is None:
         cfg = preset_config(args.preset or "digits")
     return apply_overrides(cfg, {TRAIN_FLAGS[k]: v for k, v in given.items()})
 
@@ -165,16 +178,8 @@ def resolve_distill_config(args):
     from fastdiff.config import RunConfig, apply_overrides, distill_config
 
     given = {k: getattr(args, k) for k in DISTILL_FLAGS if getattr(args, k) is not None}
-    saved = Path(args.out) / "config.json"
-    if args.resume and saved.exists():
-        if args.preset or args.teacher:
-            raise ConfigError("--resume continues the student run with its own config; drop --preset and --teacher")
-        changed = sorted(set(given) - DISTILL_RESUMABLE)
-        if changed:
-            flags = ", ".join("--" + k.replace("_", "-") for k in changed)
-            raise ConfigError(f"{flags} cannot change on --resume (only --steps, --ckpt-every, --log-every can)")
-        cfg = RunConfig.from_dict(json.loads(saved.read_text()))
-    else:
+    cfg = _resumed_config(args, given, DISTILL_RESUMABLE, {"preset": args.preset, "teacher": args.teacher})
+    if cfg is None:
         if not args.teacher:
             raise ConfigError("fastdiff distill needs --teacher RUN_DIR (a run trained with fastdiff train)")
         path = ckpt.resolve_checkpoint(args.teacher)
