@@ -22,17 +22,19 @@ HEAD_KINDS = ("conv", "mlp")
 AUGMENTS = ("translation", "cutout", "brightness", "contrast")
 
 
-def minibatch_std(tokens: torch.Tensor, group: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+def minibatch_std(tokens: torch.Tensor, group: int, labels: torch.Tensor | None = None,
+                  num_classes: int = 0) -> torch.Tensor:
     """Append one channel (Karras et al. 2018, sec. 3): the standard deviation of every token feature over a set
     of samples, averaged over the features, so that D can see a lack of variety.
 
     The set is the samples of the batch with the same label (class-conditional D), or else groups of `group`
-    samples. Real and generated images go through D in separate batches, so their sets never mix.
+    samples. Real and generated images go through D in separate batches, so their sets never mix. With labels,
+    `num_classes` (> every label) sizes the one-hot without reading the labels on the host.
     """
     b, n, d = tokens.shape
     x = tokens.float()
     if labels is not None:
-        onehot = F.one_hot(labels, int(labels.max()) + 1).float()  # [b, classes]
+        onehot = F.one_hot(labels, num_classes).float()  # [b, classes]
         count = onehot.sum(0).clamp(min=1)
         mean = (onehot.T @ x.flatten(1)) / count[:, None]  # per-class means [classes, n*d]
         var = (onehot.T @ x.flatten(1).pow(2)) / count[:, None] - mean.pow(2)
@@ -69,7 +71,8 @@ class DiscHead(nn.Module):
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         if self.mbstd_group > 0:
-            tokens = minibatch_std(tokens, self.mbstd_group, labels if self.embed is not None else None)
+            tokens = minibatch_std(tokens, self.mbstd_group, labels if self.embed is not None else None,
+                                   self.embed.num_embeddings if self.embed is not None else 0)
         b, n, d = tokens.shape
         if self.kind == "conv":
             h = tokens.transpose(1, 2).reshape(b, d, self.grid, self.grid)

@@ -9,7 +9,6 @@ optional: `fastdiff sample --refine RUN_DIR`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -143,8 +142,3 @@ def load_refiner(run_dir, device="cpu") -> Refiner:
         raise CheckpointError(f"{path}/config.json is not a refiner config ({e})") from None
     ckpt.load_model_weights(model, ckpt.load_tensors(path, "model"), path)
     return model.to(device).eval().requires_grad_(False)
-
-
-def refiner_info(run_dir) -> dict:
-    """The training settings of a refiner run (for reports)."""
-    return json.loads((Path(run_dir) / "config.json").read_text())["refiner"]

@@ -110,6 +110,9 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.ln = nn.LayerNorm(cfg.dim, eps=1e-6)
         self.head = nn.Linear(cfg.dim, cfg.num_classes) if cfg.num_classes else None
+        # The backbone's input normalisation (timm / DINO files), kept on the model's device: not in state_dict.
+        self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(1, -1, 1, 1), persistent=False)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Resize, match channels (grey <-> RGB) and normalise images in [-1, 1] for this backbone."""
@@ -124,9 +127,7 @@ class ViT(nn.Module):
             else:
                 raise ConfigError(f"the ViT takes {cfg.in_channels}-channel images, got {x.shape[1]} channels")
         if cfg.pixel_mean:
-            mean = torch.tensor(cfg.pixel_mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-            std = torch.tensor(cfg.pixel_std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-            x = ((x + 1) / 2 - mean) / std
+            x = ((x + 1) / 2 - self.pixel_mean.to(x.dtype)) / self.pixel_std.to(x.dtype)
         return x
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:

@@ -164,7 +164,7 @@ class _State:
         self.step, self.images_seen = state["step"], state["images_seen"]
 
 
-def _generator_update(st: _State, cfg: RunConfig, schedule, x0, labels, ts, augment, gen, device):
+def _generator_update(st: _State, cfg: RunConfig, schedule, x0, labels, ts, augment, gen):
     tc, dc = cfg.train, cfg.distill
     st.disc.set_trainable(False)  # the adversarial gradient reaches the student only
     x0_s, _ = student_x0(st.student, schedule, x0, labels, ts, gen, prediction=cfg.diffusion.prediction,
@@ -203,7 +203,7 @@ def train_step(st: _State, cfg: RunConfig, schedule, data, batcher, ts, augment,
     torch.manual_seed(mix_seed(tc.seed, st.step, stream=1))  # dropout masks
     x0, labels = data.batch(batcher.indices(st.step), device)
     labels = labels if cfg.model.num_classes else None
-    x_fake, loss, g_adv, dist = _generator_update(st, cfg, schedule, x0, labels, ts, augment, gen, device)
+    x_fake, loss, g_adv, dist = _generator_update(st, cfg, schedule, x0, labels, ts, augment, gen)
     for k in range(cfg.distill.disc_steps):
         if k > 0:  # further discriminator steps see fresh student outputs
             with torch.no_grad():
