@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 import sys
 from typing import Callable
 
@@ -241,12 +240,8 @@ def gpu_rows(device="cuda", quick: bool = False) -> list[dict]:
 
 
 def _gpu_op_rows(op: str, impls: dict, call: Callable, nbytes: int, shape: list, device) -> list[dict]:
-    env = os.environ.pop("FASTDIFF_BACKEND", None)  # the Triton provider is fastdiff.ops' own choice on CUDA
-    try:
+    with ops_backend(None):  # the Triton provider is fastdiff.ops' own choice on CUDA
         timings = {name: time_fn(lambda f=f: call(f), device) for name, f in impls.items() if f is not None}
-    finally:
-        if env is not None:
-            os.environ["FASTDIFF_BACKEND"] = env
     base = {"suite": "native", "device": torch.cuda.get_device_name(device), "kind": "op", "op": op, "shape": shape,
             "dtype": "float32"}
     rows = _rows(timings, base)

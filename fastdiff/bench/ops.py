@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from fastdiff import reference
+from fastdiff.bench.report import git_commit
 from fastdiff.bench.timing import copy_bandwidth_gbs, time_fn
 
 PROVIDERS = ("torch-eager", "torch-compile", "fastdiff-triton", "fastdiff-native")
@@ -257,17 +258,7 @@ def main(ops, argv=None) -> dict:
     args = ap.parse_args(argv)
     rows = run_op_benchmarks(args.device, quick=args.quick, ops=ops)
     print(format_table(rows))
-    doc = {"benchmark": list(ops), "quick": args.quick, "environment": collect(), "git": _git_commit(), "rows": rows}
+    doc = {"benchmark": list(ops), "quick": args.quick, "environment": collect(), "git": git_commit()["commit"],
+           "rows": rows}
     print(json.dumps(doc, default=str))
     return doc
-
-
-def _git_commit() -> str | None:
-    import subprocess
-    from pathlib import Path
-
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None

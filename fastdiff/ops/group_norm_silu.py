@@ -8,6 +8,8 @@ and a statistics pass runs first (two reads, one write). Statistics are float32,
 (1e3 with std 1) costs no precision.
 """
 
+import functools
+
 import torch
 
 from fastdiff import reference
@@ -190,7 +192,12 @@ def _plan(N: int, C: int, HW: int, G: int, max_fused: int, chunk: int, num_sms: 
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 0
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _check_groups(x, num_groups: int) -> None:
@@ -207,10 +214,10 @@ def group_norm_silu_fwd(x, weight, bias, num_groups: int, eps: float, max_fused:
     check_launchable(x)
     _check_groups(x, num_groups)
     y = torch.empty_like(x)
-    if _group_strides(x) is None or y.stride() != x.stride():  # rare layouts: run contiguous, copy back
+    strides = _group_strides(x)
+    if strides is None or y.stride() != x.stride():  # rare layouts: run contiguous, copy back
         y_c, mean, rstd = group_norm_silu_fwd(x.contiguous(), weight, bias, num_groups, eps, max_fused, chunk)
         return y.copy_(y_c), mean, rstd
-    strides = _group_strides(x)
     N, C, H, W = x.shape
     HW = H * W
     mean = torch.empty(N * num_groups, device=x.device, dtype=torch.float32)
@@ -235,10 +242,10 @@ def group_norm_silu_bwd(dy, x, weight, bias, mean, rstd, num_groups: int, max_fu
     """Launch the backward; returns (dx, dweight, dbias), the last two empty when weight / bias is None."""
     check_launchable(x)
     dx = torch.empty_like(x)
-    if _group_strides(x) is None or dx.stride() != x.stride():  # rare layouts: run contiguous, copy back
+    strides = _group_strides(x)
+    if strides is None or dx.stride() != x.stride():  # rare layouts: run contiguous, copy back
         dx_c, dw, db = group_norm_silu_bwd(dy, x.contiguous(), weight, bias, mean, rstd, num_groups, max_fused, chunk)
         return dx.copy_(dx_c), dw, db
-    strides = _group_strides(x)
     if dy.stride() != x.stride():
         dy = torch.empty_like(x).copy_(dy)
     N, C, H, W = x.shape

@@ -161,7 +161,6 @@ class _SamplerStep(torch.autograd.Function):
         ctx.save_for_backward(x, model_out, p, q, A, B, sigma, seeds)
         ctx.step, ctx.clip = step, clip
         x_prev, x0 = _sampler_step_fwd(x, model_out, p, q, A, B, sigma, seeds, step, clip, True)
-        ctx.mark_non_differentiable(seeds)
         return x_prev, x0
 
     @staticmethod
