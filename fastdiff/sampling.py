@@ -19,9 +19,7 @@ from fastdiff.diffusion import (
     ddpm_table,
     initial_noise,
     make_timesteps,
-    sample_ddim,
-    sample_ddpm,
-    sample_student,
+    run_table,
     seeds_for,
     student_table,
     student_timesteps,
@@ -94,11 +92,11 @@ def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = "ddim", st
     shape = (mc.in_channels, mc.image_size, mc.image_size)
     null = loaded.model.null_label
     out = []
-    fast = table = None
+    table = sampler_table(loaded.schedule, sampler, steps, eta=eta, prediction=dc.prediction, spacing=spacing,
+                          device=device, trained_timesteps=_trained_timesteps(loaded))
+    fast = None
     if accel is not None and not accel.plain:
         fast = _fast_sampler(loaded, accel, device, shape, guidance, clip)
-        table = sampler_table(loaded.schedule, sampler, steps, eta=eta, prediction=dc.prediction, spacing=spacing,
-                              device=device, trained_timesteps=_trained_timesteps(loaded))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
@@ -106,18 +104,12 @@ def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = "ddim", st
         s = seeds[start : start + batch_size].to(device)
         y = labels[start : start + batch_size].to(device) if labels is not None else None
         x = initial_noise(s, shape, device)
-        common = dict(seeds=s, labels=y, guidance=guidance, null_label=null, prediction=dc.prediction, clip=clip,
-                      spacing=spacing, callback=callback if start == 0 else None)
+        cb = callback if start == 0 else None
         if fast is not None:
-            x = fast.run(x, table, seeds=s, labels=y, callback=common["callback"])
-        elif sampler == "ddim":
-            x = sample_ddim(loaded.model, x, loaded.schedule, steps=steps, eta=eta, **common)
-        elif sampler == "student":
-            common.pop("spacing")
-            x = sample_student(loaded.model, x, loaded.schedule, timesteps=_trained_timesteps(loaded),
-                               steps=steps, **common)
+            x = fast.run(x, table, seeds=s, labels=y, callback=cb)
         else:
-            x = sample_ddpm(loaded.model, x, loaded.schedule, steps=steps, **common)
+            x = run_table(loaded.model, x, table, seeds=s, labels=y, guidance=guidance, null_label=null, clip=clip,
+                          callback=cb)
         if refiner is not None:
             x = refiner(x).clamp(-clip, clip) if clip is not None else refiner(x)
         out.append(x.float().cpu())
