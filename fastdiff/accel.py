@@ -31,7 +31,7 @@ import torch
 from fastdiff import ops
 from fastdiff.diffusion.samplers import StepTable, guided
 from fastdiff.errors import ConfigError
-from fastdiff.train.loop import AMP_MODES, amp_dtype, mix_seed, step_generator
+from fastdiff.train.loop import amp_dtype, mix_seed, step_generator
 
 
 @dataclass
@@ -58,8 +58,7 @@ class AccelOptions:
 
     def check(self, device) -> "AccelOptions":
         device = torch.device(device)
-        if self.amp not in AMP_MODES:
-            raise ConfigError(f"unknown --amp {self.amp!r}; use one of {', '.join(AMP_MODES)}")
+        amp_dtype(self.amp)  # raises on an unknown mode
         if device.type != "cuda" and self.cuda_graphs:
             raise ConfigError("CUDA graphs need a CUDA device; drop --cuda-graphs or use --device cuda")
         if device.type != "cuda" and self.amp == "fp16":
@@ -401,4 +400,4 @@ def make_train_step(model: torch.nn.Module, opt, loss_fn: Callable, *, grad_clip
 
 def compile_model(model: torch.nn.Module, options: AccelOptions) -> Callable:
     """The callable to train or evaluate with: `model` itself, or torch.compile(model) sharing its parameters."""
-    return compile_fn(model, options) if options.compile else model
+    return compile_fn(model, options)

@@ -25,7 +25,6 @@ from fastdiff.train.loop import mix_seed
 class World:
     rank: int = 0
     size: int = 1
-    local_rank: int = 0
     initialised_here: bool = False
 
     @property
@@ -94,7 +93,7 @@ def init_world(device: torch.device, batch_size: int) -> tuple[World, torch.devi
     here = not dist.is_initialized()
     if here:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return World(rank, size, local_rank, here), device
+    return World(rank, size, here), device
 
 
 class QuietLog:
