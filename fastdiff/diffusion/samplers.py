@@ -72,43 +72,55 @@ def _prev_alphas_cumprod(schedule: NoiseSchedule, timesteps: torch.Tensor) -> to
 
 
 def ddim_table(schedule, timesteps, *, eta: float = 0.0, prediction: str = "eps", device=None) -> StepTable:
-    """DDIM (Song et al. 2021, eq. 12) written as x_prev = A*x0 + B*x_t + sigma*z.
+    """DDIM (Song et al. 2021, eq. 12) over `timesteps`, each step landing on the next one (see `ddim_coefficients`)."""
+    ab = schedule.alphas_cumprod64[timesteps]
+    ab_prev = _prev_alphas_cumprod(schedule, timesteps)
+    return _table(timesteps, *ddim_coefficients(ab, ab_prev, eta=eta, prediction=prediction),
+                  device or schedule.device)
+
+
+def ddim_coefficients(ab, ab_prev, *, eta: float = 0.0, prediction: str = "eps"):
+    """DDIM from alphas_cumprod ab to ab_prev written as x_prev = A*x0 + B*x_t + sigma*z; float64 (p, q, A, B, sigma).
 
     eps_hat = (x_t - sqrt(ab) x0) / sqrt(1-ab) is re-derived from the (possibly clipped) x0, so
     x_prev = sqrt(ab_prev) x0 + c * eps_hat + sigma z  with c = sqrt(1 - ab_prev - sigma^2).
     """
     if eta < 0:
         raise ConfigError(f"eta={eta} must be >= 0")
-    ab = schedule.alphas_cumprod64[timesteps]
-    ab_prev = _prev_alphas_cumprod(schedule, timesteps)
     p, q = x0_coefficients(check_prediction(prediction), ab)
     # (16): sigma_t(eta) = eta * sqrt((1 - ab_prev) / (1 - ab)) * sqrt(1 - ab / ab_prev)
     sigma = eta * ((1 - ab_prev) / (1 - ab)).sqrt() * (1 - ab / ab_prev).clamp(min=0).sqrt()
     c = (1 - ab_prev - sigma**2).clamp(min=0).sqrt()
     A = ab_prev.sqrt() - c * ab.sqrt() / (1 - ab).sqrt()
     B = c / (1 - ab).sqrt()
-    return _table(timesteps, p, q, A, B, sigma, device or schedule.device)
+    return p, q, A, B, sigma
 
 
 def ddpm_table(schedule, timesteps, *, variance: str = "fixed_small", prediction: str = "eps", device=None):
-    """DDPM ancestral sampling (Ho et al. 2020, eq. 6-7) from the posterior q(x_prev | x_t, x0).
+    """DDPM ancestral sampling over `timesteps` (see `ddpm_coefficients`); no noise on the last step."""
+    ab = schedule.alphas_cumprod64[timesteps]
+    ab_prev = _prev_alphas_cumprod(schedule, timesteps)
+    p, q, A, B, sigma = ddpm_coefficients(ab, ab_prev, variance=variance, prediction=prediction)
+    sigma[-1] = 0.0
+    return _table(timesteps, p, q, A, B, sigma, device or schedule.device)
+
+
+def ddpm_coefficients(ab, ab_prev, *, variance: str = "fixed_small", prediction: str = "eps"):
+    """DDPM (Ho et al. 2020, eq. 6-7) from the posterior q(x_prev | x_t, x0); float64 (p, q, A, B, sigma).
 
     On a subset of timesteps the step's beta is 1 - ab/ab_prev (the respacing of Nichol & Dhariwal 2021).
     mean = sqrt(ab_prev) beta / (1-ab) * x0 + sqrt(alpha) (1-ab_prev) / (1-ab) * x_t
-    fixed_small: sigma^2 = beta (1-ab_prev) / (1-ab);  fixed_large: sigma^2 = beta;  no noise on the last step.
+    fixed_small: sigma^2 = beta (1-ab_prev) / (1-ab);  fixed_large: sigma^2 = beta.
     """
     if variance not in VARIANCES:
         raise ConfigError(f"unknown DDPM variance {variance!r}; use one of {', '.join(VARIANCES)}")
-    ab = schedule.alphas_cumprod64[timesteps]
-    ab_prev = _prev_alphas_cumprod(schedule, timesteps)
     p, q = x0_coefficients(check_prediction(prediction), ab)
     alpha = ab / ab_prev
     beta = 1 - alpha
     A = ab_prev.sqrt() * beta / (1 - ab)
     B = alpha.sqrt() * (1 - ab_prev) / (1 - ab)
     var = beta * (1 - ab_prev) / (1 - ab) if variance == "fixed_small" else beta.clone()
-    var[-1] = 0.0
-    return _table(timesteps, p, q, A, B, var.sqrt(), device or schedule.device)
+    return p, q, A, B, var.sqrt()
 
 
 def student_timesteps(trained, steps: int | None = None) -> torch.Tensor:
@@ -235,6 +247,7 @@ def seeds_for(seed: int, n: int) -> torch.Tensor:
 
 
 __all__ = [
-    "SPACINGS", "VARIANCES", "StepTable", "ddim_table", "ddpm_table", "guided", "initial_noise", "make_timesteps",
-    "run_table", "sample_ddim", "sample_ddpm", "sample_student", "seeds_for", "student_table", "student_timesteps",
+    "SPACINGS", "VARIANCES", "StepTable", "ddim_coefficients", "ddim_table", "ddpm_coefficients", "ddpm_table",
+    "guided", "initial_noise", "make_timesteps", "run_table", "sample_ddim", "sample_ddpm", "sample_student",
+    "seeds_for", "student_table", "student_timesteps",
 ]

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
 from fastdiff.errors import ConfigError
 
-SCHEDULES = ("linear", "cosine")
+SCHEDULES = ("linear", "scaled_linear", "cosine")
 
 
 def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     """Ho et al. 2020: betas linear from 1e-4 to 0.02 at T = 1000 (endpoints scaled by 1000/T for other T)."""
     scale = 1000.0 / num_timesteps
     return torch.linspace(beta_start * scale, beta_end * scale, num_timesteps, dtype=torch.float64)
+
+
+def scaled_linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """Latent-diffusion betas: sqrt(beta) linear between the endpoints (scaled by 1000/T as for `linear_betas`)."""
+    scale = 1000.0 / num_timesteps
+    return torch.linspace((beta_start * scale) ** 0.5, (beta_end * scale) ** 0.5, num_timesteps,
+                          dtype=torch.float64) ** 2
 
 
 def cosine_alpha_bar(t: torch.Tensor, s: float = 0.008) -> torch.Tensor:
@@ -43,7 +51,8 @@ class NoiseSchedule:
     """betas, alphas and alphas_cumprod for T discrete timesteps.
 
     `alphas_cumprod64` (float64, CPU) is the exact table samplers derive their coefficients from; `betas` and
-    `alphas_cumprod` (float32, on `device`) are what training and the model-side math read.
+    `alphas_cumprod` (float32, on `device`) are what training and the model-side math read. `betas` given
+    explicitly (diffusers' `trained_betas`) replace the named schedule; `kind` is then "trained".
     """
 
     def __init__(
@@ -56,10 +65,18 @@ class NoiseSchedule:
         cosine_s: float = 0.008,
         max_beta: float = 0.999,
         zero_terminal_snr: bool = False,
+        betas=None,
         device: torch.device | str = "cpu",
     ):
-        if kind == "linear":
+        if betas is not None:
+            betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
+            if len(betas) != num_timesteps or not bool(((betas > 0) & (betas < 1)).all()):
+                raise ConfigError(f"explicit betas must be {num_timesteps} values in (0, 1), got {len(betas)} values")
+            kind = "trained"
+        elif kind == "linear":
             betas = linear_betas(num_timesteps, beta_start, beta_end)
+        elif kind == "scaled_linear":
+            betas = scaled_linear_betas(num_timesteps, beta_start, beta_end)
         elif kind == "cosine":
             betas = cosine_betas(num_timesteps, cosine_s, max_beta)
         else:
@@ -77,6 +94,11 @@ class NoiseSchedule:
 
     @classmethod
     def from_config(cls, cfg, device="cpu") -> "NoiseSchedule":
+        """From a `DiffusionConfig`, or from a diffusers scheduler config (a scheduler_config.json dict)."""
+        if isinstance(cfg, Mapping):
+            from fastdiff.diffusion.diffusers_options import resolve_options, schedule_kwargs
+
+            return cls(**schedule_kwargs(resolve_options(cfg, "schedule")), device=device)
         return cls(
             cfg.schedule,
             cfg.num_timesteps,
