@@ -11,11 +11,13 @@ small on purpose: this is the launch-bound regime where graphs matter; `fastdiff
 import pytest
 import torch
 
-from fastdiff.accel import AccelOptions, FastSampler, compile_model, make_train_step
 from fastdiff.diffusion import NoiseSchedule, ddpm_table, initial_noise, make_timesteps, run_table, seeds_for
 from fastdiff.models import UNet
 from fastdiff.models.unet import UNetConfig
+from fastdiff.runtime import AccelOptions, compile_fn
+from fastdiff.sampling.fast import FastSampler
 from fastdiff.train.ddpm import diffusion_loss
+from fastdiff.train.step import make_train_step
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CONFIG = UNetConfig(image_size=16, in_channels=1, base_channels=32, channel_mult=(1, 2), num_res_blocks=1,
@@ -74,7 +76,7 @@ def test_train_step(benchmark, path):
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=DEVICE.type == "cuda")
     schedule = NoiseSchedule("linear", 1000, device=DEVICE)
-    forward = compile_model(model, options)
+    forward = compile_fn(model, options)
     amp = "bf16" if path == "fast" and DEVICE.type == "cuda" else "fp32"
 
     def loss_fn(gen, x0, labels):

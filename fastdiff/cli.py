@@ -54,7 +54,7 @@ def _add_accel_flags(p):
 
 def accel_options(args, device, **extra):
     """AccelOptions for the device's defaults, overridden by the flags the user passed."""
-    from fastdiff.accel import AccelOptions
+    from fastdiff.runtime import AccelOptions
 
     return AccelOptions.for_device(device, compile=args.compile, cuda_graphs=args.cuda_graphs,
                                    compile_mode=args.compile_mode, **extra).check(device)
@@ -109,8 +109,8 @@ def cmd_train(args) -> int:
     if args.dry_run:
         print(cfg.to_json())
         return 0
+    from fastdiff.runtime import resolve_device
     from fastdiff.train import train_ddpm
-    from fastdiff.train.loop import resolve_device
 
     device = resolve_device(args.device)
     record = train_ddpm(cfg, args.out, device=device, resume=args.resume, progress=not args.no_progress,
@@ -216,8 +216,8 @@ def _add_sampling_flags(p, n_default):
 def cmd_sample(args) -> int:
     from fastdiff.images import save_grid, save_samples, save_trajectory
     from fastdiff.models.refiner import load_refiner
+    from fastdiff.runtime import resolve_device
     from fastdiff.sampling import TrajectoryRecorder, generate, load_run, parse_labels
-    from fastdiff.train.loop import resolve_device
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
@@ -333,7 +333,7 @@ def cmd_train_refiner(args) -> int:
 
 def cmd_bench(args) -> int:
     from fastdiff.bench.suite import run_bench
-    from fastdiff.train.loop import resolve_device
+    from fastdiff.runtime import resolve_device
 
     doc = run_bench(device=resolve_device(args.device), out=Path(args.out), quick=args.quick, sections=args.sections,
                     presets=args.presets, providers=args.providers, budget_s=args.budget_s, reps=args.reps)

@@ -111,8 +111,8 @@ def evaluate_run(checkpoint, *, n: int = 1000, sampler: str | None = None, steps
     refine: a refiner run directory (`fastdiff train-refiner`) applied to the samples.
     """
     from fastdiff.data import load_dataset
+    from fastdiff.runtime import resolve_device
     from fastdiff.sampling import default_labels, generate, load_run
-    from fastdiff.train.loop import resolve_device
 
     device = resolve_device(device)
     loaded = load_run(checkpoint, device)

@@ -1,4 +1,4 @@
-"""The fast paths of fastdiff.accel against the plain ones: same samples, same training steps.
+"""The fast paths (fastdiff.sampling.fast, fastdiff.train.step) against the plain ones: same samples, same steps.
 
 CPU tests run the static-buffer sampler, compile (with the quick aot_eager backend) and the eager train step;
 the CUDA-graph paths are `gpu` tests (bitwise equality in fp32, one replay per step, no host syncs, resume).
@@ -9,11 +9,13 @@ import math
 import pytest
 import torch
 
-from fastdiff.accel import AccelOptions, FastSampler, GraphedTrainStep, TrainStep, autocast_model, bucket_size
 from fastdiff.diffusion import NoiseSchedule, ddim_table, ddpm_table, initial_noise, make_timesteps, run_table
 from fastdiff.errors import ConfigError
 from fastdiff.models import UNet
 from fastdiff.models.unet import UNetConfig
+from fastdiff.runtime import AccelOptions
+from fastdiff.sampling.fast import FastSampler, autocast_model, bucket_size
+from fastdiff.train.step import GraphedTrainStep, TrainStep
 
 CFG = dict(image_size=8, in_channels=1, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
            attn_resolutions=(4,), dropout=0.0, num_groups=4)

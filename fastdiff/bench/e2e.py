@@ -6,8 +6,9 @@ Providers (the same architecture and weights initialisation in each):
   torch-compile  reference ops under torch.compile (the whole denoising step for sampling, the model for
                  training), NCHW, no CUDA graphs.
   fastdiff       what `fastdiff sample` / `fastdiff train` run by default: on a GPU every fast path of
-                 `fastdiff.accel` (fused ops, channels_last, torch.compile, CUDA graphs: one replay per denoising
-                 step, a graphed training step); on the CPU the plain loop with the automatic op backend.
+                 `fastdiff.sampling.fast` and `fastdiff.train.step` (fused ops, channels_last, torch.compile,
+                 CUDA graphs: one replay per denoising step, a graphed training step); on the CPU the plain
+                 loop with the automatic op backend.
   fastdiff-native  the torch-eager loop with the native kernels of the optional extension fastdiff._C
                  (FASTDIFF_BACKEND=native: its C++ CPU or CUDA GroupNorm+SiLU and sampler step), NCHW, no compile.
   diffusers      diffusers' UNet2DModel at the same configuration with its DDPM/DDIM scheduler loop (eager).
@@ -24,7 +25,6 @@ from typing import Callable
 
 import torch
 
-from fastdiff.accel import AccelOptions, FastSampler, autocast_model, compile_model, make_train_step
 from fastdiff.bench import diffusers_ref
 from fastdiff.bench.telemetry import TelemetrySampler
 from fastdiff.bench.timing import time_calls
@@ -32,8 +32,11 @@ from fastdiff.config import preset_config
 from fastdiff.diffusion import NoiseSchedule, initial_noise, run_table, seeds_for
 from fastdiff.diffusion.samplers import StepTable
 from fastdiff.models import UNet
+from fastdiff.runtime import AccelOptions, compile_fn, peak_memory_mb
 from fastdiff.sampling import sampler_table
-from fastdiff.train.loop import EMA, peak_memory_mb, warmup_lambda
+from fastdiff.sampling.fast import FastSampler, autocast_model
+from fastdiff.train.loop import EMA, warmup_lambda
+from fastdiff.train.step import make_train_step
 
 PROVIDERS = ("torch-eager", "torch-compile", "fastdiff", "fastdiff-native", "diffusers")
 
@@ -203,7 +206,7 @@ def train_row(job: Job, device, *, reps: int, warmup: int = 1) -> dict:
         opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, fused=device.type == "cuda")
         lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(tc.warmup_steps))
         ema = EMA(model, tc.ema_decay)
-        forward = diffusers_ref.as_denoiser(model) if job.provider == "diffusers" else compile_model(model, opts)
+        forward = diffusers_ref.as_denoiser(model) if job.provider == "diffusers" else compile_fn(model, opts)
         null = mc.num_classes if mc.num_classes else None
 
         def loss_fn(g, x, y):

@@ -76,8 +76,9 @@ def make_pairs(loaded, x0: torch.Tensor, labels, t_min: int, t_max: int, gen) ->
 def train_refiner_run(cfg: RefinerConfig, out, *, device="auto", log=print) -> dict:
     """Train a refiner for the x0 estimates of run `cfg.generator` into run directory `out`."""
     from fastdiff.data import load_dataset
+    from fastdiff.runtime import resolve_device, step_generator
     from fastdiff.sampling import load_run
-    from fastdiff.train.loop import Batcher, RunLog, prepare_run_dir, resolve_device, step_generator
+    from fastdiff.train.loop import Batcher, RunLog, prepare_run_dir
 
     device = resolve_device(device)
     loaded = load_run(cfg.generator, device)

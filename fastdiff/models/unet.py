@@ -9,41 +9,13 @@ paper's 35.7M parameters.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastdiff.config import UNetConfig
 from fastdiff.errors import ConfigError
 from fastdiff.nn import GroupNormSiLU, TimestepEmbedding
-
-
-@dataclass
-class UNetConfig:
-    image_size: int = 32
-    in_channels: int = 3
-    base_channels: int = 128
-    channel_mult: tuple[int, ...] = (1, 2, 2, 2)
-    num_res_blocks: int = 2
-    attn_resolutions: tuple[int, ...] = (16,)
-    num_heads: int = 1
-    dropout: float = 0.1
-    num_groups: int = 32
-    num_classes: int = 0  # 0: unconditional; else labels 0..num_classes-1 and the null label num_classes
-
-    def __post_init__(self):
-        self.channel_mult = tuple(self.channel_mult)
-        self.attn_resolutions = tuple(self.attn_resolutions)
-        downs = len(self.channel_mult) - 1
-        if self.image_size % (2**downs):
-            raise ConfigError(
-                f"image_size={self.image_size} is not divisible by 2**{downs} for channel_mult={self.channel_mult}; "
-                "choose an image size or fewer levels that divide evenly"
-            )
-        for m in self.channel_mult:
-            if (self.base_channels * m) % self.num_groups:
-                raise ConfigError(f"channels {self.base_channels * m} not divisible by num_groups={self.num_groups}")
 
 
 class ResBlock(nn.Module):

@@ -23,6 +23,7 @@ from fastdiff.errors import ConfigError
 from fastdiff.models import UNet
 from fastdiff.models.discriminator import Discriminator, parse_augment
 from fastdiff.models.vit import ViT, ViTConfig, load_or_pretrain_vit, load_vit_file
+from fastdiff.runtime import check_amp, grad_scaler, mix_seed, resolve_device, step_generator
 from fastdiff.train.add_losses import (
     c_of_t,
     discriminator_logits,
@@ -31,19 +32,7 @@ from fastdiff.train.add_losses import (
     hinge_generator_loss,
     student_x0,
 )
-from fastdiff.train.loop import (
-    EMA,
-    Batcher,
-    IntervalMeter,
-    RunLog,
-    amp_dtype,
-    grad_scaler,
-    mix_seed,
-    prepare_run_dir,
-    resolve_device,
-    step_generator,
-    warmup_lambda,
-)
+from fastdiff.train.loop import EMA, Batcher, IntervalMeter, RunLog, prepare_run_dir, warmup_lambda
 
 STATS = ("loss", "g_adv", "distill", "d_loss", "r1", "d_real", "d_fake")
 
@@ -94,13 +83,11 @@ def _check(cfg: RunConfig, device) -> None:
     tc, dc = cfg.train, cfg.distill
     if dc is None:
         raise ConfigError("this config has no distill section; build it with fastdiff distill --teacher RUN")
-    amp_dtype(tc.amp)
+    check_amp(tc.amp, device)
     check_prediction(cfg.diffusion.prediction)
     c_of_t(dc.distill_weighting, torch.ones(1))
     parse_augment(dc.augment)
     student_timesteps(dc.student_timesteps)
-    if tc.amp == "fp16" and device.type == "cpu":
-        raise ConfigError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or fp32")
     if tc.steps < 1 or tc.batch_size < 1 or dc.disc_steps < 1:
         raise ConfigError(f"--steps ({tc.steps}), --batch-size ({tc.batch_size}) and --disc-steps ({dc.disc_steps}) "
                           "must be positive")

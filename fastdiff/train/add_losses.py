@@ -17,7 +17,7 @@ from fastdiff.diffusion.parameterization import to_x0
 from fastdiff.diffusion.samplers import guided
 from fastdiff.errors import ConfigError
 from fastdiff.models.discriminator import Discriminator, diff_augment
-from fastdiff.train.loop import autocast
+from fastdiff.runtime import autocast
 
 WEIGHTINGS = ("sqrt_ab", "ab", "snr", "none")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -18,23 +17,10 @@ from fastdiff.diffusion import NoiseSchedule, training_target
 from fastdiff.diffusion.parameterization import check_prediction
 from fastdiff.errors import ConfigError
 from fastdiff.models import UNet
+from fastdiff.runtime import AccelOptions, autocast, check_amp, compile_fn, grad_scaler, peak_memory_mb, resolve_device
 from fastdiff.train.distributed import QuietLog, init_world
-from fastdiff.train.loop import (
-    EMA,
-    Batcher,
-    RunLog,
-    amp_dtype,
-    autocast,
-    check_finite,
-    grad_scaler,
-    peak_memory_mb,
-    prepare_run_dir,
-    resolve_device,
-    warmup_lambda,
-)
-
-if TYPE_CHECKING:
-    from fastdiff.accel import AccelOptions
+from fastdiff.train.loop import EMA, Batcher, RunLog, check_finite, prepare_run_dir, warmup_lambda
+from fastdiff.train.step import make_train_step
 
 
 def diffusion_loss(model, schedule: NoiseSchedule, x0, labels, gen, *, prediction: str, p_uncond: float,
@@ -67,15 +53,11 @@ def train_ddpm(cfg: RunConfig, out, *, device="auto", resume: bool = False, prog
 
     `accel` picks the fast paths (default: compile + CUDA graphs on a GPU, the plain step on the CPU).
     """
-    from fastdiff.accel import AccelOptions, compile_model, make_train_step  # accel imports train.loop
-
     run_dir = Path(out)
     world, device = init_world(resolve_device(device), cfg.train.batch_size)  # torchrun: one process per device
     tc, mc = cfg.train, cfg.model
-    amp_dtype(tc.amp)
+    check_amp(tc.amp, device)
     check_prediction(cfg.diffusion.prediction)
-    if tc.amp == "fp16" and device.type == "cpu":
-        raise ConfigError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or fp32")
     if tc.steps < 1 or tc.batch_size < 1:
         raise ConfigError(f"--steps ({tc.steps}) and --batch-size ({tc.batch_size}) must be positive")
 
@@ -120,7 +102,7 @@ def train_ddpm(cfg: RunConfig, out, *, device="auto", resume: bool = False, prog
     log = RunLog(run_dir, echo=(lambda s: tqdm.write(s)) if progress else echo) if world.is_main else QuietLog()
     accel = AccelOptions.for_device(device) if accel is None else accel.check(device)
     accel = world.adjust(accel, log.line)
-    forward = compile_model(world.wrap(model), accel)
+    forward = compile_fn(world.wrap(model), accel)
 
     def loss_fn(gen, x0, labels):
         x0 = _flip(x0, gen) if cfg.data.hflip else x0

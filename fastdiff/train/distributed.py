@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from fastdiff.errors import ConfigError
-from fastdiff.train.loop import mix_seed
+from fastdiff.runtime import mix_seed
 
 
 @dataclass

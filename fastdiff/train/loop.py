@@ -1,5 +1,5 @@
-"""Pieces shared by the DDPM and ADD training loops: devices, AMP, EMA, deterministic per-step randomness,
-run-directory logging, and the NaN guard.
+"""Pieces shared by the DDPM and ADD training loops: the step-addressable batcher, EMA, warm-up, run-directory
+logging, interval metering and the NaN guard (devices, AMP and seeding are `fastdiff.runtime`'s).
 
 Randomness is a pure function of (seed, step): the data order, timesteps, noise, label dropout and dropout
 masks of step k are the same whether the run got there in one go or was killed and resumed. That is what
@@ -8,61 +8,16 @@ makes a resumed run continue exactly where it stopped.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
-import resource
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from fastdiff.errors import ConfigError, FastdiffError, TrainingDiverged
-
-AMP_MODES = ("fp32", "bf16", "fp16")
-
-
-def resolve_device(name: str | None = "auto") -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    return device
-
-
-def amp_dtype(amp: str) -> torch.dtype | None:
-    if amp not in AMP_MODES:
-        raise ConfigError(f"unknown --amp {amp!r}; use one of {', '.join(AMP_MODES)}")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
-def autocast(device: torch.device, amp: str):
-    dtype = amp_dtype(amp)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
-    """A loss scaler for fp16 (bf16 and fp32 need none: it is then a disabled pass-through)."""
-    return torch.amp.GradScaler(device.type, enabled=(amp == "fp16"))
-
-
-def mix_seed(seed: int, step: int, stream: int = 0) -> int:
-    """A 63-bit seed for (seed, step, stream), decorrelated by odd multipliers (splitmix64 constants)."""
-    x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB) & (2**64 - 1)
-    x ^= x >> 31
-    return x & (2**63 - 1)
-
-
-def step_generator(seed: int, step: int, device: torch.device, stream: int = 0) -> torch.Generator:
-    return torch.Generator(device).manual_seed(mix_seed(seed, step, stream))
+from fastdiff.runtime import mix_seed, peak_memory_mb
 
 
 class Batcher:
@@ -111,13 +66,6 @@ class EMA:
 
 def warmup_lambda(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
 class RunLog:

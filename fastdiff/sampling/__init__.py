@@ -27,6 +27,7 @@ from fastdiff.diffusion import (
 from fastdiff.diffusion.samplers import StepTable
 from fastdiff.errors import ConfigError
 from fastdiff.models import UNet
+from fastdiff.sampling.fast import FastSampler
 
 SAMPLERS = ("ddim", "ddpm", "student")
 
@@ -76,7 +77,7 @@ def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = "ddim", st
 
     sampler "student" is the few-step sampler of an ADD student run (1 to len(student_timesteps) steps).
     refiner (`fastdiff.models.refiner.Refiner`): applied to each batch's output, inside the timed region.
-    callback(i, t, x, x0) sees the first batch only (for trajectory figures). `accel` (`fastdiff.accel.AccelOptions`)
+    callback(i, t, x, x0) sees the first batch only (for trajectory figures). `accel` (`fastdiff.runtime.AccelOptions`)
     selects the fast paths; None or all-off is the plain loop. `timings`, when given, receives setup_s (compile and
     capture) and sampling_s (the rest).
     """
@@ -121,8 +122,6 @@ def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = "ddim", st
 
 
 def _fast_sampler(loaded: Loaded, accel, device, shape, guidance, clip):
-    from fastdiff.accel import FastSampler
-
     return FastSampler(loaded.model, accel, device=device, shape=shape, guidance=guidance,
                        null_label=loaded.model.null_label, clip=clip, capacity=loaded.schedule.num_timesteps)
 

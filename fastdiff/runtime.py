@@ -1,0 +1,141 @@
+"""The bottom floor: devices, AMP dtypes and autocast, deterministic seeding, synchronisation, peak memory, and
+the acceleration options (`AccelOptions`, `compile_fn`) that sampling and training both read.
+
+Imports nothing from fastdiff but `errors`, so every other module may import it.
+
+Randomness is a pure function of (seed, step, stream): the data order, timesteps, noise, label dropout and
+dropout masks of training step k are the same whether a run got there in one go or was killed and resumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import resource
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from fastdiff.errors import ConfigError
+
+AMP_MODES = ("fp32", "bf16", "fp16")
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """"auto" (or None): CUDA when available, else the CPU; otherwise the named device, checked."""
+    if isinstance(name, torch.device):
+        return name
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def amp_dtype(amp: str) -> torch.dtype | None:
+    """The autocast dtype of an --amp mode (None for fp32)."""
+    if amp not in AMP_MODES:
+        raise ConfigError(f"unknown --amp {amp!r}; use one of {', '.join(AMP_MODES)}")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def check_amp(amp: str, device) -> None:
+    """An --amp mode that the device can run (fp16 needs CUDA: its loss scale and kernels are GPU-only here)."""
+    amp_dtype(amp)
+    if amp == "fp16" and torch.device(device).type != "cuda":
+        raise ConfigError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or fp32")
+
+
+def autocast(device, amp: str, *, cache_enabled: bool = True):
+    """torch.autocast for an --amp mode, a no-op context for fp32.
+
+    cache_enabled=False where the autocast weight cache must not outlive a CUDA graph capture.
+    """
+    dtype = amp_dtype(amp)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype, cache_enabled=cache_enabled)
+
+
+def grad_scaler(device, amp: str) -> torch.amp.GradScaler:
+    """A loss scaler for fp16 (bf16 and fp32 need none: it is then a disabled pass-through)."""
+    return torch.amp.GradScaler(torch.device(device).type, enabled=(amp == "fp16"))
+
+
+def mix_seed(seed: int, step: int, stream: int = 0) -> int:
+    """A 63-bit seed for (seed, step, stream), decorrelated by odd multipliers (splitmix64 constants)."""
+    x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB) & (2**64 - 1)
+    x ^= x >> 31
+    return x & (2**63 - 1)
+
+
+def step_generator(seed: int, step: int, device, stream: int = 0) -> torch.Generator:
+    return torch.Generator(device).manual_seed(mix_seed(seed, step, stream))
+
+
+def synchronize(device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mb(device) -> float:
+    """Peak allocated CUDA memory, or the process's peak resident set size on the CPU, in MiB."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+@dataclass
+class AccelOptions:
+    """Which fast paths to use. `for_device` gives every fast path on a GPU and the plain path on the CPU."""
+
+    channels_last: bool = False
+    amp: str = "fp32"  # sampling autocast (training uses the run's own --amp)
+    compile: bool = False
+    compile_mode: str | None = None  # torch.compile mode; None is Inductor's default (we do our own graphs)
+    compile_backend: str = "inductor"
+    cuda_graphs: bool = False
+    fullgraph: bool = True  # a graph break is an error: our ops are torch.library ops
+
+    @classmethod
+    def for_device(cls, device, **overrides) -> "AccelOptions":
+        cuda = torch.device(device).type == "cuda"
+        opts = cls(channels_last=cuda, amp="bf16" if cuda else "fp32", compile=cuda, cuda_graphs=cuda)
+        return dataclasses.replace(opts, **{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def plain(self) -> bool:
+        return not (self.channels_last or self.compile or self.cuda_graphs or self.amp != "fp32")
+
+    def check(self, device) -> "AccelOptions":
+        device = torch.device(device)
+        check_amp(self.amp, device)
+        if device.type != "cuda" and self.cuda_graphs:
+            raise ConfigError("CUDA graphs need a CUDA device; drop --cuda-graphs or use --device cuda")
+        if self.compile and self.cuda_graphs and self.compile_mode in ("reduce-overhead", "max-autotune"):
+            raise ConfigError(f"--compile-mode {self.compile_mode} makes CUDA graphs of its own inside ours; use "
+                              "max-autotune-no-cudagraphs (or the default mode), or --no-cuda-graphs")
+        return self
+
+    def describe(self) -> str:
+        parts = [self.amp] + [name for name in ("channels_last", "compile", "cuda_graphs") if getattr(self, name)]
+        return "+".join(parts)
+
+
+def compile_fn(fn: Callable, options: AccelOptions) -> Callable:
+    """torch.compile(fn) with the options' mode and backend, static shapes, and no graph breaks allowed; `fn`
+    itself when compilation is off. A compiled module shares its parameters with the module."""
+    if not options.compile:
+        return fn
+    return torch.compile(fn, fullgraph=options.fullgraph, dynamic=False, mode=options.compile_mode,
+                         backend=options.compile_backend)

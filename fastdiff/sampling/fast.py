@@ -1,0 +1,184 @@
+"""The fast sampling path: channels_last, bf16/fp16 autocast, torch.compile and CUDA graphs around the plain
+model and sampler step. Every option can be switched off; with all of them off the plain loop runs.
+
+`FastSampler`: A denoising step (model, classifier-free guidance, `ops.sampler_step`) runs on static
+device buffers: the StepTable is copied once per run into a device table, and the step reads its timestep,
+coefficients and step index through a device counter that the step itself advances. With CUDA graphs the
+step is captured once and a run of n steps is n graph replays with no host syncs in between. Batches are
+padded up to a bucket (the next power of two): one capture and one compiled specialisation per bucket, at most
+2x wasted work on unlucky sizes. Padded rows get seed 0 and are dropped; a sample depends only on its own
+seed, so padding does not change the others (up to the convolution algorithm the batch size selects).
+Outputs live in the static buffers and are overwritten by the next replay, so everything handed out is a clone.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from fastdiff import ops
+from fastdiff.diffusion.samplers import StepTable, guided
+from fastdiff.errors import ConfigError
+from fastdiff.runtime import AccelOptions, amp_dtype, autocast, compile_fn, synchronize
+
+
+def bucket_size(n: int) -> int:
+    """The padded batch size for n samples: the next power of two."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def autocast_model(model: Callable, device, amp: str) -> Callable:
+    """model(x, t, labels) under autocast, returning float32 (guidance and the sampler step stay in fp32)."""
+    if amp_dtype(amp) is None:
+        return model
+
+    def forward(x, t, labels=None):
+        # cache_enabled=False: the autocast weight cache must not outlive a CUDA graph capture.
+        with autocast(device, amp, cache_enabled=False):
+            out = model(x, t, labels)
+        return out.float()
+
+    return forward
+
+
+def denoise_step(model, x, t, coefs, seeds, step, labels, *, guidance: float, null_label: int | None, clip):
+    """One step of `run_table` with every per-step value on the device: t [n], coefs [5], step a 0-d int64."""
+    n = x.shape[0]
+    out = guided(model, x, t, labels, guidance, null_label)
+    p, q, A, B, sigma = [c.expand(n) for c in coefs.unbind(0)]
+    return ops.sampler_step(x, out, p, q, A, B, sigma, seeds, step, clip=clip, return_x0=True)
+
+
+class _StaticStep:
+    """Static buffers of one padded batch size and the step that reads and advances them."""
+
+    def __init__(self, size: int, shape, device, memory_format, conditional: bool, capacity: int):
+        self.size = size
+        self.x = torch.zeros((size, *shape), device=device).contiguous(memory_format=memory_format)
+        self.x0 = torch.zeros_like(self.x)
+        self.t = torch.zeros(size, device=device)
+        self.seeds = torch.zeros(size, dtype=torch.int64, device=device)
+        self.labels = torch.zeros(size, dtype=torch.int64, device=device) if conditional else None
+        self.timesteps = torch.zeros(capacity, device=device)
+        self.coefs = torch.zeros(capacity, 5, device=device)
+        self.index = torch.zeros((), dtype=torch.int64, device=device)
+        self.graph = None
+
+    def load(self, x, table: StepTable, seeds, labels) -> None:
+        """Copy a batch (padded with zeros) and a table into the buffers; reset the step counter. No host sync."""
+        n, steps = x.shape[0], len(table)
+        self.x[:n].copy_(x)
+        self.x[n:].zero_()
+        self.seeds[:n].copy_(seeds)
+        self.seeds[n:].zero_()
+        if self.labels is not None:
+            self.labels[:n].copy_(labels)
+            self.labels[n:].zero_()
+        self.timesteps[:steps].copy_(table.timesteps)
+        self.coefs[:steps].copy_(table.coefs)
+        self.index.zero_()
+
+    def body(self, step_fn) -> None:
+        idx = self.index.view(1)
+        t = self.timesteps.index_select(0, idx).expand(self.size)
+        coefs = self.coefs.index_select(0, idx)[0]
+        x_prev, x0 = step_fn(self.x, t, coefs, self.seeds, self.index, self.labels)
+        self.x.copy_(x_prev)
+        self.x0.copy_(x0)
+        self.t.copy_(t)
+        self.index.add_(1)
+
+    def step(self, step_fn) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.body(step_fn)
+
+
+class FastSampler:
+    """Runs StepTables like `fastdiff.diffusion.run_table`, through the fast paths that `options` enable.
+
+    The model must be in eval mode; with channels_last it is converted in place. `setup_s` accumulates the
+    seconds spent compiling and capturing (each new bucket), `replays` counts CUDA graph replays.
+    """
+
+    def __init__(self, model: torch.nn.Module, options: AccelOptions, *, device, shape, guidance: float = 1.0,
+                 null_label: int | None = None, clip: float | None = None, capacity: int = 1000, warmup: int = 2):
+        self.device = torch.device(device)
+        self.options = options.check(self.device)
+        self.memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
+        model.to(memory_format=self.memory_format)
+        self.shape = tuple(shape)
+        self.conditional = null_label is not None  # then labels are a static buffer too
+        self.null_label = null_label
+        forward = autocast_model(model, self.device, options.amp)
+
+        def step_fn(x, t, coefs, seeds, step, labels):
+            return denoise_step(forward, x, t, coefs, seeds, step, labels, guidance=guidance, null_label=null_label,
+                                clip=clip)
+
+        self.step_fn = compile_fn(step_fn, options)
+        self.capacity = capacity
+        self.warmup = warmup
+        self.setup_s = 0.0
+        self.replays = 0
+        self._buckets: dict[int, _StaticStep] = {}
+
+    def _bucket(self, n: int, steps: int) -> _StaticStep:
+        if steps > self.capacity:  # a longer table than the buffers hold: new buffers, new captures
+            self._buckets.clear()
+            self.capacity = steps
+        size = bucket_size(n)
+        if size not in self._buckets:
+            st = _StaticStep(size, self.shape, self.device, self.memory_format, self.conditional, self.capacity)
+            if self.options.compile or self.options.cuda_graphs:
+                t0 = time.perf_counter()
+                self._prepare(st)
+                self.setup_s += time.perf_counter() - t0
+            self._buckets[size] = st
+        return self._buckets[size]
+
+    def _prepare(self, st: _StaticStep) -> None:
+        """Compile (first calls), then capture one step as a CUDA graph when enabled."""
+        if not self.options.cuda_graphs:
+            st.body(self.step_fn)
+            st.index.zero_()
+            synchronize(self.device)
+            return
+        device = self.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+            for _ in range(self.warmup):
+                st.body(self.step_fn)
+        torch.cuda.current_stream(device).wait_stream(side)
+        st.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.device(device), torch.cuda.graph(st.graph):
+            st.body(self.step_fn)
+        torch.cuda.synchronize(device)
+        st.index.zero_()
+
+    @torch.no_grad()
+    def run(self, x: torch.Tensor, table: StepTable, *, seeds: torch.Tensor, labels: torch.Tensor | None = None,
+            callback: Callable | None = None) -> torch.Tensor:
+        """Sample from x_T; same contract as `run_table` (callback(i, t, x_prev, x0) gets clones)."""
+        n = x.shape[0]
+        if seeds.shape != (n,):
+            raise ConfigError(f"seeds must have shape [{n}] (one per sample), got {list(seeds.shape)}")
+        if self.conditional and labels is None:  # unconditional samples from a conditional model
+            labels = torch.full((n,), self.null_label, dtype=torch.int64)
+        if self.conditional and labels.shape != (n,):
+            raise ConfigError(f"labels must have shape [{n}] (one per sample), got {list(labels.shape)}")
+        if tuple(x.shape[1:]) != self.shape:
+            raise ConfigError(f"the sampler was built for images {list(self.shape)}, got {list(x.shape[1:])}")
+        st = self._bucket(n, len(table))
+        st.load(x.to(self.device), table, seeds.to(self.device),
+                labels.to(self.device) if self.conditional else None)
+        for i in range(len(table)):
+            st.step(self.step_fn)
+            self.replays += st.graph is not None
+            if callback is not None:
+                callback(i, st.t[:n].clone(), st.x[:n].clone(), st.x0[:n].clone())
+        return st.x[:n].clone(memory_format=torch.contiguous_format)
