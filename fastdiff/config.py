@@ -27,8 +27,15 @@ class UNetConfig:
     dropout: float = 0.1
     num_groups: int = 32
     num_classes: int = 0  # 0: unconditional; else labels 0..num_classes-1 and the null label num_classes
+    # Layout options of imported diffusers UNet2DModels (google/ddpm-cifar10-32: False, 1, 0, 1e-6):
+    flip_sin_to_cos: bool = True  # timestep features [cos, sin] (False: [sin, cos])
+    freq_shift: float = 0.0  # frequencies exp(-ln(max_period) * i / (half - freq_shift))
+    downsample_padding: int = 1  # 0: pad right/bottom by one before the stride-2 conv
+    norm_eps: float = 1e-5  # GroupNorm epsilon
 
     def __post_init__(self):
+        if self.downsample_padding not in (0, 1):
+            raise ConfigError(f"downsample_padding={self.downsample_padding} must be 0 or 1")
         self.channel_mult = tuple(self.channel_mult)
         self.attn_resolutions = tuple(self.attn_resolutions)
         downs = len(self.channel_mult) - 1

@@ -31,13 +31,20 @@ class GroupNormSiLU(nn.Module):
 class TimestepEmbedding(nn.Module):
     """Sinusoidal features of t, then Linear -> SiLU -> Linear (as in DDPM and guided-diffusion)."""
 
-    def __init__(self, dim: int, hidden_dim: int, max_period: float = 10000.0):
+    def __init__(self, dim: int, hidden_dim: int, max_period: float = 10000.0, *, flip_sin_to_cos: bool = True,
+                 freq_shift: float = 0.0):
         super().__init__()
         self.dim = dim
         self.max_period = max_period
+        self.flip_sin_to_cos = flip_sin_to_cos  # False: [sin, cos] (diffusers' option of that name)
+        self.freq_shift = freq_shift
         self.linear_1 = nn.Linear(dim, hidden_dim)
         self.linear_2 = nn.Linear(hidden_dim, hidden_dim)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        emb = ops.timestep_embedding(t, self.dim, self.max_period).to(self.linear_1.weight.dtype)
+        emb = ops.timestep_embedding(t, self.dim, self.max_period, self.freq_shift)
+        if not self.flip_sin_to_cos:
+            half = self.dim // 2
+            emb = torch.cat([emb[:, half : 2 * half], emb[:, :half], emb[:, 2 * half :]], dim=1)
+        emb = emb.to(self.linear_1.weight.dtype)
         return self.linear_2(nn.functional.silu(self.linear_1(emb)))

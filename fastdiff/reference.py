@@ -121,13 +121,14 @@ def group_norm_silu(x, num_groups: int, weight=None, bias=None, eps: float = 1e-
     return F.silu(F.group_norm(x, num_groups, weight, bias, eps))
 
 
-def timestep_embedding(t, dim: int, max_period: float = 10000.0):
-    """Sinusoidal features [cos(t*f), sin(t*f)], f_i = exp(-ln(max_period) * i / half), half = dim // 2.
+def timestep_embedding(t, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0):
+    """Sinusoidal features [cos(t*f), sin(t*f)], f_i = exp(-ln(max_period) * i / (half - freq_shift)), half = dim // 2.
 
     t has shape [B] (float or integer); an odd dim gets a zero last column. Returns float32 [B, dim].
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32)
+                      / (half - freq_shift))
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:

@@ -19,12 +19,12 @@ from fastdiff.nn import GroupNormSiLU, TimestepEmbedding
 
 
 class ResBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float, groups: int):
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float, groups: int, eps: float = 1e-5):
         super().__init__()
-        self.norm1 = GroupNormSiLU(groups, in_ch)
+        self.norm1 = GroupNormSiLU(groups, in_ch, eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb_proj = nn.Linear(temb_ch, out_ch)
-        self.norm2 = GroupNormSiLU(groups, out_ch)
+        self.norm2 = GroupNormSiLU(groups, out_ch, eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -37,11 +37,11 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    def __init__(self, ch: int, groups: int, num_heads: int):
+    def __init__(self, ch: int, groups: int, num_heads: int, eps: float = 1e-5):
         super().__init__()
         if ch % num_heads:
             raise ValueError(f"channels {ch} not divisible by num_heads={num_heads}")
-        self.norm = nn.GroupNorm(groups, ch)
+        self.norm = nn.GroupNorm(groups, ch, eps)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj = nn.Conv2d(ch, ch, 1)
         self.num_heads = num_heads
@@ -56,12 +56,15 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, ch: int):
+    """A stride-2 3x3 conv; padding 0 pads a row and a column at the bottom/right first (diffusers: padding 0)."""
+
+    def __init__(self, ch: int, padding: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.padding = padding
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=padding)
 
     def forward(self, x):
-        return self.conv(x)
+        return self.conv(x if self.padding else F.pad(x, (0, 1, 0, 1)))
 
 
 class Upsample(nn.Module):
@@ -79,9 +82,9 @@ class UNet(nn.Module):
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = cfg = config
-        ch, groups = cfg.base_channels, cfg.num_groups
+        ch, groups, eps = cfg.base_channels, cfg.num_groups, cfg.norm_eps
         temb_ch = 4 * ch
-        self.time_embed = TimestepEmbedding(ch, temb_ch)
+        self.time_embed = TimestepEmbedding(ch, temb_ch, flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
         self.class_embed = nn.Embedding(cfg.num_classes + 1, temb_ch) if cfg.num_classes > 0 else None
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
 
@@ -90,38 +93,38 @@ class UNet(nn.Module):
         cur, res = ch, cfg.image_size
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                blocks = [ResBlock(cur, ch * mult, temb_ch, cfg.dropout, groups)]
+                blocks = [ResBlock(cur, ch * mult, temb_ch, cfg.dropout, groups, eps)]
                 cur = ch * mult
                 if res in cfg.attn_resolutions:
-                    blocks.append(AttnBlock(cur, groups, cfg.num_heads))
+                    blocks.append(AttnBlock(cur, groups, cfg.num_heads, eps))
                 self.down.append(nn.ModuleList(blocks))
                 skip_chs.append(cur)
             if level != len(cfg.channel_mult) - 1:
-                self.down.append(nn.ModuleList([Downsample(cur)]))
+                self.down.append(nn.ModuleList([Downsample(cur, cfg.downsample_padding)]))
                 skip_chs.append(cur)
                 res //= 2
 
         self.mid = nn.ModuleList(
             [
-                ResBlock(cur, cur, temb_ch, cfg.dropout, groups),
-                AttnBlock(cur, groups, cfg.num_heads),
-                ResBlock(cur, cur, temb_ch, cfg.dropout, groups),
+                ResBlock(cur, cur, temb_ch, cfg.dropout, groups, eps),
+                AttnBlock(cur, groups, cfg.num_heads, eps),
+                ResBlock(cur, cur, temb_ch, cfg.dropout, groups, eps),
             ]
         )
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for _ in range(cfg.num_res_blocks + 1):
-                blocks = [ResBlock(cur + skip_chs.pop(), ch * mult, temb_ch, cfg.dropout, groups)]
+                blocks = [ResBlock(cur + skip_chs.pop(), ch * mult, temb_ch, cfg.dropout, groups, eps)]
                 cur = ch * mult
                 if res in cfg.attn_resolutions:
-                    blocks.append(AttnBlock(cur, groups, cfg.num_heads))
+                    blocks.append(AttnBlock(cur, groups, cfg.num_heads, eps))
                 self.up.append(nn.ModuleList(blocks))
             if level != 0:
                 self.up.append(nn.ModuleList([Upsample(cur)]))
                 res *= 2
 
-        self.norm_out = GroupNormSiLU(groups, cur)
+        self.norm_out = GroupNormSiLU(groups, cur, eps)
         self.conv_out = nn.Conv2d(cur, cfg.in_channels, 3, padding=1)
 
     @property

@@ -24,6 +24,7 @@ def _timestep_embedding_kernel(
     out_ptr,  # [B, dim] float32, contiguous
     B, half, dim,
     max_period,  # float32 (exact for the usual integer periods)
+    denom,  # half - freq_shift, float32
     st,
     ODD: tl.constexpr,  # dim is odd: column dim-1 is zero
     BLOCK_B: tl.constexpr,
@@ -36,7 +37,7 @@ def _timestep_embedding_kernel(
     mask = rmask & (i < half)
     t = tl.load(t_ptr + rows * st, mask=rmask, other=0).to(tl.float32)
     # f_i in float64 (libdevice exp on the GPU, not the approximate float32 exp), rounded once to float32.
-    freqs = tl.exp(-tl.log(tl.cast(max_period, tl.float64)) * i.to(tl.float64) / half).to(tl.float32)
+    freqs = tl.exp(-tl.log(tl.cast(max_period, tl.float64)) * i.to(tl.float64) / denom).to(tl.float32)
     args = t * freqs
     row_base = out_ptr + rows.to(tl.int64) * dim
     tl.store(row_base + i, tl.cos(args), mask=mask)
@@ -46,7 +47,7 @@ def _timestep_embedding_kernel(
             tl.store(row_base + (dim - 1), tl.full([BLOCK_B, 1], 0.0, tl.float32), mask=rmask)
 
 
-def timestep_embedding_fwd(t: torch.Tensor, dim: int, max_period: float) -> torch.Tensor:
+def timestep_embedding_fwd(t: torch.Tensor, dim: int, max_period: float, freq_shift: float = 0.0) -> torch.Tensor:
     """Launch the embedding kernel for t [B]; returns float32 [B, dim]."""
     check_launchable(t)
     B = t.shape[0]
@@ -60,25 +61,25 @@ def timestep_embedding_fwd(t: torch.Tensor, dim: int, max_period: float) -> torc
     block_b = max(1, min(next_power_of_2(B), 4096 // block_h))
     grid = (cdiv(B, block_b), cdiv(half, block_h))
     _timestep_embedding_kernel[grid](
-        t, out, B, half, dim, float(max_period), t.stride(0),
+        t, out, B, half, dim, float(max_period), float(half - freq_shift), t.stride(0),
         ODD=dim % 2 == 1, BLOCK_B=block_b, BLOCK_H=block_h, num_warps=4,
     )
     return out
 
 
 @torch.library.custom_op("fastdiff::timestep_embedding", mutates_args=())
-def _timestep_embedding_op(t: torch.Tensor, dim: int, max_period: float) -> torch.Tensor:
-    return timestep_embedding_fwd(t, dim, max_period)
+def _timestep_embedding_op(t: torch.Tensor, dim: int, max_period: float, freq_shift: float = 0.0) -> torch.Tensor:
+    return timestep_embedding_fwd(t, dim, max_period, freq_shift)
 
 
 @_timestep_embedding_op.register_fake
-def _(t, dim, max_period):
+def _(t, dim, max_period, freq_shift=0.0):
     return t.new_empty((t.shape[0], dim), dtype=torch.float32)
 
 
-def timestep_embedding(t, dim: int, max_period: float = 10000.0):
-    """[B] timesteps (float or integer) -> float32 [B, dim]; an odd dim is zero-padded."""
+def timestep_embedding(t, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0):
+    """[B] timesteps (float or integer) -> float32 [B, dim]; an odd dim is zero-padded. freq_shift: see reference."""
     backend = backend_for(t, SUPPORTED)
     if backend == "triton" and t.dim() == 1:
-        return torch.ops.fastdiff.timestep_embedding(t, dim, float(max_period))
-    return reference.timestep_embedding(t, dim, max_period)
+        return torch.ops.fastdiff.timestep_embedding(t, dim, float(max_period), float(freq_shift))
+    return reference.timestep_embedding(t, dim, max_period, freq_shift)

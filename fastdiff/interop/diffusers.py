@@ -1,0 +1,374 @@
+"""fastdiff's UNet <-> diffusers' UNet2DModel: configs, weights, and whole folders in diffusers' layout.
+
+The two networks are the same DDPM UNet (Ho et al. 2020) under different names; the one structural difference
+is attention, where fastdiff fuses q, k and v into one 1x1 conv (`qkv`, rows q | k | v, heads contiguous) and
+diffusers has three Linear layers (`to_q`, `to_k`, `to_v`) and `to_out.0` for fastdiff's `proj`. Nothing here
+imports diffusers: the folders are JSON + safetensors, written and read directly.
+
+    export_run(run, out)          a run or checkpoint -> a diffusers pipeline folder (DDPMPipeline.from_pretrained)
+    import_unet(folder)           a UNet2DModel folder (or a pipeline folder with unet/) -> fastdiff UNet
+    load_diffusers(folder, dev)   -> (UNet in eval mode, RunConfig, NoiseSchedule), for fastdiff.load
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from fastdiff.config import DiffusionConfig, RunConfig, SampleConfig, UNetConfig
+from fastdiff.diffusion.diffusers_options import BETA_SCHEDULES, PREDICTIONS, resolve_options
+from fastdiff.diffusion.schedules import NoiseSchedule
+from fastdiff.errors import CheckpointError, ConfigError
+from fastdiff.models.unet import UNet
+from fastdiff.schedulers import DIFFUSERS_VERSION, DDPMScheduler
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+WEIGHTS_BIN = "diffusion_pytorch_model.bin"  # older hub folders (read only)
+
+# UNet2DModel options: the value fastdiff's UNet has (None: mapped from UNetConfig below; any other key of a
+# config.json that is neither here nor a '_' metadata key is an error, as is a value other than these).
+FIXED = {
+    "center_input_sample": False, "time_embedding_type": "positional", "mid_block_type": "UNetMidBlock2D",
+    "mid_block_scale_factor": 1, "downsample_type": "conv", "upsample_type": "conv", "act_fn": "silu",
+    "resnet_time_scale_shift": "default", "add_attention": True, "class_embed_type": None,
+}
+MAPPED = ("sample_size", "in_channels", "out_channels", "block_out_channels", "layers_per_block", "down_block_types",
+          "up_block_types", "dropout", "attention_head_dim", "norm_num_groups", "attn_norm_num_groups", "norm_eps",
+          "num_class_embeds", "flip_sin_to_cos", "freq_shift", "downsample_padding", "time_embedding_dim",
+          "num_train_timesteps")
+
+
+# ---- configs ----------------------------------------------------------------------------------------------------
+def _levels(cfg: UNetConfig) -> list[bool]:
+    """Whether each level (highest resolution first) has attention."""
+    return [cfg.image_size // 2**i in cfg.attn_resolutions for i in range(len(cfg.channel_mult))]
+
+
+def _attention_channels(cfg: UNetConfig) -> set[int]:
+    chans = [cfg.base_channels * m for m, a in zip(cfg.channel_mult, _levels(cfg)) if a]
+    return set(chans + [cfg.base_channels * cfg.channel_mult[-1]])  # + the middle block's
+
+
+def unet2d_config(cfg: UNetConfig) -> dict:
+    """diffusers' UNet2DModel config.json for fastdiff's UNet of `cfg`."""
+    if cfg.num_heads == 1:
+        head_dim = None  # one head per attention layer, whatever its width
+    elif len(_attention_channels(cfg)) == 1:
+        head_dim = _attention_channels(cfg).pop() // cfg.num_heads
+    else:
+        raise ConfigError(f"num_heads={cfg.num_heads} on attention layers of widths {sorted(_attention_channels(cfg))} "
+                          "has no diffusers equivalent (its attention_head_dim is one width for all layers)")
+    levels = _levels(cfg)
+    return {
+        "_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION, **FIXED,
+        "sample_size": cfg.image_size, "in_channels": cfg.in_channels, "out_channels": cfg.in_channels,
+        "block_out_channels": [cfg.base_channels * m for m in cfg.channel_mult],
+        "layers_per_block": cfg.num_res_blocks,
+        "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in levels],
+        "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(levels)],
+        "dropout": cfg.dropout, "attention_head_dim": head_dim, "norm_num_groups": cfg.num_groups,
+        "attn_norm_num_groups": None, "norm_eps": cfg.norm_eps,
+        "num_class_embeds": cfg.num_classes + 1 if cfg.num_classes else None,  # + fastdiff's null label, the last
+        "flip_sin_to_cos": cfg.flip_sin_to_cos, "freq_shift": cfg.freq_shift,
+        "downsample_padding": cfg.downsample_padding, "time_embedding_dim": None, "num_train_timesteps": None,
+    }
+
+
+def unet_config_from(d: dict) -> UNetConfig:
+    """fastdiff's UNetConfig for a UNet2DModel config.json; a ConfigError names whatever has no equivalent."""
+    unknown = sorted(k for k in d if not k.startswith("_") and k not in FIXED and k not in MAPPED)
+    if unknown:
+        raise ConfigError(f"UNet2DModel option(s) {unknown} have no equivalent in fastdiff's UNet")
+    for key, value in FIXED.items():
+        if d.get(key, value) != value:
+            raise ConfigError(f"UNet2DModel {key}={d[key]!r} is not supported by fastdiff's UNet (it has {value!r})")
+    chans = list(d.get("block_out_channels", (224, 448, 672, 896)))
+    base = chans[0]
+    if any(c % base for c in chans):
+        raise ConfigError(f"block_out_channels={chans} are not multiples of the first, as fastdiff's channel_mult")
+    down = list(d.get("down_block_types", ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D")))
+    up = list(d.get("up_block_types", ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")))
+    bad = [b for b in down if b not in ("DownBlock2D", "AttnDownBlock2D")] + \
+          [b for b in up if b not in ("UpBlock2D", "AttnUpBlock2D")]
+    if bad:
+        raise ConfigError(f"block types {bad} are not supported (fastdiff maps DownBlock2D, AttnDownBlock2D, "
+                          "UpBlock2D and AttnUpBlock2D)")
+    attn = [b == "AttnDownBlock2D" for b in down]
+    if len(down) != len(chans) or [b == "AttnUpBlock2D" for b in reversed(up)] != attn:
+        raise ConfigError(f"up_block_types={up} do not mirror down_block_types={down} with {len(chans)} levels, "
+                          "as fastdiff's UNet does")
+    size = d.get("sample_size")
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise ConfigError(f"sample_size={size} is not square; fastdiff's UNet config has one image_size")
+        size = size[0]
+    if not isinstance(size, int):
+        raise ConfigError(f"sample_size={size!r}: fastdiff needs the image size the model was trained at")
+    groups = d.get("norm_num_groups", 32)
+    if d.get("attn_norm_num_groups") not in (None, groups):
+        raise ConfigError(f"attn_norm_num_groups={d['attn_norm_num_groups']} differs from norm_num_groups={groups}")
+    in_ch = d.get("in_channels", 3)
+    if d.get("out_channels", 3) != in_ch:
+        raise ConfigError(f"out_channels={d.get('out_channels', 3)} differs from in_channels={in_ch} (fastdiff's UNet "
+                          "predicts eps, v or x0 of the input's shape; learned variances are not supported)")
+    if d.get("time_embedding_dim") not in (None, 4 * base):
+        raise ConfigError(f"time_embedding_dim={d['time_embedding_dim']} is not 4 * block_out_channels[0] = {4 * base}")
+    if d.get("downsample_padding", 1) not in (0, 1):
+        raise ConfigError(f"downsample_padding={d['downsample_padding']} is not supported (0 or 1)")
+    classes = d.get("num_class_embeds")
+    heads = _heads(d.get("attention_head_dim", 8), chans, attn)
+    return UNetConfig(
+        image_size=size, in_channels=in_ch, base_channels=base, channel_mult=tuple(c // base for c in chans),
+        num_res_blocks=d.get("layers_per_block", 2), attn_resolutions=tuple(size // 2**i for i, a in enumerate(attn)
+                                                                             if a),
+        num_heads=heads, dropout=float(d.get("dropout", 0.0)), num_groups=groups,
+        num_classes=classes - 1 if classes else 0, flip_sin_to_cos=bool(d.get("flip_sin_to_cos", True)),
+        freq_shift=float(d.get("freq_shift", 0)), downsample_padding=d.get("downsample_padding", 1),
+        norm_eps=float(d.get("norm_eps", 1e-5)),
+    )
+
+
+def _heads(head_dim, chans, attn) -> int:
+    if head_dim is None:
+        return 1
+    widths = sorted({c for c, a in zip(chans, attn) if a} | {chans[-1]})
+    heads = {w // head_dim for w in widths}
+    if len(heads) != 1 or any(w % head_dim for w in widths):
+        raise ConfigError(f"attention_head_dim={head_dim} gives a different head count on attention layers of widths "
+                          f"{widths}; fastdiff's UNet has one num_heads for all of them")
+    return heads.pop()
+
+
+# ---- weights ----------------------------------------------------------------------------------------------------
+_RES = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "norm2": "norm2", "conv2": "conv2",
+        "skip": "conv_shortcut"}
+
+
+def _module_pairs(cfg: UNetConfig) -> list[tuple[str, str, str]]:
+    """(fastdiff module, diffusers module, kind) for every module with weights; kind is res, attn or plain."""
+    pairs = [("time_embed.linear_1", "time_embedding.linear_1", "plain"),
+             ("time_embed.linear_2", "time_embedding.linear_2", "plain"), ("class_embed", "class_embedding", "plain"),
+             ("conv_in", "conv_in", "plain"), ("norm_out", "conv_norm_out", "plain"), ("conv_out", "conv_out", "plain"),
+             ("mid.0", "mid_block.resnets.0", "res"), ("mid.1", "mid_block.attentions.0", "attn"),
+             ("mid.2", "mid_block.resnets.1", "res")]
+    levels = _levels(cfg)
+    k = 0
+    for level, attn in enumerate(levels):
+        for j in range(cfg.num_res_blocks):
+            pairs.append((f"down.{k}.0", f"down_blocks.{level}.resnets.{j}", "res"))
+            if attn:
+                pairs.append((f"down.{k}.1", f"down_blocks.{level}.attentions.{j}", "attn"))
+            k += 1
+        if level != len(levels) - 1:
+            pairs.append((f"down.{k}.0.conv", f"down_blocks.{level}.downsamplers.0.conv", "plain"))
+            k += 1
+    k = 0
+    for i, attn in enumerate(reversed(levels)):
+        for j in range(cfg.num_res_blocks + 1):
+            pairs.append((f"up.{k}.0", f"up_blocks.{i}.resnets.{j}", "res"))
+            if attn:
+                pairs.append((f"up.{k}.1", f"up_blocks.{i}.attentions.{j}", "attn"))
+            k += 1
+        if i != len(levels) - 1:
+            pairs.append((f"up.{k}.0.conv", f"up_blocks.{i}.upsamplers.0.conv", "plain"))
+            k += 1
+    return pairs
+
+
+def _key_map(cfg: UNetConfig, fd_keys) -> dict[str, tuple[str, str]]:
+    """fastdiff key -> (diffusers key or, for a fused qkv, its three keys joined by '|', the tensor transform)."""
+    modules = {fd: (df, kind) for fd, df, kind in _module_pairs(cfg)}
+    out = {}
+    for key in fd_keys:
+        module, _, leaf = key.rpartition(".")
+        owner, _, sub = module.rpartition(".")
+        if module in modules:  # a plain module
+            out[key] = (f"{modules[module][0]}.{leaf}", "same")
+        elif owner in modules and modules[owner][1] == "res" and sub in _RES:
+            out[key] = (f"{modules[owner][0]}.{_RES[sub]}.{leaf}", "same")
+        elif owner in modules and modules[owner][1] == "attn":
+            df = modules[owner][0]
+            if sub == "norm":
+                out[key] = (f"{df}.group_norm.{leaf}", "same")
+            elif sub == "qkv":
+                out[key] = ("|".join(f"{df}.to_{n}.{leaf}" for n in "qkv"), "qkv")
+            elif sub == "proj":
+                out[key] = (f"{df}.to_out.0.{leaf}", "conv1x1")
+        if key not in out:
+            raise ConfigError(f"fastdiff UNet parameter {key!r} has no diffusers name (a bug: the UNet changed)")
+    return out
+
+
+def to_diffusers(state: dict[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:
+    """fastdiff UNet state dict -> UNet2DModel state dict."""
+    out = {}
+    for key, (df, how) in _key_map(cfg, state).items():
+        t = state[key].detach().cpu()
+        if how == "qkv":  # [3C, C, 1, 1] conv -> three [C, C] Linear weights (or [3C] -> three [C] biases)
+            for name, part in zip(df.split("|"), t.chunk(3, dim=0)):
+                out[name] = part.flatten(1) if part.dim() == 4 else part.clone()
+        elif how == "conv1x1":
+            out[df] = t.flatten(1) if t.dim() == 4 else t.clone()
+        else:
+            out[df] = t.clone()
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def from_diffusers(state: dict[str, torch.Tensor], cfg: UNetConfig, fd_shapes: dict[str, torch.Size]):
+    """UNet2DModel state dict -> fastdiff UNet state dict (shapes `fd_shapes`); every key of `state` must map."""
+    left = dict(state)
+    out = {}
+    for key, (df, how) in _key_map(cfg, fd_shapes).items():
+        names = df.split("|")
+        missing = [n for n in names if n not in left]
+        if missing:
+            raise CheckpointError(f"the diffusers weights have no {missing[0]!r} (for fastdiff's {key!r}); "
+                                  "the folder's config.json does not describe its weights")
+        parts = [left.pop(n) for n in names]
+        t = torch.cat(parts, dim=0) if how == "qkv" else parts[0]
+        out[key] = t.reshape(fd_shapes[key])
+    if left:
+        raise CheckpointError(f"diffusers weight(s) {sorted(left)[:5]}{' ...' if len(left) > 5 else ''} do not map "
+                              "to fastdiff's UNet (an architecture fastdiff does not implement)")
+    return out
+
+
+# ---- schedulers -------------------------------------------------------------------------------------------------
+def scheduler_for(dc: DiffusionConfig, sc: SampleConfig) -> DDPMScheduler:
+    """The DDPMScheduler that samples like fastdiff's DDPM sampler with this run's schedule and clip."""
+    beta = {"linear": "linear", "cosine": "squaredcos_cap_v2"}.get(dc.schedule)
+    if beta is None:
+        raise ConfigError(f"schedule {dc.schedule!r} has no diffusers beta_schedule")
+    scale = 1.0 if dc.num_timesteps == 1000 else 1000.0 / dc.num_timesteps  # diffusers' endpoints are unscaled
+    return DDPMScheduler(
+        num_train_timesteps=dc.num_timesteps, beta_start=dc.beta_start * scale, beta_end=dc.beta_end * scale,
+        beta_schedule=beta, rescale_betas_zero_snr=dc.zero_terminal_snr,
+        prediction_type={v: k for k, v in PREDICTIONS.items()}[dc.prediction], variance_type="fixed_small",
+        clip_sample=sc.clip is not None, clip_sample_range=sc.clip or 1.0, timestep_spacing=sc.spacing,
+    )
+
+
+def run_sections(sched: dict | None) -> tuple[DiffusionConfig, SampleConfig]:
+    """The diffusion and sample sections of a run config for a scheduler_config.json (None: diffusers' defaults).
+
+    Keys fastdiff's own samplers cannot honour are errors naming them (fastdiff.schedulers honours more)."""
+    sched = dict(sched or {})
+    cls = sched.get("_class_name", "DDPMScheduler")
+    opts = resolve_options(sched, cls if cls in ("DDPMScheduler", "DDIMScheduler") else "DDPMScheduler")
+    hint = "; sample it with diffusers and fastdiff.schedulers, which honour it"
+    if opts["trained_betas"] is not None:
+        raise ConfigError(f"trained_betas has no field in fastdiff's run config{hint}")
+    if opts["steps_offset"] and opts["timestep_spacing"] == "leading":
+        raise ConfigError(f"steps_offset={opts['steps_offset']} is not supported by fastdiff's samplers{hint}")
+    if not opts.get("set_alpha_to_one", True):
+        raise ConfigError(f"set_alpha_to_one=False is not supported by fastdiff's samplers{hint}")
+    if opts.get("variance_type", "fixed_small") not in ("fixed_small", "fixed_small_log"):
+        raise ConfigError(f"variance_type={opts['variance_type']!r} is not supported by fastdiff's DDPM sampler{hint}")
+    T = int(opts["num_train_timesteps"])
+    scale = 1.0 if T == 1000 else T / 1000.0
+    diffusion = DiffusionConfig(
+        schedule=BETA_SCHEDULES[opts["beta_schedule"]], num_timesteps=T, beta_start=opts["beta_start"] * scale,
+        beta_end=opts["beta_end"] * scale, zero_terminal_snr=bool(opts["rescale_betas_zero_snr"]),
+        prediction=PREDICTIONS[opts["prediction_type"]],
+    )
+    if diffusion.schedule == "scaled_linear":
+        raise ConfigError(f"beta_schedule='scaled_linear' has no fastdiff run-config schedule{hint}")
+    sample = SampleConfig(spacing=opts["timestep_spacing"],
+                          clip=float(opts["clip_sample_range"]) if opts["clip_sample"] else None)
+    return diffusion, sample
+
+
+# ---- folders ----------------------------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (json.JSONDecodeError, OSError) as e:
+        raise CheckpointError(f"{path} is not readable JSON ({e})") from None
+
+
+def _unet_folder(path: Path) -> Path:
+    if (path / "model_index.json").exists() and (path / "unet" / "config.json").exists():
+        return path / "unet"
+    return path
+
+
+def is_diffusers_folder(path) -> bool:
+    """A diffusers pipeline folder (model_index.json + unet/) or a UNet2DModel folder (its config.json)."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    config = _unet_folder(p) / "config.json"
+    try:
+        return config.exists() and json.loads(config.read_text()).get("_class_name") == "UNet2DModel"
+    except (json.JSONDecodeError, OSError, AttributeError):
+        return False
+
+
+def import_unet(folder, device="cpu") -> tuple[UNet, UNetConfig, dict | None]:
+    """A UNet2DModel folder (or a pipeline folder with unet/ and scheduler/) as fastdiff's UNet, loaded strictly.
+
+    Returns (UNet in eval mode, its UNetConfig, the scheduler_config.json dict or None)."""
+    root = Path(folder)
+    if not is_diffusers_folder(root):
+        raise CheckpointError(f"{root} is not a diffusers UNet2DModel folder (config.json with _class_name "
+                              "UNet2DModel) or pipeline folder (model_index.json with unet/)")
+    unet_dir = _unet_folder(root)
+    cfg = unet_config_from(_read_json(unet_dir / "config.json"))
+    model = UNet(cfg)
+    fd_shapes = {k: v.shape for k, v in model.state_dict().items()}
+    model.load_state_dict(from_diffusers(_read_weights(unet_dir), cfg, fd_shapes), strict=True)
+    sched_file = root / "scheduler" / "scheduler_config.json"
+    sched = _read_json(sched_file) if unet_dir != root and sched_file.exists() else None
+    return model.to(device).eval().requires_grad_(False), cfg, sched
+
+
+def _read_weights(unet_dir: Path) -> dict[str, torch.Tensor]:
+    path = unet_dir / WEIGHTS
+    try:
+        if path.exists():
+            return load_file(str(path))
+        if (unet_dir / WEIGHTS_BIN).exists():
+            return torch.load(unet_dir / WEIGHTS_BIN, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"the weights in {unet_dir} are not readable ({e})") from None
+    raise CheckpointError(f"{unet_dir} has no {WEIGHTS} (or {WEIGHTS_BIN})")
+
+
+def load_diffusers(path, device="cpu") -> tuple[UNet, RunConfig, NoiseSchedule]:
+    """(UNet in eval mode, a RunConfig whose diffusion/sample sections reflect the scheduler config, schedule)."""
+    model, ucfg, sched = import_unet(path, device)
+    diffusion, sample = run_sections(sched)
+    cfg = RunConfig(preset="diffusers", model=ucfg, diffusion=diffusion, sample=sample)
+    return model, cfg, NoiseSchedule.from_config(diffusion, device)
+
+
+def export_run(run_or_checkpoint, out_dir, *, use_ema: bool = True) -> Path:
+    """Write a run's UNet (EMA weights by default) as a diffusers pipeline folder that DDPMPipeline loads:
+    model_index.json, unet/ (config.json, diffusion_pytorch_model.safetensors) and scheduler/."""
+    from fastdiff.sampling import load_run
+
+    loaded = load_run(run_or_checkpoint, "cpu", use_ema=use_ema)
+    cfg = loaded.config
+    config = unet2d_config(cfg.model)
+    scheduler = scheduler_for(cfg.diffusion, cfg.sample)
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} exists and is not empty; choose a new folder for the export")
+    (out / "unet").mkdir(parents=True, exist_ok=True)
+    save_file(to_diffusers(loaded.model.state_dict(), cfg.model), str(out / "unet" / WEIGHTS))
+    (out / "unet" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    scheduler.save_pretrained(out / "scheduler")
+    index = {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+             "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDPMScheduler"]}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out
+
+
+__all__ = ["export_run", "from_diffusers", "import_unet", "is_diffusers_folder", "load_diffusers", "run_sections",
+           "scheduler_for", "to_diffusers", "unet2d_config", "unet_config_from"]
