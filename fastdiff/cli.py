@@ -1,4 +1,4 @@
-"""`fastdiff train | sample | eval | env | bench | distill | train-refiner`.
+"""`fastdiff train | sample | eval | env | bench | distill | train-refiner | export`.
 
 Errors that the user can fix (FastdiffError) print one line and exit with status 2; anything else is a bug
 and keeps its traceback.
@@ -303,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distill(sub)
     _add_train_refiner(sub)
     _add_bench(sub)
+    _add_export(sub)
     return parser
 
 
@@ -360,8 +361,25 @@ def _add_bench(sub):
     p.add_argument("--reps", type=int, help="timed calls per row (default 2 quick, 5 full)")
 
 
+def _add_export(sub):
+    p = sub.add_parser("export", help="write a run as a diffusers pipeline folder (DDPMPipeline.from_pretrained)",
+                       description="Write a run's UNet and schedule as a diffusers folder: model_index.json, "
+                                   "unet/ (UNet2DModel) and scheduler/ (DDPMScheduler).")
+    p.add_argument("--checkpoint", required=True, help="run directory (its latest checkpoint) or a checkpoint folder")
+    p.add_argument("--out", required=True, help="the new folder (must not exist or be empty)")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
+
+
+def cmd_export(args) -> int:
+    from fastdiff.interop import export_run
+
+    out = export_run(args.checkpoint, args.out, use_ema=not args.no_ema)
+    print(json.dumps({"out": str(out), "checkpoint": args.checkpoint, "ema": not args.no_ema}))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "env": cmd_env, "distill": cmd_distill,
-            "train-refiner": cmd_train_refiner, "bench": cmd_bench}
+            "train-refiner": cmd_train_refiner, "bench": cmd_bench, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,286 @@
+"""fastdiff.schedulers against diffusers 0.42.1 itself: whole pipelines, every option step by step, the config files.
+
+Tolerances are float32 rounding: fastdiff's coefficients come from float64 tables and one fused expression,
+diffusers' from float32 tables in several steps, so single values differ by a few ulps and trajectories by ~1e-6.
+"""
+
+import functools
+import json
+from unittest import mock
+
+import pytest
+import torch
+
+from fastdiff import initial_noise, sample_ddim, seeds_for
+from fastdiff.diffusion import NoiseSchedule
+from fastdiff.errors import ConfigError
+
+diffusers = pytest.importorskip("diffusers")
+import diffusers.schedulers.scheduling_ddim as ddim_module  # noqa: E402
+import diffusers.schedulers.scheduling_ddpm as ddpm_module  # noqa: E402
+
+import fastdiff.schedulers as fs  # noqa: E402
+
+ATOL = 2e-5  # whole pipelines: images in [0, 1] after 6 steps, a few float32 ulps per step
+
+
+def short(opts) -> str:
+    return ",".join(f"{k}={'[...]' if isinstance(v, list) else v}" for k, v in opts.items()) or "defaults"
+
+
+SCHEDULE_OPTIONS = [
+    {},
+    {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+    {"beta_schedule": "squaredcos_cap_v2"},
+    {"num_train_timesteps": 500, "beta_end": 0.03},
+    {"trained_betas": torch.linspace(2e-4, 0.03, 1000).tolist()},
+    {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction", "timestep_spacing": "trailing"},
+]
+STEP_OPTIONS = [
+    {"timestep_spacing": "leading"},
+    {"timestep_spacing": "leading", "steps_offset": 1},
+    {"timestep_spacing": "trailing"},
+    {"timestep_spacing": "linspace"},
+    {"prediction_type": "v_prediction"},
+    {"prediction_type": "sample"},
+    {"clip_sample": False},
+    {"clip_sample_range": 0.5},
+]
+DDIM_OPTIONS = [{"set_alpha_to_one": False}, {"set_alpha_to_one": False, "timestep_spacing": "linspace"}]
+DDPM_OPTIONS = [{"variance_type": "fixed_large"}, {"variance_type": "fixed_small_log"},
+                {"variance_type": "fixed_large", "timestep_spacing": "trailing"}]
+DDIM_STEP_ARGS = [dict(eta=0.0), dict(eta=0.0, use_clipped_model_output=True), dict(eta=0.5),
+                  dict(eta=1.0, use_clipped_model_output=True)]
+
+
+def fake_model(x, t):
+    """A cheap deterministic 'network' whose output depends on x and t."""
+    return torch.sin(3 * x + t / 97.0) * 1.5
+
+
+def _generators(kind):
+    return [torch.Generator().manual_seed(s) for s in (1, 2)] if kind == "list" else torch.Generator().manual_seed(1)
+
+
+def _next_noise(shape, gens) -> torch.Tensor:
+    """The noise diffusers' next draw from `gens` will be, drawn from copies (the generators do not advance)."""
+    copies = [torch.Generator().set_state(g.get_state()) for g in (gens if isinstance(gens, list) else [gens])]
+    if len(copies) == 1:
+        return torch.randn(shape, generator=copies[0])
+    return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in copies])
+
+
+def step_diff(name, opts, step_args=None, steps=10, generator="one", custom=None):
+    """Step both schedulers along diffusers' trajectory and compare each step's prev_sample and x0 with the truth:
+    diffusers' own formulas in float64 on fastdiff's float64 table, with the same noise.
+
+    Returns max |ours - diffusers|, max |ours - truth| and max |diffusers - truth| over the trajectory.
+    custom: DDPM's custom timesteps (set_timesteps(timesteps=...)), or "unset" (t -> t - 1 without set_timesteps).
+    """
+    ref = getattr(diffusers, name)(**opts)
+    ours = getattr(fs, name).from_config(ref.config)
+    truth = getattr(diffusers, name)(**opts)
+    ab64 = ours.schedule.alphas_cumprod64
+    truth.alphas_cumprod = ab64.clone()
+    truth.one = torch.tensor(1.0, dtype=torch.float64)
+    one = torch.tensor(1.0, dtype=torch.float64)
+    truth.final_alpha_cumprod = one if opts.get("set_alpha_to_one", True) else ab64[0]
+    for s in (ref, ours, truth):
+        if custom is None:
+            s.set_timesteps(steps)
+        elif custom != "unset":
+            s.set_timesteps(timesteps=custom)
+    assert torch.equal(ref.timesteps, ours.timesteps), (ref.timesteps, ours.timesteps)
+    timesteps = torch.tensor([999, 500, 7, 6, 1, 0]) if custom == "unset" else ref.timesteps
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    g_ref, g_ours = _generators(generator), _generators(generator)
+    worst = {"ours-diffusers": 0.0, "ours-truth": 0.0, "diffusers-truth": 0.0}
+    for t in timesteps:
+        out = fake_model(x, t)
+        z = _next_noise(out.shape, g_ref).double()
+        with mock.patch.object(ddpm_module, "randn_tensor", lambda *a, **k: z), \
+                mock.patch.object(ddim_module, "randn_tensor", lambda *a, **k: z):
+            c = truth.step(out.double(), t, x.double(), **(step_args or {})).to_tuple()
+        a = ref.step(out, t, x, generator=g_ref, **(step_args or {})).to_tuple()
+        b = ours.step(out, t, x, generator=g_ours, **(step_args or {})).to_tuple()
+        for u, v, w in zip(a, b, c):
+            worst["ours-diffusers"] = max(worst["ours-diffusers"], (v - u).abs().max().item())
+            worst["ours-truth"] = max(worst["ours-truth"], (v.double() - w).abs().max().item())
+            worst["diffusers-truth"] = max(worst["diffusers-truth"], (u.double() - w).abs().max().item())
+        x = a[0]
+    return worst
+
+
+def within_rounding(worst) -> bool:
+    """fastdiff is at least as close to the float64 truth as diffusers' float32 step (up to 2x, + 1e-6)."""
+    return worst["ours-truth"] <= 2 * worst["diffusers-truth"] + 1e-6
+
+
+@pytest.mark.parametrize("opts", SCHEDULE_OPTIONS + STEP_OPTIONS + DDIM_OPTIONS, ids=short)
+def test_ddim_step_equals_diffusers(opts):
+    for args in DDIM_STEP_ARGS:
+        worst = step_diff("DDIMScheduler", opts, args)
+        assert within_rounding(worst), (args, worst)
+
+
+@pytest.mark.parametrize("opts", SCHEDULE_OPTIONS + STEP_OPTIONS + DDPM_OPTIONS, ids=short)
+def test_ddpm_step_equals_diffusers(opts):
+    worst = step_diff("DDPMScheduler", opts, steps=20)
+    assert within_rounding(worst), worst
+
+
+def test_generator_lists_and_variance_noise():
+    assert within_rounding(step_diff("DDIMScheduler", {}, dict(eta=1.0), generator="list"))
+    assert within_rounding(step_diff("DDPMScheduler", {}, generator="list"))
+    ref, ours = diffusers.DDIMScheduler(), fs.DDIMScheduler()
+    ref.set_timesteps(5)
+    ours.set_timesteps(5)
+    x, z = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    a = ref.step(fake_model(x, 599), 599, x, eta=0.7, variance_noise=z).prev_sample
+    b = ours.step(fake_model(x, 599), 599, x, eta=0.7, variance_noise=z).prev_sample
+    torch.testing.assert_close(b, a, atol=ATOL, rtol=0)
+
+
+def test_ddpm_custom_timesteps_and_unset_steps():
+    assert within_rounding(step_diff("DDPMScheduler", {}, custom="unset"))
+    assert within_rounding(step_diff("DDPMScheduler", {}, custom=[900, 500, 100, 3]))
+
+
+@functools.cache
+def tiny_unet():
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4, attention_head_dim=None,
+    ).eval()
+
+
+PIPELINE_CASES = [
+    ("DDIMPipeline", "DDIMScheduler", {}, dict(eta=0.0)),
+    ("DDIMPipeline", "DDIMScheduler", {"timestep_spacing": "trailing"}, dict(eta=1.0)),
+    ("DDIMPipeline", "DDIMScheduler", {"timestep_spacing": "linspace", "prediction_type": "v_prediction"},
+     dict(eta=0.5, use_clipped_model_output=True)),
+    ("DDPMPipeline", "DDPMScheduler", {}, {}),
+    ("DDPMPipeline", "DDPMScheduler", {"timestep_spacing": "trailing", "variance_type": "fixed_large"}, {}),
+]
+
+
+def pipeline_diff(pipe_name, sched_name, opts, call):
+    pipe = getattr(diffusers, pipe_name)(unet=tiny_unet(), scheduler=getattr(diffusers, sched_name)(**opts))
+    pipe.set_progress_bar_config(disable=True)
+
+    def images():
+        return pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=6,
+                    output_type="pt", **call).images
+
+    ref = images()
+    pipe.scheduler = getattr(fs, sched_name).from_config(pipe.scheduler.config)
+    assert isinstance(pipe.scheduler, getattr(fs, sched_name))
+    ours = images()
+    return (ref - ours).abs().max().item(), ref
+
+
+@pytest.mark.parametrize("case", PIPELINE_CASES, ids=lambda c: f"{c[0]}-{short(c[2])}-{short(c[3])}")
+def test_pipeline_images_equal_diffusers(case):
+    diff, ref = pipeline_diff(*case)
+    assert ref.std() > 0.05  # real images, not a constant
+    assert diff < ATOL
+
+
+def test_from_config_converts_between_classes_and_ignores_metadata():
+    ddpm = diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2", variance_type="fixed_large")
+    ddim = fs.DDIMScheduler.from_config(ddpm.config)  # variance_type is DDPM's: ignored, as diffusers does
+    theirs = diffusers.DDIMScheduler.from_config(ddpm.config).config
+    assert dict(ddim.config) == {k: theirs[k] for k in ddim.config}
+    _, unused = fs.DDIMScheduler.from_config(dict(ddpm.config), return_unused_kwargs=True)
+    assert unused["variance_type"] == "fixed_large" and "beta_schedule" not in unused
+    back = fs.DDPMScheduler.from_config(ddim.config, variance_type="fixed_large")  # kwargs override the config
+    assert back.config.variance_type == "fixed_large" and back.config.beta_schedule == "squaredcos_cap_v2"
+
+
+def test_save_load_round_trip(tmp_path):
+    ours = fs.DDIMScheduler(beta_schedule="scaled_linear", timestep_spacing="trailing", clip_sample=False)
+    ours.save_pretrained(tmp_path / "scheduler")
+    doc = json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())
+    assert doc["_class_name"] == "DDIMScheduler"
+    theirs = diffusers.DDIMScheduler.from_pretrained(tmp_path, subfolder="scheduler")
+    assert {k: theirs.config[k] for k in ours.config} == dict(ours.config)
+    theirs.save_pretrained(tmp_path / "theirs")
+    again = fs.DDIMScheduler.from_pretrained(tmp_path / "theirs")
+    assert again.config == ours.config
+    assert fs.DDIMScheduler.from_pretrained(tmp_path).config == ours.config  # a pipeline folder finds scheduler/
+    with pytest.raises(ConfigError, match="scheduler_config.json"):
+        fs.DDPMScheduler.from_pretrained(tmp_path / "missing")
+
+
+def test_interface_values():
+    ref, ours = diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2"), fs.DDPMScheduler(
+        beta_schedule="squaredcos_cap_v2")
+    x0, noise = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    t = torch.tensor([0, 400, 999])
+    torch.testing.assert_close(ours.add_noise(x0, noise, t), ref.add_noise(x0, noise, t), atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours.get_velocity(x0, noise, t), ref.get_velocity(x0, noise, t), atol=1e-6, rtol=0)
+    assert ours.init_noise_sigma == ref.init_noise_sigma == 1.0 and ours.order == 1 and len(ours) == 1000
+    assert ours.scale_model_input(x0, 5) is x0
+    torch.testing.assert_close(ours.alphas_cumprod, ref.alphas_cumprod, atol=1e-6, rtol=1e-6)
+    for cls in ("DDPMScheduler", "DDIMScheduler"):
+        for spacing in ("leading", "trailing", "linspace"):
+            for n in (1, 7, 30, 50, 333, 1000):
+                a, b = getattr(diffusers, cls)(timestep_spacing=spacing), getattr(fs, cls)(timestep_spacing=spacing)
+                a.set_timesteps(n)
+                b.set_timesteps(n)
+                assert torch.equal(a.timesteps, b.timesteps), (cls, spacing, n)
+    out = ours.step(noise, 999, x0, return_dict=False)
+    assert isinstance(out, tuple) and len(out) == 2
+
+
+def test_errors_name_the_option():
+    with pytest.raises(ConfigError, match="thresholding"):
+        fs.DDIMScheduler(thresholding=True)
+    with pytest.raises(ConfigError, match="variance_type='learned_range'"):
+        fs.DDPMScheduler(variance_type="learned_range")
+    with pytest.raises(ConfigError, match="beta_schedule='sigmoid'"):
+        fs.DDPMScheduler(beta_schedule="sigmoid")
+    with pytest.raises(ConfigError, match="skip_prk_steps"):
+        fs.DDIMScheduler.from_config({"skip_prk_steps": True})
+    with pytest.raises(ConfigError, match="variance_type"):
+        fs.DDIMScheduler(variance_type="fixed_small")  # a DDPM option given to the DDIM constructor
+    with pytest.raises(ConfigError, match="set_timesteps"):
+        fs.DDIMScheduler().step(torch.zeros(1, 1, 2, 2), 10, torch.zeros(1, 1, 2, 2))
+    with pytest.raises(AttributeError, match="read-only"):
+        fs.DDIMScheduler().config["eta"] = 1
+
+
+def test_seeds_are_fastdiffs_batch_invariant_noise():
+    """With seeds, the scheduler is fastdiff's sampler: sample_ddim's samples, whatever the batch."""
+    sched = fs.DDIMScheduler(timestep_spacing="trailing")
+    sched.set_timesteps(10)
+    seeds = seeds_for(5, 3)
+
+    def run(s):
+        x = initial_noise(s, (1, 4, 4))
+        for t in sched.timesteps:
+            x = sched.step(fake_model(x, t), t, x, eta=1.0, use_clipped_model_output=True, seeds=s).prev_sample
+        return x
+
+    alone = torch.cat([run(seeds[i : i + 1]) for i in range(3)])
+    together = run(seeds)
+    torch.testing.assert_close(together, alone, atol=0, rtol=0)
+    x = initial_noise(seeds, (1, 4, 4))
+    ref = sample_ddim(lambda x, t, y: fake_model(x, t.view(-1, 1, 1, 1)), x, NoiseSchedule(), steps=10, eta=1.0,
+                      seeds=seeds, clip=1.0, spacing="trailing")
+    torch.testing.assert_close(together, ref, atol=1e-6, rtol=0)
+    with pytest.raises(ConfigError, match="seeds"):
+        sched.step(x, 999, x, eta=1.0, seeds=seeds, generator=torch.Generator())
+
+
+def test_noise_schedule_from_diffusers_config():
+    for opts in SCHEDULE_OPTIONS:
+        ref = diffusers.DDPMScheduler(**opts)
+        s = NoiseSchedule.from_config(dict(ref.config))
+        torch.testing.assert_close(s.alphas_cumprod64, ref.alphas_cumprod.double(), rtol=2e-6, atol=1e-7)
+    with pytest.raises(ConfigError, match="use_karras_sigmas"):
+        NoiseSchedule.from_config({"beta_schedule": "linear", "use_karras_sigmas": True})
+    with pytest.raises(ConfigError, match="beta_schedule='laplace'"):
+        NoiseSchedule.from_config({"beta_schedule": "laplace"})
