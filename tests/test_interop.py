@@ -1,0 +1,176 @@
+"""fastdiff's UNet in and out of diffusers' UNet2DModel format, checked against diffusers 0.42.1 itself."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fastdiff import checkpoint as ckpt
+from fastdiff.cli import main
+from fastdiff.config import UNetConfig, apply_overrides, preset_config
+from fastdiff.errors import CheckpointError, ConfigError
+from fastdiff.interop import diffusers as interop
+from fastdiff.models.unet import UNet
+
+diffusers = pytest.importorskip("diffusers")
+
+TINY = {"model.base_channels": 16, "model.num_groups": 4, "model.dropout": 0.0}
+
+
+def randomize(model: torch.nn.Module, seed=0):
+    """Perturb every parameter (norm scales, biases and zero-initialised layers included) so no mapping error hides."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+def make_run(root, overrides=None):
+    """A run directory holding one checkpoint of a randomly initialised UNet (no training needed)."""
+    cfg = apply_overrides(preset_config("digits"), {**TINY, **(overrides or {})})
+    model = randomize(UNet(cfg.model))
+    sd = model.state_dict()
+    ckpt.save_checkpoint(root, 1, tensors={"model": sd, "ema": sd}, state={"step": 1}, config=cfg.to_dict())
+    return model, cfg
+
+
+def inputs(cfg: UNetConfig, n=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
+    return x, torch.tensor([999, 500, 0][:n])
+
+
+def test_export_runs_in_diffusers_with_equal_outputs(tmp_path, capsys):
+    model, cfg = make_run(tmp_path / "run")  # digits: class-conditional, 10 classes + the null label
+    out = tmp_path / "export"
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["out"] == str(out)
+    unet = diffusers.UNet2DModel.from_pretrained(out / "unet").eval()
+    assert unet.config.num_class_embeds == 11
+    x, t = inputs(cfg.model)
+    labels = torch.tensor([3, 9, 10])  # 10 is fastdiff's null label, diffusers' last class
+    with torch.no_grad():
+        ours, theirs = model(x, t, labels), unet(x, t, class_labels=labels).sample
+        null = unet(x, t, class_labels=torch.full((3,), 10)).sample
+        torch.testing.assert_close(model(x, t), null, atol=1e-5, rtol=0)  # no labels = the null label
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    pipe = diffusers.DDPMPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.num_train_timesteps == cfg.diffusion.num_timesteps
+    pipe.unet.config.num_class_embeds = None  # DDPMPipeline cannot pass labels: check it runs the network at all
+    pipe.unet.class_embedding = None
+    images = pipe(batch_size=1, num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 8, 8, 1)
+    # A second export into the same folder is refused with one line.
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_export_import_round_trip_is_exact(tmp_path):
+    model, cfg = make_run(tmp_path / "run", {"diffusion.prediction": "v", "diffusion.schedule": "cosine"})
+    interop.export_run(tmp_path / "run", tmp_path / "out")
+    back, ucfg, sched = interop.import_unet(tmp_path / "out")
+    assert ucfg == cfg.model
+    for key, value in model.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+    loaded, run_cfg, schedule = interop.load_diffusers(tmp_path / "out")
+    assert run_cfg.diffusion == cfg.diffusion and run_cfg.model == cfg.model
+    assert run_cfg.sample.clip == cfg.sample.clip and run_cfg.sample.spacing == cfg.sample.spacing
+    assert schedule.kind == "cosine" and not loaded.training
+
+
+def diffusers_unet(**kw):
+    torch.manual_seed(0)
+    config = dict(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32, 32),
+                  layers_per_block=2, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
+                  attention_head_dim=8)
+    config.update(kw)
+    return randomize(diffusers.UNet2DModel(**config))
+
+
+@pytest.mark.parametrize("kw", [
+    {},  # diffusers' defaults: 4 heads of 8 channels, [cos, sin], no shift, symmetric padding, eps 1e-5
+    {"flip_sin_to_cos": False, "freq_shift": 1, "downsample_padding": 0, "norm_eps": 1e-6, "attention_head_dim": None},
+    {"num_class_embeds": 5, "in_channels": 1, "out_channels": 1},
+], ids=["defaults", "ddpm-cifar10-options", "class-conditional"])
+def test_import_from_diffusers_folder(tmp_path, kw):
+    unet = diffusers_unet(**kw)
+    unet.save_pretrained(tmp_path / "unet")
+    model, cfg, sched = interop.import_unet(tmp_path / "unet")
+    assert sched is None and cfg.num_heads == (1 if kw.get("attention_head_dim", 8) is None else 4)
+    x, t = inputs(cfg)
+    labels = torch.tensor([0, 4, 2]) if kw.get("num_class_embeds") else None
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, labels), unet(x, t, class_labels=labels).sample, atol=1e-5, rtol=0)
+    assert interop.is_diffusers_folder(tmp_path / "unet")
+
+
+def test_import_names_what_does_not_map(tmp_path):
+    unet = diffusers_unet()
+    unet.save_pretrained(tmp_path / "unet")
+    weights = tmp_path / "unet" / interop.WEIGHTS
+    sd = load_file(str(weights))
+    save_file({**sd, "mid_block.extra.weight": torch.zeros(2)}, str(weights))
+    with pytest.raises(CheckpointError, match="mid_block.extra.weight"):
+        interop.import_unet(tmp_path / "unet")
+    del sd["down_blocks.1.attentions.0.to_k.weight"]
+    save_file(sd, str(weights))
+    with pytest.raises(CheckpointError, match="down_blocks.1.attentions.0.to_k.weight"):
+        interop.import_unet(tmp_path / "unet")
+    config = json.loads((tmp_path / "unet" / "config.json").read_text())
+    for key, value, message in [("resnet_time_scale_shift", "scale_shift", "resnet_time_scale_shift"),
+                                ("upcast_everything", True, "upcast_everything"),
+                                ("down_block_types", ["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                                 "CrossAttnDownBlock2D"),
+                                ("attention_head_dim", 12, "attention_head_dim=12")]:
+        with pytest.raises(ConfigError, match=message):
+            interop.unet_config_from({**config, key: value})
+    assert not interop.is_diffusers_folder(tmp_path / "nowhere")
+
+
+def test_scheduler_configs_become_run_sections(tmp_path):
+    diffusion, sample = interop.run_sections({"_class_name": "DDIMScheduler", "num_train_timesteps": 500,
+                                              "beta_end": 0.04, "prediction_type": "v_prediction",
+                                              "clip_sample": False, "timestep_spacing": "trailing"})
+    assert diffusion.num_timesteps == 500 and diffusion.prediction == "v" and sample.clip is None
+    assert abs(diffusion.beta_end - 0.02) < 1e-15 and sample.spacing == "trailing"  # fastdiff's T=1000 units
+    for key, value in [("steps_offset", 1), ("set_alpha_to_one", False), ("variance_type", "fixed_large"),
+                       ("thresholding", True), ("trained_betas", [0.1] * 1000)]:
+        with pytest.raises(ConfigError, match=key):
+            interop.run_sections({"_class_name": "DDIMScheduler" if key == "set_alpha_to_one" else "DDPMScheduler",
+                                  key: value})
+
+
+# google/ddpm-cifar10-32's published unet/config.json: diffusers' defaults but for the cifar10 layout and the five
+# options fastdiff's UNet gained for it (flip_sin_to_cos, freq_shift, downsample_padding, norm_eps, head dim).
+DDPM_CIFAR10_32 = {
+    "_class_name": "UNet2DModel", "act_fn": "silu", "attention_head_dim": None,
+    "block_out_channels": [128, 256, 256, 256], "center_input_sample": False,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"], "downsample_padding": 0,
+    "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3, "layers_per_block": 2, "mid_block_scale_factor": 1,
+    "norm_eps": 1e-06, "norm_num_groups": 32, "out_channels": 3, "sample_size": 32,
+    "time_embedding_type": "positional", "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+}
+
+
+def test_ddpm_cifar10_32_layout_imports_exactly():
+    cfg = interop.unet_config_from(DDPM_CIFAR10_32)
+    preset = preset_config("cifar10-ddpm").model
+    assert (cfg.flip_sin_to_cos, cfg.freq_shift, cfg.downsample_padding, cfg.norm_eps) == (False, 1.0, 0, 1e-6)
+    differences = {"flip_sin_to_cos", "freq_shift", "downsample_padding", "norm_eps", "dropout"}
+    assert {k: v for k, v in vars(cfg).items() if k not in differences} == \
+           {k: v for k, v in vars(preset).items() if k not in differences}
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(**{k: v for k, v in DDPM_CIFAR10_32.items() if not k.startswith("_")}).eval()
+    assert sum(p.numel() for p in unet.parameters()) == 35_746_307
+    model = UNet(cfg)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    model.load_state_dict(interop.from_diffusers(unet.state_dict(), cfg, shapes), strict=True)
+    model.eval()
+    assert sum(p.numel() for p in model.parameters()) == 35_746_307
+    x, t = torch.randn(1, 3, 32, 32), torch.tensor([617])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t), unet(x, t).sample, atol=1e-5, rtol=0)
