@@ -56,16 +56,48 @@ def test_export_runs_in_diffusers_with_equal_outputs(tmp_path, capsys):
         null = unet(x, t, class_labels=torch.full((3,), 10)).sample
         torch.testing.assert_close(model(x, t), null, atol=1e-5, rtol=0)  # no labels = the null label
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
-    pipe = diffusers.DDPMPipeline.from_pretrained(out)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = diffusers.DDPMPipeline.from_pretrained(out)  # loads; its __call__ cannot pass labels (see below)
     assert pipe.scheduler.config.num_train_timesteps == cfg.diffusion.num_timesteps
-    pipe.unet.config.num_class_embeds = None  # DDPMPipeline cannot pass labels: check it runs the network at all
-    pipe.unet.class_embedding = None
-    images = pipe(batch_size=1, num_inference_steps=2, output_type="np").images
-    assert images.shape == (1, 8, 8, 1)
     # A second export into the same folder is refused with one line.
     assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_unconditional_export_runs_ddpm_pipeline(tmp_path):
+    make_run(tmp_path / "run", {"model.num_classes": 0})
+    pipe = diffusers.DDPMPipeline.from_pretrained(interop.export_run(tmp_path / "run", tmp_path / "out"))
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=2, num_inference_steps=3, output_type="np").images
+    assert images.shape == (2, 8, 8, 1) and images.std() > 0
+
+
+def test_readme_class_conditional_loop_is_fastdiffs_sampler(tmp_path):
+    """The README's loop for a class-conditional export (diffusers' pipelines cannot pass labels) gives the
+    samples of fastdiff's own DDIM sampler from the same x_T, guidance included."""
+    from fastdiff.diffusion import NoiseSchedule, sample_ddim, seeds_for
+    from fastdiff.schedulers import DDIMScheduler
+
+    model, cfg = make_run(tmp_path / "run")
+    folder = interop.export_run(tmp_path / "run", tmp_path / "out")
+    # --- as in the README ---
+    unet = diffusers.UNet2DModel.from_pretrained(folder / "unet").eval()
+    sched = DDIMScheduler.from_pretrained(folder / "scheduler")  # or diffusers.DDIMScheduler: same steps
+    sched.set_timesteps(20)
+    labels = torch.arange(10)  # classes 0..9; the last class embedding is the null label
+    null = torch.full_like(labels, unet.config.num_class_embeds - 1)
+    size = unet.config.sample_size
+    x = torch.randn(10, unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(0))
+    x_T, guidance = x.clone(), 2.0
+    with torch.no_grad():
+        for t in sched.timesteps:
+            cond, uncond = unet(torch.cat([x, x]), t, class_labels=torch.cat([labels, null])).sample.chunk(2)
+            x = sched.step(uncond + guidance * (cond - uncond), t, x, use_clipped_model_output=True).prev_sample
+    images = (x / 2 + 0.5).clamp(0, 1)
+    # --- end ---
+    ref = sample_ddim(model, x_T, NoiseSchedule.from_config(cfg.diffusion), steps=20, seeds=seeds_for(0, 10),
+                      labels=labels, guidance=guidance, null_label=model.null_label, clip=cfg.sample.clip,
+                      spacing=cfg.sample.spacing)
+    torch.testing.assert_close(images, (ref / 2 + 0.5).clamp(0, 1), atol=1e-5, rtol=0)
 
 
 def test_export_import_round_trip_is_exact(tmp_path):

@@ -284,3 +284,16 @@ def test_noise_schedule_from_diffusers_config():
         NoiseSchedule.from_config({"beta_schedule": "linear", "use_karras_sigmas": True})
     with pytest.raises(ConfigError, match="beta_schedule='laplace'"):
         NoiseSchedule.from_config({"beta_schedule": "laplace"})
+
+
+if __name__ == "__main__":  # the table of measured differences: python tests/test_schedulers.py
+    print("| scheduler | options | step args | max abs ours-diffusers | ours-float64 | diffusers-float64 |")
+    print("|---|---|---|---|---|---|")
+    rows = [("DDIMScheduler", o, a) for o in SCHEDULE_OPTIONS + STEP_OPTIONS + DDIM_OPTIONS for a in DDIM_STEP_ARGS]
+    rows += [("DDPMScheduler", o, None) for o in SCHEDULE_OPTIONS + STEP_OPTIONS + DDPM_OPTIONS]
+    for name, opts, args in rows:
+        w = step_diff(name, opts, args, steps=10 if name == "DDIMScheduler" else 20)
+        print(f"| {name} | {short(opts)} | {short(args or {})} | {w['ours-diffusers']:.2e} | {w['ours-truth']:.2e} "
+              f"| {w['diffusers-truth']:.2e} |")
+    for case in PIPELINE_CASES:
+        print(f"| {case[0]} images | {short(case[2])} | {short(case[3])} | {pipeline_diff(*case)[0]:.2e} | | |")

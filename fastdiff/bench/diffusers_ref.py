@@ -22,29 +22,12 @@ def available() -> bool:
 
 
 def unet(cfg: UNetConfig) -> torch.nn.Module:
-    """diffusers.UNet2DModel with the layout of fastdiff's UNet for `cfg`."""
+    """diffusers.UNet2DModel with the layout of fastdiff's UNet for `cfg` (fastdiff.interop's config mapping)."""
     from diffusers import UNet2DModel
 
-    resolutions = [cfg.image_size // 2**i for i in range(len(cfg.channel_mult))]
-    channels = tuple(cfg.base_channels * m for m in cfg.channel_mult)
-    attn_channels = [c for c, r in zip(channels, resolutions) if r in cfg.attn_resolutions] + [channels[-1]]
-    return UNet2DModel(
-        sample_size=cfg.image_size,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.in_channels,
-        block_out_channels=channels,
-        layers_per_block=cfg.num_res_blocks,
-        down_block_types=tuple("AttnDownBlock2D" if r in cfg.attn_resolutions else "DownBlock2D" for r in resolutions),
-        up_block_types=tuple("AttnUpBlock2D" if r in cfg.attn_resolutions else "UpBlock2D"
-                             for r in reversed(resolutions)),
-        norm_num_groups=cfg.num_groups,
-        dropout=cfg.dropout,
-        attention_head_dim=max(attn_channels) // cfg.num_heads,
-        num_class_embeds=cfg.num_classes + 1 if cfg.num_classes else None,
-        time_embedding_type="positional",
-        flip_sin_to_cos=True,
-        freq_shift=0,
-    )
+    from fastdiff.interop.diffusers import unet2d_config
+
+    return UNet2DModel(**{k: v for k, v in unet2d_config(cfg).items() if not k.startswith("_")})
 
 
 def as_denoiser(model: torch.nn.Module):
