@@ -4,6 +4,7 @@ read once; and the registry every op declares itself in."""
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -72,9 +73,10 @@ def test_environment_is_the_default_read_once():
 
 
 def test_every_op_is_registered_and_public():
-    assert set(dispatch.REGISTRY) == {"group_norm_silu", "sampler_step", "timestep_embedding"}
+    assert set(dispatch.REGISTRY) == set(ops.__all__) - {"current_backend", "use_backend"}
+    assert {"group_norm_silu", "sampler_step", "timestep_embedding"} <= set(dispatch.REGISTRY)
     for name, spec in dispatch.REGISTRY.items():
-        assert getattr(ops, name).__name__ == name and name in ops.__all__
+        assert getattr(ops, name).__name__ == name and spec.triton.__name__ == name
         assert spec.reference is getattr(reference, name)
         if spec.native is not None:
             assert callable(getattr(dispatch._native, spec.native))
@@ -100,3 +102,15 @@ def test_choice_is_guarded_under_compile():
     with use_backend(None):
         torch.testing.assert_close(fn(x), reference.group_norm_silu(x, 2), atol=2e-5, rtol=2e-5)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+
+
+def test_native_cuda_kernels_run_only_when_forced(monkeypatch):
+    # They are built with the extension where a CUDA toolkit is present but have not run on a GPU: CUDA tensors go to
+    # Triton (or the reference) unless use_backend("native") asks for them.
+    monkeypatch.setattr(dispatch, "native_available", lambda: True)
+    monkeypatch.setattr(dispatch._native, "cuda_available", lambda: True)
+    on_cuda = types.SimpleNamespace(device=torch.device("cuda"))  # backend_for reads only the device
+    with use_backend(None):
+        assert {backend_for(on_cuda, spec) for spec in dispatch.REGISTRY.values()} <= {"triton", "torch"}
+    with use_backend("native"):
+        assert backend_for(on_cuda, GN) == "native"
