@@ -16,6 +16,7 @@ try:
     import triton
     import triton.language as tl
 except ImportError:
+    TRITON_INSTALLED = False
 
     class _Unavailable:
         """A kernel defined where triton is not installed: launching it is a clear error."""
@@ -33,9 +34,8 @@ except ImportError:
     tl = types.SimpleNamespace(constexpr=None)  # the kernels' annotations
     INTERPRET = False
 else:
+    TRITON_INSTALLED = True
     INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-TRITON_INSTALLED = not isinstance(triton, types.SimpleNamespace)
 
 
 def check_launchable(t) -> None:
