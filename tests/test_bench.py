@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastdiff.bench import diffusers_ref
-from fastdiff.bench.e2e import Job, SampleCase, ops_backend, provider_options, sample_rows, train_row
+from fastdiff.bench.e2e import Job, SampleCase, provider_options, sample_rows, train_row
 from fastdiff.bench.report import add_ratios, git_commit, render_markdown, write_reports
 from fastdiff.bench.suite import Budget, plan
 from fastdiff.bench.telemetry import TelemetrySampler
@@ -49,18 +49,6 @@ def test_time_calls_counts_only_the_timed_region():
 
     t = time_calls(lambda: (calls.append(1), time.sleep(0.003)), "cpu", warmup=2, reps=4, region=Region)
     assert len(calls) == 6 and entered == [2, 6] and t.reps == 4 and t.median_ms >= 2.5
-
-
-def test_ops_backend_sets_and_restores(monkeypatch):
-    monkeypatch.setenv("FASTDIFF_BACKEND", "auto")
-    import os
-
-    with ops_backend("torch"):
-        assert os.environ["FASTDIFF_BACKEND"] == "torch"
-    assert os.environ["FASTDIFF_BACKEND"] == "auto"
-    with ops_backend(None):
-        assert "FASTDIFF_BACKEND" not in os.environ
-    assert os.environ["FASTDIFF_BACKEND"] == "auto"
 
 
 def test_provider_options():

@@ -1,7 +1,7 @@
 """End-to-end benchmarks: sampling images/s and training images/s of a preset's UNet, per provider.
 
 Providers (the same architecture and weights initialisation in each):
-  torch-eager    the plain PyTorch reference: reference ops (FASTDIFF_BACKEND=torch), NCHW, no compile, no graphs;
+  torch-eager    the plain PyTorch reference: reference ops (use_backend("torch")), NCHW, no compile, no graphs;
                  `run_table` for sampling, the eager `TrainStep` for training.
   torch-compile  reference ops under torch.compile (the whole denoising step for sampling, the model for
                  training), NCHW, no CUDA graphs.
@@ -10,15 +10,13 @@ Providers (the same architecture and weights initialisation in each):
                  CUDA graphs: one replay per denoising step, a graphed training step); on the CPU the plain
                  loop with the automatic op backend.
   fastdiff-native  the torch-eager loop with the native kernels of the optional extension fastdiff._C
-                 (FASTDIFF_BACKEND=native: its C++ CPU or CUDA GroupNorm+SiLU and sampler step), NCHW, no compile.
+                 (use_backend("native"): its C++ CPU or CUDA GroupNorm+SiLU and sampler step), NCHW, no compile.
   diffusers      diffusers' UNet2DModel at the same configuration with its DDPM/DDIM scheduler loop (eager).
 A training step is loss + backward + clip + AdamW step + LR schedule + EMA update for every provider.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -32,6 +30,7 @@ from fastdiff.config import preset_config
 from fastdiff.diffusion import NoiseSchedule, initial_noise, run_table, seeds_for
 from fastdiff.diffusion.samplers import StepTable
 from fastdiff.models import UNet
+from fastdiff.ops import use_backend
 from fastdiff.runtime import AccelOptions, compile_fn, peak_memory_mb
 from fastdiff.sampling import sampler_table
 from fastdiff.sampling.fast import FastSampler, autocast_model
@@ -64,23 +63,6 @@ class Job:
     cases: list[SampleCase] = field(default_factory=list)  # sampling only; training has one case
 
 
-@contextlib.contextmanager
-def ops_backend(name: str | None):
-    """FASTDIFF_BACKEND=name while the block runs (None: the automatic choice). Compilation bakes it in."""
-    old = os.environ.get("FASTDIFF_BACKEND")
-    if name is None:
-        os.environ.pop("FASTDIFF_BACKEND", None)
-    else:
-        os.environ["FASTDIFF_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("FASTDIFF_BACKEND", None)
-        else:
-            os.environ["FASTDIFF_BACKEND"] = old
-
-
 def provider_options(provider: str, dtype: str, device: torch.device) -> AccelOptions:
     """fastdiff: what `fastdiff sample` / `fastdiff train` use by default on this device (all fast paths on a
     GPU; on the CPU the plain loop with the automatic op backend); the others as described above."""
@@ -92,7 +74,7 @@ def provider_options(provider: str, dtype: str, device: torch.device) -> AccelOp
 
 
 def backend_of(provider: str) -> str | None:
-    """The FASTDIFF_BACKEND a provider runs under (None: the automatic choice)."""
+    """The ops backend a provider runs under (`fastdiff.ops.use_backend`; None: the automatic choice)."""
     if provider == "fastdiff-native":
         return "native"
     return "torch" if provider in ("torch-eager", "torch-compile") else None
@@ -151,7 +133,7 @@ def sample_rows(job: Job, device, *, reps: int, warmup: int = 1, budget=None):
     labels = (torch.arange(job.batch, device=device) % mc.num_classes) if mc.num_classes else None
     schedule = NoiseSchedule.from_config(dc, device)
     opts = provider_options(job.provider, job.dtype, device)
-    with ops_backend(backend_of(job.provider)):
+    with use_backend(backend_of(job.provider)):
         fast = None
         if job.provider in ("torch-compile", "fastdiff"):
             fast = FastSampler(model, opts, device=device, shape=shape, guidance=guidance, null_label=null,
@@ -202,7 +184,7 @@ def train_row(job: Job, device, *, reps: int, warmup: int = 1) -> dict:
     x0 = x0.to(device).contiguous(memory_format=memory_format)
     labels = torch.randint(0, max(mc.num_classes, 1), (job.batch,), generator=gen).to(device)
     schedule = NoiseSchedule.from_config(cfg.diffusion, device)
-    with ops_backend(backend_of(job.provider)):
+    with use_backend(backend_of(job.provider)):
         opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, fused=device.type == "cuda")
         lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(tc.warmup_steps))
         ema = EMA(model, tc.ema_decay)

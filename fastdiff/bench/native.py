@@ -6,8 +6,8 @@ CPU (`run_native_benchmarks("cpu")`), for the `digits` and `mnist` presets with 
 - op: one UNet forward; all GroupNorm+SiLU calls of one forward (the shapes recorded from the model); the same
   calls forward+backward in channels_last (as `fastdiff train` runs them); the sampler step with and without
   noise.
-Providers: `torch-eager` (the reference ops, i.e. FASTDIFF_BACKEND=torch, no compile) and `fastdiff-native`
-(the same model and sampler under FASTDIFF_BACKEND=native: `fastdiff.ops` runs the native kernels). Providers
+Providers: `torch-eager` (the reference ops, i.e. use_backend("torch"), no compile) and `fastdiff-native`
+(the same model and sampler under use_backend("native"): `fastdiff.ops` runs the native kernels). Providers
 are timed in alternation (see `timing.time_interleaved`); every row carries its ratio to torch-eager from the
 same run.
 
@@ -19,21 +19,19 @@ from __future__ import annotations
 
 import copy
 import functools
-import sys
 from typing import Callable
 
 import torch
 
 import fastdiff.ops as fops
 from fastdiff import reference
-from fastdiff.bench.e2e import ops_backend
 from fastdiff.bench.timing import time_fn, time_interleaved
 from fastdiff.config import preset_config
 from fastdiff.diffusion import NoiseSchedule, initial_noise, sample_ddim, seeds_for
 from fastdiff.errors import ConfigError
 from fastdiff.models import UNet
 from fastdiff.nn import GroupNormSiLU
-from fastdiff.ops import native
+from fastdiff.ops import native, use_backend
 
 PROVIDERS = ("torch-eager", "fastdiff-native")
 LAYOUTS = ("nchw", "channels_last")
@@ -45,10 +43,10 @@ BACKEND_OF = {"torch-eager": "torch", "fastdiff-native": "native"}
 
 
 def ops_provider(provider: str):
-    """FASTDIFF_BACKEND for one provider while the block runs: the model's and the sampler's fused ops
-    (`fastdiff.ops.<op>`) run exactly the implementation the provider names, whatever the automatic dispatch
-    would pick (timestep_embedding has no native kernel and runs the reference under both)."""
-    return ops_backend(BACKEND_OF[provider])
+    """The ops backend of one provider while the block runs (`fastdiff.ops.use_backend`): the model's and the
+    sampler's fused ops (`fastdiff.ops.<op>`) run exactly the implementation the provider names, whatever the
+    automatic dispatch would pick (timestep_embedding has no native kernel and runs the reference under both)."""
+    return use_backend(BACKEND_OF[provider])
 
 
 def _with_provider(provider: str, fn: Callable[[], object]) -> Callable[[], object]:
@@ -206,12 +204,9 @@ def cpu_rows(preset: str, *, batch: int = 64, steps: int = 10, rounds: int = 5, 
 
 def _triton_impl(op: str):
     """fastdiff.ops.<op> when it runs Triton kernels on CUDA tensors, else None."""
-    from fastdiff.ops.dispatch import triton_available
+    from fastdiff.ops.dispatch import REGISTRY, triton_available
 
-    module = sys.modules.get(f"fastdiff.ops.{op}")
-    if module is None or "triton" not in getattr(module, "SUPPORTED", ()) or not triton_available():
-        return None
-    return getattr(fops, op)
+    return getattr(fops, op) if op in REGISTRY and triton_available() else None
 
 
 def gpu_rows(device="cuda", quick: bool = False) -> list[dict]:
@@ -240,7 +235,7 @@ def gpu_rows(device="cuda", quick: bool = False) -> list[dict]:
 
 
 def _gpu_op_rows(op: str, impls: dict, call: Callable, nbytes: int, shape: list, device) -> list[dict]:
-    with ops_backend(None):  # the Triton provider is fastdiff.ops' own choice on CUDA
+    with use_backend(None):  # the Triton provider is fastdiff.ops' own choice on CUDA
         timings = {name: time_fn(lambda f=f: call(f), device) for name, f in impls.items() if f is not None}
     base = {"suite": "native", "device": torch.cuda.get_device_name(device), "kind": "op", "op": op, "shape": shape,
             "dtype": "float32"}
