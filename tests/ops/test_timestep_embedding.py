@@ -21,18 +21,22 @@ def _timesteps(device, n):
     ]
 
 
+@pytest.mark.parametrize("freq_shift", [0.0, 1.0])
 @pytest.mark.parametrize("max_period", [10000.0, 100.0])
-def test_matches_reference(device, max_period):
+def test_matches_reference(device, max_period, freq_shift):
     n = 64 if device.type == "cpu" else 4096  # enough timesteps for both max errors to reach their typical size
     for t in _timesteps(device, n):
         for dim in DIMS if device.type == "cpu" else DIMS + [1024, 1025]:
-            emb = timestep_embedding(t, dim, max_period)
-            ref = reference.timestep_embedding(t, dim, max_period)
+            if freq_shift and dim // 2 < 2:  # f_i divides by half - freq_shift
+                continue
+            emb = timestep_embedding(t, dim, max_period, freq_shift)
+            ref = reference.timestep_embedding(t, dim, max_period, freq_shift)
             assert emb.shape == (n, dim) and emb.dtype == torch.float32
             # The arguments t*f reach 1e3, where one float32 ulp of f moves cos by ~1e-4: compare against the
             # float64 truth and allow twice torch's own float32 error.
             half = dim // 2
-            f = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64, device=device) / half)
+            f = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64, device=device)
+                         / (half - freq_shift))
             args = t.double()[:, None] * f[None]
             truth = torch.cat([args.cos(), args.sin(), torch.zeros(n, dim % 2, dtype=torch.float64, device=device)], 1)
             err, ref_err = (emb.double() - truth).abs().max().item(), (ref.double() - truth).abs().max().item()
