@@ -337,12 +337,11 @@ def load_tensors(ckpt_dir, name: str, device="cpu", *, _hint: bool = True) -> di
         tensors = load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path} is corrupt ({first}); "
-                              + (_good_hint(ckpt_dir) if _hint else "")) from None
+        raise CheckpointError(f"{path} is corrupt ({first})" + (f"; {_good_hint(ckpt_dir)}" if _hint else "")) from None
     bad = first_non_finite(tensors)
     if bad is not None:
-        raise CheckpointError(f"{path}: tensor {bad!r} holds NaN or infinite values, the file is corrupt; "
-                              + (_good_hint(ckpt_dir) if _hint else ""))
+        raise CheckpointError(f"{path}: tensor {bad!r} holds NaN or infinite values, the file is corrupt"
+                              + (f"; {_good_hint(ckpt_dir)}" if _hint else ""))
     return tensors
 
 

@@ -222,7 +222,10 @@ def resolve_distill_config(args):
             raise ConfigError("fastdiff distill needs --teacher RUN_DIR (a run trained with fastdiff train)")
         path = ckpt.resolve_checkpoint(args.teacher)
         cfg = distill_config(load_config(path / "config.json"), args.teacher, args.preset)
-    cfg = apply_overrides(cfg, {DISTILL_FLAGS[k]: v for k, v in given.items()})
+    overrides = {DISTILL_FLAGS[k]: v for k, v in given.items()}
+    if args.student_timesteps and cfg.sample.sampler == "student":  # a student samples with at most its timesteps
+        overrides["sample.steps"] = min(cfg.sample.steps, len(args.student_timesteps))
+    cfg = apply_overrides(cfg, overrides)
     if resumed:
         check_resume_steps(args.out, cfg.train.steps)
     return cfg

@@ -157,7 +157,12 @@ def load_config(path) -> RunConfig:
     """The RunConfig in a config.json (a run's or a checkpoint's), validated; one ConfigError naming the file."""
     from fastdiff.checkpoint import read_json
 
-    return RunConfig.from_dict(read_json(path, error=ConfigError), source=str(path))
+    d = read_json(path, error=ConfigError)
+    missing = [name for name in ("model", "diffusion", "data", "train", "sample") if name not in d]
+    if missing:
+        raise ConfigError(f"{path}: config sections {missing} are missing; this is not a config.json that fastdiff "
+                          "wrote")
+    return RunConfig.from_dict(d, source=str(path))
 
 
 def _build(section_cls, values: dict, where: str):

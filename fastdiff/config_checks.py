@@ -53,34 +53,34 @@ def _type_name(hint) -> str:
     return str(hint)
 
 
-_INT = 2**31 - 1  # counts above this overflow torch's int32 paths long before they would be useful
+_INT = 2**31 - 1  # integer options above this overflow torch's int32 paths long before they would be useful
 # Allowed ranges in interval notation; the message quotes them. An option not listed is only type-checked (and
 # finite if a number). Options of sections other helpers add belong here too.
 RANGES: dict[str, str] = {
-    "model.image_size": f"[1, {_INT}]", "model.in_channels": f"[1, {_INT}]", "model.base_channels": f"[1, {_INT}]",
-    "model.channel_mult[]": f"[1, {_INT}]", "model.num_res_blocks": f"[0, {_INT}]",
-    "model.attn_resolutions[]": f"[1, {_INT}]", "model.num_heads": f"[1, {_INT}]", "model.dropout": "[0, 1)",
-    "model.num_groups": f"[1, {_INT}]", "model.num_classes": f"[0, {_INT}]",
-    "diffusion.num_timesteps": f"[2, {_INT}]", "diffusion.beta_start": "(0, 1)", "diffusion.beta_end": "(0, 1)",
-    "train.steps": f"[1, {_INT}]", "train.batch_size": f"[1, {_INT}]", "train.lr": "(0, inf)",
-    "train.weight_decay": "[0, inf)", "train.warmup_steps": f"[0, {_INT}]", "train.grad_clip": "(0, inf]",
-    "train.ema_decay": "[0, 1)", "train.p_uncond": "[0, 1]", "train.seed": f"[0, {2**63 - 1}]",
-    "train.ckpt_every": f"[1, {_INT}]", "train.keep_checkpoints": f"[0, {_INT}]", "train.log_every": f"[1, {_INT}]",
-    "sample.steps": f"[1, {_INT}]", "sample.eta": "[0, 1]", "sample.guidance": "[0, inf)", "sample.clip": "(0, inf)",
-    "distill.student_timesteps[]": f"[0, {_INT}]", "distill.adv_weight": "[0, inf)",
-    "distill.distill_weight": "[0, inf)", "distill.teacher_t_min": f"[0, {_INT}]",
-    "distill.teacher_t_max": f"[0, {_INT}]", "distill.teacher_guidance": "[0, inf)", "distill.r1_gamma": "[0, inf)",
-    "distill.disc_lr": "(0, inf)", "distill.betas[]": "[0, 1)", "distill.disc_steps": f"[1, {_INT}]",
-    "distill.backbone_steps": f"[1, {_INT}]", "distill.backbone_patch": f"[1, {_INT}]",
-    "distill.backbone_dim": f"[1, {_INT}]", "distill.backbone_depth": f"[1, {_INT}]",
-    "distill.backbone_heads": f"[1, {_INT}]", "distill.backbone_size": f"[0, {_INT}]",
-    "distill.disc_heads": f"[1, {_INT}]", "distill.disc_width": f"[1, {_INT}]", "distill.disc_mbstd": f"[0, {_INT}]",
+    "model.image_size": "[1, inf)", "model.in_channels": "[1, inf)", "model.base_channels": "[1, inf)",
+    "model.channel_mult[]": "[1, inf)", "model.num_res_blocks": "[0, inf)",
+    "model.attn_resolutions[]": "[1, inf)", "model.num_heads": "[1, inf)", "model.dropout": "[0, 1)",
+    "model.num_groups": "[1, inf)", "model.num_classes": "[0, inf)",
+    "diffusion.num_timesteps": "[2, inf)", "diffusion.beta_start": "(0, 1)", "diffusion.beta_end": "(0, 1)",
+    "train.steps": "[1, inf)", "train.batch_size": "[1, inf)", "train.lr": "(0, inf)",
+    "train.weight_decay": "[0, inf)", "train.warmup_steps": "[0, inf)", "train.grad_clip": "(0, inf]",
+    "train.ema_decay": "[0, 1)", "train.p_uncond": "[0, 1]", "train.seed": "[0, 2^63)",
+    "train.ckpt_every": "[1, inf)", "train.keep_checkpoints": "[0, inf)", "train.log_every": "[1, inf)",
+    "sample.steps": "[1, inf)", "sample.eta": "[0, 1]", "sample.guidance": "[0, inf)", "sample.clip": "(0, inf)",
+    "distill.student_timesteps[]": "[0, inf)", "distill.adv_weight": "[0, inf)",
+    "distill.distill_weight": "[0, inf)", "distill.teacher_t_min": "[0, inf)",
+    "distill.teacher_t_max": "[0, inf)", "distill.teacher_guidance": "[0, inf)", "distill.r1_gamma": "[0, inf)",
+    "distill.disc_lr": "(0, inf)", "distill.betas[]": "[0, 1)", "distill.disc_steps": "[1, inf)",
+    "distill.backbone_steps": "[1, inf)", "distill.backbone_patch": "[1, inf)",
+    "distill.backbone_dim": "[1, inf)", "distill.backbone_depth": "[1, inf)",
+    "distill.backbone_heads": "[1, inf)", "distill.backbone_size": "[0, inf)",
+    "distill.disc_heads": "[1, inf)", "distill.disc_width": "[1, inf)", "distill.disc_mbstd": "[0, inf)",
 }
 
 
 def _in_range(value, spec: str) -> bool:
     lo_s, hi_s = spec[1:-1].split(", ")
-    lo, hi = float(lo_s), float(hi_s)
+    lo, hi = float(lo_s), float(2**63 if hi_s == "2^63" else hi_s)
     if math.isnan(value) or (math.isinf(value) and not (spec[-1] == "]" and value == hi)):
         return False
     return (lo <= value if spec[0] == "[" else lo < value) and (value <= hi if spec[-1] == "]" else value < hi)
@@ -96,6 +96,8 @@ def _check_numbers(where: str, section) -> None:
                 continue
             if spec is not None and not _in_range(v, spec):
                 raise ConfigError(f"{name} must be in {spec}, got {v!r}")
+            if isinstance(v, int) and v > _INT and key != "train.seed":
+                raise ConfigError(f"{name} must be at most {_INT}, got {v}")
             if spec is None and not math.isfinite(v):
                 raise ConfigError(f"{name} must be a finite number, got {v!r}")
 
@@ -130,9 +132,14 @@ def validate(cfg) -> None:
     resolutions = [m.image_size // 2**i for i in range(len(m.channel_mult))]
     missing = [r for r in m.attn_resolutions if r not in resolutions]
     if missing:
-        raise ConfigError(f"model.attn_resolutions {list(m.attn_resolutions)}: {missing} is not a resolution of this "
-                          f"UNet at image_size {m.image_size} (its levels are {resolutions}); attention there would "
-                          "silently not exist. Use a preset made for this size or matching attn_resolutions")
+        levels = len(m.channel_mult)
+        sizes = {r * 2**i for r in m.attn_resolutions for i in range(levels)}
+        fit = sorted(z for z in sizes if z % 2 ** (levels - 1) == 0
+                     and all(r in [z // 2**i for i in range(levels)] for r in m.attn_resolutions))
+        raise ConfigError(f"model.image_size {m.image_size} does not fit this model: its attention resolutions "
+                          f"{list(m.attn_resolutions)} are not among its levels {resolutions}, so attention would "
+                          f"silently not exist; use image size {' or '.join(map(str, fit)) or '(none fits)'}, or a "
+                          "preset made for this size")
     attn_channels = {m.base_channels * m.channel_mult[-1]}  # the middle block always has attention
     attn_channels |= {m.base_channels * mult for mult, r in zip(m.channel_mult, resolutions) if r in m.attn_resolutions}
     bad = sorted(c for c in attn_channels if c % m.num_heads)
@@ -154,15 +161,6 @@ def validate(cfg) -> None:
                               "(alphas_cumprod = 0) and is refused by every sampler; use --prediction v")
     T = d.num_timesteps
 
-    # Sampling defaults: the run's own sampler must be able to run them.
-    if s.sampler not in ("ddim", "ddpm", "student"):
-        raise ConfigError(f"sample.sampler {s.sampler!r} is not one of ddim, ddpm, student")
-    if s.sampler == "student" and dc is None:
-        raise ConfigError("sample.sampler 'student' needs an ADD student run (a distill section)")
-    limit = len(dc.student_timesteps) if s.sampler == "student" else T
-    if s.steps > limit:
-        raise ConfigError(f"sample.steps {s.steps} must be in [1, {limit}] for sampler {s.sampler}")
-
     if dc is not None:
         ts = list(dc.student_timesteps)
         if not ts or any(t >= T for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
@@ -180,3 +178,12 @@ def validate(cfg) -> None:
         if dc.backbone in ("pretrain", "none") and dc.disc_heads > dc.backbone_depth:
             raise ConfigError(f"distill.disc_heads {dc.disc_heads} must be in [1, backbone_depth "
                               f"{dc.backbone_depth}]")
+
+    # Sampling defaults: the run's own sampler must be able to run them.
+    if s.sampler not in ("ddim", "ddpm", "student"):
+        raise ConfigError(f"sample.sampler {s.sampler!r} is not one of ddim, ddpm, student")
+    if s.sampler == "student" and dc is None:
+        raise ConfigError("sample.sampler 'student' needs an ADD student run (a distill section)")
+    limit = len(dc.student_timesteps) if s.sampler == "student" else T
+    if s.steps > limit:
+        raise ConfigError(f"sample.steps {s.steps} must be in [1, {limit}] for sampler {s.sampler}")
