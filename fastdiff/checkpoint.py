@@ -327,22 +327,29 @@ def _good_hint(ckpt_dir: Path) -> str:
     return f"delete {ckpt_dir} or pass another checkpoint"
 
 
-def load_tensors(ckpt_dir, name: str, device="cpu", *, _hint: bool = True) -> dict[str, torch.Tensor]:
-    """The tensors of <ckpt_dir>/<name>.safetensors, all finite; else one CheckpointError naming file and tensor."""
-    ckpt_dir = Path(ckpt_dir)
-    path = ckpt_dir / f"{name}.safetensors"
-    if not path.exists():
-        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete, delete {ckpt_dir} to use an older one")
+def read_tensors(path, device="cpu", advice=lambda: "") -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file, all finite; else one CheckpointError naming the file and the tensor
+    (and `advice()`, computed only then)."""
+    path = Path(path)
     try:
         tensors = load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path} is corrupt ({first})" + (f"; {_good_hint(ckpt_dir)}" if _hint else "")) from None
+        raise CheckpointError(f"{path} is corrupt ({first}){advice()}") from None
     bad = first_non_finite(tensors)
     if bad is not None:
-        raise CheckpointError(f"{path}: tensor {bad!r} holds NaN or infinite values, the file is corrupt"
-                              + (f"; {_good_hint(ckpt_dir)}" if _hint else ""))
+        raise CheckpointError(f"{path}: tensor {bad!r} holds NaN or infinite values, the file is corrupt{advice()}")
     return tensors
+
+
+def load_tensors(ckpt_dir, name: str, device="cpu", *, _hint: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors of <ckpt_dir>/<name>.safetensors, all finite; else one CheckpointError naming file and tensor
+    and, for a checkpoint of a run, the newest intact one to use instead."""
+    ckpt_dir = Path(ckpt_dir)
+    path = ckpt_dir / f"{name}.safetensors"
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete, delete {ckpt_dir} to use an older one")
+    return read_tensors(path, device, (lambda: f"; {_good_hint(ckpt_dir)}") if _hint else (lambda: ""))
 
 
 def load_json(ckpt_dir, name: str) -> dict:

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from fastdiff.checkpoint import read_json, save_tensors, write_json_atomic
+from fastdiff.checkpoint import read_json, read_tensors, save_tensors, write_json_atomic
 from fastdiff.data import ImageData
 from fastdiff.errors import CheckpointError
 from fastdiff.models.classifier import Classifier, ClassifierConfig, train_classifier
@@ -46,7 +45,7 @@ def load_or_train_classifier(train: ImageData, cache_dir, device="cpu", log=None
         try:
             meta = read_json(meta_path)
             model = Classifier(ClassifierConfig(**meta["config"]))
-            model.load_state_dict(load_file(str(path)))
+            model.load_state_dict(read_tensors(path))
         except Exception as e:  # noqa: BLE001 - any failure to read the cache means: retrain
             if log:
                 log(f"cached classifier {path} unreadable ({e}); retraining")
