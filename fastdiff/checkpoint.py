@@ -151,6 +151,24 @@ def latest_good_checkpoint(run_dir, log=None) -> Path | None:
     return None
 
 
+def set_aside_newer(run_dir, ckpt_dir) -> list[Path]:
+    """Move the checkpoints newer than `ckpt_dir` (the resume point) into checkpoints/set-aside/, where nothing
+    reads or prunes them: corrupt ones, or those of an abandoned trajectory, which must not later pass for the
+    newest checkpoint of the resumed run. Returns their new paths (nothing is deleted)."""
+    step = int(_STEP_DIR.match(Path(ckpt_dir).name).group(1))
+    aside = Path(run_dir) / CHECKPOINTS / "set-aside"
+    moved = []
+    for s, path in checkpoint_dirs(run_dir):
+        if s > step:
+            aside.mkdir(exist_ok=True)
+            dst = aside / path.name
+            if dst.exists():
+                shutil.rmtree(dst)
+            os.rename(path, dst)
+            moved.append(dst)
+    return moved
+
+
 def check_resume_steps(run_dir, steps: int, flag: str = "--steps") -> None:
     """`--resume` with a target below the step the run reached is an error (it would do nothing and rewrite
     config.json); equal is allowed (nothing left to do)."""

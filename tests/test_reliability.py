@@ -133,6 +133,14 @@ def test_pruning_keeps_the_newest_good_checkpoint(tmp_path):
     assert [s for s, _ in ckpt.checkpoint_dirs(tmp_path)] == [5, 6]
 
 
+def test_set_aside_newer_checkpoints(run_copy):
+    step2 = run_copy / "checkpoints" / "step-000000002"
+    overwrite_tensor_bytes(run_copy / "checkpoints" / "step-000000004" / "ema.safetensors")
+    moved = ckpt.set_aside_newer(run_copy, ckpt.latest_good_checkpoint(run_copy))
+    assert [p.name for p in moved] == ["step-000000004"] and moved[0].parent.name == "set-aside"
+    assert ckpt.checkpoint_dirs(run_copy) == [(2, step2)] and ckpt.resolve_checkpoint(run_copy) == step2
+
+
 def test_killed_mid_swap_puts_the_checkpoint_back(tmp_path):
     path = _save(tmp_path, 1)
     os.rename(path, path.parent / ".old-step-000000001-123")  # killed between the two renames of a re-save
