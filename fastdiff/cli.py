@@ -30,8 +30,9 @@ def _number(kind, lo=None, hi=None, *, lo_open=False, allowed: str = ""):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        ok = math.isfinite(value) and (lo is None or (value > lo if lo_open else value >= lo))
-        if not ok or (hi is not None and value > hi):
+        ok = (math.isfinite(value) and (lo is None or (value > lo if lo_open else value >= lo))
+              and (hi is None or value <= hi))
+        if not ok:
             raise argparse.ArgumentTypeError(f"{text} is outside the allowed range {allowed}")
         return value
     return parse
