@@ -1,4 +1,4 @@
-"""Checkpoints: safetensors weights + JSON, written atomically; resolving and loading them back.
+"""Checkpoints: safetensors weights + JSON, written atomically; resolving, verifying and loading them back.
 
 A run directory holds checkpoints/step-<N>/ folders, each complete or absent: a checkpoint is written into a
 hidden temporary folder, flushed to disk, then renamed into place, so a killed run never leaves a partial one.
@@ -8,11 +8,16 @@ hidden temporary folder, flushed to disk, then renamed into place, so a killed r
     step-000001000/optimizer.safetensors  optimizer tensors (its scalars and groups are in state.json)
     step-000001000/state.json             step, images seen, optimizer groups, grad-scaler state, ...
     step-000001000/config.json            the resolved run config
+
+Every tensor load checks that the tensors are finite, every JSON read that the file holds a JSON object, and
+pruning never removes the newest checkpoint that passes both checks. One writer at a time: `lock_run_dir`.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -20,13 +25,77 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
-from fastdiff.errors import CheckpointError
+from fastdiff.errors import CheckpointError, FastdiffError
 
 CHECKPOINTS = "checkpoints"
+LOCK_FILE = ".lock"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
+
+# --- writing files: the one place bytes reach the disk ------------------------------------------------------------
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Write and flush one file (tests inject disk-full faults here)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_error(path, e: OSError) -> str:
+    """One line for a failed write; a full disk names the fix."""
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return f"cannot write {path}: no space left on device; free some space and run again (earlier files are intact)"
+    return f"cannot write {path}: {e.strerror or e}; choose a writable path"
+
+
+def atomic_write(path, data: bytes) -> Path:
+    """Write `data` to `path` through a temporary file and a rename: `path` is the old file or the new one, never a
+    partial one, and no temporary file is left behind on any error (a full disk gives one FastdiffError)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        _write_file(tmp, data)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise FastdiffError(write_error(path, e)) from None
+        raise
+    return path
+
+
+def save_tensors(path, tensors: dict[str, torch.Tensor]) -> Path:
+    """One safetensors file, written atomically (the caches kept beside runs)."""
+    return atomic_write(path, safetensors_bytes(_cpu(tensors)))
+
+
+def write_json_atomic(path, obj) -> Path:
+    return atomic_write(path, json.dumps(obj, indent=2).encode())
+
+
+def read_json(path, error=CheckpointError) -> dict:
+    """A JSON object from `path`; anything else (missing, unreadable, not JSON, not an object) is one `error`."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise error(f"{path} is missing") from None
+    except OSError as e:
+        raise error(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise error(f"{path} is not valid JSON ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(obj, dict):
+        raise error(f"{path} holds a JSON {type(obj).__name__}, not an object; the file is corrupt or not fastdiff's")
+    return obj
+
+
+# --- finding checkpoints ------------------------------------------------------------------------------------------
 
 def checkpoint_dirs(run_dir) -> list[tuple[int, Path]]:
     root = Path(run_dir) / CHECKPOINTS
@@ -56,6 +125,64 @@ def resolve_checkpoint(path) -> Path:
     return latest
 
 
+def verify_checkpoint(ckpt_dir) -> None:
+    """Raise CheckpointError unless every tensor file of the checkpoint loads and is finite and its state.json and
+    config.json are JSON objects with a valid step."""
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / "model.safetensors").exists():
+        raise CheckpointError(f"{ckpt_dir / 'model.safetensors'} is missing; the checkpoint is incomplete")
+    for f in sorted(ckpt_dir.glob("*.safetensors")):
+        load_tensors(ckpt_dir, f.name[: -len(".safetensors")], _hint=False)
+    load_state(ckpt_dir, keys=TRAINING_STATE if (ckpt_dir / "optimizer.safetensors").exists() else ("step",))
+    read_json(ckpt_dir / "config.json")
+
+
+def latest_good_checkpoint(run_dir, log=None) -> Path | None:
+    """The newest checkpoint that passes `verify_checkpoint` (None if none does); `log(line)` hears of each newer
+    checkpoint skipped and why. Resume starts here, never from a corrupt newer checkpoint."""
+    for _, path in reversed(checkpoint_dirs(run_dir)):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            if log is not None:
+                log(f"skipping checkpoint {path}: {e}")
+            continue
+        return path
+    return None
+
+
+def set_aside_newer(run_dir, ckpt_dir) -> list[Path]:
+    """Move the checkpoints newer than `ckpt_dir` (the resume point) into checkpoints/set-aside/, where nothing
+    reads or prunes them: corrupt ones, or those of an abandoned trajectory, which must not later pass for the
+    newest checkpoint of the resumed run. Returns their new paths (nothing is deleted)."""
+    step = int(_STEP_DIR.match(Path(ckpt_dir).name).group(1))
+    aside = Path(run_dir) / CHECKPOINTS / "set-aside"
+    moved = []
+    for s, path in checkpoint_dirs(run_dir):
+        if s > step:
+            aside.mkdir(exist_ok=True)
+            dst = aside / path.name
+            if dst.exists():
+                shutil.rmtree(dst)
+            os.rename(path, dst)
+            moved.append(dst)
+    return moved
+
+
+def check_resume_steps(run_dir, steps: int, flag: str = "--steps") -> None:
+    """`--resume` with a target below the step the run reached is an error (it would do nothing and rewrite
+    config.json); equal is allowed (nothing left to do)."""
+    path = latest_good_checkpoint(run_dir)
+    if path is None:
+        return
+    done = load_state(path, keys=("step",))["step"]
+    if steps < done:
+        raise CheckpointError(f"{flag} {steps} is below step {done} that the run {run_dir} already reached "
+                              f"({path.name}); pass {flag} above {done} to train further")
+
+
+# --- writing checkpoints ------------------------------------------------------------------------------------------
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -64,78 +191,244 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity (one host sync), or None."""
+    floats = [(k, v) for k, v in tensors.items() if v.is_floating_point() or v.is_complex()]
+    if not floats:
+        return None
+    ok = torch.stack([torch.isfinite(v).all().to(floats[0][1].device) for _, v in floats])
+    if bool(ok.all()):
+        return None
+    return floats[int((~ok).nonzero()[0, 0])][0]
+
+
+def _prune(run_dir, n: int, skip_step: int | None = None, good: Path | None = None) -> None:
+    """Remove the oldest checkpoints until at most `n` remain (not counting `skip_step`), never the newest good one
+    (`good`, else found by `latest_good_checkpoint`)."""
+    dirs = [(s, p) for s, p in checkpoint_dirs(run_dir) if s != skip_step]
+    excess = dirs[: max(0, len(dirs) - n)]
+    if not excess:
+        return
+    good = good or latest_good_checkpoint(run_dir)
+    for _, path in excess:
+        if path != good:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def save_checkpoint(run_dir, step: int, *, tensors: dict[str, dict[str, torch.Tensor]], state: dict, config: dict,
                     keep: int = 2) -> Path:
-    """Write checkpoints/step-<step>/ atomically and keep only the newest `keep` checkpoints."""
+    """Write checkpoints/step-<step>/ atomically and keep only the newest `keep` checkpoints (0: all).
+
+    Tensors with NaN or inf are refused before anything is written. Old checkpoints beyond `keep - 1` are removed
+    before the new one is written, so keeping k needs room for k checkpoints (2 when k = 1: the old one stays until
+    the new one is complete); the newest good checkpoint is never removed. On any write error (a full disk) the
+    temporary folder is removed, the earlier checkpoints stay, and one CheckpointError says what to do.
+    """
+    for name, group in tensors.items():
+        bad = first_non_finite(group)
+        if bad is not None:
+            raise CheckpointError(f"not writing checkpoint step {step}: {name} tensor {bad!r} holds NaN or infinite "
+                                  "values (the run diverged); the earlier checkpoints are kept")
     root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:09d}"
     tmp = root / f".tmp-step-{step:09d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    for name, group in tensors.items():
-        save_file(_cpu(group), str(tmp / f"{name}.safetensors"))
-    for name, obj in (("state", state), ("config", config)):
-        with open(tmp / f"{name}.json", "w") as f:
-            json.dump(obj, f, indent=2)
-    for f in tmp.iterdir():
-        _fsync(f)
-    _fsync(tmp)
-    if final.exists():  # re-saving a step (a resumed run that stops where it started): swap, then delete
-        old = root / f".old-step-{step:09d}-{os.getpid()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, final)
-    _fsync(root)
-    for _, stale in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(stale, ignore_errors=True)
+    old = root / f".old-step-{step:09d}-{os.getpid()}"
+    if keep > 0:
+        _prune(run_dir, keep - 1, skip_step=step)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        for name, group in tensors.items():
+            _write_file(tmp / f"{name}.safetensors", safetensors_bytes(_cpu(group)))
+        for name, obj in (("state", state), ("config", config)):
+            _write_file(tmp / f"{name}.json", json.dumps(obj, indent=2).encode())
+        _fsync(tmp)
+        if final.exists():  # re-saving a step (resumed from an older checkpoint): swap, then delete
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final)
+        _fsync(root)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():
+            os.rename(old, final)
+        if isinstance(e, OSError):
+            raise CheckpointError(write_error(final, e)) from None
+        raise
+    if keep > 0:
+        _prune(run_dir, keep, good=final)
     return final
 
 
 def remove_stale_temporaries(run_dir) -> None:
-    """Leftovers of a run killed while writing a checkpoint."""
+    """Leftovers of a run killed while writing a checkpoint; a checkpoint killed mid-swap is put back."""
     root = Path(run_dir) / CHECKPOINTS
     if root.is_dir():
         for p in root.iterdir():
-            if p.name.startswith((".tmp-step-", ".old-step-")):
+            m = re.match(r"^\.old-(step-\d+)-\d+$", p.name)
+            if m and not (root / m.group(1)).exists():
+                os.rename(p, root / m.group(1))
+            elif p.name.startswith((".tmp-step-", ".old-step-")):
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def load_tensors(ckpt_dir, name: str, device="cpu") -> dict[str, torch.Tensor]:
-    path = Path(ckpt_dir) / f"{name}.safetensors"
+# --- one writer per run directory ---------------------------------------------------------------------------------
+
+class RunDirLock:
+    """An exclusive flock on <run_dir>/.lock holding the writer's pid. The kernel drops the lock when the process
+    exits in any way (kill -9 included), so a stale lock file never blocks a later run."""
+
+    def __init__(self, run_dir):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunDirLock":
+        import fcntl
+
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise FastdiffError(f"cannot write to the run directory {self.run_dir}: {e.strerror}; "
+                                "choose a writable --out") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise FastdiffError(f"cannot lock the run directory {self.run_dir}: {e.strerror}") from None
+            raise FastdiffError(f"the run directory {self.run_dir} is in use by another fastdiff process (pid "
+                                f"{holder}); wait for it to finish or stop it, or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            import fcntl
+
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "RunDirLock":
+        return self if self._fd is not None else self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def lock_run_dir(run_dir) -> RunDirLock:
+    """Take the run directory's writer lock (a FastdiffError naming the holder's pid if another process has it).
+    Use as `with lock_run_dir(out): ...` or call `.release()`."""
+    return RunDirLock(run_dir).acquire()
+
+
+# --- loading ------------------------------------------------------------------------------------------------------
+
+def _good_hint(ckpt_dir: Path) -> str:
+    run_dir = ckpt_dir.parent.parent if ckpt_dir.parent.name == CHECKPOINTS else None
+    good = latest_good_checkpoint(run_dir) if run_dir is not None else None
+    if good is not None and good != ckpt_dir:
+        return f"the newest intact checkpoint is {good} (pass it as --checkpoint; --resume starts from it)"
+    return f"delete {ckpt_dir} or pass another checkpoint"
+
+
+def read_tensors(path, device="cpu", advice=lambda: "") -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file, all finite; else one CheckpointError naming the file and the tensor
+    (and `advice()`, computed only then)."""
+    path = Path(path)
+    try:
+        tensors = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} is corrupt ({first}){advice()}") from None
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise CheckpointError(f"{path}: tensor {bad!r} holds NaN or infinite values, the file is corrupt{advice()}")
+    return tensors
+
+
+def load_tensors(ckpt_dir, name: str, device="cpu", *, _hint: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors of <ckpt_dir>/<name>.safetensors, all finite; else one CheckpointError naming file and tensor
+    and, for a checkpoint of a run, the newest intact one to use instead."""
+    ckpt_dir = Path(ckpt_dir)
+    path = ckpt_dir / f"{name}.safetensors"
     if not path.exists():
         raise CheckpointError(f"{path} is missing; the checkpoint is incomplete, delete {ckpt_dir} to use an older one")
-    try:
-        return load_file(str(path), device=str(device))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is corrupt ({e}); delete {ckpt_dir} to resume from an older checkpoint")
+    return read_tensors(path, device, (lambda: f"; {_good_hint(ckpt_dir)}") if _hint else (lambda: ""))
 
 
 def load_json(ckpt_dir, name: str) -> dict:
-    path = Path(ckpt_dir) / f"{name}.json"
+    return read_json(Path(ckpt_dir) / f"{name}.json")
+
+
+TRAINING_STATE = ("step", "images_seen", "optimizer", "lr_scheduler")
+
+
+def load_state(ckpt_dir, keys: tuple[str, ...] = TRAINING_STATE) -> dict:
+    """state.json of a checkpoint with `keys` present: step and images_seen non-negative integers, the rest objects."""
+    path = Path(ckpt_dir) / "state.json"
+    state = read_json(path)
+    for key in keys:
+        value = state.get(key)
+        if key in ("step", "images_seen"):
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        else:
+            ok = isinstance(value, dict)
+        if not ok:
+            raise CheckpointError(f"{path}: field {key!r} is {'missing' if key not in state else repr(value)[:60]}; "
+                                  "the checkpoint state is corrupt")
+    return state
+
+
+def _check_like(saved, fresh, where: str, required=None) -> None:
+    """`saved` (from JSON) has the structure and value types of `fresh` (a live state_dict). Dict keys of `fresh`
+    must all be present, or only those in `required` when given (optimizer groups of older torch versions lack
+    newer options, which torch fills in)."""
+    if isinstance(fresh, dict):
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{where} is {type(saved).__name__}, expected an object")
+        for k, v in fresh.items():
+            if k not in saved:
+                if required is None or k in required:
+                    raise CheckpointError(f"{where}.{k} is missing")
+                continue
+            _check_like(saved[k], v, f"{where}.{k}", required)
+    elif isinstance(fresh, (list, tuple)):
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(fresh):
+            raise CheckpointError(f"{where} should be a list of {len(fresh)}, got {repr(saved)[:60]}")
+        for i, (s, f) in enumerate(zip(saved, fresh)):
+            _check_like(s, f, f"{where}[{i}]", required)
+    elif isinstance(fresh, bool):
+        if not isinstance(saved, bool):
+            raise CheckpointError(f"{where} should be true or false, got {repr(saved)[:60]}")
+    elif isinstance(fresh, (int, float)):
+        if isinstance(saved, bool) or not isinstance(saved, (int, float)) or not math.isfinite(saved):
+            raise CheckpointError(f"{where} should be a finite number, got {repr(saved)[:60]}")
+    elif isinstance(fresh, str) and not isinstance(saved, str):
+        raise CheckpointError(f"{where} should be a string, got {repr(saved)[:60]}")
+
+
+def load_state_dict_checked(obj, saved, where) -> None:
+    """obj.load_state_dict(saved) for an LR scheduler or grad scaler, after checking that `saved` has the structure
+    of obj.state_dict() (the loaders accept anything and fail later otherwise)."""
+    _check_like(saved, obj.state_dict(), str(where))
     try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete") from None
-    except (json.JSONDecodeError, OSError) as e:
-        raise CheckpointError(f"{path} is corrupt ({e})") from None
+        obj.load_state_dict(saved)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{where} does not load ({e})") from None
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -151,15 +444,18 @@ def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tenso
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict,
+                   where="state.json") -> None:
+    _check_like(meta, {"param_groups": opt.state_dict()["param_groups"], "scalars": {}}, f"{where}: optimizer",
+                required={"param_groups", "scalars", "params", "lr"})
     state: dict[int, dict] = {}
-    for flat, value in list(tensors.items()) + list(meta["scalars"].items()):
-        idx, key = flat.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
     try:
+        for flat, value in list(tensors.items()) + list(meta["scalars"].items()):
+            idx, key = flat.split(".", 1)
+            state.setdefault(int(idx), {})[key] = value
         opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"optimizer state does not match the model: {e}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"optimizer state in {where} does not match the model: {e}") from None
 
 
 def load_model_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where) -> None:

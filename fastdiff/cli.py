@@ -8,10 +8,42 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 from fastdiff.errors import ConfigError, FastdiffError
+
+# --- option checks: every CLI-only number is checked here, as it is parsed (config options: fastdiff.config_checks)
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (`fastdiff sample: error: ...`), exit status 2, like every other error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind, lo=None, hi=None, *, lo_open=False, allowed: str = ""):
+    """An argparse `type=`: a finite int or float in [lo, hi] ((lo, hi] with lo_open), else one message."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        ok = (math.isfinite(value) and (lo is None or (value > lo if lo_open else value >= lo))
+              and (hi is None or value <= hi))
+        if not ok:
+            raise argparse.ArgumentTypeError(f"{text} is outside the allowed range {allowed}")
+        return value
+    return parse
+
+
+COUNT = _number(int, 1, 2**31 - 1, allowed="1 and up")  # --n, --steps, --batch-size, ...
+SEED = _number(int, 0, 2**62, allowed="0 to 2^62")
+GUIDANCE = _number(float, 0, allowed="0 and up, finite (1 = no guidance, 0 = the unconditional model)")
+ETA = _number(float, 0, 1, allowed="[0, 1]")
+POSITIVE = _number(float, 0, lo_open=True, allowed="above 0, finite")
+NON_NEGATIVE_INT = _number(int, 0, 2**31 - 1, allowed="0 and up")
 
 
 def _add_train(sub):
@@ -80,7 +112,7 @@ def _resumed_config(args, given: dict, resumable: set, not_on_resume: dict):
     """The run's saved config when `--resume` finds one in --out (None otherwise), after checking that no flag
     in `not_on_resume` is given and that `given` changes only `resumable` flags (any other change would make the
     checkpoint and the config disagree)."""
-    from fastdiff.config import RunConfig
+    from fastdiff.config import load_config
 
     saved = Path(args.out) / "config.json"
     if not (args.resume and saved.exists()):
@@ -91,17 +123,22 @@ def _resumed_config(args, given: dict, resumable: set, not_on_resume: dict):
     changed = set(given) - resumable
     if changed:
         raise ConfigError(f"{_flags(changed)} cannot change on --resume (only {_flags(resumable)} can)")
-    return RunConfig.from_dict(json.loads(saved.read_text()))
+    return load_config(saved)
 
 
 def resolve_train_config(args):
+    from fastdiff.checkpoint import check_resume_steps
     from fastdiff.config import apply_overrides, preset_config
 
     given = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
     cfg = _resumed_config(args, given, RESUMABLE, {"preset": args.preset})
+    resumed = cfg is not None
     if cfg is None:
         cfg = preset_config(args.preset or "digits")
-    return apply_overrides(cfg, {TRAIN_FLAGS[k]: v for k, v in given.items()})
+    cfg = apply_overrides(cfg, {TRAIN_FLAGS[k]: v for k, v in given.items()})
+    if resumed:
+        check_resume_steps(args.out, cfg.train.steps)
+    return cfg
 
 
 def cmd_train(args) -> int:
@@ -175,16 +212,24 @@ DISTILL_RESUMABLE = {"steps", "ckpt_every", "log_every"}
 
 def resolve_distill_config(args):
     from fastdiff import checkpoint as ckpt
-    from fastdiff.config import RunConfig, apply_overrides, distill_config
+    from fastdiff.checkpoint import check_resume_steps
+    from fastdiff.config import apply_overrides, distill_config, load_config
 
     given = {k: getattr(args, k) for k in DISTILL_FLAGS if getattr(args, k) is not None}
     cfg = _resumed_config(args, given, DISTILL_RESUMABLE, {"preset": args.preset, "teacher": args.teacher})
+    resumed = cfg is not None
     if cfg is None:
         if not args.teacher:
             raise ConfigError("fastdiff distill needs --teacher RUN_DIR (a run trained with fastdiff train)")
         path = ckpt.resolve_checkpoint(args.teacher)
-        cfg = distill_config(RunConfig.from_dict(ckpt.load_json(path, "config")), args.teacher, args.preset)
-    return apply_overrides(cfg, {DISTILL_FLAGS[k]: v for k, v in given.items()})
+        cfg = distill_config(load_config(path / "config.json"), args.teacher, args.preset)
+    overrides = {DISTILL_FLAGS[k]: v for k, v in given.items()}
+    if args.student_timesteps and cfg.sample.sampler == "student":  # a student samples with at most its timesteps
+        overrides["sample.steps"] = min(cfg.sample.steps, len(args.student_timesteps))
+    cfg = apply_overrides(cfg, overrides)
+    if resumed:
+        check_resume_steps(args.out, cfg.train.steps)
+    return cfg
 
 
 def cmd_distill(args) -> int:
@@ -201,14 +246,14 @@ def cmd_distill(args) -> int:
 
 def _add_sampling_flags(p, n_default):
     p.add_argument("--checkpoint", required=True, help="run directory (its latest checkpoint) or a checkpoint folder")
-    p.add_argument("--n", type=int, default=n_default, help="number of samples")
+    p.add_argument("--n", type=COUNT, default=n_default, help="number of samples")
     p.add_argument("--sampler", choices=["ddim", "ddpm", "student"],
                    help="default: the run's (ddim; student for a distilled student run)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the run's; ddpm: all T)")
-    p.add_argument("--eta", type=float, help="DDIM eta (0 = deterministic)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = none)")
-    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=COUNT, help="denoising steps (default: the run's; ddpm: all T)")
+    p.add_argument("--eta", type=ETA, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--guidance", type=GUIDANCE, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--seed", type=SEED, default=0, help="sample i uses seed + i")
+    p.add_argument("--batch-size", type=COUNT, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--refine", metavar="RUN_DIR", help="apply a refiner trained with `fastdiff train-refiner`")
 
@@ -280,7 +325,7 @@ def cmd_env(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastdiff", description="Fast diffusion training and sampling.")
+    parser = _Parser(prog="fastdiff", description="Fast diffusion training and sampling.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     p = sub.add_parser("sample", help="draw samples from a trained run into a PNG grid (+ .npz)")
@@ -288,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", type=int, nargs="+", help="class labels, repeated to fill --n")
     p.add_argument("--out", required=True, help="output PNG (raw samples go beside it as .npz)")
     p.add_argument("--trajectory", action="store_true", help="also write <out>_trajectory.png")
-    p.add_argument("--trajectory-rows", type=int, default=4)
+    p.add_argument("--trajectory-rows", type=COUNT, default=4)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--amp", choices=["fp32", "bf16", "fp16"], help="autocast for the model (default: bf16 on a GPU)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -296,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_accel_flags(p)
     p = sub.add_parser("eval", help="FD_cls, its real-vs-real floor, and class-conditional accuracy")
     _add_sampling_flags(p, 1000)
-    p.add_argument("--classifier-steps", type=int, default=1500,
+    p.add_argument("--classifier-steps", type=COUNT, default=1500,
                    help="training steps of the evaluation classifier when it is not cached yet")
     p.set_defaults(batch_size=500)
     sub.add_parser("env", help="versions, device, and which kernels are usable")
@@ -313,12 +358,13 @@ def _add_train_refiner(sub):
                                    "made from real training images.")
     p.add_argument("--checkpoint", required=True, help="the run (teacher or student) whose x0 estimates it refines")
     p.add_argument("--out", required=True, help="the refiner's run directory")
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--t-max", type=int, help="pairs come from x0 estimates at t in [0, t-max] (default: T/2)")
-    p.add_argument("--base-channels", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=COUNT, default=1500)
+    p.add_argument("--batch-size", type=COUNT, default=128)
+    p.add_argument("--lr", type=POSITIVE, default=1e-3)
+    p.add_argument("--t-max", type=NON_NEGATIVE_INT,
+                   help="pairs come from x0 estimates at t in [0, t-max] (default: T/2)")
+    p.add_argument("--base-channels", type=COUNT, default=16)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--device", default="auto")
 
 
@@ -357,8 +403,8 @@ def _add_bench(sub):
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     p.add_argument("--presets", nargs="+", help=f"default: {' '.join(DEFAULT_PRESETS)} (mnist with --quick on a CPU)")
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, help="default: all (diffusers when installed)")
-    p.add_argument("--budget-s", type=float, help="time budget; later jobs are skipped (default 35 quick, 420 full)")
-    p.add_argument("--reps", type=int, help="timed calls per row (default 2 quick, 5 full)")
+    p.add_argument("--budget-s", type=POSITIVE, help="time budget; later jobs are skipped (default 35 quick, 420 full)")
+    p.add_argument("--reps", type=COUNT, help="timed calls per row (default 2 quick, 5 full)")
 
 
 def _add_export(sub):
@@ -387,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except FastdiffError as e:
-        print(f"fastdiff {args.command}: error: {e}", file=sys.stderr)
+        print(f"fastdiff {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fastdiff {args.command}: interrupted", file=sys.stderr)

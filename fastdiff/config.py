@@ -10,6 +10,7 @@ import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 
+from fastdiff.config_checks import check_types, validate
 from fastdiff.errors import ConfigError
 
 
@@ -164,30 +165,57 @@ class RunConfig:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
-        sections = {f.name: f.type for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for key, value in d.items():
-            if key not in sections:
-                raise ConfigError(f"unknown config section {key!r}")
-            if key == "preset" or (key == "distill" and value is None):
-                kwargs[key] = value
-                continue
-            section_cls = {"model": UNetConfig, "diffusion": DiffusionConfig, "data": DataConfig,
-                           "train": TrainConfig, "sample": SampleConfig, "distill": ADDConfig}[key]
-            kwargs[key] = _build(section_cls, value, key)
-        return cls(**kwargs)
+    def from_dict(cls, d: dict, source: str | None = None) -> "RunConfig":
+        """A validated RunConfig (see `validate`) from its dict; `source` (a file) prefixes every error."""
+        try:
+            if not isinstance(d, dict):
+                raise ConfigError(f"a config is a JSON object of sections, got {type(d).__name__}")
+            sections = {f.name for f in dataclasses.fields(cls)}
+            kwargs = {}
+            for key, value in d.items():
+                if key not in sections:
+                    raise ConfigError(f"unknown config section {key!r}")
+                if key == "preset" or (key == "distill" and value is None):
+                    if key == "preset" and not isinstance(value, str):
+                        raise ConfigError(f"preset must be a string, got {value!r}")
+                    kwargs[key] = value
+                    continue
+                kwargs[key] = _build(SECTIONS[key], value, key)
+            cfg = cls(**kwargs)
+            validate(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}" if source else str(e)) from None
+        return cfg
+
+
+def load_config(path) -> RunConfig:
+    """The RunConfig in a config.json (a run's or a checkpoint's), validated; one ConfigError naming the file."""
+    from fastdiff.checkpoint import read_json
+
+    d = read_json(path, error=ConfigError)
+    missing = [name for name in ("model", "diffusion", "data", "train", "sample") if name not in d]
+    if missing:
+        raise ConfigError(f"{path}: config sections {missing} are missing; this is not a config.json that fastdiff "
+                          "wrote")
+    return RunConfig.from_dict(d, source=str(path))
 
 
 def _build(section_cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {where!r} must be an object of options, got {repr(values)[:60]}")
     names = {f.name for f in dataclasses.fields(section_cls)}
     unknown = set(values) - names
     if unknown:
         raise ConfigError(f"unknown option(s) {sorted(unknown)} in config section {where!r}")
+    check_types(section_cls, values, where)
     try:
         return section_cls(**values)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"invalid {where} config: {e}") from None
+
+
+SECTIONS = {"model": UNetConfig, "diffusion": DiffusionConfig, "data": DataConfig, "train": TrainConfig,
+            "sample": SampleConfig, "distill": ADDConfig}
 
 
 # Presets: overrides on the defaults above. Sizes, steps and learning rates were chosen by measurement

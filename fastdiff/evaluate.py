@@ -8,14 +8,12 @@ images and an equal number of training images, i.e. what a perfect generator wou
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from fastdiff.checkpoint import write_json_atomic
+from fastdiff.checkpoint import read_json, read_tensors, save_tensors, write_json_atomic
 from fastdiff.data import ImageData
 from fastdiff.errors import CheckpointError
 from fastdiff.models.classifier import Classifier, ClassifierConfig, train_classifier
@@ -45,9 +43,9 @@ def load_or_train_classifier(train: ImageData, cache_dir, device="cpu", log=None
     meta_path = path.with_suffix(".json")
     if path.exists() and meta_path.exists():
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = read_json(meta_path)
             model = Classifier(ClassifierConfig(**meta["config"]))
-            model.load_state_dict(load_file(str(path)))
+            model.load_state_dict(read_tensors(path))
         except Exception as e:  # noqa: BLE001 - any failure to read the cache means: retrain
             if log:
                 log(f"cached classifier {path} unreadable ({e}); retraining")
@@ -58,9 +56,7 @@ def load_or_train_classifier(train: ImageData, cache_dir, device="cpu", log=None
         log(f"training the evaluation classifier for {train.name} at {train.shape} (cached as {path})")
     model = train_classifier(train.float_images(), train.labels, train.num_classes, steps=steps, device=device, log=log)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(path)
+    save_tensors(path, model.state_dict())
     write_json_atomic(meta_path, {"config": model.config_dict(), "steps": steps,
                                   "train_images": len(train)})
     return model

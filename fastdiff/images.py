@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fastdiff.checkpoint import atomic_write
 from fastdiff.errors import FastdiffError
 
 
@@ -47,15 +49,13 @@ def _writable(path: Path) -> Path:
 
 
 def save_png(array: np.ndarray, path) -> Path:
+    """Every file here is written whole or not at all (`atomic_write`): a full disk leaves no 0-byte PNG."""
     from PIL import Image
 
     path = _writable(path)
-    img = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-    try:
-        img.save(path)
-    except (OSError, ValueError) as e:
-        raise FastdiffError(f"cannot write {path}: {e}; choose a writable .png path")
-    return path
+    buf = io.BytesIO()
+    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(buf, format="PNG")
+    return atomic_write(path, buf.getvalue())
 
 
 def save_grid(x: torch.Tensor, path, nrow: int | None = None) -> Path:
@@ -68,11 +68,9 @@ def save_samples(path, samples: torch.Tensor, labels: torch.Tensor | None, seeds
     arrays = {"images": to_uint8(samples), "samples": samples.float().cpu().numpy(), "seeds": seeds.cpu().numpy()}
     if labels is not None:
         arrays["labels"] = labels.cpu().numpy()
-    try:
-        np.savez_compressed(path, **arrays)
-    except OSError as e:
-        raise FastdiffError(f"cannot write {path}: {e.strerror}")
-    return path
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return atomic_write(path, buf.getvalue())
 
 
 def save_trajectory(frames: list[tuple[str, torch.Tensor, torch.Tensor]], path, title: str = "") -> Path:
@@ -104,10 +102,9 @@ def save_trajectory(frames: list[tuple[str, torch.Tensor, torch.Tensor]], path, 
     if title:
         fig.suptitle(title, fontsize=8)
     fig.tight_layout()
+    buf = io.BytesIO()
     try:
-        fig.savefig(path, dpi=100)
-    except OSError as e:
-        raise FastdiffError(f"cannot write {path}: {e.strerror}")
+        fig.savefig(buf, dpi=100, format="png")
     finally:
         plt.close(fig)
-    return path
+    return atomic_write(path, buf.getvalue())

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fastdiff.checkpoint import write_json_atomic
+from fastdiff.checkpoint import read_json, read_tensors, save_tensors, write_json_atomic
 from fastdiff.errors import CheckpointError, ConfigError
 
 
@@ -267,7 +266,7 @@ def load_vit_file(path, *, image_size: int | None = None, num_heads: int | None 
     if path.suffix == ".safetensors" and meta.exists():
         return _load_cached(path, meta)
     try:
-        sd = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu",
+        sd = read_tensors(path) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu",
                                                                                   weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
         raise CheckpointError(f"cannot read the backbone file {path} ({e})") from None
@@ -293,7 +292,7 @@ def _load_cached(path: Path, meta_path: Path) -> ViT:
     try:
         meta = json.loads(meta_path.read_text())
         model = ViT(ViTConfig(**meta["config"]))
-        model.load_state_dict(load_file(str(path)))
+        model.load_state_dict(read_tensors(path))
     except Exception as e:  # noqa: BLE001 - any failure to read it is the same user error
         raise CheckpointError(f"cannot load the ViT {path} with {meta_path} ({e}); delete both to retrain") from None
     return model
@@ -306,15 +305,13 @@ def load_or_pretrain_vit(data, cache_dir, cfg: ViTConfig, *, steps: int = 1500, 
     path = Path(cache_dir) / f"{tag}.safetensors"
     meta_path = path.with_suffix(".json")
     if path.exists() and meta_path.exists():
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path)
         if meta.get("steps") == steps and meta.get("config") == json.loads(json.dumps(asdict(cfg))):
             return _load_cached(path, meta_path).to(device).eval()
     if log:
         log(f"pretraining the ViT backbone on {data.name} ({steps} steps; cached as {path})")
     model = pretrain_vit(data.float_images(), data.labels, cfg, steps=steps, device=device, log=log)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(path)
+    save_tensors(path, model.state_dict())
     write_json_atomic(meta_path, {"config": asdict(cfg), "steps": steps, "train_images": len(data)})
     return model

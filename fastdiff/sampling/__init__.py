@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from fastdiff import checkpoint as ckpt
-from fastdiff.config import RunConfig
+from fastdiff.config import RunConfig, load_config
 from fastdiff.diffusion import (
     NoiseSchedule,
     ddim_table,
@@ -43,7 +43,7 @@ class Loaded:
 def load_run(checkpoint, device, use_ema: bool = True) -> Loaded:
     """The model (EMA weights by default) and config of a run directory or checkpoint folder."""
     path = ckpt.resolve_checkpoint(checkpoint)
-    cfg = RunConfig.from_dict(ckpt.load_json(path, "config"))
+    cfg = load_config(path / "config.json")
     model = UNet(cfg.model)
     ckpt.load_model_weights(model, ckpt.load_tensors(path, "ema" if use_ema else "model"), path)
     model = model.to(device).eval().requires_grad_(False)

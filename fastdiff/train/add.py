@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from fastdiff import checkpoint as ckpt
-from fastdiff.config import ADDConfig, RunConfig
+from fastdiff.config import ADDConfig, RunConfig, load_config
 from fastdiff.data import load_dataset
 from fastdiff.diffusion import NoiseSchedule, student_timesteps
 from fastdiff.diffusion.parameterization import check_prediction
@@ -44,7 +44,7 @@ def teacher_run_dir(dc: ADDConfig) -> Path:
 def load_teacher(cfg: RunConfig, device) -> UNet:
     """The frozen teacher (EMA weights); its model and diffusion config must be the student's."""
     path = ckpt.resolve_checkpoint(cfg.distill.teacher)
-    tcfg = RunConfig.from_dict(ckpt.load_json(path, "config"))
+    tcfg = load_config(path / "config.json")
     if tcfg.is_student:
         raise ConfigError(f"{path} is an ADD student; distil from a DDPM teacher run")
     if tcfg.model != cfg.model or tcfg.diffusion != cfg.diffusion:
@@ -218,7 +218,7 @@ def train_add(cfg: RunConfig, out, *, device="auto", resume: bool = False, progr
     st = _State(cfg, data, device, log.line)
     last_ckpt = None
     if resume:
-        path = ckpt.latest_checkpoint(run_dir)
+        path = ckpt.latest_good_checkpoint(run_dir, log=echo) or ckpt.latest_checkpoint(run_dir)
         st.restore(path, device)
         last_ckpt = str(path)
     ckpt.write_json_atomic(run_dir / "config.json", cfg.to_dict())

@@ -86,7 +86,7 @@ def train_ddpm(cfg: RunConfig, out, *, device="auto", resume: bool = False, prog
 
     start, images_seen, last_ckpt = 0, 0, None
     if resume:
-        path = ckpt.latest_checkpoint(run_dir)
+        path = ckpt.latest_good_checkpoint(run_dir, log=echo) or ckpt.latest_checkpoint(run_dir)
         ckpt.load_model_weights(model, ckpt.load_tensors(path, "model", device), path)
         if ema is not None:
             ckpt.load_model_weights(ema.model, ckpt.load_tensors(path, "ema", device), path)

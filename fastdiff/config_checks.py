@@ -1,0 +1,189 @@
+"""Validation of run configs: one place for every config, run by `RunConfig.from_dict`, which builds every config
+(presets, CLI overrides, each config.json that train, distill, resume, sample and eval read).
+
+`check_types` checks raw values against the dataclass field types before a section is built; `validate` checks
+each number against `RANGES` (and finiteness), then the combinations that would otherwise be accepted at train
+time and fail later. Errors are one ConfigError naming the option and the allowed range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+
+from fastdiff.errors import ConfigError
+
+
+def _has_type(value, hint) -> bool:
+    """Whether a JSON value fits a dataclass field's type (ints for floats are fine, bools for numbers are not)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_has_type(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_has_type(v, a) for v, a in zip(value, args))
+    return True  # a type this check does not know: the section's own code checks it
+
+
+def _type_name(hint) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    if hint in names:
+        return names[hint]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        each = _type_name(args[0])
+        return f"a list of {each}s" if args[-1] is Ellipsis else f"a list of {len(args)} ({each})"
+    return str(hint)
+
+
+_INT = 2**31 - 1  # integer options above this overflow torch's int32 paths long before they would be useful
+# Allowed ranges in interval notation; the message quotes them. An option not listed is only type-checked (and
+# finite if a number). Options of sections other helpers add belong here too.
+RANGES: dict[str, str] = {
+    "model.image_size": "[1, inf)", "model.in_channels": "[1, inf)", "model.base_channels": "[1, inf)",
+    "model.channel_mult[]": "[1, inf)", "model.num_res_blocks": "[0, inf)",
+    "model.attn_resolutions[]": "[1, inf)", "model.num_heads": "[1, inf)", "model.dropout": "[0, 1)",
+    "model.num_groups": "[1, inf)", "model.num_classes": "[0, inf)",
+    "diffusion.num_timesteps": "[2, inf)", "diffusion.beta_start": "(0, 1)", "diffusion.beta_end": "(0, 1)",
+    "train.steps": "[1, inf)", "train.batch_size": "[1, inf)", "train.lr": "(0, inf)",
+    "train.weight_decay": "[0, inf)", "train.warmup_steps": "[0, inf)", "train.grad_clip": "(0, inf]",
+    "train.ema_decay": "[0, 1)", "train.p_uncond": "[0, 1]", "train.seed": "[0, 2^63)",
+    "train.ckpt_every": "[1, inf)", "train.keep_checkpoints": "[0, inf)", "train.log_every": "[1, inf)",
+    "sample.steps": "[1, inf)", "sample.eta": "[0, 1]", "sample.guidance": "[0, inf)", "sample.clip": "(0, inf)",
+    "distill.student_timesteps[]": "[0, inf)", "distill.adv_weight": "[0, inf)",
+    "distill.distill_weight": "[0, inf)", "distill.teacher_t_min": "[0, inf)",
+    "distill.teacher_t_max": "[0, inf)", "distill.teacher_guidance": "[0, inf)", "distill.r1_gamma": "[0, inf)",
+    "distill.disc_lr": "(0, inf)", "distill.betas[]": "[0, 1)", "distill.disc_steps": "[1, inf)",
+    "distill.backbone_steps": "[1, inf)", "distill.backbone_patch": "[1, inf)",
+    "distill.backbone_dim": "[1, inf)", "distill.backbone_depth": "[1, inf)",
+    "distill.backbone_heads": "[1, inf)", "distill.backbone_size": "[0, inf)",
+    "distill.disc_heads": "[1, inf)", "distill.disc_width": "[1, inf)", "distill.disc_mbstd": "[0, inf)",
+}
+
+
+def _in_range(value, spec: str) -> bool:
+    lo_s, hi_s = spec[1:-1].split(", ")
+    lo, hi = float(lo_s), float(2**63 if hi_s == "2^63" else hi_s)
+    if math.isnan(value) or (math.isinf(value) and not (spec[-1] == "]" and value == hi)):
+        return False
+    return (lo <= value if spec[0] == "[" else lo < value) and (value <= hi if spec[-1] == "]" else value < hi)
+
+
+def _check_numbers(where: str, section) -> None:
+    for f in dataclasses.fields(section):
+        key, value = f"{where}.{f.name}", getattr(section, f.name)
+        items = [(key, v) for v in value] if isinstance(value, tuple) else [(key, value)]
+        spec = RANGES.get(key + "[]" if isinstance(value, tuple) else key)
+        for name, v in items:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if spec is not None and not _in_range(v, spec):
+                raise ConfigError(f"{name} must be in {spec}, got {v!r}")
+            if isinstance(v, int) and v > _INT and key != "train.seed":
+                raise ConfigError(f"{name} must be at most {_INT}, got {v}")
+            if spec is None and not math.isfinite(v):
+                raise ConfigError(f"{name} must be a finite number, got {v!r}")
+
+
+def check_types(section_cls, values: dict, where: str) -> None:
+    """Each raw value (from JSON or a flag) fits its dataclass field's type, before the section is built."""
+    hints = typing.get_type_hints(section_cls)
+    for name, value in values.items():
+        if not _has_type(value, hints[name]):
+            raise ConfigError(f"{where}.{name} must be {_type_name(hints[name])}, got {repr(value)[:60]}")
+
+
+def validate(cfg) -> None:
+    """Every option of every section in its range, and the combinations that would fail later (in training, at
+    sampling time, or in another command) refused now. Raises ConfigError naming the option and what is allowed."""
+    from fastdiff.diffusion.parameterization import PREDICTIONS
+    from fastdiff.diffusion.samplers import SPACINGS
+    from fastdiff.diffusion.schedules import SCHEDULES, cosine_betas, linear_betas
+
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(section):
+            _check_numbers(f.name, section)
+    m, d, s, dc = cfg.model, cfg.diffusion, cfg.sample, cfg.distill
+    for key, value, choices in (("diffusion.schedule", d.schedule, SCHEDULES),
+                                ("diffusion.prediction", d.prediction, PREDICTIONS),
+                                ("sample.spacing", s.spacing, SPACINGS)):
+        if value not in choices:
+            raise ConfigError(f"{key} {value!r} is not one of {', '.join(choices)}")
+
+    # The model: every attention resolution must be one the UNet has, and attention needs heads that divide it.
+    resolutions = [m.image_size // 2**i for i in range(len(m.channel_mult))]
+    missing = [r for r in m.attn_resolutions if r not in resolutions]
+    if missing:
+        levels = len(m.channel_mult)
+        sizes = {r * 2**i for r in m.attn_resolutions for i in range(levels)}
+        fit = sorted(z for z in sizes if z % 2 ** (levels - 1) == 0
+                     and all(r in [z // 2**i for i in range(levels)] for r in m.attn_resolutions))
+        raise ConfigError(f"model.image_size {m.image_size} does not fit this model: its attention resolutions "
+                          f"{list(m.attn_resolutions)} are not among its levels {resolutions}, so attention would "
+                          f"silently not exist; use image size {' or '.join(map(str, fit)) or '(none fits)'}, or a "
+                          "preset made for this size")
+    attn_channels = {m.base_channels * m.channel_mult[-1]}  # the middle block always has attention
+    attn_channels |= {m.base_channels * mult for mult, r in zip(m.channel_mult, resolutions) if r in m.attn_resolutions}
+    bad = sorted(c for c in attn_channels if c % m.num_heads)
+    if bad:
+        raise ConfigError(f"model.num_heads {m.num_heads} does not divide the attention channels {bad}")
+
+    # The schedule: betas in (0, 1), so that alphas_cumprod stays positive (except zero terminal SNR's last step).
+    if d.schedule == "linear":
+        betas = linear_betas(d.num_timesteps, d.beta_start, d.beta_end)
+    else:
+        betas = cosine_betas(d.num_timesteps)
+    if (d.schedule == "linear" and d.beta_start > d.beta_end) or not bool(((betas > 0) & (betas < 1)).all()):
+        raise ConfigError(f"diffusion: beta_start {d.beta_start} to beta_end {d.beta_end} over num_timesteps "
+                          f"{d.num_timesteps} gives betas outside (0, 1) (linear betas are scaled by 1000 / T); use "
+                          "beta_start <= beta_end and more timesteps or smaller betas")
+    if d.zero_terminal_snr:
+        if d.prediction == "eps":
+            raise ConfigError("diffusion.zero_terminal_snr with prediction eps cannot recover x0 at the last step "
+                              "(alphas_cumprod = 0) and is refused by every sampler; use --prediction v")
+    T = d.num_timesteps
+
+    if dc is not None:
+        ts = list(dc.student_timesteps)
+        if not ts or any(t >= T for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
+            raise ConfigError(f"distill.student_timesteps {ts} must be a non-empty, strictly decreasing list in "
+                              f"[0, {T - 1}]")
+        if not dc.teacher_t_min <= dc.teacher_t_max <= T - 1:
+            raise ConfigError(f"distill.teacher_t_min {dc.teacher_t_min} and teacher_t_max {dc.teacher_t_max} must "
+                              f"satisfy 0 <= min <= max <= {T - 1}")
+        if dc.backbone_dim % dc.backbone_heads:
+            raise ConfigError(f"distill.backbone_dim {dc.backbone_dim} is not divisible by backbone_heads "
+                              f"{dc.backbone_heads}")
+        if dc.backbone in ("pretrain", "none") and m.image_size % dc.backbone_patch:
+            raise ConfigError(f"distill.backbone_patch {dc.backbone_patch} does not divide the image size "
+                              f"{m.image_size}")
+        if dc.backbone in ("pretrain", "none") and dc.disc_heads > dc.backbone_depth:
+            raise ConfigError(f"distill.disc_heads {dc.disc_heads} must be in [1, backbone_depth "
+                              f"{dc.backbone_depth}]")
+
+    # Sampling defaults: the run's own sampler must be able to run them.
+    if s.sampler not in ("ddim", "ddpm", "student"):
+        raise ConfigError(f"sample.sampler {s.sampler!r} is not one of ddim, ddpm, student")
+    if s.sampler == "student" and dc is None:
+        raise ConfigError("sample.sampler 'student' needs an ADD student run (a distill section)")
+    limit = len(dc.student_timesteps) if s.sampler == "student" else T
+    if s.steps > limit:
+        raise ConfigError(f"sample.steps {s.steps} must be in [1, {limit}] for sampler {s.sampler}")

@@ -1,0 +1,423 @@
+"""What fastdiff guarantees when things go wrong: corrupt weights are refused, pruning keeps the newest good
+checkpoint, one writer per run directory, a full disk gives one error and loses nothing, and every number and
+file is checked where it is read (one clear line, exit status 2)."""
+
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastdiff import checkpoint as ckpt
+from fastdiff.cli import main
+from fastdiff.config import RunConfig, apply_overrides, load_config, preset_config
+from fastdiff.errors import CheckpointError, ConfigError, FastdiffError
+from fastdiff.images import save_png
+
+TINY = ["--steps", "4", "--batch-size", "16", "--log-every", "2", "--ckpt-every", "2", "--no-progress"]
+
+
+def run(args, capsys):
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse usage errors
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_line_error(code, err):
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("rel") / "run"
+    assert main(["train", "--preset", "digits", "--out", str(run_dir), *TINY]) == 0
+    return run_dir
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(trained, dst)
+    return dst
+
+
+def overwrite_tensor_bytes(path: Path, value: bytes = b"\xff") -> None:
+    """Overwrite the start of the tensor data with `value` bytes and leave the header intact (0xff.. is a NaN)."""
+    raw = bytearray(path.read_bytes())
+    start = 8 + struct.unpack("<Q", raw[:8])[0]
+    raw[start : start + 64] = value * 64
+    path.write_bytes(bytes(raw))
+
+
+# --- corrupted weights --------------------------------------------------------------------------------------------
+
+def test_sample_and_eval_refuse_non_finite_weights(run_copy, tmp_path, capsys):
+    step4 = run_copy / "checkpoints" / "step-000000004"
+    overwrite_tensor_bytes(step4 / "ema.safetensors")
+    code, _, err = run(["sample", "--checkpoint", str(run_copy), "--n", "2", "--steps", "2",
+                        "--out", str(tmp_path / "s.png")], capsys)
+    one_line_error(code, err)
+    assert "ema.safetensors" in err and "NaN or infinite" in err and "step-000000002" in err, err
+    assert not (tmp_path / "s.png").exists()
+    code, _, err = run(["eval", "--checkpoint", str(run_copy), "--n", "4", "--steps", "2"], capsys)
+    one_line_error(code, err)
+    assert "ema.safetensors" in err and "NaN or infinite" in err
+
+
+def test_latest_good_checkpoint_skips_corrupt_and_damaged(run_copy):
+    step2, step4 = (run_copy / "checkpoints" / f"step-00000000{s}" for s in (2, 4))
+    assert ckpt.latest_good_checkpoint(run_copy) == step4
+    overwrite_tensor_bytes(step4 / "optimizer.safetensors")
+    skipped = []
+    assert ckpt.latest_good_checkpoint(run_copy, log=skipped.append) == step2
+    assert "optimizer.safetensors" in skipped[0]
+    (step2 / "state.json").write_text("[]")
+    assert ckpt.latest_good_checkpoint(run_copy) is None
+
+
+def test_resume_starts_from_newest_good_checkpoint_and_is_exact(run_copy, tmp_path, capsys):
+    """The newest checkpoint is corrupt: resume starts at the one before and ends bit-exact with a run that was
+    never interrupted; pruning then keeps the good checkpoints, never the corrupt one."""
+    overwrite_tensor_bytes(run_copy / "checkpoints" / "step-000000004" / "model.safetensors")
+    assert main(["train", "--out", str(run_copy), "--resume", "--steps", "6", "--no-progress"]) == 0
+    assert [s for s, _ in ckpt.checkpoint_dirs(run_copy)] == [4, 6]
+    assert "skipping checkpoint" in capsys.readouterr().out
+    straight = tmp_path / "straight"
+    assert main(["train", "--preset", "digits", "--out", str(straight), *TINY[:-1], "--steps", "6"]) == 0
+    for name in ("model", "ema", "optimizer"):
+        a = load_file(str(run_copy / "checkpoints" / "step-000000006" / f"{name}.safetensors"))
+        b = load_file(str(straight / "checkpoints" / "step-000000006" / f"{name}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def _save(run_dir, step, value=1.0, keep=2, size=4):
+    model = {"w": torch.full((size,), value)}
+    return ckpt.save_checkpoint(run_dir, step, tensors={"model": model}, state={"step": step}, config={"x": 1},
+                                keep=keep)
+
+
+def test_non_finite_tensors_are_never_written(tmp_path):
+    _save(tmp_path, 1)
+    with pytest.raises(CheckpointError, match="'w' holds NaN"):
+        _save(tmp_path, 2, value=float("nan"))
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000000001"]
+
+
+def test_pruning_keeps_the_newest_good_checkpoint(tmp_path):
+    _save(tmp_path, 1)
+    _save(tmp_path, 2)
+    overwrite_tensor_bytes(tmp_path / "checkpoints" / "step-000000002" / "model.safetensors")
+    _save(tmp_path, 3, keep=1)  # pruned before the write to make room: step 1 (good) stays, step 2 (bad) goes
+    assert [s for s, _ in ckpt.checkpoint_dirs(tmp_path)] == [3]
+    _save(tmp_path, 4, keep=3)
+    _save(tmp_path, 5, keep=3)
+    for step in (4, 5):
+        overwrite_tensor_bytes(tmp_path / "checkpoints" / f"step-00000000{step}" / "model.safetensors")
+    _save(tmp_path, 6, keep=2)  # step 3 is the newest good one until step 6 is complete: it survives the pre-prune
+    assert [s for s, _ in ckpt.checkpoint_dirs(tmp_path)] == [5, 6]
+
+
+def test_set_aside_newer_checkpoints(run_copy):
+    step2 = run_copy / "checkpoints" / "step-000000002"
+    overwrite_tensor_bytes(run_copy / "checkpoints" / "step-000000004" / "ema.safetensors")
+    moved = ckpt.set_aside_newer(run_copy, ckpt.latest_good_checkpoint(run_copy))
+    assert [p.name for p in moved] == ["step-000000004"] and moved[0].parent.name == "set-aside"
+    assert ckpt.checkpoint_dirs(run_copy) == [(2, step2)] and ckpt.resolve_checkpoint(run_copy) == step2
+
+
+def test_killed_mid_swap_puts_the_checkpoint_back(tmp_path):
+    path = _save(tmp_path, 1)
+    os.rename(path, path.parent / ".old-step-000000001-123")  # killed between the two renames of a re-save
+    ckpt.remove_stale_temporaries(tmp_path)
+    assert ckpt.latest_good_checkpoint(tmp_path) == path
+
+
+# --- one writer per run directory ---------------------------------------------------------------------------------
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from fastdiff.checkpoint import lock_run_dir
+    lock = lock_run_dir(sys.argv[1])
+    print("locked", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_second_writer_gets_the_holders_pid_and_kill_9_releases(tmp_path):
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).parent.parent)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(FastdiffError, match=f"in use by another fastdiff process \\(pid {holder.pid}\\)"):
+            ckpt.lock_run_dir(run_dir)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with ckpt.lock_run_dir(run_dir):  # the kernel dropped the dead holder's lock
+        with pytest.raises(FastdiffError, match=f"pid {os.getpid()}"):
+            ckpt.lock_run_dir(run_dir)
+    ckpt.lock_run_dir(run_dir).release()
+
+
+# --- full disk ----------------------------------------------------------------------------------------------------
+
+def _no_temporaries(root: Path) -> None:
+    left = [p.name for p in root.rglob("*") if p.name.startswith(".") and p.name != ckpt.LOCK_FILE]
+    assert left == [], left
+
+
+@pytest.fixture
+def disk_full(monkeypatch):
+    """Fail the n-th write of a file with ENOSPC (the default: the first)."""
+    real = ckpt._write_file
+    calls = {"n": 0}
+
+    def arm(after: int = 0):
+        def write(path, data):
+            calls["n"] += 1
+            if calls["n"] > after:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real(path, data)
+        monkeypatch.setattr(ckpt, "_write_file", write)
+    return arm
+
+
+@pytest.mark.parametrize("after", [0, 1, 2])
+def test_disk_full_checkpoint_keeps_earlier_and_leaves_nothing(tmp_path, disk_full, after):
+    good = _save(tmp_path, 1)
+    disk_full(after)
+    with pytest.raises(CheckpointError, match="no space left on device"):
+        _save(tmp_path, 2)
+    assert ckpt.latest_good_checkpoint(tmp_path) == good
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [good.name]
+
+
+def test_disk_full_resave_of_the_same_step_keeps_it(tmp_path, disk_full):
+    good = _save(tmp_path, 1)
+    disk_full(0)
+    with pytest.raises(CheckpointError, match="no space"):
+        _save(tmp_path, 1, value=2.0)
+    assert ckpt.load_tensors(good, "model")["w"][0] == 1.0
+    _no_temporaries(tmp_path)
+
+
+def test_disk_full_json_and_png_keep_the_old_file(tmp_path, disk_full):
+    path = ckpt.write_json_atomic(tmp_path / "a.json", {"v": 1})
+    png = save_png(np.zeros((4, 4, 1), np.uint8), tmp_path / "g.png")
+    old_png = png.read_bytes()
+    disk_full(0)
+    with pytest.raises(FastdiffError, match="no space left on device"):
+        ckpt.write_json_atomic(path, {"v": 2})
+    with pytest.raises(FastdiffError, match="no space left on device"):
+        save_png(np.full((4, 4, 1), 255, np.uint8), png)
+    with pytest.raises(FastdiffError, match="no space left on device"):
+        save_png(np.zeros((4, 4, 1), np.uint8), tmp_path / "new.png")
+    assert json.loads(path.read_text()) == {"v": 1} and png.read_bytes() == old_png
+    assert not (tmp_path / "new.png").exists()
+    _no_temporaries(tmp_path)
+
+
+def test_disk_full_sample_is_one_line_and_writes_nothing(trained, tmp_path, disk_full, capsys):
+    disk_full(0)
+    code, _, err = run(["sample", "--checkpoint", str(trained), "--n", "2", "--steps", "2",
+                        "--out", str(tmp_path / "s.png")], capsys)
+    one_line_error(code, err)
+    assert "no space left on device" in err and list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 1 MiB tmpfs made by the test (root only; skipped where mount is not allowed)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_real_full_disk_checkpoint_json_png(small_fs):
+    n = 400 * 1024 // 4  # a 400 KiB checkpoint: two fit in 1 MiB, three do not
+    for step in (1, 2, 3, 4):  # keeping 2 needs room for 2, not 3
+        _save(small_fs, step, keep=2, size=n)
+    assert [s for s, _ in ckpt.checkpoint_dirs(small_fs)] == [3, 4]
+    with pytest.raises(CheckpointError, match="no space left on device"):
+        _save(small_fs, 5, keep=0, size=n)  # keep all: no room for a third
+    assert [s for s, _ in ckpt.checkpoint_dirs(small_fs)] == [3, 4]
+    assert ckpt.latest_good_checkpoint(small_fs).name == "step-000000004"
+    with pytest.raises(FastdiffError, match="no space left on device"):
+        save_png(np.random.default_rng(0).integers(0, 255, (600, 600, 3), dtype=np.uint8), small_fs / "g.png")
+    with pytest.raises(FastdiffError, match="no space left on device"):
+        ckpt.write_json_atomic(small_fs / "big.json", {"x": "y" * 400_000})
+    assert not (small_fs / "g.png").exists() and not (small_fs / "big.json").exists()
+    _no_temporaries(small_fs)
+
+
+# --- numbers and settings -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key, value, message", [
+    ("train.log_every", 0, "train.log_every must be in [1, inf)"),
+    ("train.ckpt_every", -1, "train.ckpt_every must be in [1, inf)"),
+    ("train.batch_size", -4, "train.batch_size must be in [1, inf)"),
+    ("train.lr", float("nan"), "train.lr must be in (0, inf)"),
+    ("train.lr", float("inf"), "train.lr must be in (0, inf)"),
+    ("train.ema_decay", float("nan"), "train.ema_decay must be in [0, 1)"),
+    ("train.ema_decay", 1.0, "train.ema_decay must be in [0, 1)"),
+    ("train.grad_clip", 0.0, "train.grad_clip must be in (0, inf]"),
+    ("train.p_uncond", 1.5, "train.p_uncond must be in [0, 1]"),
+    ("train.steps", True, "train.steps must be an integer"),
+    ("train.lr", "1e-3", "train.lr must be a number"),
+    ("sample.guidance", float("nan"), "sample.guidance must be in [0, inf)"),
+    ("sample.eta", float("nan"), "sample.eta must be in [0, 1]"),
+    ("sample.steps", 0, "sample.steps must be in [1, inf)"),
+    ("sample.steps", 1001, "sample.steps 1001 must be in [1, 1000]"),
+    ("model.dropout", float("nan"), "model.dropout must be in [0, 1)"),
+    ("model.image_size", 32, "image_size 32 does not fit this model"),
+    ("model.channel_mult", [1, 0], "model.channel_mult must be in [1, inf)"),
+    ("model.num_heads", 3, "does not divide the attention channels"),
+    ("diffusion.num_timesteps", 10, "gives betas outside (0, 1)"),
+    ("diffusion.zero_terminal_snr", True, "zero_terminal_snr with prediction eps"),
+    ("diffusion.prediction", "score", "diffusion.prediction 'score' is not one of"),
+])
+def test_config_numbers_and_combinations(key, value, message):
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(preset_config("digits"), {key: value})
+    assert message in str(e.value)
+
+
+def test_valid_settings_still_accepted():
+    cfg = apply_overrides(preset_config("digits-v"), {"diffusion.zero_terminal_snr": True, "sample.guidance": 0.0,
+                                                      "train.keep_checkpoints": 0, "train.grad_clip": float("inf")})
+    assert cfg.diffusion.zero_terminal_snr and cfg.sample.guidance == 0.0
+    for name in ("digits", "mnist", "fashion-mnist", "fer2013", "cifar10-ddpm", "digits-v"):
+        RunConfig.from_dict(json.loads(preset_config(name).to_json()))
+
+
+def test_distill_settings_checked():
+    from fastdiff.config import distill_config
+
+    cfg = distill_config(preset_config("digits-v"), "teacher")
+    for key, value, message in [("distill.student_timesteps", [999, 999], "strictly decreasing"),
+                                ("distill.student_timesteps", [1000], "strictly decreasing"),
+                                ("distill.teacher_t_max", 1000, "teacher_t_max 1000"),
+                                ("distill.betas", [0.0, 1.0], "distill.betas must be in [0, 1)"),
+                                ("distill.disc_heads", 9, "disc_heads 9"),
+                                ("sample.steps", 5, "sample.steps 5 must be in [1, 4] for sampler student")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            apply_overrides(cfg, {key: value})
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sample", "--steps", "0"], "argument --steps: 0 is outside"),
+    (["sample", "--n", "-3"], "argument --n: -3 is outside"),
+    (["sample", "--guidance", "nan"], "argument --guidance: nan is outside"),
+    (["sample", "--eta", "1.5"], "argument --eta: 1.5 is outside"),
+    (["sample", "--seed", "-1"], "argument --seed: -1 is outside"),
+    (["sample", "--batch-size", "0"], "argument --batch-size: 0 is outside"),
+    (["eval", "--steps", "0"], "argument --steps: 0 is outside"),
+    (["eval", "--classifier-steps", "0"], "argument --classifier-steps"),
+    (["sample", "--steps", "5000"], "steps=5000 must be between 1 and the 1000"),
+    (["sample", "--sampler", "student"], "is not an ADD student run"),
+])
+def test_sampling_options_checked_once(args, message, trained, tmp_path, capsys):
+    out = ["--out", str(tmp_path / "s.png")] if args[0] == "sample" else []
+    code, _, err = run([*args, "--checkpoint", str(trained), *out], capsys)
+    one_line_error(code, err)
+    assert message in err, err
+
+
+def test_resume_steps_below_the_run_is_refused(run_copy, capsys):
+    before = (run_copy / "config.json").read_bytes()
+    code, _, err = run(["train", "--out", str(run_copy), "--resume", "--steps", "2", "--no-progress"], capsys)
+    one_line_error(code, err)
+    assert "--steps 2 is below step 4" in err
+    assert (run_copy / "config.json").read_bytes() == before
+
+
+# --- files that are not what they should be -----------------------------------------------------------------------
+
+BAD_JSON = [b"[]", b"{}", b"\x00\xff\xfe garbage", b"", b'{"model": 3}', b'{"train": {"steps": "ten"}}',
+            b"[" * 5000, b'"a string"', b"null"]
+
+
+@pytest.mark.parametrize("content", BAD_JSON)
+def test_bad_run_config_json_is_one_line(run_copy, content, capsys, tmp_path):
+    (run_copy / "config.json").write_bytes(content)
+    code, _, err = run(["train", "--out", str(run_copy), "--resume", "--dry-run"], capsys)
+    one_line_error(code, err)
+    assert "config.json" in err
+    (run_copy / "checkpoints" / "step-000000004" / "config.json").write_bytes(content)
+    code, _, err = run(["sample", "--checkpoint", str(run_copy), "--n", "1", "--steps", "1",
+                        "--out", str(tmp_path / "s.png")], capsys)
+    one_line_error(code, err)
+    assert "step-000000004/config.json" in err
+
+
+@pytest.mark.parametrize("content", BAD_JSON + [b'{"step": -1}', b'{"step": 4, "optimizer": []}'])
+def test_bad_state_json_is_refused_by_verification(run_copy, content):
+    step4 = run_copy / "checkpoints" / "step-000000004"
+    (step4 / "state.json").write_bytes(content)
+    with pytest.raises(CheckpointError, match="state.json"):
+        ckpt.verify_checkpoint(step4)
+    assert ckpt.latest_good_checkpoint(run_copy).name == "step-000000002"
+
+
+def test_scheduler_and_optimizer_state_checked(run_copy):
+    path = run_copy / "checkpoints" / "step-000000004"
+    state = ckpt.load_state(path)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    with pytest.raises(CheckpointError, match="last_epoch"):
+        ckpt.load_state_dict_checked(sched, {**sched.state_dict(), "last_epoch": "x"}, "state.json: lr_scheduler")
+    with pytest.raises(CheckpointError, match="missing"):
+        ckpt.load_state_dict_checked(sched, {}, "state.json: lr_scheduler")
+    meta = state["optimizer"]
+    meta["param_groups"][0]["lr"] = "fast"
+    with pytest.raises(CheckpointError, match="lr should be a finite number"):
+        ckpt.load_optimizer(torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()), {}, meta)
+
+
+def test_load_config_needs_every_section(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"train": {}}))
+    with pytest.raises(ConfigError, match="are missing"):
+        load_config(tmp_path / "config.json")
+
+
+def test_classifier_cache_with_bad_metadata_retrains(tmp_path):
+    from fastdiff.data import load_dataset
+    from fastdiff.evaluate import classifier_path, load_or_train_classifier
+
+    data = load_dataset("digits", "train")
+    path = classifier_path(tmp_path, data)
+    path.write_bytes(b"junk")
+    path.with_suffix(".json").write_text("[1, 2]")
+    said = []
+    load_or_train_classifier(data, tmp_path, steps=2, log=said.append)
+    assert "unreadable" in said[0] and json.loads(path.with_suffix(".json").read_text())["steps"] == 2
+
+
+def test_lock_is_released_when_the_holder_exits(tmp_path):
+    code = "import sys; from fastdiff.checkpoint import lock_run_dir; lock_run_dir(sys.argv[1])"
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, cwd=Path(__file__).parent.parent)
+    t0 = time.perf_counter()
+    ckpt.lock_run_dir(tmp_path).release()
+    assert time.perf_counter() - t0 < 1
