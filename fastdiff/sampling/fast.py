@@ -98,14 +98,16 @@ class FastSampler:
     """
 
     def __init__(self, model: Callable, options: AccelOptions, *, device, shape, guidance: float = 1.0,
-                 null_label: int | None = None, clip: float | None = None, capacity: int = 1000, warmup: int = 2):
+                 null_label: int | None = None, clip: float | None = None, capacity: int = 1000, warmup: int = 2,
+                 conditional: bool | None = None):
         self.device = torch.device(device)
         self.options = options.check(self.device)
         self.memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
         if isinstance(model, torch.nn.Module):  # a plain callable gets channels_last inputs only
             model.to(memory_format=self.memory_format)
         self.shape = tuple(shape)
-        self.conditional = null_label is not None  # then labels are a static buffer too
+        # A conditional model (default: one with a null label) gets its labels through a static buffer too.
+        self.conditional = null_label is not None if conditional is None else conditional
         self.null_label = null_label
         forward = autocast_model(model, self.device, options.amp)
 
@@ -161,6 +163,8 @@ class FastSampler:
         n = x.shape[0]
         check_batch(x, seeds, labels)
         if self.conditional and labels is None:  # unconditional samples from a conditional model
+            if self.null_label is None:
+                raise ConfigError("labels are needed: the model is class-conditional and has no null class")
             labels = torch.full((n,), self.null_label, dtype=torch.int64)
         if tuple(x.shape[1:]) != self.shape:
             raise ConfigError(f"the sampler was built for images {list(self.shape)}, got {list(x.shape[1:])}")
