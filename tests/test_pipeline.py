@@ -147,3 +147,12 @@ def test_wrapped_conditional_model_and_its_null_class():
     assert torch.equal(got, want)
     with pytest.raises(ConfigError, match="null_label=11 must be in 0..10"):
         fastdiff.Pipeline(unet, null_label=11, **kw)
+
+
+def test_a_diffusers_folder_samples_as_its_run(run, tmp_path):
+    """The real interop (once merged): a run exported as a diffusers folder loads back and samples the same."""
+    interop = pytest.importorskip("fastdiff.interop.diffusers")
+    folder = interop.export_run(run, tmp_path / "exported")
+    pipe = fastdiff.load(folder, device="cpu")
+    want = fastdiff.load(run, device="cpu").sample(4, steps=2, guidance=2.0)
+    torch.testing.assert_close(pipe.sample(4, steps=2, guidance=2.0), want, atol=1e-5, rtol=0)
