@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from PIL import Image
 
 from fastdiff import checkpoint as ckpt
 from fastdiff.config import RunConfig, SampleConfig
@@ -112,8 +113,6 @@ class Pipeline:
         arrays = to_uint8(images)
         if output == "numpy":
             return arrays
-        from PIL import Image  # Pillow is imported only for PIL output
-
         return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
 
     def __repr__(self) -> str:

@@ -48,12 +48,6 @@ class SampleSettings:
     accel: AccelOptions
     refiner: str | None = None
 
-    def describe(self) -> dict:
-        """The settings as JSON-able values (what `fastdiff sample` and `fastdiff eval` print)."""
-        d = dataclasses.asdict(self)
-        d["accel"] = self.accel.describe()
-        return d
-
 
 def resolve_settings(denoiser, device=None, *, accel: AccelOptions | None = None, **overrides) -> SampleSettings:
     """The settings of sampling `denoiser` (a `fastdiff.sampling.Denoiser`) on `device` (default: the denoiser's).
