@@ -82,6 +82,7 @@ def _add_accel_flags(p):
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="capture each step as a CUDA graph (one replay per step)")
     g.add_argument("--compile-mode", help="torch.compile mode (default: Inductor's default)")
+    return g
 
 
 def accel_options(args, device, **extra):
@@ -244,55 +245,79 @@ def cmd_distill(args) -> int:
     return 0
 
 
-def _add_sampling_flags(p, n_default):
+def _clip(value: str) -> float:
+    """--clip C (x0 clamped to [-C, C]); none, off or inf for no clipping."""
+    if value.lower() in ("none", "off", "inf"):
+        return float("inf")
+    try:
+        clip = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or none, got {value!r}") from None
+    if not clip > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be above 0 (or none), got {value!r}")
+    return clip
+
+
+def add_sampling_args(p, *, batch_size: int | None = None):
+    """The sampling flags of `fastdiff sample`, `fastdiff eval` and `python -m fastdiff.distill_table`, with one
+    meaning everywhere (resolved by `fastdiff.sampling.resolve_settings`; None: the run's own setting)."""
+    g = p.add_argument_group("sampling (defaults: the run's own sample settings)")
+    g.add_argument("--sampler", choices=["ddim", "ddpm", "student"],
+                   help="default: the run's (ddim; student for a distilled student run)")
+    g.add_argument("--steps", type=COUNT, help="denoising steps (default: the run's for its own sampler; else "
+                   "ddim 50, ddpm all T, student all its timesteps)")
+    g.add_argument("--eta", type=ETA, help="DDIM eta (0 = deterministic; ddim only)")
+    g.add_argument("--guidance", type=GUIDANCE, help="classifier-free guidance scale (1 = none)")
+    g.add_argument("--spacing", choices=["leading", "trailing", "linspace"], help="timestep spacing")
+    g.add_argument("--clip", type=_clip, help="clamp x0 to [-CLIP, CLIP] (none: no clipping)")
+    g.add_argument("--batch-size", type=COUNT, default=batch_size,
+                   help=f"images per batch (default: {batch_size or 256}; samples do not depend on it)")
+    g = _add_accel_flags(p)
+    g.add_argument("--amp", choices=["fp32", "bf16", "fp16"], help="autocast for the model (default: bf16 on a GPU)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC activations (default: on a GPU)")
+
+
+def sampling_overrides(args) -> dict:
+    """The keyword overrides of `fastdiff.sampling.resolve_settings` from the flags of `add_sampling_args`."""
+    keys = ("sampler", "steps", "eta", "guidance", "spacing", "clip", "batch_size", "amp", "channels_last",
+            "compile", "cuda_graphs", "compile_mode")
+    return {k: getattr(args, k) for k in keys}
+
+
+def _add_run_flags(p, n_default):
     p.add_argument("--checkpoint", required=True, help="run directory (its latest checkpoint) or a checkpoint folder")
     p.add_argument("--n", type=COUNT, default=n_default, help="number of samples")
-    p.add_argument("--sampler", choices=["ddim", "ddpm", "student"],
-                   help="default: the run's (ddim; student for a distilled student run)")
-    p.add_argument("--steps", type=COUNT, help="denoising steps (default: the run's; ddpm: all T)")
-    p.add_argument("--eta", type=ETA, help="DDIM eta (0 = deterministic)")
-    p.add_argument("--guidance", type=GUIDANCE, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--seed", type=SEED, default=0, help="sample i uses seed + i")
-    p.add_argument("--batch-size", type=COUNT, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--refine", metavar="RUN_DIR", help="apply a refiner trained with `fastdiff train-refiner`")
 
 
 def cmd_sample(args) -> int:
     from fastdiff.images import save_grid, save_samples, save_trajectory
-    from fastdiff.models.refiner import load_refiner
     from fastdiff.runtime import resolve_device
-    from fastdiff.sampling import TrajectoryRecorder, generate, load_run, parse_labels
+    from fastdiff.sampling import TrajectoryRecorder, load_run, resolve_settings, sample
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise ConfigError(f"--out must be a .png file, got {out}")
     device = resolve_device(args.device)
-    loaded = load_run(args.checkpoint, device, use_ema=not args.no_ema)
-    sc, mc = loaded.config.sample, loaded.config.model
-    sampler = args.sampler or sc.sampler
-    steps = args.steps or (loaded.config.diffusion.num_timesteps if sampler == "ddpm" else sc.steps)
-    labels = parse_labels(args.labels, args.n, mc.num_classes)
-    recorder = TrajectoryRecorder(steps, rows=min(args.n, args.trajectory_rows)) if args.trajectory else None
-    guidance = sc.guidance if args.guidance is None else args.guidance
-    accel = accel_options(args, device, amp=args.amp, channels_last=args.channels_last)
-    timings = {}
-    samples, labels, seeds, seconds = generate(
-        loaded, n=args.n, seed=args.seed, sampler=sampler, steps=steps, eta=sc.eta if args.eta is None else args.eta,
-        guidance=guidance, labels=labels, batch_size=args.batch_size, clip=sc.clip, spacing=sc.spacing,
-        callback=recorder, accel=accel, timings=timings,
-        refiner=load_refiner(args.refine, device) if args.refine else None)
-    nrow = mc.num_classes if labels is not None and args.labels is None and args.n % mc.num_classes == 0 else None
-    grid = save_grid(samples, out, nrow=nrow)
-    raw = save_samples(out.with_suffix(".npz"), samples, labels, seeds)
-    result = {"grid": str(grid), "samples": str(raw), "n": args.n, "sampler": sampler, "steps": steps,
-              "guidance": guidance if labels is not None else None, "seconds": round(seconds, 3),
-              "images_per_sec": args.n / max(timings["sampling_s"], 1e-9),
-              "setup_seconds": round(timings["setup_s"], 3), "accel": accel.describe(), "checkpoint": loaded.path,
+    run = load_run(args.checkpoint, device, use_ema=not args.no_ema)
+    settings = resolve_settings(run, device, refiner=args.refine, **sampling_overrides(args))
+    recorder = TrajectoryRecorder(settings.steps, rows=min(args.n, args.trajectory_rows)) if args.trajectory else None
+    res = sample(run, settings, n=args.n, seed=args.seed, labels=args.labels, callback=recorder)
+    classes = run.num_classes
+    nrow = classes if res.labels is not None and args.labels is None and args.n % classes == 0 else None
+    grid = save_grid(res.images, out, nrow=nrow)
+    raw = save_samples(out.with_suffix(".npz"), res.images, res.labels, res.seeds)
+    result = {"grid": str(grid), "samples": str(raw), "n": args.n, "sampler": settings.sampler,
+              "steps": settings.steps, "guidance": settings.guidance if res.labels is not None else None,
+              "seconds": round(res.seconds + res.setup_s, 3), "images_per_sec": res.images_per_sec,
+              "setup_seconds": round(res.setup_s, 3), "accel": settings.accel.describe(), "checkpoint": run.path,
               "refiner": args.refine}
     if recorder is not None:
         traj = out.with_name(out.stem + "_trajectory.png")
-        save_trajectory(recorder.frames, traj, title=f"{sampler}, {steps} steps")
+        save_trajectory(recorder.frames, traj, title=f"{settings.sampler}, {settings.steps} steps")
         result["trajectory"] = str(traj)
     print(json.dumps(result))
     return 0
@@ -301,10 +326,9 @@ def cmd_sample(args) -> int:
 def cmd_eval(args) -> int:
     from fastdiff.evaluate import evaluate_run
 
-    result = evaluate_run(args.checkpoint, n=args.n, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
-                          eta=args.eta, seed=args.seed, device=args.device, batch_size=args.batch_size,
+    result = evaluate_run(args.checkpoint, n=args.n, seed=args.seed, device=args.device,
                           classifier_steps=args.classifier_steps, log=lambda s: print(s, file=sys.stderr),
-                          refine=args.refine)
+                          refiner=args.refine, **sampling_overrides(args))
     floor = result["fd_cls_floor"]
     print(f"FD_cls {result['fd_cls']:.3f} (real-vs-real floor {floor:.3f}, ratio {result['fd_ratio']:.2f})")
     if "cond_accuracy" in result:
@@ -329,21 +353,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     p = sub.add_parser("sample", help="draw samples from a trained run into a PNG grid (+ .npz)")
-    _add_sampling_flags(p, 100)
+    _add_run_flags(p, 100)
     p.add_argument("--labels", type=int, nargs="+", help="class labels, repeated to fill --n")
     p.add_argument("--out", required=True, help="output PNG (raw samples go beside it as .npz)")
     p.add_argument("--trajectory", action="store_true", help="also write <out>_trajectory.png")
     p.add_argument("--trajectory-rows", type=COUNT, default=4)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
-    p.add_argument("--amp", choices=["fp32", "bf16", "fp16"], help="autocast for the model (default: bf16 on a GPU)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="NHWC activations (default: on a GPU)")
-    _add_accel_flags(p)
+    add_sampling_args(p)
     p = sub.add_parser("eval", help="FD_cls, its real-vs-real floor, and class-conditional accuracy")
-    _add_sampling_flags(p, 1000)
+    _add_run_flags(p, 1000)
     p.add_argument("--classifier-steps", type=COUNT, default=1500,
                    help="training steps of the evaluation classifier when it is not cached yet")
-    p.set_defaults(batch_size=500)
+    add_sampling_args(p, batch_size=500)
     sub.add_parser("env", help="versions, device, and which kernels are usable")
     _add_distill(sub)
     _add_train_refiner(sub)

@@ -12,16 +12,17 @@ import argparse
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from fastdiff.checkpoint import resolve_checkpoint, write_json_atomic
+from fastdiff.cli import add_sampling_args, sampling_overrides
 from fastdiff.data import load_dataset
 from fastdiff.errors import ConfigError, FastdiffError
 from fastdiff.evaluate import load_or_train_classifier, real_reference, score_samples
-from fastdiff.sampling import default_labels, generate, load_run
+from fastdiff.runtime import resolve_device
+from fastdiff.sampling import load_run, resolve_settings, sample
 
 
 def _rows(teacher_steps, student_steps):
@@ -29,44 +30,42 @@ def _rows(teacher_steps, student_steps):
 
 
 def compare(teacher, student, refiner=None, *, n: int = 1000, seed: int = 0, teacher_steps=(50, 4),
-            student_steps=(1, 2, 4), batch_size: int = 500, device="cpu", log=None) -> list[dict]:
-    """One record per (model, sampler, steps, refined) row."""
-    from fastdiff.models.refiner import load_refiner
+            student_steps=(1, 2, 4), device="cpu", log=None, **sampling) -> list[dict]:
+    """One record per (model, sampler, steps, refined) row.
 
+    sampling: overrides of `fastdiff.sampling.resolve_settings` for every row (batch_size, eta, guidance, clip,
+    acceleration keys); each row's sampler and steps are the table's.
+    """
     device = torch.device(device)
     runs = {"teacher": load_run(teacher, device), "student": load_run(student, device)}
     if not runs["student"].config.is_student or runs["teacher"].config.is_student:
         raise ConfigError("--teacher must be a DDPM run and --student an ADD student run")
+    settings = {(who, sampler, steps): resolve_settings(runs[who], device, sampler=sampler, steps=steps,
+                                                         refiner=refiner, **sampling)
+                for who, sampler, steps in _rows(teacher_steps, student_steps)}
     cfg = runs["teacher"].config
     kw = dict(data_dir=cfg.data.data_dir, image_size=cfg.model.image_size, channels=cfg.model.in_channels)
     train, test = load_dataset(cfg.data.dataset, "train", **kw), load_dataset(cfg.data.dataset, "test", **kw)
     cache = resolve_checkpoint(teacher).parent.parent
     classifier = load_or_train_classifier(train, cache, device, log)
     reference = real_reference(classifier, train, test, n, device)
-    ref_model = load_refiner(refiner, device) if refiner else None
-    labels = default_labels(n, cfg.model.num_classes)
     records = []
-    for who, sampler, steps in _rows(teacher_steps, student_steps):
-        loaded = runs[who]
-        sc = loaded.config.sample
-        samples, labels, _, seconds = generate(loaded, n=n, seed=seed, sampler=sampler, steps=steps, eta=0.0,
-                                               guidance=sc.guidance, labels=labels, batch_size=batch_size,
-                                               clip=sc.clip, spacing=sc.spacing)
-        base = {"model": who, "sampler": sampler, "steps": steps, "guidance": sc.guidance, "n": n}
-        records.append({**base, "refined": False, **score_samples(classifier, samples, labels, reference, device),
-                        "images_per_sec": n / seconds})
-        if ref_model is not None:
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                refined = torch.cat([ref_model(samples[i:i + batch_size].to(device)).cpu()
-                                     for i in range(0, n, batch_size)]).clamp(-1, 1)
-            extra = time.perf_counter() - t0
-            records.append({**base, "refined": True, **score_samples(classifier, refined, labels, reference, device),
-                            "images_per_sec": n / (seconds + extra)})
+    for (who, sampler, steps), st in settings.items():
+        # With a refiner, one run gives both rows: the samples before the refiner and after it.
+        res = sample(runs[who], st, n=n, seed=seed)
+        base = {"model": who, "sampler": sampler, "steps": steps, "guidance": st.guidance, "n": n,
+                "accel": st.accel.describe()}
+        plain = res.unrefined if refiner else res.images
+        records.append({**base, "refined": False, **score_samples(classifier, plain, res.labels, reference, device),
+                        "images_per_sec": n / max(res.seconds - res.refine_s, 1e-9)})
+        if refiner:
+            records.append({**base, "refined": True,
+                            **score_samples(classifier, res.images, res.labels, reference, device),
+                            "images_per_sec": res.images_per_sec})
         if log:
             r = records[-1]
-            log(f"{who} {sampler} {steps} steps: FD_cls {records[-1 - (ref_model is not None)]['fd_cls']:.3f}"
-                + (f", refined {r['fd_cls']:.3f}" if ref_model is not None else ""))
+            log(f"{who} {sampler} {steps} steps: FD_cls {records[-1 - bool(refiner)]['fd_cls']:.3f}"
+                + (f", refined {r['fd_cls']:.3f}" if refiner else ""))
     return records
 
 
@@ -100,11 +99,17 @@ def main(argv=None) -> int:
     p.add_argument("--refiner", help="a refiner run (fastdiff train-refiner) to add refined rows")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
     p.add_argument("--out", help="write the table (markdown) here and the records beside it as .json")
+    add_sampling_args(p, batch_size=500)
     args = p.parse_args(argv)
+    overrides = sampling_overrides(args)
+    given = [k for k in ("sampler", "steps") if overrides.pop(k) is not None]
     try:
+        if given:
+            raise ConfigError(f"--{given[0]} is set per row by the table; drop it")
         records = compare(args.teacher, args.student, args.refiner, n=args.n, seed=args.seed,
-                          log=lambda s: print(s, file=sys.stderr))
+                          device=resolve_device(args.device), log=lambda s: print(s, file=sys.stderr), **overrides)
     except FastdiffError as e:
         print(f"distill_table: error: {e}", file=sys.stderr)
         return 2

@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdiff.checkpoint import read_json, read_tensors, save_tensors, write_json_atomic
-from fastdiff.data import ImageData
+from fastdiff.checkpoint import read_json, read_tensors, resolve_checkpoint, save_tensors, write_json_atomic
+from fastdiff.data import ImageData, load_dataset
 from fastdiff.errors import CheckpointError
 from fastdiff.models.classifier import Classifier, ClassifierConfig, train_classifier
+from fastdiff.runtime import resolve_device
+from fastdiff.sampling import load_run, resolve_settings, sample
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -99,49 +101,34 @@ def score_samples(model: Classifier, samples: torch.Tensor, labels: torch.Tensor
     return out
 
 
-def evaluate_run(checkpoint, *, n: int = 1000, sampler: str | None = None, steps: int | None = None,
-                 guidance: float | None = None, eta: float | None = None, seed: int = 0, device=None,
-                 batch_size: int = 500, classifier_steps: int = 1500, log=None, refine=None) -> dict:
+def evaluate_run(checkpoint, *, n: int = 1000, seed: int = 0, device=None, classifier_steps: int = 1500, log=None,
+                 **sampling) -> dict:
     """Sample n images from a run and score them: FD_cls, its floor, and class-conditional accuracy.
 
-    refine: a refiner run directory (`fastdiff train-refiner`) applied to the samples.
+    sampling: the overrides of `fastdiff.sampling.resolve_settings` (sampler, steps, guidance, eta, spacing, clip,
+    batch_size, refiner, acceleration keys); None or absent is the run's own setting.
     """
-    from fastdiff.data import load_dataset
-    from fastdiff.runtime import resolve_device
-    from fastdiff.sampling import default_labels, generate, load_run
-
     device = resolve_device(device)
-    loaded = load_run(checkpoint, device)
-    cfg = loaded.config
-    sc = cfg.sample
+    run = load_run(checkpoint, device)
+    settings = resolve_settings(run, device, **sampling)  # bad settings fail before the classifier trains
+    cfg = run.config
     kw = dict(data_dir=cfg.data.data_dir, image_size=cfg.model.image_size, channels=cfg.model.in_channels)
     train = load_dataset(cfg.data.dataset, "train", **kw)
     test = load_dataset(cfg.data.dataset, "test", **kw)
-    run_dir = Path(loaded.path).parent.parent
+    run_dir = Path(run.path).parent.parent
     if cfg.is_student and Path(cfg.distill.teacher).exists():
         # score a student with its teacher's cached classifier, so that their FD_cls compare
-        from fastdiff.checkpoint import resolve_checkpoint
-
         run_dir = resolve_checkpoint(cfg.distill.teacher).parent.parent
     cache = Path(cfg.data.data_dir) if cfg.data.data_dir and Path(cfg.data.data_dir).is_dir() else run_dir
     classifier = load_or_train_classifier(train, cache, device, log, steps=classifier_steps)
     ref = real_reference(classifier, train, test, n, device)
-    sampler = sampler or sc.sampler
-    steps = steps or sc.steps
-    guidance = sc.guidance if guidance is None else guidance
-    labels = default_labels(n, cfg.model.num_classes)
-    refiner = None
-    if refine:
-        from fastdiff.models.refiner import load_refiner
-
-        refiner = load_refiner(refine, device)
-    samples, labels, _, seconds = generate(loaded, n=n, seed=seed, sampler=sampler, steps=steps,
-                                           eta=sc.eta if eta is None else eta, guidance=guidance, labels=labels,
-                                           batch_size=batch_size, clip=sc.clip, spacing=sc.spacing, refiner=refiner)
-    result = {"checkpoint": loaded.path, "dataset": cfg.data.dataset, "n": n, "sampler": sampler, "steps": steps,
-              "guidance": guidance if labels is not None else None, "refiner": refine}
-    result.update(score_samples(classifier, samples, labels, ref, device))
+    res = sample(run, settings, n=n, seed=seed)
+    result = {"checkpoint": run.path, "dataset": cfg.data.dataset, "n": n, "sampler": settings.sampler,
+              "steps": settings.steps, "guidance": settings.guidance if res.labels is not None else None,
+              "refiner": settings.refiner}
+    result.update(score_samples(classifier, res.images, res.labels, ref, device))
     result["classifier_test_accuracy"] = ref["classifier_test_accuracy"]
-    result["images_per_sec"] = n / seconds
+    result["images_per_sec"] = res.images_per_sec
+    result["accel"] = settings.accel.describe()
     result["device"] = str(device)
     return result

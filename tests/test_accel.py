@@ -304,18 +304,18 @@ def no_tf32():
 
 
 @pytest.mark.gpu
-def test_generate_fast_path_matches_plain(tmp_path, tiny_overrides, no_tf32):
+def test_sample_fast_path_matches_plain(tmp_path, tiny_overrides, no_tf32):
     from fastdiff.config import apply_overrides, preset_config
-    from fastdiff.sampling import generate, load_run
+    from fastdiff.sampling import load_run, resolve_settings, sample
     from fastdiff.train import train_ddpm
 
     cfg = apply_overrides(preset_config("digits"), {**tiny_overrides, "train.steps": 2})
     train_ddpm(cfg, tmp_path, device="cpu", progress=False, echo=lambda s: None)
-    plain, *_ = generate(load_run(tmp_path, "cuda"), n=10, steps=5, guidance=2.0, labels=torch.arange(10),
-                         batch_size=4)
-    timings = {}
+    run = load_run(tmp_path, "cuda")
+    kw = dict(steps=5, guidance=2.0, batch_size=4)
+    plain = sample(run, resolve_settings(run, accel=AccelOptions(), **kw), n=10, labels=torch.arange(10)).images
     opts = AccelOptions.for_device("cuda", amp="fp32", compile=False)
-    fast, *_ = generate(load_run(tmp_path, "cuda"), n=10, steps=5, guidance=2.0, labels=torch.arange(10),
-                        batch_size=4, accel=opts, timings=timings)
-    assert timings["setup_s"] > 0 and timings["sampling_s"] > 0
-    torch.testing.assert_close(fast, plain, atol=1e-4, rtol=0)  # channels_last convolutions: rounding only
+    run = load_run(tmp_path, "cuda")
+    res = sample(run, resolve_settings(run, accel=opts, **kw), n=10, labels=torch.arange(10))
+    assert res.setup_s > 0 and res.seconds > 0
+    torch.testing.assert_close(res.images, plain, atol=1e-4, rtol=0)  # channels_last convolutions: rounding only

@@ -171,6 +171,29 @@ def guided(model: Callable, x, t, labels, guidance: float, null_label: int | Non
     return uncond + guidance * (cond - uncond)
 
 
+def check_batch(x: torch.Tensor, seeds: torch.Tensor, labels: torch.Tensor | None) -> None:
+    """The per-sample inputs of a batch of n images: seeds [n] and labels [n] (or None)."""
+    n = x.shape[0]
+    if seeds.shape != (n,):
+        raise ConfigError(f"seeds must have shape [{n}] (one per sample), got {list(seeds.shape)}")
+    if labels is not None and labels.shape != (n,):
+        raise ConfigError(f"labels must have shape [{n}] (one per sample), got {list(labels.shape)}")
+
+
+def denoise_step(model: Callable, x, t, coefs, seeds, step, labels, *, guidance: float, null_label: int | None,
+                 clip: float | None):
+    """One denoising step: the model (with guidance), then `ops.sampler_step` with this step's coefficients.
+
+    t: [n] float timesteps, coefs: [5] (p, q, A, B, sigma), step: an int or a 0-d int64 tensor on x's device
+    (the CUDA-graph runner of `fastdiff.sampling.fast` passes device tensors). Returns (x_prev, x0).
+    """
+    n = x.shape[0]
+    out = guided(model, x, t, labels, guidance, null_label)
+    p, q, A, B, sigma = (c.expand(n) for c in coefs.unbind(0))
+    return ops.sampler_step(x, out, p, q, A, B, sigma, seeds, step, clip=clip, return_x0=True)
+
+
+@torch.inference_mode()
 def run_table(
     model: Callable,
     x: torch.Tensor,
@@ -183,18 +206,15 @@ def run_table(
     clip: float | None = None,
     callback: Callable | None = None,
 ) -> torch.Tensor:
-    """The shared sampling loop. callback(i, t, x_prev, x0) is called after each step when given."""
+    """The shared sampling loop, under `torch.inference_mode()` (no autograd graph is kept, whatever the model's
+    parameters say). callback(i, t, x_prev, x0) is called after each step when given."""
+    check_batch(x, seeds, labels)
     n = x.shape[0]
-    if seeds.shape != (n,):
-        raise ConfigError(f"seeds must have shape [{n}] (one per sample), got {list(seeds.shape)}")
-    if labels is not None and labels.shape != (n,):
-        raise ConfigError(f"labels must have shape [{n}] (one per sample), got {list(labels.shape)}")
     seeds = seeds.to(x.device)
     for i in range(len(table)):
         t = table.timesteps[i].expand(n)
-        out = guided(model, x, t, labels, guidance, null_label)
-        p, q, A, B, sigma = (c.expand(n) for c in table.coefs[i].unbind(0))
-        x, x0 = ops.sampler_step(x, out, p, q, A, B, sigma, seeds, i, clip=clip, return_x0=True)
+        x, x0 = denoise_step(model, x, t, table.coefs[i], seeds, i, labels, guidance=guidance, null_label=null_label,
+                             clip=clip)
         if callback is not None:
             callback(i, t, x, x0)
     return x
@@ -247,7 +267,7 @@ def seeds_for(seed: int, n: int) -> torch.Tensor:
 
 
 __all__ = [
-    "SPACINGS", "VARIANCES", "StepTable", "ddim_coefficients", "ddim_table", "ddpm_coefficients", "ddpm_table",
-    "guided", "initial_noise", "make_timesteps", "run_table", "sample_ddim", "sample_ddpm", "sample_student",
-    "seeds_for", "student_table", "student_timesteps",
+    "SPACINGS", "VARIANCES", "StepTable", "check_batch", "ddim_coefficients", "ddim_table", "ddpm_coefficients",
+    "ddpm_table", "denoise_step", "guided", "initial_noise", "make_timesteps", "run_table", "sample_ddim",
+    "sample_ddpm", "sample_student", "seeds_for", "student_table", "student_timesteps",
 ]

@@ -1,18 +1,22 @@
-"""Sampling from a trained run: load its model, draw batches with per-sample seeds, collect trajectories.
+"""The one sampling entry point: `resolve_settings` (settings.py) once, then `sample` for n images.
 
 The samplers in `fastdiff.diffusion` are plain functions over any model; this module is the part that knows
-about fastdiff's checkpoints and configs, used by `fastdiff sample` and `fastdiff eval`.
+about fastdiff's checkpoints and configs (`load_run`), the refiner and the fast path (`fast.py`). `fastdiff
+sample`, `fastdiff eval`, `python -m fastdiff.distill_table`, `fastdiff bench` and `fastdiff.Pipeline` all sample
+through `sample`, so that the same settings give the same images bit for bit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from fastdiff import checkpoint as ckpt
-from fastdiff.config import RunConfig, load_config
+from fastdiff.config import RunConfig, SampleConfig, load_config
 from fastdiff.diffusion import (
     NoiseSchedule,
     ddim_table,
@@ -24,110 +28,173 @@ from fastdiff.diffusion import (
     student_table,
     student_timesteps,
 )
+from fastdiff.diffusion.parameterization import check_prediction
 from fastdiff.diffusion.samplers import StepTable
 from fastdiff.errors import ConfigError
 from fastdiff.models import UNet
+from fastdiff.models.refiner import load_refiner
+from fastdiff.runtime import synchronize
 from fastdiff.sampling.fast import FastSampler
-
-SAMPLERS = ("ddim", "ddpm", "student")
+from fastdiff.sampling.settings import SAMPLERS, SampleSettings, resolve_settings
 
 
 @dataclass
-class Loaded:
-    model: torch.nn.Module
-    config: RunConfig
-    path: str
+class Denoiser:
+    """A denoiser model(x, t, labels) -> eps | v | x0 and what sampling needs to know about it.
+
+    `load_run` builds one from a fastdiff run; `Denoiser.from_config` from any model with a fastdiff RunConfig
+    (a diffusers import, a bench preset); `fastdiff.Pipeline` from a user's own model. `null_label` is the label
+    of the unconditional class (None: no classifier-free guidance); `defaults` are the run's sampling defaults.
+    """
+
+    model: Callable
     schedule: NoiseSchedule
+    image_shape: tuple[int, int, int]
+    device: torch.device
+    num_classes: int = 0
+    null_label: int | None = None
+    prediction: str = "eps"
+    student_timesteps: tuple[int, ...] | None = None  # set on ADD students: the timesteps they were distilled on
+    defaults: SampleConfig = field(default_factory=SampleConfig)
+    config: RunConfig | None = None
+    path: str = ""
+    # FastSamplers built for this denoiser, by settings: their compiled steps and CUDA graphs are reused by later
+    # calls of `sample` (a new FastSampler would compile and capture again).
+    fast_samplers: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        self.image_shape = tuple(int(s) for s in self.image_shape)
+        if len(self.image_shape) != 3:
+            raise ConfigError(f"image_shape must be (channels, height, width), got {self.image_shape}")
+        self.device = torch.device(self.device)
+        check_prediction(self.prediction)
+        if self.num_classes < 0:
+            raise ConfigError(f"num_classes={self.num_classes} must be >= 0 (0: unconditional)")
+
+    @property
+    def name(self) -> str:
+        return self.path or type(self.model).__name__
+
+    @classmethod
+    def from_config(cls, model, cfg: RunConfig, schedule: NoiseSchedule | None = None, path: str = "",
+                    device=None) -> "Denoiser":
+        """A model that takes a fastdiff run's config: its image shape, classes, prediction and sample defaults."""
+        mc = cfg.model
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        schedule = schedule if schedule is not None else NoiseSchedule.from_config(cfg.diffusion, device)
+        return cls(model=model, schedule=schedule, image_shape=(mc.in_channels, mc.image_size, mc.image_size),
+                   device=device, num_classes=mc.num_classes, null_label=mc.num_classes or None,
+                   prediction=cfg.diffusion.prediction,
+                   student_timesteps=cfg.distill.student_timesteps if cfg.is_student else None,
+                   defaults=cfg.sample, config=cfg, path=str(path))
 
 
-def load_run(checkpoint, device, use_ema: bool = True) -> Loaded:
+def load_run(checkpoint, device, use_ema: bool = True) -> Denoiser:
     """The model (EMA weights by default) and config of a run directory or checkpoint folder."""
     path = ckpt.resolve_checkpoint(checkpoint)
     cfg = load_config(path / "config.json")
     model = UNet(cfg.model)
     ckpt.load_model_weights(model, ckpt.load_tensors(path, "ema" if use_ema else "model"), path)
     model = model.to(device).eval().requires_grad_(False)
-    return Loaded(model, cfg, str(path), NoiseSchedule.from_config(cfg.diffusion, device))
+    return Denoiser.from_config(model, cfg, path=str(path), device=device)
 
 
-def default_labels(n: int, num_classes: int) -> torch.Tensor | None:
-    """Sample i gets label i mod num_classes (balanced classes); None for an unconditional model."""
-    return torch.arange(n) % num_classes if num_classes > 0 else None
-
-
-def parse_labels(spec: list[int] | None, n: int, num_classes: int) -> torch.Tensor | None:
+def labels_for(spec, n: int, num_classes: int) -> torch.Tensor | None:
+    """The labels of n samples: None gives balanced classes (sample i gets i mod num_classes) on a conditional
+    model and None on an unconditional one; an int labels all n; a sequence or tensor shorter than n repeats."""
     if num_classes == 0:
-        if spec:
-            raise ConfigError("--labels given but the model is unconditional (num_classes = 0)")
+        if spec is not None and not (isinstance(spec, (list, tuple)) and len(spec) == 0):
+            raise ConfigError("labels given but the model is unconditional (num_classes = 0); drop them")
         return None
-    if not spec:
-        return default_labels(n, num_classes)
-    bad = [y for y in spec if not 0 <= y < num_classes]
+    if spec is None or (isinstance(spec, (list, tuple)) and len(spec) == 0):
+        return torch.arange(n) % num_classes
+    labels = torch.as_tensor(spec).reshape(-1).cpu()
+    if labels.is_floating_point() or labels.dtype == torch.bool or len(labels) == 0:
+        raise ConfigError(f"labels must be integers in 0..{num_classes - 1}, got {spec!r}")
+    bad = sorted({int(y) for y in labels if not 0 <= int(y) < num_classes})
     if bad:
         raise ConfigError(f"labels {bad} are outside 0..{num_classes - 1}")
-    return torch.tensor(spec, dtype=torch.long).repeat((n + len(spec) - 1) // len(spec))[:n]
+    return labels.long().repeat((n + len(labels) - 1) // len(labels))[:n]
 
 
-@torch.no_grad()
-def generate(loaded: Loaded, *, n: int, seed: int = 0, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
-             guidance: float = 1.0, labels: torch.Tensor | None = None, batch_size: int = 256, clip=1.0,
-             spacing: str = "trailing", callback=None, device=None, accel=None, timings: dict | None = None,
-             refiner=None):
-    """n samples as float [-1, 1] on the CPU, with their labels, seeds and the sampling time in seconds.
+@dataclass
+class SampleResult:
+    """n samples as float [-1, 1] on the CPU with their labels and seeds.
 
-    sampler "student" is the few-step sampler of an ADD student run (1 to len(student_timesteps) steps).
-    refiner (`fastdiff.models.refiner.Refiner`): applied to each batch's output, inside the timed region.
-    callback(i, t, x, x0) sees the first batch only (for trajectory figures). `accel` (`fastdiff.runtime.AccelOptions`)
-    selects the fast paths; None or all-off is the plain loop. `timings`, when given, receives setup_s (compile and
-    capture) and sampling_s (the rest).
+    seconds: sampling (and refining) time without setup_s, the compile and capture time of the fast path;
+    refine_s: the part of seconds spent in the refiner; unrefined: the samples before the refiner (None without).
     """
-    if sampler not in SAMPLERS:
-        raise ConfigError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
-    if sampler == "student" and not loaded.config.is_student:
-        raise ConfigError(f"{loaded.path} is not an ADD student run; sample it with --sampler ddim or ddpm")
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    seeds: torch.Tensor
+    seconds: float
+    setup_s: float
+    settings: SampleSettings
+    refine_s: float = 0.0
+    unrefined: torch.Tensor | None = None
+
+    @property
+    def images_per_sec(self) -> float:
+        return len(self.images) / max(self.seconds, 1e-9)
+
+
+def sample(denoiser: Denoiser, settings: SampleSettings, *, n: int, seed: int = 0, labels=None,
+           callback: Callable | None = None) -> SampleResult:
+    """n samples of `denoiser` with `settings` (from `resolve_settings`); sample i has seed seed + i.
+
+    labels: see `labels_for` (None: balanced classes on a conditional model). callback(i, t, x, x0) sees the
+    first batch only (for trajectory figures). With a refiner, each batch is refined inside the timed region.
+    """
     if n < 1:
         raise ConfigError(f"--n must be at least 1, got {n}")
-    mc, dc = loaded.config.model, loaded.config.diffusion
-    device = device or next(loaded.model.parameters()).device
+    device, shape = denoiser.device, denoiser.image_shape
+    labels = labels_for(labels, n, denoiser.num_classes)
     seeds = seeds_for(seed, n)
-    shape = (mc.in_channels, mc.image_size, mc.image_size)
-    null = loaded.model.null_label
-    out = []
-    table = sampler_table(loaded.schedule, sampler, steps, eta=eta, prediction=dc.prediction, spacing=spacing,
-                          device=device, trained_timesteps=_trained_timesteps(loaded))
-    fast = None
-    if accel is not None and not accel.plain:
-        fast = _fast_sampler(loaded, accel, device, shape, guidance, clip)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    table = sampler_table(denoiser.schedule, settings.sampler, settings.steps, eta=settings.eta,
+                          prediction=denoiser.prediction, spacing=settings.spacing, device=device,
+                          trained_timesteps=denoiser.student_timesteps)
+    refiner = load_refiner(settings.refiner, device) if settings.refiner else None
+    fast = None if settings.accel.plain else _fast_sampler(denoiser, settings)
+    setup_before = fast.setup_s if fast is not None else 0.0
+    images, unrefined, refine_s = [], [], 0.0
+    synchronize(device)
     t0 = time.perf_counter()
-    for start in range(0, n, batch_size):
-        s = seeds[start : start + batch_size].to(device)
-        y = labels[start : start + batch_size].to(device) if labels is not None else None
-        x = initial_noise(s, shape, device)
-        cb = callback if start == 0 else None
-        if fast is not None:
-            x = fast.run(x, table, seeds=s, labels=y, callback=cb)
-        else:
-            x = run_table(loaded.model, x, table, seeds=s, labels=y, guidance=guidance, null_label=null, clip=clip,
-                          callback=cb)
-        if refiner is not None:
-            x = refiner(x).clamp(-clip, clip) if clip is not None else refiner(x)
-        out.append(x.float().cpu())
-    seconds = time.perf_counter() - t0
-    if timings is not None:
-        timings["setup_s"] = fast.setup_s if fast is not None else 0.0
-        timings["sampling_s"] = seconds - timings["setup_s"]
-    return torch.cat(out), labels, seeds, seconds
+    with torch.inference_mode():
+        for start in range(0, n, settings.batch_size):
+            s = seeds[start : start + settings.batch_size].to(device)
+            y = labels[start : start + settings.batch_size].to(device) if labels is not None else None
+            x = initial_noise(s, shape, device)
+            cb = callback if start == 0 else None
+            if fast is not None:
+                x = fast.run(x, table, seeds=s, labels=y, callback=cb)
+            else:
+                x = run_table(denoiser.model, x, table, seeds=s, labels=y, guidance=settings.guidance,
+                              null_label=denoiser.null_label, clip=settings.clip, callback=cb)
+            if refiner is not None:
+                synchronize(device)
+                r0 = time.perf_counter()
+                unrefined.append(x.float().cpu())
+                x = refiner(x)
+                x = x.clamp(-settings.clip, settings.clip) if settings.clip is not None else x
+                synchronize(device)
+                refine_s += time.perf_counter() - r0
+            images.append(x.float().cpu())
+    elapsed = time.perf_counter() - t0
+    setup_s = fast.setup_s - setup_before if fast is not None else 0.0
+    return SampleResult(images=torch.cat(images), labels=labels, seeds=seeds, seconds=elapsed - setup_s,
+                        setup_s=setup_s, settings=settings, refine_s=refine_s,
+                        unrefined=torch.cat(unrefined) if unrefined else None)
 
 
-def _fast_sampler(loaded: Loaded, accel, device, shape, guidance, clip):
-    return FastSampler(loaded.model, accel, device=device, shape=shape, guidance=guidance,
-                       null_label=loaded.model.null_label, clip=clip, capacity=loaded.schedule.num_timesteps)
-
-
-def _trained_timesteps(loaded: Loaded):
-    return loaded.config.distill.student_timesteps if loaded.config.is_student else None
+def _fast_sampler(denoiser: Denoiser, settings: SampleSettings) -> FastSampler:
+    key = (dataclasses.astuple(settings.accel), settings.guidance, settings.clip)
+    if key not in denoiser.fast_samplers:
+        denoiser.fast_samplers[key] = FastSampler(
+            denoiser.model, settings.accel, device=denoiser.device, shape=denoiser.image_shape,
+            guidance=settings.guidance, null_label=denoiser.null_label, clip=settings.clip,
+            capacity=denoiser.schedule.num_timesteps, conditional=denoiser.num_classes > 0)
+    return denoiser.fast_samplers[key]
 
 
 def sampler_table(schedule: NoiseSchedule, sampler: str, steps: int | None, *, eta: float = 0.0,
@@ -160,3 +227,7 @@ class TrajectoryRecorder:
         if i in self.keep:
             label = f"step {i + 1}/{self.total_steps}\nt={int(t[0])}"
             self.frames.append((label, x[: self.rows].float().cpu(), x0[: self.rows].float().cpu()))
+
+
+__all__ = ["SAMPLERS", "Denoiser", "SampleResult", "SampleSettings", "TrajectoryRecorder", "labels_for", "load_run",
+           "resolve_settings", "sample", "sampler_table"]

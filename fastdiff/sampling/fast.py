@@ -1,9 +1,10 @@
 """The fast sampling path: channels_last, bf16/fp16 autocast, torch.compile and CUDA graphs around the plain
 model and sampler step. Every option can be switched off; with all of them off the plain loop runs.
 
-`FastSampler`: A denoising step (model, classifier-free guidance, `ops.sampler_step`) runs on static
-device buffers: the StepTable is copied once per run into a device table, and the step reads its timestep,
-coefficients and step index through a device counter that the step itself advances. With CUDA graphs the
+`FastSampler`: the plain loop's denoising step (`fastdiff.diffusion.samplers.denoise_step`: model, classifier-free
+guidance, `ops.sampler_step`) runs on static device buffers: the StepTable is copied once per run into a device
+table, and the step reads its timestep, coefficients and step index through a device counter that the step itself
+advances. With CUDA graphs the
 step is captured once and a run of n steps is n graph replays with no host syncs in between. Batches are
 padded up to a bucket (the next power of two): one capture and one compiled specialisation per bucket, at most
 2x wasted work on unlucky sizes. Padded rows get seed 0 and are dropped; a sample depends only on its own
@@ -18,8 +19,7 @@ from typing import Callable
 
 import torch
 
-from fastdiff import ops
-from fastdiff.diffusion.samplers import StepTable, guided
+from fastdiff.diffusion.samplers import StepTable, check_batch, denoise_step
 from fastdiff.errors import ConfigError
 from fastdiff.runtime import AccelOptions, amp_dtype, autocast, compile_fn, synchronize
 
@@ -41,14 +41,6 @@ def autocast_model(model: Callable, device, amp: str) -> Callable:
         return out.float()
 
     return forward
-
-
-def denoise_step(model, x, t, coefs, seeds, step, labels, *, guidance: float, null_label: int | None, clip):
-    """One step of `run_table` with every per-step value on the device: t [n], coefs [5], step a 0-d int64."""
-    n = x.shape[0]
-    out = guided(model, x, t, labels, guidance, null_label)
-    p, q, A, B, sigma = [c.expand(n) for c in coefs.unbind(0)]
-    return ops.sampler_step(x, out, p, q, A, B, sigma, seeds, step, clip=clip, return_x0=True)
 
 
 class _StaticStep:
@@ -100,18 +92,22 @@ class _StaticStep:
 class FastSampler:
     """Runs StepTables like `fastdiff.diffusion.run_table`, through the fast paths that `options` enable.
 
-    The model must be in eval mode; with channels_last it is converted in place. `setup_s` accumulates the
+    The model (an nn.Module or any callable model(x, t, labels)) must be in eval mode; with channels_last a
+    module is converted in place. `setup_s` accumulates the
     seconds spent compiling and capturing (each new bucket), `replays` counts CUDA graph replays.
     """
 
-    def __init__(self, model: torch.nn.Module, options: AccelOptions, *, device, shape, guidance: float = 1.0,
-                 null_label: int | None = None, clip: float | None = None, capacity: int = 1000, warmup: int = 2):
+    def __init__(self, model: Callable, options: AccelOptions, *, device, shape, guidance: float = 1.0,
+                 null_label: int | None = None, clip: float | None = None, capacity: int = 1000, warmup: int = 2,
+                 conditional: bool | None = None):
         self.device = torch.device(device)
         self.options = options.check(self.device)
         self.memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
-        model.to(memory_format=self.memory_format)
+        if isinstance(model, torch.nn.Module):  # a plain callable gets channels_last inputs only
+            model.to(memory_format=self.memory_format)
         self.shape = tuple(shape)
-        self.conditional = null_label is not None  # then labels are a static buffer too
+        # A conditional model (default: one with a null label) gets its labels through a static buffer too.
+        self.conditional = null_label is not None if conditional is None else conditional
         self.null_label = null_label
         forward = autocast_model(model, self.device, options.amp)
 
@@ -160,17 +156,16 @@ class FastSampler:
         torch.cuda.synchronize(device)
         st.index.zero_()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def run(self, x: torch.Tensor, table: StepTable, *, seeds: torch.Tensor, labels: torch.Tensor | None = None,
             callback: Callable | None = None) -> torch.Tensor:
         """Sample from x_T; same contract as `run_table` (callback(i, t, x_prev, x0) gets clones)."""
         n = x.shape[0]
-        if seeds.shape != (n,):
-            raise ConfigError(f"seeds must have shape [{n}] (one per sample), got {list(seeds.shape)}")
+        check_batch(x, seeds, labels)
         if self.conditional and labels is None:  # unconditional samples from a conditional model
+            if self.null_label is None:
+                raise ConfigError("labels are needed: the model is class-conditional and has no null class")
             labels = torch.full((n,), self.null_label, dtype=torch.int64)
-        if self.conditional and labels.shape != (n,):
-            raise ConfigError(f"labels must have shape [{n}] (one per sample), got {list(labels.shape)}")
         if tuple(x.shape[1:]) != self.shape:
             raise ConfigError(f"the sampler was built for images {list(self.shape)}, got {list(x.shape[1:])}")
         st = self._bucket(n, len(table))

@@ -1,0 +1,148 @@
+"""fastdiff from Python: `fastdiff.load(...)` a trained run, a pretrained model or a diffusers folder, or wrap your
+own denoiser in a `fastdiff.Pipeline`, then `.sample(n)`.
+
+Sampling goes through the one entry point (`fastdiff.sampling.resolve_settings` and `sample`), so `fastdiff
+sample` and `Pipeline.sample` give the same images bit for bit for the same settings, and the fast path
+(channels_last, bf16 autocast, torch.compile, one CUDA graph replay per step; on by default on a GPU) serves any
+model callable as model(x, t, labels), with t a float tensor of timesteps [batch].
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from fastdiff import checkpoint as ckpt
+from fastdiff.config import RunConfig, SampleConfig
+from fastdiff.diffusion import NoiseSchedule
+from fastdiff.errors import CheckpointError, ConfigError
+from fastdiff.images import to_uint8
+from fastdiff.interop.diffusers import is_diffusers_folder, load_diffusers
+from fastdiff.runtime import resolve_device
+from fastdiff.sampling import Denoiser, SampleSettings, load_run, resolve_settings, sample
+
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"  # pretrained/NAME/{model.safetensors, config.json}
+OUTPUTS = ("tensor", "numpy", "pil")
+
+
+class Pipeline:
+    """A denoiser with its schedule and sampling defaults; `.sample(n)` draws images.
+
+    Built by `fastdiff.load`, or around your own model: `Pipeline(model, schedule=NoiseSchedule("linear", 1000),
+    image_shape=(1, 28, 28), num_classes=10, null_label=10, prediction="eps")`. The model is called as
+    model(x, t, labels) with x [batch, C, H, W], t a float tensor [batch] and labels int64 [batch] (None when
+    unconditional); it returns eps, v or x0 (`prediction`) of x's shape. null_label is the label of its
+    unconditional class (None: no classifier-free guidance). `defaults` (a `fastdiff.config.SampleConfig`) are the
+    settings `.sample` uses when not told otherwise (DDIM, 50 steps, clip 1, no guidance).
+    """
+
+    def __init__(self, model: Callable, *, schedule: NoiseSchedule, image_shape, num_classes: int = 0,
+                 null_label: int | None = None, prediction: str = "eps", device=None,
+                 defaults: SampleConfig | None = None):
+        if not callable(model):
+            raise ConfigError(f"the model must be callable as model(x, t, labels), got {type(model).__name__}")
+        if not isinstance(schedule, NoiseSchedule):
+            raise ConfigError("schedule must be a fastdiff.NoiseSchedule, e.g. NoiseSchedule('linear', 1000)")
+        if null_label is not None and not 0 <= null_label <= num_classes:
+            raise ConfigError(f"null_label={null_label} must be in 0..{num_classes} (num_classes={num_classes})")
+        if device is None:
+            params = model.parameters() if isinstance(model, torch.nn.Module) else iter(())
+            device = next(params, torch.empty(0)).device
+        self.denoiser = Denoiser(model=model, schedule=schedule, image_shape=image_shape, device=device,
+                                 num_classes=num_classes, null_label=null_label, prediction=prediction,
+                                 defaults=defaults if defaults is not None else SampleConfig())
+
+    @classmethod
+    def from_denoiser(cls, denoiser: Denoiser) -> "Pipeline":
+        pipe = cls.__new__(cls)
+        pipe.denoiser = denoiser
+        return pipe
+
+    @property
+    def model(self) -> Callable:
+        """The denoiser, callable as model(x, t, labels)."""
+        return self.denoiser.model
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        return self.denoiser.schedule
+
+    @property
+    def config(self) -> RunConfig | None:
+        """The run's config (None for a model wrapped with `Pipeline(...)`)."""
+        return self.denoiser.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser.device
+
+    def settings(self, **overrides) -> SampleSettings:
+        """The resolved settings of a `.sample` call with these overrides (see `fastdiff.sampling.settings`)."""
+        return resolve_settings(self.denoiser, **overrides)
+
+    def sample(self, n: int, *, labels=None, seed: int = 0, sampler: str | None = None, steps: int | None = None,
+               guidance: float | None = None, eta: float | None = None, output: str = "tensor", **options):
+        """n images; sample i has seed seed + i, so it does not depend on n or the batch size.
+
+        labels: None (balanced classes i mod num_classes on a conditional model), an int, or a sequence repeated
+        to fill n. sampler / steps / guidance / eta and options (spacing, clip, batch_size, compile, cuda_graphs,
+        channels_last, amp, compile_mode, refiner) default to the run's settings. output: "tensor" (float
+        [n, C, H, W] in [-1, 1] on the CPU), "numpy" (uint8 [n, H, W, C]) or "pil" (a list of PIL images).
+        """
+        if output not in OUTPUTS:
+            raise ConfigError(f"unknown output {output!r}; use one of {', '.join(OUTPUTS)}")
+        settings = self.settings(sampler=sampler, steps=steps, guidance=guidance, eta=eta, **options)
+        images = sample(self.denoiser, settings, n=n, seed=seed, labels=labels).images
+        if output == "tensor":
+            return images
+        arrays = to_uint8(images)
+        if output == "numpy":
+            return arrays
+        return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
+
+    def __repr__(self) -> str:
+        d = self.denoiser
+        return (f"Pipeline({d.name}, image_shape={d.image_shape}, num_classes={d.num_classes}, "
+                f"prediction={d.prediction!r}, {d.schedule!r}, device={d.device})")
+
+
+def pretrained_names() -> list[str]:
+    """The pretrained models shipped in this install (fastdiff/pretrained/NAME/)."""
+    if not PRETRAINED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in PRETRAINED_DIR.iterdir() if (p / "config.json").exists())
+
+
+def pretrained_folder(name: str) -> Path:
+    folder = PRETRAINED_DIR / name
+    if not name or not (folder / "model.safetensors").exists():
+        names = pretrained_names()
+        have = f"available: {', '.join(names)}" if names else "this install ships none"
+        raise CheckpointError(f"unknown pretrained model {name!r} ({have}); pass pretrained:NAME or a run directory")
+    return folder
+
+
+def load(path, *, device="auto", use_ema: bool = True) -> Pipeline:
+    """A Pipeline from a run directory (its latest checkpoint), a checkpoint folder, `pretrained:NAME` or a
+    diffusers pipeline or UNet2DModel folder, on `device` ("auto": CUDA when available).
+
+    use_ema: sample a run's EMA weights (its default); a pretrained folder holds the one set of weights to use.
+    """
+    device = resolve_device(device)
+    spec = str(path)
+    if spec.startswith("pretrained:"):
+        return Pipeline.from_denoiser(load_run(pretrained_folder(spec[len("pretrained:"):]), device, use_ema=False))
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p} does not exist; pass a run directory, a checkpoint folder, pretrained:NAME or a "
+                              "diffusers folder")
+    if is_diffusers_folder(p):
+        model, cfg, schedule = load_diffusers(p, device)
+        return Pipeline.from_denoiser(Denoiser.from_config(model, cfg, schedule, path=str(p), device=device))
+    if not ((p / "model.safetensors").exists() or ckpt.latest_checkpoint(p)):
+        raise CheckpointError(f"{p} is neither a fastdiff run directory or checkpoint folder (no "
+                              "checkpoints/step-*/model.safetensors) nor a diffusers pipeline or UNet2DModel folder")
+    return Pipeline.from_denoiser(load_run(p, device, use_ema=use_ema))

@@ -1,0 +1,124 @@
+"""Sampling settings, resolved once: the denoiser's defaults (a run's `sample` config), then the caller's overrides.
+
+`fastdiff sample`, `fastdiff eval`, `python -m fastdiff.distill_table`, `fastdiff bench` and `fastdiff.Pipeline`
+all resolve their settings here, so a flag or keyword means the same thing everywhere:
+
+    sampler     ddim | ddpm | student (default: the run's)
+    steps       the run's when the sampler is the run's own; else ddim 50, ddpm all T, student all its timesteps
+    eta         DDIM only (default: the run's); a non-zero eta for another sampler is an error
+    guidance    classifier-free guidance scale (default: the run's; 1 on an unconditional model, where any other
+                value is an error, as it is on a model without a null class)
+    spacing     leading | trailing | linspace (default: the run's)
+    clip        x0 is clamped to [-clip, clip]; inf (or None in `resolve_settings`'s result) for none
+    batch_size  images per batch (the samples do not depend on it, up to the rounding of the convolutions)
+    accel       `AccelOptions.for_device(device)` (every fast path on a GPU, the plain loop on the CPU), then the
+                flat overrides compile, cuda_graphs, channels_last, amp, compile_mode
+    refiner     a refiner run directory (`fastdiff train-refiner`), applied inside the timed region
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fastdiff.config import SampleConfig
+from fastdiff.diffusion.samplers import SPACINGS, make_timesteps, student_timesteps
+from fastdiff.errors import ConfigError
+from fastdiff.runtime import AccelOptions
+
+SAMPLERS = ("ddim", "ddpm", "student")
+ACCEL_KEYS = ("compile", "cuda_graphs", "channels_last", "amp", "compile_mode")
+DEFAULT_BATCH_SIZE = 256
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """Everything a sampling run reads besides its model, n, seed and labels. Build it with `resolve_settings`."""
+
+    sampler: str
+    steps: int
+    eta: float
+    guidance: float
+    spacing: str
+    clip: float | None
+    batch_size: int
+    accel: AccelOptions
+    refiner: str | None = None
+
+
+def resolve_settings(denoiser, device=None, *, accel: AccelOptions | None = None, **overrides) -> SampleSettings:
+    """The settings of sampling `denoiser` (a `fastdiff.sampling.Denoiser`) on `device` (default: the denoiser's).
+
+    overrides: sampler, steps, eta, guidance, spacing, clip, batch_size, refiner and the acceleration keys
+    compile, cuda_graphs, channels_last, amp, compile_mode; a value of None means "not given" (so CLI arguments
+    pass straight through). accel: options to start from instead of `AccelOptions.for_device(device)`.
+    Each bad value raises one ConfigError naming it and the fix.
+    """
+    known = {"sampler", "steps", "eta", "guidance", "spacing", "clip", "batch_size", "refiner", *ACCEL_KEYS}
+    unknown = set(overrides) - known
+    if unknown:
+        raise ConfigError(f"unknown sampling option(s) {sorted(unknown)}; use {', '.join(sorted(known))}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    device = torch.device(device) if device is not None else denoiser.device
+    run: SampleConfig = denoiser.defaults
+    sampler = given.get("sampler", run.sampler)
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+    if sampler == "student" and denoiser.student_timesteps is None:
+        raise ConfigError(f"{denoiser.name} is not an ADD student run; sample it with --sampler ddim or ddpm")
+    steps = _steps(denoiser, sampler, given.get("steps"))
+    eta = float(given.get("eta", run.eta if sampler == "ddim" else 0.0))
+    if eta < 0:
+        raise ConfigError(f"eta={eta} must be >= 0 (0 is deterministic DDIM)")
+    if eta != 0 and sampler != "ddim":
+        raise ConfigError(f"eta={eta} applies to --sampler ddim only, not {sampler}; drop --eta")
+    guidance = _guidance(denoiser, given.get("guidance"))
+    spacing = given.get("spacing", run.spacing)
+    if spacing not in SPACINGS:
+        raise ConfigError(f"unknown timestep spacing {spacing!r}; use one of {', '.join(SPACINGS)}")
+    clip = given.get("clip", run.clip)
+    if clip is not None and (not clip > 0):
+        raise ConfigError(f"clip={clip} must be > 0 (inf for no clipping)")
+    clip = None if clip is None or math.isinf(clip) else float(clip)
+    batch_size = int(given.get("batch_size", DEFAULT_BATCH_SIZE))
+    if batch_size < 1:
+        raise ConfigError(f"batch size {batch_size} must be at least 1")
+    flat = {k: given[k] for k in ACCEL_KEYS if k in given}
+    base = accel if accel is not None else AccelOptions.for_device(device)
+    options = dataclasses.replace(base, **flat).check(device)
+    refiner = given.get("refiner")
+    return SampleSettings(sampler=sampler, steps=steps, eta=eta, guidance=guidance, spacing=spacing, clip=clip,
+                          batch_size=batch_size, accel=options, refiner=str(refiner) if refiner else None)
+
+
+def _steps(denoiser, sampler: str, steps: int | None) -> int:
+    T = denoiser.schedule.num_timesteps
+    if steps is None:
+        if sampler == denoiser.defaults.sampler:
+            steps = denoiser.defaults.steps
+        elif sampler == "ddpm":
+            steps = T
+        elif sampler == "student":
+            steps = len(denoiser.student_timesteps)
+        else:
+            steps = SampleConfig.steps
+    steps = int(steps)
+    if sampler == "student":
+        student_timesteps(denoiser.student_timesteps, steps)  # raises for steps outside 1..len
+    else:
+        make_timesteps(T, steps, "trailing")  # raises for steps outside 1..T
+    return steps
+
+
+def _guidance(denoiser, guidance: float | None) -> float:
+    if guidance is None:  # the run's own guidance; an unconditional model has none to apply
+        return float(denoiser.defaults.guidance) if denoiser.null_label is not None else 1.0
+    guidance = float(guidance)
+    if guidance != 1.0 and denoiser.null_label is None:
+        what = "is unconditional" if denoiser.num_classes == 0 else "has no null class"
+        raise ConfigError(f"guidance={guidance:g} needs a class-conditional model with a null class, but "
+                          f"{denoiser.name} {what}; use guidance 1")
+    return guidance

@@ -1,0 +1,158 @@
+"""fastdiff.load / fastdiff.Pipeline: every kind of path, the run's defaults, errors, bit-for-bit equality with
+`fastdiff sample`, and the fast path around a model fastdiff did not train."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import fastdiff
+from fastdiff import checkpoint as ckpt
+from fastdiff import pipeline
+from fastdiff.cli import main
+from fastdiff.config import RunConfig, apply_overrides, preset_config
+from fastdiff.diffusion import NoiseSchedule, initial_noise, sample_ddim, seeds_for
+from fastdiff.errors import CheckpointError, ConfigError
+from fastdiff.models import UNet
+from fastdiff.train import train_ddpm
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline") / "run"
+    tiny = {"model.base_channels": 16, "model.num_groups": 4, "train.batch_size": 16, "train.steps": 2,
+            "train.ckpt_every": 2, "train.log_every": 1, "train.warmup_steps": 1}
+    train_ddpm(apply_overrides(preset_config("digits"), tiny), root, progress=False, echo=lambda s: None)
+    return root
+
+
+def test_load_a_run(run):
+    pipe = fastdiff.load(run, device="cpu")
+    assert isinstance(pipe.config, RunConfig) and pipe.config.model.num_classes == 10
+    assert pipe.schedule.num_timesteps == 1000
+    x = torch.zeros(2, 1, 8, 8)
+    assert pipe.model(x, torch.tensor([999.0, 10.0]), torch.tensor([1, 2])).shape == x.shape
+    # Defaults: the run's guidance (2) and clip, balanced labels 0..9.
+    images = pipe.sample(10, steps=3)
+    assert images.shape == (10, 1, 8, 8) and images.abs().max() <= 1
+    assert torch.equal(images, pipe.sample(10, steps=3, labels=list(range(10)), guidance=2.0))
+    assert not torch.equal(images, pipe.sample(10, steps=3, guidance=1.0))
+    # The same from a checkpoint folder.
+    folder = ckpt.latest_checkpoint(run)
+    assert torch.equal(fastdiff.load(folder, device="cpu").sample(10, steps=3), images)
+
+
+@pytest.mark.parametrize("labels", [None, [3, 7]])
+def test_cli_and_python_give_the_same_samples_bit_for_bit(run, tmp_path, labels):
+    flags = ["--labels", *map(str, labels)] if labels else []
+    assert main(["sample", "--checkpoint", str(run), "--n", "6", "--steps", "3", "--seed", "5", "--guidance", "3",
+                 "--sampler", "ddim", "--eta", "0.5", "--out", str(tmp_path / "s.png"), *flags]) == 0
+    cli = torch.from_numpy(np.load(tmp_path / "s.npz")["samples"])
+    py = fastdiff.load(run, device="cpu").sample(6, seed=5, steps=3, guidance=3.0, eta=0.5, labels=labels)
+    assert torch.equal(cli, py)
+
+
+def test_outputs(run):
+    pipe = fastdiff.load(run, device="cpu")
+    arrays = pipe.sample(3, steps=2, output="numpy")
+    assert arrays.dtype == np.uint8 and arrays.shape == (3, 8, 8, 1)
+    pil = pipe.sample(3, steps=2, output="pil")
+    assert len(pil) == 3 and pil[0].size == (8, 8) and np.array_equal(np.asarray(pil[1]), arrays[1, ..., 0])
+    with pytest.raises(ConfigError, match="unknown output 'png'"):
+        pipe.sample(3, output="png")
+
+
+def test_bad_input_errors(run, tmp_path):
+    pipe = fastdiff.load(run, device="cpu")
+    with pytest.raises(ConfigError, match=r"labels \[10\] are outside 0..9"):
+        pipe.sample(2, labels=[1, 10])
+    with pytest.raises(CheckpointError, match="does not exist"):
+        fastdiff.load(tmp_path / "missing")
+    (tmp_path / "other").mkdir()
+    with pytest.raises(CheckpointError, match="neither a fastdiff run directory .* nor a diffusers"):
+        fastdiff.load(tmp_path / "other")
+
+
+def test_pretrained_names(run, tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "PRETRAINED_DIR", tmp_path)
+    with pytest.raises(CheckpointError, match="this install ships none"):
+        fastdiff.load("pretrained:digits")
+    # A pretrained folder: model.safetensors (the weights to sample with) + config.json, as a checkpoint writes.
+    src = ckpt.latest_checkpoint(run)
+    (tmp_path / "digits").mkdir()
+    shutil.copy(src / "config.json", tmp_path / "digits" / "config.json")
+    shutil.copy(src / "ema.safetensors", tmp_path / "digits" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"unknown pretrained model 'cifar' \(available: digits\)"):
+        fastdiff.load("pretrained:cifar")
+    got = fastdiff.load("pretrained:digits", device="cpu").sample(4, steps=2)
+    assert torch.equal(got, fastdiff.load(run, device="cpu").sample(4, steps=2))
+
+
+def test_diffusers_folders_dispatch_to_interop(run, tmp_path, monkeypatch):
+    """The dispatch only: fastdiff.interop.diffusers (is_diffusers_folder, load_diffusers) is replaced by a stand-in."""
+    cfg = fastdiff.load(run, device="cpu").config
+    calls = []
+
+    def load_diffusers(path, device):
+        calls.append((path, device))
+        torch.manual_seed(0)
+        return UNet(cfg.model).eval(), cfg, NoiseSchedule.from_config(cfg.diffusion, device)
+
+    monkeypatch.setattr(pipeline, "is_diffusers_folder", lambda p: (p / "model_index.json").exists())
+    monkeypatch.setattr(pipeline, "load_diffusers", load_diffusers)
+    folder = tmp_path / "ddpm"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+    pipe = fastdiff.load(folder, device="cpu")
+    assert calls == [(folder, torch.device("cpu"))] and pipe.config is cfg
+    assert pipe.sample(2, steps=2).shape == (2, 1, 8, 8)
+
+
+def test_wrap_your_own_model():
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(1, 1, 3, padding=1)
+    seen = []
+
+    def model(x, t, labels):
+        seen.append((t.dtype, tuple(t.shape), labels))
+        return net(x)
+
+    pipe = fastdiff.Pipeline(model, schedule=NoiseSchedule("linear", 1000), image_shape=(1, 12, 12))
+    images = pipe.sample(3, steps=4, seed=2)
+    assert images.shape == (3, 1, 12, 12) and pipe.config is None
+    assert seen[0] == (torch.float32, (3,), None) and len(seen) == 4
+    seeds = seeds_for(2, 3)
+    want = sample_ddim(model, initial_noise(seeds, (1, 12, 12)), NoiseSchedule("linear", 1000), steps=4,
+                       seeds=seeds, clip=1.0)
+    assert torch.equal(images, want)
+    with pytest.raises(ConfigError, match="unconditional"):
+        pipe.sample(2, labels=[1])
+    with pytest.raises(ConfigError, match="is unconditional"):
+        pipe.sample(2, guidance=2.0)
+
+
+def test_wrapped_conditional_model_and_its_null_class():
+    torch.manual_seed(0)
+    unet = UNet(apply_overrides(preset_config("digits"), {"model.base_channels": 16, "model.num_groups": 4}).model)
+    kw = dict(schedule=NoiseSchedule("linear", 1000), image_shape=(1, 8, 8), num_classes=10)
+    no_null = fastdiff.Pipeline(unet, **kw)
+    with pytest.raises(ConfigError, match="has no null class"):
+        no_null.sample(2, guidance=2.0)
+    pipe = fastdiff.Pipeline(unet, null_label=10, **kw)
+    got = pipe.sample(4, steps=3, guidance=2.0, labels=[3, 4])
+    seeds = seeds_for(0, 4)
+    want = sample_ddim(unet, initial_noise(seeds, (1, 8, 8)), kw["schedule"], steps=3, seeds=seeds, clip=1.0,
+                       labels=torch.tensor([3, 4, 3, 4]), guidance=2.0, null_label=10)
+    assert torch.equal(got, want)
+    with pytest.raises(ConfigError, match="null_label=11 must be in 0..10"):
+        fastdiff.Pipeline(unet, null_label=11, **kw)
+
+
+def test_a_diffusers_folder_samples_as_its_run(run, tmp_path):
+    """The real interop (once merged): a run exported as a diffusers folder loads back and samples the same."""
+    interop = pytest.importorskip("fastdiff.interop.diffusers")
+    folder = interop.export_run(run, tmp_path / "exported")
+    pipe = fastdiff.load(folder, device="cpu")
+    want = fastdiff.load(run, device="cpu").sample(4, steps=2, guidance=2.0)
+    torch.testing.assert_close(pipe.sample(4, steps=2, guidance=2.0), want, atol=1e-5, rtol=0)

@@ -1,0 +1,162 @@
+"""The one sampling entry point: settings resolved once (run defaults, then overrides, one error per bad value),
+the same flags meaning the same thing in sample / eval / distill_table, the refiner inside `sample`, and the
+public samplers keeping no autograd graph."""
+
+import argparse
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from fastdiff import checkpoint as ckpt
+from fastdiff.cli import add_sampling_args, build_parser, sampling_overrides
+from fastdiff.config import RunConfig, apply_overrides, distill_config, preset_config
+from fastdiff.diffusion import NoiseSchedule, initial_noise, sample_ddim, sample_ddpm, seeds_for
+from fastdiff.errors import ConfigError
+from fastdiff.models import UNet
+from fastdiff.models.refiner import Refiner, RefinerConfig, refiner_unet_config
+from fastdiff.sampling import Denoiser, labels_for, resolve_settings, sample
+
+TINY = {"model.base_channels": 16, "model.num_groups": 4}
+
+
+def denoiser(cfg: RunConfig | None = None) -> Denoiser:
+    cfg = cfg or apply_overrides(preset_config("digits"), TINY)
+    torch.manual_seed(0)
+    return Denoiser.from_config(UNet(cfg.model).eval().requires_grad_(False), cfg)
+
+
+def test_defaults_come_from_the_run():
+    s = resolve_settings(denoiser())
+    assert (s.sampler, s.steps, s.eta, s.guidance, s.spacing, s.clip) == ("ddim", 50, 0.0, 2.0, "trailing", 1.0)
+    assert s.batch_size == 256 and s.accel.plain and s.refiner is None
+    # ddpm without --steps runs all T, wherever it is asked for (eval used to run 50 respaced steps).
+    assert resolve_settings(denoiser(), sampler="ddpm").steps == 1000
+    assert resolve_settings(denoiser(), sampler="ddpm", steps=20).steps == 20
+    # None is "not given"; clip inf is no clipping.
+    s = resolve_settings(denoiser(), sampler=None, guidance=None, clip=math.inf, eta=0.5)
+    assert (s.sampler, s.guidance, s.clip, s.eta) == ("ddim", 2.0, None, 0.5)
+    # An unconditional run has no guidance to apply; its config's value does not leak in.
+    uncond = denoiser(apply_overrides(preset_config("digits"), {**TINY, "model.num_classes": 0}))
+    assert resolve_settings(uncond).guidance == 1.0
+
+
+def test_student_defaults():
+    teacher = apply_overrides(preset_config("digits-v"), TINY)
+    student = denoiser(distill_config(teacher, "teacher"))
+    s = resolve_settings(student)
+    assert (s.sampler, s.steps) == ("student", 4)
+    assert resolve_settings(student, steps=1).steps == 1
+    assert resolve_settings(student, sampler="ddim").steps == 50
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"sampler": "euler"}, "unknown sampler 'euler'"),
+    ({"sampler": "student"}, "not an ADD student run"),
+    ({"steps": 0}, "steps=0 must be between 1 and the 1000"),
+    ({"steps": 1001}, "steps=1001 must be between 1 and the 1000"),
+    ({"eta": -1.0}, "must be >= 0"),
+    ({"sampler": "ddpm", "eta": 0.5}, "applies to --sampler ddim only"),
+    ({"spacing": "even"}, "unknown timestep spacing"),
+    ({"clip": 0.0}, "clip=0.0 must be > 0"),
+    ({"batch_size": 0}, "batch size 0 must be at least 1"),
+    ({"amp": "fp16"}, "fp16 needs a CUDA device"),
+    ({"cuda_graphs": True}, "CUDA graphs need a CUDA device"),
+    ({"temperature": 2.0}, "unknown sampling option"),
+])
+def test_one_clear_error_per_bad_value(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_settings(denoiser(), **overrides)
+
+
+def test_guidance_needs_a_null_class():
+    uncond = denoiser(apply_overrides(preset_config("digits"), {**TINY, "model.num_classes": 0}))
+    with pytest.raises(ConfigError, match="is unconditional"):
+        resolve_settings(uncond, guidance=2.0)
+    den = denoiser()
+    den.null_label = None  # a conditional model without an unconditional class
+    with pytest.raises(ConfigError, match="has no null class"):
+        resolve_settings(den, guidance=2.0)
+    assert resolve_settings(den).guidance == 1.0
+
+
+def test_the_same_flags_resolve_the_same_everywhere():
+    flags = ["--sampler", "ddpm", "--guidance", "3", "--clip", "none", "--spacing", "linspace", "--amp", "bf16"]
+    common = ["--checkpoint", "run"]
+    sample_args = build_parser().parse_args(["sample", *common, "--out", "x.png", *flags])
+    eval_args = build_parser().parse_args(["eval", *common, *flags])
+    table = argparse.ArgumentParser()
+    add_sampling_args(table, batch_size=500)  # what python -m fastdiff.distill_table defines
+    table_args = table.parse_args(flags)
+    got = [resolve_settings(denoiser(), **{**sampling_overrides(a), "batch_size": 8})
+           for a in (sample_args, eval_args, table_args)]
+    assert got[0] == got[1] == got[2]
+    assert (got[0].steps, got[0].guidance, got[0].clip, got[0].accel.amp) == (1000, 3.0, None, "bf16")
+    assert eval_args.batch_size == table_args.batch_size == 500 and sample_args.batch_size is None
+
+
+def test_labels_for():
+    assert labels_for(None, 12, 10).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    assert labels_for([3, 7], 5, 10).tolist() == [3, 7, 3, 7, 3]
+    assert labels_for(4, 3, 10).tolist() == [4, 4, 4]
+    assert labels_for(torch.tensor([1, 2]), 2, 10).tolist() == [1, 2]
+    assert labels_for(None, 3, 0) is None
+    with pytest.raises(ConfigError, match=r"outside 0..9"):
+        labels_for([3, 12], 4, 10)
+    with pytest.raises(ConfigError, match="unconditional"):
+        labels_for([1], 4, 0)
+    with pytest.raises(ConfigError, match="must be integers"):
+        labels_for([0.5], 4, 10)
+
+
+def test_sample_is_batch_invariant_and_matches_the_plain_sampler():
+    den = denoiser()
+    small = sample(den, resolve_settings(den, steps=3, batch_size=3), n=5, seed=7)
+    whole = sample(den, resolve_settings(den, steps=3, batch_size=8), n=5, seed=7)
+    assert small.seeds.tolist() == [7, 8, 9, 10, 11] and small.labels.tolist() == [0, 1, 2, 3, 4]
+    torch.testing.assert_close(small.images, whole.images, atol=1e-4, rtol=0)  # convolution rounding only
+    seeds = seeds_for(7, 5)
+    want = sample_ddim(den.model, initial_noise(seeds, (1, 8, 8)), NoiseSchedule("linear", 1000), steps=3,
+                       seeds=seeds, labels=torch.arange(5), guidance=2.0, null_label=10, clip=1.0)
+    assert torch.equal(whole.images, want)
+    assert whole.images.device.type == "cpu" and whole.setup_s == 0.0 and whole.seconds > 0
+
+
+def test_fast_path_on_cpu_uses_labels_of_a_model_without_null_class():
+    den = denoiser()
+    plain = sample(den, resolve_settings(den, steps=2, guidance=1.0), n=4, labels=[1, 2, 3, 4]).images
+    den.null_label = None
+    seen = []
+    model = den.model
+    den.model = lambda x, t, labels: (seen.append(labels), model(x, t, labels))[1]
+    fast = sample(den, resolve_settings(den, steps=2, channels_last=True), n=4, labels=[1, 2, 3, 4]).images
+    assert seen and all(y is not None and y.tolist() == [1, 2, 3, 4] for y in seen)
+    torch.testing.assert_close(fast, plain, atol=1e-4, rtol=0)
+
+
+def test_refiner_runs_inside_sample(tmp_path):
+    den = denoiser()
+    refiner = Refiner(refiner_unet_config(den.config.model, RefinerConfig(base_channels=8)))
+    torch.nn.init.constant_(refiner.net.conv_out.bias, 0.25)  # refined = x + 0.25 (weights are zero at init)
+    config = {"kind": "refiner", "model": dataclasses.asdict(refiner.net.config)}
+    ckpt.save_checkpoint(tmp_path, 1, tensors={"model": refiner.state_dict()}, state={"step": 1}, config=config)
+    plain = sample(den, resolve_settings(den, steps=2), n=4)
+    res = sample(den, resolve_settings(den, steps=2, refiner=str(tmp_path)), n=4)
+    assert torch.equal(res.unrefined, plain.images)
+    torch.testing.assert_close(res.images, (plain.images + 0.25).clamp(-1, 1), atol=1e-6, rtol=0)
+    assert 0 < res.refine_s <= res.seconds and res.settings.refiner == str(tmp_path)
+
+
+def test_public_samplers_keep_no_autograd_graph():
+    torch.manual_seed(0)
+    model = UNet(apply_overrides(preset_config("digits"), TINY).model)  # parameters require grad
+    assert all(p.requires_grad for p in model.parameters())
+    seeds = seeds_for(0, 4)
+    x = initial_noise(seeds, (1, 8, 8))
+    frames = []
+    for fn in (sample_ddim, sample_ddpm):
+        out = fn(model, x, NoiseSchedule("linear", 1000), steps=3, seeds=seeds, labels=torch.arange(4),
+                 guidance=2.0, null_label=10, callback=lambda i, t, xp, x0: frames.append((xp, x0)))
+        assert out.grad_fn is None and not out.requires_grad
+    assert all(xp.grad_fn is None and x0.grad_fn is None for xp, x0 in frames)
