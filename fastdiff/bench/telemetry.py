@@ -1,7 +1,9 @@
 """GPU telemetry during a timed region: power, SM clock and utilisation from NVML (nvidia-ml-py).
 
-A background thread reads the counters every `interval_s` while the region runs; the summary gives means and
-maxima. Without a GPU or without NVML the sampler records nothing and `summary()` is None.
+A background thread reads the counters every `interval_s` while the region runs; each reading carries the
+sampler's current `tag` (the timer sets it to the provider it is timing), and `summary(tag)` gives the means and
+maxima of one provider's readings (of all, without a tag). Without a GPU or without NVML the sampler records
+nothing and `summary()` is None.
 """
 
 from __future__ import annotations
@@ -58,13 +60,15 @@ class TelemetrySampler:
         device = torch.device(device)
         self.reader = reader if reader is not None else (_nvml_reader(device) if device.type == "cuda" else None)
         self.interval_s = interval_s
-        self.samples: list[dict] = []
+        self.samples: list[tuple[object, dict]] = []  # (tag, reading)
+        self.tag = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _read(self) -> None:
+        tag = self.tag  # read before the call: the timer may move on meanwhile
         try:
-            self.samples.append(self.reader())
+            self.samples.append((tag, self.reader()))
         except Exception:  # noqa: BLE001 - a failed reading is skipped, never fatal to a benchmark
             pass
 
@@ -85,13 +89,15 @@ class TelemetrySampler:
             self._thread.join()
             self._read()
 
-    def summary(self) -> dict | None:
-        """{power_w_mean, power_w_max, sm_clock_mhz_mean, ..., samples} or None when nothing was read."""
-        if not self.samples:
+    def summary(self, tag=None) -> dict | None:
+        """{power_w_mean, power_w_max, sm_clock_mhz_mean, ..., samples} of the readings taken under `tag` (all
+        readings when tag is None), or None when there are none."""
+        samples = [s for t, s in self.samples if tag is None or t == tag]
+        if not samples:
             return None
-        out: dict = {"samples": len(self.samples)}
+        out: dict = {"samples": len(samples)}
         for key in READINGS:
-            values = [s[key] for s in self.samples if key in s]
+            values = [s[key] for s in samples if key in s]
             if values:
                 out[f"{key}_mean"] = round(statistics.fmean(values), 1)
                 out[f"{key}_max"] = round(max(values), 1)
