@@ -3,6 +3,8 @@ end-to-end run."""
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -200,7 +202,7 @@ def test_diffusers_ddim_loop_is_fastdiffs_clipped_ddim():
     theirs = diffusers_ref.sample(model, sched, x, steps=10, labels=labels, guidance=2.0, null_label=10)
     torch.testing.assert_close(theirs, ours, atol=2e-5, rtol=1e-4)
     unclipped = diffusers_ref.scheduler("ddim", _diffusion_cfg(), clip=None)
-    assert not torch.allclose(diffusers_ref.sample(model, unclipped, x, steps=20, labels=labels, guidance=2.0,
+    assert not torch.allclose(diffusers_ref.sample(model, unclipped, x, steps=10, labels=labels, guidance=2.0,
                                                    null_label=10), ours, atol=1e-3)
 
 
@@ -257,3 +259,37 @@ def test_bench_command_end_to_end(tiny_preset, tmp_path, capsys, monkeypatch):
     assert statuses[("sample", "torch-compile", "ddim-20")].startswith("skipped: --quick on the CPU")
     assert doc["environment"]["torch"] == torch.__version__ and "total_s" in doc
     assert "| bench-tiny |" in (tmp_path / "bench.md").read_text() and "wrote" in out
+
+
+SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
+
+
+def _dry_suite(tmp_path, total_s: int) -> tuple[float, subprocess.CompletedProcess]:
+    env = {**os.environ, "FASTDIFF_SUITE_DRY": "1", "TOTAL_S": str(total_s), "OUT": str(tmp_path),
+           "PYTHON": sys.executable}
+    t0 = time.monotonic()
+    done = subprocess.run(["bash", str(SUITE)], env=env, capture_output=True, text=True, timeout=total_s + 60)
+    return time.monotonic() - t0, done
+
+
+def test_gpu_suite_keeps_to_its_total_time(tmp_path):
+    # Far too little time for the work: every stage is cut by its timeout, and the script still ends in time and
+    # leaves its log files.
+    seconds, done = _dry_suite(tmp_path, 12)
+    assert seconds < 12 + 8, done.stdout
+    log = (tmp_path / "suite.log").read_text()
+    assert "stage 1: environment" in log and "stage 1: pytest -m gpu" in log and "stage 2: fastdiff bench" in log
+    assert "done in" in log and "(dry run)" in log
+    assert {"suite.log", "env.txt", "pytest-gpu.log", "bench.log"} <= {p.name for p in tmp_path.iterdir()}
+    assert "## nvidia-smi" in (tmp_path / "env.txt").read_text()
+
+
+@pytest.mark.slow
+def test_gpu_suite_dry_run_writes_the_bench_report(tmp_path):
+    seconds, done = _dry_suite(tmp_path, 240)
+    assert seconds < 240 + 10 and "stage 2: fastdiff bench: exit" in (tmp_path / "suite.log").read_text()
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    assert doc["environment"]["bench_device"] == "cpu" and doc["rows"]
+    assert "# fastdiff bench --quick" in (tmp_path / "bench.md").read_text()
+    pytest_log = (tmp_path / "pytest-gpu.log").read_text()  # on the CPU the gpu tests skip
+    assert "skipped" in pytest_log or "passed" in pytest_log

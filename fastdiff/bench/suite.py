@@ -1,7 +1,7 @@
 """`fastdiff bench`: the op micro-benchmarks, end-to-end sampling and training, one report.
 
 Jobs run in the order of `plan` inside a time budget; a job that would start after the budget is spent is
-recorded as skipped. The JSON and markdown reports are rewritten after every job.
+recorded as skipped. The JSON and markdown reports are rewritten after every row.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def run_bench(*, device, out: Path, quick: bool = False, sections=SECTIONS, pres
         for row in run_job(job, device, quick=quick, rounds=rounds, budget=budget):
             doc["rows"].append(row)
             echo(_one_line(row))
-        write_reports(doc, out)
+            write_reports(doc, out)
     doc["total_s"] = round(budget.used(), 1)
     json_path, md_path = write_reports(doc, out)
     for section in ("sample", "train"):
