@@ -63,7 +63,8 @@ class Job:
         return {**head, "case": what, **fields}
 
 
-def _base_unet(cfg) -> torch.nn.Module:
+def base_unet(cfg) -> torch.nn.Module:
+    """The preset's fastdiff UNet, randomly initialised with seed 0 (every provider starts from it)."""
     torch.manual_seed(0)
     return UNet(cfg.model)
 
@@ -114,10 +115,8 @@ def _sampler(provider: str, dtype: str, base, s: _Inputs):
             return fn
         return make
     if provider in ("torch-compile", "fastdiff"):
-        with ops_backend(backend_of(provider)):
-            fast = FastSampler(model, provider_options(provider, dtype, device), device=device, shape=s.shape,
-                               guidance=s.guidance, null_label=s.null, clip=s.clip,
-                               capacity=s.schedule.num_timesteps)
+        fast = FastSampler(model, provider_options(provider, dtype, device), device=device, shape=s.shape,
+                           guidance=s.guidance, null_label=s.null, clip=s.clip, capacity=s.schedule.num_timesteps)
 
         def make(case, fast=fast):
             table = s.table(case)
@@ -136,45 +135,53 @@ def _sampler(provider: str, dtype: str, base, s: _Inputs):
     return make
 
 
-def _fields(provider: str, dtype: str, timing, device, tel: TelemetrySampler, key) -> dict:
-    out = {**timing.to_dict(), "options": describe(provider, provider_options(provider, dtype, device)),
-           "status": "ok"}
-    summary = tel.summary(key)
-    if summary is not None:
-        out["telemetry"] = summary
-    if provider == "diffusers":
-        out["weights"] = diffusers_ref.WEIGHTS
-    return out
+def _prepare(job: Job, device, quick: bool, build) -> tuple[dict, dict]:
+    """({key: build(provider, dtype)} for the providers that can run here, {key: why not} for the others)."""
+    built, status = {}, {}
+    for key in job.providers:
+        status[key] = unavailable(key[0], device, quick)
+        if status[key] is None:
+            try:
+                with ops_backend(backend_of(key[0])):
+                    built[key] = build(*key)
+            except Exception as e:  # noqa: BLE001 - reported in the provider's rows
+                status[key] = error_status(e)
+    return built, status
+
+
+def _timed_rows(job: Job, device, fns: dict, status: dict, fields: dict, *, rounds: int, warmup: int, per_image_s,
+                case=None):
+    """Time fns interleaved and yield one row per provider of the job (a status row where it has no timing);
+    fields: more values per provider; per_image_s(timing): the seconds one batch's whole run takes."""
+    tel = TelemetrySampler(device)
+    timings = measure({k: with_backend(k[0], fn) for k, fn in fns.items()}, device, rounds=rounds, warmup=warmup,
+                      telemetry=tel) if fns else {}
+    for key in job.providers:
+        t = timings.get(key, status.get(key))
+        if isinstance(t, str):
+            yield job.row(*key, case, status=t)
+            continue
+        row = job.row(*key, case, images_per_s=job.batch / per_image_s(t), **t.to_dict(), **fields[key],
+                      options=describe(key[0], provider_options(*key, device)), status="ok")
+        summary = tel.summary(key)
+        yield {**row, **({"telemetry": summary} if summary else {}),
+               **({"weights": diffusers_ref.WEIGHTS} if key[0] == "diffusers" else {})}
 
 
 def sample_rows(job: Job, device, *, rounds: int, warmup: int = 1, quick: bool = False, budget=None):
     """Yield one row per (case, provider) of a sampling job."""
     device = torch.device(device)
     s = _Inputs(preset_config(job.preset), device, job.batch)
-    base = _base_unet(s.cfg)
-    skipped = {key: unavailable(key[0], device, quick) for key in job.providers}
-    makers = {}
-    for key in job.providers:
-        try:
-            makers[key] = _sampler(*key, base, s) if skipped[key] is None else None
-        except Exception as e:  # noqa: BLE001 - reported in the provider's rows
-            skipped[key] = error_status(e)
-    makers = {key: make for key, make in makers.items() if skipped[key] is None}
+    base = base_unet(s.cfg)
+    makers, status = _prepare(job, device, quick, lambda p, d: _sampler(p, d, base, s))
     for case in job.cases:
         if budget is not None and budget.exhausted():
             yield from (job.row(p, d, case, status="skipped: time budget") for p, d in job.providers)
             continue
-        fns = {key: with_backend(key[0], make(case)) for key, make in makers.items()}
-        tel = TelemetrySampler(device)
-        timings = measure(fns, device, rounds=rounds, warmup=warmup, telemetry=tel) if fns else {}
-        for key in job.providers:
-            t = timings.get(key, skipped[key])
-            if isinstance(t, str):
-                yield job.row(*key, case, status=t)
-                continue
-            seconds_per_run = t.median_ms / 1e3 * case.steps / case.timed_steps
-            yield job.row(*key, case, images_per_s=job.batch / seconds_per_run,
-                          extrapolated=case.timed_steps < case.steps, **_fields(*key, t, device, tel, key))
+        fields = {key: {"extrapolated": case.timed_steps < case.steps} for key in makers}
+        yield from _timed_rows(job, device, {k: make(case) for k, make in makers.items()}, status, fields,
+                               rounds=rounds, warmup=warmup, case=case,
+                               per_image_s=lambda t, c=case: t.median_ms / 1e3 * c.steps / c.timed_steps)
 
 
 def _train_step(provider: str, dtype: str, base, cfg, device, x0, labels):
@@ -212,32 +219,16 @@ def _train_step(provider: str, dtype: str, base, cfg, device, x0, labels):
 
 def train_rows(job: Job, device, *, rounds: int, warmup: int = 1, quick: bool = False, budget=None):
     """Yield one row per provider of a training job: images/s of a full optimisation step."""
+    if budget is not None and budget.exhausted():
+        yield from (job.row(p, d, status="skipped: time budget") for p, d in job.providers)
+        return
     device = torch.device(device)
     cfg = preset_config(job.preset)
-    mc = cfg.model
-    base = _base_unet(cfg)
+    mc, base = cfg.model, base_unet(cfg)
     gen = torch.Generator().manual_seed(0)
     x0 = (torch.rand((job.batch, mc.in_channels, mc.image_size, mc.image_size), generator=gen) * 2 - 1).to(device)
     labels = torch.randint(0, max(mc.num_classes, 1), (job.batch,), generator=gen).to(device)
-    skipped = {key: unavailable(key[0], device, quick) for key in job.providers}
-    if budget is not None and budget.exhausted():
-        skipped = dict.fromkeys(job.providers, "skipped: time budget")
-    fns, steps = {}, {}
-    for key in job.providers:
-        if skipped[key] is None:
-            try:
-                with ops_backend(backend_of(key[0])):
-                    fn, steps[key] = _train_step(*key, base, cfg, device, x0, labels)
-            except Exception as e:  # noqa: BLE001 - reported in the provider's row
-                skipped[key] = error_status(e)
-                continue
-            fns[key] = with_backend(key[0], fn)
-    tel = TelemetrySampler(device)
-    timings = measure(fns, device, rounds=rounds, warmup=warmup, telemetry=tel) if fns else {}
-    for key in job.providers:
-        t = timings.get(key, skipped[key])
-        if isinstance(t, str):
-            yield job.row(*key, status=t)
-            continue
-        yield job.row(*key, images_per_s=job.batch / (t.median_ms / 1e3), step=steps[key],
-                      **_fields(*key, t, device, tel, key))
+    steps, status = _prepare(job, device, quick, lambda p, d: _train_step(p, d, base, cfg, device, x0, labels))
+    yield from _timed_rows(job, device, {k: fn for k, (fn, _) in steps.items()}, status,
+                           {k: {"step": name} for k, (_, name) in steps.items()}, rounds=rounds, warmup=warmup,
+                           per_image_s=lambda t: t.median_ms / 1e3)

@@ -20,26 +20,20 @@ from typing import Callable
 import torch
 
 import fastdiff.ops as fops
+from fastdiff.bench import PRESETS
+from fastdiff.bench.e2e import base_unet
 from fastdiff.bench.ops import run_op_benchmarks
 from fastdiff.bench.providers import backend_of, ops_backend, with_backend
 from fastdiff.bench.timing import measure
 from fastdiff.config import preset_config
 from fastdiff.diffusion import NoiseSchedule, initial_noise, sample_ddim, seeds_for
 from fastdiff.errors import ConfigError
-from fastdiff.models import UNet
 from fastdiff.nn import GroupNormSiLU
 from fastdiff.ops import native
 
 PROVIDERS = ("torch-eager", "fastdiff-native")
 LAYOUTS = ("nchw", "channels_last")
-PRESETS = ("digits", "mnist")
 GUIDANCE = 2.0
-
-
-def _unet(preset: str, device) -> tuple[torch.nn.Module, object]:
-    cfg = preset_config(preset)
-    torch.manual_seed(0)
-    return UNet(cfg.model).to(device).eval(), cfg
 
 
 def group_norm_shapes(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, labels) -> list[tuple]:
@@ -96,8 +90,8 @@ def cpu_rows(preset: str, *, batch: int = 64, steps: int = 10, rounds: int = 5, 
     """The e2e and op rows of one preset on the CPU (see the module docstring). layouts: the memory formats of
     the e2e and UNet-forward rows ("nchw", "channels_last": the model's weights and the images), each provider
     in each, all against torch-eager NCHW; op_rows=False keeps the e2e rows alone."""
-    model, cfg = _unet(preset, "cpu")
-    model.requires_grad_(False)
+    cfg = preset_config(preset)
+    model = base_unet(cfg).eval().requires_grad_(False)
     unknown = set(layouts) - set(LAYOUTS)
     if unknown or "nchw" not in layouts:
         raise ConfigError(f"layouts must include nchw (the baseline) and come from {', '.join(LAYOUTS)}; "

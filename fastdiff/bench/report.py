@@ -50,29 +50,13 @@ def git_commit(path: Path | None = None) -> dict:
 
 
 def cpu_model() -> str:
-    """The CPU's model name (lscpu, else /proc/cpuinfo, else `platform`)."""
+    """The CPU's model name from lscpu, else what `platform` knows."""
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
     except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> list[float] | None:
-    """The 1, 5 and 15 minute load averages (other processes share the machine), or None where unknown."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
+        out = ""
+    names = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name:")]
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 def environment(device) -> dict:
@@ -81,7 +65,8 @@ def environment(device) -> dict:
     env = collect()
     env.update(git_commit())
     env.update(date_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), bench_device=str(device),
-               cpu_model=cpu_model(), cpu_count=os.cpu_count(), load_avg=load_average())
+               cpu_model=cpu_model(), cpu_count=os.cpu_count(),  # the load: other processes share the machine
+               load_avg=[round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None)
     if device.type == "cuda":
         env.update(gpu=torch.cuda.get_device_name(device), cudnn=torch.backends.cudnn.version(),
                    tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from fastdiff.bench import PRESETS
 from fastdiff.bench.e2e import Job, SampleCase, sample_rows, train_rows
 from fastdiff.bench.ops import run_op_benchmarks
 from fastdiff.bench.report import new_doc, table, write_reports
@@ -21,8 +22,6 @@ from fastdiff.config import PRESETS as ALL_PRESETS
 from fastdiff.errors import ConfigError
 
 SECTIONS = ("ops", "sample", "train")
-# The presets of the CPU runs and of the diffusers comparison: digits and the 28x28 real-MNIST network.
-PRESETS = ("digits", "mnist")
 GPU_PRESETS = ("mnist", "cifar10-ddpm")  # the GPU run's headline rows
 
 

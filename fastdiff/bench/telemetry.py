@@ -2,8 +2,7 @@
 
 A background thread reads the counters every `interval_s` while the region runs; each reading carries the
 sampler's current `tag` (the timer sets it to the provider it is timing), and `summary(tag)` gives the means and
-maxima of one provider's readings (of all, without a tag). Without a GPU or without NVML the sampler records
-nothing and `summary()` is None.
+maxima of one provider's readings (of all, without a tag). Without a GPU or NVML nothing is read: None.
 """
 
 from __future__ import annotations
@@ -17,35 +16,23 @@ import torch
 READINGS = ("power_w", "sm_clock_mhz", "util_pct")
 
 
-def _handle(pynvml, index: int):
-    """The NVML handle of CUDA device `index`: by PCI address (CUDA_VISIBLE_DEVICES renumbers devices), else index."""
-    props = torch.cuda.get_device_properties(index)
-    if all(hasattr(props, a) for a in ("pci_domain_id", "pci_bus_id", "pci_device_id")):
-        address = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
-        try:
-            return pynvml.nvmlDeviceGetHandleByPciBusId(address)
-        except pynvml.NVMLError:
-            pass
-    return pynvml.nvmlDeviceGetHandleByIndex(index)
-
-
 def _nvml_reader(device: torch.device) -> Callable[[], dict] | None:
     """A function returning one reading of the GPU behind `device`, or None where NVML is unusable."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        handle = _handle(pynvml, index)
+        props = torch.cuda.get_device_properties(device.index if device.index is not None else 0)
+        # By PCI address: CUDA_VISIBLE_DEVICES renumbers the devices NVML counts.
+        handle = pynvml.nvmlDeviceGetHandleByPciBusId(
+            f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0")
     except Exception:  # noqa: BLE001 - telemetry is optional: no driver, no library, no permission
         return None
 
     def read() -> dict:
-        return {
-            "power_w": pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0,
-            "sm_clock_mhz": float(pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)),
-            "util_pct": float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu),
-        }
+        return {"power_w": pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0,
+                "sm_clock_mhz": float(pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)),
+                "util_pct": float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)}
 
     return read
 
@@ -87,10 +74,9 @@ class TelemetrySampler:
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
-            self._read()
 
     def summary(self, tag=None) -> dict | None:
-        """{power_w_mean, power_w_max, sm_clock_mhz_mean, ..., samples} of the readings taken under `tag` (all
+        """{samples, power_w_mean, power_w_max, sm_clock_mhz_mean, ...} of the readings taken under `tag` (all
         readings when tag is None), or None when there are none."""
         samples = [s for t, s in self.samples if tag is None or t == tag]
         if not samples:
@@ -99,6 +85,5 @@ class TelemetrySampler:
         for key in READINGS:
             values = [s[key] for s in samples if key in s]
             if values:
-                out[f"{key}_mean"] = round(statistics.fmean(values), 1)
-                out[f"{key}_max"] = round(max(values), 1)
+                out[f"{key}_mean"], out[f"{key}_max"] = round(statistics.fmean(values), 1), round(max(values), 1)
         return out
