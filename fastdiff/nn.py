@@ -1,4 +1,5 @@
-"""Modules built on the fused ops. Models use these, so switching the ops backend switches every model."""
+"""Modules built on the fused ops. Models use these, so switching the ops backend (`fastdiff.ops.use_backend`)
+switches every model."""
 
 from __future__ import annotations
 

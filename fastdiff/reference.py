@@ -14,6 +14,8 @@ and its four 32-bit outputs become four normals by two Box-Muller transforms, wr
 4g, 4g+1, 4g+2, 4g+3 of the sample (element indices are logical NCHW indices within one sample, so the
 memory format does not change the noise). Uniforms are u = (r >> 9 + 0.5) * 2**-23, exact in float32 and
 never 0 or 1. Stream 0 is the per-step noise of `sampler_step`; stream 1 is the initial noise x_T.
+This is the torch definition; the same generator is `fastdiff.ops._triton.philox_normal4` in Triton (on Triton's
+`tl.philox`) and kernels/philox.h in C++/CUDA, and the tests compare both with this one.
 """
 
 from __future__ import annotations

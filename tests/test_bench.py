@@ -13,7 +13,7 @@ import torch
 
 from fastdiff.bench import diffusers_ref
 from fastdiff.bench.e2e import Job, SampleCase, sample_rows, train_rows
-from fastdiff.bench.providers import ops_backend, provider_options
+from fastdiff.bench.providers import provider_options
 from fastdiff.bench.report import add_ratios, environment, git_commit, render_markdown, write_reports
 from fastdiff.bench.suite import Budget, OpsJob, plan
 from fastdiff.bench.telemetry import TelemetrySampler
@@ -74,16 +74,6 @@ def test_timer_excludes_the_warm_up_and_interleaves():
 def test_timer_reports_a_failing_provider_and_times_the_others():
     t = measure({"ok": lambda: None, "broken": lambda: 1 / 0}, "cpu", rounds=2)
     assert t["broken"].startswith("error: ZeroDivisionError") and t["ok"].rounds == 2
-
-
-def test_ops_backend_sets_and_restores(monkeypatch):
-    monkeypatch.setenv("FASTDIFF_BACKEND", "auto")
-    with ops_backend("torch"):
-        assert os.environ["FASTDIFF_BACKEND"] == "torch"
-    assert os.environ["FASTDIFF_BACKEND"] == "auto"
-    with ops_backend(None):
-        assert "FASTDIFF_BACKEND" not in os.environ
-    assert os.environ["FASTDIFF_BACKEND"] == "auto"
 
 
 def test_provider_options():

@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 import torch
 
 from fastdiff.bench import diffusers_ref
-from fastdiff.bench.providers import backend_of, describe, ops_backend, provider_options, unavailable, with_backend
+from fastdiff.bench.providers import backend_of, describe, provider_options, unavailable, with_backend
 from fastdiff.bench.telemetry import TelemetrySampler
 from fastdiff.bench.timing import error_status, measure
 from fastdiff.config import preset_config
 from fastdiff.diffusion import NoiseSchedule, initial_noise, run_table, seeds_for
 from fastdiff.diffusion.samplers import StepTable
 from fastdiff.models import UNet
+from fastdiff.ops import use_backend
 from fastdiff.runtime import autocast, compile_fn
 from fastdiff.sampling import sampler_table
 from fastdiff.sampling.fast import FastSampler, autocast_model
@@ -142,7 +143,7 @@ def _prepare(job: Job, device, quick: bool, build) -> tuple[dict, dict]:
         status[key] = unavailable(key[0], device, quick)
         if status[key] is None:
             try:
-                with ops_backend(backend_of(key[0])):
+                with use_backend(backend_of(key[0])):
                     built[key] = build(*key)
             except Exception as e:  # noqa: BLE001 - reported in the provider's rows
                 status[key] = error_status(e)

@@ -6,7 +6,7 @@ For the `digits` and `mnist` presets with random-initialised UNets (`cpu_rows`):
 - op: one UNet forward; all GroupNorm+SiLU calls of one forward (the shapes recorded from the model); the same
   calls forward+backward in channels_last (as `fastdiff train` runs them); the sampler step with and without
   noise; and a profile row per provider saying where a forward's time goes.
-Providers: `torch-eager` (FASTDIFF_BACKEND=torch) and `fastdiff-native` (FASTDIFF_BACKEND=native), interleaved
+Providers: `torch-eager` (use_backend("torch")) and `fastdiff-native` (use_backend("native")), interleaved
 by `timing.measure`; every timed row's ratio is to torch-eager NCHW of the same case (`report.add_ratios`). On a
 GPU the native CUDA kernels are providers of the op benchmarks (`fastdiff.bench.ops`), which this defers to.
 """
@@ -23,13 +23,13 @@ import fastdiff.ops as fops
 from fastdiff.bench import PRESETS
 from fastdiff.bench.e2e import base_unet
 from fastdiff.bench.ops import run_op_benchmarks
-from fastdiff.bench.providers import backend_of, ops_backend, with_backend
+from fastdiff.bench.providers import backend_of, with_backend
 from fastdiff.bench.timing import measure
 from fastdiff.config import preset_config
 from fastdiff.diffusion import NoiseSchedule, initial_noise, sample_ddim, seeds_for
 from fastdiff.errors import ConfigError
 from fastdiff.nn import GroupNormSiLU
-from fastdiff.ops import native
+from fastdiff.ops import native, use_backend
 
 PROVIDERS = ("torch-eager", "fastdiff-native")
 LAYOUTS = ("nchw", "channels_last")
@@ -151,7 +151,7 @@ def cpu_rows(preset: str, *, batch: int = 64, steps: int = 10, rounds: int = 5, 
     rows += _rows(interleaved_layouts(forward), case({**common, "kind": "op", "op": "unet forward",
                                                      "shape": list(xx.shape)}))
     for provider in PROVIDERS:  # where the forward's time goes (after the timing: the profiler adds overhead)
-        with ops_backend(backend_of(provider)):
+        with use_backend(backend_of(provider)):
             rows.append({**common, "kind": "profile", "op": "unet forward", "shape": list(xx.shape),
                          "provider": provider, **profile_shares(forward)})
     rows += _rows(interleaved(gn_forward), case({**common, "kind": "op", "op": f"group_norm_silu x{len(gn_calls)}",

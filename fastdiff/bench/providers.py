@@ -6,49 +6,29 @@ the same case in the same run (`report.add_ratios`).
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 
 from fastdiff.bench import diffusers_ref
-from fastdiff.ops import native
+from fastdiff.ops import native, use_backend
 from fastdiff.runtime import AccelOptions
 
 PROVIDERS = {
-    "torch-eager": "the plain PyTorch reference: reference ops (FASTDIFF_BACKEND=torch), NCHW, no compile, no "
+    "torch-eager": "the plain PyTorch reference: reference ops (use_backend('torch')), NCHW, no compile, no "
                    "graphs; `run_table` for sampling, the eager train step",
     "torch-compile": "the reference ops under torch.compile (an op alone; the whole denoising step for sampling, "
                      "the model for training), NCHW, no CUDA graphs",
     "fastdiff": "what fastdiff runs by default on the device: an op's fused Triton kernel; for sampling and "
                 "training every fast path of `fastdiff.sampling.fast` / `fastdiff.train.step` on a GPU (fused ops, "
                 "channels_last, torch.compile, CUDA graphs), on the CPU the plain loop with the automatic op backend",
-    "fastdiff-native": "the kernels of the optional extension fastdiff._C (FASTDIFF_BACKEND=native: its C++ CPU or "
+    "fastdiff-native": "the kernels of the optional extension fastdiff._C (use_backend('native'): its C++ CPU or "
                        "CUDA GroupNorm+SiLU and sampler step) in the torch-eager loop",
     "diffusers": "diffusers' UNet2DModel at the same configuration with its DDPM/DDIM scheduler loop, eager",
 }
 
 
-@contextlib.contextmanager
-def ops_backend(name: str | None):
-    """FASTDIFF_BACKEND=name while the block runs (None: the automatic choice). Compilation bakes it in.
-    The only place in fastdiff that switches the op backend."""
-    old = os.environ.get("FASTDIFF_BACKEND")
-    if name is None:
-        os.environ.pop("FASTDIFF_BACKEND", None)
-    else:
-        os.environ["FASTDIFF_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("FASTDIFF_BACKEND", None)
-        else:
-            os.environ["FASTDIFF_BACKEND"] = old
-
-
 def backend_of(provider: str) -> str | None:
-    """The op backend a provider runs under (None: the automatic choice)."""
+    """The op backend a provider runs under (`fastdiff.ops.use_backend`; None: the automatic choice). Compilation
+    bakes it in, so a provider's calls run under it from the first (compiling) one on."""
     if provider == "fastdiff-native":
         return "native"
     return "torch" if provider in ("torch-eager", "torch-compile") else None
@@ -57,7 +37,7 @@ def backend_of(provider: str) -> str | None:
 def with_backend(provider: str, fn):
     """fn, called under the provider's op backend (each call: providers alternate in the timer)."""
     def run():
-        with ops_backend(backend_of(provider)):
+        with use_backend(backend_of(provider)):
             return fn()
 
     return run

@@ -1,12 +1,12 @@
-"""What the Triton kernels of every op share: the optional import, per-mode decoration, block-size helpers.
+"""What the Triton kernels of every op share: the optional import, the interpreter flag, the in-kernel noise.
 
-Triton is optional (the package must import where it is absent, e.g. macOS). Kernels are written as plain
-functions and wrapped in `kernel`, which decorates them with `triton.jit` on first launch, once per mode:
-`triton.jit` decides between compiling and interpreting from TRITON_INTERPRET *when it decorates*, so a kernel
-decorated at import time would ignore a later change of the variable (tests set it per test). The kernels use
-only Triton builtins plus `tl.reduce` with the `add` combine function below: Triton's `@jit` helpers
-(`tl.sum`, `tl.sigmoid`, `tl.zeros`, `tl.cdiv`, ...) are decorated once, when triton is first imported, and
-then fail in the other mode.
+Triton is optional (the package must import where it is absent, e.g. macOS): without it, `triton.jit` below is a
+stand-in that keeps the kernels defined (so their modules import) and refuses to launch them.
+
+`triton.jit` interprets instead of compiling when TRITON_INTERPRET=1 was set before triton was imported (its own
+`tl.sum`, `tl.sigmoid`, ... are decorated at that import, ours when the op modules are imported), so the mode is
+fixed for the process: `INTERPRET` reads it once. The tests run the kernels under the interpreter in a process of
+their own (tests/ops/test_interpreter.py).
 """
 
 import os
@@ -15,74 +15,55 @@ import types
 try:
     import triton
     import triton.language as tl
-except ImportError:  # the kernels below are still defined (annotations need `tl.constexpr`) but never launched
-    triton = None
-    tl = types.SimpleNamespace(constexpr=None)
+except ImportError:
+    TRITON_INSTALLED = False
 
+    class _Unavailable:
+        """A kernel defined where triton is not installed: launching it is a clear error."""
 
-def interpreting() -> bool:
-    """True when Triton kernels run in the interpreter (on CPU tensors) instead of being compiled."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+        def __init__(self, fn):
+            self.fn = fn
 
-
-class Kernel:
-    """A Triton kernel decorated on first launch, once for the compiler and once for the interpreter.
-
-    `Kernel(fn)[grid](*args)` launches like a `triton.jit` function; `jit_kwargs` go to `triton.jit`.
-    """
-
-    def __init__(self, fn, **jit_kwargs):
-        self.fn = fn
-        self.jit_kwargs = jit_kwargs
-        self._decorated = {}
-
-    def __getitem__(self, grid):
-        if triton is None:
+        def __getitem__(self, grid):
             raise RuntimeError(f"{self.fn.__name__} needs triton, which is not installed")
-        mode = interpreting()
-        if mode not in self._decorated:
-            self._decorated[mode] = triton.jit(self.fn, **self.jit_kwargs)
-        return self._decorated[mode][grid]
 
+    def _jit(fn=None, **_kwargs):
+        return _Unavailable(fn) if fn is not None else _Unavailable
 
-def kernel(fn=None, **jit_kwargs):
-    """Decorator: `@kernel` or `@kernel(do_not_specialize=[...])` makes a lazily decorated `Kernel`."""
-    if fn is None:
-        return lambda f: Kernel(f, **jit_kwargs)
-    return Kernel(fn, **jit_kwargs)
-
-
-def _add(a, b):
-    return a + b
-
-
-def _sum_combine():
-    """The combine function of every sum reduction (`tl.reduce(x, axis, add)`).
-
-    Triton's own sum combine where it exists (3.0 to 3.9 at least): the interpreter recognises it and sums with
-    numpy, while any other combine function is called from Python once per element (about 100x slower). Else our
-    own, built with `triton.JITFunction` rather than `triton.jit` so that it is never an interpreter-only object.
-    The interpreter calls `combine_fn.fn`, the compiler inlines the JITFunction: one object serves both modes.
-    """
-    if triton is None:
-        return _add
-    return getattr(getattr(tl, "standard", None), "_sum_combine", None) or triton.JITFunction(_add)
-
-
-add = _sum_combine()
-
-
-def next_power_of_2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+    triton = types.SimpleNamespace(jit=_jit)
+    tl = types.SimpleNamespace(constexpr=None)  # the kernels' annotations
+    INTERPRET = False
+else:
+    TRITON_INSTALLED = True
+    INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def check_launchable(t) -> None:
     """Raise a clear error when a tensor cannot reach a Triton kernel (CPU without the interpreter)."""
-    if triton is None:
-        raise RuntimeError("the Triton backend needs triton (pip install triton); use FASTDIFF_BACKEND=torch")
-    if t.device.type != "cuda" and not interpreting():
-        raise RuntimeError(f"Triton kernels need CUDA tensors or TRITON_INTERPRET=1, got a {t.device.type} tensor")
+    if not TRITON_INSTALLED:
+        raise RuntimeError("the Triton backend needs triton (pip install triton); use_backend('torch') runs without")
+    if t.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError(f"Triton kernels need CUDA tensors or TRITON_INTERPRET=1 (set before fastdiff is "
+                           f"imported), got a {t.device.type} tensor")
+
+
+@triton.jit
+def philox_normal4(seed, group, step, stream):
+    """Four standard normals per Philox group: the noise of `fastdiff.reference.philox_normal` in Triton.
+
+    seed: int64 scalar (key = (seed & 0xffffffff, seed >> 32)); group: uint32 block, the counter word g = element // 4;
+    step, stream: uint32 counter words. Returns (z0, z1, z2, z3) for elements 4g, 4g+1, 4g+2, 4g+3, each of group's
+    shape. Philox4x32-10 is Triton's own `tl.philox` (the reference's rounds, constants and key split); the
+    uniforms u = ((r >> 9) + 0.5) * 2^-23 are exact in float32, then two Box-Muller pairs.
+    """
+    zero = group * 0
+    r0, r1, r2, r3 = tl.philox(seed, group, zero + step, zero + stream, zero)
+    u0 = ((r0 >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+    u1 = ((r1 >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+    u2 = ((r2 >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+    u3 = ((r3 >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+    rad01 = tl.sqrt_rn(-2.0 * tl.log(u0))
+    th01 = 6.283185307179586 * u1
+    rad23 = tl.sqrt_rn(-2.0 * tl.log(u2))
+    th23 = 6.283185307179586 * u3
+    return rad01 * tl.cos(th01), rad01 * tl.sin(th01), rad23 * tl.cos(th23), rad23 * tl.sin(th23)

@@ -1,21 +1,34 @@
-"""Backend selection for the fused ops.
+"""Which implementation runs a fused op: the registry of ops and the one backend choice.
 
-CUDA tensors go to the Triton kernels; CPU tensors go to the plain-PyTorch reference, or to the Triton kernels
-when TRITON_INTERPRET=1 (the Triton interpreter runs them on the CPU), or to the native extension
-(fastdiff._C) when it is built. FASTDIFF_BACKEND=torch|triton|native forces one backend for every op.
+Each op file declares itself with `@op(reference, native=..., native_on_cpu=...)` on its Triton path; the decorator
+records the op in `REGISTRY` and returns the public function, which picks the backend per call:
 
-The choice is made in Python at call (or trace) time, so torch.compile bakes it into the graph.
+- the automatic choice (the default): CUDA tensors -> Triton (the reference where triton is not installed).
+  CPU tensors -> Triton when this process interprets Triton (TRITON_INTERPRET=1 before import), else the op's native
+  kernel where fastdiff._C is built and the op declares it `native_on_cpu` (measured faster there), else the
+  reference. The native CUDA kernels are never chosen automatically: they have not run on a GPU yet.
+- a forced backend, `use_backend("torch" | "triton" | "native")`: every op runs it; an op without that backend
+  (no native kernel) runs the reference.
+
+The choice is one plain module global, `_choice`. Its default is FASTDIFF_BACKEND, read once when this module is
+imported; after that only `use_backend` changes it (nothing writes the environment). It is read in Python at call
+time, so under torch.compile it is read at trace time and guarded: the graph runs the backend chosen when it was
+traced, and calling it under another choice traces again (no graph break either way).
 """
 
 from __future__ import annotations
 
-import importlib.util
+import contextlib
+import functools
 import os
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from fastdiff.errors import ConfigError
 from fastdiff.ops import native as _native
+from fastdiff.ops._triton import INTERPRET, TRITON_INSTALLED
 
 # Probe the optional extension now, outside any torch.compile trace: dispatch reads the answer as a constant.
 _native._load()
@@ -23,16 +36,94 @@ _native._load()
 BACKENDS = ("torch", "triton", "native")
 
 
-# Probed once at import for the same reason (Dynamo would trace through a functools.cache wrapper).
-_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+@dataclass
+class Op:
+    """One fused op: its name, its implementations and whether its native kernel is the CPU default."""
+
+    name: str
+    reference: Callable  # fastdiff.reference.<name>: the truth, and the torch backend
+    triton: Callable  # the Triton path, with the reference's signature
+    native: str | None = None  # the function of fastdiff.ops.native that runs its native kernel, if any
+    native_on_cpu: bool = False  # use the native kernel automatically on CPU tensors where it is built
+
+
+REGISTRY: dict[str, Op] = {}
+
+
+def op(reference: Callable, *, native: str | None = None, native_on_cpu: bool = False):
+    """Decorator on an op's Triton path: registers the op under the function's name and returns its public,
+    dispatching function (with the decorated function's name and docstring)."""
+
+    def register(triton_fn: Callable) -> Callable:
+        spec = Op(triton_fn.__name__, reference, triton_fn, native, native_on_cpu)
+        if spec.name in REGISTRY:
+            raise RuntimeError(f"fastdiff.ops: the op {spec.name!r} is registered twice")
+        REGISTRY[spec.name] = spec
+
+        @functools.wraps(triton_fn)
+        def dispatched(x, *args, **kwargs):
+            backend = backend_for(x, spec)
+            if backend == "triton":
+                return triton_fn(x, *args, **kwargs)
+            if backend == "native":  # looked up per call, so that a test can wrap it
+                return getattr(_native, spec.native)(x, *args, **kwargs)
+            return reference(x, *args, **kwargs)
+
+        return dispatched
+
+    return register
+
+
+def _parse(name: str | None, source: str) -> str | None:
+    """A backend name, or None for the automatic choice ("auto" or empty)."""
+    if name is None:
+        return None
+    key = name.strip().lower()
+    if key in ("", "auto"):
+        return None
+    if key not in BACKENDS:
+        raise ConfigError(f"{source}={name!r} is not a backend; use one of {', '.join(BACKENDS)} or auto")
+    return key
+
+
+def _from_environment() -> tuple[str | None, ConfigError | None]:
+    try:
+        return _parse(os.environ.get("FASTDIFF_BACKEND"), "FASTDIFF_BACKEND"), None
+    except ConfigError as e:  # raised by the first op call, where the CLI prints it as one line
+        return None, e
+
+
+_choice, _env_error = _from_environment()
+
+
+def current_backend() -> str | None:
+    """The forced backend, or None for the automatic choice."""
+    if _env_error is not None:
+        raise _env_error
+    return _choice
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Run every fused op on `name` ("torch", "triton" or "native"; None or "auto": the automatic choice) inside
+    the block, then restore the previous choice. The choice is process-wide (not per thread); blocks nest."""
+    global _choice, _env_error
+    new = _parse(name, "use_backend")
+    saved = _choice, _env_error
+    _choice, _env_error = new, None
+    try:
+        yield
+    finally:
+        _choice, _env_error = saved
 
 
 def triton_available() -> bool:
-    return _TRITON_INSTALLED
+    return TRITON_INSTALLED
 
 
 def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when this process runs the Triton kernels in the interpreter (on CPU tensors)."""
+    return INTERPRET
 
 
 def native_available() -> bool:
@@ -40,61 +131,36 @@ def native_available() -> bool:
     return _native.available()
 
 
-# Ops whose native CPU kernel was measured faster than the reference (benchmarks/bench_native_cpu.py, 2-core
-# AVX2 CPU, digits and mnist UNet shapes: sampler step 16-35x; GroupNorm+SiLU forward 1.2-1.7x, forward+backward
-# 1.5-3.1x; the README has the table). CPU tensors go to the native kernel of these automatically when it is built.
-NATIVE_FASTER_ON_CPU = frozenset({"sampler_step", "group_norm_silu"})
+def _forced(forced: str, x: torch.Tensor, spec: Op) -> str:
+    if forced == "triton":
+        if not TRITON_INSTALLED:
+            raise ConfigError("the ops backend is 'triton' but triton is not installed; pip install triton")
+        if x.device.type == "cpu" and not INTERPRET:
+            raise ConfigError("the ops backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before fastdiff "
+                              "is imported (or use a CUDA device)")
+        return "triton"
+    if forced == "native" and spec.native is not None:
+        if not native_available():
+            reason = _native.load_error() or "the extension fastdiff._C is not available"
+            raise ConfigError(f"the ops backend is 'native' but {reason}; build it with "
+                              "`FASTDIFF_BUILD_EXT=1 pip install --no-build-isolation -e .` (see README)")
+        if x.device.type == "cuda" and not _native.cuda_available():
+            raise ConfigError("the ops backend 'native' on CUDA tensors needs fastdiff._C built with CUDA kernels; "
+                              "rebuild it where a CUDA toolkit and a CUDA build of torch are installed")
+        return "native"
+    return "torch"
 
 
-def native_preferred_on_cpu(op: str | None) -> bool:
-    """Use the native kernel of `op` automatically on CPU tensors: built, and measured faster."""
-    return op in NATIVE_FASTER_ON_CPU and native_available()
-
-
-def _native_unavailable_error() -> ConfigError:
-    from fastdiff.ops import native
-
-    reason = native.load_error() or "the extension fastdiff._C is not available"
-    return ConfigError(
-        f"FASTDIFF_BACKEND=native but {reason}; build it with "
-        "`FASTDIFF_BUILD_EXT=1 pip install --no-build-isolation -e .` (see README)"
-    )
-
-
-def forced_backend() -> str | None:
-    name = os.environ.get("FASTDIFF_BACKEND", "").strip().lower()
-    if not name or name == "auto":
-        return None
-    if name not in BACKENDS:
-        raise ConfigError(f"FASTDIFF_BACKEND={name!r} is not a backend; use one of {', '.join(BACKENDS)} or unset it")
-    return name
-
-
-def backend_for(x: torch.Tensor, supported: tuple[str, ...] = BACKENDS, op: str | None = None) -> str:
-    """The backend that runs an op on tensor x; `supported` lists the backends that op implements, `op` names
-    it (for the per-op choice of the native kernels on CPU)."""
-    forced = forced_backend()
+def backend_for(x: torch.Tensor, spec: Op) -> str:
+    """The backend ("torch", "triton" or "native") that runs the op `spec` on tensor x."""
+    forced = current_backend()
     if forced is not None:
-        if forced not in supported:
-            return "torch"
-        if forced == "triton" and not triton_available():
-            raise ConfigError("FASTDIFF_BACKEND=triton but triton is not installed; pip install triton")
-        if forced == "triton" and x.device.type == "cpu" and not triton_interpreting():
-            raise ConfigError("FASTDIFF_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 (or use a CUDA device)")
-        if forced == "native" and not native_available():
-            raise _native_unavailable_error()
-        if forced == "native" and x.device.type == "cuda":
-            from fastdiff.ops import native
-
-            if not native.cuda_available():
-                raise ConfigError("FASTDIFF_BACKEND=native on CUDA tensors, but fastdiff._C was built without CUDA "
-                                  "kernels; rebuild it where a CUDA toolkit and a CUDA build of torch are installed")
-        return forced
+        return _forced(forced, x, spec)
     if x.device.type == "cuda":
-        return "triton" if "triton" in supported and triton_available() else "torch"
+        return "triton" if TRITON_INSTALLED else "torch"
     if x.device.type == "cpu":
-        if "triton" in supported and triton_interpreting() and triton_available():
+        if INTERPRET:
             return "triton"
-        if "native" in supported and native_preferred_on_cpu(op):
+        if spec.native is not None and spec.native_on_cpu and native_available():
             return "native"
     return "torch"

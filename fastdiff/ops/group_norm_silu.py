@@ -14,10 +14,8 @@ import torch
 
 from fastdiff import reference
 from fastdiff.errors import ConfigError
-from fastdiff.ops._triton import add, cdiv, check_launchable, kernel, next_power_of_2, tl
-from fastdiff.ops.dispatch import backend_for
-
-SUPPORTED = ("torch", "triton", "native")
+from fastdiff.ops._triton import check_launchable, tl, triton
+from fastdiff.ops.dispatch import op
 
 MAX_FUSED_FWD = 16384  # elements of one group held in registers by the fused forward (64 KB in fp32)
 MAX_FUSED_BWD = 8192  # the backward holds x and dy
@@ -25,7 +23,7 @@ CHUNK = 4096  # elements per program on the split path
 STATS, FUSED, SPLIT = 0, 1, 2  # the MODE of a launch: chunk statistics only, one-pass, normalise with chunk stats
 
 
-@kernel
+@triton.jit
 def _group_norm_silu_fwd_kernel(
     x_ptr,  # [N, C, H, W], group (n, g) element (c, hw) at n*sxn + (g*Cg + c)*sxc + hw*sxhw
     y_ptr,  # output, same strides as x
@@ -62,16 +60,16 @@ def _group_norm_silu_fwd_kernel(
         m2_k = tl.load(part_ptr + (ng * num_chunks + k) * 2 + 1, mask=kmask, other=0.0)
         count_k = tl.where(kmask, Cg * tl.minimum(BLOCK_HW, HW - k * BLOCK_HW), 0).to(tl.float32)
         total = Cg * HW * 1.0
-        mean = tl.reduce(count_k * mean_k, 0, add) / total
+        mean = tl.sum(count_k * mean_k, 0) / total
         dev = mean_k - mean
-        var = (tl.reduce(m2_k, 0, add) + tl.reduce(count_k * dev * dev, 0, add)) / total
+        var = (tl.sum(m2_k, 0) + tl.sum(count_k * dev * dev, 0)) / total
     else:  # two passes over the tile in registers, with the rounding error of the first mean corrected
         count = Cg * tl.minimum(BLOCK_HW, HW - chunk * BLOCK_HW) * 1.0
-        mean0 = tl.reduce(x, None, add) / count
+        mean0 = tl.sum(x) / count
         d = tl.where(mask, x - mean0, 0.0)
-        sd = tl.reduce(d, None, add)
+        sd = tl.sum(d)
         mean = mean0 + sd / count
-        m2 = tl.reduce(d * d, None, add) - sd * sd / count
+        m2 = tl.sum(d * d) - sd * sd / count
         var = m2 / count
 
     if MODE == 0:
@@ -86,11 +84,11 @@ def _group_norm_silu_fwd_kernel(
             h = h * tl.load(w_ptr + g * Cg + c, mask=c < Cg, other=0.0).to(tl.float32)
         if HAS_B:
             h = h + tl.load(b_ptr + g * Cg + c, mask=c < Cg, other=0.0).to(tl.float32)
-        y = h / (1.0 + tl.exp(-h))  # silu(h) = h * sigmoid(h)
+        y = h * tl.sigmoid(h)  # silu
         tl.store(y_ptr + offs, y, mask=mask)
 
 
-@kernel
+@triton.jit
 def _group_norm_silu_bwd_kernel(
     dy_ptr,  # gradient of the output, same strides as x
     x_ptr,  # the forward input
@@ -136,28 +134,27 @@ def _group_norm_silu_bwd_kernel(
     h = xhat * w
     if HAS_B:
         h = h + tl.load(b_ptr + g * Cg + c, mask=cmask, other=0.0).to(tl.float32)
-    s = 1.0 / (1.0 + tl.exp(-h))
+    s = tl.sigmoid(h)
     dh = tl.where(mask, dy * s * (1.0 + h * (1.0 - s)), 0.0)
     dxhat = dh * w
 
     if MODE != 2:  # per-channel partial dweight, dbias of this chunk
         cvec = tl.arange(0, BLOCK_C)
         dst = dwdb_ptr + (ng * num_chunks + chunk) * Cg + cvec
-        tl.store(dst, tl.reduce(dh * xhat, 1, add), mask=cvec < Cg)
-        tl.store(dst + NG * num_chunks * Cg, tl.reduce(dh, 1, add), mask=cvec < Cg)
+        tl.store(dst, tl.sum(dh * xhat, 1), mask=cvec < Cg)
+        tl.store(dst + NG * num_chunks * Cg, tl.sum(dh, 1), mask=cvec < Cg)
     if MODE == 0:
-        tl.store(part_ptr + (ng * num_chunks + chunk) * 2, tl.reduce(dxhat, None, add))
-        tl.store(part_ptr + (ng * num_chunks + chunk) * 2 + 1, tl.reduce(dxhat * xhat, None, add))
+        tl.store(part_ptr + (ng * num_chunks + chunk) * 2, tl.sum(dxhat))
+        tl.store(part_ptr + (ng * num_chunks + chunk) * 2 + 1, tl.sum(dxhat * xhat))
     else:
         if MODE == 2:
             k = tl.arange(0, BLOCK_CHUNKS)
             kmask = k < num_chunks
-            sum_dxhat = tl.reduce(tl.load(part_ptr + (ng * num_chunks + k) * 2, mask=kmask, other=0.0), 0, add)
-            sum_dxhat_xhat = tl.reduce(tl.load(part_ptr + (ng * num_chunks + k) * 2 + 1, mask=kmask, other=0.0),
-                                       0, add)
+            sum_dxhat = tl.sum(tl.load(part_ptr + (ng * num_chunks + k) * 2, mask=kmask, other=0.0), 0)
+            sum_dxhat_xhat = tl.sum(tl.load(part_ptr + (ng * num_chunks + k) * 2 + 1, mask=kmask, other=0.0), 0)
         else:
-            sum_dxhat = tl.reduce(dxhat, None, add)
-            sum_dxhat_xhat = tl.reduce(dxhat * xhat, None, add)
+            sum_dxhat = tl.sum(dxhat)
+            sum_dxhat_xhat = tl.sum(dxhat * xhat)
         total = Cg * HW * 1.0
         dx = rstd * (dxhat - sum_dxhat / total - xhat * (sum_dxhat_xhat / total))
         tl.store(dx_ptr + offs, dx, mask=mask)
@@ -179,14 +176,14 @@ def _plan(N: int, C: int, HW: int, G: int, max_fused: int, chunk: int, num_sms: 
     resolution), so that the whole GPU works; the extra read is cheaper than idle SMs.
     """
     Cg = C // G
-    block_c = next_power_of_2(Cg)
-    block_hw = next_power_of_2(HW)
+    block_c = triton.next_power_of_2(Cg)
+    block_hw = triton.next_power_of_2(max(HW, 1))
     starved = N * G < num_sms and Cg * HW >= 4 * chunk
     if block_c * block_hw > max_fused or starved:
-        block_hw = max(1, min(block_hw, next_power_of_2(max(chunk // block_c, 1))))
-    num_chunks = cdiv(HW, block_hw)
+        block_hw = max(1, min(block_hw, triton.next_power_of_2(max(chunk // block_c, 1))))
+    num_chunks = triton.cdiv(HW, block_hw)
     warps = min(16, max(1, (block_c * block_hw) // 1024))
-    return Cg, block_c, block_hw, num_chunks, next_power_of_2(num_chunks), warps
+    return Cg, block_c, block_hw, num_chunks, triton.next_power_of_2(max(num_chunks, 1)), warps
 
 
 def _num_sms(device: torch.device) -> int:
@@ -315,20 +312,16 @@ def _backward(ctx, dy, _dmean, _drstd):
 _group_norm_silu_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# Native CPU kernel: forward 1.2-1.7x, forward+backward 1.5-3.1x the reference (benchmarks/bench_native_cpu.py, 2-core
+# AVX2 CPU, digits and mnist UNet shapes; the README has the table), so CPU tensors use it where fastdiff._C is built.
+@op(reference.group_norm_silu, native="group_norm_silu", native_on_cpu=True)
 def group_norm_silu(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5):
     """silu(group_norm(x)) for x [N, C, *] (NCHW or channels_last), with gradients for x, weight and bias.
 
-    Statistics are float32 whatever x's dtype; the output has x's dtype.
+    Statistics are float32 whatever x's dtype; the output has x's dtype. The body is the Triton path.
     """
-    backend = backend_for(x, SUPPORTED, op="group_norm_silu")
-    if backend == "native":
-        from fastdiff.ops import native
-
-        return native.group_norm_silu(x, num_groups, weight, bias, eps)
-    if backend == "triton":
-        _check_groups(x, num_groups)
-        if x.dim() != 4:  # [N, C, *] runs as [N, C, prod(*), 1]
-            y = group_norm_silu(x.reshape(x.shape[0], x.shape[1], -1, 1), num_groups, weight, bias, eps)
-            return y.reshape(x.shape)
-        return torch.ops.fastdiff.group_norm_silu_fwd(x, weight, bias, num_groups, float(eps))[0]
-    return reference.group_norm_silu(x, num_groups, weight, bias, eps)
+    _check_groups(x, num_groups)
+    if x.dim() != 4:  # [N, C, *] runs as [N, C, prod(*), 1]
+        y = group_norm_silu(x.reshape(x.shape[0], x.shape[1], -1, 1), num_groups, weight, bias, eps)
+        return y.reshape(x.shape)
+    return torch.ops.fastdiff.group_norm_silu_fwd(x, weight, bias, num_groups, float(eps))[0]

@@ -1,23 +1,21 @@
 """One fused denoising step: x0 = p*x + q*out (clamped), x_prev = A*x0 + B*x + sigma*z, z from in-kernel Philox.
 
 The noise is the stream of `fastdiff.reference.philox_normal` (Philox4x32-10 keyed by the sample's seed, counter
-(element // 4, step, 0, 0), two Box-Muller pairs per call), drawn inside the kernel: no noise tensor is read or
-written, and the Triton and torch backends agree to the float32 rounding of log/sqrt/sin/cos.
+(element // 4, step, 0, 0), two Box-Muller pairs per call), drawn inside the kernel by `_triton.philox_normal4`: no
+noise tensor is read or written, and the Triton and torch backends agree to the float32 rounding of log/sqrt/sin/cos.
 """
 
 import torch
 
 from fastdiff import reference
-from fastdiff.ops._triton import cdiv, check_launchable, kernel, next_power_of_2, tl
-from fastdiff.ops.dispatch import backend_for
-
-SUPPORTED = ("torch", "triton", "native")
+from fastdiff.ops._triton import check_launchable, philox_normal4, tl, triton
+from fastdiff.ops.dispatch import op
 
 _MASK32 = 0xFFFFFFFF
 _TILE = 2048  # elements per program: 16 per thread with 4 warps, enough loads in flight to cover DRAM latency
 
 
-@kernel(do_not_specialize=["step"])
+@triton.jit(do_not_specialize=["step"])
 def _sampler_step_kernel(
     x_ptr,  # x_t, viewed per sample as [R, L]: element (r, l) has logical NCHW index e = r*L + l
     out_ptr,  # model output, same logical shape as x
@@ -78,41 +76,15 @@ def _sampler_step_kernel(
 
     if sigma != 0.0:  # deterministic steps (DDIM eta=0, the last DDPM step) skip the generator
         seed = tl.load(seed_ptr + n * sseed)
-        k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
-        k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
         if STEP_FROM_PTR:
             step_u32 = (tl.load(step_ptr) & 0xFFFFFFFF).to(tl.uint32)
         else:
             step_u32 = step.to(tl.uint32)
         # Counter (g, step, 0, 0) for the Philox group g = e // 4 of every 4 consecutive logical elements.
         g = (tl.arange(0, BLOCK_R)[:, None] + r0) * (L // 4) + (l0 // 4) + tl.arange(0, BLOCK_Q)[None, :]
-        c0 = g.to(tl.uint32)
-        c1 = tl.full([BLOCK_R, BLOCK_Q], 0, tl.uint32) + step_u32
-        c2 = tl.full([BLOCK_R, BLOCK_Q], 0, tl.uint32)
-        c3 = tl.full([BLOCK_R, BLOCK_Q], 0, tl.uint32)
-        for _ in tl.static_range(10):  # Philox4x32-10 (Salmon et al. 2011): M0, M1 multipliers, W0, W1 key bumps
-            hi0 = tl.umulhi(c0, 0xD2511F53)
-            lo0 = c0 * 0xD2511F53
-            hi1 = tl.umulhi(c2, 0xCD9E8D57)
-            lo1 = c2 * 0xCD9E8D57
-            c0 = hi1 ^ c1 ^ k0
-            c2 = hi0 ^ c3 ^ k1
-            c1 = lo1
-            c3 = lo0
-            k0 = k0 + 0x9E3779B9
-            k1 = k1 + 0xBB67AE85
-        # Uniforms in (0, 1): u = ((r >> 9) + 0.5) * 2^-23, exact in float32; two Box-Muller pairs.
-        u0 = ((c0 >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
-        u1 = ((c1 >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
-        u2 = ((c2 >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
-        u3 = ((c3 >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
-        rad01 = tl.sqrt_rn(-2.0 * tl.log(u0))
-        th01 = 6.283185307179586 * u1
-        rad23 = tl.sqrt_rn(-2.0 * tl.log(u2))
-        th23 = 6.283185307179586 * u3
+        z0, z1, z2, z3 = philox_normal4(seed, g.to(tl.uint32), step_u32, 0)
         # Interleave to elements 4g, 4g+1, 4g+2, 4g+3: [.., j, k] holds z_(2j+k).
-        z = tl.join(tl.join(rad01 * tl.cos(th01), rad23 * tl.cos(th23)),
-                    tl.join(rad01 * tl.sin(th01), rad23 * tl.sin(th23)))
+        z = tl.join(tl.join(z0, z2), tl.join(z1, z3))
         z = tl.reshape(z, [BLOCK_R, 4 * BLOCK_Q])
         y = y + sigma * z
 
@@ -162,9 +134,9 @@ def sampler_step_fwd(x, model_out, p, q, A, B, sigma, seeds, step_tensor, step_i
     seeds = seeds.to(device=x.device, dtype=torch.int64)  # no-ops in the samplers (already int64 on the device)
     if step_tensor is not None:
         step_tensor = step_tensor.to(x.device)
-    block_r = min(next_power_of_2(rows), 64)  # 1 exactly when rows == 1
-    block_q = max(1, min(_TILE // (4 * block_r), next_power_of_2(cdiv(cols, 4))))
-    tiles_r, tiles_l = cdiv(rows, block_r), cdiv(cols, 4 * block_q)
+    block_r = min(triton.next_power_of_2(rows), 64)  # 1 exactly when rows == 1
+    block_q = max(1, min(_TILE // (4 * block_r), triton.next_power_of_2(triton.cdiv(cols, 4))))
+    tiles_r, tiles_l = triton.cdiv(rows, block_r), triton.cdiv(cols, 4 * block_q)
     x0_out = x0 if return_x0 else y
     step_ptr = step_tensor if step_tensor is not None else seeds
     _sampler_step_kernel[(N * tiles_r * tiles_l,)](
@@ -192,31 +164,26 @@ def _(x, model_out, p, q, A, B, sigma, seeds, step_tensor, step_int, clip, retur
     return torch.empty_like(x), (torch.empty_like(x) if return_x0 else x.new_empty(0))
 
 
+# Native CPU kernel: 16-35x the reference (benchmarks/bench_native_cpu.py, 2-core AVX2 CPU, digits and mnist UNet
+# shapes; the README has the table), so CPU tensors use it automatically where fastdiff._C is built.
+@op(reference.sampler_step, native="sampler_step", native_on_cpu=True)
 def sampler_step(x, model_out, p, q, A, B, sigma, seeds, step, clip=None, return_x0: bool = False):
     """One denoising step (see `fastdiff.reference.sampler_step`) on the backend chosen for x.
 
     x, model_out: [N, C, H, W] (NCHW or channels_last); p, q, A, B, sigma: [N] (expanded views are fine);
     seeds: [N] int64; step: an int or a 0-d int64 tensor on x's device (read in the kernel: no host sync, no
-    recompile). Returns x_prev, or (x_prev, x0) with return_x0, in x's dtype.
+    recompile). Returns x_prev, or (x_prev, x0) with return_x0, in x's dtype. The body is the Triton path.
     """
-    backend = backend_for(x, SUPPORTED, op="sampler_step")
-    if backend == "native":
-        from fastdiff.ops import native
-
-        return native.sampler_step(x, model_out, p, q, A, B, sigma, seeds, step, clip, return_x0)
-    if backend == "triton":
-        if x.dim() != 4:  # the kernel sees [N, C, H, W]; any other rank runs as [N, 1, 1, numel/N]
-            shape = x.shape
-            out = sampler_step(x.reshape(shape[0], 1, 1, -1), model_out.reshape(shape[0], 1, 1, -1), p, q, A, B,
-                               sigma, seeds, step, clip, return_x0)
-            return tuple(t.reshape(shape) for t in out) if return_x0 else out.reshape(shape)
-        if isinstance(step, torch.Tensor):
-            step_tensor, step_int = step.reshape(()), 0
-        else:
-            step_tensor, step_int = None, int(step)
-        clip = float(clip) if clip is not None else None
-        x_prev, x0 = torch.ops.fastdiff.sampler_step(
-            x, model_out, p, q, A, B, sigma, seeds, step_tensor, step_int, clip, return_x0
-        )
-        return (x_prev, x0) if return_x0 else x_prev
-    return reference.sampler_step(x, model_out, p, q, A, B, sigma, seeds, step, clip, return_x0)
+    if x.dim() != 4:  # the kernel sees [N, C, H, W]; any other rank runs as [N, 1, 1, numel/N]
+        shape = x.shape
+        out = sampler_step(x.reshape(shape[0], 1, 1, -1), model_out.reshape(shape[0], 1, 1, -1), p, q, A, B,
+                           sigma, seeds, step, clip, return_x0)
+        return tuple(t.reshape(shape) for t in out) if return_x0 else out.reshape(shape)
+    if isinstance(step, torch.Tensor):
+        step_tensor, step_int = step.reshape(()), 0
+    else:
+        step_tensor, step_int = None, int(step)
+    clip = float(clip) if clip is not None else None
+    x_prev, x0 = torch.ops.fastdiff.sampler_step(x, model_out, p, q, A, B, sigma, seeds, step_tensor, step_int, clip,
+                                                 return_x0)
+    return (x_prev, x0) if return_x0 else x_prev

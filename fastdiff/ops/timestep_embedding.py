@@ -12,13 +12,11 @@ would only match at these sizes; inside the CUDA-graphed step the launch cost di
 import torch
 
 from fastdiff import reference
-from fastdiff.ops._triton import cdiv, check_launchable, kernel, next_power_of_2, tl
-from fastdiff.ops.dispatch import backend_for
-
-SUPPORTED = ("torch", "triton")  # no native kernel: FASTDIFF_BACKEND=native runs the reference
+from fastdiff.ops._triton import check_launchable, tl, triton
+from fastdiff.ops.dispatch import op
 
 
-@kernel
+@triton.jit
 def _timestep_embedding_kernel(
     t_ptr,  # [B] timesteps, float or integer, stride st
     out_ptr,  # [B, dim] float32, contiguous
@@ -56,9 +54,9 @@ def timestep_embedding_fwd(t: torch.Tensor, dim: int, max_period: float) -> torc
         return out
     if half == 0:  # dim == 1: only the zero pad column
         return out.zero_()
-    block_h = min(next_power_of_2(half), 512)
-    block_b = max(1, min(next_power_of_2(B), 4096 // block_h))
-    grid = (cdiv(B, block_b), cdiv(half, block_h))
+    block_h = min(triton.next_power_of_2(half), 512)
+    block_b = max(1, min(triton.next_power_of_2(B), 4096 // block_h))
+    grid = (triton.cdiv(B, block_b), triton.cdiv(half, block_h))
     _timestep_embedding_kernel[grid](
         t, out, B, half, dim, float(max_period), t.stride(0),
         ODD=dim % 2 == 1, BLOCK_B=block_b, BLOCK_H=block_h, num_warps=4,
@@ -76,9 +74,11 @@ def _(t, dim, max_period):
     return t.new_empty((t.shape[0], dim), dtype=torch.float32)
 
 
+# No native kernel: under use_backend("native") it runs the reference.
+@op(reference.timestep_embedding)
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
-    """[B] timesteps (float or integer) -> float32 [B, dim]; an odd dim is zero-padded."""
-    backend = backend_for(t, SUPPORTED)
-    if backend == "triton" and t.dim() == 1:
+    """[B] timesteps (float or integer) -> float32 [B, dim]; an odd dim is zero-padded. The body is the Triton path
+    (which runs the reference for a t that is not 1-D)."""
+    if t.dim() == 1:
         return torch.ops.fastdiff.timestep_embedding(t, dim, float(max_period))
     return reference.timestep_embedding(t, dim, max_period)

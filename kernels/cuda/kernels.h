@@ -3,6 +3,10 @@
 // kernels/torch_ops_cuda.cpp. This header is plain C++: `stream` is a cudaStream_t passed as void*.
 //
 // Launch functions return the cudaError_t of the launch as an int (0 = success).
+//
+// Unverified on a GPU: these kernels are compiled (make ext-cuda-check) but have never run on one. fastdiff never
+// selects them by itself (CUDA tensors go to the Triton kernels); only fastdiff.ops.use_backend("native") or
+// FASTDIFF_BACKEND=native does, and benchmarks/gpu_suite.sh builds them only with FASTDIFF_NATIVE=1.
 #pragma once
 
 #include <cstdint>

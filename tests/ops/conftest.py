@@ -1,15 +1,19 @@
 """Fixtures for the op tests: each test runs once under the Triton interpreter on the CPU (marked `interpret`,
 tiny shapes) and once compiled on a GPU (marked `gpu`, real sizes).
 
-TRITON_INTERPRET is set with monkeypatch, so it is restored after every test and never leaks into other tests.
-The kernels in `fastdiff.ops` are decorated on first launch, once per mode (`fastdiff.ops._triton.Kernel`), so
-they pick the variable up whenever it changes, on triton 3.6 as on 3.9.
+Triton interprets only when TRITON_INTERPRET=1 is set before it is imported, so the `interpret` tests run in a
+process of their own: `tests/ops/test_interpreter.py` starts `pytest -m interpret tests/ops` with the variable set
+(part of `make test`); in any other process they skip. Both kinds run under the automatic backend choice, whatever
+FASTDIFF_BACKEND says.
 """
 
 import pytest
 import torch
 
-from fastdiff.ops.dispatch import triton_available
+from fastdiff.ops import use_backend
+from fastdiff.ops.dispatch import triton_available, triton_interpreting
+
+INTERPRETER_PROCESS = "runs in the TRITON_INTERPRET=1 process of tests/ops/test_interpreter.py"
 
 
 @pytest.fixture(
@@ -18,16 +22,14 @@ from fastdiff.ops.dispatch import triton_available
         pytest.param("cuda", marks=pytest.mark.gpu, id="gpu"),
     ]
 )
-def device(request, monkeypatch):
-    """The device a Triton kernel runs on: CPU under TRITON_INTERPRET=1, or CUDA compiled."""
+def device(request):
+    """The device a Triton kernel runs on: CPU under the interpreter, or CUDA compiled."""
     if not triton_available():
         pytest.skip("triton is not installed")
-    monkeypatch.delenv("FASTDIFF_BACKEND", raising=False)
-    if request.param == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    else:
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    return torch.device(request.param)
+    if (request.param == "cpu") != triton_interpreting():
+        pytest.skip(INTERPRETER_PROCESS if request.param == "cpu" else "compiled kernels: not in the interpreter")
+    with use_backend(None):
+        yield torch.device(request.param)
 
 
 def _assert_lowp_close(out, out_lowp_torch, truth, name="", atol=1e-3):

@@ -10,32 +10,34 @@ import pytest
 import torch
 
 from fastdiff.ops import _triton
-from fastdiff.ops.dispatch import triton_available
+from fastdiff.ops.dispatch import triton_available, triton_interpreting
 
-pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+pytestmark = [pytest.mark.skipif(not triton_available(), reason="triton is not installed"),
+              pytest.mark.skipif(triton_interpreting(), reason="the kernels are interpreted in this process")]
 
 _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
           torch.int32: "i32"}
 
 
 def _record_launches(monkeypatch, launch):
-    """Run `launch()` with every Kernel replaced by a recorder; returns [(Kernel, args, kwargs)]."""
+    """Run `launch()` on CPU tensors with every kernel launch recorded instead; returns [(kernel, args, kwargs)]."""
+    import triton
+
     calls = []
 
     def getitem(self, grid):
         return lambda *args, **kwargs: calls.append((self, args, kwargs))
 
-    monkeypatch.setattr(_triton.Kernel, "__getitem__", getitem)
-    monkeypatch.setattr(_triton, "interpreting", lambda: True)
+    monkeypatch.setattr(triton.JITFunction, "__getitem__", getitem)
+    monkeypatch.setattr(_triton, "INTERPRET", True)  # let the launchers take CPU tensors
     launch()
     return calls
 
 
 def _signature(kernel, args, kwargs):
     """(signature, constexprs, attrs) the way the runtime would specialise this launch."""
-    import triton
-
-    names = triton.JITFunction(kernel.fn).arg_names
+    names = kernel.arg_names
+    unspecialized = {p.name for p in kernel.params if p.do_not_specialize}
     constexprs = {k: v for k, v in kwargs.items() if k in names}
     signature, attrs = {}, {}
     for name, value in zip(names, args):
@@ -45,11 +47,11 @@ def _signature(kernel, args, kwargs):
         elif isinstance(value, bool):
             signature[name] = "i1"
         elif isinstance(value, int):
-            if value == 1 and name not in kernel.jit_kwargs.get("do_not_specialize", ()):
+            if value == 1 and name not in unspecialized:
                 constexprs[name] = 1
                 continue
             signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-            if value % 16 == 0 and name not in kernel.jit_kwargs.get("do_not_specialize", ()):
+            if value % 16 == 0 and name not in unspecialized:
                 attrs[(names.index(name),)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "fp32"
@@ -71,8 +73,7 @@ def _compile_all(calls):
         if key in seen:
             continue
         seen.add(key)
-        fn = triton.JITFunction(kernel.fn, **kernel.jit_kwargs)
-        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                                   options={"num_warps": kwargs.get("num_warps", 4)})
         assert compiled.asm["cubin"], f"{kernel.fn.__name__}: no cubin"
         ptxs.append(compiled.asm["ptx"])

@@ -1,4 +1,4 @@
-"""The native extension through the rest of fastdiff: FASTDIFF_BACKEND=native and the per-op CPU preference
+"""The native extension through the rest of fastdiff: use_backend("native") and the per-op CPU preference
 through fastdiff.ops (the UNet, the samplers), the fastdiff-native provider of `fastdiff bench` and its profile
 rows, loading and dispatch errors. Tests that need the extension skip (with the reason) when it is not built."""
 
@@ -10,16 +10,17 @@ from fastdiff import reference
 from fastdiff.bench.e2e import Job, SampleCase, sample_rows
 from fastdiff.bench.native import cpu_rows, profile_shares, run_native_benchmarks
 from fastdiff.bench.ops import sampler_step_case
-from fastdiff.bench.providers import ops_backend
 from fastdiff.bench.report import add_ratios, table
 from fastdiff.bench.suite import Budget, plan, run_job
 from fastdiff.diffusion import NoiseSchedule, initial_noise, sample_ddim, seeds_for
 from fastdiff.errors import ConfigError
 from fastdiff.models.unet import UNet, UNetConfig
 from fastdiff.nn import GroupNormSiLU
-from fastdiff.ops import dispatch, native
+from fastdiff.ops import dispatch, native, use_backend
 
 requires_native = pytest.mark.skipif(not native.available(), reason=f"{native.load_error()} (build it: make ext)")
+# The automatic choice sends CPU tensors to Triton in a process that interprets it.
+compiled_triton = pytest.mark.skipif(dispatch.triton_interpreting(), reason="CPU tensors go to Triton here")
 
 
 def _coefs(n, seed=0):
@@ -46,8 +47,8 @@ def _tiny_unet():
 
 
 @requires_native
-def test_ddim_run_under_fastdiff_backend_native_matches_the_reference(monkeypatch):
-    # FASTDIFF_BACKEND=native reaches the kernels through fastdiff.ops, i.e. through the UNet and the sampler.
+def test_ddim_run_under_backend_native_matches_the_reference(monkeypatch):
+    # use_backend("native") reaches the kernels through fastdiff.ops, i.e. through the UNet and the sampler.
     model, schedule = _tiny_unet(), NoiseSchedule("linear", 1000)
     seeds = seeds_for(0, 2)
     x = initial_noise(seeds, (1, 8, 8))
@@ -55,7 +56,7 @@ def test_ddim_run_under_fastdiff_backend_native_matches_the_reference(monkeypatc
     calls = _spy(monkeypatch)
     runs = {}
     for backend in ("torch", "native"):
-        with ops_backend(backend), torch.no_grad():
+        with use_backend(backend), torch.no_grad():
             runs[backend] = sample_ddim(model, x, schedule, steps=3, eta=1.0, seeds=seeds, labels=labels,
                                         guidance=2.0, null_label=10, clip=1.0)
     # Under native: one sampler step per step, every GroupNormSiLU once per (guided, batched) forward.
@@ -65,18 +66,18 @@ def test_ddim_run_under_fastdiff_backend_native_matches_the_reference(monkeypatc
 
 
 @requires_native
+@compiled_triton
 def test_cpu_preference_is_per_op(monkeypatch):
-    # Automatic use on CPU tensors only for the ops listed as measured faster.
-    monkeypatch.delenv("FASTDIFF_BACKEND", raising=False)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(dispatch, "NATIVE_FASTER_ON_CPU", frozenset({"sampler_step"}))
+    # Automatic use on CPU tensors only for the ops that declare it (native_on_cpu: measured faster).
+    monkeypatch.setattr(dispatch.REGISTRY["group_norm_silu"], "native_on_cpu", False)
     calls = _spy(monkeypatch)
     x = torch.randn(2, 4, 3, 3)
-    fops.group_norm_silu(x, 2)
-    fops.sampler_step(x, x, *_coefs(2), torch.arange(2), 1)
-    assert calls == {"sampler_step": 1, "group_norm_silu": 0}
-    monkeypatch.setattr(dispatch, "NATIVE_FASTER_ON_CPU", frozenset({"group_norm_silu", "sampler_step"}))
-    fops.group_norm_silu(x, 2)
+    with use_backend(None):
+        fops.group_norm_silu(x, 2)
+        fops.sampler_step(x, x, *_coefs(2), torch.arange(2), 1)
+        assert calls == {"sampler_step": 1, "group_norm_silu": 0}
+        monkeypatch.setattr(dispatch.REGISTRY["group_norm_silu"], "native_on_cpu", True)
+        fops.group_norm_silu(x, 2)
     assert calls == {"sampler_step": 1, "group_norm_silu": 1}
 
 
@@ -124,21 +125,24 @@ def test_extension_built_for_another_torch_is_refused(monkeypatch, tmp_path):
 
 
 def test_forced_native_without_extension_names_the_build(monkeypatch):
-    monkeypatch.setenv("FASTDIFF_BACKEND", "native")
     monkeypatch.setattr(dispatch, "native_available", lambda: False)
-    with pytest.raises(ConfigError, match="FASTDIFF_BUILD_EXT=1 pip install --no-build-isolation -e ."):
-        dispatch.backend_for(torch.zeros(1), ("torch", "native"))
+    build = "FASTDIFF_BUILD_EXT=1 pip install --no-build-isolation -e ."
+    with use_backend("native"), pytest.raises(ConfigError, match=build):
+        dispatch.backend_for(torch.zeros(1), dispatch.REGISTRY["group_norm_silu"])
 
 
 @requires_native
-def test_dispatch_picks_native(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setenv("FASTDIFF_BACKEND", "native")
-    assert dispatch.backend_for(torch.zeros(1), ("torch", "native"), op="group_norm_silu") == "native"
-    monkeypatch.delenv("FASTDIFF_BACKEND")
-    for op in ("sampler_step", "group_norm_silu", "timestep_embedding"):
-        expected = "native" if op in dispatch.NATIVE_FASTER_ON_CPU else "torch"
-        assert dispatch.backend_for(torch.zeros(1), ("torch", "native"), op=op) == expected
+@compiled_triton
+def test_dispatch_picks_native():
+    ops = dispatch.REGISTRY
+    with use_backend("native"):
+        assert dispatch.backend_for(torch.zeros(1), ops["group_norm_silu"]) == "native"
+        assert dispatch.backend_for(torch.zeros(1), ops["timestep_embedding"]) == "torch"  # it has no native kernel
+    with use_backend(None):
+        for op in ("sampler_step", "group_norm_silu", "timestep_embedding"):
+            expected = "native" if ops[op].native_on_cpu else "torch"
+            assert dispatch.backend_for(torch.zeros(1), ops[op]) == expected
+    assert {name for name, spec in ops.items() if spec.native_on_cpu} == {"sampler_step", "group_norm_silu"}
 
 
 def test_profile_shares_split_the_time_by_op_group():

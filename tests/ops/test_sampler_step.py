@@ -8,7 +8,7 @@ from fastdiff import reference
 from fastdiff.diffusion.samplers import initial_noise, sample_ddim, seeds_for
 from fastdiff.diffusion.schedules import NoiseSchedule
 from fastdiff.models.unet import UNet, UNetConfig
-from fastdiff.ops import sampler_step
+from fastdiff.ops import sampler_step, use_backend
 
 TINY_SHAPES = [(1, 1, 1, 1), (3, 2, 5, 7), (2, 3, 8, 8)]  # minimal, odd (numel % 4 != 0), power of two
 GPU_SHAPES = [(64, 3, 32, 32), (16, 4, 63, 65), (256, 3, 64, 64)]
@@ -128,7 +128,7 @@ def test_compiles_without_graph_breaks_or_recompiles(device):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
-def test_ddim_eta0_same_images_on_triton_and_torch(device, monkeypatch):
+def test_ddim_eta0_same_images_on_triton_and_torch(device):
     size, n, steps = (8, 2, 3) if device.type == "cpu" else (32, 64, 25)
     cfg = UNetConfig(image_size=size, in_channels=1, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
                      attn_resolutions=(), num_groups=4, dropout=0.0)
@@ -139,8 +139,8 @@ def test_ddim_eta0_same_images_on_triton_and_torch(device, monkeypatch):
     x_T = initial_noise(seeds, (1, size, size), device=device)
     with torch.no_grad():
         triton_images = sample_ddim(model, x_T, schedule, steps=steps, eta=0.0, seeds=seeds, clip=1.0)
-        monkeypatch.setenv("FASTDIFF_BACKEND", "torch")
-        torch_images = sample_ddim(model, x_T, schedule, steps=steps, eta=0.0, seeds=seeds, clip=1.0)
+        with use_backend("torch"):
+            torch_images = sample_ddim(model, x_T, schedule, steps=steps, eta=0.0, seeds=seeds, clip=1.0)
     torch.testing.assert_close(triton_images, torch_images, rtol=1e-4, atol=1e-4)
     to_uint8 = lambda im: ((im.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # noqa: E731
     assert (to_uint8(triton_images).int() - to_uint8(torch_images).int()).abs().max() <= 1

@@ -1,4 +1,5 @@
-"""How the Triton kernels follow TRITON_INTERPRET, and what happens where they cannot run."""
+"""Triton's two modes (compiled, interpreted: fixed per process by TRITON_INTERPRET at import), and what happens
+where the kernels cannot run."""
 
 import os
 import subprocess
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from fastdiff.ops import _triton
-from fastdiff.ops.dispatch import triton_available
+from fastdiff.ops.dispatch import triton_available, triton_interpreting
 from fastdiff.ops.timestep_embedding import _timestep_embedding_kernel, timestep_embedding_fwd
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -19,10 +20,14 @@ def test_package_works_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch; from fastdiff import ops, reference\n"
+        "from fastdiff.ops.timestep_embedding import timestep_embedding_fwd\n"
         "x = torch.randn(2, 4, 3, 3)\n"
         # the reference, or the native kernel where fastdiff._C is built (equal to float32 rounding)
         "torch.testing.assert_close(ops.group_norm_silu(x, 2), reference.group_norm_silu(x, 2))\n"
         "assert ops.timestep_embedding(torch.tensor([1.0]), 8).shape == (1, 8)\n"
+        "try:\n    timestep_embedding_fwd(torch.tensor([1.0]), 4, 1e4)\n"
+        "except RuntimeError as e:\n    assert 'needs triton' in str(e), e\n"
+        "else:\n    raise AssertionError('launched without triton')\n"
         "print('ok')\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTDIFF_BACKEND")}
@@ -31,29 +36,27 @@ def test_package_works_without_triton():
 
 
 @needs_triton
-def test_kernel_is_decorated_once_per_mode(monkeypatch):
+def test_kernels_are_plain_jit_functions_of_the_process_mode():
     import triton
+    from triton.runtime.interpreter import InterpretedFunction
 
-    t = torch.tensor([1.0, 2.0])
-    with monkeypatch.context() as m:
-        m.setenv("TRITON_INTERPRET", "1")
-        timestep_embedding_fwd(t, 4, 10000.0)
-    interpreted = _timestep_embedding_kernel._decorated[True]
-    assert not isinstance(interpreted, triton.JITFunction)  # the interpreter's function, not a compiled one
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert not _triton.interpreting()
-    _timestep_embedding_kernel[(1,)]  # decorates for the compiler (launching would need a GPU)
-    assert isinstance(_timestep_embedding_kernel._decorated[False], triton.JITFunction)
-    assert _timestep_embedding_kernel._decorated[True] is interpreted
+    kind = InterpretedFunction if triton_interpreting() else triton.JITFunction
+    assert isinstance(_timestep_embedding_kernel, kind) and isinstance(_triton.philox_normal4, kind)
+    assert triton_interpreting() == (os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @needs_triton
-def test_cpu_tensor_without_interpreter_is_a_clear_error(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+@pytest.mark.skipif(triton_interpreting(), reason="the interpreter runs CPU tensors")
+def test_cpu_tensor_without_interpreter_is_a_clear_error():
     with pytest.raises(RuntimeError, match="need CUDA tensors or TRITON_INTERPRET=1"):
         timestep_embedding_fwd(torch.tensor([1.0]), 4, 10000.0)
 
 
-def test_block_helpers():
-    assert [_triton.next_power_of_2(n) for n in (0, 1, 2, 3, 17, 64)] == [1, 1, 2, 4, 32, 64]
-    assert [_triton.cdiv(a, 4) for a in (0, 1, 4, 5)] == [0, 1, 1, 2]
+@needs_triton
+@pytest.mark.skipif(triton_interpreting(), reason="the interpreter runs CPU tensors")
+def test_forced_triton_on_cpu_without_interpreter_is_a_clear_error():
+    from fastdiff import ops
+    from fastdiff.errors import ConfigError
+
+    with ops.use_backend("triton"), pytest.raises(ConfigError, match="needs TRITON_INTERPRET=1 set before"):
+        ops.timestep_embedding(torch.tensor([1.0]), 4)
