@@ -4,19 +4,19 @@
     python benchmarks/bench_native_cpu.py --threads 1 --clock thread   # kernel efficiency on a busy machine
     python benchmarks/bench_native_cpu.py --layouts nchw channels_last --etas 1   # channels_last models too
 
-Needs the extension (`make ext`). Prints a table, then a JSON document as the last line. See
-fastdiff/bench/native.py for what each row measures.
+Needs the extension (`make ext`). Prints a table, then a JSON document (environment: CPU model, load, commit) as
+the last line; --out also writes bench.json and bench.md there. See fastdiff/bench/native.py for what each row
+measures.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 
 import torch
 
-from fastdiff.bench.native import PRESETS, format_table, run_native_benchmarks
+from fastdiff.bench.native import PRESETS, run_native_benchmarks
+from fastdiff.bench.report import emit, new_doc
 
 
 def main() -> None:
@@ -33,16 +33,16 @@ def main() -> None:
                         help="memory formats of the e2e and UNet-forward rows (nchw is the baseline)")
     parser.add_argument("--no-op-rows", action="store_true", help="e2e rows only")
     parser.add_argument("--quick", action="store_true", help="digits only, batch 4, one step, one round (seconds)")
+    parser.add_argument("--out", help="also write bench.json and bench.md into this folder")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = run_native_benchmarks("cpu", args.quick, presets=args.presets, batch=args.batch, steps=args.steps,
-                                 rounds=args.rounds, clock=args.clock, etas=tuple(args.etas),
-                                 layouts=tuple(args.layouts), op_rows=not args.no_op_rows)
-    print(format_table(rows))
-    meta = {"torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "clock": args.clock}
-    print(json.dumps({"meta": meta, "rows": rows}))
+    doc = new_doc("cpu", title="fastdiff native extension vs torch-eager (CPU)", threads=torch.get_num_threads(),
+                  clock=args.clock)
+    doc["rows"] = run_native_benchmarks("cpu", args.quick, presets=args.presets, batch=args.batch, steps=args.steps,
+                                        rounds=args.rounds, clock=args.clock, etas=tuple(args.etas),
+                                        layouts=tuple(args.layouts), op_rows=not args.no_op_rows)
+    emit(doc, args.out)
 
 
 if __name__ == "__main__":

@@ -404,16 +404,16 @@ def cmd_bench(args) -> int:
     from fastdiff.runtime import resolve_device
 
     doc = run_bench(device=resolve_device(args.device), out=Path(args.out), quick=args.quick, sections=args.sections,
-                    presets=args.presets, providers=args.providers, budget_s=args.budget_s, reps=args.reps)
+                    presets=args.presets, providers=args.providers, budget_s=args.budget_s, rounds=args.rounds)
     errors = [r for r in doc["rows"] if str(r.get("status", "")).startswith("error")]
     for r in errors:
-        print(f"fastdiff bench: {r['section']} {r['preset']} {r['provider']}: {r['status']}", file=sys.stderr)
+        print(f"fastdiff bench: {r.get('case') or r.get('op')} {r.get('provider', '')}: {r['status']}", file=sys.stderr)
     return 1 if errors else 0
 
 
 def _add_bench(sub):
-    from fastdiff.bench.e2e import PROVIDERS
-    from fastdiff.bench.suite import DEFAULT_PRESETS, SECTIONS
+    from fastdiff.bench.providers import PROVIDERS
+    from fastdiff.bench.suite import GPU_PRESETS, PRESETS, SECTIONS
 
     p = sub.add_parser("bench", help="op, sampling and training benchmarks against the plain PyTorch reference",
                        description="Benchmark the op kernels and end-to-end sampling and training per provider; "
@@ -422,10 +422,11 @@ def _add_bench(sub):
     p.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.md (default: runs/bench)")
     p.add_argument("--device", default="auto")
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
-    p.add_argument("--presets", nargs="+", help=f"default: {' '.join(DEFAULT_PRESETS)} (mnist with --quick on a CPU)")
+    p.add_argument("--presets", nargs="+", help=f"keep the rows of these presets (default: all; the CPU runs "
+                   f"{' '.join(PRESETS)}, a GPU {' '.join(GPU_PRESETS)})")
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, help="default: all (diffusers when installed)")
-    p.add_argument("--budget-s", type=POSITIVE, help="time budget; later jobs are skipped (default 35 quick, 420 full)")
-    p.add_argument("--reps", type=COUNT, help="timed calls per row (default 2 quick, 5 full)")
+    p.add_argument("--budget-s", type=POSITIVE, help="time budget; later jobs are skipped (default 40 quick, 420 full)")
+    p.add_argument("--rounds", type=COUNT, help="interleaved timing rounds per row (default 2 quick, 5 full)")
 
 
 def _add_export(sub):

@@ -1,6 +1,10 @@
-"""`fastdiff bench` pieces: telemetry, timing of long calls, ratios and reports, and a tiny end-to-end run."""
+"""`fastdiff bench` pieces: telemetry, the timer, ratios and reports, the diffusers provider's settings, and a tiny
+end-to-end run."""
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -8,13 +12,19 @@ import pytest
 import torch
 
 from fastdiff.bench import diffusers_ref
-from fastdiff.bench.e2e import Job, SampleCase, provider_options, sample_rows, train_row
-from fastdiff.bench.report import add_ratios, git_commit, render_markdown, write_reports
-from fastdiff.bench.suite import Budget, plan
+from fastdiff.bench.e2e import Job, SampleCase, sample_rows, train_rows
+from fastdiff.bench.providers import provider_options
+from fastdiff.bench.report import add_ratios, environment, git_commit, render_markdown, write_reports
+from fastdiff.bench.suite import Budget, OpsJob, plan
 from fastdiff.bench.telemetry import TelemetrySampler
-from fastdiff.bench.timing import time_calls
+from fastdiff.bench.timing import measure
 from fastdiff.cli import main
-from fastdiff.config import PRESETS
+from fastdiff.config import PRESETS, UNetConfig, preset_config
+from fastdiff.diffusion import NoiseSchedule, initial_noise, run_table, seeds_for
+from fastdiff.models import UNet
+from fastdiff.sampling import sampler_table
+
+requires_diffusers = pytest.mark.skipif(not diffusers_ref.available(), reason="diffusers is not installed")
 
 
 def test_telemetry_samples_in_the_background_and_summarises():
@@ -37,7 +47,14 @@ def test_telemetry_is_absent_on_cpu():
     assert tel.summary() is None
 
 
-def test_time_calls_counts_only_the_timed_region():
+def test_timer_tags_telemetry_per_provider():
+    tel = TelemetrySampler("cuda", interval_s=0.002, reader=lambda: {"power_w": 1.0})
+    measure({"a": lambda: time.sleep(0.01), "b": lambda: time.sleep(0.01)}, "cpu", rounds=3, telemetry=tel)
+    a, b = tel.summary("a"), tel.summary("b")
+    assert a["samples"] >= 3 and b["samples"] >= 3 and tel.summary()["samples"] >= a["samples"] + b["samples"]
+
+
+def test_timer_excludes_the_warm_up_and_interleaves():
     calls, entered = [], []
 
     class Region:
@@ -47,8 +64,16 @@ def test_time_calls_counts_only_the_timed_region():
         def __exit__(self, *exc):
             entered.append(len(calls))
 
-    t = time_calls(lambda: (calls.append(1), time.sleep(0.003)), "cpu", warmup=2, reps=4, region=Region)
-    assert len(calls) == 6 and entered == [2, 6] and t.reps == 4 and t.median_ms >= 2.5
+    t = measure({"a": lambda: (calls.append("a"), time.sleep(0.003)), "b": lambda: calls.append("b")}, "cpu",
+                warmup=2, rounds=4, telemetry=Region())
+    assert entered == [4, 12] and calls[4:] == ["a", "b"] * 4  # warm-ups first, then a b a b ...
+    assert t["a"].rounds == 4 and t["a"].reps == 1 and t["a"].median_ms >= 2.5 and t["b"].median_ms < 2.5
+    assert t["a"].warmup_s >= 0.005 and t["a"].peak_mem_mb is None
+
+
+def test_timer_reports_a_failing_provider_and_times_the_others():
+    t = measure({"ok": lambda: None, "broken": lambda: 1 / 0}, "cpu", rounds=2)
+    assert t["broken"].startswith("error: ZeroDivisionError") and t["ok"].rounds == 2
 
 
 def test_provider_options():
@@ -60,33 +85,36 @@ def test_provider_options():
     assert gpu.compile and gpu.cuda_graphs and gpu.channels_last and gpu.amp == "bf16"
 
 
-def test_ratios_are_taken_within_the_run():
-    rows = [
-        {"section": "train", "preset": "p", "batch": 8, "provider": "torch-eager", "dtype": "fp32", "images_per_s": 10},
-        {"section": "train", "preset": "p", "batch": 8, "provider": "torch-compile", "dtype": "bf16",
-         "images_per_s": 20},
-        {"section": "train", "preset": "p", "batch": 8, "provider": "fastdiff", "dtype": "bf16", "images_per_s": 50},
-        {"section": "train", "preset": "p", "batch": 16, "provider": "fastdiff", "dtype": "bf16", "images_per_s": 90},
-        {"section": "train", "preset": "p", "batch": 8, "provider": "fastdiff", "dtype": "fp32", "status": "skipped"},
-    ]
+def test_ratios_are_taken_within_the_case():
+    def row(provider, dtype, ms, case="train p b8"):
+        return {"case": case, "provider": provider, "dtype": dtype, "median_ms": ms}
+
+    rows = [row("torch-eager", "fp32", 100.0), row("torch-compile", "bf16", 50.0), row("fastdiff", "bf16", 20.0),
+            row("fastdiff", "bf16", 10.0, case="train p b16"), {**row("fastdiff", "fp32", None), "status": "skipped"},
+            row("diffusers", "bf16", 40.0), row("fastdiff", "fp32", 25.0)]
     add_ratios(rows)
     assert rows[0]["vs_torch_eager"] == 1.0 and rows[2]["vs_torch_eager"] == 5.0
     assert rows[2]["vs_torch_compile"] == 2.5 and rows[1]["vs_torch_compile"] == 1.0
+    assert rows[2]["vs_diffusers"] == 2.0 and "vs_diffusers" not in rows[6]  # same dtype only
+    assert "vs_torch_compile" not in rows[6] and rows[6]["vs_torch_eager"] == 4.0
     assert "vs_torch_eager" not in rows[3] and "vs_torch_eager" not in rows[4]
 
 
 def test_reports_name_the_environment(tmp_path):
-    doc = {"quick": True, "environment": {"torch": "2.x", "commit": "abc123", "dirty": False, "gpu": "H100"},
+    env = {**environment("cpu"), "commit": "abc123", "dirty": False, "gpu": "H100", "driver": "570.1"}
+    assert env["cpu_model"] and env["cpu_count"] >= 1 and len(env["load_avg"]) == 3
+    doc = {"quick": True, "environment": env,
            "rows": [{"section": "sample", "preset": "mnist", "batch": 4, "sampler": "ddim-4", "timed_steps": 4,
                      "provider": "fastdiff", "dtype": "bf16", "median_ms": 1.5, "p20_ms": 1.4, "p80_ms": 1.7,
-                     "images_per_s": 2666.7, "telemetry": {"power_w_mean": 300.0}, "status": "ok"}],
-           "ops": {"status": "ok", "rows": [{"op": "sampler_step", "gbs": 1234.5}]}}
+                     "images_per_s": 2666.7, "telemetry": {"power_w_mean": 300.0}, "status": "ok"},
+                    {"section": "op", "op": "sampler_step", "provider": "fastdiff", "gb_per_s": 1234.5}]}
     json_path, md_path = write_reports(doc, tmp_path)
     assert json.loads(json_path.read_text())["rows"][0]["images_per_s"] == 2666.7
     md = md_path.read_text()
-    assert "abc123" in md and "H100" in md and "| mnist | 4 | ddim-4 | 4 | fastdiff | bf16 |" in md
+    assert "abc123" in md and "H100" in md and "570.1" in md and env["cpu_model"] in md and "load " in md
+    assert "| mnist | 4 | ddim-4 | 4 | fastdiff | bf16 |" in md
     assert "| 300 |" in md and "sampler_step" in md and "1234.5" in md
-    assert render_markdown({**doc, "rows": []}).count("##") == 1
+    assert render_markdown({**doc, "rows": []}).count("##") == 0
 
 
 def test_git_commit_of_this_checkout():
@@ -97,22 +125,25 @@ def test_git_commit_of_this_checkout():
         assert info == {"commit": None, "dirty": None}
 
 
-def test_plan_puts_the_targets_first():
+def test_plan_puts_the_headline_rows_first():
     jobs = plan(torch.device("cuda"), quick=False)
-    first = [(j.section, j.preset, j.batch, j.provider, j.dtype) for j in jobs[:3]]
-    assert first == [("sample", "mnist", 64, "torch-eager", "fp32"), ("sample", "mnist", 64, "torch-compile", "bf16"),
-                     ("sample", "mnist", 64, "fastdiff", "bf16")]
-    assert ("train", "cifar10-ddpm", 128, "fastdiff", "bf16") in [(j.section, j.preset, j.batch, j.provider, j.dtype)
-                                                                   for j in jobs[3:6]]
-    assert jobs[0].cases[0].steps == 1000 and jobs[0].cases[0].timed_steps < 1000
-    assert all(j.provider != "diffusers" for j in plan(torch.device("cpu"), True, providers=["fastdiff"]))
+    trio = (("torch-eager", "fp32"), ("torch-compile", "bf16"), ("fastdiff", "bf16"))
+    assert (jobs[0].section, jobs[0].preset, jobs[0].batch, jobs[0].providers) == ("sample", "mnist", 64, trio)
+    assert (jobs[1].section, jobs[1].preset, jobs[1].batch, jobs[1].providers) == ("train", "cifar10-ddpm", 128, trio)
+    assert (jobs[2].preset, jobs[2].batch) == ("cifar10-ddpm", 1024)
+    assert jobs[2].cases[0].steps == 1000 and jobs[2].cases[0].timed_steps < 1000
+    assert jobs[3] == OpsJob("headline") and "diffusers" in dict(jobs[4].providers)
+    cpu = plan(torch.device("cpu"), True)
+    assert {j.preset for j in cpu if isinstance(j, Job)} == {"digits", "mnist"}
+    assert [c.label for c in cpu[1].cases] == ["ddim-20", "ddpm-1000"] and "diffusers" in dict(cpu[2].providers)
+    assert all("diffusers" not in dict(j.providers) for j in plan(torch.device("cpu"), True, providers=["fastdiff"])
+               if isinstance(j, Job))
 
 
 def test_budget_skips_what_does_not_fit():
-    budget = Budget(0.0)
-    job = Job("sample", "mnist", "torch-eager", "fp32", 2, [SampleCase("ddim", 4, 1)])
-    rows = list(sample_rows(job, torch.device("cpu"), reps=1, budget=budget))
-    assert rows == [{"sampler": "ddim-4", "timed_steps": 1, "status": "skipped: time budget"}]
+    job = Job("sample", "digits", 2, (("torch-eager", "fp32"),), (SampleCase("ddim", 4, 1),))
+    rows = list(sample_rows(job, torch.device("cpu"), rounds=1, budget=Budget(0.0)))
+    assert [(r["sampler"], r["timed_steps"], r["status"]) for r in rows] == [("ddim-4", 1, "skipped: time budget")]
 
 
 @pytest.fixture
@@ -127,39 +158,128 @@ def tiny_preset(monkeypatch):
 
 def test_sampling_and_training_rows(tiny_preset):
     cpu = torch.device("cpu")
-    job = Job("sample", tiny_preset, "torch-eager", "fp32", 3, [SampleCase("ddpm", 1000, 2), SampleCase("ddim", 4, 1)])
-    rows = list(sample_rows(job, cpu, reps=1, warmup=0))
-    assert [r["sampler"] for r in rows] == ["ddpm-1000", "ddim-4"] and all(r["status"] == "ok" for r in rows)
+    job = Job("sample", tiny_preset, 3, (("torch-eager", "fp32"), ("fastdiff", "fp32")),
+              (SampleCase("ddpm", 1000, 2), SampleCase("ddim", 4, 1)))
+    rows = list(sample_rows(job, cpu, rounds=1, warmup=0))
+    assert [(r["sampler"], r["provider"]) for r in rows] == [("ddpm-1000", "torch-eager"), ("ddpm-1000", "fastdiff"),
+                                                             ("ddim-4", "torch-eager"), ("ddim-4", "fastdiff")]
+    assert all(r["status"] == "ok" for r in rows) and rows[0]["extrapolated"] and rows[0]["case"] == rows[1]["case"]
     # images/s is extrapolated from the timed steps to the whole run.
     assert rows[0]["images_per_s"] == pytest.approx(3 / (rows[0]["median_ms"] / 1e3 * 500))
     assert rows[0]["peak_mem_mb"] is None and "telemetry" not in rows[0]
-    row = train_row(Job("train", tiny_preset, "fastdiff", "fp32", 4), cpu, reps=1, warmup=0)
+    (row,) = train_rows(Job("train", tiny_preset, 4, (("fastdiff", "fp32"),)), cpu, rounds=1, warmup=0)
     assert row["status"] == "ok" and row["images_per_s"] > 0 and row["step"] == "TrainStep"
 
 
-@pytest.mark.skipif(not diffusers_ref.available(), reason="diffusers is not installed")
-def test_diffusers_provider_matches_the_architecture(tiny_preset):
-    from fastdiff.config import preset_config
-    from fastdiff.models import UNet
+def _tiny_unet():
+    cfg = UNetConfig(image_size=8, in_channels=1, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                     attn_resolutions=(4,), dropout=0.0, num_groups=4, num_classes=10)
+    torch.manual_seed(0)
+    return UNet(cfg).eval().requires_grad_(False)
 
+
+@requires_diffusers
+def test_diffusers_ddim_loop_is_fastdiffs_clipped_ddim():
+    # The same denoiser through both loops: diffusers' DDIMScheduler with use_clipped_model_output=True and
+    # clip_sample=True takes exactly fastdiff's clipped DDIM steps (guided, trailing timesteps, eta 0).
+    model, schedule = _tiny_unet(), NoiseSchedule("linear", 1000)
+    seeds = seeds_for(0, 3)
+    x, labels = initial_noise(seeds, (1, 8, 8)) * 1.5, torch.tensor([1, 4, 9])  # * 1.5: clipping is exercised
+    table = sampler_table(schedule, "ddim", 10)
+    with torch.no_grad():
+        ours = run_table(model, x, table, seeds=seeds, labels=labels, guidance=2.0, null_label=10, clip=1.0)
+    sched = diffusers_ref.scheduler("ddim", _diffusion_cfg(), clip=1.0)
+    theirs = diffusers_ref.sample(model, sched, x, steps=10, labels=labels, guidance=2.0, null_label=10)
+    torch.testing.assert_close(theirs, ours, atol=2e-5, rtol=1e-4)
+    unclipped = diffusers_ref.scheduler("ddim", _diffusion_cfg(), clip=None)
+    assert not torch.allclose(diffusers_ref.sample(model, unclipped, x, steps=10, labels=labels, guidance=2.0,
+                                                   null_label=10), ours, atol=1e-3)
+
+
+@requires_diffusers
+def test_diffusers_ddpm_step_is_fastdiffs_ddpm_step():
+    # Fixed-small DDPM: diffusers' posterior mean and standard deviation equal fastdiff's (A, B, sigma) per step.
+    schedule = NoiseSchedule("linear", 1000)
+    table = sampler_table(schedule, "ddpm", 1000)
+    sched = diffusers_ref.scheduler("ddpm", _diffusion_cfg(), clip=1.0)
+    sched.set_timesteps(1000)
+    g = torch.Generator().manual_seed(0)
+    x, out = torch.randn(2, 1, 4, 4, generator=g) * 1.5, torch.randn(2, 1, 4, 4, generator=g)
+    for i in (0, 1, 500, 998, 999):
+        t = sched.timesteps[i]
+        assert int(t) == int(table.timesteps[i])
+        p, q, A, B, sigma = table.coefs[i].tolist()
+        mean = A * (p * x + q * out).clamp(-1, 1) + B * x
+        step = sched.step(out, t, x, generator=torch.Generator().manual_seed(1)).prev_sample
+        std = float(sched._get_variance(t)) ** 0.5 if t > 0 else 0.0
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(step - std * noise, mean, atol=1e-5, rtol=1e-4)
+        assert sigma == pytest.approx(std, rel=1e-4, abs=1e-7)
+
+
+def _diffusion_cfg():
+    return preset_config("digits").diffusion
+
+
+@requires_diffusers
+def test_diffusers_provider_matches_the_architecture(tiny_preset):
     for name in ("mnist", "cifar10-ddpm"):
         cfg = preset_config(name).model
         ours = sum(p.numel() for p in UNet(cfg).parameters())
         theirs = sum(p.numel() for p in diffusers_ref.unet(cfg).parameters())
         assert ours == theirs, name
-    job = Job("sample", tiny_preset, "diffusers", "fp32", 2, [SampleCase("ddim", 4, 4)])
-    assert next(sample_rows(job, torch.device("cpu"), reps=1))["status"] == "ok"
+    job = Job("sample", tiny_preset, 2, (("diffusers", "fp32"),), (SampleCase("ddim", 4, 4),))
+    (row,) = sample_rows(job, torch.device("cpu"), rounds=1)
+    assert row["status"] == "ok" and row["weights"] == diffusers_ref.WEIGHTS
+    (row,) = train_rows(Job("train", tiny_preset, 2, (("diffusers", "fp32"),)), torch.device("cpu"), rounds=1)
+    assert row["status"] == "ok" and row["options"] == "fp32+UNet2DModel"
 
 
-def test_bench_command_end_to_end(tiny_preset, tmp_path, capsys):
-    code = main(["bench", "--quick", "--presets", tiny_preset, "--out", str(tmp_path), "--device", "cpu",
+def test_bench_command_end_to_end(tiny_preset, tmp_path, capsys, monkeypatch):
+    import fastdiff.bench.suite as suite
+
+    monkeypatch.setattr(suite, "PRESETS", (tiny_preset,))
+    code = main(["bench", "--quick", "--out", str(tmp_path), "--device", "cpu", "--sections", "sample", "train",
                  "--providers", "torch-eager", "torch-compile", "fastdiff"])
     out = capsys.readouterr().out
     assert code == 0, out
     doc = json.loads((tmp_path / "bench.json").read_text())
     statuses = {(r["section"], r["provider"], r.get("sampler")): r["status"] for r in doc["rows"]}
     assert statuses[("train", "fastdiff", None)] == "ok" and statuses[("sample", "torch-eager", "ddpm-1000")] == "ok"
-    assert statuses[("sample", "torch-compile", "ddim-4")].startswith("skipped: --quick on the CPU")
-    assert doc["ops"]["status"].startswith(("ok", "op benchmarks unavailable"))
+    assert statuses[("sample", "torch-compile", "ddim-20")].startswith("skipped: --quick on the CPU")
     assert doc["environment"]["torch"] == torch.__version__ and "total_s" in doc
     assert "| bench-tiny |" in (tmp_path / "bench.md").read_text() and "wrote" in out
+
+
+SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
+
+
+def _dry_suite(tmp_path, total_s: int) -> tuple[float, subprocess.CompletedProcess]:
+    env = {**os.environ, "FASTDIFF_SUITE_DRY": "1", "TOTAL_S": str(total_s), "OUT": str(tmp_path),
+           "PYTHON": sys.executable}
+    t0 = time.monotonic()
+    done = subprocess.run(["bash", str(SUITE)], env=env, capture_output=True, text=True, timeout=total_s + 60)
+    return time.monotonic() - t0, done
+
+
+def test_gpu_suite_keeps_to_its_total_time(tmp_path):
+    # Far too little time for the work: every stage is cut by its timeout, and the script still ends in time and
+    # leaves its log files.
+    seconds, done = _dry_suite(tmp_path, 12)
+    assert seconds < 12 + 8, done.stdout
+    log = (tmp_path / "suite.log").read_text()
+    assert "stage 1: environment" in log and "stage 1: pytest -m gpu" in log and "stage 2: fastdiff bench" in log
+    assert "done in" in log and "(dry run)" in log
+    assert {"suite.log", "env.txt", "pytest-gpu.log", "bench.log"} <= {p.name for p in tmp_path.iterdir()}
+    assert "## nvidia-smi" in (tmp_path / "env.txt").read_text()
+
+
+@pytest.mark.slow
+def test_gpu_suite_dry_run_writes_the_bench_report(tmp_path):
+    seconds, done = _dry_suite(tmp_path, 240)
+    assert seconds < 240 + 10 and "stage 2: fastdiff bench: exit" in (tmp_path / "suite.log").read_text()
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    assert doc["environment"]["bench_device"] == "cpu" and doc["rows"]
+    assert "# fastdiff bench --quick" in (tmp_path / "bench.md").read_text()
+    pytest_log = (tmp_path / "pytest-gpu.log").read_text()  # on the CPU the gpu tests skip
+    assert "skipped" in pytest_log or "passed" in pytest_log

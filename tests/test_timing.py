@@ -1,6 +1,6 @@
 import time
 
-from fastdiff.bench.timing import _quantile, copy_bandwidth_gbs, time_fn
+from fastdiff.bench.timing import _quantile, copy_bandwidth_gbs, measure
 
 
 def test_quantiles():
@@ -9,8 +9,8 @@ def test_quantiles():
 
 
 def test_cpu_timing_measures_sleep():
-    t = time_fn(lambda: time.sleep(0.002), "cpu", rep_s=0.05, min_reps=5)
-    assert 1.9 <= t.median_ms < 20 and t.p20_ms <= t.median_ms <= t.p80_ms and t.reps >= 5
+    t = measure({"sleep": lambda: time.sleep(0.002)}, "cpu", rounds=5)["sleep"]
+    assert 1.9 <= t.median_ms < 20 and t.p20_ms <= t.median_ms <= t.p80_ms and t.rounds >= 5
 
 
 def test_copy_bandwidth_positive():

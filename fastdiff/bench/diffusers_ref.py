@@ -1,16 +1,22 @@
-"""The `diffusers` provider: its UNet2DModel at our UNet's configuration, driven by its DDPM/DDIM schedulers.
+"""The `diffusers` provider: diffusers' UNet2DModel for a fastdiff UNet, driven by its DDPM/DDIM schedulers.
 
-Only imported when diffusers is installed. The network is built from the same UNetConfig (channels per level,
-residual blocks, attention resolutions, heads, groups, dropout, class embeddings); the sampling loop is the one
-diffusers documents (scheduler.set_timesteps, then unet + scheduler.step per timestep), with classifier-free
-guidance by batching the conditional and unconditional halves as our sampler does.
+diffusers is optional (the `test` extra); it is imported only when a diffusers row runs. The sampling loop is the
+one diffusers documents (scheduler.set_timesteps, then unet + scheduler.step per timestep), with fastdiff's
+classifier-free guidance (`fastdiff.diffusion.samplers.guided`: the conditional and unconditional halves as one
+batch), and the scheduler set to fastdiff's sampler settings: trailing timesteps, final alphas_cumprod 1, clipping
+to [-clip, clip] with the noise re-derived from the clipped x0 (`use_clipped_model_output=True`, which is what
+fastdiff's clipped DDIM does), fixed-small DDPM variance.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fastdiff.models.unet import UNetConfig
+from fastdiff.config import UNetConfig
+from fastdiff.diffusion.samplers import guided
+
+# What the diffusers model's weights are, as the rows say. `twin` is the one place that makes the model.
+WEIGHTS = "the fastdiff UNet's weights, mapped by fastdiff.interop (outputs equal to float32 rounding)"
 
 
 def available() -> bool:
@@ -19,6 +25,16 @@ def available() -> bool:
     except Exception:  # noqa: BLE001 - any import failure means the provider is unavailable
         return False
     return True
+
+
+def twin(model: torch.nn.Module) -> torch.nn.Module:
+    """The diffusers UNet2DModel that stands for fastdiff's `model` in the diffusers rows: the same architecture
+    and the same weights (fastdiff.interop's mapping, strict)."""
+    from fastdiff.interop.diffusers import to_diffusers
+
+    twin = unet(model.config)
+    twin.load_state_dict(to_diffusers(model.state_dict(), model.config), strict=True)
+    return twin.eval()
 
 
 def unet(cfg: UNetConfig) -> torch.nn.Module:
@@ -39,8 +55,8 @@ def as_denoiser(model: torch.nn.Module):
     return forward
 
 
-def scheduler(sampler: str, diffusion_cfg, spacing: str = "trailing", clip: float | None = 1.0):
-    """DDPMScheduler (fixed-small variance) or DDIMScheduler (eta = 0) for our diffusion config."""
+def scheduler(sampler: str, diffusion_cfg, clip: float | None = 1.0, spacing: str = "trailing"):
+    """DDPMScheduler (fixed-small variance) or DDIMScheduler for our diffusion config and clipping."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
     common = dict(num_train_timesteps=diffusion_cfg.num_timesteps, beta_start=diffusion_cfg.beta_start,
@@ -52,17 +68,18 @@ def scheduler(sampler: str, diffusion_cfg, spacing: str = "trailing", clip: floa
 
 
 @torch.no_grad()
-def sample(model, sched, x, *, steps: int, timed_steps: int, labels=None, guidance: float = 1.0,
-           null_label: int | None = None, generator=None) -> torch.Tensor:
-    """The first `timed_steps` of a `steps`-step diffusers sampling loop from x_T."""
+def sample(forward, sched, x, *, steps: int, timed_steps: int | None = None, eta: float = 0.0, labels=None,
+           guidance: float = 1.0, null_label: int | None = None, generator=None) -> torch.Tensor:
+    """The first `timed_steps` (default all) of a `steps`-step diffusers sampling loop from x_T; `forward` is a
+    denoiser model(x, t, labels) (`as_denoiser`). eta is DDIM's."""
+    from diffusers import DDIMScheduler
+
     sched.set_timesteps(steps)
+    ddim = isinstance(sched, DDIMScheduler)
     for t in sched.timesteps[:timed_steps]:
-        if labels is not None and guidance != 1.0:
-            null = torch.full_like(labels, null_label)
-            out = model(torch.cat([x, x]), t, class_labels=torch.cat([labels, null])).sample
-            cond, uncond = out.chunk(2)
-            out = uncond + guidance * (cond - uncond)
+        out = guided(forward, x, t.to(x.device).expand(x.shape[0]), labels, guidance, null_label)
+        if ddim:
+            x = sched.step(out, t, x, eta=eta, use_clipped_model_output=True, generator=generator).prev_sample
         else:
-            out = model(x, t, class_labels=labels).sample
-        x = sched.step(out, t, x, generator=generator).prev_sample
+            x = sched.step(out, t, x, generator=generator).prev_sample
     return x

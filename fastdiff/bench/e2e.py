@@ -1,46 +1,39 @@
-"""End-to-end benchmarks: sampling images/s and training images/s of a preset's UNet, per provider.
+"""End-to-end rows: sampling and training images/s of a preset's UNet, the providers of a job interleaved.
 
-Providers (the same architecture and weights initialisation in each):
-  torch-eager    the plain PyTorch reference: reference ops (use_backend("torch")), NCHW, no compile, no graphs;
-                 `run_table` for sampling, the eager `TrainStep` for training.
-  torch-compile  reference ops under torch.compile (the whole denoising step for sampling, the model for
-                 training), NCHW, no CUDA graphs.
-  fastdiff       what `fastdiff sample` / `fastdiff train` run by default: on a GPU every fast path of
-                 `fastdiff.sampling.fast` and `fastdiff.train.step` (fused ops, channels_last, torch.compile,
-                 CUDA graphs: one replay per denoising step, a graphed training step); on the CPU the plain
-                 loop with the automatic op backend.
-  fastdiff-native  the torch-eager loop with the native kernels of the optional extension fastdiff._C
-                 (use_backend("native"): its C++ CPU or CUDA GroupNorm+SiLU and sampler step), NCHW, no compile.
-  diffusers      diffusers' UNet2DModel at the same configuration with its DDPM/DDIM scheduler loop (eager).
-A training step is loss + backward + clip + AdamW step + LR schedule + EMA update for every provider.
+Every provider starts from the same randomly initialised fastdiff UNet (seed 0; diffusers' model is
+`diffusers_ref.twin` of it) and the same inputs: initial noise from per-sample seeds and balanced labels for
+sampling, one fixed synthetic batch for training. Sampling runs a case's StepTable (DDIM eta 0 or fixed-small
+DDPM, trailing timesteps, the preset's guidance and clipping; diffusers' scheduler at the same settings); a case
+may time only its first `timed_steps` steps, and images/s is then extrapolated to the whole run (every step does
+the same work) and the row says so. A training step is loss + backward + clip + AdamW + LR schedule + EMA for
+every provider.
 """
 
 from __future__ import annotations
 
-import time
+import copy
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from fastdiff.bench import diffusers_ref
+from fastdiff.bench.providers import backend_of, describe, provider_options, unavailable, with_backend
 from fastdiff.bench.telemetry import TelemetrySampler
-from fastdiff.bench.timing import time_calls
+from fastdiff.bench.timing import error_status, measure
 from fastdiff.config import preset_config
 from fastdiff.diffusion import NoiseSchedule, initial_noise, run_table, seeds_for
 from fastdiff.diffusion.samplers import StepTable
 from fastdiff.models import UNet
 from fastdiff.ops import use_backend
-from fastdiff.runtime import AccelOptions, compile_fn, peak_memory_mb
+from fastdiff.runtime import autocast, compile_fn
 from fastdiff.sampling import sampler_table
 from fastdiff.sampling.fast import FastSampler, autocast_model
+from fastdiff.train.ddpm import diffusion_loss
 from fastdiff.train.loop import EMA, warmup_lambda
 from fastdiff.train.step import make_train_step
 
-PROVIDERS = ("torch-eager", "torch-compile", "fastdiff", "fastdiff-native", "diffusers")
 
-
-@dataclass
+@dataclass(frozen=True)
 class SampleCase:
     sampler: str  # ddpm | ddim
     steps: int  # the sampler's steps (1000 for DDPM)
@@ -51,169 +44,192 @@ class SampleCase:
         return f"{self.sampler}-{self.steps}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Job:
-    """One provider's runner (a built, possibly compiled model) and the cases measured with it."""
+    """Providers measured against each other, interleaved, on one preset and batch (and each sampling case)."""
 
     section: str  # sample | train
     preset: str
-    provider: str
-    dtype: str  # fp32 | bf16
     batch: int
-    cases: list[SampleCase] = field(default_factory=list)  # sampling only; training has one case
+    providers: tuple[tuple[str, str], ...]  # (provider, dtype: fp32 | bf16)
+    cases: tuple[SampleCase, ...] = field(default=())  # sampling only
+
+    def row(self, provider: str, dtype: str, case: SampleCase | None = None, **fields) -> dict:
+        head = {"section": self.section, "preset": self.preset, "batch": self.batch, "provider": provider,
+                "dtype": dtype}
+        what = f"{self.section} {self.preset} b{self.batch}"
+        if case is not None:
+            head.update(sampler=case.label, timed_steps=case.timed_steps)
+            what += f" {case.label}/{case.timed_steps}"
+        return {**head, "case": what, **fields}
 
 
-def provider_options(provider: str, dtype: str, device: torch.device) -> AccelOptions:
-    """fastdiff: what `fastdiff sample` / `fastdiff train` use by default on this device (all fast paths on a
-    GPU; on the CPU the plain loop with the automatic op backend); the others as described above."""
-    if provider == "torch-compile":
-        return AccelOptions(amp=dtype, compile=True)
-    if provider == "fastdiff":
-        return AccelOptions.for_device(device, amp=dtype)
-    return AccelOptions(amp=dtype)
-
-
-def backend_of(provider: str) -> str | None:
-    """The ops backend a provider runs under (`fastdiff.ops.use_backend`; None: the automatic choice)."""
-    if provider == "fastdiff-native":
-        return "native"
-    return "torch" if provider in ("torch-eager", "torch-compile") else None
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _reset_peak(device):
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak_mb(device) -> float | None:
-    return round(peak_memory_mb(device), 1) if device.type == "cuda" else None
-
-
-def _model(preset: str, device, provider: str):
-    cfg = preset_config(preset)
+def base_unet(cfg) -> torch.nn.Module:
+    """The preset's fastdiff UNet, randomly initialised with seed 0 (every provider starts from it)."""
     torch.manual_seed(0)
-    model = diffusers_ref.unet(cfg.model) if provider == "diffusers" else UNet(cfg.model)
-    return cfg, model.to(device)
+    return UNet(cfg.model)
 
 
-def measure(fn, device, *, reps: int, warmup: int = 1, setup: Callable[[], float] | None = None) -> dict:
-    """First call (wall clock, includes compile and capture), `warmup` more, then the median of `reps` calls."""
-    _reset_peak(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    first_s = time.perf_counter() - t0
-    tel = TelemetrySampler(device)
-    timing = time_calls(fn, device, warmup=warmup, reps=reps, region=lambda: tel)
-    out = {"median_ms": timing.median_ms, "p20_ms": timing.p20_ms, "p80_ms": timing.p80_ms, "reps": timing.reps,
-           "first_call_s": round(first_s, 3), "peak_mem_mb": _peak_mb(device)}
-    if setup is not None:
-        out["setup_s"] = round(setup(), 3)
-    summary = tel.summary()
-    if summary is not None:
-        out["telemetry"] = summary
-    return out
+def _model(provider: str, base: torch.nn.Module, device) -> torch.nn.Module:
+    return (diffusers_ref.twin(base) if provider == "diffusers" else copy.deepcopy(base)).to(device)
 
 
-def sample_rows(job: Job, device, *, reps: int, warmup: int = 1, budget=None):
-    """Yield one row per sampling case of the job (the runner is built once, the buckets are reused)."""
-    cfg, model = _model(job.preset, device, job.provider)
-    model.eval().requires_grad_(False)
-    mc, dc = cfg.model, cfg.diffusion
-    guidance = cfg.sample.guidance if mc.num_classes else 1.0
-    null = mc.num_classes if mc.num_classes else None
-    seeds = seeds_for(0, job.batch).to(device)
-    shape = (mc.in_channels, mc.image_size, mc.image_size)
-    x = initial_noise(seeds, shape, device)
-    labels = (torch.arange(job.batch, device=device) % mc.num_classes) if mc.num_classes else None
-    schedule = NoiseSchedule.from_config(dc, device)
-    opts = provider_options(job.provider, job.dtype, device)
-    with use_backend(backend_of(job.provider)):
-        fast = None
-        if job.provider in ("torch-compile", "fastdiff"):
-            fast = FastSampler(model, opts, device=device, shape=shape, guidance=guidance, null_label=null,
-                               clip=cfg.sample.clip, capacity=dc.num_timesteps)
-        forward = autocast_model(model, device, job.dtype)
-        for case in job.cases:
-            if budget is not None and budget.exhausted():
-                yield {"sampler": case.label, "timed_steps": case.timed_steps, "status": "skipped: time budget"}
-                continue
-            full = sampler_table(schedule, case.sampler, case.steps, prediction=dc.prediction, device=device)
-            table = StepTable(full.timesteps[: case.timed_steps], full.coefs[: case.timed_steps])
-            if job.provider == "diffusers":
-                sched = diffusers_ref.scheduler(case.sampler, dc, clip=cfg.sample.clip)
+@dataclass
+class _Inputs:
+    """What every provider of a sampling job shares."""
 
-                def fn(sched=sched, case=case):
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=job.dtype == "bf16"):
-                        return diffusers_ref.sample(model, sched, x, steps=case.steps, timed_steps=case.timed_steps,
-                                                    labels=labels, guidance=guidance, null_label=null)
-            elif fast is not None:
-                def fn(table=table):
-                    return fast.run(x, table, seeds=seeds, labels=labels)
-            else:
-                def fn(table=table):
-                    with torch.no_grad():
-                        return run_table(forward, x, table, seeds=seeds, labels=labels, guidance=guidance,
-                                         null_label=null, clip=cfg.sample.clip)
-            before = fast.setup_s if fast is not None else 0.0
-            row = measure(fn, device, reps=reps, warmup=warmup,
-                          setup=lambda: (fast.setup_s - before) if fast is not None else 0.0)
-            seconds_per_image_run = row["median_ms"] / 1e3 * case.steps / case.timed_steps
-            row.update(sampler=case.label, timed_steps=case.timed_steps, images_per_s=job.batch / seconds_per_image_run,
-                       options=_describe(job.provider, opts), status="ok")
-            yield row
+    cfg: object
+    device: torch.device
+    batch: int
+
+    def __post_init__(self):
+        mc = self.cfg.model
+        self.shape = (mc.in_channels, mc.image_size, mc.image_size)
+        self.seeds = seeds_for(0, self.batch).to(self.device)
+        self.x = initial_noise(self.seeds, self.shape, self.device)
+        self.labels = (torch.arange(self.batch, device=self.device) % mc.num_classes) if mc.num_classes else None
+        self.null = mc.num_classes if mc.num_classes else None
+        self.guidance = self.cfg.sample.guidance if mc.num_classes else 1.0
+        self.clip = self.cfg.sample.clip
+        self.schedule = NoiseSchedule.from_config(self.cfg.diffusion, self.device)
+
+    def table(self, case: SampleCase) -> StepTable:
+        full = sampler_table(self.schedule, case.sampler, case.steps, prediction=self.cfg.diffusion.prediction,
+                             device=self.device)
+        return StepTable(full.timesteps[: case.timed_steps], full.coefs[: case.timed_steps])
 
 
-def train_row(job: Job, device, *, reps: int, warmup: int = 1) -> dict:
-    """Training images/s of one provider: a full optimisation step on a fixed synthetic batch."""
-    from fastdiff.train.ddpm import diffusion_loss  # the loss `fastdiff train` optimises
+def _sampler(provider: str, dtype: str, base, s: _Inputs):
+    """case -> the callable that samples one batch for this provider (the model is built once per job)."""
+    device = s.device
+    model = _model(provider, base, device).eval().requires_grad_(False)
+    if provider == "diffusers":
+        forward = diffusers_ref.as_denoiser(model)
 
-    cfg, model = _model(job.preset, device, job.provider)
-    mc, tc = cfg.model, cfg.train
-    opts = provider_options(job.provider, job.dtype, device)
-    channels_last = tc.channels_last if job.provider == "fastdiff" else False  # as `fastdiff train` does
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format).train()
-    gen = torch.Generator().manual_seed(0)
-    x0 = (torch.rand((job.batch, mc.in_channels, mc.image_size, mc.image_size), generator=gen) * 2 - 1)
-    x0 = x0.to(device).contiguous(memory_format=memory_format)
-    labels = torch.randint(0, max(mc.num_classes, 1), (job.batch,), generator=gen).to(device)
-    schedule = NoiseSchedule.from_config(cfg.diffusion, device)
-    with use_backend(backend_of(job.provider)):
-        opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, fused=device.type == "cuda")
-        lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(tc.warmup_steps))
-        ema = EMA(model, tc.ema_decay)
-        forward = diffusers_ref.as_denoiser(model) if job.provider == "diffusers" else compile_fn(model, opts)
-        null = mc.num_classes if mc.num_classes else None
+        def make(case):
+            sched = diffusers_ref.scheduler(case.sampler, s.cfg.diffusion, clip=s.clip)
 
-        def loss_fn(g, x, y):
-            return diffusion_loss(forward, schedule, x, y, g, prediction=cfg.diffusion.prediction,
-                                  p_uncond=tc.p_uncond, null_label=null, device=device, amp=job.dtype)
+            def fn():
+                with autocast(device, dtype):
+                    return diffusers_ref.sample(forward, sched, s.x, steps=case.steps, timed_steps=case.timed_steps,
+                                                labels=s.labels, guidance=s.guidance, null_label=s.null)
+            return fn
+        return make
+    if provider in ("torch-compile", "fastdiff"):
+        fast = FastSampler(model, provider_options(provider, dtype, device), device=device, shape=s.shape,
+                           guidance=s.guidance, null_label=s.null, clip=s.clip, capacity=s.schedule.num_timesteps)
 
-        step_fn = make_train_step(model, opt, loss_fn, grad_clip=tc.grad_clip, seed=0, device=device, amp=job.dtype,
-                                  options=opts)
-        counter = iter(range(10**9))
+        def make(case, fast=fast):
+            table = s.table(case)
+            return lambda: fast.run(s.x, table, seeds=s.seeds, labels=s.labels)
+        return make
+    forward = autocast_model(model, device, dtype)
+
+    def make(case):
+        table = s.table(case)
 
         def fn():
-            k = next(counter)
-            loss, _ = step_fn(k, x0, labels)
-            lr_sched.step()
-            ema.update(model, k)
-            return loss
-
-        row = measure(fn, device, reps=reps, warmup=warmup, setup=step_fn.take_setup_seconds)
-    row.update(images_per_s=job.batch / (row["median_ms"] / 1e3), options=_describe(job.provider, opts),
-               step=type(step_fn).__name__, status="ok")
-    return row
+            with torch.no_grad():
+                return run_table(forward, s.x, table, seeds=s.seeds, labels=s.labels, guidance=s.guidance,
+                                 null_label=s.null, clip=s.clip)
+        return fn
+    return make
 
 
-def _describe(provider: str, opts: AccelOptions) -> str:
-    if provider == "diffusers":
-        return f"{opts.amp}+UNet2DModel"
-    ops = {"torch": "reference-ops", "native": "native-ops"}.get(backend_of(provider), "fused-ops")
-    return f"{opts.describe()}+{ops}"
+def _prepare(job: Job, device, quick: bool, build) -> tuple[dict, dict]:
+    """({key: build(provider, dtype)} for the providers that can run here, {key: why not} for the others)."""
+    built, status = {}, {}
+    for key in job.providers:
+        status[key] = unavailable(key[0], device, quick)
+        if status[key] is None:
+            try:
+                with use_backend(backend_of(key[0])):
+                    built[key] = build(*key)
+            except Exception as e:  # noqa: BLE001 - reported in the provider's rows
+                status[key] = error_status(e)
+    return built, status
+
+
+def _timed_rows(job: Job, device, fns: dict, status: dict, fields: dict, *, rounds: int, warmup: int, per_image_s,
+                case=None):
+    """Time fns interleaved and yield one row per provider of the job (a status row where it has no timing);
+    fields: more values per provider; per_image_s(timing): the seconds one batch's whole run takes."""
+    tel = TelemetrySampler(device)
+    timings = measure({k: with_backend(k[0], fn) for k, fn in fns.items()}, device, rounds=rounds, warmup=warmup,
+                      telemetry=tel) if fns else {}
+    for key in job.providers:
+        t = timings.get(key, status.get(key))
+        if isinstance(t, str):
+            yield job.row(*key, case, status=t)
+            continue
+        row = job.row(*key, case, images_per_s=job.batch / per_image_s(t), **t.to_dict(), **fields[key],
+                      options=describe(key[0], provider_options(*key, device)), status="ok")
+        summary = tel.summary(key)
+        yield {**row, **({"telemetry": summary} if summary else {}),
+               **({"weights": diffusers_ref.WEIGHTS} if key[0] == "diffusers" else {})}
+
+
+def sample_rows(job: Job, device, *, rounds: int, warmup: int = 1, quick: bool = False, budget=None):
+    """Yield one row per (case, provider) of a sampling job."""
+    device = torch.device(device)
+    s = _Inputs(preset_config(job.preset), device, job.batch)
+    base = base_unet(s.cfg)
+    makers, status = _prepare(job, device, quick, lambda p, d: _sampler(p, d, base, s))
+    for case in job.cases:
+        if budget is not None and budget.exhausted():
+            yield from (job.row(p, d, case, status="skipped: time budget") for p, d in job.providers)
+            continue
+        fields = {key: {"extrapolated": case.timed_steps < case.steps} for key in makers}
+        yield from _timed_rows(job, device, {k: make(case) for k, make in makers.items()}, status, fields,
+                               rounds=rounds, warmup=warmup, case=case,
+                               per_image_s=lambda t, c=case: t.median_ms / 1e3 * c.steps / c.timed_steps)
+
+
+def _train_step(provider: str, dtype: str, base, cfg, device, x0, labels):
+    """One optimisation step of this provider on the fixed batch, and the name of the step class."""
+    tc = cfg.train
+    opts = provider_options(provider, dtype, device)
+    channels_last = tc.channels_last if provider == "fastdiff" else False  # as `fastdiff train` does
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = _model(provider, base, device).to(memory_format=memory_format).train()
+    x0 = x0.contiguous(memory_format=memory_format)
+    schedule = NoiseSchedule.from_config(cfg.diffusion, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, fused=device.type == "cuda")
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(tc.warmup_steps))
+    ema = EMA(model, tc.ema_decay)
+    forward = diffusers_ref.as_denoiser(model) if provider == "diffusers" else compile_fn(model, opts)
+    null = cfg.model.num_classes if cfg.model.num_classes else None
+
+    def loss_fn(g, x, y):
+        return diffusion_loss(forward, schedule, x, y, g, prediction=cfg.diffusion.prediction,
+                              p_uncond=tc.p_uncond, null_label=null, device=device, amp=dtype)
+
+    step_fn = make_train_step(model, opt, loss_fn, grad_clip=tc.grad_clip, seed=0, device=device, amp=dtype,
+                              options=opts)
+    counter = iter(range(10**9))
+
+    def fn():
+        k = next(counter)
+        loss, _ = step_fn(k, x0, labels)
+        lr_sched.step()
+        ema.update(model, k)
+        return loss
+
+    return fn, type(step_fn).__name__
+
+
+def train_rows(job: Job, device, *, rounds: int, warmup: int = 1, quick: bool = False, budget=None):
+    """Yield one row per provider of a training job: images/s of a full optimisation step."""
+    if budget is not None and budget.exhausted():
+        yield from (job.row(p, d, status="skipped: time budget") for p, d in job.providers)
+        return
+    device = torch.device(device)
+    cfg = preset_config(job.preset)
+    mc, base = cfg.model, base_unet(cfg)
+    gen = torch.Generator().manual_seed(0)
+    x0 = (torch.rand((job.batch, mc.in_channels, mc.image_size, mc.image_size), generator=gen) * 2 - 1).to(device)
+    labels = torch.randint(0, max(mc.num_classes, 1), (job.batch,), generator=gen).to(device)
+    steps, status = _prepare(job, device, quick, lambda p, d: _train_step(p, d, base, cfg, device, x0, labels))
+    yield from _timed_rows(job, device, {k: fn for k, (fn, _) in steps.items()}, status,
+                           {k: {"step": name} for k, (_, name) in steps.items()}, rounds=rounds, warmup=warmup,
+                           per_image_s=lambda t: t.median_ms / 1e3)

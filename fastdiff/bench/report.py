@@ -1,25 +1,39 @@
-"""Benchmark reports: the environment (device, driver, versions, git commit), ratios computed within one run,
-a printed table, and the JSON and markdown files (rewritten after every row, so an interrupted run keeps what
-it measured)."""
+"""The one report writer of every fastdiff benchmark: the environment, ratios taken within one run, a markdown
+table, and bench.json + bench.md (rewritten after every row, so an interrupted run keeps what it measured).
+
+Rows are dicts. A row's `case` names what it measured (its providers are compared within a case); `section`
+groups the rows into the markdown's tables.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import time
 from pathlib import Path
 
 import torch
 
-SAMPLE_COLUMNS = [
-    ("preset", "preset"), ("batch", "batch"), ("sampler", "sampler"), ("timed_steps", "timed steps"),
-    ("provider", "provider"), ("dtype", "dtype"),
-    ("median_ms", "ms/call"), ("spread", "p20-p80"), ("images_per_s", "img/s"), ("vs_torch_eager", "vs eager"),
-    ("vs_torch_compile", "vs compile"), ("peak_mem_mb", "peak MiB"), ("setup_s", "setup s"),
-    ("power", "W"), ("clock", "SM MHz"), ("util", "util %"), ("options", "options"), ("status", "status"),
+from fastdiff.envinfo import collect
+
+# Columns in this order where any row has them; other scalar keys follow, except the JSON-only ones.
+COLUMNS = [
+    ("preset", "preset"), ("kind", "kind"), ("op", "op"), ("shape", "shape"), ("batch", "batch"),
+    ("sampler", "sampler"), ("timed_steps", "timed steps"), ("layout", "layout"), ("note", "note"),
+    ("provider", "provider"), ("dtype", "dtype"), ("median_ms", "ms/call"), ("spread", "p20-p80"),
+    ("images_per_s", "img/s"), ("gb_per_s", "GB/s"), ("frac_copy_bw", "of copy"), ("vs_torch_eager", "vs eager"),
+    ("vs_torch_compile", "vs compile"), ("vs_diffusers", "vs diffusers"), ("peak_mem_mb", "peak MiB"),
+    ("warmup_s", "warm-up s"), ("power", "W"), ("clock", "SM MHz"), ("util", "util %"), ("options", "options"),
+    ("status", "status"),
 ]
-TRAIN_COLUMNS = [c for c in SAMPLE_COLUMNS if c[0] not in ("sampler", "timed_steps")]
+JSON_ONLY = {"case", "section", "p20_ms", "p80_ms", "rounds", "reps", "telemetry", "bytes", "byte_formula",
+             "copy_gb_per_s", "extrapolated", "weights", "step", "device", "threads", "suite", "timer_clock"}
+TELEMETRY = {"power": "power_w_mean", "clock": "sm_clock_mhz_mean", "util": "util_pct_mean"}
+# ratio column -> (provider of the reference row, whether it must have the row's dtype)
+RATIOS = {"vs_torch_eager": ("torch-eager", False), "vs_torch_compile": ("torch-compile", True),
+          "vs_diffusers": ("diffusers", True)}
 
 
 def git_commit(path: Path | None = None) -> dict:
@@ -35,47 +49,55 @@ def git_commit(path: Path | None = None) -> dict:
     return {"commit": commit, "dirty": bool(status.strip())}
 
 
-def environment(device: torch.device) -> dict:
-    from fastdiff.envinfo import collect
+def cpu_model() -> str:
+    """The CPU's model name from lscpu, else what `platform` knows."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    names = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name:")]
+    return names[0] if names else platform.processor() or platform.machine()
 
+
+def environment(device) -> dict:
+    """Device, driver, versions, git commit, CPU model and machine load: what every report names."""
+    device = torch.device(device)
     env = collect()
     env.update(git_commit())
-    env["date_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    env["bench_device"] = str(device)
+    env.update(date_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), bench_device=str(device),
+               cpu_model=cpu_model(), cpu_count=os.cpu_count(),  # the load: other processes share the machine
+               load_avg=[round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None)
     if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-        env["cudnn"] = torch.backends.cudnn.version()
-        env["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
-        env["tf32_cudnn"] = torch.backends.cudnn.allow_tf32
+        env.update(gpu=torch.cuda.get_device_name(device), cudnn=torch.backends.cudnn.version(),
+                   tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32)
     return env
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """vs_torch_eager: images/s over the torch-eager fp32 row of the same case in this run; vs_torch_compile:
-    over the torch-compile row of the same case and dtype."""
-    def key(r):
-        return (r.get("section"), r.get("preset"), r.get("batch"), r.get("sampler"))
-
-    eager = {key(r): r["images_per_s"] for r in rows
-             if r.get("provider") == "torch-eager" and r.get("dtype") == "fp32" and r.get("images_per_s")}
-    compiled = {key(r) + (r.get("dtype"),): r["images_per_s"] for r in rows
-                if r.get("provider") == "torch-compile" and r.get("images_per_s")}
-    for r in rows:
-        if not r.get("images_per_s"):
-            continue
-        if key(r) in eager:
-            r["vs_torch_eager"] = r["images_per_s"] / eager[key(r)]
-        if key(r) + (r.get("dtype"),) in compiled:
-            r["vs_torch_compile"] = r["images_per_s"] / compiled[key(r) + (r.get("dtype"),)]
+    """Each RATIOS column: the reference row's median time over this row's, both of the same case in this run.
+    The reference is the first row of its provider in the case (of the row's dtype where RATIOS says so, and
+    preferably of it otherwise: eager fp32 is the baseline of a bf16 end-to-end row, eager bf16 of a bf16 op)."""
+    timed = [r for r in rows if r.get("median_ms") and r.get("case") is not None]
+    for column, (provider, same_dtype) in RATIOS.items():
+        first: dict = {}
+        for r in timed:
+            if r["provider"] == provider:
+                first.setdefault((r["case"], r.get("dtype")), r["median_ms"])
+                first.setdefault((r["case"], None), r["median_ms"])
+        for r in timed:
+            ref = first.get((r["case"], r.get("dtype")))
+            if ref is None and not same_dtype:
+                ref = first.get((r["case"], None))
+            if ref is not None:
+                r[column] = ref / r["median_ms"]
 
 
 def _cell(row: dict, key: str) -> str:
-    tel = row.get("telemetry") or {}
     if key == "spread":
         return f"{_cell(row, 'p20_ms')}-{_cell(row, 'p80_ms')}" if "p20_ms" in row else ""
-    if key in ("power", "clock", "util"):
-        name = {"power": "power_w_mean", "clock": "sm_clock_mhz_mean", "util": "util_pct_mean"}[key]
-        return f"{tel[name]:.0f}" if name in tel else ""
+    if key in TELEMETRY:
+        tel = row.get("telemetry") or {}
+        return f"{tel[TELEMETRY[key]]:.0f}" if TELEMETRY[key] in tel else ""
     value = row.get(key)
     if value is None:
         return ""
@@ -83,53 +105,58 @@ def _cell(row: dict, key: str) -> str:
         return "x".join(str(v) for v in value)
     if key.startswith("vs_"):
         return f"{value:.2f}x"
+    if key == "frac_copy_bw":
+        return f"{value:.0%}"
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 100 else f"{value:.1f}"
     return str(value)
 
 
-def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+def table(rows: list[dict]) -> str:
+    """A markdown table of the rows: the COLUMNS any row has, then the rows' other scalar keys."""
+    present = {k for r in rows for k, v in r.items() if v is not None and not isinstance(v, dict)}
+    present |= {"spread"} if "p20_ms" in present else set()
+    present |= {k for k, name in TELEMETRY.items() if any(name in (r.get("telemetry") or {}) for r in rows)}
+    columns = [(k, title) for k, title in COLUMNS if k in present]
+    known = {k for k, _ in COLUMNS} | JSON_ONLY
+    columns += [(k, k) for k in dict.fromkeys(k for r in rows for k in r) if k in present and k not in known]
     lines = ["| " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        lines.append("| " + " | ".join(_cell(r, k).replace("|", "/") for k, _ in columns) + " |")
+    lines += ["| " + " | ".join(_cell(r, k).replace("|", "/") for k, _ in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def generic_table(rows: list[dict]) -> str:
-    """A table of whatever keys the rows have (the op micro-benchmarks define their own)."""
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys and not isinstance(r[k], dict)]
-    return markdown_table(rows, [(k, k) for k in keys])
+SECTION_TITLES = {
+    "sample": "Sampling (images/s for the whole run of `steps`, extrapolated where fewer steps were timed; "
+              "ms per timed call)",
+    "train": "Training (one optimisation step: loss, backward, clip, AdamW, LR schedule, EMA)",
+    "op": "Ops (GB/s from each row's byte formula; `of copy`: share of the copy bandwidth measured in this run)",
+}
 
 
 def render_markdown(doc: dict) -> str:
     env = doc["environment"]
-    commit = env.get("commit") or "unknown"
+    load = env.get("load_avg")
     head = [
-        f"# fastdiff bench{' --quick' if doc.get('quick') else ''}",
+        f"# {doc.get('title', 'fastdiff bench')}",
         "",
-        f"- device: {env.get('gpu') or env.get('platform')} ({env.get('bench_device')}), "
-        f"driver {env.get('driver', '-')}",
+        f"- device: {env.get('gpu') or env.get('cpu_model')} ({env.get('bench_device')}), "
+        f"driver {env.get('driver', '-')}; CPU {env.get('cpu_model')} ({env.get('cpu_count')} threads), "
+        f"load {'/'.join(map(str, load)) if load else 'unknown'} at the start",
         f"- torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), triton {env.get('triton')}, "
         f"python {env.get('python')}",
-        f"- commit {commit}{' (uncommitted changes)' if env.get('dirty') else ''}, {env.get('date_utc')}",
-        f"- {doc.get('note', '')}",
-    ]
+        f"- commit {env.get('commit') or 'unknown'}{' (uncommitted changes)' if env.get('dirty') else ''}, "
+        f"{env.get('date_utc')}",
+    ] + [f"- {note}" for note in doc.get("notes", [])]
     parts = ["\n".join(head)]
-    sample = [r for r in doc["rows"] if r.get("section") == "sample"]
-    train = [r for r in doc["rows"] if r.get("section") == "train"]
-    if sample:
-        parts.append("## Sampling (images/s for the whole run of `steps`; ms per timed call)\n\n"
-                     + markdown_table(sample, SAMPLE_COLUMNS))
-    if train:
-        parts.append("## Training (one optimisation step: loss, backward, clip, AdamW, LR schedule, EMA)\n\n"
-                     + markdown_table(train, TRAIN_COLUMNS))
-    ops = doc.get("ops")
-    if ops is not None:
-        parts.append("## Op micro-benchmarks\n\n" + (generic_table(ops["rows"]) if ops.get("rows")
-                                                      else ops.get("status", "")))
+    sections = dict.fromkeys(r.get("section", "rows") for r in doc["rows"])
+    for section in sections:
+        rows = [r for r in doc["rows"] if r.get("section", "rows") == section]
+        parts.append(f"## {SECTION_TITLES.get(section, section)}\n\n{table(rows)}")
     return "\n\n".join(parts) + "\n"
+
+
+def new_doc(device, title: str = "fastdiff bench", **fields) -> dict:
+    return {"title": title, "environment": environment(device), "rows": [], **fields}
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -139,9 +166,21 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def write_reports(doc: dict, out_dir: Path, stem: str = "bench") -> tuple[Path, Path]:
+    """Fill in the ratios and write out_dir/<stem>.json and <stem>.md."""
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     add_ratios(doc["rows"])
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     _write_atomic(json_path, json.dumps(doc, indent=1, default=str) + "\n")
     _write_atomic(md_path, render_markdown(doc))
     return json_path, md_path
+
+
+def emit(doc: dict, out_dir: Path | None = None) -> None:
+    """What the benchmarks/ scripts print: the rows' table, then the whole document as one JSON line (last);
+    with out_dir, the report files too."""
+    add_ratios(doc["rows"])
+    print(table(doc["rows"]))
+    if out_dir is not None:
+        write_reports(doc, out_dir)
+    print(json.dumps(doc, default=str))

@@ -1,7 +1,7 @@
 """`fastdiff bench`: the op micro-benchmarks, end-to-end sampling and training, one report.
 
-Jobs run in priority order (the issue's targets first) inside a time budget; a job that would start after the
-budget is spent is recorded as skipped. The JSON and markdown reports are rewritten after every row.
+Jobs run in the order of `plan` inside a time budget; a job that would start after the budget is spent is
+recorded as skipped. The JSON and markdown reports are rewritten after every row.
 """
 
 from __future__ import annotations
@@ -13,14 +13,22 @@ from pathlib import Path
 
 import torch
 
-from fastdiff.bench import diffusers_ref
-from fastdiff.bench.e2e import Job, SampleCase, sample_rows, train_row
-from fastdiff.bench.report import SAMPLE_COLUMNS, TRAIN_COLUMNS, environment, markdown_table, write_reports
-from fastdiff.config import PRESETS
+from fastdiff.bench import PRESETS
+from fastdiff.bench.e2e import Job, SampleCase, sample_rows, train_rows
+from fastdiff.bench.ops import run_op_benchmarks
+from fastdiff.bench.report import new_doc, table, write_reports
+from fastdiff.bench.timing import error_status
+from fastdiff.config import PRESETS as ALL_PRESETS
 from fastdiff.errors import ConfigError
 
 SECTIONS = ("ops", "sample", "train")
-DEFAULT_PRESETS = ("mnist", "cifar10-ddpm")
+GPU_PRESETS = ("mnist", "cifar10-ddpm")  # the GPU run's headline rows
+
+
+@dataclass(frozen=True)
+class OpsJob:
+    part: str  # headline | rest | all (see fastdiff.bench.ops)
+    section: str = "ops"
 
 
 @dataclass
@@ -38,90 +46,65 @@ class Budget:
         return self.used() >= self.seconds
 
 
-def _cases(device: torch.device, quick: bool) -> list[SampleCase]:
-    if quick:  # one timed step each, extrapolated
-        return [SampleCase("ddpm", 1000, 1), SampleCase("ddim", 4, 1)]
-    timed = 20 if device.type == "cuda" else 2
-    return [SampleCase("ddpm", 1000, timed), SampleCase("ddim", 50, 50), SampleCase("ddim", 4, 4)]
+def plan(device: torch.device, quick: bool, presets=None, providers=None) -> list:
+    """The jobs in the order they run.
 
-
-def plan(device: torch.device, quick: bool, presets=DEFAULT_PRESETS, providers=None) -> list[Job]:
-    """The jobs in the order they run. On a GPU: the targets (mnist sampling at batch 64, cifar10-ddpm training
-    at batch 128 and sampling at batch 1024, bf16 against torch-eager fp32 and torch-compile bf16), then the
-    diffusers and fastdiff-native rows, the other preset/batch/dtype combinations. On the CPU: small batches, fp32.
-    fastdiff-native rows are kept where the extension is not built and skipped with the reason."""
-    cuda = device.type == "cuda"
-    fast_dtype = "bf16" if cuda else "fp32"
-    trio = [("torch-eager", "fp32"), ("torch-compile", fast_dtype), ("fastdiff", fast_dtype)]
-    cases = _cases(device, quick)
-    jobs: list[Job] = []
-
-    def sample(preset, batch, combos):
-        jobs.extend(Job("sample", preset, p, d, batch, cases) for p, d in combos if preset in presets)
-
-    def train(preset, batch, combos):
-        jobs.extend(Job("train", preset, p, d, batch) for p, d in combos if preset in presets)
-
-    if cuda and not quick:
-        sample("mnist", 64, trio)
-        train("cifar10-ddpm", 128, trio)
-        sample("cifar10-ddpm", 1024, trio)
-        sample("mnist", 64, [("diffusers", "fp32"), ("fastdiff-native", "fp32")])
-        train("cifar10-ddpm", 128, [("diffusers", "fp32"), ("diffusers", "bf16")])
-        sample("cifar10-ddpm", 1024, [("diffusers", "fp32")])
-        train("mnist", 128, trio + [("diffusers", "fp32")])
-        train("cifar10-ddpm", 128, [("torch-eager", "bf16"), ("torch-compile", "fp32"), ("fastdiff", "fp32")])
-        sample("cifar10-ddpm", 64, trio)
-        sample("mnist", 1024, trio)
-        sample("cifar10-ddpm", 1024, [("fastdiff", "fp32")])
-        train("cifar10-ddpm", 256, trio)
+    GPU (full): the headline rows fastest first -- mnist DDIM-20 sampling at batch 64 (the CUDA-graph gain),
+    cifar10-ddpm training at batch 128, DDPM-1000 sampling at batch 1024 (20 timed steps, extrapolated), each
+    torch-eager fp32 / torch-compile bf16 / fastdiff bf16 interleaved; the headline op rows; diffusers at the
+    same settings; then the other op rows and combinations. CPU (and --quick anywhere): for each of PRESETS, DDIM-20
+    and DDPM-1000 sampling and a training step, every provider interleaved at fp32 (batch 64, or 2 with --quick).
+    """
+    cuda = device.type == "cuda" and not quick
+    trio = (("torch-eager", "fp32"), ("torch-compile", "bf16"), ("fastdiff", "bf16"))
+    ddim20 = SampleCase("ddim", 20, 2 if quick else 20)
+    ddpm = SampleCase("ddpm", 1000, 20 if cuda else 1 if quick else 2)
+    if cuda:
+        both = (("diffusers", "fp32"), ("diffusers", "bf16"))
+        jobs = [Job("sample", "mnist", 64, trio, (ddim20,)), Job("train", "cifar10-ddpm", 128, trio),
+                Job("sample", "cifar10-ddpm", 1024, trio, (ddpm,)), OpsJob("headline"),
+                Job("sample", "mnist", 64, both, (ddim20,)), Job("train", "cifar10-ddpm", 128, both),
+                Job("sample", "cifar10-ddpm", 1024, both[1:], (ddpm,)), OpsJob("rest"),
+                Job("sample", "mnist", 64, (("fastdiff-native", "fp32"),), (ddim20,)),
+                Job("train", "mnist", 128, trio + both),
+                Job("train", "cifar10-ddpm", 128, (("torch-eager", "bf16"), ("torch-compile", "fp32"),
+                                                   ("fastdiff", "fp32"))),
+                Job("sample", "mnist", 64, trio + both, (ddpm,)),
+                Job("sample", "cifar10-ddpm", 64, trio, (ddim20, ddpm)), Job("sample", "mnist", 1024, trio, (ddim20,)),
+                Job("train", "cifar10-ddpm", 256, trio)]
     else:
-        batch = 2 if quick or not cuda else 16
-        for preset in presets:
-            sample(preset, batch, trio + [("fastdiff-native", "fp32"), ("diffusers", "fp32")])
-            train(preset, batch, trio + [("diffusers", "fp32")])
-    if providers:
-        jobs = [j for j in jobs if j.provider in providers]
-    if not diffusers_ref.available():
-        jobs = [j for j in jobs if j.provider != "diffusers"]
+        batch = 2 if quick else 64
+        fp32 = tuple((p, "fp32") for p in ("torch-eager", "torch-compile", "fastdiff", "fastdiff-native", "diffusers"))
+        jobs = [OpsJob("all")]
+        for preset in PRESETS:
+            jobs += [Job("sample", preset, batch, fp32, (ddim20, ddpm)),
+                     Job("train", preset, batch, tuple(k for k in fp32 if k[0] != "fastdiff-native"))]
+    if presets is not None:
+        jobs = [j for j in jobs if isinstance(j, OpsJob) or j.preset in presets]
+    if providers is not None:
+        jobs = [j if isinstance(j, OpsJob) else Job(j.section, j.preset, j.batch,
+                                                    tuple(k for k in j.providers if k[0] in providers), j.cases)
+                for j in jobs]
+        jobs = [j for j in jobs if isinstance(j, OpsJob) or j.providers]
     return jobs
 
 
-def _job_fields(job: Job) -> dict:
-    return {"section": job.section, "preset": job.preset, "batch": job.batch, "provider": job.provider,
-            "dtype": job.dtype}
-
-
-def _skip_reason(job: Job, device: torch.device, quick: bool) -> str | None:
-    if job.provider == "torch-compile" and device.type == "cpu" and quick:
-        return "skipped: --quick on the CPU (Inductor's C++ compile takes minutes on a small CPU)"
-    if job.provider == "fastdiff-native":
-        from fastdiff.ops import native
-
-        reason = native.unavailable_reason(device)
-        return f"skipped: {reason}" if reason else None
-    return None
-
-
-def run_job(job: Job, device, *, quick: bool, reps: int, budget: Budget):
-    """Yield the rows of one job; an exception becomes an error row (the other jobs still run)."""
-    base = _job_fields(job)
-    reason = _skip_reason(job, device, quick) or ("skipped: time budget" if budget.exhausted() else None)
-    if reason:
-        labels = [c.label for c in job.cases] if job.section == "sample" else [None]
-        for label in labels:
-            yield {**base, **({"sampler": label} if label else {}), "status": reason}
+def run_job(job, device, *, quick: bool, rounds: int, budget: Budget):
+    """Yield the rows of one job; an exception outside a provider's own calls becomes error rows."""
+    if isinstance(job, OpsJob):
+        if budget.exhausted():
+            yield {"section": "op", "op": f"{job.part} op rows", "status": "skipped: time budget"}
+            return
+        try:
+            yield from run_op_benchmarks(device, quick, part=job.part)
+        except Exception as e:  # noqa: BLE001 - one broken section must not lose the rest of the report
+            yield {"section": "op", "op": f"{job.part} op rows", "status": error_status(e)}
         return
-    warmup = 0 if quick else 1  # quick: the first call is the only warm-up
+    rows = sample_rows if job.section == "sample" else train_rows
     try:
-        if job.section == "sample":
-            for row in sample_rows(job, device, reps=reps, warmup=warmup, budget=budget):
-                yield {**base, **row}
-        else:
-            # A training step is short next to a sampling run: more of them for the same confidence.
-            yield {**base, **train_row(job, device, reps=reps if quick else 3 * reps, warmup=warmup)}
-    except Exception as e:  # noqa: BLE001 - one broken provider must not lose the rest of the report
-        yield {**base, "status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+        yield from rows(job, device, rounds=rounds, quick=quick, budget=budget)
+    except Exception as e:  # noqa: BLE001 - as above
+        yield from (job.row(p, d, status=error_status(e)) for p, d in job.providers)
     finally:
         torch._dynamo.reset()
         gc.collect()
@@ -129,67 +112,50 @@ def run_job(job: Job, device, *, quick: bool, reps: int, budget: Budget):
             torch.cuda.empty_cache()
 
 
-def run_ops(device, quick: bool) -> dict:
-    """The op micro-benchmarks of `fastdiff.bench.ops`, when that module exists on this branch."""
-    try:
-        from fastdiff.bench import ops as op_bench
-    except ImportError:
-        return {"status": "op benchmarks unavailable (fastdiff.bench.ops is not installed)", "rows": []}
-    try:
-        return {"status": "ok", "rows": op_bench.run_op_benchmarks(device, quick)}
-    except Exception as e:  # noqa: BLE001 - reported, like any provider failure
-        return {"status": f"error: {type(e).__name__}: {e}", "rows": []}
-
-
 def run_bench(*, device, out: Path, quick: bool = False, sections=SECTIONS, presets=None, providers=None,
-              budget_s: float | None = None, reps: int | None = None, echo=print) -> dict:
-    """Run the suite and write out/bench.json and out/bench.md; returns the report document.
-
-    presets default to mnist and cifar10-ddpm (mnist alone with --quick on the CPU, to finish within a minute).
-    """
+              budget_s: float | None = None, rounds: int | None = None, echo=print) -> dict:
+    """Run the suite and write out/bench.json and out/bench.md; returns the report document."""
     device = torch.device(device)
-    if presets is None:
-        presets = ("mnist",) if quick and device.type == "cpu" else DEFAULT_PRESETS
-    missing = [p for p in presets if p not in PRESETS]
+    missing = [p for p in presets or () if p not in ALL_PRESETS]
     if missing:
-        raise ConfigError(f"unknown preset(s) {missing}; choose from {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset(s) {missing}; choose from {', '.join(ALL_PRESETS)}")
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         raise ConfigError(f"unknown bench section(s) {sorted(unknown)}; use {', '.join(SECTIONS)}")
-    budget = Budget(budget_s if budget_s is not None else (35.0 if quick else 420.0))
-    reps = reps or (2 if quick else 5)
-    doc = {"quick": quick, "environment": environment(device), "rows": [], "budget_s": budget.seconds,
-           "note": ("images/s of the 1000-step DDPM sampler is extrapolated from the timed steps "
-                    "(every step does the same work); training uses a fixed synthetic batch")}
+    budget = Budget(budget_s if budget_s is not None else (40.0 if quick else 420.0))
+    rounds = rounds or (2 if quick else 5)
+    doc = new_doc(device, title=f"fastdiff bench{' --quick' if quick else ''}", quick=quick, budget_s=budget.seconds,
+                  rounds=rounds, notes=[
+                      "providers of a row group are timed interleaved, round by round, in one process; median and "
+                      "p20-p80 over rounds, warm-up (compile, capture) excluded and reported as warm-up s",
+                      "a sampling case ddpm-1000 timed on fewer steps is extrapolated to 1000 (every step does the "
+                      "same work); training uses a fixed synthetic batch",
+                      "diffusers rows: UNet2DModel + DDIM/DDPMScheduler at fastdiff's settings "
+                      "(use_clipped_model_output=True, clip_sample=True, trailing timesteps)"])
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     write_reports(doc, out)
-    jobs = [j for j in plan(device, quick, presets, providers) if j.section in sections]
-    ops_after = 3 if device.type == "cuda" and not quick else 0  # after the first target jobs
-    for index, job in enumerate(jobs + [None]):
-        if "ops" in sections and index == min(ops_after, len(jobs)) and "ops" not in doc:
-            doc["ops"] = run_ops(device, quick)
-            echo(f"ops: {doc['ops']['status']} ({len(doc['ops']['rows'])} rows)")
-            write_reports(doc, out)
-        if job is None:
-            break
-        for row in run_job(job, device, quick=quick, reps=reps, budget=budget):
+    for job in plan(device, quick, presets, providers):
+        if job.section not in sections:
+            continue
+        for row in run_job(job, device, quick=quick, rounds=rounds, budget=budget):
             doc["rows"].append(row)
             echo(_one_line(row))
             write_reports(doc, out)
     doc["total_s"] = round(budget.used(), 1)
     json_path, md_path = write_reports(doc, out)
-    for section, columns in (("sample", SAMPLE_COLUMNS), ("train", TRAIN_COLUMNS)):
+    for section in ("sample", "train"):
         rows = [r for r in doc["rows"] if r.get("section") == section]
         if rows:
-            echo(f"\n{section}\n" + markdown_table(rows, columns))
+            echo(f"\n{section}\n" + table(rows))
     echo(f"\nwrote {json_path} and {md_path} in {doc['total_s']} s")
     return doc
 
 
 def _one_line(row: dict) -> str:
-    what = (f"{row['section']} {row['preset']} b{row['batch']} {row.get('sampler') or '-'} "
-            f"{row['provider']} {row['dtype']}")
+    what = " ".join(str(row[k]) for k in ("section", "preset", "op", "shape", "batch", "sampler", "provider", "dtype")
+                    if row.get(k) is not None)
     if row.get("status") != "ok":
         return f"{what}: {row.get('status')}"
-    return f"{what}: {row['images_per_s']:.4g} img/s ({row['median_ms']:.4g} ms/call, setup {row.get('setup_s', 0)} s)"
+    speed = f"{row['images_per_s']:.4g} img/s" if "images_per_s" in row else f"{row['gb_per_s']:.4g} GB/s"
+    return f"{what}: {speed} ({row['median_ms']:.4g} ms/call, warm-up {row['warmup_s']} s)"

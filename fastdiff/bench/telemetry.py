@@ -1,7 +1,8 @@
 """GPU telemetry during a timed region: power, SM clock and utilisation from NVML (nvidia-ml-py).
 
-A background thread reads the counters every `interval_s` while the region runs; the summary gives means and
-maxima. Without a GPU or without NVML the sampler records nothing and `summary()` is None.
+A background thread reads the counters every `interval_s` while the region runs; each reading carries the
+sampler's current `tag` (the timer sets it to the provider it is timing), and `summary(tag)` gives the means and
+maxima of one provider's readings (of all, without a tag). Without a GPU or NVML nothing is read: None.
 """
 
 from __future__ import annotations
@@ -15,35 +16,23 @@ import torch
 READINGS = ("power_w", "sm_clock_mhz", "util_pct")
 
 
-def _handle(pynvml, index: int):
-    """The NVML handle of CUDA device `index`: by PCI address (CUDA_VISIBLE_DEVICES renumbers devices), else index."""
-    props = torch.cuda.get_device_properties(index)
-    if all(hasattr(props, a) for a in ("pci_domain_id", "pci_bus_id", "pci_device_id")):
-        address = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
-        try:
-            return pynvml.nvmlDeviceGetHandleByPciBusId(address)
-        except pynvml.NVMLError:
-            pass
-    return pynvml.nvmlDeviceGetHandleByIndex(index)
-
-
 def _nvml_reader(device: torch.device) -> Callable[[], dict] | None:
     """A function returning one reading of the GPU behind `device`, or None where NVML is unusable."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        handle = _handle(pynvml, index)
+        props = torch.cuda.get_device_properties(device.index if device.index is not None else 0)
+        # By PCI address: CUDA_VISIBLE_DEVICES renumbers the devices NVML counts.
+        handle = pynvml.nvmlDeviceGetHandleByPciBusId(
+            f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0")
     except Exception:  # noqa: BLE001 - telemetry is optional: no driver, no library, no permission
         return None
 
     def read() -> dict:
-        return {
-            "power_w": pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0,
-            "sm_clock_mhz": float(pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)),
-            "util_pct": float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu),
-        }
+        return {"power_w": pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0,
+                "sm_clock_mhz": float(pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)),
+                "util_pct": float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)}
 
     return read
 
@@ -58,13 +47,15 @@ class TelemetrySampler:
         device = torch.device(device)
         self.reader = reader if reader is not None else (_nvml_reader(device) if device.type == "cuda" else None)
         self.interval_s = interval_s
-        self.samples: list[dict] = []
+        self.samples: list[tuple[object, dict]] = []  # (tag, reading)
+        self.tag = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _read(self) -> None:
+        tag = self.tag  # read before the call: the timer may move on meanwhile
         try:
-            self.samples.append(self.reader())
+            self.samples.append((tag, self.reader()))
         except Exception:  # noqa: BLE001 - a failed reading is skipped, never fatal to a benchmark
             pass
 
@@ -83,16 +74,16 @@ class TelemetrySampler:
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
-            self._read()
 
-    def summary(self) -> dict | None:
-        """{power_w_mean, power_w_max, sm_clock_mhz_mean, ..., samples} or None when nothing was read."""
-        if not self.samples:
+    def summary(self, tag=None) -> dict | None:
+        """{samples, power_w_mean, power_w_max, sm_clock_mhz_mean, ...} of the readings taken under `tag` (all
+        readings when tag is None), or None when there are none."""
+        samples = [s for t, s in self.samples if tag is None or t == tag]
+        if not samples:
             return None
-        out: dict = {"samples": len(self.samples)}
+        out: dict = {"samples": len(samples)}
         for key in READINGS:
-            values = [s[key] for s in self.samples if key in s]
+            values = [s[key] for s in samples if key in s]
             if values:
-                out[f"{key}_mean"] = round(statistics.fmean(values), 1)
-                out[f"{key}_max"] = round(max(values), 1)
+                out[f"{key}_mean"], out[f"{key}_max"] = round(statistics.fmean(values), 1), round(max(values), 1)
         return out

@@ -1,8 +1,12 @@
-"""Timing that every fastdiff benchmark shares.
+"""The one timer of every fastdiff benchmark: providers measured round by round, in alternation.
 
-GPU: CUDA events around each call after warm-up, the L2 cache flushed before every call for memory-bound
-kernels (a write of a buffer larger than L2, outside the timed region), median and the 0.2/0.8 quantiles.
-CPU: perf_counter around each call, same statistics. Times are in milliseconds.
+On a shared or throttling machine the load drifts during a benchmark; alternating the providers (A B C A B C ...)
+exposes each to the same drift, so their ratio stays meaningful where back-to-back blocks would not. Warm-up
+calls (compilation and CUDA-graph capture included) are timed apart and never enter the statistics. On a GPU
+each call is bracketed by CUDA events (optionally after flushing the L2 cache, outside the timed region, for
+memory-bound kernels); on the CPU by perf_counter, or by the calling thread's CPU time (clock="thread", immune to
+other processes taking the core, meaningful only for work on that thread alone). A provider's time per round is
+the mean of its `reps` calls; its summary is the median and the 0.2/0.8 quantiles over rounds, in milliseconds.
 """
 
 from __future__ import annotations
@@ -11,9 +15,14 @@ import contextlib
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Hashable
 
 import torch
+
+from fastdiff.runtime import synchronize
+
+CLOCKS = ("wall", "thread")
+ROUND_MS = 20.0  # reps=None: calls per round sized so that one provider's round takes about this long
 
 
 @dataclass
@@ -21,7 +30,10 @@ class Timing:
     median_ms: float
     p20_ms: float
     p80_ms: float
-    reps: int
+    rounds: int
+    reps: int  # calls per round
+    warmup_s: float  # wall time of the warm-up calls (compile and capture included)
+    peak_mem_mb: float | None = None  # CUDA: peak allocated memory during the warm-up calls
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -34,10 +46,6 @@ def _quantile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def _summary(times: list[float]) -> Timing:
-    return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times))
-
-
 _L2_FLUSH: dict[torch.device, torch.Tensor] = {}
 
 
@@ -48,137 +56,94 @@ def _flush_buffer(device: torch.device) -> torch.Tensor:
     return _L2_FLUSH[device]
 
 
-def time_cuda(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float = 100, min_reps: int = 10,
-              max_reps: int = 1000, flush_l2: bool = True, device=None) -> Timing:
-    device = torch.device(device or "cuda")
-    fn()
+def _round_ms(fn: Callable[[], object], device: torch.device, reps: int, now, flush) -> float:
+    """Mean milliseconds of `reps` calls of fn()."""
+    if device.type != "cuda":
+        t0 = now()
+        for _ in range(reps):
+            fn()
+        return (now() - t0) * 1e3 / reps
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     torch.cuda.synchronize(device)
-    # Estimate one call to size the warm-up and the repetitions.
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(3):
+    for start, end in events:
+        if flush is not None:
+            flush.zero_()
+        start.record()
         fn()
-    end.record()
+        end.record()
     torch.cuda.synchronize(device)
-    est = max(start.elapsed_time(end) / 3, 1e-3)
-    for _ in range(max(1, int(warmup_ms / est))):
-        fn()
-    reps = int(min(max_reps, max(min_reps, rep_ms / est)))
-    buf = _flush_buffer(device) if flush_l2 else None
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for i in range(reps):
-        if buf is not None:
-            buf.zero_()
-        starts[i].record()
-        fn()
-        ends[i].record()
-    torch.cuda.synchronize(device)
-    return _summary([s.elapsed_time(e) for s, e in zip(starts, ends)])
+    return statistics.fmean(start.elapsed_time(end) for start, end in events)
 
 
-def time_cpu(fn: Callable[[], object], *, warmup: int = 2, rep_s: float = 1.0, min_reps: int = 3,
-             max_reps: int = 200) -> Timing:
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    budget_end = time.perf_counter() + rep_s
-    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() < budget_end):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return _summary(times)
-
-
-def time_fn(fn: Callable[[], object], device, **kw) -> Timing:
-    """Median-of-many time of fn() on `device` (CUDA events on a GPU, wall clock on the CPU)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return time_cuda(fn, device=device, **{k: v for k, v in kw.items() if k in _CUDA_KW})
-    return time_cpu(fn, **{k: v for k, v in kw.items() if k in _CPU_KW})
-
-
-def time_calls(fn: Callable[[], object], device, *, warmup: int = 1, reps: int = 5,
-               region: Callable[[], contextlib.AbstractContextManager] | None = None) -> Timing:
-    """Median-of-`reps` time of long calls (end-to-end sampling or training steps), after `warmup` calls.
-
-    No L2 flush (each call moves far more than L2). On a GPU each call is bracketed by CUDA events; on the CPU by
-    perf_counter. `region()` is entered around the timed calls only (telemetry sampling).
-    """
-    device = torch.device(device)
+def _warm_up(fn: Callable[[], object], device: torch.device, warmup: int) -> tuple[float, float | None]:
     cuda = device.type == "cuda"
-    for _ in range(warmup):
-        fn()
     if cuda:
-        torch.cuda.synchronize(device)
-    times: list[float] = []
-    with region() if region is not None else contextlib.nullcontext():
-        if cuda:
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-            for start, end in events:
-                start.record()
-                fn()
-                end.record()
-            torch.cuda.synchronize(device)
-            times = [start.elapsed_time(end) for start, end in events]
-        else:
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-    return _summary(times)
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    peak = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if cuda and warmup else None
+    return time.perf_counter() - t0, peak
 
 
-_CUDA_KW = {"warmup_ms", "rep_ms", "min_reps", "max_reps", "flush_l2"}
-_CPU_KW = {"warmup", "rep_s", "min_reps", "max_reps"}
+def error_status(e: BaseException) -> str:
+    """The status of a row whose provider raised: one line, the exception's type and first line."""
+    return f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
-def copy_bandwidth_gbs(nbytes: int, device) -> float:
-    """Measured device copy bandwidth in GB/s, counting the bytes read plus the bytes written."""
-    device = torch.device(device)
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    t = time_fn(lambda: dst.copy_(src), device)
-    return 2 * src.numel() * 4 / (t.median_ms * 1e-3) / 1e9
+def measure(fns: dict[Hashable, Callable[[], object]], device, *, rounds: int = 5, warmup: int = 1,
+            reps: int | None = 1, flush_l2: bool = False, clock: str = "wall",
+            telemetry: contextlib.AbstractContextManager | None = None) -> dict[Hashable, Timing | str]:
+    """Time every fn of `fns` (name -> callable) in alternation; see the module docstring.
 
-
-def time_interleaved(fns: dict[str, Callable[[], object]], device, *, rounds: int = 5, reps_per_round: int = 1,
-                     warmup: int = 1, clock: str = "wall") -> dict[str, Timing]:
-    """Median-of-rounds times of several providers, measured in alternation (A B A B ...).
-
-    On a shared or throttling machine the load drifts during a benchmark; alternating the providers round by
-    round exposes each to the same drift, so their ratio stays meaningful where back-to-back blocks of
-    repetitions would not. Each round times `reps_per_round` calls of each provider; a provider's times are the
-    per-call means of its rounds. clock: "wall" (CUDA events on a GPU, perf_counter on the CPU) or "thread"
-    (CPU time of the calling thread: immune to other processes taking the core, meaningful only for work that
-    runs on the calling thread alone, e.g. with torch.set_num_threads(1)).
+    reps=None sizes each provider's calls per round from one call after its warm-up (about ROUND_MS a round).
+    `telemetry` is entered around the rounds only; where it has a `tag` attribute, that is set to the name of
+    the provider being timed (so its readings can be told apart). A provider that raises is dropped from the
+    remaining rounds and gets `error_status` instead of a Timing: one broken provider must not lose the others.
     """
     device = torch.device(device)
-    if clock not in ("wall", "thread"):
-        raise ValueError(f"clock must be 'wall' or 'thread', got {clock!r}")
-    cuda = device.type == "cuda"
-    if cuda and clock == "thread":
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
+    if device.type == "cuda" and clock == "thread":
         raise ValueError("clock='thread' measures CPU work; use clock='wall' on a GPU")
     now = time.thread_time if clock == "thread" else time.perf_counter
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            if cuda:
-                torch.cuda.synchronize(device)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(reps_per_round):
-                    fn()
-                end.record()
-                torch.cuda.synchronize(device)
-                elapsed = start.elapsed_time(end)
-            else:
-                t0 = now()
-                for _ in range(reps_per_round):
-                    fn()
-                elapsed = (now() - t0) * 1e3
-            times[name].append(elapsed / reps_per_round)
-    return {name: _summary(ts) for name, ts in times.items()}
+    flush = _flush_buffer(device) if flush_l2 and device.type == "cuda" else None
+    failed: dict[Hashable, str] = {}
+    warm, per_round = {}, {}
+    for name, fn in fns.items():
+        try:
+            warm[name] = _warm_up(fn, device, warmup)
+            per_round[name] = reps or max(1, min(1000, int(ROUND_MS / max(_round_ms(fn, device, 1, now, flush),
+                                                                          1e-3))))
+        except Exception as e:  # noqa: BLE001 - reported in the provider's row
+            failed[name] = error_status(e)
+    times: dict[Hashable, list[float]] = {name: [] for name in fns if name not in failed}
+    with telemetry if telemetry is not None else contextlib.nullcontext():
+        for _ in range(rounds):
+            for name in [n for n in times if n not in failed]:
+                if hasattr(telemetry, "tag"):
+                    telemetry.tag = name
+                try:
+                    times[name].append(_round_ms(fns[name], device, per_round[name], now, flush))
+                except Exception as e:  # noqa: BLE001 - as above
+                    failed[name] = error_status(e)
+            if hasattr(telemetry, "tag"):
+                telemetry.tag = None
+    out: dict[Hashable, Timing | str] = {}
+    for name in fns:
+        if name in failed:
+            out[name] = failed[name]
+            continue
+        ts = times[name]
+        out[name] = Timing(statistics.median(ts), _quantile(ts, 0.2), _quantile(ts, 0.8), rounds, per_round[name],
+                           round(warm[name][0], 3), warm[name][1])
+    return out
+
+
+def copy_bandwidth_gbs(nbytes: int, device, rounds: int = 5) -> float:
+    """Measured device copy bandwidth in GB/s, counting the bytes read plus the bytes written."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    t = measure({"copy": lambda: dst.copy_(src)}, device, rounds=rounds, reps=None)["copy"]
+    return 2 * src.numel() * 4 / (t.median_ms * 1e-3) / 1e9

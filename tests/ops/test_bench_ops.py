@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastdiff.bench.ops import Case, format_table, measure_case, run_op_benchmarks
+from fastdiff.bench.ops import Case, default_cases, measure_case, run_op_benchmarks
+from fastdiff.bench.report import table
 from fastdiff.ops import native
 
 
@@ -25,9 +26,17 @@ def test_quick_run_on_cpu_reports_every_op():
             assert r["status"] == "ok" if native.available() else r["status"].startswith("skipped: ")
             continue
         assert r["status"] == "ok" and r["provider"] == "torch-eager"
-        assert r["median_ms"] > 0 and r["gbps"] == pytest.approx(r["bytes"] / r["median_ms"] / 1e6)
+        assert r["median_ms"] > 0 and r["gb_per_s"] == pytest.approx(r["bytes"] / r["median_ms"] / 1e6)
         assert r["vs_torch_eager"] == pytest.approx(1.0) and r["frac_copy_bw"] > 0
-    assert "GB/s" in format_table(rows).splitlines()[0]
+    assert "GB/s" in table(rows).splitlines()[0]
+
+
+def test_headline_cases_lead():
+    # The GPU suite's bandwidth rows: the GroupNorm+SiLU forward and the sampler step come first.
+    cpu = torch.device("cpu")
+    assert [build().op for build in default_cases(cpu, quick=True, part="headline")] == ["group_norm_silu",
+                                                                                          "sampler_step"]
+    assert len(default_cases(cpu, quick=False, part="rest")) + 2 == len(default_cases(cpu, quick=False))
 
 
 def test_ratios_come_from_the_same_run():
@@ -35,13 +44,13 @@ def test_ratios_come_from_the_same_run():
     slow = lambda: [x.add(1) for _ in range(20)]  # noqa: E731
     fast = lambda: x.add(1)  # noqa: E731
     broken = lambda: 1 / 0  # noqa: E731
-    case = Case("demo", (1024,), torch.float32, 8192, "2 * 4096", {"torch-eager": slow, "fastdiff-triton": fast,
+    case = Case("demo", (1024,), torch.float32, 8192, "2 * 4096", {"torch-eager": slow, "fastdiff": fast,
                                                                   "torch-compile": broken})
     rows = {r["provider"]: r for r in measure_case(case, torch.device("cpu"), 10.0, quick=True)}
-    assert rows["torch-compile"]["status"].startswith("failed: ZeroDivisionError")
-    assert rows["fastdiff-triton"]["vs_torch_eager"] == pytest.approx(
-        rows["torch-eager"]["median_ms"] / rows["fastdiff-triton"]["median_ms"])
-    assert rows["fastdiff-triton"]["vs_torch_compile"] is None
+    assert rows["torch-compile"]["status"].startswith("error: ZeroDivisionError")
+    assert rows["fastdiff"]["vs_torch_eager"] == pytest.approx(
+        rows["torch-eager"]["median_ms"] / rows["fastdiff"]["median_ms"])
+    assert "vs_torch_compile" not in rows["fastdiff"]
 
 
 def test_script_prints_a_table_then_json():

@@ -8,8 +8,9 @@ import torch
 from fastdiff import ops as fops
 from fastdiff import reference
 from fastdiff.bench.e2e import Job, SampleCase, sample_rows
-from fastdiff.bench.native import cpu_rows, format_table, profile_shares, run_native_benchmarks
+from fastdiff.bench.native import cpu_rows, profile_shares, run_native_benchmarks
 from fastdiff.bench.ops import sampler_step_case
+from fastdiff.bench.report import add_ratios, table
 from fastdiff.bench.suite import Budget, plan, run_job
 from fastdiff.diffusion import NoiseSchedule, initial_noise, sample_ddim, seeds_for
 from fastdiff.errors import ConfigError
@@ -86,9 +87,9 @@ def test_cpu_preference_is_per_op(monkeypatch):
 def test_bench_native_provider_is_skipped_with_the_reason(monkeypatch):
     monkeypatch.setattr(native, "unavailable_reason", lambda device: "the extension fastdiff._C is not built")
     cpu = torch.device("cpu")
-    jobs = [j for j in plan(cpu, quick=True, presets=("mnist",)) if j.provider == "fastdiff-native"]
+    jobs = [j for j in plan(cpu, quick=True, presets=("mnist",), providers=["fastdiff-native"]) if j.section != "ops"]
     assert [j.section for j in jobs] == ["sample"]
-    rows = list(run_job(jobs[0], cpu, quick=True, reps=1, budget=Budget(60.0)))
+    rows = list(run_job(jobs[0], cpu, quick=True, rounds=1, budget=Budget(60.0)))
     assert rows and all(r["status"] == "skipped: the extension fastdiff._C is not built" for r in rows)
     case = sampler_step_case(cpu, (2, 1, 4, 4), torch.float32, quick=True)
     assert "fastdiff-native" not in case.providers
@@ -101,8 +102,8 @@ def test_bench_native_provider_rows():
     case = sampler_step_case(cpu, (2, 1, 4, 4), torch.float32, quick=True)
     assert case.skipped == {}
     torch.testing.assert_close(case.providers["fastdiff-native"](), case.providers["torch-eager"]())
-    job = Job("sample", "digits", "fastdiff-native", "fp32", 2, [SampleCase("ddim", 4, 1)])
-    row = next(sample_rows(job, cpu, reps=1, warmup=0))
+    job = Job("sample", "digits", 2, (("fastdiff-native", "fp32"),), (SampleCase("ddim", 4, 1),))
+    row = next(sample_rows(job, cpu, rounds=1, warmup=0))
     assert row["status"] == "ok" and row["images_per_s"] > 0 and row["options"].endswith("+native-ops")
 
 
@@ -158,7 +159,7 @@ def test_profile_shares_split_the_time_by_op_group():
         assert shares[f"share_{group}"] > 0, group
     assert shares["share_sampler_step"] == 0
     row = {"preset": "digits", "kind": "profile", "op": "unet forward", "provider": "torch-eager", **shares}
-    assert "convolution" in format_table([row])
+    assert "share_convolution" in table([row])
 
 
 @requires_native
@@ -168,9 +169,10 @@ def test_native_cpu_benchmark_quick():
     assert sorted(e2e) == sorted((p, layout) for p in ("torch-eager", "fastdiff-native")
                                  for layout in ("nchw", "channels_last"))
     eager = next(r for r in rows if r["kind"] == "e2e" and r["provider"] == "torch-eager" and r["layout"] == "nchw")
-    assert eager["ratio_vs_torch_eager"] == 1.0 and eager["images_per_s"] > 0
+    add_ratios(rows)
+    assert eager["vs_torch_eager"] == 1.0 and eager["images_per_s"] > 0
     assert {r["provider"] for r in rows if r["kind"] == "profile"} == {"torch-eager", "fastdiff-native"}
-    table = format_table(rows)
-    assert "[channels_last]" in table and "convolution" in table and "sampler_step" in table
+    text = table(rows)
+    assert "channels_last" in text and "share_convolution" in text and "sampler_step" in text
     with pytest.raises(ConfigError, match="layouts must include nchw"):
         cpu_rows("digits", layouts=("channels_last",))
