@@ -262,6 +262,10 @@ def cmd_eval(args) -> int:
                           refine=args.refine)
     floor = result["fd_cls_floor"]
     print(f"FD_cls {result['fd_cls']:.3f} (real-vs-real floor {floor:.3f}, ratio {result['fd_ratio']:.2f})")
+    print(f"KID {result['kid']:.5f} +- {result['kid_std']:.5f} "
+          f"(real-vs-real {result['kid_floor']:.5f} +- {result['kid_floor_std']:.5f})")
+    print(f"precision {result['precision']:.3f}, recall {result['recall']:.3f} "
+          f"(real-vs-real {result['precision_floor']:.3f}, {result['recall_floor']:.3f})")
     if "cond_accuracy" in result:
         print(f"class-conditional accuracy {100 * result['cond_accuracy']:.1f}% "
               f"(classifier on held-out real images: {100 * result['classifier_test_accuracy']:.1f}%)")

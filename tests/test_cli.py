@@ -70,6 +70,9 @@ def test_eval_prints_json_last(trained, capsys):
     assert {"fd_cls", "fd_cls_floor", "fd_ratio", "cond_accuracy", "classifier_test_accuracy"} <= set(result)
     assert result["fd_cls"] >= 0 and 0 <= result["cond_accuracy"] <= 1
     assert "FD_cls" in out and "floor" in out
+    assert {"kid", "kid_std", "kid_floor", "kid_floor_std", "precision", "recall", "precision_floor",
+            "recall_floor"} <= set(result) and "KID" in out and "precision" in out
+    assert result["kid_std"] > 0 and 0 <= result["precision"] <= 1 and 0 <= result["recall_floor"] <= 1
 
 
 def test_resume_extends_and_guards_flags(trained, capsys):
