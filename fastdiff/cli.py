@@ -307,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distill(sub)
     _add_train_refiner(sub)
     _add_bench(sub)
+    _add_plot(sub)
     return parser
 
 
@@ -364,8 +365,30 @@ def _add_bench(sub):
     p.add_argument("--reps", type=int, help="timed calls per row (default 2 quick, 5 full)")
 
 
+def _add_plot(sub):
+    from fastdiff.plot import DEFAULT_KEYS
+
+    p = sub.add_parser("plot", help="draw the training stats of one or more runs on one figure",
+                       description="Draw the stats.jsonl of one or more runs on one PNG: one subplot per stat "
+                       "against images seen (kimg), one line per run, the legend naming each run directory.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories written by fastdiff train or distill")
+    p.add_argument("--out", required=True, help="output .png file (required)")
+    p.add_argument("--keys", default=",".join(DEFAULT_KEYS),
+                   help="comma-separated stats.jsonl fields, one subplot each, e.g. grad_norm, sec_per_kimg, "
+                   "peak_mem_mb, or an ADD run's g_adv, distill, d_loss (default: %(default)s)")
+
+
+def cmd_plot(args) -> int:
+    from fastdiff.plot import plot_stats
+
+    keys = [k.strip() for k in args.keys.split(",") if k.strip()]
+    path = plot_stats(args.runs, args.out, keys)
+    print(json.dumps({"plot": str(path), "runs": [str(r) for r in args.runs], "keys": keys}))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "env": cmd_env, "distill": cmd_distill,
-            "train-refiner": cmd_train_refiner, "bench": cmd_bench}
+            "train-refiner": cmd_train_refiner, "bench": cmd_bench, "plot": cmd_plot}
 
 
 def main(argv: list[str] | None = None) -> int:
