@@ -214,7 +214,7 @@ def _add_sampling_flags(p, n_default):
 
 
 def cmd_sample(args) -> int:
-    from fastdiff.images import save_grid, save_samples, save_trajectory
+    from fastdiff.images import save_grid, save_images, save_samples, save_trajectory
     from fastdiff.models.refiner import load_refiner
     from fastdiff.runtime import resolve_device
     from fastdiff.sampling import TrajectoryRecorder, generate, load_run, parse_labels
@@ -245,6 +245,9 @@ def cmd_sample(args) -> int:
               "images_per_sec": args.n / max(timings["sampling_s"], 1e-9),
               "setup_seconds": round(timings["setup_s"], 3), "accel": accel.describe(), "checkpoint": loaded.path,
               "refiner": args.refine}
+    if args.save_images:
+        save_images(samples, seeds, labels, args.save_images)
+        result["images"] = str(args.save_images)
     if recorder is not None:
         traj = out.with_name(out.stem + "_trajectory.png")
         save_trajectory(recorder.frames, traj, title=f"{sampler}, {steps} steps")
@@ -293,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output PNG (raw samples go beside it as .npz)")
     p.add_argument("--trajectory", action="store_true", help="also write <out>_trajectory.png")
     p.add_argument("--trajectory-rows", type=int, default=4)
+    p.add_argument("--save-images", metavar="DIR", help="also write one PNG per sample into DIR, named by its seed "
+                   "and label: seed000123-label7.png (seed000123.png unconditional) (default: off)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--amp", choices=["fp32", "bf16", "fp16"], help="autocast for the model (default: bf16 on a GPU)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,

@@ -62,6 +62,20 @@ def test_sample_ddpm(trained, tmp_path, capsys):
     assert code == 0 and json.loads(out)["sampler"] == "ddpm"
 
 
+def test_sample_save_images(trained, tmp_path, capsys):
+    from PIL import Image
+
+    code, out, _ = run(["sample", "--checkpoint", str(trained), "--n", "3", "--steps", "2", "--labels", "4", "--seed",
+                        "41", "--out", str(tmp_path / "g.png"), "--save-images", str(tmp_path / "each")], capsys)
+    result = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and result["images"] == str(tmp_path / "each")
+    names = ["seed000041-label4.png", "seed000042-label4.png", "seed000043-label4.png"]
+    assert sorted(p.name for p in (tmp_path / "each").iterdir()) == names
+    images = np.load(result["samples"])["images"]  # the same uint8 conversion as the .npz archive
+    for name, want in zip(names, images):
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "each" / name))[..., None], want)
+
+
 def test_eval_prints_json_last(trained, capsys):
     code, out, _ = run(["eval", "--checkpoint", str(trained), "--n", "40", "--steps", "2", "--classifier-steps", "20"],
                        capsys)
