@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from fastdiff.checkpoint import write_json_atomic
 from fastdiff.data import ImageData
 from fastdiff.errors import CheckpointError
-from fastdiff.metrics import frechet_distance, kid, precision_recall
+from fastdiff.metrics import frechet_distance, kid, knn_radii, precision_recall
 from fastdiff.models.classifier import Classifier, ClassifierConfig, train_classifier
 
 PR_K = 3  # nearest neighbours of the precision/recall manifolds (Kynkaanniemi et al. 2019)
@@ -80,9 +80,11 @@ def real_reference(model: Classifier, train: ImageData, test: ImageData, n: int,
     idx = torch.randperm(len(train), generator=g)[: min(n, len(train))]
     train_f, _ = features_and_logits(model, train.float_images()[idx], device)
     kid_floor, kid_floor_std = kid(train_f, test_f)
-    precision_floor, recall_floor = precision_recall(test_f, train_f, k=PR_K)
+    test_radii = knn_radii(torch.as_tensor(test_f, dtype=torch.float64), PR_K)  # the real manifold, for every score
+    precision_floor, recall_floor = precision_recall(test_f, train_f, k=PR_K, real_radii=test_radii)
     return {
         "test_features": test_f,
+        "test_radii": test_radii,
         "floor": frechet_distance(train_f, test_f),
         "kid_floor": kid_floor, "kid_floor_std": kid_floor_std,
         "precision_floor": precision_floor, "recall_floor": recall_floor,
@@ -100,7 +102,7 @@ def score_samples(model: Classifier, samples: torch.Tensor, labels: torch.Tensor
     out["fd_ratio"] = out["fd_cls"] / max(reference["floor"], 1e-12)
     out["kid"], out["kid_std"] = kid(feats, test_f)
     out["kid_floor"], out["kid_floor_std"] = reference["kid_floor"], reference["kid_floor_std"]
-    out["precision"], out["recall"] = precision_recall(test_f, feats, k=PR_K)
+    out["precision"], out["recall"] = precision_recall(test_f, feats, k=PR_K, real_radii=reference["test_radii"])
     out["precision_floor"], out["recall_floor"] = reference["precision_floor"], reference["recall_floor"]
     if labels is not None:
         out["cond_accuracy"] = float((logits.argmax(1) == labels.cpu()).float().mean())

@@ -101,16 +101,22 @@ def in_manifold(points: torch.Tensor, ref: torch.Tensor, radii: torch.Tensor, ch
                       for i in range(0, len(points), chunk)])
 
 
-def precision_recall(real, fake, *, k: int = 3) -> tuple[float, float]:
+def precision_recall(real, fake, *, k: int = 3, real_radii=None) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019) of fake [M, D] against real [N, D], with k-NN
     manifolds (k=3 as in the paper): precision = fraction of fake rows in the real manifold, recall = fraction
-    of real rows in the fake manifold. Both are 1 for identical sets and 0 for sets far apart."""
+    of real rows in the fake manifold. Both are 1 for identical sets and 0 for sets far apart.
+
+    real_radii: `knn_radii(real, k)` computed once for a real set scored against several fake ones.
+    """
     real, fake = _float64(real), _float64(fake)
     if real.shape[1] != fake.shape[1]:
         raise ValueError(f"feature sizes differ: {real.shape[1]} and {fake.shape[1]}")
     if min(len(real), len(fake)) <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} rows in each set, "
                          f"got {len(real)} and {len(fake)}")
-    precision = in_manifold(fake, real, knn_radii(real, k)).double().mean()
+    real_radii = knn_radii(real, k) if real_radii is None else torch.as_tensor(real_radii, dtype=torch.float64)
+    if real_radii.shape != (len(real),):
+        raise ValueError(f"real_radii must be [{len(real)}], got shape {tuple(real_radii.shape)}")
+    precision = in_manifold(fake, real, real_radii).double().mean()
     recall = in_manifold(real, fake, knn_radii(fake, k)).double().mean()
     return float(precision), float(recall)

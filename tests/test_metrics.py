@@ -127,7 +127,10 @@ def test_precision_recall_matches_direct_loops():
     rng = np.random.default_rng(3)
     real, fake = rng.normal(size=(30, 5)), rng.normal(size=(25, 5)) * 1.3 + 0.4
     for k in (1, 3, 5):
-        assert precision_recall(real, fake, k=k) == pytest.approx(_direct_precision_recall(real, fake, k))
+        direct = _direct_precision_recall(real, fake, k)
+        assert precision_recall(real, fake, k=k) == pytest.approx(direct)
+        radii = knn_radii(torch.as_tensor(real), k)
+        assert precision_recall(real, fake, k=k, real_radii=radii) == pytest.approx(direct)
 
 
 def test_precision_recall_identical_disjoint_and_dropped_modes():
@@ -151,5 +154,7 @@ def test_precision_recall_identical_disjoint_and_dropped_modes():
 def test_precision_recall_rejects_bad_input():
     with pytest.raises(ValueError, match="more than 3 rows"):
         precision_recall(np.zeros((3, 2)), np.zeros((10, 2)))
+    with pytest.raises(ValueError, match=r"real_radii must be \[10\]"):
+        precision_recall(np.zeros((10, 2)), np.zeros((10, 2)), real_radii=np.zeros(9))
     with pytest.raises(ValueError, match=r"must be \[N, D\]"):
         precision_recall(np.zeros(10), np.zeros((10, 2)))
