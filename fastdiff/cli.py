@@ -294,7 +294,7 @@ def _add_run_flags(p, n_default):
 
 
 def cmd_sample(args) -> int:
-    from fastdiff.images import save_grid, save_samples, save_trajectory
+    from fastdiff.images import save_grid, save_images, save_samples, save_trajectory
     from fastdiff.runtime import resolve_device
     from fastdiff.sampling import TrajectoryRecorder, load_run, resolve_settings, sample
 
@@ -315,6 +315,9 @@ def cmd_sample(args) -> int:
               "seconds": round(res.seconds + res.setup_s, 3), "images_per_sec": res.images_per_sec,
               "setup_seconds": round(res.setup_s, 3), "accel": settings.accel.describe(), "checkpoint": run.path,
               "refiner": args.refine}
+    if args.save_images:
+        save_images(res.images, res.seeds, res.labels, args.save_images)
+        result["images"] = str(args.save_images)
     if recorder is not None:
         traj = out.with_name(out.stem + "_trajectory.png")
         save_trajectory(recorder.frames, traj, title=f"{settings.sampler}, {settings.steps} steps")
@@ -331,6 +334,10 @@ def cmd_eval(args) -> int:
                           refiner=args.refine, **sampling_overrides(args))
     floor = result["fd_cls_floor"]
     print(f"FD_cls {result['fd_cls']:.3f} (real-vs-real floor {floor:.3f}, ratio {result['fd_ratio']:.2f})")
+    print(f"KID {result['kid']:.5f} +- {result['kid_std']:.5f} "
+          f"(real-vs-real {result['kid_floor']:.5f} +- {result['kid_floor_std']:.5f})")
+    print(f"precision {result['precision']:.3f}, recall {result['recall']:.3f} "
+          f"(real-vs-real {result['precision_floor']:.3f}, {result['recall_floor']:.3f})")
     if "cond_accuracy" in result:
         print(f"class-conditional accuracy {100 * result['cond_accuracy']:.1f}% "
               f"(classifier on held-out real images: {100 * result['classifier_test_accuracy']:.1f}%)")
@@ -358,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output PNG (raw samples go beside it as .npz)")
     p.add_argument("--trajectory", action="store_true", help="also write <out>_trajectory.png")
     p.add_argument("--trajectory-rows", type=COUNT, default=4)
+    p.add_argument("--save-images", metavar="DIR", help="also write one PNG per sample into DIR, named by its seed "
+                   "and label: seed000123-label7.png (seed000123.png unconditional) (default: off)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     add_sampling_args(p)
     p = sub.add_parser("eval", help="FD_cls, its real-vs-real floor, and class-conditional accuracy")
@@ -370,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_refiner(sub)
     _add_bench(sub)
     _add_export(sub)
+    _add_plot(sub)
     return parser
 
 
@@ -446,8 +456,30 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _add_plot(sub):
+    from fastdiff.plot import DEFAULT_KEYS
+
+    p = sub.add_parser("plot", help="draw the training stats of one or more runs on one figure",
+                       description="Draw the stats.jsonl of one or more runs on one PNG: one subplot per stat "
+                       "against images seen (kimg), one line per run, the legend naming each run directory.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories written by fastdiff train or distill")
+    p.add_argument("--out", required=True, help="output .png file (required)")
+    p.add_argument("--keys", default=",".join(DEFAULT_KEYS),
+                   help="comma-separated stats.jsonl fields, one subplot each, e.g. grad_norm, sec_per_kimg, "
+                   "peak_mem_mb, or an ADD run's g_adv, distill, d_loss (default: %(default)s)")
+
+
+def cmd_plot(args) -> int:
+    from fastdiff.plot import plot_stats
+
+    keys = [k.strip() for k in args.keys.split(",") if k.strip()]
+    path = plot_stats(args.runs, args.out, keys)
+    print(json.dumps({"plot": str(path), "runs": [str(r) for r in args.runs], "keys": keys}))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "env": cmd_env, "distill": cmd_distill,
-            "train-refiner": cmd_train_refiner, "bench": cmd_bench, "export": cmd_export}
+            "train-refiner": cmd_train_refiner, "bench": cmd_bench, "export": cmd_export, "plot": cmd_plot}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,37 +1,28 @@
-"""Sample quality: Frechet distance in the feature space of a classifier trained on the dataset (FD_cls), its
-real-vs-real floor, and class-conditional accuracy.
+"""Sample quality in the feature space of a classifier trained on the dataset: Frechet distance (FD_cls), KID and
+precision/recall (fastdiff.metrics), each beside its real-vs-real value, and class-conditional accuracy.
 
 FD_cls follows FID (Heusel et al. 2017) with fastdiff's own small classifier in place of Inception, which
 knows nothing of 8x8 digits. Every FD_cls is reported beside the floor: the FD between the held-out real
 images and an equal number of training images, i.e. what a perfect generator would score at this sample size.
+KID and precision/recall get the same real-vs-real values (kid_floor, precision_floor, recall_floor).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fastdiff.checkpoint import read_json, read_tensors, resolve_checkpoint, save_tensors, write_json_atomic
 from fastdiff.data import ImageData, load_dataset
 from fastdiff.errors import CheckpointError
+from fastdiff.metrics import frechet_distance, kid, knn_radii, precision_recall
 from fastdiff.models.classifier import Classifier, ClassifierConfig, train_classifier
 from fastdiff.runtime import resolve_device
 from fastdiff.sampling import load_run, resolve_settings, sample
 
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between the Gaussians fitted to rows of a and b."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    # Tr((S_a S_b)^(1/2)) = sum sqrt(eig(S_a^(1/2) S_b S_a^(1/2))), a symmetric PSD matrix: stable with eigh.
-    w, v = np.linalg.eigh(s_a)
-    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    eig = np.linalg.eigvalsh(root_a @ s_b @ root_a)
-    tr_cross = np.sqrt(np.clip(eig, 0, None)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * tr_cross)
+PR_K = 3  # nearest neighbours of the precision/recall manifolds (Kynkaanniemi et al. 2019)
+MIN_IMAGES = PR_K + 1  # fewer and a point has no k-th neighbour
 
 
 def classifier_path(cache_dir: Path, data: ImageData) -> Path:
@@ -76,26 +67,41 @@ def features_and_logits(model: Classifier, images: torch.Tensor, device, batch_s
 
 
 def real_reference(model: Classifier, train: ImageData, test: ImageData, n: int, device) -> dict:
-    """Held-out features, the real-vs-real floor at sample size n, and the classifier's held-out accuracy."""
-    if len(test) < 2 or n < 2:
-        raise CheckpointError("FD_cls needs at least 2 held-out and 2 generated images")
+    """Held-out features, the real-vs-real values at sample size n (FD_cls floor, KID, precision/recall of n
+    training images against the held-out set), and the classifier's held-out accuracy."""
+    if min(len(train), len(test), n) < MIN_IMAGES:
+        raise CheckpointError(f"fastdiff eval needs at least {MIN_IMAGES} training, held-out and generated images "
+                              f"(precision/recall uses {PR_K} nearest neighbours); got {len(train)}, {len(test)} "
+                              f"and --n {n}")
     test_f, test_logits = features_and_logits(model, test.float_images(), device)
     g = torch.Generator().manual_seed(1234)
     idx = torch.randperm(len(train), generator=g)[: min(n, len(train))]
     train_f, _ = features_and_logits(model, train.float_images()[idx], device)
+    kid_floor, kid_floor_std = kid(train_f, test_f)
+    test_radii = knn_radii(torch.as_tensor(test_f, dtype=torch.float64), PR_K)  # the real manifold, for every score
+    precision_floor, recall_floor = precision_recall(test_f, train_f, k=PR_K, real_radii=test_radii)
     return {
         "test_features": test_f,
+        "test_radii": test_radii,
         "floor": frechet_distance(train_f, test_f),
+        "kid_floor": kid_floor, "kid_floor_std": kid_floor_std,
+        "precision_floor": precision_floor, "recall_floor": recall_floor,
         "classifier_test_accuracy": float((test_logits.argmax(1) == test.labels).float().mean()),
     }
 
 
 def score_samples(model: Classifier, samples: torch.Tensor, labels: torch.Tensor | None, reference: dict,
                   device) -> dict:
-    """FD_cls of float samples in [-1, 1] against the held-out set, and accuracy for their intended labels."""
+    """FD_cls, KID and precision/recall of float samples in [-1, 1] against the held-out set, each beside its
+    real-vs-real value, and accuracy for their intended labels."""
     feats, logits = features_and_logits(model, samples.clamp(-1, 1), device)
-    out = {"fd_cls": frechet_distance(feats, reference["test_features"]), "fd_cls_floor": reference["floor"]}
+    test_f = reference["test_features"]
+    out = {"fd_cls": frechet_distance(feats, test_f), "fd_cls_floor": reference["floor"]}
     out["fd_ratio"] = out["fd_cls"] / max(reference["floor"], 1e-12)
+    out["kid"], out["kid_std"] = kid(feats, test_f)
+    out["kid_floor"], out["kid_floor_std"] = reference["kid_floor"], reference["kid_floor_std"]
+    out["precision"], out["recall"] = precision_recall(test_f, feats, k=PR_K, real_radii=reference["test_radii"])
+    out["precision_floor"], out["recall_floor"] = reference["precision_floor"], reference["recall_floor"]
     if labels is not None:
         out["cond_accuracy"] = float((logits.argmax(1) == labels.cpu()).float().mean())
     return out

@@ -1,4 +1,4 @@
-"""Image outputs: PNG grids, raw sample archives, and denoising-trajectory figures."""
+"""Image outputs: PNG grids, one PNG per sample, raw sample archives, and denoising-trajectory figures."""
 
 from __future__ import annotations
 
@@ -71,6 +71,22 @@ def save_samples(path, samples: torch.Tensor, labels: torch.Tensor | None, seeds
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     return atomic_write(path, buf.getvalue())
+
+
+def sample_name(seed: int, label: int | None) -> str:
+    """`seed000123-label7.png`, or `seed000123.png` for an unconditional sample."""
+    return f"seed{seed:06d}.png" if label is None else f"seed{seed:06d}-label{label}.png"
+
+
+def save_images(images: torch.Tensor, seeds, labels, out_dir) -> list[Path]:
+    """One PNG per sample in out_dir, at the model's resolution, named by its seed and label (`sample_name`):
+    float images in [-1, 1] [N, C, H, W] become uint8 exactly as in the grids (`to_uint8`)."""
+    seeds = [int(s) for s in seeds]
+    labels = [None] * len(seeds) if labels is None else [int(y) for y in labels]
+    if not len(images) == len(seeds) == len(labels):
+        raise ValueError(f"{len(images)} images, {len(seeds)} seeds and {len(labels)} labels")
+    out_dir = Path(out_dir)
+    return [save_png(a, out_dir / sample_name(s, y)) for a, s, y in zip(to_uint8(images), seeds, labels)]
 
 
 def save_trajectory(frames: list[tuple[str, torch.Tensor, torch.Tensor]], path, title: str = "") -> Path:

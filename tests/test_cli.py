@@ -62,6 +62,20 @@ def test_sample_ddpm(trained, tmp_path, capsys):
     assert code == 0 and json.loads(out)["sampler"] == "ddpm"
 
 
+def test_sample_save_images(trained, tmp_path, capsys):
+    from PIL import Image
+
+    code, out, _ = run(["sample", "--checkpoint", str(trained), "--n", "3", "--steps", "2", "--labels", "4", "--seed",
+                        "41", "--out", str(tmp_path / "g.png"), "--save-images", str(tmp_path / "each")], capsys)
+    result = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and result["images"] == str(tmp_path / "each")
+    names = ["seed000041-label4.png", "seed000042-label4.png", "seed000043-label4.png"]
+    assert sorted(p.name for p in (tmp_path / "each").iterdir()) == names
+    images = np.load(result["samples"])["images"]  # the same uint8 conversion as the .npz archive
+    for name, want in zip(names, images):
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "each" / name))[..., None], want)
+
+
 def test_eval_prints_json_last(trained, capsys):
     code, out, _ = run(["eval", "--checkpoint", str(trained), "--n", "40", "--steps", "2", "--classifier-steps", "20"],
                        capsys)
@@ -70,6 +84,9 @@ def test_eval_prints_json_last(trained, capsys):
     assert {"fd_cls", "fd_cls_floor", "fd_ratio", "cond_accuracy", "classifier_test_accuracy"} <= set(result)
     assert result["fd_cls"] >= 0 and 0 <= result["cond_accuracy"] <= 1
     assert "FD_cls" in out and "floor" in out
+    assert {"kid", "kid_std", "kid_floor", "kid_floor_std", "precision", "recall", "precision_floor",
+            "recall_floor"} <= set(result) and "KID" in out and "precision" in out
+    assert result["kid_std"] > 0 and 0 <= result["precision"] <= 1 and 0 <= result["recall_floor"] <= 1
 
 
 def test_resume_extends_and_guards_flags(trained, capsys):

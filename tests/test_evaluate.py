@@ -1,32 +1,6 @@
-import numpy as np
-import pytest
 import torch
 
-from fastdiff.evaluate import frechet_distance
 from fastdiff.models.classifier import _augment
-
-
-def test_frechet_distance_closed_forms():
-    rng = np.random.default_rng(0)
-    a = rng.normal(size=(5000, 4))
-    assert frechet_distance(a, a) == pytest.approx(0, abs=1e-8)
-    # Same covariance, shifted mean: FD = ||shift||^2.
-    assert frechet_distance(a, a + np.array([1.0, 2.0, 0.0, 0.0])) == pytest.approx(5.0, rel=1e-6)
-    # Isotropic Gaussians N(0, s1^2 I) and N(0, s2^2 I): FD = d (s1 - s2)^2.
-    b = rng.normal(size=(200_000, 3)) * 2.0
-    c = rng.normal(size=(200_000, 3)) * 0.5
-    assert frechet_distance(b, c) == pytest.approx(3 * 1.5**2, rel=0.02)
-
-
-def test_frechet_distance_matches_scipy_sqrtm():
-    scipy_linalg = pytest.importorskip("scipy.linalg")
-    rng = np.random.default_rng(1)
-    a = rng.normal(size=(300, 6)) @ rng.normal(size=(6, 6))
-    b = rng.normal(size=(300, 6)) @ rng.normal(size=(6, 6)) + 0.3
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = scipy_linalg.sqrtm(s_a @ s_b).real
-    ref = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s_a + s_b - 2 * covmean)
-    assert frechet_distance(a, b) == pytest.approx(ref, rel=1e-6)
 
 
 def test_augment_shifts_within_bounds():
@@ -34,3 +8,28 @@ def test_augment_shifts_within_bounds():
     x[:, :, 4, 4] = 1
     y = _augment(x, torch.Generator().manual_seed(0))
     assert y.shape == x.shape and (y.sum(dim=(1, 2, 3)) == 1).all()
+
+
+def test_score_samples_reports_each_metric_beside_its_real_vs_real_value():
+    from fastdiff.data import load_dataset
+    from fastdiff.evaluate import real_reference, score_samples
+    from fastdiff.models.classifier import train_classifier
+
+    train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
+    torch.manual_seed(0)
+    model = train_classifier(train.float_images(), train.labels, 10, steps=30, device="cpu").eval()  # ~85% held out
+    n = 300
+    ref = real_reference(model, train, test, n, "cpu")
+    assert {"floor", "kid_floor", "kid_floor_std", "precision_floor", "recall_floor"} <= set(ref)
+    # Training images the floor did not draw score like the floor: another real sample of the same size.
+    g = torch.Generator().manual_seed(1234)
+    unused = torch.randperm(len(train), generator=g)[n : 2 * n]
+    real = score_samples(model, train.float_images()[unused], None, ref, "cpu")
+    assert abs(real["kid"]) < 4 * real["kid_std"] and abs(ref["kid_floor"]) < 4 * ref["kid_floor_std"]
+    assert abs(real["precision"] - ref["precision_floor"]) < 0.1 and abs(real["recall"] - ref["recall_floor"]) < 0.1
+    # Noise: far from the floor on every metric.
+    noise = score_samples(model, torch.rand(n, 1, 8, 8, generator=g) * 2 - 1, None, ref, "cpu")
+    assert noise["kid"] > 8 * noise["kid_std"] > 0 and noise["kid"] > 10 * ref["kid_floor_std"]
+    assert noise["precision"] < ref["precision_floor"] / 2 and noise["fd_cls"] > noise["fd_cls_floor"]
+    assert {"kid", "kid_std", "kid_floor", "kid_floor_std", "precision", "recall", "precision_floor",
+            "recall_floor", "fd_cls", "fd_cls_floor", "fd_ratio"} == set(noise)

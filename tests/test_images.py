@@ -1,0 +1,43 @@
+"""fastdiff.images.save_images: one PNG per sample, read back pixel for pixel."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastdiff.images import save_images, to_uint8
+
+
+def expected_uint8(x):
+    """The grids' conversion, written out: [-1, 1] -> round((x + 1) * 127.5), clamped, HWC."""
+    return np.round((np.clip(x.numpy(), -1, 1) + 1) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_save_images_pixels_and_names(tmp_path, channels):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(5, channels, 6, 7, generator=g) * 2.4 - 1.2  # some values outside [-1, 1]
+    x[0, 0, 0, :3] = torch.tensor([-1.0, 0.0, 1.0])
+    seeds = torch.arange(120, 125)
+    labels = torch.tensor([7, 0, 3, 3, 9])
+    paths = save_images(x, seeds, labels, tmp_path / "out")
+    assert [p.name for p in paths] == ["seed000120-label7.png", "seed000121-label0.png", "seed000122-label3.png",
+                                       "seed000123-label3.png", "seed000124-label9.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [p.name for p in paths]  # no temporaries left
+    want = expected_uint8(x)
+    np.testing.assert_array_equal(want, to_uint8(x))
+    for p, w in zip(paths, want):
+        img = Image.open(p)
+        assert img.format == "PNG" and img.size == (7, 6) and img.mode == ("L" if channels == 1 else "RGB")
+        got = np.asarray(img)
+        np.testing.assert_array_equal(got.reshape(w.shape), w)
+    assert np.asarray(Image.open(paths[0])).reshape(6, 7, channels)[0, :3, 0].tolist() == [0, 128, 255]
+
+
+def test_save_images_unconditional_and_mismatch(tmp_path):
+    x = torch.zeros(2, 1, 4, 4)
+    paths = save_images(x, [3, 1234567], None, tmp_path)
+    assert [p.name for p in paths] == ["seed000003.png", "seed1234567.png"]
+    assert (np.asarray(Image.open(paths[1])) == 128).all()
+    with pytest.raises(ValueError, match="2 images, 3 seeds"):
+        save_images(x, [1, 2, 3], None, tmp_path)
