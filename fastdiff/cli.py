@@ -16,8 +16,10 @@ from fastdiff.errors import ConfigError, FastdiffError
 
 def _add_train(sub):
     p = sub.add_parser("train", help="train a DDPM UNet", description="Train a DDPM UNet on a dataset.")
-    p.add_argument("--preset", help="named configuration (default: digits, or the run's own with --resume)")
-    p.add_argument("--dataset", help="digits | mnist | fashion-mnist | cifar10 | fer2013 | folder | synthetic")
+    p.add_argument("--preset", help="named configuration (default: the dataset's preset, else digits; the run's "
+                   "own with --resume)")
+    p.add_argument("--dataset", help="digits | mnist5k | mnist | fashion-mnist | cifar10 | fer2013 | folder | "
+                   "synthetic")
     p.add_argument("--data-dir", help="folder with the dataset files (default: $FASTDIFF_DATA_DIR or ./data)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, logs, config)")
     p.add_argument("--steps", type=int, help="total optimizer steps")
@@ -95,13 +97,12 @@ def _resumed_config(args, given: dict, resumable: set, not_on_resume: dict):
 
 
 def resolve_train_config(args):
-    from fastdiff.config import apply_overrides, preset_config
+    from fastdiff.config import apply_overrides, train_config
 
     given = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
     cfg = _resumed_config(args, given, RESUMABLE, {"preset": args.preset})
-    if cfg is None:
-        cfg = preset_config(args.preset or "digits")
-    return apply_overrides(cfg, {TRAIN_FLAGS[k]: v for k, v in given.items()})
+    overrides = {TRAIN_FLAGS[k]: v for k, v in given.items()}
+    return train_config(args.preset, overrides) if cfg is None else apply_overrides(cfg, overrides)
 
 
 def cmd_train(args) -> int:
