@@ -48,8 +48,10 @@ NON_NEGATIVE_INT = _number(int, 0, 2**31 - 1, allowed="0 and up")
 
 def _add_train(sub):
     p = sub.add_parser("train", help="train a DDPM UNet", description="Train a DDPM UNet on a dataset.")
-    p.add_argument("--preset", help="named configuration (default: digits, or the run's own with --resume)")
-    p.add_argument("--dataset", help="digits | mnist | fashion-mnist | cifar10 | fer2013 | folder | synthetic")
+    p.add_argument("--preset", help="named configuration (default: the dataset's preset, else digits; the run's "
+                   "own with --resume)")
+    p.add_argument("--dataset", help="digits | mnist5k | mnist | fashion-mnist | cifar10 | fer2013 | folder | "
+                   "synthetic")
     p.add_argument("--data-dir", help="folder with the dataset files (default: $FASTDIFF_DATA_DIR or ./data)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, logs, config)")
     p.add_argument("--steps", type=int, help="total optimizer steps")
@@ -129,16 +131,15 @@ def _resumed_config(args, given: dict, resumable: set, not_on_resume: dict):
 
 def resolve_train_config(args):
     from fastdiff.checkpoint import check_resume_steps
-    from fastdiff.config import apply_overrides, preset_config
+    from fastdiff.config import apply_overrides, train_config
 
     given = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
     cfg = _resumed_config(args, given, RESUMABLE, {"preset": args.preset})
-    resumed = cfg is not None
+    overrides = {TRAIN_FLAGS[k]: v for k, v in given.items()}
     if cfg is None:
-        cfg = preset_config(args.preset or "digits")
-    cfg = apply_overrides(cfg, {TRAIN_FLAGS[k]: v for k, v in given.items()})
-    if resumed:
-        check_resume_steps(args.out, cfg.train.steps)
+        return train_config(args.preset, overrides)
+    cfg = apply_overrides(cfg, overrides)
+    check_resume_steps(args.out, cfg.train.steps)
     return cfg
 
 

@@ -5,8 +5,10 @@ import gzip
 import hashlib
 import http.server
 import pickle
+import shutil
 import tarfile
 import threading
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -17,6 +19,9 @@ import torch
 from fastdiff.data import download as dl
 from fastdiff.data import load_dataset
 from fastdiff.errors import ConfigError, DataError
+
+# The files written here are not the published archives; the warning about that has its own test.
+pytestmark = pytest.mark.filterwarnings("ignore::fastdiff.data.download.DataWarning")
 
 
 def idx_bytes(arr: np.ndarray) -> bytes:
@@ -208,3 +213,160 @@ def test_download_offline_says_where_to_put_files(tmp_path, monkeypatch):
         load_dataset("cifar10", data_dir=tmp_path)
     msg = str(e.value)
     assert "cifar-10-python.tar.gz" in msg and str(tmp_path / "cifar10") in msg
+
+
+# --- Missing, changed and malformed files (issue 11 item 5, issue 13): one message naming the file and record ---
+
+
+def test_missing_idx_files_are_named_at_once(tmp_path):
+    with pytest.raises(DataError) as e:
+        load_dataset("fashion-mnist", data_dir=tmp_path, download=False)
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"):
+        assert name in str(e.value)
+    # train files present: training loads, and the test split names only the two files it lacks
+    files = write_mnist(tmp_path / "mnist")
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        files[name].unlink()
+    assert len(load_dataset("mnist", data_dir=tmp_path, download=False)) == 12
+    with pytest.raises(DataError, match="not found: t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz. Get"):
+        load_dataset("mnist", "test", data_dir=tmp_path, download=False)
+
+
+def test_offline_names_all_files_and_leaves_no_folder(tmp_path, monkeypatch):
+    monkeypatch.setitem(dl.RESOURCES, "mnist", {**dl.RESOURCES["mnist"], "mirrors": ["http://127.0.0.1:9/"]})
+    root = tmp_path / "data" / "deeper"
+    with pytest.raises(DataError) as e:
+        load_dataset("mnist", "test", data_dir=root)
+    msg = str(e.value)
+    assert all(n in msg for n in dl.RESOURCES["mnist"]["files"]) and str(root / "mnist") in msg
+    assert not (tmp_path / "data").exists()  # every folder this call created is gone again
+
+
+def test_files_that_differ_from_the_published_ones_warn(tmp_path, http_server, monkeypatch):
+    write_mnist(tmp_path / "mnist")
+    with pytest.warns(dl.DataWarning, match="train-images-idx3-ubyte.gz differs from the published") as record:
+        load_dataset("mnist", data_dir=tmp_path, download=False)
+    assert len(record) == 2  # the split's two files, each named
+    root, url = http_server
+    _serve_mnist(root, monkeypatch, url)  # these very files as the "published" ones
+    for name in dl.RESOURCES["mnist"]["files"]:
+        (tmp_path / "mnist" / name).write_bytes((root / name).read_bytes())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", dl.DataWarning)
+        assert len(load_dataset("mnist", "test", data_dir=tmp_path, download=False)) == 5
+
+
+def test_idx_of_another_dtype_or_bad_labels(tmp_path):
+    files = write_mnist(tmp_path / "mnist", gz=False)
+    raw = bytearray(files["train-images-idx3-ubyte"].read_bytes())
+    raw[2] = 0x0B
+    files["train-images-idx3-ubyte"].write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="train-images-idx3-ubyte holds int16 values"):
+        load_dataset("mnist", data_dir=tmp_path, download=False)
+    files["t10k-labels-idx1-ubyte"].write_bytes(idx_bytes(np.array([0, 1, 2, 12, 4])))
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte: record 3 has label 12, outside 0..9"):
+        load_dataset("mnist", "test", data_dir=tmp_path, download=False)
+
+
+@pytest.mark.parametrize("data, labels, message", [
+    (np.zeros((3, 3072), np.float64), [1, 2, 3], "pixel values are float64"),
+    (np.full((3, 3072), 300, np.int64), [1, 2, 3], "pixel values span 300..300, outside 0..255"),
+    (np.zeros((3, 3072), np.uint8), [1, 2, 10], "record 2 has label 10"),
+    (np.zeros((3, 3072), np.uint8), [1.0, 2.0, 3.0], "labels are float64"),
+])
+def test_cifar_batch_values_are_checked(tmp_path, data, labels, message):
+    batches = write_cifar(tmp_path / "cifar10")
+    (batches / "test_batch").write_bytes(pickle.dumps({b"data": data, b"labels": labels}))
+    with pytest.raises(DataError, match=f"test_batch: {message}"):
+        load_dataset("cifar10", "test", data_dir=tmp_path, download=False)
+
+
+def test_truncated_archive_leaves_no_half_extracted_folder(tmp_path):
+    src = tmp_path / "src"
+    write_cifar(src)
+    archive = tmp_path / "cifar10" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(DataError, match="cannot extract"):
+        load_dataset("cifar10", data_dir=tmp_path, download=False)
+    assert [p.name for p in archive.parent.iterdir()] == [archive.name]
+
+
+def _fer(tmp_path, rows):
+    (tmp_path / "fer2013").mkdir(exist_ok=True)
+    pixels = " ".join(["7"] * 48 * 48)
+    lines = ["emotion,pixels,Usage", f"0,{pixels},Training"] + [r.format(pixels=pixels) for r in rows]
+    (tmp_path / "fer2013" / "fer2013.csv").write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("row, message", [
+    ("1,{pixels} 300,Training", "line 3 has 2305 pixel values"),
+    ("1,300 {pixels},Training", "line 3 has 2305 pixel values"),
+    ("1,x" + " 1" * 2303 + ",Training", "line 3: pixel value 'x' is not an integer"),
+    ("1,-1" + " 1" * 2303 + ",Training", "line 3: pixel value -1 is outside 0..255"),
+    ("1,256" + " 1" * 2303 + ",Training", "line 3: pixel value 256 is outside 0..255"),
+    ("9,{pixels},Training", "line 3: label '9' is not an integer in 0..6"),
+    ("happy,{pixels},Training", "line 3: label 'happy'"),
+    ("1,{pixels}", "line 3 has too few columns"),
+])
+def test_fer2013_rows_that_cannot_be_parsed(tmp_path, row, message):
+    _fer(tmp_path, [row])
+    with pytest.raises(DataError, match=message):
+        load_dataset("fer2013", data_dir=tmp_path)
+
+
+def _class_folders(root, classes=("a", "b"), n=10, size=(12, 12), mode="L"):
+    from PIL import Image
+
+    for cls in classes:
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.new(mode, size, 40 * i).save(root / cls / f"{i}.png")
+
+
+def test_folder_class_without_images(tmp_path):
+    _class_folders(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match=f"class folder {tmp_path / 'empty'} has no images"):
+        load_dataset("folder", data_dir=tmp_path, image_size=8, channels=1)
+
+
+def test_folder_splits_share_the_train_classes(tmp_path):
+    _class_folders(tmp_path / "train", ("a", "b", "c"))
+    _class_folders(tmp_path / "test", ("a", "c"))
+    with pytest.raises(DataError, match="class folder .*test/b does not exist"):
+        load_dataset("folder", "test", data_dir=tmp_path, image_size=8, channels=1)
+    _class_folders(tmp_path / "test", ("b", "d"))
+    with pytest.raises(DataError, match="class folders that .*train lacks: d"):
+        load_dataset("folder", "test", data_dir=tmp_path, image_size=8, channels=1)
+    shutil.rmtree(tmp_path / "test" / "d")
+    test = load_dataset("folder", "test", data_dir=tmp_path, image_size=8, channels=1)
+    assert test.class_names == ["a", "b", "c"] and test.labels.bincount().tolist() == [10, 10, 10]
+
+
+def test_folder_image_too_large_to_decode(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from fastdiff.data import formats
+
+    _class_folders(tmp_path, size=(30, 20))
+    monkeypatch.setattr(formats, "MAX_IMAGE_PIXELS", 500)
+    with pytest.raises(DataError, match=r"a/0.png is 30x20 pixels, more than fastdiff decodes \(500\)"):
+        load_dataset("folder", data_dir=tmp_path, image_size=8, channels=1)
+    monkeypatch.undo()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL's own bomb check fires first (600 > 2 x 100)
+    with pytest.raises(DataError, match="a/0.png is too large to decode safely"):
+        load_dataset("folder", data_dir=tmp_path, image_size=8, channels=1)
+
+
+def test_folder_16_bit_image_is_refused_not_clipped(tmp_path):
+    from PIL import Image
+
+    _class_folders(tmp_path)
+    Image.fromarray(np.full((12, 12), 40000, np.uint16)).save(tmp_path / "b" / "deep.png")
+    with pytest.raises(DataError, match=r"deep.png has I;?1?6? pixels \(16-bit or float\)"):
+        load_dataset("folder", data_dir=tmp_path, image_size=8, channels=1)

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastdiff.data import formats
-from fastdiff.data.download import fetch_dataset
+from fastdiff.data import formats, mnist5k
+from fastdiff.data.download import RESOURCES, check_published, fetch_dataset
 from fastdiff.errors import ConfigError, DataError
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "fer2013", "folder", "synthetic")
+DATASETS = ("digits", "mnist5k", "mnist", "fashion-mnist", "cifar10", "fer2013", "folder", "synthetic")
 SPLITS = ("train", "test")
 
 MNIST_FILES = {
@@ -27,13 +27,15 @@ MNIST_FILES = {
 }
 CLASS_NAMES = {
     "digits": [str(i) for i in range(10)],
+    "mnist5k": [str(i) for i in range(10)],
     "mnist": [str(i) for i in range(10)],
     "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                       "Ankle boot"],
     "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
     "fer2013": ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"],
 }
-NATIVE = {"digits": (1, 8), "mnist": (1, 28), "fashion-mnist": (1, 28), "cifar10": (3, 32), "fer2013": (1, 48)}
+NATIVE = {"digits": (1, 8), "mnist5k": (1, 28), "mnist": (1, 28), "fashion-mnist": (1, 28), "cifar10": (3, 32),
+          "fer2013": (1, 48)}
 DIGITS_TEST = 360  # the last 20% of a fixed permutation of scikit-learn's 1797 digits are held out
 
 
@@ -88,18 +90,26 @@ def _digits(split: str):
 
 
 def _idx_dataset(name: str, root: Path, split: str, download: bool):
+    """MNIST and Fashion-MNIST: the four IDX files (train and test), .gz or not. When the split's files are missing,
+    all missing files of the four are named (downloaded, or asked for) at once."""
     folder = root / name
-    stems = MNIST_FILES[split]
-    paths = [formats.find_file(folder, s) for s in stems]
-    if any(p is None for p in paths):
+    stems = [s for pair in MNIST_FILES.values() for s in pair]
+    paths = {s: formats.find_file(folder, s) for s in stems}
+    if any(paths[s] is None for s in MNIST_FILES[split]):
+        missing = [s + ".gz" for s in stems if paths[s] is None]
         if not download:
-            raise DataError(f"{name} files {', '.join(stems)} (or .gz) not found in {folder}")
-        fetch_dataset(name, folder, [s + ".gz" for s in stems])
-        paths = [formats.find_file(folder, s) for s in stems]
-    images = formats.read_idx(paths[0], 3)[:, None]
-    labels = formats.read_idx(paths[1], 1).astype(np.int64)
+            raise DataError(f"{name} needs the four IDX files (.gz or not) in {folder}; not found: "
+                            f"{', '.join(missing)}. Get them from {RESOURCES[name]['mirrors'][0]} and put them there "
+                            "(or pass --data-dir to a folder that holds them)")
+        fetch_dataset(name, folder, missing)
+        paths = {s: formats.find_file(folder, s) for s in stems}
+    image_path, label_path = (paths[s] for s in MNIST_FILES[split])
+    for path in (image_path, label_path):
+        check_published(name, path)
+    images = formats.read_idx(image_path, 3)[:, None]
+    labels = formats.check_labels(formats.read_idx(label_path, 1), len(CLASS_NAMES[name]), str(label_path))
     if len(images) != len(labels):
-        raise DataError(f"{paths[0]} has {len(images)} images but {paths[1]} has {len(labels)} labels")
+        raise DataError(f"{image_path} has {len(images)} images but {label_path} has {len(labels)} labels")
     return images, labels
 
 
@@ -113,6 +123,7 @@ def _cifar10(root: Path, split: str, download: bool):
             if not download:
                 raise DataError(f"CIFAR-10 batches not found in {batches} and no archive {archive}")
             fetch_dataset("cifar10", folder, [archive.name])
+        check_published("cifar10", archive)
         formats.extract_tar(archive, folder)
         missing = [n for n in names if not (batches / n).exists()]
         if missing:
@@ -136,14 +147,18 @@ def _folder(root: Path, split: str, channels: int, size: int):
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist; pass --data-dir pointing at root/<class>/*.png")
     if (root / "train").is_dir() and (root / "test").is_dir():
-        root = root / split
+        # Both splits take the class names (and so the labels) of train/; test/ must have the same folders.
+        classes = [p.name for p in formats.list_class_folders(root / "train")]
+        extra = sorted({p.name for p in formats.list_class_folders(root / "test")} - set(classes))
+        if extra:
+            raise DataError(f"{root / 'test'} has class folders that {root / 'train'} lacks: {', '.join(extra)}")
+        root, keep = root / split, (lambda i: True)
+    else:
         classes = [p.name for p in formats.list_class_folders(root)]
-        return (*formats.read_folder(root, classes, channels, size), classes)
-    classes = [p.name for p in formats.list_class_folders(root)]
+        # Without train/ and test/ folders, every 10th image of each class (in name order) is held out.
+        keep = (lambda i: i % 10 != 9) if split == "train" else (lambda i: i % 10 == 9)
     if not classes:
         raise DataError(f"{root} has no class sub-folders; expected root/<class>/<image files>")
-    # Without train/ and test/ folders, every 10th image of each class (in name order) is held out.
-    keep = (lambda i: i % 10 != 9) if split == "train" else (lambda i: i % 10 == 9)
     images, labels = formats.read_folder(root, classes, channels, size, keep)
     return images, labels, classes
 
@@ -176,6 +191,8 @@ def load_dataset(name: str, split: str = "train", *, data_dir=None, image_size: 
         channels = channels or 3
     if name == "digits":
         images, labels = _digits(split)
+    elif name == "mnist5k":
+        images, labels = mnist5k.load(split)
     elif name in ("mnist", "fashion-mnist"):
         images, labels = _idx_dataset(name, root, split, download)
     elif name == "cifar10":
@@ -187,9 +204,7 @@ def load_dataset(name: str, split: str = "train", *, data_dir=None, image_size: 
     else:
         images, labels = _synthetic(split, channels, size)
         class_names = [str(i) for i in range(10)]
-    labels = torch.as_tensor(labels, dtype=torch.int64)
+    labels = torch.as_tensor(labels, dtype=torch.int64)  # each reader checked them against its class count
     if len(labels) == 0:
         raise DataError(f"{name} ({split}) has no images")
-    if int(labels.min()) < 0 or int(labels.max()) >= len(class_names):
-        raise DataError(f"{name}: labels outside 0..{len(class_names) - 1}")
     return ImageData(name, split, _resize(images, size), labels, list(class_names))

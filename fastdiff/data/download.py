@@ -1,4 +1,5 @@
-"""Downloads of the official dataset archives, verified by checksum and written atomically."""
+"""Downloads of the official dataset archives, verified by checksum and written atomically; files that the user
+brings are checked against the same checksums (a warning when they differ)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import shutil
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 from fastdiff.errors import DataError
@@ -53,37 +55,79 @@ def verify(path: Path, checksum: str) -> None:
         raise DataError(f"{path.name} failed its {algorithm} check (expected {expected}, got {got})")
 
 
+class DataWarning(UserWarning):
+    """A dataset file that fastdiff reads but that differs from the published one."""
+
+
+def check_published(name: str, path: Path) -> None:
+    """Warn when `path` is named like one of dataset `name`'s published archives but has another checksum.
+    Files under other names (e.g. the uncompressed IDX files) have no published checksum and are not checked."""
+    checksum = RESOURCES.get(name, {}).get("files", {}).get(path.name)
+    if checksum is None:
+        return
+    algorithm, _, expected = checksum.partition(":")
+    got = file_digest(path, algorithm)
+    if got != expected:
+        warnings.warn(f"{path} differs from the published {path.name} ({algorithm} {got}, expected {expected}); "
+                      "results will not compare with runs on the official data", DataWarning, stacklevel=2)
+
+
 def download_file(filename: str, mirrors: list[str], checksum: str, dest_dir: Path, timeout: float = 60) -> Path:
-    """Fetch `filename` from the first mirror that serves it with the right checksum; atomic write."""
-    dest_dir.mkdir(parents=True, exist_ok=True)
+    """Fetch `filename` into the existing dest_dir from the first mirror that serves it with the right checksum;
+    atomic write (a `.part` file renamed into place, removed on any failure, Ctrl-C included)."""
     dest = dest_dir / filename
     part = dest_dir / (filename + ".part")
     reasons = []
     for mirror in mirrors:
         url = mirror.rstrip("/") + "/" + filename
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as out:
-                shutil.copyfileobj(response, out, 1 << 20)
-            verify(part, checksum)
-        except (urllib.error.URLError, OSError, DataError) as e:
-            reasons.append(f"{url}: {getattr(e, 'reason', e)}")
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as out:
+                    shutil.copyfileobj(response, out, 1 << 20)
+                verify(part, checksum)
+            except (urllib.error.URLError, OSError, DataError) as e:
+                reasons.append(f"{url}: {getattr(e, 'reason', e)}")
+                continue
+            os.replace(part, dest)
+            return dest
+        finally:
             part.unlink(missing_ok=True)
-            continue
-        os.replace(part, dest)
-        return dest
     raise DataError(f"could not download {filename} ({'; '.join(reasons)})")
 
 
+def _new_folders(path: Path) -> list[Path]:
+    """The folders that `path.mkdir(parents=True)` would create, deepest first."""
+    new = []
+    while not path.exists() and path != path.parent:
+        new.append(path)
+        path = path.parent
+    return new
+
+
 def fetch_dataset(name: str, dest_dir: Path, needed: list[str]) -> None:
-    """Download the missing archives of dataset `name` into dest_dir, or explain where to put them."""
+    """Download the missing archives of dataset `name` into dest_dir, or explain where to put them. On failure,
+    the folders this call created are removed again when empty (a failed download leaves nothing behind)."""
     res = RESOURCES[name]
     missing = [f for f in needed if not (dest_dir / f).exists()]
-    for filename in missing:
+    created = _new_folders(dest_dir)
+    try:
         try:
-            download_file(filename, res["mirrors"], res["files"][filename], dest_dir)
-        except DataError as e:
-            files = ", ".join(missing)
-            raise DataError(
-                f"{e}. Without network, download {files} from {res['mirrors'][0]} yourself and put them in "
-                f"{dest_dir} (or pass --data-dir to a folder that holds them)"
-            ) from None
+            dest_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DataError(f"cannot create {dest_dir}: {e}; pass --data-dir to a writable folder") from None
+        for filename in missing:
+            try:
+                download_file(filename, res["mirrors"], res["files"][filename], dest_dir)
+            except DataError as e:
+                files = ", ".join(f for f in missing if not (dest_dir / f).exists())
+                raise DataError(
+                    f"{e}. Without network, download {files} from {res['mirrors'][0]} yourself and put them in "
+                    f"{dest_dir} (or pass --data-dir to a folder that holds them)"
+                ) from None
+    except BaseException:
+        for folder in created:  # deepest first; stops at the first one that holds something
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
