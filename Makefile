@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 VENV_FLAGS ?=
 STAMP := $(VENV)/.fastdiff-installed
-RUN ?= runs/digits
+RUN ?= runs/mnist5k
 
 .PHONY: setup demo distill-demo test test-all lint bench clean ext ext-test ext-cuda-check
 
@@ -22,10 +22,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-# Train the digits preset on the CPU, sample a grid with a trajectory figure, and print FD_cls and accuracy.
+# Train the mnist5k preset (real MNIST digits) on the CPU, sample a grid with a trajectory figure, and print
+# FD_cls, KID, precision/recall and accuracy. A run already in $(RUN) is kept: set RUN=runs/other for a new one.
 demo: setup
-	rm -rf $(RUN)
-	$(BIN)/fastdiff train --preset digits --out $(RUN)
+	test -d $(RUN)/checkpoints || $(BIN)/fastdiff train --preset mnist5k --out $(RUN)
 	$(BIN)/fastdiff sample --checkpoint $(RUN) --n 100 --out $(RUN)/samples.png --trajectory
 	$(BIN)/fastdiff eval --checkpoint $(RUN) --n 1000
 
