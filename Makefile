@@ -11,7 +11,7 @@ VENV_FLAGS ?=
 STAMP := $(VENV)/.fastdiff-installed
 RUN ?= runs/mnist5k
 
-.PHONY: setup demo distill-demo test test-all lint bench clean ext ext-test ext-cuda-check
+.PHONY: setup demo distill-demo pretrained test test-all lint bench clean ext ext-test ext-cuda-check
 
 setup: $(STAMP)
 
@@ -29,18 +29,25 @@ demo: setup
 	$(BIN)/fastdiff sample --checkpoint $(RUN) --n 100 --out $(RUN)/samples.png --trajectory
 	$(BIN)/fastdiff eval --checkpoint $(RUN) --n 1000
 
-# ADD: distil a v-prediction digits teacher (trained first unless $(TEACHER) already holds a run) into a 1-4 step
-# student, train a refiner for it, and write the README's table (FD_cls, accuracy, images/s) to $(STUDENT)/table.md.
-TEACHER ?= runs/digits-v
-STUDENT ?= runs/digits-v-student
-REFINER ?= runs/digits-v-refiner
+# ADD: distil the mnist5k teacher (the demo's run; trained first unless $(TEACHER) already holds one) into a 1-4
+# step student, train a refiner for it, and write the README's table (FD_cls, accuracy, images/s) to
+# $(STUDENT)/table.md.
+TEACHER ?= $(RUN)
+STUDENT ?= runs/mnist5k-student
+REFINER ?= runs/mnist5k-refiner
 distill-demo: setup
-	test -d $(TEACHER)/checkpoints || $(BIN)/fastdiff train --preset digits-v --out $(TEACHER)
+	test -d $(TEACHER)/checkpoints || $(BIN)/fastdiff train --preset mnist5k --out $(TEACHER)
 	rm -rf $(STUDENT) $(REFINER)
 	$(BIN)/fastdiff distill --teacher $(TEACHER) --out $(STUDENT) --no-progress
 	$(BIN)/fastdiff train-refiner --checkpoint $(STUDENT) --out $(REFINER)
 	$(BIN)/python -m fastdiff.distill_table --teacher $(TEACHER) --student $(STUDENT) --refiner $(REFINER) \
 		--n 1000 --out $(STUDENT)/table.md
+
+# The weights shipped in fastdiff/pretrained/ (fp16): the demo's teacher as pretrained:mnist and, when
+# distill-demo has made one, its student as pretrained:mnist-student, with the evaluation classifier.
+pretrained: setup
+	test -d $(RUN)/checkpoints || $(MAKE) demo
+	$(BIN)/python -m fastdiff.interop.pretrained --teacher $(RUN) $(if $(wildcard $(STUDENT)/checkpoints),--student $(STUDENT))
 
 # The suite CI runs (tests marked slow excluded; `make test-all` includes them).
 test: setup

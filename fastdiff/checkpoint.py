@@ -110,8 +110,34 @@ def latest_checkpoint(run_dir) -> Path | None:
     return dirs[-1][1] if dirs else None
 
 
+# The models shipped inside the package (`make pretrained`): NAME/{model.safetensors, config.json}, one set of
+# weights each (a run's EMA weights in fp16), addressed as `pretrained:NAME`.
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+
+
+def pretrained_names() -> list[str]:
+    """The pretrained models shipped in this install (fastdiff/pretrained/NAME/)."""
+    if not PRETRAINED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in PRETRAINED_DIR.iterdir() if (p / "config.json").exists())
+
+
+def is_pretrained(ckpt_dir) -> bool:
+    return Path(ckpt_dir).resolve().parent == PRETRAINED_DIR
+
+
 def resolve_checkpoint(path) -> Path:
-    """A checkpoint folder from a run directory (its latest checkpoint) or a checkpoint folder itself."""
+    """A checkpoint folder from a run directory (its latest checkpoint), a checkpoint folder itself, or
+    `pretrained:NAME` (a model shipped in the package)."""
+    if str(path).startswith("pretrained:"):
+        name = str(path)[len("pretrained:"):]
+        folder = PRETRAINED_DIR / name
+        if not name or not (folder / "model.safetensors").exists():
+            names = pretrained_names()
+            have = f"available: {', '.join(names)}" if names else "this install ships none"
+            raise CheckpointError(f"unknown pretrained model {name!r} ({have}); pass pretrained:NAME or a run "
+                                  "directory")
+        return folder
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint {p} does not exist; pass a run directory written by `fastdiff train`")

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from fastdiff.checkpoint import resolve_checkpoint, write_json_atomic
+from fastdiff.checkpoint import write_json_atomic
 from fastdiff.cli import add_sampling_args, sampling_overrides
 from fastdiff.data import load_dataset
 from fastdiff.errors import ConfigError, FastdiffError
-from fastdiff.evaluate import load_or_train_classifier, real_reference, score_samples
+from fastdiff.evaluate import classifier_cache_dir, load_or_train_classifier, real_reference, score_samples
 from fastdiff.runtime import resolve_device
 from fastdiff.sampling import load_run, resolve_settings, sample
 
@@ -46,7 +46,7 @@ def compare(teacher, student, refiner=None, *, n: int = 1000, seed: int = 0, tea
     cfg = runs["teacher"].config
     kw = dict(data_dir=cfg.data.data_dir, image_size=cfg.model.image_size, channels=cfg.model.in_channels)
     train, test = load_dataset(cfg.data.dataset, "train", **kw), load_dataset(cfg.data.dataset, "test", **kw)
-    cache = resolve_checkpoint(teacher).parent.parent
+    cache = classifier_cache_dir(runs["teacher"].path, cfg)
     classifier = load_or_train_classifier(train, cache, device, log)
     reference = real_reference(classifier, train, test, n, device)
     records = []

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import torch
 
-from fastdiff.checkpoint import read_json, read_tensors, resolve_checkpoint, save_tensors, write_json_atomic
+from fastdiff.checkpoint import (
+    PRETRAINED_DIR,
+    is_pretrained,
+    read_json,
+    read_tensors,
+    resolve_checkpoint,
+    save_tensors,
+    write_json_atomic,
+)
 from fastdiff.data import ImageData, load_dataset
 from fastdiff.errors import CheckpointError
 from fastdiff.metrics import frechet_distance, kid, knn_radii, precision_recall
@@ -107,6 +115,19 @@ def score_samples(model: Classifier, samples: torch.Tensor, labels: torch.Tensor
     return out
 
 
+def classifier_cache_dir(checkpoint_dir, cfg) -> Path:
+    """Where the evaluation classifier is cached: --data-dir when given; the pretrained folder for a shipped model
+    (`make pretrained` puts the classifier there); a student's teacher run, so that their FD_cls compare; else
+    the run directory."""
+    if cfg.data.data_dir and Path(cfg.data.data_dir).is_dir():
+        return Path(cfg.data.data_dir)
+    if is_pretrained(checkpoint_dir):
+        return PRETRAINED_DIR
+    if cfg.is_student and (Path(cfg.distill.teacher).exists() or cfg.distill.teacher.startswith("pretrained:")):
+        return classifier_cache_dir(resolve_checkpoint(cfg.distill.teacher), cfg)
+    return Path(checkpoint_dir).parent.parent
+
+
 def evaluate_run(checkpoint, *, n: int = 1000, seed: int = 0, device=None, classifier_steps: int = 1500, log=None,
                  **sampling) -> dict:
     """Sample n images from a run and score them: FD_cls, its floor, and class-conditional accuracy.
@@ -121,11 +142,7 @@ def evaluate_run(checkpoint, *, n: int = 1000, seed: int = 0, device=None, class
     kw = dict(data_dir=cfg.data.data_dir, image_size=cfg.model.image_size, channels=cfg.model.in_channels)
     train = load_dataset(cfg.data.dataset, "train", **kw)
     test = load_dataset(cfg.data.dataset, "test", **kw)
-    run_dir = Path(run.path).parent.parent
-    if cfg.is_student and Path(cfg.distill.teacher).exists():
-        # score a student with its teacher's cached classifier, so that their FD_cls compare
-        run_dir = resolve_checkpoint(cfg.distill.teacher).parent.parent
-    cache = Path(cfg.data.data_dir) if cfg.data.data_dir and Path(cfg.data.data_dir).is_dir() else run_dir
+    cache = classifier_cache_dir(run.path, cfg)
     classifier = load_or_train_classifier(train, cache, device, log, steps=classifier_steps)
     ref = real_reference(classifier, train, test, n, device)
     res = sample(run, settings, n=n, seed=seed)

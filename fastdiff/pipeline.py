@@ -24,7 +24,6 @@ from fastdiff.interop.diffusers import is_diffusers_folder, load_diffusers
 from fastdiff.runtime import resolve_device
 from fastdiff.sampling import Denoiser, SampleSettings, load_run, resolve_settings, sample
 
-PRETRAINED_DIR = Path(__file__).parent / "pretrained"  # pretrained/NAME/{model.safetensors, config.json}
 OUTPUTS = ("tensor", "numpy", "pil")
 
 
@@ -109,20 +108,9 @@ class Pipeline:
                 f"prediction={d.prediction!r}, {d.schedule!r}, device={d.device})")
 
 
-def pretrained_names() -> list[str]:
-    """The pretrained models shipped in this install (fastdiff/pretrained/NAME/)."""
-    if not PRETRAINED_DIR.is_dir():
-        return []
-    return sorted(p.name for p in PRETRAINED_DIR.iterdir() if (p / "config.json").exists())
-
-
 def pretrained_folder(name: str) -> Path:
-    folder = PRETRAINED_DIR / name
-    if not name or not (folder / "model.safetensors").exists():
-        names = pretrained_names()
-        have = f"available: {', '.join(names)}" if names else "this install ships none"
-        raise CheckpointError(f"unknown pretrained model {name!r} ({have}); pass pretrained:NAME or a run directory")
-    return folder
+    """The folder of the pretrained model NAME (an error listing the shipped names when there is none)."""
+    return ckpt.resolve_checkpoint(f"pretrained:{name}")
 
 
 def load(path, *, device="auto", use_ema: bool = True) -> Pipeline:
@@ -134,7 +122,7 @@ def load(path, *, device="auto", use_ema: bool = True) -> Pipeline:
     device = resolve_device(device)
     spec = str(path)
     if spec.startswith("pretrained:"):
-        return Pipeline.from_denoiser(load_run(pretrained_folder(spec[len("pretrained:"):]), device, use_ema=False))
+        return Pipeline.from_denoiser(load_run(spec, device))
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p} does not exist; pass a run directory, a checkpoint folder, pretrained:NAME or a "

@@ -75,7 +75,7 @@ def test_bad_input_errors(run, tmp_path):
 
 
 def test_pretrained_names(run, tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "PRETRAINED_DIR", tmp_path)
+    monkeypatch.setattr(ckpt, "PRETRAINED_DIR", tmp_path)
     with pytest.raises(CheckpointError, match="this install ships none"):
         fastdiff.load("pretrained:digits")
     # A pretrained folder: model.safetensors (the weights to sample with) + config.json, as a checkpoint writes.

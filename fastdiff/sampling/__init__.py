@@ -90,11 +90,13 @@ class Denoiser:
 
 
 def load_run(checkpoint, device, use_ema: bool = True) -> Denoiser:
-    """The model (EMA weights by default) and config of a run directory or checkpoint folder."""
+    """The model (EMA weights by default) and config of a run directory, a checkpoint folder or `pretrained:NAME`
+    (which holds one set of weights, the run's EMA weights)."""
     path = ckpt.resolve_checkpoint(checkpoint)
     cfg = load_config(path / "config.json")
     model = UNet(cfg.model)
-    ckpt.load_model_weights(model, ckpt.load_tensors(path, "ema" if use_ema else "model"), path)
+    weights = "ema" if use_ema and not ckpt.is_pretrained(path) else "model"
+    ckpt.load_model_weights(model, ckpt.load_tensors(path, weights), path)
     model = model.to(device).eval().requires_grad_(False)
     return Denoiser.from_config(model, cfg, path=str(path), device=device)
 

@@ -1,0 +1,82 @@
+"""`make pretrained`: the weights that ship inside the package, under fastdiff/pretrained/.
+
+Each model is a folder NAME/ with model.safetensors (the run's EMA weights in fp16) and config.json, which
+`fastdiff.load("pretrained:NAME")`, `fastdiff sample --checkpoint pretrained:NAME` and `fastdiff eval` read like
+any checkpoint folder. The evaluation classifier of the teacher's dataset is copied beside them, so that eval
+scores the shipped models without training it and without writing into the installed package.
+
+Run: python -m fastdiff.interop.pretrained --teacher RUN [--student RUN] [--name mnist]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from fastdiff import checkpoint as ckpt
+from fastdiff.config import load_config
+from fastdiff.errors import FastdiffError
+
+PRETRAINED_DIR = ckpt.PRETRAINED_DIR
+
+
+def write_pretrained(run, name: str, out_root: Path = PRETRAINED_DIR, *, teacher_name: str | None = None) -> Path:
+    """NAME/{model.safetensors (fp16 EMA weights), config.json} from a run directory or checkpoint folder.
+
+    A student's config names its teacher as `pretrained:<teacher_name>` instead of a local run directory.
+    """
+    path = ckpt.resolve_checkpoint(run)
+    cfg = load_config(path / "config.json")
+    if cfg.is_student and teacher_name:
+        cfg.distill.teacher = f"pretrained:{teacher_name}"
+    tensors = {k: v.to(torch.float16) if v.is_floating_point() else v
+               for k, v in ckpt.load_tensors(path, "ema").items()}
+    out = Path(out_root) / name
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.save_tensors(out / "model.safetensors", tensors)
+    ckpt.write_json_atomic(out / "config.json", cfg.to_dict())
+    return out
+
+
+def copy_classifier(run, out_root: Path = PRETRAINED_DIR) -> list[Path]:
+    """The run's cached evaluation classifier(s) (classifier-*.safetensors + .json), copied into out_root."""
+    run_dir = ckpt.resolve_checkpoint(run).parent.parent
+    files = sorted(run_dir.glob("classifier-*.safetensors"))
+    if not files:
+        raise FastdiffError(f"{run_dir} has no cached evaluation classifier; run `fastdiff eval --checkpoint "
+                            f"{run_dir}` first")
+    copied = []
+    for f in files:
+        for src in (f, f.with_suffix(".json")):
+            shutil.copyfile(src, Path(out_root) / src.name)
+            copied.append(Path(out_root) / src.name)
+    return copied
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastdiff.interop.pretrained", description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", required=True, help="the DDPM run to ship as NAME")
+    p.add_argument("--student", help="an ADD student of it, shipped as NAME-student")
+    p.add_argument("--name", default="mnist", help="the pretrained name (default: mnist)")
+    p.add_argument("--out", type=Path, default=PRETRAINED_DIR, help="folder of the pretrained models")
+    args = p.parse_args(argv)
+    try:
+        written = [write_pretrained(args.teacher, args.name, args.out)]
+        if args.student:
+            written.append(write_pretrained(args.student, f"{args.name}-student", args.out, teacher_name=args.name))
+        written += copy_classifier(args.teacher, args.out)
+    except FastdiffError as e:
+        print(f"pretrained: error: {e}", file=sys.stderr)
+        return 2
+    sizes = {str(f): f.stat().st_size for w in written for f in ([w] if w.is_file() else sorted(w.iterdir()))}
+    print(json.dumps({"files": sizes, "total_bytes": sum(sizes.values())}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
