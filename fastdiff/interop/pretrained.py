@@ -21,8 +21,13 @@ import torch
 from fastdiff import checkpoint as ckpt
 from fastdiff.config import load_config
 from fastdiff.errors import FastdiffError
+from fastdiff.evaluate import evaluate_run
 
 PRETRAINED_DIR = ckpt.PRETRAINED_DIR
+# The quality check of each shipped model: `make pretrained` scores it with these settings and writes eval.json
+# beside it; tests/test_pretrained.py samples it again with the same settings and compares (n, seed fixed).
+CHECK = {"": dict(sampler="ddim", steps=4), "-student": dict(sampler="student", steps=1)}
+CHECK_N, CHECK_SEED = 500, 0
 
 
 def write_pretrained(run, name: str, out_root: Path = PRETRAINED_DIR, *, teacher_name: str | None = None) -> Path:
@@ -58,6 +63,16 @@ def copy_classifier(run, out_root: Path = PRETRAINED_DIR) -> list[Path]:
     return copied
 
 
+def score_pretrained(folder: Path) -> dict:
+    """Score a shipped model with its CHECK settings (CPU, n = CHECK_N, seed CHECK_SEED) into folder/eval.json."""
+    suffix = "-student" if folder.name.endswith("-student") else ""
+    result = evaluate_run(f"pretrained:{folder.name}", n=CHECK_N, seed=CHECK_SEED, device="cpu", **CHECK[suffix])
+    record = {k: result[k] for k in ("n", "sampler", "steps", "guidance", "fd_cls", "fd_cls_floor", "fd_ratio",
+                                     "kid", "precision", "recall", "cond_accuracy")}
+    ckpt.write_json_atomic(folder / "eval.json", record)
+    return record
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastdiff.interop.pretrained", description=__doc__.splitlines()[0])
     p.add_argument("--teacher", required=True, help="the DDPM run to ship as NAME")
@@ -70,6 +85,8 @@ def main(argv=None) -> int:
         if args.student:
             written.append(write_pretrained(args.student, f"{args.name}-student", args.out, teacher_name=args.name))
         written += copy_classifier(args.teacher, args.out)
+        for folder in written[: 2 if args.student else 1]:
+            score_pretrained(folder)
     except FastdiffError as e:
         print(f"pretrained: error: {e}", file=sys.stderr)
         return 2
