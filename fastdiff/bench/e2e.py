@@ -35,7 +35,8 @@ from fastdiff.models import UNet
 from fastdiff.runtime import AccelOptions, compile_fn, peak_memory_mb
 from fastdiff.sampling import sampler_table
 from fastdiff.sampling.fast import FastSampler, autocast_model
-from fastdiff.train.loop import EMA, warmup_lambda
+from fastdiff.train.ema import EMA
+from fastdiff.train.lr import warmup_lambda
 from fastdiff.train.step import make_train_step
 
 PROVIDERS = ("torch-eager", "torch-compile", "fastdiff", "fastdiff-native", "diffusers")
