@@ -175,8 +175,11 @@ def train_loop(build: Callable[[Session], object], *, data, tc: TrainConfig, con
     run: {"step": N, "already_finished": True}).
     """
     run_dir = Path(run_dir)
-    if tc.steps < 1 or tc.batch_size < 1:
-        raise ConfigError(f"--steps ({tc.steps}) and --batch-size ({tc.batch_size}) must be positive")
+    if min(tc.steps, tc.batch_size, tc.log_every, tc.ckpt_every) < 1:
+        raise ConfigError(f"--steps ({tc.steps}), --batch-size ({tc.batch_size}), --log-every ({tc.log_every}) and "
+                          f"--ckpt-every ({tc.ckpt_every}) must be positive")
+    if tc.sample_every is not None and tc.sample_every < 0:
+        raise ConfigError(f"--sample-every ({tc.sample_every}) must be 0 (no grids) or positive")
     world, device = init_world(resolve_device(device), tc.batch_size)  # torchrun: one process per device
     try:
         check_amp(tc.amp, device)

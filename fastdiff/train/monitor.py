@@ -17,6 +17,7 @@ import torch
 
 from fastdiff.diffusion import initial_noise, run_table, seeds_for
 from fastdiff.diffusion.samplers import StepTable
+from fastdiff.errors import FastdiffError
 from fastdiff.images import auto_scale, make_grid, save_png
 from fastdiff.plot import plot_stats
 
@@ -46,7 +47,11 @@ class Monitor:
         self.plotted_at = -float("inf")
         self.tb = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # imports the tensorboard package (optional extra)
+            try:  # the tensorboard package is an optional extra
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise FastdiffError("--tensorboard needs the tensorboard package: pip install 'fastdiff[tensorboard]' "
+                                    "(or drop --tensorboard)") from None
 
             # purge_step: events past the checkpoint a resume starts from are dropped, as stats.jsonl's are
             self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
