@@ -197,8 +197,9 @@ def _run(build, world: World, data, tc: TrainConfig, config: dict, run_dir: Path
     path = resume_checkpoint(run_dir) if resume else None
     start = _resumed_step(path, tc, run_dir) if path is not None else 0
     if path is not None and start == tc.steps:
-        echo(f"the run in {run_dir} is already finished at step {start}; pass --steps N (above {start}) with "
-             "--resume to train it further")
+        if world.is_main:
+            echo(f"the run in {run_dir} is already finished at step {start}; pass --steps N (above {start}) with "
+                 "--resume to train it further")
         return {"step": start, "already_finished": True}
     changed = []
     if world.is_main:
