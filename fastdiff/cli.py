@@ -72,10 +72,26 @@ def _add_train(sub):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC activations (default: on)")
+    _add_monitor_flags(p)
     _add_accel_flags(p)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    _add_resume_flags(p, "fastdiff train")
+
+
+def _add_monitor_flags(p):
+    p.add_argument("--sample-every", type=int, help="EMA sample grid every N steps into RUN/samples/step-N.png "
+                   "(default: at each checkpoint; 0: none)")
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+                   help="also write scalars and sample grids as TensorBoard events under RUN/tb (default: off)")
+
+
+def _add_resume_flags(p, command):
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its latest checkpoint; --steps may grow, and --lr / --warmup "
+                   "may change: the optimizer state is kept and the new learning-rate schedule applies from the "
+                   f"resumed step (e.g. after the NaN guard stopped a run: {command} --out RUN --resume --lr 1e-4 "
+                   "--warmup 1000)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines go to stderr instead)")
 
 
 def _add_accel_flags(p):
@@ -102,19 +118,23 @@ TRAIN_FLAGS = {  # CLI dest -> config key
     "image_size": "model.image_size", "channels": "model.in_channels", "num_classes": "model.num_classes",
     "prediction": "diffusion.prediction", "schedule": "diffusion.schedule",
     "zero_terminal_snr": "diffusion.zero_terminal_snr", "channels_last": "train.channels_last",
+    "sample_every": "train.sample_every", "tensorboard": "train.tensorboard",
 }
 # Flags that may change when a run is resumed; the rest would make the checkpoint and the config disagree.
-RESUMABLE = {"steps", "ckpt_every", "log_every", "data_dir", "channels_last"}
+# lr and warmup_steps: the new schedule applies from the resumed step, the optimizer state is kept (train/loop.py).
+LOOP_RESUMABLE = {"steps", "ckpt_every", "log_every", "lr", "warmup_steps", "sample_every", "tensorboard"}
+RESUMABLE = LOOP_RESUMABLE | {"data_dir", "channels_last"}
 
 
 def _flags(names) -> str:
     return ", ".join("--" + k.replace("_", "-") for k in sorted(names))
 
 
-def _resumed_config(args, given: dict, resumable: set, not_on_resume: dict):
+def _resumed_config(args, given: dict, resumable: set, not_on_resume: dict, parse=None):
     """The run's saved config when `--resume` finds one in --out (None otherwise), after checking that no flag
     in `not_on_resume` is given and that `given` changes only `resumable` flags (any other change would make the
-    checkpoint and the config disagree)."""
+    checkpoint and the config disagree). `parse` reads the saved dict (default: config.load_config's checks)."""
+    from fastdiff.checkpoint import read_json
     from fastdiff.config import load_config
 
     saved = Path(args.out) / "config.json"
@@ -126,7 +146,7 @@ def _resumed_config(args, given: dict, resumable: set, not_on_resume: dict):
     changed = set(given) - resumable
     if changed:
         raise ConfigError(f"{_flags(changed)} cannot change on --resume (only {_flags(resumable)} can)")
-    return load_config(saved)
+    return load_config(saved) if parse is None else parse(read_json(saved, error=ConfigError))
 
 
 def resolve_train_config(args):
@@ -153,9 +173,13 @@ def cmd_train(args) -> int:
 
     device = resolve_device(args.device)
     record = train_ddpm(cfg, args.out, device=device, resume=args.resume, progress=not args.no_progress,
-                        accel=accel_options(args, device))
+                        echo=_stderr, accel=accel_options(args, device))
     print(json.dumps({"run_dir": str(args.out), **record}))
     return 0
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def _add_distill(sub):
@@ -196,20 +220,21 @@ def _add_distill(sub):
     p.add_argument("--disc-mbstd", type=int, help="minibatch-std channel in the heads (group size; 0: off)")
     p.add_argument("--no-spectral-norm", action="store_false", dest="spectral_norm", default=None)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--resume", action="store_true", help="continue the student run in --out")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--no-progress", action="store_true")
+    _add_monitor_flags(p)
+    _add_accel_flags(p)
+    _add_resume_flags(p, "fastdiff distill")
 
 
 DISTILL_FLAGS = {  # CLI dest -> config key
     "steps": "train.steps", "batch_size": "train.batch_size", "lr": "train.lr", "warmup_steps": "train.warmup_steps",
     "amp": "train.amp", "ema_decay": "train.ema_decay", "seed": "train.seed", "ckpt_every": "train.ckpt_every",
-    "log_every": "train.log_every", **{k: "distill." + k for k in (
+    "log_every": "train.log_every", "sample_every": "train.sample_every", "tensorboard": "train.tensorboard",
+    **{k: "distill." + k for k in (
         "student_timesteps", "adv_weight", "distill_weight", "distill_weighting", "teacher_t_min", "teacher_t_max",
         "teacher_guidance", "r1_gamma", "disc_lr", "disc_steps", "augment", "backbone", "train_backbone",
         "backbone_steps", "backbone_size", "disc_heads", "disc_head", "disc_mbstd", "spectral_norm")},
 }
-DISTILL_RESUMABLE = {"steps", "ckpt_every", "log_every"}
+DISTILL_RESUMABLE = set(LOOP_RESUMABLE)
 
 
 def resolve_distill_config(args):
@@ -239,9 +264,12 @@ def cmd_distill(args) -> int:
     if args.dry_run:
         print(cfg.to_json())
         return 0
+    from fastdiff.runtime import resolve_device
     from fastdiff.train import train_add
 
-    record = train_add(cfg, args.out, device=args.device, resume=args.resume, progress=not args.no_progress)
+    device = resolve_device(args.device)
+    record = train_add(cfg, args.out, device=device, resume=args.resume, progress=not args.no_progress,
+                       echo=_stderr, accel=accel_options(args, device))
     print(json.dumps({"run_dir": str(args.out), **record}))
     return 0
 
@@ -388,24 +416,60 @@ def _add_train_refiner(sub):
     p = sub.add_parser("train-refiner", help="train a refiner for a run's samples (fastdiff sample --refine)",
                        description="Train a small UNet that maps a run's x0 estimates to cleaner images, on pairs "
                                    "made from real training images.")
-    p.add_argument("--checkpoint", required=True, help="the run (teacher or student) whose x0 estimates it refines")
+    p.add_argument("--checkpoint", help="the run (teacher or student) whose x0 estimates it refines; not needed "
+                   "with --resume")
     p.add_argument("--out", required=True, help="the refiner's run directory")
-    p.add_argument("--steps", type=COUNT, default=1500)
-    p.add_argument("--batch-size", type=COUNT, default=128)
-    p.add_argument("--lr", type=POSITIVE, default=1e-3)
+    p.add_argument("--steps", type=COUNT, help="total optimizer steps (default 1500)")
+    p.add_argument("--batch-size", type=COUNT, help="default 128")
+    p.add_argument("--lr", type=POSITIVE, help="peak learning rate of the one-cycle schedule (default 1e-3)")
     p.add_argument("--t-max", type=NON_NEGATIVE_INT,
                    help="pairs come from x0 estimates at t in [0, t-max] (default: T/2)")
-    p.add_argument("--base-channels", type=COUNT, default=16)
-    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--base-channels", type=COUNT, help="width of the refiner's UNet (default 16)")
+    p.add_argument("--seed", type=SEED, help="default 0")
+    p.add_argument("--amp", choices=["fp32", "bf16", "fp16"], help="autocast of the refiner (default fp32)")
+    p.add_argument("--ckpt-every", type=COUNT, help="default 500")
+    p.add_argument("--log-every", type=COUNT, help="default 250")
     p.add_argument("--device", default="auto")
+    _add_accel_flags(p)
+    _add_resume_flags(p, "fastdiff train-refiner")
+
+
+REFINER_FLAGS = {  # CLI dest -> (section, option) of RefinerConfig
+    "steps": "train.steps", "batch_size": "train.batch_size", "lr": "train.lr", "seed": "train.seed",
+    "amp": "train.amp", "ckpt_every": "train.ckpt_every", "log_every": "train.log_every", "t_max": "refiner.t_max",
+    "base_channels": "refiner.base_channels",
+}
+REFINER_RESUMABLE = {"steps", "ckpt_every", "log_every", "lr"}
+
+
+def resolve_refiner_config(args):
+    from fastdiff.train.refiner import RefinerConfig
+
+    given = {k: getattr(args, k) for k in REFINER_FLAGS if getattr(args, k) is not None}
+    cfg = _resumed_config(args, given, REFINER_RESUMABLE, {"checkpoint": args.checkpoint},
+                          parse=RefinerConfig.from_dict)
+    if cfg is None:
+        if not args.checkpoint:
+            raise ConfigError("fastdiff train-refiner needs --checkpoint RUN_DIR (the run whose samples it refines)")
+        cfg = RefinerConfig(generator=args.checkpoint)
+    d = cfg.to_dict()
+    for dest, value in given.items():
+        section, option = REFINER_FLAGS[dest].split(".")
+        d[section][option] = value
+    return RefinerConfig.from_dict(d)
 
 
 def cmd_train_refiner(args) -> int:
-    from fastdiff.models.refiner import RefinerConfig, train_refiner_run
+    cfg = resolve_refiner_config(args)
+    if args.dry_run:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    from fastdiff.runtime import resolve_device
+    from fastdiff.train import train_refiner
 
-    cfg = RefinerConfig(generator=args.checkpoint, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                        t_max=args.t_max, base_channels=args.base_channels, seed=args.seed)
-    record = train_refiner_run(cfg, args.out, device=args.device, log=lambda s: print(s, file=sys.stderr))
+    device = resolve_device(args.device)
+    record = train_refiner(cfg, args.out, device=device, resume=args.resume, progress=not args.no_progress,
+                           echo=_stderr, accel=accel_options(args, device))
     print(json.dumps({"run_dir": str(args.out), **record}))
     return 0
 

@@ -20,5 +20,5 @@ def tiny_overrides():
     """A digits run small enough for a few training steps in a test."""
     return {
         "model.base_channels": 16, "model.num_groups": 4, "train.batch_size": 16, "train.log_every": 1,
-        "train.ckpt_every": 2, "train.warmup_steps": 2,
+        "train.ckpt_every": 2, "train.warmup_steps": 2, "train.sample_every": 0,  # grids: tests/test_monitor.py
     }

@@ -1,10 +1,12 @@
 """ADD: loss signs, where gradients go, the few-step sampler, and a tiny distillation run end to end on the CLI."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fastdiff import checkpoint as ckpt
 from fastdiff.cli import main
@@ -206,6 +208,8 @@ def test_distill_cli_end_to_end(student_run, capsys):
     stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
     assert {"g_adv", "distill", "d_loss", "r1", "d_real", "d_fake", "images_per_sec"} <= set(stats[-1])
     assert list((student_run / "teacher").glob("vit-digits-*.safetensors")), "the pretrained backbone is cached"
+    grid = np.asarray(Image.open(run / "samples" / "step-000000002.png"))  # the student's 4-step EMA samples
+    assert grid.shape == (4 * 65 + 1, 10 * 65 + 1) and grid.std() > 20
     # `fastdiff sample` on the student uses the few-step sampler by itself; --steps picks 1 to 4.
     capsys.readouterr()
     for steps, expected in ((None, 4), ("1", 1)):
@@ -267,3 +271,28 @@ def test_refiner_trains_and_applies(student_run, capsys):
     assert main(["sample", "--checkpoint", str(run), "--n", "4", "--refine", str(run), "--out",
                  str(ref / "r.png")]) == 2
     assert "not a refiner run" in capsys.readouterr().err
+
+
+def test_refiner_resume_continues_exactly(student_run, capsys):
+    """A refiner killed after its checkpoint of step 2 and resumed == 3 steps in one go. (The kill is made by
+    deleting the last checkpoint: the one-cycle learning rate depends on the total steps, so a run configured
+    for 2 steps and extended to 3 is another run.)"""
+    run = student_run / "student"
+    common = ["--checkpoint", str(run), "--batch-size", "8", "--base-channels", "8", "--ckpt-every", "1",
+              "--log-every", "1", "--no-progress"]
+    a, b = student_run / "refiner-a", student_run / "refiner-b"
+    assert main(["train-refiner", "--out", str(a), "--steps", "3", *common]) == 0
+    assert main(["train-refiner", "--out", str(b), "--steps", "3", *common]) == 0
+    shutil.rmtree(ckpt.latest_checkpoint(b))
+    assert main(["train-refiner", "--out", str(b), "--resume", "--steps", "3", "--no-progress"]) == 0
+    assert main(["train-refiner", "--out", str(b), "--resume", "--batch-size", "4"]) == 2
+    assert "--batch-size cannot change on --resume" in capsys.readouterr().err
+    pa, pb = ckpt.latest_checkpoint(a), ckpt.latest_checkpoint(b)
+    assert pa.name == pb.name == "step-000000003"
+    for name in ("model", "optimizer"):
+        ta, tb = ckpt.load_tensors(pa, name), ckpt.load_tensors(pb, name)
+        assert ta.keys() == tb.keys()
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), f"{name}.{k} differs after resume"
+    stats = [json.loads(line) for line in (b / "stats.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in stats] == [1, 2, 3] and all(r["unrefined_loss"] > 0 for r in stats)

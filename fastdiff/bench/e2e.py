@@ -29,7 +29,8 @@ from fastdiff.runtime import autocast, compile_fn
 from fastdiff.sampling import sampler_table
 from fastdiff.sampling.fast import FastSampler, autocast_model
 from fastdiff.train.ddpm import diffusion_loss
-from fastdiff.train.loop import EMA, warmup_lambda
+from fastdiff.train.ema import EMA
+from fastdiff.train.lr import warmup_lambda
 from fastdiff.train.step import make_train_step
 
 

@@ -95,15 +95,3 @@ def init_world(device: torch.device, batch_size: int) -> tuple[World, torch.devi
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return World(rank, size, here), device
 
-
-class QuietLog:
-    """The run log of ranks other than 0: they write nothing."""
-
-    def line(self, text: str) -> None:
-        pass
-
-    def stats(self, record: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

@@ -1,151 +1,288 @@
-"""Pieces shared by the DDPM and ADD training loops: the step-addressable batcher, EMA, warm-up, run-directory
-logging, interval metering and the NaN guard (devices, AMP and seeding are `fastdiff.runtime`'s).
+"""The training skeleton, in the manner of EDM2's training_loop: one loop that owns the state, the metering, the
+checkpoints and resume, the NaN guard, the logs and the progress bar, and an objective that supplies the step.
 
-Randomness is a pure function of (seed, step): the data order, timesteps, noise, label dropout and dropout
-masks of step k are the same whether the run got there in one go or was killed and resumed. That is what
-makes a resumed run continue exactly where it stopped.
+DDPM (`train.ddpm`), ADD (`train.add`) and the refiner (`train.refiner`) are objectives. An objective is built
+from a `Session` (device, processes, acceleration options, log) and gives the loop:
+
+    kind, command        the checkpoint's kind ("ddpm", ...) and the CLI command that trains it (for advice)
+    parts                its trained networks (`Part`: module, optimizer, lr(step), loss scaler); parts[0] is the
+                         network that is sampled
+    ema                  whether parts[0] is averaged into an EMA (saved as `ema`, sampled in the grids)
+    stats                the names of the values that step() returns, the loss first
+    step(k, x0, labels)  all the updates of training step k on the batch of step k; made of `Session.train_step`s,
+                         which give it bf16, torch.compile, CUDA graphs and DDP where the options allow
+    extra_state()        JSON saved in each checkpoint's state.json besides the loop's own
+    grid(model)          a sample grid (uint8 HWC, `monitor.sample_grid`) of the EMA network, or None for none
+    describe()           its part of the run's first log line
+
+Per-step randomness is a pure function of (seed, step): the batch of step k comes from `Batcher`, its noise,
+timesteps and dropout from generators seeded with (seed, step) inside the train steps, and its learning rates
+from the parts' lr(step). A run killed at any moment and resumed from its latest checkpoint continues exactly
+as the uninterrupted run does.
+
+Resume: `--steps` may grow (never fall below the run's step; equal: the run is finished and nothing is written),
+and `--lr` / `--warmup` may change: the optimizer state is kept, and from the resumed step on the learning rate is
+the new schedule's lr(step), as if the run had been configured so from the start. The change is logged in
+log.txt and kept in config.json. That is how a run stopped by the NaN guard continues from its last good
+checkpoint.
 """
 
 from __future__ import annotations
 
-import copy
-import json
-import math
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+from tqdm import tqdm
 
-from fastdiff.errors import ConfigError, FastdiffError, TrainingDiverged
-from fastdiff.runtime import mix_seed, peak_memory_mb
-
-
-class Batcher:
-    """Epochs of shuffled indices, addressable by step: batch(step) is the same in any run with this seed."""
-
-    def __init__(self, n: int, batch_size: int, seed: int):
-        if n == 0:
-            raise ConfigError("the training set is empty")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self._perms: dict[int, torch.Tensor] = {}
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perms:
-            if len(self._perms) > 2:
-                self._perms.pop(min(self._perms))
-            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, stream=7))
-            self._perms[epoch] = torch.randperm(self.n, generator=g)
-        return self._perms[epoch]
-
-    def indices(self, step: int) -> torch.Tensor:
-        pos = torch.arange(step * self.batch_size, (step + 1) * self.batch_size)
-        epochs, within = pos // self.n, pos % self.n
-        out = torch.empty_like(pos)
-        for e in epochs.unique().tolist():
-            sel = epochs == e
-            out[sel] = self._perm(e)[within[sel]]
-        return out
+from fastdiff import checkpoint as ckpt
+from fastdiff.config import TrainConfig
+from fastdiff.errors import ConfigError
+from fastdiff.runtime import AccelOptions, check_amp, mix_seed, resolve_device
+from fastdiff.train.batcher import Batcher
+from fastdiff.train.distributed import World, init_world
+from fastdiff.train.ema import EMA
+from fastdiff.train.meter import IntervalMeter
+from fastdiff.train.monitor import Monitor
+from fastdiff.train.rundir import QuietLog, RunLog, open_run_dir, resume_checkpoint, truncate_stats
+from fastdiff.train.step import make_train_step
 
 
-class EMA:
-    """Exponential moving average of a model's weights, with the usual warm-up: d = min(decay, (1+n)/(10+n))."""
+@dataclass
+class Part:
+    """A network with its optimizer, learning rate lr(step) and loss scaler, saved and restored together.
 
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
-        ema_p = [p for p in self.model.parameters()]
-        src_p = [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(ema_p, src_p, 1.0 - d)
-        for b_ema, b in zip(self.model.buffers(), model.buffers()):
-            b_ema.copy_(b)
-
-
-def warmup_lambda(warmup_steps: int):
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-
-
-class RunLog:
-    """log.txt (human lines) and stats.jsonl (one JSON record per logging interval) in the run directory."""
-
-    def __init__(self, run_dir: Path, echo=None):
-        self.run_dir = run_dir
-        self.echo = echo
-        self._log = open(run_dir / "log.txt", "a", buffering=1)
-        self._stats = open(run_dir / "stats.jsonl", "a", buffering=1)
-
-    def line(self, text: str) -> None:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        self._log.write(f"[{stamp}] {text}\n")
-        if self.echo is not None:
-            self.echo(text)
-
-    def stats(self, record: dict) -> None:
-        self._stats.write(json.dumps(record) + "\n")
-
-    def close(self) -> None:
-        self._log.close()
-        self._stats.close()
-
-
-def check_finite(loss_sum: torch.Tensor, first_step: int, last_step: int, last_ckpt: str | None) -> float:
-    """Sync once per logging interval; stop with a clear error if any loss in the interval was NaN or inf."""
-    value = float(loss_sum)
-    if not math.isfinite(value):
-        where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-        raise TrainingDiverged(
-            f"the loss became {value} between steps {first_step + 1} and {last_step}; {where}. "
-            "Lower --lr, raise --warmup, use --amp bf16 or fp32 instead of fp16, or check the data for NaNs"
-        )
-    return value
-
-
-def prepare_run_dir(run_dir: Path, resume: bool) -> None:
-    from fastdiff.checkpoint import latest_checkpoint
-
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise FastdiffError(f"cannot write to the run directory {run_dir}: {e.strerror}; choose a writable --out")
-    has_ckpt = latest_checkpoint(run_dir) is not None
-    if resume and not has_ckpt:
-        raise FastdiffError(f"--resume: {run_dir} holds no checkpoint to resume from; drop --resume to start a run")
-    if not resume and has_ckpt:
-        raise FastdiffError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-
-
-class IntervalMeter:
-    """Running sums of named loss terms on the device, read once per logging interval (one host sync).
-
-    `read` returns the interval means and the throughput, and stops the run with TrainingDiverged when any
-    term was NaN or infinite during the interval.
+    In a checkpoint its weights are `<name>.safetensors`; its optimizer is `optimizer` for the part named "model"
+    and `<name>_optimizer` otherwise (likewise the grad-scaler state). `tensors` / `load` replace the module's
+    own state_dict / load_state_dict where only some of its tensors are saved (a frozen backbone).
     """
 
-    def __init__(self, names: tuple[str, ...], device: torch.device, start: int):
-        self.names = names
-        self.device = device
-        self.sums = torch.zeros(len(names), device=device)
-        self.start, self.t0 = start, time.perf_counter()
+    name: str
+    module: torch.nn.Module
+    opt: torch.optim.Optimizer
+    lr: Callable[[int], float]
+    scaler: torch.amp.GradScaler
+    tensors: Callable[[], dict] | None = None
+    load: Callable[[dict, Path], None] | None = None
 
-    def add(self, *values: torch.Tensor) -> None:
-        self.sums += torch.stack([v.detach().float() for v in values])
+    @property
+    def prefix(self) -> str:
+        return "" if self.name == "model" else self.name + "_"
 
-    def read(self, done: int, batch_size: int, last_ckpt: str | None) -> dict:
-        n = done - self.start
-        check_finite(self.sums.sum(), self.start, done, last_ckpt)
-        means = (self.sums / n).tolist()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        dt = time.perf_counter() - self.t0
-        record = dict(zip(self.names, means))
-        record.update(images_per_sec=n * batch_size / dt, sec_per_kimg=dt / (n * batch_size / 1000),
-                      peak_mem_mb=peak_memory_mb(self.device))
-        self.sums.zero_()
-        self.start, self.t0 = done, time.perf_counter()
-        return record
+    def set_lr(self, step: int) -> float:
+        lr = self.lr(step)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        return lr
+
+
+class Session:
+    """What an objective builds its steps from: the device, the processes, the options, the run's log."""
+
+    def __init__(self, tc: TrainConfig, device: torch.device, world: World, accel: AccelOptions, log):
+        self.tc, self.device, self.world, self.accel, self.log = tc, device, world, accel, log
+        self.steps: list[tuple[str, object]] = []
+
+    def train_step(self, part: Part, loss_fn: Callable, *, grad_clip: float, compiled: bool, stream: int = 0,
+                   buffers=()):
+        """The train step of one part (`fastdiff.train.step.make_train_step`): graphed where the options allow.
+
+        stream 0 draws the run's own random numbers; a second step of the same objective takes another stream.
+        `compiled` says whether loss_fn runs a compiled network (for the log line).
+        """
+        seed = self.world.seed(self.tc.seed)
+        seed = seed if stream == 0 else mix_seed(seed, stream, stream=17)
+        step = make_train_step(part.module, part.opt, loss_fn, grad_clip=grad_clip, seed=seed, device=self.device,
+                               amp=self.tc.amp, options=self.accel, scaler=part.scaler,
+                               log=self.log if not self.steps else None, buffers=buffers)
+        self.steps.append((f"{type(step).__name__}({'compiled' if compiled else 'eager'})", step))
+        return step
+
+    def describe(self) -> str:
+        return "+".join(name for name, _ in self.steps)
+
+    def take_setup_seconds(self) -> float:
+        return sum(step.take_setup_seconds() for _, step in self.steps)
+
+
+def _advice(command: str, run_dir: Path, tc: TrainConfig, last_ckpt: str | None) -> str:
+    lr, warmup = f"{tc.lr / 2:g}", max(2 * tc.warmup_steps, 100)
+    fp = "use --amp bf16 or fp32 instead of fp16, " if tc.amp == "fp16" else ""
+    if last_ckpt is None:
+        return (f"no checkpoint was written yet. Start again with a lower learning rate or a longer warm-up "
+                f"({command} --lr {lr} --warmup {warmup} into a new --out), {fp}or check the data for NaNs")
+    return (f"the last good checkpoint is {last_ckpt}. Resume from it with a lower learning rate or a longer "
+            f"warm-up: {command} --out {run_dir} --resume --lr {lr} --warmup {warmup} ({fp}or check the data for NaNs)")
+
+
+def _changes(old: dict, new: dict, where: str = "") -> list[str]:
+    """The options that differ between two configs, as 'section.option old -> new'."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changes(a, b, f"{where}{key}.")
+        elif a != b:
+            out.append(f"{where}{key} {a} -> {b}")
+    return out
+
+
+def _save(run_dir: Path, objective, ema: EMA | None, config: dict, tc: TrainConfig, step: int, images_seen: int):
+    tensors, state = {}, {"step": step, "images_seen": images_seen, "kind": objective.kind,
+                          **objective.extra_state()}
+    for part in objective.parts:
+        tensors[part.name] = part.tensors() if part.tensors else part.module.state_dict()
+        tensors[part.prefix + "optimizer"], state[part.prefix + "optimizer"] = ckpt.optimizer_tensors(part.opt)
+        state[part.prefix + "grad_scaler"] = part.scaler.state_dict() if part.scaler.is_enabled() else None
+        state[part.prefix + "lr"] = part.lr(step)
+    if ema is not None:
+        tensors["ema"] = ema.model.state_dict()
+    return str(ckpt.save_checkpoint(run_dir, step, tensors=tensors, state=state, config=config,
+                                    keep=tc.keep_checkpoints))
+
+
+def _restore(path: Path, objective, ema: EMA | None, device) -> dict:
+    where = path / "state.json"
+    state = ckpt.load_state(path, keys=("step", "images_seen") + tuple(p.prefix + "optimizer" for p in objective.parts))
+    for part in objective.parts:
+        weights = ckpt.load_tensors(path, part.name, device)
+        part.load(weights, path) if part.load else ckpt.load_model_weights(part.module, weights, path)
+        opt_tensors = ckpt.load_tensors(path, part.prefix + "optimizer", device)
+        ckpt.load_optimizer(part.opt, opt_tensors, state[part.prefix + "optimizer"], where=where)
+        if state.get(part.prefix + "grad_scaler"):
+            ckpt.load_state_dict_checked(part.scaler, state[part.prefix + "grad_scaler"], where)
+    if ema is not None:
+        ckpt.load_model_weights(ema.model, ckpt.load_tensors(path, "ema", device), path)
+    return state
+
+
+def _resumed_step(path: Path, tc: TrainConfig, run_dir: Path) -> int:
+    step = int(ckpt.load_json(path, "state")["step"])
+    if tc.steps < step:
+        raise ConfigError(f"--steps {tc.steps} is below the step of the run in {run_dir} ({step}); pass --steps "
+                          f"{step} or more to continue it")
+    return step
+
+
+def train_loop(build: Callable[[Session], object], *, data, tc: TrainConfig, config: dict, run_dir, device="auto",
+               resume: bool = False, progress: bool = True, echo=print, accel: AccelOptions | None = None) -> dict:
+    """Train (or resume) the objective that `build(session)` makes, on `data`, in `run_dir`.
+
+    `tc` holds the loop's settings (steps, batch size, seed, amp, intervals, EMA decay); `config` is the run's
+    whole config, written to config.json and into every checkpoint. Returns the last stats record (on a finished
+    run: {"step": N, "already_finished": True}).
+    """
+    run_dir = Path(run_dir)
+    if min(tc.steps, tc.batch_size, tc.log_every, tc.ckpt_every) < 1:
+        raise ConfigError(f"--steps ({tc.steps}), --batch-size ({tc.batch_size}), --log-every ({tc.log_every}) and "
+                          f"--ckpt-every ({tc.ckpt_every}) must be positive")
+    if tc.sample_every is not None and tc.sample_every < 0:
+        raise ConfigError(f"--sample-every ({tc.sample_every}) must be 0 (no grids) or positive")
+    world, device = init_world(resolve_device(device), tc.batch_size)  # torchrun: one process per device
+    try:
+        check_amp(tc.amp, device)
+        if world.is_main:
+            with open_run_dir(run_dir, resume):
+                return _run(build, world, data, tc, config, run_dir, device, resume, progress, echo, accel)
+        return _run(build, world, data, tc, config, run_dir, device, resume, False, echo, accel)
+    finally:
+        world.close()
+
+
+def _run(build, world: World, data, tc: TrainConfig, config: dict, run_dir: Path, device, resume: bool,
+         progress: bool, echo, accel) -> dict:
+    world.barrier()  # the first process has opened the run directory
+    path = resume_checkpoint(run_dir, log=echo if world.is_main else None, set_aside=world.is_main) if resume else None
+    start = _resumed_step(path, tc, run_dir) if path is not None else 0
+    if path is not None and start == tc.steps:
+        if world.is_main:
+            echo(f"the run in {run_dir} is already finished at step {start}; pass --steps N (above {start}) with "
+                 "--resume to train it further")
+        return {"step": start, "already_finished": True}
+    changed = []
+    if world.is_main:
+        saved = run_dir / "config.json"
+        if path is not None:
+            truncate_stats(run_dir, start)
+            old = ckpt.load_json(run_dir, "config") if saved.exists() else ckpt.load_json(path, "config")
+            changed = _changes(old, config)
+        ckpt.write_json_atomic(saved, config)
+    write = (lambda s: tqdm.write(s, file=sys.stderr)) if progress else echo
+    log = RunLog(run_dir, echo=write) if world.is_main else QuietLog()
+    monitor = None
+    try:
+        accel = AccelOptions.for_device(device) if accel is None else accel.check(device)
+        session = Session(tc, device, world, world.adjust(accel, log.line), log.line)
+        torch.manual_seed(tc.seed)
+        if not world.is_main:
+            world.barrier()  # the first process builds first: what it caches (a pretrained backbone), the rest read
+        objective = build(session)
+        if world.is_main:
+            world.barrier()
+        main = objective.parts[0]
+        ema = EMA(main.module, tc.ema_decay) if world.is_main and objective.ema else None
+        images_seen, last_ckpt = 0, None
+        if path is not None:
+            images_seen, last_ckpt = _restore(path, objective, ema, device)["images_seen"], str(path)
+        batcher = Batcher(len(data), tc.batch_size, tc.seed)
+        log.line(f"{'resuming at step ' + str(start) if path is not None else 'training'} {objective.describe()} "
+                 f"dataset={data.name} ({len(data)} images {tuple(data.shape)}) device={device} amp={tc.amp} "
+                 f"steps={tc.steps} batch={tc.batch_size} step={session.describe()} processes={world.size}")
+        for line in changed:
+            log.line(f"resumed with {line} from step {start} on (the optimizer state is kept)")
+        if world.is_main:
+            monitor = Monitor(run_dir, tensorboard=tc.tensorboard, start_step=start,
+                              plot_keys=("loss", "images_per_sec", "lr"))
+        return _loop(objective, session, ema, monitor, log, data, batcher, tc, config, run_dir, start,
+                     images_seen, last_ckpt, progress)
+    finally:
+        if monitor is not None:
+            monitor.close()
+        log.close()
+
+
+def _loop(objective, session: Session, ema, monitor, log, data, batcher, tc: TrainConfig, config, run_dir, start,
+          images_seen, last_ckpt, progress) -> dict:
+    world, device = session.world, session.device
+    bar = tqdm(total=tc.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    meter = IntervalMeter(objective.stats, device, start, reduce=world.mean)
+    sample_every = tc.ckpt_every if tc.sample_every is None else tc.sample_every
+    record = {}
+    for part in objective.parts:
+        part.module.train()
+    try:
+        for step in range(start, tc.steps):
+            lrs = [part.set_lr(step) for part in objective.parts]
+            x0, labels = data.batch(world.shard(batcher.indices(step)), device)
+            meter.add(*objective.step(step, x0, labels))
+            if ema is not None:
+                ema.update(objective.parts[0].module, step)
+            images_seen += tc.batch_size
+            done = step + 1
+            bar.update(1)
+            is_ckpt = done % tc.ckpt_every == 0 or done == tc.steps
+            is_grid = sample_every > 0 and (done % sample_every == 0 or done == tc.steps)
+            if not (done % tc.log_every == 0 or is_ckpt or is_grid):
+                continue
+            advice = _advice(objective.command, run_dir, tc, last_ckpt)
+            record = {"step": done, "kimg": images_seen / 1000,
+                      **meter.read(done, tc.batch_size, advice, session.take_setup_seconds()),
+                      "lr": lrs[0], "time": time.time()}
+            log.stats(record)
+            terms = " ".join(f"{k} {record[k]:.4f}" for k in objective.stats if k != "grad_norm")
+            log.line(f"step {done}/{tc.steps} {terms} {record['images_per_sec']:.0f} img/s")
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if is_ckpt and world.is_main:
+                last_ckpt = _save(run_dir, objective, ema, config, tc, done, images_seen)
+                log.line(f"checkpoint {last_ckpt}")
+            if monitor is not None:
+                if is_grid and ema is not None and (grid := objective.grid(ema.model)) is not None:
+                    log.line(f"samples {monitor.grid(done, grid)}")
+                monitor.record(record, last=done == tc.steps)
+            meter.restart()  # checkpoints, grids and plots are not training time
+    finally:
+        bar.close()
+    return record

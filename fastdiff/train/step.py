@@ -1,6 +1,10 @@
 """One optimisation step of training: loss, backward, gradient clipping, optimizer step (`TrainStep`), and the
 same step captured as one CUDA graph (`GraphedTrainStep`).
 
+`loss_fn(gen, *batch)` returns the loss, or (loss, extras) with a tuple of further tensors (detached values the
+caller logs or feeds to another step, e.g. ADD's student images for its discriminator update); the step returns
+(loss, grad_norm, *extras).
+
 The graphed step captures all four for a static batch; the learning rate is read from a device tensor that is
 refreshed before each replay, and the per-step generators are re-seeded before each replay (CUDA graphs read a
 generator's seed and offset at replay time), so the random numbers are those of the eager step and a resumed
@@ -23,9 +27,9 @@ from fastdiff.runtime import AccelOptions, mix_seed, step_generator, synchronize
 class TrainStep:
     """One optimisation step: loss_fn(gen, *batch), backward, gradient clipping, optimizer step.
 
-    Randomness as in `fastdiff.train.loop`: `gen` is seeded with mix_seed(seed, step) and the global generators
-    with mix_seed(seed, step, 1) (dropout). Returns (loss, grad_norm) as device tensors. The LR schedule and the
-    EMA are the caller's. `setup_s` is the time of the first (compiling) call when the model is compiled.
+    Randomness as in `fastdiff.runtime`: `gen` is seeded with mix_seed(seed, step) and the global generators
+    with mix_seed(seed, step, 1) (dropout). Returns (loss, grad_norm, *extras) as device tensors. The learning
+    rate and the EMA are the caller's. `setup_s` is the time of the first (compiling) call when the model is compiled.
     """
 
     def __init__(self, params, opt, loss_fn: Callable, *, grad_clip: float, seed: int, device, scaler=None,
@@ -46,7 +50,7 @@ class TrainStep:
         t0 = time.perf_counter() if self._time_next else None
         gen = step_generator(self.seed, step, self.device)
         torch.manual_seed(mix_seed(self.seed, step, stream=1))  # dropout masks
-        loss = self.loss_fn(gen, *batch)
+        loss, extras = _split(self.loss_fn(gen, *batch))
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)
@@ -57,7 +61,7 @@ class TrainStep:
             synchronize(self.device)
             self.setup_s += time.perf_counter() - t0
             self._time_next = False
-        return loss, grad_norm
+        return (loss, grad_norm, *extras)
 
 
 class GraphedTrainStep(TrainStep):
@@ -65,12 +69,15 @@ class GraphedTrainStep(TrainStep):
 
     The optimizer must support `capturable` (Adam, AdamW; fused or foreach). Capture runs `warmup` real steps
     on a side stream first (compiling and initialising optimizer state), then restores the weights and the
-    optimizer state, so the run continues exactly from where it was. Outputs are static tensors overwritten by
-    the next call: read or clone them before calling again.
+    optimizer state, so the run continues exactly from where it was; `buffers` are further tensors the loss writes
+    in place (spectral-norm vectors of a discriminator it runs), restored likewise. Outputs are static tensors
+    overwritten by the next call: read or clone them before calling again.
     """
 
-    def __init__(self, params, opt, loss_fn: Callable, *, grad_clip: float, seed: int, device, warmup: int = 2):
+    def __init__(self, params, opt, loss_fn: Callable, *, grad_clip: float, seed: int, device, warmup: int = 2,
+                 buffers=()):
         super().__init__(params, opt, loss_fn, grad_clip=grad_clip, seed=seed, device=device)
+        self.buffers = list(buffers)
         if self.device.type != "cuda":
             raise ConfigError("a graphed training step needs a CUDA device; use --no-cuda-graphs")
         if "capturable" not in opt.defaults:
@@ -80,25 +87,25 @@ class GraphedTrainStep(TrainStep):
         self.graph = None
         self.static: list[torch.Tensor] = []
         self.lr_buffers = [torch.zeros((), dtype=torch.float32, device=self.device) for _ in opt.param_groups]
-        self.loss = self.grad_norm = None
+        self.outputs: tuple[torch.Tensor, ...] = ()
 
     def _body(self):
-        loss = self.loss_fn(self.gen, *self.static)
+        loss, extras = _split(self.loss_fn(self.gen, *self.static))
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         self.opt.step()
-        return loss.detach(), grad_norm
+        return (loss.detach(), grad_norm, *extras)
 
     def _snapshot(self):
         params = [p.detach().clone() for p in self.params]
         state = {p: {k: v.clone() for k, v in self.opt.state[p].items() if torch.is_tensor(v)}
                  for p in self.params if p in self.opt.state}
-        return params, state
+        return params, state, [b.detach().clone() for b in self.buffers]
 
     @torch.no_grad()
     def _restore(self, snapshot) -> None:
-        params, state = snapshot
-        for p, saved in zip(self.params, params):
+        params, state, buffers = snapshot
+        for p, saved in zip(self.params + self.buffers, params + buffers):
             p.copy_(saved)
         for p in self.params:  # state created by the warm-up steps goes back to a fresh optimizer's zeros
             for k, v in self.opt.state.get(p, {}).items():
@@ -137,7 +144,7 @@ class GraphedTrainStep(TrainStep):
             self.graph = torch.cuda.CUDAGraph()
             self.graph.register_generator_state(self.gen)
             with torch.cuda.device(self.device), torch.cuda.graph(self.graph):
-                self.loss, self.grad_norm = self._body()
+                self.outputs = self._body()
         finally:
             for g, (lr, capturable) in zip(groups, saved):
                 g["lr"], g["capturable"] = lr, capturable
@@ -155,15 +162,28 @@ class GraphedTrainStep(TrainStep):
         for g, buf in zip(self.opt.param_groups, self.lr_buffers):
             buf.fill_(float(g["lr"]))
         self.graph.replay()
-        return self.loss, self.grad_norm
+        return self.outputs
+
+
+def _split(out) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """A loss function's result as (loss, extras)."""
+    if isinstance(out, tuple):
+        loss, extras = out
+        return loss, tuple(extras)
+    return out, ()
 
 
 def make_train_step(model: torch.nn.Module, opt, loss_fn: Callable, *, grad_clip: float, seed: int, device,
-                    amp: str, options: AccelOptions, scaler=None, log: Callable[[str], None] | None = None):
-    """The training step the options ask for: graphed where possible (CUDA, not fp16), else eager."""
+                    amp: str, options: AccelOptions, scaler=None, log: Callable[[str], None] | None = None,
+                    buffers=()):
+    """The training step the options ask for: graphed where possible (CUDA, not fp16), else eager.
+
+    `model`'s parameters that require gradients are the ones stepped; `buffers` as in `GraphedTrainStep`.
+    """
     device = torch.device(device)
     if options.cuda_graphs and device.type == "cuda" and amp != "fp16":
-        return GraphedTrainStep(model.parameters(), opt, loss_fn, grad_clip=grad_clip, seed=seed, device=device)
+        return GraphedTrainStep(model.parameters(), opt, loss_fn, grad_clip=grad_clip, seed=seed, device=device,
+                                buffers=buffers)
     if options.cuda_graphs and log is not None:
         log("CUDA graphs are off for this run: fp16 needs a dynamic loss scale (use --amp bf16 to graph the step)")
     return TrainStep(model.parameters(), opt, loss_fn, grad_clip=grad_clip, seed=seed, device=device, scaler=scaler,

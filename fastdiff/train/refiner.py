@@ -1,0 +1,132 @@
+"""`fastdiff train-refiner`: train a `Refiner` (fastdiff.models.refiner) for the x0 estimates of a run, as an
+objective of the training loop (`fastdiff.train.loop`: AMP, compile, CUDA graphs, DDP, checkpoints, exact resume).
+
+Pairs are made from real training images: a real image x0 is noised to t ~ U[t_min, t_max], the generator run
+(teacher or student, frozen, EMA weights) predicts x0_hat from it as its sampler does at its last step, and the
+refiner learns x0_hat -> x0 with an MSE loss. The learning rate follows a one-cycle schedule over the run's steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from fastdiff import checkpoint as ckpt
+from fastdiff.config import RunConfig, TrainConfig
+from fastdiff.data import load_dataset
+from fastdiff.diffusion.parameterization import to_x0
+from fastdiff.diffusion.samplers import guided
+from fastdiff.errors import ConfigError
+from fastdiff.models.refiner import Refiner, refiner_unet_config
+from fastdiff.runtime import AccelOptions, autocast, compile_fn, grad_scaler
+from fastdiff.sampling import load_run
+from fastdiff.train.loop import Part, Session, train_loop
+from fastdiff.train.lr import one_cycle_lr
+
+
+def refiner_train_config(**overrides) -> TrainConfig:
+    """The loop settings of a refiner run (AdamW's default weight decay, the one-cycle peak lr)."""
+    base = dict(steps=1500, batch_size=128, lr=1e-3, weight_decay=0.01, warmup_steps=0, log_every=250,
+                ckpt_every=500, sample_every=0)
+    return TrainConfig(**{**base, **overrides})
+
+
+@dataclass
+class RefinerConfig:
+    generator: str = ""  # the run whose x0 estimates are refined
+    t_min: int = 0  # pairs come from x0 estimates at t uniform on [t_min, t_max]
+    t_max: int | None = None  # None: half the generator's training timesteps
+    base_channels: int = 16
+    channel_mult: tuple[int, ...] = (1, 2)
+    train: TrainConfig = field(default_factory=refiner_train_config)
+
+    def __post_init__(self):
+        self.channel_mult = tuple(self.channel_mult)
+
+    def to_dict(self, model: dict | None = None) -> dict:
+        """config.json of a refiner run: its settings, the loop's, and the refiner network's (for load_refiner)."""
+        refiner = asdict(self)
+        train = refiner.pop("train")
+        return {"kind": "refiner", "refiner": refiner, "train": train, **({"model": model} if model else {})}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RefinerConfig":
+        if not isinstance(d, dict) or d.get("kind") != "refiner" or not isinstance(d.get("refiner"), dict):
+            raise ConfigError("not a refiner run's config.json (its kind must be 'refiner')")
+        try:
+            return cls(**d["refiner"], train=TrainConfig(**d.get("train", {})))
+        except TypeError as e:
+            raise ConfigError(f"invalid refiner config: {e}") from None
+
+
+def make_pairs(loaded, x0: torch.Tensor, labels, t_min: int, t_max: int, gen) -> torch.Tensor:
+    """The generator's x0 estimates (clipped like its sampler's) of real images noised to t ~ U[t_min, t_max]."""
+    schedule, sc = loaded.schedule, loaded.config.sample
+    t = torch.randint(t_min, t_max + 1, (x0.shape[0],), device=x0.device, generator=gen)
+    x_t = schedule.add_noise(x0, torch.randn(x0.shape, device=x0.device, generator=gen), t)
+    guidance = sc.guidance if labels is not None else 1.0
+    with torch.no_grad():
+        out = guided(loaded.model, x_t, t, labels, guidance, loaded.model.null_label)
+        x0_hat = to_x0(loaded.config.diffusion.prediction, x_t, out, schedule.alphas_cumprod[t].view(-1, 1, 1, 1))
+    return x0_hat.clamp(-sc.clip, sc.clip) if sc.clip is not None else x0_hat
+
+
+class RefinerObjective:
+    """The refiner regressed on real images from the generator's x0 estimates (no EMA: the weights are used)."""
+
+    kind, command, ema = "refiner", "fastdiff train-refiner", False
+    stats = ("loss", "unrefined_loss", "grad_norm")
+
+    def __init__(self, cfg: RefinerConfig, gcfg: RunConfig, t_max: int, session: Session):
+        tc, device = cfg.train, session.device
+        self.cfg, self.t_max = cfg, t_max
+        self.loaded = load_run(cfg.generator, device)
+        self.memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
+        model = Refiner(refiner_unet_config(gcfg.model, cfg)).to(device).to(memory_format=self.memory_format)
+        opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
+                                fused=device.type == "cuda")
+        self.parts = [Part("model", model, opt, one_cycle_lr(tc.lr, tc.steps), grad_scaler(device, tc.amp))]
+        forward = compile_fn(session.world.wrap(model), session.accel)
+        conditional = gcfg.model.num_classes > 0
+
+        def loss_fn(gen, x0, labels):
+            x0_hat = make_pairs(self.loaded, x0, labels if conditional else None, cfg.t_min, t_max, gen)
+            with autocast(device, tc.amp):
+                out = forward(x0_hat.contiguous(memory_format=self.memory_format))
+            return F.mse_loss(out.float(), x0), (F.mse_loss(x0_hat, x0).detach(),)
+
+        self.train_step = session.train_step(self.parts[0], loss_fn, grad_clip=tc.grad_clip,
+                                             compiled=session.accel.compile)
+
+    def step(self, step: int, x0, labels):
+        loss, grad_norm, unrefined = self.train_step(step, x0, labels)
+        return loss, unrefined, grad_norm
+
+    def extra_state(self) -> dict:
+        return {"generator": self.cfg.generator}
+
+    def grid(self, model):
+        return None
+
+    def describe(self) -> str:
+        n_params = sum(p.numel() for p in self.parts[0].module.parameters())
+        return (f"a refiner for {self.cfg.generator} on x0 estimates at t in [{self.cfg.t_min}, {self.t_max}] "
+                f"params={n_params / 1e6:.2f}M")
+
+
+def train_refiner(cfg: RefinerConfig, out, *, device="auto", resume: bool = False, progress: bool = True,
+                  echo=print, accel: AccelOptions | None = None) -> dict:
+    """Train (or resume) a refiner for the x0 estimates of run `cfg.generator` in run directory `out`."""
+    gcfg = RunConfig.from_dict(ckpt.load_json(ckpt.resolve_checkpoint(cfg.generator), "config"))
+    T = gcfg.diffusion.num_timesteps
+    t_max = T // 2 if cfg.t_max is None else cfg.t_max
+    if not 0 <= cfg.t_min <= t_max < T:
+        raise ConfigError(f"refiner: need 0 <= t_min ({cfg.t_min}) <= t_max ({t_max}) < {T}")
+    data = load_dataset(gcfg.data.dataset, "train", data_dir=gcfg.data.data_dir, image_size=gcfg.model.image_size,
+                        channels=gcfg.model.in_channels)
+    config = cfg.to_dict(model=asdict(refiner_unet_config(gcfg.model, cfg)))
+    return train_loop(lambda session: RefinerObjective(cfg, gcfg, t_max, session), data=data, tc=cfg.train,
+                      config=config, run_dir=out, device=device, resume=resume, progress=progress, echo=echo,
+                      accel=accel)

@@ -1,0 +1,122 @@
+"""The run directory of a training run: opening it (the one place), the checkpoint a resume starts from (the one
+function), and the human and machine logs (log.txt, stats.jsonl).
+
+    RUN/config.json        the resolved config (rewritten when a resume changes a resumable option)
+    RUN/log.txt            human lines, appended by every run and resume
+    RUN/stats.jsonl        one JSON record per logging interval; a resume drops the records past its checkpoint
+    RUN/checkpoints/       atomic checkpoints (`fastdiff.checkpoint`)
+    RUN/samples/           EMA sample grids, RUN/stats.png, RUN/tb/ (`fastdiff.train.monitor`)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+
+from fastdiff import checkpoint as ckpt
+from fastdiff.errors import FastdiffError
+
+
+def resume_checkpoint(run_dir: Path, log=None, set_aside: bool = True) -> Path | None:
+    """The checkpoint that --resume continues from: the newest one whose tensors load and are finite (None: the
+    run has none). With `set_aside` (the writing process only), newer checkpoints that failed the check move to
+    checkpoints/set-aside/, where nothing prunes or resumes from them; nothing is deleted."""
+    path = ckpt.latest_good_checkpoint(run_dir, log=log)
+    if path is not None and set_aside:
+        ckpt.set_aside_newer(run_dir, path)
+    return path
+
+
+@contextlib.contextmanager
+def open_run_dir(run_dir: Path, resume: bool):
+    """Open a run directory for writing for the duration of the `with` block (the writing process only).
+
+    Checks that it is writable and that --resume matches what it holds, and removes the temporaries of a run
+    killed while it wrote a checkpoint. This is the one place a training run opens its directory; it holds the
+    run-directory lock (`fastdiff.checkpoint.lock_run_dir`, released on any exit, kill -9 included) for the block.
+    """
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise FastdiffError(f"cannot write to the run directory {run_dir}: {e.strerror}; choose a writable --out")
+    with ckpt.lock_run_dir(run_dir):  # taken before anything is read, held until the block ends
+        ckpt.remove_stale_temporaries(run_dir)
+        has_ckpt = ckpt.latest_checkpoint(run_dir) is not None
+        if resume and not has_ckpt:
+            raise FastdiffError(f"--resume: {run_dir} holds no checkpoint to resume from; drop --resume to start a "
+                                "run")
+        if not resume and has_ckpt:
+            raise FastdiffError(f"{run_dir} already holds a run; pass --resume to continue it or choose another "
+                                "--out")
+        yield
+
+
+def truncate_stats(run_dir: Path, step: int) -> int:
+    """Drop the stats.jsonl records past `step` (written after the checkpoint a resume starts from), and a line
+    torn by a kill, atomically; returns how many were dropped."""
+    path = run_dir / "stats.jsonl"
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            keep = isinstance(record, dict) and record.get("step", 0) <= step
+        except json.JSONDecodeError:
+            keep = False
+        if keep:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        ckpt.atomic_write(path, "".join(kept).encode())
+    return dropped
+
+
+def read_stats(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "stats.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class RunLog:
+    """log.txt (human lines) and stats.jsonl (one JSON record per logging interval) in the run directory."""
+
+    def __init__(self, run_dir: Path, echo=None):
+        self.run_dir = run_dir
+        self.echo = echo
+        self._log = open(run_dir / "log.txt", "a", buffering=1)
+        self._stats = open(run_dir / "stats.jsonl", "a", buffering=1)
+
+    def line(self, text: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        self._log.write(f"[{stamp}] {text}\n")
+        if self.echo is not None:
+            self.echo(text)
+
+    def stats(self, record: dict) -> None:
+        self._stats.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self._log.close()
+        self._stats.close()
+
+
+class QuietLog:
+    """The run log of the processes other than the first of a multi-process run: they write nothing."""
+
+    def line(self, text: str) -> None:
+        pass
+
+    def stats(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

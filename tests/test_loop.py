@@ -1,0 +1,133 @@
+"""The training skeleton's resume rules: --steps below the run's step, finished runs, stats.jsonl after a resume,
+a new learning rate on --resume, and the NaN guard's advice followed to the letter."""
+
+import json
+import shlex
+import shutil
+
+import pytest
+import torch
+
+from fastdiff import checkpoint as ckpt
+from fastdiff.cli import main
+from fastdiff.config import apply_overrides, preset_config
+from fastdiff.errors import ConfigError, TrainingDiverged
+from fastdiff.train import train_ddpm
+from fastdiff.train.lr import one_cycle_lr, warmup_lr
+from fastdiff.train.rundir import truncate_stats
+
+QUIET = dict(progress=False, echo=lambda s: None)
+
+
+def tiny(overrides, **extra):
+    return apply_overrides(preset_config("digits"), {**overrides, **extra})
+
+
+def stats(run):
+    return [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+
+
+def test_resume_below_the_run_is_an_error_and_a_finished_run_is_left_alone(tmp_path, tiny_overrides):
+    run = tmp_path / "r"
+    train_ddpm(tiny(tiny_overrides, **{"train.steps": 2}), run, **QUIET)
+    before = {p.name: p.read_bytes() for p in (run / "config.json", run / "stats.jsonl", run / "log.txt")}
+    with pytest.raises(ConfigError, match=r"--steps 1 is below the step of the run .* \(2\); pass --steps 2 or more"):
+        train_ddpm(tiny(tiny_overrides, **{"train.steps": 1}), run, resume=True, **QUIET)
+    said = []
+    rec = train_ddpm(tiny(tiny_overrides, **{"train.steps": 2}), run, resume=True, progress=False, echo=said.append)
+    assert rec == {"step": 2, "already_finished": True}
+    assert len(said) == 1 and "already finished at step 2" in said[0]
+    assert {p.name: p.read_bytes() for p in (run / "config.json", run / "stats.jsonl", run / "log.txt")} == before
+
+
+def test_cli_resume_of_a_finished_run_says_so(tmp_path, tiny_overrides, capsys):
+    run = tmp_path / "r"
+    train_ddpm(tiny(tiny_overrides, **{"train.steps": 2}), run, **QUIET)
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out.strip().splitlines()[-1]) == {"run_dir": str(run), "step": 2, "already_finished": True}
+    assert "already finished at step 2" in err and len(err.strip().splitlines()) == 1
+    assert main(["train", "--out", str(run), "--resume", "--steps", "1", "--no-progress"]) == 2
+    assert "below the step of the run" in capsys.readouterr().err
+
+
+def test_stats_are_not_repeated_after_a_resume(tmp_path, tiny_overrides):
+    """Killed after the records of steps 3-4 but before the checkpoint of step 4 (and mid-line): the resumed run
+    drops those records and writes them again, once."""
+    over = {**tiny_overrides, "train.ckpt_every": 2, "train.log_every": 1}
+    run = tmp_path / "r"
+    train_ddpm(tiny(over, **{"train.steps": 4}), run, **QUIET)
+    straight = stats(run)
+    shutil.rmtree(ckpt.latest_checkpoint(run))
+    with open(run / "stats.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # a line torn by the kill
+    train_ddpm(tiny(over, **{"train.steps": 4}), run, resume=True, **QUIET)
+    again = stats(run)
+    assert [r["step"] for r in again] == [1, 2, 3, 4]
+    assert [r["loss"] for r in again] == [r["loss"] for r in straight]  # and the same values: an exact resume
+    assert truncate_stats(run, 2) == 2 and [r["step"] for r in stats(run)] == [1, 2]
+
+
+def test_lr_schedules_are_pure_functions_of_the_step():
+    lr = warmup_lr(1e-3, 4)
+    assert [lr(k) for k in range(5)] == [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3]
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    ref = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=50, pct_start=0.1, cycle_momentum=False)
+    one = one_cycle_lr(1e-3, 50)
+    for k in range(50):
+        assert one(k) == pytest.approx(ref.get_last_lr()[0], rel=1e-12, abs=1e-15), k
+        opt.step()
+        ref.step()
+
+
+def test_resume_with_a_new_learning_rate_and_warmup(tmp_path, tiny_overrides, capsys):
+    over = {**tiny_overrides, "train.ckpt_every": 2, "train.log_every": 1, "train.lr": 1e-3, "train.warmup_steps": 2}
+    run = tmp_path / "r"
+    train_ddpm(tiny(over, **{"train.steps": 2}), run, **QUIET)
+    opt_before = ckpt.load_tensors(ckpt.latest_checkpoint(run), "optimizer")
+    assert main(["train", "--out", str(run), "--resume", "--steps", "4", "--lr", "4e-4", "--warmup", "8",
+                 "--no-progress"]) == 0
+    lrs = {r["step"]: r["lr"] for r in stats(run)}
+    new = warmup_lr(4e-4, 8)
+    assert lrs[1] == 1e-3 * 1 / 2 and lrs[3] == new(2) and lrs[4] == new(3)  # the new schedule from step 2 on
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["lr"] == 4e-4 and config["train"]["warmup_steps"] == 8
+    log = (run / "log.txt").read_text()
+    assert "resumed with train.lr 0.001 -> 0.0004 from step 2 on" in log and "train.warmup_steps 2 -> 8" in log
+    state = json.loads((ckpt.latest_checkpoint(run) / "state.json").read_text())
+    assert state["lr"] == new(4)
+    # The optimizer's moments were kept: the resumed step 3 started from step 2's (a fresh optimizer has none).
+    assert any(k.endswith("exp_avg_sq") for k in opt_before)
+    # And the same resume again gives the same run (the schedule is a function of the config and the step).
+    shutil_copy = tmp_path / "again"
+    train_ddpm(tiny(over, **{"train.steps": 2}), shutil_copy, **QUIET)
+    main(["train", "--out", str(shutil_copy), "--resume", "--steps", "4", "--lr", "4e-4", "--warmup", "8",
+          "--no-progress"])
+    a, b = (ckpt.load_tensors(ckpt.latest_checkpoint(r), "model") for r in (run, shutil_copy))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_guard_advice_is_a_command_that_works(tmp_path, tiny_overrides, monkeypatch, capsys):
+    from fastdiff.data import datasets
+
+    run = tmp_path / "r"
+    real_batch = datasets.ImageData.batch
+    calls = {"n": 0}
+
+    def poisoned(self, index, device):
+        calls["n"] += 1
+        x, y = real_batch(self, index, device)
+        return (x * float("nan") if calls["n"] > 3 else x), y
+
+    monkeypatch.setattr(datasets.ImageData, "batch", poisoned)
+    with pytest.raises(TrainingDiverged) as err:
+        train_ddpm(tiny(tiny_overrides, **{"train.steps": 8}), run, **QUIET)
+    message = str(err.value)
+    assert "the last good checkpoint is" in message and "step-000000002" in message
+    command = message.split("warm-up: ", 1)[1].split(" (", 1)[0]
+    assert command.startswith(f"fastdiff train --out {run} --resume --lr 0.001 --warmup 100")
+    monkeypatch.setattr(datasets.ImageData, "batch", real_batch)  # the data is fine again
+    assert main([*shlex.split(command)[1:], "--no-progress"]) == 0
+    assert ckpt.latest_checkpoint(run).name == "step-000000008"
+    assert [r["step"] for r in stats(run)] == list(range(1, 9))
