@@ -121,10 +121,10 @@ def classifier_cache_dir(checkpoint_dir, cfg) -> Path:
     the run directory."""
     if cfg.data.data_dir and Path(cfg.data.data_dir).is_dir():
         return Path(cfg.data.data_dir)
+    if cfg.is_student and (Path(cfg.distill.teacher).exists() or cfg.distill.teacher.startswith("pretrained:")):
+        checkpoint_dir = resolve_checkpoint(cfg.distill.teacher)
     if is_pretrained(checkpoint_dir):
         return PRETRAINED_DIR
-    if cfg.is_student and (Path(cfg.distill.teacher).exists() or cfg.distill.teacher.startswith("pretrained:")):
-        return classifier_cache_dir(resolve_checkpoint(cfg.distill.teacher), cfg)
     return Path(checkpoint_dir).parent.parent
 
 
