@@ -195,18 +195,6 @@ def set_aside_newer(run_dir, ckpt_dir) -> list[Path]:
     return moved
 
 
-def check_resume_steps(run_dir, steps: int, flag: str = "--steps") -> None:
-    """`--resume` with a target below the step the run reached is an error (it would do nothing and rewrite
-    config.json); equal is allowed (nothing left to do)."""
-    path = latest_good_checkpoint(run_dir)
-    if path is None:
-        return
-    done = load_state(path, keys=("step",))["step"]
-    if steps < done:
-        raise CheckpointError(f"{flag} {steps} is below step {done} that the run {run_dir} already reached "
-                              f"({path.name}); pass {flag} above {done} to train further")
-
-
 # --- writing checkpoints ------------------------------------------------------------------------------------------
 
 def _fsync(path: Path) -> None:
@@ -400,7 +388,7 @@ def load_json(ckpt_dir, name: str) -> dict:
     return read_json(Path(ckpt_dir) / f"{name}.json")
 
 
-TRAINING_STATE = ("step", "images_seen", "optimizer", "lr_scheduler")
+TRAINING_STATE = ("step", "images_seen", "optimizer")  # what train.loop writes for its first part
 
 
 def load_state(ckpt_dir, keys: tuple[str, ...] = TRAINING_STATE) -> dict:

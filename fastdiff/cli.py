@@ -150,7 +150,6 @@ def _resumed_config(args, given: dict, resumable: set, not_on_resume: dict, pars
 
 
 def resolve_train_config(args):
-    from fastdiff.checkpoint import check_resume_steps
     from fastdiff.config import apply_overrides, train_config
 
     given = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
@@ -158,9 +157,7 @@ def resolve_train_config(args):
     overrides = {TRAIN_FLAGS[k]: v for k, v in given.items()}
     if cfg is None:
         return train_config(args.preset, overrides)
-    cfg = apply_overrides(cfg, overrides)
-    check_resume_steps(args.out, cfg.train.steps)
-    return cfg
+    return apply_overrides(cfg, overrides)
 
 
 def cmd_train(args) -> int:
@@ -239,12 +236,10 @@ DISTILL_RESUMABLE = set(LOOP_RESUMABLE)
 
 def resolve_distill_config(args):
     from fastdiff import checkpoint as ckpt
-    from fastdiff.checkpoint import check_resume_steps
     from fastdiff.config import apply_overrides, distill_config, load_config
 
     given = {k: getattr(args, k) for k in DISTILL_FLAGS if getattr(args, k) is not None}
     cfg = _resumed_config(args, given, DISTILL_RESUMABLE, {"preset": args.preset, "teacher": args.teacher})
-    resumed = cfg is not None
     if cfg is None:
         if not args.teacher:
             raise ConfigError("fastdiff distill needs --teacher RUN_DIR (a run trained with fastdiff train)")
@@ -253,10 +248,7 @@ def resolve_distill_config(args):
     overrides = {DISTILL_FLAGS[k]: v for k, v in given.items()}
     if args.student_timesteps and cfg.sample.sampler == "student":  # a student samples with at most its timesteps
         overrides["sample.steps"] = min(cfg.sample.steps, len(args.student_timesteps))
-    cfg = apply_overrides(cfg, overrides)
-    if resumed:
-        check_resume_steps(args.out, cfg.train.steps)
-    return cfg
+    return apply_overrides(cfg, overrides)
 
 
 def cmd_distill(args) -> int:

@@ -31,7 +31,7 @@ def test_resume_below_the_run_is_an_error_and_a_finished_run_is_left_alone(tmp_p
     run = tmp_path / "r"
     train_ddpm(tiny(tiny_overrides, **{"train.steps": 2}), run, **QUIET)
     before = {p.name: p.read_bytes() for p in (run / "config.json", run / "stats.jsonl", run / "log.txt")}
-    with pytest.raises(ConfigError, match=r"--steps 1 is below the step of the run .* \(2\); pass --steps 2 or more"):
+    with pytest.raises(ConfigError, match=r"--steps 1 is below step 2, which the run .* reached; pass --steps 2 or more"):
         train_ddpm(tiny(tiny_overrides, **{"train.steps": 1}), run, resume=True, **QUIET)
     said = []
     rec = train_ddpm(tiny(tiny_overrides, **{"train.steps": 2}), run, resume=True, progress=False, echo=said.append)
@@ -49,7 +49,7 @@ def test_cli_resume_of_a_finished_run_says_so(tmp_path, tiny_overrides, capsys):
     assert json.loads(out.strip().splitlines()[-1]) == {"run_dir": str(run), "step": 2, "already_finished": True}
     assert "already finished at step 2" in err and len(err.strip().splitlines()) == 1
     assert main(["train", "--out", str(run), "--resume", "--steps", "1", "--no-progress"]) == 2
-    assert "below the step of the run" in capsys.readouterr().err
+    assert "--steps 1 is below step 2" in capsys.readouterr().err
 
 
 def test_stats_are_not_repeated_after_a_resume(tmp_path, tiny_overrides):

@@ -15,8 +15,9 @@ from fastdiff.config import RunConfig, apply_overrides, distill_config, preset_c
 from fastdiff.diffusion import NoiseSchedule, initial_noise, sample_ddim, sample_ddpm, seeds_for
 from fastdiff.errors import ConfigError
 from fastdiff.models import UNet
-from fastdiff.models.refiner import Refiner, RefinerConfig, refiner_unet_config
+from fastdiff.models.refiner import Refiner, refiner_unet_config
 from fastdiff.sampling import Denoiser, labels_for, resolve_settings, sample
+from fastdiff.train.refiner import RefinerConfig
 
 TINY = {"model.base_channels": 16, "model.num_groups": 4}
 

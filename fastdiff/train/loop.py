@@ -162,8 +162,8 @@ def _restore(path: Path, objective, ema: EMA | None, device) -> dict:
 def _resumed_step(path: Path, tc: TrainConfig, run_dir: Path) -> int:
     step = int(ckpt.load_json(path, "state")["step"])
     if tc.steps < step:
-        raise ConfigError(f"--steps {tc.steps} is below the step of the run in {run_dir} ({step}); pass --steps "
-                          f"{step} or more to continue it")
+        raise ConfigError(f"--steps {tc.steps} is below step {step}, which the run in {run_dir} already reached; "
+                          f"pass --steps {step} or more to continue it")
     return step
 
 
