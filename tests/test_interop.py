@@ -97,9 +97,9 @@ def test_readme_class_conditional_loop_is_fastdiffs_sampler(tmp_path):
     ref = sample_ddim(model, x_T, NoiseSchedule.from_config(cfg.diffusion), steps=20, seeds=seeds_for(0, 10),
                       labels=labels, guidance=guidance, null_label=model.null_label, clip=cfg.sample.clip,
                       spacing=cfg.sample.spacing)
-    # Two UNet implementations through 20 guided steps: each forward agrees to 1e-5 (test_export_runs_in_diffusers_with_equal_outputs),
-    # and the loop compounds that rounding; one element in 640 reached 1.3e-5 in a full-suite run (the convolution
-    # algorithm oneDNN picks varies with process state), so the loop is held to 3e-5.
+    # Two UNet implementations through 20 guided steps: each forward agrees to 1e-5
+    # (test_export_runs_in_diffusers_with_equal_outputs) and the loop compounds that rounding; one element in 640
+    # reached 1.3e-5 in a full-suite run (oneDNN's convolution choice varies with process state): held to 3e-5.
     torch.testing.assert_close(images, (ref / 2 + 0.5).clamp(0, 1), atol=3e-5, rtol=0)
 
 

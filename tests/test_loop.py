@@ -31,7 +31,7 @@ def test_resume_below_the_run_is_an_error_and_a_finished_run_is_left_alone(tmp_p
     run = tmp_path / "r"
     train_ddpm(tiny(tiny_overrides, **{"train.steps": 2}), run, **QUIET)
     before = {p.name: p.read_bytes() for p in (run / "config.json", run / "stats.jsonl", run / "log.txt")}
-    with pytest.raises(ConfigError, match=r"--steps 1 is below step 2, which the run .* reached; pass --steps 2 or more"):
+    with pytest.raises(ConfigError, match=r"--steps 1 is below step 2, which the run .* reached; pass --steps 2"):
         train_ddpm(tiny(tiny_overrides, **{"train.steps": 1}), run, resume=True, **QUIET)
     said = []
     rec = train_ddpm(tiny(tiny_overrides, **{"train.steps": 2}), run, resume=True, progress=False, echo=said.append)

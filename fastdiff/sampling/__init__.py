@@ -30,7 +30,7 @@ from fastdiff.diffusion import (
 )
 from fastdiff.diffusion.parameterization import check_prediction
 from fastdiff.diffusion.samplers import StepTable
-from fastdiff.errors import ConfigError
+from fastdiff.errors import CheckpointError, ConfigError
 from fastdiff.models import UNet
 from fastdiff.models.refiner import load_refiner
 from fastdiff.runtime import synchronize
@@ -184,7 +184,12 @@ def sample(denoiser: Denoiser, settings: SampleSettings, *, n: int, seed: int = 
             images.append(x.float().cpu())
     elapsed = time.perf_counter() - t0
     setup_s = fast.setup_s - setup_before if fast is not None else 0.0
-    return SampleResult(images=torch.cat(images), labels=labels, seeds=seeds, seconds=elapsed - setup_s,
+    images = torch.cat(images)
+    if not torch.isfinite(images).all():  # finite weights can still overflow: never hand out a black grid
+        bad = int((~torch.isfinite(images.flatten(1))).any(1).sum())
+        raise CheckpointError(f"{bad} of {len(images)} samples of {denoiser.path or 'the model'} are NaN or infinite "
+                              "although its weights are finite; the weights are damaged or the model diverged")
+    return SampleResult(images=images, labels=labels, seeds=seeds, seconds=elapsed - setup_s,
                         setup_s=setup_s, settings=settings, refine_s=refine_s,
                         unrefined=torch.cat(unrefined) if unrefined else None)
 
