@@ -11,6 +11,9 @@ hidden temporary folder, flushed to disk, then renamed into place, so a killed r
 
 Every tensor load checks that the tensors are finite, every JSON read that the file holds a JSON object, and
 pruning never removes the newest checkpoint that passes both checks. One writer at a time: `lock_run_dir`.
+
+Over 400 lines on purpose: ARCHITECTURE.md gives this one module the atomic writes, the finite checks and the
+run-directory lock, and the full-disk tests inject faults at its one low-level write (`_write_file`).
 """
 
 from __future__ import annotations

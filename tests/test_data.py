@@ -109,13 +109,19 @@ def test_cifar_pickle_with_code_is_refused(tmp_path):
         load_dataset("cifar10", "test", data_dir=tmp_path, download=False)
 
 
-def test_cifar_from_archive(tmp_path):
+def write_cifar_archive(tmp_path):
+    """data/cifar10/cifar-10-python.tar.gz holding the small batches of write_cifar."""
     src = tmp_path / "src"
     write_cifar(src)
     archive = tmp_path / "cifar10" / "cifar-10-python.tar.gz"
     archive.parent.mkdir()
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    return archive
+
+
+def test_cifar_from_archive(tmp_path):
+    write_cifar_archive(tmp_path)
     assert len(load_dataset("cifar10", data_dir=tmp_path, download=False)) == 15
 
 
@@ -283,12 +289,7 @@ def test_cifar_batch_values_are_checked(tmp_path, data, labels, message):
 
 
 def test_truncated_archive_leaves_no_half_extracted_folder(tmp_path):
-    src = tmp_path / "src"
-    write_cifar(src)
-    archive = tmp_path / "cifar10" / "cifar-10-python.tar.gz"
-    archive.parent.mkdir()
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    archive = write_cifar_archive(tmp_path)
     archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
     with pytest.raises(DataError, match="cannot extract"):
         load_dataset("cifar10", data_dir=tmp_path, download=False)
