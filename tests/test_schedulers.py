@@ -94,7 +94,7 @@ def step_diff(name, opts, step_args=None, steps=10, generator="one", custom=None
     timesteps = torch.tensor([999, 500, 7, 6, 1, 0]) if custom == "unset" else ref.timesteps
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     g_ref, g_ours = _generators(generator), _generators(generator)
-    worst = {"ours-diffusers": 0.0, "ours-truth": 0.0, "diffusers-truth": 0.0}
+    worst = {"ours-diffusers": 0.0, "ours-truth": 0.0, "diffusers-truth": 0.0, "ours/bound": 0.0}
     for t in timesteps:
         out = fake_model(x, t)
         z = _next_noise(out.shape, g_ref).double()
@@ -102,18 +102,48 @@ def step_diff(name, opts, step_args=None, steps=10, generator="one", custom=None
                 mock.patch.object(ddim_module, "randn_tensor", lambda *a, **k: z):
             c = truth.step(out.double(), t, x.double(), **(step_args or {})).to_tuple()
         a = ref.step(out, t, x, generator=g_ref, **(step_args or {})).to_tuple()
-        b = ours.step(out, t, x, generator=g_ours, **(step_args or {})).to_tuple()
-        for u, v, w in zip(a, b, c):
+        rows = []
+        with mock.patch.object(ours, "_step", _recording(ours._step, rows)):
+            b = ours.step(out, t, x, generator=g_ours, **(step_args or {})).to_tuple()
+        bounds = _rounding_bounds(rows[0], out, x, z)
+        for u, v, w, bound in zip(a, b, c, bounds):
             worst["ours-diffusers"] = max(worst["ours-diffusers"], (v - u).abs().max().item())
             worst["ours-truth"] = max(worst["ours-truth"], (v.double() - w).abs().max().item())
             worst["diffusers-truth"] = max(worst["diffusers-truth"], (u.double() - w).abs().max().item())
+            worst["ours/bound"] = max(worst["ours/bound"], ((v.double() - w).abs() / bound).max().item())
         x = a[0]
     return worst
 
 
+def _recording(step, rows):
+    def record(row, *args, **kwargs):
+        rows.append(row)
+        return step(row, *args, **kwargs)
+    return record
+
+
+def _rounding_bounds(row, out, x, z):
+    """Per element, the float32 rounding error that fastdiff's one fused expression may make in exact arithmetic
+    on its float32 coefficients: x0 = p*x + q*out (two products, one sum: 2u of the terms' magnitudes), then
+    prev = A*x0 + B*x + E*out + sigma*z (A times x0's error, plus 5u of the terms: three products and the sums),
+    u = 2^-24, with 1% to spare; plus the rounding of the coefficients themselves to float32 (u each)."""
+    u = 2.0**-24 * 1.01
+    p, q, A, B, sigma, E = (c.double().abs().item() for c in row)
+    x, out, z = x.double().abs(), out.double().abs(), z.abs()
+    x0_terms = p * x + q * out
+    x0_bound = 3 * u * x0_terms
+    x0 = x0_terms  # |x0| <= |p x| + |q out| (and clipping only shrinks it)
+    prev_bound = A * x0_bound + 6 * u * (A * x0 + B * x + E * out + sigma * z)
+    return prev_bound + 1e-300, x0_bound + 1e-300
+
+
 def within_rounding(worst) -> bool:
-    """fastdiff is at least as close to the float64 truth as diffusers' float32 step (up to 2x, + 1e-6)."""
-    return worst["ours-truth"] <= 2 * worst["diffusers-truth"] + 1e-6
+    """fastdiff is within float32 rounding of the float64 truth: at least as close as diffusers' float32 step (up
+    to 2x, + 1e-6), or inside the rounding bound of its own expression (`_rounding_bounds`). The second is needed
+    where 1/sqrt(alpha_bar) is large (eps prediction at t = 999: p = -q/sqrt(1 - ab) ~ 157): p*x and q*out are
+    then each rounded at magnitude ~157, while diffusers subtracts before dividing; which of the two lands closer
+    depends on the inputs, and diffusers' own error on the CPU's vectorised math."""
+    return worst["ours-truth"] <= 2 * worst["diffusers-truth"] + 1e-6 or worst["ours/bound"] <= 1.0
 
 
 @pytest.mark.parametrize("opts", SCHEDULE_OPTIONS + STEP_OPTIONS + DDIM_OPTIONS, ids=short)
