@@ -9,7 +9,7 @@ from fastdiff import ops as fops
 from fastdiff import reference
 from fastdiff.bench.e2e import Job, SampleCase, sample_rows
 from fastdiff.bench.native import cpu_rows, profile_shares, run_native_benchmarks
-from fastdiff.bench.ops import sampler_step_case
+from fastdiff.bench.ops import default_cases
 from fastdiff.bench.report import add_ratios, table
 from fastdiff.bench.suite import Budget, plan, run_job
 from fastdiff.diffusion import NoiseSchedule, initial_noise, sample_ddim, seeds_for
@@ -91,7 +91,7 @@ def test_bench_native_provider_is_skipped_with_the_reason(monkeypatch):
     assert [j.section for j in jobs] == ["sample"]
     rows = list(run_job(jobs[0], cpu, quick=True, rounds=1, budget=Budget(60.0)))
     assert rows and all(r["status"] == "skipped: the extension fastdiff._C is not built" for r in rows)
-    case = sampler_step_case(cpu, (2, 1, 4, 4), torch.float32, quick=True)
+    case = default_cases(cpu, quick=True, ops=("sampler_step",))[0]()
     assert "fastdiff-native" not in case.providers
     assert case.skipped == {"fastdiff-native": "skipped: the extension fastdiff._C is not built"}
 
@@ -99,7 +99,7 @@ def test_bench_native_provider_is_skipped_with_the_reason(monkeypatch):
 @requires_native
 def test_bench_native_provider_rows():
     cpu = torch.device("cpu")
-    case = sampler_step_case(cpu, (2, 1, 4, 4), torch.float32, quick=True)
+    case = default_cases(cpu, quick=True, ops=("sampler_step",))[0]()
     assert case.skipped == {}
     torch.testing.assert_close(case.providers["fastdiff-native"](), case.providers["torch-eager"]())
     job = Job("sample", "digits", 2, (("fastdiff-native", "fp32"),), (SampleCase("ddim", 4, 1),))
