@@ -115,6 +115,19 @@ def test_unbuilt_extension_is_reported(monkeypatch):
     assert native._probe() == (None, "the extension fastdiff._C is not built")
 
 
+@pytest.mark.parametrize("record, says", [(None, "is missing"), ("[1]", "holds a JSON list, not an object"),
+                                           ("{", "is not valid JSON")])
+def test_unreadable_build_record_is_reported(monkeypatch, tmp_path, record, says):
+    monkeypatch.setattr(native.importlib.util, "find_spec", lambda name: object())  # as if fastdiff._C were built
+    path = tmp_path / "_C.json"
+    if record is not None:
+        path.write_text(record)
+    monkeypatch.setattr(native, "_BUILD_INFO", path)
+    info, error = native._probe()
+    assert info is None and error.startswith("fastdiff._C has no readable build record") and says in error
+    assert error.endswith("; rebuild it")
+
+
 @requires_native
 def test_extension_built_for_another_torch_is_refused(monkeypatch, tmp_path):
     record = tmp_path / "_C.json"
