@@ -371,6 +371,12 @@ def read_tensors(path, device="cpu", advice=lambda: "") -> dict[str, torch.Tenso
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         raise CheckpointError(f"{path} is corrupt ({first}){advice()}") from None
+    return check_finite(path, tensors, advice)
+
+
+def check_finite(path, tensors: dict[str, torch.Tensor], advice=lambda: "") -> dict[str, torch.Tensor]:
+    """`tensors`, read from `path`, if all are finite; else one CheckpointError naming the file and the tensor (and
+    `advice()`). For files that are not safetensors (a .pth backbone); read_tensors applies it itself."""
     bad = first_non_finite(tensors)
     if bad is not None:
         raise CheckpointError(f"{path}: tensor {bad!r} holds NaN or infinite values, the file is corrupt{advice()}")

@@ -22,3 +22,21 @@ def tiny_overrides():
         "model.base_channels": 16, "model.num_groups": 4, "train.batch_size": 16, "train.log_every": 1,
         "train.ckpt_every": 2, "train.warmup_steps": 2, "train.sample_every": 0,  # grids: tests/test_monitor.py
     }
+
+
+@pytest.fixture
+def nan_batches(monkeypatch):
+    """Every training batch after the third is NaN, so a tiny_overrides run diverges at step 4, after its step-2
+    checkpoint; call the returned function to make the data fine again (for the resume the NaN guard advises)."""
+    from fastdiff.data import datasets
+
+    real_batch = datasets.ImageData.batch
+    calls = {"n": 0}
+
+    def poisoned(self, index, device):
+        calls["n"] += 1
+        x, y = real_batch(self, index, device)
+        return (x * float("nan") if calls["n"] > 3 else x), y
+
+    monkeypatch.setattr(datasets.ImageData, "batch", poisoned)
+    return lambda: monkeypatch.setattr(datasets.ImageData, "batch", real_batch)

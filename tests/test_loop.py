@@ -108,26 +108,15 @@ def test_resume_with_a_new_learning_rate_and_warmup(tmp_path, tiny_overrides, ca
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_nan_guard_advice_is_a_command_that_works(tmp_path, tiny_overrides, monkeypatch, capsys):
-    from fastdiff.data import datasets
-
+def test_nan_guard_advice_is_a_command_that_works(tmp_path, tiny_overrides, nan_batches, capsys):
     run = tmp_path / "r"
-    real_batch = datasets.ImageData.batch
-    calls = {"n": 0}
-
-    def poisoned(self, index, device):
-        calls["n"] += 1
-        x, y = real_batch(self, index, device)
-        return (x * float("nan") if calls["n"] > 3 else x), y
-
-    monkeypatch.setattr(datasets.ImageData, "batch", poisoned)
     with pytest.raises(TrainingDiverged) as err:
         train_ddpm(tiny(tiny_overrides, **{"train.steps": 8}), run, **QUIET)
     message = str(err.value)
     assert "the last good checkpoint is" in message and "step-000000002" in message
     command = message.split("warm-up: ", 1)[1].split(" (", 1)[0]
     assert command.startswith(f"fastdiff train --out {run} --resume --lr 0.001 --warmup 100")
-    monkeypatch.setattr(datasets.ImageData, "batch", real_batch)  # the data is fine again
+    nan_batches()  # the data is fine again
     assert main([*shlex.split(command)[1:], "--no-progress"]) == 0
     assert ckpt.latest_checkpoint(run).name == "step-000000008"
     assert [r["step"] for r in stats(run)] == list(range(1, 9))

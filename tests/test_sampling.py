@@ -149,6 +149,22 @@ def test_refiner_runs_inside_sample(tmp_path):
     assert 0 < res.refine_s <= res.seconds and res.settings.refiner == str(tmp_path)
 
 
+def test_too_many_samples_or_too_large_a_batch_is_one_clear_error():
+    d = denoiser()
+    # 10**12 digits cannot be held in any machine's memory: refused before a seed is drawn.
+    with pytest.raises(ConfigError, match=r"--n 1000000000000 samples of 1x8x8 need about .* GiB of memory .* "
+                                          r"use a smaller --n \(at most about [\d,]+\)"):
+        sample(d, resolve_settings(d), n=10**12)
+    # A batch whose activations the allocator refuses (here a model asking for 400 TB) names --batch-size.
+    greedy = dataclasses.replace(d, model=lambda x, t, y: x.new_empty(10**14), fast_samplers={})
+    with pytest.raises(ConfigError, match=r"sampling 8 images of 1x8x8 at once ran out of cpu memory; use a smaller "
+                                          r"--batch-size \(e.g. 2\)"):
+        sample(greedy, resolve_settings(greedy, steps=1, batch_size=8), n=20)
+    broken = dataclasses.replace(d, model=lambda x, t, y: torch.ones(2, 2) @ torch.ones(3, 3), fast_samplers={})
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):  # other errors pass through unchanged
+        sample(broken, resolve_settings(broken, steps=1), n=2)
+
+
 def test_public_samplers_keep_no_autograd_graph():
     torch.manual_seed(0)
     model = UNet(apply_overrides(preset_config("digits"), TINY).model)  # parameters require grad

@@ -42,19 +42,8 @@ def test_resume_continues_exactly(tmp_path, tiny_overrides, prediction):
             assert torch.equal(ta[k], tb[k]), f"{name}.{k} differs after resume"
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_overrides, monkeypatch):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_overrides, nan_batches):
     cfg = tiny(tiny_overrides, **{"train.steps": 8})
-    from fastdiff.data import datasets
-
-    real_batch = datasets.ImageData.batch
-    calls = {"n": 0}
-
-    def poisoned(self, index, device):
-        calls["n"] += 1
-        x, y = real_batch(self, index, device)
-        return (x * float("nan") if calls["n"] > 3 else x), y
-
-    monkeypatch.setattr(datasets.ImageData, "batch", poisoned)
     with pytest.raises(TrainingDiverged, match=r"nan between steps 4 and 4.*step-000000002"):
         train_ddpm(cfg, tmp_path, progress=False, echo=lambda s: None)
     good = ckpt.latest_checkpoint(tmp_path)

@@ -111,6 +111,13 @@ def test_bad_backbone_files(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot read"):
         load_vit_file(junk)
+    # A .pth backbone is checked for non-finite weights as a safetensors file is (the tensor named, not a NaN loss).
+    sd = timm_state_dict()
+    sd["blocks.1.mlp.fc1.weight"][0, 0] = float("nan")
+    nan = tmp_path / "nan.pth"
+    torch.save({"teacher": {"module.backbone." + k: v for k, v in sd.items()}}, nan)
+    with pytest.raises(CheckpointError, match=r"nan.pth: tensor 'blocks.1.mlp.fc1.weight' holds NaN or infinite"):
+        load_vit_file(nan)
 
 
 def test_pretrained_vit_is_cached(tmp_path, monkeypatch):

@@ -5,8 +5,10 @@ Every row names the op, provider, shape, dtype, median time (and the 0.2/0.8 qua
 move by a stated formula, the GB/s that makes, and the share of the device's copy bandwidth measured in the same
 run (read + write); `report.add_ratios` adds the speed ratios to torch-eager and torch-compile of the same case.
 
-`run_op_benchmarks(device, quick, part)` is what `fastdiff bench` calls; part "headline" is the GroupNorm+SiLU
-forward and the sampler step at one GPU-filling size each, "rest" everything else. On a GPU the full run uses
+The cases are declared beside each op's kernel (`@op(..., bench=...)`, `fastdiff.ops.dispatch.BenchCase`) and read
+from the op registry, so a new op needs no edit here. `run_op_benchmarks(device, quick, part)` is what `fastdiff
+bench` calls; part "headline" is the cases marked so (the GroupNorm+SiLU forward and the sampler step at one
+GPU-filling size each), "rest" everything else. On a GPU the full run uses
 tensors of 64 MB or more; `quick` uses small shapes and, on the CPU, torch-eager alone (compiling and the Triton
 interpreter take far longer than a quick run may use), so it only checks that the harness works there.
 fastdiff-native runs wherever the extension is built; elsewhere its rows say why they were skipped.
@@ -19,14 +21,12 @@ from typing import Callable
 
 import torch
 
-import fastdiff.ops  # noqa: F401 - registers the torch.ops.fastdiff ops the Triton providers call
-from fastdiff import reference
+import fastdiff.ops  # noqa: F401 - registers every op (REGISTRY) and the torch.ops.fastdiff ops they call
 from fastdiff.bench.report import add_ratios, emit, new_doc
 from fastdiff.bench.timing import copy_bandwidth_gbs, measure
 from fastdiff.ops import native
-from fastdiff.ops.dispatch import triton_available, triton_interpreting
+from fastdiff.ops.dispatch import REGISTRY, BenchCase, Op, triton_available, triton_interpreting
 
-OPS = ("group_norm_silu", "group_norm_silu_fwd_bwd", "sampler_step", "timestep_embedding")
 PARTS = ("all", "headline", "rest")
 
 
@@ -62,82 +62,55 @@ def _providers(eager, triton_fn, device, quick, native_fn=None, wrap=lambda f: f
     return out
 
 
-def group_norm_silu_case(device, shape, dtype, groups=32, channels_last=False, backward=False, quick=False) -> Case:
-    x = torch.randn(shape, device=device, dtype=dtype)
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    w, b = torch.randn(shape[1], device=device, dtype=dtype), torch.randn(shape[1], device=device, dtype=dtype)
-    numel, item = x.numel(), x.element_size()
+def _build(spec: Op, declared: BenchCase, device, quick) -> Case:
+    """The timed case of one declared case: the op's reference (eager and compiled), its Triton path and its native
+    kernel on the declared inputs, through autograd when the case times the backward."""
+    args = declared.inputs(device)
+    if declared.backward:
+        leaves = [a.requires_grad_() for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+        dy = torch.randn_like(args[0])
 
-    def triton_fn(x, num_groups, w, b):
-        return torch.ops.fastdiff.group_norm_silu_fwd(x, w, b, num_groups, 1e-5)[0]
+        def wrap(fn):
+            return lambda: torch.autograd.grad(fn(*args), leaves, dy)
+    else:
+        def wrap(fn):
+            return lambda: fn(*args)
 
-    note = "channels_last" if channels_last else ""
-    if not backward:
-        return Case("group_norm_silu", shape, dtype, 2 * numel * item, "2 * numel * itemsize (read x, write y)",
-                    _providers(reference.group_norm_silu, triton_fn, device, quick, native.group_norm_silu,
-                               wrap=lambda f: lambda: f(x, groups, w, b)), note, _native_skipped(device))
-    for t in (x, w, b):
-        t.requires_grad_()
-    dy = torch.randn_like(x)
-
-    def fwd_bwd(fn):
-        return lambda: torch.autograd.grad(fn(x, groups, w, b), (x, w, b), dy)
-
-    return Case("group_norm_silu_fwd_bwd", shape, dtype, 5 * numel * item,
-                "5 * numel * itemsize (fwd: read x, write y; bwd: read x, dy, write dx)",
-                _providers(reference.group_norm_silu, triton_fn, device, quick, native.group_norm_silu, wrap=fwd_bwd),
-                note, _native_skipped(device))
+    native_fn = getattr(native, spec.native) if spec.native else None
+    name = spec.name + ("_fwd_bwd" if declared.backward else "")
+    return Case(name, declared.shape, declared.dtype, declared.nbytes, declared.byte_formula,
+                _providers(spec.reference, spec.triton, device, quick, native_fn, wrap), declared.note,
+                _native_skipped(device) if spec.native else {})
 
 
-def sampler_step_case(device, shape, dtype, quick=False) -> Case:
-    n = shape[0]
-    x, out = torch.randn(shape, device=device, dtype=dtype), torch.randn(shape, device=device, dtype=dtype)
-    p, q, A, B, sigma = (torch.rand(n, device=device) + 0.1 for _ in range(5))
-    args = (x, out, p, q, A, B, sigma, torch.arange(n, device=device), torch.tensor(7, device=device))
-    return Case("sampler_step", shape, dtype, 3 * x.numel() * x.element_size(),
-                "3 * numel * itemsize (read x, model_out; write x_prev; noise drawn in-kernel)",
-                _providers(lambda: reference.sampler_step(*args), lambda: torch.ops.fastdiff.sampler_step(
-                    *args, 0, None, False), device, quick, lambda: native.sampler_step(*args)),
-                "sigma > 0, step from a device tensor", _native_skipped(device))
+def _declared(quick: bool) -> dict[str, list[tuple[Op, BenchCase]]]:
+    """Every registered op's declared cases by row name (`<op>` and `<op>_fwd_bwd`), in registration order."""
+    out: dict[str, list[tuple[Op, BenchCase]]] = {}
+    for spec in REGISTRY.values():
+        for declared in spec.bench(quick) if spec.bench else ():
+            out.setdefault(spec.name + ("_fwd_bwd" if declared.backward else ""), []).append((spec, declared))
+    return out
 
 
-def timestep_embedding_case(device, batch, dim, quick=False) -> Case:
-    t = torch.randint(0, 1000, (batch,), device=device)
-    return Case("timestep_embedding", (batch, dim), torch.float32, batch * dim * 4 + batch * t.element_size(),
-                "batch * dim * 4 + batch * 8 (read t, write the float32 table)",
-                _providers(lambda: reference.timestep_embedding(t, dim),
-                           lambda: torch.ops.fastdiff.timestep_embedding(t, dim, 10000.0), device, quick))
+def op_names() -> tuple[str, ...]:
+    """The names `ops` may hold: every registered op with benchmark cases (and `<op>_fwd_bwd` where declared)."""
+    return tuple(_declared(quick=True))
 
 
-def default_cases(device: torch.device, quick: bool, ops=OPS, part: str = "all") -> list[Callable[[], Case]]:
-    """Case builders (lazy, so one case's tensors are freed before the next is built), headline cases first."""
+def default_cases(device: torch.device, quick: bool, ops=None, part: str = "all") -> list[Callable[[], Case]]:
+    """Case builders (lazy, so one case's tensors are freed before the next is built), headline cases first. The
+    cases are the ones each op declares beside its kernel (`@op(..., bench=...)`); ops: a subset of `op_names()`."""
     if part not in PARTS:
         raise ValueError(f"part must be one of {PARTS}, got {part!r}")
-    bf16, fp32 = torch.bfloat16, torch.float32
-    if quick:
-        gn, steps, temb = [((4, 64, 16, 16), fp32, False)], [((16, 3, 32, 32), fp32)], [(256, 128)]
-    else:  # >= 64 MB per activation tensor
-        gn = [((32, 256, 64, 64), bf16, False), ((32, 256, 64, 64), bf16, True), ((32, 256, 64, 64), fp32, False),
-              ((128, 128, 32, 32), bf16, False), ((8, 128, 256, 256), bf16, False)]
-        steps = [((512, 3, 128, 128), fp32), ((512, 3, 128, 128), bf16), ((1024, 4, 64, 64), fp32)]
-        temb = [(65536, 256), (1024, 128)]
-    unknown = set(ops) - set(OPS)
+    declared = _declared(quick)
+    ops = tuple(declared) if ops is None else ops
+    unknown = set(ops) - set(declared)
     if unknown:
-        raise ValueError(f"unknown op(s) {sorted(unknown)}; choose from {', '.join(OPS)}")
+        raise ValueError(f"unknown op(s) {sorted(unknown)}; choose from {', '.join(declared)}")
     headline, rest = [], []
-    for op in ops:
-        if op.startswith("group_norm_silu"):
-            builders = [lambda s=s, d=d, cl=cl, bw=op.endswith("bwd"):
-                        group_norm_silu_case(device, s, d, channels_last=cl, backward=bw, quick=quick)
-                        for s, d, cl in gn]
-        elif op == "sampler_step":
-            builders = [lambda s=s, d=d: sampler_step_case(device, s, d, quick=quick) for s, d in steps]
-        else:
-            builders = [lambda b=b, d=d: timestep_embedding_case(device, b, d, quick=quick) for b, d in temb]
-        first = op in ("group_norm_silu", "sampler_step")  # the bandwidth rows the GPU suite leads with
-        headline += builders[:1] if first else []
-        rest += builders[1:] if first else builders
+    for name in ops:
+        for spec, case in declared[name]:
+            (headline if case.headline else rest).append(lambda s=spec, c=case: _build(s, c, device, quick))
     return {"all": headline + rest, "headline": headline, "rest": rest}[part]
 
 
@@ -161,7 +134,7 @@ def measure_case(case: Case, device: torch.device, copy_gbs: float, quick: bool)
     return rows
 
 
-def run_op_benchmarks(device, quick: bool = False, ops=OPS, part: str = "all") -> list[dict]:
+def run_op_benchmarks(device, quick: bool = False, ops=None, part: str = "all") -> list[dict]:
     """Benchmark the fused ops on `device`; one row per (case, provider). See the module docstring."""
     device = torch.device(device)
     copy_gbs = copy_bandwidth_gbs((8 if quick else 512) * 2**20, device)

@@ -156,26 +156,21 @@ def _module_pairs(cfg: UNetConfig) -> list[tuple[str, str, str]]:
              ("mid.0", "mid_block.resnets.0", "res"), ("mid.1", "mid_block.attentions.0", "attn"),
              ("mid.2", "mid_block.resnets.1", "res")]
     levels = _levels(cfg)
-    k = 0
-    for level, attn in enumerate(levels):
-        for j in range(cfg.num_res_blocks):
-            pairs.append((f"down.{k}.0", f"down_blocks.{level}.resnets.{j}", "res"))
-            if attn:
-                pairs.append((f"down.{k}.1", f"down_blocks.{level}.attentions.{j}", "attn"))
-            k += 1
-        if level != len(levels) - 1:
-            pairs.append((f"down.{k}.0.conv", f"down_blocks.{level}.downsamplers.0.conv", "plain"))
-            k += 1
-    k = 0
-    for i, attn in enumerate(reversed(levels)):
-        for j in range(cfg.num_res_blocks + 1):
-            pairs.append((f"up.{k}.0", f"up_blocks.{i}.resnets.{j}", "res"))
-            if attn:
-                pairs.append((f"up.{k}.1", f"up_blocks.{i}.attentions.{j}", "attn"))
-            k += 1
-        if i != len(levels) - 1:
-            pairs.append((f"up.{k}.0.conv", f"up_blocks.{i}.upsamplers.0.conv", "plain"))
-            k += 1
+    # Down and up blocks pair alike: fastdiff numbers its blocks flat (down.k / up.k), diffusers per level; the up
+    # path runs the levels in reverse with one extra resnet each (for the skip) and upsamplers where down has
+    # downsamplers.
+    for side, order, resnets, sampler in (("down", levels, cfg.num_res_blocks, "downsamplers"),
+                                           ("up", levels[::-1], cfg.num_res_blocks + 1, "upsamplers")):
+        k = 0
+        for i, attn in enumerate(order):
+            for j in range(resnets):
+                pairs.append((f"{side}.{k}.0", f"{side}_blocks.{i}.resnets.{j}", "res"))
+                if attn:
+                    pairs.append((f"{side}.{k}.1", f"{side}_blocks.{i}.attentions.{j}", "attn"))
+                k += 1
+            if i != len(levels) - 1:
+                pairs.append((f"{side}.{k}.0.conv", f"{side}_blocks.{i}.{sampler}.0.conv", "plain"))
+                k += 1
     return pairs
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdiff.checkpoint import read_json, read_tensors, save_tensors, write_json_atomic
+from fastdiff.checkpoint import check_finite, read_json, read_tensors, save_tensors, write_json_atomic
 from fastdiff.errors import CheckpointError, ConfigError
 
 
@@ -270,6 +270,8 @@ def load_vit_file(path, *, image_size: int | None = None, num_heads: int | None 
                                                                                   weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
         raise CheckpointError(f"cannot read the backbone file {path} ({e})") from None
+    if path.suffix != ".safetensors":  # read_tensors has checked those; here the backbone's tensors, once unwrapped
+        check_finite(path, unwrap_state_dict(sd))
     return vit_from_timm(sd, image_size=image_size, num_heads=num_heads)
 
 

@@ -1,7 +1,8 @@
 """Which implementation runs a fused op: the registry of ops and the one backend choice.
 
-Each op file declares itself with `@op(reference, native=..., native_on_cpu=...)` on its Triton path; the decorator
-records the op in `REGISTRY` and returns the public function, which picks the backend per call:
+Each op file declares itself with `@op(reference, native=..., native_on_cpu=..., bench=...)` on its Triton path; the
+decorator records the op in `REGISTRY` (where `fastdiff.bench.ops` finds its benchmark cases) and returns the public
+function, which picks the backend per call:
 
 - the automatic choice (the default): CUDA tensors -> Triton (the reference where triton is not installed).
   CPU tensors -> Triton when this process interprets Triton (TRITON_INTERPRET=1 before import), else the op's native
@@ -45,17 +46,36 @@ class Op:
     triton: Callable  # the Triton path, with the reference's signature
     native: str | None = None  # the function of fastdiff.ops.native that runs its native kernel, if any
     native_on_cpu: bool = False  # use the native kernel automatically on CPU tensors where it is built
+    bench: Callable[[bool], list[BenchCase]] | None = None  # quick -> its `fastdiff bench` cases
+
+
+@dataclass
+class BenchCase:
+    """One benchmark case of an op, declared in the op's file so that a new op needs no edit in the benchmark
+    harness: `fastdiff.bench.ops` times the op's reference, Triton path and native kernel on `inputs`."""
+
+    shape: tuple
+    dtype: torch.dtype
+    inputs: Callable[[torch.device], tuple]  # device -> the op's positional arguments (built when the case runs)
+    nbytes: int  # the bytes one call must move, by byte_formula
+    byte_formula: str
+    note: str = ""
+    # Time forward + backward (rows named <op>_fwd_bwd): gradients of every floating-point tensor argument, for an
+    # output gradient shaped like the first argument.
+    backward: bool = False
+    headline: bool = False  # among the rows the GPU suite leads with
 
 
 REGISTRY: dict[str, Op] = {}
 
 
-def op(reference: Callable, *, native: str | None = None, native_on_cpu: bool = False):
+def op(reference: Callable, *, native: str | None = None, native_on_cpu: bool = False,
+       bench: Callable[[bool], list[BenchCase]] | None = None):
     """Decorator on an op's Triton path: registers the op under the function's name and returns its public,
     dispatching function (with the decorated function's name and docstring)."""
 
     def register(triton_fn: Callable) -> Callable:
-        spec = Op(triton_fn.__name__, reference, triton_fn, native, native_on_cpu)
+        spec = Op(triton_fn.__name__, reference, triton_fn, native, native_on_cpu, bench)
         if spec.name in REGISTRY:
             raise RuntimeError(f"fastdiff.ops: the op {spec.name!r} is registered twice")
         REGISTRY[spec.name] = spec

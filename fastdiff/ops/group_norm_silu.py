@@ -9,13 +9,14 @@ and a statistics pass runs first (two reads, one write). Statistics are float32,
 """
 
 import functools
+import math
 
 import torch
 
 from fastdiff import reference
 from fastdiff.errors import ConfigError
 from fastdiff.ops._triton import check_launchable, tl, triton
-from fastdiff.ops.dispatch import op
+from fastdiff.ops.dispatch import BenchCase, op
 
 MAX_FUSED_FWD = 16384  # elements of one group held in registers by the fused forward (64 KB in fp32)
 MAX_FUSED_BWD = 8192  # the backward holds x and dy
@@ -312,9 +313,37 @@ def _backward(ctx, dy, _dmean, _drstd):
 _group_norm_silu_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _bench_cases(quick: bool) -> list[BenchCase]:
+    """Forward, then forward + backward, at >= 64 MB per activation (one small shape when quick); the first forward
+    leads the GPU suite."""
+    bf16, fp32 = torch.bfloat16, torch.float32
+    shapes = [((4, 64, 16, 16), fp32, False)] if quick else [
+        ((32, 256, 64, 64), bf16, False), ((32, 256, 64, 64), bf16, True), ((32, 256, 64, 64), fp32, False),
+        ((128, 128, 32, 32), bf16, False), ((8, 128, 256, 256), bf16, False)]
+
+    def case(shape, dtype, channels_last, backward, headline=False):
+        def inputs(device):
+            x = torch.randn(shape, device=device, dtype=dtype)
+            if channels_last:
+                x = x.to(memory_format=torch.channels_last)
+            return x, 32, torch.randn(shape[1], device=device, dtype=dtype), torch.randn(shape[1], device=device,
+                                                                                          dtype=dtype)
+
+        nbytes = math.prod(shape) * dtype.itemsize
+        note = "channels_last" if channels_last else ""
+        if backward:
+            return BenchCase(shape, dtype, inputs, 5 * nbytes,
+                             "5 * numel * itemsize (fwd: read x, write y; bwd: read x, dy, write dx)", note, True)
+        return BenchCase(shape, dtype, inputs, 2 * nbytes, "2 * numel * itemsize (read x, write y)", note,
+                         headline=headline)
+
+    return ([case(*s, False, headline=i == 0) for i, s in enumerate(shapes)]
+            + [case(*s, True) for s in shapes])
+
+
 # Native CPU kernel: forward 1.2-1.7x, forward+backward 1.5-3.1x the reference (benchmarks/bench_native_cpu.py, 2-core
 # AVX2 CPU, digits and mnist UNet shapes; the README has the table), so CPU tensors use it where fastdiff._C is built.
-@op(reference.group_norm_silu, native="group_norm_silu", native_on_cpu=True)
+@op(reference.group_norm_silu, native="group_norm_silu", native_on_cpu=True, bench=_bench_cases)
 def group_norm_silu(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5):
     """silu(group_norm(x)) for x [N, C, *] (NCHW or channels_last), with gradients for x, weight and bias.
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import math
 import operator
 from pathlib import Path
@@ -25,6 +24,8 @@ from pathlib import Path
 import torch
 
 from fastdiff import reference
+from fastdiff.checkpoint import read_json
+from fastdiff.errors import CheckpointError
 
 NAMESPACE = "fastdiff_native"
 _BUILD_INFO = Path(__file__).resolve().parent.parent / "_C.json"
@@ -46,9 +47,9 @@ def _probe() -> tuple[dict | None, str | None]:
     if importlib.util.find_spec("fastdiff._C") is None:
         return None, "the extension fastdiff._C is not built"
     try:
-        info = json.loads(_BUILD_INFO.read_text())
-    except (OSError, ValueError) as e:
-        return None, f"fastdiff._C has no readable build record {_BUILD_INFO.name} ({e}); rebuild it"
+        info = read_json(_BUILD_INFO)
+    except CheckpointError as e:
+        return None, f"fastdiff._C has no readable build record ({e}); rebuild it"
     if info.get("torch_version") != torch.__version__:
         return None, (f"fastdiff._C was built against torch {info.get('torch_version')} but torch {torch.__version__} "
                       "is running; rebuild it")

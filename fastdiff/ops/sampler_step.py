@@ -5,11 +5,13 @@ The noise is the stream of `fastdiff.reference.philox_normal` (Philox4x32-10 key
 noise tensor is read or written, and the Triton and torch backends agree to the float32 rounding of log/sqrt/sin/cos.
 """
 
+import math
+
 import torch
 
 from fastdiff import reference
 from fastdiff.ops._triton import check_launchable, philox_normal4, tl, triton
-from fastdiff.ops.dispatch import op
+from fastdiff.ops.dispatch import BenchCase, op
 
 _MASK32 = 0xFFFFFFFF
 _TILE = 2048  # elements per program: 16 per thread with 4 warps, enough loads in flight to cover DRAM latency
@@ -164,9 +166,29 @@ def _(x, model_out, p, q, A, B, sigma, seeds, step_tensor, step_int, clip, retur
     return torch.empty_like(x), (torch.empty_like(x) if return_x0 else x.new_empty(0))
 
 
+def _bench_cases(quick: bool) -> list[BenchCase]:
+    """sigma > 0 and the step read from a device tensor, at >= 64 MB per tensor (one small shape when quick); the
+    first leads the GPU suite."""
+    shapes = [((16, 3, 32, 32), torch.float32)] if quick else [
+        ((512, 3, 128, 128), torch.float32), ((512, 3, 128, 128), torch.bfloat16), ((1024, 4, 64, 64), torch.float32)]
+
+    def case(shape, dtype, headline):
+        def inputs(device):
+            n = shape[0]
+            x, out = torch.randn(shape, device=device, dtype=dtype), torch.randn(shape, device=device, dtype=dtype)
+            p, q, A, B, sigma = (torch.rand(n, device=device) + 0.1 for _ in range(5))
+            return x, out, p, q, A, B, sigma, torch.arange(n, device=device), torch.tensor(7, device=device)
+
+        return BenchCase(shape, dtype, inputs, 3 * math.prod(shape) * dtype.itemsize,
+                         "3 * numel * itemsize (read x, model_out; write x_prev; noise drawn in-kernel)",
+                         "sigma > 0, step from a device tensor", headline=headline)
+
+    return [case(shape, dtype, i == 0) for i, (shape, dtype) in enumerate(shapes)]
+
+
 # Native CPU kernel: 16-35x the reference (benchmarks/bench_native_cpu.py, 2-core AVX2 CPU, digits and mnist UNet
 # shapes; the README has the table), so CPU tensors use it automatically where fastdiff._C is built.
-@op(reference.sampler_step, native="sampler_step", native_on_cpu=True)
+@op(reference.sampler_step, native="sampler_step", native_on_cpu=True, bench=_bench_cases)
 def sampler_step(x, model_out, p, q, A, B, sigma, seeds, step, clip=None, return_x0: bool = False):
     """One denoising step (see `fastdiff.reference.sampler_step`) on the backend chosen for x.
 

@@ -13,7 +13,7 @@ import torch
 
 from fastdiff import reference
 from fastdiff.ops._triton import check_launchable, tl, triton
-from fastdiff.ops.dispatch import op
+from fastdiff.ops.dispatch import BenchCase, op
 
 
 @triton.jit
@@ -75,8 +75,21 @@ def _(t, dim, max_period, freq_shift=0.0):
     return t.new_empty((t.shape[0], dim), dtype=torch.float32)
 
 
+def _bench_cases(quick: bool) -> list[BenchCase]:
+    """A large table and a typical training batch (one small table when quick)."""
+
+    def case(batch, dim):
+        def inputs(device):
+            return torch.randint(0, 1000, (batch,), device=device), dim
+
+        return BenchCase((batch, dim), torch.float32, inputs, batch * dim * 4 + batch * 8,
+                         "batch * dim * 4 + batch * 8 (read t, write the float32 table)")
+
+    return [case(*s) for s in ([(256, 128)] if quick else [(65536, 256), (1024, 128)])]
+
+
 # No native kernel: under use_backend("native") it runs the reference.
-@op(reference.timestep_embedding)
+@op(reference.timestep_embedding, bench=_bench_cases)
 def timestep_embedding(t, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0):
     """[B] timesteps (float or integer) -> float32 [B, dim]; an odd dim is zero-padded; freq_shift: see reference.
     The body is the Triton path (which runs the reference for a t that is not 1-D)."""

@@ -8,7 +8,10 @@ through `sample`, so that the same settings give the same images bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -151,6 +154,7 @@ def sample(denoiser: Denoiser, settings: SampleSettings, *, n: int, seed: int = 
     if n < 1:
         raise ConfigError(f"--n must be at least 1, got {n}")
     device, shape = denoiser.device, denoiser.image_shape
+    _check_result_fits(n, shape, refined=bool(settings.refiner))
     labels = labels_for(labels, n, denoiser.num_classes)
     seeds = seeds_for(seed, n)
     table = sampler_table(denoiser.schedule, settings.sampler, settings.steps, eta=settings.eta,
@@ -162,7 +166,7 @@ def sample(denoiser: Denoiser, settings: SampleSettings, *, n: int, seed: int = 
     images, unrefined, refine_s = [], [], 0.0
     synchronize(device)
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), _batch_memory(settings.batch_size, n, shape, device):
         for start in range(0, n, settings.batch_size):
             s = seeds[start : start + settings.batch_size].to(device)
             y = labels[start : start + settings.batch_size].to(device) if labels is not None else None
@@ -192,6 +196,44 @@ def sample(denoiser: Denoiser, settings: SampleSettings, *, n: int, seed: int = 
     return SampleResult(images=images, labels=labels, seeds=seeds, seconds=elapsed - setup_s,
                         setup_s=setup_s, settings=settings, refine_s=refine_s,
                         unrefined=torch.cat(unrefined) if unrefined else None)
+
+
+def _check_result_fits(n: int, shape: tuple[int, int, int], refined: bool) -> None:
+    """One ConfigError, before anything is allocated, when n samples cannot be held even in all of this machine's
+    memory: float32 images, twice over while the batches are joined (four times with a refiner's unrefined copy),
+    plus a seed and a label each. Only a certain failure is refused; a run that might fit is left to run."""
+    total = _host_memory_bytes()
+    need = n * (math.prod(shape) * 4 * 2 * (2 if refined else 1) + 16)
+    if total is None or need <= total:
+        return
+    fits = total // (need // n)
+    raise ConfigError(f"--n {n} samples of {'x'.join(map(str, shape))} need about {need / 2**30:,.0f} GiB of memory "
+                      f"but this machine has {total / 2**30:,.0f} GiB; use a smaller --n (at most about {fits:,}), "
+                      "in several runs with --seed if you need more")
+
+
+def _host_memory_bytes() -> int | None:
+    """This machine's physical memory, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+_OUT_OF_MEMORY = ("out of memory", "not enough memory", "can't allocate memory")  # CUDA, MPS, the CPU allocator
+
+
+@contextlib.contextmanager
+def _batch_memory(batch_size: int, n: int, shape: tuple[int, int, int], device: torch.device):
+    """Turn the allocator's out-of-memory error inside the sampling loop into one ConfigError naming the fix."""
+    try:
+        yield
+    except RuntimeError as e:  # torch.OutOfMemoryError on CUDA; a RuntimeError from the CPU allocator
+        if not (isinstance(e, torch.cuda.OutOfMemoryError) or any(m in str(e) for m in _OUT_OF_MEMORY)):
+            raise
+        batch = min(batch_size, n)
+        raise ConfigError(f"sampling {batch} images of {'x'.join(map(str, shape))} at once ran out of {device.type} "
+                          f"memory; use a smaller --batch-size (e.g. {max(1, batch // 4)})") from None
 
 
 def _fast_sampler(denoiser: Denoiser, settings: SampleSettings) -> FastSampler:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastdiff.bench.ops import Case, default_cases, measure_case, run_op_benchmarks
+from fastdiff.bench.ops import Case, default_cases, measure_case, op_names, run_op_benchmarks
 from fastdiff.bench.report import table
-from fastdiff.ops import native
+from fastdiff.ops import dispatch, native
 
 
 def test_quick_run_on_cpu_reports_every_op():
@@ -37,6 +37,24 @@ def test_headline_cases_lead():
     assert [build().op for build in default_cases(cpu, quick=True, part="headline")] == ["group_norm_silu",
                                                                                           "sampler_step"]
     assert len(default_cases(cpu, quick=False, part="rest")) + 2 == len(default_cases(cpu, quick=False))
+
+
+def test_a_registered_op_is_benchmarked_from_its_own_declaration(monkeypatch):
+    # A new op declares its cases beside its kernel (@op(..., bench=...)); the harness needs no edit for it.
+    def cases(quick):
+        inputs = lambda device: (torch.ones(8, device=device), 2.0)  # noqa: E731
+        return [dispatch.BenchCase((8,), torch.float32, inputs, 64, "2 * numel * 4"),
+                dispatch.BenchCase((8,), torch.float32, inputs, 96, "3 * numel * 4", backward=True)]
+
+    spec = dispatch.Op("scale", torch.mul, torch.mul, bench=cases)
+    monkeypatch.setitem(dispatch.REGISTRY, "scale", spec)
+    assert op_names()[-2:] == ("scale", "scale_fwd_bwd")
+    fwd, bwd = (build() for build in default_cases(torch.device("cpu"), quick=True, ops=("scale", "scale_fwd_bwd")))
+    assert (fwd.op, fwd.nbytes, fwd.skipped) == ("scale", 64, {}) and fwd.providers["torch-eager"]()[0] == 2.0
+    grads = bwd.providers["torch-eager"]()  # autograd.grad over the tensor arguments (x; not the factor 2.0)
+    assert bwd.op == "scale_fwd_bwd" and len(grads) == 1 and grads[0].shape == (8,)
+    with pytest.raises(ValueError, match="unknown op"):
+        default_cases(torch.device("cpu"), quick=True, ops=("scal",))
 
 
 def test_ratios_come_from_the_same_run():

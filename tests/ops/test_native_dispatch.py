@@ -9,7 +9,7 @@ from fastdiff import ops as fops
 from fastdiff import reference
 from fastdiff.bench.e2e import Job, SampleCase, sample_rows
 from fastdiff.bench.native import cpu_rows, profile_shares, run_native_benchmarks
-from fastdiff.bench.ops import sampler_step_case
+from fastdiff.bench.ops import default_cases
 from fastdiff.bench.report import add_ratios, table
 from fastdiff.bench.suite import Budget, plan, run_job
 from fastdiff.diffusion import NoiseSchedule, initial_noise, sample_ddim, seeds_for
@@ -91,7 +91,7 @@ def test_bench_native_provider_is_skipped_with_the_reason(monkeypatch):
     assert [j.section for j in jobs] == ["sample"]
     rows = list(run_job(jobs[0], cpu, quick=True, rounds=1, budget=Budget(60.0)))
     assert rows and all(r["status"] == "skipped: the extension fastdiff._C is not built" for r in rows)
-    case = sampler_step_case(cpu, (2, 1, 4, 4), torch.float32, quick=True)
+    case = default_cases(cpu, quick=True, ops=("sampler_step",))[0]()
     assert "fastdiff-native" not in case.providers
     assert case.skipped == {"fastdiff-native": "skipped: the extension fastdiff._C is not built"}
 
@@ -99,7 +99,7 @@ def test_bench_native_provider_is_skipped_with_the_reason(monkeypatch):
 @requires_native
 def test_bench_native_provider_rows():
     cpu = torch.device("cpu")
-    case = sampler_step_case(cpu, (2, 1, 4, 4), torch.float32, quick=True)
+    case = default_cases(cpu, quick=True, ops=("sampler_step",))[0]()
     assert case.skipped == {}
     torch.testing.assert_close(case.providers["fastdiff-native"](), case.providers["torch-eager"]())
     job = Job("sample", "digits", 2, (("fastdiff-native", "fp32"),), (SampleCase("ddim", 4, 1),))
@@ -113,6 +113,19 @@ def test_bench_native_provider_rows():
 def test_unbuilt_extension_is_reported(monkeypatch):
     monkeypatch.setattr(native.importlib.util, "find_spec", lambda name: None)
     assert native._probe() == (None, "the extension fastdiff._C is not built")
+
+
+@pytest.mark.parametrize("record, says", [(None, "is missing"), ("[1]", "holds a JSON list, not an object"),
+                                           ("{", "is not valid JSON")])
+def test_unreadable_build_record_is_reported(monkeypatch, tmp_path, record, says):
+    monkeypatch.setattr(native.importlib.util, "find_spec", lambda name: object())  # as if fastdiff._C were built
+    path = tmp_path / "_C.json"
+    if record is not None:
+        path.write_text(record)
+    monkeypatch.setattr(native, "_BUILD_INFO", path)
+    info, error = native._probe()
+    assert info is None and error.startswith("fastdiff._C has no readable build record") and says in error
+    assert error.endswith("; rebuild it")
 
 
 @requires_native
