@@ -30,8 +30,8 @@ def _rows(teacher_steps, student_steps):
 
 
 def compare(teacher, student, refiner=None, *, n: int = 1000, seed: int = 0, teacher_steps=(50, 4),
-            student_steps=(1, 2, 4), device="cpu", log=None, **sampling) -> list[dict]:
-    """One record per (model, sampler, steps, refined) row.
+            student_steps=(1, 2, 4), device="cpu", log=None, progress: bool = False, **sampling) -> list[dict]:
+    """One record per (model, sampler, steps, refined) row; progress: each row's sampling progress bar on stderr.
 
     sampling: overrides of `fastdiff.sampling.resolve_settings` for every row (batch_size, eta, guidance, clip,
     acceleration keys); each row's sampler and steps are the table's.
@@ -52,7 +52,7 @@ def compare(teacher, student, refiner=None, *, n: int = 1000, seed: int = 0, tea
     records = []
     for (who, sampler, steps), st in settings.items():
         # With a refiner, one run gives both rows: the samples before the refiner and after it.
-        res = sample(runs[who], st, n=n, seed=seed)
+        res = sample(runs[who], st, n=n, seed=seed, progress=progress)
         base = {"model": who, "sampler": sampler, "steps": steps, "guidance": st.guidance, "n": n,
                 "accel": st.accel.describe()}
         plain = res.unrefined if refiner else res.images
@@ -109,7 +109,8 @@ def main(argv=None) -> int:
         if given:
             raise ConfigError(f"--{given[0]} is set per row by the table; drop it")
         records = compare(args.teacher, args.student, args.refiner, n=args.n, seed=args.seed,
-                          device=resolve_device(args.device), log=lambda s: print(s, file=sys.stderr), **overrides)
+                          device=resolve_device(args.device), log=lambda s: print(s, file=sys.stderr),
+                          progress=not args.no_progress, **overrides)
     except FastdiffError as e:
         print(f"distill_table: error: {e}", file=sys.stderr)
         return 2
