@@ -77,7 +77,7 @@ def read_config_file(path, *, sections: tuple[str, ...], names: tuple[str, ...] 
             valid = [f.name for f in dataclasses.fields(SECTIONS[key]) if f"{key}.{f.name}" not in excluded]
             for option, v in value.items():
                 if option not in valid:
-                    raise ConfigError(f"{path}: unknown key {key}.{option}; the keys of section {key!r} are: "
+                    raise ConfigError(f"{path}: unknown key '{key}.{option}'; the keys of section {key!r} are: "
                                       f"{', '.join(valid)}")
                 layer.overrides[f"{key}.{option}"] = v
         else:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from fastdiff.checkpoint import write_json_atomic
-from fastdiff.cli import add_sampling_args, sampling_overrides
+from fastdiff.cli import HelpFormatter, add_sampling_args, sampling_overrides
 from fastdiff.data import load_dataset
 from fastdiff.errors import ConfigError, FastdiffError
 from fastdiff.evaluate import classifier_cache_dir, load_or_train_classifier, real_reference, score_samples
@@ -93,14 +93,16 @@ def targets(records: list[dict]) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastdiff.distill_table", description=__doc__.splitlines()[0])
-    p.add_argument("--teacher", required=True)
-    p.add_argument("--student", required=True)
-    p.add_argument("--refiner", help="a refiner run (fastdiff train-refiner) to add refined rows")
-    p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", help="write the table (markdown) here and the records beside it as .json")
+    p = argparse.ArgumentParser(prog="python -m fastdiff.distill_table", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
+    p.add_argument("--teacher", required=True, help="the DDPM teacher's run directory (required)")
+    p.add_argument("--student", required=True, help="its ADD student's run directory (required)")
+    p.add_argument("--refiner", help="a refiner run (fastdiff train-refiner) to add refined rows (default: none)")
+    p.add_argument("--n", type=int, default=1000, help="samples per row")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--out", help="write the table (markdown) here and the records beside it as .json (default: "
+                   "print the records as JSON)")
     add_sampling_args(p, batch_size=500)
     args = p.parse_args(argv)
     overrides = sampling_overrides(args)
