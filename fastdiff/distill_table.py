@@ -92,7 +92,7 @@ def targets(records: list[dict]) -> dict:
             "student4_accuracy_at_least_85": s4.get("cond_accuracy", 0.0) >= 0.85}
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastdiff.distill_table", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
     p.add_argument("--teacher", required=True, help="the DDPM teacher's run directory (required)")
@@ -104,7 +104,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="write the table (markdown) here and the records beside it as .json (default: "
                    "print the records as JSON)")
     add_sampling_args(p, batch_size=500)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     overrides = sampling_overrides(args)
     given = [k for k in ("sampler", "steps") if overrides.pop(k) is not None]
     try:
