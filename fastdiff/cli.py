@@ -408,13 +408,14 @@ def _add_run_flags(p, n_default):
 
 
 def cmd_sample(args) -> int:
-    from fastdiff.images import save_grid, save_images, save_samples, save_trajectory
+    from fastdiff.images import save_grid, save_images, save_samples, save_trajectory, writable
     from fastdiff.runtime import resolve_device
     from fastdiff.sampling import TrajectoryRecorder, load_run, resolve_settings, sample
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise ConfigError(f"--out must be a .png file, got {out}")
+    writable(out)  # before the sampling, not after it
     device = resolve_device(args.device)
     run = load_run(args.checkpoint, device, use_ema=not args.no_ema)
     settings = resolve_settings(run, device, refiner=args.refine, **sampling_overrides(args))

@@ -54,3 +54,19 @@ def test_python_api_is_quiet_unless_asked(trained, capsys):
     assert capsys.readouterr().err == ""
     sample(denoiser, settings, n=2, progress=True)
     assert "2/2" in capsys.readouterr().err
+
+
+def test_bench_bar_counts_jobs_and_keeps_its_rows_on_stdout(tmp_path, capsys, monkeypatch):
+    import fastdiff.bench.suite as suite
+
+    # Two stand-in jobs: this checks the bar and the echoed rows, not the benchmarks (tests/test_bench.py).
+    monkeypatch.setattr(suite, "plan", lambda *a: [suite.OpsJob("all"), suite.OpsJob("all")])
+    monkeypatch.setattr(suite, "run_job", lambda job, *a, **k: iter([{"section": "op", "op": "stand-in",
+                                                                      "status": "skipped: test"}]))
+    args = ["bench", "--quick", "--out", str(tmp_path), "--device", "cpu", "--sections", "ops"]
+    assert main(args) == 0
+    out = capsys.readouterr()
+    assert re.search(r"bench: 100%.*2/2 \[\d\d:\d\d<\d\d:\d\d", out.err), out.err
+    assert out.out.count("op stand-in: skipped: test") == 2 and not ETA.search(out.out)
+    assert main([*args, "--no-progress"]) == 0
+    assert not ETA.search(capsys.readouterr().err)
