@@ -19,8 +19,30 @@ from fastdiff.errors import ConfigError, FastdiffError
 
 # --- option checks: every CLI-only number is checked here, as it is parsed (config options: fastdiff.config_checks)
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help says it already (a None default must: "the
+    preset's", "the run's", never "None"); line breaks inside a help are kept (the --preset lists)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or "required" in text or not action.option_strings
+                or default is None or default is False or default is argparse.SUPPRESS):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+    def _split_lines(self, text, width):
+        split = super()._split_lines  # (zero-argument super() does not work inside a comprehension)
+        return [line for part in text.splitlines() for line in split(part, width)]
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line (`fastdiff sample: error: ...`), exit status 2, like every other error."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -49,29 +71,55 @@ POSITIVE = _number(float, 0, lo_open=True, allowed="above 0, finite")
 NON_NEGATIVE_INT = _number(int, 0, 2**31 - 1, allowed="0 and up")
 
 
+def _preset_list(lead: str, descriptions: dict[str, str]) -> str:
+    """A --preset help: `lead`, then one line per preset (fastdiff.config keeps the lines beside the presets)."""
+    return lead + ":\n" + "\n".join(f"{name}: {text}" for name, text in descriptions.items())
+
+
+def _add_config_file_flag(p, what: str):
+    p.add_argument("--config", metavar="FILE", help=f"JSON or TOML file of config sections, e.g. {{\"train\": "
+                   f"{{\"lr\": 0.001}}}} or [train] lr = 0.001; {what}; applied over the preset, under the flags "
+                   "(default: none)")
+
+
 def _add_train(sub):
-    p = sub.add_parser("train", help="train a DDPM UNet", description="Train a DDPM UNet on a dataset.")
-    p.add_argument("--preset", help="named configuration (default: the dataset's preset, else digits; the run's "
-                   "own with --resume)")
+    from fastdiff.config import PRESET_HELP
+
+    p = sub.add_parser("train", help="train a DDPM UNet", description="Train a DDPM UNet on a dataset. Options "
+                       "come from the preset, then --config FILE, then the flags; --dry-run prints the result.")
+    p.add_argument("--preset", help=_preset_list("named configuration (default: the dataset's preset, else digits; "
+                                                 "the run's own with --resume)", PRESET_HELP))
+    _add_config_file_flag(p, "its keys: preset and the sections model, diffusion, data, train, sample (the ones "
+                          "--dry-run prints)")
     p.add_argument("--dataset", help="digits | mnist5k | mnist | fashion-mnist | cifar10 | fer2013 | folder | "
-                   "synthetic")
+                   "synthetic (default: the preset's)")
     p.add_argument("--data-dir", help="folder with the dataset files (default: $FASTDIFF_DATA_DIR or ./data)")
-    p.add_argument("--out", required=True, help="run directory (checkpoints, logs, config)")
-    p.add_argument("--steps", type=int, help="total optimizer steps")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--warmup", type=int, dest="warmup_steps", help="learning-rate warm-up steps")
-    p.add_argument("--amp", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--ema-decay", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--ckpt-every", type=int)
-    p.add_argument("--log-every", type=int)
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--channels", type=int, help="image channels of the model (1 or 3)")
-    p.add_argument("--num-classes", type=int, help="0 for unconditional")
-    p.add_argument("--prediction", choices=["eps", "v", "x0"])
-    p.add_argument("--schedule", choices=["linear", "cosine"])
-    p.add_argument("--zero-terminal-snr", action="store_true", default=None)
+    p.add_argument("--out", required=True, help="run directory (checkpoints, logs, config) (required)")
+    p.add_argument("--steps", type=int, help="total optimizer steps (default: the preset's)")
+    p.add_argument("--batch-size", type=int, help="images per optimizer step, over all processes (default: the "
+                   "preset's)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
+    p.add_argument("--warmup", type=int, dest="warmup_steps", help="learning-rate warm-up steps (default: the "
+                   "preset's)")
+    p.add_argument("--amp", choices=["fp32", "bf16", "fp16"], help="autocast dtype of training (default: the "
+                   "preset's, fp32)")
+    p.add_argument("--ema-decay", type=float, help="decay of the EMA weights that sample and eval use (default: "
+                   "the preset's)")
+    p.add_argument("--seed", type=int, help="seed of the initial weights, batches and noise (default: the "
+                   "preset's, 0)")
+    p.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (default: the preset's)")
+    p.add_argument("--log-every", type=int, help="log line and stats.jsonl record every N steps (default: the "
+                   "preset's)")
+    p.add_argument("--image-size", type=int, help="model input size; images are resized to it (default: the "
+                   "preset's)")
+    p.add_argument("--channels", type=int, help="image channels of the model, 1 or 3 (default: the preset's)")
+    p.add_argument("--num-classes", type=int, help="classes of a conditional model, 0 for unconditional (default: "
+                   "the preset's)")
+    p.add_argument("--prediction", choices=["eps", "v", "x0"], help="what the model predicts: the noise eps, the "
+                   "velocity v or x0 (default: the preset's)")
+    p.add_argument("--schedule", choices=["linear", "cosine"], help="beta schedule (default: the preset's)")
+    p.add_argument("--zero-terminal-snr", action="store_true", default=None,
+                   help="rescale the betas to zero SNR at the last timestep (default: the preset's, off)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC activations (default: on)")
@@ -94,14 +142,16 @@ def _add_resume_flags(p, command):
                    f"resumed step (e.g. after the NaN guard stopped a run: {command} --out RUN --resume --lr 1e-4 "
                    "--warmup 1000)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines go to stderr instead)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr (log lines go to stderr "
+                   "plainly)")
 
 
 def _add_accel_flags(p):
     g = p.add_argument_group("acceleration (defaults: on with a CUDA device, off on the CPU)")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on with a CUDA device)")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-                   help="capture each step as a CUDA graph (one replay per step)")
+                   help="capture each step as a CUDA graph, one replay per step (default: on with a CUDA device)")
     g.add_argument("--compile-mode", help="torch.compile mode (default: Inductor's default)")
     return g
 
@@ -152,14 +202,23 @@ def _resumed_config(args, given: dict, resumable: set, not_on_resume: dict, pars
     return load_config(saved) if parse is None else parse(read_json(saved, error=ConfigError))
 
 
+def _config_file(args, **keys):
+    """The --config layer (fastdiff.config_file; empty without --config)."""
+    from fastdiff.config_file import ConfigFile, read_config_file
+
+    return read_config_file(args.config, **keys) if args.config else ConfigFile()
+
+
 def resolve_train_config(args):
+    """The preset, then the --config file, then the flags (or the resumed run's config, then the flags)."""
     from fastdiff.config import apply_overrides, train_config
 
     given = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
-    cfg = _resumed_config(args, given, RESUMABLE, {"preset": args.preset})
-    overrides = {TRAIN_FLAGS[k]: v for k, v in given.items()}
+    cfg = _resumed_config(args, given, RESUMABLE, {"preset": args.preset, "config": args.config})
+    file = _config_file(args, sections=("model", "diffusion", "data", "train", "sample"))
+    overrides = {**file.overrides, **{TRAIN_FLAGS[k]: v for k, v in given.items()}}
     if cfg is None:
-        return train_config(args.preset, overrides)
+        return train_config(args.preset or file.names.get("preset"), overrides)
     return apply_overrides(cfg, overrides)
 
 
@@ -183,42 +242,62 @@ def _stderr(line: str) -> None:
 
 
 def _add_distill(sub):
+    from fastdiff.config import DISTILL_PRESET_HELP
+
     p = sub.add_parser("distill", help="distil a teacher run into a 1-4 step student (ADD)",
-                       description="Adversarial Diffusion Distillation of a DDPM teacher run into a few-step student.")
-    p.add_argument("--teacher", help="the teacher's run directory (or checkpoint folder); not needed with --resume")
-    p.add_argument("--out", required=True, help="the student's run directory")
-    p.add_argument("--preset", help="distillation preset (default: the teacher's preset name if one exists, "
-                   "else 'default')")
-    p.add_argument("--steps", type=int, help="total student updates")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float, help="student learning rate")
-    p.add_argument("--warmup", type=int, dest="warmup_steps")
-    p.add_argument("--amp", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--ema-decay", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--ckpt-every", type=int)
-    p.add_argument("--log-every", type=int)
-    p.add_argument("--student-timesteps", type=int, nargs="+", help="noisiest first (default 999 749 499 249)")
-    p.add_argument("--adv-weight", type=float, help="weight of the hinge adversarial loss")
-    p.add_argument("--distill-weight", type=float, help="lambda of the distillation loss (2.5)")
-    p.add_argument("--distill-weighting", choices=["sqrt_ab", "ab", "snr", "none"], help="c(t)")
-    p.add_argument("--teacher-t-min", type=int)
-    p.add_argument("--teacher-t-max", type=int)
-    p.add_argument("--teacher-guidance", type=float, help="classifier-free guidance of the teacher's target")
-    p.add_argument("--r1-gamma", type=float)
-    p.add_argument("--disc-lr", type=float)
-    p.add_argument("--disc-steps", type=int, help="discriminator updates per student update")
+                       description="Adversarial Diffusion Distillation of a DDPM teacher run into a few-step student. "
+                       "Options come from the distillation preset, then --config FILE, then the flags; the student's "
+                       "model, diffusion and data are the teacher's.")
+    p.add_argument("--teacher", help="the teacher's run directory or checkpoint folder (required unless --config "
+                   "names it or with --resume)")
+    p.add_argument("--out", required=True, help="the student's run directory (required)")
+    p.add_argument("--preset", help=_preset_list("distillation preset (default: the teacher's preset name if one "
+                                                 "exists, else default)", DISTILL_PRESET_HELP))
+    _add_config_file_flag(p, "its keys: preset, teacher and the sections train, distill, sample")
+    p.add_argument("--steps", type=int, help="total student updates (default: the preset's)")
+    p.add_argument("--batch-size", type=int, help="student batch (default: the preset's)")
+    p.add_argument("--lr", type=float, help="student learning rate (default: the preset's)")
+    p.add_argument("--warmup", type=int, dest="warmup_steps", help="learning-rate warm-up steps (default: the "
+                   "preset's)")
+    p.add_argument("--amp", choices=["fp32", "bf16", "fp16"], help="autocast dtype (default: the preset's, fp32)")
+    p.add_argument("--ema-decay", type=float, help="decay of the student's EMA weights (default: the preset's)")
+    p.add_argument("--seed", type=int, help="seed of the batches, timesteps and noise (default: the preset's, 0)")
+    p.add_argument("--ckpt-every", type=int, help="checkpoint every N updates (default: the preset's)")
+    p.add_argument("--log-every", type=int, help="log line and stats.jsonl record every N updates (default: the "
+                   "preset's)")
+    p.add_argument("--student-timesteps", type=int, nargs="+", help="the student's timesteps, noisiest first "
+                   "(default: the preset's, 999 749 499 249)")
+    p.add_argument("--adv-weight", type=float, help="weight of the hinge adversarial loss (default: the preset's, 1)")
+    p.add_argument("--distill-weight", type=float, help="lambda of the distillation loss (default: the preset's, "
+                   "2.5)")
+    p.add_argument("--distill-weighting", choices=["sqrt_ab", "ab", "snr", "none"], help="c(t) of the distillation "
+                   "loss (default: the preset's, sqrt_ab)")
+    p.add_argument("--teacher-t-min", type=int, help="lowest timestep of the teacher's target (default: the "
+                   "preset's, 0)")
+    p.add_argument("--teacher-t-max", type=int, help="highest timestep of the teacher's target (default: the "
+                   "preset's, 999)")
+    p.add_argument("--teacher-guidance", type=float, help="classifier-free guidance of the teacher's target "
+                   "(default: the teacher's sampling guidance)")
+    p.add_argument("--r1-gamma", type=float, help="R1 penalty weight of the discriminator (default: the preset's)")
+    p.add_argument("--disc-lr", type=float, help="discriminator learning rate (default: the preset's)")
+    p.add_argument("--disc-steps", type=int, help="discriminator updates per student update (default: the "
+                   "preset's, 1)")
     p.add_argument("--augment", help="DiffAugment ops, comma-separated: translation,cutout,brightness,contrast "
-                   "('' for none)")
+                   "('' for none) (default: the preset's, translation,cutout)")
     p.add_argument("--backbone", help="pretrain (a ViT trained on the dataset and cached), none (random, trained), "
-                   "or a local timm/DINO ViT state dict")
-    p.add_argument("--train-backbone", action="store_true", default=None, help="adapt the backbone too")
-    p.add_argument("--backbone-steps", type=int, help="pretraining steps of a 'pretrain' backbone")
+                   "or a local timm/DINO ViT state dict (default: the preset's, pretrain)")
+    p.add_argument("--train-backbone", action="store_true", default=None, help="adapt the backbone too (default: "
+                   "the preset's)")
+    p.add_argument("--backbone-steps", type=int, help="pretraining steps of a 'pretrain' backbone (default: the "
+                   "preset's, 600)")
     p.add_argument("--backbone-size", type=int, help="input size of a file backbone (default: its own)")
-    p.add_argument("--disc-heads", type=int, help="heads on this many evenly spaced backbone blocks")
-    p.add_argument("--disc-head", choices=["conv", "mlp"])
-    p.add_argument("--disc-mbstd", type=int, help="minibatch-std channel in the heads (group size; 0: off)")
-    p.add_argument("--no-spectral-norm", action="store_false", dest="spectral_norm", default=None)
+    p.add_argument("--disc-heads", type=int, help="heads on this many evenly spaced backbone blocks (default: the "
+                   "preset's, 2)")
+    p.add_argument("--disc-head", choices=["conv", "mlp"], help="discriminator head (default: the preset's, conv)")
+    p.add_argument("--disc-mbstd", type=int, help="minibatch-std channel in the heads: its group size, 0 for off "
+                   "(default: the preset's, 4)")
+    p.add_argument("--no-spectral-norm", action="store_false", dest="spectral_norm", default=None,
+                   help="heads without spectral norm (default: the preset's, with)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     _add_monitor_flags(p)
     _add_accel_flags(p)
@@ -242,15 +321,22 @@ def resolve_distill_config(args):
     from fastdiff.config import apply_overrides, distill_config, load_config
 
     given = {k: getattr(args, k) for k in DISTILL_FLAGS if getattr(args, k) is not None}
-    cfg = _resumed_config(args, given, DISTILL_RESUMABLE, {"preset": args.preset, "teacher": args.teacher})
+    cfg = _resumed_config(args, given, DISTILL_RESUMABLE,
+                          {"preset": args.preset, "teacher": args.teacher, "config": args.config})
+    # distill.teacher is the --teacher path; the student's model, diffusion and data are the teacher's
+    file = _config_file(args, sections=("train", "distill", "sample"), names=("preset", "teacher"),
+                        excluded=("distill.teacher",))
     if cfg is None:
-        if not args.teacher:
+        teacher = args.teacher or file.names.get("teacher")
+        if not teacher:
             raise ConfigError("fastdiff distill needs --teacher RUN_DIR (a run trained with fastdiff train)")
-        path = ckpt.resolve_checkpoint(args.teacher)
-        cfg = distill_config(load_config(path / "config.json"), args.teacher, args.preset)
-    overrides = {DISTILL_FLAGS[k]: v for k, v in given.items()}
-    if args.student_timesteps and cfg.sample.sampler == "student":  # a student samples with at most its timesteps
-        overrides["sample.steps"] = min(cfg.sample.steps, len(args.student_timesteps))
+        path = ckpt.resolve_checkpoint(teacher)
+        cfg = distill_config(load_config(path / "config.json"), teacher, args.preset or file.names.get("preset"))
+    overrides = {**file.overrides, **{DISTILL_FLAGS[k]: v for k, v in given.items()}}
+    timesteps = overrides.get("distill.student_timesteps")
+    if (isinstance(timesteps, (list, tuple)) and timesteps and cfg.sample.sampler == "student"
+            and "sample.steps" not in overrides):
+        overrides["sample.steps"] = min(cfg.sample.steps, len(timesteps))  # a student samples with at most these
     return apply_overrides(cfg, overrides)
 
 
@@ -290,16 +376,18 @@ def add_sampling_args(p, *, batch_size: int | None = None):
                    help="default: the run's (ddim; student for a distilled student run)")
     g.add_argument("--steps", type=COUNT, help="denoising steps (default: the run's for its own sampler; else "
                    "ddim 50, ddpm all T, student all its timesteps)")
-    g.add_argument("--eta", type=ETA, help="DDIM eta (0 = deterministic; ddim only)")
-    g.add_argument("--guidance", type=GUIDANCE, help="classifier-free guidance scale (1 = none)")
-    g.add_argument("--spacing", choices=["leading", "trailing", "linspace"], help="timestep spacing")
-    g.add_argument("--clip", type=_clip, help="clamp x0 to [-CLIP, CLIP] (none: no clipping)")
+    g.add_argument("--eta", type=ETA, help="DDIM eta, 0 = deterministic; ddim only (default: the run's, 0)")
+    g.add_argument("--guidance", type=GUIDANCE, help="classifier-free guidance scale, 1 = none (default: the run's)")
+    g.add_argument("--spacing", choices=["leading", "trailing", "linspace"], help="timestep spacing (default: the "
+                   "run's, trailing)")
+    g.add_argument("--clip", type=_clip, help="clamp x0 to [-CLIP, CLIP], none: no clipping (default: the run's, 1)")
     g.add_argument("--batch-size", type=COUNT, default=batch_size,
                    help=f"images per batch (default: {batch_size or 256}; samples do not depend on it)")
     g = _add_accel_flags(p)
     g.add_argument("--amp", choices=["fp32", "bf16", "fp16"], help="autocast for the model (default: bf16 on a GPU)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC activations (default: on a GPU)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (denoising steps, with ETA) on stderr")
 
 
 def sampling_overrides(args) -> dict:
@@ -310,26 +398,30 @@ def sampling_overrides(args) -> dict:
 
 
 def _add_run_flags(p, n_default):
-    p.add_argument("--checkpoint", required=True, help="run directory (its latest checkpoint) or a checkpoint folder")
+    p.add_argument("--checkpoint", required=True, help="run directory (its latest checkpoint), a checkpoint folder "
+                   "or pretrained:NAME (required)")
     p.add_argument("--n", type=COUNT, default=n_default, help="number of samples")
     p.add_argument("--seed", type=SEED, default=0, help="sample i uses seed + i")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--refine", metavar="RUN_DIR", help="apply a refiner trained with `fastdiff train-refiner`")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--refine", metavar="RUN_DIR", help="apply a refiner trained with `fastdiff train-refiner` "
+                   "(default: none)")
 
 
 def cmd_sample(args) -> int:
-    from fastdiff.images import save_grid, save_images, save_samples, save_trajectory
+    from fastdiff.images import save_grid, save_images, save_samples, save_trajectory, writable
     from fastdiff.runtime import resolve_device
     from fastdiff.sampling import TrajectoryRecorder, load_run, resolve_settings, sample
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise ConfigError(f"--out must be a .png file, got {out}")
+    writable(out)  # before the sampling, not after it
     device = resolve_device(args.device)
     run = load_run(args.checkpoint, device, use_ema=not args.no_ema)
     settings = resolve_settings(run, device, refiner=args.refine, **sampling_overrides(args))
     recorder = TrajectoryRecorder(settings.steps, rows=min(args.n, args.trajectory_rows)) if args.trajectory else None
-    res = sample(run, settings, n=args.n, seed=args.seed, labels=args.labels, callback=recorder)
+    res = sample(run, settings, n=args.n, seed=args.seed, labels=args.labels, callback=recorder,
+                 progress=not args.no_progress)
     classes = run.num_classes
     nrow = classes if res.labels is not None and args.labels is None and args.n % classes == 0 else None
     grid = save_grid(res.images, out, nrow=nrow)
@@ -355,7 +447,7 @@ def cmd_eval(args) -> int:
 
     result = evaluate_run(args.checkpoint, n=args.n, seed=args.seed, device=args.device,
                           classifier_steps=args.classifier_steps, log=lambda s: print(s, file=sys.stderr),
-                          refiner=args.refine, **sampling_overrides(args))
+                          refiner=args.refine, progress=not args.no_progress, **sampling_overrides(args))
     floor = result["fd_cls_floor"]
     print(f"FD_cls {result['fd_cls']:.3f} (real-vs-real floor {floor:.3f}, ratio {result['fd_ratio']:.2f})")
     print(f"KID {result['kid']:.5f} +- {result['kid_std']:.5f} "
@@ -383,22 +475,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastdiff", description="Fast diffusion training and sampling.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
-    p = sub.add_parser("sample", help="draw samples from a trained run into a PNG grid (+ .npz)")
+    p = sub.add_parser("sample", help="draw samples from a trained run into a PNG grid (+ .npz)",
+                       description="Draw --n samples from a run with its own sampling settings (or the flags') into "
+                       "a PNG grid, the raw samples beside it as .npz; sample i depends only on its seed and label. "
+                       "Prints a JSON summary as the last line.")
     _add_run_flags(p, 100)
-    p.add_argument("--labels", type=int, nargs="+", help="class labels, repeated to fill --n")
-    p.add_argument("--out", required=True, help="output PNG (raw samples go beside it as .npz)")
+    p.add_argument("--labels", type=int, nargs="+", help="class labels, repeated to fill --n (default: balanced "
+                   "classes on a conditional model)")
+    p.add_argument("--out", required=True, help="output PNG; raw samples go beside it as .npz (required)")
     p.add_argument("--trajectory", action="store_true", help="also write <out>_trajectory.png")
-    p.add_argument("--trajectory-rows", type=COUNT, default=4)
+    p.add_argument("--trajectory-rows", type=COUNT, default=4, help="samples shown in the trajectory figure")
     p.add_argument("--save-images", metavar="DIR", help="also write one PNG per sample into DIR, named by its seed "
                    "and label: seed000123-label7.png (seed000123.png unconditional) (default: off)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     add_sampling_args(p)
-    p = sub.add_parser("eval", help="FD_cls, its real-vs-real floor, and class-conditional accuracy")
+    p = sub.add_parser("eval", help="FD_cls, its real-vs-real floor, and class-conditional accuracy",
+                       description="Sample --n images from a run and score them against held-out real images with "
+                       "a classifier trained on the dataset (cached): FD_cls, KID, precision and recall, each beside "
+                       "its real-vs-real value, and class-conditional accuracy. JSON on the last line.")
     _add_run_flags(p, 1000)
     p.add_argument("--classifier-steps", type=COUNT, default=1500,
                    help="training steps of the evaluation classifier when it is not cached yet")
     add_sampling_args(p, batch_size=500)
-    sub.add_parser("env", help="versions, device, and which kernels are usable")
+    sub.add_parser("env", help="versions, device, and which kernels are usable",
+                   description="Print the Python, torch and triton versions, the device, and which kernels (Triton, "
+                   "the native extension) are usable here; JSON on the last line.")
     _add_distill(sub)
     _add_train_refiner(sub)
     _add_bench(sub)
@@ -411,20 +512,20 @@ def _add_train_refiner(sub):
     p = sub.add_parser("train-refiner", help="train a refiner for a run's samples (fastdiff sample --refine)",
                        description="Train a small UNet that maps a run's x0 estimates to cleaner images, on pairs "
                                    "made from real training images.")
-    p.add_argument("--checkpoint", help="the run (teacher or student) whose x0 estimates it refines; not needed "
-                   "with --resume")
-    p.add_argument("--out", required=True, help="the refiner's run directory")
-    p.add_argument("--steps", type=COUNT, help="total optimizer steps (default 1500)")
-    p.add_argument("--batch-size", type=COUNT, help="default 128")
-    p.add_argument("--lr", type=POSITIVE, help="peak learning rate of the one-cycle schedule (default 1e-3)")
+    p.add_argument("--checkpoint", help="the run (teacher or student) whose x0 estimates it refines (required "
+                   "unless --resume)")
+    p.add_argument("--out", required=True, help="the refiner's run directory (required)")
+    p.add_argument("--steps", type=COUNT, help="total optimizer steps (default: 1500)")
+    p.add_argument("--batch-size", type=COUNT, help="pairs per optimizer step (default: 128)")
+    p.add_argument("--lr", type=POSITIVE, help="peak learning rate of the one-cycle schedule (default: 1e-3)")
     p.add_argument("--t-max", type=NON_NEGATIVE_INT,
                    help="pairs come from x0 estimates at t in [0, t-max] (default: T/2)")
-    p.add_argument("--base-channels", type=COUNT, help="width of the refiner's UNet (default 16)")
-    p.add_argument("--seed", type=SEED, help="default 0")
-    p.add_argument("--amp", choices=["fp32", "bf16", "fp16"], help="autocast of the refiner (default fp32)")
-    p.add_argument("--ckpt-every", type=COUNT, help="default 500")
-    p.add_argument("--log-every", type=COUNT, help="default 250")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--base-channels", type=COUNT, help="width of the refiner's UNet (default: 16)")
+    p.add_argument("--seed", type=SEED, help="seed of the weights, pairs and noise (default: 0)")
+    p.add_argument("--amp", choices=["fp32", "bf16", "fp16"], help="autocast of the refiner (default: fp32)")
+    p.add_argument("--ckpt-every", type=COUNT, help="checkpoint every N steps (default: 500)")
+    p.add_argument("--log-every", type=COUNT, help="log line every N steps (default: 250)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     _add_accel_flags(p)
     _add_resume_flags(p, "fastdiff train-refiner")
 
@@ -474,7 +575,8 @@ def cmd_bench(args) -> int:
     from fastdiff.runtime import resolve_device
 
     doc = run_bench(device=resolve_device(args.device), out=Path(args.out), quick=args.quick, sections=args.sections,
-                    presets=args.presets, providers=args.providers, budget_s=args.budget_s, rounds=args.rounds)
+                    presets=args.presets, providers=args.providers, budget_s=args.budget_s, rounds=args.rounds,
+                    progress=not args.no_progress)
     errors = [r for r in doc["rows"] if str(r.get("status", "")).startswith("error")]
     for r in errors:
         print(f"fastdiff bench: {r.get('case') or r.get('op')} {r.get('provider', '')}: {r['status']}", file=sys.stderr)
@@ -490,21 +592,23 @@ def _add_bench(sub):
                        "print a table and write bench.json and bench.md.")
     p.add_argument("--quick", action="store_true", help="tiny sizes (CI: under a minute on a CPU)")
     p.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.md (default: runs/bench)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS, help="benchmark sections to run")
     p.add_argument("--presets", nargs="+", help=f"keep the rows of these presets (default: all; the CPU runs "
                    f"{' '.join(PRESETS)}, a GPU {' '.join(GPU_PRESETS)})")
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, help="default: all (diffusers when installed)")
     p.add_argument("--budget-s", type=POSITIVE, help="time budget; later jobs are skipped (default 40 quick, 420 full)")
     p.add_argument("--rounds", type=COUNT, help="interleaved timing rounds per row (default 2 quick, 5 full)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (benchmark jobs, with ETA) on stderr")
 
 
 def _add_export(sub):
     p = sub.add_parser("export", help="write a run as a diffusers pipeline folder (DDPMPipeline.from_pretrained)",
                        description="Write a run's UNet and schedule as a diffusers folder: model_index.json, "
                                    "unet/ (UNet2DModel) and scheduler/ (DDPMScheduler).")
-    p.add_argument("--checkpoint", required=True, help="run directory (its latest checkpoint) or a checkpoint folder")
-    p.add_argument("--out", required=True, help="the new folder (must not exist or be empty)")
+    p.add_argument("--checkpoint", required=True, help="run directory (its latest checkpoint) or a checkpoint folder "
+                   "(required)")
+    p.add_argument("--out", required=True, help="the new folder, which must not exist or be empty (required)")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
 
 

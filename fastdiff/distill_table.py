@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from fastdiff.checkpoint import write_json_atomic
-from fastdiff.cli import add_sampling_args, sampling_overrides
+from fastdiff.cli import HelpFormatter, add_sampling_args, sampling_overrides
 from fastdiff.data import load_dataset
 from fastdiff.errors import ConfigError, FastdiffError
 from fastdiff.evaluate import classifier_cache_dir, load_or_train_classifier, real_reference, score_samples
@@ -30,8 +30,8 @@ def _rows(teacher_steps, student_steps):
 
 
 def compare(teacher, student, refiner=None, *, n: int = 1000, seed: int = 0, teacher_steps=(50, 4),
-            student_steps=(1, 2, 4), device="cpu", log=None, **sampling) -> list[dict]:
-    """One record per (model, sampler, steps, refined) row.
+            student_steps=(1, 2, 4), device="cpu", log=None, progress: bool = False, **sampling) -> list[dict]:
+    """One record per (model, sampler, steps, refined) row; progress: each row's sampling progress bar on stderr.
 
     sampling: overrides of `fastdiff.sampling.resolve_settings` for every row (batch_size, eta, guidance, clip,
     acceleration keys); each row's sampler and steps are the table's.
@@ -52,7 +52,7 @@ def compare(teacher, student, refiner=None, *, n: int = 1000, seed: int = 0, tea
     records = []
     for (who, sampler, steps), st in settings.items():
         # With a refiner, one run gives both rows: the samples before the refiner and after it.
-        res = sample(runs[who], st, n=n, seed=seed)
+        res = sample(runs[who], st, n=n, seed=seed, progress=progress)
         base = {"model": who, "sampler": sampler, "steps": steps, "guidance": st.guidance, "n": n,
                 "accel": st.accel.describe()}
         plain = res.unrefined if refiner else res.images
@@ -92,24 +92,31 @@ def targets(records: list[dict]) -> dict:
             "student4_accuracy_at_least_85": s4.get("cond_accuracy", 0.0) >= 0.85}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastdiff.distill_table", description=__doc__.splitlines()[0])
-    p.add_argument("--teacher", required=True)
-    p.add_argument("--student", required=True)
-    p.add_argument("--refiner", help="a refiner run (fastdiff train-refiner) to add refined rows")
-    p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", help="write the table (markdown) here and the records beside it as .json")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fastdiff.distill_table", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
+    p.add_argument("--teacher", required=True, help="the DDPM teacher's run directory (required)")
+    p.add_argument("--student", required=True, help="its ADD student's run directory (required)")
+    p.add_argument("--refiner", help="a refiner run (fastdiff train-refiner) to add refined rows (default: none)")
+    p.add_argument("--n", type=int, default=1000, help="samples per row")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--out", help="write the table (markdown) here and the records beside it as .json (default: "
+                   "print the records as JSON)")
     add_sampling_args(p, batch_size=500)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     overrides = sampling_overrides(args)
     given = [k for k in ("sampler", "steps") if overrides.pop(k) is not None]
     try:
         if given:
             raise ConfigError(f"--{given[0]} is set per row by the table; drop it")
         records = compare(args.teacher, args.student, args.refiner, n=args.n, seed=args.seed,
-                          device=resolve_device(args.device), log=lambda s: print(s, file=sys.stderr), **overrides)
+                          device=resolve_device(args.device), log=lambda s: print(s, file=sys.stderr),
+                          progress=not args.no_progress, **overrides)
     except FastdiffError as e:
         print(f"distill_table: error: {e}", file=sys.stderr)
         return 2

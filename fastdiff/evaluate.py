@@ -129,11 +129,12 @@ def classifier_cache_dir(checkpoint_dir, cfg) -> Path:
 
 
 def evaluate_run(checkpoint, *, n: int = 1000, seed: int = 0, device=None, classifier_steps: int = 1500, log=None,
-                 **sampling) -> dict:
+                 progress: bool = False, **sampling) -> dict:
     """Sample n images from a run and score them: FD_cls, its floor, and class-conditional accuracy.
 
     sampling: the overrides of `fastdiff.sampling.resolve_settings` (sampler, steps, guidance, eta, spacing, clip,
-    batch_size, refiner, acceleration keys); None or absent is the run's own setting.
+    batch_size, refiner, acceleration keys); None or absent is the run's own setting. progress: the sampling
+    progress bar on stderr (`fastdiff.sampling.sample`).
     """
     device = resolve_device(device)
     run = load_run(checkpoint, device)
@@ -145,7 +146,7 @@ def evaluate_run(checkpoint, *, n: int = 1000, seed: int = 0, device=None, class
     cache = classifier_cache_dir(run.path, cfg)
     classifier = load_or_train_classifier(train, cache, device, log, steps=classifier_steps)
     ref = real_reference(classifier, train, test, n, device)
-    res = sample(run, settings, n=n, seed=seed)
+    res = sample(run, settings, n=n, seed=seed, progress=progress)
     result = {"checkpoint": run.path, "dataset": cfg.data.dataset, "n": n, "sampler": settings.sampler,
               "steps": settings.steps, "guidance": settings.guidance if res.labels is not None else None,
               "refiner": settings.refiner}

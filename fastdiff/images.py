@@ -39,7 +39,8 @@ def auto_scale(size: int) -> int:
     return max(1, 64 // size)
 
 
-def _writable(path: Path) -> Path:
+def writable(path: Path) -> Path:
+    """`path` with its folder created; one FastdiffError when it cannot be (`fastdiff sample` checks it first)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,7 +53,7 @@ def save_png(array: np.ndarray, path) -> Path:
     """Every file here is written whole or not at all (`atomic_write`): a full disk leaves no 0-byte PNG."""
     from PIL import Image
 
-    path = _writable(path)
+    path = writable(path)
     buf = io.BytesIO()
     Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(buf, format="PNG")
     return atomic_write(path, buf.getvalue())
@@ -64,7 +65,7 @@ def save_grid(x: torch.Tensor, path, nrow: int | None = None) -> Path:
 
 def save_samples(path, samples: torch.Tensor, labels: torch.Tensor | None, seeds: torch.Tensor) -> Path:
     """Raw samples as .npz: images uint8 [N, H, W, C], float samples in [-1, 1], labels and per-sample seeds."""
-    path = _writable(path)
+    path = writable(path)
     arrays = {"images": to_uint8(samples), "samples": samples.float().cpu().numpy(), "seeds": seeds.cpu().numpy()}
     if labels is not None:
         arrays["labels"] = labels.cpu().numpy()
@@ -98,7 +99,7 @@ def save_trajectory(frames: list[tuple[str, torch.Tensor, torch.Tensor]], path, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = _writable(path)
+    path = writable(path)
     n_rows = frames[0][1].shape[0]
     cols = len(frames)
     fig, axes = plt.subplots(2 * n_rows, cols, figsize=(1.1 * cols, 1.15 * 2 * n_rows), squeeze=False)

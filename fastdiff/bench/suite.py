@@ -7,11 +7,13 @@ recorded as skipped. The JSON and markdown reports are rewritten after every row
 from __future__ import annotations
 
 import gc
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from fastdiff.bench import PRESETS
 from fastdiff.bench.e2e import Job, SampleCase, sample_rows, train_rows
@@ -113,8 +115,10 @@ def run_job(job, device, *, quick: bool, rounds: int, budget: Budget):
 
 
 def run_bench(*, device, out: Path, quick: bool = False, sections=SECTIONS, presets=None, providers=None,
-              budget_s: float | None = None, rounds: int | None = None, echo=print) -> dict:
-    """Run the suite and write out/bench.json and out/bench.md; returns the report document."""
+              budget_s: float | None = None, rounds: int | None = None, echo=print, progress: bool = False) -> dict:
+    """Run the suite and write out/bench.json and out/bench.md; returns the report document.
+
+    progress: a tqdm bar of the jobs, with ETA, on stderr (the echoed rows are written around it)."""
     device = torch.device(device)
     missing = [p for p in presets or () if p not in ALL_PRESETS]
     if missing:
@@ -135,12 +139,12 @@ def run_bench(*, device, out: Path, quick: bool = False, sections=SECTIONS, pres
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     write_reports(doc, out)
-    for job in plan(device, quick, presets, providers):
-        if job.section not in sections:
-            continue
+    jobs = [job for job in plan(device, quick, presets, providers) if job.section in sections]
+    for job in tqdm(jobs, desc="bench", unit="job", disable=not progress, file=sys.stderr, dynamic_ncols=True):
         for row in run_job(job, device, quick=quick, rounds=rounds, budget=budget):
             doc["rows"].append(row)
-            echo(_one_line(row))
+            with tqdm.external_write_mode():
+                echo(_one_line(row))
             write_reports(doc, out)
     doc["total_s"] = round(budget.used(), 1)
     json_path, md_path = write_reports(doc, out)

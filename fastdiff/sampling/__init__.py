@@ -12,11 +12,13 @@ import contextlib
 import dataclasses
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from tqdm import tqdm
 
 from fastdiff import checkpoint as ckpt
 from fastdiff.config import RunConfig, SampleConfig, load_config
@@ -145,11 +147,13 @@ class SampleResult:
 
 
 def sample(denoiser: Denoiser, settings: SampleSettings, *, n: int, seed: int = 0, labels=None,
-           callback: Callable | None = None) -> SampleResult:
+           callback: Callable | None = None, progress: bool = False) -> SampleResult:
     """n samples of `denoiser` with `settings` (from `resolve_settings`); sample i has seed seed + i.
 
     labels: see `labels_for` (None: balanced classes on a conditional model). callback(i, t, x, x0) sees the
     first batch only (for trajectory figures). With a refiner, each batch is refined inside the timed region.
+    progress: a tqdm bar of the denoising steps of all batches, with ETA, on stderr (the CLI's default; it ticks
+    through the step callback, so the fast path then clones each step's tensors for it).
     """
     if n < 1:
         raise ConfigError(f"--n must be at least 1, got {n}")
@@ -164,14 +168,17 @@ def sample(denoiser: Denoiser, settings: SampleSettings, *, n: int, seed: int = 
     fast = None if settings.accel.plain else _fast_sampler(denoiser, settings)
     setup_before = fast.setup_s if fast is not None else 0.0
     images, unrefined, refine_s = [], [], 0.0
+    starts = range(0, n, settings.batch_size)
+    bar = tqdm(total=len(starts) * len(table), desc="sampling", unit="step", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
     synchronize(device)
     t0 = time.perf_counter()
-    with torch.inference_mode(), _batch_memory(settings.batch_size, n, shape, device):
-        for start in range(0, n, settings.batch_size):
+    with torch.inference_mode(), _batch_memory(settings.batch_size, n, shape, device), bar:
+        for start in starts:
             s = seeds[start : start + settings.batch_size].to(device)
             y = labels[start : start + settings.batch_size].to(device) if labels is not None else None
             x = initial_noise(s, shape, device)
-            cb = callback if start == 0 else None
+            cb = _ticking(bar, callback if start == 0 else None)
             if fast is not None:
                 x = fast.run(x, table, seeds=s, labels=y, callback=cb)
             else:
@@ -234,6 +241,18 @@ def _batch_memory(batch_size: int, n: int, shape: tuple[int, int, int], device: 
         batch = min(batch_size, n)
         raise ConfigError(f"sampling {batch} images of {'x'.join(map(str, shape))} at once ran out of {device.type} "
                           f"memory; use a smaller --batch-size (e.g. {max(1, batch // 4)})") from None
+
+
+def _ticking(bar: tqdm, callback: Callable | None) -> Callable | None:
+    """`callback` with one tick of `bar` per denoising step; just `callback` when the bar is off."""
+    if bar.disable:
+        return callback
+
+    def step(i, t, x, x0):
+        bar.update()
+        if callback is not None:
+            callback(i, t, x, x0)
+    return step
 
 
 def _fast_sampler(denoiser: Denoiser, settings: SampleSettings) -> FastSampler:

@@ -1,0 +1,125 @@
+"""`--config FILE` of train and distill: JSON and TOML give the same config, preset < file < flags, and every
+bad file is one line with exit status 2."""
+
+import json
+
+import pytest
+
+from fastdiff.cli import main
+from fastdiff.config import preset_config
+
+TINY = ["--steps", "2", "--batch-size", "16", "--log-every", "1", "--ckpt-every", "2", "--sample-every", "0",
+        "--no-progress"]
+
+
+def dry_run(args, capsys):
+    code = main([*args, "--dry-run"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return json.loads(out.out)
+
+
+JSON = {"preset": "mnist5k", "train": {"lr": 0.005, "steps": 7, "channels_last": False},
+        "model": {"base_channels": 16, "channel_mult": [1, 2, 4]}, "sample": {"guidance": 3.0}}
+TOML = """preset = "mnist5k"
+[train]
+lr = 0.005
+steps = 7
+channels_last = false
+[model]
+base_channels = 16
+channel_mult = [1, 2, 4]
+[sample]
+guidance = 3.0
+"""
+
+
+def test_json_and_toml_give_the_same_config_over_the_preset(tmp_path, capsys):
+    (tmp_path / "c.json").write_text(json.dumps(JSON))
+    (tmp_path / "c.toml").write_text(TOML)
+    out = str(tmp_path / "run")
+    from_json = dry_run(["train", "--out", out, "--config", str(tmp_path / "c.json")], capsys)
+    from_toml = dry_run(["train", "--out", out, "--config", str(tmp_path / "c.toml")], capsys)
+    assert from_json == from_toml
+    preset = preset_config("mnist5k")
+    assert from_json["preset"] == "mnist5k" and from_json["data"]["dataset"] == "mnist5k"
+    assert from_json["train"]["lr"] == 0.005 and from_json["train"]["steps"] == 7
+    assert from_json["model"]["base_channels"] == 16 and from_json["model"]["channel_mult"] == [1, 2, 4]
+    assert from_json["train"]["batch_size"] == preset.train.batch_size  # not in the file: the preset's
+
+
+def test_flags_override_the_file_and_the_file_the_preset(tmp_path, capsys):
+    (tmp_path / "c.toml").write_text(TOML)
+    cfg = dry_run(["train", "--out", str(tmp_path / "run"), "--config", str(tmp_path / "c.toml"), "--steps", "9",
+                   "--preset", "digits", "--channels-last"], capsys)
+    assert cfg["preset"] == "digits" and cfg["model"]["image_size"] == 8  # --preset beats the file's preset
+    assert cfg["train"]["steps"] == 9 and cfg["train"]["channels_last"] is True  # flags beat the file
+    assert cfg["train"]["lr"] == 0.005  # the file beats the preset (digits: 2e-3)
+
+
+def test_dry_run_output_is_a_config_file(tmp_path, capsys):
+    first = dry_run(["train", "--out", str(tmp_path / "run"), "--preset", "mnist", "--lr", "3e-3"], capsys)
+    (tmp_path / "resolved.json").write_text(json.dumps(first))
+    assert dry_run(["train", "--out", str(tmp_path / "run"), "--config", str(tmp_path / "resolved.json")],
+                   capsys) == first
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("config_file") / "teacher"
+    assert main(["train", "--preset", "digits", "--out", str(run_dir), *TINY]) == 0
+    return run_dir
+
+
+def test_distill_config_file_names_the_teacher(teacher, tmp_path, capsys):
+    (tmp_path / "d.toml").write_text(f'teacher = "{teacher}"\npreset = "default"\n[distill]\nr1_gamma = 0.5\n'
+                                     "student_timesteps = [999, 499]\n[train]\nsteps = 11\n")
+    cfg = dry_run(["distill", "--out", str(tmp_path / "s"), "--config", str(tmp_path / "d.toml"), "--steps", "5"],
+                  capsys)
+    assert cfg["distill"]["teacher"] == str(teacher) and cfg["distill"]["r1_gamma"] == 0.5
+    assert cfg["distill"]["student_timesteps"] == [999, 499] and cfg["sample"]["steps"] == 2
+    assert cfg["train"]["steps"] == 5 and cfg["train"]["lr"] == 1e-5  # the flag; the 'default' preset's lr
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("missing.json", None, "cannot read config file"),
+        ("bad.json", '{"train": {"lr": 1e-3,}}', "is not valid JSON"),
+        ("bad.toml", "[train\nlr = 1", "is not valid TOML"),
+        ("c.yaml", "train: {}", "must end in .json or .toml"),
+        ("list.json", "[1, 2]", "must hold an object of sections"),
+        ("typo.json", '{"train": {"lrr": 1e-3}}', "unknown key 'train.lrr'; the keys of section 'train' are: steps, "),
+        ("section.toml", "[optim]\nlr = 1", "unknown key 'optim'; the valid top-level keys are: preset, model, "),
+        ("flat.json", '{"train": 3}', "section 'train' must be an object"),
+        ("preset.json", '{"preset": 3}', "preset must be a string"),
+        ("value.json", '{"train": {"steps": "many"}}', "train.steps"),
+    ],
+)
+def test_bad_file_is_one_line_with_exit_2(name, text, message, tmp_path, capsys):
+    path = tmp_path / name
+    if text is not None:
+        path.write_text(text)
+    code = main(["train", "--out", str(tmp_path / "run"), "--config", str(path), "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"model": {"base_channels": 8}}', "unknown key 'model'; the valid top-level keys are: preset, teacher, train, "),
+    ('{"distill": {"teacher": "elsewhere"}}', "unknown key 'distill.teacher'"),
+])
+def test_distill_file_sets_only_the_students_own_sections(text, message, teacher, tmp_path, capsys):
+    (tmp_path / "d.json").write_text(text)
+    code = main(["distill", "--teacher", str(teacher), "--out", str(tmp_path / "s"), "--config",
+                 str(tmp_path / "d.json"), "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_config_is_refused_on_resume(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(preset_config("digits").to_json())
+    (tmp_path / "c.json").write_text('{"train": {"lr": 1e-3}}')
+    code = main(["train", "--out", str(tmp_path), "--resume", "--config", str(tmp_path / "c.json")])
+    assert code == 2 and "drop --config" in capsys.readouterr().err
