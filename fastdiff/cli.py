@@ -101,8 +101,8 @@ def _add_train(sub):
     p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
     p.add_argument("--warmup", type=int, dest="warmup_steps", help="learning-rate warm-up steps (default: the "
                    "preset's)")
-    p.add_argument("--amp", choices=["fp32", "bf16", "fp16"], help="autocast dtype of training (default: the "
-                   "preset's, fp32)")
+    p.add_argument("--amp", choices=["auto", "fp32", "bf16", "fp16"], help="autocast dtype of training; auto: "
+                   "bf16 on a CPU with AMX, else fp32 (`fastdiff env` shows the choice) (default: the preset's, auto)")
     p.add_argument("--ema-decay", type=float, help="decay of the EMA weights that sample and eval use (default: "
                    "the preset's)")
     p.add_argument("--seed", type=int, help="seed of the initial weights, batches and noise (default: the "
@@ -122,7 +122,7 @@ def _add_train(sub):
                    help="rescale the betas to zero SNR at the last timestep (default: the preset's, off)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="NHWC activations (default: on)")
+                   help="NHWC activations (default: on a GPU; on the CPU as `fastdiff env` shows)")
     _add_monitor_flags(p)
     _add_accel_flags(p)
     _add_resume_flags(p, "fastdiff train")
@@ -259,7 +259,8 @@ def _add_distill(sub):
     p.add_argument("--lr", type=float, help="student learning rate (default: the preset's)")
     p.add_argument("--warmup", type=int, dest="warmup_steps", help="learning-rate warm-up steps (default: the "
                    "preset's)")
-    p.add_argument("--amp", choices=["fp32", "bf16", "fp16"], help="autocast dtype (default: the preset's, fp32)")
+    p.add_argument("--amp", choices=["auto", "fp32", "bf16", "fp16"], help="autocast dtype; auto: bf16 on a CPU with "
+                   "AMX, else fp32 (default: the preset's, auto)")
     p.add_argument("--ema-decay", type=float, help="decay of the student's EMA weights (default: the preset's)")
     p.add_argument("--seed", type=int, help="seed of the batches, timesteps and noise (default: the preset's, 0)")
     p.add_argument("--ckpt-every", type=int, help="checkpoint every N updates (default: the preset's)")
@@ -384,9 +385,10 @@ def add_sampling_args(p, *, batch_size: int | None = None):
     g.add_argument("--batch-size", type=COUNT, default=batch_size,
                    help=f"images per batch (default: {batch_size or 256}; samples do not depend on it)")
     g = _add_accel_flags(p)
-    g.add_argument("--amp", choices=["fp32", "bf16", "fp16"], help="autocast for the model (default: bf16 on a GPU)")
+    g.add_argument("--amp", choices=["fp32", "bf16", "fp16"], help="autocast for the model (default: bf16 on a GPU "
+                   "and on a CPU with AMX, else fp32; `fastdiff env` shows the CPU's choice)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="NHWC activations (default: on a GPU)")
+                   help="NHWC activations (default: on a GPU; on the CPU as `fastdiff env` shows)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (denoising steps, with ETA) on stderr")
 
 
@@ -522,7 +524,8 @@ def _add_train_refiner(sub):
                    help="pairs come from x0 estimates at t in [0, t-max] (default: T/2)")
     p.add_argument("--base-channels", type=COUNT, help="width of the refiner's UNet (default: 16)")
     p.add_argument("--seed", type=SEED, help="seed of the weights, pairs and noise (default: 0)")
-    p.add_argument("--amp", choices=["fp32", "bf16", "fp16"], help="autocast of the refiner (default: fp32)")
+    p.add_argument("--amp", choices=["auto", "fp32", "bf16", "fp16"], help="autocast of the refiner; auto: bf16 on a "
+                   "CPU with AMX, else fp32 (default: auto)")
     p.add_argument("--ckpt-every", type=COUNT, help="checkpoint every N steps (default: 500)")
     p.add_argument("--log-every", type=COUNT, help="log line every N steps (default: 250)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from fastdiff.config_checks import check_types, validate
 from fastdiff.errors import ConfigError
+from fastdiff.runtime import train_defaults
 
 
 @dataclass
@@ -78,15 +79,21 @@ class TrainConfig:
     warmup_steps: int = 500
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
-    amp: str = "fp32"  # fp32 | bf16 | fp16
+    amp: str = "auto"  # fp32 | bf16 | fp16 | auto: the device's default (`runtime.train_defaults`), recorded by the run
     p_uncond: float = 0.1  # label dropout for classifier-free guidance (class-conditional models)
     seed: int = 0
     ckpt_every: int = 1000
     keep_checkpoints: int = 2
     log_every: int = 100
-    channels_last: bool = True  # NHWC activations: ~15% faster on CPU (oneDNN) and the fast layout for GPU convs
+    channels_last: bool | None = None  # NHWC activations (None: the device's default, as for amp)
     sample_every: int | None = None  # EMA sample grid every N steps into RUN/samples (None: at each checkpoint; 0: off)
     tensorboard: bool = False  # scalars and sample grids as TensorBoard events under RUN/tb
+
+    def for_device(self, device) -> "TrainConfig":
+        """This config with amp "auto" and channels_last None decided for `device` (`runtime.train_defaults`)."""
+        amp, channels_last = train_defaults(device)
+        return dataclasses.replace(self, amp=amp if self.amp == "auto" else self.amp,
+                                   channels_last=channels_last if self.channels_last is None else self.channels_last)
 
 
 @dataclass

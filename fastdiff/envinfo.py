@@ -24,6 +24,7 @@ def collect() -> dict:
 
     from fastdiff import __version__
     from fastdiff.ops.dispatch import native_available
+    from fastdiff.runtime import cpu_choice, cpu_flags
 
     cuda = torch.cuda.is_available()
     triton_version, triton_status = _triton_status(cuda)
@@ -41,6 +42,10 @@ def collect() -> dict:
         "triton_kernels": triton_status,
         "native_extension": "built (fastdiff._C)" if native_available() else "not built (optional; see README)",
     }
+    if not cuda:  # what sample, train and the Python API use here by default, and why (README, "CPU defaults")
+        flags = cpu_flags()
+        info["cpu_features"] = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+        info["cpu_defaults"] = cpu_choice(flags).to_dict()
     if cuda:
         props = torch.cuda.get_device_properties(0)
         info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)

@@ -97,7 +97,7 @@ def peak_memory_mb(device) -> float:
 
 @dataclass
 class AccelOptions:
-    """Which fast paths to use. `for_device` gives every fast path on a GPU and the plain path on the CPU."""
+    """Which fast paths to use. `for_device` gives every fast path on a GPU and `cpu_choice` on the CPU."""
 
     channels_last: bool = False
     amp: str = "fp32"  # sampling autocast (training uses the run's own --amp)
@@ -109,8 +109,11 @@ class AccelOptions:
 
     @classmethod
     def for_device(cls, device, **overrides) -> "AccelOptions":
-        cuda = torch.device(device).type == "cuda"
-        opts = cls(channels_last=cuda, amp="bf16" if cuda else "fp32", compile=cuda, cuda_graphs=cuda)
+        if torch.device(device).type == "cuda":
+            opts = cls(channels_last=True, amp="bf16", compile=True, cuda_graphs=True)
+        else:
+            choice = cpu_choice()
+            opts = cls(channels_last=choice.sample_channels_last, amp=choice.sample_amp)
         return dataclasses.replace(opts, **{k: v for k, v in overrides.items() if v is not None})
 
     @property
@@ -139,3 +142,59 @@ def compile_fn(fn: Callable, options: AccelOptions) -> Callable:
         return fn
     return torch.compile(fn, fullgraph=options.fullgraph, dynamic=False, mode=options.compile_mode,
                          backend=options.compile_backend)
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere, which selects the fp32 defaults)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@dataclass(frozen=True)
+class CpuChoice:
+    """The fast paths fastdiff uses on this CPU by default, and why (see `cpu_choice`)."""
+
+    sample_channels_last: bool
+    train_channels_last: bool
+    sample_amp: str
+    train_amp: str
+    why: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def cpu_choice(flags: frozenset[str] | None = None) -> CpuChoice:
+    """The CPU defaults for a CPU with `flags` (this one's by default), chosen by measurement
+    (benchmarks/cpu_defaults.py; README, "CPU defaults"): mnist5k's UNet at batch 64, DDIM-20 and a training step,
+    every candidate interleaved in one process on a 2-core Xeon with AMX.
+
+    - AMX (amx_bf16): bf16 autocast runs oneDNN's AMX kernels. NCHW bf16 was fastest for both sampling (2.35x fp32
+      NCHW) and training (1.79-1.83x), ahead of channels_last bf16 (1.81x / 1.45x).
+    - otherwise fp32, where channels_last beat NCHW (sampling 1.23-1.31x, training 1.16x). bf16 without AMX (an EPYC
+      with avx512_bf16) trained only 1.05x faster than fp32, not worth its rounding.
+    The native extension's ops (fastdiff._C) lost to the torch ops in every winning layout and precision, so they
+    are never picked automatically. torch.compile (Inductor C++) is off: it sped bf16 sampling up 1.35x and training
+    1.13x but took 30-85 s to compile, more than it saves in a 1500-step run or a 1000-image evaluation.
+    """
+    flags = cpu_flags() if flags is None else flags
+    if "amx_bf16" in flags:
+        return CpuChoice(sample_channels_last=False, train_channels_last=False, sample_amp="bf16", train_amp="bf16",
+                         why="AMX (amx_bf16): bf16 autocast on oneDNN's AMX kernels, NCHW (measured fastest)")
+    return CpuChoice(sample_channels_last=True, train_channels_last=True, sample_amp="fp32", train_amp="fp32",
+                     why="no AMX: fp32, channels_last (measured faster than NCHW; bf16 without AMX is not faster)")
+
+
+def train_defaults(device) -> tuple[str, bool]:
+    """(amp, channels_last) of a training run that leaves them "auto": fp32 and channels_last on a GPU (bf16 is
+    asked for with --amp bf16), `cpu_choice` on the CPU."""
+    if torch.device(device).type == "cuda":
+        return "fp32", True
+    choice = cpu_choice()
+    return choice.train_amp, choice.train_channels_last

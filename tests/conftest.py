@@ -40,3 +40,14 @@ def nan_batches(monkeypatch):
 
     monkeypatch.setattr(datasets.ImageData, "batch", poisoned)
     return lambda: monkeypatch.setattr(datasets.ImageData, "batch", real_batch)
+
+
+def pytest_configure(config):
+    """FASTDIFF_TEST_CPU_FLAGS="avx2 avx512f" runs this process's tests as on a CPU with those flags (the CPU
+    defaults of `fastdiff.runtime.cpu_choice` follow them): the suite can check the other CPU class's defaults
+    on this machine. Subprocesses keep the real flags."""
+    flags = os.environ.get("FASTDIFF_TEST_CPU_FLAGS")
+    if flags is not None:
+        import fastdiff.runtime
+
+        fastdiff.runtime.cpu_flags = lambda: frozenset(flags.split())

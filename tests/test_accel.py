@@ -13,7 +13,7 @@ from fastdiff.diffusion import NoiseSchedule, ddim_table, ddpm_table, initial_no
 from fastdiff.errors import ConfigError
 from fastdiff.models import UNet
 from fastdiff.models.unet import UNetConfig
-from fastdiff.runtime import AccelOptions
+from fastdiff.runtime import AccelOptions, cpu_choice, train_defaults
 from fastdiff.sampling.fast import FastSampler, autocast_model, bucket_size
 from fastdiff.train.step import GraphedTrainStep, TrainStep
 
@@ -41,7 +41,18 @@ def sampling_inputs(n, device="cpu"):
 
 
 def test_options_defaults_and_checks():
-    assert AccelOptions.for_device("cpu").plain
+    # The CPU's defaults follow its features (runtime.cpu_choice): bf16 NCHW with AMX, fp32 channels_last without.
+    amx, other = cpu_choice(frozenset({"avx512f", "amx_bf16"})), cpu_choice(frozenset({"avx2"}))
+    assert (amx.sample_amp, amx.sample_channels_last, amx.train_amp, amx.train_channels_last) == ("bf16", False,
+                                                                                                 "bf16", False)
+    assert (other.sample_amp, other.sample_channels_last, other.train_amp, other.train_channels_last) == (
+        "fp32", True, "fp32", True)
+    choice = cpu_choice()
+    cpu = AccelOptions.for_device("cpu")
+    assert (cpu.amp, cpu.channels_last, cpu.compile, cpu.cuda_graphs) == (choice.sample_amp,
+                                                                          choice.sample_channels_last, False, False)
+    assert train_defaults("cpu") == (choice.train_amp, choice.train_channels_last)
+    assert train_defaults("cuda") == ("fp32", True)
     gpu = AccelOptions.for_device("cuda")
     assert gpu.compile and gpu.cuda_graphs and gpu.channels_last and gpu.amp == "bf16"
     assert not AccelOptions.for_device("cuda", compile=False, cuda_graphs=None).compile

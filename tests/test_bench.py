@@ -22,6 +22,7 @@ from fastdiff.cli import main
 from fastdiff.config import PRESETS, UNetConfig, preset_config
 from fastdiff.diffusion import NoiseSchedule, initial_noise, run_table, seeds_for
 from fastdiff.models import UNet
+from fastdiff.runtime import AccelOptions
 from fastdiff.sampling import sampler_table
 
 requires_diffusers = pytest.mark.skipif(not diffusers_ref.available(), reason="diffusers is not installed")
@@ -80,7 +81,8 @@ def test_provider_options():
     cpu = torch.device("cpu")
     assert provider_options("torch-eager", "fp32", cpu).plain
     assert provider_options("torch-compile", "bf16", cpu).compile
-    assert provider_options("fastdiff", "fp32", cpu).plain  # the CPU default of `fastdiff sample`
+    # the CPU default of `fastdiff sample` (runtime.cpu_choice's layout) at the row's dtype
+    assert provider_options("fastdiff", "fp32", cpu) == AccelOptions.for_device(cpu, amp="fp32")
     gpu = provider_options("fastdiff", "bf16", torch.device("cuda"))
     assert gpu.compile and gpu.cuda_graphs and gpu.channels_last and gpu.amp == "bf16"
 
@@ -134,7 +136,7 @@ def test_plan_puts_the_headline_rows_first():
     assert jobs[2].cases[0].steps == 1000 and jobs[2].cases[0].timed_steps < 1000
     assert jobs[3] == OpsJob("headline") and "diffusers" in dict(jobs[4].providers)
     cpu = plan(torch.device("cpu"), True)
-    assert {j.preset for j in cpu if isinstance(j, Job)} == {"digits", "mnist"}
+    assert {j.preset for j in cpu if isinstance(j, Job)} == {"digits", "mnist5k"}
     assert [c.label for c in cpu[1].cases] == ["ddim-20", "ddpm-1000"] and "diffusers" in dict(cpu[2].providers)
     assert all("diffusers" not in dict(j.providers) for j in plan(torch.device("cpu"), True, providers=["fastdiff"])
                if isinstance(j, Job))

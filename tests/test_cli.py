@@ -12,6 +12,9 @@ from fastdiff.cli import main
 TINY = ["--steps", "4", "--batch-size", "16", "--log-every", "2", "--ckpt-every", "2", "--no-progress"]
 
 
+FP32 = ["--amp", "fp32", "--no-channels-last"]  # the plain fp32 path, whatever the CPU's defaults
+
+
 def run(args, capsys):
     code = main(args)
     out = capsys.readouterr()
@@ -40,7 +43,7 @@ def test_dry_run_prints_resolved_config(capsys, tmp_path):
 def test_sample_grid_npz_trajectory(trained, tmp_path, capsys):
     out_png = tmp_path / "s.png"
     code, out, _ = run(["sample", "--checkpoint", str(trained), "--n", "12", "--steps", "3", "--labels", "3", "7",
-                        "--guidance", "2", "--out", str(out_png), "--trajectory", "--seed", "5"], capsys)
+                        "--guidance", "2", "--out", str(out_png), "--trajectory", "--seed", "5", *FP32], capsys)
     assert code == 0
     result = json.loads(out.strip().splitlines()[-1])
     assert out_png.exists() and (tmp_path / "s_trajectory.png").exists()
@@ -50,9 +53,10 @@ def test_sample_grid_npz_trajectory(trained, tmp_path, capsys):
     # Sample k depends only on its own seed and label: the first 4 again, alone, in a smaller batch.
     out2 = tmp_path / "again.png"
     assert main(["sample", "--checkpoint", str(trained), "--n", "4", "--steps", "3", "--labels", "3", "7",
-                 "--guidance", "2", "--out", str(out2), "--seed", "5", "--batch-size", "3"]) == 0
-    # Equal up to float32 rounding: oneDNN picks its convolution algorithm by batch size, so results move in the
-    # last bits (~1e-5 here), while another seed moves them by O(1).
+                 "--guidance", "2", "--out", str(out2), "--seed", "5", "--batch-size", "3", *FP32]) == 0
+    # At fp32 (the bf16 default of an AMX CPU rounds every step to bf16, so samples then depend on the batch size at
+    # bf16 rounding, as on a GPU), equal up to float32 rounding: oneDNN picks its convolution algorithm by batch
+    # size, so results move in the last bits (~1e-5 here), while another seed moves them by O(1).
     np.testing.assert_allclose(np.load(tmp_path / "again.npz")["samples"], data["samples"][:4], atol=1e-4)
 
 

@@ -17,6 +17,8 @@ from fastdiff.errors import CheckpointError, ConfigError
 from fastdiff.models import UNet
 from fastdiff.train import train_ddpm
 
+PLAIN = dict(amp="fp32", channels_last=False)  # the plain loop, whatever the CPU's defaults
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
@@ -119,7 +121,7 @@ def test_wrap_your_own_model():
         return net(x)
 
     pipe = fastdiff.Pipeline(model, schedule=NoiseSchedule("linear", 1000), image_shape=(1, 12, 12))
-    images = pipe.sample(3, steps=4, seed=2)
+    images = pipe.sample(3, steps=4, seed=2, **PLAIN)
     assert images.shape == (3, 1, 12, 12) and pipe.config is None
     assert seen[0] == (torch.float32, (3,), None) and len(seen) == 4
     seeds = seeds_for(2, 3)
@@ -140,7 +142,7 @@ def test_wrapped_conditional_model_and_its_null_class():
     with pytest.raises(ConfigError, match="has no null class"):
         no_null.sample(2, guidance=2.0)
     pipe = fastdiff.Pipeline(unet, null_label=10, **kw)
-    got = pipe.sample(4, steps=3, guidance=2.0, labels=[3, 4])
+    got = pipe.sample(4, steps=3, guidance=2.0, labels=[3, 4], **PLAIN)
     seeds = seeds_for(0, 4)
     want = sample_ddim(unet, initial_noise(seeds, (1, 8, 8)), kw["schedule"], steps=3, seeds=seeds, clip=1.0,
                        labels=torch.tensor([3, 4, 3, 4]), guidance=2.0, null_label=10)

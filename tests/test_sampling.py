@@ -16,10 +16,12 @@ from fastdiff.diffusion import NoiseSchedule, initial_noise, sample_ddim, sample
 from fastdiff.errors import ConfigError
 from fastdiff.models import UNet
 from fastdiff.models.refiner import Refiner, refiner_unet_config
+from fastdiff.runtime import AccelOptions
 from fastdiff.sampling import Denoiser, labels_for, resolve_settings, sample
 from fastdiff.train.refiner import RefinerConfig
 
 TINY = {"model.base_channels": 16, "model.num_groups": 4}
+PLAIN = dict(amp="fp32", channels_last=False)  # the plain loop, whatever the CPU's defaults
 
 
 def denoiser(cfg: RunConfig | None = None) -> Denoiser:
@@ -31,7 +33,7 @@ def denoiser(cfg: RunConfig | None = None) -> Denoiser:
 def test_defaults_come_from_the_run():
     s = resolve_settings(denoiser())
     assert (s.sampler, s.steps, s.eta, s.guidance, s.spacing, s.clip) == ("ddim", 50, 0.0, 2.0, "trailing", 1.0)
-    assert s.batch_size == 256 and s.accel.plain and s.refiner is None
+    assert s.batch_size == 256 and s.accel == AccelOptions.for_device("cpu") and s.refiner is None
     # ddpm without --steps runs all T, wherever it is asked for (eval used to run 50 respaced steps).
     assert resolve_settings(denoiser(), sampler="ddpm").steps == 1000
     assert resolve_settings(denoiser(), sampler="ddpm", steps=20).steps == 20
@@ -113,8 +115,8 @@ def test_labels_for():
 
 def test_sample_is_batch_invariant_and_matches_the_plain_sampler():
     den = denoiser()
-    small = sample(den, resolve_settings(den, steps=3, batch_size=3), n=5, seed=7)
-    whole = sample(den, resolve_settings(den, steps=3, batch_size=8), n=5, seed=7)
+    small = sample(den, resolve_settings(den, steps=3, batch_size=3, **PLAIN), n=5, seed=7)
+    whole = sample(den, resolve_settings(den, steps=3, batch_size=8, **PLAIN), n=5, seed=7)
     assert small.seeds.tolist() == [7, 8, 9, 10, 11] and small.labels.tolist() == [0, 1, 2, 3, 4]
     torch.testing.assert_close(small.images, whole.images, atol=1e-4, rtol=0)  # convolution rounding only
     seeds = seeds_for(7, 5)
@@ -126,12 +128,12 @@ def test_sample_is_batch_invariant_and_matches_the_plain_sampler():
 
 def test_fast_path_on_cpu_uses_labels_of_a_model_without_null_class():
     den = denoiser()
-    plain = sample(den, resolve_settings(den, steps=2, guidance=1.0), n=4, labels=[1, 2, 3, 4]).images
+    plain = sample(den, resolve_settings(den, steps=2, guidance=1.0, **PLAIN), n=4, labels=[1, 2, 3, 4]).images
     den.null_label = None
     seen = []
     model = den.model
     den.model = lambda x, t, labels: (seen.append(labels), model(x, t, labels))[1]
-    fast = sample(den, resolve_settings(den, steps=2, channels_last=True), n=4, labels=[1, 2, 3, 4]).images
+    fast = sample(den, resolve_settings(den, steps=2, amp="fp32", channels_last=True), n=4, labels=[1, 2, 3, 4]).images
     assert seen and all(y is not None and y.tolist() == [1, 2, 3, 4] for y in seen)
     torch.testing.assert_close(fast, plain, atol=1e-4, rtol=0)
 

@@ -2,4 +2,4 @@
 table and JSON writer), e2e.py / ops.py / native.py (the rows), suite.py (the plan and the command)."""
 
 # The presets of the CPU runs and of the diffusers comparison: digits and the 28x28 real-MNIST network.
-PRESETS = ("digits", "mnist")
+PRESETS = ("digits", "mnist5k")

@@ -25,7 +25,7 @@ from fastdiff.diffusion import NoiseSchedule, initial_noise, run_table, seeds_fo
 from fastdiff.diffusion.samplers import StepTable
 from fastdiff.models import UNet
 from fastdiff.ops import use_backend
-from fastdiff.runtime import autocast, compile_fn
+from fastdiff.runtime import AccelOptions, autocast, compile_fn
 from fastdiff.sampling import sampler_table
 from fastdiff.sampling.fast import FastSampler, autocast_model
 from fastdiff.train.ddpm import diffusion_loss
@@ -76,7 +76,7 @@ def _model(provider: str, base: torch.nn.Module, device) -> torch.nn.Module:
 
 
 @dataclass
-class _Inputs:
+class SampleInputs:
     """What every provider of a sampling job shares."""
 
     cfg: object
@@ -100,8 +100,9 @@ class _Inputs:
         return StepTable(full.timesteps[: case.timed_steps], full.coefs[: case.timed_steps])
 
 
-def _sampler(provider: str, dtype: str, base, s: _Inputs):
-    """case -> the callable that samples one batch for this provider (the model is built once per job)."""
+def sampler_for(provider: str, dtype: str, base, s: SampleInputs, options: AccelOptions | None = None):
+    """case -> the callable that samples one batch for this provider (the model is built once per job).
+    `options` replaces the provider's own (`provider_options`) for the fastdiff paths."""
     device = s.device
     model = _model(provider, base, device).eval().requires_grad_(False)
     if provider == "diffusers":
@@ -117,7 +118,7 @@ def _sampler(provider: str, dtype: str, base, s: _Inputs):
             return fn
         return make
     if provider in ("torch-compile", "fastdiff"):
-        fast = FastSampler(model, provider_options(provider, dtype, device), device=device, shape=s.shape,
+        fast = FastSampler(model, options or provider_options(provider, dtype, device), device=device, shape=s.shape,
                            guidance=s.guidance, null_label=s.null, clip=s.clip, capacity=s.schedule.num_timesteps)
 
         def make(case, fast=fast):
@@ -173,9 +174,9 @@ def _timed_rows(job: Job, device, fns: dict, status: dict, fields: dict, *, roun
 def sample_rows(job: Job, device, *, rounds: int, warmup: int = 1, quick: bool = False, budget=None):
     """Yield one row per (case, provider) of a sampling job."""
     device = torch.device(device)
-    s = _Inputs(preset_config(job.preset), device, job.batch)
+    s = SampleInputs(preset_config(job.preset), device, job.batch)
     base = base_unet(s.cfg)
-    makers, status = _prepare(job, device, quick, lambda p, d: _sampler(p, d, base, s))
+    makers, status = _prepare(job, device, quick, lambda p, d: sampler_for(p, d, base, s))
     for case in job.cases:
         if budget is not None and budget.exhausted():
             yield from (job.row(p, d, case, status="skipped: time budget") for p, d in job.providers)
@@ -186,11 +187,14 @@ def sample_rows(job: Job, device, *, rounds: int, warmup: int = 1, quick: bool =
                                per_image_s=lambda t, c=case: t.median_ms / 1e3 * c.steps / c.timed_steps)
 
 
-def _train_step(provider: str, dtype: str, base, cfg, device, x0, labels):
-    """One optimisation step of this provider on the fixed batch, and the name of the step class."""
+def train_step_for(provider: str, dtype: str, base, cfg, device, x0, labels, options: AccelOptions | None = None,
+                   channels_last: bool | None = None):
+    """One optimisation step of this provider on the fixed batch, and the name of the step class. `options` and
+    `channels_last` replace the provider's own (fastdiff: what `fastdiff train` does; the others NCHW)."""
     tc = cfg.train
-    opts = provider_options(provider, dtype, device)
-    channels_last = tc.channels_last if provider == "fastdiff" else False  # as `fastdiff train` does
+    opts = options or provider_options(provider, dtype, device)
+    if channels_last is None:
+        channels_last = tc.channels_last if provider == "fastdiff" else False
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = _model(provider, base, device).to(memory_format=memory_format).train()
     x0 = x0.contiguous(memory_format=memory_format)
@@ -219,6 +223,15 @@ def _train_step(provider: str, dtype: str, base, cfg, device, x0, labels):
     return fn, type(step_fn).__name__
 
 
+def train_batch(cfg, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed synthetic training batch (images in [-1, 1], labels) that every provider trains on."""
+    mc = cfg.model
+    gen = torch.Generator().manual_seed(0)
+    x0 = (torch.rand((batch, mc.in_channels, mc.image_size, mc.image_size), generator=gen) * 2 - 1).to(device)
+    labels = torch.randint(0, max(mc.num_classes, 1), (batch,), generator=gen).to(device)
+    return x0, labels
+
+
 def train_rows(job: Job, device, *, rounds: int, warmup: int = 1, quick: bool = False, budget=None):
     """Yield one row per provider of a training job: images/s of a full optimisation step."""
     if budget is not None and budget.exhausted():
@@ -226,11 +239,9 @@ def train_rows(job: Job, device, *, rounds: int, warmup: int = 1, quick: bool = 
         return
     device = torch.device(device)
     cfg = preset_config(job.preset)
-    mc, base = cfg.model, base_unet(cfg)
-    gen = torch.Generator().manual_seed(0)
-    x0 = (torch.rand((job.batch, mc.in_channels, mc.image_size, mc.image_size), generator=gen) * 2 - 1).to(device)
-    labels = torch.randint(0, max(mc.num_classes, 1), (job.batch,), generator=gen).to(device)
-    steps, status = _prepare(job, device, quick, lambda p, d: _train_step(p, d, base, cfg, device, x0, labels))
+    base = base_unet(cfg)
+    x0, labels = train_batch(cfg, job.batch, device)
+    steps, status = _prepare(job, device, quick, lambda p, d: train_step_for(p, d, base, cfg, device, x0, labels))
     yield from _timed_rows(job, device, {k: fn for k, (fn, _) in steps.items()}, status,
                            {k: {"step": name} for k, (_, name) in steps.items()}, rounds=rounds, warmup=warmup,
                            per_image_s=lambda t: t.median_ms / 1e3)

@@ -1,13 +1,14 @@
 """Which implementation runs a fused op: the registry of ops and the one backend choice.
 
-Each op file declares itself with `@op(reference, native=..., native_on_cpu=..., bench=...)` on its Triton path; the
+Each op file declares itself with `@op(reference, native=..., bench=...)` on its Triton path; the
 decorator records the op in `REGISTRY` (where `fastdiff.bench.ops` finds its benchmark cases) and returns the public
 function, which picks the backend per call:
 
 - the automatic choice (the default): CUDA tensors -> Triton (the reference where triton is not installed).
-  CPU tensors -> Triton when this process interprets Triton (TRITON_INTERPRET=1 before import), else the op's native
-  kernel where fastdiff._C is built and the op declares it `native_on_cpu` (measured faster there), else the
-  reference. The native CUDA kernels are never chosen automatically: they have not run on a GPU yet.
+  CPU tensors -> Triton when this process interprets Triton (TRITON_INTERPRET=1 before import), else the reference.
+  The native kernels (fastdiff._C) are never chosen automatically: on the CPU they lost to the reference ops in
+  every layout and precision that `runtime.cpu_choice` picks (benchmarks/cpu_defaults.py), and the CUDA ones have
+  not run on a GPU yet.
 - a forced backend, `use_backend("torch" | "triton" | "native")`: every op runs it; an op without that backend
   (no native kernel) runs the reference.
 
@@ -45,7 +46,6 @@ class Op:
     reference: Callable  # fastdiff.reference.<name>: the truth, and the torch backend
     triton: Callable  # the Triton path, with the reference's signature
     native: str | None = None  # the function of fastdiff.ops.native that runs its native kernel, if any
-    native_on_cpu: bool = False  # use the native kernel automatically on CPU tensors where it is built
     bench: Callable[[bool], list[BenchCase]] | None = None  # quick -> its `fastdiff bench` cases
 
 
@@ -69,13 +69,13 @@ class BenchCase:
 REGISTRY: dict[str, Op] = {}
 
 
-def op(reference: Callable, *, native: str | None = None, native_on_cpu: bool = False,
+def op(reference: Callable, *, native: str | None = None,
        bench: Callable[[bool], list[BenchCase]] | None = None):
     """Decorator on an op's Triton path: registers the op under the function's name and returns its public,
     dispatching function (with the decorated function's name and docstring)."""
 
     def register(triton_fn: Callable) -> Callable:
-        spec = Op(triton_fn.__name__, reference, triton_fn, native, native_on_cpu, bench)
+        spec = Op(triton_fn.__name__, reference, triton_fn, native, bench)
         if spec.name in REGISTRY:
             raise RuntimeError(f"fastdiff.ops: the op {spec.name!r} is registered twice")
         REGISTRY[spec.name] = spec
@@ -178,9 +178,6 @@ def backend_for(x: torch.Tensor, spec: Op) -> str:
         return _forced(forced, x, spec)
     if x.device.type == "cuda":
         return "triton" if TRITON_INSTALLED else "torch"
-    if x.device.type == "cpu":
-        if INTERPRET:
-            return "triton"
-        if spec.native is not None and spec.native_on_cpu and native_available():
-            return "native"
+    if x.device.type == "cpu" and INTERPRET:
+        return "triton"
     return "torch"

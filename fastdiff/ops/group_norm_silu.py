@@ -343,7 +343,7 @@ def _bench_cases(quick: bool) -> list[BenchCase]:
 
 # Native CPU kernel: forward 1.2-1.7x, forward+backward 1.5-3.1x the reference (benchmarks/bench_native_cpu.py, 2-core
 # AVX2 CPU, digits and mnist UNet shapes; the README has the table), so CPU tensors use it where fastdiff._C is built.
-@op(reference.group_norm_silu, native="group_norm_silu", native_on_cpu=True, bench=_bench_cases)
+@op(reference.group_norm_silu, native="group_norm_silu", bench=_bench_cases)
 def group_norm_silu(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5):
     """silu(group_norm(x)) for x [N, C, *] (NCHW or channels_last), with gradients for x, weight and bias.
 

@@ -188,7 +188,7 @@ def _bench_cases(quick: bool) -> list[BenchCase]:
 
 # Native CPU kernel: 16-35x the reference (benchmarks/bench_native_cpu.py, 2-core AVX2 CPU, digits and mnist UNet
 # shapes; the README has the table), so CPU tensors use it automatically where fastdiff._C is built.
-@op(reference.sampler_step, native="sampler_step", native_on_cpu=True, bench=_bench_cases)
+@op(reference.sampler_step, native="sampler_step", bench=_bench_cases)
 def sampler_step(x, model_out, p, q, A, B, sigma, seeds, step, clip=None, return_x0: bool = False):
     """One denoising step (see `fastdiff.reference.sampler_step`) on the backend chosen for x.
 

@@ -103,13 +103,13 @@ class ADDObjective:
     stats = ("loss", "g_adv", "distill", "d_loss", "r1", "d_real", "d_fake", "grad_norm")
 
     def __init__(self, cfg: RunConfig, data, session: Session):
-        tc, dc, device = cfg.train, cfg.distill, session.device
-        self.cfg, self.world, self.device = cfg, session.world, device
+        tc, dc, device = session.tc, cfg.distill, session.device
+        self.cfg, self.tc, self.world, self.device = cfg, tc, session.world, device
         self.teacher = load_teacher(cfg, device)
         student = UNet(cfg.model).to(device)
         student.load_state_dict(self.teacher.state_dict())
         student.requires_grad_(True)
-        self.memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
+        self.memory_format = session.memory_format
         student = student.to(memory_format=self.memory_format)
         disc = build_discriminator(cfg, data, device, session.log)
         self.student, self.disc = student, disc
@@ -138,7 +138,7 @@ class ADDObjective:
 
     def _student_loss(self, gen, x0, labels):
         """adv_weight * hinge adversarial + distill_weight * distillation; D's weights get no gradient."""
-        tc, dc, prediction = self.cfg.train, self.cfg.distill, self.cfg.diffusion.prediction
+        tc, dc, prediction = self.tc, self.cfg.distill, self.cfg.diffusion.prediction
         labels = labels if self.cfg.model.num_classes else None
         self.disc.set_trainable(False)  # the adversarial gradient reaches the student only
         x0_s, _ = student_x0(self.forward, self.schedule, x0, labels, self.ts, gen, prediction=prediction,
@@ -153,12 +153,12 @@ class ADDObjective:
     def _disc_loss(self, gen, x0, x_fake, labels):
         labels = labels if self.cfg.model.num_classes else None
         d_loss, parts = discriminator_loss(self.disc, x0, x_fake, labels, gen, augment=self.augment,
-                                           r1_gamma=self.cfg.distill.r1_gamma, amp=self.cfg.train.amp)
+                                           r1_gamma=self.cfg.distill.r1_gamma, amp=self.tc.amp)
         return d_loss, (parts["r1"], parts["d_real"], parts["d_fake"])
 
     def step(self, step: int, x0, labels):
         """One student update and `disc_steps` discriminator updates; returns the values of `stats`."""
-        dc, tc = self.cfg.distill, self.cfg.train
+        dc, tc = self.cfg.distill, self.tc
         x0 = x0.contiguous(memory_format=self.memory_format)
         loss, grad_norm, x_fake, g_adv, dist = self.student_step(step, x0, labels)
         for k in range(dc.disc_steps):

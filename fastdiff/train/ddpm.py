@@ -49,9 +49,9 @@ class DDPMObjective:
     kind, command, stats, ema = "ddpm", "fastdiff train", ("loss", "grad_norm"), True
 
     def __init__(self, cfg: RunConfig, session: Session):
-        tc, mc, device = cfg.train, cfg.model, session.device
+        tc, mc, device = session.tc, cfg.model, session.device
         self.cfg = cfg
-        self.memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
+        self.memory_format = session.memory_format
         model = UNet(mc).to(device).to(memory_format=self.memory_format)
         opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
                                 fused=device.type == "cuda")

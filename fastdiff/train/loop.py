@@ -86,6 +86,11 @@ class Session:
         self.tc, self.device, self.world, self.accel, self.log = tc, device, world, accel, log
         self.steps: list[tuple[str, object]] = []
 
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """The layout of the run's activations (`--channels-last`)."""
+        return torch.channels_last if self.tc.channels_last else torch.contiguous_format
+
     def train_step(self, part: Part, loss_fn: Callable, *, grad_clip: float, compiled: bool, stream: int = 0,
                    buffers=()):
         """The train step of one part (`fastdiff.train.step.make_train_step`): graphed where the options allow.
@@ -182,6 +187,9 @@ def train_loop(build: Callable[[Session], object], *, data, tc: TrainConfig, con
     if tc.sample_every is not None and tc.sample_every < 0:
         raise ConfigError(f"--sample-every ({tc.sample_every}) must be 0 (no grids) or positive")
     world, device = init_world(resolve_device(device), tc.batch_size)  # torchrun: one process per device
+    # amp "auto" and channels_last None become this device's defaults here, once: the run records what it ran.
+    tc = tc.for_device(device)
+    config = {**config, "train": {**config["train"], "amp": tc.amp, "channels_last": tc.channels_last}}
     try:
         check_amp(tc.amp, device)
         if world.is_main:

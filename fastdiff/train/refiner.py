@@ -80,10 +80,10 @@ class RefinerObjective:
     stats = ("loss", "unrefined_loss", "grad_norm")
 
     def __init__(self, cfg: RefinerConfig, gcfg: RunConfig, t_max: int, session: Session):
-        tc, device = cfg.train, session.device
+        tc, device = session.tc, session.device
         self.cfg, self.t_max = cfg, t_max
         self.loaded = load_run(cfg.generator, device)
-        self.memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
+        self.memory_format = session.memory_format
         model = Refiner(refiner_unet_config(gcfg.model, cfg)).to(device).to(memory_format=self.memory_format)
         opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
                                 fused=device.type == "cuda")

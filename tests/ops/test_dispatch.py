@@ -21,7 +21,6 @@ TEMB = dispatch.REGISTRY["timestep_embedding"]
 def test_cpu_defaults_to_reference(monkeypatch):
     if dispatch.triton_interpreting():
         pytest.skip("the interpreter process sends CPU tensors to Triton")
-    monkeypatch.setattr(GN, "native_on_cpu", False)
     x = torch.randn(2, 4, 3, 3)
     with use_backend(None):
         assert backend_for(x, GN) == "torch" and backend_for(x, TEMB) == "torch"

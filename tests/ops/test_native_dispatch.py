@@ -5,7 +5,6 @@ rows, loading and dispatch errors. Tests that need the extension skip (with the 
 import pytest
 import torch
 
-from fastdiff import ops as fops
 from fastdiff import reference
 from fastdiff.bench.e2e import Job, SampleCase, sample_rows
 from fastdiff.bench.native import cpu_rows, profile_shares, run_native_benchmarks
@@ -65,29 +64,13 @@ def test_ddim_run_under_backend_native_matches_the_reference(monkeypatch):
     torch.testing.assert_close(runs["native"], runs["torch"], atol=1e-4, rtol=1e-4)
 
 
-@requires_native
-@compiled_triton
-def test_cpu_preference_is_per_op(monkeypatch):
-    # Automatic use on CPU tensors only for the ops that declare it (native_on_cpu: measured faster).
-    monkeypatch.setattr(dispatch.REGISTRY["group_norm_silu"], "native_on_cpu", False)
-    calls = _spy(monkeypatch)
-    x = torch.randn(2, 4, 3, 3)
-    with use_backend(None):
-        fops.group_norm_silu(x, 2)
-        fops.sampler_step(x, x, *_coefs(2), torch.arange(2), 1)
-        assert calls == {"sampler_step": 1, "group_norm_silu": 0}
-        monkeypatch.setattr(dispatch.REGISTRY["group_norm_silu"], "native_on_cpu", True)
-        fops.group_norm_silu(x, 2)
-    assert calls == {"sampler_step": 1, "group_norm_silu": 1}
-
-
 # --- fastdiff bench: the fastdiff-native provider ----------------------------------------------------------
 
 
 def test_bench_native_provider_is_skipped_with_the_reason(monkeypatch):
     monkeypatch.setattr(native, "unavailable_reason", lambda device: "the extension fastdiff._C is not built")
     cpu = torch.device("cpu")
-    jobs = [j for j in plan(cpu, quick=True, presets=("mnist",), providers=["fastdiff-native"]) if j.section != "ops"]
+    jobs = [j for j in plan(cpu, quick=True, presets=("mnist5k",), providers=["fastdiff-native"]) if j.section != "ops"]
     assert [j.section for j in jobs] == ["sample"]
     rows = list(run_job(jobs[0], cpu, quick=True, rounds=1, budget=Budget(60.0)))
     assert rows and all(r["status"] == "skipped: the extension fastdiff._C is not built" for r in rows)
@@ -151,11 +134,9 @@ def test_dispatch_picks_native():
     with use_backend("native"):
         assert dispatch.backend_for(torch.zeros(1), ops["group_norm_silu"]) == "native"
         assert dispatch.backend_for(torch.zeros(1), ops["timestep_embedding"]) == "torch"  # it has no native kernel
-    with use_backend(None):
+    with use_backend(None):  # built, yet never chosen automatically (measured slower: runtime.cpu_choice)
         for op in ("sampler_step", "group_norm_silu", "timestep_embedding"):
-            expected = "native" if ops[op].native_on_cpu else "torch"
-            assert dispatch.backend_for(torch.zeros(1), ops[op]) == expected
-    assert {name for name, spec in ops.items() if spec.native_on_cpu} == {"sampler_step", "group_norm_silu"}
+            assert dispatch.backend_for(torch.zeros(1), ops[op]) == "torch"
 
 
 def test_profile_shares_split_the_time_by_op_group():
