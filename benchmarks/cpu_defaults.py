@@ -53,9 +53,10 @@ def candidates(with_native: bool, with_compile: bool, threads: int) -> list[dict
 
 
 def name(c: dict) -> str:
+    batch = f"/b{c['batch']}" if "batch" in c else ""
     if c["ops"] == "diffusers":
-        return f"diffusers/{c['amp']}"
-    return f"{c['layout']}/{c['amp']}/{c['ops']}{'/compile' if c['compile'] else ''}/{c['threads']}t"
+        return f"diffusers/{c['amp']}{batch}"
+    return f"{c['layout']}/{c['amp']}/{c['ops']}{'/compile' if c['compile'] else ''}/{c['threads']}t{batch}"
 
 
 def _options(c: dict) -> AccelOptions:
@@ -95,7 +96,7 @@ def _quantiles(xs: list[float]) -> tuple[float, float, float]:
 
 
 def ab(section: str, cfg, args, grid: list[dict], doc: dict, out: Path) -> None:
-    fns = {name(c): build(section, c, cfg, args.batch, args.timed_steps) for c in grid}
+    fns = {name(c): build(section, c, cfg, c.get("batch", args.batch), args.timed_steps) for c in grid}
     load0 = os.getloadavg()
     timings = measure(fns, DEVICE, rounds=args.rounds, warmup=args.warmup)
     threads = max(c["threads"] for c in grid)
@@ -105,7 +106,8 @@ def ab(section: str, cfg, args, grid: list[dict], doc: dict, out: Path) -> None:
     plain = timings.get(f"nchw/fp32/torch/{threads}t")
     for c in grid:
         key, t = name(c), timings[name(c)]
-        row = dict(section=section, preset=args.preset, batch=args.batch, case=f"{section} {args.preset}",
+        batch = c.get("batch", args.batch)
+        row = dict(section=section, preset=args.preset, batch=batch, case=f"{section} {args.preset}",
                    provider=key, layout=c["layout"], dtype=c["amp"], threads=c["threads"])
         if isinstance(t, str):
             doc["rows"].append({**row, "status": t})
@@ -113,7 +115,7 @@ def ab(section: str, cfg, args, grid: list[dict], doc: dict, out: Path) -> None:
         cpu = fns[key].cpu_ms[args.warmup:]  # the warm-up calls come first
         cpu_med, cpu20, cpu80 = _quantiles(cpu)
         row.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, rounds=t.rounds, warmup_s=t.warmup_s,
-                   images_per_s=args.batch / (t.median_ms / 1e3 * scale), cpu_ms=cpu_med,
+                   images_per_s=batch / (t.median_ms / 1e3 * scale), cpu_ms=cpu_med,
                    cpu_spread=f"{cpu20:.4g}-{cpu80:.4g}", status="ok")
         if not isinstance(plain, str) and plain is not None:
             row["vs_plain"] = plain.median_ms / t.median_ms
@@ -158,6 +160,7 @@ def main(argv=None) -> int:
     p.add_argument("--timed-steps", type=int, default=2, help="DDIM steps per timed sampling call")
     p.add_argument("--compile", action="store_true", help="add torch.compile candidates (minutes of compiling)")
     p.add_argument("--no-native", action="store_true")
+    p.add_argument("--batches", help="comma-separated batch sizes: every candidate at each (images/s compares them)")
     p.add_argument("--only", help="comma-separated candidate names to keep (as in the report's provider column)")
     p.add_argument("--memory", action="store_true", help="peak RSS per candidate instead of timing")
     p.add_argument("--one", help=argparse.SUPPRESS)
@@ -174,6 +177,8 @@ def main(argv=None) -> int:
         grid = [c for c in grid if name(c) in keep]
         if not grid:
             p.error(f"--only {args.only} names no candidate")
+    if args.batches:
+        grid = [dict(c, batch=int(b)) for c in grid for b in args.batches.split(",")]
     doc = new_doc(DEVICE, title=f"fastdiff CPU defaults ({args.preset}, batch {args.batch})", preset=args.preset,
                   chosen=cpu_choice().to_dict(), notes=[
                       "candidates timed interleaved, round by round, in one process; median and p20-p80 over rounds",

@@ -369,7 +369,7 @@ def _clip(value: str) -> float:
     return clip
 
 
-def add_sampling_args(p, *, batch_size: int | None = None):
+def add_sampling_args(p):
     """The sampling flags of `fastdiff sample`, `fastdiff eval` and `python -m fastdiff.distill_table`, with one
     meaning everywhere (resolved by `fastdiff.sampling.resolve_settings`; None: the run's own setting)."""
     g = p.add_argument_group("sampling (defaults: the run's own sample settings)")
@@ -382,8 +382,8 @@ def add_sampling_args(p, *, batch_size: int | None = None):
     g.add_argument("--spacing", choices=["leading", "trailing", "linspace"], help="timestep spacing (default: the "
                    "run's, trailing)")
     g.add_argument("--clip", type=_clip, help="clamp x0 to [-CLIP, CLIP], none: no clipping (default: the run's, 1)")
-    g.add_argument("--batch-size", type=COUNT, default=batch_size,
-                   help=f"images per batch (default: {batch_size or 256}; samples do not depend on it)")
+    g.add_argument("--batch-size", type=COUNT, help="images per batch (default: 256 on a GPU, 64 on the CPU, "
+                   "measured fastest there; samples do not depend on it beyond rounding)")
     g = _add_accel_flags(p)
     g.add_argument("--amp", choices=["fp32", "bf16", "fp16"], help="autocast for the model (default: bf16 on a GPU "
                    "and on a CPU with AMX, else fp32; `fastdiff env` shows the CPU's choice)")
@@ -498,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(p, 1000)
     p.add_argument("--classifier-steps", type=COUNT, default=1500,
                    help="training steps of the evaluation classifier when it is not cached yet")
-    add_sampling_args(p, batch_size=500)
+    add_sampling_args(p)
     sub.add_parser("env", help="versions, device, and which kernels are usable",
                    description="Print the Python, torch and triton versions, the device, and which kernels (Triton, "
                    "the native extension) are usable here; JSON on the last line.")

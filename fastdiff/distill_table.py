@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--out", help="write the table (markdown) here and the records beside it as .json (default: "
                    "print the records as JSON)")
-    add_sampling_args(p, batch_size=500)
+    add_sampling_args(p)
     return p
 
 

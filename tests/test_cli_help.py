@@ -49,7 +49,7 @@ def test_every_option_has_help_and_shows_its_default(name):
 def test_formatter_appends_a_set_default_once():
     text = PARSERS["sample"].format_help()
     assert "(default: 100)" in " ".join(text.split())  # --n, appended
-    assert text.count("(default: 256;") == 1  # --batch-size says it itself: not appended a second time
+    assert text.count("(default: 256 on a GPU") == 1  # --batch-size says it itself: not appended a second time
     assert "(default: ops sample train)" in " ".join(PARSERS["bench"].format_help().split())  # a list default
 
 

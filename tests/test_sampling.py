@@ -16,7 +16,7 @@ from fastdiff.diffusion import NoiseSchedule, initial_noise, sample_ddim, sample
 from fastdiff.errors import ConfigError
 from fastdiff.models import UNet
 from fastdiff.models.refiner import Refiner, refiner_unet_config
-from fastdiff.runtime import AccelOptions
+from fastdiff.runtime import AccelOptions, sample_batch_size
 from fastdiff.sampling import Denoiser, labels_for, resolve_settings, sample
 from fastdiff.train.refiner import RefinerConfig
 
@@ -33,7 +33,8 @@ def denoiser(cfg: RunConfig | None = None) -> Denoiser:
 def test_defaults_come_from_the_run():
     s = resolve_settings(denoiser())
     assert (s.sampler, s.steps, s.eta, s.guidance, s.spacing, s.clip) == ("ddim", 50, 0.0, 2.0, "trailing", 1.0)
-    assert s.batch_size == 256 and s.accel == AccelOptions.for_device("cpu") and s.refiner is None
+    assert s.batch_size == sample_batch_size("cpu") == 64 and s.accel == AccelOptions.for_device("cpu")
+    assert s.refiner is None
     # ddpm without --steps runs all T, wherever it is asked for (eval used to run 50 respaced steps).
     assert resolve_settings(denoiser(), sampler="ddpm").steps == 1000
     assert resolve_settings(denoiser(), sampler="ddpm", steps=20).steps == 20
@@ -90,13 +91,13 @@ def test_the_same_flags_resolve_the_same_everywhere():
     sample_args = build_parser().parse_args(["sample", *common, "--out", "x.png", *flags])
     eval_args = build_parser().parse_args(["eval", *common, *flags])
     table = argparse.ArgumentParser()
-    add_sampling_args(table, batch_size=500)  # what python -m fastdiff.distill_table defines
+    add_sampling_args(table)  # what python -m fastdiff.distill_table defines
     table_args = table.parse_args(flags)
     got = [resolve_settings(denoiser(), **{**sampling_overrides(a), "batch_size": 8})
            for a in (sample_args, eval_args, table_args)]
     assert got[0] == got[1] == got[2]
     assert (got[0].steps, got[0].guidance, got[0].clip, got[0].accel.amp) == (1000, 3.0, None, "bf16")
-    assert eval_args.batch_size == table_args.batch_size == 500 and sample_args.batch_size is None
+    assert eval_args.batch_size is table_args.batch_size is sample_args.batch_size is None  # the device's
 
 
 def test_labels_for():

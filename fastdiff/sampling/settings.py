@@ -10,8 +10,9 @@ all resolve their settings here, so a flag or keyword means the same thing every
                 value is an error, as it is on a model without a null class)
     spacing     leading | trailing | linspace (default: the run's)
     clip        x0 is clamped to [-clip, clip]; inf (or None in `resolve_settings`'s result) for none
-    batch_size  images per batch (the samples do not depend on it, up to the rounding of the convolutions)
-    accel       `AccelOptions.for_device(device)` (every fast path on a GPU, the plain loop on the CPU), then the
+    batch_size  images per batch (default: `runtime.sample_batch_size`, 256 on a GPU, 64 on the CPU; the samples do
+                not depend on it, up to the rounding of the convolutions, and of bf16 where it runs)
+    accel       `AccelOptions.for_device(device)` (every fast path on a GPU, `runtime.cpu_choice` on the CPU), then the
                 flat overrides compile, cuda_graphs, channels_last, amp, compile_mode
     refiner     a refiner run directory (`fastdiff train-refiner`), applied inside the timed region
 """
@@ -27,11 +28,10 @@ import torch
 from fastdiff.config import SampleConfig
 from fastdiff.diffusion.samplers import SPACINGS, make_timesteps, student_timesteps
 from fastdiff.errors import ConfigError
-from fastdiff.runtime import AccelOptions
+from fastdiff.runtime import AccelOptions, sample_batch_size
 
 SAMPLERS = ("ddim", "ddpm", "student")
 ACCEL_KEYS = ("compile", "cuda_graphs", "channels_last", "amp", "compile_mode")
-DEFAULT_BATCH_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def resolve_settings(denoiser, device=None, *, accel: AccelOptions | None = None
     if clip is not None and (not clip > 0):
         raise ConfigError(f"clip={clip} must be > 0 (inf for no clipping)")
     clip = None if clip is None or math.isinf(clip) else float(clip)
-    batch_size = int(given.get("batch_size", DEFAULT_BATCH_SIZE))
+    batch_size = int(given.get("batch_size", sample_batch_size(device)))
     if batch_size < 1:
         raise ConfigError(f"batch size {batch_size} must be at least 1")
     flat = {k: given[k] for k in ACCEL_KEYS if k in given}
