@@ -39,28 +39,42 @@ def classifier_path(cache_dir: Path, data: ImageData) -> Path:
 
 
 def load_or_train_classifier(train: ImageData, cache_dir, device="cpu", log=None, steps: int = 1500) -> Classifier:
-    """The evaluation classifier for this dataset and size, trained once and cached in cache_dir."""
+    """The evaluation classifier for this dataset and size, trained once and cached in cache_dir. A shipped
+    classifier of the same dataset, size and steps (fastdiff/pretrained, `make pretrained`) is the same training
+    already done, so it serves any run of that dataset that has none of its own."""
     path = classifier_path(cache_dir, train)
-    meta_path = path.with_suffix(".json")
-    if path.exists() and meta_path.exists():
-        try:
-            meta = read_json(meta_path)
-            model = Classifier(ClassifierConfig(**meta["config"]))
-            model.load_state_dict(read_tensors(path))
-        except Exception as e:  # noqa: BLE001 - any failure to read the cache means: retrain
-            if log:
-                log(f"cached classifier {path} unreadable ({e}); retraining")
-        else:
-            if meta.get("steps") == steps:
-                return model.to(device).eval()
+    shipped = classifier_path(PRETRAINED_DIR, train)
+    for candidate in dict.fromkeys((path, shipped)):
+        model = _cached_classifier(candidate, steps, len(train), log)
+        if model is not None:
+            if candidate != path and log:
+                log(f"using the shipped evaluation classifier {candidate}")
+            return model.to(device).eval()
     if log:
         log(f"training the evaluation classifier for {train.name} at {train.shape} (cached as {path})")
     model = train_classifier(train.float_images(), train.labels, train.num_classes, steps=steps, device=device, log=log)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_tensors(path, model.state_dict())
-    write_json_atomic(meta_path, {"config": model.config_dict(), "steps": steps,
+    write_json_atomic(path.with_suffix(".json"), {"config": model.config_dict(), "steps": steps,
                                   "train_images": len(train)})
     return model
+
+
+def _cached_classifier(path: Path, steps: int, train_images: int, log) -> Classifier | None:
+    """The classifier cached at path if it is there, readable and trained for `steps` steps on `train_images`
+    images (a cache written before that was recorded is taken on its steps alone), else None."""
+    meta_path = path.with_suffix(".json")
+    if not (path.exists() and meta_path.exists()):
+        return None
+    try:
+        meta = read_json(meta_path)
+        model = Classifier(ClassifierConfig(**meta["config"]))
+        model.load_state_dict(read_tensors(path))
+    except Exception as e:  # noqa: BLE001 - any failure to read the cache means: retrain
+        if log:
+            log(f"cached classifier {path} unreadable ({e}); retraining")
+        return None
+    return model if meta.get("steps") == steps and meta.get("train_images", train_images) == train_images else None
 
 
 @torch.no_grad()

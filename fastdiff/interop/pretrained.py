@@ -49,9 +49,13 @@ def write_pretrained(run, name: str, out_root: Path = PRETRAINED_DIR, *, teacher
 
 
 def copy_classifier(run, out_root: Path = PRETRAINED_DIR) -> list[Path]:
-    """The run's cached evaluation classifier(s) (classifier-*.safetensors + .json), copied into out_root."""
+    """The run's cached evaluation classifier(s) (classifier-*.safetensors + .json), copied into out_root. A run
+    evaluated with the shipped classifier has none of its own: out_root's then stays."""
     run_dir = ckpt.resolve_checkpoint(run).parent.parent
     files = sorted(run_dir.glob("classifier-*.safetensors"))
+    dataset = ckpt.read_json(run_dir / "config.json")["data"]["dataset"]
+    if not files and any(Path(out_root).glob(f"classifier-{dataset}-*.safetensors")):
+        return []
     if not files:
         raise FastdiffError(f"{run_dir} has no cached evaluation classifier; run `fastdiff eval --checkpoint "
                             f"{run_dir}` first")
