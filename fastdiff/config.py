@@ -270,8 +270,9 @@ PRESETS["fashion-mnist"]["train"]["steps"] = 30_000
 # 1 / sqrt(ab) = 157, so its student starts from a poor 1-step sampler (README, "Few-step students").
 PRESETS["digits-v"] = {**copy.deepcopy(PRESETS["digits"]), "diffusion": dict(prediction="v")}
 # Real MNIST on 2 CPU cores (`make demo`): the 4,000 training digits of mnist5k (the 1,000 held out are eval's
-# reference). 1.1M parameters at ~210 images/s on the 2-core development CPU, so 1500 steps of 64 take ~7.5
-# minutes. v-prediction, so that the same run is also the teacher of ADD students (`make distill-demo`) and of
+# reference). 1.1M parameters at 189-204 images/s on the 2-core development CPUs (bf16 on a Xeon with AMX, fp32
+# on an EPYC), so 1500 steps of 64 take ~9 minutes. v-prediction, so that the same run is also the teacher of ADD
+# students (`make distill-demo`) and of
 # the shipped weights: an eps teacher's 1-step x0 amplifies its error by 1/sqrt(ab_999) = 157 (see digits-v),
 # and on digits eps and v scored alike at DDIM-50 (README).
 PRESETS["mnist5k"] = {
@@ -289,7 +290,7 @@ PRESETS["mnist5k"] = {
 PRESET_HELP: dict[str, str] = {
     "digits": "scikit-learn's 8x8 digits, 1.1M-parameter conditional UNet; ~3 minutes on 2 CPU cores",
     "digits-v": "digits with v-prediction: the teacher for few-step ADD students",
-    "mnist5k": "the 4,000 embedded MNIST training digits, 28x28, v-prediction; `make demo`, ~7.5 minutes on 2 CPU "
+    "mnist5k": "the 4,000 embedded MNIST training digits, 28x28, v-prediction; `make demo`, ~9 minutes on 2 CPU "
                "cores",
     "mnist": "MNIST 28x28, 6.5M-parameter conditional UNet, 20k steps",
     "fashion-mnist": "Fashion-MNIST 28x28, the mnist network, 30k steps",

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastdiff import runtime
 from fastdiff.bench import diffusers_ref
 from fastdiff.bench.e2e import Job, SampleCase, sample_rows, train_rows
 from fastdiff.bench.providers import provider_options
@@ -140,6 +141,14 @@ def test_plan_puts_the_headline_rows_first():
     assert [c.label for c in cpu[1].cases] == ["ddim-20", "ddpm-1000"] and "diffusers" in dict(cpu[2].providers)
     assert all("diffusers" not in dict(j.providers) for j in plan(torch.device("cpu"), True, providers=["fastdiff"])
                if isinstance(j, Job))
+
+
+def test_cpu_plan_adds_the_default_precision_where_it_is_not_fp32(monkeypatch):
+    for flags, extra in ((frozenset({"avx512f", "amx_bf16"}), {("fastdiff", "bf16"), ("diffusers", "bf16")}),
+                         (frozenset({"avx2"}), set())):
+        monkeypatch.setattr(runtime, "cpu_flags", lambda flags=flags: flags)
+        for job in (j for j in plan(torch.device("cpu"), True) if isinstance(j, Job)):
+            assert {k for k in job.providers if k[1] != "fp32"} == extra, (flags, job)
 
 
 def test_budget_skips_what_does_not_fit():

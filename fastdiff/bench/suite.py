@@ -22,6 +22,7 @@ from fastdiff.bench.report import new_doc, table, write_reports
 from fastdiff.bench.timing import error_status
 from fastdiff.config import PRESETS as ALL_PRESETS
 from fastdiff.errors import ConfigError
+from fastdiff.runtime import AccelOptions, train_defaults
 
 SECTIONS = ("ops", "sample", "train")
 GPU_PRESETS = ("mnist", "cifar10-ddpm")  # the GPU run's headline rows
@@ -55,7 +56,8 @@ def plan(device: torch.device, quick: bool, presets=None, providers=None) -> lis
     cifar10-ddpm training at batch 128, DDPM-1000 sampling at batch 1024 (20 timed steps, extrapolated), each
     torch-eager fp32 / torch-compile bf16 / fastdiff bf16 interleaved; the headline op rows; diffusers at the
     same settings; then the other op rows and combinations. CPU (and --quick anywhere): for each of PRESETS, DDIM-20
-    and DDPM-1000 sampling and a training step, every provider interleaved at fp32 (batch 64, or 2 with --quick).
+    and DDPM-1000 sampling and a training step, every provider interleaved at fp32 (batch 64, or 2 with --quick),
+    and fastdiff and diffusers at the CPU's default precision where it is not fp32 (`runtime.cpu_choice`).
     """
     cuda = device.type == "cuda" and not quick
     trio = (("torch-eager", "fp32"), ("torch-compile", "bf16"), ("fastdiff", "bf16"))
@@ -77,10 +79,13 @@ def plan(device: torch.device, quick: bool, presets=None, providers=None) -> lis
     else:
         batch = 2 if quick else 64
         fp32 = tuple((p, "fp32") for p in ("torch-eager", "torch-compile", "fastdiff", "fastdiff-native", "diffusers"))
+        # Where the CPU's default precision is not fp32 (bf16 with AMX), fastdiff and diffusers at it too.
+        amp = {"sample": AccelOptions.for_device(device).amp, "train": train_defaults(device)[0]}
+        at = {k: ((("fastdiff", a), ("diffusers", a)) if a != "fp32" else ()) for k, a in amp.items()}
         jobs = [OpsJob("all")]
         for preset in PRESETS:
-            jobs += [Job("sample", preset, batch, fp32, (ddim20, ddpm)),
-                     Job("train", preset, batch, tuple(k for k in fp32 if k[0] != "fastdiff-native"))]
+            jobs += [Job("sample", preset, batch, fp32 + at["sample"], (ddim20, ddpm)),
+                     Job("train", preset, batch, tuple(k for k in fp32 if k[0] != "fastdiff-native") + at["train"])]
     if presets is not None:
         jobs = [j for j in jobs if isinstance(j, OpsJob) or j.preset in presets]
     if providers is not None:
