@@ -101,15 +101,8 @@ def _add_train(sub):
     p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
     p.add_argument("--warmup", type=int, dest="warmup_steps", help="learning-rate warm-up steps (default: the "
                    "preset's)")
-    p.add_argument("--amp", choices=["auto", "fp32", "bf16", "fp16"], help="autocast dtype of training; auto: "
-                   "bf16 on a CPU with AMX, else fp32 (`fastdiff env` shows the choice) (default: the preset's, auto)")
-    p.add_argument("--ema-decay", type=float, help="decay of the EMA weights that sample and eval use (default: "
-                   "the preset's)")
-    p.add_argument("--seed", type=int, help="seed of the initial weights, batches and noise (default: the "
-                   "preset's, 0)")
-    p.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (default: the preset's)")
-    p.add_argument("--log-every", type=int, help="log line and stats.jsonl record every N steps (default: the "
-                   "preset's)")
+    _add_loop_flags(p, unit="steps", ema="the EMA weights that sample and eval use",
+                    seed="the initial weights, batches and noise")
     p.add_argument("--image-size", type=int, help="model input size; images are resized to it (default: the "
                    "preset's)")
     p.add_argument("--channels", type=int, help="image channels of the model, 1 or 3 (default: the preset's)")
@@ -126,6 +119,18 @@ def _add_train(sub):
     _add_monitor_flags(p)
     _add_accel_flags(p)
     _add_resume_flags(p, "fastdiff train")
+
+
+def _add_loop_flags(p, *, unit: str, ema: str, seed: str):
+    """The training skeleton's options, which train and distill share: --amp, --ema-decay, --seed, --ckpt-every,
+    --log-every."""
+    p.add_argument("--amp", choices=["auto", "fp32", "bf16", "fp16"], help="autocast dtype of training; auto: "
+                   "bf16 on a CPU with AMX, else fp32 (`fastdiff env` shows the choice) (default: the preset's, auto)")
+    p.add_argument("--ema-decay", type=float, help=f"decay of {ema} (default: the preset's)")
+    p.add_argument("--seed", type=int, help=f"seed of {seed} (default: the preset's, 0)")
+    p.add_argument("--ckpt-every", type=int, help=f"checkpoint every N {unit} (default: the preset's)")
+    p.add_argument("--log-every", type=int, help=f"log line and stats.jsonl record every N {unit} (default: the "
+                   "preset's)")
 
 
 def _add_monitor_flags(p):
@@ -259,13 +264,7 @@ def _add_distill(sub):
     p.add_argument("--lr", type=float, help="student learning rate (default: the preset's)")
     p.add_argument("--warmup", type=int, dest="warmup_steps", help="learning-rate warm-up steps (default: the "
                    "preset's)")
-    p.add_argument("--amp", choices=["auto", "fp32", "bf16", "fp16"], help="autocast dtype; auto: bf16 on a CPU with "
-                   "AMX, else fp32 (default: the preset's, auto)")
-    p.add_argument("--ema-decay", type=float, help="decay of the student's EMA weights (default: the preset's)")
-    p.add_argument("--seed", type=int, help="seed of the batches, timesteps and noise (default: the preset's, 0)")
-    p.add_argument("--ckpt-every", type=int, help="checkpoint every N updates (default: the preset's)")
-    p.add_argument("--log-every", type=int, help="log line and stats.jsonl record every N updates (default: the "
-                   "preset's)")
+    _add_loop_flags(p, unit="updates", ema="the student's EMA weights", seed="the batches, timesteps and noise")
     p.add_argument("--student-timesteps", type=int, nargs="+", help="the student's timesteps, noisiest first "
                    "(default: the preset's, 999 749 499 249)")
     p.add_argument("--adv-weight", type=float, help="weight of the hinge adversarial loss (default: the preset's, 1)")
