@@ -270,11 +270,9 @@ PRESETS["fashion-mnist"]["train"]["steps"] = 30_000
 # 1 / sqrt(ab) = 157, so its student starts from a poor 1-step sampler (README, "Few-step students").
 PRESETS["digits-v"] = {**copy.deepcopy(PRESETS["digits"]), "diffusion": dict(prediction="v")}
 # Real MNIST on 2 CPU cores (`make demo`): the 4,000 training digits of mnist5k (the 1,000 held out are eval's
-# reference). 1.1M parameters at 189-209 images/s on the 2-core development CPUs (bf16 on a Xeon with AMX, fp32
-# on an EPYC), so 1300 steps of 64 take 7-7.5 minutes; 1500 steps scored FD_cls 1.36x the floor against 1300's
-# 1.42x (98.9% and 98.8% accuracy) but took 8 min 52 s (README, "Results"). v-prediction, so that the same run
-# is also the teacher of ADD students (`make distill-demo`) and of the shipped weights: an eps teacher's 1-step x0
-# amplifies its error by 1/sqrt(ab_999) = 157 (see digits-v), and on digits eps and v scored alike at DDIM-50.
+# reference). 1300 steps of 64 train in 7-7.5 min on 2 cores (1500: FD_cls 1.36x vs 1.42x, but 8 min 52 s; README,
+# "Results"). v-prediction: the same run is the ADD teacher (`make distill-demo`) and the shipped weights (an eps
+# teacher's 1-step x0 amplifies its error by 1/sqrt(ab_999) = 157, see digits-v; on digits eps and v scored alike).
 PRESETS["mnist5k"] = {
     "model": dict(image_size=28, in_channels=1, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                   attn_resolutions=(7,), dropout=0.0, num_groups=8, num_classes=10),
