@@ -95,6 +95,7 @@ def test_resume_with_a_new_learning_rate_and_warmup(tmp_path, tiny_overrides, ca
     assert config["train"]["lr"] == 4e-4 and config["train"]["warmup_steps"] == 8
     log = (run / "log.txt").read_text()
     assert "resumed with train.lr 0.001 -> 0.0004 from step 2 on" in log and "train.warmup_steps 2 -> 8" in log
+    assert "channel_mult" not in log, "a tuple option and its config.json list are no change"
     state = json.loads((ckpt.latest_checkpoint(run) / "state.json").read_text())
     assert state["lr"] == new(4)
     # The optimizer's moments were kept: the resumed step 3 started from step 2's (a fresh optimizer has none).

@@ -82,8 +82,10 @@ class Part:
 class Session:
     """What an objective builds its steps from: the device, the processes, the options, the run's log."""
 
-    def __init__(self, tc: TrainConfig, device: torch.device, world: World, accel: AccelOptions, log):
+    def __init__(self, tc: TrainConfig, device: torch.device, world: World, accel: AccelOptions, log,
+                 run_dir: Path):
         self.tc, self.device, self.world, self.accel, self.log = tc, device, world, accel, log
+        self.run_dir = run_dir
         self.steps: list[tuple[str, object]] = []
 
     @property
@@ -124,10 +126,11 @@ def _advice(command: str, run_dir: Path, tc: TrainConfig, last_ckpt: str | None)
 
 
 def _changes(old: dict, new: dict, where: str = "") -> list[str]:
-    """The options that differ between two configs, as 'section.option old -> new'."""
+    """The options that differ between two configs, as 'section.option old -> new' (a tuple equals the list that
+    config.json holds for it)."""
     out = []
     for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
+        a, b = (list(v) if isinstance(v, tuple) else v for v in (old.get(key), new.get(key)))
         if isinstance(a, dict) and isinstance(b, dict):
             out += _changes(a, b, f"{where}{key}.")
         elif a != b:
@@ -223,7 +226,7 @@ def _run(build, world: World, data, tc: TrainConfig, config: dict, run_dir: Path
     monitor = None
     try:
         accel = AccelOptions.for_device(device) if accel is None else accel.check(device)
-        session = Session(tc, device, world, world.adjust(accel, log.line), log.line)
+        session = Session(tc, device, world, world.adjust(accel, log.line), log.line, run_dir)
         torch.manual_seed(tc.seed)
         if not world.is_main:
             world.barrier()  # the first process builds first: what it caches (a pretrained backbone), the rest read
