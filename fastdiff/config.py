@@ -125,6 +125,11 @@ class ADDConfig:
     teacher_t_min: int = 0  # the teacher's timestep is uniform on [teacher_t_min, teacher_t_max]
     teacher_t_max: int = 999
     teacher_guidance: float = 1.0  # classifier-free guidance of the teacher's x0 (class-conditional teachers)
+    # + regress_weight * ||x0_student(z, first student timestep) - teacher DDIM-regress_steps(z)||^2 on
+    # regress_pairs cached teacher samples (`fastdiff.train.add_pairs`: keeps a 1-step student's variety)
+    regress_weight: float = 0.0
+    regress_pairs: int = 2048
+    regress_steps: int = 20
     # Discriminator: hinge loss + r1_gamma / 2 * E ||grad of D(real) w.r.t. the head inputs||^2
     r1_gamma: float = 1e-4
     disc_lr: float = 1e-4

@@ -28,8 +28,10 @@ from fastdiff.train.add_losses import (
     hinge_discriminator_loss,
     hinge_generator_loss,
     r1_penalty,
+    regression_loss,
     student_x0,
 )
+from fastdiff.train.add_pairs import PAIR_SEED, Pairs
 
 TINY_UNET = UNetConfig(image_size=8, in_channels=1, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
                        attn_resolutions=(), dropout=0.0, num_groups=4, num_classes=10)
@@ -74,6 +76,30 @@ def test_c_of_t_and_distillation_gradient():
     loss.backward()
     torch.testing.assert_close(x0_s.grad, 2 * x0_s.detach() / x0_s.numel())
     assert calls == [False]
+
+
+def test_regression_loss_feeds_each_pairs_noise_at_the_first_student_timestep():
+    """A student predicting x0 = 0: the loss is the mean square of the drawn pairs' images; its input is exactly
+    the drawn pairs' noise, at t = 999, with their labels."""
+    seen = []
+
+    def student(x, t, labels):
+        seen.append((x.detach(), t, labels))
+        return torch.zeros_like(x) + 0 * w
+
+    w = torch.zeros((), requires_grad=True)
+    seeds = seeds_for(PAIR_SEED, 5)
+    pairs = Pairs(seeds, torch.arange(5), torch.arange(5.0).view(5, 1, 1, 1).expand(5, 1, 8, 8).contiguous())
+    loss = regression_loss(student, NoiseSchedule("linear"), pairs, 999, 7, torch.Generator().manual_seed(0),
+                           prediction="x0")
+    (x, t, labels), = seen
+    assert t.tolist() == [999] * 7
+    noises = initial_noise(seeds, (1, 8, 8))
+    idx = [next(i for i in range(5) if torch.equal(x[j], noises[i])) for j in range(7)]
+    assert labels.tolist() == idx
+    torch.testing.assert_close(loss, torch.tensor([float(i) ** 2 for i in idx]).mean())
+    loss.backward()
+    assert w.grad is not None
 
 
 def _tiny_setup(train_backbone=False):
@@ -221,11 +247,13 @@ def test_distill_cli_end_to_end(student_run, capsys):
 
 
 def test_distill_resume_continues_exactly(student_run):
-    """Killed after step 1 (its config said 1) and resumed to 2 == 2 steps in one go; a trained random backbone."""
+    """Killed after step 1 (its config said 1) and resumed to 2 == 2 steps in one go; a trained random backbone
+    and the regression loss on teacher pairs (sampled once, then read from the cache beside the teacher)."""
     root = student_run
     over = {"train.steps": 2, "train.batch_size": 8, "train.log_every": 1, "train.ckpt_every": 1,
             "distill.backbone": "none", "distill.backbone_dim": 16, "distill.backbone_depth": 2,
-            "distill.backbone_heads": 2, "distill.disc_width": 8, "distill.r1_gamma": 0.1}
+            "distill.backbone_heads": 2, "distill.disc_width": 8, "distill.r1_gamma": 0.1,
+            "distill.regress_weight": 1.0, "distill.regress_pairs": 6, "distill.regress_steps": 2}
     cfg = apply_overrides(distill_config(load_run(root / "teacher", "cpu").config, str(root / "teacher")), over)
     quiet = dict(progress=False, echo=lambda s: None)
     train_add(cfg, root / "a", **quiet)
@@ -239,6 +267,13 @@ def test_distill_resume_continues_exactly(student_run):
         for k in ta:
             assert torch.equal(ta[k], tb[k]), f"{name}.{k} differs after resume"
     assert "no backbone checkpoint" in (root / "a" / "log.txt").read_text()
+    assert "sampling 6 teacher pairs" in (root / "a" / "log.txt").read_text()
+    assert "teacher pairs" not in (root / "b" / "log.txt").read_text(), "b read the pairs a cached"
+    pairs = ckpt.read_tensors(root / "teacher" / "pairs-ddim2-n6.safetensors")
+    assert pairs["seeds"].tolist() == list(range(PAIR_SEED, PAIR_SEED + 6)) and pairs["labels"].tolist() == [
+        0, 1, 2, 3, 4, 5]
+    stats = [json.loads(line) for line in (root / "a" / "stats.jsonl").read_text().splitlines()]
+    assert all(s["regress"] > 0 for s in stats)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -29,24 +29,31 @@ from fastdiff.models import UNet
 from fastdiff.models.discriminator import Discriminator, parse_augment
 from fastdiff.models.vit import ViT, ViTConfig, load_or_pretrain_vit, load_vit_file
 from fastdiff.runtime import AccelOptions, compile_fn, grad_scaler, step_generator
+from fastdiff.sampling import Denoiser, load_run
 from fastdiff.train.add_losses import (
     c_of_t,
     discriminator_logits,
     discriminator_loss,
     distillation_loss,
     hinge_generator_loss,
+    regression_loss,
     student_x0,
 )
+from fastdiff.train.add_pairs import teacher_pairs
 from fastdiff.train.loop import Part, Session, train_loop
 from fastdiff.train.lr import warmup_lr
 from fastdiff.train.monitor import sample_grid
 
 
-def teacher_run_dir(dc: ADDConfig) -> Path:
-    return ckpt.resolve_checkpoint(dc.teacher).parent.parent
+def cache_dir(dc: ADDConfig, run_dir: Path) -> Path:
+    """Where the teacher's derived files (the pretrained ViT backbone, the regression pairs) are cached: beside the
+    teacher, for the next student of it; for a `pretrained:` teacher (inside the installed package), the student's
+    own run directory."""
+    path = ckpt.resolve_checkpoint(dc.teacher)
+    return Path(run_dir) if ckpt.is_pretrained(path) else path.parent.parent
 
 
-def load_teacher(cfg: RunConfig, device) -> UNet:
+def load_teacher(cfg: RunConfig, device) -> Denoiser:
     """The frozen teacher (EMA weights); its model and diffusion config must be the student's."""
     path = ckpt.resolve_checkpoint(cfg.distill.teacher)
     tcfg = load_config(path / "config.json")
@@ -55,12 +62,10 @@ def load_teacher(cfg: RunConfig, device) -> UNet:
     if tcfg.model != cfg.model or tcfg.diffusion != cfg.diffusion:
         raise ConfigError(f"the teacher {path} has another model or diffusion config than this student run; "
                           "start a new --out for this teacher")
-    teacher = UNet(tcfg.model)
-    ckpt.load_model_weights(teacher, ckpt.load_tensors(path, "ema", device), path)
-    return teacher.to(device).eval().requires_grad_(False)
+    return load_run(path, device)
 
 
-def build_discriminator(cfg: RunConfig, data, device, log) -> Discriminator:
+def build_discriminator(cfg: RunConfig, data, device, log, run_dir: Path) -> Discriminator:
     """ViT backbone (pretrained on the dataset and cached, a timm/DINO file, or none) with trainable heads."""
     dc, mc = cfg.distill, cfg.model
     vcfg = ViTConfig(image_size=mc.image_size, in_channels=mc.in_channels, patch_size=dc.backbone_patch,
@@ -69,7 +74,7 @@ def build_discriminator(cfg: RunConfig, data, device, log) -> Discriminator:
     if dc.backbone == "pretrain":
         vcfg.num_classes = data.num_classes
         cache = Path(cfg.data.data_dir) if cfg.data.data_dir and Path(cfg.data.data_dir).is_dir() else None
-        backbone = load_or_pretrain_vit(data, cache or teacher_run_dir(dc), vcfg, steps=dc.backbone_steps,
+        backbone = load_or_pretrain_vit(data, cache or cache_dir(dc, run_dir), vcfg, steps=dc.backbone_steps,
                                         device=device, log=log)
     elif dc.backbone == "none":
         log("no backbone checkpoint (--backbone none): the ViT starts from random weights and trains with the heads")
@@ -100,18 +105,22 @@ class ADDObjective:
     """Student (parts[0], averaged into the EMA) and discriminator (parts[1]); the teacher is frozen."""
 
     kind, command, ema = "add-student", "fastdiff distill", True
-    stats = ("loss", "g_adv", "distill", "d_loss", "r1", "d_real", "d_fake", "grad_norm")
+    stats = ("loss", "g_adv", "distill", "regress", "d_loss", "r1", "d_real", "d_fake", "grad_norm")
 
     def __init__(self, cfg: RunConfig, data, session: Session):
         tc, dc, device = session.tc, cfg.distill, session.device
         self.cfg, self.tc, self.world, self.device = cfg, tc, session.world, device
-        self.teacher = load_teacher(cfg, device)
+        teacher = load_teacher(cfg, device)
+        self.pairs = (teacher_pairs(teacher, cfg, cache_dir(dc, session.run_dir), device=device, log=session.log)
+                      if dc.regress_weight > 0 else None)
+        self.memory_format = session.memory_format
+        # the run's layout, whatever sampling the pairs left it in (fresh and cached pairs give the same run)
+        self.teacher = teacher.model.to(memory_format=self.memory_format)
         student = UNet(cfg.model).to(device)
         student.load_state_dict(self.teacher.state_dict())
         student.requires_grad_(True)
-        self.memory_format = session.memory_format
         student = student.to(memory_format=self.memory_format)
-        disc = build_discriminator(cfg, data, device, session.log)
+        disc = build_discriminator(cfg, data, device, session.log, session.run_dir)
         self.student, self.disc = student, disc
         fused = device.type == "cuda"
         opt = torch.optim.AdamW(student.parameters(), lr=tc.lr, betas=dc.betas, weight_decay=tc.weight_decay,
@@ -137,7 +146,8 @@ class ADDObjective:
                 p.register_post_accumulate_grad_hook(lambda p: p.grad.copy_(self.world.mean(p.grad)))
 
     def _student_loss(self, gen, x0, labels):
-        """adv_weight * hinge adversarial + distill_weight * distillation; D's weights get no gradient."""
+        """adv_weight * hinge adversarial + distill_weight * distillation (+ regress_weight * regression on the
+        teacher pairs); D's weights get no gradient."""
         tc, dc, prediction = self.tc, self.cfg.distill, self.cfg.diffusion.prediction
         labels = labels if self.cfg.model.num_classes else None
         self.disc.set_trainable(False)  # the adversarial gradient reaches the student only
@@ -148,7 +158,13 @@ class ADDObjective:
                                  t_min=dc.teacher_t_min, t_max=dc.teacher_t_max, guidance=dc.teacher_guidance,
                                  null_label=self.teacher.null_label, weighting=dc.distill_weighting, amp=tc.amp)
         self.disc.set_trainable(True)  # autograd recorded the graph above without D's weights
-        return dc.adv_weight * g_adv + dc.distill_weight * dist, (x0_s.detach(), g_adv.detach(), dist.detach())
+        loss = dc.adv_weight * g_adv + dc.distill_weight * dist
+        reg = torch.zeros((), device=self.device)
+        if self.pairs is not None:
+            reg = regression_loss(self.forward, self.schedule, self.pairs, dc.student_timesteps[0], x0.shape[0], gen,
+                                  prediction=prediction, amp=tc.amp)
+            loss = loss + dc.regress_weight * reg
+        return loss, (x0_s.detach(), g_adv.detach(), dist.detach(), reg.detach())
 
     def _disc_loss(self, gen, x0, x_fake, labels):
         labels = labels if self.cfg.model.num_classes else None
@@ -160,7 +176,7 @@ class ADDObjective:
         """One student update and `disc_steps` discriminator updates; returns the values of `stats`."""
         dc, tc = self.cfg.distill, self.tc
         x0 = x0.contiguous(memory_format=self.memory_format)
-        loss, grad_norm, x_fake, g_adv, dist = self.student_step(step, x0, labels)
+        loss, grad_norm, x_fake, g_adv, dist, reg = self.student_step(step, x0, labels)
         for k in range(dc.disc_steps):
             if k > 0:  # further discriminator steps see fresh student outputs
                 gen = step_generator(tc.seed, step * dc.disc_steps + k, self.device, stream=3)
@@ -169,7 +185,7 @@ class ADDObjective:
                                            labels if self.cfg.model.num_classes else None, self.ts, gen,
                                            prediction=self.cfg.diffusion.prediction, amp=tc.amp)
             d_loss, _, r1, d_real, d_fake = self.disc_step(step * dc.disc_steps + k, x0, x_fake, labels)
-        return loss, g_adv, dist, d_loss, r1, d_real, d_fake, grad_norm
+        return loss, g_adv, dist, reg, d_loss, r1, d_real, d_fake, grad_norm
 
     def _disc_tensors(self) -> dict[str, torch.Tensor]:
         sd = self.disc.state_dict()

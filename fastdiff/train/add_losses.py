@@ -1,11 +1,12 @@
 """The losses of Adversarial Diffusion Distillation (Sauer et al. 2023, Section 3).
 
 Student: from a real image noised to a student timestep s, predict x0_s. Its loss is
-    L_G = adv_weight * L_adv + distill_weight * c(t) * ||x0_s - sg(x0_teacher(x_t, t))||^2,
-with L_adv = -D(x0_s) (hinge generator loss) and x_t = sqrt(ab_t) sg(x0_s) + sqrt(1 - ab_t) eps the student's
-output re-noised to a teacher timestep t. Discriminator: L_D = E[relu(1 - D(real))] + E[relu(1 + D(sg(fake)))]
-+ r1_gamma / 2 * E ||dD(real) / d(head inputs)||^2. D is a sum of per-token logits over the heads, and both
-real and generated images pass the same (differentiable) augmentation before it.
+    L_G = adv_weight * L_adv + distill_weight * c(t) * ||x0_s - sg(x0_teacher(x_t, t))||^2
+(+ regress_weight * `regression_loss` where asked), with L_adv = -D(x0_s) (hinge generator loss) and
+x_t = sqrt(ab_t) sg(x0_s) + sqrt(1 - ab_t) eps the student's output re-noised to a teacher timestep t.
+Discriminator: L_D = E[relu(1 - D(real))] + E[relu(1 + D(sg(fake)))] + r1_gamma / 2 * E ||dD(real) / d(head
+inputs)||^2. D is a sum of per-token logits over the heads, and both real and generated images pass the same
+(differentiable) augmentation before it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdiff.diffusion.parameterization import to_x0
-from fastdiff.diffusion.samplers import guided
+from fastdiff.diffusion.samplers import guided, initial_noise
 from fastdiff.errors import ConfigError
 from fastdiff.models.discriminator import Discriminator, diff_augment
 from fastdiff.runtime import autocast
@@ -68,6 +69,21 @@ def distillation_loss(teacher, schedule, x0_student, labels, gen, *, prediction:
         target = to_x0(prediction, x_t, out.float(), ab).clamp(-1, 1)
     per_sample = (x0_student - target).pow(2).mean(dim=(1, 2, 3))
     return (c_of_t(weighting, ab.view(-1)) * per_sample).mean()
+
+
+def regression_loss(student, schedule, pairs, t: int, batch: int, gen, *, prediction: str,
+                    amp: str = "fp32") -> torch.Tensor:
+    """mean ||x0_student(z, t) - teacher sample of z||^2 over `batch` pairs drawn from `pairs` (DMD's regression
+    loss): z is a pair's pure noise, fed at the first student timestep t as the few-step sampler feeds it."""
+    device = pairs.images.device
+    idx = torch.randint(0, len(pairs.seeds), (batch,), device=device, generator=gen)
+    z = initial_noise(pairs.seeds[idx], pairs.images.shape[1:], device)
+    labels = pairs.labels[idx] if pairs.labels is not None else None
+    ts = torch.full((batch,), t, device=device, dtype=torch.long)
+    with autocast(device, amp):
+        out = student(z, ts, labels)
+    x0 = to_x0(prediction, z, out.float(), schedule.alphas_cumprod[ts].view(-1, 1, 1, 1))
+    return (x0 - pairs.images[idx]).pow(2).mean()
 
 
 def hinge_generator_loss(fake_logits: list[torch.Tensor]) -> torch.Tensor:
