@@ -44,9 +44,8 @@ distill-demo: setup
 		--n 1000 --out $(STUDENT)/table.md
 
 # The weights shipped in fastdiff/pretrained/ (fp16, with the evaluation classifier and each model's eval.json):
-# the demo's teacher as pretrained:mnist. An ADD student ships as pretrained:mnist-student only when asked
-# (PRETRAINED_STUDENT=runs/mnist5k-student): the distill-demo student of this release collapses to one digit per
-# class at 1 step (README, "Few-step students"), so it is not shipped.
+# the demo's teacher as pretrained:mnist, and its ADD student as pretrained:mnist-student when asked
+# (PRETRAINED_STUDENT=runs/mnist5k-student; the shipped one distilled the shipped teacher, README "Few-step students").
 PRETRAINED_STUDENT ?=
 pretrained: setup
 	test -d $(RUN)/checkpoints || $(MAKE) demo

@@ -331,3 +331,11 @@ def test_refiner_resume_continues_exactly(student_run, capsys):
             assert torch.equal(ta[k], tb[k]), f"{name}.{k} differs after resume"
     stats = [json.loads(line) for line in (b / "stats.jsonl").read_text().splitlines()]
     assert [r["step"] for r in stats] == [1, 2, 3] and all(r["unrefined_loss"] > 0 for r in stats)
+
+
+def test_caches_go_beside_a_local_teacher_and_into_the_run_of_a_pretrained_one(student_run, tmp_path):
+    from fastdiff.config import ADDConfig
+    from fastdiff.train.add import cache_dir
+
+    assert cache_dir(ADDConfig(teacher=str(student_run / "teacher")), tmp_path) == student_run / "teacher"
+    assert cache_dir(ADDConfig(teacher="pretrained:mnist"), tmp_path) == tmp_path  # never inside the package
