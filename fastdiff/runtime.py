@@ -180,11 +180,14 @@ def cpu_choice(flags: frozenset[str] | None = None) -> CpuChoice:
 
     - AMX (amx_bf16): bf16 autocast runs oneDNN's AMX kernels. NCHW bf16 was fastest for both sampling (2.35x fp32
       NCHW) and training (1.79-1.83x), ahead of channels_last bf16 (1.81x / 1.45x).
-    - otherwise fp32, where channels_last beat NCHW (sampling 1.23-1.31x, training 1.16x). bf16 without AMX (an EPYC
-      with avx512_bf16) trained only 1.05x faster than fp32, not worth its rounding.
-    The native extension's ops (fastdiff._C) lost to the torch ops in every winning layout and precision, so they
-    are never picked automatically. torch.compile (Inductor C++) is off: it sped bf16 sampling up 1.35x and training
-    1.13x but took 30-85 s to compile, more than it saves in a 1500-step run or a 1000-image evaluation.
+    - otherwise fp32, where channels_last beat NCHW (sampling 1.23-1.31x, training 1.16x; on an AVX2-only EPYC
+      sampling 1.26x, training level). bf16 without AMX trained only 1.05x faster than fp32 on an EPYC with
+      avx512_bf16, and on the AVX2-only EPYC it sampled 17x and trained 9x slower.
+    The native extension's ops (fastdiff._C) lost to the torch ops in every winning layout and precision on the
+    Xeon, so they are never picked automatically (on the AVX2-only EPYC they won channels_last sampling 1.22x;
+    not yet a default, README "CPU defaults"). torch.compile (Inductor C++) is off: it sped bf16 sampling up 1.35x
+    and training 1.13x but took 30-85 s to compile, more than it saves in a 1500-step run or a 1000-image
+    evaluation.
     """
     flags = cpu_flags() if flags is None else flags
     if "amx_bf16" in flags:
