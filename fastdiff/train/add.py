@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from fastdiff import checkpoint as ckpt
-from fastdiff.config import ADDConfig, RunConfig, load_config
+from fastdiff.config import ADDConfig, RunConfig
 from fastdiff.data import load_dataset
 from fastdiff.diffusion import NoiseSchedule, student_table, student_timesteps
 from fastdiff.diffusion.parameterization import check_prediction
@@ -55,14 +55,14 @@ def cache_dir(dc: ADDConfig, run_dir: Path) -> Path:
 
 def load_teacher(cfg: RunConfig, device) -> Denoiser:
     """The frozen teacher (EMA weights); its model and diffusion config must be the student's."""
-    path = ckpt.resolve_checkpoint(cfg.distill.teacher)
-    tcfg = load_config(path / "config.json")
+    teacher = load_run(cfg.distill.teacher, device)
+    tcfg, path = teacher.config, teacher.path
     if tcfg.is_student:
         raise ConfigError(f"{path} is an ADD student; distil from a DDPM teacher run")
     if tcfg.model != cfg.model or tcfg.diffusion != cfg.diffusion:
         raise ConfigError(f"the teacher {path} has another model or diffusion config than this student run; "
                           "start a new --out for this teacher")
-    return load_run(path, device)
+    return teacher
 
 
 def build_discriminator(cfg: RunConfig, data, device, log, run_dir: Path) -> Discriminator:
