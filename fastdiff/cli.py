@@ -125,7 +125,8 @@ def _add_loop_flags(p, *, unit: str, ema: str, seed: str):
     """The training skeleton's options, which train and distill share: --amp, --ema-decay, --seed, --ckpt-every,
     --log-every."""
     p.add_argument("--amp", choices=["auto", "fp32", "bf16", "fp16"], help="autocast dtype of training; auto: "
-                   "bf16 on a CPU with AMX, else fp32 (`fastdiff env` shows the choice) (default: the preset's, auto)")
+                   "bf16 on a CPU with bf16 instructions (AMX or AVX-512 BF16), else fp32 (`fastdiff env` shows the "
+                   "choice) (default: the preset's, auto)")
     p.add_argument("--ema-decay", type=float, help=f"decay of {ema} (default: the preset's)")
     p.add_argument("--seed", type=int, help=f"seed of {seed} (default: the preset's, 0)")
     p.add_argument("--ckpt-every", type=int, help=f"checkpoint every N {unit} (default: the preset's)")
@@ -392,7 +393,7 @@ def add_sampling_args(p):
                    "measured fastest there; samples do not depend on it beyond rounding)")
     g = _add_accel_flags(p)
     g.add_argument("--amp", choices=["fp32", "bf16", "fp16"], help="autocast for the model (default: bf16 on a GPU "
-                   "and on a CPU with AMX, else fp32; `fastdiff env` shows the CPU's choice)")
+                   "and on a CPU with AMX or AVX-512 BF16, else fp32; `fastdiff env` shows the CPU's choice)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC activations (default: on a GPU; on the CPU as `fastdiff env` shows)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (denoising steps, with ETA) on stderr")
@@ -531,7 +532,7 @@ def _add_train_refiner(sub):
     p.add_argument("--base-channels", type=COUNT, help="width of the refiner's UNet (default: 16)")
     p.add_argument("--seed", type=SEED, help="seed of the weights, pairs and noise (default: 0)")
     p.add_argument("--amp", choices=["auto", "fp32", "bf16", "fp16"], help="autocast of the refiner; auto: bf16 on a "
-                   "CPU with AMX, else fp32 (default: auto)")
+                   "CPU with AMX or AVX-512 BF16, else fp32 (default: auto)")
     p.add_argument("--ckpt-every", type=COUNT, help="checkpoint every N steps (default: 500)")
     p.add_argument("--log-every", type=COUNT, help="log line every N steps (default: 250)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

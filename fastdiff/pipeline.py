@@ -85,7 +85,8 @@ class Pipeline:
     def sample(self, n: int, *, labels=None, seed: int = 0, sampler: str | None = None, steps: int | None = None,
                guidance: float | None = None, eta: float | None = None, output: str = "tensor", **options):
         """n images; sample i has seed seed + i, so it does not depend on n or the batch size (beyond bf16
-        rounding where the model runs under bf16 autocast: the default on a GPU and on a CPU with AMX).
+        rounding where the model runs under bf16 autocast: the default on a GPU and on a CPU with AMX or
+        AVX-512 BF16).
 
         labels: None (balanced classes i mod num_classes on a conditional model), an int, or a sequence repeated
         to fill n. sampler / steps / guidance / eta and options (spacing, clip, batch_size, compile, cuda_graphs,

@@ -176,25 +176,29 @@ class CpuChoice:
 def cpu_choice(flags: frozenset[str] | None = None) -> CpuChoice:
     """The CPU defaults for a CPU with `flags` (this one's by default), chosen by measurement
     (benchmarks/cpu_defaults.py; README, "CPU defaults"): mnist5k's UNet at batch 64, DDIM-20 and a training step,
-    every candidate interleaved in one process on a 2-core Xeon with AMX.
+    every candidate interleaved in one process, on three 2-core machines.
 
-    - AMX (amx_bf16): bf16 autocast runs oneDNN's AMX kernels. NCHW bf16 was fastest for both sampling (2.35x fp32
-      NCHW) and training (1.79-1.83x), ahead of channels_last bf16 (1.81x / 1.45x).
-    - otherwise fp32, where channels_last beat NCHW (sampling 1.23-1.31x, training 1.16x; on an AVX2-only EPYC
-      sampling 1.26x, training level). bf16 without AMX trained only 1.05x faster than fp32 on an EPYC with
-      avx512_bf16, and on the AVX2-only EPYC it sampled 17x and trained 9x slower.
-    The native extension's ops (fastdiff._C) lost to the torch ops in every winning layout and precision on the
-    Xeon, so they are never picked automatically (on the AVX2-only EPYC they won channels_last sampling 1.22x;
-    not yet a default, README "CPU defaults"). torch.compile (Inductor C++) is off: it sped bf16 sampling up 1.35x
-    and training 1.13x but took 30-85 s to compile, more than it saves in a 1500-step run or a 1000-image
-    evaluation.
+    - bf16 arithmetic in hardware (amx_bf16 or avx512_bf16): bf16 autocast runs oneDNN's bf16 kernels, and NCHW
+      bf16 was fastest for both sampling and training. On a Xeon with AMX: sampling 2.35x fp32 NCHW, training
+      1.79-1.83x, ahead of channels_last bf16 (1.81x / 1.45x). On an AMD EPYC (Zen 4) with avx512_bf16 and no
+      AMX: sampling 2.09x (1.56x channels_last fp32), training 1.51x (channels_last bf16 1.94x / 1.21x).
+    - otherwise (AVX2 only) fp32, where channels_last beat NCHW (sampling 1.26x, training level; on the two bf16
+      machines in fp32 too: sampling 1.23-1.34x, training 1.00-1.16x). Without bf16 instructions, bf16 autocast
+      sampled 17x and trained 9x slower than fp32.
+    The native extension's ops (fastdiff._C) lost to the torch ops in the winning layout and precision on both
+    bf16 machines, so they are never picked automatically (on the AVX2-only EPYC they won channels_last sampling
+    1.22x; not yet a default, README "CPU defaults"). torch.compile (Inductor C++) is off: it sped bf16 sampling
+    up 1.35x and training 1.13x but took 30-85 s to compile, more than it saves in a 1500-step run or a
+    1000-image evaluation.
     """
     flags = cpu_flags() if flags is None else flags
-    if "amx_bf16" in flags:
+    if "amx_bf16" in flags or "avx512_bf16" in flags:
+        unit = "AMX (amx_bf16)" if "amx_bf16" in flags else "AVX-512 BF16 (avx512_bf16)"
         return CpuChoice(sample_channels_last=False, train_channels_last=False, sample_amp="bf16", train_amp="bf16",
-                         why="AMX (amx_bf16): bf16 autocast on oneDNN's AMX kernels, NCHW (measured fastest)")
+                         why=f"{unit}: bf16 autocast on oneDNN's bf16 kernels, NCHW (measured fastest)")
     return CpuChoice(sample_channels_last=True, train_channels_last=True, sample_amp="fp32", train_amp="fp32",
-                     why="no AMX: fp32, channels_last (measured faster than NCHW; bf16 without AMX is not faster)")
+                     why="no bf16 instructions (AVX2): fp32, channels_last (measured faster than NCHW; bf16 without "
+                         "them is many times slower)")
 
 
 def sample_batch_size(device) -> int:

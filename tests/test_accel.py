@@ -41,10 +41,15 @@ def sampling_inputs(n, device="cpu"):
 
 
 def test_options_defaults_and_checks():
-    # The CPU's defaults follow its features (runtime.cpu_choice): bf16 NCHW with AMX, fp32 channels_last without.
-    amx, other = cpu_choice(frozenset({"avx512f", "amx_bf16"})), cpu_choice(frozenset({"avx2"}))
-    assert (amx.sample_amp, amx.sample_channels_last, amx.train_amp, amx.train_channels_last) == ("bf16", False,
-                                                                                                 "bf16", False)
+    # The CPU's defaults follow its features (runtime.cpu_choice): bf16 NCHW with bf16 instructions (AMX or
+    # AVX-512 BF16), fp32 channels_last without (AVX-512 without its BF16 extension included).
+    for flags in ({"avx512f", "amx_bf16"}, {"avx2", "avx512f", "avx512_bf16"}):
+        bf16 = cpu_choice(frozenset(flags))
+        assert (bf16.sample_amp, bf16.sample_channels_last, bf16.train_amp, bf16.train_channels_last) == (
+            "bf16", False, "bf16", False), flags
+    assert "AVX-512 BF16" in cpu_choice(frozenset({"avx512_bf16"})).why
+    assert cpu_choice(frozenset({"avx2", "avx512f"})).sample_amp == "fp32"
+    other = cpu_choice(frozenset({"avx2"}))
     assert (other.sample_amp, other.sample_channels_last, other.train_amp, other.train_channels_last) == (
         "fp32", True, "fp32", True)
     choice = cpu_choice()

@@ -145,6 +145,7 @@ def test_plan_puts_the_headline_rows_first():
 
 def test_cpu_plan_adds_the_default_precision_where_it_is_not_fp32(monkeypatch):
     for flags, extra in ((frozenset({"avx512f", "amx_bf16"}), {("fastdiff", "bf16"), ("diffusers", "bf16")}),
+                         (frozenset({"avx512_bf16"}), {("fastdiff", "bf16"), ("diffusers", "bf16")}),
                          (frozenset({"avx2"}), set())):
         monkeypatch.setattr(runtime, "cpu_flags", lambda flags=flags: flags)
         for job in (j for j in plan(torch.device("cpu"), True) if isinstance(j, Job)):
