@@ -519,16 +519,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_train_refiner(sub):
     p = sub.add_parser("train-refiner", help="train a refiner for a run's samples (fastdiff sample --refine)",
-                       description="Train a small UNet that maps a run's x0 estimates to cleaner images, on pairs "
-                                   "made from real training images.")
+                       description="Train a small UNet that maps a run's samples to cleaner ones: for a DDPM run on "
+                                   "its x0 estimates of noised real images, for an ADD student on its own samples "
+                                   "and its teacher's of the same noises.")
     p.add_argument("--checkpoint", help="the run (teacher or student) whose x0 estimates it refines (required "
                    "unless --resume)")
     p.add_argument("--out", required=True, help="the refiner's run directory (required)")
     p.add_argument("--steps", type=COUNT, help="total optimizer steps (default: 1500)")
     p.add_argument("--batch-size", type=COUNT, help="pairs per optimizer step (default: 128)")
     p.add_argument("--lr", type=POSITIVE, help="peak learning rate of the one-cycle schedule (default: 1e-3)")
+    p.add_argument("--inputs", choices=["noised", "samples"], help="the pairs: noised (the run's x0 estimates of "
+                   "real images noised to t in [0, t-max] -> the images) or samples (an ADD student's samples at its "
+                   "default steps -> its teacher's DDIM samples of the same noises) (default: samples for a "
+                   "student, else noised)")
     p.add_argument("--t-max", type=NON_NEGATIVE_INT,
-                   help="pairs come from x0 estimates at t in [0, t-max] (default: T/2)")
+                   help="noised pairs come from x0 estimates at t in [0, t-max] (default: T/2)")
+    p.add_argument("--pairs", type=COUNT, help="samples pairs, sampled once and cached in --out (default: 2048)")
     p.add_argument("--base-channels", type=COUNT, help="width of the refiner's UNet (default: 16)")
     p.add_argument("--seed", type=SEED, help="seed of the weights, pairs and noise (default: 0)")
     p.add_argument("--amp", choices=["auto", "fp32", "bf16", "fp16"], help="autocast of the refiner; auto: bf16 on a "
@@ -543,7 +549,7 @@ def _add_train_refiner(sub):
 REFINER_FLAGS = {  # CLI dest -> (section, option) of RefinerConfig
     "steps": "train.steps", "batch_size": "train.batch_size", "lr": "train.lr", "seed": "train.seed",
     "amp": "train.amp", "ckpt_every": "train.ckpt_every", "log_every": "train.log_every", "t_max": "refiner.t_max",
-    "base_channels": "refiner.base_channels",
+    "base_channels": "refiner.base_channels", "inputs": "refiner.inputs", "pairs": "refiner.pairs",
 }
 REFINER_RESUMABLE = {"steps", "ckpt_every", "log_every", "lr"}
 

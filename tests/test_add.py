@@ -297,9 +297,21 @@ def test_distill_errors_are_one_line(args, message, student_run, tmp_path, capsy
 def test_refiner_trains_and_applies(student_run, capsys):
     run, ref = student_run / "student", student_run / "refiner"
     assert main(["train-refiner", "--checkpoint", str(run), "--out", str(ref), "--steps", "3", "--batch-size", "8",
-                 "--base-channels", "8"]) == 0
+                 "--base-channels", "8", "--pairs", "16"]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["step"] == 3 and np.isfinite(record["loss"])
+    # A student's refiner learns its samples -> its teacher's samples of the same noises (cached in the run).
+    assert json.loads((ref / "config.json").read_text())["refiner"]["inputs"] == "samples"
+    assert [p.name for p in ref.glob("pairs-*.safetensors")] == [f"pairs-ddim20-n16-seed{1 << 32}.safetensors"]
+    noised = student_run / "refiner-noised"
+    assert main(["train-refiner", "--checkpoint", str(run), "--out", str(noised), "--steps", "1", "--batch-size",
+                 "8", "--base-channels", "8", "--inputs", "noised"]) == 0
+    assert json.loads((noised / "config.json").read_text())["refiner"]["inputs"] == "noised"
+    capsys.readouterr()
+    assert main(["train-refiner", "--checkpoint", str(student_run / "teacher"), "--out", str(student_run / "r-t"),
+                 "--steps", "1", "--inputs", "samples"]) == 2
+    err = capsys.readouterr().err
+    assert "needs an ADD student" in err and len(err.strip().splitlines()) == 1
     assert main(["sample", "--checkpoint", str(run), "--n", "4", "--refine", str(ref), "--out",
                  str(ref / "r.png")]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["refiner"] == str(ref)
@@ -314,7 +326,7 @@ def test_refiner_resume_continues_exactly(student_run, capsys):
     for 2 steps and extended to 3 is another run.)"""
     run = student_run / "student"
     common = ["--checkpoint", str(run), "--batch-size", "8", "--base-channels", "8", "--ckpt-every", "1",
-              "--log-every", "1", "--no-progress"]
+              "--log-every", "1", "--no-progress", "--pairs", "16"]
     a, b = student_run / "refiner-a", student_run / "refiner-b"
     assert main(["train-refiner", "--out", str(a), "--steps", "3", *common]) == 0
     assert main(["train-refiner", "--out", str(b), "--steps", "3", *common]) == 0

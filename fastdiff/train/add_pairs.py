@@ -36,24 +36,28 @@ class Pairs:
                      self.images.to(device))
 
 
-def teacher_pairs(teacher: Denoiser, cfg: RunConfig, cache_dir, *, device, log=None) -> Pairs:
-    """cfg.distill.regress_pairs teacher samples (DDIM-regress_steps, eta 0, teacher guidance), cached."""
+def teacher_pairs(teacher: Denoiser, cfg: RunConfig, cache_dir, *, device, log=None, n: int | None = None,
+                  seed: int = PAIR_SEED, purpose: str = "the regression loss") -> Pairs:
+    """n (default cfg.distill.regress_pairs) teacher samples of seeds seed, seed + 1, ... (DDIM-regress_steps,
+    eta 0, teacher guidance), cached."""
     dc = cfg.distill
+    n = dc.regress_pairs if n is None else n
     settings = resolve_settings(teacher, device, sampler="ddim", steps=dc.regress_steps, eta=0.0,
                                 guidance=dc.teacher_guidance)
-    meta = {"teacher": teacher.path, "n": dc.regress_pairs, "seed": PAIR_SEED, "sampler": "ddim",
+    meta = {"teacher": teacher.path, "n": n, "seed": seed, "sampler": "ddim",
             "steps": settings.steps, "guidance": settings.guidance, "spacing": settings.spacing,
             "clip": settings.clip, "amp": settings.accel.amp}
-    path = Path(cache_dir) / f"pairs-ddim{settings.steps}-n{dc.regress_pairs}.safetensors"
+    tag = "" if seed == PAIR_SEED else f"-seed{seed - PAIR_SEED}"
+    path = Path(cache_dir) / f"pairs-ddim{settings.steps}-n{n}{tag}.safetensors"
     meta_path = path.with_suffix(".json")
     if path.exists() and meta_path.exists() and ckpt.read_json(meta_path) == meta:
         t = ckpt.read_tensors(path)
         return Pairs(t["seeds"], t.get("labels"), t["images"]).to(device)
     if log:
-        log(f"sampling {dc.regress_pairs} teacher pairs for the regression loss (DDIM-{settings.steps}, guidance "
+        log(f"sampling {n} teacher pairs for {purpose} (DDIM-{settings.steps}, guidance "
             f"{settings.guidance:g}; cached as {path})")
     with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
-        result = sample(teacher, settings, n=dc.regress_pairs, seed=PAIR_SEED)  # the run's global RNG untouched
+        result = sample(teacher, settings, n=n, seed=seed)  # the run's global RNG untouched
     tensors = {"seeds": result.seeds, "images": result.images}
     if result.labels is not None:
         tensors["labels"] = result.labels
