@@ -47,10 +47,15 @@ distill-demo: setup
 # The weights shipped in fastdiff/pretrained/ (fp16, with the evaluation classifier and each model's eval.json):
 # the demo's teacher as pretrained:mnist, and its ADD student as pretrained:mnist-student when asked
 # (PRETRAINED_STUDENT=runs/mnist5k-student; the shipped one distilled the shipped teacher, README "Few-step students").
+# A refiner of the shipped student ships as pretrained:mnist-student-refiner when asked (PRETRAINED_REFINER=DIR, a
+# `fastdiff train-refiner --checkpoint pretrained:mnist-student` run); PRETRAINED_TEACHER=no ships it alone.
 PRETRAINED_STUDENT ?=
+PRETRAINED_REFINER ?=
+PRETRAINED_TEACHER ?= yes
 pretrained: setup
-	test -d $(RUN)/checkpoints || $(MAKE) demo
-	$(BIN)/python -m fastdiff.interop.pretrained --teacher $(RUN) $(if $(PRETRAINED_STUDENT),--student $(PRETRAINED_STUDENT))
+	if [ "$(PRETRAINED_TEACHER)" = yes ]; then test -d $(RUN)/checkpoints || $(MAKE) demo; fi
+	$(BIN)/python -m fastdiff.interop.pretrained $(if $(filter yes,$(PRETRAINED_TEACHER)),--teacher $(RUN)) \
+		$(if $(PRETRAINED_STUDENT),--student $(PRETRAINED_STUDENT)) $(if $(PRETRAINED_REFINER),--refiner $(PRETRAINED_REFINER))
 
 # The suite CI runs (tests marked slow excluded; `make test-all` includes them).
 test: setup

@@ -16,7 +16,7 @@ from fastdiff import checkpoint as ckpt
 from fastdiff import evaluate
 from fastdiff.data import load_dataset
 from fastdiff.evaluate import evaluate_run
-from fastdiff.interop.pretrained import CHECK, CHECK_N, CHECK_SEED
+from fastdiff.interop.pretrained import CHECK_N, CHECK_SEED, check_of
 
 FD_MARGIN = 0.10
 
@@ -24,7 +24,7 @@ NAMES = ckpt.pretrained_names()
 
 
 def test_the_package_ships_the_mnist_models():
-    assert {"mnist", "mnist-student"} <= set(NAMES)
+    assert {"mnist", "mnist-student", "mnist-student-refiner"} <= set(NAMES)
     total = sum(f.stat().st_size for f in ckpt.PRETRAINED_DIR.rglob("*") if f.is_file())
     assert total <= 8 * 2**20, f"the shipped weights take {total / 2**20:.1f} MiB (at most 8)"
 
@@ -32,8 +32,8 @@ def test_the_package_ships_the_mnist_models():
 @pytest.mark.parametrize("name", NAMES)
 def test_shipped_model_still_samples_its_figures(name):
     shipped = json.loads((ckpt.PRETRAINED_DIR / name / "eval.json").read_text())
-    settings = CHECK["-student" if name.endswith("-student") else ""]
-    got = evaluate_run(f"pretrained:{name}", n=CHECK_N, seed=CHECK_SEED, device="cpu", **settings)
+    checkpoint, settings = check_of(name)  # a refiner is scored on the samples of the student it refines
+    got = evaluate_run(checkpoint, n=CHECK_N, seed=CHECK_SEED, device="cpu", **settings)
     assert got["cond_accuracy"] >= 0.95, got
     assert abs(got["fd_cls"] - shipped["fd_cls"]) <= FD_MARGIN * shipped["fd_cls"], (got["fd_cls"], shipped)
 
@@ -53,3 +53,26 @@ def test_a_run_without_its_own_classifier_uses_the_shipped_one(tmp_path, monkeyp
     monkeypatch.setattr(evaluate, "train_classifier", lambda *a, **k: trained.append(1) or model)
     evaluate.load_or_train_classifier(train, tmp_path, steps=10)
     assert trained == [1]
+
+
+def test_a_refiner_ships_in_fp16_for_its_student_only(tmp_path):
+    import dataclasses
+
+    from fastdiff.config import preset_config
+    from fastdiff.errors import FastdiffError
+    from fastdiff.interop.pretrained import write_refiner
+    from fastdiff.models.refiner import Refiner, load_refiner, refiner_unet_config
+    from fastdiff.train.refiner import RefinerConfig
+
+    cfg = RefinerConfig(generator="pretrained:x-student", base_channels=8)
+    refiner = Refiner(refiner_unet_config(preset_config("digits").model, cfg))
+    torch.nn.init.normal_(refiner.net.conv_out.weight, std=0.1)
+    config = cfg.to_dict(model=dataclasses.asdict(refiner.net.config))
+    ckpt.save_checkpoint(tmp_path / "run", 1, tensors={"model": refiner.state_dict()}, state={"step": 1},
+                         config=config)
+    out = write_refiner(tmp_path / "run", "x-student-refiner", tmp_path / "shipped")
+    assert {t.dtype for t in ckpt.read_tensors(out / "model.safetensors").values()} == {torch.float16}
+    x = torch.rand(2, 1, 8, 8) * 2 - 1
+    torch.testing.assert_close(load_refiner(out)(x), refiner.eval()(x), atol=2e-3, rtol=0)  # fp16 weights
+    with pytest.raises(FastdiffError, match="not a refiner of pretrained:y-student"):
+        write_refiner(tmp_path / "run", "y-student-refiner", tmp_path / "shipped")

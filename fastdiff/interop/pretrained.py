@@ -5,7 +5,11 @@ Each model is a folder NAME/ with model.safetensors (the run's EMA weights in fp
 any checkpoint folder. The evaluation classifier of the teacher's dataset is copied beside them, so that eval
 scores the shipped models without training it and without writing into the installed package.
 
-Run: python -m fastdiff.interop.pretrained --teacher RUN [--student RUN] [--name mnist]
+A refiner (`fastdiff train-refiner`) of the shipped student ships as NAME-student-refiner: its weights in fp16
+and its config.json, read by `fastdiff sample --checkpoint pretrained:NAME-student --refine
+pretrained:NAME-student-refiner`.
+
+Run: python -m fastdiff.interop.pretrained [--teacher RUN] [--student RUN] [--refiner RUN] [--name mnist]
 """
 
 from __future__ import annotations
@@ -26,8 +30,17 @@ from fastdiff.evaluate import evaluate_run
 PRETRAINED_DIR = ckpt.PRETRAINED_DIR
 # The quality check of each shipped model: `make pretrained` scores it with these settings and writes eval.json
 # beside it; tests/test_pretrained.py samples it again with the same settings and compares (n, seed fixed).
-CHECK = {"": dict(sampler="ddim", steps=4), "-student": dict(sampler="student", steps=1)}
+CHECK = {"": dict(sampler="ddim", steps=4), "-student": dict(sampler="student", steps=1),
+         "-student-refiner": dict(sampler="student", steps=1)}
 CHECK_N, CHECK_SEED = 500, 0
+REFINER = "-student-refiner"
+
+
+def check_of(name: str) -> tuple[str, dict]:
+    """(checkpoint, evaluate_run settings) that score the shipped model NAME: a refiner refines its student."""
+    if name.endswith(REFINER):
+        return f"pretrained:{name[: -len(REFINER)]}-student", dict(CHECK[REFINER], refiner=f"pretrained:{name}")
+    return f"pretrained:{name}", CHECK["-student" if name.endswith("-student") else ""]
 
 
 def write_pretrained(run, name: str, out_root: Path = PRETRAINED_DIR, *, teacher_name: str | None = None) -> Path:
@@ -45,6 +58,24 @@ def write_pretrained(run, name: str, out_root: Path = PRETRAINED_DIR, *, teacher
     out.mkdir(parents=True, exist_ok=True)
     ckpt.save_tensors(out / "model.safetensors", tensors)
     ckpt.write_json_atomic(out / "config.json", cfg.to_dict())
+    return out
+
+
+def write_refiner(run, name: str, out_root: Path = PRETRAINED_DIR) -> Path:
+    """NAME/{model.safetensors (fp16 weights), config.json} from a refiner run (its generator must be the shipped
+    student it refines)."""
+    path = ckpt.resolve_checkpoint(run)
+    config = ckpt.load_json(path, "config")
+    student = f"pretrained:{name[: -len(REFINER)]}-student"
+    if config.get("kind") != "refiner" or config.get("refiner", {}).get("generator") != student:
+        raise FastdiffError(f"{run} is not a refiner of {student}; train one with `fastdiff train-refiner "
+                            f"--checkpoint {student}`")
+    tensors = {k: v.to(torch.float16) if v.is_floating_point() else v
+               for k, v in ckpt.load_tensors(path, "model").items()}
+    out = Path(out_root) / name
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.save_tensors(out / "model.safetensors", tensors)
+    ckpt.write_json_atomic(out / "config.json", config)
     return out
 
 
@@ -69,8 +100,8 @@ def copy_classifier(run, out_root: Path = PRETRAINED_DIR) -> list[Path]:
 
 def score_pretrained(folder: Path) -> dict:
     """Score a shipped model with its CHECK settings (CPU, n = CHECK_N, seed CHECK_SEED) into folder/eval.json."""
-    suffix = "-student" if folder.name.endswith("-student") else ""
-    result = evaluate_run(f"pretrained:{folder.name}", n=CHECK_N, seed=CHECK_SEED, device="cpu", **CHECK[suffix])
+    checkpoint, settings = check_of(folder.name)
+    result = evaluate_run(checkpoint, n=CHECK_N, seed=CHECK_SEED, device="cpu", **settings)
     record = {k: result[k] for k in ("n", "sampler", "steps", "guidance", "fd_cls", "fd_cls_floor", "fd_ratio",
                                      "kid", "precision", "recall", "cond_accuracy")}
     ckpt.write_json_atomic(folder / "eval.json", record)
@@ -79,17 +110,24 @@ def score_pretrained(folder: Path) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastdiff.interop.pretrained", description=__doc__.splitlines()[0])
-    p.add_argument("--teacher", required=True, help="the DDPM run to ship as NAME")
-    p.add_argument("--student", help="an ADD student of it, shipped as NAME-student")
+    p.add_argument("--teacher", help="the DDPM run to ship as NAME")
+    p.add_argument("--student", help="an ADD student of it, shipped as NAME-student (needs --teacher)")
+    p.add_argument("--refiner", help="a refiner of the shipped NAME-student, shipped as NAME-student-refiner")
     p.add_argument("--name", default="mnist", help="the pretrained name (default: mnist)")
     p.add_argument("--out", type=Path, default=PRETRAINED_DIR, help="folder of the pretrained models")
     args = p.parse_args(argv)
+    if not (args.teacher or args.refiner) or (args.student and not args.teacher):
+        p.error("pass --teacher RUN (and --student RUN), --refiner RUN, or both")
     try:
-        written = [write_pretrained(args.teacher, args.name, args.out)]
+        models = []
+        if args.teacher:
+            models.append(write_pretrained(args.teacher, args.name, args.out))
         if args.student:
-            written.append(write_pretrained(args.student, f"{args.name}-student", args.out, teacher_name=args.name))
-        written += copy_classifier(args.teacher, args.out)
-        for folder in written[: 2 if args.student else 1]:
+            models.append(write_pretrained(args.student, f"{args.name}-student", args.out, teacher_name=args.name))
+        if args.refiner:  # after the student: it refines the shipped one
+            models.append(write_refiner(args.refiner, f"{args.name}{REFINER}", args.out))
+        written = models + (copy_classifier(args.teacher, args.out) if args.teacher else [])
+        for folder in models:
             score_pretrained(folder)
     except FastdiffError as e:
         print(f"pretrained: error: {e}", file=sys.stderr)
