@@ -52,12 +52,15 @@ def write_pretrained(run, name: str, out_root: Path = PRETRAINED_DIR, *, teacher
     cfg = load_config(path / "config.json")
     if cfg.is_student and teacher_name:
         cfg.distill.teacher = f"pretrained:{teacher_name}"
-    tensors = {k: v.to(torch.float16) if v.is_floating_point() else v
-               for k, v in ckpt.load_tensors(path, "ema").items()}
-    out = Path(out_root) / name
+    return _ship(ckpt.load_tensors(path, "ema"), cfg.to_dict(), Path(out_root) / name)
+
+
+def _ship(tensors: dict, config: dict, out: Path) -> Path:
+    """out/{model.safetensors (the tensors, floating ones in fp16), config.json}."""
     out.mkdir(parents=True, exist_ok=True)
-    ckpt.save_tensors(out / "model.safetensors", tensors)
-    ckpt.write_json_atomic(out / "config.json", cfg.to_dict())
+    ckpt.save_tensors(out / "model.safetensors",
+                      {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in tensors.items()})
+    ckpt.write_json_atomic(out / "config.json", config)
     return out
 
 
@@ -70,13 +73,7 @@ def write_refiner(run, name: str, out_root: Path = PRETRAINED_DIR) -> Path:
     if config.get("kind") != "refiner" or config.get("refiner", {}).get("generator") != student:
         raise FastdiffError(f"{run} is not a refiner of {student}; train one with `fastdiff train-refiner "
                             f"--checkpoint {student}`")
-    tensors = {k: v.to(torch.float16) if v.is_floating_point() else v
-               for k, v in ckpt.load_tensors(path, "model").items()}
-    out = Path(out_root) / name
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt.save_tensors(out / "model.safetensors", tensors)
-    ckpt.write_json_atomic(out / "config.json", config)
-    return out
+    return _ship(ckpt.load_tensors(path, "model"), config, Path(out_root) / name)
 
 
 def copy_classifier(run, out_root: Path = PRETRAINED_DIR) -> list[Path]:

@@ -100,7 +100,7 @@ def sample_pairs(student, gcfg: RunConfig, n: int, session: Session) -> tuple[to
 
 
 class RefinerObjective:
-    """The refiner regressed on real images from the generator's x0 estimates (no EMA: the weights are used)."""
+    """The refiner regressed on its pairs, "noised" or "samples" (module docstring; no EMA: the weights are used)."""
 
     kind, command, ema = "refiner", "fastdiff train-refiner", False
     stats = ("loss", "unrefined_loss", "grad_norm")
