@@ -285,6 +285,9 @@ def _add_distill(sub):
                    "(default: the preset's, 2048)")
     p.add_argument("--regress-steps", type=int, help="DDIM steps of those teacher samples (default: the preset's, "
                    "20)")
+    p.add_argument("--regress-at", choices=["first", "all"], help="first: regress the pure noise at the first "
+                   "student timestep only; all: also the teacher's DDIM state at each later student timestep, for "
+                   "multi-step sampling (default: the preset's)")
     p.add_argument("--r1-gamma", type=float, help="R1 penalty weight of the discriminator (default: the preset's)")
     p.add_argument("--disc-lr", type=float, help="discriminator learning rate (default: the preset's)")
     p.add_argument("--disc-steps", type=int, help="discriminator updates per student update (default: the "
@@ -317,8 +320,8 @@ DISTILL_FLAGS = {  # CLI dest -> config key
     "log_every": "train.log_every", "sample_every": "train.sample_every", "tensorboard": "train.tensorboard",
     **{k: "distill." + k for k in (
         "student_timesteps", "adv_weight", "distill_weight", "distill_weighting", "teacher_t_min", "teacher_t_max",
-        "teacher_guidance", "regress_weight", "regress_pairs", "regress_steps", "r1_gamma", "disc_lr", "disc_steps",
-        "augment", "backbone", "train_backbone",
+        "teacher_guidance", "regress_weight", "regress_pairs", "regress_steps", "regress_at", "r1_gamma", "disc_lr",
+        "disc_steps", "augment", "backbone", "train_backbone",
         "backbone_steps", "backbone_size", "disc_heads", "disc_head", "disc_mbstd", "spectral_norm")},
 }
 DISTILL_RESUMABLE = set(LOOP_RESUMABLE)

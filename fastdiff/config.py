@@ -130,6 +130,10 @@ class ADDConfig:
     regress_weight: float = 0.0
     regress_pairs: int = 2048
     regress_steps: int = 20
+    # first: only the pure noise at the first student timestep; all: also the teacher's DDIM state of the same
+    # noise at each later student timestep -> the same sample (the multistep sampler's later steps then keep a
+    # deterministic target, as in consistency distillation, instead of ADD alone)
+    regress_at: str = "first"
     # Discriminator: hinge loss + r1_gamma / 2 * E ||grad of D(real) w.r.t. the head inputs||^2
     r1_gamma: float = 1e-4
     disc_lr: float = 1e-4

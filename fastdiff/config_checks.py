@@ -171,6 +171,8 @@ def validate(cfg) -> None:
         if not dc.teacher_t_min <= dc.teacher_t_max <= T - 1:
             raise ConfigError(f"distill.teacher_t_min {dc.teacher_t_min} and teacher_t_max {dc.teacher_t_max} must "
                               f"satisfy 0 <= min <= max <= {T - 1}")
+        if dc.regress_at not in ("first", "all"):
+            raise ConfigError(f"distill.regress_at {dc.regress_at!r} is not one of first, all")
         if dc.backbone_dim % dc.backbone_heads:
             raise ConfigError(f"distill.backbone_dim {dc.backbone_dim} is not divisible by backbone_heads "
                               f"{dc.backbone_heads}")

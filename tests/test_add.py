@@ -80,7 +80,7 @@ def test_c_of_t_and_distillation_gradient():
 
 def test_regression_loss_feeds_each_pairs_noise_at_the_first_student_timestep():
     """A student predicting x0 = 0: the loss is the mean square of the drawn pairs' images; its input is exactly
-    the drawn pairs' noise, at t = 999, with their labels."""
+    the drawn pairs' noise, at t = 999 (the first of the student timesteps 999, 499), with their labels."""
     seen = []
 
     def student(x, t, labels):
@@ -90,8 +90,8 @@ def test_regression_loss_feeds_each_pairs_noise_at_the_first_student_timestep():
     w = torch.zeros((), requires_grad=True)
     seeds = seeds_for(PAIR_SEED, 5)
     pairs = Pairs(seeds, torch.arange(5), torch.arange(5.0).view(5, 1, 1, 1).expand(5, 1, 8, 8).contiguous())
-    loss = regression_loss(student, NoiseSchedule("linear"), pairs, 999, 7, torch.Generator().manual_seed(0),
-                           prediction="x0")
+    loss = regression_loss(student, NoiseSchedule("linear"), pairs, (999, 499), 7,
+                           torch.Generator().manual_seed(0), prediction="x0")
     (x, t, labels), = seen
     assert t.tolist() == [999] * 7
     noises = initial_noise(seeds, (1, 8, 8))
@@ -100,6 +100,67 @@ def test_regression_loss_feeds_each_pairs_noise_at_the_first_student_timestep():
     torch.testing.assert_close(loss, torch.tensor([float(i) ** 2 for i in idx]).mean())
     loss.backward()
     assert w.grad is not None
+
+
+def test_regression_loss_with_states_feeds_each_pair_at_a_drawn_student_timestep():
+    """With pair states at the later student timesteps, each row is a pair's noise at 999 or its state at 749 or
+    249, at that timestep, regressed onto the pair's image; pairs of other timesteps are refused."""
+    seen = []
+
+    def student(x, t, labels):
+        seen.append((x, t, labels))
+        return torch.zeros_like(x)
+
+    seeds = seeds_for(PAIR_SEED, 4)
+    images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 8, 8).contiguous()
+    states = torch.stack([torch.full((2, 1, 8, 8), 10.0 * i) + torch.tensor([1.0, 2.0]).view(2, 1, 1, 1)
+                          for i in range(4)])  # pair i's state k is 10 i + k + 1
+    pairs = Pairs(seeds, torch.arange(4), images, states, (749, 249))
+    loss = regression_loss(student, NoiseSchedule("linear"), pairs, (999, 749, 249), 64,
+                           torch.Generator().manual_seed(0), prediction="x0")
+    (x, t, labels), = seen
+    noises = initial_noise(seeds, (1, 8, 8))
+    assert set(t.tolist()) == {999, 749, 249}
+    for row, ts, i in zip(x, t.tolist(), labels.tolist()):
+        expected = noises[i] if ts == 999 else torch.full((1, 8, 8), 10.0 * i + (1 if ts == 749 else 2))
+        assert torch.equal(row, expected)
+    torch.testing.assert_close(loss, (labels.float() ** 2).mean())
+    with pytest.raises(ConfigError, match="not at the student's later timesteps"):
+        regression_loss(student, NoiseSchedule("linear"), pairs, (999, 499, 249), 4, torch.Generator(),
+                        prediction="x0")
+
+
+def test_teacher_pairs_keep_the_ddim_state_at_each_later_student_timestep(student_run, tmp_path, monkeypatch):
+    """The states are the inputs of the teacher's DDIM steps at 749 and 249 on each noise's own trajectory, in
+    batches of 64 as in one batch (fp32, the CPU default without bf16 instructions, which batches do not change);
+    the images equal the pairs without states; a grid that never steps from a student timestep is refused."""
+    import fastdiff.runtime
+
+    monkeypatch.setattr(fastdiff.runtime, "cpu_flags", lambda: frozenset({"avx2"}))
+    from fastdiff.diffusion import make_timesteps
+    from fastdiff.sampling import resolve_settings, sample
+    from fastdiff.train.add_pairs import teacher_pairs
+
+    teacher = load_run(student_run / "teacher", "cpu")
+    cfg = apply_overrides(distill_config(teacher.config, str(student_run / "teacher")),
+                          {"distill.regress_steps": 4, "distill.regress_pairs": 70})
+    one_batch = resolve_settings(teacher, "cpu", sampler="ddim", steps=4, eta=0.0, batch_size=128,
+                                 guidance=cfg.distill.teacher_guidance)
+    assert make_timesteps(1000, 4, one_batch.spacing).tolist() == [999, 749, 499, 249]
+    with_states = teacher_pairs(teacher, cfg, tmp_path, device="cpu", states_at=(749, 249))
+    plain = teacher_pairs(teacher, cfg, tmp_path, device="cpu")
+    assert with_states.states.shape == (70, 2, 1, 8, 8) and with_states.states_at == (749, 249)
+    torch.testing.assert_close(with_states.images, plain.images, atol=1e-5, rtol=0)
+    assert torch.equal(with_states.seeds, plain.seeds) and torch.equal(with_states.labels, plain.labels)
+    trajectory = []  # x after each step of one batch of all 70
+    sample(teacher, one_batch, n=70, seed=PAIR_SEED, callback=lambda i, t, x, x0: trajectory.append(x.clone()))
+    torch.testing.assert_close(with_states.states[:, 0], trajectory[0], atol=1e-5, rtol=0)  # after the 999 step
+    torch.testing.assert_close(with_states.states[:, 1], trajectory[2], atol=1e-5, rtol=0)  # after the 499 step
+    again = teacher_pairs(teacher, cfg, tmp_path, device="cpu", states_at=(749, 249))  # read from the cache
+    assert torch.equal(again.states, with_states.states)
+    with pytest.raises(ConfigError, match="never steps from student timesteps"):
+        teacher_pairs(teacher, apply_overrides(cfg, {"distill.regress_steps": 3}), tmp_path, device="cpu",
+                      states_at=(749, 249))
 
 
 def _tiny_setup(train_backbone=False):

@@ -111,7 +111,8 @@ class ADDObjective:
         tc, dc, device = session.tc, cfg.distill, session.device
         self.cfg, self.tc, self.world, self.device = cfg, tc, session.world, device
         teacher = load_teacher(cfg, device)
-        self.pairs = (teacher_pairs(teacher, cfg, cache_dir(dc, session.run_dir), device=device, log=session.log)
+        self.pairs = (teacher_pairs(teacher, cfg, cache_dir(dc, session.run_dir), device=device, log=session.log,
+                                    states_at=dc.student_timesteps[1:] if dc.regress_at == "all" else ())
                       if dc.regress_weight > 0 else None)
         self.memory_format = session.memory_format
         # the run's layout, whatever sampling the pairs left it in (fresh and cached pairs give the same run)
@@ -161,7 +162,7 @@ class ADDObjective:
         loss = dc.adv_weight * g_adv + dc.distill_weight * dist
         reg = torch.zeros((), device=self.device)
         if self.pairs is not None:
-            reg = regression_loss(self.forward, self.schedule, self.pairs, dc.student_timesteps[0], x0.shape[0], gen,
+            reg = regression_loss(self.forward, self.schedule, self.pairs, dc.student_timesteps, x0.shape[0], gen,
                                   prediction=prediction, amp=tc.amp)
             loss = loss + dc.regress_weight * reg
         return loss, (x0_s.detach(), g_adv.detach(), dist.detach(), reg.detach())

@@ -71,18 +71,28 @@ def distillation_loss(teacher, schedule, x0_student, labels, gen, *, prediction:
     return (c_of_t(weighting, ab.view(-1)) * per_sample).mean()
 
 
-def regression_loss(student, schedule, pairs, t: int, batch: int, gen, *, prediction: str,
+def regression_loss(student, schedule, pairs, timesteps, batch: int, gen, *, prediction: str,
                     amp: str = "fp32") -> torch.Tensor:
-    """mean ||x0_student(z, t) - teacher sample of z||^2 over `batch` pairs drawn from `pairs` (DMD's regression
-    loss): z is a pair's pure noise, fed at the first student timestep t as the few-step sampler feeds it."""
+    """mean ||x0_student(input, t) - teacher sample of z||^2 over `batch` pairs drawn from `pairs` (DMD's regression
+    loss). Without pair states the input is a pair's pure noise z at the first student timestep, as the few-step
+    sampler feeds it; with them (`Pairs.states_at`, the later student timesteps) each pair draws one of the
+    student timesteps `timesteps` uniformly, and at a later one the input is the teacher's DDIM state of z there."""
     device = pairs.images.device
     idx = torch.randint(0, len(pairs.seeds), (batch,), device=device, generator=gen)
-    z = initial_noise(pairs.seeds[idx], pairs.images.shape[1:], device)
+    x = initial_noise(pairs.seeds[idx], pairs.images.shape[1:], device)
     labels = pairs.labels[idx] if pairs.labels is not None else None
-    ts = torch.full((batch,), t, device=device, dtype=torch.long)
+    ts = torch.full((batch,), int(timesteps[0]), device=device, dtype=torch.long)
+    if pairs.states is not None:
+        if tuple(int(t) for t in timesteps[1:]) != pairs.states_at:
+            raise ConfigError(f"the pairs hold states at t={list(pairs.states_at)}, not at the student's later "
+                              f"timesteps {[int(t) for t in timesteps[1:]]}")
+        k = torch.randint(0, len(timesteps), (batch,), device=device, generator=gen)
+        later = k > 0
+        x = torch.where(later.view(-1, 1, 1, 1), pairs.states[idx, (k - 1).clamp(min=0)], x)
+        ts = torch.as_tensor(list(timesteps), device=device, dtype=torch.long)[k]
     with autocast(device, amp):
-        out = student(z, ts, labels)
-    x0 = to_x0(prediction, z, out.float(), schedule.alphas_cumprod[ts].view(-1, 1, 1, 1))
+        out = student(x, ts, labels)
+    x0 = to_x0(prediction, x, out.float(), schedule.alphas_cumprod[ts].view(-1, 1, 1, 1))
     return (x0 - pairs.images[idx]).pow(2).mean()
 
 

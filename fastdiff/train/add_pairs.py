@@ -9,6 +9,12 @@ teacher guidance, drawn once through the sampling entry point and cached beside 
 backbone, keyed by the teacher's checkpoint and the settings. Only the seeds, labels and images are kept: a
 pair's noise is `initial_noise` of its seed. The seeds start at PAIR_SEED, far from the 0, 1, ... that sample
 and eval use, so a student is never scored on the noises it regressed on.
+
+A multi-step student's later steps start from its own x0 re-noised to a later student timestep s, which ADD alone
+trains to forget its input as the first step did. With `states_at` the pairs also keep the teacher's DDIM state of
+each noise at those timesteps (the input of the DDIM step at s, on the same deterministic trajectory), so the
+regression loss can tie each state to the same sample: the probability-flow map from x_s to x0 that consistency
+models learn, here on cached pairs.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import torch
 
 from fastdiff import checkpoint as ckpt
 from fastdiff.config import RunConfig
-from fastdiff.sampling import Denoiser, resolve_settings, sample
+from fastdiff.diffusion import make_timesteps
+from fastdiff.errors import ConfigError
+from fastdiff.sampling import Denoiser, labels_for, resolve_settings, sample
 
 PAIR_SEED = 1 << 40
 
@@ -30,38 +38,80 @@ class Pairs:
     seeds: torch.Tensor  # int64 (n,)
     labels: torch.Tensor | None  # int64 (n,) on a conditional teacher
     images: torch.Tensor  # float32 (n, C, H, W): the teacher's sample of each seed's noise
+    states: torch.Tensor | None = None  # float32 (n, len(states_at), C, H, W): its DDIM state at each of states_at
+    states_at: tuple[int, ...] = ()
 
     def to(self, device) -> "Pairs":
-        return Pairs(self.seeds.to(device), self.labels.to(device) if self.labels is not None else None,
-                     self.images.to(device))
+        move = lambda t: t.to(device) if t is not None else None  # noqa: E731
+        return Pairs(move(self.seeds), move(self.labels), move(self.images), move(self.states), self.states_at)
+
+
+def own_rng(device):
+    """A context in which sampling leaves the run's global random state as it was (a resumed run stays exact)."""
+    return torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else [])
 
 
 def teacher_pairs(teacher: Denoiser, cfg: RunConfig, cache_dir, *, device, log=None, n: int | None = None,
-                  seed: int = PAIR_SEED, purpose: str = "the regression loss") -> Pairs:
+                  seed: int = PAIR_SEED, purpose: str = "the regression loss", states_at=()) -> Pairs:
     """n (default cfg.distill.regress_pairs) teacher samples of seeds seed, seed + 1, ... (DDIM-regress_steps,
-    eta 0, teacher guidance), cached."""
+    eta 0, teacher guidance), with their DDIM states at the timesteps `states_at` where asked; cached."""
     dc = cfg.distill
     n = dc.regress_pairs if n is None else n
+    states_at = tuple(int(t) for t in states_at)
     settings = resolve_settings(teacher, device, sampler="ddim", steps=dc.regress_steps, eta=0.0,
                                 guidance=dc.teacher_guidance)
     meta = {"teacher": teacher.path, "n": n, "seed": seed, "sampler": "ddim",
             "steps": settings.steps, "guidance": settings.guidance, "spacing": settings.spacing,
             "clip": settings.clip, "amp": settings.accel.amp}
     tag = "" if seed == PAIR_SEED else f"-seed{seed - PAIR_SEED}"
+    if states_at:
+        meta["states_at"] = list(states_at)
+        tag += "-states" + "-".join(map(str, states_at))
     path = Path(cache_dir) / f"pairs-ddim{settings.steps}-n{n}{tag}.safetensors"
     meta_path = path.with_suffix(".json")
     if path.exists() and meta_path.exists() and ckpt.read_json(meta_path) == meta:
         t = ckpt.read_tensors(path)
-        return Pairs(t["seeds"], t.get("labels"), t["images"]).to(device)
+        return Pairs(t["seeds"], t.get("labels"), t["images"], t.get("states"), states_at).to(device)
+    grid = make_timesteps(teacher.schedule.num_timesteps, settings.steps, settings.spacing).tolist()
+    missing = [t for t in states_at if t not in grid[1:]]  # step 0's input is the noise itself
+    if missing:
+        raise ConfigError(f"the teacher's DDIM-{settings.steps} ({settings.spacing} spacing) never steps from student "
+                          f"timesteps {missing}, so it has no state there to regress on; pick --regress-steps so "
+                          f"that it does (20 visits 999, 749, 499 and 249) or --regress-at first")
     if log:
         log(f"sampling {n} teacher pairs for {purpose} (DDIM-{settings.steps}, guidance "
-            f"{settings.guidance:g}; cached as {path})")
-    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
-        result = sample(teacher, settings, n=n, seed=seed)  # the run's global RNG untouched
-    tensors = {"seeds": result.seeds, "images": result.images}
-    if result.labels is not None:
-        tensors["labels"] = result.labels
+            f"{settings.guidance:g}{f', states at t={list(states_at)}' if states_at else ''}; cached as {path})")
+    with own_rng(device):
+        pairs = _sample_pairs(teacher, settings, n, seed, [grid.index(t) for t in states_at])
+    pairs.states_at = states_at
+    tensors = {k: v for k, v in (("seeds", pairs.seeds), ("images", pairs.images), ("labels", pairs.labels),
+                                 ("states", pairs.states)) if v is not None}
     path.parent.mkdir(parents=True, exist_ok=True)
     ckpt.save_tensors(path, tensors)
     ckpt.write_json_atomic(meta_path, meta)
-    return Pairs(result.seeds, result.labels, result.images).to(device)
+    return pairs.to(device)
+
+
+def _sample_pairs(teacher: Denoiser, settings, n: int, seed: int, steps: list[int]) -> Pairs:
+    """`sample` of the n seeds; with `steps`, batch by batch (its step callback sees one batch), keeping the input
+    x of each DDIM step in `steps` (the output of the step before it)."""
+    if not steps:
+        res = sample(teacher, settings, n=n, seed=seed)
+        return Pairs(res.seeds, res.labels, res.images)
+    labels = labels_for(None, n, teacher.num_classes)
+    seeds, labs, images, states = [], [], [], []
+    for start in range(0, n, settings.batch_size):
+        size = min(settings.batch_size, n - start)
+        kept: dict[int, torch.Tensor] = {}
+
+        def keep(i, t, x, x0):
+            if i + 1 in steps:
+                kept[i + 1] = x.float().cpu().contiguous()
+
+        res = sample(teacher, settings, n=size, seed=seed + start, callback=keep,
+                     labels=labels[start : start + size] if labels is not None else None)
+        seeds.append(res.seeds)
+        images.append(res.images)
+        labs += [res.labels] if res.labels is not None else []
+        states.append(torch.stack([kept[k] for k in steps], dim=1))
+    return Pairs(torch.cat(seeds), torch.cat(labs) if labs else None, torch.cat(images), torch.cat(states))
