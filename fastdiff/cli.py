@@ -538,8 +538,6 @@ def _add_train_refiner(sub):
     p.add_argument("--t-max", type=NON_NEGATIVE_INT,
                    help="noised pairs come from x0 estimates at t in [0, t-max] (default: T/2)")
     p.add_argument("--pairs", type=COUNT, help="samples pairs, sampled once and cached in --out (default: 2048)")
-    p.add_argument("--sample-steps", type=COUNT, help="samples pairs: the student's steps (default: its default "
-                   "steps)")
     p.add_argument("--base-channels", type=COUNT, help="width of the refiner's UNet (default: 16)")
     p.add_argument("--seed", type=SEED, help="seed of the weights, pairs and noise (default: 0)")
     p.add_argument("--amp", choices=["auto", "fp32", "bf16", "fp16"], help="autocast of the refiner; auto: bf16 on a "
@@ -555,7 +553,6 @@ REFINER_FLAGS = {  # CLI dest -> (section, option) of RefinerConfig
     "steps": "train.steps", "batch_size": "train.batch_size", "lr": "train.lr", "seed": "train.seed",
     "amp": "train.amp", "ckpt_every": "train.ckpt_every", "log_every": "train.log_every", "t_max": "refiner.t_max",
     "base_channels": "refiner.base_channels", "inputs": "refiner.inputs", "pairs": "refiner.pairs",
-    "sample_steps": "refiner.sample_steps",
 }
 REFINER_RESUMABLE = {"steps", "ckpt_every", "log_every", "lr"}
 

@@ -4,13 +4,12 @@ objective of the training loop (`fastdiff.train.loop`: AMP, compile, CUDA graphs
 Two kinds of pairs (`inputs`), both regressed with an MSE loss under a one-cycle learning rate:
 - "noised" (a DDPM run's default): a real image x0 is noised to t ~ U[t_min, t_max], the generator run (frozen,
   EMA weights) predicts x0_hat from it as its sampler does at its last step, and the refiner learns x0_hat -> x0.
-- "samples" (an ADD student's default): the student's own samples at its default sampler (its step count, or
-  `sample_steps`) of `pairs` noises, and its frozen teacher's DDIM samples of the same noises
-  (`fastdiff.train.add_pairs`, cached in the refiner's run, seeds apart from the student's regression pairs and from
-  eval's); the refiner learns student sample -> teacher sample. A few-step student's samples come from pure noise,
-  where no real image is the answer: on mnist5k a "noised" refiner of the 1-step student took its FD_cls from 2.4x
-  to 26.7x the floor (it learned to correct the student's poor x0 estimates of noised real images, which its samples
-  are not).
+- "samples" (an ADD student's default): the student's own samples at its default sampler (its step count) of
+  `pairs` noises, and its frozen teacher's DDIM samples of the same noises (`fastdiff.train.add_pairs`, cached
+  in the refiner's run, seeds apart from the student's regression pairs and from eval's); the refiner learns
+  student sample -> teacher sample. A few-step student's samples come from pure noise, where no real image is
+  the answer: on mnist5k a "noised" refiner of the 1-step student took its FD_cls from 2.4x to 26.7x the floor
+  (it learned to correct the student's poor x0 estimates of noised real images, which its samples are not).
 """
 
 from __future__ import annotations
@@ -50,7 +49,6 @@ class RefinerConfig:
     generator: str = ""  # the run whose x0 estimates are refined
     inputs: str | None = None  # "noised" | "samples" (module docstring); None: samples for a student, else noised
     pairs: int = 2048  # "samples" pairs
-    sample_steps: int | None = None  # "samples" pairs: the student's samples at this many steps (None: its default)
     t_min: int = 0  # pairs come from x0 estimates at t uniform on [t_min, t_max]
     t_max: int | None = None  # None: half the generator's training timesteps
     base_channels: int = 16
@@ -88,15 +86,13 @@ def make_pairs(loaded, x0: torch.Tensor, labels, t_min: int, t_max: int, gen) ->
     return x0_hat.clamp(-sc.clip, sc.clip) if sc.clip is not None else x0_hat
 
 
-def sample_pairs(student, gcfg: RunConfig, n: int, session: Session,
-                 steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the student's samples at its default sampler, at `steps` steps where given, its teacher's DDIM samples)
-    of the same n noises."""
+def sample_pairs(student, gcfg: RunConfig, n: int, session: Session) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the student's samples at its default sampler, its teacher's DDIM samples) of the same n noises."""
     device = session.device
     target = teacher_pairs(load_teacher(gcfg, device), gcfg, session.run_dir, device=device, log=session.log, n=n,
                            seed=REFINER_PAIR_SEED, purpose="the refiner")
     with own_rng(device):
-        own = sample(student, resolve_settings(student, device, steps=steps), n=n, seed=REFINER_PAIR_SEED)
+        own = sample(student, resolve_settings(student, device), n=n, seed=REFINER_PAIR_SEED)
     if target.labels is not None and not torch.equal(own.labels.to(device), target.labels):
         raise ConfigError("the student's and its teacher's pair labels differ; train-refiner needs both runs' "
                           "num_classes to agree")
@@ -120,8 +116,7 @@ class RefinerObjective:
         self.parts = [Part("model", model, opt, one_cycle_lr(tc.lr, tc.steps), grad_scaler(device, tc.amp))]
         forward = compile_fn(session.world.wrap(model), session.accel)
         conditional = gcfg.model.num_classes > 0
-        pairs = (sample_pairs(self.loaded, gcfg, cfg.pairs, session, cfg.sample_steps) if cfg.inputs == "samples"
-                 else None)
+        pairs = sample_pairs(self.loaded, gcfg, cfg.pairs, session) if cfg.inputs == "samples" else None
 
         def loss_fn(gen, x0, labels):
             if pairs is None:
@@ -149,8 +144,7 @@ class RefinerObjective:
     def describe(self) -> str:
         n_params = sum(p.numel() for p in self.parts[0].module.parameters())
         on = (f"x0 estimates at t in [{self.cfg.t_min}, {self.t_max}]" if self.cfg.inputs == "noised" else
-              f"its samples ({self.cfg.sample_steps or 'default'} steps) of {self.cfg.pairs} noises -> its "
-              "teacher's")
+              f"its samples of {self.cfg.pairs} noises -> its teacher's")
         return f"a refiner for {self.cfg.generator} on {on} params={n_params / 1e6:.2f}M"
 
 
@@ -171,9 +165,6 @@ def train_refiner(cfg: RefinerConfig, out, *, device="auto", resume: bool = Fals
                           f"{cfg.generator} is not one: use inputs 'noised'")
     if cfg.pairs < 1:
         raise ConfigError(f"refiner: pairs must be at least 1, not {cfg.pairs}")
-    if cfg.sample_steps is not None and cfg.inputs != "samples":
-        raise ConfigError("refiner: sample_steps picks the student's steps of 'samples' pairs; drop it for inputs "
-                          "'noised'")
     data = load_dataset(gcfg.data.dataset, "train", data_dir=gcfg.data.data_dir, image_size=gcfg.model.image_size,
                         channels=gcfg.model.in_channels)
     config = cfg.to_dict(model=asdict(refiner_unet_config(gcfg.model, cfg)))
