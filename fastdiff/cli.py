@@ -532,9 +532,9 @@ def _add_train_refiner(sub):
     p.add_argument("--batch-size", type=COUNT, help="pairs per optimizer step (default: 128)")
     p.add_argument("--lr", type=POSITIVE, help="peak learning rate of the one-cycle schedule (default: 1e-3)")
     p.add_argument("--inputs", choices=["noised", "samples"], help="the pairs: noised (the run's x0 estimates of "
-                   "real images noised to t in [0, t-max] -> the images) or samples (an ADD student's samples at its "
-                   "default steps -> its teacher's DDIM samples of the same noises) (default: samples for a "
-                   "student, else noised)")
+                   "real images noised to t in [0, t-max] -> the images) or samples (an ADD student's 1-step samples "
+                   "-> its teacher's DDIM samples of the same noises) (default: samples for a student, else "
+                   "noised)")
     p.add_argument("--t-max", type=NON_NEGATIVE_INT,
                    help="noised pairs come from x0 estimates at t in [0, t-max] (default: T/2)")
     p.add_argument("--pairs", type=COUNT, help="samples pairs, sampled once and cached in --out (default: 2048)")

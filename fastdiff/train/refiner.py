@@ -4,12 +4,12 @@ objective of the training loop (`fastdiff.train.loop`: AMP, compile, CUDA graphs
 Two kinds of pairs (`inputs`), both regressed with an MSE loss under a one-cycle learning rate:
 - "noised" (a DDPM run's default): a real image x0 is noised to t ~ U[t_min, t_max], the generator run (frozen,
   EMA weights) predicts x0_hat from it as its sampler does at its last step, and the refiner learns x0_hat -> x0.
-- "samples" (an ADD student's default): the student's own samples at its default sampler (its step count) of
-  `pairs` noises, and its frozen teacher's DDIM samples of the same noises (`fastdiff.train.add_pairs`, cached
-  in the refiner's run, seeds apart from the student's regression pairs and from eval's); the refiner learns
-  student sample -> teacher sample. A few-step student's samples come from pure noise, where no real image is
-  the answer: on mnist5k a "noised" refiner of the 1-step student took its FD_cls from 2.4x to 26.7x the floor
-  (it learned to correct the student's poor x0 estimates of noised real images, which its samples are not).
+- "samples" (an ADD student's default): the student's own 1-step samples of `pairs` noises, and its frozen teacher's
+  DDIM samples of the same noises (`fastdiff.train.add_pairs`, cached in the refiner's run, seeds apart from the
+  student's regression pairs and from eval's); the refiner learns student sample -> teacher sample. A few-step
+  student's samples come from pure noise, where no real image is the answer: on mnist5k a "noised" refiner of the
+  1-step student took its FD_cls from 2.4x to 26.7x the floor (it learned to correct the student's poor x0 estimates
+  of noised real images, which its samples are not).
 """
 
 from __future__ import annotations
@@ -87,12 +87,17 @@ def make_pairs(loaded, x0: torch.Tensor, labels, t_min: int, t_max: int, gen) ->
 
 
 def sample_pairs(student, gcfg: RunConfig, n: int, session: Session) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the student's samples at its default sampler, its teacher's DDIM samples) of the same n noises."""
+    """(the student's 1-step samples, its teacher's DDIM samples) of the same n noises.
+
+    One step: a 1-step sample is a function of its noise alone, as the teacher's DDIM sample is. A multi-step
+    student re-noises its x0 with fresh noise at each later step, so its sample is not the teacher's sample of
+    the first noise gone astray: on mnist5k a refiner trained on 4-step pairs took the 4-step student from 2.1x to
+    13.9x the floor (README, "Few-step students")."""
     device = session.device
     target = teacher_pairs(load_teacher(gcfg, device), gcfg, session.run_dir, device=device, log=session.log, n=n,
                            seed=REFINER_PAIR_SEED, purpose="the refiner")
     with own_rng(device):
-        own = sample(student, resolve_settings(student, device), n=n, seed=REFINER_PAIR_SEED)
+        own = sample(student, resolve_settings(student, device, steps=1), n=n, seed=REFINER_PAIR_SEED)
     if target.labels is not None and not torch.equal(own.labels.to(device), target.labels):
         raise ConfigError("the student's and its teacher's pair labels differ; train-refiner needs both runs' "
                           "num_classes to agree")
