@@ -76,6 +76,13 @@ def mix_seed(seed: int, step: int, stream: int = 0) -> int:
     return x & (2**63 - 1)
 
 
+def isolated_rng(device):
+    """A context that restores the global random state (CPU, and `device`'s on a GPU) on exit: what a run derives
+    inside it (teacher pairs, a pretrained backbone, samples) leaves the run's own draws as they were, so a run is
+    the same whether it made such a file or read it from the cache (and on every process of a distributed run)."""
+    return torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else [])
+
+
 def step_generator(seed: int, step: int, device, stream: int = 0) -> torch.Generator:
     return torch.Generator(device).manual_seed(mix_seed(seed, step, stream))
 

@@ -355,13 +355,22 @@ def test_distill_errors_are_one_line(args, message, student_run, tmp_path, capsy
     assert message in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_refiner_trains_and_applies(student_run, capsys):
+def test_refiner_trains_and_applies(student_run, capsys, monkeypatch):
+    import fastdiff.train.refiner
+
     run, ref = student_run / "student", student_run / "refiner"
+    sampled = []
+    real_sample = fastdiff.train.refiner.sample
+    monkeypatch.setattr(fastdiff.train.refiner, "sample", lambda denoiser, settings, **kw: (
+        sampled.append((denoiser.config.is_student, settings.sampler, settings.steps)),
+        real_sample(denoiser, settings, **kw))[1])
     assert main(["train-refiner", "--checkpoint", str(run), "--out", str(ref), "--steps", "3", "--batch-size", "8",
                  "--base-channels", "8", "--pairs", "16"]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["step"] == 3 and np.isfinite(record["loss"])
-    # A student's refiner learns its samples -> its teacher's samples of the same noises (cached in the run).
+    # A student's refiner learns its 1-step samples (this student samples 4 steps by default) -> its teacher's
+    # samples of the same noises (cached in the run).
+    assert sampled == [(True, "student", 1)]
     assert json.loads((ref / "config.json").read_text())["refiner"]["inputs"] == "samples"
     assert [p.name for p in ref.glob("pairs-*.safetensors")] == [f"pairs-ddim20-n16-seed{1 << 32}.safetensors"]
     noised = student_run / "refiner-noised"
@@ -406,9 +415,46 @@ def test_refiner_resume_continues_exactly(student_run, capsys):
     assert [r["step"] for r in stats] == [1, 2, 3] and all(r["unrefined_loss"] > 0 for r in stats)
 
 
+def test_a_student_is_the_same_whether_its_backbone_and_pairs_were_cached(student_run, tmp_path):
+    """Pretraining the ViT backbone and sampling the teacher pairs leave the run's random state alone: students a
+    (backbone cached by the fixture, pairs made), b (both made) and c (both read from b's cache) are the same."""
+    fresh = tmp_path / "teacher"
+    shutil.copytree(student_run / "teacher", fresh)
+    for f in [*fresh.glob("vit-*"), *fresh.glob("pairs-*")]:
+        f.unlink()
+    args = ["--steps", "1", "--backbone-steps", "3", "--r1-gamma", "0.1", "--regress-weight", "1", "--regress-pairs",
+            "4", "--regress-steps", "4", "--regress-at", "all", *TINY]
+    assert main(["distill", "--teacher", str(student_run / "teacher"), "--out", str(tmp_path / "a"), *args]) == 0
+    assert main(["distill", "--teacher", str(fresh), "--out", str(tmp_path / "b"), *args]) == 0  # makes its own
+    assert main(["distill", "--teacher", str(fresh), "--out", str(tmp_path / "c"), *args]) == 0  # reads them
+    assert "pretraining the ViT" in (tmp_path / "b" / "log.txt").read_text()
+    assert "pretraining the ViT" not in (tmp_path / "c" / "log.txt").read_text()
+    for run in ("b", "c"):
+        for name in ("model", "disc"):
+            ta = ckpt.load_tensors(ckpt.latest_checkpoint(tmp_path / "a"), name)
+            tb = ckpt.load_tensors(ckpt.latest_checkpoint(tmp_path / run), name)
+            assert all(torch.equal(ta[k], tb[k]) for k in ta), f"{run}: {name} differs"
+
+
 def test_caches_go_beside_a_local_teacher_and_into_the_run_of_a_pretrained_one(student_run, tmp_path):
     from fastdiff.config import ADDConfig
     from fastdiff.train.add import cache_dir
 
     assert cache_dir(ADDConfig(teacher=str(student_run / "teacher")), tmp_path) == student_run / "teacher"
     assert cache_dir(ADDConfig(teacher="pretrained:mnist"), tmp_path) == tmp_path  # never inside the package
+
+
+def test_distill_table_targets_are_the_issues():
+    """4 steps within 1.3x the teacher's DDIM-50 and 1 step within 1.5x, each with >= 97% accuracy; refined rows
+    are checked apart."""
+    from fastdiff.distill_table import targets
+
+    def row(model, steps, fd, acc=0.99, refined=False):
+        return {"model": model, "steps": steps, "fd_cls": fd, "cond_accuracy": acc, "refined": refined}
+
+    records = [row("teacher", 50, 1.0), row("teacher", 4, 3.0), row("student", 1, 1.5), row("student", 4, 1.31),
+               row("student", 1, 1.2, acc=0.96, refined=True), row("student", 4, 1.3, refined=True)]
+    assert targets(records) == {"student4_within_1.3x_teacher50_acc97": False,
+                                "student1_within_1.5x_teacher50_acc97": True,
+                                "student4_within_1.3x_teacher50_acc97_refined": True,
+                                "student1_within_1.5x_teacher50_acc97_refined": False}

@@ -23,6 +23,7 @@ from torch import nn
 
 from fastdiff.checkpoint import check_finite, read_json, read_tensors, save_tensors, write_json_atomic
 from fastdiff.errors import CheckpointError, ConfigError
+from fastdiff.runtime import isolated_rng
 
 
 @dataclass
@@ -283,7 +284,6 @@ def pretrain_vit(images: torch.Tensor, labels: torch.Tensor, cfg: ViTConfig, *, 
                  batch_size: int = 128, lr: float = 1e-3, seed: int = 0, device="cpu", log=None) -> ViT:
     """Train a ViT classifier on images in [-1, 1] (random translations, label smoothing); returns it in eval."""
     from fastdiff.models.classifier import fit_classifier
-
     torch.manual_seed(seed)
     model = ViT(cfg).to(device)
     return fit_classifier(model, images, labels, steps=steps, batch_size=batch_size, lr=lr, seed=seed, log=log,
@@ -301,7 +301,16 @@ def _load_cached(path: Path, meta_path: Path) -> ViT:
 
 
 def load_or_pretrain_vit(data, cache_dir, cfg: ViTConfig, *, steps: int = 1500, device="cpu", log=None) -> ViT:
-    """The dataset's pretrained ViT classifier, trained once and cached in cache_dir as safetensors + JSON."""
+    """The dataset's pretrained ViT classifier, trained once and cached in cache_dir as safetensors + JSON.
+
+    The global random state is the same after it whether it trained the ViT or read it, so a run that builds its
+    discriminator on it is the same either way (and on every process of a distributed run, where the first
+    trains it and the rest read it)."""
+    with isolated_rng(device):
+        return _load_or_pretrain_vit(data, cache_dir, cfg, steps=steps, device=device, log=log)
+
+
+def _load_or_pretrain_vit(data, cache_dir, cfg: ViTConfig, *, steps: int, device, log) -> ViT:
     c, h, _ = data.shape
     tag = f"vit-{data.name}-{c}x{h}-p{cfg.patch_size}d{cfg.dim}x{cfg.depth}"
     path = Path(cache_dir) / f"{tag}.safetensors"

@@ -28,6 +28,7 @@ from fastdiff import checkpoint as ckpt
 from fastdiff.config import RunConfig
 from fastdiff.diffusion import make_timesteps
 from fastdiff.errors import ConfigError
+from fastdiff.runtime import isolated_rng
 from fastdiff.sampling import Denoiser, labels_for, resolve_settings, sample
 
 PAIR_SEED = 1 << 40
@@ -44,11 +45,6 @@ class Pairs:
     def to(self, device) -> "Pairs":
         move = lambda t: t.to(device) if t is not None else None  # noqa: E731
         return Pairs(move(self.seeds), move(self.labels), move(self.images), move(self.states), self.states_at)
-
-
-def own_rng(device):
-    """A context in which sampling leaves the run's global random state as it was (a resumed run stays exact)."""
-    return torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else [])
 
 
 def teacher_pairs(teacher: Denoiser, cfg: RunConfig, cache_dir, *, device, log=None, n: int | None = None,
@@ -81,7 +77,7 @@ def teacher_pairs(teacher: Denoiser, cfg: RunConfig, cache_dir, *, device, log=N
     if log:
         log(f"sampling {n} teacher pairs for {purpose} (DDIM-{settings.steps}, guidance "
             f"{settings.guidance:g}{f', states at t={list(states_at)}' if states_at else ''}; cached as {path})")
-    with own_rng(device):
+    with isolated_rng(device):
         pairs = _sample_pairs(teacher, settings, n, seed, [grid.index(t) for t in states_at])
     pairs.states_at = states_at
     tensors = {k: v for k, v in (("seeds", pairs.seeds), ("images", pairs.images), ("labels", pairs.labels),

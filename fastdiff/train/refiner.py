@@ -26,10 +26,10 @@ from fastdiff.diffusion.parameterization import to_x0
 from fastdiff.diffusion.samplers import guided
 from fastdiff.errors import ConfigError
 from fastdiff.models.refiner import Refiner, refiner_unet_config
-from fastdiff.runtime import AccelOptions, autocast, compile_fn, grad_scaler
+from fastdiff.runtime import AccelOptions, autocast, compile_fn, grad_scaler, isolated_rng
 from fastdiff.sampling import load_run, resolve_settings, sample
 from fastdiff.train.add import load_teacher
-from fastdiff.train.add_pairs import PAIR_SEED, own_rng, teacher_pairs
+from fastdiff.train.add_pairs import PAIR_SEED, teacher_pairs
 from fastdiff.train.loop import Part, Session, train_loop
 from fastdiff.train.lr import one_cycle_lr
 
@@ -96,7 +96,7 @@ def sample_pairs(student, gcfg: RunConfig, n: int, session: Session) -> tuple[to
     device = session.device
     target = teacher_pairs(load_teacher(gcfg, device), gcfg, session.run_dir, device=device, log=session.log, n=n,
                            seed=REFINER_PAIR_SEED, purpose="the refiner")
-    with own_rng(device):
+    with isolated_rng(device):
         own = sample(student, resolve_settings(student, device, steps=1), n=n, seed=REFINER_PAIR_SEED)
     if target.labels is not None and not torch.equal(own.labels.to(device), target.labels):
         raise ConfigError("the student's and its teacher's pair labels differ; train-refiner needs both runs' "
