@@ -49,7 +49,8 @@ distill-demo: setup
 
 # The weights shipped in fastdiff/pretrained/ (fp16, with the evaluation classifier and each model's eval.json):
 # the demo's teacher as pretrained:mnist, and its ADD student as pretrained:mnist-student when asked
-# (PRETRAINED_STUDENT=runs/mnist5k-student; the shipped one distilled the shipped teacher, README "Few-step students").
+# (PRETRAINED_STUDENT=runs/mnist5k-student, with PRETRAINED_TEACHER=no when it distils the shipped teacher, as the
+# shipped one does; README "Few-step students").
 # A refiner of the shipped student ships as pretrained:mnist-student-refiner when asked (PRETRAINED_REFINER=DIR, a
 # `fastdiff train-refiner --checkpoint pretrained:mnist-student` run); PRETRAINED_TEACHER=no ships it alone.
 PRETRAINED_STUDENT ?=

@@ -458,3 +458,12 @@ def test_distill_table_targets_are_the_issues():
                                 "student1_within_1.5x_teacher50_acc97": True,
                                 "student4_within_1.3x_teacher50_acc97_refined": True,
                                 "student1_within_1.5x_teacher50_acc97_refined": False}
+
+
+def test_shipping_a_student_alone_needs_it_to_distil_the_shipped_teacher(student_run, tmp_path, capsys):
+    from fastdiff.interop import pretrained
+
+    assert pretrained.main(["--student", str(student_run / "student"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "not pretrained:mnist; ship its teacher with it (--teacher RUN)" in err and len(err.splitlines()) == 1
+    assert not list(tmp_path.iterdir()), "nothing was written"

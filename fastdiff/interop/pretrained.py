@@ -24,7 +24,7 @@ import torch
 
 from fastdiff import checkpoint as ckpt
 from fastdiff.config import load_config
-from fastdiff.errors import FastdiffError
+from fastdiff.errors import ConfigError, FastdiffError
 from fastdiff.evaluate import evaluate_run
 
 PRETRAINED_DIR = ckpt.PRETRAINED_DIR
@@ -108,14 +108,21 @@ def score_pretrained(folder: Path) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastdiff.interop.pretrained", description=__doc__.splitlines()[0])
     p.add_argument("--teacher", help="the DDPM run to ship as NAME")
-    p.add_argument("--student", help="an ADD student of it, shipped as NAME-student (needs --teacher)")
+    p.add_argument("--student", help="an ADD student of it, shipped as NAME-student (of --teacher, or else of the "
+                   "shipped NAME)")
     p.add_argument("--refiner", help="a refiner of the shipped NAME-student, shipped as NAME-student-refiner")
     p.add_argument("--name", default="mnist", help="the pretrained name (default: mnist)")
     p.add_argument("--out", type=Path, default=PRETRAINED_DIR, help="folder of the pretrained models")
     args = p.parse_args(argv)
-    if not (args.teacher or args.refiner) or (args.student and not args.teacher):
-        p.error("pass --teacher RUN (and --student RUN), --refiner RUN, or both")
+    if not (args.teacher or args.student or args.refiner):
+        p.error("pass --teacher RUN, --student RUN and/or --refiner RUN")
     try:
+        if args.student and not args.teacher:  # a new student of the teacher already shipped
+            dc = load_config(ckpt.resolve_checkpoint(args.student) / "config.json").distill
+            teacher = dc.teacher if dc is not None else "no teacher (it is not an ADD student)"
+            if teacher != f"pretrained:{args.name}":
+                raise ConfigError(f"{args.student} distils {teacher}, not pretrained:{args.name}; ship its teacher "
+                                  "with it (--teacher RUN)")
         models = []
         if args.teacher:
             models.append(write_pretrained(args.teacher, args.name, args.out))
