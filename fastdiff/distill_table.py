@@ -1,5 +1,6 @@
 """The teacher-vs-student table of `make distill-demo`: FD_cls, class-conditional accuracy and images/s of a
-teacher (DDIM 50 and 4 steps) and its ADD student (1, 2 and 4 steps), each without and with a refiner.
+teacher (DDIM 50 and 4 steps) and its ADD student (1, 2 and 4 steps by its own sampler, 2 and 4 by DDIM with eta),
+each without and with a refiner.
 
 Every row is scored with the same evaluation classifier (the teacher's, cached in its run directory) against
 the same held-out images. A refined row reuses its unrefined row's samples; its images/s counts the sampling
@@ -24,25 +25,34 @@ from fastdiff.evaluate import classifier_cache_dir, load_or_train_classifier, re
 from fastdiff.runtime import resolve_device
 from fastdiff.sampling import load_run, resolve_settings, sample
 
+STUDENT_ETA = 0.7  # DDIM eta of the student's DDIM rows (README, "Few-step students": 0, 0.5, 0.6, 0.7 and 1 measured)
 
-def _rows(teacher_steps, student_steps):
-    return [("teacher", "ddim", s) for s in teacher_steps] + [("student", "student", s) for s in student_steps]
+
+def _rows(teacher_steps, student_steps, student_ddim_steps):
+    return ([("teacher", "ddim", s) for s in teacher_steps] + [("student", "student", s) for s in student_steps]
+            + [("student", "ddim", s) for s in student_ddim_steps])
 
 
 def compare(teacher, student, refiner=None, *, n: int = 1000, seed: int = 0, teacher_steps=(50, 4),
-            student_steps=(1, 2, 4), device="cpu", log=None, progress: bool = False, **sampling) -> list[dict]:
+            student_steps=(1, 2, 4), student_ddim_steps=(2, 4), student_eta: float = STUDENT_ETA, device="cpu",
+            log=None, progress: bool = False, **sampling) -> list[dict]:
     """One record per (model, sampler, steps, refined) row; progress: each row's sampling progress bar on stderr.
 
+    The student is sampled by its own sampler (ADD's: x0, re-noised with fresh noise) and by DDIM with eta
+    `student_eta` on its own timesteps (2 and 4 steps of trailing spacing are 999, 499 and 999, 749, 499, 249).
     sampling: overrides of `fastdiff.sampling.resolve_settings` for every row (batch_size, eta, guidance, clip,
-    acceleration keys); each row's sampler and steps are the table's.
+    acceleration keys); each row's sampler and steps are the table's, and the student's DDIM rows take
+    `student_eta`.
     """
     device = torch.device(device)
     runs = {"teacher": load_run(teacher, device), "student": load_run(student, device)}
     if not runs["student"].config.is_student or runs["teacher"].config.is_student:
         raise ConfigError("--teacher must be a DDPM run and --student an ADD student run")
-    settings = {(who, sampler, steps): resolve_settings(runs[who], device, sampler=sampler, steps=steps,
-                                                         refiner=refiner, **sampling)
-                for who, sampler, steps in _rows(teacher_steps, student_steps)}
+    def row_settings(who, sampler, steps):
+        over = {**sampling, "eta": student_eta} if (who, sampler) == ("student", "ddim") else sampling
+        return resolve_settings(runs[who], device, sampler=sampler, steps=steps, refiner=refiner, **over)
+
+    settings = {row: row_settings(*row) for row in _rows(teacher_steps, student_steps, student_ddim_steps)}
     cfg = runs["teacher"].config
     kw = dict(data_dir=cfg.data.data_dir, image_size=cfg.model.image_size, channels=cfg.model.in_channels)
     train, test = load_dataset(cfg.data.dataset, "train", **kw), load_dataset(cfg.data.dataset, "test", **kw)
@@ -53,7 +63,7 @@ def compare(teacher, student, refiner=None, *, n: int = 1000, seed: int = 0, tea
     for (who, sampler, steps), st in settings.items():
         # With a refiner, one run gives both rows: the samples before the refiner and after it.
         res = sample(runs[who], st, n=n, seed=seed, progress=progress)
-        base = {"model": who, "sampler": sampler, "steps": steps, "guidance": st.guidance, "n": n,
+        base = {"model": who, "sampler": sampler, "steps": steps, "guidance": st.guidance, "eta": st.eta, "n": n,
                 "accel": st.accel.describe()}
         plain = res.unrefined if refiner else res.images
         records.append({**base, "refined": False, **score_samples(classifier, plain, res.labels, reference, device),
@@ -74,7 +84,9 @@ def markdown(records: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in records:
         acc = f"{100 * r['cond_accuracy']:.1f}%" if "cond_accuracy" in r else "-"
-        sampler = f"{r['sampler']} (guidance {r['guidance']:g})" if r["guidance"] != 1 else r["sampler"]
+        extra = [f"guidance {r['guidance']:g}"] if r["guidance"] != 1 else []
+        extra += [f"eta {r['eta']:g}"] if r.get("eta") else []
+        sampler = f"{r['sampler']} ({', '.join(extra)})" if extra else r["sampler"]
         lines.append(f"| {r['model']} | {sampler} | {r['steps']} | {'yes' if r['refined'] else 'no'} | "
                      f"{r['fd_cls']:.3f} | {r['fd_ratio']:.2f} | {acc} | {r['images_per_sec']:.0f} |")
     floor = records[0]["fd_cls_floor"]
@@ -84,17 +96,18 @@ def markdown(records: list[dict]) -> str:
 
 def targets(records: list[dict]) -> dict:
     """Issue 11's acceptance checks against the teacher's unrefined DDIM-50: the student at 4 steps within 1.3x its
-    FD_cls and at 1 step within 1.5x, each with at least 97% accuracy; for the unrefined rows and, where the table
-    has them, the refined ones."""
-    rows = {(r["model"], r["steps"], r["refined"]): r for r in records}
-    t50 = rows[("teacher", 50, False)]["fd_cls"]
+    FD_cls and at 1 step within 1.5x, each with at least 97% accuracy; for each of the student's samplers in the
+    table, unrefined and, where the table has them, refined."""
+    rows = {(r["model"], r["sampler"], r["steps"], r["refined"]): r for r in records}
+    t50 = rows[("teacher", "ddim", 50, False)]["fd_cls"]
     checks = {}
     for refined in (False, True):
-        for steps, limit in ((4, 1.3), (1, 1.5)):
-            r = rows.get(("student", steps, refined))
-            if r is not None:
-                key = f"student{steps}_within_{limit}x_teacher50_acc97{'_refined' if refined else ''}"
-                checks[key] = r["fd_cls"] <= limit * t50 and r.get("cond_accuracy", 0.0) >= 0.97
+        for sampler in ("student", "ddim"):
+            for steps, limit in ((4, 1.3), (1, 1.5)):
+                r = rows.get(("student", sampler, steps, refined))
+                if r is not None:
+                    key = f"student{steps}_{sampler}_within_{limit}x_teacher50_acc97{'_refined' if refined else ''}"
+                    checks[key] = r["fd_cls"] <= limit * t50 and r.get("cond_accuracy", 0.0) >= 0.97
     return checks
 
 
@@ -107,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1000, help="samples per row")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--student-eta", type=float, default=STUDENT_ETA, help="DDIM eta of the student's DDIM rows "
+                   "(2 and 4 steps)")
     p.add_argument("--out", help="write the table (markdown) here and the records beside it as .json (default: "
                    "print the records as JSON)")
     add_sampling_args(p)
@@ -121,6 +136,7 @@ def main(argv=None) -> int:
         if given:
             raise ConfigError(f"--{given[0]} is set per row by the table; drop it")
         records = compare(args.teacher, args.student, args.refiner, n=args.n, seed=args.seed,
+                          student_eta=args.student_eta,
                           device=resolve_device(args.device), log=lambda s: print(s, file=sys.stderr),
                           progress=not args.no_progress, **overrides)
     except FastdiffError as e:

@@ -445,19 +445,38 @@ def test_caches_go_beside_a_local_teacher_and_into_the_run_of_a_pretrained_one(s
 
 
 def test_distill_table_targets_are_the_issues():
-    """4 steps within 1.3x the teacher's DDIM-50 and 1 step within 1.5x, each with >= 97% accuracy; refined rows
-    are checked apart."""
+    """4 steps within 1.3x the teacher's DDIM-50 and 1 step within 1.5x, each with >= 97% accuracy; each student
+    sampler and the refined rows are checked apart."""
     from fastdiff.distill_table import targets
 
-    def row(model, steps, fd, acc=0.99, refined=False):
-        return {"model": model, "steps": steps, "fd_cls": fd, "cond_accuracy": acc, "refined": refined}
+    def row(model, sampler, steps, fd, acc=0.99, refined=False):
+        return {"model": model, "sampler": sampler, "steps": steps, "fd_cls": fd, "cond_accuracy": acc,
+                "refined": refined}
 
-    records = [row("teacher", 50, 1.0), row("teacher", 4, 3.0), row("student", 1, 1.5), row("student", 4, 1.31),
-               row("student", 1, 1.2, acc=0.96, refined=True), row("student", 4, 1.3, refined=True)]
-    assert targets(records) == {"student4_within_1.3x_teacher50_acc97": False,
-                                "student1_within_1.5x_teacher50_acc97": True,
-                                "student4_within_1.3x_teacher50_acc97_refined": True,
-                                "student1_within_1.5x_teacher50_acc97_refined": False}
+    records = [row("teacher", "ddim", 50, 1.0), row("teacher", "ddim", 4, 3.0), row("student", "student", 1, 1.5),
+               row("student", "student", 4, 1.31), row("student", "ddim", 4, 1.2, acc=0.969),
+               row("student", "student", 1, 1.2, acc=0.96, refined=True),
+               row("student", "student", 4, 1.3, refined=True)]
+    assert targets(records) == {"student4_student_within_1.3x_teacher50_acc97": False,
+                                "student1_student_within_1.5x_teacher50_acc97": True,
+                                "student4_ddim_within_1.3x_teacher50_acc97": False,
+                                "student4_student_within_1.3x_teacher50_acc97_refined": True,
+                                "student1_student_within_1.5x_teacher50_acc97_refined": False}
+
+
+def test_a_student_samples_ddim_only_on_its_own_timesteps(student_run):
+    """Trailing DDIM at 1, 2 or 4 steps visits only the student's timesteps 999, 749, 499, 249; 3 steps (999, 666,
+    332) or DDPM's 1000 would run it where it was not trained, and are refused with the step counts that fit."""
+    from fastdiff.sampling import resolve_settings
+
+    student = load_run(student_run / "student", "cpu")
+    for steps in (1, 2, 4):
+        assert resolve_settings(student, sampler="ddim", steps=steps, eta=0.7).steps == steps
+    for sampler, steps in (("ddim", 3), ("ddpm", None)):
+        with pytest.raises(ConfigError, match="--steps 1 or 2 or 4 \\(trailing spacing\\)"):
+            resolve_settings(student, sampler=sampler, steps=steps)
+    with pytest.raises(ConfigError, match="another --spacing"):
+        resolve_settings(student, sampler="ddim", steps=2, spacing="leading")
 
 
 def test_shipping_a_student_alone_needs_it_to_distil_the_shipped_teacher(student_run, tmp_path, capsys):

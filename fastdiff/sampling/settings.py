@@ -79,6 +79,8 @@ def resolve_settings(denoiser, device=None, *, accel: AccelOptions | None = None
     spacing = given.get("spacing", run.spacing)
     if spacing not in SPACINGS:
         raise ConfigError(f"unknown timestep spacing {spacing!r}; use one of {', '.join(SPACINGS)}")
+    if sampler != "student" and denoiser.student_timesteps is not None:
+        _check_student_grid(denoiser, sampler, steps, spacing)
     clip = given.get("clip", run.clip)
     if clip is not None and (not clip > 0):
         raise ConfigError(f"clip={clip} must be > 0 (inf for no clipping)")
@@ -111,6 +113,19 @@ def _steps(denoiser, sampler: str, steps: int | None) -> int:
     else:
         make_timesteps(T, steps, "trailing")  # raises for steps outside 1..T
     return steps
+
+
+def _check_student_grid(denoiser, sampler: str, steps: int, spacing: str) -> None:
+    """A student runs DDIM or DDPM only on the timesteps it was trained at (elsewhere its outputs are the teacher's
+    half-forgotten ones): e.g. trailing DDIM with 1, 2 or 4 steps on a student of 999, 749, 499, 249."""
+    trained = [int(t) for t in denoiser.student_timesteps]
+    T = denoiser.schedule.num_timesteps
+    fits = lambda k: set(make_timesteps(T, k, spacing).tolist()) <= set(trained)  # noqa: E731
+    if not fits(steps):
+        ok = [k for k in range(1, len(trained) + 1) if fits(k)]
+        hint = f"--steps {' or '.join(map(str, ok))} ({spacing} spacing)" if ok else "another --spacing"
+        raise ConfigError(f"{denoiser.name} is an ADD student trained at timesteps {trained}; {sampler} with {steps} "
+                          f"steps would run it at others: use --sampler student, or {sampler} with {hint}")
 
 
 def _guidance(denoiser, guidance: float | None) -> float:
