@@ -386,7 +386,7 @@ def add_sampling_args(p):
     g.add_argument("--sampler", choices=["ddim", "ddpm", "student"],
                    help="default: the run's (ddim; student for a distilled student run)")
     g.add_argument("--steps", type=COUNT, help="denoising steps (default: the run's for its own sampler; else "
-                   "ddim 50, ddpm all T, student all its timesteps)")
+                   "ddim 50, ddpm all T, and on a student all its timesteps)")
     g.add_argument("--eta", type=ETA, help="DDIM eta, 0 = deterministic; ddim only (default: the run's, 0)")
     g.add_argument("--guidance", type=GUIDANCE, help="classifier-free guidance scale, 1 = none (default: the run's)")
     g.add_argument("--spacing", choices=["leading", "trailing", "linspace"], help="timestep spacing (default: the "

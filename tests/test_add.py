@@ -472,7 +472,7 @@ def test_a_student_samples_ddim_only_on_its_own_timesteps(student_run):
     student = load_run(student_run / "student", "cpu")
     for steps in (1, 2, 4):
         assert resolve_settings(student, sampler="ddim", steps=steps, eta=0.7).steps == steps
-    for sampler, steps in (("ddim", 3), ("ddpm", None)):
+    for sampler, steps in (("ddim", 3), ("ddpm", 1000)):
         with pytest.raises(ConfigError, match="--steps 1 or 2 or 4 \\(trailing spacing\\)"):
             resolve_settings(student, sampler=sampler, steps=steps)
     with pytest.raises(ConfigError, match="another --spacing"):

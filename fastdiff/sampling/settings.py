@@ -101,6 +101,8 @@ def _steps(denoiser, sampler: str, steps: int | None) -> int:
     if steps is None:
         if sampler == denoiser.defaults.sampler:
             steps = denoiser.defaults.steps
+        elif denoiser.student_timesteps is not None:  # a student's DDIM or DDPM: on all its timesteps
+            steps = len(denoiser.student_timesteps)
         elif sampler == "ddpm":
             steps = T
         elif sampler == "student":
