@@ -195,8 +195,8 @@ def cpu_choice(flags: frozenset[str] | None = None) -> CpuChoice:
     The native extension's ops (fastdiff._C) lost to the torch ops in the winning layout and precision on both
     bf16 machines, so they are never picked automatically (on the AVX2-only EPYC they won channels_last sampling
     1.22x; not yet a default, README "CPU defaults"). torch.compile (Inductor C++) is off: it sped bf16 sampling
-    up 1.35x and training 1.13x but took 30-85 s to compile, more than it saves in a 1500-step run or a
-    1000-image evaluation.
+    up 1.35-1.6x and training 1.13-1.2x but took 30-85 s to compile with a cold Inductor cache, more than it saves
+    in a 1500-step run or a 1000-image evaluation (with a warm cache 6 s and 2 s, which would pay).
     """
     flags = cpu_flags() if flags is None else flags
     if "amx_bf16" in flags or "avx512_bf16" in flags:
