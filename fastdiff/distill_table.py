@@ -48,6 +48,7 @@ def compare(teacher, student, refiner=None, *, n: int = 1000, seed: int = 0, tea
     runs = {"teacher": load_run(teacher, device), "student": load_run(student, device)}
     if not runs["student"].config.is_student or runs["teacher"].config.is_student:
         raise ConfigError("--teacher must be a DDPM run and --student an ADD student run")
+
     def row_settings(who, sampler, steps):
         over = {**sampling, "eta": student_eta} if (who, sampler) == ("student", "ddim") else sampling
         return resolve_settings(runs[who], device, sampler=sampler, steps=steps, refiner=refiner, **over)

@@ -284,6 +284,7 @@ def pretrain_vit(images: torch.Tensor, labels: torch.Tensor, cfg: ViTConfig, *, 
                  batch_size: int = 128, lr: float = 1e-3, seed: int = 0, device="cpu", log=None) -> ViT:
     """Train a ViT classifier on images in [-1, 1] (random translations, label smoothing); returns it in eval."""
     from fastdiff.models.classifier import fit_classifier
+
     torch.manual_seed(seed)
     model = ViT(cfg).to(device)
     return fit_classifier(model, images, labels, steps=steps, batch_size=batch_size, lr=lr, seed=seed, log=log,

@@ -78,8 +78,7 @@ def teacher_pairs(teacher: Denoiser, cfg: RunConfig, cache_dir, *, device, log=N
         log(f"sampling {n} teacher pairs for {purpose} (DDIM-{settings.steps}, guidance "
             f"{settings.guidance:g}{f', states at t={list(states_at)}' if states_at else ''}; cached as {path})")
     with isolated_rng(device):
-        pairs = _sample_pairs(teacher, settings, n, seed, [grid.index(t) for t in states_at])
-    pairs.states_at = states_at
+        pairs = _sample_pairs(teacher, settings, n, seed, states_at, [grid.index(t) for t in states_at])
     tensors = {k: v for k, v in (("seeds", pairs.seeds), ("images", pairs.images), ("labels", pairs.labels),
                                  ("states", pairs.states)) if v is not None}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,9 +87,10 @@ def teacher_pairs(teacher: Denoiser, cfg: RunConfig, cache_dir, *, device, log=N
     return pairs.to(device)
 
 
-def _sample_pairs(teacher: Denoiser, settings, n: int, seed: int, steps: list[int]) -> Pairs:
-    """`sample` of the n seeds; with `steps`, batch by batch (its step callback sees one batch), keeping the input
-    x of each DDIM step in `steps` (the output of the step before it)."""
+def _sample_pairs(teacher: Denoiser, settings, n: int, seed: int, states_at: tuple[int, ...],
+                  steps: list[int]) -> Pairs:
+    """`sample` of the n seeds; with `steps` (the DDIM steps from the timesteps `states_at`), batch by batch (its
+    step callback sees one batch), keeping the input x of each of those steps (the output of the step before it)."""
     if not steps:
         res = sample(teacher, settings, n=n, seed=seed)
         return Pairs(res.seeds, res.labels, res.images)
@@ -110,4 +110,5 @@ def _sample_pairs(teacher: Denoiser, settings, n: int, seed: int, steps: list[in
         images.append(res.images)
         labs += [res.labels] if res.labels is not None else []
         states.append(torch.stack([kept[k] for k in steps], dim=1))
-    return Pairs(torch.cat(seeds), torch.cat(labs) if labs else None, torch.cat(images), torch.cat(states))
+    return Pairs(torch.cat(seeds), torch.cat(labs) if labs else None, torch.cat(images), torch.cat(states),
+                 states_at)
