@@ -248,7 +248,7 @@ def _stderr(line: str) -> None:
 
 
 def _add_distill(sub):
-    from fastdiff.config import DISTILL_PRESET_HELP
+    from fastdiff.config import DISTILL_PRESET_HELP, REGRESS_AT
 
     p = sub.add_parser("distill", help="distil a teacher run into a 1-4 step student (ADD)",
                        description="Adversarial Diffusion Distillation of a DDPM teacher run into a few-step student. "
@@ -285,7 +285,7 @@ def _add_distill(sub):
                    "(default: the preset's, 2048)")
     p.add_argument("--regress-steps", type=int, help="DDIM steps of those teacher samples (default: the preset's, "
                    "20)")
-    p.add_argument("--regress-at", choices=["first", "all"], help="first: regress the pure noise at the first "
+    p.add_argument("--regress-at", choices=REGRESS_AT, help="first: regress the pure noise at the first "
                    "student timestep only; all: also the teacher's DDIM state at each later student timestep, for "
                    "multi-step sampling (default: the preset's)")
     p.add_argument("--r1-gamma", type=float, help="R1 penalty weight of the discriminator (default: the preset's)")

@@ -115,6 +115,7 @@ def check_types(section_cls, values: dict, where: str) -> None:
 def validate(cfg) -> None:
     """Every option of every section in its range, and the combinations that would fail later (in training, at
     sampling time, or in another command) refused now. Raises ConfigError naming the option and what is allowed."""
+    from fastdiff.config import REGRESS_AT
     from fastdiff.diffusion.parameterization import PREDICTIONS
     from fastdiff.diffusion.samplers import SPACINGS
     from fastdiff.diffusion.schedules import SCHEDULES, cosine_betas, linear_betas
@@ -171,8 +172,8 @@ def validate(cfg) -> None:
         if not dc.teacher_t_min <= dc.teacher_t_max <= T - 1:
             raise ConfigError(f"distill.teacher_t_min {dc.teacher_t_min} and teacher_t_max {dc.teacher_t_max} must "
                               f"satisfy 0 <= min <= max <= {T - 1}")
-        if dc.regress_at not in ("first", "all"):
-            raise ConfigError(f"distill.regress_at {dc.regress_at!r} is not one of first, all")
+        if dc.regress_at not in REGRESS_AT:
+            raise ConfigError(f"distill.regress_at {dc.regress_at!r} is not one of {', '.join(REGRESS_AT)}")
         if dc.backbone_dim % dc.backbone_heads:
             raise ConfigError(f"distill.backbone_dim {dc.backbone_dim} is not divisible by backbone_heads "
                               f"{dc.backbone_heads}")

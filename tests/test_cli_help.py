@@ -56,7 +56,7 @@ def test_formatter_appends_a_set_default_once():
 @pytest.mark.parametrize("presets, descriptions, command",
                          [(PRESETS, PRESET_HELP, "train"), (DISTILL_PRESETS, DISTILL_PRESET_HELP, "distill")])
 def test_preset_help_names_every_preset(presets, descriptions, command):
-    assert set(descriptions) == set(presets), "every preset needs a one-line description in fastdiff/config.py"
+    assert set(descriptions) == set(presets), "every preset needs a one-line description in fastdiff/presets.py"
     for text in descriptions.values():
         assert text.strip() and "\n" not in text
     lines = [line.strip() for line in PARSERS[command].format_help().splitlines()]
