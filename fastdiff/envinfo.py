@@ -45,7 +45,11 @@ def collect() -> dict:
     if not cuda:  # what sample, train and the Python API use here by default, and why (README, "CPU defaults")
         flags = cpu_flags()
         info["cpu_features"] = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-        info["cpu_defaults"] = cpu_choice(flags).to_dict()
+        choice = cpu_choice(flags)
+        info["cpu_defaults"] = choice.to_dict()
+        info["cpu_ops"] = ("native (fastdiff._C)" if choice.native_ops and native_available() else
+                           "torch (the native ops would be faster here: build the extension, README)"
+                           if choice.native_ops else "torch")
     if cuda:
         props = torch.cuda.get_device_properties(0)
         info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)

@@ -174,6 +174,9 @@ class CpuChoice:
     sample_amp: str
     train_amp: str
     why: str
+    # The native extension's kernels (fastdiff._C) for the ops that have one, where it is built (`fastdiff.ops
+    # .dispatch` reads this once); the torch reference ops otherwise.
+    native_ops: bool = False
     sample_batch_size: int = 64  # sampling batch: 64 beat 16-256 in both precisions (1.5x fp32, 1.7x bf16 over 256)
 
     def to_dict(self) -> dict:
@@ -183,29 +186,33 @@ class CpuChoice:
 def cpu_choice(flags: frozenset[str] | None = None) -> CpuChoice:
     """The CPU defaults for a CPU with `flags` (this one's by default), chosen by measurement
     (benchmarks/cpu_defaults.py; README, "CPU defaults"): mnist5k's UNet at batch 64, DDIM-20 and a training step,
-    every candidate interleaved in one process, on three 2-core machines.
+    every candidate interleaved in one process, on four 2-core machines.
 
     - bf16 arithmetic in hardware (amx_bf16 or avx512_bf16): bf16 autocast runs oneDNN's bf16 kernels, and NCHW
       bf16 was fastest for both sampling and training. On a Xeon with AMX: sampling 2.35x fp32 NCHW, training
       1.79-1.83x, ahead of channels_last bf16 (1.81x / 1.45x). On an AMD EPYC (Zen 4) with avx512_bf16 and no
-      AMX: sampling 2.09x (1.56x channels_last fp32), training 1.51x (channels_last bf16 1.94x / 1.21x).
-    - otherwise (AVX2 only) fp32, where channels_last beat NCHW (sampling 1.26x, training level; on the two bf16
-      machines in fp32 too: sampling 1.23-1.34x, training 1.00-1.16x). Without bf16 instructions, bf16 autocast
-      sampled 17x and trained 9x slower than fp32.
-    The native extension's ops (fastdiff._C) lost to the torch ops in the winning layout and precision on both
-    bf16 machines, so they are never picked automatically (on the AVX2-only EPYC they won channels_last sampling
-    1.22x; not yet a default, README "CPU defaults"). torch.compile (Inductor C++) is off: it sped bf16 sampling
-    up 1.35-1.6x and training 1.13-1.2x but took 30-85 s to compile with a cold Inductor cache, more than it saves
-    in a 1500-step run or a 1000-image evaluation (with a warm cache 6 s and 2 s, which would pay).
+      AMX: sampling 2.09x (1.56x channels_last fp32), training 1.51x (channels_last bf16 1.94x / 1.21x). The
+      native ops lost to the torch ops there, so these CPUs keep the torch ops (measured before the native silu
+      stopped computing subnormals, kernels/cpu/vecmath.h; not re-measured since).
+    - otherwise (AVX2 only, or AVX-512 without BF16) fp32, where channels_last beat NCHW (sampling 1.16-1.26x,
+      training level to 1.14x; on the two bf16 machines in fp32 too: sampling 1.23-1.34x, training 1.00-1.16x),
+      and the native ops beat the torch ops in that layout: on a Xeon with AVX-512 and no BF16, sampling 1.19x
+      and training 1.13x; on an AVX2-only EPYC, sampling 1.22x and training 1.08x. Without bf16 instructions,
+      bf16 autocast sampled 2-17x and trained 2-9x slower than fp32.
+    torch.compile (Inductor C++) is off: it sped bf16 sampling up 1.35-1.6x and training 1.13-1.2x but took
+    30-85 s to compile with a cold Inductor cache, more than it saves in a 1500-step run or a 1000-image
+    evaluation (with a warm cache 6 s and 2 s, which would pay).
     """
     flags = cpu_flags() if flags is None else flags
     if "amx_bf16" in flags or "avx512_bf16" in flags:
         unit = "AMX (amx_bf16)" if "amx_bf16" in flags else "AVX-512 BF16 (avx512_bf16)"
         return CpuChoice(sample_channels_last=False, train_channels_last=False, sample_amp="bf16", train_amp="bf16",
-                         why=f"{unit}: bf16 autocast on oneDNN's bf16 kernels, NCHW (measured fastest)")
+                         why=f"{unit}: bf16 autocast on oneDNN's bf16 kernels, NCHW, torch ops (measured fastest)")
     return CpuChoice(sample_channels_last=True, train_channels_last=True, sample_amp="fp32", train_amp="fp32",
-                     why="no bf16 instructions (AVX2): fp32, channels_last (measured faster than NCHW; bf16 without "
-                         "them is many times slower)")
+                     native_ops=True,
+                     why="no bf16 instructions (AVX2, or AVX-512 without BF16): fp32, channels_last, and the native "
+                         "extension's ops where it is built (each measured faster; bf16 without them is many times "
+                         "slower)")
 
 
 def sample_batch_size(device) -> int:

@@ -52,6 +52,9 @@ def test_options_defaults_and_checks():
     other = cpu_choice(frozenset({"avx2"}))
     assert (other.sample_amp, other.sample_channels_last, other.train_amp, other.train_channels_last) == (
         "fp32", True, "fp32", True)
+    # The native ops where the extension is built: on CPUs without bf16 instructions only.
+    assert other.native_ops and cpu_choice(frozenset({"avx2", "avx512f"})).native_ops
+    assert not any(cpu_choice(frozenset(flags)).native_ops for flags in ({"amx_bf16"}, {"avx512_bf16"}))
     choice = cpu_choice()
     cpu = AccelOptions.for_device("cpu")
     assert (cpu.amp, cpu.channels_last, cpu.compile, cpu.cuda_graphs) == (choice.sample_amp,

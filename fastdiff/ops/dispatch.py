@@ -5,10 +5,11 @@ decorator records the op in `REGISTRY` (where `fastdiff.bench.ops` finds its ben
 function, which picks the backend per call:
 
 - the automatic choice (the default): CUDA tensors -> Triton (the reference where triton is not installed).
-  CPU tensors -> Triton when this process interprets Triton (TRITON_INTERPRET=1 before import), else the reference.
-  The native kernels (fastdiff._C) are never chosen automatically: on the CPU they lost to the reference ops in
-  every layout and precision that `runtime.cpu_choice` picks (benchmarks/cpu_defaults.py), and the CUDA ones have
-  not run on a GPU yet.
+  CPU tensors -> Triton when this process interprets Triton (TRITON_INTERPRET=1 before import), else the native
+  kernel (fastdiff._C) where the extension is built, the op has one and `runtime.cpu_choice` prefers them on this
+  CPU (measured faster on CPUs without bf16 instructions, slower on those with them: benchmarks/cpu_defaults.py),
+  else the reference. The CUDA kernels of the extension are never chosen automatically: they have not run on a GPU
+  yet.
 - a forced backend, `use_backend("torch" | "triton" | "native")`: every op runs it; an op without that backend
   (no native kernel) runs the reference.
 
@@ -31,9 +32,12 @@ import torch
 from fastdiff.errors import ConfigError
 from fastdiff.ops import native as _native
 from fastdiff.ops._triton import INTERPRET, TRITON_INSTALLED
+from fastdiff.runtime import cpu_choice
 
-# Probe the optional extension now, outside any torch.compile trace: dispatch reads the answer as a constant.
+# Probe the optional extension and the CPU now, outside any torch.compile trace: dispatch reads the answers as
+# constants.
 _native._load()
+CPU_NATIVE = cpu_choice().native_ops and _native.available()  # the automatic choice for CPU tensors
 
 BACKENDS = ("torch", "triton", "native")
 
@@ -180,4 +184,6 @@ def backend_for(x: torch.Tensor, spec: Op) -> str:
         return "triton" if TRITON_INSTALLED else "torch"
     if x.device.type == "cpu" and INTERPRET:
         return "triton"
+    if x.device.type == "cpu" and CPU_NATIVE and spec.native is not None:
+        return "native"
     return "torch"
