@@ -46,7 +46,8 @@ def candidates(with_native: bool, with_compile: bool, threads: int) -> list[dict
     if threads > 1:
         grid.append(dict(layout="nchw", amp="fp32", ops="torch", threads=1, compile=False))
     if with_compile:
-        grid += [dict(layout=layout, amp=amp, ops="torch", threads=threads, compile=True)
+        grid += [dict(layout=layout, amp=amp, ops=ops, threads=threads, compile=True)
+                 for ops in (("torch", "native") if with_native else ("torch",))
                  for layout in ("nchw", "cl") for amp in ("fp32", "bf16")]
     grid += [dict(layout="nchw", amp=amp, ops="diffusers", threads=threads, compile=False) for amp in ("fp32", "bf16")]
     return grid

@@ -37,7 +37,14 @@ from fastdiff.runtime import cpu_choice
 # Probe the optional extension and the CPU now, outside any torch.compile trace: dispatch reads the answers as
 # constants.
 _native._load()
-CPU_NATIVE = cpu_choice().native_ops and _native.available()  # the automatic choice for CPU tensors
+
+
+def cpu_native() -> bool:
+    """Whether CPU tensors run the native kernels by default: `runtime.cpu_choice` prefers them and they are built."""
+    return cpu_choice().native_ops and _native.available()
+
+
+CPU_NATIVE = cpu_native()  # read by backend_for
 
 BACKENDS = ("torch", "triton", "native")
 
