@@ -5,10 +5,12 @@ model and sampler step. Every option can be switched off; with all of them off t
 guidance, `ops.sampler_step`) runs on static device buffers: the StepTable is copied once per run into a device
 table, and the step reads its timestep, coefficients and step index through a device counter that the step itself
 advances. With CUDA graphs the
-step is captured once and a run of n steps is n graph replays with no host syncs in between. Batches are
-padded up to a bucket (the next power of two): one capture and one compiled specialisation per bucket, at most
-2x wasted work on unlucky sizes. Padded rows get seed 0 and are dropped; a sample depends only on its own
-seed, so padding does not change the others (up to the convolution algorithm the batch size selects).
+step is captured once and a run of n steps is n graph replays with no host syncs in between. Compiled or
+graphed, batches are padded up to a bucket (the next power of two): one capture and one compiled specialisation
+per bucket, at most 2x wasted work on unlucky sizes. Padded rows get seed 0 and are dropped; a sample depends
+only on its own seed, so padding does not change the others (up to the convolution algorithm the batch size
+selects). Eager (the CPU's default: channels_last and autocast only) nothing is padded: a batch of 36 would
+otherwise run 64 rows.
 Outputs live in the static buffers and are overwritten by the next replay, so everything handed out is a clone.
 """
 
@@ -126,7 +128,7 @@ class FastSampler:
         if steps > self.capacity:  # a longer table than the buffers hold: new buffers, new captures
             self._buckets.clear()
             self.capacity = steps
-        size = bucket_size(n)
+        size = bucket_size(n) if self.options.compile or self.options.cuda_graphs else n
         if size not in self._buckets:
             st = _StaticStep(size, self.shape, self.device, self.memory_format, self.conditional, self.capacity)
             if self.options.compile or self.options.cuda_graphs:
