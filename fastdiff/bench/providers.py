@@ -19,8 +19,8 @@ PROVIDERS = {
                      "the model for training), NCHW, no CUDA graphs",
     "fastdiff": "what fastdiff runs by default on the device: an op's fused Triton kernel; for sampling and "
                 "training every fast path of `fastdiff.sampling.fast` / `fastdiff.train.step` on a GPU (fused ops, "
-                "channels_last, torch.compile, CUDA graphs), on the CPU the layout and ops of `fastdiff.runtime.cpu_choice` "
-                "(at the row's dtype)",
+                "channels_last, torch.compile, CUDA graphs), on the CPU the layout and ops of "
+                "`fastdiff.runtime.cpu_choice` (at the row's dtype)",
     "fastdiff-native": "the kernels of the optional extension fastdiff._C (use_backend('native'): its C++ CPU or "
                        "CUDA GroupNorm+SiLU and sampler step) in the torch-eager loop",
     "diffusers": "diffusers' UNet2DModel at the same configuration with its DDPM/DDIM scheduler loop, eager",

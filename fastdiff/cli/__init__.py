@@ -1,0 +1,51 @@
+"""`fastdiff train | sample | eval | env | bench | distill | train-refiner | export | plot`.
+
+Errors that the user can fix (FastdiffError) print one line and exit with status 2; anything else is a bug
+and keeps its traceback. Each subcommand's parser function sits beside its command function: `training` holds
+train, distill and train-refiner, `sampling` sample, eval and the tools, `args` what their parsers share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fastdiff.cli import sampling, training
+from fastdiff.cli.args import HelpFormatter, Parser
+from fastdiff.cli.sampling import add_sampling_args, sampling_overrides
+from fastdiff.errors import FastdiffError
+
+__all__ = ["HelpFormatter", "add_sampling_args", "build_parser", "main", "sampling_overrides"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="fastdiff", description="Fast diffusion training and sampling.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    training.add_train(sub)
+    sampling.add_sample(sub)
+    sampling.add_eval(sub)
+    sampling.add_env(sub)
+    training.add_distill(sub)
+    training.add_train_refiner(sub)
+    sampling.add_bench(sub)
+    sampling.add_export(sub)
+    sampling.add_plot(sub)
+    return parser
+
+
+COMMANDS = {"train": training.cmd_train, "sample": sampling.cmd_sample, "eval": sampling.cmd_eval,
+            "env": sampling.cmd_env, "distill": training.cmd_distill, "train-refiner": training.cmd_train_refiner,
+            "bench": sampling.cmd_bench, "export": sampling.cmd_export, "plot": sampling.cmd_plot}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except FastdiffError as e:
+        print(f"fastdiff {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fastdiff {args.command}: interrupted", file=sys.stderr)
+        return 130
+

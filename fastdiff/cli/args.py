@@ -1,0 +1,164 @@
+"""What every subcommand's parser shares: the help formatter, the one-line usage errors, the checked number
+types, the common flag groups (loop, monitor, resume, acceleration) and the --resume / --config layers."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from fastdiff.errors import ConfigError
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help says it already (a None default must: "the
+    preset's", "the run's", never "None"); line breaks inside a help are kept (the --preset lists)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or "required" in text or not action.option_strings
+                or default is None or default is False or default is argparse.SUPPRESS):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+    def _split_lines(self, text, width):
+        split = super()._split_lines  # (zero-argument super() does not work inside a comprehension)
+        return [line for part in text.splitlines() for line in split(part, width)]
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors as one line (`fastdiff sample: error: ...`), exit status 2, like every other error."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# --- option checks: every CLI-only number is checked here, as it is parsed (config options: fastdiff.config_checks)
+
+def _number(kind, lo=None, hi=None, *, lo_open=False, allowed: str = ""):
+    """An argparse `type=`: a finite int or float in [lo, hi] ((lo, hi] with lo_open), else one message."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        ok = (math.isfinite(value) and (lo is None or (value > lo if lo_open else value >= lo))
+              and (hi is None or value <= hi))
+        if not ok:
+            raise argparse.ArgumentTypeError(f"{text} is outside the allowed range {allowed}")
+        return value
+    return parse
+
+
+COUNT = _number(int, 1, 2**31 - 1, allowed="1 and up")  # --n, --steps, --batch-size, ...
+SEED = _number(int, 0, 2**62, allowed="0 to 2^62")
+GUIDANCE = _number(float, 0, allowed="0 and up, finite (1 = no guidance, 0 = the unconditional model)")
+ETA = _number(float, 0, 1, allowed="[0, 1]")
+POSITIVE = _number(float, 0, lo_open=True, allowed="above 0, finite")
+NON_NEGATIVE_INT = _number(int, 0, 2**31 - 1, allowed="0 and up")
+
+
+def preset_list(lead: str, descriptions: dict[str, str]) -> str:
+    """A --preset help: `lead`, then one line per preset (fastdiff.config keeps the lines beside the presets)."""
+    return lead + ":\n" + "\n".join(f"{name}: {text}" for name, text in descriptions.items())
+
+
+def add_config_file_flag(p, what: str):
+    p.add_argument("--config", metavar="FILE", help=f"JSON or TOML file of config sections, e.g. {{\"train\": "
+                   f"{{\"lr\": 0.001}}}} or [train] lr = 0.001; {what}; applied over the preset, under the flags "
+                   "(default: none)")
+
+
+def add_loop_flags(p, *, unit: str, ema: str, seed: str):
+    """The training skeleton's options, which train and distill share: --amp, --ema-decay, --seed, --ckpt-every,
+    --log-every."""
+    p.add_argument("--amp", choices=["auto", "fp32", "bf16", "fp16"], help="autocast dtype of training; auto: "
+                   "bf16 on a CPU with bf16 instructions (AMX or AVX-512 BF16), else fp32 (`fastdiff env` shows the "
+                   "choice) (default: the preset's, auto)")
+    p.add_argument("--ema-decay", type=float, help=f"decay of {ema} (default: the preset's)")
+    p.add_argument("--seed", type=int, help=f"seed of {seed} (default: the preset's, 0)")
+    p.add_argument("--ckpt-every", type=int, help=f"checkpoint every N {unit} (default: the preset's)")
+    p.add_argument("--log-every", type=int, help=f"log line and stats.jsonl record every N {unit} (default: the "
+                   "preset's)")
+
+
+def add_monitor_flags(p):
+    p.add_argument("--sample-every", type=int, help="EMA sample grid every N steps into RUN/samples/step-N.png "
+                   "(default: at each checkpoint; 0: none)")
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+                   help="also write scalars and sample grids as TensorBoard events under RUN/tb (default: off)")
+
+
+def add_resume_flags(p, command):
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its latest checkpoint; --steps may grow, and --lr / --warmup "
+                   "may change: the optimizer state is kept and the new learning-rate schedule applies from the "
+                   f"resumed step (e.g. after the NaN guard stopped a run: {command} --out RUN --resume --lr 1e-4 "
+                   "--warmup 1000)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr (log lines go to stderr "
+                   "plainly)")
+
+
+def add_accel_flags(p):
+    g = p.add_argument_group("acceleration (defaults: on with a CUDA device, off on the CPU)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on with a CUDA device)")
+    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture each step as a CUDA graph, one replay per step (default: on with a CUDA device)")
+    g.add_argument("--compile-mode", help="torch.compile mode (default: Inductor's default)")
+    return g
+
+
+def accel_options(args, device, **extra):
+    """AccelOptions for the device's defaults, overridden by the flags the user passed."""
+    from fastdiff.runtime import AccelOptions
+
+    return AccelOptions.for_device(device, compile=args.compile, cuda_graphs=args.cuda_graphs,
+                                   compile_mode=args.compile_mode, **extra).check(device)
+
+
+# Flags that may change when a run is resumed; the rest would make the checkpoint and the config disagree.
+# lr and warmup_steps: the new schedule applies from the resumed step, the optimizer state is kept (train/loop.py).
+LOOP_RESUMABLE = {"steps", "ckpt_every", "log_every", "lr", "warmup_steps", "sample_every", "tensorboard"}
+
+
+def _flags(names) -> str:
+    return ", ".join("--" + k.replace("_", "-") for k in sorted(names))
+
+
+def resumed_config(args, given: dict, resumable: set, not_on_resume: dict, parse=None):
+    """The run's saved config when `--resume` finds one in --out (None otherwise), after checking that no flag
+    in `not_on_resume` is given and that `given` changes only `resumable` flags (any other change would make the
+    checkpoint and the config disagree). `parse` reads the saved dict (default: config.load_config's checks)."""
+    from fastdiff.checkpoint import read_json
+    from fastdiff.config import load_config
+
+    saved = Path(args.out) / "config.json"
+    if not (args.resume and saved.exists()):
+        return None
+    extra = [k for k, v in not_on_resume.items() if v]
+    if extra:
+        raise ConfigError(f"--resume continues the run with its own config; drop {_flags(extra)}")
+    changed = set(given) - resumable
+    if changed:
+        raise ConfigError(f"{_flags(changed)} cannot change on --resume (only {_flags(resumable)} can)")
+    return load_config(saved) if parse is None else parse(read_json(saved, error=ConfigError))
+
+
+def config_file_layer(args, **keys):
+    """The --config layer (fastdiff.config_file; empty without --config)."""
+    from fastdiff.config_file import ConfigFile, read_config_file
+
+    return read_config_file(args.config, **keys) if args.config else ConfigFile()
+
+
+def echo_stderr(line: str) -> None:
+    print(line, file=sys.stderr)
