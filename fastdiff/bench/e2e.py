@@ -165,7 +165,7 @@ def _timed_rows(job: Job, device, fns: dict, status: dict, fields: dict, *, roun
             yield job.row(*key, case, status=t)
             continue
         row = job.row(*key, case, images_per_s=job.batch / per_image_s(t), **t.to_dict(), **fields[key],
-                      options=describe(key[0], provider_options(*key, device)), status="ok")
+                      options=describe(key[0], provider_options(*key, device), device), status="ok")
         summary = tel.summary(key)
         yield {**row, **({"telemetry": summary} if summary else {}),
                **({"weights": diffusers_ref.WEIGHTS} if key[0] == "diffusers" else {})}

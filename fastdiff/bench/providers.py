@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from fastdiff.bench import diffusers_ref
-from fastdiff.ops import native, use_backend
+from fastdiff.ops import dispatch, native, use_backend
 from fastdiff.runtime import AccelOptions
 
 PROVIDERS = {
@@ -54,10 +54,14 @@ def provider_options(provider: str, dtype: str, device: torch.device) -> AccelOp
     return AccelOptions(amp=dtype)
 
 
-def describe(provider: str, opts: AccelOptions) -> str:
+def describe(provider: str, opts: AccelOptions, device: torch.device) -> str:
     if provider == "diffusers":
         return f"{opts.amp}+UNet2DModel"
-    ops = {"torch": "reference-ops", "native": "native-ops"}.get(backend_of(provider), "fused-ops")
+    backend = backend_of(provider)
+    if backend is None:  # the automatic choice on this device, as ops.dispatch makes it for the GroupNorm+SiLU
+        with use_backend(None):
+            backend = dispatch.backend_for(torch.empty(0, device=device), dispatch.REGISTRY["group_norm_silu"])
+    ops = {"torch": "reference-ops", "native": "native-ops"}.get(backend, "fused-ops")
     return f"{opts.describe()}+{ops}"
 
 
