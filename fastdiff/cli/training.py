@@ -27,6 +27,23 @@ from fastdiff.cli.args import (
 from fastdiff.errors import ConfigError
 
 
+def _run(args, cfg, trainer: str, dry_run: str | None) -> int:
+    """What train, distill and train-refiner do with their resolved config: print `dry_run` (the config, with
+    --dry-run), or train it with `fastdiff.train.<trainer>` on --device and print the run's record as JSON (the
+    training stack is imported only then)."""
+    if dry_run is not None:
+        print(dry_run)
+        return 0
+    from fastdiff import train
+    from fastdiff.runtime import resolve_device
+
+    device = resolve_device(args.device)
+    record = getattr(train, trainer)(cfg, args.out, device=device, resume=args.resume, progress=not args.no_progress,
+                                     echo=echo_stderr, accel=accel_options(args, device))
+    print(json.dumps({"run_dir": str(args.out), **record}))
+    return 0
+
+
 def add_train(sub):
     from fastdiff.config import PRESET_HELP
 
@@ -93,17 +110,7 @@ def resolve_train_config(args):
 
 def cmd_train(args) -> int:
     cfg = resolve_train_config(args)
-    if args.dry_run:
-        print(cfg.to_json())
-        return 0
-    from fastdiff.runtime import resolve_device
-    from fastdiff.train import train_ddpm
-
-    device = resolve_device(args.device)
-    record = train_ddpm(cfg, args.out, device=device, resume=args.resume, progress=not args.no_progress,
-                        echo=echo_stderr, accel=accel_options(args, device))
-    print(json.dumps({"run_dir": str(args.out), **record}))
-    return 0
+    return _run(args, cfg, "train_ddpm", cfg.to_json() if args.dry_run else None)
 
 
 def add_distill(sub):
@@ -212,17 +219,7 @@ def resolve_distill_config(args):
 
 def cmd_distill(args) -> int:
     cfg = resolve_distill_config(args)
-    if args.dry_run:
-        print(cfg.to_json())
-        return 0
-    from fastdiff.runtime import resolve_device
-    from fastdiff.train import train_add
-
-    device = resolve_device(args.device)
-    record = train_add(cfg, args.out, device=device, resume=args.resume, progress=not args.no_progress,
-                       echo=echo_stderr, accel=accel_options(args, device))
-    print(json.dumps({"run_dir": str(args.out), **record}))
-    return 0
+    return _run(args, cfg, "train_add", cfg.to_json() if args.dry_run else None)
 
 
 def add_train_refiner(sub):
@@ -281,14 +278,4 @@ def resolve_refiner_config(args):
 
 def cmd_train_refiner(args) -> int:
     cfg = resolve_refiner_config(args)
-    if args.dry_run:
-        print(json.dumps(cfg.to_dict(), indent=2))
-        return 0
-    from fastdiff.runtime import resolve_device
-    from fastdiff.train import train_refiner
-
-    device = resolve_device(args.device)
-    record = train_refiner(cfg, args.out, device=device, resume=args.resume, progress=not args.no_progress,
-                           echo=echo_stderr, accel=accel_options(args, device))
-    print(json.dumps({"run_dir": str(args.out), **record}))
-    return 0
+    return _run(args, cfg, "train_refiner", json.dumps(cfg.to_dict(), indent=2) if args.dry_run else None)
