@@ -136,3 +136,17 @@ def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "fastdiff.cli", "env"], capture_output=True, text=True, check=True)
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert info["torch"] and "native_extension" in info
+
+
+def test_env_names_the_cpu_ops_in_effect(monkeypatch):
+    # `fastdiff env` says which op backend CPU tensors run: the automatic choice, or the forced one.
+    from fastdiff.envinfo import collect
+    from fastdiff.ops import dispatch, use_backend
+
+    if collect()["device"] != "cpu":
+        pytest.skip("cpu_ops is reported on the CPU")
+    monkeypatch.setattr(dispatch, "CPU_NATIVE", True)
+    assert collect()["cpu_ops"] == ("native (fastdiff._C)" if not dispatch.triton_interpreting() else "triton")
+    monkeypatch.setattr(dispatch, "CPU_NATIVE", False)
+    with use_backend("torch"):
+        assert collect()["cpu_ops"] == "torch (forced by FASTDIFF_BACKEND)"

@@ -7,9 +7,9 @@ function, which picks the backend per call:
 - the automatic choice (the default): CUDA tensors -> Triton (the reference where triton is not installed).
   CPU tensors -> Triton when this process interprets Triton (TRITON_INTERPRET=1 before import), else the native
   kernel (fastdiff._C) where the extension is built, the op has one and `runtime.cpu_choice` prefers them on this
-  CPU (measured faster on CPUs without bf16 instructions, slower on those with them: benchmarks/cpu_defaults.py),
-  else the reference. The CUDA kernels of the extension are never chosen automatically: they have not run on a GPU
-  yet.
+  CPU (measured faster on CPUs without bf16 instructions; on those with them they lost, in runs made before their
+  silu stopped computing subnormals, kernels/cpu/vecmath.h: benchmarks/cpu_defaults.py), else the reference.
+  The CUDA kernels of the extension are never chosen automatically: they have not run on a GPU yet.
 - a forced backend, `use_backend("torch" | "triton" | "native")`: every op runs it; an op without that backend
   (no native kernel) runs the reference.
 
