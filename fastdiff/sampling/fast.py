@@ -128,10 +128,11 @@ class FastSampler:
         if steps > self.capacity:  # a longer table than the buffers hold: new buffers, new captures
             self._buckets.clear()
             self.capacity = steps
-        size = bucket_size(n) if self.options.compile or self.options.cuda_graphs else n
+        prepared = self.options.compile or self.options.cuda_graphs  # compiled or captured once per bucket
+        size = bucket_size(n) if prepared else n
         if size not in self._buckets:
             st = _StaticStep(size, self.shape, self.device, self.memory_format, self.conditional, self.capacity)
-            if self.options.compile or self.options.cuda_graphs:
+            if prepared:
                 t0 = time.perf_counter()
                 self._prepare(st)
                 self.setup_s += time.perf_counter() - t0

@@ -104,8 +104,8 @@ inline float exp_f(float v) { return exp_upto(v, 88.5f); }
 // The sigmoid caps its exp argument at 60 (sigmoid(-60) = 8.8e-27), not at exp_f's 88.5. A vectorised loop
 // computes the clamped arm of the exp for every lane and blends; GCC folds that arm into y * (1 / (1 + e^cap)),
 // which for cap 88.5 is y * 3.7e-39: a subnormal product in nearly every lane, and on Intel CPUs a microcode
-// assist per vector (measured on a 2-core Xeon with AVX-512: a silu loop 4.3 ns per element instead of 0.36, and
-// the native GroupNorm+SiLU slower than torch's two ops). With cap 60 the arm stays normal for |y| > 1.4e-12;
+// assist per vector (on a 2-core Xeon with AVX-512 the native GroupNorm+SiLU lost to torch's two ops until this
+// cap; README, "CPU defaults"). With cap 60 the arm stays normal for |y| > 1.4e-12;
 // below y = -60 silu is y * 8.8e-27 instead of y * e^y, both under 1e-24 in magnitude.
 constexpr float kSigmoidExpCap = 60.0f;
 inline float sigmoid_f(float y) { return 1.0f / (1.0f + exp_upto(-y, kSigmoidExpCap)); }

@@ -135,12 +135,16 @@ def test_dispatch_picks_native():
     with use_backend("native"):
         assert dispatch.backend_for(torch.zeros(1), ops["group_norm_silu"]) == "native"
         assert dispatch.backend_for(torch.zeros(1), ops["timestep_embedding"]) == "torch"  # it has no native kernel
-    # Chosen automatically for CPU tensors where runtime.cpu_choice prefers them (CPUs without bf16 instructions).
+    # Chosen automatically for CPU tensors where runtime.cpu_choice prefers them (CPUs without bf16 instructions),
+    # for the ops that have a native kernel.
     assert dispatch.CPU_NATIVE == cpu_choice().native_ops
-    with use_backend(None):
-        for op in ("sampler_step", "group_norm_silu", "timestep_embedding"):
-            want = "native" if cpu_choice().native_ops and ops[op].native is not None else "torch"
-            assert dispatch.backend_for(torch.zeros(1), ops[op]) == want, op
+    for preferred in (True, False):
+        with use_backend(None), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(dispatch, "CPU_NATIVE", preferred)
+            picked = {op: dispatch.backend_for(torch.zeros(1), ops[op])
+                      for op in ("sampler_step", "group_norm_silu", "timestep_embedding")}
+        native = "native" if preferred else "torch"
+        assert picked == {"sampler_step": native, "group_norm_silu": native, "timestep_embedding": "torch"}
 
 
 def test_profile_shares_split_the_time_by_op_group():
