@@ -10,17 +10,16 @@ hidden temporary folder, flushed to disk, then renamed into place, so a killed r
     step-000001000/config.json            the resolved run config
 
 Every tensor load checks that the tensors are finite, every JSON read that the file holds a JSON object, and
-pruning never removes the newest checkpoint that passes both checks. One writer at a time: `lock_run_dir`.
-
-Over 400 lines on purpose: ARCHITECTURE.md gives this one module the atomic writes, the finite checks and the
-run-directory lock, and the full-disk tests inject faults at its one low-level write (`_write_file`).
+pruning never removes the newest checkpoint that passes both checks. One writer at a time:
+`fastdiff.runlock.lock_run_dir`. Restoring live objects (model, optimizer, schedulers) from what is loaded here,
+checked: `fastdiff.state_dicts`. The full-disk tests inject faults at this module's one low-level write
+(`_write_file`).
 """
 
 from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import re
 import shutil
@@ -34,7 +33,6 @@ from safetensors.torch import save as safetensors_bytes
 from fastdiff.errors import CheckpointError, FastdiffError
 
 CHECKPOINTS = "checkpoints"
-LOCK_FILE = ".lock"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -297,61 +295,6 @@ def remove_stale_temporaries(run_dir) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-# --- one writer per run directory ---------------------------------------------------------------------------------
-
-class RunDirLock:
-    """An exclusive flock on <run_dir>/.lock holding the writer's pid. The kernel drops the lock when the process
-    exits in any way (kill -9 included), so a stale lock file never blocks a later run."""
-
-    def __init__(self, run_dir):
-        self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK_FILE
-        self._fd: int | None = None
-
-    def acquire(self) -> "RunDirLock":
-        import fcntl
-
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise FastdiffError(f"cannot write to the run directory {self.run_dir}: {e.strerror}; "
-                                "choose a writable --out") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise FastdiffError(f"cannot lock the run directory {self.run_dir}: {e.strerror}") from None
-            raise FastdiffError(f"the run directory {self.run_dir} is in use by another fastdiff process (pid "
-                                f"{holder}); wait for it to finish or stop it, or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is not None:
-            import fcntl
-
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> "RunDirLock":
-        return self if self._fd is not None else self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def lock_run_dir(run_dir) -> RunDirLock:
-    """Take the run directory's writer lock (a FastdiffError naming the holder's pid if another process has it).
-    Use as `with lock_run_dir(out): ...` or call `.release()`."""
-    return RunDirLock(run_dir).acquire()
-
-
 # --- loading ------------------------------------------------------------------------------------------------------
 
 def _good_hint(ckpt_dir: Path) -> str:
@@ -414,76 +357,3 @@ def load_state(ckpt_dir, keys: tuple[str, ...] = TRAINING_STATE) -> dict:
             raise CheckpointError(f"{path}: field {key!r} is {'missing' if key not in state else repr(value)[:60]}; "
                                   "the checkpoint state is corrupt")
     return state
-
-
-def _check_like(saved, fresh, where: str, required=None) -> None:
-    """`saved` (from JSON) has the structure and value types of `fresh` (a live state_dict). Dict keys of `fresh`
-    must all be present, or only those in `required` when given (optimizer groups of older torch versions lack
-    newer options, which torch fills in)."""
-    if isinstance(fresh, dict):
-        if not isinstance(saved, dict):
-            raise CheckpointError(f"{where} is {type(saved).__name__}, expected an object")
-        for k, v in fresh.items():
-            if k not in saved:
-                if required is None or k in required:
-                    raise CheckpointError(f"{where}.{k} is missing")
-                continue
-            _check_like(saved[k], v, f"{where}.{k}", required)
-    elif isinstance(fresh, (list, tuple)):
-        if not isinstance(saved, (list, tuple)) or len(saved) != len(fresh):
-            raise CheckpointError(f"{where} should be a list of {len(fresh)}, got {repr(saved)[:60]}")
-        for i, (s, f) in enumerate(zip(saved, fresh)):
-            _check_like(s, f, f"{where}[{i}]", required)
-    elif isinstance(fresh, bool):
-        if not isinstance(saved, bool):
-            raise CheckpointError(f"{where} should be true or false, got {repr(saved)[:60]}")
-    elif isinstance(fresh, (int, float)):
-        if isinstance(saved, bool) or not isinstance(saved, (int, float)) or not math.isfinite(saved):
-            raise CheckpointError(f"{where} should be a finite number, got {repr(saved)[:60]}")
-    elif isinstance(fresh, str) and not isinstance(saved, str):
-        raise CheckpointError(f"{where} should be a string, got {repr(saved)[:60]}")
-
-
-def load_state_dict_checked(obj, saved, where) -> None:
-    """obj.load_state_dict(saved) for an LR scheduler or grad scaler, after checking that `saved` has the structure
-    of obj.state_dict() (the loaders accept anything and fail later otherwise)."""
-    _check_like(saved, obj.state_dict(), str(where))
-    try:
-        obj.load_state_dict(saved)
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{where} does not load ({e})") from None
-
-
-def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state dict into tensors (for safetensors) and JSON-able metadata."""
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for idx, st in sd["state"].items():
-        for key, value in st.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{idx}.{key}"] = value
-            else:
-                scalars[f"{idx}.{key}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict,
-                   where="state.json") -> None:
-    _check_like(meta, {"param_groups": opt.state_dict()["param_groups"], "scalars": {}}, f"{where}: optimizer",
-                required={"param_groups", "scalars", "params", "lr"})
-    state: dict[int, dict] = {}
-    try:
-        for flat, value in list(tensors.items()) + list(meta["scalars"].items()):
-            idx, key = flat.split(".", 1)
-            state.setdefault(int(idx), {})[key] = value
-        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"optimizer state in {where} does not match the model: {e}") from None
-
-
-def load_model_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where) -> None:
-    try:
-        model.load_state_dict(tensors)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise CheckpointError(f"{where} does not fit this model ({first}); was it written with another config?")

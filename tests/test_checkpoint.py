@@ -2,11 +2,12 @@ import pytest
 import torch
 
 from fastdiff import checkpoint as ckpt
+from fastdiff import state_dicts
 from fastdiff.errors import CheckpointError
 
 
 def _save(run_dir, step, model, opt, keep=2):
-    tensors, meta = ckpt.optimizer_tensors(opt)
+    tensors, meta = state_dicts.optimizer_tensors(opt)
     return ckpt.save_checkpoint(run_dir, step, tensors={"model": model.state_dict(), "optimizer": tensors},
                                 state={"step": step, "optimizer": meta}, config={"x": 1}, keep=keep)
 
@@ -23,8 +24,8 @@ def test_round_trip_and_prune(tmp_path):
     assert ckpt.resolve_checkpoint(tmp_path) == path
     model2 = torch.nn.Linear(3, 2)
     opt2 = torch.optim.AdamW(model2.parameters(), lr=0.5)
-    ckpt.load_model_weights(model2, ckpt.load_tensors(path, "model"), path)
-    ckpt.load_optimizer(opt2, ckpt.load_tensors(path, "optimizer"), ckpt.load_json(path, "state")["optimizer"])
+    state_dicts.load_model_weights(model2, ckpt.load_tensors(path, "model"), path)
+    state_dicts.load_optimizer(opt2, ckpt.load_tensors(path, "optimizer"), ckpt.load_json(path, "state")["optimizer"])
     assert torch.equal(model2.weight, model.weight)
     s1, s2 = opt.state_dict(), opt2.state_dict()
     assert s2["param_groups"][0]["lr"] == 0.1
@@ -59,6 +60,6 @@ def test_errors(tmp_path):
     (path / "model.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(CheckpointError, match="corrupt"):
         ckpt.load_tensors(path, "model")
+    other = _save(tmp_path, 2, model, torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(CheckpointError, match="does not fit"):
-        ckpt.load_model_weights(torch.nn.Linear(3, 3), ckpt.load_tensors(_save(tmp_path, 2, model, torch.optim.SGD(
-            model.parameters(), lr=0.1)), "model"), path)
+        state_dicts.load_model_weights(torch.nn.Linear(3, 3), ckpt.load_tensors(other, "model"), path)

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastdiff import checkpoint as ckpt
+from fastdiff import state_dicts
 from fastdiff.cli import main
 from fastdiff.config import apply_overrides, load_config, preset_config
 from fastdiff.errors import FastdiffError
@@ -42,7 +43,7 @@ def write_run(run_dir: Path) -> Path:
     model = UNet(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    opt_tensors, opt_meta = ckpt.optimizer_tensors(opt)
+    opt_tensors, opt_meta = state_dicts.optimizer_tensors(opt)
     state = {"step": 2, "images_seen": 32, "optimizer": opt_meta, "lr_scheduler": sched.state_dict(),
              "grad_scaler": None, "kind": "ddpm"}
     run_dir.mkdir(parents=True)

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from fastdiff import checkpoint as ckpt
+from fastdiff import state_dicts
 from fastdiff.config import apply_overrides, preset_config
 from fastdiff.diffusion import NoiseSchedule, ddim_table, make_timesteps
 from fastdiff.models import UNet
@@ -52,7 +53,7 @@ def test_sample_grids_are_the_ema_samples_of_fixed_seeds(monitored):
 
     rc = RunConfig.from_dict(cfg)
     model = UNet(rc.model)
-    ckpt.load_model_weights(model, ckpt.load_tensors(path, "ema"), path)
+    state_dicts.load_model_weights(model, ckpt.load_tensors(path, "ema"), path)
     schedule = NoiseSchedule.from_config(rc.diffusion)
     table = ddim_table(schedule, make_timesteps(1000, GRID_STEPS, rc.sample.spacing), prediction="eps")
     want = sample_grid(model.eval(), table, shape=(1, 8, 8), num_classes=10, guidance=rc.sample.guidance,

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from fastdiff import checkpoint as ckpt
+from fastdiff import runlock, state_dicts
 from fastdiff.cli import main
 from fastdiff.config import RunConfig, apply_overrides, load_config, preset_config
 from fastdiff.errors import CheckpointError, ConfigError, FastdiffError
@@ -153,7 +154,7 @@ def test_killed_mid_swap_puts_the_checkpoint_back(tmp_path):
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from fastdiff.checkpoint import lock_run_dir
+    from fastdiff.runlock import lock_run_dir
     lock = lock_run_dir(sys.argv[1])
     print("locked", flush=True)
     time.sleep(60)
@@ -167,20 +168,20 @@ def test_second_writer_gets_the_holders_pid_and_kill_9_releases(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(FastdiffError, match=f"in use by another fastdiff process \\(pid {holder.pid}\\)"):
-            ckpt.lock_run_dir(run_dir)
+            runlock.lock_run_dir(run_dir)
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    with ckpt.lock_run_dir(run_dir):  # the kernel dropped the dead holder's lock
+    with runlock.lock_run_dir(run_dir):  # the kernel dropped the dead holder's lock
         with pytest.raises(FastdiffError, match=f"pid {os.getpid()}"):
-            ckpt.lock_run_dir(run_dir)
-    ckpt.lock_run_dir(run_dir).release()
+            runlock.lock_run_dir(run_dir)
+    runlock.lock_run_dir(run_dir).release()
 
 
 # --- full disk ----------------------------------------------------------------------------------------------------
 
 def _no_temporaries(root: Path) -> None:
-    left = [p.name for p in root.rglob("*") if p.name.startswith(".") and p.name != ckpt.LOCK_FILE]
+    left = [p.name for p in root.rglob("*") if p.name.startswith(".") and p.name != runlock.LOCK_FILE]
     assert left == [], left
 
 
@@ -388,13 +389,14 @@ def test_scheduler_and_optimizer_state_checked(run_copy):
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     with pytest.raises(CheckpointError, match="last_epoch"):
-        ckpt.load_state_dict_checked(sched, {**sched.state_dict(), "last_epoch": "x"}, "state.json: lr_scheduler")
+        state_dicts.load_state_dict_checked(sched, {**sched.state_dict(), "last_epoch": "x"},
+                                            "state.json: lr_scheduler")
     with pytest.raises(CheckpointError, match="missing"):
-        ckpt.load_state_dict_checked(sched, {}, "state.json: lr_scheduler")
+        state_dicts.load_state_dict_checked(sched, {}, "state.json: lr_scheduler")
     meta = state["optimizer"]
     meta["param_groups"][0]["lr"] = "fast"
     with pytest.raises(CheckpointError, match="lr should be a finite number"):
-        ckpt.load_optimizer(torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()), {}, meta)
+        state_dicts.load_optimizer(torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()), {}, meta)
 
 
 def test_load_config_needs_every_section(tmp_path):
@@ -417,8 +419,8 @@ def test_classifier_cache_with_bad_metadata_retrains(tmp_path):
 
 
 def test_lock_is_released_when_the_holder_exits(tmp_path):
-    code = "import sys; from fastdiff.checkpoint import lock_run_dir; lock_run_dir(sys.argv[1])"
+    code = "import sys; from fastdiff.runlock import lock_run_dir; lock_run_dir(sys.argv[1])"
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, cwd=Path(__file__).parent.parent)
     t0 = time.perf_counter()
-    ckpt.lock_run_dir(tmp_path).release()
+    runlock.lock_run_dir(tmp_path).release()
     assert time.perf_counter() - t0 < 1

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fastdiff import checkpoint as ckpt
+from fastdiff import state_dicts
 from fastdiff.config import UNetConfig
 from fastdiff.errors import CheckpointError
 from fastdiff.models.unet import UNet
@@ -48,5 +49,5 @@ def load_refiner(run_dir, device="cpu") -> Refiner:
         model = Refiner(UNetConfig(**config["model"]))
     except (TypeError, KeyError) as e:
         raise CheckpointError(f"{path}/config.json is not a refiner config ({e})") from None
-    ckpt.load_model_weights(model, ckpt.load_tensors(path, "model"), path)
+    state_dicts.load_model_weights(model, ckpt.load_tensors(path, "model"), path)
     return model.to(device).eval().requires_grad_(False)

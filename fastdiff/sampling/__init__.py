@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from fastdiff import checkpoint as ckpt
+from fastdiff import state_dicts
 from fastdiff.config import RunConfig, SampleConfig, load_config
 from fastdiff.diffusion import (
     NoiseSchedule,
@@ -101,7 +102,7 @@ def load_run(checkpoint, device, use_ema: bool = True) -> Denoiser:
     cfg = load_config(path / "config.json")
     model = UNet(cfg.model)
     weights = "ema" if use_ema and not ckpt.is_pretrained(path) else "model"
-    ckpt.load_model_weights(model, ckpt.load_tensors(path, weights), path)
+    state_dicts.load_model_weights(model, ckpt.load_tensors(path, weights), path)
     model = model.to(device).eval().requires_grad_(False)
     return Denoiser.from_config(model, cfg, path=str(path), device=device)
 

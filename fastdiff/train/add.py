@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from fastdiff import checkpoint as ckpt
+from fastdiff import state_dicts
 from fastdiff.config import ADDConfig, RunConfig
 from fastdiff.data import load_dataset
 from fastdiff.diffusion import NoiseSchedule, student_table, student_timesteps
@@ -195,7 +196,7 @@ class ADDObjective:
     def _load_disc(self, tensors: dict, path: Path) -> None:
         if not self.disc.train_backbone:
             tensors.update({"backbone." + k: v for k, v in self.disc.backbone.state_dict().items()})
-        ckpt.load_model_weights(self.disc, tensors, path)
+        state_dicts.load_model_weights(self.disc, tensors, path)
 
     def extra_state(self) -> dict:
         return {"student_timesteps": list(self.cfg.distill.student_timesteps), "teacher": self.cfg.distill.teacher}

@@ -39,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 from fastdiff import checkpoint as ckpt
+from fastdiff import state_dicts
 from fastdiff.config import TrainConfig
 from fastdiff.errors import ConfigError
 from fastdiff.runtime import AccelOptions, check_amp, mix_seed, resolve_device
@@ -143,7 +144,7 @@ def _save(run_dir: Path, objective, ema: EMA | None, config: dict, tc: TrainConf
                           **objective.extra_state()}
     for part in objective.parts:
         tensors[part.name] = part.tensors() if part.tensors else part.module.state_dict()
-        tensors[part.prefix + "optimizer"], state[part.prefix + "optimizer"] = ckpt.optimizer_tensors(part.opt)
+        tensors[part.prefix + "optimizer"], state[part.prefix + "optimizer"] = state_dicts.optimizer_tensors(part.opt)
         state[part.prefix + "grad_scaler"] = part.scaler.state_dict() if part.scaler.is_enabled() else None
         state[part.prefix + "lr"] = part.lr(step)
     if ema is not None:
@@ -157,13 +158,13 @@ def _restore(path: Path, objective, ema: EMA | None, device) -> dict:
     state = ckpt.load_state(path, keys=("step", "images_seen") + tuple(p.prefix + "optimizer" for p in objective.parts))
     for part in objective.parts:
         weights = ckpt.load_tensors(path, part.name, device)
-        part.load(weights, path) if part.load else ckpt.load_model_weights(part.module, weights, path)
+        part.load(weights, path) if part.load else state_dicts.load_model_weights(part.module, weights, path)
         opt_tensors = ckpt.load_tensors(path, part.prefix + "optimizer", device)
-        ckpt.load_optimizer(part.opt, opt_tensors, state[part.prefix + "optimizer"], where=where)
+        state_dicts.load_optimizer(part.opt, opt_tensors, state[part.prefix + "optimizer"], where=where)
         if state.get(part.prefix + "grad_scaler"):
-            ckpt.load_state_dict_checked(part.scaler, state[part.prefix + "grad_scaler"], where)
+            state_dicts.load_state_dict_checked(part.scaler, state[part.prefix + "grad_scaler"], where)
     if ema is not None:
-        ckpt.load_model_weights(ema.model, ckpt.load_tensors(path, "ema", device), path)
+        state_dicts.load_model_weights(ema.model, ckpt.load_tensors(path, "ema", device), path)
     return state
 
 

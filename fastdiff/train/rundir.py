@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from fastdiff import checkpoint as ckpt
+from fastdiff import runlock
 from fastdiff.errors import FastdiffError
 
 
@@ -36,7 +37,7 @@ def open_run_dir(run_dir: Path, resume: bool):
 
     Checks that it is writable and that --resume matches what it holds, and removes the temporaries of a run
     killed while it wrote a checkpoint. This is the one place a training run opens its directory; it holds the
-    run-directory lock (`fastdiff.checkpoint.lock_run_dir`, released on any exit, kill -9 included) for the block.
+    run-directory lock (`fastdiff.runlock.lock_run_dir`, released on any exit, kill -9 included) for the block.
     """
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -45,7 +46,7 @@ def open_run_dir(run_dir: Path, resume: bool):
         probe.unlink()
     except OSError as e:
         raise FastdiffError(f"cannot write to the run directory {run_dir}: {e.strerror}; choose a writable --out")
-    with ckpt.lock_run_dir(run_dir):  # taken before anything is read, held until the block ends
+    with runlock.lock_run_dir(run_dir):  # taken before anything is read, held until the block ends
         ckpt.remove_stale_temporaries(run_dir)
         has_ckpt = ckpt.latest_checkpoint(run_dir) is not None
         if resume and not has_ckpt:
