@@ -11,7 +11,7 @@ VENV_FLAGS ?=
 STAMP := $(VENV)/.fastdiff-installed
 RUN ?= runs/mnist5k
 
-.PHONY: setup demo distill-demo pretrained test test-all lint bench clean ext ext-test ext-cuda-check
+.PHONY: setup demo distill-demo pretrained test test-all test-slow lint bench clean ext ext-test ext-cuda-check
 
 setup: $(STAMP)
 
@@ -67,6 +67,11 @@ test: setup
 
 test-all: setup
 	$(BIN)/python -m pytest -q
+
+# The tests marked slow alone (about a minute on 2 cores): the two-process DDP run and resume, the GPU suite's
+# dry run. CI runs them after `make test`.
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
 
 # The benchmark suite (ops, end-to-end sampling and training per provider): `make bench BENCH_FLAGS=--quick`.
 BENCH_FLAGS ?=

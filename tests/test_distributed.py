@@ -75,3 +75,27 @@ def test_two_processes_train_resume_exactly_and_only_rank0_writes(tmp_path, tiny
         ta, tb = ckpt.load_tensors(a, name), ckpt.load_tensors(b, name)
         for k in ta:
             assert torch.equal(ta[k], tb[k]), f"{name}.{k} differs after a resumed two-process run"
+
+
+def _main_first_worker(rank, world_size, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    world, _ = init_world(torch.device("cpu"), world_size)
+    try:
+        cache = os.path.join(out, "cache.txt")
+        with world.main_first():  # the first process writes the cache; the other finds it there
+            if world.is_main:
+                with open(cache, "w") as f:
+                    f.write("made by rank 0")
+            found = open(cache).read() if os.path.exists(cache) else "missing"
+        with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
+            f.write(found)
+        # a collective after it: both processes reach it (the barriers of main_first are balanced)
+        assert world.mean(torch.tensor(float(rank))).item() == 0.5
+    finally:
+        world.close()
+
+
+def test_main_first_runs_the_first_process_before_the_rest(tmp_path):
+    mp.spawn(_main_first_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / "rank1.txt").read_text() == "made by rank 0"

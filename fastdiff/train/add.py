@@ -41,6 +41,7 @@ from fastdiff.train.add_losses import (
     student_x0,
 )
 from fastdiff.train.add_pairs import teacher_pairs
+from fastdiff.train.distributed import World
 from fastdiff.train.loop import Part, Session, train_loop
 from fastdiff.train.lr import warmup_lr
 from fastdiff.train.monitor import sample_grid
@@ -66,7 +67,7 @@ def load_teacher(cfg: RunConfig, device) -> Denoiser:
     return teacher
 
 
-def build_discriminator(cfg: RunConfig, data, device, log, run_dir: Path) -> Discriminator:
+def build_discriminator(cfg: RunConfig, data, device, log, run_dir: Path, world: World) -> Discriminator:
     """ViT backbone (pretrained on the dataset and cached, a timm/DINO file, or none) with trainable heads."""
     dc, mc = cfg.distill, cfg.model
     vcfg = ViTConfig(image_size=mc.image_size, in_channels=mc.in_channels, patch_size=dc.backbone_patch,
@@ -75,8 +76,9 @@ def build_discriminator(cfg: RunConfig, data, device, log, run_dir: Path) -> Dis
     if dc.backbone == "pretrain":
         vcfg.num_classes = data.num_classes
         cache = Path(cfg.data.data_dir) if cfg.data.data_dir and Path(cfg.data.data_dir).is_dir() else None
-        backbone = load_or_pretrain_vit(data, cache or cache_dir(dc, run_dir), vcfg, steps=dc.backbone_steps,
-                                        device=device, log=log)
+        with world.main_first():  # the first process pretrains and caches it, the rest read it
+            backbone = load_or_pretrain_vit(data, cache or cache_dir(dc, run_dir), vcfg, steps=dc.backbone_steps,
+                                            device=device, log=log)
     elif dc.backbone == "none":
         log("no backbone checkpoint (--backbone none): the ViT starts from random weights and trains with the heads")
         backbone, train_backbone = ViT(vcfg), True
@@ -112,9 +114,10 @@ class ADDObjective:
         tc, dc, device = session.tc, cfg.distill, session.device
         self.cfg, self.tc, self.world, self.device = cfg, tc, session.world, device
         teacher = load_teacher(cfg, device)
-        self.pairs = (teacher_pairs(teacher, cfg, cache_dir(dc, session.run_dir), device=device, log=session.log,
-                                    states_at=dc.student_timesteps[1:] if dc.regress_at == "all" else ())
-                      if dc.regress_weight > 0 else None)
+        with session.world.main_first():  # the first process draws and caches the pairs, the rest read them
+            self.pairs = (teacher_pairs(teacher, cfg, cache_dir(dc, session.run_dir), device=device, log=session.log,
+                                        states_at=dc.student_timesteps[1:] if dc.regress_at == "all" else ())
+                          if dc.regress_weight > 0 else None)
         self.memory_format = session.memory_format
         # the run's layout, whatever sampling the pairs left it in (fresh and cached pairs give the same run)
         self.teacher = teacher.model.to(memory_format=self.memory_format)
@@ -122,7 +125,7 @@ class ADDObjective:
         student.load_state_dict(self.teacher.state_dict())
         student.requires_grad_(True)
         student = student.to(memory_format=self.memory_format)
-        disc = build_discriminator(cfg, data, device, session.log, session.run_dir)
+        disc = build_discriminator(cfg, data, device, session.log, session.run_dir, session.world)
         self.student, self.disc = student, disc
         fused = device.type == "cuda"
         opt = torch.optim.AdamW(student.parameters(), lr=tc.lr, betas=dc.betas, weight_decay=tc.weight_decay,

@@ -10,6 +10,7 @@ the run directory (logs, stats, checkpoints) and keeps the EMA; every rank loads
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -69,6 +70,20 @@ class World:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+    @contextlib.contextmanager
+    def main_first(self):
+        """Run the body on the first process, then on the rest: what it writes (a cache), they read.
+
+        The body must hold no collective (DDP's construction is one): the other processes wait in a barrier
+        while the first runs it. If the first process fails, the rest still go on, and fail on their own."""
+        if not self.is_main:
+            self.barrier()
+        try:
+            yield
+        finally:
+            if self.is_main:
+                self.barrier()
 
     def close(self) -> None:
         if self.initialised_here and dist.is_initialized():

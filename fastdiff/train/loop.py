@@ -229,11 +229,7 @@ def _run(build, world: World, data, tc: TrainConfig, config: dict, run_dir: Path
         accel = AccelOptions.for_device(device) if accel is None else accel.check(device)
         session = Session(tc, device, world, world.adjust(accel, log.line), log.line, run_dir)
         torch.manual_seed(tc.seed)
-        if not world.is_main:
-            world.barrier()  # the first process builds first: what it caches (a pretrained backbone), the rest read
         objective = build(session)
-        if world.is_main:
-            world.barrier()
         main = objective.parts[0]
         ema = EMA(main.module, tc.ema_decay) if world.is_main and objective.ema else None
         images_seen, last_ckpt = 0, None

@@ -94,8 +94,9 @@ def sample_pairs(student, gcfg: RunConfig, n: int, session: Session) -> tuple[to
     the first noise gone astray: on mnist5k a refiner trained on 4-step pairs took the 4-step student from 2.1x to
     13.9x the floor (README, "Few-step students")."""
     device = session.device
-    target = teacher_pairs(load_teacher(gcfg, device), gcfg, session.run_dir, device=device, log=session.log, n=n,
-                           seed=REFINER_PAIR_SEED, purpose="the refiner")
+    with session.world.main_first():  # the first process draws and caches the pairs, the rest read them
+        target = teacher_pairs(load_teacher(gcfg, device), gcfg, session.run_dir, device=device, log=session.log,
+                               n=n, seed=REFINER_PAIR_SEED, purpose="the refiner")
     with isolated_rng(device):
         own = sample(student, resolve_settings(student, device, steps=1), n=n, seed=REFINER_PAIR_SEED)
     if target.labels is not None and not torch.equal(own.labels.to(device), target.labels):
