@@ -1,0 +1,175 @@
+"""What keeping freed memory in the process (glibc's mallopt) would be worth, process against process.
+
+    python benchmarks/cpu_allocator.py --out benchmarks/results/DIR                  # sampling and training
+    python benchmarks/cpu_allocator.py --only cl/fp32/native/2t,diffusers/fp32 ...   # candidates of cpu_defaults.py
+
+A UNet's forward allocates and frees the same activations every call, and glibc hands large freed blocks back to the
+OS (a block over its mmap threshold is unmapped, the heap's top is trimmed), so the next call faults its pages in
+again. `keep` fixes the mmap threshold at glibc's maximum (32 MiB) and the trim threshold at 1 GiB before the models
+are built, so freed memory stays for the next call; `default` leaves glibc's rules alone. malloc's setting
+holds for a whole process, so the two cannot alternate inside one: every round runs one fresh process of each,
+in alternating order. Each process builds the candidates (`cpu_defaults.build`: the same weights and
+settings), warms them up and times them interleaved for `--calls` rounds; its per-candidate median is one sample,
+and a row gives the median and p20-p80 of those samples over the processes, with the minor page faults per call
+and the process's peak RSS. diffusers runs in both kinds of process. fastdiff does not change malloc: measured
+here, keep gave fastdiff's default path nothing (README, "CPU defaults").
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cpu_defaults  # noqa: E402 - the candidates and their callables
+
+from fastdiff.bench.report import new_doc, write_reports  # noqa: E402
+from fastdiff.bench.timing import measure  # noqa: E402
+from fastdiff.config import preset_config  # noqa: E402
+from fastdiff.ops import native  # noqa: E402
+from fastdiff.runtime import cpu_choice  # noqa: E402
+
+median_p20_p80 = cpu_defaults._quantiles
+
+SETTINGS = ("keep", "default")
+MMAP_THRESHOLD, TRIM_THRESHOLD = 32 * 2**20, 2**30  # glibc's largest mmap threshold; 1 GiB
+
+
+def keep_freed_memory() -> str:
+    """mallopt the thresholds of `keep` (glibc only): what this process's malloc does, as a sentence."""
+    glibc = os.confstr("CS_GNU_LIBC_VERSION") if hasattr(os, "confstr") else None
+    if not glibc:
+        raise SystemExit("keep needs glibc's malloc (mallopt); this C library is not glibc")
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    mallopt = ctypes.CDLL(None).mallopt
+    if mallopt(m_mmap_threshold, MMAP_THRESHOLD) != 1 or mallopt(m_trim_threshold, TRIM_THRESHOLD) != 1:
+        raise SystemExit(f"mallopt refused the thresholds ({glibc})")
+    return f"keep ({glibc}: mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold {TRIM_THRESHOLD >> 30} GiB)"
+
+
+def default_candidates() -> str:
+    """fastdiff's default on this CPU (`cpu_choice`, native ops where built) and diffusers at its precision."""
+    c = cpu_choice()
+    ops = "native" if c.native_ops and native.available() else "torch"
+    layout = "cl" if c.sample_channels_last else "nchw"
+    return f"{layout}/{c.sample_amp}/{ops}/{torch.get_num_threads()}t,diffusers/{c.sample_amp}"
+
+
+def child(setting: str, section: str, only: list[str], args) -> dict:
+    """One process: the candidates timed interleaved; per candidate the median ms, page faults per call, and the
+    process's peak RSS (of both candidates together)."""
+    malloc = keep_freed_memory() if setting == "keep" else "glibc default"
+    cfg = preset_config(args.preset)
+    grid = {cpu_defaults.name(c): c for c in cpu_defaults.candidates(True, False, torch.get_num_threads())}
+    faults: dict[str, list[int]] = {}
+
+    def counted(label, fn):
+        def call():
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            fn()
+            faults[label].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+        return call
+
+    fns = {}
+    for label in only:
+        faults[label] = []
+        fns[label] = counted(label, cpu_defaults.build(section, grid[label], cfg, args.batch, args.timed_steps))
+    timings = measure(fns, cpu_defaults.DEVICE, rounds=args.calls, warmup=args.warmup)
+    out = {"malloc": malloc, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    for label, t in timings.items():
+        timed = faults[label][args.warmup:]
+        out[label] = t if isinstance(t, str) else {"median_ms": t.median_ms,
+                                                   "faults_per_call": sorted(timed)[len(timed) // 2]}
+    return out
+
+
+def run_process(setting: str, section: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", section, "--setting", setting, "--only", args.only,
+           "--preset", args.preset, "--batch", str(args.batch), "--calls", str(args.calls),
+           "--warmup", str(args.warmup), "--timed-steps", str(args.timed_steps)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"the {setting} process failed:\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="mnist5k")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--sections", default="sample,train")
+    p.add_argument("--rounds", type=int, default=8, help="processes per setting")
+    p.add_argument("--calls", type=int, default=5, help="timed rounds of the candidates inside each process")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--timed-steps", type=int, default=2, help="DDIM steps per timed sampling call")
+    p.add_argument("--only", default=None, help="comma-separated cpu_defaults.py candidates (default: "
+                                                "fastdiff's default here and diffusers)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--setting", choices=SETTINGS, help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, default=Path("runs/cpu-allocator"))
+    args = p.parse_args(argv)
+    args.only = args.only or default_candidates()
+    only = args.only.split(",")
+    if args.child:
+        print(json.dumps(child(args.setting, args.child, only, args)))
+        return 0
+    doc = new_doc(cpu_defaults.DEVICE, title=f"fastdiff malloc setting ({args.preset}, batch {args.batch})",
+                  preset=args.preset, notes=[
+                      f"{args.rounds} processes per setting, alternating; in each, {args.calls} interleaved rounds "
+                      "of the candidates after warm-up; rows: median and p20-p80 of the per-process medians",
+                      f"keep: mallopt mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold "
+                      f"{TRIM_THRESHOLD >> 30} GiB, set before the candidates are built; default: glibc's own rules",
+                      "peak_rss_mib: the whole process's (both candidates in it)",
+                      "sample: DDIM-20 with guidance, images/s extrapolated from the timed steps; train: one step"])
+    for section in args.sections.split(","):
+        runs: dict[str, list[dict]] = {s: [] for s in SETTINGS}
+        load0 = os.getloadavg()
+        for r in range(args.rounds):
+            for setting in SETTINGS if r % 2 == 0 else SETTINGS[::-1]:
+                runs[setting].append(run_process(setting, section, args))
+                print(f"{section} round {r + 1}/{args.rounds} {setting}: "
+                      + ", ".join(f"{k} {v['median_ms']:.0f} ms" for k, v in runs[setting][-1].items()
+                                  if isinstance(v, dict)), flush=True)
+        scale = 20 / args.timed_steps if section == "sample" else 1.0
+        med = {}
+        for setting in SETTINGS:
+            for label in only:
+                samples = [run[label]["median_ms"] for run in runs[setting] if isinstance(run[label], dict)]
+                if not samples:
+                    doc["rows"].append(dict(section=section, provider=f"{label} {setting}",
+                                            status=runs[setting][0][label]))
+                    continue
+                m, p20, p80 = median_p20_p80(samples)
+                med[(setting, label)] = m
+                faults = [run[label]["faults_per_call"] for run in runs[setting] if isinstance(run[label], dict)]
+                doc["rows"].append(dict(
+                    section=section, case=f"{section} {args.preset}", batch=args.batch, provider=f"{label} {setting}",
+                    malloc=setting, median_ms=m, p20_ms=p20, p80_ms=p80, processes=len(samples),
+                    images_per_s=args.batch / (m / 1e3 * scale), faults_per_call=median_p20_p80(faults)[0],
+                    peak_rss_mib=median_p20_p80([run["peak_rss_mib"] for run in runs[setting]])[0], status="ok"))
+        for row in doc["rows"]:
+            if row["section"] != section or "median_ms" not in row:
+                continue
+            label, setting = row["provider"].rsplit(" ", 1)
+            base = med.get(("default", label))
+            row["vs_same_default"] = base / row["median_ms"] if base else None
+            for ref in (x for x in only if x.startswith("diffusers")):
+                for ref_setting in SETTINGS:
+                    r = med.get((ref_setting, ref))
+                    row[f"vs_{ref}_{ref_setting}"] = r / row["median_ms"] if r else None
+        doc.setdefault("load_avg", {})[section] = [round(x, 2) for x in load0 + os.getloadavg()]
+        write_reports(doc, args.out, stem="cpu_allocator")
+    print((args.out / "cpu_allocator.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
