@@ -31,7 +31,7 @@ from fastdiff.sampling.fast import FastSampler, autocast_model
 from fastdiff.train.ddpm import diffusion_loss
 from fastdiff.train.ema import EMA
 from fastdiff.train.lr import warmup_lambda
-from fastdiff.train.step import make_train_step
+from fastdiff.train.step import adamw, make_train_step
 
 
 @dataclass(frozen=True)
@@ -199,7 +199,7 @@ def train_step_for(provider: str, dtype: str, base, cfg, device, x0, labels, opt
     model = _model(provider, base, device).to(memory_format=memory_format).train()
     x0 = x0.contiguous(memory_format=memory_format)
     schedule = NoiseSchedule.from_config(cfg.diffusion, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, fused=device.type == "cuda")
+    opt = adamw(model.parameters(), device, lr=tc.lr)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(tc.warmup_steps))
     ema = EMA(model, tc.ema_decay)
     forward = diffusers_ref.as_denoiser(model) if provider == "diffusers" else compile_fn(model, opts)

@@ -45,6 +45,7 @@ from fastdiff.train.distributed import World
 from fastdiff.train.loop import Part, Session, train_loop
 from fastdiff.train.lr import warmup_lr
 from fastdiff.train.monitor import sample_grid
+from fastdiff.train.step import adamw
 
 
 def cache_dir(dc: ADDConfig, run_dir: Path) -> Path:
@@ -127,11 +128,8 @@ class ADDObjective:
         student = student.to(memory_format=self.memory_format)
         disc = build_discriminator(cfg, data, device, session.log, session.run_dir, session.world)
         self.student, self.disc = student, disc
-        fused = device.type == "cuda"
-        opt = torch.optim.AdamW(student.parameters(), lr=tc.lr, betas=dc.betas, weight_decay=tc.weight_decay,
-                                fused=fused)
-        disc_opt = torch.optim.AdamW(disc.trainable_parameters(), lr=dc.disc_lr, betas=dc.betas, weight_decay=0.0,
-                                     fused=fused)
+        opt = adamw(student.parameters(), device, lr=tc.lr, betas=dc.betas, weight_decay=tc.weight_decay)
+        disc_opt = adamw(disc.trainable_parameters(), device, lr=dc.disc_lr, betas=dc.betas, weight_decay=0.0)
         self.parts = [
             Part("model", student, opt, warmup_lr(tc.lr, tc.warmup_steps), grad_scaler(device, tc.amp)),
             Part("disc", disc, disc_opt, lambda step: dc.disc_lr, grad_scaler(device, tc.amp),

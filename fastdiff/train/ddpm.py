@@ -17,6 +17,7 @@ from fastdiff.runtime import AccelOptions, autocast, compile_fn, grad_scaler
 from fastdiff.train.loop import Part, Session, train_loop
 from fastdiff.train.lr import warmup_lr
 from fastdiff.train.monitor import GRID_STEPS, sample_grid
+from fastdiff.train.step import adamw
 
 
 def diffusion_loss(model, schedule: NoiseSchedule, x0, labels, gen, *, prediction: str, p_uncond: float,
@@ -53,8 +54,7 @@ class DDPMObjective:
         self.cfg = cfg
         self.memory_format = session.memory_format
         model = UNet(mc).to(device).to(memory_format=self.memory_format)
-        opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
-                                fused=device.type == "cuda")
+        opt = adamw(model.parameters(), device, lr=tc.lr, weight_decay=tc.weight_decay)
         self.parts = [Part("model", model, opt, warmup_lr(tc.lr, tc.warmup_steps), grad_scaler(device, tc.amp))]
         self.schedule = NoiseSchedule.from_config(cfg.diffusion, device)
         forward = compile_fn(session.world.wrap(model), session.accel)

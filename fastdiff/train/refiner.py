@@ -32,6 +32,7 @@ from fastdiff.train.add import load_teacher
 from fastdiff.train.add_pairs import PAIR_SEED, teacher_pairs
 from fastdiff.train.loop import Part, Session, train_loop
 from fastdiff.train.lr import one_cycle_lr
+from fastdiff.train.step import adamw
 
 REFINER_PAIR_SEED = PAIR_SEED + (1 << 32)  # "samples" pairs: far from the student's regression pairs and eval's
 INPUTS = ("noised", "samples")
@@ -117,8 +118,7 @@ class RefinerObjective:
         self.loaded = load_run(cfg.generator, device)
         self.memory_format = session.memory_format
         model = Refiner(refiner_unet_config(gcfg.model, cfg)).to(device).to(memory_format=self.memory_format)
-        opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
-                                fused=device.type == "cuda")
+        opt = adamw(model.parameters(), device, lr=tc.lr, weight_decay=tc.weight_decay)
         self.parts = [Part("model", model, opt, one_cycle_lr(tc.lr, tc.steps), grad_scaler(device, tc.amp))]
         forward = compile_fn(session.world.wrap(model), session.accel)
         conditional = gcfg.model.num_classes > 0
