@@ -75,6 +75,15 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
         opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"optimizer state in {where} does not match the model: {e}") from None
+    # The moments in their parameter's strides: a file gives contiguous tensors, a channels_last conv weight's
+    # moments were channels_last, and torch's fused AdamW on the CPU silently mixes up elements when the strides
+    # of a parameter and its moments differ (a resumed run then drifts from the uninterrupted one).
+    for group in opt.param_groups:
+        for param in group["params"]:
+            st = opt.state.get(param, {})
+            for key, value in st.items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                    st[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def load_model_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where) -> None:

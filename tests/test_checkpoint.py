@@ -63,3 +63,36 @@ def test_errors(tmp_path):
     other = _save(tmp_path, 2, model, torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(CheckpointError, match="does not fit"):
         state_dicts.load_model_weights(torch.nn.Linear(3, 3), ckpt.load_tensors(other, "model"), path)
+
+
+def test_fused_adamw_resumes_exactly_on_channels_last_weights():
+    """The moments come back in their parameter's strides: fused AdamW (fastdiff's optimizer on every device)
+    mixes up elements when a channels_last weight has contiguous moments, as a checkpoint file gives them."""
+    from fastdiff.train.step import adamw
+
+    def conv():
+        torch.manual_seed(0)
+        return torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+
+    gen = torch.Generator().manual_seed(1)
+    grads = [[torch.randn(p.shape, generator=gen).contiguous(memory_format=torch.channels_last) if p.dim() == 4
+              else torch.randn(p.shape, generator=gen) for p in conv().parameters()] for _ in range(4)]
+
+    def steps(model, opt, gs):
+        for g in gs:
+            for p, gp in zip(model.parameters(), g):
+                p.grad = gp.clone()
+            opt.step()
+
+    straight = conv()
+    steps(straight, opt := adamw(straight.parameters(), "cpu", lr=1e-2), grads)
+    resumed = conv()
+    steps(resumed, first := adamw(resumed.parameters(), "cpu", lr=1e-2), grads[:2])
+    tensors, meta = state_dicts.optimizer_tensors(first)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}  # as safetensors reads them back
+    again = adamw(resumed.parameters(), "cpu", lr=1e-2)
+    state_dicts.load_optimizer(again, tensors, meta)
+    steps(resumed, again, grads[2:])
+    assert opt.param_groups[0]["fused"]
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
