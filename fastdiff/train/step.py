@@ -25,9 +25,11 @@ from fastdiff.runtime import AccelOptions, mix_seed, step_generator, synchronize
 
 
 def adamw(params, device, **kwargs) -> torch.optim.AdamW:
-    """AdamW with torch's fused kernel, on the GPU and the CPU alike (torch's default on the CPU is a loop over
-    the tensors: on mnist5k's 167 parameter tensors, 3.75x slower than fused in `benchmarks/optimizer_step.py`).
-    Every training objective (and the bench's training step) builds its optimizer here."""
+    """AdamW with torch's fused kernel, on the GPU and the CPU alike. torch's default on the CPU is a loop over
+    the tensors: on mnist5k's 167 parameter tensors it stepped 3.54x slower than fused (`benchmarks/
+    optimizer_step.py`, in benchmarks/results/2026-12-03b-cpu2-xeon-avx512/optimizer/). Every training
+    objective (and the bench's training step) builds its optimizer here; `state_dicts.load_optimizer` gives the
+    moments back in their parameter's strides, which the fused kernel needs."""
     return torch.optim.AdamW(params, fused=torch.device(device).type in ("cuda", "cpu"), **kwargs)
 
 
