@@ -63,6 +63,12 @@ def default_candidates() -> str:
     return f"{layout}/{c.sample_amp}/{ops}/{torch.get_num_threads()}t,diffusers/{c.sample_amp}"
 
 
+def split_label(label: str, batch: int) -> tuple[str, int]:
+    """"cl/fp32/native/2t@32" -> (the cpu_defaults candidate, batch 32); without "@", the --batch."""
+    name, _, at = label.partition("@")
+    return name, int(at) if at else batch
+
+
 def child(setting: str, section: str, only: list[str], args) -> dict:
     """One process: the candidates timed interleaved; per candidate the median ms, page faults per call, and the
     process's peak RSS (of both candidates together)."""
@@ -81,7 +87,8 @@ def child(setting: str, section: str, only: list[str], args) -> dict:
     fns = {}
     for label in only:
         faults[label] = []
-        fns[label] = counted(label, cpu_defaults.build(section, grid[label], cfg, args.batch, args.timed_steps))
+        name, batch = split_label(label, args.batch)
+        fns[label] = counted(label, cpu_defaults.build(section, grid[name], cfg, batch, args.timed_steps))
     timings = measure(fns, cpu_defaults.DEVICE, rounds=args.calls, warmup=args.warmup)
     out = {"malloc": malloc, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     for label, t in timings.items():
@@ -110,13 +117,17 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=5, help="timed rounds of the candidates inside each process")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--timed-steps", type=int, default=2, help="DDIM steps per timed sampling call")
-    p.add_argument("--only", default=None, help="comma-separated cpu_defaults.py candidates (default: "
-                                                "fastdiff's default here and diffusers)")
+    p.add_argument("--only", default=None, help="comma-separated cpu_defaults.py candidates, NAME@BATCH for a "
+                                                "batch other than --batch (default: fastdiff's default here "
+                                                "and diffusers)")
+    p.add_argument("--batches", help="comma-separated batch sizes: every --only candidate at each")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--setting", choices=SETTINGS, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=Path("runs/cpu-allocator"))
     args = p.parse_args(argv)
     args.only = args.only or default_candidates()
+    if args.batches:
+        args.only = ",".join(f"{c}@{b}" for c in args.only.split(",") for b in args.batches.split(","))
     only = args.only.split(",")
     if args.child:
         print(json.dumps(child(args.setting, args.child, only, args)))
@@ -128,7 +139,8 @@ def main(argv=None) -> int:
                       f"keep: mallopt mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold "
                       f"{TRIM_THRESHOLD >> 30} GiB, set before the candidates are built; default: glibc's own rules",
                       "peak_rss_mib: the whole process's (both candidates in it)",
-                      "sample: DDIM-20 with guidance, images/s extrapolated from the timed steps; train: one step"])
+                      "sample: DDIM-20 with guidance, images/s extrapolated from the timed steps; train: one step",
+                      "vs_*: ratios of images/s (NAME@BATCH: that candidate at that batch)"])
     for section in args.sections.split(","):
         runs: dict[str, list[dict]] = {s: [] for s in SETTINGS}
         load0 = os.getloadavg()
@@ -148,23 +160,26 @@ def main(argv=None) -> int:
                                             status=runs[setting][0][label]))
                     continue
                 m, p20, p80 = median_p20_p80(samples)
-                med[(setting, label)] = m
+                med[(setting, label)] = split_label(label, args.batch)[1] / m  # images per ms: batches compare
                 faults = [run[label]["faults_per_call"] for run in runs[setting] if isinstance(run[label], dict)]
                 doc["rows"].append(dict(
-                    section=section, case=f"{section} {args.preset}", batch=args.batch, provider=f"{label} {setting}",
+                    section=section, case=f"{section} {args.preset}", batch=split_label(label, args.batch)[1],
+                    provider=f"{label} {setting}",
                     malloc=setting, median_ms=m, p20_ms=p20, p80_ms=p80, processes=len(samples),
-                    images_per_s=args.batch / (m / 1e3 * scale), faults_per_call=median_p20_p80(faults)[0],
+                    images_per_s=split_label(label, args.batch)[1] / (m / 1e3 * scale),
+                    faults_per_call=median_p20_p80(faults)[0],
                     peak_rss_mib=median_p20_p80([run["peak_rss_mib"] for run in runs[setting]])[0], status="ok"))
         for row in doc["rows"]:
             if row["section"] != section or "median_ms" not in row:
                 continue
             label, setting = row["provider"].rsplit(" ", 1)
+            rate = med[(setting, label)]  # the ratios are of images/s
             base = med.get(("default", label))
-            row["vs_same_default"] = base / row["median_ms"] if base else None
+            row["vs_same_default"] = rate / base if base else None
             for ref in (x for x in only if x.startswith("diffusers")):
                 for ref_setting in SETTINGS:
                     r = med.get((ref_setting, ref))
-                    row[f"vs_{ref}_{ref_setting}"] = r / row["median_ms"] if r else None
+                    row[f"vs_{ref}_{ref_setting}"] = rate / r if r else None
         doc.setdefault("load_avg", {})[section] = [round(x, 2) for x in load0 + os.getloadavg()]
         write_reports(doc, args.out, stem="cpu_allocator")
     print((args.out / "cpu_allocator.md").read_text())
