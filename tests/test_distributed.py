@@ -99,3 +99,50 @@ def _main_first_worker(rank, world_size, port, out):
 def test_main_first_runs_the_first_process_before_the_rest(tmp_path):
     mp.spawn(_main_first_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     assert (tmp_path / "rank1.txt").read_text() == "made by rank 0"
+
+
+def _distill_worker(rank, world_size, port, cfg_dict, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from fastdiff.train import add
+
+    made = []
+    init = add.ADDObjective.__init__
+
+    def keep(self, *args, **kwargs):  # the objective, for its discriminator after the run
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    add.ADDObjective.__init__ = keep
+    add.train_add(RunConfig.from_dict(cfg_dict), out, device="cpu", progress=False, echo=lambda s: None)
+    torch.save(made[0].disc.state_dict(), os.path.join(out, f"disc-rank{rank}.pt"))
+
+
+@pytest.mark.slow
+def test_two_processes_distill_with_the_caches_made_once(tmp_path, tiny_overrides):
+    """ADD under DDP: the first process pretrains the ViT backbone and samples the teacher pairs, caching both
+    beside the teacher, while the other waits; then both train (once, every run hung here at the start)."""
+    from fastdiff.config import distill_config
+    from fastdiff.sampling import load_run
+    from fastdiff.train import train_ddpm
+
+    teacher = tmp_path / "teacher"
+    train_ddpm(apply_overrides(preset_config("digits"), {**tiny_overrides, "train.steps": 2}), teacher,
+               progress=False, echo=lambda s: None)
+    over = {"train.steps": 2, "train.batch_size": 8, "train.log_every": 1, "train.ckpt_every": 2,
+            "train.sample_every": 0, "distill.backbone": "pretrain", "distill.backbone_steps": 3,
+            "distill.backbone_dim": 16, "distill.backbone_depth": 2, "distill.backbone_heads": 2,
+            "distill.disc_width": 8, "distill.r1_gamma": 0.1, "distill.regress_weight": 1.0,
+            "distill.regress_pairs": 6, "distill.regress_steps": 2}
+    cfg = apply_overrides(distill_config(load_run(teacher, "cpu").config, str(teacher)), over)
+    mp.spawn(_distill_worker, args=(2, _free_port(), cfg.to_dict(), str(tmp_path / "student")), nprocs=2, join=True)
+    log = (tmp_path / "student" / "log.txt").read_text()
+    assert "processes=2" in log and log.count("sampling 6 teacher pairs") == 1
+    assert len(list(teacher.glob("vit-digits-*.safetensors"))) == 1
+    assert (teacher / "pairs-ddim2-n6.safetensors").exists()
+    assert ckpt.latest_checkpoint(tmp_path / "student").name == "step-000000002"
+    # the discriminator (not wrapped in DDP) starts from the first process's weights and stays equal on both
+    discs = [torch.load(tmp_path / "student" / f"disc-rank{r}.pt") for r in range(2)]
+    for k in discs[0]:
+        assert torch.equal(discs[0][k], discs[1][k]), f"disc.{k} differs between the processes"

@@ -146,7 +146,12 @@ class ADDObjective:
                                             stream=1, buffers=buffers)
         if session.world.distributed:
             for p in disc.trainable_parameters():
-                p.register_post_accumulate_grad_hook(lambda p: p.grad.copy_(self.world.mean(p.grad)))
+                p.register_post_accumulate_grad_hook(self._average_grad)
+
+    def _average_grad(self, param: torch.Tensor) -> None:
+        """The discriminator's gradients averaged over the processes (it is not wrapped in DDP); a hook returns
+        nothing."""
+        param.grad.copy_(self.world.mean(param.grad))
 
     def _student_loss(self, gen, x0, labels):
         """adv_weight * hinge adversarial + distill_weight * distillation (+ regress_weight * regression on the
