@@ -119,8 +119,17 @@ def _distill_worker(rank, world_size, port, cfg_dict, out):
     torch.save(made[0].disc.state_dict(), os.path.join(out, f"disc-rank{rank}.pt"))
 
 
+def _cli_worker(rank, world_size, port, argv):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from fastdiff.cli import main
+
+    assert main(argv) == 0
+
+
 @pytest.mark.slow
-def test_two_processes_distill_with_the_caches_made_once(tmp_path, tiny_overrides):
+def test_two_processes_distill_and_refine_with_the_caches_made_once(tmp_path, tiny_overrides):
     """ADD under DDP: the first process pretrains the ViT backbone and samples the teacher pairs, caching both
     beside the teacher, while the other waits; then both train (once, every run hung here at the start)."""
     from fastdiff.config import distill_config
@@ -146,3 +155,9 @@ def test_two_processes_distill_with_the_caches_made_once(tmp_path, tiny_override
     discs = [torch.load(tmp_path / "student" / f"disc-rank{r}.pt") for r in range(2)]
     for k in discs[0]:
         assert torch.equal(discs[0][k], discs[1][k]), f"disc.{k} differs between the processes"
+    # and its refiner, on pairs the first process samples and caches in the refiner's run
+    argv = ["train-refiner", "--checkpoint", str(tmp_path / "student"), "--out", str(tmp_path / "refiner"),
+            "--steps", "2", "--batch-size", "8", "--base-channels", "8", "--pairs", "16", "--no-progress"]
+    mp.spawn(_cli_worker, args=(2, _free_port(), argv), nprocs=2, join=True)
+    assert len(list((tmp_path / "refiner").glob("pairs-*.safetensors"))) == 1
+    assert ckpt.latest_checkpoint(tmp_path / "refiner").name == "step-000000002"
