@@ -1,5 +1,6 @@
 """Training under torchrun's environment: DDP on the CPU with gloo, two processes, at a tiny size."""
 
+import contextlib
 import json
 import os
 import socket
@@ -119,13 +120,14 @@ def _distill_worker(rank, world_size, port, cfg_dict, out):
     torch.save(made[0].disc.state_dict(), os.path.join(out, f"disc-rank{rank}.pt"))
 
 
-def _cli_worker(rank, world_size, port, argv):
+def _cli_worker(rank, world_size, port, argv, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     from fastdiff.cli import main
 
-    assert main(argv) == 0
+    with open(os.path.join(out, f"stdout-rank{rank}.txt"), "w") as f, contextlib.redirect_stdout(f):
+        assert main(argv) == 0
 
 
 @pytest.mark.slow
@@ -158,6 +160,9 @@ def test_two_processes_distill_and_refine_with_the_caches_made_once(tmp_path, ti
     # and its refiner, on pairs the first process samples and caches in the refiner's run
     argv = ["train-refiner", "--checkpoint", str(tmp_path / "student"), "--out", str(tmp_path / "refiner"),
             "--steps", "2", "--batch-size", "8", "--base-channels", "8", "--pairs", "16", "--no-progress"]
-    mp.spawn(_cli_worker, args=(2, _free_port(), argv), nprocs=2, join=True)
+    mp.spawn(_cli_worker, args=(2, _free_port(), argv, str(tmp_path)), nprocs=2, join=True)
     assert len(list((tmp_path / "refiner").glob("pairs-*.safetensors"))) == 1
     assert ckpt.latest_checkpoint(tmp_path / "refiner").name == "step-000000002"
+    # the first process prints the run's record, the other nothing
+    printed = [(tmp_path / f"stdout-rank{r}.txt").read_text().strip().splitlines() for r in range(2)]
+    assert json.loads(printed[0][-1])["step"] == 2 and printed[1] == []

@@ -36,11 +36,13 @@ def _run(args, cfg, trainer: str, dry_run: str | None) -> int:
         return 0
     from fastdiff import train
     from fastdiff.runtime import resolve_device
+    from fastdiff.train.distributed import is_main_process
 
     device = resolve_device(args.device)
     record = getattr(train, trainer)(cfg, args.out, device=device, resume=args.resume, progress=not args.no_progress,
                                      echo=echo_stderr, accel=accel_options(args, device))
-    print(json.dumps({"run_dir": str(args.out), **record}))
+    if is_main_process():  # under torchrun the first process reports the run (the others' records are partial)
+        print(json.dumps({"run_dir": str(args.out), **record}))
     return 0
 
 

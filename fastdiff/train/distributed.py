@@ -90,6 +90,11 @@ class World:
             dist.destroy_process_group()
 
 
+def is_main_process() -> bool:
+    """Whether this process is the first of torchrun's (RANK 0), or runs alone: the one that reports the run."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def init_world(device: torch.device, batch_size: int) -> tuple[World, torch.device]:
     """The World from torchrun's environment (one process: World()), and the device this rank uses."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
