@@ -21,13 +21,11 @@ def _triton_status(cuda: bool) -> tuple[str | None, str]:
 
 def _cpu_ops(preferred: bool) -> str:
     """The op backend that CPU tensors run here (`ops.dispatch`: the automatic choice, or FASTDIFF_BACKEND's)."""
-    import torch
-
     from fastdiff.errors import ConfigError
     from fastdiff.ops import dispatch
 
     try:
-        backend = dispatch.backend_for(torch.empty(0), dispatch.REGISTRY["group_norm_silu"])
+        backend = dispatch.backend_on("cpu")
     except ConfigError as e:
         return f"none: {e}"
     if dispatch.current_backend() is not None:

@@ -58,9 +58,9 @@ def describe(provider: str, opts: AccelOptions, device: torch.device) -> str:
     if provider == "diffusers":
         return f"{opts.amp}+UNet2DModel"
     backend = backend_of(provider)
-    if backend is None:  # the automatic choice on this device, as ops.dispatch makes it for the GroupNorm+SiLU
+    if backend is None:  # the automatic choice on this device
         with use_backend(None):
-            backend = dispatch.backend_for(torch.empty(0, device=device), dispatch.REGISTRY["group_norm_silu"])
+            backend = dispatch.backend_on(device)
     ops = {"torch": "reference-ops", "native": "native-ops"}.get(backend, "fused-ops")
     return f"{opts.describe()}+{ops}"
 

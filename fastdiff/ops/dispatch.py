@@ -182,6 +182,12 @@ def _forced(forced: str, x: torch.Tensor, spec: Op) -> str:
     return "torch"
 
 
+def backend_on(device) -> str:
+    """The backend that the GroupNorm+SiLU (an op with every backend) runs on `device`'s tensors now: what
+    `fastdiff env` and the bench's rows name."""
+    return backend_for(torch.empty(0, device=device), REGISTRY["group_norm_silu"])
+
+
 def backend_for(x: torch.Tensor, spec: Op) -> str:
     """The backend ("torch", "triton" or "native") that runs the op `spec` on tensor x."""
     forced = current_backend()

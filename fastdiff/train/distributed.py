@@ -90,17 +90,23 @@ class World:
             dist.destroy_process_group()
 
 
+def _env_world() -> tuple[int, int]:
+    """(rank, size) from torchrun's environment; (0, 1) for a process on its own."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ["RANK"]), size) if size > 1 else (0, 1)
+
+
 def is_main_process() -> bool:
-    """Whether this process is the first of torchrun's (RANK 0), or runs alone: the one that reports the run."""
-    return os.environ.get("RANK", "0") == "0"
+    """Whether this process is the first of torchrun's, or runs alone: the one that reports the run."""
+    return _env_world()[0] == 0
 
 
 def init_world(device: torch.device, batch_size: int) -> tuple[World, torch.device]:
     """The World from torchrun's environment (one process: World()), and the device this rank uses."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size <= 1:
+    rank, size = _env_world()
+    if size == 1:
         return World(), device
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if batch_size % size:
         raise ConfigError(f"--batch-size {batch_size} is not divisible by the {size} processes; "
                           f"use a multiple of {size}")
