@@ -43,9 +43,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, cfg_dict, out, resume):
+def _torchrun_env(rank, world_size, port):
+    """What torchrun sets for process `rank` of `world_size` on this machine."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
+
+
+def _worker(rank, world_size, port, cfg_dict, out, resume):
+    _torchrun_env(rank, world_size, port)
     torch.set_num_threads(1)
     from fastdiff.train import train_ddpm
 
@@ -79,8 +84,7 @@ def test_two_processes_train_resume_exactly_and_only_rank0_writes(tmp_path, tiny
 
 
 def _main_first_worker(rank, world_size, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank))
+    _torchrun_env(rank, world_size, port)
     world, _ = init_world(torch.device("cpu"), world_size)
     try:
         cache = os.path.join(out, "cache.txt")
@@ -103,8 +107,7 @@ def test_main_first_runs_the_first_process_before_the_rest(tmp_path):
 
 
 def _distill_worker(rank, world_size, port, cfg_dict, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank))
+    _torchrun_env(rank, world_size, port)
     torch.set_num_threads(1)
     from fastdiff.train import add
 
@@ -121,8 +124,7 @@ def _distill_worker(rank, world_size, port, cfg_dict, out):
 
 
 def _cli_worker(rank, world_size, port, argv, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank))
+    _torchrun_env(rank, world_size, port)
     torch.set_num_threads(1)
     from fastdiff.cli import main
 
