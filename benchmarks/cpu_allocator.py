@@ -45,7 +45,10 @@ MMAP_THRESHOLD, TRIM_THRESHOLD = 32 * 2**20, 2**30  # glibc's largest mmap thres
 
 def keep_freed_memory() -> str:
     """mallopt the thresholds of `keep` (glibc only): what this process's malloc does, as a sentence."""
-    glibc = os.confstr("CS_GNU_LIBC_VERSION") if hasattr(os, "confstr") else None
+    try:
+        glibc = os.confstr("CS_GNU_LIBC_VERSION")
+    except (AttributeError, ValueError, OSError):  # no confstr, or a C library that does not know the name
+        glibc = None
     if not glibc:
         raise SystemExit("keep needs glibc's malloc (mallopt); this C library is not glibc")
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h

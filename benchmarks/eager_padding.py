@@ -5,7 +5,8 @@
 FastSampler pads a batch to a bucket only when it is compiled or graphed (one specialisation or capture per
 bucket); eager, the CPU's default path, runs each batch at its own size. "pad" runs the same eager sampler with
 the bucket size forced, as every fast path did before; --n 100 at batch 64 is a batch of 64 and one of 36 (run as
-64 when padded). Prints the median seconds of each and their ratio as JSON.
+64 when padded). Timed round by round in alternation
+(`fastdiff.bench.timing.measure`); prints the median and p20-p80 seconds of each and their ratio as JSON.
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 import fastdiff.sampling.fast as fast
+from fastdiff.bench.timing import measure
 from fastdiff.sampling import load_run, sample
 from fastdiff.sampling.settings import resolve_settings
 
@@ -35,20 +35,23 @@ def main() -> None:
     def padded(self, n, steps):  # the bucket of the padded size: the batch is loaded into it with zero rows
         return own(self, fast.bucket_size(n), steps)
 
-    seconds = {"pad": [], "no-pad": []}
-    load = os.getloadavg()
-    for _ in range(args.rounds):
-        for key, bucket in (("pad", padded), ("no-pad", own)):
+    def run(bucket):
+        def call():
             fast.FastSampler._bucket = bucket
             den.fast_samplers.clear()
-            t0 = time.perf_counter()
-            sample(den, settings, n=args.n, seed=0)
-            seconds[key].append(time.perf_counter() - t0)
-    fast.FastSampler._bucket = own
-    med = {k: statistics.median(v) for k, v in seconds.items()}
+            try:
+                sample(den, settings, n=args.n, seed=0)
+            finally:
+                fast.FastSampler._bucket = own
+        return call
+
+    load = os.getloadavg()
+    timings = measure({"pad": run(padded), "no-pad": run(own)}, "cpu", rounds=args.rounds, warmup=0)
+    med = {k: t.median_ms / 1e3 for k, t in timings.items()}
     print(json.dumps({"checkpoint": args.checkpoint, "n": args.n, "batch_size": settings.batch_size,
-                      "accel": settings.accel.describe(), "load_avg": load, "seconds": seconds, "median_s": med,
-                      "ratio": med["pad"] / med["no-pad"]}))
+                      "accel": settings.accel.describe(), "load_avg": load, "rounds": args.rounds,
+                      "p20_p80_s": {k: [t.p20_ms / 1e3, t.p80_ms / 1e3] for k, t in timings.items()},
+                      "median_s": med, "ratio": med["pad"] / med["no-pad"]}))
 
 
 if __name__ == "__main__":
