@@ -53,15 +53,23 @@ def candidates(with_native: bool, with_compile: bool, threads: int) -> list[dict
     return grid
 
 
+def with_rows(grid: list[dict], rows: str | None) -> list[dict]:
+    """The grid plus each fastdiff candidate with its sampling calls chunked to each of `rows` (comma-separated)."""
+    extra = [int(r) for r in rows.split(",")] if rows else []
+    return grid + [dict(c, rows=r) for c in grid if c["ops"] != "diffusers" for r in extra]
+
+
 def name(c: dict) -> str:
     batch = f"/b{c['batch']}" if "batch" in c else ""
     if c["ops"] == "diffusers":
         return f"diffusers/{c['amp']}{batch}"
-    return f"{c['layout']}/{c['amp']}/{c['ops']}{'/compile' if c['compile'] else ''}/{c['threads']}t{batch}"
+    rows = f"/r{c['rows']}" if c.get("rows") else ""
+    return f"{c['layout']}/{c['amp']}/{c['ops']}{'/compile' if c['compile'] else ''}/{c['threads']}t{rows}{batch}"
 
 
 def _options(c: dict) -> AccelOptions:
-    return AccelOptions(channels_last=c["layout"] == "cl", amp=c["amp"], compile=c["compile"])
+    return AccelOptions(channels_last=c["layout"] == "cl", amp=c["amp"], compile=c["compile"],
+                        max_rows=c.get("rows"))
 
 
 def build(section: str, c: dict, cfg, batch: int, timed_steps: int):
@@ -134,7 +142,8 @@ def memory(section: str, args, grid: list[dict]) -> dict[str, float]:
     peaks = {}
     for c in grid:
         cmd = [sys.executable, __file__, "--one", name(c), "--section", section, "--preset", args.preset,
-               "--batch", str(args.batch), "--timed-steps", str(args.timed_steps)]
+               "--batch", str(args.batch), "--timed-steps", str(args.timed_steps)] + (
+                   ["--rows", args.rows] if args.rows else [])
         res = subprocess.run(cmd, capture_output=True, text=True)
         lines = res.stdout.strip().splitlines()
         peaks[name(c)] = float(lines[-1]) if res.returncode == 0 and lines else float("nan")
@@ -144,7 +153,7 @@ def memory(section: str, args, grid: list[dict]) -> dict[str, float]:
 def run_one(label: str, section: str, cfg, args) -> None:
     import diffusers  # noqa: F401 - every memory process imports it, so that baselines match
 
-    grid = {name(c): c for c in candidates(True, True, torch.get_num_threads())}
+    grid = {name(c): c for c in with_rows(candidates(True, True, torch.get_num_threads()), args.rows)}
     fn = build(section, grid[label], cfg, args.batch, args.timed_steps)
     for _ in range(4):
         fn()
@@ -162,6 +171,8 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="add torch.compile candidates (minutes of compiling)")
     p.add_argument("--no-native", action="store_true")
     p.add_argument("--batches", help="comma-separated batch sizes: every candidate at each (images/s compares them)")
+    p.add_argument("--rows", help="comma-separated AccelOptions.max_rows values: each fastdiff candidate also with "
+                   "its sampling calls chunked to that many model rows (named .../rN)")
     p.add_argument("--only", help="comma-separated candidate names to keep (as in the report's provider column)")
     p.add_argument("--memory", action="store_true", help="peak RSS per candidate instead of timing")
     p.add_argument("--one", help=argparse.SUPPRESS)
@@ -172,7 +183,8 @@ def main(argv=None) -> int:
     if args.one:
         run_one(args.one, args.section, cfg, args)
         return 0
-    grid = candidates(native.available() and not args.no_native, args.compile, torch.get_num_threads())
+    grid = with_rows(candidates(native.available() and not args.no_native, args.compile, torch.get_num_threads()),
+                     args.rows)
     if args.only:
         keep = args.only.split(",")
         grid = [c for c in grid if name(c) in keep]

@@ -114,6 +114,9 @@ class AccelOptions:
     compile_backend: str = "inductor"
     cuda_graphs: bool = False
     fullgraph: bool = True  # a graph break is an error: our ops are torch.library ops
+    # The most rows one sampling call of the model runs (guidance doubles a batch's rows); a larger call runs in
+    # chunks of at most this many, with the same outputs up to the convolutions' rounding. None: no limit.
+    max_rows: int | None = None
 
     @classmethod
     def for_device(cls, device, **overrides) -> "AccelOptions":
@@ -121,16 +124,21 @@ class AccelOptions:
             opts = cls(channels_last=True, amp="bf16", compile=True, cuda_graphs=True)
         else:
             choice = cpu_choice()
-            opts = cls(channels_last=choice.sample_channels_last, amp=choice.sample_amp)
+            opts = cls(channels_last=choice.sample_channels_last, amp=choice.sample_amp,
+                       max_rows=choice.sample_max_rows)
         return dataclasses.replace(opts, **{k: v for k, v in overrides.items() if v is not None})
 
     @property
     def plain(self) -> bool:
-        return not (self.channels_last or self.compile or self.cuda_graphs or self.amp != "fp32")
+        return not (self.channels_last or self.compile or self.cuda_graphs or self.amp != "fp32"
+                    or self.max_rows is not None)
 
     def check(self, device) -> "AccelOptions":
         device = torch.device(device)
         check_amp(self.amp, device)
+        if self.max_rows is not None and (isinstance(self.max_rows, bool) or not isinstance(self.max_rows, int)
+                                          or self.max_rows < 1):
+            raise ConfigError(f"max_rows={self.max_rows!r} must be a whole number of at least 1 (or None: no limit)")
         if device.type != "cuda" and self.cuda_graphs:
             raise ConfigError("CUDA graphs need a CUDA device; drop --cuda-graphs or use --device cuda")
         if self.compile and self.cuda_graphs and self.compile_mode in ("reduce-overhead", "max-autotune"):
@@ -140,6 +148,8 @@ class AccelOptions:
 
     def describe(self) -> str:
         parts = [self.amp] + [name for name in ("channels_last", "compile", "cuda_graphs") if getattr(self, name)]
+        if self.max_rows is not None:
+            parts.append(f"rows<={self.max_rows}")
         return "+".join(parts)
 
 
@@ -178,6 +188,9 @@ class CpuChoice:
     # .dispatch` reads this once); the torch reference ops otherwise.
     native_ops: bool = False
     sample_batch_size: int = 64  # sampling batch: 64 beat 16-256 in both precisions (1.5x fp32, 1.7x bf16 over 256)
+    # AccelOptions.max_rows of sampling: None, or the rows that keep one call's activations small enough for
+    # glibc's malloc to reuse (see cpu_choice)
+    sample_max_rows: int | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -45,6 +45,24 @@ def autocast_model(model: Callable, device, amp: str) -> Callable:
     return forward
 
 
+def chunked_model(model: Callable, max_rows: int | None) -> Callable:
+    """model(x, t, labels) run on at most `max_rows` rows per call (None: all at once), the outputs concatenated.
+
+    Why: on the CPU a call over many rows allocates activations beyond glibc malloc's largest reusable block
+    (32 MiB), which the kernel then maps and zero-fills afresh on every call (`AccelOptions.max_rows`)."""
+    if max_rows is None:
+        return model
+
+    def forward(x, t, labels=None):
+        if x.shape[0] <= max_rows:
+            return model(x, t, labels)
+        parts = [model(x[i : i + max_rows], t[i : i + max_rows], None if labels is None else labels[i : i + max_rows])
+                 for i in range(0, x.shape[0], max_rows)]
+        return torch.cat(parts)
+
+    return forward
+
+
 class _StaticStep:
     """Static buffers of one padded batch size and the step that reads and advances them."""
 
@@ -111,7 +129,7 @@ class FastSampler:
         # A conditional model (default: one with a null label) gets its labels through a static buffer too.
         self.conditional = null_label is not None if conditional is None else conditional
         self.null_label = null_label
-        forward = autocast_model(model, self.device, options.amp)
+        forward = chunked_model(autocast_model(model, self.device, options.amp), options.max_rows)
 
         def step_fn(x, t, coefs, seeds, step, labels):
             return denoise_step(forward, x, t, coefs, seeds, step, labels, guidance=guidance, null_label=null_label,
