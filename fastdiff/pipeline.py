@@ -90,7 +90,7 @@ class Pipeline:
 
         labels: None (balanced classes i mod num_classes on a conditional model), an int, or a sequence repeated
         to fill n. sampler / steps / guidance / eta and options (spacing, clip, batch_size, compile, cuda_graphs,
-        channels_last, amp, compile_mode, refiner) default to the run's settings. output: "tensor" (float
+        channels_last, amp, compile_mode, max_rows, refiner) default to the run's settings. output: "tensor" (float
         [n, C, H, W] in [-1, 1] on the CPU), "numpy" (uint8 [n, H, W, C]) or "pil" (a list of PIL images).
         """
         if output not in OUTPUTS:

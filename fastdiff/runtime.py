@@ -115,8 +115,8 @@ class AccelOptions:
     cuda_graphs: bool = False
     fullgraph: bool = True  # a graph break is an error: our ops are torch.library ops
     # The most rows one sampling call of the model runs (guidance doubles a batch's rows); a larger call runs in
-    # chunks of at most this many, with the same outputs up to the convolutions' rounding. None: no limit.
-    max_rows: int | None = None
+    # chunks of at most this many, with the same outputs up to the convolutions' rounding. 0: no limit.
+    max_rows: int = 0
 
     @classmethod
     def for_device(cls, device, **overrides) -> "AccelOptions":
@@ -131,14 +131,14 @@ class AccelOptions:
     @property
     def plain(self) -> bool:
         return not (self.channels_last or self.compile or self.cuda_graphs or self.amp != "fp32"
-                    or self.max_rows is not None)
+                    or self.max_rows != 0)
 
     def check(self, device) -> "AccelOptions":
         device = torch.device(device)
         check_amp(self.amp, device)
-        if self.max_rows is not None and (isinstance(self.max_rows, bool) or not isinstance(self.max_rows, int)
-                                          or self.max_rows < 1):
-            raise ConfigError(f"max_rows={self.max_rows!r} must be a whole number of at least 1 (or None: no limit)")
+        if isinstance(self.max_rows, bool) or not isinstance(self.max_rows, int) or self.max_rows < 0:
+            raise ConfigError(f"max_rows={self.max_rows!r} must be a whole number: the most rows per model call, "
+                              "or 0 for no limit")
         if device.type != "cuda" and self.cuda_graphs:
             raise ConfigError("CUDA graphs need a CUDA device; drop --cuda-graphs or use --device cuda")
         if self.compile and self.cuda_graphs and self.compile_mode in ("reduce-overhead", "max-autotune"):
@@ -148,7 +148,7 @@ class AccelOptions:
 
     def describe(self) -> str:
         parts = [self.amp] + [name for name in ("channels_last", "compile", "cuda_graphs") if getattr(self, name)]
-        if self.max_rows is not None:
+        if self.max_rows:
             parts.append(f"rows<={self.max_rows}")
         return "+".join(parts)
 
@@ -188,9 +188,9 @@ class CpuChoice:
     # .dispatch` reads this once); the torch reference ops otherwise.
     native_ops: bool = False
     sample_batch_size: int = 64  # sampling batch: 64 beat 16-256 in both precisions (1.5x fp32, 1.7x bf16 over 256)
-    # AccelOptions.max_rows of sampling: None, or the rows that keep one call's activations small enough for
-    # glibc's malloc to reuse (see cpu_choice)
-    sample_max_rows: int | None = None
+    # AccelOptions.max_rows of sampling: 0 (no limit), or the rows that keep one call's activations small enough
+    # for glibc's malloc to reuse (see cpu_choice)
+    sample_max_rows: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -212,6 +212,12 @@ def cpu_choice(flags: frozenset[str] | None = None) -> CpuChoice:
       and the native ops beat the torch ops in that layout: on a Xeon with AVX-512 and no BF16, sampling 1.19x
       and training 1.13x; on an AVX2-only EPYC, sampling 1.22x and training 1.08x. Without bf16 instructions,
       bf16 autocast sampled 2-17x and trained 2-9x slower than fp32.
+      Sampling calls of the model run at most 64 rows (`AccelOptions.max_rows`): classifier-free guidance makes
+      a batch of 64 images 128 rows, whose widest activations (mnist5k: 96 channels at 28x28, 38.5 MB in fp32)
+      exceed glibc malloc's 32 MiB ceiling for reusing freed blocks, so every call had the kernel map and
+      zero-fill them afresh. In two calls of 64 rows, on the Xeon with AVX-512 and no BF16: sampling 1.08x
+      (CPU time 1.08x), peak RSS 508 MiB instead of 605. The bf16 CPUs keep no limit (bf16 activations are half
+      the size; not measured there).
     torch.compile (Inductor C++) is off: it sped bf16 sampling up 1.35-1.6x and training 1.13-1.2x but took
     30-85 s to compile with a cold Inductor cache, more than it saves in a 1500-step run or a 1000-image
     evaluation (with a warm cache 6 s and 2 s, which would pay).
@@ -222,10 +228,11 @@ def cpu_choice(flags: frozenset[str] | None = None) -> CpuChoice:
         return CpuChoice(sample_channels_last=False, train_channels_last=False, sample_amp="bf16", train_amp="bf16",
                          why=f"{unit}: bf16 autocast on oneDNN's bf16 kernels, NCHW, torch ops (measured fastest)")
     return CpuChoice(sample_channels_last=True, train_channels_last=True, sample_amp="fp32", train_amp="fp32",
-                     native_ops=True,
+                     native_ops=True, sample_max_rows=64,
                      why="no bf16 instructions (AVX2, or AVX-512 without BF16): fp32, channels_last, and the native "
                          "extension's ops where it is built (each measured faster; bf16 without them is many times "
-                         "slower)")
+                         "slower); sampling calls of at most 64 rows (their activations stay within what malloc "
+                         "reuses)")
 
 
 def sample_batch_size(device) -> int:

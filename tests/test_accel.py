@@ -55,10 +55,12 @@ def test_options_defaults_and_checks():
     # The native ops where the extension is built: on CPUs without bf16 instructions only.
     assert other.native_ops and cpu_choice(frozenset({"avx2", "avx512f"})).native_ops
     assert not any(cpu_choice(frozenset(flags)).native_ops for flags in ({"amx_bf16"}, {"avx512_bf16"}))
+    # Sampling calls chunked to 64 rows where fp32 runs; no limit on the bf16 CPUs (not measured there).
+    assert other.sample_max_rows == 64 and bf16.sample_max_rows == 0
     choice = cpu_choice()
     cpu = AccelOptions.for_device("cpu")
-    assert (cpu.amp, cpu.channels_last, cpu.compile, cpu.cuda_graphs) == (choice.sample_amp,
-                                                                          choice.sample_channels_last, False, False)
+    assert (cpu.amp, cpu.channels_last, cpu.compile, cpu.cuda_graphs, cpu.max_rows) == (
+        choice.sample_amp, choice.sample_channels_last, False, False, choice.sample_max_rows)
     assert train_defaults("cpu") == (choice.train_amp, choice.train_channels_last)
     assert train_defaults("cuda") == ("fp32", True)
     gpu = AccelOptions.for_device("cuda")
@@ -72,6 +74,11 @@ def test_options_defaults_and_checks():
     with pytest.raises(ConfigError, match="unknown --amp"):
         AccelOptions(amp="fp8").check("cpu")
     assert AccelOptions(amp="bf16", compile=True).describe() == "bf16+compile"
+    assert AccelOptions(max_rows=64).describe() == "fp32+rows<=64" and not AccelOptions(max_rows=64).plain
+    assert AccelOptions.for_device("cuda").max_rows == 0 and AccelOptions.for_device("cpu", max_rows=0).max_rows == 0
+    for bad in (-3, 2.5, True, "64", None):
+        with pytest.raises(ConfigError, match="max_rows=.* must be a whole number"):
+            AccelOptions(max_rows=bad).check("cpu")
     with pytest.raises(ConfigError, match="max-autotune-no-cudagraphs"):
         AccelOptions(compile=True, cuda_graphs=True, compile_mode="reduce-overhead").check("cuda")
 
@@ -115,6 +122,27 @@ def test_padding_to_a_bucket_keeps_each_sample(compiled):
     # oneDNN picks its convolution algorithm by batch size: equal up to float32 rounding, not bitwise.
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     torch.testing.assert_close(again, want[:3], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("max_rows", [1, 3, 8])
+def test_chunked_calls_keep_each_sample(max_rows):
+    # Guidance makes 5 images 10 rows: the model sees at most max_rows of them per call, and every sample is the
+    # plain loop's up to the convolutions' rounding (oneDNN's algorithm depends on the batch size).
+    model = tiny_unet()
+    _, tabs = tables()
+    x, seeds, labels = sampling_inputs(5)
+    rows = []
+    model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    fast = FastSampler(model, AccelOptions(max_rows=max_rows), device="cpu", shape=(1, 8, 8), guidance=2.0,
+                       null_label=10, clip=1.0)
+    got = fast.run(x, tabs["ddim-eta0.5"], seeds=seeds, labels=labels)
+    per_step = [max_rows] * (10 // max_rows) + ([10 % max_rows] if 10 % max_rows else [])
+    assert rows == per_step * len(tabs["ddim-eta0.5"])
+    rows.clear()
+    want = run_table(model, x, tabs["ddim-eta0.5"], seeds=seeds, labels=labels, guidance=2.0, null_label=10,
+                     clip=1.0)
+    assert rows == [10] * len(tabs["ddim-eta0.5"])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
 def test_channels_last_and_bf16_stay_close():

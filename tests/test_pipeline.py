@@ -17,7 +17,7 @@ from fastdiff.errors import CheckpointError, ConfigError
 from fastdiff.models import UNet
 from fastdiff.train import train_ddpm
 
-PLAIN = dict(amp="fp32", channels_last=False)  # the plain loop, whatever the CPU's defaults
+PLAIN = dict(amp="fp32", channels_last=False, max_rows=0)  # the plain loop, whatever the CPU's defaults
 
 
 @pytest.fixture(scope="module")

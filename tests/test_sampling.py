@@ -21,7 +21,7 @@ from fastdiff.sampling import Denoiser, labels_for, resolve_settings, sample
 from fastdiff.train.refiner import RefinerConfig
 
 TINY = {"model.base_channels": 16, "model.num_groups": 4}
-PLAIN = dict(amp="fp32", channels_last=False)  # the plain loop, whatever the CPU's defaults
+PLAIN = dict(amp="fp32", channels_last=False, max_rows=0)  # the plain loop, whatever the CPU's defaults
 
 
 def denoiser(cfg: RunConfig | None = None) -> Denoiser:
@@ -35,6 +35,9 @@ def test_defaults_come_from_the_run():
     assert (s.sampler, s.steps, s.eta, s.guidance, s.spacing, s.clip) == ("ddim", 50, 0.0, 2.0, "trailing", 1.0)
     assert s.batch_size == sample_batch_size("cpu") == 64 and s.accel == AccelOptions.for_device("cpu")
     assert s.refiner is None
+    # max_rows, like every acceleration key, overrides the device's choice; 0 is no limit (the plain loop).
+    assert resolve_settings(denoiser(), max_rows=16).accel.max_rows == 16
+    assert resolve_settings(denoiser(), **PLAIN).accel.plain
     # ddpm without --steps runs all T, wherever it is asked for (eval used to run 50 respaced steps).
     assert resolve_settings(denoiser(), sampler="ddpm").steps == 1000
     assert resolve_settings(denoiser(), sampler="ddpm", steps=20).steps == 20

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from fastdiff.cli.args import COUNT, ETA, GUIDANCE, POSITIVE, SEED, add_accel_flags
+from fastdiff.cli.args import COUNT, ETA, GUIDANCE, NON_NEGATIVE_INT, POSITIVE, SEED, add_accel_flags
 from fastdiff.errors import ConfigError
 
 
@@ -45,13 +45,16 @@ def add_sampling_args(p):
                    "and on a CPU with AMX or AVX-512 BF16, else fp32; `fastdiff env` shows the CPU's choice)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC activations (default: on a GPU; on the CPU as `fastdiff env` shows)")
+    g.add_argument("--max-rows", type=NON_NEGATIVE_INT, help="the most rows one model call runs (guidance "
+                   "doubles a batch's rows), 0 for no limit; larger calls run in chunks, with the same samples up "
+                   "to rounding (default: on the CPU as `fastdiff env` shows, no limit on a GPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (denoising steps, with ETA) on stderr")
 
 
 def sampling_overrides(args) -> dict:
     """The keyword overrides of `fastdiff.sampling.resolve_settings` from the flags of `add_sampling_args`."""
     keys = ("sampler", "steps", "eta", "guidance", "spacing", "clip", "batch_size", "amp", "channels_last",
-            "compile", "cuda_graphs", "compile_mode")
+            "compile", "cuda_graphs", "compile_mode", "max_rows")
     return {k: getattr(args, k) for k in keys}
 
 

@@ -45,12 +45,12 @@ def autocast_model(model: Callable, device, amp: str) -> Callable:
     return forward
 
 
-def chunked_model(model: Callable, max_rows: int | None) -> Callable:
-    """model(x, t, labels) run on at most `max_rows` rows per call (None: all at once), the outputs concatenated.
+def chunked_model(model: Callable, max_rows: int) -> Callable:
+    """model(x, t, labels) run on at most `max_rows` rows per call (0: all at once), the outputs concatenated.
 
     Why: on the CPU a call over many rows allocates activations beyond glibc malloc's largest reusable block
     (32 MiB), which the kernel then maps and zero-fills afresh on every call (`AccelOptions.max_rows`)."""
-    if max_rows is None:
+    if not max_rows:
         return model
 
     def forward(x, t, labels=None):

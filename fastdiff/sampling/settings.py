@@ -13,7 +13,8 @@ all resolve their settings here, so a flag or keyword means the same thing every
     batch_size  images per batch (default: `runtime.sample_batch_size`, 256 on a GPU, 64 on the CPU; the samples do
                 not depend on it, up to the rounding of the convolutions, and of bf16 where it runs)
     accel       `AccelOptions.for_device(device)` (every fast path on a GPU, `runtime.cpu_choice` on the CPU), then the
-                flat overrides compile, cuda_graphs, channels_last, amp, compile_mode
+                flat overrides compile, cuda_graphs, channels_last, amp, compile_mode, max_rows (the most rows
+                one model call runs: `AccelOptions.max_rows`)
     refiner     a refiner run directory (`fastdiff train-refiner`), applied inside the timed region
 """
 
@@ -31,7 +32,7 @@ from fastdiff.errors import ConfigError
 from fastdiff.runtime import AccelOptions, sample_batch_size
 
 SAMPLERS = ("ddim", "ddpm", "student")
-ACCEL_KEYS = ("compile", "cuda_graphs", "channels_last", "amp", "compile_mode")
+ACCEL_KEYS = ("compile", "cuda_graphs", "channels_last", "amp", "compile_mode", "max_rows")
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,8 @@ def resolve_settings(denoiser, device=None, *, accel: AccelOptions | None = None
     """The settings of sampling `denoiser` (a `fastdiff.sampling.Denoiser`) on `device` (default: the denoiser's).
 
     overrides: sampler, steps, eta, guidance, spacing, clip, batch_size, refiner and the acceleration keys
-    compile, cuda_graphs, channels_last, amp, compile_mode; a value of None means "not given" (so CLI arguments
-    pass straight through). accel: options to start from instead of `AccelOptions.for_device(device)`.
+    compile, cuda_graphs, channels_last, amp, compile_mode, max_rows; a value of None means "not given" (so CLI
+    arguments pass straight through). accel: options to start from instead of `AccelOptions.for_device(device)`.
     Each bad value raises one ConfigError naming it and the fix.
     """
     known = {"sampler", "steps", "eta", "guidance", "spacing", "clip", "batch_size", "refiner", *ACCEL_KEYS}
