@@ -69,7 +69,7 @@ def name(c: dict) -> str:
 
 def _options(c: dict) -> AccelOptions:
     return AccelOptions(channels_last=c["layout"] == "cl", amp=c["amp"], compile=c["compile"],
-                        max_rows=c.get("rows"))
+                        max_rows=c.get("rows", 0))
 
 
 def build(section: str, c: dict, cfg, batch: int, timed_steps: int):
