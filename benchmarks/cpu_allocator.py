@@ -13,6 +13,12 @@ settings), warms them up and times them interleaved for `--calls` rounds; its pe
 and a row gives the median and p20-p80 of those samples over the processes, with the minor page faults per call
 and the process's peak RSS. diffusers runs in both kinds of process. fastdiff does not change malloc: measured
 here, keep gave fastdiff's default path nothing (README, "CPU defaults").
+
+    python benchmarks/cpu_allocator.py --sections sample --settings default --apart \
+        --only cl/fp32/native/2t,cl/fp32/native/2t/r64                                # candidates apart
+
+`--apart` runs each candidate in a process of its own, so that candidates do not share malloc's state: how the
+sampling calls chunked to 64 rows (`AccelOptions.max_rows`, cpu_defaults.py's .../r64) compare with one call.
 """
 
 from __future__ import annotations
@@ -77,7 +83,8 @@ def child(setting: str, section: str, only: list[str], args) -> dict:
     process's peak RSS (of both candidates together)."""
     malloc = keep_freed_memory() if setting == "keep" else "glibc default"
     cfg = preset_config(args.preset)
-    grid = {cpu_defaults.name(c): c for c in cpu_defaults.candidates(True, False, torch.get_num_threads())}
+    grid = {cpu_defaults.name(c): c for c in cpu_defaults.with_rows(
+        cpu_defaults.candidates(True, False, torch.get_num_threads()), "32,64")}
     faults: dict[str, list[int]] = {}
 
     def counted(label, fn):
@@ -101,14 +108,29 @@ def child(setting: str, section: str, only: list[str], args) -> dict:
     return out
 
 
-def run_process(setting: str, section: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", section, "--setting", setting, "--only", args.only,
+def run_process(setting: str, section: str, args, only: list[str]) -> dict:
+    cmd = [sys.executable, __file__, "--child", section, "--setting", setting, "--only", ",".join(only),
            "--preset", args.preset, "--batch", str(args.batch), "--calls", str(args.calls),
            "--warmup", str(args.warmup), "--timed-steps", str(args.timed_steps)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"the {setting} process failed:\n{res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def run_round(setting: str, section: str, args, only: list[str], r: int) -> dict:
+    """One round's processes of `setting`: one with every candidate, or with --apart one per candidate (in
+    alternating order), merged into one result whose peak_rss_mib is the largest process's."""
+    if not args.apart:
+        return run_process(setting, section, args, only)
+    merged: dict = {"peak_rss_mib": 0.0}
+    for label in only if r % 2 == 0 else only[::-1]:
+        res = run_process(setting, section, args, [label])
+        own = res[label]
+        merged[label] = dict(own, peak_rss_mib=res["peak_rss_mib"]) if isinstance(own, dict) else own
+        merged["malloc"] = res["malloc"]
+        merged["peak_rss_mib"] = max(merged["peak_rss_mib"], res["peak_rss_mib"])
+    return merged
 
 
 def main(argv=None) -> int:
@@ -124,6 +146,9 @@ def main(argv=None) -> int:
                                                 "batch other than --batch (default: fastdiff's default here "
                                                 "and diffusers)")
     p.add_argument("--batches", help="comma-separated batch sizes: every --only candidate at each")
+    p.add_argument("--settings", default=",".join(SETTINGS), help="the malloc settings to compare (default: both)")
+    p.add_argument("--apart", action="store_true", help="each candidate in a process of its own, so that no two "
+                   "share malloc's state (e.g. cpu_defaults' .../rN candidates against the unchunked one)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--setting", choices=SETTINGS, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=Path("runs/cpu-allocator"))
@@ -132,6 +157,9 @@ def main(argv=None) -> int:
     if args.batches:
         args.only = ",".join(f"{c}@{b}" for c in args.only.split(",") for b in args.batches.split(","))
     only = args.only.split(",")
+    settings = tuple(s for s in SETTINGS if s in args.settings.split(","))
+    if not settings:
+        p.error(f"--settings {args.settings} names none of {', '.join(SETTINGS)}")
     if args.child:
         print(json.dumps(child(args.setting, args.child, only, args)))
         return 0
@@ -141,21 +169,22 @@ def main(argv=None) -> int:
                       "of the candidates after warm-up; rows: median and p20-p80 of the per-process medians",
                       f"keep: mallopt mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold "
                       f"{TRIM_THRESHOLD >> 30} GiB, set before the candidates are built; default: glibc's own rules",
-                      "peak_rss_mib: the whole process's (both candidates in it)",
+                      "peak_rss_mib: the candidate's own process with --apart, else the whole process's (all "
+                      "candidates in it)" + (" (--apart: one process per candidate)" if args.apart else ""),
                       "sample: DDIM-20 with guidance, images/s extrapolated from the timed steps; train: one step",
                       "vs_*: ratios of images/s (NAME@BATCH: that candidate at that batch)"])
     for section in args.sections.split(","):
-        runs: dict[str, list[dict]] = {s: [] for s in SETTINGS}
+        runs: dict[str, list[dict]] = {s: [] for s in settings}
         load0 = os.getloadavg()
         for r in range(args.rounds):
-            for setting in SETTINGS if r % 2 == 0 else SETTINGS[::-1]:
-                runs[setting].append(run_process(setting, section, args))
+            for setting in settings if r % 2 == 0 else settings[::-1]:
+                runs[setting].append(run_round(setting, section, args, only, r))
                 print(f"{section} round {r + 1}/{args.rounds} {setting}: "
                       + ", ".join(f"{k} {v['median_ms']:.0f} ms" for k, v in runs[setting][-1].items()
                                   if isinstance(v, dict)), flush=True)
         scale = 20 / args.timed_steps if section == "sample" else 1.0
         med = {}
-        for setting in SETTINGS:
+        for setting in settings:
             for label in only:
                 samples = [run[label]["median_ms"] for run in runs[setting] if isinstance(run[label], dict)]
                 if not samples:
@@ -171,7 +200,9 @@ def main(argv=None) -> int:
                     malloc=setting, median_ms=m, p20_ms=p20, p80_ms=p80, processes=len(samples),
                     images_per_s=split_label(label, args.batch)[1] / (m / 1e3 * scale),
                     faults_per_call=median_p20_p80(faults)[0],
-                    peak_rss_mib=median_p20_p80([run["peak_rss_mib"] for run in runs[setting]])[0], status="ok"))
+                    peak_rss_mib=median_p20_p80([run[label].get("peak_rss_mib", run["peak_rss_mib"])
+                                                 for run in runs[setting] if isinstance(run[label], dict)])[0],
+                    status="ok"))
         for row in doc["rows"]:
             if row["section"] != section or "median_ms" not in row:
                 continue
@@ -179,8 +210,9 @@ def main(argv=None) -> int:
             rate = med[(setting, label)]  # the ratios are of images/s
             base = med.get(("default", label))
             row["vs_same_default"] = rate / base if base else None
-            for ref in (x for x in only if x.startswith("diffusers")):
-                for ref_setting in SETTINGS:
+            # against diffusers, and with --apart against the first candidate too
+            for ref in [x for x in only if x.startswith("diffusers")] + ([only[0]] if args.apart else []):
+                for ref_setting in settings:
                     r = med.get((ref_setting, ref))
                     row[f"vs_{ref}_{ref_setting}"] = rate / r if r else None
         doc.setdefault("load_avg", {})[section] = [round(x, 2) for x in load0 + os.getloadavg()]
