@@ -215,9 +215,10 @@ def cpu_choice(flags: frozenset[str] | None = None) -> CpuChoice:
       Sampling calls of the model run at most 64 rows (`AccelOptions.max_rows`): classifier-free guidance makes
       a batch of 64 images 128 rows, whose widest activations (mnist5k: 96 channels at 28x28, 38.5 MB in fp32)
       exceed glibc malloc's 32 MiB ceiling for reusing freed blocks, so every call had the kernel map and
-      zero-fill them afresh. In two calls of 64 rows, on the Xeon with AVX-512 and no BF16: sampling 1.08x
-      (CPU time 1.08x), peak RSS 508 MiB instead of 605. The bf16 CPUs keep no limit (bf16 activations are half
-      the size; not measured there).
+      zero-fill them afresh. In two calls of 64 rows, on the Xeon with AVX-512 and no BF16: peak RSS 422 MiB
+      instead of 519 and 18.6k minor page faults per 2-step call instead of 51.7k; sampling speed 0.99-1.08x in
+      three runs, within this machine's noise. The bf16 CPUs keep no limit (bf16 activations are half the size;
+      not measured there).
     torch.compile (Inductor C++) is off: it sped bf16 sampling up 1.35-1.6x and training 1.13-1.2x but took
     30-85 s to compile with a cold Inductor cache, more than it saves in a 1500-step run or a 1000-image
     evaluation (with a warm cache 6 s and 2 s, which would pay).
