@@ -17,11 +17,12 @@ import torch
 
 from fastdiff.bench.native import PRESETS, run_native_benchmarks
 from fastdiff.bench.report import emit, new_doc
+from fastdiff.errors import FastdiffError
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", nargs="+", default=list(PRESETS))
+    parser.add_argument("--presets", nargs="+", choices=list(PRESETS), default=list(PRESETS))
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10, help="DDIM steps of the e2e rows")
     parser.add_argument("--rounds", type=int, default=5, help="alternating timing rounds per provider")
@@ -39,9 +40,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     doc = new_doc("cpu", title="fastdiff native extension vs torch-eager (CPU)", threads=torch.get_num_threads(),
                   clock=args.clock)
-    doc["rows"] = run_native_benchmarks("cpu", args.quick, presets=args.presets, batch=args.batch, steps=args.steps,
-                                        rounds=args.rounds, clock=args.clock, etas=tuple(args.etas),
-                                        layouts=tuple(args.layouts), op_rows=not args.no_op_rows)
+    try:
+        doc["rows"] = run_native_benchmarks("cpu", args.quick, presets=args.presets, batch=args.batch,
+                                            steps=args.steps, rounds=args.rounds, clock=args.clock,
+                                            etas=tuple(args.etas), layouts=tuple(args.layouts),
+                                            op_rows=not args.no_op_rows)
+    except FastdiffError as e:  # bad options (layouts without nchw, no extension): one line, no traceback
+        parser.error(" ".join(str(e).split()))
     emit(doc, args.out)
 
 
