@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastdiff import runtime
-from fastdiff.bench import diffusers_ref
+from fastdiff.bench import diffusers_ref, report
 from fastdiff.bench.e2e import Job, SampleCase, sample_rows, train_rows
 from fastdiff.bench.providers import provider_options
 from fastdiff.bench.report import add_ratios, environment, git_commit, render_markdown, write_reports
@@ -118,6 +118,15 @@ def test_reports_name_the_environment(tmp_path):
     assert "| mnist | 4 | ddim-4 | 4 | fastdiff | bf16 |" in md
     assert "| 300 |" in md and "sampler_step" in md and "1234.5" in md
     assert render_markdown({**doc, "rows": []}).count("##") == 0
+    assert "command:" not in md  # a document without one says nothing of it
+
+
+def test_reports_name_the_command_that_made_them():
+    assert report.command_line(["/venv/bin/fastdiff", "bench", "--out", "a b"]) == "fastdiff bench --out 'a b'"
+    assert report.command_line(["benchmarks/cpu_defaults.py", "--rows", "64"]) == "benchmarks/cpu_defaults.py --rows 64"
+    doc = report.new_doc("cpu", title="t")
+    assert doc["command"] == report.command_line()
+    assert f"- command: `{doc['command']}`" in render_markdown(doc)
 
 
 def test_git_commit_of_this_checkout():

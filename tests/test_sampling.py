@@ -130,6 +130,19 @@ def test_sample_is_batch_invariant_and_matches_the_plain_sampler():
     assert whole.images.device.type == "cpu" and whole.setup_s == 0.0 and whole.seconds > 0
 
 
+@pytest.mark.parametrize("max_rows", [1, 3, 7])
+def test_row_limit_chunks_the_model_calls_and_keeps_the_samples(max_rows):
+    # Guidance makes 5 images 10 rows per step: chunks of 1, 3 (3+3+3+1) and 7 (7+3), never more than max_rows.
+    den = denoiser()
+    whole = sample(den, resolve_settings(den, steps=3, **PLAIN), n=5, seed=7).images
+    rows, model = [], den.model
+    den.model = lambda x, t, labels: (rows.append(x.shape[0]), model(x, t, labels))[1]
+    chunked = sample(den, resolve_settings(den, steps=3, amp="fp32", channels_last=False, max_rows=max_rows),
+                     n=5, seed=7).images
+    assert rows and max(rows) == max_rows and sum(rows) == 3 * 10
+    torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=0)  # convolution rounding of the row count only
+
+
 def test_fast_path_on_cpu_uses_labels_of_a_model_without_null_class():
     den = denoiser()
     plain = sample(den, resolve_settings(den, steps=2, guidance=1.0, **PLAIN), n=4, labels=[1, 2, 3, 4]).images

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -146,7 +148,10 @@ def render_markdown(doc: dict) -> str:
         f"python {env.get('python')}",
         f"- commit {env.get('commit') or 'unknown'}{' (uncommitted changes)' if env.get('dirty') else ''}, "
         f"{env.get('date_utc')}",
-    ] + [f"- {note}" for note in doc.get("notes", [])]
+    ]
+    if doc.get("command"):
+        head.append(f"- command: `{doc['command']}`")
+    head += [f"- {note}" for note in doc.get("notes", [])]
     parts = ["\n".join(head)]
     sections = dict.fromkeys(r.get("section", "rows") for r in doc["rows"])
     for section in sections:
@@ -155,8 +160,17 @@ def render_markdown(doc: dict) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def command_line(argv: list[str] | None = None) -> str:
+    """The command that made a report, as it could be typed again (a program given by its full path, such as a
+    console script in a virtual environment, by its name)."""
+    argv = list(sys.argv if argv is None else argv)
+    if argv and os.path.isabs(argv[0]):
+        argv[0] = os.path.basename(argv[0])
+    return shlex.join(argv)
+
+
 def new_doc(device, title: str = "fastdiff bench", **fields) -> dict:
-    return {"title": title, "environment": environment(device), "rows": [], **fields}
+    return {"title": title, "command": command_line(), "environment": environment(device), "rows": [], **fields}
 
 
 def _write_atomic(path: Path, text: str) -> None:
