@@ -188,37 +188,44 @@ class CpuChoice:
     # .dispatch` reads this once); the torch reference ops otherwise.
     native_ops: bool = False
     sample_batch_size: int = 64  # sampling batch: 64 beat 16-256 in both precisions (1.5x fp32, 1.7x bf16 over 256)
-    # AccelOptions.max_rows of sampling: 0 (no limit), or the rows that keep one call's activations small enough
-    # for glibc's malloc to reuse (see cpu_choice)
-    sample_max_rows: int = 0
+    # AccelOptions.max_rows of sampling: the rows that keep one call's activations small enough for glibc's
+    # malloc to reuse (see cpu_choice); 0 would be no limit
+    sample_max_rows: int = 64
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
+ROWS_WHY = "sampling calls of at most 64 rows (their activations stay within what malloc reuses)"
+
+
 def cpu_choice(flags: frozenset[str] | None = None) -> CpuChoice:
     """The CPU defaults for a CPU with `flags` (this one's by default), chosen by measurement
     (benchmarks/cpu_defaults.py; README, "CPU defaults"): mnist5k's UNet at batch 64, DDIM-20 and a training step,
-    every candidate interleaved in one process, on four 2-core machines.
+    every candidate interleaved in one process, on five 2-core machines.
 
     - bf16 arithmetic in hardware (amx_bf16 or avx512_bf16): bf16 autocast runs oneDNN's bf16 kernels, and NCHW
       bf16 was fastest for both sampling and training. On a Xeon with AMX: sampling 2.35x fp32 NCHW, training
       1.79-1.83x, ahead of channels_last bf16 (1.81x / 1.45x). On an AMD EPYC (Zen 4) with avx512_bf16 and no
-      AMX: sampling 2.09x (1.56x channels_last fp32), training 1.51x (channels_last bf16 1.94x / 1.21x). The
-      native ops lost to the torch ops there, so these CPUs keep the torch ops (measured before the native silu
-      stopped computing subnormals, kernels/cpu/vecmath.h; not re-measured since).
+      AMX: sampling 2.09x (1.56x channels_last fp32), training 1.51x (channels_last bf16 1.94x / 1.21x); on a
+      Zen 5 EPYC with avx512_bf16: sampling 1.93x, training 1.51x. The native ops lost to the torch ops on all
+      three, so these CPUs keep the torch ops: on the Zen 5, after the native silu stopped computing subnormals
+      (kernels/cpu/vecmath.h), bf16 sampling with them ran at best level (channels_last, 1.00x NCHW torch) and
+      0.76-0.77x in 64-row calls, training 0.89x.
     - otherwise (AVX2 only, or AVX-512 without BF16) fp32, where channels_last beat NCHW (sampling 1.16-1.26x,
       training level to 1.14x; on the two bf16 machines in fp32 too: sampling 1.23-1.34x, training 1.00-1.16x),
       and the native ops beat the torch ops in that layout: on a Xeon with AVX-512 and no BF16, sampling 1.19x
       and training 1.13x; on an AVX2-only EPYC, sampling 1.22x and training 1.08x. Without bf16 instructions,
       bf16 autocast sampled 2-17x and trained 2-9x slower than fp32.
-      Sampling calls of the model run at most 64 rows (`AccelOptions.max_rows`): classifier-free guidance makes
-      a batch of 64 images 128 rows, whose widest activations (mnist5k: 96 channels at 28x28, 38.5 MB in fp32)
-      exceed glibc malloc's 32 MiB ceiling for reusing freed blocks, so every call had the kernel map and
-      zero-fill them afresh. In two calls of 64 rows, on the Xeon with AVX-512 and no BF16: peak RSS 422 MiB
-      instead of 519 and 18.6k minor page faults per 2-step call instead of 51.7k; sampling speed 0.99-1.08x in
-      three runs, within this machine's noise. The bf16 CPUs keep no limit (bf16 activations are half the size;
-      not measured there).
+    - on every CPU, sampling calls of the model run at most 64 rows (`AccelOptions.max_rows`): classifier-free
+      guidance makes a batch of 64 images 128 rows, whose widest activations (mnist5k: 96 channels at 28x28,
+      38.5 MB in fp32, which GroupNorm keeps under bf16 autocast too) exceed glibc malloc's 32 MiB ceiling for
+      reusing freed blocks, so every call had the kernel map and zero-fill them afresh. In two calls of 64 rows,
+      on the Xeon with AVX-512 and no BF16 (fp32): peak RSS 422 MiB instead of 519 and 18.6k minor page faults
+      per 2-step call instead of 51.7k; sampling speed 0.99-1.08x in three runs, within that machine's noise. On
+      an AMD EPYC (Zen 5) with avx512_bf16 (bf16): peak RSS 412 MiB instead of 471-479, faults level, speed
+      0.93x and 1.02x in a process of its own and 1.12-1.29x interleaved in one, and the same FD_cls to every
+      digit over 1,000 samples.
     torch.compile (Inductor C++) is off: it sped bf16 sampling up 1.35-1.6x and training 1.13-1.2x but took
     30-85 s to compile with a cold Inductor cache, more than it saves in a 1500-step run or a 1000-image
     evaluation (with a warm cache 6 s and 2 s, which would pay).
@@ -227,13 +234,13 @@ def cpu_choice(flags: frozenset[str] | None = None) -> CpuChoice:
     if "amx_bf16" in flags or "avx512_bf16" in flags:
         unit = "AMX (amx_bf16)" if "amx_bf16" in flags else "AVX-512 BF16 (avx512_bf16)"
         return CpuChoice(sample_channels_last=False, train_channels_last=False, sample_amp="bf16", train_amp="bf16",
-                         why=f"{unit}: bf16 autocast on oneDNN's bf16 kernels, NCHW, torch ops (measured fastest)")
+                         why=f"{unit}: bf16 autocast on oneDNN's bf16 kernels, NCHW, torch ops (measured fastest); "
+                             f"{ROWS_WHY}")
     return CpuChoice(sample_channels_last=True, train_channels_last=True, sample_amp="fp32", train_amp="fp32",
-                     native_ops=True, sample_max_rows=64,
+                     native_ops=True,
                      why="no bf16 instructions (AVX2, or AVX-512 without BF16): fp32, channels_last, and the native "
                          "extension's ops where it is built (each measured faster; bf16 without them is many times "
-                         "slower); sampling calls of at most 64 rows (their activations stay within what malloc "
-                         "reuses)")
+                         f"slower); {ROWS_WHY}")
 
 
 def sample_batch_size(device) -> int:

@@ -55,8 +55,10 @@ def test_options_defaults_and_checks():
     # The native ops where the extension is built: on CPUs without bf16 instructions only.
     assert other.native_ops and cpu_choice(frozenset({"avx2", "avx512f"})).native_ops
     assert not any(cpu_choice(frozenset(flags)).native_ops for flags in ({"amx_bf16"}, {"avx512_bf16"}))
-    # Sampling calls chunked to 64 rows where fp32 runs; no limit on the bf16 CPUs (not measured there).
-    assert other.sample_max_rows == 64 and bf16.sample_max_rows == 0
+    # Sampling calls chunked to 64 rows on every CPU, and said so.
+    for flags in ({"amx_bf16"}, {"avx512_bf16"}, {"avx2", "avx512f"}, {"avx2"}):
+        choice = cpu_choice(frozenset(flags))
+        assert choice.sample_max_rows == 64 and "at most 64 rows" in choice.why, flags
     choice = cpu_choice()
     cpu = AccelOptions.for_device("cpu")
     assert (cpu.amp, cpu.channels_last, cpu.compile, cpu.cuda_graphs, cpu.max_rows) == (
