@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "convert.h"
 #include "kernels.h"
 
 namespace fastdiff {
@@ -39,11 +40,11 @@ inline double blocked_sum(int64_t count, F term) {
 // float32 partial sums stay small and exact-ish whatever the mean's magnitude), then squared deviations from it.
 template <typename T>
 inline void group_moments(const T* xg, int64_t len, float eps, float* mean, float* rstd) {
-  const float x0 = static_cast<float>(xg[0]);
-  const double shifted = blocked_sum(len, [&](int64_t i) { return static_cast<float>(xg[i]) - x0; });
+  const float x0 = to_float(xg[0]);
+  const double shifted = blocked_sum(len, [&](int64_t i) { return to_float(xg[i]) - x0; });
   const float m = static_cast<float>(x0 + shifted / len);
   const double ssd = blocked_sum(len, [&](int64_t i) {
-    const float d = static_cast<float>(xg[i]) - m;
+    const float d = to_float(xg[i]) - m;
     return d * d;
   });
   *mean = m;
@@ -65,7 +66,7 @@ void channel_sums(const T* xn, int64_t rows, int64_t C, std::vector<float>& acc,
     for (int64_t r = r0; r < r1; ++r) {
       const T* row = xn + r * C;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) acc[c] += term(static_cast<float>(row[c]), c);
+      for (int64_t c = 0; c < C; ++c) acc[c] += term(to_float(row[c]), c);
     }
     for (int64_t c = 0; c < C; ++c) sums[c] += acc[c];
   }

@@ -62,21 +62,21 @@ void forward_nchw(const GroupNormParams& P, const T* x, T* out, float* mean, flo
           const float* we = w_e.data() + g * len;
           const float* be = b_e.data() + g * len;
 #pragma omp simd
-          for (int64_t i = 0; i < len; ++i) yg[i] = (static_cast<float>(xg[i]) - m) * (rs * we[i]) + be[i];
+          for (int64_t i = 0; i < len; ++i) yg[i] = (to_float(xg[i]) - m) * (rs * we[i]) + be[i];
           continue;
         }
         for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
           const float scale = rs * weight_at(P, c), shift = bias_at(P, c);
           const T* xc = xg + (c - g * cpg) * HW;
           float* yc = yg + (c - g * cpg) * HW;
-          for (int64_t i = 0; i < HW; ++i) yc[i] = (static_cast<float>(xc[i]) - m) * scale + shift;
+          for (int64_t i = 0; i < HW; ++i) yc[i] = (to_float(xc[i]) - m) * scale + shift;
         }
       }
       const float* yv = y.data();
       T* oc = out + start;
       const int64_t count = (g1 - g0) * len;
 #pragma omp simd
-      for (int64_t i = 0; i < count; ++i) oc[i] = static_cast<T>(vecmath::silu_f(yv[i]));
+      for (int64_t i = 0; i < count; ++i) oc[i] = from_float<T>(vecmath::silu_f(yv[i]));
     }
   }
 }
@@ -95,7 +95,7 @@ void forward_nhwc(const GroupNormParams& P, const T* x, T* out, float* mean, flo
       T* on = out + n * HW * C;
       // The mean, from sums of x minus the group's first element (see group_moments).
       for (int64_t g = 0; g < G; ++g) {
-        std::fill(meanc.begin() + g * cpg, meanc.begin() + (g + 1) * cpg, static_cast<float>(xn[g * cpg]));
+        std::fill(meanc.begin() + g * cpg, meanc.begin() + (g + 1) * cpg, to_float(xn[g * cpg]));
       }
       const float* mc = meanc.data();
       channel_sums(xn, HW, C, acc, sums, [mc](float v, int64_t c) { return v - mc[c]; });
@@ -125,7 +125,7 @@ void forward_nhwc(const GroupNormParams& P, const T* x, T* out, float* mean, flo
         T* orow = on + r * C;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
-          orow[c] = static_cast<T>(vecmath::silu_f((static_cast<float>(row[c]) - meanc[c]) * scale[c] + shift[c]));
+          orow[c] = from_float<T>(vecmath::silu_f((to_float(row[c]) - meanc[c]) * scale[c] + shift[c]));
         }
       }
     }

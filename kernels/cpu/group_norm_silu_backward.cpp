@@ -28,13 +28,13 @@ template <typename T>
 inline void row_sums(const float* dy, const T* x, int64_t HW, float m, float rs, double* db, double* dw) {
   if (HW >= kShortRow) {
     *db = blocked_sum(HW, [&](int64_t i) { return dy[i]; });
-    *dw = blocked_sum(HW, [&](int64_t i) { return dy[i] * ((static_cast<float>(x[i]) - m) * rs); });
+    *dw = blocked_sum(HW, [&](int64_t i) { return dy[i] * ((to_float(x[i]) - m) * rs); });
     return;
   }
   float sb = 0.0f, sw = 0.0f;
   for (int64_t i = 0; i < HW; ++i) {
     sb += dy[i];
-    sw += dy[i] * ((static_cast<float>(x[i]) - m) * rs);
+    sw += dy[i] * ((to_float(x[i]) - m) * rs);
   }
   *db = sb;
   *dw = sw;
@@ -63,10 +63,10 @@ void backward_nchw(const GroupNormParams& P, const T* dout, const T* x, const fl
         const float scale = rs * weight_at(P, c0 + cl), shift = bias_at(P, c0 + cl);
         const T* xc = xg + cl * HW;
         float* yc = dyg + cl * HW;
-        for (int64_t i = 0; i < HW; ++i) yc[i] = (static_cast<float>(xc[i]) - m) * scale + shift;
+        for (int64_t i = 0; i < HW; ++i) yc[i] = (to_float(xc[i]) - m) * scale + shift;
       }
 #pragma omp simd
-      for (int64_t i = 0; i < len; ++i) dyg[i] = static_cast<float>(dg[i]) * vecmath::silu_grad_f(dyg[i]);
+      for (int64_t i = 0; i < len; ++i) dyg[i] = to_float(dg[i]) * vecmath::silu_grad_f(dyg[i]);
       double sum_dxhat = 0.0, sum_dxhat_xhat = 0.0;
       for (int64_t cl = 0; cl < cpg; ++cl) {
         const T* xc = xg + cl * HW;
@@ -87,8 +87,8 @@ void backward_nchw(const GroupNormParams& P, const T* dout, const T* x, const fl
         const float* dyc = dyg + cl * HW;
         T* dxc = dxg + cl * HW;
         for (int64_t i = 0; i < HW; ++i) {
-          const float xhat = (static_cast<float>(xc[i]) - m) * rs;
-          dxc[i] = static_cast<T>(k1 * dyc[i] - k2 - k3 * xhat);
+          const float xhat = (to_float(xc[i]) - m) * rs;
+          dxc[i] = from_float<T>(k1 * dyc[i] - k2 - k3 * xhat);
         }
       }
     }
@@ -127,8 +127,8 @@ void backward_nhwc(const GroupNormParams& P, const T* dout, const T* x, const fl
           float* dyrow = dy.data() + r * C;
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
-            const float xv = static_cast<float>(xrow[c]);
-            const float d = static_cast<float>(drow[c]) * vecmath::silu_grad_f((xv - meanc[c]) * scale[c] + shift[c]);
+            const float xv = to_float(xrow[c]);
+            const float d = to_float(drow[c]) * vecmath::silu_grad_f((xv - meanc[c]) * scale[c] + shift[c]);
             dyrow[c] = d;
             acc_b[c] += d;
             acc_w[c] += d * ((xv - meanc[c]) * rstdc[c]);
@@ -163,8 +163,8 @@ void backward_nhwc(const GroupNormParams& P, const T* dout, const T* x, const fl
         T* dxrow = dxn + r * C;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
-          const float xhat = (static_cast<float>(xrow[c]) - meanc[c]) * rstdc[c];
-          dxrow[c] = static_cast<T>(k1[c] * dyrow[c] - k2[c] - k3[c] * xhat);
+          const float xhat = (to_float(xrow[c]) - meanc[c]) * rstdc[c];
+          dxrow[c] = from_float<T>(k1[c] * dyrow[c] - k2[c] - k3[c] * xhat);
         }
       }
     }

@@ -227,6 +227,44 @@ def test_group_norm_silu_low_precision(dtype, shape, groups):
 
 
 @requires_native
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_silu_bf16_is_the_float32_kernel_rounded(channels_last):
+    # bf16 storage changes only the loads and the final rounding (kernels/cpu/convert.h): over a million
+    # elements the output and the input gradient are the float32 kernel's on the same values rounded to nearest
+    # even. Not to the bit everywhere: the two instantiations may sum a group's moments in another order, which
+    # moves an element across a rounding boundary now and then (by one bf16 ulp). Truncating instead of
+    # rounding would differ in about half the elements.
+    g = torch.Generator().manual_seed(5)
+    shape, groups = (4, 64, 64, 64), 8
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = (torch.randn(shape, generator=g) * 3).bfloat16().contiguous(memory_format=memory_format)
+    grad = torch.randn(shape, generator=g).bfloat16().contiguous(memory_format=memory_format)
+    w, b = torch.randn(64, generator=g), torch.randn(64, generator=g)
+
+    def same_rounded(ours, want):
+        assert ours.dtype == torch.bfloat16
+        want = want.bfloat16()
+        assert (ours.view(torch.int16) != want.view(torch.int16)).float().mean().item() < 1e-4
+        torch.testing.assert_close(ours.float(), want.float(), rtol=2**-7, atol=1e-6)  # atol: sums that cancel
+
+    leaves = [x.clone().requires_grad_(True), x.float().requires_grad_(True)]
+    params = [(w.clone().requires_grad_(True), b.clone().requires_grad_(True)) for _ in leaves]
+    ys = [native.group_norm_silu(xi, groups, *p) for xi, p in zip(leaves, params)]
+    same_rounded(ys[0].detach(), ys[1].detach())
+    got = [torch.autograd.grad(y, [xi, *p], gi) for y, xi, p, gi in zip(ys, leaves, params, (grad, grad.float()))]
+    same_rounded(got[0][0], got[1][0])
+    for ours, want in zip(got[0][1:], got[1][1:]):  # weight and bias gradients are float32 either way
+        torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
+    # A NaN group stays NaN; a channel scaled past bf16's range rounds to inf where float32's value does.
+    special, big = x.clone(), w.clone()
+    special[0, 0, 0, 0] = float("nan")
+    big[9] = 3.0e38
+    y, want = native.group_norm_silu(special, groups, big, b), native.group_norm_silu(special.float(), groups, big, b)
+    assert y[0, :8].isnan().all() and torch.equal(y.isnan(), want.isnan())
+    assert y[1:, 9].isinf().any() and torch.equal(y.isinf(), want.bfloat16().isinf())
+
+
+@requires_native
 @pytest.mark.parametrize("shape,groups", [((3, 12, 5, 7), 4), ((2, 64, 2, 2), 8), ((2, 16, 40, 40), 4)])
 @pytest.mark.parametrize("affine", [True, False])
 def test_group_norm_silu_gradients(shape, groups, affine):
