@@ -185,7 +185,7 @@ class CpuChoice:
     train_amp: str
     why: str
     # The native extension's kernels (fastdiff._C) for the ops that have one, where it is built (`fastdiff.ops
-    # .dispatch` reads this once); the torch reference ops otherwise.
+    # .dispatch` reads this once); the torch reference ops otherwise. Every CPU measured prefers them.
     native_ops: bool = False
     sample_batch_size: int = 64  # sampling batch: 64 beat 16-256 in both precisions (1.5x fp32, 1.7x bf16 over 256)
     # AccelOptions.max_rows of sampling: the rows that keep one call's activations small enough for glibc's
@@ -199,43 +199,67 @@ class CpuChoice:
 ROWS_WHY = "sampling calls of at most 64 rows (their activations stay within what malloc reuses)"
 
 
-def cpu_choice(flags: frozenset[str] | None = None) -> CpuChoice:
-    """The CPU defaults for a CPU with `flags` (this one's by default), chosen by measurement
-    (benchmarks/cpu_defaults.py; README, "CPU defaults"): mnist5k's UNet at batch 64, DDIM-20 and a training step,
-    every candidate interleaved in one process, on five 2-core machines.
+def _native_ops_run() -> bool:
+    """Whether CPU tensors run the native extension's ops here now (built, and FASTDIFF_BACKEND or `use_backend`
+    not forcing another backend)."""
+    from fastdiff.errors import ConfigError
+    from fastdiff.ops import dispatch  # here, not at the top: dispatch reads cpu_choice when it is imported
 
-    - bf16 arithmetic in hardware (amx_bf16 or avx512_bf16): bf16 autocast runs oneDNN's bf16 kernels, and NCHW
-      bf16 was fastest for both sampling and training. On a Xeon with AMX: sampling 2.35x fp32 NCHW, training
-      1.79-1.83x, ahead of channels_last bf16 (1.81x / 1.45x). On an AMD EPYC (Zen 4) with avx512_bf16 and no
-      AMX: sampling 2.09x (1.56x channels_last fp32), training 1.51x (channels_last bf16 1.94x / 1.21x); on a
-      Zen 5 EPYC with avx512_bf16: sampling 1.93x, training 1.51x. The native ops lost to the torch ops on all
-      three, so these CPUs keep the torch ops: on the Zen 5, after the native silu stopped computing subnormals
-      (kernels/cpu/vecmath.h), bf16 sampling with them ran at best level (channels_last, 1.00x NCHW torch) and
-      0.76-0.77x in 64-row calls, training 0.89x.
+    try:
+        return dispatch.backend_on("cpu") == "native"
+    except ConfigError:  # a bad FASTDIFF_BACKEND: the first op call raises it, as one line
+        return False
+
+
+def cpu_choice(flags: frozenset[str] | None = None, native: bool | None = None) -> CpuChoice:
+    """The CPU defaults for a CPU with `flags` (this one's by default) where the native extension's ops run CPU
+    tensors or not (`native`; None: as they do here now), chosen by measurement (benchmarks/cpu_defaults.py;
+    README, "CPU defaults"): mnist5k's UNet at batch 64, DDIM-20 and a training step, every candidate
+    interleaved in one process, on five 2-core machines.
+
+    - bf16 arithmetic in hardware (amx_bf16 or avx512_bf16): bf16 autocast runs oneDNN's bf16 kernels.
+      - With the native ops, channels_last: on a Zen 5 EPYC with avx512_bf16, once their bf16 loads and stores
+        vectorised (kernels/cpu/convert.h), sampling ran 1.35x NCHW bf16 with the torch ops, both in 64-row
+        calls (1.58x each in a process of its own), and 1.53-1.62x diffusers' bf16; training 1.12x (1.24x
+        apart); the same FD_cls.
+      - Without them, NCHW: torch's GroupNorm is slow in channels_last under autocast. On a Xeon with AMX:
+        sampling 2.35x fp32 NCHW, training 1.79-1.83x, ahead of channels_last bf16 (1.81x / 1.45x). On a Zen 4
+        EPYC with avx512_bf16: sampling 2.09x, training 1.51x (channels_last bf16 1.94x / 1.21x); on the Zen 5:
+        1.93x and 1.51x.
+      The native ops' bf16 speed-up was measured on the Zen 5 only; the AMX Xeon and the Zen 4 ran them before
+      the fix, when they lost.
     - otherwise (AVX2 only, or AVX-512 without BF16) fp32, where channels_last beat NCHW (sampling 1.16-1.26x,
-      training level to 1.14x; on the two bf16 machines in fp32 too: sampling 1.23-1.34x, training 1.00-1.16x),
+      training level to 1.14x; on the bf16 machines in fp32 too: sampling 1.23-1.50x, training 1.00-1.16x),
       and the native ops beat the torch ops in that layout: on a Xeon with AVX-512 and no BF16, sampling 1.19x
       and training 1.13x; on an AVX2-only EPYC, sampling 1.22x and training 1.08x. Without bf16 instructions,
       bf16 autocast sampled 2-17x and trained 2-9x slower than fp32.
     - on every CPU, sampling calls of the model run at most 64 rows (`AccelOptions.max_rows`): classifier-free
       guidance makes a batch of 64 images 128 rows, whose widest activations (mnist5k: 96 channels at 28x28,
-      38.5 MB in fp32, which GroupNorm keeps under bf16 autocast too) exceed glibc malloc's 32 MiB ceiling for
-      reusing freed blocks, so every call had the kernel map and zero-fill them afresh. In two calls of 64 rows,
-      on the Xeon with AVX-512 and no BF16 (fp32): peak RSS 422 MiB instead of 519 and 18.6k minor page faults
-      per 2-step call instead of 51.7k; sampling speed 0.99-1.08x in three runs, within that machine's noise. On
-      an AMD EPYC (Zen 5) with avx512_bf16 (bf16): peak RSS 412 MiB instead of 471-479, faults level, speed
-      0.93x and 1.02x in a process of its own and 1.12-1.29x interleaved in one, and the same FD_cls to every
-      digit over 1,000 samples.
+      38.5 MB in fp32, which the torch ops' GroupNorm keeps under bf16 autocast too) exceed glibc malloc's 32 MiB
+      ceiling for reusing freed blocks, so every call had the kernel map and zero-fill them afresh. In two calls
+      of 64 rows, on the Xeon with AVX-512 and no BF16 (fp32): peak RSS 422 MiB instead of 519 and 18.6k minor
+      page faults per 2-step call instead of 51.7k; sampling speed 0.99-1.08x in three runs, within that
+      machine's noise. On the Zen 5 in bf16, each candidate in a process of its own: NCHW with the torch ops
+      412 MiB instead of 471-479, speed 0.93x and 1.02x; channels_last with the native ops 390 instead of 433
+      MiB, 8.5k faults instead of 20.3k, speed 1.02x; the same FD_cls to every digit over 1,000 samples.
     torch.compile (Inductor C++) is off: it sped bf16 sampling up 1.35-1.6x and training 1.13-1.2x but took
     30-85 s to compile with a cold Inductor cache, more than it saves in a 1500-step run or a 1000-image
     evaluation (with a warm cache 6 s and 2 s, which would pay).
     """
     flags = cpu_flags() if flags is None else flags
+    native = _native_ops_run() if native is None else native
     if "amx_bf16" in flags or "avx512_bf16" in flags:
         unit = "AMX (amx_bf16)" if "amx_bf16" in flags else "AVX-512 BF16 (avx512_bf16)"
+        if native:
+            return CpuChoice(sample_channels_last=True, train_channels_last=True, sample_amp="bf16",
+                             train_amp="bf16", native_ops=True,
+                             why=f"{unit}: bf16 autocast on oneDNN's bf16 kernels, channels_last and the native "
+                                 f"extension's ops (measured fastest); {ROWS_WHY}")
         return CpuChoice(sample_channels_last=False, train_channels_last=False, sample_amp="bf16", train_amp="bf16",
-                         why=f"{unit}: bf16 autocast on oneDNN's bf16 kernels, NCHW, torch ops (measured fastest); "
-                             f"{ROWS_WHY}")
+                         native_ops=True,
+                         why=f"{unit}: bf16 autocast on oneDNN's bf16 kernels, NCHW and the torch ops, as the "
+                             "native extension's ops do not run here (not built, or another backend forced; with "
+                             f"them channels_last is faster, README); {ROWS_WHY}")
     return CpuChoice(sample_channels_last=True, train_channels_last=True, sample_amp="fp32", train_amp="fp32",
                      native_ops=True,
                      why="no bf16 instructions (AVX2, or AVX-512 without BF16): fp32, channels_last, and the native "

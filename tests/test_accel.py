@@ -13,6 +13,8 @@ from fastdiff.diffusion import NoiseSchedule, ddim_table, ddpm_table, initial_no
 from fastdiff.errors import ConfigError
 from fastdiff.models import UNet
 from fastdiff.models.unet import UNetConfig
+from fastdiff.ops import use_backend
+from fastdiff.ops.dispatch import native_available
 from fastdiff.runtime import AccelOptions, cpu_choice, train_defaults
 from fastdiff.sampling.fast import FastSampler, autocast_model, bucket_size
 from fastdiff.train.step import GraphedTrainStep, TrainStep
@@ -41,20 +43,30 @@ def sampling_inputs(n, device="cpu"):
 
 
 def test_options_defaults_and_checks():
-    # The CPU's defaults follow its features (runtime.cpu_choice): bf16 NCHW with bf16 instructions (AMX or
-    # AVX-512 BF16), fp32 channels_last without (AVX-512 without its BF16 extension included).
+    # The CPU's defaults follow its features and whether the native ops run (runtime.cpu_choice): with bf16
+    # instructions (AMX or AVX-512 BF16) bf16, channels_last with the native ops and NCHW without them; without
+    # bf16 instructions (AVX-512 without its BF16 extension included) fp32 channels_last either way.
     for flags in ({"avx512f", "amx_bf16"}, {"avx2", "avx512f", "avx512_bf16"}):
-        bf16 = cpu_choice(frozenset(flags))
-        assert (bf16.sample_amp, bf16.sample_channels_last, bf16.train_amp, bf16.train_channels_last) == (
-            "bf16", False, "bf16", False), flags
+        for native in (True, False):
+            bf16 = cpu_choice(frozenset(flags), native=native)
+            assert (bf16.sample_amp, bf16.sample_channels_last, bf16.train_amp, bf16.train_channels_last) == (
+                "bf16", native, "bf16", native), (flags, native)
+            assert ("channels_last and the native" in bf16.why) == native
     assert "AVX-512 BF16" in cpu_choice(frozenset({"avx512_bf16"})).why
-    assert cpu_choice(frozenset({"avx2", "avx512f"})).sample_amp == "fp32"
-    other = cpu_choice(frozenset({"avx2"}))
-    assert (other.sample_amp, other.sample_channels_last, other.train_amp, other.train_channels_last) == (
-        "fp32", True, "fp32", True)
-    # The native ops where the extension is built: on CPUs without bf16 instructions only.
-    assert other.native_ops and cpu_choice(frozenset({"avx2", "avx512f"})).native_ops
-    assert not any(cpu_choice(frozenset(flags)).native_ops for flags in ({"amx_bf16"}, {"avx512_bf16"}))
+    for native in (True, False):
+        assert cpu_choice(frozenset({"avx2", "avx512f"}), native=native).sample_amp == "fp32"
+        other = cpu_choice(frozenset({"avx2"}), native=native)
+        assert (other.sample_amp, other.sample_channels_last, other.train_amp, other.train_channels_last) == (
+            "fp32", True, "fp32", True)
+    # Every CPU prefers the native ops where the extension is built; None asks whether they run here now.
+    assert all(cpu_choice(frozenset(flags), native=True).native_ops
+               for flags in ({"amx_bf16"}, {"avx512_bf16"}, {"avx2", "avx512f"}, {"avx2"}))
+    bf16 = frozenset({"avx512_bf16"})
+    with use_backend("torch"):
+        assert not cpu_choice(bf16).sample_channels_last
+    if native_available():
+        with use_backend("native"):
+            assert cpu_choice(bf16).sample_channels_last
     # Sampling calls chunked to 64 rows on every CPU, and said so.
     for flags in ({"amx_bf16"}, {"avx512_bf16"}, {"avx2", "avx512f"}, {"avx2"}):
         choice = cpu_choice(frozenset(flags))

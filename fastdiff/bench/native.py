@@ -3,9 +3,10 @@
 For the `digits` and `mnist` presets with random-initialised UNets (`cpu_rows`):
 - e2e: DDIM sampling as the presets sample (guidance 2, so the UNet sees twice the batch; clip 1; eta 0, so the
   sampler step draws no noise, and eta 1, so it does), images/s per provider and layout;
-- op: one UNet forward; all GroupNorm+SiLU calls of one forward (the shapes recorded from the model); the same
-  calls forward+backward in channels_last (as `fastdiff train` runs them); the sampler step with and without
-  noise; and a profile row per provider saying where a forward's time goes.
+- op: one UNet forward; all GroupNorm+SiLU calls of one forward (the shapes recorded from the model), in float32
+  and as a bf16 UNet makes them under autocast; the same calls forward+backward in channels_last (as `fastdiff
+  train` runs them); the sampler step with and without noise; and a profile row per provider saying where a
+  forward's time goes.
 Providers: `torch-eager` (use_backend("torch")) and `fastdiff-native` (use_backend("native")), interleaved
 by `timing.measure`; every timed row's ratio is to torch-eager NCHW of the same case (`report.add_ratios`). On a
 GPU the native CUDA kernels are providers of the op benchmarks (`fastdiff.bench.ops`), which this defers to.
@@ -156,6 +157,18 @@ def cpu_rows(preset: str, *, batch: int = 64, steps: int = 10, rounds: int = 5, 
                          "provider": provider, **profile_shares(forward)})
     rows += _rows(interleaved(gn_forward), case({**common, "kind": "op", "op": f"group_norm_silu x{len(gn_calls)}",
                                                  "shape": list(xx.shape)}))
+    # The same calls as a bf16 UNet makes them under autocast: bf16 activations and float32 parameters (torch's
+    # GroupNorm then runs in float32 on an upcast copy; the native op reads and writes bf16).
+    bf16_calls = [(a.bfloat16(), g, w, b) for a, g, w, b in gn_calls]
+
+    def gn_forward_bf16():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for a, g, w, b in bf16_calls:
+                fops.group_norm_silu(a, g, w, b)
+
+    rows += _rows(interleaved(gn_forward_bf16), case({**common, "kind": "op", "dtype": "bf16",
+                                                      "op": f"group_norm_silu x{len(gn_calls)} bf16 autocast",
+                                                      "shape": list(xx.shape)}))
     # Training: forward+backward of the same calls (2 * batch = 128 is also the presets' training batch),
     # channels_last as `fastdiff train` runs.
     train_calls = []

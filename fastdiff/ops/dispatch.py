@@ -40,8 +40,9 @@ _native._load()
 
 
 def cpu_native() -> bool:
-    """Whether CPU tensors run the native kernels by default: `runtime.cpu_choice` prefers them and they are built."""
-    return cpu_choice().native_ops and _native.available()
+    """Whether CPU tensors run the native kernels by default: `runtime.cpu_choice` prefers them where they run
+    (native=True: its answer for that case, which does not ask this module back) and they are built."""
+    return cpu_choice(native=True).native_ops and _native.available()
 
 
 CPU_NATIVE = cpu_native()  # read by backend_for

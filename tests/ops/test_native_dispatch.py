@@ -135,7 +135,7 @@ def test_dispatch_picks_native():
     with use_backend("native"):
         assert dispatch.backend_for(torch.zeros(1), ops["group_norm_silu"]) == "native"
         assert dispatch.backend_for(torch.zeros(1), ops["timestep_embedding"]) == "torch"  # it has no native kernel
-    # Chosen automatically for CPU tensors where runtime.cpu_choice prefers them (CPUs without bf16 instructions),
+    # Chosen automatically for CPU tensors where runtime.cpu_choice prefers them (every CPU measured, 2026-12-04),
     # for the ops that have a native kernel.
     assert dispatch.CPU_NATIVE == cpu_choice().native_ops
     for preferred in (True, False):
