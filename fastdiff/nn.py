@@ -4,9 +4,26 @@ switches every model."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastdiff import ops
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over the last two dims ([..., tokens, d]), as F.scaled_dot_product_attention.
+
+    On CPU tensors: two float32 matmuls around a float32 softmax, the result in v's dtype. torch's fused CPU
+    kernel (its flash attention) ran forward+backward 3.5x slower than that in bf16 at mnist5k's 49 tokens, and
+    no faster in float32, with a larger error against float64 in bf16 (benchmarks/attention_cpu.py; README,
+    "CPU defaults"). Other devices keep the fused kernel.
+    """
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v)
+    with torch.autocast("cpu", enabled=False):  # float32 throughout, as the fused kernel accumulates
+        qf, kf, vf = q.float(), k.float(), v.float()
+        scores = (qf * q.shape[-1] ** -0.5) @ kf.transpose(-1, -2)
+        return (scores.softmax(-1) @ vf).to(v.dtype)
 
 
 class GroupNormSiLU(nn.Module):

@@ -48,3 +48,26 @@ def test_wrong_shape_is_a_clear_error():
 def test_bad_config():
     with pytest.raises(ConfigError, match="not divisible"):
         UNetConfig(image_size=30, channel_mult=(1, 2, 2))
+
+
+def test_cpu_attention_is_torch_attention_in_float32_and_no_less_accurate_in_bf16():
+    # fastdiff.nn.attention runs CPU tensors through float32 matmuls and softmax instead of torch's fused kernel.
+    import torch.nn.functional as F
+
+    from fastdiff.nn import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v, grad = (torch.randn(6, 2, 49, 16, generator=g) * 2 for _ in range(4))
+    leaves = [[t.clone().requires_grad_(True) for t in (q, k, v)] for _ in range(2)]
+    ours, theirs = attention(*leaves[0]), F.scaled_dot_product_attention(*leaves[1])
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(ours, leaves[0], grad), torch.autograd.grad(theirs, leaves[1], grad)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    low = [t.bfloat16() for t in (q, k, v)]
+    truth = F.scaled_dot_product_attention(*(t.double() for t in low))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as in a bf16 UNet: the output keeps v's dtype
+        out = attention(*low)
+    assert out.dtype == torch.bfloat16
+    err = (out.double() - truth).abs().max().item()
+    torch_err = (F.scaled_dot_product_attention(*low).double() - truth).abs().max().item()
+    assert err <= torch_err * 1.01, (err, torch_err)

@@ -15,7 +15,7 @@ from torch import nn
 
 from fastdiff.config import UNetConfig
 from fastdiff.errors import ConfigError
-from fastdiff.nn import GroupNormSiLU, TimestepEmbedding
+from fastdiff.nn import GroupNormSiLU, TimestepEmbedding, attention
 
 
 class ResBlock(nn.Module):
@@ -50,7 +50,7 @@ class AttnBlock(nn.Module):
         b, c, h, w = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
         q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # [b, heads, hw, c/heads]
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         out = out.transpose(-1, -2).reshape(b, c, h, w)
         return x + self.proj(out)
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from fastdiff.checkpoint import check_finite, read_json, read_tensors, save_tensors, write_json_atomic
 from fastdiff.errors import CheckpointError, ConfigError
+from fastdiff.nn import attention
 from fastdiff.runtime import isolated_rng
 
 
@@ -66,7 +67,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        h = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [b, heads, n, c/heads]
+        h = attention(qkv[0], qkv[1], qkv[2])  # [b, heads, n, c/heads]
         return self.out(h.transpose(1, 2).reshape(b, n, c))
 
 
