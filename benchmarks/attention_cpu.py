@@ -3,12 +3,14 @@
 
     python benchmarks/attention_cpu.py [--preset mnist5k] [--batch 64] [--rounds 30] [--out DIR]
 
-The shapes are the preset's attention calls, read off one UNet forward: the forward alone at the rows a guided
-sampling step runs (2 * batch), forward+backward at the training batch, each in float32 and in bfloat16 (the
-dtype of q, k and v under bf16 autocast). Both providers of a case get the same tensors and are timed round by
-round in alternation (`fastdiff.bench.timing.measure`); rows give the median and p20-p80 per call of all the
-attention calls of one forward, the ratio to torch's kernel, and the largest error of the outputs against
-float64 attention on the same inputs (`max_abs_error`).
+The shapes are the preset's attention calls, read off one UNet forward: the forward alone (under inference mode,
+as the samplers run) at the rows a guided sampling step runs (2 * batch), forward+backward at the training
+batch, each in float32 and in bfloat16 (the dtype of q, k and v under bf16 autocast), and with q, k and v the
+views of a qkv convolution's output in NCHW or channels_last, as the UNet's attention block makes them. Both
+providers of a case get the same tensors and are timed round by round in alternation
+(`fastdiff.bench.timing.measure`); rows give the median and p20-p80 per call of all the attention calls of one
+forward, the ratio to torch's kernel, and the largest error of the outputs against float64 attention on the
+same inputs (`max_abs_error`).
 """
 
 from __future__ import annotations
@@ -30,12 +32,11 @@ PROVIDERS = {"torch-eager": F.scaled_dot_product_attention, "fastdiff": attentio
 
 
 def attention_shapes(cfg, rows: int) -> list[tuple[int, ...]]:
-    """[rows, heads, tokens, channels per head] of each attention call of one forward of the preset's UNet."""
+    """[rows, channels, height, width] of the input of each attention block in one forward of the preset's UNet."""
     model = UNet(cfg.model).eval()
     shapes = []
-    hooks = [m.register_forward_pre_hook(lambda m, args: shapes.append(
-        (args[0].shape[0], m.num_heads, args[0].shape[2] * args[0].shape[3], args[0].shape[1] // m.num_heads)))
-        for m in model.modules() if isinstance(m, AttnBlock)]
+    hooks = [m.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+             for m in model.modules() if isinstance(m, AttnBlock)]
     size = cfg.model.image_size
     with torch.no_grad():
         labels = torch.zeros(rows, dtype=torch.long) if cfg.model.num_classes else None
@@ -43,6 +44,14 @@ def attention_shapes(cfg, rows: int) -> list[tuple[int, ...]]:
     for h in hooks:
         h.remove()
     return shapes
+
+
+def split_heads(qkv: torch.Tensor, heads: int) -> list[torch.Tensor]:
+    """q, k, v as AttnBlock makes them from its qkv convolution's output: [b, heads, h*w, c/heads] views."""
+    b, c3, h, w = qkv.shape
+    c = c3 // 3
+    t = qkv.reshape(b, 3, heads, c // heads, h * w)
+    return [t[:, i].transpose(-1, -2) for i in range(3)]
 
 
 def main() -> None:
@@ -56,38 +65,45 @@ def main() -> None:
     doc = new_doc("cpu", title=f"attention on the CPU ({args.preset}, batch {args.batch})",
                   threads=torch.get_num_threads())
     gen = torch.Generator().manual_seed(0)
+    heads = cfg.model.num_heads
     for backward, rows in ((False, 2 * args.batch), (True, args.batch)):
         shapes = attention_shapes(cfg, rows)
-        for dtype in (torch.float32, torch.bfloat16):
-            qkv = [[torch.randn(s, generator=gen).to(dtype) for _ in range(3)] for s in shapes]
-            grads = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
-            leaves = [[t.clone().requires_grad_(backward) for t in c] for c in qkv]
+        for layout in ("nchw", "channels_last"):
+            memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            for dtype in (torch.float32, torch.bfloat16):
+                qkv = [torch.randn((b, 3 * c, h, w), generator=gen).to(dtype).contiguous(memory_format=memory_format)
+                       for b, c, h, w in shapes]
+                grads = [torch.randn((b, heads, h * w, c // heads), generator=gen).to(dtype) for b, c, h, w in shapes]
+                leaves = [t.clone().requires_grad_(backward) for t in qkv]
 
-            def call(fn, leaves=leaves, grads=grads, backward=backward):
-                def run():
-                    outs = []
-                    with torch.set_grad_enabled(backward):
-                        for (q, k, v), g in zip(leaves, grads):
-                            out = fn(q, k, v)
-                            if backward:
-                                torch.autograd.grad(out, (q, k, v), g)
-                            outs.append(out.detach())
-                    return outs
-                return run
+                def call(fn, leaves=leaves, grads=grads, backward=backward):
+                    def run():
+                        outs = []
+                        with torch.set_grad_enabled(backward):
+                            for x, g in zip(leaves, grads):
+                                out = fn(*split_heads(x, heads))
+                                if backward:
+                                    torch.autograd.grad(out, x, g)
+                                outs.append(out.detach())
+                        return outs
+                    return run
 
-            fns = {name: call(fn) for name, fn in PROVIDERS.items()}
-            truth = [F.scaled_dot_product_attention(*(t.double() for t in c)) for c in qkv]
-            error = {name: max((out.double() - want).abs().max().item() for out, want in zip(fn(), truth))
-                     for name, fn in fns.items()}
-            timings = measure(fns, "cpu", rounds=args.rounds, warmup=3)
-            case = f"{'forward+backward' if backward else 'forward'} {len(shapes)}x{list(shapes[0])}"
-            for name, t in timings.items():
-                row = dict(section="attention", case=case, op=case, provider=name,
-                           dtype="bf16" if dtype == torch.bfloat16 else "fp32")
-                if isinstance(t, str):
-                    doc["rows"].append({**row, "status": t})
-                    continue
-                doc["rows"].append({**row, **t.to_dict(), "status": "ok", "max_abs_error": error[name]})
+                fns = {name: call(fn) for name, fn in PROVIDERS.items()}
+                truth = [F.scaled_dot_product_attention(*split_heads(x.double(), heads)) for x in qkv]
+                error = {name: max((out.double() - want).abs().max().item() for out, want in zip(fn(), truth))
+                         for name, fn in fns.items()}
+                with torch.inference_mode(not backward):
+                    timings = measure(fns, "cpu", rounds=args.rounds, warmup=3)
+                b, c, h, w = shapes[0]
+                case = (f"{'forward+backward' if backward else 'forward'} {len(shapes)}x"
+                        f"[{b}, {heads}, {h * w}, {c // heads}] {layout}")
+                for name, t in timings.items():
+                    row = dict(section="attention", case=case, op=case, layout=layout, provider=name,
+                               dtype="bf16" if dtype == torch.bfloat16 else "fp32")
+                    if isinstance(t, str):
+                        doc["rows"].append({**row, "status": t})
+                        continue
+                    doc["rows"].append({**row, **t.to_dict(), "status": "ok", "max_abs_error": error[name]})
     emit(doc, args.out)
 
 
