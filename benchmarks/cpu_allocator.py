@@ -67,7 +67,7 @@ def keep_freed_memory() -> str:
 def default_candidates() -> str:
     """fastdiff's default on this CPU (`cpu_choice`, native ops where built) and diffusers at its precision."""
     c = cpu_choice()
-    ops = "native" if c.native_ops and native.available() else "torch"
+    ops = "native" if native.available() else "torch"
     layout = "cl" if c.sample_channels_last else "nchw"
     return f"{layout}/{c.sample_amp}/{ops}/{torch.get_num_threads()}t,diffusers/{c.sample_amp}"
 

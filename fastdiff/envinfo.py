@@ -19,7 +19,7 @@ def _triton_status(cuda: bool) -> tuple[str | None, str]:
     return triton.__version__, "installed; needs a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)"
 
 
-def _cpu_ops(preferred: bool) -> str:
+def _cpu_ops() -> str:
     """The op backend that CPU tensors run here (`ops.dispatch`: the automatic choice, or FASTDIFF_BACKEND's)."""
     from fastdiff.errors import ConfigError
     from fastdiff.ops import dispatch
@@ -30,7 +30,7 @@ def _cpu_ops(preferred: bool) -> str:
         return f"none: {e}"
     if dispatch.current_backend() is not None:
         return f"{backend} (forced by FASTDIFF_BACKEND)"
-    if backend == "torch" and preferred:
+    if backend == "torch":  # every CPU measured prefers the native ops (runtime.cpu_choice)
         return "torch (the native ops would be faster here: build the extension, README)"
     return {"native": "native (fastdiff._C)"}.get(backend, backend)
 
@@ -63,7 +63,7 @@ def collect() -> dict:
         info["cpu_features"] = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
         choice = cpu_choice(flags)
         info["cpu_defaults"] = choice.to_dict()
-        info["cpu_ops"] = _cpu_ops(choice.native_ops)
+        info["cpu_ops"] = _cpu_ops()
     if cuda:
         props = torch.cuda.get_device_properties(0)
         info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)

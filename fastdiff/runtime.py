@@ -184,9 +184,6 @@ class CpuChoice:
     sample_amp: str
     train_amp: str
     why: str
-    # The native extension's kernels (fastdiff._C) for the ops that have one, where it is built (`fastdiff.ops
-    # .dispatch` reads this once); the torch reference ops otherwise. Every CPU measured prefers them.
-    native_ops: bool = False
     sample_batch_size: int = 64  # sampling batch: 64 beat 16-256 in both precisions (1.5x fp32, 1.7x bf16 over 256)
     # AccelOptions.max_rows of sampling: the rows that keep one call's activations small enough for glibc's
     # malloc to reuse (see cpu_choice); 0 would be no limit
@@ -252,16 +249,14 @@ def cpu_choice(flags: frozenset[str] | None = None, native: bool | None = None) 
         unit = "AMX (amx_bf16)" if "amx_bf16" in flags else "AVX-512 BF16 (avx512_bf16)"
         if native:
             return CpuChoice(sample_channels_last=True, train_channels_last=True, sample_amp="bf16",
-                             train_amp="bf16", native_ops=True,
+                             train_amp="bf16",
                              why=f"{unit}: bf16 autocast on oneDNN's bf16 kernels, channels_last and the native "
                                  f"extension's ops (measured fastest); {ROWS_WHY}")
         return CpuChoice(sample_channels_last=False, train_channels_last=False, sample_amp="bf16", train_amp="bf16",
-                         native_ops=True,
                          why=f"{unit}: bf16 autocast on oneDNN's bf16 kernels, NCHW and the torch ops, as the "
                              "native extension's ops do not run here (not built, or another backend forced; with "
                              f"them channels_last is faster, README); {ROWS_WHY}")
     return CpuChoice(sample_channels_last=True, train_channels_last=True, sample_amp="fp32", train_amp="fp32",
-                     native_ops=True,
                      why="no bf16 instructions (AVX2, or AVX-512 without BF16): fp32, channels_last, and the native "
                          "extension's ops where it is built (each measured faster; bf16 without them is many times "
                          f"slower); {ROWS_WHY}")

@@ -51,6 +51,3 @@ def pytest_configure(config):
         import fastdiff.runtime
 
         fastdiff.runtime.cpu_flags = lambda: frozenset(flags.split())
-        import fastdiff.ops.dispatch  # read the flags once at import, which a directory's conftest may have done
-
-        fastdiff.ops.dispatch.CPU_NATIVE = fastdiff.ops.dispatch.cpu_native()

@@ -58,9 +58,7 @@ def test_options_defaults_and_checks():
         other = cpu_choice(frozenset({"avx2"}), native=native)
         assert (other.sample_amp, other.sample_channels_last, other.train_amp, other.train_channels_last) == (
             "fp32", True, "fp32", True)
-    # Every CPU prefers the native ops where the extension is built; None asks whether they run here now.
-    assert all(cpu_choice(frozenset(flags), native=True).native_ops
-               for flags in ({"amx_bf16"}, {"avx512_bf16"}, {"avx2", "avx512f"}, {"avx2"}))
+    # native=None asks whether the native ops run here now.
     bf16 = frozenset({"avx512_bf16"})
     with use_backend("torch"):
         assert not cpu_choice(bf16).sample_channels_last

@@ -6,9 +6,9 @@ function, which picks the backend per call:
 
 - the automatic choice (the default): CUDA tensors -> Triton (the reference where triton is not installed).
   CPU tensors -> Triton when this process interprets Triton (TRITON_INTERPRET=1 before import), else the native
-  kernel (fastdiff._C) where the extension is built, the op has one and `runtime.cpu_choice` prefers them on this
-  CPU (measured faster on CPUs without bf16 instructions; on those with them they lost, in runs made before their
-  silu stopped computing subnormals, kernels/cpu/vecmath.h: benchmarks/cpu_defaults.py), else the reference.
+  kernel (fastdiff._C) where the extension is built and the op has one (measured faster on every CPU, once their
+  silu stopped computing subnormals and their bf16 loads and stores vectorised: benchmarks/cpu_defaults.py;
+  `runtime.cpu_choice` picks the layout by whether they run), else the reference.
   The CUDA kernels of the extension are never chosen automatically: they have not run on a GPU yet.
 - a forced backend, `use_backend("torch" | "triton" | "native")`: every op runs it; an op without that backend
   (no native kernel) runs the reference.
@@ -32,20 +32,15 @@ import torch
 from fastdiff.errors import ConfigError
 from fastdiff.ops import native as _native
 from fastdiff.ops._triton import INTERPRET, TRITON_INSTALLED
-from fastdiff.runtime import cpu_choice
 
 # Probe the optional extension and the CPU now, outside any torch.compile trace: dispatch reads the answers as
 # constants.
 _native._load()
 
 
-def cpu_native() -> bool:
-    """Whether CPU tensors run the native kernels by default: `runtime.cpu_choice` prefers them where they run
-    (native=True: its answer for that case, which does not ask this module back) and they are built."""
-    return cpu_choice(native=True).native_ops and _native.available()
-
-
-CPU_NATIVE = cpu_native()  # read by backend_for
+# CPU tensors run the native kernels by default wherever they are built: they were measured faster on every
+# CPU (`runtime.cpu_choice`, whose layout follows whether they run). Read by backend_for.
+CPU_NATIVE = _native.available()
 
 BACKENDS = ("torch", "triton", "native")
 
