@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fastdiff.bench.native import input_shapes
 from fastdiff.bench.report import emit, new_doc
 from fastdiff.bench.timing import measure
 from fastdiff.config import PRESETS, preset_config
 from fastdiff.models import UNet
-from fastdiff.models.unet import AttnBlock
+from fastdiff.models.unet import AttnBlock, split_heads
 from fastdiff.nn import attention
 
 PROVIDERS = {"torch-eager": F.scaled_dot_product_attention, "fastdiff": attention}
@@ -33,25 +34,11 @@ PROVIDERS = {"torch-eager": F.scaled_dot_product_attention, "fastdiff": attentio
 
 def attention_shapes(cfg, rows: int) -> list[tuple[int, ...]]:
     """[rows, channels, height, width] of the input of each attention block in one forward of the preset's UNet."""
-    model = UNet(cfg.model).eval()
-    shapes = []
-    hooks = [m.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
-             for m in model.modules() if isinstance(m, AttnBlock)]
     size = cfg.model.image_size
-    with torch.no_grad():
-        labels = torch.zeros(rows, dtype=torch.long) if cfg.model.num_classes else None
-        model(torch.randn(rows, cfg.model.in_channels, size, size), torch.zeros(rows), labels)
-    for h in hooks:
-        h.remove()
-    return shapes
-
-
-def split_heads(qkv: torch.Tensor, heads: int) -> list[torch.Tensor]:
-    """q, k, v as AttnBlock makes them from its qkv convolution's output: [b, heads, h*w, c/heads] views."""
-    b, c3, h, w = qkv.shape
-    c = c3 // 3
-    t = qkv.reshape(b, 3, heads, c // heads, h * w)
-    return [t[:, i].transpose(-1, -2) for i in range(3)]
+    labels = torch.zeros(rows, dtype=torch.long) if cfg.model.num_classes else None
+    return [shape for _, shape in input_shapes(UNet(cfg.model).eval(), AttnBlock,
+                                               torch.randn(rows, cfg.model.in_channels, size, size),
+                                               torch.zeros(rows), labels)]
 
 
 def main() -> None:

@@ -37,18 +37,23 @@ LAYOUTS = ("nchw", "channels_last")
 GUIDANCE = 2.0
 
 
-def group_norm_shapes(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, labels) -> list[tuple]:
-    """(shape, num_groups) of every GroupNormSiLU call in one forward of `model`."""
-    shapes: list[tuple] = []
-    hooks = [m.register_forward_pre_hook(lambda m, args: shapes.append((tuple(args[0].shape), m.num_groups)))
-             for m in model.modules() if isinstance(m, GroupNormSiLU)]
+def input_shapes(model: torch.nn.Module, kind: type, *inputs) -> list[tuple[torch.nn.Module, tuple]]:
+    """(module, shape of its first input) of every call of a `kind` module in one forward of model(*inputs)."""
+    calls: list[tuple[torch.nn.Module, tuple]] = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: calls.append((m, tuple(args[0].shape))))
+             for m in model.modules() if isinstance(m, kind)]
     try:
         with torch.no_grad():
-            model(x, t, labels)
+            model(*inputs)
     finally:
         for h in hooks:
             h.remove()
-    return shapes
+    return calls
+
+
+def group_norm_shapes(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, labels) -> list[tuple]:
+    """(shape, num_groups) of every GroupNormSiLU call in one forward of `model`."""
+    return [(shape, m.num_groups) for m, shape in input_shapes(model, GroupNormSiLU, x, t, labels)]
 
 
 # Groups of the profiler's op names (self CPU time) for `profile_shares`, first match wins.

@@ -36,6 +36,14 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+def split_heads(qkv: torch.Tensor, num_heads: int) -> list[torch.Tensor]:
+    """q, k, v [b, heads, h*w, c/heads]: views of the qkv convolution's output [b, 3c, h, w]."""
+    b, c3, h, w = qkv.shape
+    c = c3 // 3
+    t = qkv.reshape(b, 3, num_heads, c // num_heads, h * w)
+    return [t[:, i].transpose(-1, -2) for i in range(3)]
+
+
 class AttnBlock(nn.Module):
     def __init__(self, ch: int, groups: int, num_heads: int, eps: float = 1e-5):
         super().__init__()
@@ -48,9 +56,7 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
-        q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # [b, heads, hw, c/heads]
-        out = attention(q, k, v)
+        out = attention(*split_heads(self.qkv(self.norm(x)), self.num_heads))
         out = out.transpose(-1, -2).reshape(b, c, h, w)
         return x + self.proj(out)
 
