@@ -14,9 +14,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     """softmax(q k^T / sqrt(d)) v over the last two dims ([..., tokens, d]), as F.scaled_dot_product_attention.
 
     On CPU tensors: two float32 matmuls around a float32 softmax, the result in v's dtype. torch's fused CPU
-    kernel (its flash attention) ran forward+backward 3.5x slower than that in bf16 at mnist5k's 49 tokens, and
-    no faster in float32, with a larger error against float64 in bf16 (benchmarks/attention_cpu.py; README,
-    "CPU defaults"). Other devices keep the fused kernel.
+    kernel ran forward+backward 2.64x slower than that in channels_last bf16 at mnist5k's 49 tokens, and level
+    or slower elsewhere (0.93-1.37x), with an error against float64 no smaller (benchmarks/attention_cpu.py;
+    README, "CPU defaults"). Other devices keep the fused kernel.
     """
     if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v)

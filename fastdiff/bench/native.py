@@ -31,6 +31,7 @@ from fastdiff.diffusion import NoiseSchedule, initial_noise, sample_ddim, seeds_
 from fastdiff.errors import ConfigError
 from fastdiff.nn import GroupNormSiLU
 from fastdiff.ops import native, use_backend
+from fastdiff.runtime import autocast
 
 PROVIDERS = ("torch-eager", "fastdiff-native")
 LAYOUTS = ("nchw", "channels_last")
@@ -167,7 +168,7 @@ def cpu_rows(preset: str, *, batch: int = 64, steps: int = 10, rounds: int = 5, 
     bf16_calls = [(a.bfloat16(), g, w, b) for a, g, w, b in gn_calls]
 
     def gn_forward_bf16():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast("cpu", "bf16"):
             for a, g, w, b in bf16_calls:
                 fops.group_norm_silu(a, g, w, b)
 

@@ -1,8 +1,9 @@
 // Conversions between an activation's storage type and float32 that vectorise inside `#pragma omp simd` loops.
 //
 // c10::BFloat16's own conversion to bf16 tests for NaN with std::isnan and rounds through a call, which kept
-// every bf16 loop of the GroupNorm+SiLU kernels scalar: on a 2-core Zen 5 EPYC the bf16 forward ran 9x slower
-// than the float32 one (README, "Native extension"). Here a bf16 is the top half of a float32's bits: widening
+// every bf16 loop of the GroupNorm+SiLU kernels scalar: on a 2-core Zen 5 EPYC the 23 bf16 calls of one mnist5k
+// forward took 69-126 ms with it and 11-13 ms with this (benchmarks/bench_native_cpu.py; README, "Native
+// extension"). Here a bf16 is the top half of a float32's bits: widening
 // is a shift, narrowing rounds to nearest even by integer arithmetic, and a NaN becomes the quiet NaN 0x7fc0,
 // as c10 does. Half keeps c10's conversions (fp16 runs on CUDA only).
 #pragma once
