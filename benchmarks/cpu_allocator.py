@@ -37,11 +37,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cpu_defaults  # noqa: E402 - the candidates and their callables
 
+from fastdiff import runtime  # noqa: E402
 from fastdiff.bench.report import new_doc, write_reports  # noqa: E402
 from fastdiff.bench.timing import measure  # noqa: E402
 from fastdiff.config import preset_config  # noqa: E402
 from fastdiff.ops import native  # noqa: E402
-from fastdiff import runtime  # noqa: E402
 from fastdiff.runtime import MMAP_THRESHOLD, TRIM_THRESHOLD, cpu_choice  # noqa: E402
 
 median_p20_p80 = cpu_defaults._quantiles

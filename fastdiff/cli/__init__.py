@@ -2,8 +2,9 @@
 
 Errors that the user can fix (FastdiffError) print one line and exit with status 2; anything else is a bug
 and keeps its traceback. Every command first has glibc's malloc keep freed memory for the next call
-(`runtime.apply_malloc_setting`; FASTDIFF_MALLOC=default leaves glibc's rules). Each subcommand's parser function sits beside its command function: `training` holds
-train, distill and train-refiner, `sampling` sample, eval and the tools, `args` what their parsers share.
+(`runtime.apply_malloc_setting`; FASTDIFF_MALLOC=default leaves glibc's rules). Each subcommand's parser
+function sits beside its command function: `training` holds train, distill and train-refiner, `sampling`
+sample, eval and the tools, `args` what their parsers share.
 """
 
 from __future__ import annotations
