@@ -1,4 +1,4 @@
-"""What keeping freed memory in the process (glibc's mallopt) is worth, process against process.
+"""What keeping freed memory in the process (glibc's mallopt) would be worth, process against process.
 
     python benchmarks/cpu_allocator.py --out benchmarks/results/DIR                  # sampling and training
     python benchmarks/cpu_allocator.py --only cl/fp32/native/2t,diffusers/fp32 ...   # candidates of cpu_defaults.py
@@ -11,9 +11,8 @@ holds for a whole process, so the two cannot alternate inside one: every round r
 in alternating order. Each process builds the candidates (`cpu_defaults.build`: the same weights and
 settings), warms them up and times them interleaved for `--calls` rounds; its per-candidate median is one sample,
 and a row gives the median and p20-p80 of those samples over the processes, with the minor page faults per call
-and the process's peak RSS. diffusers runs in both kinds of process. `keep` is what every fastdiff command sets
-(`fastdiff.runtime.keep_freed_memory`); this script's processes are not fastdiff commands, so `default` is
-glibc's own rules, as in a program that uses diffusers (README, "CPU defaults").
+and the process's peak RSS. diffusers runs in both kinds of process. fastdiff does not change malloc: measured
+here, keep gave fastdiff's default path nothing (README, "CPU defaults").
 
     python benchmarks/cpu_allocator.py --sections sample --settings default --apart \
         --only cl/fp32/native/2t,cl/fp32/native/2t/r64                                # candidates apart
@@ -25,6 +24,7 @@ sampling calls chunked to 64 rows (`AccelOptions.max_rows`, cpu_defaults.py's ..
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -37,24 +37,31 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cpu_defaults  # noqa: E402 - the candidates and their callables
 
-from fastdiff import runtime  # noqa: E402
 from fastdiff.bench.report import new_doc, write_reports  # noqa: E402
 from fastdiff.bench.timing import measure  # noqa: E402
 from fastdiff.config import preset_config  # noqa: E402
 from fastdiff.ops import native  # noqa: E402
-from fastdiff.runtime import MMAP_THRESHOLD, TRIM_THRESHOLD, cpu_choice  # noqa: E402
+from fastdiff.runtime import cpu_choice  # noqa: E402
 
 median_p20_p80 = cpu_defaults._quantiles
 
 SETTINGS = ("keep", "default")
+MMAP_THRESHOLD, TRIM_THRESHOLD = 32 * 2**20, 2**30  # glibc's largest mmap threshold; 1 GiB
 
 
 def keep_freed_memory() -> str:
-    """`runtime.keep_freed_memory` (what every fastdiff command sets), or exit where it cannot be set."""
-    setting = runtime.keep_freed_memory()
-    if setting is None:
-        raise SystemExit("keep needs glibc's malloc (mallopt), which this process does not have or refused it")
-    return setting
+    """mallopt the thresholds of `keep` (glibc only): what this process's malloc does, as a sentence."""
+    try:
+        glibc = os.confstr("CS_GNU_LIBC_VERSION")
+    except (AttributeError, ValueError, OSError):  # no confstr, or a C library that does not know the name
+        glibc = None
+    if not glibc:
+        raise SystemExit("keep needs glibc's malloc (mallopt); this C library is not glibc")
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    mallopt = ctypes.CDLL(None).mallopt
+    if mallopt(m_mmap_threshold, MMAP_THRESHOLD) != 1 or mallopt(m_trim_threshold, TRIM_THRESHOLD) != 1:
+        raise SystemExit(f"mallopt refused the thresholds ({glibc})")
+    return f"keep ({glibc}: mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold {TRIM_THRESHOLD >> 30} GiB)"
 
 
 def default_candidates() -> str:

@@ -304,3 +304,17 @@ def test_gpu_suite_dry_run_writes_the_bench_report(tmp_path):
     assert "# fastdiff bench --quick" in (tmp_path / "bench.md").read_text()
     pytest_log = (tmp_path / "pytest-gpu.log").read_text()  # on the CPU the gpu tests skip
     assert "skipped" in pytest_log or "passed" in pytest_log
+
+
+def test_cli_malloc_runs_a_command_in_both_settings(tmp_path, monkeypatch):
+    # benchmarks/cli_malloc.py's plumbing on a command that prints JSON: a fresh process per setting, each one's
+    # own peak RSS (wait4), and the outputs compared apart from timings.
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import cli_malloc
+
+    assert cli_malloc.main(["--rounds", "1", "--out", str(tmp_path), "--", "env"]) == 0
+    doc = json.loads((tmp_path / "cli_malloc.json").read_text())
+    rows = {r["malloc"]: r for r in doc["rows"]}
+    assert set(rows) == {"keep", "default"} and all(r["same_output"] for r in rows.values())
+    assert all(r["peak_rss_mib"] > 10 and r["wall_s"] > 0 for r in rows.values())
+    assert cli_malloc.KEEP["MALLOC_MMAP_THRESHOLD_"] == str(32 * 2**20)

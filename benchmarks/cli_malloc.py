@@ -1,0 +1,110 @@
+"""A fastdiff command as a user runs it, with glibc's malloc keeping freed memory and with glibc's own rules.
+
+    python benchmarks/cli_malloc.py --out DIR -- eval --checkpoint pretrained:mnist --n 1000 --no-progress
+    python benchmarks/cli_malloc.py --fresh runs/tmp-train --out DIR -- train --preset mnist5k --steps 200 \
+        --out runs/tmp-train --no-progress
+
+`keep` starts the command with MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ at cpu_allocator.py's keep
+values (glibc reads them at start-up: its largest mmap threshold, 32 MiB, and a 1 GiB trim threshold), `default`
+without them. The command runs `--rounds` times in each setting, in alternating order, each run a fresh process.
+A row gives the median and p20-p80 of the images/s the command reports (its JSON's `images_per_sec`: sampling
+only, or training's last logged window), of its wall time, and of its peak RSS (the process's own, from wait4).
+`same_output` says whether the commands printed the same results apart from timings and memory (the setting
+must not change a sample or a loss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_allocator import MMAP_THRESHOLD, TRIM_THRESHOLD  # noqa: E402 - keep's values
+from cpu_defaults import _quantiles  # noqa: E402 - median, p20, p80
+
+from fastdiff.bench.report import new_doc, write_reports  # noqa: E402
+
+SETTINGS = ("keep", "default")
+KEEP = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
+# the fields of a command's JSON that may differ between runs (timings, memory, the clock)
+VARYING = ("seconds", "images_per_sec", "setup_seconds", "sec_per_kimg", "peak_mem_mb", "time")
+
+
+def run_once(setting: str, command: list[str], fresh: Path | None = None) -> dict:
+    """One fresh process of the command: its wall time, reported images/s, JSON result and own peak RSS.
+    `fresh`: a folder removed first (a training run's --out)."""
+    if fresh is not None:
+        shutil.rmtree(fresh, ignore_errors=True)
+    env = {k: v for k, v in os.environ.items() if k not in KEEP}
+    if setting == "keep":
+        env.update(KEEP)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "fastdiff", *command], env=env, stdout=out, stderr=err,
+                                text=True)
+        _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage (its peak RSS)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode:
+            raise SystemExit(f"fastdiff {' '.join(command)} failed ({setting}):\n{err.read()[-2000:]}")
+        result = json.loads(out.read().strip().splitlines()[-1])
+    return {"wall_s": wall, "images_per_s": result.get("images_per_sec"), "result": result,
+            "peak_rss_mib": usage.ru_maxrss / 1024}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=3, help="runs per setting")
+    p.add_argument("--out", type=Path, default=Path("runs/cli-malloc"))
+    p.add_argument("--fresh", type=Path, help="a folder to remove before each run (the --out of a train command)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the fastdiff command and its arguments")
+    args = p.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        p.error("name the fastdiff command after --")
+    doc = new_doc("cpu", title=f"fastdiff {command[0]}: malloc kept against glibc's rules", notes=[
+        f"{args.rounds} fresh processes per setting, alternating; rows: median and p20-p80 over them",
+        f"keep: MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD} MALLOC_TRIM_THRESHOLD_={TRIM_THRESHOLD} (32 MiB, 1 GiB); "
+        "default: glibc's own rules",
+        "images_per_s: the command's own figure (sampling time only); wall_s: the whole process"])
+    runs: dict[str, list[dict]] = {s: [] for s in SETTINGS}
+    load0 = os.getloadavg()
+    for r in range(args.rounds):
+        for setting in SETTINGS if r % 2 == 0 else SETTINGS[::-1]:
+            runs[setting].append(run_once(setting, command, args.fresh))
+            last = runs[setting][-1]
+            print(f"round {r + 1}/{args.rounds} {setting}: {last['wall_s']:.1f} s, {last['images_per_s']} images/s",
+                  flush=True)
+    strip = lambda res: {k: v for k, v in res.items() if k not in VARYING}  # noqa: E731
+    same = all(strip(x["result"]) == strip(runs["keep"][0]["result"]) for s in SETTINGS for x in runs[s])
+    rates = {}
+    for setting in SETTINGS:
+        row = {"section": command[0], "case": " ".join(command), "provider": f"fastdiff {setting}",
+               "malloc": setting, "processes": len(runs[setting]), "same_output": same, "status": "ok"}
+        for key in ("images_per_s", "wall_s", "peak_rss_mib"):
+            values = [x[key] for x in runs[setting] if x[key] is not None]
+            if values:
+                m, p20, p80 = _quantiles(values)
+                row.update({key: m, f"{key}_p20_p80": f"{p20:.4g}-{p80:.4g}"})
+        rates[setting] = row.get("images_per_s")
+        doc["rows"].append(row)
+    if rates["keep"] and rates["default"]:
+        doc["rows"][0]["keep_vs_default"] = rates["keep"] / rates["default"]
+    doc["load_avg"] = [round(x, 2) for x in load0 + os.getloadavg()]
+    doc["last_result"] = runs["keep"][-1]["result"]
+    write_reports(doc, args.out, stem="cli_malloc")
+    print((args.out / "cli_malloc.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
