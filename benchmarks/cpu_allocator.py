@@ -1,4 +1,4 @@
-"""What keeping freed memory in the process (glibc's mallopt) would be worth, process against process.
+"""What glibc's malloc state does to sampling and training, process against process: kept freed memory or not.
 
     python benchmarks/cpu_allocator.py --out benchmarks/results/DIR                  # sampling and training
     python benchmarks/cpu_allocator.py --only cl/fp32/native/2t,diffusers/fp32 ...   # candidates of cpu_defaults.py
@@ -6,13 +6,16 @@
 A UNet's forward allocates and frees the same activations every call, and glibc hands large freed blocks back to the
 OS (a block over its mmap threshold is unmapped, the heap's top is trimmed), so the next call faults its pages in
 again. `keep` fixes the mmap threshold at glibc's maximum (32 MiB) and the trim threshold at 1 GiB before the models
-are built, so freed memory stays for the next call; `default` leaves glibc's rules alone. malloc's setting
-holds for a whole process, so the two cannot alternate inside one: every round runs one fresh process of each,
-in alternating order. Each process builds the candidates (`cpu_defaults.build`: the same weights and
-settings), warms them up and times them interleaved for `--calls` rounds; its per-candidate median is one sample,
-and a row gives the median and p20-p80 of those samples over the processes, with the minor page faults per call
-and the process's peak RSS. diffusers runs in both kinds of process. fastdiff does not change malloc: measured
-here, keep gave fastdiff's default path nothing (README, "CPU defaults").
+are built, so freed memory stays for the next call; `default` leaves glibc's rules alone; `warm` leaves them
+alone too, but first frees one block just under 32 MiB, which raises glibc's dynamic mmap threshold to that size,
+as a fastdiff command's loading of data, weights and classifier does before its timed work (`fastdiff eval` and
+`fastdiff train` ran level with and without keep: benchmarks/cli_malloc.py). malloc's setting holds for a whole
+process, so the settings cannot alternate inside one: every round runs one fresh process of each, in
+alternating order. Each process builds the candidates (`cpu_defaults.build`: the same weights and settings), warms
+them up and times them interleaved for `--calls` rounds; its per-candidate median is one sample, and a row gives
+the median and p20-p80 of those samples over the processes, with the minor page faults per call and the
+process's peak RSS. diffusers runs in every kind of process. fastdiff does not change malloc (README, "CPU
+defaults").
 
     python benchmarks/cpu_allocator.py --sections sample --settings default --apart \
         --only cl/fp32/native/2t,cl/fp32/native/2t/r64                                # candidates apart
@@ -45,7 +48,8 @@ from fastdiff.runtime import cpu_choice  # noqa: E402
 
 median_p20_p80 = cpu_defaults._quantiles
 
-SETTINGS = ("keep", "default")
+SETTINGS = ("keep", "default", "warm")
+WARM_BLOCK = 31 * 2**20  # under glibc's 32 MiB ceiling for its dynamic mmap threshold
 MMAP_THRESHOLD, TRIM_THRESHOLD = 32 * 2**20, 2**30  # glibc's largest mmap threshold; 1 GiB
 
 
@@ -62,6 +66,15 @@ def keep_freed_memory() -> str:
     if mallopt(m_mmap_threshold, MMAP_THRESHOLD) != 1 or mallopt(m_trim_threshold, TRIM_THRESHOLD) != 1:
         raise SystemExit(f"mallopt refused the thresholds ({glibc})")
     return f"keep ({glibc}: mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold {TRIM_THRESHOLD >> 30} GiB)"
+
+
+def warm_malloc() -> str:
+    """glibc's own rules after one freed block just under its 32 MiB ceiling, as a command's loading leaves them:
+    glibc mapped the block, and freeing it raised the dynamic mmap threshold to its size (and the trim threshold
+    to twice that), so smaller activations are reused from then on."""
+    block = torch.ones(WARM_BLOCK // 4)  # float32, every page touched
+    del block
+    return f"glibc default after one freed {WARM_BLOCK >> 20} MiB block"
 
 
 def default_candidates() -> str:
@@ -81,7 +94,7 @@ def split_label(label: str, batch: int) -> tuple[str, int]:
 def child(setting: str, section: str, only: list[str], args) -> dict:
     """One process: the candidates timed interleaved; per candidate the median ms, page faults per call, and the
     process's peak RSS (of both candidates together)."""
-    malloc = keep_freed_memory() if setting == "keep" else "glibc default"
+    malloc = {"keep": keep_freed_memory, "warm": warm_malloc}.get(setting, lambda: "glibc default")()
     cfg = preset_config(args.preset)
     grid = {cpu_defaults.name(c): c for c in cpu_defaults.with_rows(
         cpu_defaults.candidates(True, False, torch.get_num_threads()), "32,64")}
@@ -146,7 +159,8 @@ def main(argv=None) -> int:
                                                 "batch other than --batch (default: fastdiff's default here "
                                                 "and diffusers)")
     p.add_argument("--batches", help="comma-separated batch sizes: every --only candidate at each")
-    p.add_argument("--settings", default=",".join(SETTINGS), help="the malloc settings to compare (default: both)")
+    p.add_argument("--settings", default=",".join(SETTINGS),
+                   help="comma-separated malloc settings to compare: keep, default, warm (default: all)")
     p.add_argument("--apart", action="store_true", help="each candidate in a process of its own, so that no two "
                    "share malloc's state (e.g. cpu_defaults' .../rN candidates against the unchunked one)")
     p.add_argument("--child", help=argparse.SUPPRESS)
