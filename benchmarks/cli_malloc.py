@@ -1,16 +1,16 @@
-"""A fastdiff command as a user runs it, with glibc's malloc keeping freed memory and with glibc's own rules.
+"""A fastdiff command as a user runs it, keeping freed memory (as every command does) and with glibc's own rules.
 
     python benchmarks/cli_malloc.py --out DIR -- eval --checkpoint pretrained:mnist --n 1000 --no-progress
     python benchmarks/cli_malloc.py --fresh runs/tmp-train --out DIR -- train --preset mnist5k --steps 200 \
         --out runs/tmp-train --no-progress
 
-`keep` starts the command with MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ at cpu_allocator.py's keep
-values (glibc reads them at start-up: its largest mmap threshold, 32 MiB, and a 1 GiB trim threshold), `default`
-without them. The command runs `--rounds` times in each setting, in alternating order, each run a fresh process.
-A row gives the median and p20-p80 of the images/s the command reports (its JSON's `images_per_sec`: sampling
-only, or training's last logged window), of its wall time, and of its peak RSS (the process's own, from wait4).
-`same_output` says whether the commands printed the same results apart from timings and memory (the setting
-must not change a sample or a loss).
+Every `fastdiff` command first has glibc's malloc keep freed memory (`fastdiff.runtime.keep_freed_memory`): `keep`
+runs the command as it ships, `default` with FASTDIFF_MALLOC=default, which leaves glibc's own rules (glibc's
+MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ are removed from both environments). The command runs `--rounds`
+times in each setting, in alternating order, each run a fresh process. A row gives the median and p20-p80 of the
+images/s the command reports (its JSON's `images_per_sec`: sampling only, or training's last logged window), of its
+wall time, and of its peak RSS (the process's own, from wait4). `same_output` says whether the commands printed the
+same results apart from timings and memory (the setting must not change a sample or a loss).
 """
 
 from __future__ import annotations
@@ -26,15 +26,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_allocator import MMAP_THRESHOLD, TRIM_THRESHOLD  # noqa: E402 - keep's values
 from cpu_defaults import _quantiles  # noqa: E402 - median, p20, p80
 
 from fastdiff.bench.report import new_doc, write_reports  # noqa: E402
 
 SETTINGS = ("keep", "default")
-KEEP = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
-# the fields of a command's JSON that may differ between runs (timings, memory, the clock)
-VARYING = ("seconds", "images_per_sec", "setup_seconds", "sec_per_kimg", "peak_mem_mb", "time")
+GLIBC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "FASTDIFF_MALLOC")
+# the fields of a command's JSON that may differ between runs (timings, memory, the clock, `fastdiff env`'s malloc)
+VARYING = ("seconds", "images_per_sec", "setup_seconds", "sec_per_kimg", "peak_mem_mb", "time", "malloc")
 
 
 def run_once(setting: str, command: list[str], fresh: Path | None = None) -> dict:
@@ -42,9 +41,9 @@ def run_once(setting: str, command: list[str], fresh: Path | None = None) -> dic
     `fresh`: a folder removed first (a training run's --out)."""
     if fresh is not None:
         shutil.rmtree(fresh, ignore_errors=True)
-    env = {k: v for k, v in os.environ.items() if k not in KEEP}
-    if setting == "keep":
-        env.update(KEEP)
+    env = {k: v for k, v in os.environ.items() if k not in GLIBC_VARIABLES}
+    if setting == "default":
+        env["FASTDIFF_MALLOC"] = "default"
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "fastdiff", *command], env=env, stdout=out, stderr=err,
@@ -73,8 +72,8 @@ def main(argv=None) -> int:
         p.error("name the fastdiff command after --")
     doc = new_doc("cpu", title=f"fastdiff {command[0]}: malloc kept against glibc's rules", notes=[
         f"{args.rounds} fresh processes per setting, alternating; rows: median and p20-p80 over them",
-        f"keep: MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD} MALLOC_TRIM_THRESHOLD_={TRIM_THRESHOLD} (32 MiB, 1 GiB); "
-        "default: glibc's own rules",
+        "keep: the command as it ships (mmap threshold 32 MiB, trim threshold 1 GiB); default: FASTDIFF_MALLOC="
+        "default, glibc's own rules",
         "images_per_s: the command's own figure (sampling time only); wall_s: the whole process"])
     runs: dict[str, list[dict]] = {s: [] for s in SETTINGS}
     load0 = os.getloadavg()

@@ -6,16 +6,17 @@
 A UNet's forward allocates and frees the same activations every call, and glibc hands large freed blocks back to the
 OS (a block over its mmap threshold is unmapped, the heap's top is trimmed), so the next call faults its pages in
 again. `keep` fixes the mmap threshold at glibc's maximum (32 MiB) and the trim threshold at 1 GiB before the models
-are built, so freed memory stays for the next call; `default` leaves glibc's rules alone; `warm` leaves them
-alone too, but first frees one block just under 32 MiB, which raises glibc's dynamic mmap threshold to that size,
-as a fastdiff command's loading of data, weights and classifier does before its timed work (`fastdiff eval` and
-`fastdiff train` ran level with and without keep: benchmarks/cli_malloc.py). malloc's setting holds for a whole
-process, so the settings cannot alternate inside one: every round runs one fresh process of each, in
-alternating order. Each process builds the candidates (`cpu_defaults.build`: the same weights and settings), warms
-them up and times them interleaved for `--calls` rounds; its per-candidate median is one sample, and a row gives
-the median and p20-p80 of those samples over the processes, with the minor page faults per call and the
-process's peak RSS. diffusers runs in every kind of process. fastdiff does not change malloc (README, "CPU
-defaults").
+are built, so freed memory stays for the next call; `default` leaves glibc's rules alone; `warm` leaves them alone
+too, but first frees one block just under 32 MiB, which raises glibc's dynamic mmap threshold to that size, as
+`fastdiff eval`'s loading of data and classifier does before its timed work (it ran level with and without keep:
+benchmarks/cli_malloc.py). malloc's setting holds for a whole process, so the settings cannot alternate inside one:
+every round runs one fresh process of each, in alternating order. Each process builds the candidates
+(`cpu_defaults.build`: the same weights and settings), warms them up and times them interleaved for `--calls`
+rounds; its per-candidate median is one sample, and a row gives the median and p20-p80 of those samples over the
+processes, with the minor page faults per call and the process's peak RSS. diffusers runs in every kind of process.
+`keep` is what every fastdiff command sets (`fastdiff.runtime.keep_freed_memory`); this script's processes are not
+fastdiff commands, so `default` is glibc's own rules, as in a program that uses diffusers or fastdiff's Python API
+(README, "CPU defaults").
 
     python benchmarks/cpu_allocator.py --sections sample --settings default --apart \
         --only cl/fp32/native/2t,cl/fp32/native/2t/r64                                # candidates apart
@@ -27,7 +28,6 @@ sampling calls chunked to 64 rows (`AccelOptions.max_rows`, cpu_defaults.py's ..
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import resource
@@ -40,32 +40,25 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cpu_defaults  # noqa: E402 - the candidates and their callables
 
+from fastdiff import runtime  # noqa: E402
 from fastdiff.bench.report import new_doc, write_reports  # noqa: E402
 from fastdiff.bench.timing import measure  # noqa: E402
 from fastdiff.config import preset_config  # noqa: E402
 from fastdiff.ops import native  # noqa: E402
-from fastdiff.runtime import cpu_choice  # noqa: E402
+from fastdiff.runtime import MMAP_THRESHOLD, TRIM_THRESHOLD, cpu_choice  # noqa: E402
 
 median_p20_p80 = cpu_defaults._quantiles
 
 SETTINGS = ("keep", "default", "warm")
 WARM_BLOCK = 31 * 2**20  # under glibc's 32 MiB ceiling for its dynamic mmap threshold
-MMAP_THRESHOLD, TRIM_THRESHOLD = 32 * 2**20, 2**30  # glibc's largest mmap threshold; 1 GiB
 
 
 def keep_freed_memory() -> str:
-    """mallopt the thresholds of `keep` (glibc only): what this process's malloc does, as a sentence."""
-    try:
-        glibc = os.confstr("CS_GNU_LIBC_VERSION")
-    except (AttributeError, ValueError, OSError):  # no confstr, or a C library that does not know the name
-        glibc = None
-    if not glibc:
-        raise SystemExit("keep needs glibc's malloc (mallopt); this C library is not glibc")
-    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
-    mallopt = ctypes.CDLL(None).mallopt
-    if mallopt(m_mmap_threshold, MMAP_THRESHOLD) != 1 or mallopt(m_trim_threshold, TRIM_THRESHOLD) != 1:
-        raise SystemExit(f"mallopt refused the thresholds ({glibc})")
-    return f"keep ({glibc}: mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold {TRIM_THRESHOLD >> 30} GiB)"
+    """`runtime.keep_freed_memory` (what every fastdiff command sets), or exit where it cannot be set."""
+    setting = runtime.keep_freed_memory()
+    if setting is None:
+        raise SystemExit("keep needs glibc's malloc (mallopt), which this process does not have or refused it")
+    return setting
 
 
 def warm_malloc() -> str:

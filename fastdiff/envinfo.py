@@ -40,7 +40,7 @@ def collect() -> dict:
 
     from fastdiff import __version__
     from fastdiff.ops.dispatch import native_available
-    from fastdiff.runtime import cpu_choice, cpu_flags
+    from fastdiff.runtime import cpu_choice, cpu_flags, malloc_setting
 
     cuda = torch.cuda.is_available()
     triton_version, triton_status = _triton_status(cuda)
@@ -57,6 +57,7 @@ def collect() -> dict:
         "cpu_threads": torch.get_num_threads(),
         "triton_kernels": triton_status,
         "native_extension": "built (fastdiff._C)" if native_available() else "not built (optional; see README)",
+        "malloc": malloc_setting(),
     }
     if not cuda:  # what sample, train and the Python API use here by default, and why (README, "CPU defaults")
         flags = cpu_flags()

@@ -10,8 +10,10 @@ dropout masks of training step k are the same whether a run got there in one go 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import functools
+import os
 import resource
 import sys
 from dataclasses import dataclass
@@ -260,6 +262,59 @@ def cpu_choice(flags: frozenset[str] | None = None, native: bool | None = None) 
                      why="no bf16 instructions (AVX2, or AVX-512 without BF16): fp32, channels_last, and the native "
                          "extension's ops where it is built (each measured faster; bf16 without them is many times "
                          f"slower); {ROWS_WHY}")
+
+
+MALLOC_ENV = "FASTDIFF_MALLOC"  # keep (what every fastdiff command sets) | default (glibc's own rules)
+MMAP_THRESHOLD, TRIM_THRESHOLD = 32 * 2**20, 2**30  # glibc's largest mmap threshold; 1 GiB
+_malloc = "glibc default"  # what this process's malloc does: `malloc_setting`
+
+
+def keep_freed_memory() -> str | None:
+    """Have glibc's malloc keep freed memory for the next allocation, for the rest of the process: the mmap
+    threshold fixed at glibc's largest (32 MiB) and the trim threshold at 1 GiB. A UNet's forward frees and
+    allocates the same activations every call; by glibc's own rules the larger ones are unmapped or trimmed
+    when freed, so the next call faults their pages in and zero-fills them again. Returns the setting as a
+    sentence, or None where the C library is not glibc (nothing changes then). Every `fastdiff` command calls
+    it (`apply_malloc_setting`); a program using the Python API may call it once at its start (README, "CPU
+    defaults"). It holds for the whole process, so a library does not call it on its own."""
+    global _malloc
+    try:
+        glibc = os.confstr("CS_GNU_LIBC_VERSION")
+    except (AttributeError, ValueError, OSError):  # no confstr, or a C library that does not know the name
+        glibc = None
+    if not glibc:
+        return None
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    mallopt = ctypes.CDLL(None).mallopt
+    if mallopt(m_mmap_threshold, MMAP_THRESHOLD) != 1 or mallopt(m_trim_threshold, TRIM_THRESHOLD) != 1:
+        return None
+    _malloc = (f"keep freed memory ({glibc}: mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold "
+               f"{TRIM_THRESHOLD >> 30} GiB)")
+    return _malloc
+
+
+def apply_malloc_setting() -> str:
+    """What a `fastdiff` command does to this process's malloc before it starts: `keep_freed_memory`, unless
+    FASTDIFF_MALLOC=default, or glibc's own MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ variables are set
+    (the user's choice then stands). Returns `malloc_setting()`."""
+    global _malloc
+    choice = os.environ.get(MALLOC_ENV, "keep").strip().lower() or "keep"
+    if choice not in ("keep", "default"):
+        raise ConfigError(f"{MALLOC_ENV}={os.environ[MALLOC_ENV]!r} is not a malloc setting: use keep (keep freed "
+                          "memory for the next call, the default) or default (glibc's own rules)")
+    own = [v for v in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_") if v in os.environ]
+    if choice == "default":
+        _malloc = f"glibc default ({MALLOC_ENV}=default)"
+    elif own:
+        _malloc = f"glibc, as {' and '.join(own)} in the environment set it"
+    elif keep_freed_memory() is None:
+        _malloc = "the C library's own rules (not glibc, or it refused the setting)"
+    return _malloc
+
+
+def malloc_setting() -> str:
+    """This process's malloc setting as a sentence (`fastdiff env` and every bench report name it)."""
+    return _malloc
 
 
 def sample_batch_size(device) -> int:

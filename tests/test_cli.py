@@ -150,3 +150,50 @@ def test_env_names_the_cpu_ops_in_effect(monkeypatch):
     monkeypatch.setattr(dispatch, "CPU_NATIVE", False)
     with use_backend("torch"):
         assert collect()["cpu_ops"] == "torch (forced by FASTDIFF_BACKEND)"
+
+
+FAULTS = """
+import resource, sys, torch
+from fastdiff import runtime
+if sys.argv[1] == "keep":
+    assert runtime.keep_freed_memory(), "glibc refused the setting"
+faults = 0
+for mib in (4, 6, 8, 10, 12, 14):  # each larger than the last: glibc's own rules map every one afresh
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(mib * 2**18)  # float32, every page touched
+    del x
+    faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+print(faults)
+"""
+
+
+def test_keep_freed_memory_reuses_freed_pages():
+    # keep: the freed blocks stay in the heap, so the next, larger one faults in only its growth; glibc's rules
+    # unmap each and fault all of the next one in again (54 MiB in all against 14).
+    import os
+
+    if not getattr(os, "confstr", None) or not os.confstr("CS_GNU_LIBC_VERSION"):
+        pytest.skip("mallopt is glibc's")
+    faults = {s: int(subprocess.run([sys.executable, "-c", FAULTS, s], capture_output=True, text=True,
+                                    check=True).stdout) for s in ("keep", "default")}
+    assert faults["keep"] < faults["default"] / 2, faults
+
+
+@pytest.mark.parametrize("env, says", [({}, "keep freed memory"), ({"FASTDIFF_MALLOC": "default"}, "glibc default"),
+                                       ({"MALLOC_TRIM_THRESHOLD_": "1000000"}, "MALLOC_TRIM_THRESHOLD_")])
+def test_every_command_sets_malloc_and_env_says_how(env, says):
+    import os
+
+    if not os.confstr("CS_GNU_LIBC_VERSION"):
+        pytest.skip("mallopt is glibc's")
+    out = subprocess.run([sys.executable, "-m", "fastdiff.cli", "env"], capture_output=True, text=True, check=True,
+                         env={k: v for k, v in os.environ.items() if k not in ("FASTDIFF_MALLOC",
+                              "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")} | env)
+    assert says in json.loads(out.stdout.strip().splitlines()[-1])["malloc"]
+
+
+def test_a_bad_malloc_setting_is_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("FASTDIFF_MALLOC", "jemalloc")
+    code, _, err = run(["env"], capsys)
+    assert code == 2 and "FASTDIFF_MALLOC='jemalloc'" in err and "keep" in err and "default" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -1,8 +1,10 @@
 """`fastdiff train | sample | eval | env | bench | distill | train-refiner | export | plot`.
 
 Errors that the user can fix (FastdiffError) print one line and exit with status 2; anything else is a bug
-and keeps its traceback. Each subcommand's parser function sits beside its command function: `training` holds
-train, distill and train-refiner, `sampling` sample, eval and the tools, `args` what their parsers share.
+and keeps its traceback. Every command first has glibc's malloc keep freed memory for the next call
+(`runtime.apply_malloc_setting`; FASTDIFF_MALLOC=default leaves glibc's rules). Each subcommand's parser
+function sits beside its command function: `training` holds train, distill and train-refiner, `sampling`
+sample, eval and the tools, `args` what their parsers share.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from fastdiff.cli import sampling, training
 from fastdiff.cli.args import HelpFormatter, Parser
 from fastdiff.cli.sampling import add_sampling_args, sampling_overrides
 from fastdiff.errors import FastdiffError
+from fastdiff.runtime import apply_malloc_setting
 
 __all__ = ["HelpFormatter", "add_sampling_args", "build_parser", "main", "sampling_overrides"]
 
@@ -41,6 +44,7 @@ COMMANDS = {"train": training.cmd_train, "sample": sampling.cmd_sample, "eval": 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        apply_malloc_setting()  # before the command allocates (README, "CPU defaults")
         return COMMANDS[args.command](args)
     except FastdiffError as e:
         print(f"fastdiff {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
