@@ -269,6 +269,14 @@ MMAP_THRESHOLD, TRIM_THRESHOLD = 32 * 2**20, 2**30  # glibc's largest mmap thres
 _malloc = "glibc default"  # what this process's malloc does: `malloc_setting`
 
 
+def glibc_version() -> str | None:
+    """"glibc 2.36" where the C library is glibc, else None."""
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION") or None
+    except (AttributeError, ValueError, OSError):  # no confstr (Windows), or a C library without the name
+        return None
+
+
 def keep_freed_memory() -> str | None:
     """Have glibc's malloc keep freed memory for the next allocation, for the rest of the process: the mmap
     threshold fixed at glibc's largest (32 MiB) and the trim threshold at 1 GiB. A UNet's forward frees and
@@ -278,10 +286,7 @@ def keep_freed_memory() -> str | None:
     it (`apply_malloc_setting`); a program using the Python API may call it once at its start (README, "CPU
     defaults"). It holds for the whole process, so a library does not call it on its own."""
     global _malloc
-    try:
-        glibc = os.confstr("CS_GNU_LIBC_VERSION")
-    except (AttributeError, ValueError, OSError):  # no confstr, or a C library that does not know the name
-        glibc = None
+    glibc = glibc_version()
     if not glibc:
         return None
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fastdiff.cli import main
+from fastdiff.runtime import glibc_version
 
 TINY = ["--steps", "4", "--batch-size", "16", "--log-every", "2", "--ckpt-every", "2", "--no-progress"]
 
@@ -170,9 +171,7 @@ print(faults)
 def test_keep_freed_memory_reuses_freed_pages():
     # keep: the freed blocks stay in the heap, so the next, larger one faults in only its growth; glibc's rules
     # unmap each and fault all of the next one in again (54 MiB in all against 14).
-    import os
-
-    if not getattr(os, "confstr", None) or not os.confstr("CS_GNU_LIBC_VERSION"):
+    if not glibc_version():
         pytest.skip("mallopt is glibc's")
     faults = {s: int(subprocess.run([sys.executable, "-c", FAULTS, s], capture_output=True, text=True,
                                     check=True).stdout) for s in ("keep", "default")}
@@ -184,7 +183,7 @@ def test_keep_freed_memory_reuses_freed_pages():
 def test_every_command_sets_malloc_and_env_says_how(env, says):
     import os
 
-    if not os.confstr("CS_GNU_LIBC_VERSION"):
+    if not glibc_version():
         pytest.skip("mallopt is glibc's")
     out = subprocess.run([sys.executable, "-m", "fastdiff.cli", "env"], capture_output=True, text=True, check=True,
                          env={k: v for k, v in os.environ.items() if k not in ("FASTDIFF_MALLOC",
