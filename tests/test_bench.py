@@ -317,4 +317,5 @@ def test_cli_malloc_runs_a_command_in_both_settings(tmp_path, monkeypatch):
     rows = {r["malloc"]: r for r in doc["rows"]}
     assert set(rows) == {"keep", "default"} and all(r["same_output"] for r in rows.values())
     assert all(r["peak_rss_mib"] > 10 and r["wall_s"] > 0 for r in rows.values())
-    assert doc["last_result"]["malloc"].startswith("keep freed memory")  # `fastdiff env` names what it runs with
+    if runtime.glibc_version():  # `fastdiff env` names what the command ran with
+        assert doc["last_result"]["malloc"].startswith("keep freed memory")
