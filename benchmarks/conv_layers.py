@@ -8,9 +8,9 @@ Two parts, in one process:
   (`aten.convolution_backward`), each as GFLOP/s (2 * output elements * input channels * kernel area per
   pass), all interleaved round by round (`fastdiff.bench.timing.measure`); a layer's row counts it as often as
   the forward calls it. The reference in the same rounds is a wide convolution, 3x3 with `--wide` channels in and
-  out at 14x14 (channels_last, the same batch), the fastest dense arithmetic measured through torch on the CPUs
-  here (torch's matmul goes through MKL, which ran well below oneDNN's convolutions on an AMD CPU): `vs_wide`
-  is a pass's GFLOP/s over the wide convolution's forward.
+  out at 14x14 (channels_last, the same batch), a shape oneDNN handles well (torch's matmul would go through MKL,
+  which ran well below oneDNN's convolutions on an AMD CPU): `vs_wide` is a pass's GFLOP/s over the wide
+  convolution's forward.
 - one training step of fastdiff's default for the precision (channels_last, the native ops where built) and of
   diffusers' UNet2DModel on the same weights (`cpu_defaults.build`), profiled with torch.profiler
   (`fastdiff.bench.native.profile_shares`): the share of self CPU time in convolutions, and so the step's time

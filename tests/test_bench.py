@@ -319,3 +319,23 @@ def test_cli_malloc_runs_a_command_in_both_settings(tmp_path, monkeypatch):
     assert all(r["peak_rss_mib"] > 10 and r["wall_s"] > 0 for r in rows.values())
     if runtime.glibc_version():  # `fastdiff env` names what the command ran with
         assert doc["last_result"]["malloc"].startswith("keep freed memory")
+
+
+def test_conv_layers_reports_each_convolution_and_the_step_share(tmp_path, monkeypatch):
+    # benchmarks/conv_layers.py at a tiny size: a row per convolution and pass, the totals, and each library's
+    # profiled training step with its convolution share and fastdiff's ceiling against diffusers.
+    pytest.importorskip("diffusers")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import conv_layers
+
+    assert conv_layers.main(["--preset", "digits", "--batch", "4", "--rounds", "1", "--profiles", "1", "--wide", "16",
+                             "--dtypes", "fp32", "--layouts", "cl", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "conv_layers.json").read_text())["rows"]
+    layers = [r for r in rows if r["section"] == "layers" and "calls" in r]
+    assert layers and all(r["status"] == "ok" and r["gflop_per_s"] > 0 for r in layers)
+    assert sum(r["calls"] for r in layers if r["provider"] == "forward") == sum(
+        isinstance(m, torch.nn.Conv2d) for m in conv_layers.UNet(preset_config("digits").model).modules())
+    assert {r["provider"] for r in rows if r["section"] == "totals"} == {
+        "forward, all layers", "backward_input, all layers", "backward_weight, all layers"}
+    step = [r for r in rows if r["section"] == "step"]
+    assert len(step) == 2 and 0 < step[0]["share_convolution"] < 1 and step[0]["ceiling_vs_diffusers"] > 0
