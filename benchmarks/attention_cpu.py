@@ -21,11 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastdiff.bench.native import input_shapes
+from fastdiff.bench.native import preset_input_shapes
 from fastdiff.bench.report import emit, new_doc
 from fastdiff.bench.timing import measure
 from fastdiff.config import PRESETS, preset_config
-from fastdiff.models import UNet
 from fastdiff.models.unet import AttnBlock, split_heads
 from fastdiff.nn import attention
 
@@ -34,11 +33,7 @@ PROVIDERS = {"torch-eager": F.scaled_dot_product_attention, "fastdiff": attentio
 
 def attention_shapes(cfg, rows: int) -> list[tuple[int, ...]]:
     """[rows, channels, height, width] of the input of each attention block in one forward of the preset's UNet."""
-    size = cfg.model.image_size
-    labels = torch.zeros(rows, dtype=torch.long) if cfg.model.num_classes else None
-    return [shape for _, shape in input_shapes(UNet(cfg.model).eval(), AttnBlock,
-                                               torch.randn(rows, cfg.model.in_channels, size, size),
-                                               torch.zeros(rows), labels)]
+    return [shape for _, shape in preset_input_shapes(cfg, AttnBlock, rows)]
 
 
 def main() -> None:

@@ -35,11 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cpu_allocator  # noqa: E402 - warm_malloc
 import cpu_defaults  # noqa: E402 - the candidates and their callables
 
-from fastdiff.bench.native import input_shapes, profile_shares  # noqa: E402
+from fastdiff.bench.native import preset_input_shapes, profile_shares  # noqa: E402
 from fastdiff.bench.report import new_doc, write_reports  # noqa: E402
 from fastdiff.bench.timing import measure  # noqa: E402
 from fastdiff.config import preset_config  # noqa: E402
-from fastdiff.models import UNet  # noqa: E402
 from fastdiff.ops import native  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -48,14 +47,8 @@ LAYOUTS = {"cl": torch.channels_last, "nchw": torch.contiguous_format}
 
 def conv_calls(cfg, batch: int) -> list[tuple[tuple, torch.nn.Conv2d, int]]:
     """(input shape, conv module, calls) of each distinct convolution in one forward of the preset's UNet."""
-    torch.manual_seed(0)
-    model = UNet(cfg.model)
-    mc = cfg.model
-    x = torch.randn(batch, mc.in_channels, mc.image_size, mc.image_size)
-    t = torch.randint(0, 1000, (batch,))
-    labels = torch.randint(0, max(mc.num_classes, 1), (batch,)) if mc.num_classes else None
     seen: dict[tuple, list] = {}
-    for conv, shape in input_shapes(model, torch.nn.Conv2d, x, t, labels):
+    for conv, shape in preset_input_shapes(cfg, torch.nn.Conv2d, batch):
         key = (shape, conv.out_channels, conv.kernel_size, conv.stride, conv.padding)
         seen.setdefault(key, [shape, conv, 0])[2] += 1
     return [tuple(v) for v in seen.values()]
@@ -131,23 +124,22 @@ def step_rows(cfg, args, doc: dict) -> None:
     grid = {cpu_defaults.name(c): c for c in cpu_defaults.candidates(native.available(), False,
                                                                         torch.get_num_threads())}
     for amp in args.dtypes:
-        shares = {}
+        rows, raw = {}, {}
         for label in (f"cl/{amp}/{ops}/{torch.get_num_threads()}t", f"diffusers/{amp}"):
             fn = cpu_defaults.build("train", grid[label], cfg, args.batch, 2)
             for _ in range(3):
                 fn()
             runs = sorted((profile_shares(fn) for _ in range(args.profiles)), key=lambda s: s["profiled_ms"])
-            shares[label] = runs[len(runs) // 2]  # the median step by profiled time
-            s = shares[label]
-            doc["rows"].append(dict(section="step", case=f"train {args.preset} {amp}", dtype=amp, provider=label,
-                                    profiled_ms=round(s["profiled_ms"], 1),
-                                    convolution_ms=round(s["profiled_ms"] * s["share_convolution"], 1),
-                                    **{k: round(v, 3) for k, v in s.items() if k.startswith("share_")},
-                                    status="ok"))
-        ours, theirs = (shares[k] for k in shares)
-        doc["rows"][-2]["vs_diffusers"] = round(theirs["profiled_ms"] / ours["profiled_ms"], 3)
-        doc["rows"][-2]["ceiling_vs_diffusers"] = round(
-            theirs["profiled_ms"] / (ours["profiled_ms"] * ours["share_convolution"]), 3)
+            s = raw[label] = runs[len(runs) // 2]  # the median step by profiled time
+            rows[label] = dict(section="step", case=f"train {args.preset} {amp}", dtype=amp, provider=label,
+                               profiled_ms=round(s["profiled_ms"], 1),
+                               convolution_ms=round(s["profiled_ms"] * s["share_convolution"], 1),
+                               **{k: round(v, 3) for k, v in s.items() if k.startswith("share_")}, status="ok")
+        (ours, theirs), (mine, diffusers) = rows.values(), raw.values()
+        ours["vs_diffusers"] = round(diffusers["profiled_ms"] / mine["profiled_ms"], 3)
+        mine_conv_ms = mine["profiled_ms"] * mine["share_convolution"]
+        ours["ceiling_vs_diffusers"] = round(diffusers["profiled_ms"] / mine_conv_ms, 3)
+        doc["rows"] += [ours, theirs]
 
 
 def main(argv=None) -> int:

@@ -334,7 +334,7 @@ def test_conv_layers_reports_each_convolution_and_the_step_share(tmp_path, monke
     layers = [r for r in rows if r["section"] == "layers" and "calls" in r]
     assert layers and all(r["status"] == "ok" and r["gflop_per_s"] > 0 for r in layers)
     assert sum(r["calls"] for r in layers if r["provider"] == "forward") == sum(
-        isinstance(m, torch.nn.Conv2d) for m in conv_layers.UNet(preset_config("digits").model).modules())
+        isinstance(m, torch.nn.Conv2d) for m in UNet(preset_config("digits").model).modules())
     assert {r["provider"] for r in rows if r["section"] == "totals"} == {
         "forward, all layers", "backward_input, all layers", "backward_weight, all layers"}
     step = [r for r in rows if r["section"] == "step"]

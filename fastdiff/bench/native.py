@@ -52,6 +52,14 @@ def input_shapes(model: torch.nn.Module, kind: type, *inputs) -> list[tuple[torc
     return calls
 
 
+def preset_input_shapes(cfg, kind: type, rows: int) -> list[tuple[torch.nn.Module, tuple]]:
+    """`input_shapes` of the preset's UNet (`e2e.base_unet`) on `rows` rows of random images, t = 0 and label 0."""
+    mc = cfg.model
+    labels = torch.zeros(rows, dtype=torch.long) if mc.num_classes else None
+    return input_shapes(base_unet(cfg).eval(), kind, torch.randn(rows, mc.in_channels, mc.image_size, mc.image_size),
+                        torch.zeros(rows), labels)
+
+
 def group_norm_shapes(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, labels) -> list[tuple]:
     """(shape, num_groups) of every GroupNormSiLU call in one forward of `model`."""
     return [(shape, m.num_groups) for m, shape in input_shapes(model, GroupNormSiLU, x, t, labels)]
