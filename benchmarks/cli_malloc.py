@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_defaults import _quantiles  # noqa: E402 - median, p20, p80
 
 from fastdiff.bench.report import new_doc, write_reports  # noqa: E402
+from fastdiff.runtime import MMAP_THRESHOLD, TRIM_THRESHOLD  # noqa: E402
 
 SETTINGS = ("keep", "default")
 GLIBC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "FASTDIFF_MALLOC")
@@ -72,8 +73,8 @@ def main(argv=None) -> int:
         p.error("name the fastdiff command after --")
     doc = new_doc("cpu", title=f"fastdiff {command[0]}: malloc kept against glibc's rules", notes=[
         f"{args.rounds} fresh processes per setting, alternating; rows: median and p20-p80 over them",
-        "keep: the command as it ships (mmap threshold 32 MiB, trim threshold 1 GiB); default: FASTDIFF_MALLOC="
-        "default, glibc's own rules",
+        f"keep: the command as it ships (mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold "
+        f"{TRIM_THRESHOLD >> 30} GiB); default: FASTDIFF_MALLOC=default, glibc's own rules",
         "images_per_s: the command's own figure (sampling time only); wall_s: the whole process"])
     runs: dict[str, list[dict]] = {s: [] for s in SETTINGS}
     load0 = os.getloadavg()

@@ -202,7 +202,7 @@ def _native_ops_run() -> bool:
     """Whether CPU tensors run the native extension's ops here now (built, and FASTDIFF_BACKEND or `use_backend`
     not forcing another backend)."""
     from fastdiff.errors import ConfigError
-    from fastdiff.ops import dispatch  # here, not at the top: dispatch reads cpu_choice when it is imported
+    from fastdiff.ops import dispatch  # here, not at the top: runtime imports nothing of fastdiff but errors
 
     try:
         return dispatch.backend_on("cpu") == "native"

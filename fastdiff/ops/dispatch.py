@@ -33,8 +33,7 @@ from fastdiff.errors import ConfigError
 from fastdiff.ops import native as _native
 from fastdiff.ops._triton import INTERPRET, TRITON_INSTALLED
 
-# Probe the optional extension and the CPU now, outside any torch.compile trace: dispatch reads the answers as
-# constants.
+# Probe the optional extension now, outside any torch.compile trace: dispatch reads the answer as a constant.
 _native._load()
 
 
