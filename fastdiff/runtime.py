@@ -225,8 +225,9 @@ def cpu_choice(flags: frozenset[str] | None = None, native: bool | None = None) 
         sampling 2.35x fp32 NCHW, training 1.79-1.83x, ahead of channels_last bf16 (1.81x / 1.45x). On a Zen 4
         EPYC with avx512_bf16: sampling 2.09x, training 1.51x (channels_last bf16 1.94x / 1.21x); on the Zen 5:
         1.93x and 1.51x.
-      The native ops' bf16 speed-up was measured on the Zen 5 only; the AMX Xeon and the Zen 4 ran them before
-      the fix, when they lost.
+      On a Zen 4 EPYC with avx512_bf16 (2026-12-06) the native ops in channels_last sampled 1.15-1.17x and
+      trained 1.06-1.13x NCHW bf16 with the torch ops, at fp32's FD_cls (1.38x the floor). The AMX Xeon ran
+      them only before the fix, when they lost.
     - otherwise (AVX2 only, or AVX-512 without BF16) fp32, where channels_last beat NCHW (sampling 1.16-1.26x,
       training level to 1.14x; on the bf16 machines in fp32 too: sampling 1.23-1.50x, training 1.00-1.16x),
       and the native ops beat the torch ops in that layout: on a Xeon with AVX-512 and no BF16, sampling 1.19x
