@@ -11,7 +11,8 @@ VENV_FLAGS ?=
 STAMP := $(VENV)/.fastdiff-installed
 RUN ?= runs/mnist5k
 
-.PHONY: setup demo distill-demo pretrained test test-all test-slow lint bench clean ext ext-test ext-cuda-check
+.PHONY: setup demo distill-demo pretrained test test-all test-slow lint bench clean ext ext-test ext-cuda-check \
+	image-check
 
 setup: $(STAMP)
 
@@ -102,6 +103,20 @@ ext-test: ext
 ext-cuda-check: setup
 	cmake -S . -B build/cuda-check -DFASTDIFF_CUDA_KERNELS_ONLY=ON -DPython_EXECUTABLE=$(abspath $(BIN)/python) $(CMAKE_ARGS)
 	cmake --build build/cuda-check -j $(EXT_JOBS)
+
+# The test suite on the lent GPU machines' torch and Triton (torch 2.11.0, a CUDA build that runs on the CPU here, and
+# Triton 3.6.0), before any GPU time is spent: a venv of its own in build/image-venv (about 5 GB; not part of CI),
+# then `make test`'s tests, among them every Triton launch compiled ahead of time for sm_90 and the kernels under
+# the interpreter. The native extension built for the main venv's torch is refused there (its tests skip).
+IMAGE_TORCH ?= 2.11.0
+IMAGE_TRITON ?= 3.6.0
+IMAGE_VENV := build/image-venv
+image-check:
+	test -x $(IMAGE_VENV)/bin/python || $(PYTHON) -m venv $(IMAGE_VENV)
+	$(IMAGE_VENV)/bin/python -m pip install --quiet "torch==$(IMAGE_TORCH)" "triton==$(IMAGE_TRITON)"
+	$(IMAGE_VENV)/bin/python -m pip install --quiet -e ".[test]"
+	$(IMAGE_VENV)/bin/python -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
+	$(IMAGE_VENV)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache fastdiff/_C*.so fastdiff/_C.json
