@@ -139,6 +139,18 @@ def test_console_script_runs():
     assert info["torch"] and "native_extension" in info
 
 
+def test_env_prints_each_cpu_default_on_a_line_of_its_own(capsys):
+    code, out, _ = run(["env"], capsys)
+    info = json.loads(out.strip().splitlines()[-1])
+    if info["device"] != "cpu":
+        pytest.skip("cpu_defaults are reported on the CPU")
+    lines = [line.strip() for line in out.splitlines()[:-1]]
+    assert code == 0 and "cpu_defaults:" in lines
+    for key, value in info["cpu_defaults"].items():
+        assert f"{key}: {value}" in lines, (key, out)
+    assert f"cpu_features: {', '.join(info['cpu_features'])}".strip() in lines
+
+
 def test_env_names_the_cpu_ops_in_effect(monkeypatch):
     # `fastdiff env` says which op backend CPU tensors run: the automatic choice, or the forced one.
     from fastdiff.envinfo import collect

@@ -161,7 +161,12 @@ def cmd_env(args) -> int:
 
     info = collect()
     for key, value in info.items():
-        print(f"{key:>18}: {value}")
+        if isinstance(value, dict):  # cpu_defaults: one line per setting, the reason last
+            print(f"{key:>18}:")
+            for sub, v in value.items():
+                print(f"{'':>20}{sub}: {v}")
+        else:
+            print(f"{key:>18}: {', '.join(value) if isinstance(value, list) else value}")
     print(json.dumps(info))
     return 0
 
