@@ -104,18 +104,21 @@ ext-cuda-check: setup
 	cmake -S . -B build/cuda-check -DFASTDIFF_CUDA_KERNELS_ONLY=ON -DPython_EXECUTABLE=$(abspath $(BIN)/python) $(CMAKE_ARGS)
 	cmake --build build/cuda-check -j $(EXT_JOBS)
 
-# The test suite on the lent GPU machines' torch and Triton (torch 2.11.0, a CUDA build that runs on the CPU here, and
-# Triton 3.6.0), before any GPU time is spent: a venv of its own in build/image-venv (about 5 GB; not part of CI),
-# then `make test`'s tests, among them every Triton launch compiled ahead of time for sm_90 and the kernels under
-# the interpreter. The native extension built for the main venv's torch is refused there (its tests skip).
+# The test suite on the lent GPU machines' Python, torch and Triton before any GPU time is spent: python3.12 where it
+# runs (else IMAGE_PYTHON), torch 2.11.0 (a CUDA build, which runs on the CPU here) and Triton 3.6.0, in a venv of
+# its own in build/image-venv (about 5 GB; not part of CI). `make test`'s tests then include every Triton launch
+# compiled ahead of time for sm_90 and the kernels under the interpreter. The native extension built for the main
+# venv's torch is refused there (its tests skip).
+IMAGE_PYTHON ?= $(shell python3.12 -c 'import sys; print(sys.executable)' 2>/dev/null || echo $(PYTHON))
 IMAGE_TORCH ?= 2.11.0
 IMAGE_TRITON ?= 3.6.0
-IMAGE_VENV := build/image-venv
+IMAGE_VENV ?= build/image-venv
 image-check:
-	test -x $(IMAGE_VENV)/bin/python || $(PYTHON) -m venv $(IMAGE_VENV)
+	test -x $(IMAGE_VENV)/bin/python || $(IMAGE_PYTHON) -m venv $(IMAGE_VENV)
 	$(IMAGE_VENV)/bin/python -m pip install --quiet "torch==$(IMAGE_TORCH)" "triton==$(IMAGE_TRITON)"
 	$(IMAGE_VENV)/bin/python -m pip install --quiet -e ".[test]"
-	$(IMAGE_VENV)/bin/python -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
+	$(IMAGE_VENV)/bin/python -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", \
+		torch.__version__, "triton", triton.__version__)'
 	$(IMAGE_VENV)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider
 
 clean:
