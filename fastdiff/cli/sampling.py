@@ -161,7 +161,7 @@ def cmd_env(args) -> int:
 
     info = collect()
     for key, value in info.items():
-        if isinstance(value, dict):  # cpu_defaults: one line per setting, the reason last
+        if isinstance(value, dict):  # cpu_defaults: one line per setting
             print(f"{key:>18}:")
             for sub, v in value.items():
                 print(f"{'':>20}{sub}: {v}")
