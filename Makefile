@@ -115,8 +115,7 @@ IMAGE_TRITON ?= 3.6.0
 IMAGE_VENV ?= build/image-venv
 image-check:
 	test -x $(IMAGE_VENV)/bin/python || $(IMAGE_PYTHON) -m venv $(IMAGE_VENV)
-	$(IMAGE_VENV)/bin/python -m pip install --quiet "torch==$(IMAGE_TORCH)" "triton==$(IMAGE_TRITON)"
-	$(IMAGE_VENV)/bin/python -m pip install --quiet -e ".[test]"
+	$(IMAGE_VENV)/bin/python -m pip install --quiet "torch==$(IMAGE_TORCH)" "triton==$(IMAGE_TRITON)" -e ".[test]"
 	$(IMAGE_VENV)/bin/python -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", \
 		torch.__version__, "triton", triton.__version__)'
 	$(IMAGE_VENV)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider
