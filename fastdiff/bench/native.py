@@ -128,9 +128,9 @@ def cpu_rows(preset: str, *, batch: int = 64, steps: int = 10, rounds: int = 5, 
         fns = {p: with_backend(p, fn_of_provider) for p in PROVIDERS}
         return measure(fns, "cpu", rounds=rounds, reps=reps, clock=clock)
 
-    def interleaved_layouts(fn_of_layout):
+    def interleaved_layouts(fn_of_layout, over=layouts):
         fns = {(p, layout): with_backend(p, functools.partial(fn_of_layout, layout))
-               for layout in layouts for p in PROVIDERS}
+               for layout in over for p in PROVIDERS}
         return measure(fns, "cpu", rounds=rounds, clock=clock)
 
     def case(base):  # the key of add_ratios: layouts are compared within a case, against torch-eager NCHW
@@ -172,17 +172,18 @@ def cpu_rows(preset: str, *, batch: int = 64, steps: int = 10, rounds: int = 5, 
     rows += _rows(interleaved(gn_forward), case({**common, "kind": "op", "op": f"group_norm_silu x{len(gn_calls)}",
                                                  "shape": list(xx.shape)}))
     # The same calls as a bf16 UNet makes them under autocast: bf16 activations and float32 parameters (torch's
-    # GroupNorm then runs in float32 on an upcast copy; the native op reads and writes bf16).
-    bf16_calls = [(a.bfloat16(), g, w, b) for a, g, w, b in gn_calls]
+    # GroupNorm then runs in float32 on an upcast copy; the native op reads and writes bf16), in both layouts
+    # (channels_last: how the CPU default samples on a CPU with bf16 instructions, `runtime.cpu_choice`).
+    bf16_calls = {layout: [(images(layout, a.bfloat16()), g, w, b) for a, g, w, b in gn_calls] for layout in LAYOUTS}
 
-    def gn_forward_bf16():
+    def gn_forward_bf16(layout):
         with autocast("cpu", "bf16"):
-            for a, g, w, b in bf16_calls:
+            for a, g, w, b in bf16_calls[layout]:
                 fops.group_norm_silu(a, g, w, b)
 
-    rows += _rows(interleaved(gn_forward_bf16), case({**common, "kind": "op", "dtype": "bf16",
-                                                      "op": f"group_norm_silu x{len(gn_calls)} bf16 autocast",
-                                                      "shape": list(xx.shape)}))
+    rows += _rows(interleaved_layouts(gn_forward_bf16, over=LAYOUTS),
+                  case({**common, "kind": "op", "dtype": "bf16", "shape": list(xx.shape),
+                        "op": f"group_norm_silu x{len(gn_calls)} bf16 autocast"}))
     # Training: forward+backward of the same calls (2 * batch = 128 is also the presets' training batch),
     # channels_last as `fastdiff train` runs.
     train_calls = []

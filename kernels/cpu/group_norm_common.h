@@ -55,20 +55,42 @@ inline float weight_at(const GroupNormParams& P, int64_t c) { return P.weight !=
 inline float bias_at(const GroupNormParams& P, int64_t c) { return P.bias != nullptr ? P.bias[c] : 0.0f; }
 
 // Per-channel sums over the HW rows of one NHWC sample: sums[c] += sum_hw term(row[c], c).
+// The channels run in chunks of kLanes, each summed down a block of kBlock rows into kRowsAtOnce float32
+// accumulators per lane (one per row in flight, so that no row waits on the previous row's addition), which
+// stay in registers; each accumulator adds at most kBlock / kRowsAtOnce terms before the block's total goes
+// into the float64 sums. (Accumulating a whole row of C channels in memory instead, as this did before, chained
+// every row's additions through a store and a reload: 2-3x slower at 32 and 64 channels on a Zen 4 EPYC.)
+constexpr int64_t kLanes = 16;
+constexpr int64_t kRowsAtOnce = 4;
+
 template <typename T, typename F>
-void channel_sums(const T* xn, int64_t rows, int64_t C, std::vector<float>& acc, std::vector<double>& sums,
-                  F term) {
+void channel_sums(const T* xn, int64_t rows, int64_t C, std::vector<double>& sums, F term) {
   std::fill(sums.begin(), sums.end(), 0.0);
-  const int64_t block_rows = std::max<int64_t>(1, kBlock / C);
-  for (int64_t r0 = 0; r0 < rows; r0 += block_rows) {
-    std::fill(acc.begin(), acc.end(), 0.0f);
-    const int64_t r1 = std::min(rows, r0 + block_rows);
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* row = xn + r * C;
+  for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
+    const int64_t r1 = std::min(rows, r0 + kBlock);
+    int64_t c0 = 0;
+    for (; c0 + kLanes <= C; c0 += kLanes) {
+      float acc[kRowsAtOnce][kLanes] = {};
+      int64_t r = r0;
+      for (; r + kRowsAtOnce <= r1; r += kRowsAtOnce) {
+        for (int64_t k = 0; k < kRowsAtOnce; ++k) {
+          const T* row = xn + (r + k) * C + c0;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) acc[c] += term(to_float(row[c]), c);
+          for (int64_t j = 0; j < kLanes; ++j) acc[k][j] += term(to_float(row[j]), c0 + j);
+        }
+      }
+      for (; r < r1; ++r) {
+        const T* row = xn + r * C + c0;
+#pragma omp simd
+        for (int64_t j = 0; j < kLanes; ++j) acc[0][j] += term(to_float(row[j]), c0 + j);
+      }
+      for (int64_t j = 0; j < kLanes; ++j) sums[c0 + j] += (acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]);
     }
-    for (int64_t c = 0; c < C; ++c) sums[c] += acc[c];
+    for (; c0 < C; ++c0) {  // the channels after the last whole chunk, one at a time
+      float acc = 0.0f;
+      for (int64_t r = r0; r < r1; ++r) acc += term(to_float(xn[r * C + c0]), c0);
+      sums[c0] += acc;
+    }
   }
 }
 

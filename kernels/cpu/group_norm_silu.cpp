@@ -87,7 +87,7 @@ void forward_nhwc(const GroupNormParams& P, const T* x, T* out, float* mean, flo
   const int64_t C = L.channels, G = P.groups, cpg = C / G, HW = L.spatial, len = cpg * HW;
 #pragma omp parallel num_threads(nt) if (L.batch * C * HW >= kParallelMin && nt > 1)
   {
-    std::vector<float> acc(C), meanc(C), scale(C), shift(C);
+    std::vector<float> meanc(C), scale(C), shift(C);
     std::vector<double> sums(C);
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < L.batch; ++n) {
@@ -98,13 +98,13 @@ void forward_nhwc(const GroupNormParams& P, const T* x, T* out, float* mean, flo
         std::fill(meanc.begin() + g * cpg, meanc.begin() + (g + 1) * cpg, to_float(xn[g * cpg]));
       }
       const float* mc = meanc.data();
-      channel_sums(xn, HW, C, acc, sums, [mc](float v, int64_t c) { return v - mc[c]; });
+      channel_sums(xn, HW, C, sums, [mc](float v, int64_t c) { return v - mc[c]; });
       for (int64_t g = 0; g < G; ++g) {
         double s = 0.0;
         for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) s += sums[c];
         std::fill(meanc.begin() + g * cpg, meanc.begin() + (g + 1) * cpg, static_cast<float>(meanc[g * cpg] + s / len));
       }
-      channel_sums(xn, HW, C, acc, sums, [mc](float v, int64_t c) {
+      channel_sums(xn, HW, C, sums, [mc](float v, int64_t c) {
         const float d = v - mc[c];
         return d * d;
       });

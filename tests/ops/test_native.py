@@ -168,8 +168,10 @@ def test_bad_arguments_are_clear_errors():
 
 # --- GroupNorm + SiLU --------------------------------------------------------------------------------------
 
+# (2, 40, 23, 23) in channels_last: two 16-channel chunks and 8 channels after them, and 529 rows, a whole block
+# of 512 and 17 more (4 at a time, then one), in the NHWC statistics (kernels/cpu/group_norm_common.h).
 GN_CASES = [((1, 1, 1, 2), 1), ((2, 6, 1, 1), 3), ((3, 12, 5, 7), 4), ((2, 64, 2, 2), 8), ((2, 32, 8, 8), 8),
-            ((2, 16, 40, 40), 4), ((2, 12, 9), 3)]
+            ((2, 16, 40, 40), 4), ((2, 40, 23, 23), 8), ((2, 12, 9), 3)]
 
 
 def _gn_inputs(shape, affine, channels_last, seed=0):
