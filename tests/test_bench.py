@@ -192,6 +192,28 @@ def test_sampling_and_training_rows(tiny_preset):
     assert row["status"] == "ok" and row["images_per_s"] > 0 and row["step"] == "TrainStep"
 
 
+@pytest.mark.parametrize("train_channels_last", [False, True])
+def test_fastdiff_training_row_trains_in_the_layout_of_fastdiff_train(tiny_preset, monkeypatch, train_channels_last):
+    # The preset leaves channels_last to the device (None); the row must resolve it as `fastdiff train` does
+    # (TrainConfig.for_device), while the other providers stay NCHW.
+    import fastdiff.bench.e2e as e2e
+    import fastdiff.config as config
+
+    monkeypatch.setattr(config, "train_defaults", lambda device: ("fp32", train_channels_last))
+    cfg = config.preset_config(tiny_preset)
+    assert cfg.train.channels_last is None
+    built = []
+    model_of = e2e._model
+    monkeypatch.setattr(e2e, "_model", lambda *a: built.append(model_of(*a)) or built[-1])
+    x0, labels = e2e.train_batch(cfg, 4, "cpu")
+    for provider in ("fastdiff", "torch-eager"):
+        e2e.train_step_for(provider, "fp32", e2e.base_unet(cfg), cfg, "cpu", x0, labels)
+    fastdiff_model, eager_model = built
+    # conv_out's weight [1, 16, 3, 3] is contiguous in one layout only (conv_in's, with 1 input channel, in both).
+    assert fastdiff_model.conv_out.weight.is_contiguous(memory_format=torch.channels_last) == train_channels_last
+    assert not eager_model.conv_out.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def _tiny_unet():
     cfg = UNetConfig(image_size=8, in_channels=1, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
                      attn_resolutions=(4,), dropout=0.0, num_groups=4, num_classes=10)

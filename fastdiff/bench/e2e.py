@@ -193,8 +193,8 @@ def train_step_for(provider: str, dtype: str, base, cfg, device, x0, labels, opt
     `channels_last` replace the provider's own (fastdiff: what `fastdiff train` does; the others NCHW)."""
     tc = cfg.train
     opts = options or provider_options(provider, dtype, device)
-    if channels_last is None:
-        channels_last = tc.channels_last if provider == "fastdiff" else False
+    if channels_last is None:  # fastdiff: the layout `fastdiff train` resolves for this device
+        channels_last = tc.for_device(device).channels_last if provider == "fastdiff" else False
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = _model(provider, base, device).to(memory_format=memory_format).train()
     x0 = x0.contiguous(memory_format=memory_format)
