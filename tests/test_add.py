@@ -130,6 +130,36 @@ def test_regression_loss_with_states_feeds_each_pair_at_a_drawn_student_timestep
                         prediction="x0")
 
 
+@pytest.mark.gpu
+def test_regression_loss_with_states_is_captured_by_a_cuda_graph():
+    """The student step is CUDA-graphed on a GPU: the regression loss with pair states makes no host sync or
+    host-to-device copy, and a replay draws what the eager call draws from the same generator state."""
+    dev = torch.device("cuda")
+    student = UNet(TINY_UNET).to(dev)
+    pairs = Pairs(seeds_for(PAIR_SEED, 4).to(dev), torch.arange(4, device=dev), torch.randn(4, 1, 8, 8, device=dev),
+                  torch.randn(4, 2, 1, 8, 8, device=dev), (749, 249))
+    schedule = NoiseSchedule("linear", device=dev)
+    gen = torch.Generator(dev)
+
+    def loss():
+        return regression_loss(student, schedule, pairs, (999, 749, 249), 16, gen, prediction="eps")
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+        loss()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    graph.register_generator_state(gen)
+    with torch.cuda.graph(graph):
+        captured = loss()
+    gen.manual_seed(3)
+    eager = loss()
+    gen.manual_seed(3)
+    graph.replay()
+    torch.testing.assert_close(captured, eager)
+
+
 def test_teacher_pairs_keep_the_ddim_state_at_each_later_student_timestep(student_run, tmp_path, monkeypatch):
     """The states are the inputs of the teacher's DDIM steps at 749 and 249 on each noise's own trajectory, in
     batches of 64 as in one batch (fp32, the CPU default without bf16 instructions, which batches do not change);

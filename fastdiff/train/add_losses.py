@@ -89,7 +89,10 @@ def regression_loss(student, schedule, pairs, timesteps, batch: int, gen, *, pre
         k = torch.randint(0, len(timesteps), (batch,), device=device, generator=gen)
         later = k > 0
         x = torch.where(later.view(-1, 1, 1, 1), pairs.states[idx, (k - 1).clamp(min=0)], x)
-        ts = torch.as_tensor(list(timesteps), device=device, dtype=torch.long)[k]
+        # The timestep of draw k without a host-to-device copy of the table, which a CUDA graph capture (the
+        # student step's default on a GPU) does not allow.
+        for j, t in enumerate(timesteps[1:], start=1):
+            ts = torch.where(k == j, int(t), ts)
     with autocast(device, amp):
         out = student(x, ts, labels)
     x0 = to_x0(prediction, x, out.float(), schedule.alphas_cumprod[ts].view(-1, 1, 1, 1))
