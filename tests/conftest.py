@@ -16,6 +16,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def no_tf32():
+    """fp32 convolutions without TF32 on a GPU, so that two paths through the same model agree to fp32 rounding
+    (TF32 rounds each convolution's inputs to 10 mantissa bits, which turns a last-bit difference into 1e-3)."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.fixture
 def tiny_overrides():
     """A digits run small enough for a few training steps in a test."""
     return {

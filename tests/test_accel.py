@@ -357,15 +357,6 @@ def test_train_ddpm_fast_path_runs_and_resumes(tmp_path, tiny_overrides):
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
 
 
-@pytest.fixture
-def no_tf32():
-    """fp32 convolutions without TF32, so that two layouts of the same model agree to fp32 rounding."""
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = old
-
-
 @pytest.mark.gpu
 def test_sample_fast_path_matches_plain(tmp_path, tiny_overrides, no_tf32):
     from fastdiff.config import apply_overrides, preset_config

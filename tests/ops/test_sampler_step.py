@@ -128,7 +128,7 @@ def test_compiles_without_graph_breaks_or_recompiles(device):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
-def test_ddim_eta0_same_images_on_triton_and_torch(device):
+def test_ddim_eta0_same_images_on_triton_and_torch(device, no_tf32):
     size, n, steps = (8, 2, 3) if device.type == "cpu" else (32, 64, 25)
     cfg = UNetConfig(image_size=size, in_channels=1, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
                      attn_resolutions=(), num_groups=4, dropout=0.0)
