@@ -364,3 +364,17 @@ def test_conv_layers_reports_each_convolution_and_the_step_share(tmp_path, monke
         "forward, all layers", "backward_input, all layers", "backward_weight, all layers"}
     step = [r for r in rows if r["section"] == "step"]
     assert len(step) == 2 and 0 < step[0]["share_convolution"] < 1 and step[0]["ceiling_vs_diffusers"] > 0
+
+
+def test_op_rows_compile_each_size_static():
+    # The torch-compile op baseline compiles as the e2e rows do (static shapes): one function timed at three sizes
+    # compiles three times, where torch.compile's automatic dynamic shapes would reuse one symbolic graph from
+    # the second size on.
+    from fastdiff.bench.ops import _providers
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = _providers(lambda x: x * 2 + 1, None, torch.device("cpu"), quick=False)["torch-compile"]
+    for n in (3, 5, 7):
+        torch.testing.assert_close(compiled(torch.ones(n)), torch.full((n,), 3.0))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3

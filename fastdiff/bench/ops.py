@@ -26,6 +26,7 @@ from fastdiff.bench.report import add_ratios, emit, new_doc
 from fastdiff.bench.timing import copy_bandwidth_gbs, measure
 from fastdiff.ops import native
 from fastdiff.ops.dispatch import REGISTRY, BenchCase, Op, triton_available, triton_interpreting
+from fastdiff.runtime import AccelOptions, compile_fn
 
 PARTS = ("all", "headline", "rest")
 
@@ -54,7 +55,9 @@ def _providers(eager, triton_fn, device, quick, native_fn=None, wrap=lambda f: f
     they can run in the time allowed, native where the extension is built for the device."""
     out = {"torch-eager": wrap(eager)}
     if not (quick and device.type == "cpu"):
-        out["torch-compile"] = wrap(torch.compile(eager))
+        # As the e2e rows compile (`runtime.compile_fn`): static shapes, so that each case's size gets kernels of
+        # its own instead of the dynamic-shape ones torch.compile turns to once one function has seen two sizes.
+        out["torch-compile"] = wrap(compile_fn(eager, AccelOptions(compile=True)))
         if triton_available() and (device.type == "cuda" or triton_interpreting()):
             out["fastdiff"] = wrap(triton_fn)
     if native_fn is not None and not _native_skipped(device):
