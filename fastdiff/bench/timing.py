@@ -33,7 +33,7 @@ class Timing:
     rounds: int
     reps: int  # calls per round
     warmup_s: float  # wall time of the warm-up calls (compile and capture included)
-    peak_mem_mb: float | None = None  # CUDA: peak allocated memory during the warm-up calls
+    peak_mem_mb: float | None = None  # CUDA: peak memory the warm-up calls allocated above what was allocated before
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,13 +77,16 @@ def _round_ms(fn: Callable[[], object], device: torch.device, reps: int, now, fl
 
 def _warm_up(fn: Callable[[], object], device: torch.device, warmup: int) -> tuple[float, float | None]:
     cuda = device.type == "cuda"
-    if cuda:
+    resident = 0
+    if cuda:  # what is allocated already (the other providers' models and state, the L2 flush buffer) is not fn's
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        resident = torch.cuda.memory_allocated(device)
     t0 = time.perf_counter()
     for _ in range(warmup):
         fn()
     synchronize(device)
-    peak = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if cuda and warmup else None
+    peak = round((torch.cuda.max_memory_allocated(device) - resident) / 2**20, 1) if cuda and warmup else None
     return time.perf_counter() - t0, peak
 
 
