@@ -101,6 +101,13 @@ def test_ratios_are_taken_within_the_case():
     assert rows[2]["vs_diffusers"] == 2.0 and "vs_diffusers" not in rows[6]  # same dtype only
     assert "vs_torch_compile" not in rows[6] and rows[6]["vs_torch_eager"] == 4.0
     assert "vs_torch_eager" not in rows[3] and "vs_torch_eager" not in rows[4]
+    # An eager bf16 row that a later job adds to an end-to-end case leaves the bf16 rows' baseline at eager fp32;
+    # an op row's baseline is eager at its own dtype.
+    e2e = [{**r, "section": "train"} for r in rows[:3]] + [{**row("torch-eager", "bf16", 40.0), "section": "train"}]
+    ops = [{**r, "section": "op", "case": "op gn"} for r in e2e]
+    add_ratios(e2e + ops)
+    assert e2e[2]["vs_torch_eager"] == 5.0 and e2e[3]["vs_torch_eager"] == 2.5
+    assert ops[2]["vs_torch_eager"] == 2.0 and ops[3]["vs_torch_eager"] == 1.0
 
 
 def test_reports_name_the_environment(tmp_path):
