@@ -130,6 +130,20 @@ def test_regression_loss_with_states_feeds_each_pair_at_a_drawn_student_timestep
                         prediction="x0")
 
 
+def test_regression_loss_feeds_the_student_in_the_runs_layout():
+    seen = []
+
+    def student(x, t, labels):
+        seen.append(x)
+        return torch.zeros_like(x)
+
+    pairs = Pairs(seeds_for(PAIR_SEED, 3), None, torch.zeros(3, 3, 8, 8))  # 3 channels: the layouts differ
+    for memory_format in (torch.channels_last, torch.contiguous_format):
+        regression_loss(student, NoiseSchedule("linear"), pairs, (999,), 2, torch.Generator(), prediction="x0",
+                        memory_format=memory_format)
+        assert seen[-1].is_contiguous(memory_format=memory_format)
+
+
 @pytest.mark.gpu
 def test_regression_loss_with_states_is_captured_by_a_cuda_graph():
     """The student step is CUDA-graphed on a GPU: the regression loss with pair states makes no host sync or

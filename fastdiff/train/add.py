@@ -170,7 +170,7 @@ class ADDObjective:
         reg = torch.zeros((), device=self.device)
         if self.pairs is not None:
             reg = regression_loss(self.forward, self.schedule, self.pairs, dc.student_timesteps, x0.shape[0], gen,
-                                  prediction=prediction, amp=tc.amp)
+                                  prediction=prediction, amp=tc.amp, memory_format=self.memory_format)
             loss = loss + dc.regress_weight * reg
         return loss, (x0_s.detach(), g_adv.detach(), dist.detach(), reg.detach())
 

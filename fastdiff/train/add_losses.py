@@ -72,11 +72,12 @@ def distillation_loss(teacher, schedule, x0_student, labels, gen, *, prediction:
 
 
 def regression_loss(student, schedule, pairs, timesteps, batch: int, gen, *, prediction: str,
-                    amp: str = "fp32") -> torch.Tensor:
+                    amp: str = "fp32", memory_format=torch.contiguous_format) -> torch.Tensor:
     """mean ||x0_student(input, t) - teacher sample of z||^2 over `batch` pairs drawn from `pairs` (DMD's regression
     loss). Without pair states the input is a pair's pure noise z at the first student timestep, as the few-step
     sampler feeds it; with them (`Pairs.states_at`, the later student timesteps) each pair draws one of the
-    student timesteps `timesteps` uniformly, and at a later one the input is the teacher's DDIM state of z there."""
+    student timesteps `timesteps` uniformly, and at a later one the input is the teacher's DDIM state of z there.
+    The input is built in `memory_format`, the run's layout, as the student's other inputs come."""
     device = pairs.images.device
     idx = torch.randint(0, len(pairs.seeds), (batch,), device=device, generator=gen)
     x = initial_noise(pairs.seeds[idx], pairs.images.shape[1:], device)
@@ -93,6 +94,7 @@ def regression_loss(student, schedule, pairs, timesteps, batch: int, gen, *, pre
         # student step's default on a GPU) does not allow.
         for j, t in enumerate(timesteps[1:], start=1):
             ts = torch.where(k == j, int(t), ts)
+    x = x.contiguous(memory_format=memory_format)
     with autocast(device, amp):
         out = student(x, ts, labels)
     x0 = to_x0(prediction, x, out.float(), schedule.alphas_cumprod[ts].view(-1, 1, 1, 1))
