@@ -58,10 +58,11 @@ inline float bias_at(const GroupNormParams& P, int64_t c) { return P.bias != nul
 // The channels run in chunks of kLanes, each summed down a block of kBlock rows into kRowsAtOnce float32
 // accumulators per lane (one per row in flight, so that no row waits on the previous row's addition), which
 // stay in registers; each accumulator adds at most kBlock / kRowsAtOnce terms before the block's total goes
-// into the float64 sums. (Accumulating a whole row of C channels in memory instead, as this did before, chained
-// every row's additions through a store and a reload: 2-3x slower at 32 and 64 channels on a Zen 4 EPYC.)
+// into the float64 sums. (Accumulating a whole row of C channels in an array in memory instead, as this did
+// before, chained every row's additions through a store and a reload; README, "Native extension".)
 constexpr int64_t kLanes = 16;
 constexpr int64_t kRowsAtOnce = 4;
+static_assert(kRowsAtOnce == 4, "channel_sums adds its kRowsAtOnce accumulators as two pairs");
 
 template <typename T, typename F>
 void channel_sums(const T* xn, int64_t rows, int64_t C, std::vector<double>& sums, F term) {
