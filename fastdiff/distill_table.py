@@ -19,9 +19,14 @@ import torch
 
 from fastdiff.checkpoint import write_json_atomic
 from fastdiff.cli import HelpFormatter, add_sampling_args, sampling_overrides
-from fastdiff.data import load_dataset
 from fastdiff.errors import ConfigError, FastdiffError
-from fastdiff.evaluate import classifier_cache_dir, load_or_train_classifier, real_reference, score_samples
+from fastdiff.evaluate import (
+    classifier_cache_dir,
+    evaluation_sets,
+    load_or_train_classifier,
+    real_reference,
+    score_samples,
+)
 from fastdiff.runtime import resolve_device
 from fastdiff.sampling import load_run, resolve_settings, sample
 
@@ -55,8 +60,7 @@ def compare(teacher, student, refiner=None, *, n: int = 1000, seed: int = 0, tea
 
     settings = {row: row_settings(*row) for row in _rows(teacher_steps, student_steps, student_ddim_steps)}
     cfg = runs["teacher"].config
-    kw = dict(data_dir=cfg.data.data_dir, image_size=cfg.model.image_size, channels=cfg.model.in_channels)
-    train, test = load_dataset(cfg.data.dataset, "train", **kw), load_dataset(cfg.data.dataset, "test", **kw)
+    train, test = evaluation_sets(cfg, n)
     cache = classifier_cache_dir(runs["teacher"].path, cfg)
     classifier = load_or_train_classifier(train, cache, device, log)
     reference = real_reference(classifier, train, test, n, device)

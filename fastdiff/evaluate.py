@@ -88,13 +88,22 @@ def features_and_logits(model: Classifier, images: torch.Tensor, device, batch_s
     return torch.cat(feats).numpy(), torch.cat(logits)
 
 
-def real_reference(model: Classifier, train: ImageData, test: ImageData, n: int, device) -> dict:
-    """Held-out features, the real-vs-real values at sample size n (FD_cls floor, KID, precision/recall of n
-    training images against the held-out set), and the classifier's held-out accuracy."""
+def evaluation_sets(cfg, n: int) -> tuple[ImageData, ImageData]:
+    """The training and held-out images of a run's dataset at its image size, checked for an evaluation of n
+    generated images before anything is trained or written (the classifier's cache lives in the run directory)."""
+    kw = dict(data_dir=cfg.data.data_dir, image_size=cfg.model.image_size, channels=cfg.model.in_channels)
+    train, test = load_dataset(cfg.data.dataset, "train", **kw), load_dataset(cfg.data.dataset, "test", **kw)
     if min(len(train), len(test), n) < MIN_IMAGES:
         raise CheckpointError(f"fastdiff eval needs at least {MIN_IMAGES} training, held-out and generated images "
                               f"(precision/recall uses {PR_K} nearest neighbours); got {len(train)}, {len(test)} "
                               f"and --n {n}")
+    return train, test
+
+
+def real_reference(model: Classifier, train: ImageData, test: ImageData, n: int, device) -> dict:
+    """Held-out features, the real-vs-real values at sample size n (FD_cls floor, KID, precision/recall of n
+    training images against the held-out set), and the classifier's held-out accuracy. The sets are
+    `evaluation_sets`' (checked there)."""
     test_f, test_logits = features_and_logits(model, test.float_images(), device)
     g = torch.Generator().manual_seed(1234)
     idx = torch.randperm(len(train), generator=g)[: min(n, len(train))]
@@ -154,9 +163,7 @@ def evaluate_run(checkpoint, *, n: int = 1000, seed: int = 0, device=None, class
     run = load_run(checkpoint, device)
     settings = resolve_settings(run, device, **sampling)  # bad settings fail before the classifier trains
     cfg = run.config
-    kw = dict(data_dir=cfg.data.data_dir, image_size=cfg.model.image_size, channels=cfg.model.in_channels)
-    train = load_dataset(cfg.data.dataset, "train", **kw)
-    test = load_dataset(cfg.data.dataset, "test", **kw)
+    train, test = evaluation_sets(cfg, n)
     cache = classifier_cache_dir(run.path, cfg)
     classifier = load_or_train_classifier(train, cache, device, log, steps=classifier_steps)
     ref = real_reference(classifier, train, test, n, device)

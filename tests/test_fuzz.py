@@ -161,6 +161,17 @@ def test_cli_arguments(fixture_run, tmp_path_factory, case):
         assert tree_hash(fixture_run) == before, args
 
 
+def test_eval_with_too_few_images_writes_nothing(tmp_path):
+    # The example that made test_cli_arguments flaky: eval trained and cached its classifier in the run directory
+    # before finding --n too small, so the run changed when that was the first eval of the session.
+    run_dir = tmp_path / "run"
+    write_run(run_dir)
+    before = tree_hash(run_dir)
+    code, err = run_cli(["eval", "--checkpoint", str(run_dir), "--n", "1", "--steps", "2", "--classifier-steps", "1"])
+    assert code != 0 and "needs at least 4" in err
+    assert tree_hash(run_dir) == before
+
+
 # --- file readers -------------------------------------------------------------------------------------------------
 
 JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=5),
