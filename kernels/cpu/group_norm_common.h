@@ -13,7 +13,7 @@ namespace fastdiff {
 namespace cpu {
 namespace gn {
 
-constexpr int64_t kBlock = 512;            // elements per float32 partial sum
+constexpr int64_t kBlock = 512;            // at most this many terms per float32 partial sum
 constexpr int64_t kParallelMin = 1 << 14;  // elements below which one thread is faster
 // NCHW rows (H*W) shorter than this are not worth a loop each: the forward runs its affine flat over the group
 // with w and b expanded per element, the backward reduces them with plain loops (a vector reduction's set-up and

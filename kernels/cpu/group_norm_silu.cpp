@@ -1,11 +1,12 @@
 // CPU GroupNorm + SiLU forward (the backward is in group_norm_silu_backward.cpp).
 //
 // Statistics are two-pass (the mean from sums of x minus the group's first element, then the sum of squared
-// deviations), in float32 lanes within blocks of kBlock elements and float64 across blocks, so neither a large
-// mean nor a long group costs precision.
+// deviations), in float32 lanes of at most kBlock terms each and float64 across blocks, so neither a large mean
+// nor a long group costs precision.
 //   NCHW: one task per (sample, chunk of consecutive groups); the groups of a sample are contiguous.
-//   NHWC (channels_last): one task per sample; every loop runs over a row of C channels, so it vectorises
-//   whatever the group size, and per-channel partial sums are folded into groups afterwards.
+//   NHWC (channels_last): one task per sample; the statistics run per channel down the rows (16-channel chunks,
+//   `gn::channel_sums`) and the output over each row of C channels, so both vectorise whatever the group size,
+//   and the per-channel sums are folded into groups afterwards.
 // Forward traffic: x read three times (twice from cache when a sample fits in L2), out written once.
 // The output is silu((x - mean) * (rstd * w) + b): folding the mean into the shift, x * scale + (b - mean *
 // scale), would cancel catastrophically when |mean| is much larger than the standard deviation.
