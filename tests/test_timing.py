@@ -1,5 +1,8 @@
 import time
 
+import pytest
+import torch
+
 from fastdiff.bench.timing import _quantile, copy_bandwidth_gbs, measure
 
 
@@ -15,3 +18,16 @@ def test_cpu_timing_measures_sleep():
 
 def test_copy_bandwidth_positive():
     assert copy_bandwidth_gbs(1 << 20, "cpu") > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_timing_measures_work_on_a_device_that_is_not_current():
+    torch.cuda.set_device(0)
+
+    def spin():  # about 5 ms of GPU time on cuda:1's stream (torch.cuda._sleep spins for a count of cycles)
+        with torch.cuda.device(1):
+            torch.cuda._sleep(10_000_000)
+
+    t = measure({"spin": spin}, "cuda:1", rounds=3)["spin"]
+    assert t.median_ms > 1.0, t  # events recorded on cuda:0's stream would see next to nothing

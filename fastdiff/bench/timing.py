@@ -64,13 +64,14 @@ def _round_ms(fn: Callable[[], object], device: torch.device, reps: int, now, fl
             fn()
         return (now() - t0) * 1e3 / reps
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    stream = torch.cuda.current_stream(device)  # the stream fn's work goes to (record() alone: the current GPU's)
     torch.cuda.synchronize(device)
     for start, end in events:
         if flush is not None:
             flush.zero_()
-        start.record()
+        start.record(stream)
         fn()
-        end.record()
+        end.record(stream)
     torch.cuda.synchronize(device)
     return statistics.fmean(start.elapsed_time(end) for start, end in events)
 

@@ -9,8 +9,12 @@ fixed for the process: `INTERPRET` reads it once. The tests run the kernels unde
 their own (tests/ops/test_interpreter.py).
 """
 
+import contextlib
+import functools
 import os
 import types
+
+import torch
 
 try:
     import triton
@@ -45,6 +49,23 @@ def check_launchable(t) -> None:
     if t.device.type != "cuda" and not INTERPRET:
         raise RuntimeError(f"Triton kernels need CUDA tensors or TRITON_INTERPRET=1 (set before fastdiff is "
                            f"imported), got a {t.device.type} tensor")
+
+
+def launcher(fn):
+    """Decorator on a function that launches Triton kernels on the tensors it is given, the first of which names
+    the device: checks that the tensor can reach Triton, and makes its GPU the current one around the call.
+
+    Triton launches on the current CUDA device and that device's current stream, whatever device the tensors are
+    on: without the guard, tensors on cuda:1 in a process whose current device is cuda:0 would get a kernel
+    compiled and launched on the wrong GPU."""
+
+    @functools.wraps(fn)
+    def launch(t, *args, **kwargs):
+        check_launchable(t)
+        with torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext():
+            return fn(t, *args, **kwargs)
+
+    return launch
 
 
 @triton.jit

@@ -15,7 +15,7 @@ import torch
 
 from fastdiff import reference
 from fastdiff.errors import ConfigError
-from fastdiff.ops._triton import check_launchable, tl, triton
+from fastdiff.ops._triton import launcher, tl, triton
 from fastdiff.ops.dispatch import BenchCase, op
 
 MAX_FUSED_FWD = 16384  # elements of one group held in registers by the fused forward (64 KB in fp32)
@@ -206,10 +206,10 @@ def _check_groups(x, num_groups: int) -> None:
         )
 
 
+@launcher
 def group_norm_silu_fwd(x, weight, bias, num_groups: int, eps: float, max_fused: int = MAX_FUSED_FWD,
                         chunk: int = CHUNK):
     """Launch the forward on 4-D x; returns (y, mean, rstd), mean/rstd float32 [N * num_groups]."""
-    check_launchable(x)
     _check_groups(x, num_groups)
     y = torch.empty_like(x)
     strides = _group_strides(x)
@@ -235,10 +235,10 @@ def group_norm_silu_fwd(x, weight, bias, num_groups: int, eps: float, max_fused:
     return y, mean, rstd
 
 
+@launcher
 def group_norm_silu_bwd(dy, x, weight, bias, mean, rstd, num_groups: int, max_fused: int = MAX_FUSED_BWD,
                         chunk: int = CHUNK):
     """Launch the backward; returns (dx, dweight, dbias), the last two empty when weight / bias is None."""
-    check_launchable(x)
     dx = torch.empty_like(x)
     strides = _group_strides(x)
     if strides is None or dx.stride() != x.stride():  # rare layouts: run contiguous, copy back

@@ -10,7 +10,7 @@ import math
 import torch
 
 from fastdiff import reference
-from fastdiff.ops._triton import check_launchable, philox_normal4, tl, triton
+from fastdiff.ops._triton import launcher, philox_normal4, tl, triton
 from fastdiff.ops.dispatch import BenchCase, op
 
 _MASK32 = 0xFFFFFFFF
@@ -118,9 +118,9 @@ def _pick_view(x, model_out, y):
     return None
 
 
+@launcher
 def sampler_step_fwd(x, model_out, p, q, A, B, sigma, seeds, step_tensor, step_int: int, clip, return_x0: bool):
     """Launch the Triton sampler step on 4-D x; returns (x_prev, x0), x0 empty unless return_x0."""
-    check_launchable(x)
     y = torch.empty_like(x)
     x0 = torch.empty_like(x) if return_x0 else x.new_empty(0)
     view = _pick_view(x, model_out, y)

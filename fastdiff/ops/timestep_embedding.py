@@ -12,7 +12,7 @@ would only match at these sizes; inside the CUDA-graphed step the launch cost di
 import torch
 
 from fastdiff import reference
-from fastdiff.ops._triton import check_launchable, tl, triton
+from fastdiff.ops._triton import launcher, tl, triton
 from fastdiff.ops.dispatch import BenchCase, op
 
 
@@ -45,9 +45,9 @@ def _timestep_embedding_kernel(
             tl.store(row_base + (dim - 1), tl.full([BLOCK_B, 1], 0.0, tl.float32), mask=rmask)
 
 
+@launcher
 def timestep_embedding_fwd(t: torch.Tensor, dim: int, max_period: float, freq_shift: float = 0.0) -> torch.Tensor:
     """Launch the embedding kernel for t [B]; returns float32 [B, dim]."""
-    check_launchable(t)
     B = t.shape[0]
     half = dim // 2
     out = torch.empty((B, dim), device=t.device, dtype=torch.float32)

@@ -60,3 +60,46 @@ def test_forced_triton_on_cpu_without_interpreter_is_a_clear_error():
 
     with ops.use_backend("triton"), pytest.raises(ConfigError, match="needs TRITON_INTERPRET=1 set before"):
         ops.timestep_embedding(torch.tensor([1.0]), 4)
+
+
+def test_a_launch_runs_with_the_tensors_gpu_current(monkeypatch):
+    """Triton launches on the current CUDA device: `launcher` makes the tensor's GPU current around the call (here
+    with torch.cuda.device recorded, so that it runs without GPUs; the test below launches on a second GPU)."""
+    current = [torch.device("cuda", 0)]
+
+    class Guard:  # torch.cuda.device: the current device is the given one inside the block
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+        def __enter__(self):
+            current.append(self.device)
+
+        def __exit__(self, *exc):
+            current.pop()
+
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    monkeypatch.setattr(_triton, "check_launchable", lambda t: None)
+
+    class OnSecondGpu:
+        device = torch.device("cuda", 1)
+
+    @_triton.launcher
+    def launch(t, extra, *, key):
+        return current[-1], extra, key
+
+    assert launch(OnSecondGpu(), 3, key="k") == (torch.device("cuda", 1), 3, "k")
+    assert current == [torch.device("cuda", 0)]  # restored after the call
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_kernels_run_on_a_second_gpu_while_the_first_is_current():
+    from fastdiff import reference
+    from fastdiff.ops.group_norm_silu import group_norm_silu_fwd
+
+    torch.cuda.set_device(0)
+    t = torch.arange(8, device="cuda:1", dtype=torch.float32) * 37.0
+    torch.testing.assert_close(timestep_embedding_fwd(t, 64, 10000.0), reference.timestep_embedding(t, 64))
+    x = torch.randn(2, 8, 5, 5, device="cuda:1")
+    y, _, _ = group_norm_silu_fwd(x, None, None, 4, 1e-5)
+    torch.testing.assert_close(y, reference.group_norm_silu(x, 4), atol=1e-5, rtol=1e-5)
