@@ -1,12 +1,15 @@
 """Training under torchrun's environment: DDP on the CPU with gloo, two processes, at a tiny size."""
 
 import contextlib
+import datetime
 import json
 import os
 import socket
+import time
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fastdiff import checkpoint as ckpt
@@ -85,11 +88,15 @@ def test_two_processes_train_resume_exactly_and_only_rank0_writes(tmp_path, tiny
 
 def _main_first_worker(rank, world_size, port, out):
     _torchrun_env(rank, world_size, port)
+    # a process group whose own timeout (1 s) is shorter than the first process's work in main_first (2.5 s):
+    # the others must still wait for it (as under NCCL's 10 minutes while rank 0 samples teacher pairs)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=1))
     world, _ = init_world(torch.device("cpu"), world_size)
     try:
         cache = os.path.join(out, "cache.txt")
         with world.main_first():  # the first process writes the cache; the other finds it there
             if world.is_main:
+                time.sleep(2.5)
                 with open(cache, "w") as f:
                     f.write("made by rank 0")
             found = open(cache).read() if os.path.exists(cache) else "missing"
@@ -99,9 +106,10 @@ def _main_first_worker(rank, world_size, port, out):
         assert world.mean(torch.tensor(float(rank))).item() == 0.5
     finally:
         world.close()
+        dist.destroy_process_group()
 
 
-def test_main_first_runs_the_first_process_before_the_rest(tmp_path):
+def test_main_first_waits_for_the_first_process_beyond_the_group_timeout(tmp_path):
     mp.spawn(_main_first_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     assert (tmp_path / "rank1.txt").read_text() == "made by rank 0"
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -21,12 +22,19 @@ import torch.distributed as dist
 from fastdiff.errors import ConfigError
 from fastdiff.runtime import mix_seed
 
+# How long the other processes wait for the first in `main_first` (it may pretrain a backbone or sample thousands
+# of teacher pairs). NCCL's own timeout (10 minutes) would abort them mid-wait; if the first process dies instead,
+# torchrun stops the rest, so a long wait is no hang.
+MAIN_FIRST_TIMEOUT = datetime.timedelta(hours=24)
+
 
 @dataclass
 class World:
     rank: int = 0
     size: int = 1
     initialised_here: bool = False
+    # a gloo group of all processes with MAIN_FIRST_TIMEOUT, for main_first's waits (None on one process)
+    wait_group: object = field(default=None, compare=False, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -67,27 +75,32 @@ class World:
             return dataclasses.replace(accel, cuda_graphs=False)
         return accel
 
-    def barrier(self) -> None:
+    def barrier(self, group=None) -> None:
         if self.distributed:
-            dist.barrier()
+            dist.barrier(group=group)
 
     @contextlib.contextmanager
     def main_first(self):
         """Run the body on the first process, then on the rest: what it writes (a cache), they read.
 
         The body must hold no collective (DDP's construction is one): the other processes wait in a barrier
-        while the first runs it. If the first process fails, the rest still go on, and fail on their own."""
+        while the first runs it, on the CPU (gloo) for up to MAIN_FIRST_TIMEOUT, not under NCCL's timeout. If the
+        first process fails, the rest still go on, and fail on their own."""
         if not self.is_main:
-            self.barrier()
+            self.barrier(self.wait_group)
         try:
             yield
         finally:
             if self.is_main:
-                self.barrier()
+                self.barrier(self.wait_group)
 
     def close(self) -> None:
-        if self.initialised_here and dist.is_initialized():
-            dist.destroy_process_group()
+        if not dist.is_initialized():
+            return
+        if self.initialised_here:
+            dist.destroy_process_group()  # every group with it
+        elif self.wait_group is not None:
+            dist.destroy_process_group(self.wait_group)
 
 
 def _env_world() -> tuple[int, int]:
@@ -119,5 +132,6 @@ def init_world(device: torch.device, batch_size: int) -> tuple[World, torch.devi
     here = not dist.is_initialized()
     if here:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return World(rank, size, here), device
+    wait_group = dist.new_group(backend="gloo", timeout=MAIN_FIRST_TIMEOUT)  # every process takes part
+    return World(rank, size, here, wait_group), device
 
