@@ -5,6 +5,15 @@ from __future__ import annotations
 import platform
 
 
+def _native_status() -> str:
+    """Whether fastdiff._C runs here, and if not, why (not built, or built for another torch)."""
+    from fastdiff.ops import native
+
+    if native.available():
+        return f"built (fastdiff._C, {'CPU and CUDA' if native.cuda_available() else 'CPU'} kernels)"
+    return f"unavailable: {native.load_error()} (optional: make ext, see README)"
+
+
 def _triton_status(cuda: bool) -> tuple[str | None, str]:
     try:
         import triton
@@ -39,7 +48,6 @@ def collect() -> dict:
     import torch
 
     from fastdiff import __version__
-    from fastdiff.ops.dispatch import native_available
     from fastdiff.runtime import cpu_choice, cpu_flags, malloc_setting
 
     cuda = torch.cuda.is_available()
@@ -56,7 +64,7 @@ def collect() -> dict:
         "gpu_count": torch.cuda.device_count() if cuda else 0,
         "cpu_threads": torch.get_num_threads(),
         "triton_kernels": triton_status,
-        "native_extension": "built (fastdiff._C)" if native_available() else "not built (optional; see README)",
+        "native_extension": _native_status(),
         "malloc": malloc_setting(),
     }
     if not cuda:  # what sample, train and the Python API use here by default, and why (README, "CPU defaults")

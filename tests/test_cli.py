@@ -165,6 +165,18 @@ def test_env_names_the_cpu_ops_in_effect(monkeypatch):
         assert collect()["cpu_ops"] == "torch (forced by FASTDIFF_BACKEND)"
 
 
+def test_env_says_why_the_extension_does_not_run(monkeypatch):
+    # built against another torch (a torch upgrade): env names the reason and the fix, not "not built"
+    from fastdiff.envinfo import collect
+    from fastdiff.ops import native
+
+    why = "fastdiff._C was built against torch 2.0.0 but torch 9.9.9 is running; rebuild it"
+    monkeypatch.setattr(native, "_STATE", (None, why))
+    assert collect()["native_extension"] == f"unavailable: {why} (optional: make ext, see README)"
+    monkeypatch.setattr(native, "_STATE", ({"with_cuda": False}, None))
+    assert collect()["native_extension"] == "built (fastdiff._C, CPU kernels)"
+
+
 FAULTS = """
 import resource, sys, torch
 from fastdiff import runtime
