@@ -69,10 +69,18 @@ class World:
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
     def adjust(self, accel, log):
-        """The acceleration options this world can use: no CUDA graphs around DDP's collectives."""
-        if self.distributed and accel.cuda_graphs:
+        """The acceleration options this world can use: no CUDA graphs around DDP's collectives, and a compiled
+        DDP model that may break its graph (Dynamo splits DDP's forward at the gradient buckets, so that their
+        all-reduces overlap the backward; fullgraph=True refuses DDP's forward at the first step)."""
+        if not self.distributed:
+            return accel
+        if accel.cuda_graphs:
             log("CUDA graphs are off with several processes (DDP all-reduces in backward); compile stays on")
-            return dataclasses.replace(accel, cuda_graphs=False)
+            accel = dataclasses.replace(accel, cuda_graphs=False)
+        if accel.compile and accel.fullgraph:
+            log("torch.compile runs with fullgraph off with several processes (DDP's forward is split at its "
+                "gradient buckets)")
+            accel = dataclasses.replace(accel, fullgraph=False)
         return accel
 
     def barrier(self, group=None) -> None:
