@@ -243,6 +243,30 @@ def test_compiled_train_step_matches_eager():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_a_loss_scale_overflow_skips_the_step_and_reports_a_finite_norm():
+    """fp16's dynamic loss scale overflows now and then by design: the step is skipped and the scale lowered, and
+    the gradient norm the step reports (which the NaN guard reads) stays finite. (GradScaler on the CPU stands in
+    for the GPU's, which is the same code; fp16 training itself needs CUDA.)"""
+    from fastdiff.train.meter import check_finite
+    from fastdiff.train.step import adamw
+
+    w = torch.nn.Parameter(torch.ones(4))
+    opt = adamw([w], "cpu", lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+
+    def loss_fn(gen, step):  # step 1: gradients of 1e34, times the scale 2^16, overflow float32
+        return (w * 1e34).sum() if int(step) == 1 else (w * w).sum()
+
+    step = TrainStep([w], opt, loss_fn, grad_clip=1.0, seed=0, device="cpu", scaler=scaler)
+    step(0, torch.tensor(0))
+    before = w.detach().clone()
+    loss, norm = step(1, torch.tensor(1))
+    assert torch.equal(w.detach(), before) and scaler.get_scale() == 2.0**15  # skipped, scale halved
+    assert float(norm) == 0.0 and check_finite(float(loss) + float(norm), 0, 2, "") is not None
+    _, norm = step(2, torch.tensor(2))
+    assert 0 < float(norm) and not torch.equal(w.detach(), before)  # the next step trains
+
+
 # ---------------------------------------------------------------- CUDA graphs (run on a GPU machine)
 
 

@@ -66,6 +66,11 @@ class TrainStep:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         self.scaler.step(self.opt)
         self.scaler.update()
+        if self.scaler.is_enabled():
+            # A dynamic loss scale overflows by design (it grows until it does): scaler.step then skipped the
+            # update and update() lowered the scale, the weights are untouched. Such a step's gradient norm is
+            # inf or NaN; it is reported as 0, so that the NaN guard stops a run on its loss, not on a routine skip.
+            grad_norm = torch.nan_to_num(grad_norm, nan=0.0, posinf=0.0, neginf=0.0)
         if t0 is not None:
             synchronize(self.device)
             self.setup_s += time.perf_counter() - t0
