@@ -137,18 +137,33 @@ def measure_case(case: Case, device: torch.device, copy_gbs: float, quick: bool)
     return rows
 
 
-def run_op_benchmarks(device, quick: bool = False, ops=None, part: str = "all") -> list[dict]:
-    """Benchmark the fused ops on `device`; one row per (case, provider). See the module docstring."""
+def iter_op_benchmarks(device, quick: bool = False, ops=None, part: str = "all", stop=lambda: False):
+    """Yield the rows of each case as soon as it is timed (a report rewritten per row keeps them when a time limit
+    ends the run); `stop()` is asked before each case, and once it says so the rest yield one skipped row.
+
+    Dynamo is reset after every case: each case compiles the same reference function at a new size, and from
+    the ninth (torch's recompile limit) a fullgraph compile would fail instead of compiling again."""
     device = torch.device(device)
     copy_gbs = copy_bandwidth_gbs((8 if quick else 512) * 2**20, device)
-    rows = []
-    for build in default_cases(device, quick, ops, part):
+    builders = default_cases(device, quick, ops, part)
+    for k, build in enumerate(builders):
+        if stop():
+            yield {"section": "op", "op": f"{part} op rows ({len(builders) - k} cases left)",
+                   "status": "skipped: time budget"}
+            return
         case = build()
-        rows += measure_case(case, device, copy_gbs, quick)
-        del case
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return rows
+        try:
+            yield from measure_case(case, device, copy_gbs, quick)
+        finally:
+            del case
+            torch._dynamo.reset()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def run_op_benchmarks(device, quick: bool = False, ops=None, part: str = "all") -> list[dict]:
+    """Benchmark the fused ops on `device`; one row per (case, provider). See the module docstring."""
+    return list(iter_op_benchmarks(device, quick, ops, part))
 
 
 def main(ops, argv=None) -> dict:

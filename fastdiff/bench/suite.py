@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from fastdiff.bench import PRESETS
 from fastdiff.bench.e2e import Job, SampleCase, sample_rows, train_rows
-from fastdiff.bench.ops import run_op_benchmarks
+from fastdiff.bench.ops import iter_op_benchmarks
 from fastdiff.bench.report import new_doc, table, write_reports
 from fastdiff.bench.timing import error_status
 from fastdiff.config import PRESETS as ALL_PRESETS
@@ -102,11 +102,8 @@ def plan(device: torch.device, quick: bool, presets=None, providers=None) -> lis
 def run_job(job, device, *, quick: bool, rounds: int, budget: Budget):
     """Yield the rows of one job; an exception outside a provider's own calls becomes error rows."""
     if isinstance(job, OpsJob):
-        if budget.exhausted():
-            yield {"section": "op", "op": f"{job.part} op rows", "status": "skipped: time budget"}
-            return
         try:
-            yield from run_op_benchmarks(device, quick, part=job.part)
+            yield from iter_op_benchmarks(device, quick, part=job.part, stop=budget.exhausted)
         except Exception as e:  # noqa: BLE001 - one broken section must not lose the rest of the report
             yield {"section": "op", "op": f"{job.part} op rows", "status": error_status(e)}
         return

@@ -57,6 +57,34 @@ def test_a_registered_op_is_benchmarked_from_its_own_declaration(monkeypatch):
         default_cases(torch.device("cpu"), quick=True, ops=("scal",))
 
 
+def test_op_rows_come_case_by_case_past_the_recompile_limit(monkeypatch):
+    """Each case compiles the same reference at a new size: past torch's recompile limit a fullgraph compile fails,
+    so Dynamo starts afresh per case. Rows come as each case ends, and a stop skips the remaining cases."""
+    import functools
+
+    from fastdiff.bench import ops as bench_ops
+    from fastdiff.runtime import AccelOptions
+
+    def cases(quick):
+        def inputs(n):
+            return lambda device: (torch.ones(n, device=device), 2.0)
+
+        return [dispatch.BenchCase((n,), torch.float32, inputs(n), 8 * n, "2 * numel * 4") for n in (3, 5, 7)]
+
+    monkeypatch.setitem(dispatch.REGISTRY, "scale", dispatch.Op("scale", torch.mul, torch.mul, bench=cases))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)  # torch's is 8; a GPU run has 9 cases
+    monkeypatch.setattr(bench_ops, "AccelOptions", functools.partial(AccelOptions, compile_backend="eager"))
+    rows = bench_ops.run_op_benchmarks("cpu", quick=False, ops=("scale",))
+    compiled = [r for r in rows if r["provider"] == "torch-compile"]
+    assert [r["shape"] for r in compiled] == [[3], [5], [7]] and {r["status"] for r in compiled} == {"ok"}
+    seen = []
+    rows = bench_ops.iter_op_benchmarks("cpu", quick=True, ops=("scale",), stop=lambda: len(seen) > 0)
+    for row in rows:
+        seen.append(row)
+    assert [r["shape"] for r in seen[:-1]] == [[3]] and seen[-1] == {
+        "section": "op", "op": "all op rows (2 cases left)", "status": "skipped: time budget"}
+
+
 def test_ratios_come_from_the_same_run():
     x = torch.zeros(1024)
     slow = lambda: [x.add(1) for _ in range(20)]  # noqa: E731
