@@ -72,9 +72,9 @@ def test_op_rows_come_case_by_case_past_the_recompile_limit(monkeypatch):
         return [dispatch.BenchCase((n,), torch.float32, inputs(n), 8 * n, "2 * numel * 4") for n in (3, 5, 7)]
 
     monkeypatch.setitem(dispatch.REGISTRY, "scale", dispatch.Op("scale", torch.mul, torch.mul, bench=cases))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)  # torch's is 8; a GPU run has 9 cases
     monkeypatch.setattr(bench_ops, "AccelOptions", functools.partial(AccelOptions, compile_backend="eager"))
-    rows = bench_ops.run_op_benchmarks("cpu", quick=False, ops=("scale",))
+    with torch._dynamo.config.patch(recompile_limit=2):  # torch's is 8; a GPU run has 9 cases of one reference
+        rows = bench_ops.run_op_benchmarks("cpu", quick=False, ops=("scale",))
     compiled = [r for r in rows if r["provider"] == "torch-compile"]
     assert [r["shape"] for r in compiled] == [[3], [5], [7]] and {r["status"] for r in compiled} == {"ok"}
     seen = []
