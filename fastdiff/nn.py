@@ -16,9 +16,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     On CPU tensors: two float32 matmuls around a float32 softmax, the result in v's dtype. torch's fused CPU
     kernel ran forward+backward 2.64x slower than that in channels_last bf16 at mnist5k's 49 tokens, and level
     or slower elsewhere (0.93-1.37x), with an error against float64 no smaller (benchmarks/attention_cpu.py;
-    README, "CPU defaults"). Other devices keep the fused kernel.
+    README, "CPU defaults"). Other devices keep the fused kernel, given a last dimension of stride 1, which the
+    fused kernels (flash, memory-efficient) need: the heads of an NCHW UNet (`unet.split_heads`) have stride h*w
+    there, and would fall back to the unfused math kernel.
     """
     if q.device.type != "cpu":
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         return F.scaled_dot_product_attention(q, k, v)
     with torch.autocast("cpu", enabled=False):  # float32 throughout, as the fused kernel accumulates
         qf, kf, vf = q.float(), k.float(), v.float()

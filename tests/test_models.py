@@ -71,3 +71,23 @@ def test_cpu_attention_is_torch_attention_in_float32_and_no_less_accurate_in_bf1
     err = (out.double() - truth).abs().max().item()
     torch_err = (F.scaled_dot_product_attention(*low).double() - truth).abs().max().item()
     assert err <= torch_err * 1.01, (err, torch_err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gpu_attention_of_either_layout_runs_on_a_fused_kernel(channels_last):
+    # split_heads of an NCHW qkv gives heads whose last dimension has stride h*w, which the fused kernels refuse
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from fastdiff.models.unet import split_heads
+    from fastdiff.nn import attention
+
+    qkv = torch.randn(4, 3 * 128, 16, 16, device="cuda", dtype=torch.bfloat16)
+    if channels_last:
+        qkv = qkv.contiguous(memory_format=torch.channels_last)
+    q, k, v = split_heads(qkv, 2)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        out = attention(q, k, v)
+    with sdpa_kernel([SDPBackend.MATH]):
+        ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
