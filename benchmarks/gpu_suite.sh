@@ -37,7 +37,8 @@ until_s() { local n=$(( $1 - (SECONDS - start) )); echo $(( n > 1 ? n : 1 )); } 
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 if [ "$DRY" = 1 ]; then DEVICE=cpu; BENCH_ARGS=(--quick --presets digits); else DEVICE=cuda; BENCH_ARGS=(); fi
 
-log "gpu_suite: commit $(git rev-parse HEAD 2>/dev/null || echo unknown), out $OUT, total ${TOTAL_S} s," \
+log "gpu_suite: commit $(git rev-parse HEAD 2>/dev/null || echo "${FASTDIFF_COMMIT:-unknown} (FASTDIFF_COMMIT; no .git)")," \
+    "out $OUT, total ${TOTAL_S} s," \
     "stage 1 ${STAGE1_S} s, device $DEVICE$([ "$DRY" = 1 ] && echo ' (dry run)')"
 
 # ---- stage 1: environment and correctness (ends at STAGE1_S) ----
@@ -48,7 +49,7 @@ if compgen -G "$WHEELS/*.whl" >/dev/null; then
     if timeout -k 2 "$(until_s "$STAGE1_S")" $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
         --upgrade --target "$site" "$WHEELS"/*.whl >"$OUT/wheels.log" 2>&1; then
         rm -f "$OUT/wheels.log"
-        export PYTHONPATH=$PYTHONPATH:$site  # after the checkout and the image's own packages' versions
+        export PYTHONPATH=$PYTHONPATH:$site  # after the checkout; before site-packages, like every PYTHONPATH entry
         log "installed carried wheels from $WHEELS: $(cd "$WHEELS" && ls -- *.whl | tr '\n' ' ')"
     else
         log "carried wheels failed to install (see wheels.log)"

@@ -39,7 +39,9 @@ RATIOS = {"vs_torch_eager": ("torch-eager", False), "vs_torch_compile": ("torch-
 
 
 def git_commit(path: Path | None = None) -> dict:
-    """{commit, dirty} of the checkout holding `path` (this package by default); None values outside git."""
+    """{commit, dirty} of the checkout holding `path` (this package by default). Outside git (a copy of the
+    working tree sent to a GPU machine, without .git) the commit is FASTDIFF_COMMIT's, as the sender names it,
+    with dirty unknown (None); None values without either."""
     where = Path(path or Path(__file__).resolve().parent)
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
@@ -47,7 +49,7 @@ def git_commit(path: Path | None = None) -> dict:
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
                                 capture_output=True, text=True, timeout=10, check=True).stdout
     except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
+        return {"commit": os.environ.get("FASTDIFF_COMMIT") or None, "dirty": None}
     return {"commit": commit, "dirty": bool(status.strip())}
 
 
