@@ -7,12 +7,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 
 from fastdiff import runtime
-from fastdiff.bench import diffusers_ref, report
+from fastdiff.bench import diffusers_ref, e2e, report
 from fastdiff.bench.e2e import Job, SampleCase, sample_rows, train_rows
 from fastdiff.bench.providers import provider_options
 from fastdiff.bench.report import add_ratios, environment, git_commit, render_markdown, write_reports
@@ -181,6 +182,11 @@ def test_budget_skips_what_does_not_fit():
     job = Job("sample", "digits", 2, (("torch-eager", "fp32"),), (SampleCase("ddim", 4, 1),))
     rows = list(sample_rows(job, torch.device("cpu"), rounds=1, budget=Budget(0.0)))
     assert [(r["sampler"], r["timed_steps"], r["status"]) for r in rows] == [("ddim-4", 1, "skipped: time budget")]
+    # a spent budget builds no model (on a GPU each costs seconds of a short slot)
+    with mock.patch.object(e2e, "base_unet", side_effect=AssertionError("built a model")):
+        assert len(list(sample_rows(job, torch.device("cpu"), rounds=1, budget=Budget(0.0)))) == 1
+        assert len(list(train_rows(Job("train", "digits", 2, job.providers), torch.device("cpu"), rounds=1,
+                                   budget=Budget(0.0)))) == 1
 
 
 @pytest.fixture

@@ -173,6 +173,9 @@ def _timed_rows(job: Job, device, fns: dict, status: dict, fields: dict, *, roun
 
 def sample_rows(job: Job, device, *, rounds: int, warmup: int = 1, quick: bool = False, budget=None):
     """Yield one row per (case, provider) of a sampling job."""
+    if budget is not None and budget.exhausted():  # before building any model
+        yield from (job.row(p, d, case, status="skipped: time budget") for case in job.cases for p, d in job.providers)
+        return
     device = torch.device(device)
     s = SampleInputs(preset_config(job.preset), device, job.batch)
     base = base_unet(s.cfg)
