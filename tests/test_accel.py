@@ -309,14 +309,15 @@ def test_graphed_sampler_makes_no_host_syncs():
 
 
 @pytest.mark.gpu
-def test_compiled_graphed_sampler_bitwise_equals_compiled():
+@pytest.mark.parametrize("amp", ["fp32", "bf16"])  # bf16: the GPU default, the bench's headline rows
+def test_compiled_graphed_sampler_bitwise_equals_compiled(amp):
     _, tabs = tables("cuda")
     x, seeds, labels = sampling_inputs(8, "cuda")
     kw = dict(device="cuda", shape=(1, 8, 8), guidance=2.0, null_label=10, clip=1.0)
     torch._dynamo.reset()
     model = tiny_unet(device="cuda")
-    compiled = FastSampler(model, AccelOptions(compile=True, channels_last=True), **kw)
-    graphed = FastSampler(model, AccelOptions(compile=True, channels_last=True, cuda_graphs=True), **kw)
+    compiled = FastSampler(model, AccelOptions(compile=True, channels_last=True, amp=amp), **kw)
+    graphed = FastSampler(model, AccelOptions(compile=True, channels_last=True, cuda_graphs=True, amp=amp), **kw)
     want = compiled.run(x, tabs["ddpm"], seeds=seeds, labels=labels)
     got = graphed.run(x, tabs["ddpm"], seeds=seeds, labels=labels)
     assert torch.equal(got, want), f"max diff {(got - want).abs().max().item()}"
@@ -373,6 +374,11 @@ def test_train_ddpm_fast_path_runs_and_resumes(tmp_path, tiny_overrides):
     rec = train_ddpm(cfg(6), tmp_path / "a", device="cuda", progress=False, echo=lambda s: None)
     assert rec["step"] == 6 and math.isfinite(rec["loss"])
     assert "GraphedTrainStep(compiled)" in (tmp_path / "a" / "log.txt").read_text()
+    # and with --amp bf16 (the bench's headline training row: bf16 autocast traced by Dynamo, then graphed)
+    rec = train_ddpm(apply_overrides(cfg(2), {"train.amp": "bf16"}), tmp_path / "bf16", device="cuda",
+                     progress=False, echo=lambda s: None)
+    assert rec["step"] == 2 and math.isfinite(rec["loss"])
+    assert "GraphedTrainStep(compiled)" in (tmp_path / "bf16" / "log.txt").read_text()
     train_ddpm(cfg(4), tmp_path / "b", device="cuda", progress=False, echo=lambda s: None)
     train_ddpm(cfg(6), tmp_path / "b", device="cuda", resume=True, progress=False, echo=lambda s: None)
     a, b = ckpt.load_tensors(ckpt.latest_checkpoint(tmp_path / "a"), "model"), ckpt.load_tensors(
