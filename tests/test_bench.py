@@ -210,8 +210,11 @@ def test_sampling_and_training_rows(tiny_preset):
     # images/s is extrapolated from the timed steps to the whole run.
     assert rows[0]["images_per_s"] == pytest.approx(3 / (rows[0]["median_ms"] / 1e3 * 500))
     assert rows[0]["peak_mem_mb"] is None and "telemetry" not in rows[0]
-    (row,) = train_rows(Job("train", tiny_preset, 4, (("fastdiff", "fp32"),)), cpu, rounds=1, warmup=0)
+    lines = []  # a line as each warm-up ends: a run killed later still shows where its time went
+    (row,) = train_rows(Job("train", tiny_preset, 4, (("fastdiff", "fp32"),)), cpu, rounds=1, warmup=1,
+                        log=lines.append)
     assert row["status"] == "ok" and row["images_per_s"] > 0 and row["step"] == "TrainStep"
+    assert len(lines) == 1 and lines[0].startswith(f"train {tiny_preset} b4 fastdiff fp32: warm-up (compile, capture) ")
 
 
 @pytest.mark.parametrize("train_channels_last", [False, True])

@@ -153,12 +153,17 @@ def _prepare(job: Job, device, quick: bool, build) -> tuple[dict, dict]:
 
 
 def _timed_rows(job: Job, device, fns: dict, status: dict, fields: dict, *, rounds: int, warmup: int, per_image_s,
-                case=None):
+                case=None, log=None):
     """Time fns interleaved and yield one row per provider of the job (a status row where it has no timing);
-    fields: more values per provider; per_image_s(timing): the seconds one batch's whole run takes."""
+    fields: more values per provider; per_image_s(timing): the seconds one batch's whole run takes; log: a line
+    per provider as its warm-up (compile, capture) ends."""
     tel = TelemetrySampler(device)
+    on_warm = None
+    if log is not None:
+        def on_warm(key, seconds):
+            log(f"{job.row(*key, case)['case']} {key[0]} {key[1]}: warm-up (compile, capture) {seconds:.1f} s")
     timings = measure({k: with_backend(k[0], fn) for k, fn in fns.items()}, device, rounds=rounds, warmup=warmup,
-                      telemetry=tel) if fns else {}
+                      telemetry=tel, on_warm=on_warm) if fns else {}
     for key in job.providers:
         t = timings.get(key, status.get(key))
         if isinstance(t, str):
@@ -171,8 +176,8 @@ def _timed_rows(job: Job, device, fns: dict, status: dict, fields: dict, *, roun
                **({"weights": diffusers_ref.WEIGHTS} if key[0] == "diffusers" else {})}
 
 
-def sample_rows(job: Job, device, *, rounds: int, warmup: int = 1, quick: bool = False, budget=None):
-    """Yield one row per (case, provider) of a sampling job."""
+def sample_rows(job: Job, device, *, rounds: int, warmup: int = 1, quick: bool = False, budget=None, log=None):
+    """Yield one row per (case, provider) of a sampling job (log: as in `_timed_rows`)."""
     if budget is not None and budget.exhausted():  # before building any model
         yield from (job.row(p, d, case, status="skipped: time budget") for case in job.cases for p, d in job.providers)
         return
@@ -186,7 +191,7 @@ def sample_rows(job: Job, device, *, rounds: int, warmup: int = 1, quick: bool =
             continue
         fields = {key: {"extrapolated": case.timed_steps < case.steps} for key in makers}
         yield from _timed_rows(job, device, {k: make(case) for k, make in makers.items()}, status, fields,
-                               rounds=rounds, warmup=warmup, case=case,
+                               rounds=rounds, warmup=warmup, case=case, log=log,
                                per_image_s=lambda t, c=case: t.median_ms / 1e3 * c.steps / c.timed_steps)
 
 
@@ -235,8 +240,9 @@ def train_batch(cfg, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     return x0, labels
 
 
-def train_rows(job: Job, device, *, rounds: int, warmup: int = 1, quick: bool = False, budget=None):
-    """Yield one row per provider of a training job: images/s of a full optimisation step."""
+def train_rows(job: Job, device, *, rounds: int, warmup: int = 1, quick: bool = False, budget=None, log=None):
+    """Yield one row per provider of a training job: images/s of a full optimisation step (log: as in
+    `_timed_rows`)."""
     if budget is not None and budget.exhausted():
         yield from (job.row(p, d, status="skipped: time budget") for p, d in job.providers)
         return
@@ -247,4 +253,4 @@ def train_rows(job: Job, device, *, rounds: int, warmup: int = 1, quick: bool = 
     steps, status = _prepare(job, device, quick, lambda p, d: train_step_for(p, d, base, cfg, device, x0, labels))
     yield from _timed_rows(job, device, {k: fn for k, (fn, _) in steps.items()}, status,
                            {k: {"step": name} for k, (_, name) in steps.items()}, rounds=rounds, warmup=warmup,
-                           per_image_s=lambda t: t.median_ms / 1e3)
+                           per_image_s=lambda t: t.median_ms / 1e3, log=log)

@@ -99,8 +99,9 @@ def plan(device: torch.device, quick: bool, presets=None, providers=None) -> lis
     return jobs
 
 
-def run_job(job, device, *, quick: bool, rounds: int, budget: Budget):
-    """Yield the rows of one job; an exception outside a provider's own calls becomes error rows."""
+def run_job(job, device, *, quick: bool, rounds: int, budget: Budget, log=None):
+    """Yield the rows of one job; an exception outside a provider's own calls becomes error rows. log: a line as
+    each model provider's warm-up ends."""
     if isinstance(job, OpsJob):
         try:
             yield from iter_op_benchmarks(device, quick, part=job.part, stop=budget.exhausted)
@@ -109,7 +110,7 @@ def run_job(job, device, *, quick: bool, rounds: int, budget: Budget):
         return
     rows = sample_rows if job.section == "sample" else train_rows
     try:
-        yield from rows(job, device, rounds=rounds, quick=quick, budget=budget)
+        yield from rows(job, device, rounds=rounds, quick=quick, budget=budget, log=log)
     except Exception as e:  # noqa: BLE001 - as above
         yield from (job.row(p, d, status=error_status(e)) for p, d in job.providers)
     finally:
@@ -145,8 +146,12 @@ def run_bench(*, device, out: Path, quick: bool = False, sections=SECTIONS, pres
         torch.backends.cudnn.benchmark = True
     write_reports(doc, out)
     jobs = [job for job in plan(device, quick, presets, providers) if job.section in sections]
+    def log(line):
+        with tqdm.external_write_mode():
+            echo(f"[{budget.used():.0f} s] {line}")
+
     for job in tqdm(jobs, desc="bench", unit="job", disable=not progress, file=sys.stderr, dynamic_ncols=True):
-        for row in run_job(job, device, quick=quick, rounds=rounds, budget=budget):
+        for row in run_job(job, device, quick=quick, rounds=rounds, budget=budget, log=log):
             doc["rows"].append(row)
             with tqdm.external_write_mode():
                 echo(_one_line(row))

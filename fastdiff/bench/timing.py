@@ -98,13 +98,16 @@ def error_status(e: BaseException) -> str:
 
 def measure(fns: dict[Hashable, Callable[[], object]], device, *, rounds: int = 5, warmup: int = 1,
             reps: int | None = 1, flush_l2: bool = False, clock: str = "wall",
-            telemetry: contextlib.AbstractContextManager | None = None) -> dict[Hashable, Timing | str]:
+            telemetry: contextlib.AbstractContextManager | None = None,
+            on_warm: Callable[[Hashable, float], None] | None = None) -> dict[Hashable, Timing | str]:
     """Time every fn of `fns` (name -> callable) in alternation; see the module docstring.
 
     reps=None sizes each provider's calls per round from one call after its warm-up (about ROUND_MS a round).
     `telemetry` is entered around the rounds only; where it has a `tag` attribute, that is set to the name of
-    the provider being timed (so its readings can be told apart). A provider that raises is dropped from the
-    remaining rounds and gets `error_status` instead of a Timing: one broken provider must not lose the others.
+    the provider being timed (so its readings can be told apart). `on_warm(name, seconds)` is called as each
+    provider's warm-up ends (a log line as it happens: a run killed later still shows where its time went).
+    A provider that raises is dropped from the remaining rounds and gets `error_status` instead of a Timing: one
+    broken provider must not lose the others.
     """
     device = torch.device(device)
     if clock not in CLOCKS:
@@ -118,6 +121,8 @@ def measure(fns: dict[Hashable, Callable[[], object]], device, *, rounds: int = 
     for name, fn in fns.items():
         try:
             warm[name] = _warm_up(fn, device, warmup)
+            if on_warm is not None:
+                on_warm(name, warm[name][0])
             per_round[name] = reps or max(1, min(1000, int(ROUND_MS / max(_round_ms(fn, device, 1, now, flush),
                                                                           1e-3))))
         except Exception as e:  # noqa: BLE001 - reported in the provider's row
