@@ -186,8 +186,8 @@ class ADDObjective:
         x0 = x0.contiguous(memory_format=self.memory_format)
         loss, grad_norm, x_fake, g_adv, dist, reg = self.student_step(step, x0, labels)
         for k in range(dc.disc_steps):
-            if k > 0:  # further discriminator steps see fresh student outputs
-                gen = step_generator(tc.seed, step * dc.disc_steps + k, self.device, stream=3)
+            if k > 0:  # further discriminator steps see fresh student outputs (each process its own noise)
+                gen = step_generator(self.world.seed(tc.seed), step * dc.disc_steps + k, self.device, stream=3)
                 with torch.no_grad():
                     x_fake, _ = student_x0(self.student, self.schedule, x0,
                                            labels if self.cfg.model.num_classes else None, self.ts, gen,
