@@ -13,8 +13,10 @@
 #   the GroupNorm+SiLU and sampler-step bandwidth rows, whose kernels stage 1 compiled; mnist sampling at batch 64,
 #   cifar10-ddpm training at bf16, DDPM-1000 at batch 1024 on 20 timed steps, extrapolated and labelled so;
 #   diffusers at the same settings, then the rest). Its time budget ends before the stage's limit so a job started
-#   late can still compile; a job's rows come once all its providers are timed, and the reports are rewritten
-#   after every row, so a killed bench still leaves valid JSON and markdown.
+#   late can still compile; once the budget is spent, a job skips the providers it has not yet compiled and times
+#   the ones it has (fastdiff is compiled before the torch-compile baseline). A job's rows come once its providers
+#   are timed, bench.log has a line as each provider's warm-up (compile, capture) ends, and the reports are
+#   rewritten after every row, so a killed bench still leaves valid JSON and markdown.
 # No network: wheels carried in $FASTDIFF_WHEELS (default .whl, else benchmarks/wheels) are installed first with
 #   --no-deps (diffusers 0.42.1 and importlib_metadata for the diffusers rows; see benchmarks/results/README.md);
 #   without diffusers those rows say "skipped: diffusers is not installed".

@@ -155,7 +155,7 @@ def test_git_commit_outside_git_is_the_one_the_sender_names(tmp_path, monkeypatc
 
 def test_plan_puts_the_headline_rows_first():
     jobs = plan(torch.device("cuda"), quick=False)
-    trio = (("torch-eager", "fp32"), ("torch-compile", "bf16"), ("fastdiff", "bf16"))
+    trio = (("torch-eager", "fp32"), ("fastdiff", "bf16"), ("torch-compile", "bf16"))  # the baseline's compile last
     assert jobs[0] == OpsJob("headline")  # no model to compile: seconds
     assert (jobs[1].section, jobs[1].preset, jobs[1].batch, jobs[1].providers) == ("sample", "mnist", 64, trio)
     assert (jobs[2].section, jobs[2].preset, jobs[2].batch, jobs[2].providers) == ("train", "cifar10-ddpm", 128, trio)
@@ -215,6 +215,21 @@ def test_sampling_and_training_rows(tiny_preset):
                         log=lines.append)
     assert row["status"] == "ok" and row["images_per_s"] > 0 and row["step"] == "TrainStep"
     assert len(lines) == 1 and lines[0].startswith(f"train {tiny_preset} b4 fastdiff fp32: warm-up (compile, capture) ")
+
+
+def test_a_budget_spent_inside_a_job_skips_the_compiles_still_to_come(tiny_preset):
+    # the job starts inside the budget; by the second provider's warm-up it is spent: the first is still timed
+    class SpentAfterTheStart:
+        calls = 0
+
+        def exhausted(self):
+            self.calls += 1
+            return self.calls > 1
+
+    job = Job("train", tiny_preset, 4, (("torch-eager", "fp32"), ("fastdiff", "fp32")))
+    first, second = train_rows(job, torch.device("cpu"), rounds=1, warmup=1, budget=SpentAfterTheStart())
+    assert first["provider"] == "torch-eager" and first["status"] == "ok" and first["images_per_s"] > 0
+    assert second["provider"] == "fastdiff" and second["status"] == "skipped: time budget (before its warm-up)"
 
 
 @pytest.mark.parametrize("train_channels_last", [False, True])

@@ -3,7 +3,7 @@ import time
 import pytest
 import torch
 
-from fastdiff.bench.timing import _quantile, copy_bandwidth_gbs, measure
+from fastdiff.bench.timing import STOPPED, _quantile, copy_bandwidth_gbs, measure
 
 
 def test_quantiles():
@@ -14,6 +14,13 @@ def test_quantiles():
 def test_cpu_timing_measures_sleep():
     t = measure({"sleep": lambda: time.sleep(0.002)}, "cpu", rounds=5)["sleep"]
     assert 1.9 <= t.median_ms < 20 and t.p20_ms <= t.median_ms <= t.p80_ms and t.rounds >= 5
+
+
+def test_a_stop_skips_the_providers_not_yet_warm():
+    asked = []
+    out = measure({"a": lambda: None, "b": lambda: None, "c": lambda: None}, "cpu", rounds=2,
+                  stop=lambda: asked.append(1) or True)
+    assert out["a"].rounds == 2 and out["b"] == out["c"] == STOPPED and len(asked) == 2  # the first always runs
 
 
 def test_copy_bandwidth_positive():

@@ -153,17 +153,19 @@ def _prepare(job: Job, device, quick: bool, build) -> tuple[dict, dict]:
 
 
 def _timed_rows(job: Job, device, fns: dict, status: dict, fields: dict, *, rounds: int, warmup: int, per_image_s,
-                case=None, log=None):
+                case=None, log=None, budget=None):
     """Time fns interleaved and yield one row per provider of the job (a status row where it has no timing);
     fields: more values per provider; per_image_s(timing): the seconds one batch's whole run takes; log: a line
-    per provider as its warm-up (compile, capture) ends."""
+    per provider as its warm-up (compile, capture) ends; budget: once spent, the providers not yet warm are
+    skipped and the warm ones timed (`timing.measure`'s stop)."""
     tel = TelemetrySampler(device)
     on_warm = None
     if log is not None:
         def on_warm(key, seconds):
             log(f"{job.row(*key, case)['case']} {key[0]} {key[1]}: warm-up (compile, capture) {seconds:.1f} s")
     timings = measure({k: with_backend(k[0], fn) for k, fn in fns.items()}, device, rounds=rounds, warmup=warmup,
-                      telemetry=tel, on_warm=on_warm) if fns else {}
+                      telemetry=tel, on_warm=on_warm, stop=budget.exhausted if budget is not None else None
+                      ) if fns else {}
     for key in job.providers:
         t = timings.get(key, status.get(key))
         if isinstance(t, str):
@@ -191,7 +193,7 @@ def sample_rows(job: Job, device, *, rounds: int, warmup: int = 1, quick: bool =
             continue
         fields = {key: {"extrapolated": case.timed_steps < case.steps} for key in makers}
         yield from _timed_rows(job, device, {k: make(case) for k, make in makers.items()}, status, fields,
-                               rounds=rounds, warmup=warmup, case=case, log=log,
+                               rounds=rounds, warmup=warmup, case=case, log=log, budget=budget,
                                per_image_s=lambda t, c=case: t.median_ms / 1e3 * c.steps / c.timed_steps)
 
 
@@ -253,4 +255,4 @@ def train_rows(job: Job, device, *, rounds: int, warmup: int = 1, quick: bool = 
     steps, status = _prepare(job, device, quick, lambda p, d: train_step_for(p, d, base, cfg, device, x0, labels))
     yield from _timed_rows(job, device, {k: fn for k, (fn, _) in steps.items()}, status,
                            {k: {"step": name} for k, (_, name) in steps.items()}, rounds=rounds, warmup=warmup,
-                           per_image_s=lambda t: t.median_ms / 1e3, log=log)
+                           per_image_s=lambda t: t.median_ms / 1e3, log=log, budget=budget)

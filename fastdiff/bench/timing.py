@@ -23,6 +23,7 @@ from fastdiff.runtime import synchronize
 
 CLOCKS = ("wall", "thread")
 ROUND_MS = 20.0  # reps=None: calls per round sized so that one provider's round takes about this long
+STOPPED = "skipped: time budget (before its warm-up)"
 
 
 @dataclass
@@ -99,15 +100,18 @@ def error_status(e: BaseException) -> str:
 def measure(fns: dict[Hashable, Callable[[], object]], device, *, rounds: int = 5, warmup: int = 1,
             reps: int | None = 1, flush_l2: bool = False, clock: str = "wall",
             telemetry: contextlib.AbstractContextManager | None = None,
-            on_warm: Callable[[Hashable, float], None] | None = None) -> dict[Hashable, Timing | str]:
+            on_warm: Callable[[Hashable, float], None] | None = None,
+            stop: Callable[[], bool] | None = None) -> dict[Hashable, Timing | str]:
     """Time every fn of `fns` (name -> callable) in alternation; see the module docstring.
 
     reps=None sizes each provider's calls per round from one call after its warm-up (about ROUND_MS a round).
     `telemetry` is entered around the rounds only; where it has a `tag` attribute, that is set to the name of
     the provider being timed (so its readings can be told apart). `on_warm(name, seconds)` is called as each
     provider's warm-up ends (a log line as it happens: a run killed later still shows where its time went).
-    A provider that raises is dropped from the remaining rounds and gets `error_status` instead of a Timing: one
-    broken provider must not lose the others.
+    `stop()` is asked before each provider's warm-up but the first: once it says so, the providers not yet warm
+    are skipped (STOPPED) and the warm ones are timed, so a time limit costs a job its remaining compiles, not
+    the rows it has already paid for. A provider that raises is dropped from the remaining rounds and gets
+    `error_status` instead of a Timing: one broken provider must not lose the others.
     """
     device = torch.device(device)
     if clock not in CLOCKS:
@@ -118,7 +122,10 @@ def measure(fns: dict[Hashable, Callable[[], object]], device, *, rounds: int = 
     flush = _flush_buffer(device) if flush_l2 and device.type == "cuda" else None
     failed: dict[Hashable, str] = {}
     warm, per_round = {}, {}
-    for name, fn in fns.items():
+    for k, (name, fn) in enumerate(fns.items()):
+        if k > 0 and stop is not None and stop():
+            failed[name] = STOPPED
+            continue
         try:
             warm[name] = _warm_up(fn, device, warmup)
             if on_warm is not None:
