@@ -6,6 +6,7 @@
 
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "params.h"
 
@@ -144,11 +145,28 @@ inline GroupNormCall prepare_group_norm(const Tensor& x, int64_t num_groups, con
   return call;
 }
 
-// grad_out in x's kernel dtype and layout.
-inline Tensor match_layout(const Tensor& grad_out, const Tensor& xk) {
-  TORCH_CHECK(grad_out.sizes() == xk.sizes(), "fastdiff_native.group_norm_silu_backward: grad_out has shape ",
-              grad_out.sizes(), " but x has ", xk.sizes());
-  return grad_out.to(xk.scalar_type()).contiguous(*kernel_format(xk));
+// What the backward takes besides x: grad_out in x's kernel dtype and layout, and the forward's statistics as
+// float32 contiguous [N * num_groups], each checked to be on x's device (a kernel given another device's pointer
+// would fault).
+struct GroupNormBackwardInputs {
+  Tensor dout, mean, rstd;
+};
+
+inline GroupNormBackwardInputs prepare_group_norm_backward(const Tensor& grad_out, const Tensor& xk,
+                                                           int64_t num_groups, const Tensor& mean,
+                                                           const Tensor& rstd) {
+  constexpr const char* op = "fastdiff_native.group_norm_silu_backward";
+  TORCH_CHECK(grad_out.sizes() == xk.sizes(), op, ": grad_out has shape ", grad_out.sizes(), " but x has ",
+              xk.sizes());
+  const std::pair<const Tensor*, const char*> named[] = {{&grad_out, "grad_out"}, {&mean, "mean"}, {&rstd, "rstd"}};
+  for (const auto& [t, name] : named) {
+    TORCH_CHECK(t->device() == xk.device(), op, ": ", name, " is on ", t->device(), " but x is on ", xk.device());
+  }
+  GroupNormBackwardInputs in{grad_out.to(xk.scalar_type()).contiguous(*kernel_format(xk)),
+                             mean.to(at::kFloat).contiguous(), rstd.to(at::kFloat).contiguous()};
+  TORCH_CHECK(in.mean.numel() == xk.size(0) * num_groups && in.rstd.numel() == in.mean.numel(), op,
+              ": mean and rstd must have shape [N, num_groups]");
+  return in;
 }
 
 // grad_weight / grad_bias in the parameter's dtype, or an empty tensor when there is no parameter.

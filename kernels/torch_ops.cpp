@@ -110,10 +110,7 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_silu_backward_cpu(const Tensor& gr
                                                                 const std::optional<Tensor>& bias,
                                                                 const Tensor& mean, const Tensor& rstd) {
   wrap::GroupNormCall call = wrap::prepare_group_norm(x, num_groups, weight, bias, 0.0);
-  const Tensor dout = wrap::match_layout(grad_out, call.x);
-  const Tensor m = mean.to(at::kFloat).contiguous(), rs = rstd.to(at::kFloat).contiguous();
-  TORCH_CHECK(m.numel() == x.size(0) * num_groups && rs.numel() == m.numel(),
-              "fastdiff_native.group_norm_silu_backward: mean and rstd must have shape [N, num_groups]");
+  const auto [dout, m, rs] = wrap::prepare_group_norm_backward(grad_out, call.x, num_groups, mean, rstd);
   Tensor grad_x = at::empty_like(call.x);
   Tensor grad_w = at::empty({x.size(1)}, call.x.options().dtype(at::kFloat));
   Tensor grad_b = at::empty_like(grad_w);

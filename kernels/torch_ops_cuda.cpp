@@ -98,6 +98,7 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_silu_cuda(const Tensor& x, int64_t
                                                         const std::optional<Tensor>& weight,
                                                         const std::optional<Tensor>& bias, double eps) {
   constexpr const char* op = "fastdiff_native.group_norm_silu";
+  check_on_cuda(x, op);
   const c10::cuda::CUDAGuard guard(x.device());
   wrap::GroupNormCall call = wrap::prepare_group_norm(x, num_groups, weight, bias, eps);
   Tensor out = at::empty_like(call.x);
@@ -118,12 +119,10 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_silu_backward_cuda(const Tensor& g
                                                                  const std::optional<Tensor>& bias,
                                                                  const Tensor& mean, const Tensor& rstd) {
   constexpr const char* op = "fastdiff_native.group_norm_silu_backward";
+  check_on_cuda(x, op);
   const c10::cuda::CUDAGuard guard(x.device());
   wrap::GroupNormCall call = wrap::prepare_group_norm(x, num_groups, weight, bias, 0.0);
-  const Tensor dout = wrap::match_layout(grad_out, call.x);
-  const Tensor m = mean.to(at::kFloat).contiguous(), rs = rstd.to(at::kFloat).contiguous();
-  TORCH_CHECK(m.numel() == x.size(0) * num_groups && rs.numel() == m.numel(), op,
-              ": mean and rstd must have shape [N, num_groups]");
+  const auto [dout, m, rs] = wrap::prepare_group_norm_backward(grad_out, call.x, num_groups, mean, rstd);
   Tensor grad_x = at::empty_like(call.x);
   // Per-sample partial sums of grad_bias / grad_weight, summed over the batch below (deterministic).
   Tensor part_db = at::zeros({x.size(0), x.size(1)}, call.x.options().dtype(at::kFloat));

@@ -16,7 +16,10 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kCacheBytes = 48 * 1024;  // the dynamic shared memory a block gets without opting in
+constexpr int kScratch = 32;  // floats of static shared memory: one partial sum per warp (block_sum)
+// The dynamic shared memory a block gets without opting in: 48 KiB for static and dynamic together, so the
+// static scratch comes off it (a launch asking for all 48 KiB is refused with "invalid argument").
+constexpr int64_t kCacheBytes = 48 * 1024 - kScratch * static_cast<int64_t>(sizeof(float));
 
 struct GroupView {
   int64_t base;  // offset of the sample
@@ -62,7 +65,7 @@ __global__ void __launch_bounds__(kThreads) gn_silu_forward_kernel(GroupNormPara
                                                                    T* __restrict__ out, float* __restrict__ mean,
                                                                    float* __restrict__ rstd) {
   extern __shared__ float cache[];
-  __shared__ float scratch[32];
+  __shared__ float scratch[kScratch];
   const int64_t n = blockIdx.x / P.groups, g = blockIdx.x % P.groups;
   const GroupView v = group_view(P, n, g);
   const int64_t len = v.len();
@@ -105,7 +108,7 @@ __global__ void __launch_bounds__(kThreads)
     gn_silu_backward_kernel(GroupNormParams P, const T* __restrict__ grad_out, const T* __restrict__ x,
                             const float* __restrict__ mean, const float* __restrict__ rstd, T* __restrict__ grad_x,
                             float* __restrict__ part_db, float* __restrict__ part_dw) {
-  __shared__ float scratch[32];
+  __shared__ float scratch[kScratch];
   const int64_t n = blockIdx.x / P.groups, g = blockIdx.x % P.groups;
   const GroupView v = group_view(P, n, g);
   const float m = mean[blockIdx.x], rs = rstd[blockIdx.x];

@@ -367,7 +367,11 @@ def test_cuda_sampler_step_under_graph_capture():
 
 @pytest.mark.gpu
 @requires_native_cuda
-@pytest.mark.parametrize("shape,groups", [((3, 12, 5, 7), 4), ((4, 64, 2, 2), 8), ((2, 256, 32, 32), 8)])
+# (2, 384, 32, 32) / 32: a group of 12288 floats, exactly 48 KiB, which with the kernel's static scratch is over
+# what a block gets without opting in: it must take the uncached kernel, not fail to launch; (2, 383, 4, 8) / 1:
+# 12256 floats, the largest group the cached kernel takes
+@pytest.mark.parametrize("shape,groups", [((3, 12, 5, 7), 4), ((4, 64, 2, 2), 8), ((2, 256, 32, 32), 8),
+                                          ((2, 384, 32, 32), 32), ((2, 383, 4, 8), 1)])
 def test_cuda_group_norm_silu(shape, groups):
     for channels_last in _layouts(shape):
         x, w, b = _gn_inputs(shape, True, channels_last)
@@ -381,3 +385,15 @@ def test_cuda_group_norm_silu(shape, groups):
         torch.testing.assert_close(y, y64.float(), atol=1e-5, rtol=1e-5)
         for a, e in zip(got, want):
             torch.testing.assert_close(a, e.float(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@requires_native_cuda
+def test_cuda_group_norm_silu_backward_refuses_arguments_on_another_device():
+    x = torch.randn(2, 8, 4, 4, device="cuda")
+    y, mean, rstd = torch.ops.fastdiff_native.group_norm_silu(x, 2)
+    grad = torch.randn_like(x)
+    for args, name in (((grad.cpu(), x, 2, None, None, mean, rstd), "grad_out"),
+                       ((grad, x, 2, None, None, mean.cpu(), rstd), "mean")):
+        with pytest.raises(RuntimeError, match=f"{name} is on cpu but x is on cuda"):
+            torch.ops.fastdiff_native.group_norm_silu_backward(*args)
