@@ -136,6 +136,42 @@ def test_padding_to_a_bucket_keeps_each_sample(compiled):
     torch.testing.assert_close(again, want[:3], atol=1e-4, rtol=0)
 
 
+def test_compiled_sampler_compiles_past_dynamos_recompile_limit():
+    # one compile per bucket (static shapes), all samplers' steps one code object to Dynamo: past its recompile
+    # limit a fullgraph compile is an error, so the sampler compiles under a higher one (here the limit is 2)
+    model = tiny_unet()
+    _, tabs = tables()
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=2):
+        fast = FastSampler(model, AccelOptions(compile=True, compile_backend="eager"), device="cpu",
+                           shape=(1, 8, 8), guidance=2.0, null_label=10, clip=1.0)
+        for n in (1, 2, 3):  # buckets 1, 2, 4: three compiles
+            x, seeds, labels = sampling_inputs(n)
+            assert fast.run(x, tabs["ddpm"], seeds=seeds, labels=labels).shape == (n, 1, 8, 8)
+    torch._dynamo.reset()
+
+
+def test_a_sampler_whose_model_another_sampler_converted_prepares_again():
+    # Two samplers on one model in two layouts (the pipeline caches one per setting): each converts the model in
+    # place, so the first finds its weights replaced; graphs captured against the old storage would read freed
+    # memory, so it converts back and prepares its buckets again (with CUDA graphs: tests below)
+    model = tiny_unet()
+    _, tabs = tables()
+    x, seeds, labels = sampling_inputs(4)
+    kw = dict(device="cpu", shape=(1, 8, 8), guidance=2.0, null_label=10, clip=1.0)
+    torch._dynamo.reset()
+    cl = FastSampler(model, AccelOptions(compile=True, compile_backend="eager", channels_last=True), **kw)
+    first = cl.run(x, tabs["ddpm"], seeds=seeds, labels=labels)
+    prepared = cl.setup_s
+    FastSampler(model, AccelOptions(compile=True, compile_backend="eager"), **kw).run(x, tabs["ddpm"], seeds=seeds,
+                                                                                      labels=labels)
+    assert not model.conv_out.weight.is_contiguous(memory_format=torch.channels_last)
+    again = cl.run(x, tabs["ddpm"], seeds=seeds, labels=labels)
+    assert model.conv_out.weight.is_contiguous(memory_format=torch.channels_last) and cl.setup_s > prepared
+    torch.testing.assert_close(again, first, rtol=0, atol=1e-6)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("max_rows", [1, 3, 8])
 def test_chunked_calls_keep_each_sample(max_rows):
     # Guidance makes 5 images 10 rows: the model sees at most max_rows of them per call, and every sample is the
@@ -322,6 +358,21 @@ def test_compiled_graphed_sampler_bitwise_equals_compiled(amp):
     got = graphed.run(x, tabs["ddpm"], seeds=seeds, labels=labels)
     assert torch.equal(got, want), f"max diff {(got - want).abs().max().item()}"
     torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+def test_graphed_sampler_after_another_layout_on_its_model_replays_the_live_weights():
+    _, tabs = tables("cuda")
+    x, seeds, labels = sampling_inputs(8, "cuda")
+    kw = dict(device="cuda", shape=(1, 8, 8), guidance=2.0, null_label=10, clip=1.0)
+    model = tiny_unet(device="cuda")
+    cl = FastSampler(model, AccelOptions(channels_last=True, cuda_graphs=True), **kw)
+    first = cl.run(x, tabs["ddpm"], seeds=seeds, labels=labels)
+    FastSampler(model, AccelOptions(cuda_graphs=True), **kw).run(x, tabs["ddpm"], seeds=seeds, labels=labels)
+    torch.cuda.empty_cache()  # the old weights' memory goes back to the allocator (a stale graph would read it)
+    torch.randn(1 << 20, device="cuda")
+    again = cl.run(x, tabs["ddpm"], seeds=seeds, labels=labels)
+    assert torch.equal(again, first), f"max diff {(again - first).abs().max().item()}"
 
 
 def _train(model, step_cls, steps, start=0, opt_state=None):

@@ -25,6 +25,11 @@ from fastdiff.diffusion.samplers import StepTable, check_batch, denoise_step
 from fastdiff.errors import ConfigError
 from fastdiff.runtime import AccelOptions, amp_dtype, autocast, compile_fn, synchronize
 
+# Dynamo keeps its compiled entries per code object and, past `recompile_limit` (8) entries, a fullgraph compile
+# is an error. Every FastSampler's step is one code object, compiled once per bucket (static shapes) and per
+# sampler setting (guidance, clip, model: constants to Dynamo), so its compiles run under a higher limit.
+RECOMPILE_LIMIT = 256
+
 
 def bucket_size(n: int) -> int:
     """The padded batch size for n samples: the next power of two."""
@@ -112,8 +117,9 @@ class _StaticStep:
 class FastSampler:
     """Runs StepTables like `fastdiff.diffusion.run_table`, through the fast paths that `options` enable.
 
-    The model (an nn.Module or any callable model(x, t, labels)) must be in eval mode; with channels_last a
-    module is converted in place. `setup_s` accumulates the
+    The model (an nn.Module or any callable model(x, t, labels)) must be in eval mode; a module is converted to
+    the options' layout in place (and again by `run` if something else changed its weights' storage since, with
+    its buckets prepared afresh). `setup_s` accumulates the
     seconds spent compiling and capturing (each new bucket), `replays` counts CUDA graph replays.
     """
 
@@ -123,8 +129,10 @@ class FastSampler:
         self.device = torch.device(device)
         self.options = options.check(self.device)
         self.memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
-        if isinstance(model, torch.nn.Module):  # a plain callable gets channels_last inputs only
-            model.to(memory_format=self.memory_format)
+        self.module = model if isinstance(model, torch.nn.Module) else None  # a plain callable: inputs only
+        if self.module is not None:
+            self.module.to(memory_format=self.memory_format)
+        self._weights = self._weight_storage()
         self.shape = tuple(shape)
         # A conditional model (default: one with a null label) gets its labels through a static buffer too.
         self.conditional = null_label is not None if conditional is None else conditional
@@ -136,13 +144,39 @@ class FastSampler:
                                 clip=clip)
 
         self.step_fn = compile_fn(step_fn, options)
+        if options.compile:
+            compiled = self.step_fn
+
+            def limited(*args):
+                limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+                with torch._dynamo.config.patch(recompile_limit=limit):
+                    return compiled(*args)
+
+            self.step_fn = limited
         self.capacity = capacity
         self.warmup = warmup
         self.setup_s = 0.0
         self.replays = 0
         self._buckets: dict[int, _StaticStep] = {}
 
+    def _weight_storage(self) -> tuple:
+        """Where the module's weights and buffers live (a captured graph reads these addresses)."""
+        if self.module is None:
+            return ()
+        return tuple(t.data_ptr() for t in (*self.module.parameters(), *self.module.buffers()))
+
+    def _check_weights(self) -> None:
+        """Put the module back in this sampler's layout if something replaced its weights since the buckets were
+        prepared (another sampler's layout on the same model, .half(), .to(device)): the graphs captured against
+        the old storage would read freed memory, so they are dropped and captured again."""
+        if self.module is None or self._weight_storage() == self._weights:
+            return
+        self.module.to(memory_format=self.memory_format)
+        self._weights = self._weight_storage()
+        self._buckets.clear()
+
     def _bucket(self, n: int, steps: int) -> _StaticStep:
+        self._check_weights()
         if steps > self.capacity:  # a longer table than the buffers hold: new buffers, new captures
             self._buckets.clear()
             self.capacity = steps
