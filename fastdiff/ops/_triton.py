@@ -16,6 +16,8 @@ import types
 
 import torch
 
+from fastdiff.errors import ConfigError
+
 try:
     import triton
     import triton.language as tl
@@ -51,6 +53,17 @@ def check_launchable(t) -> None:
                            f"imported), got a {t.device.type} tensor")
 
 
+MAX_SAMPLE_ELEMENTS = 2**31 - 1  # the kernels' offsets within one sample are 32-bit (the sample's own is 64-bit)
+
+
+def check_sample_size(t, name: str) -> None:
+    """Refuse a sample too large for 32-bit offsets (a kernel would address the wrong memory, silently)."""
+    per_sample = t.numel() // t.shape[0] if t.dim() and t.shape[0] else 0
+    if per_sample > MAX_SAMPLE_ELEMENTS:
+        raise ConfigError(f"{name}: one sample of {per_sample} elements is beyond the Triton kernels' 32-bit "
+                          "offsets (2^31 - 1); run this op on the torch backend (FASTDIFF_BACKEND=torch)")
+
+
 def launcher(fn):
     """Decorator on a function that launches Triton kernels on the tensors it is given, the first of which names
     the device: checks that the tensor can reach Triton, and makes its GPU the current one around the call.
@@ -62,6 +75,7 @@ def launcher(fn):
     @functools.wraps(fn)
     def launch(t, *args, **kwargs):
         check_launchable(t)
+        check_sample_size(t, fn.__name__)
         with torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext():
             return fn(t, *args, **kwargs)
 

@@ -79,6 +79,7 @@ def test_a_launch_runs_with_the_tensors_gpu_current(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "device", Guard)
     monkeypatch.setattr(_triton, "check_launchable", lambda t: None)
+    monkeypatch.setattr(_triton, "check_sample_size", lambda t, name: None)
 
     class OnSecondGpu:
         device = torch.device("cuda", 1)
@@ -103,3 +104,20 @@ def test_kernels_run_on_a_second_gpu_while_the_first_is_current():
     x = torch.randn(2, 8, 5, 5, device="cuda:1")
     y, _, _ = group_norm_silu_fwd(x, None, None, 4, 1e-5)
     torch.testing.assert_close(y, reference.group_norm_silu(x, 4), atol=1e-5, rtol=1e-5)
+
+
+def test_a_sample_beyond_32_bit_offsets_is_refused(monkeypatch):
+    # the kernels' offsets within a sample are 32-bit: a larger sample is a clear error, not a wrong address
+    from fastdiff.errors import ConfigError
+
+    monkeypatch.setattr(_triton, "check_launchable", lambda t: None)
+    launched = []
+
+    @_triton.launcher
+    def launch(t):
+        launched.append(t.shape)
+
+    launch(torch.empty((4, 2**31 - 1), device="meta"))  # meta tensors: shapes without memory
+    with pytest.raises(ConfigError, match="one sample of 2147483648 elements is beyond"):
+        launch(torch.empty((1, 2, 2**30), device="meta"))
+    assert launched == [(4, 2**31 - 1)]
