@@ -11,7 +11,7 @@ def _native_status() -> str:
 
     if native.available():
         return f"built (fastdiff._C, {'CPU and CUDA' if native.cuda_available() else 'CPU'} kernels)"
-    return f"unavailable: {native.load_error()} (optional: make ext, see README)"
+    return f"unavailable (optional): {native.unavailable_reason('cpu')}"
 
 
 def _triton_status(cuda: bool) -> tuple[str | None, str]:

@@ -156,8 +156,9 @@ class AccelOptions:
 
 
 def compile_fn(fn: Callable, options: AccelOptions) -> Callable:
-    """torch.compile(fn) with the options' mode and backend, static shapes, and no graph breaks allowed; `fn`
-    itself when compilation is off. A compiled module shares its parameters with the module."""
+    """torch.compile(fn) with the options' mode and backend, static shapes, and no graph breaks allowed unless
+    the options say so (`fullgraph`: off under DDP, `World.adjust`); `fn` itself when compilation is off. A
+    compiled module shares its parameters with the module."""
     if not options.compile:
         return fn
     return torch.compile(fn, fullgraph=options.fullgraph, dynamic=False, mode=options.compile_mode,

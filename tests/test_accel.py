@@ -169,6 +169,9 @@ def test_a_sampler_whose_model_another_sampler_converted_prepares_again():
     again = cl.run(x, tabs["ddpm"], seeds=seeds, labels=labels)
     assert model.conv_out.weight.is_contiguous(memory_format=torch.channels_last) and cl.setup_s > prepared
     torch.testing.assert_close(again, first, rtol=0, atol=1e-6)
+    # converted back inside run's inference mode, the weights are still ordinary tensors: the model still trains
+    assert not any(p.is_inference() for p in model.parameters())
+    model(x, torch.zeros(4), labels).sum().backward()
     torch._dynamo.reset()
 
 
@@ -301,6 +304,11 @@ def test_a_loss_scale_overflow_skips_the_step_and_reports_a_finite_norm():
     assert float(norm) == 0.0 and check_finite(float(loss) + float(norm), 0, 2, "") is not None
     _, norm = step(2, torch.tensor(2))
     assert 0 < float(norm) and not torch.equal(w.detach(), before)  # the next step trains
+    # overflow step after step: the scale halves below MIN_LOSS_SCALE, and then the norm says so (the guard stops)
+    step = TrainStep([w], opt, lambda gen, k: torch.sqrt(w - w.detach()).sum(),  # loss 0, gradient inf
+                     grad_clip=1.0, seed=0, device="cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0))
+    norms = [float(step(k, torch.tensor(k))[1]) for k in range(3)]  # scales after each: 1, 0.5, 0.25
+    assert norms[0] == 0.0 and not math.isfinite(norms[1]) and not math.isfinite(norms[2])
 
 
 # ---------------------------------------------------------------- CUDA graphs (run on a GPU machine)

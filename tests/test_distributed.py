@@ -101,8 +101,13 @@ def test_two_processes_train_compiled(tmp_path, tiny_overrides):
 def _main_first_worker(rank, world_size, port, out):
     _torchrun_env(rank, world_size, port)
     # a process group whose own timeout (1 s) is shorter than the first process's work in main_first (2.5 s):
-    # the others must still wait for it (as under NCCL's 10 minutes while rank 0 samples teacher pairs)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=1))
+    # the others must still wait for it (as under NCCL's 10 minutes while rank 0 samples teacher pairs). The
+    # store has a long timeout of its own: it returns once both processes have joined, so the 1 s never covers
+    # one process starting later than the other.
+    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=rank == 0,
+                          timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=1))
     world, _ = init_world(torch.device("cpu"), world_size)
     try:
         cache = os.path.join(out, "cache.txt")

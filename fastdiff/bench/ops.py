@@ -142,15 +142,20 @@ def iter_op_benchmarks(device, quick: bool = False, ops=None, part: str = "all",
     ends the run); `stop()` is asked before each case, and once it says so the rest yield one skipped row.
 
     Dynamo is reset after every case: each case compiles the same reference function at a new size, and from
-    the ninth (torch's recompile limit) a fullgraph compile would fail instead of compiling again."""
+    the ninth (torch's recompile limit) a fullgraph compile would fail instead of compiling again. (FastSampler
+    raises the limit around its calls instead, see `fastdiff.sampling.fast.RECOMPILE_LIMIT`; here that would add
+    its cost to every call of the torch-compile baseline.) The copy bandwidth is measured before the first case
+    that runs."""
     device = torch.device(device)
-    copy_gbs = copy_bandwidth_gbs((8 if quick else 512) * 2**20, device)
+    copy_gbs = None
     builders = default_cases(device, quick, ops, part)
     for k, build in enumerate(builders):
         if stop():
             yield {"section": "op", "op": f"{part} op rows ({len(builders) - k} cases left)",
                    "status": "skipped: time budget"}
             return
+        if copy_gbs is None:
+            copy_gbs = copy_bandwidth_gbs((8 if quick else 512) * 2**20, device)
         case = build()
         try:
             yield from measure_case(case, device, copy_gbs, quick)

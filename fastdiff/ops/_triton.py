@@ -53,15 +53,18 @@ def check_launchable(t) -> None:
                            f"imported), got a {t.device.type} tensor")
 
 
-MAX_SAMPLE_ELEMENTS = 2**31 - 1  # the kernels' offsets within one sample are 32-bit (the sample's own is 64-bit)
+MAX_SAMPLE_OFFSET = 2**31 - 1  # the kernels' offsets within one sample are 32-bit (the sample's own is 64-bit)
 
 
 def check_sample_size(t, name: str) -> None:
-    """Refuse a sample too large for 32-bit offsets (a kernel would address the wrong memory, silently)."""
-    per_sample = t.numel() // t.shape[0] if t.dim() and t.shape[0] else 0
-    if per_sample > MAX_SAMPLE_ELEMENTS:
-        raise ConfigError(f"{name}: one sample of {per_sample} elements is beyond the Triton kernels' 32-bit "
-                          "offsets (2^31 - 1); run this op on the torch backend (FASTDIFF_BACKEND=torch)")
+    """Refuse a sample whose last element lies beyond 32-bit offsets from its first (a kernel would address the
+    wrong memory, silently)."""
+    if t.numel() == 0 or t.dim() < 2:
+        return
+    last = sum((size - 1) * stride for size, stride in zip(t.shape[1:], t.stride()[1:]))
+    if last > MAX_SAMPLE_OFFSET:
+        raise ConfigError(f"{name}: one sample spans {last + 1} elements, beyond the Triton kernels' 32-bit "
+                          "offsets (2^31); run this op on the torch backend (FASTDIFF_BACKEND=torch)")
 
 
 def launcher(fn):

@@ -27,7 +27,11 @@ from fastdiff.runtime import AccelOptions, amp_dtype, autocast, compile_fn, sync
 
 # Dynamo keeps its compiled entries per code object and, past `recompile_limit` (8) entries, a fullgraph compile
 # is an error. Every FastSampler's step is one code object, compiled once per bucket (static shapes) and per
-# sampler setting (guidance, clip, model: constants to Dynamo), so its compiles run under a higher limit.
+# sampler setting (guidance, clip, model: constants to Dynamo), so its calls run under a higher limit (torch
+# 2.11 has no per-function limit). The patch costs ~15 us a call, against a UNet step's milliseconds, and none
+# with CUDA graphs (a replay skips the call). The op benchmark meets the same limit with a Dynamo reset per case
+# instead: a per-call patch there would slow the torch-compile baseline's microsecond calls, and a reset here
+# would throw away every other sampler's compiled code.
 RECOMPILE_LIMIT = 256
 
 
@@ -130,9 +134,7 @@ class FastSampler:
         self.options = options.check(self.device)
         self.memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
         self.module = model if isinstance(model, torch.nn.Module) else None  # a plain callable: inputs only
-        if self.module is not None:
-            self.module.to(memory_format=self.memory_format)
-        self._weights = self._weight_storage()
+        self._convert()
         self.shape = tuple(shape)
         # A conditional model (default: one with a null label) gets its labels through a static buffer too.
         self.conditional = null_label is not None if conditional is None else conditional
@@ -160,19 +162,26 @@ class FastSampler:
         self._buckets: dict[int, _StaticStep] = {}
 
     def _weight_storage(self) -> tuple:
-        """Where the module's weights and buffers live (a captured graph reads these addresses)."""
+        """Where and how the module's weights and buffers live (a captured graph reads these addresses)."""
         if self.module is None:
             return ()
-        return tuple(t.data_ptr() for t in (*self.module.parameters(), *self.module.buffers()))
+        return tuple((t.data_ptr(), t.stride(), t.dtype) for t in (*self.module.parameters(), *self.module.buffers()))
+
+    def _convert(self) -> None:
+        """The module in this sampler's layout, its weights still ordinary tensors (`run` is in inference mode,
+        where a conversion would make them inference tensors, which a later training step cannot use)."""
+        if self.module is not None:
+            with torch.inference_mode(False):
+                self.module.to(memory_format=self.memory_format)
+        self._weights = self._weight_storage()
 
     def _check_weights(self) -> None:
         """Put the module back in this sampler's layout if something replaced its weights since the buckets were
-        prepared (another sampler's layout on the same model, .half(), .to(device)): the graphs captured against
-        the old storage would read freed memory, so they are dropped and captured again."""
+        prepared (another sampler's layout on the same model, .half()): the graphs captured against the old
+        storage would read freed memory, so they are dropped and captured again."""
         if self.module is None or self._weight_storage() == self._weights:
             return
-        self.module.to(memory_format=self.memory_format)
-        self._weights = self._weight_storage()
+        self._convert()
         self._buckets.clear()
 
     def _bucket(self, n: int, steps: int) -> _StaticStep:

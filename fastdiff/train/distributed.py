@@ -33,7 +33,8 @@ class World:
     rank: int = 0
     size: int = 1
     initialised_here: bool = False
-    # a gloo group of all processes with MAIN_FIRST_TIMEOUT, for main_first's waits (None on one process)
+    # a gloo group of all processes with MAIN_FIRST_TIMEOUT for main_first's waits, made by its first call (which
+    # every process makes), so that a run that never waits needs no gloo beside NCCL
     wait_group: object = field(default=None, compare=False, repr=False)
 
     @property
@@ -94,6 +95,8 @@ class World:
         The body must hold no collective (DDP's construction is one): the other processes wait in a barrier
         while the first runs it, on the CPU (gloo) for up to MAIN_FIRST_TIMEOUT, not under NCCL's timeout. If the
         first process fails, the rest still go on, and fail on their own."""
+        if self.distributed and self.wait_group is None:
+            self.wait_group = dist.new_group(backend="gloo", timeout=MAIN_FIRST_TIMEOUT)
         if not self.is_main:
             self.barrier(self.wait_group)
         try:
@@ -140,6 +143,5 @@ def init_world(device: torch.device, batch_size: int) -> tuple[World, torch.devi
     here = not dist.is_initialized()
     if here:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    wait_group = dist.new_group(backend="gloo", timeout=MAIN_FIRST_TIMEOUT)  # every process takes part
-    return World(rank, size, here, wait_group), device
+    return World(rank, size, here), device
 

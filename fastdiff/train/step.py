@@ -33,6 +33,11 @@ def adamw(params, device, **kwargs) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, fused=torch.device(device).type in ("cuda", "cpu"), **kwargs)
 
 
+# fp16's loss scale, once it falls below this, says the gradients themselves overflow fp16 (above 65504) step after
+# step: no longer a routine skip but a run that diverges.
+MIN_LOSS_SCALE = 1.0
+
+
 class TrainStep:
     """One optimisation step: loss_fn(gen, *batch), backward, gradient clipping, optimizer step.
 
@@ -66,10 +71,12 @@ class TrainStep:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         self.scaler.step(self.opt)
         self.scaler.update()
-        if self.scaler.is_enabled():
+        if self.scaler.is_enabled() and self.scaler.get_scale() >= MIN_LOSS_SCALE:
             # A dynamic loss scale overflows by design (it grows until it does): scaler.step then skipped the
             # update and update() lowered the scale, the weights are untouched. Such a step's gradient norm is
             # inf or NaN; it is reported as 0, so that the NaN guard stops a run on its loss, not on a routine skip.
+            # Once the scale has halved below MIN_LOSS_SCALE the gradients overflow step after step: the norm is
+            # left as it is and the guard stops the run. (get_scale syncs; so does scaler.step, and fp16 is eager.)
             grad_norm = torch.nan_to_num(grad_norm, nan=0.0, posinf=0.0, neginf=0.0)
         if t0 is not None:
             synchronize(self.device)
