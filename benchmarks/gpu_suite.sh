@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The GPU suite: at most TOTAL_S seconds (default 300) in two stages, each under `timeout`, writing into $OUT
-# (default ./gpu-results) as it goes, at most 8 files:
-#   suite.log  env.txt  pytest-gpu-ops.log  pytest-gpu.log  bench.log  bench.json  bench.md
+# (default ./gpu-results) as it goes, at most 9 files:
+#   suite.log  env.txt  pytest-gpu-ops.log  pytest-gpu-sample.log  pytest-gpu.log  bench.log  bench.json  bench.md
 #   (+ wheels.log when carried wheels fail)
 # Stage 1 (at most STAGE1_S, default 120 s): the environment (nvidia-smi, versions, `fastdiff env`), then the `gpu`
-#   tests that prove each fast path correct, in two pytest processes at once (their Triton and Inductor compiling
-#   is CPU-bound, and the machine has cores to spare): the ops against the reference at real sizes
-#   (tests/ops, pytest-gpu-ops.log) and the fast paths (the rest: graphed samples equal to ungraphed, the compiled
-#   and graphed train step equal to eager; pytest-gpu.log). Each log names every test as it ends (-v), so a
-#   timeout still shows which passed.
+#   tests that prove each fast path correct, in three pytest processes at once (their Triton and Inductor
+#   compiling is CPU-bound, and the machine has cores to spare): the ops against the reference at real sizes
+#   (tests/ops, pytest-gpu-ops.log), the fast sampling paths (graphed samples equal to ungraphed, compiled ones
+#   to compiled: test_accel.py's sampler tests, pytest-gpu-sample.log) and the rest (the compiled and graphed
+#   train step equal to eager, `fastdiff train`'s fast path, attention, ADD under capture; pytest-gpu.log). Each
+#   log names every test as it ends (-v), so a timeout still shows which passed.
 # Stage 2 (the rest, less a margin): `fastdiff bench` on the GPU, headline rows first (see fastdiff/bench/suite.py:
 #   the GroupNorm+SiLU and sampler-step bandwidth rows, whose kernels stage 1 compiled; mnist sampling at batch 64,
 #   cifar10-ddpm training at bf16, DDPM-1000 at batch 1024 on 20 timed steps, extrapolated and labelled so;
@@ -76,24 +77,29 @@ if [ "${FASTDIFF_NATIVE:-0}" = 1 ]; then
         && cmake --build build/ext -j 8" >>"$OUT/suite.log" 2>&1
     log "fastdiff._C build: exit $?"
 fi
-log "stage 1: pytest -m gpu, tests/ops and the rest at once (limit $(until_s "$STAGE1_S") s)"
+log "stage 1: pytest -m gpu, tests/ops, sampling and the rest at once (limit $(until_s "$STAGE1_S") s)"
 gpu_tests() {  # $1: log name, then pytest's paths and options
     local name=$1; shift
     timeout -k 5 "$(until_s "$STAGE1_S")" $PY -m pytest -m gpu -v -p no:cacheprovider --durations=10 "$@" \
         >"$OUT/$name" 2>&1
 }
+SAMPLING='sampler or sample_fast_path'  # test_accel.py's sampling tests; no other file has gpu tests so named
 gpu_tests pytest-gpu-ops.log tests/ops & ops_pid=$!
-gpu_tests pytest-gpu.log tests --ignore=tests/ops
+gpu_tests pytest-gpu-sample.log tests/test_accel.py -k "$SAMPLING" & sample_pid=$!
+gpu_tests pytest-gpu.log tests --ignore=tests/ops -k "not ($SAMPLING)"
 rc_paths=$?
 wait $ops_pid
 rc_ops=$?
+wait $sample_pid
+rc_sample=$?
 rc=0
 stage1_result() {  # $1: which tests, $2: pytest's exit status, $3: its log
     log "stage 1: pytest -m gpu ($1): exit $2$([ "$2" = 124 ] && echo ' (timed out)') ($(tail -1 "$OUT/$3"))"
     if [ "$2" != 0 ] && [ "$2" != 5 ]; then rc=$2; fi  # 5: no test collected
 }
 stage1_result ops $rc_ops pytest-gpu-ops.log
-stage1_result "fast paths" $rc_paths pytest-gpu.log
+stage1_result sampling $rc_sample pytest-gpu-sample.log
+stage1_result "training and the rest" $rc_paths pytest-gpu.log
 
 # ---- stage 2: the headline rows (ends at TOTAL_S - MARGIN_S) ----
 end2=$(( TOTAL_S - MARGIN_S ))

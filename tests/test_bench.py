@@ -353,7 +353,7 @@ def test_gpu_suite_keeps_to_its_total_time(tmp_path):
     log = (tmp_path / "suite.log").read_text()
     assert "stage 1: environment" in log and "stage 1: pytest -m gpu" in log and "stage 2: fastdiff bench" in log
     assert "done in" in log and "(dry run)" in log
-    assert {"suite.log", "env.txt", "pytest-gpu-ops.log", "pytest-gpu.log", "bench.log"} <= {
+    assert {"suite.log", "env.txt", "pytest-gpu-ops.log", "pytest-gpu-sample.log", "pytest-gpu.log", "bench.log"} <= {
         p.name for p in tmp_path.iterdir()}
     assert "## nvidia-smi" in (tmp_path / "env.txt").read_text()
 
@@ -365,7 +365,7 @@ def test_gpu_suite_dry_run_writes_the_bench_report(tmp_path):
     doc = json.loads((tmp_path / "bench.json").read_text())
     assert doc["environment"]["bench_device"] == "cpu" and doc["rows"]
     assert "# fastdiff bench --quick" in (tmp_path / "bench.md").read_text()
-    for name in ("pytest-gpu-ops.log", "pytest-gpu.log"):  # on the CPU the gpu tests skip
+    for name in ("pytest-gpu-ops.log", "pytest-gpu-sample.log", "pytest-gpu.log"):  # on the CPU the gpu tests skip
         pytest_log = (tmp_path / name).read_text()
         assert "skipped" in pytest_log or "passed" in pytest_log, name
 
@@ -417,3 +417,22 @@ def test_op_rows_compile_each_size_static():
     for n in (3, 5, 7):
         torch.testing.assert_close(compiled(torch.ones(n)), torch.full((n,), 3.0))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
+
+
+@pytest.mark.slow  # four collections of the suite, ~10 s each
+def test_gpu_suite_runs_every_gpu_test_once():
+    # stage 1 splits the gpu tests over three processes by path and -k: together they collect each exactly once
+    root = Path(__file__).resolve().parents[1]
+    sampling = "sampler or sample_fast_path"
+    parts = [["tests/ops"], ["tests/test_accel.py", "-k", sampling], ["tests", "--ignore=tests/ops", "-k",
+                                                                      f"not ({sampling})"]]
+
+    def collected(args):
+        out = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "--collect-only", "-q",
+                              "-p", "no:cacheprovider", *args], cwd=root, capture_output=True, text=True)
+        return [line for line in out.stdout.splitlines() if "::" in line]
+
+    split = [t for args in parts for t in collected(args)]
+    whole = collected(["tests"])
+    assert len(split) == len(set(split)) and sorted(split) == sorted(whole) and whole
+    assert f"SAMPLING='{sampling}'" in SUITE.read_text()
