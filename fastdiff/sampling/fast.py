@@ -4,13 +4,13 @@ model and sampler step. Every option can be switched off; with all of them off t
 `FastSampler`: the plain loop's denoising step (`fastdiff.diffusion.samplers.denoise_step`: model, classifier-free
 guidance, `ops.sampler_step`) runs on static device buffers: the StepTable is copied once per run into a device
 table, and the step reads its timestep, coefficients and step index through a device counter that the step itself
-advances. With CUDA graphs the
-step is captured once and a run of n steps is n graph replays with no host syncs in between. Compiled or
-graphed, batches are padded up to a bucket (the next power of two): one capture and one compiled specialisation
-per bucket, at most 2x wasted work on unlucky sizes. Padded rows get seed 0 and are dropped; a sample depends
-only on its own seed, so padding does not change the others (up to the convolution algorithm the batch size
-selects). Eager (the CPU's default: channels_last and autocast only) nothing is padded: a batch of 36 would
-otherwise run 64 rows.
+advances. With CUDA graphs the step is captured once and a run of n steps is n graph replays with no host syncs
+in between. Compiled or graphed, batches are padded up to a bucket (the next power of two): one capture and one
+compiled specialisation per bucket, at most 2x wasted work on unlucky sizes; a batch that a bucket already
+prepared holds (a run's last, partial batch) runs in it rather than compiling and capturing a smaller one. Padded
+rows get seed 0 and are dropped; a sample depends only on its own seed, so padding does not change the others (up
+to the convolution algorithm the batch size selects). Eager (the CPU's default: channels_last and autocast only)
+nothing is padded: a batch of 36 would otherwise run 64 rows.
 Outputs live in the static buffers and are overwritten by the next replay, so everything handed out is a clone.
 """
 
@@ -191,6 +191,10 @@ class FastSampler:
             self.capacity = steps
         prepared = self.options.compile or self.options.cuda_graphs  # compiled or captured once per bucket
         size = bucket_size(n) if prepared else n
+        if prepared and size not in self._buckets:
+            # A prepared bucket that holds n already (a run's last, partial batch): its padded rows cost a fraction
+            # of the compile and capture a new bucket would.
+            size = min((s for s in self._buckets if s >= n), default=size)
         if size not in self._buckets:
             st = _StaticStep(size, self.shape, self.device, self.memory_format, self.conditional, self.capacity)
             if prepared:
