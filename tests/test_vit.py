@@ -173,3 +173,19 @@ def test_diff_augment():
     assert diff_augment(x, (), g) is x
     with pytest.raises(ConfigError, match="unknown augmentation"):
         parse_augment("translation,rotate")
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_minibatch_std_is_float32_under_autocast(labelled):
+    # The std channel of features with a large mean: under bf16 autocast the class sums ran as bf16 matmuls and
+    # E[x^2] - E[x]^2 lost the variance (58% off); the statistics are float32 and centred whatever the autocast.
+    from fastdiff.models.discriminator import minibatch_std
+
+    g = torch.Generator().manual_seed(0)
+    tokens = 5.0 + 0.1 * torch.randn(16, 4, 8, generator=g)
+    labels = torch.arange(16) % 3 if labelled else None
+    want = minibatch_std(tokens.double(), 4, labels, 3)[..., -1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = minibatch_std(tokens, 4, labels, 3)[..., -1]
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)

@@ -32,16 +32,20 @@ def minibatch_std(tokens: torch.Tensor, group: int, labels: torch.Tensor | None 
     `num_classes` (> every label) sizes the one-hot without reading the labels on the host.
     """
     b, n, d = tokens.shape
-    x = tokens.float()
-    if labels is not None:
-        onehot = F.one_hot(labels, num_classes).float()  # [b, classes]
-        count = onehot.sum(0).clamp(min=1)
-        mean = (onehot.T @ x.flatten(1)) / count[:, None]  # per-class means [classes, n*d]
-        var = (onehot.T @ x.flatten(1).pow(2)) / count[:, None] - mean.pow(2)
-        std = (var.clamp(min=0) + 1e-8).sqrt().view(-1, n, d).mean(-1)[labels]  # [b, n]
-    else:
-        g = math.gcd(b, group)
-        std = x.view(g, b // g, n, d).var(dim=0, unbiased=False).add(1e-8).sqrt().mean(-1).repeat(g, 1)
+    # float32 statistics: under autocast the matmuls below would run in bf16 / fp16 (and an fp16 sum of squares
+    # overflows at 65504), whatever the inputs' dtype
+    with torch.autocast(tokens.device.type, enabled=False):
+        x = tokens.float()
+        if labels is not None:
+            onehot = F.one_hot(labels, num_classes).float()  # [b, classes]
+            count = onehot.sum(0).clamp(min=1)
+            mean = (onehot.T @ x.flatten(1)) / count[:, None]  # per-class means [classes, n*d]
+            dev = x.flatten(1) - mean[labels]  # centred, so that a large mean costs no precision
+            var = (onehot.T @ dev.pow(2)) / count[:, None]
+            std = (var + 1e-8).sqrt().view(-1, n, d).mean(-1)[labels]  # [b, n]
+        else:
+            g = math.gcd(b, group)
+            std = x.view(g, b // g, n, d).var(dim=0, unbiased=False).add(1e-8).sqrt().mean(-1).repeat(g, 1)
     return torch.cat([tokens, std.unsqueeze(-1).to(tokens.dtype)], dim=-1)
 
 
