@@ -121,3 +121,14 @@ def test_nan_guard_advice_is_a_command_that_works(tmp_path, tiny_overrides, nan_
     assert main([*shlex.split(command)[1:], "--no-progress"]) == 0
     assert ckpt.latest_checkpoint(run).name == "step-000000008"
     assert [r["step"] for r in stats(run)] == list(range(1, 9))
+
+
+def test_resume_with_another_precision(tmp_path, tiny_overrides):
+    # A run trained on a GPU in fp16 (which the CPU cannot run) continues on the CPU with --amp bf16 or fp32: the
+    # checkpoint holds float32 weights and moments, so --amp may change on --resume like --lr.
+    run = tmp_path / "r"
+    train_ddpm(tiny({**tiny_overrides, "train.amp": "fp32"}, **{"train.steps": 2}), run, **QUIET)
+    assert main(["train", "--out", str(run), "--resume", "--steps", "4", "--amp", "bf16", "--no-progress"]) == 0
+    assert json.loads((run / "config.json").read_text())["train"]["amp"] == "bf16"
+    assert "resumed with train.amp fp32 -> bf16 from step 2 on" in (run / "log.txt").read_text()
+    assert [r["step"] for r in stats(run)][-1] == 4

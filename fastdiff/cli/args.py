@@ -127,7 +127,7 @@ def accel_options(args, device, **extra):
 
 # Flags that may change when a run is resumed; the rest would make the checkpoint and the config disagree.
 # lr and warmup_steps: the new schedule applies from the resumed step, the optimizer state is kept (train/loop.py).
-LOOP_RESUMABLE = {"steps", "ckpt_every", "log_every", "lr", "warmup_steps", "sample_every", "tensorboard"}
+LOOP_RESUMABLE = {"steps", "ckpt_every", "log_every", "lr", "warmup_steps", "sample_every", "tensorboard", "amp"}
 
 
 def _flags(names) -> str:
