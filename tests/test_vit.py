@@ -184,8 +184,12 @@ def test_minibatch_std_is_float32_under_autocast(labelled):
     g = torch.Generator().manual_seed(0)
     tokens = 5.0 + 0.1 * torch.randn(16, 4, 8, generator=g)
     labels = torch.arange(16) % 3 if labelled else None
-    want = minibatch_std(tokens.double(), 4, labels, 3)[..., -1]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = minibatch_std(tokens, 4, labels, 3)[..., -1]
+    # the float64 truth: each sample's set (its class, or its group of 4: samples i, i+4, i+8, i+12), the std of
+    # every token feature over the set, averaged over the features
+    x = tokens.double()
+    sets = [labels == labels[i] if labelled else torch.arange(16) % 4 == i % 4 for i in range(16)]
+    want = torch.stack([(x[s].var(0, unbiased=False) + 1e-8).sqrt().mean(-1) for s in sets])
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)

@@ -28,7 +28,7 @@ from fastdiff.runtime import AccelOptions, amp_dtype, autocast, compile_fn, sync
 # Dynamo keeps its compiled entries per code object and, past `recompile_limit` (8) entries, a fullgraph compile
 # is an error. Every FastSampler's step is one code object, compiled once per bucket (static shapes) and per
 # sampler setting (guidance, clip, model: constants to Dynamo), so its calls run under a higher limit (torch
-# 2.11 has no per-function limit). The patch costs ~15 us a call, against a UNet step's milliseconds, and none
+# 2.11 has no per-function limit). The patch costs microseconds a call, against a UNet step's milliseconds, and none
 # with CUDA graphs (a replay skips the call). The op benchmark meets the same limit with a Dynamo reset per case
 # instead: a per-call patch there would slow the torch-compile baseline's microsecond calls, and a reset here
 # would throw away every other sampler's compiled code.
