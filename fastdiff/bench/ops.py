@@ -11,7 +11,9 @@ bench` calls; part "headline" is the cases marked so (the GroupNorm+SiLU forward
 GPU-filling size each), "rest" everything else. On a GPU the full run uses
 tensors of 64 MB or more; `quick` uses small shapes and, on the CPU, torch-eager alone (compiling and the Triton
 interpreter take far longer than a quick run may use), so it only checks that the harness works there.
-fastdiff-native runs wherever the extension is built; elsewhere its rows say why they were skipped.
+fastdiff-native runs wherever the extension is built; elsewhere its rows say why they were skipped. A case may
+declare variants, other ways of running the Triton path (GroupNorm+SiLU's "looped" and "fused" paths where the
+default splits a group into chunks): each is a provider of its own, `fastdiff[<name>]`, timed in the same rounds.
 """
 
 from __future__ import annotations
@@ -50,9 +52,17 @@ def _native_skipped(device) -> dict[str, str]:
     return {"fastdiff-native": f"skipped: {reason}"} if reason else {}
 
 
-def _providers(eager, triton_fn, device, quick, native_fn=None, wrap=lambda f: f) -> dict:
+def _within(context, fn):
+    def call():
+        with context():
+            return fn()
+    return call
+
+
+def _providers(eager, triton_fn, device, quick, native_fn=None, wrap=lambda f: f, variants=None) -> dict:
     """eager/compile/fastdiff/native callables (each through `wrap`); compile and the Triton kernel only where
-    they can run in the time allowed, native where the extension is built for the device."""
+    they can run in the time allowed, native where the extension is built for the device. variants: name ->
+    context selecting another way of running the Triton path, each a provider `fastdiff[<name>]` after fastdiff."""
     out = {"torch-eager": wrap(eager)}
     if not (quick and device.type == "cpu"):
         # As the e2e rows compile (`runtime.compile_fn`): static shapes, so that each case's size gets kernels of
@@ -60,6 +70,8 @@ def _providers(eager, triton_fn, device, quick, native_fn=None, wrap=lambda f: f
         out["torch-compile"] = wrap(compile_fn(eager, AccelOptions(compile=True)))
         if triton_available() and (device.type == "cuda" or triton_interpreting()):
             out["fastdiff"] = wrap(triton_fn)
+            out.update({f"fastdiff[{name}]": _within(context, wrap(triton_fn))
+                        for name, context in (variants or {}).items()})
     if native_fn is not None and not _native_skipped(device):
         out["fastdiff-native"] = wrap(native_fn)
     return out
@@ -81,9 +93,9 @@ def _build(spec: Op, declared: BenchCase, device, quick) -> Case:
 
     native_fn = getattr(native, spec.native) if spec.native else None
     name = spec.name + ("_fwd_bwd" if declared.backward else "")
-    return Case(name, declared.shape, declared.dtype, declared.nbytes, declared.byte_formula,
-                _providers(spec.reference, spec.triton, device, quick, native_fn, wrap), declared.note,
-                _native_skipped(device) if spec.native else {})
+    providers = _providers(spec.reference, spec.triton, device, quick, native_fn, wrap, declared.variants)
+    return Case(name, declared.shape, declared.dtype, declared.nbytes, declared.byte_formula, providers,
+                declared.note, _native_skipped(device) if spec.native else {})
 
 
 def _declared(quick: bool) -> dict[str, list[tuple[Op, BenchCase]]]:

@@ -52,8 +52,8 @@ class Budget:
 def plan(device: torch.device, quick: bool, presets=None, providers=None) -> list:
     """The jobs in the order they run.
 
-    GPU (full): the headline rows fastest first -- the headline op rows (GroupNorm+SiLU and the sampler step
-    against copy bandwidth: seconds, with no model to compile), mnist DDIM-20 sampling at batch 64 (the
+    GPU (full): the headline rows fastest first -- the headline op rows (GroupNorm+SiLU, each of its paths, and
+    the sampler step against copy bandwidth: seconds, with no model to compile), mnist DDIM-20 sampling at batch 64 (the
     CUDA-graph gain), cifar10-ddpm training at batch 128, DDPM-1000 sampling at batch 1024 (20 timed steps,
     extrapolated), each torch-eager fp32 / fastdiff bf16 / torch-compile bf16 interleaved; diffusers at the same
     settings; then the other op rows and combinations. A job's rows come once its providers are compiled and

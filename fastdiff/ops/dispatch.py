@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -70,6 +70,9 @@ class BenchCase:
     # output gradient shaped like the first argument.
     backward: bool = False
     headline: bool = False  # among the rows the GPU suite leads with
+    # Other ways the Triton path may run this case, each timed as a provider of its own (`fastdiff[<name>]`):
+    # name -> a zero-argument context manager factory that selects it (e.g. GroupNorm+SiLU's `forced_path`).
+    variants: dict[str, Callable[[], contextlib.AbstractContextManager]] = field(default_factory=dict)
 
 
 REGISTRY: dict[str, Op] = {}

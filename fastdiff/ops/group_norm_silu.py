@@ -3,11 +3,16 @@
 Each (sample, group) is viewed as a [Cg, HW] matrix with strides (s_c, s_hw): (HW, 1) for NCHW, (1, C) for
 channels_last, so one kernel serves both layouts. When a group fits on chip (<= MAX_FUSED_FWD elements) one program
 holds it in registers: one read and one write of the activation. Otherwise the group is split into chunks along HW
-and a statistics pass runs first (two reads, one write). Statistics are float32, computed two-pass on the tile
-(mean, then the corrected sum of squared deviations), and chunks merge with Chan et al.'s formula, so a large mean
-(1e3 with std 1) costs no precision.
+and run one of two ways (`PATHS`): "split", many programs per group, a statistics pass over every chunk and then a
+normalising pass (two launches; x read twice from DRAM unless L2 still holds it); or "looped", one program per
+group looping over its chunks twice, statistics then normalise (one launch; the second read follows the first
+within the program, so it can come from L2). `SPLIT_BY_DEFAULT` picks between them until a GPU run measures both
+(the bench times each as its own row). Statistics are float32, computed two-pass on the tile (mean, then the
+corrected sum of squared deviations), and chunks merge with Chan et al.'s formula, so a large mean (1e3 with std
+1) costs no precision.
 """
 
+import contextlib
 import functools
 import math
 
@@ -22,6 +27,58 @@ MAX_FUSED_FWD = 16384  # elements of one group held in registers by the fused fo
 MAX_FUSED_BWD = 8192  # the backward holds x and dy
 CHUNK = 4096  # elements per program on the split path
 STATS, FUSED, SPLIT = 0, 1, 2  # the MODE of a launch: chunk statistics only, one-pass, normalise with chunk stats
+PATHS = ("fused", "split", "looped")  # how a launch runs a group (`forced_path`); the plan's choice by default
+MAX_FORCED_FUSED = 1 << 16  # the largest group `forced_path("fused")` holds in one program's registers
+# A group split into chunks runs "split" (many programs per group) by default, not "looped" (one program per group):
+# the one that has been reviewed. Which is faster on a GPU is for the bench's GroupNorm+SiLU rows to say (a row
+# per path: `fastdiff[looped]`, `fastdiff[fused]`); flip this once they have.
+SPLIT_BY_DEFAULT = True
+
+
+@triton.jit
+def _tile_moments(x, mask, count):
+    """(mean, m2) of the masked tile x (count elements): the mean, then the sum of squared deviations from it with
+    the first mean's rounding error corrected."""
+    mean0 = tl.sum(x) / count
+    d = tl.where(mask, x - mean0, 0.0)
+    sd = tl.sum(d)
+    return mean0 + sd / count, tl.sum(d * d) - sd * sd / count
+
+
+@triton.jit
+def _load_affine(w_ptr, b_ptr, g, c, cmask, Cg: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """The group's [BLOCK_C, 1] weight and bias as float32 (1 and 0 where absent)."""
+    if HAS_W:
+        w = tl.load(w_ptr + g * Cg + c, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        w = tl.full(c.shape, 1.0, tl.float32)
+    if HAS_B:
+        b = tl.load(b_ptr + g * Cg + c, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        b = tl.full(c.shape, 0.0, tl.float32)
+    return w, b
+
+
+@triton.jit
+def _normalise_silu(x, mean, rstd, w, b, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    h = (x - mean) * rstd
+    if HAS_W:
+        h = h * w
+    if HAS_B:
+        h = h + b
+    return h * tl.sigmoid(h)  # silu
+
+
+@triton.jit
+def _backward_tile(x, dy, mask, mean, rstd, w, b, HAS_B: tl.constexpr):
+    """(xhat, dh, dxhat) of a tile (see _group_norm_silu_bwd_kernel), zero outside the mask."""
+    xhat = (x - mean) * rstd
+    h = xhat * w
+    if HAS_B:
+        h = h + b
+    s = tl.sigmoid(h)
+    dh = tl.where(mask, dy * s * (1.0 + h * (1.0 - s)), 0.0)
+    return xhat, dh, dh * w
 
 
 @triton.jit
@@ -66,13 +123,9 @@ def _group_norm_silu_fwd_kernel(
         mean = tl.sum(count_k * mean_k, 0) / total
         dev = mean_k - mean
         var = (tl.sum(m2_k, 0) + tl.sum(count_k * dev * dev, 0)) / total
-    else:  # two passes over the tile in registers, with the rounding error of the first mean corrected
+    else:  # two passes over the tile in registers
         count = Cg * tl.minimum(BLOCK_HW, HW - chunk * BLOCK_HW) * 1.0
-        mean0 = tl.sum(x) / count
-        d = tl.where(mask, x - mean0, 0.0)
-        sd = tl.sum(d)
-        mean = mean0 + sd / count
-        m2 = tl.sum(d * d) - sd * sd / count
+        mean, m2 = _tile_moments(x, mask, count)
         var = m2 / count
 
     if MODE == 0:
@@ -82,13 +135,54 @@ def _group_norm_silu_fwd_kernel(
         rstd = 1.0 / tl.sqrt_rn(tl.maximum(var, 0.0) + eps)
         tl.store(mean_ptr + ng, mean, mask=chunk == 0)
         tl.store(rstd_ptr + ng, rstd, mask=chunk == 0)
-        h = (x - mean) * rstd
-        if HAS_W:
-            h = h * tl.load(w_ptr + g * Cg + c, mask=c < Cg, other=0.0).to(tl.float32)
-        if HAS_B:
-            h = h + tl.load(b_ptr + g * Cg + c, mask=c < Cg, other=0.0).to(tl.float32)
-        y = h * tl.sigmoid(h)  # silu
-        tl.store(y_ptr + offs, y, mask=mask)
+        w, b = _load_affine(w_ptr, b_ptr, g, c, c < Cg, Cg, HAS_W, HAS_B)
+        tl.store(y_ptr + offs, _normalise_silu(x, mean, rstd, w, b, HAS_W, HAS_B), mask=mask)
+
+
+@triton.jit
+def _group_norm_silu_fwd_loop_kernel(
+    x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,  # as in _group_norm_silu_fwd_kernel
+    HW, G, num_chunks,
+    eps,
+    sxn, sxc, sxhw,
+    Cg: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,  # spatial positions per iteration
+):
+    # The "looped" path: program_id -> group; its chunks twice, statistics (Chan's merge, chunk by chunk), then
+    # normalise. Bytes: x is read twice by the program, the second time just after the first, so L2 may serve it.
+    ng = tl.program_id(0)
+    n = ng // G
+    g = ng % G
+    c = tl.arange(0, BLOCK_C)[:, None]
+    cmask = c < Cg
+    base = n.to(tl.int64) * sxn + (g * Cg + c) * sxc
+    mean = tl.sum(tl.zeros([BLOCK_C], tl.float32), 0)  # float32 scalars carried through the loop
+    m2 = mean
+    count = mean
+    for chunk in range(0, num_chunks):
+        hw = chunk * BLOCK_HW + tl.arange(0, BLOCK_HW)[None, :]
+        mask = cmask & (hw < HW)
+        x = tl.load(x_ptr + base + hw * sxhw, mask=mask, other=0.0).to(tl.float32)
+        n_b = Cg * tl.minimum(BLOCK_HW, HW - chunk * BLOCK_HW) * 1.0
+        mean_b, m2_b = _tile_moments(x, mask, n_b)
+        total = count + n_b
+        delta = mean_b - mean
+        mean = mean + delta * (n_b / total)
+        m2 = m2 + m2_b + delta * delta * (count * (n_b / total))
+        count = total
+    rstd = 1.0 / tl.sqrt_rn(tl.maximum(m2 / count, 0.0) + eps)
+    tl.store(mean_ptr + ng, mean)
+    tl.store(rstd_ptr + ng, rstd)
+    w, b = _load_affine(w_ptr, b_ptr, g, c, cmask, Cg, HAS_W, HAS_B)
+    for chunk in range(0, num_chunks):
+        hw = chunk * BLOCK_HW + tl.arange(0, BLOCK_HW)[None, :]
+        mask = cmask & (hw < HW)
+        offs = base + hw * sxhw
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs, _normalise_silu(x, mean, rstd, w, b, HAS_W, HAS_B), mask=mask)
 
 
 @triton.jit
@@ -131,17 +225,8 @@ def _group_norm_silu_bwd_kernel(
     mean = tl.load(mean_ptr + ng)
     rstd = tl.load(rstd_ptr + ng)
 
-    xhat = (x - mean) * rstd
-    if HAS_W:
-        w = tl.load(w_ptr + g * Cg + c, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        w = tl.full([BLOCK_C, 1], 1.0, tl.float32)
-    h = xhat * w
-    if HAS_B:
-        h = h + tl.load(b_ptr + g * Cg + c, mask=cmask, other=0.0).to(tl.float32)
-    s = tl.sigmoid(h)
-    dh = tl.where(mask, dy * s * (1.0 + h * (1.0 - s)), 0.0)
-    dxhat = dh * w
+    w, b = _load_affine(w_ptr, b_ptr, g, c, cmask, Cg, HAS_W, HAS_B)
+    xhat, dh, dxhat = _backward_tile(x, dy, mask, mean, rstd, w, b, HAS_B)
 
     if MODE != 2:  # per-channel partial dweight, dbias of this chunk
         cvec = tl.arange(0, BLOCK_C)
@@ -165,6 +250,58 @@ def _group_norm_silu_bwd_kernel(
         tl.store(dx_ptr + offs, dx, mask=mask)
 
 
+@triton.jit
+def _group_norm_silu_bwd_loop_kernel(
+    dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,  # as in _group_norm_silu_bwd_kernel
+    dwdb_ptr,  # [2, N*G, 1, Cg] float32 partial dweight, dbias of each group
+    HW, G, num_chunks, NG,
+    sxn, sxc, sxhw,
+    Cg: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+):
+    # The "looped" backward: program_id -> group; its chunks twice, the sums (and dweight, dbias) then dx.
+    ng = tl.program_id(0)
+    n = ng // G
+    g = ng % G
+    c = tl.arange(0, BLOCK_C)[:, None]
+    cmask = c < Cg
+    base = n.to(tl.int64) * sxn + (g * Cg + c) * sxc
+    mean = tl.load(mean_ptr + ng)
+    rstd = tl.load(rstd_ptr + ng)
+    w, b = _load_affine(w_ptr, b_ptr, g, c, cmask, Cg, HAS_W, HAS_B)
+    dw = tl.zeros([BLOCK_C], tl.float32)
+    db = tl.zeros([BLOCK_C], tl.float32)
+    sum_dxhat = tl.sum(dw, 0)  # float32 scalars carried through the loop
+    sum_dxhat_xhat = sum_dxhat
+    for chunk in range(0, num_chunks):
+        hw = chunk * BLOCK_HW + tl.arange(0, BLOCK_HW)[None, :]
+        mask = cmask & (hw < HW)
+        offs = base + hw * sxhw
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        xhat, dh, dxhat = _backward_tile(x, dy, mask, mean, rstd, w, b, HAS_B)
+        dw += tl.sum(dh * xhat, 1)
+        db += tl.sum(dh, 1)
+        sum_dxhat += tl.sum(dxhat)
+        sum_dxhat_xhat += tl.sum(dxhat * xhat)
+    cvec = tl.arange(0, BLOCK_C)
+    tl.store(dwdb_ptr + ng * Cg + cvec, dw, mask=cvec < Cg)
+    tl.store(dwdb_ptr + (NG + ng) * Cg + cvec, db, mask=cvec < Cg)
+    total = Cg * HW * 1.0
+    for chunk in range(0, num_chunks):
+        hw = chunk * BLOCK_HW + tl.arange(0, BLOCK_HW)[None, :]
+        mask = cmask & (hw < HW)
+        offs = base + hw * sxhw
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        xhat, dh, dxhat = _backward_tile(x, dy, mask, mean, rstd, w, b, HAS_B)
+        dx = rstd * (dxhat - sum_dxhat / total - xhat * (sum_dxhat_xhat / total))
+        tl.store(dx_ptr + offs, dx, mask=mask)
+
+
 def _group_strides(x: torch.Tensor):
     """(s_n, s_c, s_hw) when h and w of x merge into one index (NCHW, channels_last), else None."""
     N, C, H, W = x.shape
@@ -172,6 +309,11 @@ def _group_strides(x: torch.Tensor):
     if H == 1 or sh == W * sw:
         return sn, sc, (sw if W > 1 else sh)
     return None
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (triton.next_power_of_2, without needing triton: the bench plans anywhere)."""
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def _plan(N: int, C: int, HW: int, G: int, max_fused: int, chunk: int, num_sms: int = 0):
@@ -184,14 +326,14 @@ def _plan(N: int, C: int, HW: int, G: int, max_fused: int, chunk: int, num_sms: 
     from DRAM instead of two for those; unmeasured until a GPU run: the bench's GroupNorm+SiLU rows).
     """
     Cg = C // G
-    block_c = triton.next_power_of_2(Cg)
-    block_hw = triton.next_power_of_2(max(HW, 1))
+    block_c = _pow2(Cg)
+    block_hw = _pow2(max(HW, 1))
     starved = N * G < num_sms and Cg * HW >= 4 * chunk
     if block_c * block_hw > max_fused or starved:
-        block_hw = max(1, min(block_hw, triton.next_power_of_2(max(chunk // block_c, 1))))
-    num_chunks = triton.cdiv(HW, block_hw)
+        block_hw = max(1, min(block_hw, _pow2(max(chunk // block_c, 1))))
+    num_chunks = -(-HW // block_hw)
     warps = min(16, max(1, (block_c * block_hw) // 1024))
-    return Cg, block_c, block_hw, num_chunks, triton.next_power_of_2(max(num_chunks, 1)), warps
+    return Cg, block_c, block_hw, num_chunks, _pow2(max(num_chunks, 1)), warps
 
 
 def _num_sms(device: torch.device) -> int:
@@ -203,6 +345,42 @@ def _num_sms(device: torch.device) -> int:
 @functools.cache
 def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+_forced: str | None = None  # `forced_path`'s choice; None: the plan's
+
+
+@contextlib.contextmanager
+def forced_path(path: str | None):
+    """Run every GroupNorm+SiLU launch inside the block by `path` (one of PATHS; None: the plan's choice): the
+    bench's rows per path. "fused" holds a group of up to MAX_FORCED_FUSED elements in one program; "split" and
+    "looped" choose how a group split into chunks runs (a group that fits one program runs fused either way).
+    Process-wide, read at each launch (after any torch.compile trace, since the op is opaque to it)."""
+    global _forced
+    if path is not None and path not in PATHS:
+        raise ConfigError(f"group_norm_silu: unknown path {path!r}; use one of {', '.join(PATHS)} or None")
+    saved, _forced = _forced, path
+    try:
+        yield
+    finally:
+        _forced = saved
+
+
+def _launch_plan(x, num_groups: int, max_fused: int, chunk: int):
+    """(_plan's tuple, looped) for this launch: the plan, or the forced path's."""
+    N, C, H, W = x.shape
+    if _forced == "fused":
+        Cg = C // num_groups
+        size = _pow2(Cg) * _pow2(max(H * W, 1))
+        if size > MAX_FORCED_FUSED:
+            raise ConfigError(f"group_norm_silu: a group of {Cg}x{H * W} elements ({size} padded) is too large for "
+                              f"the fused path (at most {MAX_FORCED_FUSED}); use forced_path(None)")
+        max_fused, num_sms = size, 0
+    else:
+        num_sms = _num_sms(x.device)
+    plan = _plan(N, C, H * W, num_groups, max_fused, chunk, num_sms)
+    looped = plan[3] > 1 and (_forced == "looped" or (_forced is None and not SPLIT_BY_DEFAULT))
+    return plan, looped
 
 
 def _check_groups(x, num_groups: int) -> None:
@@ -227,14 +405,18 @@ def group_norm_silu_fwd(x, weight, bias, num_groups: int, eps: float, max_fused:
     HW = H * W
     mean = torch.empty(N * num_groups, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    Cg, block_c, block_hw, num_chunks, block_chunks, warps = _plan(N, C, HW, num_groups, max_fused, chunk,
-                                                                   _num_sms(x.device))
-    part = torch.empty((N * num_groups, num_chunks, 2), device=x.device, dtype=torch.float32)
+    (Cg, block_c, block_hw, num_chunks, block_chunks, warps), looped = _launch_plan(x, num_groups, max_fused, chunk)
     dummy = mean  # stands in for an absent weight or bias (never read)
-    args = (x, y, weight if weight is not None else dummy, bias if bias is not None else dummy, mean, rstd, part,
-            HW, num_groups, num_chunks, float(eps), *strides)
+    w, b = weight if weight is not None else dummy, bias if bias is not None else dummy
     meta = dict(Cg=Cg, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_C=block_c, BLOCK_HW=block_hw,
-                BLOCK_CHUNKS=block_chunks, num_warps=warps)
+                num_warps=warps)
+    if looped:
+        _group_norm_silu_fwd_loop_kernel[(N * num_groups,)](x, y, w, b, mean, rstd, HW, num_groups, num_chunks,
+                                                             float(eps), *strides, **meta)
+        return y, mean, rstd
+    part = torch.empty((N * num_groups, num_chunks, 2), device=x.device, dtype=torch.float32)
+    args = (x, y, w, b, mean, rstd, part, HW, num_groups, num_chunks, float(eps), *strides)
+    meta["BLOCK_CHUNKS"] = block_chunks
     grid = (N * num_groups * num_chunks,)
     if num_chunks > 1:
         _group_norm_silu_fwd_kernel[grid](*args, MODE=STATS, **meta)
@@ -255,19 +437,24 @@ def group_norm_silu_bwd(dy, x, weight, bias, mean, rstd, num_groups: int, max_fu
         dy = torch.empty_like(x).copy_(dy)
     N, C, H, W = x.shape
     HW = H * W
-    Cg, block_c, block_hw, num_chunks, block_chunks, warps = _plan(N, C, HW, num_groups, max_fused, chunk,
-                                                                   _num_sms(x.device))
+    (Cg, block_c, block_hw, num_chunks, block_chunks, warps), looped = _launch_plan(x, num_groups, max_fused, chunk)
     NG = N * num_groups
-    part = torch.empty((NG, num_chunks, 2), device=x.device, dtype=torch.float32)
-    dwdb = torch.empty((2, N, num_groups, num_chunks, Cg), device=x.device, dtype=torch.float32)
-    args = (dy, x, dx, weight if weight is not None else mean, bias if bias is not None else mean, mean, rstd,
-            part, dwdb, HW, num_groups, num_chunks, NG, *strides)
+    w, b = weight if weight is not None else mean, bias if bias is not None else mean
     meta = dict(Cg=Cg, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_C=block_c, BLOCK_HW=block_hw,
-                BLOCK_CHUNKS=block_chunks, num_warps=warps)
-    grid = (NG * num_chunks,)
-    if num_chunks > 1:
-        _group_norm_silu_bwd_kernel[grid](*args, MODE=STATS, **meta)
-    _group_norm_silu_bwd_kernel[grid](*args, MODE=SPLIT if num_chunks > 1 else FUSED, **meta)
+                num_warps=warps)
+    if looped:  # one partial per group
+        dwdb = torch.empty((2, N, num_groups, 1, Cg), device=x.device, dtype=torch.float32)
+        _group_norm_silu_bwd_loop_kernel[(NG,)](dy, x, dx, w, b, mean, rstd, dwdb, HW, num_groups, num_chunks, NG,
+                                                *strides, **meta)
+    else:
+        part = torch.empty((NG, num_chunks, 2), device=x.device, dtype=torch.float32)
+        dwdb = torch.empty((2, N, num_groups, num_chunks, Cg), device=x.device, dtype=torch.float32)
+        args = (dy, x, dx, w, b, mean, rstd, part, dwdb, HW, num_groups, num_chunks, NG, *strides)
+        grid = (NG * num_chunks,)
+        if num_chunks > 1:
+            _group_norm_silu_bwd_kernel[grid](*args, MODE=STATS, BLOCK_CHUNKS=block_chunks, **meta)
+        _group_norm_silu_bwd_kernel[grid](*args, MODE=SPLIT if num_chunks > 1 else FUSED, BLOCK_CHUNKS=block_chunks,
+                                          **meta)
     # Sum the partials over samples and chunks: [N, G, chunks, Cg] -> [G, Cg] -> [C] (two separate tensors).
     dw = dwdb[0].sum(dim=(0, 2)).reshape(C).to(weight.dtype) if weight is not None else x.new_empty(0)
     db = dwdb[1].sum(dim=(0, 2)).reshape(C).to(bias.dtype) if bias is not None else x.new_empty(0)
@@ -320,6 +507,20 @@ def _backward(ctx, dy, _dmean, _drstd):
 _group_norm_silu_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _path_variants(shape, num_groups: int, max_fused: int) -> dict:
+    """The bench's other rows for a case whose groups the plan splits into chunks: the path the default does not
+    take ("looped" or "split") and, where the group fits MAX_FORCED_FUSED, "fused"."""
+    N, C, H, W = shape
+    _, block_c, block_hw, num_chunks, _, _ = _plan(N, C, H * W, num_groups, max_fused, CHUNK)
+    if num_chunks == 1:
+        return {}
+    other = "looped" if SPLIT_BY_DEFAULT else "split"
+    out = {other: functools.partial(forced_path, other)}
+    if block_c * _pow2(H * W) <= MAX_FORCED_FUSED:
+        out["fused"] = functools.partial(forced_path, "fused")
+    return out
+
+
 def _bench_cases(quick: bool) -> list[BenchCase]:
     """Forward, then forward + backward, at >= 64 MB per activation (one small shape when quick); the first forward
     leads the GPU suite."""
@@ -338,11 +539,13 @@ def _bench_cases(quick: bool) -> list[BenchCase]:
 
         nbytes = math.prod(shape) * dtype.itemsize
         note = "channels_last" if channels_last else ""
+        variants = _path_variants(shape, 32, MAX_FUSED_BWD if backward else MAX_FUSED_FWD)
         if backward:
             return BenchCase(shape, dtype, inputs, 5 * nbytes,
-                             "5 * numel * itemsize (fwd: read x, write y; bwd: read x, dy, write dx)", note, True)
+                             "5 * numel * itemsize (fwd: read x, write y; bwd: read x, dy, write dx)", note, True,
+                             variants=variants)
         return BenchCase(shape, dtype, inputs, 2 * nbytes, "2 * numel * itemsize (read x, write y)", note,
-                         headline=headline)
+                         headline=headline, variants=variants)
 
     return ([case(*s, False, headline=i == 0) for i, s in enumerate(shapes)]
             + [case(*s, True) for s in shapes])

@@ -108,3 +108,22 @@ def test_script_prints_a_table_then_json():
     lines = out.stdout.strip().splitlines()
     doc = json.loads(lines[-1])
     assert doc["rows"] and doc["rows"][0]["op"] == "timestep_embedding" and "provider" in lines[0]
+
+
+def test_path_variants_are_providers_of_their_own(monkeypatch):
+    # GroupNorm+SiLU's headline case also times the paths the default does not take, each inside its context.
+    import importlib
+
+    from fastdiff.bench import ops as bench_ops
+
+    gn = importlib.import_module("fastdiff.ops.group_norm_silu")  # the module (fastdiff.ops exports the function)
+
+    monkeypatch.setattr(bench_ops, "triton_interpreting", lambda: True)
+    headline = next(c for spec, c in bench_ops._declared(quick=False)["group_norm_silu"] if c.headline)
+    assert set(headline.variants) == {"fused", "looped" if gn.SPLIT_BY_DEFAULT else "split"}
+    out = bench_ops._providers(torch.neg, lambda: gn._forced, torch.device("cpu"), False,
+                               variants=headline.variants)
+    assert list(out) == ["torch-eager", "torch-compile", "fastdiff", *(f"fastdiff[{v}]" for v in headline.variants)]
+    assert out["fastdiff"]() is None and out["fastdiff[fused]"]() == "fused" and gn._forced is None
+    # a case whose groups fit one program has no variants
+    assert not gn._path_variants((128, 128, 32, 32), 32, gn.MAX_FUSED_FWD)

@@ -5,8 +5,18 @@ import torch
 
 from fastdiff import nn as fnn
 from fastdiff import reference
+from fastdiff.errors import ConfigError
 from fastdiff.ops import group_norm_silu, use_backend
-from fastdiff.ops.group_norm_silu import group_norm_silu_bwd, group_norm_silu_fwd
+from fastdiff.ops.group_norm_silu import (
+    CHUNK,
+    MAX_FUSED_FWD,
+    PATHS,
+    SPLIT_BY_DEFAULT,
+    _launch_plan,
+    forced_path,
+    group_norm_silu_bwd,
+    group_norm_silu_fwd,
+)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TINY_SHAPES = [((1, 2, 1, 1), 1), ((2, 6, 5, 7), 3), ((3, 8, 4, 4), 4)]  # minimal, odd, power of two
@@ -50,26 +60,61 @@ def test_forward_and_backward_match_reference(device, dtype, channels_last, asse
                 assert_lowp_close(a, r, t, name=f"{shape} {name}", atol=2e-3 if name in ("y", "dx") else 5e-3)
 
 
+@pytest.mark.parametrize("path", ["split", "looped"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-def test_split_path_matches_fused(device, channels_last):
-    # A small max_fused forces the two-kernel path (chunk statistics merged across programs) at tiny sizes.
+def test_chunked_paths_match_reference(device, channels_last, path):
+    # A small max_fused splits groups into chunks at tiny sizes (the last one partial); then the chunks run as
+    # many programs per group (split: statistics merged across programs) or as one program's loop (looped).
     shape, G = ((2, 6, 9, 5), 2) if device.type == "cpu" else ((2, 64, 96, 96), 4)
     chunk = 16 if device.type == "cpu" else 4096
     x, w, b, dy = _inputs(shape, torch.float32, device, channels_last)
-    y, mean, rstd = group_norm_silu_fwd(x, w, b, G, 1e-5, max_fused=chunk, chunk=chunk)
-    dx, dw, db = group_norm_silu_bwd(dy, x, w, b, mean, rstd, G, max_fused=chunk, chunk=chunk)
+    with forced_path(path):
+        y, mean, rstd = group_norm_silu_fwd(x, w, b, G, 1e-5, max_fused=chunk, chunk=chunk)
+        dx, dw, db = group_norm_silu_bwd(dy, x, w, b, mean, rstd, G, max_fused=chunk, chunk=chunk)
     truth = _grads(lambda x, w, b: reference.group_norm_silu(x, G, w, b), x, w, b, dy)
     for name, a, t in zip(["y", "dx", "dw", "db"], (y, dx, dw, db), truth):
         torch.testing.assert_close(a, t, atol=2e-5, rtol=2e-5, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(mean, x.reshape(shape[0], G, -1).mean(-1).flatten(), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
-def test_statistics_are_stable_for_a_large_mean(device, split):
+def test_every_path_gives_the_same_result_without_weight_and_bias(device):
+    # The paths differ only in how a group's chunks are scheduled: the same statistics, the same outputs.
+    shape, G = ((2, 4, 6, 6), 2) if device.type == "cpu" else ((4, 64, 64, 64), 8)
+    chunk = 16 if device.type == "cpu" else 4096
+    x, _, _, dy = _inputs(shape, torch.float32, device, False)
+    outs = {}
+    for path in PATHS:
+        with forced_path(path):
+            y, mean, rstd = group_norm_silu_fwd(x, None, None, G, 1e-5, max_fused=chunk, chunk=chunk)
+            dx, _, _ = group_norm_silu_bwd(dy, x, None, None, mean, rstd, G, max_fused=chunk, chunk=chunk)
+        outs[path] = (y, mean, rstd, dx)
+    for path in ("split", "looped"):
+        for name, a, f in zip(["y", "mean", "rstd", "dx"], outs[path], outs["fused"]):
+            torch.testing.assert_close(a, f, atol=2e-5, rtol=2e-5, msg=lambda m: f"{path} {name}: {m}")
+
+
+def test_forced_path_is_checked_and_restored():
+    with pytest.raises(ConfigError, match="unknown path 'loop'"):
+        with forced_path("loop"):
+            pass
+    x = torch.zeros(1, 2, 256, 257)  # a group of 256x257 elements, 2^17 padded
+    with pytest.raises(ConfigError, match="too large for the fused path"), forced_path("fused"):
+        _launch_plan(x, 1, MAX_FUSED_FWD, CHUNK)
+    assert _launch_plan(x, 1, MAX_FUSED_FWD, CHUNK)[1] is (not SPLIT_BY_DEFAULT)  # restored after the error
+    with forced_path("looped"):
+        plan, looped = _launch_plan(x, 1, MAX_FUSED_FWD, CHUNK)
+        assert looped and plan[3] > 1
+        assert _launch_plan(torch.zeros(1, 2, 8, 8), 1, MAX_FUSED_FWD, CHUNK)[1] is False  # one chunk: fused
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_statistics_are_stable_for_a_large_mean(device, path):
     # mean 1e3, std 1: E[x^2] - E[x]^2 in float32 would lose every significant digit of the variance.
     shape, G = ((2, 4, 8, 8), 2) if device.type == "cpu" else ((4, 128, 64, 64), 32)
     x, w, b, _ = _inputs(shape, torch.float32, device, False, mean=1e3)
-    limit = 32 if split else 1 << 20
-    y, mean, rstd = group_norm_silu_fwd(x, w, b, G, 1e-5, max_fused=limit, chunk=limit)
+    limit = 32 if path != "fused" else 1 << 20
+    with forced_path(path):
+        y, mean, rstd = group_norm_silu_fwd(x, w, b, G, 1e-5, max_fused=limit, chunk=limit)
     truth = reference.group_norm_silu(x.double(), G, w.double(), b.double())
     torch_err = (reference.group_norm_silu(x, G, w, b).double() - truth).abs().max().item()
     err = (y.double() - truth).abs().max().item()

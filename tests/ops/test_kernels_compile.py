@@ -82,21 +82,32 @@ def _compile_all(calls):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_group_norm_silu_kernels_compile_for_sm90(monkeypatch, dtype):
-    from fastdiff.ops.group_norm_silu import group_norm_silu_bwd, group_norm_silu_fwd
+    from fastdiff.ops.group_norm_silu import forced_path, group_norm_silu_bwd, group_norm_silu_fwd
 
     def launch():
-        for channels_last, max_fused in [(False, 1 << 14), (True, 1 << 14), (False, 64)]:
-            x = torch.randn(2, 64, 16, 16, dtype=dtype)
+        # (size, channels_last, max_fused = chunk, path): fused, split on a tiny and on a 2048-element tile, looped
+        for size, channels_last, max_fused, path in [(16, False, 1 << 14, None), (16, True, 1 << 14, None),
+                                                     (16, False, 64, "split"), (32, False, 2048, "split"),
+                                                     (32, False, 2048, "looped"), (32, True, 2048, "looped"),
+                                                     (16, False, 64, "fused")]:
+            x = torch.randn(2, 64, size, size, dtype=dtype)
             if channels_last:
                 x = x.to(memory_format=torch.channels_last)
             w, b = torch.ones(64, dtype=dtype), torch.zeros(64, dtype=dtype)
             mean = torch.zeros(16)
-            group_norm_silu_fwd(x, w, b, 8, 1e-5, max_fused=max_fused, chunk=max_fused)
-            group_norm_silu_bwd(x, x, w, None, mean, mean, 8, max_fused=max_fused, chunk=max_fused)
+            with forced_path(path):
+                group_norm_silu_fwd(x, w, b, 8, 1e-5, max_fused=max_fused, chunk=max_fused)
+                group_norm_silu_bwd(x, x, w, None, mean, mean, 8, max_fused=max_fused, chunk=max_fused)
 
-    ptxs = _compile_all(_record_launches(monkeypatch, launch))
-    assert len(ptxs) == 8  # fused fwd, bwd for NCHW and channels_last; split: stats + normalise, fwd and bwd
+    calls = _record_launches(monkeypatch, launch)
+    names = [kernel.fn.__name__ for kernel, _, _ in calls]
+    assert names[12:16] == ["_group_norm_silu_fwd_loop_kernel", "_group_norm_silu_bwd_loop_kernel"] * 2
+    assert names[16:] == names[:2]  # forced fused: one program per group, as the plan's fused launch
+    ptxs = _compile_all(calls)
+    # fused fwd, bwd per layout; split (stats + normalise, fwd and bwd) per tile; looped fwd, bwd per layout
+    assert len(ptxs) == 16
     assert all("ld.global.v4" in p for p in ptxs[:4]), "the fused kernels should load 16-byte vectors"
+    assert all("ld.global.v4" in p for p in ptxs[8:14]), "split and looped NCHW kernels should load 16-byte vectors"
 
 
 def test_sampler_step_kernels_compile_for_sm90(monkeypatch):
