@@ -21,7 +21,8 @@
 #   late can still compile; once the budget is spent, a job skips the providers it has not yet compiled and times
 #   the ones it has (fastdiff is compiled before the torch-compile baseline). A job's rows come once its providers
 #   are timed, bench.log has a line as each provider's warm-up (compile, capture) ends, and the reports are
-#   rewritten after every row, so a killed bench still leaves valid JSON and markdown.
+#   rewritten after every row, so a killed bench still leaves valid JSON and markdown. Their last section, the
+#   speed targets met or not by this run's rows (fastdiff/bench/targets.py), is copied into suite.log.
 # No network: wheels carried in $FASTDIFF_WHEELS (default .whl, else benchmarks/wheels) are installed first with
 #   --no-deps (diffusers 0.42.1 and importlib_metadata for the diffusers rows; see benchmarks/results/README.md);
 #   without diffusers those rows say "skipped: diffusers is not installed".
@@ -128,5 +129,6 @@ timeout -k 5 "$limit" $PY -m fastdiff bench --device "$DEVICE" --out "$OUT" --bu
     >"$OUT/bench.log" 2>&1
 brc=$?
 log "stage 2: fastdiff bench: exit $brc$([ $brc = 124 ] && echo ' (timed out; bench.json holds the rows so far)')"
+[ -f "$OUT/bench.md" ] && sed -n '/^## Targets/,$p' "$OUT/bench.md" | tee -a "$OUT/suite.log"  # the last section
 log "done in $((SECONDS - start)) s"
 exit $(( (rc != 0 && rc != 5) || (brc != 0 && brc != 124) ))

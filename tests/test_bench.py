@@ -332,6 +332,68 @@ def test_bench_command_end_to_end(tiny_preset, tmp_path, capsys, monkeypatch):
     assert statuses[("sample", "torch-compile", "ddim-20")].startswith("skipped: --quick on the CPU")
     assert doc["environment"]["torch"] == torch.__version__ and "total_s" in doc
     assert "| bench-tiny |" in (tmp_path / "bench.md").read_text() and "wrote" in out
+    # a quick run on a tiny preset measures none of the CPU targets (mnist5k at batch 64), and says so
+    assert doc["targets"] and all(t["status"].startswith("not measured: ") for t in doc["targets"])
+    assert (tmp_path / "bench.md").read_text().split("## ")[-1].startswith("Targets") and "\ntargets\n" in out
+
+
+def _rows_for_targets(train_ms: float, ddpm_ms: float) -> list[dict]:
+    train = dict(section="train", preset="cifar10-ddpm", batch=128, status="ok", case="train")
+    ddpm = dict(section="sample", preset="cifar10-ddpm", batch=1024, sampler="ddpm-1000", status="ok", case="ddpm")
+    gn = dict(section="op", op="group_norm_silu", shape=[32, 256, 64, 64], dtype="bfloat16", note="", status="ok",
+              case="gn")
+    return [
+        {**train, "provider": "torch-eager", "dtype": "fp32", "median_ms": 60.0, "images_per_s": 128 / 0.06},
+        {**train, "provider": "fastdiff", "dtype": "bf16", "median_ms": train_ms,
+         "images_per_s": 128 / train_ms * 1e3},
+        {**train, "provider": "torch-compile", "dtype": "bf16", "median_ms": 20.0, "images_per_s": 6400.0},
+        {**ddpm, "provider": "fastdiff", "dtype": "bf16", "median_ms": ddpm_ms, "images_per_s": 50.0},
+        {**ddpm, "provider": "torch-compile", "dtype": "bf16", "status": "skipped: time budget"},
+        {**gn, "provider": "fastdiff", "frac_copy_bw": 0.66, "median_ms": 1.0},
+        {**gn, "provider": "fastdiff[looped]", "frac_copy_bw": 0.83, "median_ms": 0.8},
+        {**gn, "note": "channels_last", "provider": "fastdiff", "frac_copy_bw": 0.81, "median_ms": 0.9},
+    ]
+
+
+def test_targets_are_checked_against_the_rows_of_one_run():
+    from fastdiff.bench.report import add_ratios, render_markdown
+    from fastdiff.bench.targets import evaluate
+
+    rows = _rows_for_targets(train_ms=12.8, ddpm_ms=500.0)  # 10,000 images/s, 4.7x eager, 1.56x compile
+    add_ratios(rows)
+    got = {t["target"]: t for t in evaluate(rows, "cuda")}
+    assert len(got) == 10
+    train = {k: v for k, v in got.items() if k.startswith("cifar10-ddpm training")}
+    assert [t["status"] for t in train.values()] == ["met"] * 3
+    assert [t["measured"] for t in train.values()] == ["1e+04", "4.69x", "1.56x"]
+    ddpm = [t for k, t in got.items() if k.startswith("DDPM-1000")]
+    assert ddpm[0]["status"] == "met" and ddpm[1]["status"] == "not measured: torch-compile: skipped: time budget"
+    gn = [t for k, t in got.items() if k.startswith("GroupNorm+SiLU")]
+    assert (gn[0]["status"], gn[0]["measured"], gn[0]["other paths"]) == ("not met", "66%", "fastdiff[looped] 83%")
+    assert gn[1]["status"] == "met" and "other paths" not in gn[1]
+    assert got["mnist sampling, batch 64: x torch-eager"]["status"] == "not measured: no such row in this run"
+    # one slower row flips its targets, and the report's last section says so
+    rows = _rows_for_targets(train_ms=40.0, ddpm_ms=500.0)
+    add_ratios(rows)
+    targets = evaluate(rows, "cuda")
+    assert [t["status"] for t in targets[:3]] == ["not met"] * 3
+    md = render_markdown({"environment": {}, "rows": rows, "targets": targets})
+    assert md.split("## ")[-1].startswith("Targets") and "| not met |" in md
+
+
+def test_cpu_targets_compare_with_diffusers_at_both_precisions(monkeypatch):
+    from fastdiff import runtime
+    from fastdiff.bench import targets
+
+    choice = runtime.cpu_choice(frozenset({"avx512_bf16"}), native=True)
+    monkeypatch.setattr(targets, "cpu_choice", lambda: choice)
+    row = dict(section="sample", preset="mnist5k", batch=64, sampler="ddim-20", status="ok")
+    rows = [{**row, "provider": "fastdiff", "dtype": "bf16", "median_ms": 100.0},
+            {**row, "provider": "diffusers", "dtype": "bf16", "median_ms": 140.0},
+            {**row, "provider": "diffusers", "dtype": "fp32", "median_ms": 250.0}]
+    got = targets.evaluate(rows, "cpu")
+    assert [(t["measured"], t["status"]) for t in got[:2]] == [("2.50x", "met"), ("1.40x", "not met")]
+    assert all(t["status"].startswith("not measured") for t in got[2:])  # no training rows
 
 
 SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"

@@ -161,6 +161,8 @@ def render_markdown(doc: dict) -> str:
     for section in sections:
         rows = [r for r in doc["rows"] if r.get("section", "rows") == section]
         parts.append(f"## {SECTION_TITLES.get(section, section)}\n\n{table(rows)}")
+    if doc.get("targets"):  # last, so that a log's tail shows it (fastdiff.bench.targets)
+        parts.append(f"## Targets (this run's rows against fastdiff's speed targets)\n\n{table(doc['targets'])}")
     return "\n\n".join(parts) + "\n"
 
 

@@ -18,7 +18,8 @@ from tqdm import tqdm
 from fastdiff.bench import PRESETS
 from fastdiff.bench.e2e import Job, SampleCase, sample_rows, train_rows
 from fastdiff.bench.ops import iter_op_benchmarks
-from fastdiff.bench.report import new_doc, table, write_reports
+from fastdiff.bench.report import add_ratios, new_doc, table, write_reports
+from fastdiff.bench.targets import evaluate
 from fastdiff.bench.timing import error_status
 from fastdiff.config import PRESETS as ALL_PRESETS
 from fastdiff.errors import ConfigError
@@ -147,7 +148,13 @@ def run_bench(*, device, out: Path, quick: bool = False, sections=SECTIONS, pres
                       "(use_clipped_model_output=True, clip_sample=True, trailing timesteps)"])
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    write_reports(doc, out)
+
+    def save():
+        add_ratios(doc["rows"])
+        doc["targets"] = evaluate(doc["rows"], device)
+        return write_reports(doc, out)
+
+    save()
     jobs = [job for job in plan(device, quick, presets, providers) if job.section in sections]
     def log(line):
         with tqdm.external_write_mode():
@@ -158,13 +165,14 @@ def run_bench(*, device, out: Path, quick: bool = False, sections=SECTIONS, pres
             doc["rows"].append(row)
             with tqdm.external_write_mode():
                 echo(_one_line(row))
-            write_reports(doc, out)
+            save()
     doc["total_s"] = round(budget.used(), 1)
-    json_path, md_path = write_reports(doc, out)
+    json_path, md_path = save()
     for section in ("sample", "train"):
         rows = [r for r in doc["rows"] if r.get("section") == section]
         if rows:
             echo(f"\n{section}\n" + table(rows))
+    echo("\ntargets\n" + table(doc["targets"]))
     echo(f"\nwrote {json_path} and {md_path} in {doc['total_s']} s")
     return doc
 
