@@ -12,8 +12,8 @@ GPU-filling size each), "rest" everything else. On a GPU the full run uses
 tensors of 64 MB or more; `quick` uses small shapes and, on the CPU, torch-eager alone (compiling and the Triton
 interpreter take far longer than a quick run may use), so it only checks that the harness works there.
 fastdiff-native runs wherever the extension is built; elsewhere its rows say why they were skipped. A case may
-declare variants, other ways of running the Triton path (GroupNorm+SiLU's "looped" and "fused" paths where the
-default splits a group into chunks): each is a provider of its own, `fastdiff[<name>]`, timed in the same rounds.
+declare variants, other ways of running the Triton path (GroupNorm+SiLU's "looped" path where the default
+splits a group into chunks): each is a provider of its own, `fastdiff[<name>]`, timed in the same rounds.
 """
 
 from __future__ import annotations

@@ -27,11 +27,13 @@ MAX_FUSED_FWD = 16384  # elements of one group held in registers by the fused fo
 MAX_FUSED_BWD = 8192  # the backward holds x and dy
 CHUNK = 4096  # elements per program on the split path
 STATS, FUSED, SPLIT = 0, 1, 2  # the MODE of a launch: chunk statistics only, one-pass, normalise with chunk stats
-PATHS = ("fused", "split", "looped")  # how a launch runs a group (`forced_path`); the plan's choice by default
-MAX_FORCED_FUSED = 1 << 16  # the largest group `forced_path("fused")` holds in one program's registers
+PATHS = ("split", "looped")  # how a group split into chunks runs (`forced_path`); the plan's choice by default
 # A group split into chunks runs "split" (many programs per group) by default, not "looped" (one program per group):
 # the one that has been reviewed. Which is faster on a GPU is for the bench's GroupNorm+SiLU rows to say (a row
-# per path: `fastdiff[looped]`, `fastdiff[fused]`); flip this once they have.
+# per path: `fastdiff[looped]` beside `fastdiff`); flip this once they have. Even then a launch with fewer groups
+# than SMs stays split (looped would leave SMs idle: batch 1 at high resolution). (A third way, one program
+# holding a whole 32768-element group in registers, was left out: at the headline size its forward took 105-128
+# registers per thread and one program per SM, spilling with Triton 3.9, and its backward spilled with 3.6 too.)
 SPLIT_BY_DEFAULT = True
 
 
@@ -151,28 +153,33 @@ def _group_norm_silu_fwd_loop_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,  # spatial positions per iteration
 ):
-    # The "looped" path: program_id -> group; its chunks twice, statistics (Chan's merge, chunk by chunk), then
-    # normalise. Bytes: x is read twice by the program, the second time just after the first, so L2 may serve it.
+    # The "looped" path: program_id -> group; its chunks twice, statistics then normalise. Bytes: x is read twice
+    # by the program, the second time just after the first, so L2 may serve it. The statistics are per-position
+    # sums of x - K and (x - K)^2, reduced once after the loop (no block-wide reduction, so no barrier, per
+    # chunk); K, the first chunk's mean, keeps a large mean from costing precision.
     ng = tl.program_id(0)
     n = ng // G
     g = ng % G
     c = tl.arange(0, BLOCK_C)[:, None]
     cmask = c < Cg
     base = n.to(tl.int64) * sxn + (g * Cg + c) * sxc
-    mean = tl.sum(tl.zeros([BLOCK_C], tl.float32), 0)  # float32 scalars carried through the loop
-    m2 = mean
-    count = mean
+    hw = tl.arange(0, BLOCK_HW)[None, :]
+    mask = cmask & (hw < HW)
+    x = tl.load(x_ptr + base + hw * sxhw, mask=mask, other=0.0).to(tl.float32)
+    shift = tl.sum(x) / (Cg * tl.minimum(BLOCK_HW, HW) * 1.0)
+    s1 = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
+    s2 = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
     for chunk in range(0, num_chunks):
         hw = chunk * BLOCK_HW + tl.arange(0, BLOCK_HW)[None, :]
         mask = cmask & (hw < HW)
         x = tl.load(x_ptr + base + hw * sxhw, mask=mask, other=0.0).to(tl.float32)
-        n_b = Cg * tl.minimum(BLOCK_HW, HW - chunk * BLOCK_HW) * 1.0
-        mean_b, m2_b = _tile_moments(x, mask, n_b)
-        total = count + n_b
-        delta = mean_b - mean
-        mean = mean + delta * (n_b / total)
-        m2 = m2 + m2_b + delta * delta * (count * (n_b / total))
-        count = total
+        d = tl.where(mask, x - shift, 0.0)
+        s1 += d
+        s2 += d * d
+    count = Cg * HW * 1.0
+    sum1 = tl.sum(s1)
+    mean = shift + sum1 / count
+    m2 = tl.sum(s2) - sum1 * sum1 / count
     rstd = 1.0 / tl.sqrt_rn(tl.maximum(m2 / count, 0.0) + eps)
     tl.store(mean_ptr + ng, mean)
     tl.store(rstd_ptr + ng, rstd)
@@ -262,7 +269,9 @@ def _group_norm_silu_bwd_loop_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
 ):
-    # The "looped" backward: program_id -> group; its chunks twice, the sums (and dweight, dbias) then dx.
+    # The "looped" backward: program_id -> group; its chunks twice, the sums (and dweight, dbias) then dx. The
+    # sums are per-position accumulators reduced once after the loop: dweight and dbias of each channel, then
+    # sum(dxhat) = sum_c w_c dbias_c and sum(dxhat * xhat) = sum_c w_c dweight_c.
     ng = tl.program_id(0)
     n = ng // G
     g = ng % G
@@ -272,24 +281,22 @@ def _group_norm_silu_bwd_loop_kernel(
     mean = tl.load(mean_ptr + ng)
     rstd = tl.load(rstd_ptr + ng)
     w, b = _load_affine(w_ptr, b_ptr, g, c, cmask, Cg, HAS_W, HAS_B)
-    dw = tl.zeros([BLOCK_C], tl.float32)
-    db = tl.zeros([BLOCK_C], tl.float32)
-    sum_dxhat = tl.sum(dw, 0)  # float32 scalars carried through the loop
-    sum_dxhat_xhat = sum_dxhat
+    acc_dw = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
+    acc_db = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
     for chunk in range(0, num_chunks):
         hw = chunk * BLOCK_HW + tl.arange(0, BLOCK_HW)[None, :]
         mask = cmask & (hw < HW)
         offs = base + hw * sxhw
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        xhat, dh, dxhat = _backward_tile(x, dy, mask, mean, rstd, w, b, HAS_B)
-        dw += tl.sum(dh * xhat, 1)
-        db += tl.sum(dh, 1)
-        sum_dxhat += tl.sum(dxhat)
-        sum_dxhat_xhat += tl.sum(dxhat * xhat)
+        xhat, dh, _ = _backward_tile(x, dy, mask, mean, rstd, w, b, HAS_B)
+        acc_dw += dh * xhat
+        acc_db += dh
     cvec = tl.arange(0, BLOCK_C)
-    tl.store(dwdb_ptr + ng * Cg + cvec, dw, mask=cvec < Cg)
-    tl.store(dwdb_ptr + (NG + ng) * Cg + cvec, db, mask=cvec < Cg)
+    tl.store(dwdb_ptr + ng * Cg + cvec, tl.sum(acc_dw, 1), mask=cvec < Cg)
+    tl.store(dwdb_ptr + (NG + ng) * Cg + cvec, tl.sum(acc_db, 1), mask=cvec < Cg)
+    sum_dxhat = tl.sum(acc_db * w)
+    sum_dxhat_xhat = tl.sum(acc_dw * w)
     total = Cg * HW * 1.0
     for chunk in range(0, num_chunks):
         hw = chunk * BLOCK_HW + tl.arange(0, BLOCK_HW)[None, :]
@@ -352,10 +359,10 @@ _forced: str | None = None  # `forced_path`'s choice; None: the plan's
 
 @contextlib.contextmanager
 def forced_path(path: str | None):
-    """Run every GroupNorm+SiLU launch inside the block by `path` (one of PATHS; None: the plan's choice): the
-    bench's rows per path. "fused" holds a group of up to MAX_FORCED_FUSED elements in one program; "split" and
-    "looped" choose how a group split into chunks runs (a group that fits one program runs fused either way).
-    Process-wide, read at each launch (after any torch.compile trace, since the op is opaque to it)."""
+    """Run every GroupNorm+SiLU launch inside the block by `path` (one of PATHS; None: the plan's choice), for
+    a group the plan splits into chunks (one that fits one program runs fused whatever the path): the bench's
+    rows per path. Process-wide (not per thread), read at each launch: after any torch.compile trace, since the
+    op is opaque to it, but a CUDA graph replays the launches of its capture, whatever the path is at replay."""
     global _forced
     if path is not None and path not in PATHS:
         raise ConfigError(f"group_norm_silu: unknown path {path!r}; use one of {', '.join(PATHS)} or None")
@@ -367,20 +374,19 @@ def forced_path(path: str | None):
 
 
 def _launch_plan(x, num_groups: int, max_fused: int, chunk: int):
-    """(_plan's tuple, looped) for this launch: the plan, or the forced path's."""
+    """(_plan's tuple, looped) for this launch: the plan, its chunks run by the forced path or the default."""
     N, C, H, W = x.shape
-    if _forced == "fused":
-        Cg = C // num_groups
-        size = _pow2(Cg) * _pow2(max(H * W, 1))
-        if size > MAX_FORCED_FUSED:
-            raise ConfigError(f"group_norm_silu: a group of {Cg}x{H * W} elements ({size} padded) is too large for "
-                              f"the fused path (at most {MAX_FORCED_FUSED}); use forced_path(None)")
-        max_fused, num_sms = size, 0
-    else:
-        num_sms = _num_sms(x.device)
+    num_sms = _num_sms(x.device)
     plan = _plan(N, C, H * W, num_groups, max_fused, chunk, num_sms)
-    looped = plan[3] > 1 and (_forced == "looped" or (_forced is None and not SPLIT_BY_DEFAULT))
+    looped = plan[3] > 1 and (_forced == "looped" or (_forced is None and not SPLIT_BY_DEFAULT
+                                                      and N * num_groups >= num_sms))
     return plan, looped
+
+
+def _looped_warps(block_c: int, block_hw: int) -> int:
+    """Warps of a looped program: up to 8 on a 4096-element tile (16 elements per thread per tensor), since one
+    program per group has fewer programs in flight than the split path's many per group."""
+    return min(8, max(1, (block_c * block_hw) // 512))
 
 
 def _check_groups(x, num_groups: int) -> None:
@@ -411,6 +417,7 @@ def group_norm_silu_fwd(x, weight, bias, num_groups: int, eps: float, max_fused:
     meta = dict(Cg=Cg, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_C=block_c, BLOCK_HW=block_hw,
                 num_warps=warps)
     if looped:
+        meta["num_warps"] = _looped_warps(block_c, block_hw)
         _group_norm_silu_fwd_loop_kernel[(N * num_groups,)](x, y, w, b, mean, rstd, HW, num_groups, num_chunks,
                                                              float(eps), *strides, **meta)
         return y, mean, rstd
@@ -443,6 +450,7 @@ def group_norm_silu_bwd(dy, x, weight, bias, mean, rstd, num_groups: int, max_fu
     meta = dict(Cg=Cg, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_C=block_c, BLOCK_HW=block_hw,
                 num_warps=warps)
     if looped:  # one partial per group
+        meta["num_warps"] = _looped_warps(block_c, block_hw)
         dwdb = torch.empty((2, N, num_groups, 1, Cg), device=x.device, dtype=torch.float32)
         _group_norm_silu_bwd_loop_kernel[(NG,)](dy, x, dx, w, b, mean, rstd, dwdb, HW, num_groups, num_chunks, NG,
                                                 *strides, **meta)
@@ -507,18 +515,15 @@ def _backward(ctx, dy, _dmean, _drstd):
 _group_norm_silu_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _path_variants(shape, num_groups: int, max_fused: int) -> dict:
-    """The bench's other rows for a case whose groups the plan splits into chunks: the path the default does not
-    take ("looped" or "split") and, where the group fits MAX_FORCED_FUSED, "fused"."""
+def _path_variants(shape, num_groups: int, backward: bool) -> dict:
+    """The bench's other row for a case whose groups the plan splits into chunks: the path the default does not
+    take ("looped" or "split")."""
     N, C, H, W = shape
-    _, block_c, block_hw, num_chunks, _, _ = _plan(N, C, H * W, num_groups, max_fused, CHUNK)
-    if num_chunks == 1:
+    plan = _plan(N, C, H * W, num_groups, MAX_FUSED_BWD if backward else MAX_FUSED_FWD, CHUNK)
+    if plan[3] == 1:
         return {}
     other = "looped" if SPLIT_BY_DEFAULT else "split"
-    out = {other: functools.partial(forced_path, other)}
-    if block_c * _pow2(H * W) <= MAX_FORCED_FUSED:
-        out["fused"] = functools.partial(forced_path, "fused")
-    return out
+    return {other: functools.partial(forced_path, other)}
 
 
 def _bench_cases(quick: bool) -> list[BenchCase]:
@@ -539,7 +544,7 @@ def _bench_cases(quick: bool) -> list[BenchCase]:
 
         nbytes = math.prod(shape) * dtype.itemsize
         note = "channels_last" if channels_last else ""
-        variants = _path_variants(shape, 32, MAX_FUSED_BWD if backward else MAX_FUSED_FWD)
+        variants = _path_variants(shape, 32, backward)
         if backward:
             return BenchCase(shape, dtype, inputs, 5 * nbytes,
                              "5 * numel * itemsize (fwd: read x, write y; bwd: read x, dy, write dx)", note, True,

@@ -1,5 +1,7 @@
 """GroupNorm + SiLU: the Triton kernels (interpreter on CPU, compiled on GPU) against `fastdiff.reference`."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -78,41 +80,50 @@ def test_chunked_paths_match_reference(device, channels_last, path):
 
 
 def test_every_path_gives_the_same_result_without_weight_and_bias(device):
-    # The paths differ only in how a group's chunks are scheduled: the same statistics, the same outputs.
+    # The paths differ only in how a group's chunks are scheduled: the statistics and outputs of one program
+    # holding the whole group, to rounding.
     shape, G = ((2, 4, 6, 6), 2) if device.type == "cpu" else ((4, 64, 64, 64), 8)
     chunk = 16 if device.type == "cpu" else 4096
     x, _, _, dy = _inputs(shape, torch.float32, device, False)
-    outs = {}
-    for path in PATHS:
+
+    def run(path, limit):
         with forced_path(path):
-            y, mean, rstd = group_norm_silu_fwd(x, None, None, G, 1e-5, max_fused=chunk, chunk=chunk)
-            dx, _, _ = group_norm_silu_bwd(dy, x, None, None, mean, rstd, G, max_fused=chunk, chunk=chunk)
-        outs[path] = (y, mean, rstd, dx)
-    for path in ("split", "looped"):
-        for name, a, f in zip(["y", "mean", "rstd", "dx"], outs[path], outs["fused"]):
+            y, mean, rstd = group_norm_silu_fwd(x, None, None, G, 1e-5, max_fused=limit, chunk=limit)
+            dx, _, _ = group_norm_silu_bwd(dy, x, None, None, mean, rstd, G, max_fused=limit, chunk=limit)
+        return y, mean, rstd, dx
+
+    whole = run(None, 1 << 20)
+    for path in PATHS:
+        for name, a, f in zip(["y", "mean", "rstd", "dx"], run(path, chunk), whole):
             torch.testing.assert_close(a, f, atol=2e-5, rtol=2e-5, msg=lambda m: f"{path} {name}: {m}")
 
 
-def test_forced_path_is_checked_and_restored():
+def test_forced_path_is_checked_and_restored(monkeypatch):
+    gn = importlib.import_module("fastdiff.ops.group_norm_silu")  # the module (fastdiff.ops exports the function)
     with pytest.raises(ConfigError, match="unknown path 'loop'"):
         with forced_path("loop"):
             pass
-    x = torch.zeros(1, 2, 256, 257)  # a group of 256x257 elements, 2^17 padded
-    with pytest.raises(ConfigError, match="too large for the fused path"), forced_path("fused"):
-        _launch_plan(x, 1, MAX_FUSED_FWD, CHUNK)
-    assert _launch_plan(x, 1, MAX_FUSED_FWD, CHUNK)[1] is (not SPLIT_BY_DEFAULT)  # restored after the error
+    x = torch.zeros(1, 2, 256, 256)  # one group of 2x65536 elements: split into chunks
+    with pytest.raises(RuntimeError, match="boom"), forced_path("looped"):
+        raise RuntimeError("boom")
+    assert gn._forced is None and _launch_plan(x, 1, MAX_FUSED_FWD, CHUNK)[1] is (not SPLIT_BY_DEFAULT)
     with forced_path("looped"):
         plan, looped = _launch_plan(x, 1, MAX_FUSED_FWD, CHUNK)
         assert looped and plan[3] > 1
         assert _launch_plan(torch.zeros(1, 2, 8, 8), 1, MAX_FUSED_FWD, CHUNK)[1] is False  # one chunk: fused
+    # looped by default (once SPLIT_BY_DEFAULT flips) only with at least as many groups as SMs
+    monkeypatch.setattr(gn, "SPLIT_BY_DEFAULT", False)
+    monkeypatch.setattr(gn, "_num_sms", lambda device: 132)
+    assert _launch_plan(torch.zeros(32, 256, 64, 64), 32, MAX_FUSED_FWD, CHUNK)[1] is True
+    assert _launch_plan(torch.zeros(1, 256, 64, 64), 32, MAX_FUSED_FWD, CHUNK)[1] is False  # 32 groups: split
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", [None, *PATHS], ids=["fused", *PATHS])
 def test_statistics_are_stable_for_a_large_mean(device, path):
     # mean 1e3, std 1: E[x^2] - E[x]^2 in float32 would lose every significant digit of the variance.
     shape, G = ((2, 4, 8, 8), 2) if device.type == "cpu" else ((4, 128, 64, 64), 32)
     x, w, b, _ = _inputs(shape, torch.float32, device, False, mean=1e3)
-    limit = 32 if path != "fused" else 1 << 20
+    limit = 32 if path is not None else 1 << 20
     with forced_path(path):
         y, mean, rstd = group_norm_silu_fwd(x, w, b, G, 1e-5, max_fused=limit, chunk=limit)
     truth = reference.group_norm_silu(x.double(), G, w.double(), b.double())
