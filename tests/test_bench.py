@@ -365,7 +365,7 @@ def test_targets_are_checked_against_the_rows_of_one_run():
     assert len(got) == 10
     train = {k: v for k, v in got.items() if k.startswith("cifar10-ddpm training")}
     assert [t["status"] for t in train.values()] == ["met"] * 3
-    assert [t["measured"] for t in train.values()] == ["1e+04", "4.69x", "1.56x"]
+    assert [t["measured"] for t in train.values()] == ["10,000", "4.69x", "1.56x"]
     ddpm = [t for k, t in got.items() if k.startswith("DDPM-1000")]
     assert ddpm[0]["status"] == "met" and ddpm[1]["status"] == "not measured: torch-compile: skipped: time budget"
     gn = [t for k, t in got.items() if k.startswith("GroupNorm+SiLU")]

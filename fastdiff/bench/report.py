@@ -118,14 +118,21 @@ def _cell(row: dict, key: str) -> str:
     return str(value)
 
 
-def table(rows: list[dict]) -> str:
-    """A markdown table of the rows: the COLUMNS any row has, then the rows' other scalar keys."""
+# The columns of the targets' table (fastdiff.bench.targets.evaluate's entries)
+TARGET_COLUMNS = [("target", "target"), ("measured", "measured"), ("at_least", "at least"), ("status", "status"),
+                  ("other paths", "other paths")]
+
+
+def table(rows: list[dict], columns: list[tuple[str, str]] | None = None) -> str:
+    """A markdown table of the rows: the COLUMNS any row has, then the rows' other scalar keys (or, given
+    `columns`, those of them any row has)."""
     present = {k for r in rows for k, v in r.items() if v is not None and not isinstance(v, dict)}
     present |= {"spread"} if "p20_ms" in present else set()
     present |= {k for k, name in TELEMETRY.items() if any(name in (r.get("telemetry") or {}) for r in rows)}
-    columns = [(k, title) for k, title in COLUMNS if k in present]
+    columns = [(k, title) for k, title in columns or COLUMNS if k in present]
     known = {k for k, _ in COLUMNS} | JSON_ONLY
-    columns += [(k, k) for k in dict.fromkeys(k for r in rows for k in r) if k in present and k not in known]
+    columns += [(k, k) for k in dict.fromkeys(k for r in rows for k in r) if k in present and k not in known
+                and k not in dict(columns)]
     lines = ["| " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(r, k).replace("|", "/") for k, _ in columns) + " |" for r in rows]
     return "\n".join(lines)
@@ -162,7 +169,8 @@ def render_markdown(doc: dict) -> str:
         rows = [r for r in doc["rows"] if r.get("section", "rows") == section]
         parts.append(f"## {SECTION_TITLES.get(section, section)}\n\n{table(rows)}")
     if doc.get("targets"):  # last, so that a log's tail shows it (fastdiff.bench.targets)
-        parts.append(f"## Targets (this run's rows against fastdiff's speed targets)\n\n{table(doc['targets'])}")
+        parts.append(f"## Targets (this run's rows against fastdiff's speed targets)\n\n"
+                     f"{table(doc['targets'], TARGET_COLUMNS)}")
     return "\n\n".join(parts) + "\n"
 
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from fastdiff.bench import PRESETS
 from fastdiff.bench.e2e import Job, SampleCase, sample_rows, train_rows
 from fastdiff.bench.ops import iter_op_benchmarks
-from fastdiff.bench.report import add_ratios, new_doc, table, write_reports
+from fastdiff.bench.report import TARGET_COLUMNS, add_ratios, new_doc, table, write_reports
 from fastdiff.bench.targets import evaluate
 from fastdiff.bench.timing import error_status
 from fastdiff.config import PRESETS as ALL_PRESETS
@@ -172,7 +172,7 @@ def run_bench(*, device, out: Path, quick: bool = False, sections=SECTIONS, pres
         rows = [r for r in doc["rows"] if r.get("section") == section]
         if rows:
             echo(f"\n{section}\n" + table(rows))
-    echo("\ntargets\n" + table(doc["targets"]))
+    echo("\ntargets\n" + table(doc["targets"], TARGET_COLUMNS))
     echo(f"\nwrote {json_path} and {md_path} in {doc['total_s']} s")
     return doc
 

@@ -110,7 +110,9 @@ def _alternatives(target: Target, rows: list[dict]) -> str:
 def _show(target: Target, value: float) -> str:
     if target.metric == "frac_copy_bw":
         return f"{value:.0%}"
-    return f"{value:.2f}x" if target.metric.startswith("vs_") else f"{value:.4g}"
+    if target.metric.startswith("vs_"):
+        return f"{value:.2f}x"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
 def evaluate(rows: list[dict], device) -> list[dict]:
