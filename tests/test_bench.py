@@ -132,6 +132,7 @@ def test_reports_name_the_environment(tmp_path):
 def test_reports_name_the_command_that_made_them():
     assert report.command_line(["/venv/bin/fastdiff", "bench", "--out", "a b"]) == "fastdiff bench --out 'a b'"
     assert report.command_line(["benchmarks/cpu_defaults.py", "--rows", "64"]) == "benchmarks/cpu_defaults.py --rows 64"
+    assert report.command_line(["/src/fastdiff/__main__.py", "bench"]) == "python -m fastdiff bench"  # python -m
     doc = report.new_doc("cpu", title="t")
     assert doc["command"] == report.command_line()
     assert f"- command: `{doc['command']}`" in render_markdown(doc)

@@ -176,8 +176,10 @@ def render_markdown(doc: dict) -> str:
 
 def command_line(argv: list[str] | None = None) -> str:
     """The command that made a report, as it could be typed again (a program given by its full path, such as a
-    console script in a virtual environment, by its name)."""
+    console script in a virtual environment, by its name; a package's __main__.py as `python -m <package>`)."""
     argv = list(sys.argv if argv is None else argv)
+    if argv and os.path.basename(argv[0]) == "__main__.py":
+        return shlex.join(["python", "-m", os.path.basename(os.path.dirname(os.path.abspath(argv[0]))), *argv[1:]])
     if argv and os.path.isabs(argv[0]):
         argv[0] = os.path.basename(argv[0])
     return shlex.join(argv)
