@@ -144,7 +144,7 @@ def _group_norm_silu_fwd_kernel(
 @triton.jit
 def _group_norm_silu_fwd_loop_kernel(
     x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,  # as in _group_norm_silu_fwd_kernel
-    HW, G, num_chunks,
+    HW, G,
     eps,
     sxn, sxc, sxhw,
     Cg: tl.constexpr,
@@ -152,6 +152,7 @@ def _group_norm_silu_fwd_loop_kernel(
     HAS_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,  # spatial positions per iteration
+    NUM_CHUNKS: tl.constexpr,  # iterations: a constant trip count (and numpy 2.5's interpreter loops need one)
 ):
     # The "looped" path: program_id -> group; its chunks twice, statistics then normalise. Bytes: x is read twice
     # by the program, the second time just after the first, so L2 may serve it. The statistics are per-position
@@ -169,7 +170,7 @@ def _group_norm_silu_fwd_loop_kernel(
     shift = tl.sum(x) / (Cg * tl.minimum(BLOCK_HW, HW) * 1.0)
     s1 = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
     s2 = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
-    for chunk in range(0, num_chunks):
+    for chunk in range(0, NUM_CHUNKS):
         hw = chunk * BLOCK_HW + tl.arange(0, BLOCK_HW)[None, :]
         mask = cmask & (hw < HW)
         x = tl.load(x_ptr + base + hw * sxhw, mask=mask, other=0.0).to(tl.float32)
@@ -184,7 +185,7 @@ def _group_norm_silu_fwd_loop_kernel(
     tl.store(mean_ptr + ng, mean)
     tl.store(rstd_ptr + ng, rstd)
     w, b = _load_affine(w_ptr, b_ptr, g, c, cmask, Cg, HAS_W, HAS_B)
-    for chunk in range(0, num_chunks):
+    for chunk in range(0, NUM_CHUNKS):
         hw = chunk * BLOCK_HW + tl.arange(0, BLOCK_HW)[None, :]
         mask = cmask & (hw < HW)
         offs = base + hw * sxhw
@@ -261,13 +262,14 @@ def _group_norm_silu_bwd_kernel(
 def _group_norm_silu_bwd_loop_kernel(
     dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,  # as in _group_norm_silu_bwd_kernel
     dwdb_ptr,  # [2, N*G, 1, Cg] float32 partial dweight, dbias of each group
-    HW, G, num_chunks, NG,
+    HW, G, NG,
     sxn, sxc, sxhw,
     Cg: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
+    NUM_CHUNKS: tl.constexpr,  # as in the forward
 ):
     # The "looped" backward: program_id -> group; its chunks twice, the sums (and dweight, dbias) then dx. The
     # sums are per-position accumulators reduced once after the loop: dweight and dbias of each channel, then
@@ -283,7 +285,7 @@ def _group_norm_silu_bwd_loop_kernel(
     w, b = _load_affine(w_ptr, b_ptr, g, c, cmask, Cg, HAS_W, HAS_B)
     acc_dw = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
     acc_db = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
-    for chunk in range(0, num_chunks):
+    for chunk in range(0, NUM_CHUNKS):
         hw = chunk * BLOCK_HW + tl.arange(0, BLOCK_HW)[None, :]
         mask = cmask & (hw < HW)
         offs = base + hw * sxhw
@@ -298,7 +300,7 @@ def _group_norm_silu_bwd_loop_kernel(
     sum_dxhat = tl.sum(acc_db * w)
     sum_dxhat_xhat = tl.sum(acc_dw * w)
     total = Cg * HW * 1.0
-    for chunk in range(0, num_chunks):
+    for chunk in range(0, NUM_CHUNKS):
         hw = chunk * BLOCK_HW + tl.arange(0, BLOCK_HW)[None, :]
         mask = cmask & (hw < HW)
         offs = base + hw * sxhw
@@ -418,8 +420,8 @@ def group_norm_silu_fwd(x, weight, bias, num_groups: int, eps: float, max_fused:
                 num_warps=warps)
     if looped:
         meta["num_warps"] = _looped_warps(block_c, block_hw)
-        _group_norm_silu_fwd_loop_kernel[(N * num_groups,)](x, y, w, b, mean, rstd, HW, num_groups, num_chunks,
-                                                             float(eps), *strides, **meta)
+        _group_norm_silu_fwd_loop_kernel[(N * num_groups,)](x, y, w, b, mean, rstd, HW, num_groups, float(eps),
+                                                             *strides, NUM_CHUNKS=num_chunks, **meta)
         return y, mean, rstd
     part = torch.empty((N * num_groups, num_chunks, 2), device=x.device, dtype=torch.float32)
     args = (x, y, w, b, mean, rstd, part, HW, num_groups, num_chunks, float(eps), *strides)
@@ -452,8 +454,8 @@ def group_norm_silu_bwd(dy, x, weight, bias, mean, rstd, num_groups: int, max_fu
     if looped:  # one partial per group
         meta["num_warps"] = _looped_warps(block_c, block_hw)
         dwdb = torch.empty((2, N, num_groups, 1, Cg), device=x.device, dtype=torch.float32)
-        _group_norm_silu_bwd_loop_kernel[(NG,)](dy, x, dx, w, b, mean, rstd, dwdb, HW, num_groups, num_chunks, NG,
-                                                *strides, **meta)
+        _group_norm_silu_bwd_loop_kernel[(NG,)](dy, x, dx, w, b, mean, rstd, dwdb, HW, num_groups, NG, *strides,
+                                                NUM_CHUNKS=num_chunks, **meta)
     else:
         part = torch.empty((NG, num_chunks, 2), device=x.device, dtype=torch.float32)
         dwdb = torch.empty((2, N, num_groups, num_chunks, Cg), device=x.device, dtype=torch.float32)
