@@ -72,6 +72,26 @@ def _normalise_silu(x, mean, rstd, w, b, HAS_W: tl.constexpr, HAS_B: tl.constexp
 
 
 @triton.jit
+def _looped_group(G, sxn, sxc, Cg: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A looped program's group: (index n*G + g, g, [BLOCK_C, 1] channels, their mask, their offsets)."""
+    ng = tl.program_id(0)
+    n = ng // G
+    g = ng % G
+    c = tl.arange(0, BLOCK_C)[:, None]
+    return ng, g, c, c < Cg, n.to(tl.int64) * sxn + (g * Cg + c) * sxc
+
+
+@triton.jit
+def _load_chunk(ptr, base, chunk, cmask, HW, sxhw, BLOCK_HW: tl.constexpr):
+    """(offsets, mask, values as float32) of a looped program's chunk `chunk` of its group (base: the group's
+    [BLOCK_C, 1] channel offsets)."""
+    hw = chunk * BLOCK_HW + tl.arange(0, BLOCK_HW)[None, :]
+    mask = cmask & (hw < HW)
+    offs = base + hw * sxhw
+    return offs, mask, tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _backward_tile(x, dy, mask, mean, rstd, w, b, HAS_B: tl.constexpr):
     """(xhat, dh, dxhat) of a tile (see _group_norm_silu_bwd_kernel), zero outside the mask."""
     xhat = (x - mean) * rstd
@@ -158,22 +178,13 @@ def _group_norm_silu_fwd_loop_kernel(
     # by the program, the second time just after the first, so L2 may serve it. The statistics are per-position
     # sums of x - K and (x - K)^2, reduced once after the loop (no block-wide reduction, so no barrier, per
     # chunk); K, the first chunk's mean, keeps a large mean from costing precision.
-    ng = tl.program_id(0)
-    n = ng // G
-    g = ng % G
-    c = tl.arange(0, BLOCK_C)[:, None]
-    cmask = c < Cg
-    base = n.to(tl.int64) * sxn + (g * Cg + c) * sxc
-    hw = tl.arange(0, BLOCK_HW)[None, :]
-    mask = cmask & (hw < HW)
-    x = tl.load(x_ptr + base + hw * sxhw, mask=mask, other=0.0).to(tl.float32)
+    ng, g, c, cmask, base = _looped_group(G, sxn, sxc, Cg, BLOCK_C)
+    x = _load_chunk(x_ptr, base, 0, cmask, HW, sxhw, BLOCK_HW)[2]
     shift = tl.sum(x) / (Cg * tl.minimum(BLOCK_HW, HW) * 1.0)
     s1 = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
     s2 = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
     for chunk in range(0, NUM_CHUNKS):
-        hw = chunk * BLOCK_HW + tl.arange(0, BLOCK_HW)[None, :]
-        mask = cmask & (hw < HW)
-        x = tl.load(x_ptr + base + hw * sxhw, mask=mask, other=0.0).to(tl.float32)
+        offs, mask, x = _load_chunk(x_ptr, base, chunk, cmask, HW, sxhw, BLOCK_HW)
         d = tl.where(mask, x - shift, 0.0)
         s1 += d
         s2 += d * d
@@ -186,10 +197,7 @@ def _group_norm_silu_fwd_loop_kernel(
     tl.store(rstd_ptr + ng, rstd)
     w, b = _load_affine(w_ptr, b_ptr, g, c, cmask, Cg, HAS_W, HAS_B)
     for chunk in range(0, NUM_CHUNKS):
-        hw = chunk * BLOCK_HW + tl.arange(0, BLOCK_HW)[None, :]
-        mask = cmask & (hw < HW)
-        offs = base + hw * sxhw
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        offs, mask, x = _load_chunk(x_ptr, base, chunk, cmask, HW, sxhw, BLOCK_HW)
         tl.store(y_ptr + offs, _normalise_silu(x, mean, rstd, w, b, HAS_W, HAS_B), mask=mask)
 
 
@@ -274,22 +282,14 @@ def _group_norm_silu_bwd_loop_kernel(
     # The "looped" backward: program_id -> group; its chunks twice, the sums (and dweight, dbias) then dx. The
     # sums are per-position accumulators reduced once after the loop: dweight and dbias of each channel, then
     # sum(dxhat) = sum_c w_c dbias_c and sum(dxhat * xhat) = sum_c w_c dweight_c.
-    ng = tl.program_id(0)
-    n = ng // G
-    g = ng % G
-    c = tl.arange(0, BLOCK_C)[:, None]
-    cmask = c < Cg
-    base = n.to(tl.int64) * sxn + (g * Cg + c) * sxc
+    ng, g, c, cmask, base = _looped_group(G, sxn, sxc, Cg, BLOCK_C)
     mean = tl.load(mean_ptr + ng)
     rstd = tl.load(rstd_ptr + ng)
     w, b = _load_affine(w_ptr, b_ptr, g, c, cmask, Cg, HAS_W, HAS_B)
     acc_dw = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
     acc_db = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
     for chunk in range(0, NUM_CHUNKS):
-        hw = chunk * BLOCK_HW + tl.arange(0, BLOCK_HW)[None, :]
-        mask = cmask & (hw < HW)
-        offs = base + hw * sxhw
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        offs, mask, x = _load_chunk(x_ptr, base, chunk, cmask, HW, sxhw, BLOCK_HW)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         xhat, dh, _ = _backward_tile(x, dy, mask, mean, rstd, w, b, HAS_B)
         acc_dw += dh * xhat
@@ -301,10 +301,7 @@ def _group_norm_silu_bwd_loop_kernel(
     sum_dxhat_xhat = tl.sum(acc_dw * w)
     total = Cg * HW * 1.0
     for chunk in range(0, NUM_CHUNKS):
-        hw = chunk * BLOCK_HW + tl.arange(0, BLOCK_HW)[None, :]
-        mask = cmask & (hw < HW)
-        offs = base + hw * sxhw
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        offs, mask, x = _load_chunk(x_ptr, base, chunk, cmask, HW, sxhw, BLOCK_HW)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         xhat, dh, dxhat = _backward_tile(x, dy, mask, mean, rstd, w, b, HAS_B)
         dx = rstd * (dxhat - sum_dxhat / total - xhat * (sum_dxhat_xhat / total))
