@@ -504,3 +504,28 @@ def test_gpu_suite_runs_every_gpu_test_once():
     whole = collected(["tests"])
     assert len(split) == len(set(split)) and sorted(split) == sorted(whole) and whole
     assert f"SAMPLING='{sampling}'" in SUITE.read_text()
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_every_target_names_a_row_the_bench_makes(device):
+    # A target whose row the plan never makes would read "not measured" on every run: each target's fields
+    # must match a row of a planned job (or of a declared op case, as `measure_case` names it).
+    from fastdiff.bench.ops import _declared
+    from fastdiff.bench.suite import OpsJob, plan
+    from fastdiff.bench.targets import targets_for
+
+    device = torch.device(device)
+    rows = []
+    for job in plan(device, quick=False):
+        if isinstance(job, OpsJob):
+            continue
+        for case in job.cases or (None,):
+            rows += [job.row(p, d, case) for p, d in job.providers]
+    for name, cases in _declared(quick=False).items():
+        for _, case in cases:
+            base = {"section": "op", "op": name, "shape": list(case.shape), "dtype": str(case.dtype).split(".")[-1],
+                    "note": case.note}
+            rows += [{**base, "provider": p} for p in ("fastdiff", *(f"fastdiff[{v}]" for v in case.variants))]
+    for target in targets_for(device):
+        for fields in filter(None, (target.row, target.over)):
+            assert any(all(r.get(k) == v for k, v in fields.items()) for r in rows), (target.what, fields)
