@@ -130,10 +130,12 @@ end2=$(( TOTAL_S - MARGIN_S ))
 limit=$(until_s "$end2")
 budget=$(( limit * 3 / 5 ))  # a job started before the budget ends may still compile and capture; the limit kills it
 log "stage 2: fastdiff bench --device $DEVICE ${BENCH_ARGS[*]} (limit ${limit} s, budget ${budget} s)"
+rm -f "$OUT/bench.json" "$OUT/bench.md"  # an earlier run's, in a reused $OUT: never copied into this suite.log
 timeout -k 5 "$limit" $PY -m fastdiff bench --device "$DEVICE" --out "$OUT" --budget-s "$budget" "${BENCH_ARGS[@]}" \
     >"$OUT/bench.log" 2>&1
 brc=$?
 log "stage 2: fastdiff bench: exit $brc$([ $brc = 124 ] && echo ' (timed out; bench.json holds the rows so far)')"
 [ -f "$OUT/bench.md" ] && sed -n '/^## Targets/,$p' "$OUT/bench.md" | tee -a "$OUT/suite.log"  # the last section
+rm -f "$OUT"/.bench.*.tmp  # a report the limit's kill interrupted mid-write: not a ninth file
 log "done in $((SECONDS - start)) s"
 exit $(( (rc != 0 && rc != 5) || (brc != 0 && brc != 124) ))

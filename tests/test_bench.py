@@ -366,11 +366,11 @@ def test_targets_are_checked_against_the_rows_of_one_run():
     assert len(got) == 10
     train = {k: v for k, v in got.items() if k.startswith("cifar10-ddpm training")}
     assert [t["status"] for t in train.values()] == ["met"] * 3
-    assert [t["measured"] for t in train.values()] == ["10,000", "4.69x", "1.56x"]
+    assert [t["measured"] for t in train.values()] == ["10,000.0", "4.688x", "1.562x"]
     ddpm = [t for k, t in got.items() if k.startswith("DDPM-1000")]
     assert ddpm[0]["status"] == "met" and ddpm[1]["status"] == "not measured: torch-compile: skipped: time budget"
     gn = [t for k, t in got.items() if k.startswith("GroupNorm+SiLU")]
-    assert (gn[0]["status"], gn[0]["measured"], gn[0]["other paths"]) == ("not met", "66%", "fastdiff[looped] 83%")
+    assert (gn[0]["status"], gn[0]["measured"], gn[0]["other paths"]) == ("not met", "66.0%", "fastdiff[looped] 83.0%")
     assert gn[1]["status"] == "met" and "other paths" not in gn[1]
     assert got["mnist sampling, batch 64: x torch-eager"]["status"] == "not measured: no such row in this run"
     # one slower row flips its targets, and the report's last section says so
@@ -380,6 +380,31 @@ def test_targets_are_checked_against_the_rows_of_one_run():
     assert [t["status"] for t in targets[:3]] == ["not met"] * 3
     md = render_markdown({"environment": {}, "rows": rows, "targets": targets})
     assert md.split("## ")[-1].startswith("Targets") and "| not met |" in md
+
+
+def test_targets_say_why_a_row_is_missing_and_never_borrow_a_reference():
+    from fastdiff.bench.report import add_ratios
+    from fastdiff.bench.targets import evaluate
+
+    rows = _rows_for_targets(train_ms=12.8, ddpm_ms=500.0)
+    # the eager fp32 row failed; an eager bf16 row of the same case (a later job's) must not stand in for it
+    rows[0] = {**rows[0], "status": "error: RuntimeError: boom", "median_ms": None}
+    rows.append({**rows[1], "provider": "torch-eager", "median_ms": 40.0})
+    rows.append({"section": "op", "op": "rest op rows (7 cases left)", "status": "skipped: time budget"})
+    rows.append({**rows[1], "provider": "fastdiff", "dtype": "bf16", "batch": 64, "preset": "mnist",
+                 "section": "sample", "sampler": "ddim-20", "median_ms": 0.0, "case": "mnist"})
+    add_ratios(rows)
+    got = {t["target"]: t for t in evaluate(rows, "cuda")}
+    assert got["cifar10-ddpm training: x torch-eager fp32"]["status"] == (
+        "not measured: torch-eager: error: RuntimeError: boom")
+    assert got["sampler step, bf16: share of copy bandwidth"]["status"] == (
+        "not measured: rest op rows (7 cases left): skipped: time budget")
+    assert got["mnist sampling, batch 64: x torch-eager"]["status"] == "not measured: the row has no timing"
+    # a miss just under a threshold never reads as the threshold
+    rows = _rows_for_targets(train_ms=128 / 8999.6 * 1e3, ddpm_ms=500.0)
+    add_ratios(rows)
+    first = evaluate(rows, "cuda")[0]
+    assert (first["measured"], first["at_least"], first["status"]) == ("8,999.6", "9,000", "not met")
 
 
 def test_cpu_targets_compare_with_diffusers_at_both_precisions(monkeypatch):
@@ -393,7 +418,7 @@ def test_cpu_targets_compare_with_diffusers_at_both_precisions(monkeypatch):
             {**row, "provider": "diffusers", "dtype": "bf16", "median_ms": 140.0},
             {**row, "provider": "diffusers", "dtype": "fp32", "median_ms": 250.0}]
     got = targets.evaluate(rows, "cpu")
-    assert [(t["measured"], t["status"]) for t in got[:2]] == [("2.50x", "met"), ("1.40x", "not met")]
+    assert [(t["measured"], t["status"]) for t in got[:2]] == [("2.500x", "met"), ("1.400x", "not met")]
     assert all(t["status"].startswith("not measured") for t in got[2:])  # no training rows
 
 
@@ -529,3 +554,26 @@ def test_every_target_names_a_row_the_bench_makes(device):
     for target in targets_for(device):
         for fields in filter(None, (target.row, target.over)):
             assert any(all(r.get(k) == v for k, v in fields.items()) for r in rows), (target.what, fields)
+
+
+def test_a_failing_job_or_target_check_keeps_the_report(tiny_preset, tmp_path, monkeypatch):
+    # A sampling job that raises outside its providers leaves an error row per case and provider (so a target
+    # naming the case says why); a target check that raises leaves the report, with the reason, and the bench goes
+    # on.
+    import fastdiff.bench.suite as suite
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no model")
+        yield  # a generator, like sample_rows
+
+    monkeypatch.setattr(suite, "sample_rows", broken)
+    cases = (SampleCase("ddim", 4, 4), SampleCase("ddpm", 8, 1))
+    job = Job("sample", tiny_preset, 2, (("torch-eager", "fp32"),), cases)
+    rows = list(suite.run_job(job, torch.device("cpu"), quick=True, rounds=1, budget=suite.Budget(60)))
+    assert [(r["sampler"], r["status"]) for r in rows] == [("ddim-4", "error: RuntimeError: no model"),
+                                                           ("ddpm-8", "error: RuntimeError: no model")]
+    monkeypatch.setattr(suite, "evaluate", lambda rows, device: 1 / 0)
+    monkeypatch.setattr(suite, "PRESETS", (tiny_preset,))
+    doc = suite.run_bench(device="cpu", out=tmp_path, quick=True, sections=("train",), providers=("torch-eager",),
+                          echo=lambda line: None)
+    assert doc["rows"] and doc["targets"][0]["status"].startswith("not evaluated: error: ZeroDivisionError")

@@ -81,7 +81,8 @@ def add_ratios(rows: list[dict]) -> None:
     """Each RATIOS column: the reference row's median time over this row's, both of the same case in this run.
     The reference is the first row of its provider in the case: of the row's dtype where RATIOS says so; otherwise
     (vs eager) the fp32 one for an end-to-end row (the plain PyTorch reference, whatever other eager rows a later
-    job adds to the case) and preferably the row's dtype for an op row (eager bf16 for a bf16 op), else any."""
+    job adds to the case; none without it) and preferably the row's dtype for an op row (eager bf16 for a bf16
+    op), else any."""
     timed = [r for r in rows if r.get("median_ms") and r.get("case") is not None]
     for column, (provider, same_dtype) in RATIOS.items():
         first: dict = {}
@@ -92,7 +93,7 @@ def add_ratios(rows: list[dict]) -> None:
         for r in timed:
             e2e = not same_dtype and r.get("section") in ("sample", "train")
             ref = first.get((r["case"], "fp32" if e2e else r.get("dtype")))
-            if ref is None and not same_dtype:
+            if ref is None and not same_dtype and not e2e:
                 ref = first.get((r["case"], None))
             if ref is not None:
                 r[column] = ref / r["median_ms"]

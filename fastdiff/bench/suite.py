@@ -116,7 +116,8 @@ def run_job(job, device, *, quick: bool, rounds: int, budget: Budget, log=None):
     try:
         yield from rows(job, device, rounds=rounds, quick=quick, budget=budget, log=log)
     except Exception as e:  # noqa: BLE001 - as above
-        yield from (job.row(p, d, status=error_status(e)) for p, d in job.providers)
+        yield from (job.row(p, d, case, status=error_status(e)) for case in job.cases or (None,)
+                    for p, d in job.providers)
     finally:
         torch._dynamo.reset()
         gc.collect()
@@ -151,7 +152,10 @@ def run_bench(*, device, out: Path, quick: bool = False, sections=SECTIONS, pres
 
     def save():
         add_ratios(doc["rows"])
-        doc["targets"] = evaluate(doc["rows"], device)
+        try:
+            doc["targets"] = evaluate(doc["rows"], device)
+        except Exception as e:  # noqa: BLE001 - a report without its targets beats a bench stopped by them
+            doc["targets"] = [{"target": "all", "status": f"not evaluated: {error_status(e)}"}]
         return write_reports(doc, out)
 
     save()

@@ -77,23 +77,42 @@ def _find(rows: list[dict], fields: dict) -> dict | None:
     return next((r for r in rows if all(r.get(k) == v for k, v in fields.items())), None)
 
 
+def _status_of_missing(rows: list[dict], fields: dict) -> str:
+    """Why a planned row is absent: the status row its job left instead (op rows skipped for time, an op part's
+    error), else that no such row was made."""
+    if fields.get("section") == "op":
+        stand_in = next((r for r in rows if r.get("section") == "op" and " op rows" in str(r.get("op", ""))), None)
+        if stand_in is not None:
+            return f"{stand_in['op']}: {stand_in['status']}"
+    return "no such row in this run"
+
+
+def _timed(row: dict | None) -> bool:
+    return row is not None and row.get("status") == "ok" and (row.get("median_ms") or 0) > 0
+
+
 def _value(target: Target, rows: list[dict]) -> tuple[float | None, str]:
     """(value, why not measured)."""
     row = _find(rows, target.row)
-    if row is None or row.get("status") != "ok":
-        return None, row["status"] if row is not None else "no such row in this run"
+    if row is None:
+        return None, _status_of_missing(rows, target.row)
+    if not _timed(row):
+        return None, row["status"] if row.get("status") != "ok" else "the row has no timing"
     if target.over is None:
         value = row.get(target.metric)
         if value is not None:
             return value, ""
         if target.metric in RATIOS:  # a ratio to a provider of the same case that has no timing
-            provider = RATIOS[target.metric][0]
-            ref = next((r for r in rows if r.get("case") == row.get("case") and r.get("provider") == provider), None)
+            provider, same_dtype = RATIOS[target.metric]
+            dtype = row.get("dtype") if same_dtype else "fp32" if row.get("section") in ("sample", "train") else None
+            ref = next((r for r in rows if r.get("case") == row.get("case") and r.get("provider") == provider
+                        and (dtype is None or r.get("dtype") == dtype)), None)
             return None, f"{provider}: {ref['status'] if ref is not None else 'not in this run'}"
         return None, f"the row has no {target.metric}"
     ref = _find(rows, target.over)
-    if ref is None or ref.get("status") != "ok":
-        return None, f"reference row: {ref['status'] if ref is not None else 'not in this run'}"
+    if not _timed(ref):
+        why = "not in this run" if ref is None else ref["status"] if ref.get("status") != "ok" else "no timing"
+        return None, f"reference row: {why}"
     return ref["median_ms"] / row["median_ms"], ""
 
 
@@ -107,12 +126,14 @@ def _alternatives(target: Target, rows: list[dict]) -> str:
     return ", ".join(f"{r['provider']} {_show(target, r[target.metric])}" for r in found)
 
 
-def _show(target: Target, value: float) -> str:
+def _show(target: Target, value: float, threshold: bool = False) -> str:
+    """A value with one digit more than a threshold shows, so that a miss never reads as the threshold."""
+    more = 0 if threshold else 1
     if target.metric == "frac_copy_bw":
-        return f"{value:.0%}"
+        return f"{value:.{more}%}"
     if target.metric.startswith("vs_"):
-        return f"{value:.2f}x"
-    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+        return f"{value:.{2 + more}f}x"
+    return f"{value:,.{more}f}" if value >= 100 else f"{value:.{3 + more}g}"
 
 
 def evaluate(rows: list[dict], device) -> list[dict]:
@@ -121,7 +142,7 @@ def evaluate(rows: list[dict], device) -> list[dict]:
     for target in targets_for(device):
         value, why = _value(target, rows)
         entry = {"target": target.what, "measured": _show(target, value) if value is not None else "",
-                 "at_least": _show(target, target.at_least),
+                 "at_least": _show(target, target.at_least, threshold=True),
                  "status": ("met" if value >= target.at_least else "not met") if value is not None
                  else f"not measured: {why}"}
         alternatives = _alternatives(target, rows)
