@@ -177,13 +177,14 @@ def _group_norm_silu_fwd_loop_kernel(
     # The "looped" path: program_id -> group; its chunks twice, statistics then normalise. Bytes: x is read twice
     # by the program, the second time just after the first, so L2 may serve it. The statistics are per-position
     # sums of x - K and (x - K)^2, reduced once after the loop (no block-wide reduction, so no barrier, per
-    # chunk); K, the first chunk's mean, keeps a large mean from costing precision.
+    # chunk); K, the first chunk's mean, keeps a large mean from costing precision. Chunk 0 is always full: a
+    # group is split into chunks only when it is larger than one (`_plan`).
     ng, g, c, cmask, base = _looped_group(G, sxn, sxc, Cg, BLOCK_C)
-    x = _load_chunk(x_ptr, base, 0, cmask, HW, sxhw, BLOCK_HW)[2]
-    shift = tl.sum(x) / (Cg * tl.minimum(BLOCK_HW, HW) * 1.0)
-    s1 = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
-    s2 = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
-    for chunk in range(0, NUM_CHUNKS):
+    offs, mask, x = _load_chunk(x_ptr, base, 0, cmask, HW, sxhw, BLOCK_HW)  # chunk 0 (full: the group is split)
+    shift = tl.sum(x) / (Cg * BLOCK_HW * 1.0)
+    s1 = tl.where(mask, x - shift, 0.0)
+    s2 = s1 * s1
+    for chunk in range(1, NUM_CHUNKS):
         offs, mask, x = _load_chunk(x_ptr, base, chunk, cmask, HW, sxhw, BLOCK_HW)
         d = tl.where(mask, x - shift, 0.0)
         s1 += d
