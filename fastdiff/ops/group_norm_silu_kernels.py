@@ -47,6 +47,25 @@ def _normalise_silu(x, mean, rstd, w, b, HAS_W: tl.constexpr, HAS_B: tl.constexp
 
 
 @triton.jit
+def _program_tile(G, HW, num_chunks, sxn, sxc, sxhw, Cg: tl.constexpr, MODE: tl.constexpr, BLOCK_C: tl.constexpr,
+                  BLOCK_HW: tl.constexpr):
+    """A tile kernel's program: (group index n*G + g, chunk, g, [BLOCK_C, 1] channels, their mask, the tile's mask,
+    its offsets). A SPLIT launch takes its programs in reverse: the chunks the statistics pass read last may still
+    be in L2 (group_norm_silu._plan)."""
+    pid = tl.program_id(0)
+    if MODE == 2:
+        pid = tl.num_programs(0) - 1 - pid
+    ng = pid // num_chunks
+    chunk = pid % num_chunks
+    n = ng // G
+    g = ng % G
+    c = tl.arange(0, BLOCK_C)[:, None]
+    hw = chunk * BLOCK_HW + tl.arange(0, BLOCK_HW)[None, :]
+    cmask = c < Cg
+    return ng, chunk, g, c, cmask, cmask & (hw < HW), n.to(tl.int64) * sxn + (g * Cg + c) * sxc + hw * sxhw
+
+
+@triton.jit
 def _looped_group(G, sxn, sxc, Cg: tl.constexpr, BLOCK_C: tl.constexpr):
     """A looped program's group: (index n*G + g, g, [BLOCK_C, 1] channels, their mask, their offsets)."""
     ng = tl.program_id(0)
@@ -97,17 +116,8 @@ def _group_norm_silu_fwd_kernel(
     BLOCK_CHUNKS: tl.constexpr,  # >= num_chunks
 ):
     # program_id -> (group n*G + g, chunk). Bytes: FUSED reads x once and writes y once; STATS reads x once.
-    pid = tl.program_id(0)
-    if MODE == 2:  # in reverse: the chunks the statistics pass read last may still be in L2 (group_norm_silu._plan)
-        pid = tl.num_programs(0) - 1 - pid
-    ng = pid // num_chunks
-    chunk = pid % num_chunks
-    n = ng // G
-    g = ng % G
-    c = tl.arange(0, BLOCK_C)[:, None]
-    hw = chunk * BLOCK_HW + tl.arange(0, BLOCK_HW)[None, :]
-    mask = (c < Cg) & (hw < HW)
-    offs = n.to(tl.int64) * sxn + (g * Cg + c) * sxc + hw * sxhw
+    ng, chunk, g, c, cmask, mask, offs = _program_tile(G, HW, num_chunks, sxn, sxc, sxhw, Cg, MODE, BLOCK_C,
+                                                       BLOCK_HW)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
     if MODE == 2:  # merge the chunks' (mean, m2): Chan, Golub & LeVeque (1983)
@@ -132,7 +142,7 @@ def _group_norm_silu_fwd_kernel(
         rstd = 1.0 / tl.sqrt_rn(tl.maximum(var, 0.0) + eps)
         tl.store(mean_ptr + ng, mean, mask=chunk == 0)
         tl.store(rstd_ptr + ng, rstd, mask=chunk == 0)
-        w, b = _load_affine(w_ptr, b_ptr, g, c, c < Cg, Cg, HAS_W, HAS_B)
+        w, b = _load_affine(w_ptr, b_ptr, g, c, cmask, Cg, HAS_W, HAS_B)
         tl.store(y_ptr + offs, _normalise_silu(x, mean, rstd, w, b, HAS_W, HAS_B), mask=mask)
 
 
@@ -200,18 +210,8 @@ def _group_norm_silu_bwd_kernel(
     # With xhat = (x - mean) * rstd, h = w*xhat + b, y = silu(h):
     #   dh = dy * s * (1 + h * (1 - s)), s = sigmoid(h);  dw = sum(dh * xhat), db = sum(dh);  dxhat = dh * w
     #   dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))   (means over the group)
-    pid = tl.program_id(0)
-    if MODE == 2:  # in reverse, as in the forward
-        pid = tl.num_programs(0) - 1 - pid
-    ng = pid // num_chunks
-    chunk = pid % num_chunks
-    n = ng // G
-    g = ng % G
-    c = tl.arange(0, BLOCK_C)[:, None]
-    hw = chunk * BLOCK_HW + tl.arange(0, BLOCK_HW)[None, :]
-    cmask = c < Cg
-    mask = cmask & (hw < HW)
-    offs = n.to(tl.int64) * sxn + (g * Cg + c) * sxc + hw * sxhw
+    ng, chunk, g, c, cmask, mask, offs = _program_tile(G, HW, num_chunks, sxn, sxc, sxhw, Cg, MODE, BLOCK_C,
+                                                       BLOCK_HW)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + ng)
