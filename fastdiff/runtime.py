@@ -26,6 +26,12 @@ from fastdiff.errors import ConfigError
 AMP_MODES = ("fp32", "bf16", "fp16")
 
 
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): a padded batch size, a kernel's block (triton's own needs
+    triton, which a planner must not)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     """"auto" (or None): CUDA when available, else the CPU; otherwise the named device, checked."""
     if isinstance(name, torch.device):

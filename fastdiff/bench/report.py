@@ -84,19 +84,25 @@ def add_ratios(rows: list[dict]) -> None:
     job adds to the case; none without it) and preferably the row's dtype for an op row (eager bf16 for a bf16
     op), else any."""
     timed = [r for r in rows if r.get("median_ms") and r.get("case") is not None]
-    for column, (provider, same_dtype) in RATIOS.items():
+    for column, (provider, _) in RATIOS.items():
         first: dict = {}
         for r in timed:
             if r["provider"] == provider:
                 first.setdefault((r["case"], r.get("dtype")), r["median_ms"])
                 first.setdefault((r["case"], None), r["median_ms"])
         for r in timed:
-            e2e = not same_dtype and r.get("section") in ("sample", "train")
-            ref = first.get((r["case"], "fp32" if e2e else r.get("dtype")))
-            if ref is None and not same_dtype and not e2e:
-                ref = first.get((r["case"], None))
+            ref = next((first[k] for k in reference_keys(r, column) if k in first), None)
             if ref is not None:
                 r[column] = ref / r["median_ms"]
+
+
+def reference_keys(row: dict, column: str) -> list[tuple]:
+    """(case, dtype) keys of the row a RATIOS column divides by, in preference order; dtype None: any (the rule
+    of `add_ratios`)."""
+    same_dtype = RATIOS[column][1]
+    if not same_dtype and row.get("section") in ("sample", "train"):
+        return [(row.get("case"), "fp32")]
+    return [(row.get("case"), row.get("dtype"))] + ([] if same_dtype else [(row.get("case"), None)])
 
 
 def _cell(row: dict, key: str) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastdiff.bench.report import RATIOS
+from fastdiff.bench.report import RATIOS, reference_keys
 from fastdiff.runtime import cpu_choice
 
 
@@ -103,10 +103,10 @@ def _value(target: Target, rows: list[dict]) -> tuple[float | None, str]:
         if value is not None:
             return value, ""
         if target.metric in RATIOS:  # a ratio to a provider of the same case that has no timing
-            provider, same_dtype = RATIOS[target.metric]
-            dtype = row.get("dtype") if same_dtype else "fp32" if row.get("section") in ("sample", "train") else None
-            ref = next((r for r in rows if r.get("case") == row.get("case") and r.get("provider") == provider
-                        and (dtype is None or r.get("dtype") == dtype)), None)
+            provider = RATIOS[target.metric][0]
+            ref = next((r for case, dtype in reference_keys(row, target.metric) for r in rows
+                        if r.get("provider") == provider and r.get("case") == case
+                        and dtype in (None, r.get("dtype"))), None)
             return None, f"{provider}: {ref['status'] if ref is not None else 'not in this run'}"
         return None, f"the row has no {target.metric}"
     ref = _find(rows, target.over)

@@ -32,6 +32,7 @@ from fastdiff.ops.group_norm_silu_kernels import (
     _group_norm_silu_fwd_kernel,
     _group_norm_silu_fwd_loop_kernel,
 )
+from fastdiff.runtime import next_power_of_2
 
 MAX_FUSED_FWD = 16384  # elements of one group held in registers by the fused forward (64 KB in fp32)
 MAX_FUSED_BWD = 8192  # the backward holds x and dy
@@ -55,11 +56,6 @@ def _group_strides(x: torch.Tensor):
     return None
 
 
-def _pow2(n: int) -> int:
-    """The smallest power of two >= n (triton.next_power_of_2, without needing triton: the bench plans anywhere)."""
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def _plan(N: int, C: int, HW: int, G: int, max_fused: int, chunk: int, num_sms: int = 0):
     """Block sizes and chunk count: one chunk when the group fits in max_fused elements.
 
@@ -70,14 +66,14 @@ def _plan(N: int, C: int, HW: int, G: int, max_fused: int, chunk: int, num_sms: 
     from DRAM instead of two for those; unmeasured until a GPU run: the bench's GroupNorm+SiLU rows).
     """
     Cg = C // G
-    block_c = _pow2(Cg)
-    block_hw = _pow2(max(HW, 1))
+    block_c = next_power_of_2(Cg)
+    block_hw = next_power_of_2(HW)
     starved = N * G < num_sms and Cg * HW >= 4 * chunk
     if block_c * block_hw > max_fused or starved:
-        block_hw = max(1, min(block_hw, _pow2(max(chunk // block_c, 1))))
+        block_hw = min(block_hw, next_power_of_2(chunk // block_c))
     num_chunks = -(-HW // block_hw)
     warps = min(16, max(1, (block_c * block_hw) // 1024))
-    return Cg, block_c, block_hw, num_chunks, _pow2(max(num_chunks, 1)), warps
+    return Cg, block_c, block_hw, num_chunks, next_power_of_2(num_chunks), warps
 
 
 def _num_sms(device: torch.device) -> int:

@@ -23,7 +23,7 @@ import torch
 
 from fastdiff.diffusion.samplers import StepTable, check_batch, denoise_step
 from fastdiff.errors import ConfigError
-from fastdiff.runtime import AccelOptions, amp_dtype, autocast, compile_fn, synchronize
+from fastdiff.runtime import AccelOptions, amp_dtype, autocast, compile_fn, next_power_of_2, synchronize
 
 # Dynamo keeps its compiled entries per code object and, past `recompile_limit` (8) entries, a fullgraph compile
 # is an error. Every FastSampler's step is one code object, compiled once per bucket (static shapes) and per
@@ -37,7 +37,7 @@ RECOMPILE_LIMIT = 256
 
 def bucket_size(n: int) -> int:
     """The padded batch size for n samples: the next power of two."""
-    return 1 << max(n - 1, 0).bit_length()
+    return next_power_of_2(n)
 
 
 def autocast_model(model: Callable, device, amp: str) -> Callable:
