@@ -42,8 +42,9 @@ PATHS = ("split", "looped")  # how a group split into chunks runs (`forced_path`
 # the one that has been reviewed. Which is faster on a GPU is for the bench's GroupNorm+SiLU rows to say (a row
 # per path: `fastdiff[looped]` beside `fastdiff`); flip this once they have. Even then a launch with fewer groups
 # than SMs stays split (looped would leave SMs idle: batch 1 at high resolution). (A third way, one program
-# holding a whole 32768-element group in registers, was left out: at the headline size its forward took 105-128
-# registers per thread and one program per SM, spilling with Triton 3.9, and its backward spilled with 3.6 too.)
+# holding a whole 32768-element group in registers, was left out: compiled for sm_90 at the headline size, by an
+# ad-hoc check like tests/ops/test_kernels_compile.py's, its backward spilled registers with Triton 3.6 and its
+# forward with 3.9.)
 SPLIT_BY_DEFAULT = True
 
 
