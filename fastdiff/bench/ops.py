@@ -5,12 +5,12 @@ Every row names the op, provider, shape, dtype, median time (and the 0.2/0.8 qua
 move by a stated formula, the GB/s that makes, and the share of the device's copy bandwidth measured in the same
 run (read + write); `report.add_ratios` adds the speed ratios to torch-eager and torch-compile of the same case.
 
-The cases are declared beside each op's kernel (`@op(..., bench=...)`, `fastdiff.ops.dispatch.BenchCase`) and read
-from the op registry, so a new op needs no edit here. `run_op_benchmarks(device, quick, part)` is what `fastdiff
-bench` calls; part "headline" is the cases marked so (the GroupNorm+SiLU forward and the sampler step at one
-GPU-filling size each), "rest" everything else. On a GPU the full run uses
-tensors of 64 MB or more; `quick` uses small shapes and, on the CPU, torch-eager alone (compiling and the Triton
-interpreter take far longer than a quick run may use), so it only checks that the harness works there.
+The cases are declared beside each op's kernel (`@op(..., bench=...)`, `fastdiff.ops.dispatch.BenchCase`) and read from
+the op registry, so a new op needs no edit here. `run_op_benchmarks(device, quick, part)` is what `fastdiff bench`
+calls; part "headline" is the cases marked so (the GroupNorm+SiLU forward at one GPU-filling size in NCHW and
+channels_last, and the sampler step at one), "rest" everything else. On a GPU the full run uses tensors of 64 MB or
+more; `quick` uses small shapes and, on the CPU, torch-eager alone (compiling and the Triton interpreter take far longer
+than a quick run may use), so it only checks that the harness works there.
 fastdiff-native runs wherever the extension is built; elsewhere its rows say why they were skipped. A case may
 declare variants, other ways of running the Triton path (GroupNorm+SiLU's "looped" path where the default
 splits a group into chunks): each is a provider of its own, `fastdiff[<name>]`, timed in the same rounds.

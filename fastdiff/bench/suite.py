@@ -53,13 +53,13 @@ class Budget:
 def plan(device: torch.device, quick: bool, presets=None, providers=None) -> list:
     """The jobs in the order they run.
 
-    GPU (full): the headline rows fastest first -- the headline op rows (GroupNorm+SiLU, each of its paths, and
-    the sampler step against copy bandwidth: seconds, with no model to compile), mnist DDIM-20 sampling at batch 64 (the
-    CUDA-graph gain), cifar10-ddpm training at batch 128, DDPM-1000 sampling at batch 1024 (20 timed steps,
-    extrapolated), each torch-eager fp32 / fastdiff bf16 / torch-compile bf16 interleaved; diffusers at the same
-    settings; then the other op rows and combinations. A job's rows come once its providers are compiled and
-    timed, so the cheap op rows first are not lost to a model job cut short by the suite's time limit; a job
-    whose budget runs out between two compiles skips the rest and times what it compiled.
+    GPU (full): the headline rows fastest first -- the headline op rows (GroupNorm+SiLU in both layouts, each of its
+    paths, and the sampler step against copy bandwidth: seconds, with no model to compile), mnist DDIM-20 sampling at
+    batch 64 (the CUDA-graph gain), cifar10-ddpm training at batch 128, DDPM-1000 sampling at batch 1024 (20 timed
+    steps, extrapolated), each torch-eager fp32 / fastdiff bf16 / torch-compile bf16 interleaved; diffusers at the same
+    settings; then the other op rows and combinations. A job's rows come once its providers are compiled and timed, so
+    the cheap op rows first are not lost to a model job cut short by the suite's time limit; a job whose budget runs out
+    between two compiles skips the rest and times what it compiled.
     CPU (and --quick anywhere): for each of PRESETS, DDIM-20
     and DDPM-1000 sampling and a training step, every provider interleaved at fp32 (batch 64, or 2 with --quick),
     and fastdiff and diffusers at the CPU's default precision where it is not fp32 (`runtime.cpu_choice`).

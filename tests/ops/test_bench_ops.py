@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastdiff.bench import ops as bench_ops
 from fastdiff.bench.ops import Case, default_cases, measure_case, op_names, run_op_benchmarks
 from fastdiff.bench.report import table
 from fastdiff.ops import dispatch, native
@@ -32,11 +33,17 @@ def test_quick_run_on_cpu_reports_every_op():
 
 
 def test_headline_cases_lead():
-    # The GPU suite's bandwidth rows: the GroupNorm+SiLU forward and the sampler step come first.
+    # The GPU suite's bandwidth rows come first: the GroupNorm+SiLU forward in NCHW (the target) and in
+    # channels_last (the layout the GPU's sampling and training run), and the sampler step.
     cpu = torch.device("cpu")
     assert [build().op for build in default_cases(cpu, quick=True, part="headline")] == ["group_norm_silu",
                                                                                           "sampler_step"]
-    assert len(default_cases(cpu, quick=False, part="rest")) + 2 == len(default_cases(cpu, quick=False))
+    declared = bench_ops._declared(quick=False)
+    headline = [(name, c.shape, c.dtype, c.note) for name, cases in declared.items() for _, c in cases if c.headline]
+    assert headline == [("group_norm_silu", (32, 256, 64, 64), torch.bfloat16, ""),
+                        ("group_norm_silu", (32, 256, 64, 64), torch.bfloat16, "channels_last"),
+                        ("sampler_step", (512, 3, 128, 128), torch.float32, "sigma > 0, step from a device tensor")]
+    assert len(default_cases(cpu, quick=False, part="rest")) + 3 == len(default_cases(cpu, quick=False))
 
 
 def test_a_registered_op_is_benchmarked_from_its_own_declaration(monkeypatch):
@@ -113,8 +120,6 @@ def test_script_prints_a_table_then_json():
 def test_path_variants_are_providers_of_their_own(monkeypatch):
     # GroupNorm+SiLU's headline case also times the paths the default does not take, each inside its context.
     import importlib
-
-    from fastdiff.bench import ops as bench_ops
 
     gn = importlib.import_module("fastdiff.ops.group_norm_silu")  # the module (fastdiff.ops exports the function)
 
