@@ -132,14 +132,27 @@ def _resource_usage(cubin: bytes) -> str:
     return out.stdout
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_group_norm_silu_looped_kernels_at_bench_sizes_do_not_spill(monkeypatch, dtype):
-    # The looped launches of the bench's GroupNorm+SiLU rows at their real sizes (both layouts, forward and
-    # backward): a kernel whose registers spill to local memory would make its row time a slowed kernel.
+def _compiled_usage(kernel, args, kwargs) -> dict[str, int]:
+    """{"REG": .., "STACK": .., "SHARED": .., "LOCAL": ..} of one launch compiled for sm_90."""
+    import re
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    signature, constexprs, attrs = _signature(kernel, args, kwargs)
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": kwargs.get("num_warps", 4)})
+    usage = _resource_usage(compiled.asm["cubin"])
+    found = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    assert set(found) == {"REG", "STACK", "SHARED", "LOCAL"}, usage
+    return {k: int(v) for k, v in found.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_group_norm_silu_looped_kernels_at_bench_sizes_do_not_spill(monkeypatch, dtype):
+    # The looped launches of the bench's GroupNorm+SiLU rows at their real sizes (both layouts, forward and
+    # backward): a kernel whose registers spill to local memory would make its row time a slowed kernel.
     from fastdiff.ops.group_norm_silu import _bench_cases, forced_path, group_norm_silu_bwd, group_norm_silu_fwd
 
     def launch():
@@ -160,11 +173,8 @@ def test_group_norm_silu_looped_kernels_at_bench_sizes_do_not_spill(monkeypatch,
     assert {kernel.fn.__name__ for kernel, _, _ in calls} == {"_group_norm_silu_fwd_loop_kernel",
                                                               "_group_norm_silu_bwd_loop_kernel"}
     for kernel, args, kwargs in calls:
-        signature, constexprs, attrs = _signature(kernel, args, kwargs)
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": kwargs["num_warps"]})
-        usage = _resource_usage(compiled.asm["cubin"])
-        assert "STACK:0 " in usage and "LOCAL:0 " in usage, f"{kernel.fn.__name__} {kwargs}: {usage}"
+        usage = _compiled_usage(kernel, args, kwargs)
+        assert usage["STACK"] == 0 and usage["LOCAL"] == 0, f"{kernel.fn.__name__} {kwargs}: {usage}"
 
 
 def test_sampler_step_kernels_compile_for_sm90(monkeypatch):
@@ -188,3 +198,20 @@ def test_timestep_embedding_kernel_compiles_for_sm90(monkeypatch):
 
     calls = _record_launches(monkeypatch, lambda: [timestep_embedding_fwd(torch.arange(8), d, 1e4) for d in (32, 33)])
     assert len(_compile_all(calls)) == 2
+
+
+def test_timestep_embedding_programs_leave_room_for_many_per_sm(monkeypatch):
+    # Every element costs a sin and a cos (libdevice's, whose slow path for huge arguments is inlined: the stack it
+    # reports is that path's buffer, not a spill). With 32 elements per thread the kernel took 230 registers (Triton
+    # 3.6; 168 with 3.9), so two 4-warp programs fitted an SM; at most 64 lets eight in. Sizes: the bench's cases
+    # and a UNet's table (batch 64, 128 channels).
+    from fastdiff.ops.timestep_embedding import _bench_cases, timestep_embedding_fwd
+
+    def launch():
+        for case in _bench_cases(quick=False) + [None]:
+            t, dim = case.inputs("cpu") if case is not None else (torch.arange(64), 128)
+            timestep_embedding_fwd(t, dim, 1e4)
+
+    for kernel, args, kwargs in _record_launches(monkeypatch, launch):
+        usage = _compiled_usage(kernel, args, kwargs)
+        assert usage["REG"] <= 64 and usage["LOCAL"] == 0, f"{kwargs}: {usage}"
