@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastdiff import initial_noise, sample_ddim, seeds_for
-from fastdiff.diffusion import NoiseSchedule
+from fastdiff.diffusion import NoiseSchedule, make_timesteps
 from fastdiff.errors import ConfigError
 
 diffusers = pytest.importorskip("diffusers")
@@ -263,6 +263,23 @@ def test_interface_values():
                 assert torch.equal(a.timesteps, b.timesteps), (cls, spacing, n)
     out = ours.step(noise, 999, x0, return_dict=False)
     assert isinstance(out, tuple) and len(out) == 2
+
+
+def test_timesteps_equal_diffusers_at_every_step_count():
+    # numpy's arange/linspace, as diffusers: torch's round differently in the last bit, and some counts then got
+    # another integer (T=1000: trailing 48 and 96, linspace 27, 31, 47, ...; T=999: 299 trailing counts).
+    for T in (1000, 999, 250):
+        for spacing in ("leading", "trailing", "linspace"):
+            ref = diffusers.DDIMScheduler(num_train_timesteps=T, timestep_spacing=spacing)
+            for n in range(1, T + 1):
+                ref.set_timesteps(n)
+                assert torch.equal(make_timesteps(T, n, spacing), ref.timesteps), (T, spacing, n)
+    for n in (27, 48, 96):  # DDPM's spacing is DDIM's, through the same make_timesteps
+        for spacing in ("trailing", "linspace"):
+            a, b = diffusers.DDPMScheduler(timestep_spacing=spacing), fs.DDPMScheduler(timestep_spacing=spacing)
+            a.set_timesteps(n)
+            b.set_timesteps(n)
+            assert torch.equal(a.timesteps, b.timesteps), (spacing, n)
 
 
 def test_errors_name_the_option():

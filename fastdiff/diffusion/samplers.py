@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from fastdiff import ops
@@ -33,20 +34,23 @@ def make_timesteps(num_train_timesteps: int, steps: int, spacing: str = "trailin
     leading:  0, r, 2r, ... (r = T // steps), reversed   -- never reaches T-1
     trailing: round(T - k*T/steps) - 1 for k = 0..steps-1 -- always starts at T-1
     linspace: round(linspace(0, T-1, steps)), reversed   -- both ends
+
+    Computed with numpy's arange and linspace, as diffusers computes them: torch's float64 arange and linspace
+    round differently in the last bit, which moves a value that lands near .5 to the other integer (trailing
+    48 steps of 1000: 937 for diffusers' 936; linspace 27: 500 for 499).
     """
     T = num_train_timesteps
     if not 1 <= steps <= T:
         raise ConfigError(f"steps={steps} must be between 1 and the {T} training timesteps")
     if spacing == "leading":
-        ts = torch.arange(steps, dtype=torch.float64) * (T // steps)
+        ts = np.arange(steps, dtype=np.int64) * (T // steps)
     elif spacing == "trailing":
-        ts = torch.round(torch.arange(T, 0, -T / steps, dtype=torch.float64)) - 1
-        ts = ts.flip(0)
+        ts = np.round(np.arange(T, 0, -T / steps))[::-1] - 1
     elif spacing == "linspace":
-        ts = torch.linspace(0, T - 1, steps, dtype=torch.float64).round()
+        ts = np.linspace(0, T - 1, steps).round()
     else:
         raise ConfigError(f"unknown timestep spacing {spacing!r}; use one of {', '.join(SPACINGS)}")
-    return ts.to(torch.int64).flip(0)
+    return torch.from_numpy(ts.astype(np.int64)).flip(0)
 
 
 @dataclass
