@@ -69,6 +69,10 @@ def test_bad_input_errors(run, tmp_path):
     pipe = fastdiff.load(run, device="cpu")
     with pytest.raises(ConfigError, match=r"labels \[10\] are outside 0..9"):
         pipe.sample(2, labels=[1, 10])
+    with pytest.raises(ConfigError, match=r"n=2.0 is not a whole number"):
+        pipe.sample(2.0)
+    with pytest.raises(ConfigError, match=r"n=0 must be at least 1"):
+        pipe.sample(0)
     with pytest.raises(CheckpointError, match="does not exist"):
         fastdiff.load(tmp_path / "missing")
     (tmp_path / "other").mkdir()
@@ -132,6 +136,19 @@ def test_wrap_your_own_model():
         pipe.sample(2, labels=[1])
     with pytest.raises(ConfigError, match="is unconditional"):
         pipe.sample(2, guidance=2.0)
+
+
+@pytest.mark.parametrize("accel", [PLAIN, {"amp": "bf16", "channels_last": True}], ids=["plain", "fast"])
+def test_a_model_that_returns_no_tensor_of_xs_shape_gets_one_error(accel):
+    # e.g. a diffusers UNet2DModel passed as it is (it returns an output object), or a model of another size
+    class Output:
+        sample = None
+
+    for model, got in ((lambda x, t, y: Output(), "returned Output for x of shape"),
+                       (lambda x, t, y: x[:, :, :4], r"returned a tensor of shape \[2, 1, 4, 12\]")):
+        pipe = fastdiff.Pipeline(model, schedule=NoiseSchedule("linear", 1000), image_shape=(1, 12, 12))
+        with pytest.raises(ConfigError, match=f"{got}.*wrap it as lambda x, t, y: unet"):
+            pipe.sample(2, steps=2, **accel)
 
 
 def test_wrapped_conditional_model_and_its_null_class():

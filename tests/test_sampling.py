@@ -63,11 +63,20 @@ def test_student_defaults():
     ({"sampler": "student"}, "not an ADD student run"),
     ({"steps": 0}, "steps=0 must be between 1 and the 1000"),
     ({"steps": 1001}, "steps=1001 must be between 1 and the 1000"),
-    ({"eta": -1.0}, "must be >= 0"),
+    ({"steps": 2.5}, "steps=2.5 is not a whole number"),
+    ({"eta": -1.0}, "eta=-1 is outside the allowed range: between 0"),
+    ({"eta": 5.0}, "eta=5 is outside the allowed range"),
+    ({"eta": float("nan")}, "eta=nan is outside the allowed range"),
     ({"sampler": "ddpm", "eta": 0.5}, "applies to --sampler ddim only"),
+    ({"guidance": float("nan")}, "guidance=nan is outside the allowed range: 0 and up, finite"),
+    ({"guidance": float("inf")}, "guidance=inf is outside the allowed range"),
+    ({"guidance": -3.0}, "guidance=-3 is outside the allowed range"),
+    ({"guidance": "2"}, "guidance='2' is not a number"),
     ({"spacing": "even"}, "unknown timestep spacing"),
-    ({"clip": 0.0}, "clip=0.0 must be > 0"),
-    ({"batch_size": 0}, "batch size 0 must be at least 1"),
+    ({"clip": 0.0}, "clip=0 is outside the allowed range: above 0"),
+    ({"clip": "1"}, "clip='1' is not a number"),
+    ({"batch_size": 0}, "batch_size=0 must be at least 1"),
+    ({"batch_size": 2.0}, "batch_size=2.0 is not a whole number"),
     ({"amp": "fp16"}, "fp16 needs a CUDA device"),
     ({"cuda_graphs": True}, "CUDA graphs need a CUDA device"),
     ({"temperature": 2.0}, "unknown sampling option"),
@@ -115,6 +124,9 @@ def test_labels_for():
         labels_for([1], 4, 0)
     with pytest.raises(ConfigError, match="must be integers"):
         labels_for([0.5], 4, 10)
+    for bad in ("3", [[1, 2], [3]]):  # a string, a ragged list: one ConfigError, not torch's TypeError
+        with pytest.raises(ConfigError, match="must be integers in 0..9"):
+            labels_for(bad, 4, 10)
 
 
 def test_sample_is_batch_invariant_and_matches_the_plain_sampler():

@@ -159,6 +159,17 @@ def student_table(schedule, timesteps, *, prediction: str = "v", device=None) ->
     return _table(timesteps, p, q, A, B, sigma, device or schedule.device)
 
 
+def model_output(out, x: torch.Tensor) -> torch.Tensor:
+    """The model's output for input x, checked: a tensor of x's shape (eps, v or x0), else one ConfigError."""
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        got = f"a tensor of shape {list(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"the model returned {got} for x of shape {list(x.shape)}; it must return a tensor of "
+                          "x's shape (eps, v or x0). A diffusers UNet2DModel returns an output object: load its "
+                          "folder with fastdiff.load(FOLDER), or wrap it as lambda x, t, y: unet(x, t, "
+                          "class_labels=y).sample")
+    return out
+
+
 def guided(model: Callable, x, t, labels, guidance: float, null_label: int | None):
     """Classifier-free guidance (Ho & Salimans 2022): out = uncond + guidance * (cond - uncond).
 
@@ -166,12 +177,12 @@ def guided(model: Callable, x, t, labels, guidance: float, null_label: int | Non
     the unconditional (null label) halves as one batch.
     """
     if labels is None or guidance == 1.0:
-        return model(x, t, labels)
+        return model_output(model(x, t, labels), x)
     if null_label is None:
         raise ConfigError("classifier-free guidance needs a class-conditional model (null_label is None)")
     null = torch.full_like(labels, null_label)
-    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
-    cond, uncond = out.chunk(2)
+    both = torch.cat([x, x])
+    cond, uncond = model_output(model(both, torch.cat([t, t]), torch.cat([labels, null])), both).chunk(2)
     return uncond + guidance * (cond - uncond)
 
 

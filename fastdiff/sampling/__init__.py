@@ -41,7 +41,7 @@ from fastdiff.models import UNet
 from fastdiff.models.refiner import load_refiner
 from fastdiff.runtime import synchronize
 from fastdiff.sampling.fast import FastSampler
-from fastdiff.sampling.settings import SAMPLERS, SampleSettings, resolve_settings
+from fastdiff.sampling.settings import SAMPLERS, SampleSettings, count, resolve_settings
 
 
 @dataclass
@@ -116,8 +116,11 @@ def labels_for(spec, n: int, num_classes: int) -> torch.Tensor | None:
         return None
     if spec is None or (isinstance(spec, (list, tuple)) and len(spec) == 0):
         return torch.arange(n) % num_classes
-    labels = torch.as_tensor(spec).reshape(-1).cpu()
-    if labels.is_floating_point() or labels.dtype == torch.bool or len(labels) == 0:
+    try:
+        labels = torch.as_tensor(spec).reshape(-1).cpu()
+    except (TypeError, ValueError, RuntimeError):  # a string, a ragged list, ...
+        labels = None
+    if labels is None or labels.is_floating_point() or labels.dtype == torch.bool or len(labels) == 0:
         raise ConfigError(f"labels must be integers in 0..{num_classes - 1}, got {spec!r}")
     bad = sorted({int(y) for y in labels if not 0 <= int(y) < num_classes})
     if bad:
@@ -156,8 +159,7 @@ def sample(denoiser: Denoiser, settings: SampleSettings, *, n: int, seed: int = 
     progress: a tqdm bar of the denoising steps of all batches, with ETA, on stderr (the CLI's default; it ticks
     through the step callback, so the fast path then clones each step's tensors for it).
     """
-    if n < 1:
-        raise ConfigError(f"--n must be at least 1, got {n}")
+    n = count("n", n)
     device, shape = denoiser.device, denoiser.image_shape
     _check_result_fits(n, shape, refined=bool(settings.refiner))
     labels = labels_for(labels, n, denoiser.num_classes)

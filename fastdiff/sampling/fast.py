@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from fastdiff.diffusion.samplers import StepTable, check_batch, denoise_step
+from fastdiff.diffusion.samplers import StepTable, check_batch, denoise_step, model_output
 from fastdiff.errors import ConfigError
 from fastdiff.runtime import AccelOptions, amp_dtype, autocast, compile_fn, next_power_of_2, synchronize
 
@@ -48,7 +48,7 @@ def autocast_model(model: Callable, device, amp: str) -> Callable:
     def forward(x, t, labels=None):
         # cache_enabled=False: the autocast weight cache must not outlive a CUDA graph capture.
         with autocast(device, amp, cache_enabled=False):
-            out = model(x, t, labels)
+            out = model_output(model(x, t, labels), x)
         return out.float()
 
     return forward

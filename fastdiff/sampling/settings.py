@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -71,9 +72,8 @@ def resolve_settings(denoiser, device=None, *, accel: AccelOptions | None = None
     if sampler == "student" and denoiser.student_timesteps is None:
         raise ConfigError(f"{denoiser.name} is not an ADD student run; sample it with --sampler ddim or ddpm")
     steps = _steps(denoiser, sampler, given.get("steps"))
-    eta = float(given.get("eta", run.eta if sampler == "ddim" else 0.0))
-    if eta < 0:
-        raise ConfigError(f"eta={eta} must be >= 0 (0 is deterministic DDIM)")
+    eta = number("eta", given.get("eta", run.eta if sampler == "ddim" else 0.0), lo=0, hi=1,
+                 allowed="between 0 (deterministic DDIM) and 1")
     if eta != 0 and sampler != "ddim":
         raise ConfigError(f"eta={eta} applies to --sampler ddim only, not {sampler}; drop --eta")
     guidance = _guidance(denoiser, given.get("guidance"))
@@ -83,18 +83,56 @@ def resolve_settings(denoiser, device=None, *, accel: AccelOptions | None = None
     if sampler != "student" and denoiser.student_timesteps is not None:
         _check_student_grid(denoiser, sampler, steps, spacing)
     clip = given.get("clip", run.clip)
-    if clip is not None and (not clip > 0):
-        raise ConfigError(f"clip={clip} must be > 0 (inf for no clipping)")
-    clip = None if clip is None or math.isinf(clip) else float(clip)
-    batch_size = int(given.get("batch_size", sample_batch_size(device)))
-    if batch_size < 1:
-        raise ConfigError(f"batch size {batch_size} must be at least 1")
+    if clip is not None:
+        clip = number("clip", clip, lo=0, lo_open=True, finite=False, allowed="above 0 (inf for no clipping)")
+    clip = None if clip is None or math.isinf(clip) else clip
+    batch_size = count("batch_size", given.get("batch_size", sample_batch_size(device)))
     flat = {k: given[k] for k in ACCEL_KEYS if k in given}
     base = accel if accel is not None else AccelOptions.for_device(device)
     options = dataclasses.replace(base, **flat).check(device)
     refiner = given.get("refiner")
     return SampleSettings(sampler=sampler, steps=steps, eta=eta, guidance=guidance, spacing=spacing, clip=clip,
                           batch_size=batch_size, accel=options, refiner=str(refiner) if refiner else None)
+
+
+def number(name: str, value, *, lo=None, hi=None, lo_open: bool = False, finite: bool = True,
+           allowed: str = "") -> float:
+    """value as a float in [lo, hi] ((lo, hi] with lo_open; finite unless `finite` is False), else one ConfigError
+    naming the option: the sampling options' ranges are the CLI's (fastdiff.cli.args), for every caller."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not _real_scalar(value):
+        raise ConfigError(f"{name}={value!r} is not a number; use a value {allowed}")
+    value = float(value)
+    ok = (not math.isnan(value) and (math.isfinite(value) or not finite)
+          and (lo is None or (value > lo if lo_open else value >= lo)) and (hi is None or value <= hi))
+    if not ok:
+        raise ConfigError(f"{name}={value:g} is outside the allowed range: {allowed}")
+    return value
+
+
+def integer(name: str, value) -> int:
+    """value as an int (of an integer type: 2.5 or "2" is refused, not truncated), else one ConfigError."""
+    try:
+        n = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        n = None
+    if n is None:
+        raise ConfigError(f"{name}={value!r} is not a whole number; give an integer")
+    return n
+
+
+def count(name: str, value) -> int:
+    """value as an int >= 1, else one ConfigError naming the option."""
+    n = integer(name, value)
+    if n < 1:
+        raise ConfigError(f"{name}={n} must be at least 1")
+    return n
+
+
+def _real_scalar(value) -> bool:
+    """A numpy or 0-d torch real number (what a caller's arithmetic may hand over)."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool
+    return type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 and value.dtype.kind in "iuf"
 
 
 def _steps(denoiser, sampler: str, steps: int | None) -> int:
@@ -110,7 +148,7 @@ def _steps(denoiser, sampler: str, steps: int | None) -> int:
             steps = len(denoiser.student_timesteps)
         else:
             steps = SampleConfig.steps
-    steps = int(steps)
+    steps = integer("steps", steps)
     if sampler == "student":
         student_timesteps(denoiser.student_timesteps, steps)  # raises for steps outside 1..len
     else:
@@ -134,7 +172,8 @@ def _check_student_grid(denoiser, sampler: str, steps: int, spacing: str) -> Non
 def _guidance(denoiser, guidance: float | None) -> float:
     if guidance is None:  # the run's own guidance; an unconditional model has none to apply
         return float(denoiser.defaults.guidance) if denoiser.null_label is not None else 1.0
-    guidance = float(guidance)
+    guidance = number("guidance", guidance, lo=0,
+                      allowed="0 and up, finite (1 = no guidance, 0 = the unconditional model)")
     if guidance != 1.0 and denoiser.null_label is None:
         what = "is unconditional" if denoiser.num_classes == 0 else "has no null class"
         raise ConfigError(f"guidance={guidance:g} needs a class-conditional model with a null class, but "
