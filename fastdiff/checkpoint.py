@@ -188,9 +188,9 @@ def set_aside_newer(run_dir, ckpt_dir) -> list[Path]:
     for s, path in checkpoint_dirs(run_dir):
         if s > step:
             aside.mkdir(exist_ok=True)
-            dst = aside / path.name
-            if dst.exists():
-                shutil.rmtree(dst)
+            dst, k = aside / path.name, 1
+            while dst.exists():  # set aside before, at the same step: keep both (step-000000006.1, ...)
+                dst, k = aside / f"{path.name}.{k}", k + 1
             os.rename(path, dst)
             moved.append(dst)
     return moved

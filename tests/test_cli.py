@@ -1,6 +1,8 @@
 """The command line end to end at tiny settings, and one clear line (exit status 2) for each bad input."""
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 
@@ -99,6 +101,33 @@ def test_resume_extends_and_guards_flags(trained, capsys):
     assert code == 2 and "--seed cannot change on --resume" in err  # (--lr may: tests/test_loop.py)
     assert main(["train", "--out", str(trained), "--resume", "--steps", "6", "--no-progress"]) == 0
     assert (trained / "checkpoints" / "step-000000006").exists()
+
+
+def test_resume_checks_flags_against_the_runs_own_values(trained, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    saved = json.loads((run_dir / "config.json").read_text())
+    same = ["--seed", str(saved["train"]["seed"]), "--batch-size", str(saved["train"]["batch_size"])]
+    code, out, _ = run(["train", "--out", str(run_dir), "--resume", *same, "--dry-run"], capsys)
+    assert code == 0 and json.loads(out) == saved  # repeating the run's own values changes nothing
+    # RUN/config.json lost: the newest checkpoint's config is the run's, and the same flags are refused
+    (run_dir / "config.json").unlink()
+    code, _, err = run(["train", "--out", str(run_dir), "--resume", "--prediction", "x0", "--dry-run"], capsys)
+    assert code == 2 and "--prediction cannot change on --resume" in err
+    code, out, _ = run(["train", "--out", str(run_dir), "--resume", "--steps", "9", "--dry-run"], capsys)
+    assert code == 0 and json.loads(out)["diffusion"] == saved["diffusion"] and json.loads(out)["train"]["steps"] == 9
+
+
+def test_resume_errors_name_flags_that_exist(capsys):
+    # The resumable flags' list names each by its flag (--warmup, whose dest is warmup_steps), as --help does.
+    from fastdiff.cli.args import flag_name
+    from fastdiff.cli.training import DISTILL_FLAGS, REFINER_FLAGS, TRAIN_FLAGS
+
+    for command, dests in (("train", TRAIN_FLAGS), ("distill", DISTILL_FLAGS), ("train-refiner", REFINER_FLAGS)):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        options = set(re.findall(r"--[a-z0-9-]+", capsys.readouterr().out))
+        assert {flag_name(d) for d in dests} <= options, (command, {flag_name(d) for d in dests} - options)
 
 
 @pytest.mark.parametrize(

@@ -141,6 +141,25 @@ def test_set_aside_newer_checkpoints(run_copy):
     moved = ckpt.set_aside_newer(run_copy, ckpt.latest_good_checkpoint(run_copy))
     assert [p.name for p in moved] == ["step-000000004"] and moved[0].parent.name == "set-aside"
     assert ckpt.checkpoint_dirs(run_copy) == [(2, step2)] and ckpt.resolve_checkpoint(run_copy) == step2
+    # the same step set aside again (a resumed run wrote step 4 anew, and it was damaged too): both are kept
+    shutil.copytree(moved[0], run_copy / "checkpoints" / "step-000000004")
+    again = ckpt.set_aside_newer(run_copy, step2)
+    assert [p.name for p in again] == ["step-000000004.1"]
+    assert sorted(p.name for p in moved[0].parent.iterdir()) == ["step-000000004", "step-000000004.1"]
+
+
+def test_resume_without_a_good_checkpoint_is_refused(run_copy, capsys):
+    # Every checkpoint damaged: --resume must not start over from step 0 (and overwrite them) as if resuming.
+    for step in (2, 4):
+        overwrite_tensor_bytes(run_copy / "checkpoints" / f"step-00000000{step}" / "model.safetensors")
+    before = sorted(p.name for p in (run_copy / "checkpoints").iterdir())
+    stats = (run_copy / "stats.jsonl").read_text()
+    assert main(["train", "--out", str(run_copy), "--resume", "--steps", "6"]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint of" in err and "passes its check (step-000000002, step-000000004" in err
+    assert "Traceback" not in err and "train without --resume" in err
+    assert sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == before
+    assert (run_copy / "stats.jsonl").read_text() == stats
 
 
 def test_killed_mid_swap_puts_the_checkpoint_back(tmp_path):

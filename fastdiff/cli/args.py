@@ -130,27 +130,61 @@ def accel_options(args, device, **extra):
 LOOP_RESUMABLE = {"steps", "ckpt_every", "log_every", "lr", "warmup_steps", "sample_every", "tensorboard", "amp"}
 
 
+# The flags whose argparse dest is not their name (tests/test_cli.py checks that every name flag_name gives parses).
+FLAG_NAMES = {"warmup_steps": "--warmup", "spectral_norm": "--no-spectral-norm"}
+
+
+def flag_name(dest: str) -> str:
+    """The command-line flag of an argparse dest."""
+    return FLAG_NAMES.get(dest, "--" + dest.replace("_", "-"))
+
+
 def _flags(names) -> str:
-    return ", ".join("--" + k.replace("_", "-") for k in sorted(names))
+    return ", ".join(sorted(flag_name(k) for k in names))
 
 
-def resumed_config(args, given: dict, resumable: set, not_on_resume: dict, parse=None):
-    """The run's saved config when `--resume` finds one in --out (None otherwise), after checking that no flag
-    in `not_on_resume` is given and that `given` changes only `resumable` flags (any other change would make the
-    checkpoint and the config disagree). `parse` reads the saved dict (default: config.load_config's checks)."""
+def saved_run_config(run_dir) -> Path | None:
+    """The config a resume of run_dir continues with: RUN/config.json, else (deleted or lost) the one inside its
+    newest checkpoint, which every checkpoint holds; None for a directory with neither."""
+    from fastdiff.checkpoint import checkpoint_dirs
+
+    saved = Path(run_dir) / "config.json"
+    if saved.exists():
+        return saved
+    inside = [path / "config.json" for _, path in reversed(checkpoint_dirs(run_dir)) if (path / "config.json").exists()]
+    return inside[0] if inside else None
+
+
+def _plain(value):
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def resumed_config(args, given: dict, keys: dict, resumable: set, not_on_resume: dict, parse=None):
+    """The run's saved config when `--resume` finds one in --out (`saved_run_config`; None otherwise), after
+    checking that no flag in `not_on_resume` is given and that `given` (dest -> value; `keys`: dest -> its
+    "section.option") changes only `resumable` options: any other change would make the checkpoint and the config
+    disagree (a flag that repeats the run's own value changes nothing). `parse` reads the saved dict (default:
+    config.load_config's checks)."""
     from fastdiff.checkpoint import read_json
     from fastdiff.config import load_config
 
-    saved = Path(args.out) / "config.json"
-    if not (args.resume and saved.exists()):
+    saved = saved_run_config(args.out) if args.resume else None
+    if saved is None:
         return None
     extra = [k for k, v in not_on_resume.items() if v]
     if extra:
         raise ConfigError(f"--resume continues the run with its own config; drop {_flags(extra)}")
-    changed = set(given) - resumable
+    cfg = load_config(saved) if parse is None else parse(read_json(saved, error=ConfigError))
+    old = cfg.to_dict()
+
+    def saved_value(dest):
+        section, option = keys[dest].split(".")
+        return old.get(section, {}).get(option)
+
+    changed = {k for k in set(given) - resumable if _plain(given[k]) != _plain(saved_value(k))}
     if changed:
         raise ConfigError(f"{_flags(changed)} cannot change on --resume (only {_flags(resumable)} can)")
-    return load_config(saved) if parse is None else parse(read_json(saved, error=ConfigError))
+    return cfg
 
 
 def config_file_layer(args, **keys):
