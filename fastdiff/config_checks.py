@@ -66,6 +66,7 @@ RANGES: dict[str, str] = {
     "train.weight_decay": "[0, inf)", "train.warmup_steps": "[0, inf)", "train.grad_clip": "(0, inf]",
     "train.ema_decay": "[0, 1)", "train.p_uncond": "[0, 1]", "train.seed": "[0, 2^63)",
     "train.ckpt_every": "[1, inf)", "train.keep_checkpoints": "[0, inf)", "train.log_every": "[1, inf)",
+    "train.sample_every": "[0, inf)",
     "sample.steps": "[1, inf)", "sample.eta": "[0, 1]", "sample.guidance": "[0, inf)", "sample.clip": "(0, inf)",
     "distill.student_timesteps[]": "[0, inf)", "distill.adv_weight": "[0, inf)",
     "distill.distill_weight": "[0, inf)", "distill.teacher_t_min": "[0, inf)",
@@ -116,9 +117,11 @@ def validate(cfg) -> None:
     """Every option of every section in its range, and the combinations that would fail later (in training, at
     sampling time, or in another command) refused now. Raises ConfigError naming the option and what is allowed."""
     from fastdiff.config import REGRESS_AT
+    from fastdiff.data.datasets import DATASETS
     from fastdiff.diffusion.parameterization import PREDICTIONS
     from fastdiff.diffusion.samplers import SPACINGS
     from fastdiff.diffusion.schedules import SCHEDULES, cosine_betas, linear_betas
+    from fastdiff.runtime import AMP_MODES
 
     for f in dataclasses.fields(cfg):
         section = getattr(cfg, f.name)
@@ -127,9 +130,15 @@ def validate(cfg) -> None:
     m, d, s, dc = cfg.model, cfg.diffusion, cfg.sample, cfg.distill
     for key, value, choices in (("diffusion.schedule", d.schedule, SCHEDULES),
                                 ("diffusion.prediction", d.prediction, PREDICTIONS),
-                                ("sample.spacing", s.spacing, SPACINGS)):
+                                ("sample.spacing", s.spacing, SPACINGS),
+                                ("train.amp", cfg.train.amp, ("auto", *AMP_MODES)),
+                                ("data.dataset", cfg.data.dataset, DATASETS)):
         if value not in choices:
             raise ConfigError(f"{key} {value!r} is not one of {', '.join(choices)}")
+
+    if not m.channel_mult:
+        raise ConfigError("model.channel_mult is empty; give one multiplier of base_channels per resolution level, "
+                          "e.g. [1, 2, 2]")
 
     # The model: every attention resolution must be one the UNet has, and attention needs heads that divide it.
     resolutions = [m.image_size // 2**i for i in range(len(m.channel_mult))]

@@ -134,6 +134,9 @@ def test_fer2013(tmp_path):
     train = load_dataset("fer2013", data_dir=tmp_path)
     assert train.images.shape == (2, 1, 48, 48) and train.num_classes == 7
     assert len(load_dataset("fer2013", "test", data_dir=tmp_path)) == 2
+    # a CSV saved with a byte-order mark (as spreadsheet programs write UTF-8) reads the same
+    (tmp_path / "fer2013" / "fer2013.csv").write_text("\n".join(rows) + "\n", encoding="utf-8-sig")
+    assert torch.equal(load_dataset("fer2013", data_dir=tmp_path).images, train.images)
     rows[2] = "1,1 2 3,Training"
     (tmp_path / "fer2013" / "fer2013.csv").write_text("\n".join(rows) + "\n")
     with pytest.raises(DataError, match="line 3 has 3 pixel values"):
@@ -347,6 +350,21 @@ def test_folder_splits_share_the_train_classes(tmp_path):
     shutil.rmtree(tmp_path / "test" / "d")
     test = load_dataset("folder", "test", data_dir=tmp_path, image_size=8, channels=1)
     assert test.class_names == ["a", "b", "c"] and test.labels.bincount().tolist() == [10, 10, 10]
+
+
+def test_folder_with_one_split_folder(tmp_path):
+    # DIR/train/<class>/ without DIR/test/: train/ is the class root and every 10th image is held out (it was
+    # taken for a class named "train", and the error said to remove the folder: the whole dataset)
+    _class_folders(tmp_path / "train", ("a", "b"))
+    train = load_dataset("folder", data_dir=tmp_path, image_size=8, channels=1)
+    test = load_dataset("folder", "test", data_dir=tmp_path, image_size=8, channels=1)
+    assert train.class_names == ["a", "b"] and (len(train), len(test)) == (18, 2)
+    # a class that is named "train" (images in it, beside other classes) is still a class
+    _class_folders(tmp_path / "other", ("bus", "train"))
+    assert load_dataset("folder", data_dir=tmp_path / "other", image_size=8, channels=1).class_names == ["bus", "train"]
+    shutil.move(tmp_path / "train", tmp_path / "test")
+    with pytest.raises(DataError, match="has a test/ folder of classes but no train/"):
+        load_dataset("folder", data_dir=tmp_path, image_size=8, channels=1)
 
 
 def test_folder_image_too_large_to_decode(tmp_path, monkeypatch):

@@ -317,6 +317,11 @@ def test_real_full_disk_checkpoint_json_png(small_fs):
     ("diffusion.num_timesteps", 10, "gives betas outside (0, 1)"),
     ("diffusion.zero_terminal_snr", True, "zero_terminal_snr with prediction eps"),
     ("diffusion.prediction", "score", "diffusion.prediction 'score' is not one of"),
+    # refused by the one validation, so --dry-run refuses them too (they failed only once training began)
+    ("train.amp", "fp8", "train.amp 'fp8' is not one of auto, fp32, bf16, fp16"),
+    ("data.dataset", "nope", "data.dataset 'nope' is not one of digits"),
+    ("train.sample_every", -5, "train.sample_every must be in [0, inf)"),
+    ("model.channel_mult", [], "model.channel_mult is empty"),
 ])
 def test_config_numbers_and_combinations(key, value, message):
     with pytest.raises(ConfigError) as e:

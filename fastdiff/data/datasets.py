@@ -146,7 +146,13 @@ def _fer2013(root: Path, split: str):
 def _folder(root: Path, split: str, channels: int, size: int):
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist; pass --data-dir pointing at root/<class>/*.png")
-    if (root / "train").is_dir() and (root / "test").is_dir():
+    both = (root / "train").is_dir() and (root / "test").is_dir()
+    if not both and _is_split_folder(root / "test"):
+        raise DataError(f"{root} has a test/ folder of classes but no train/; add {root / 'train'}/<class>/ beside "
+                        f"it, or move the class folders up into {root} (every 10th image is then held out)")
+    if not both and _is_split_folder(root / "train"):  # train/<class>/ alone: every 10th image held out, as below
+        root = root / "train"
+    if both:
         # Both splits take the class names (and so the labels) of train/; test/ must have the same folders.
         classes = [p.name for p in formats.list_class_folders(root / "train")]
         extra = sorted({p.name for p in formats.list_class_folders(root / "test")} - set(classes))
@@ -161,6 +167,16 @@ def _folder(root: Path, split: str, channels: int, size: int):
         raise DataError(f"{root} has no class sub-folders; expected root/<class>/<image files>")
     images, labels = formats.read_folder(root, classes, channels, size, keep)
     return images, labels, classes
+
+
+def _is_split_folder(path: Path) -> bool:
+    """path (root/train or root/test without the other) holds class folders and no images: a split, not a class
+    named "train"."""
+    if not path.is_dir():
+        return False
+    entries = list(path.iterdir())
+    return (any(p.is_dir() and not p.name.startswith(".") for p in entries)
+            and not any(p.suffix.lower() in formats.IMAGE_SUFFIXES for p in entries))
 
 
 def _synthetic(split: str, channels: int, size: int, num_classes: int = 10, n: int | None = None):

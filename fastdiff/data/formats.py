@@ -181,7 +181,7 @@ def read_fer2013(path: Path, usages: set[str]) -> tuple[np.ndarray, np.ndarray]:
     """The Kaggle FER-2013 CSV: columns emotion (0-6), pixels (2304 space-separated values), Usage."""
     images, labels = [], []
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is no part of a name
             reader = csv.DictReader(f)
             fields = {name.strip(): name for name in (reader.fieldnames or [])}
             for col in ("emotion", "pixels", "Usage"):
