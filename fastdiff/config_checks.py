@@ -120,7 +120,7 @@ def validate(cfg) -> None:
     from fastdiff.data.datasets import DATASETS
     from fastdiff.diffusion.parameterization import PREDICTIONS
     from fastdiff.diffusion.samplers import SPACINGS
-    from fastdiff.diffusion.schedules import SCHEDULES, cosine_betas, linear_betas
+    from fastdiff.diffusion.schedules import SCHEDULES, named_betas
     from fastdiff.runtime import AMP_MODES
 
     for f in dataclasses.fields(cfg):
@@ -159,14 +159,10 @@ def validate(cfg) -> None:
         raise ConfigError(f"model.num_heads {m.num_heads} does not divide the attention channels {bad}")
 
     # The schedule: betas in (0, 1), so that alphas_cumprod stays positive (except zero terminal SNR's last step).
-    if d.schedule == "linear":
-        betas = linear_betas(d.num_timesteps, d.beta_start, d.beta_end)
-    else:
-        betas = cosine_betas(d.num_timesteps)
-    if (d.schedule == "linear" and d.beta_start > d.beta_end) or not bool(((betas > 0) & (betas < 1)).all()):
-        raise ConfigError(f"diffusion: beta_start {d.beta_start} to beta_end {d.beta_end} over num_timesteps "
-                          f"{d.num_timesteps} gives betas outside (0, 1) (linear betas are scaled by 1000 / T); use "
-                          "beta_start <= beta_end and more timesteps or smaller betas")
+    try:
+        named_betas(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
+    except ConfigError as e:
+        raise ConfigError(f"diffusion: {e}") from None
     if d.zero_terminal_snr:
         if d.prediction == "eps":
             raise ConfigError("diffusion.zero_terminal_snr with prediction eps cannot recover x0 at the last step "

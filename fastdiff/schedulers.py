@@ -57,6 +57,11 @@ class FrozenConfig(dict):
 
     __setitem__ = __delitem__ = __setattr__ = update = pop = setdefault = _readonly
 
+    def __reduce__(self):
+        # copy, deepcopy and pickle rebuild a dict subclass item by item through __setitem__; the constructor
+        # takes the items at once (so a copied or pickled scheduler works, as diffusers' does)
+        return (FrozenConfig, (dict(self),))
+
 
 @dataclass
 class SchedulerOutput:

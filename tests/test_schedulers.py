@@ -265,6 +265,21 @@ def test_interface_values():
     assert isinstance(out, tuple) and len(out) == 2
 
 
+def test_copy_deepcopy_and_pickle():
+    import copy
+    import pickle
+
+    ours = fs.DDIMScheduler(timestep_spacing="trailing", clip_sample=False)
+    ours.set_timesteps(10)
+    x, out = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    want = ours.step(out, 999, x).prev_sample
+    for other in (copy.copy(ours), copy.deepcopy(ours), pickle.loads(pickle.dumps(ours))):
+        assert other.config == ours.config and type(other.config) is fs.FrozenConfig
+        assert torch.equal(other.step(out, 999, x).prev_sample, want)
+    with pytest.raises(AttributeError, match="read-only"):
+        copy.deepcopy(ours).config["clip_sample"] = True
+
+
 def test_timesteps_equal_diffusers_at_every_step_count():
     # numpy's arange/linspace, as diffusers: torch's round differently in the last bit, and some counts then got
     # another integer (T=1000: trailing 48 and 96, linspace 27, 31, 47, ...; T=999: 299 trailing counts).

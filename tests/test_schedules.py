@@ -1,9 +1,11 @@
 import math
 
+import pytest
 import torch
 
 from fastdiff.diffusion import NoiseSchedule
 from fastdiff.diffusion.schedules import cosine_alpha_bar
+from fastdiff.errors import ConfigError
 
 
 def test_linear_closed_form():
@@ -49,3 +51,18 @@ def test_add_noise_matches_definition():
     t = torch.tensor([0, 500, 999])
     ab = s.alphas_cumprod[t].view(-1, 1, 1, 1)
     torch.testing.assert_close(s.add_noise(x0, eps, t), ab.sqrt() * x0 + (1 - ab).sqrt() * eps)
+
+
+@pytest.mark.parametrize("args, kwargs, message", [
+    (("linear", 10), {}, "gives betas outside \\(0, 1\\)"),  # 1000/T scaling: betas up to 2, alphas_cumprod < 0
+    (("linear", 1000), {"beta_end": 1.5}, "gives betas outside"),
+    (("linear", 1000), {"beta_start": -1e-4}, "gives betas outside"),
+    (("scaled_linear", 1000), {"beta_start": 0.02, "beta_end": 1e-4}, "beta_start <= beta_end"),
+    (("linear", 0), {}, "num_timesteps=0 must be a whole number of at least 2"),
+    (("cosine", 2.5), {}, "num_timesteps=2.5 must be a whole number"),
+    (("sigmoid", 1000), {}, "unknown noise schedule 'sigmoid'"),
+])
+def test_a_schedule_checks_its_betas(args, kwargs, message):
+    # The public class (Pipeline, the samplers, the schedulers) holds to what the run config's validation holds.
+    with pytest.raises(ConfigError, match=message):
+        NoiseSchedule(*args, **kwargs)

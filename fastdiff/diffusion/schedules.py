@@ -47,6 +47,29 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1 - alphas
 
 
+def named_betas(kind: str, num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02,
+                cosine_s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """The betas of a named schedule, checked: T >= 2 timesteps and every beta in (0, 1), so that alphas_cumprod
+    stays positive (one ConfigError otherwise). `NoiseSchedule` and the run config's validation both use it."""
+    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 2:
+        raise ConfigError(f"num_timesteps={num_timesteps!r} must be a whole number of at least 2")
+    if kind == "linear":
+        betas = linear_betas(num_timesteps, beta_start, beta_end)
+    elif kind == "scaled_linear":
+        betas = scaled_linear_betas(num_timesteps, beta_start, beta_end)
+    elif kind == "cosine":
+        betas = cosine_betas(num_timesteps, cosine_s, max_beta)
+    else:
+        raise ConfigError(f"unknown noise schedule {kind!r}; use one of {', '.join(SCHEDULES)}")
+    if (kind != "cosine" and beta_start > beta_end) or not bool(((betas > 0) & (betas < 1)).all()):
+        what = (f"beta_start {beta_start} to beta_end {beta_end}" if kind != "cosine"
+                else f"cosine_s {cosine_s} and max_beta {max_beta}")
+        raise ConfigError(f"the {kind} schedule's {what} over num_timesteps {num_timesteps} gives betas outside "
+                          "(0, 1) (linear betas are scaled by 1000 / T); use beta_start <= beta_end and more "
+                          "timesteps or smaller betas")
+    return betas
+
+
 class NoiseSchedule:
     """betas, alphas and alphas_cumprod for T discrete timesteps.
 
@@ -73,14 +96,8 @@ class NoiseSchedule:
             if len(betas) != num_timesteps or not bool(((betas > 0) & (betas < 1)).all()):
                 raise ConfigError(f"explicit betas must be {num_timesteps} values in (0, 1), got {len(betas)} values")
             kind = "trained"
-        elif kind == "linear":
-            betas = linear_betas(num_timesteps, beta_start, beta_end)
-        elif kind == "scaled_linear":
-            betas = scaled_linear_betas(num_timesteps, beta_start, beta_end)
-        elif kind == "cosine":
-            betas = cosine_betas(num_timesteps, cosine_s, max_beta)
         else:
-            raise ConfigError(f"unknown noise schedule {kind!r}; use one of {', '.join(SCHEDULES)}")
+            betas = named_betas(kind, num_timesteps, beta_start, beta_end, cosine_s, max_beta)
         if zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
         self.kind = kind
