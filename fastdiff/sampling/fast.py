@@ -196,6 +196,8 @@ class FastSampler:
             # of the compile and capture a new bucket would.
             size = min((s for s in self._buckets if s >= n), default=size)
         if size not in self._buckets:
+            if not prepared:  # buffers that cost an allocation only: one set, not one per batch size ever seen
+                self._buckets.clear()
             st = _StaticStep(size, self.shape, self.device, self.memory_format, self.conditional, self.capacity)
             if prepared:
                 t0 = time.perf_counter()
