@@ -28,6 +28,9 @@ class UNetConfig:
     dropout: float = 0.1
     num_groups: int = 32
     num_classes: int = 0  # 0: unconditional; else labels 0..num_classes-1 and the null label num_classes
+    # False: no null label (the class embedding has num_classes rows; no classifier-free guidance). fastdiff's runs
+    # have one; a diffusers UNet2DModel that fastdiff did not export has none (fastdiff.interop.diffusers).
+    null_class: bool = True
     # Layout options of imported diffusers UNet2DModels (google/ddpm-cifar10-32: False, 1, 0, 1e-6):
     flip_sin_to_cos: bool = True  # timestep features [cos, sin] (False: [sin, cos])
     freq_shift: float = 0.0  # frequencies exp(-ln(max_period) * i / (half - freq_shift))

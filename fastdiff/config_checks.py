@@ -136,6 +136,14 @@ def validate(cfg) -> None:
         if value not in choices:
             raise ConfigError(f"{key} {value!r} is not one of {', '.join(choices)}")
 
+    if m.num_classes and not m.null_class:  # no null label to drop labels to, or to guide against
+        if cfg.train.p_uncond:
+            raise ConfigError(f"train.p_uncond {cfg.train.p_uncond} drops labels to the null class, which "
+                              "model.null_class false removes; set train.p_uncond 0")
+        if s.guidance != 1:
+            raise ConfigError(f"sample.guidance {s.guidance} needs a null class, which model.null_class false "
+                              "removes; set sample.guidance 1")
+
     if not m.channel_mult:
         raise ConfigError("model.channel_mult is empty; give one multiplier of base_channels per resolution level, "
                           "e.g. [1, 2, 2]")

@@ -52,6 +52,9 @@ def test_export_runs_in_diffusers_with_equal_outputs(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["out"] == str(out)
     unet = diffusers.UNet2DModel.from_pretrained(out / "unet").eval()
     assert unet.config.num_class_embeds == 11
+    saved = json.loads((out / "unet" / "config.json").read_text())
+    assert saved[interop.NULL_KEY] == 10  # fastdiff's null label, which diffusers has no name for
+    assert interop.import_unet(out / "unet")[1].num_classes == 10  # 10 classes and the null label again
     x, t = inputs(cfg.model)
     labels = torch.tensor([3, 9, 10])  # 10 is fastdiff's null label, diffusers' last class
     with torch.no_grad():
@@ -146,6 +149,18 @@ def test_import_from_diffusers_folder(tmp_path, kw):
     with torch.no_grad():
         torch.testing.assert_close(model(x, t, labels), unet(x, t, class_labels=labels).sample, atol=1e-5, rtol=0)
     assert interop.is_diffusers_folder(tmp_path / "unet")
+    if kw.get("num_class_embeds"):
+        # A diffusers model fastdiff did not export: all 5 rows are classes (4 was taken for a null label)
+        assert (cfg.num_classes, cfg.null_class, model.null_label) == (5, False, None)
+        with pytest.raises(ConfigError, match="without a null class: pass labels"):
+            model(x, t)
+        import fastdiff
+
+        pipe = fastdiff.load(tmp_path / "unet")
+        assert (pipe.denoiser.num_classes, pipe.denoiser.null_label) == (5, None)
+        assert pipe.sample(2, labels=4, steps=2).shape == (2, 1, cfg.image_size, cfg.image_size)
+        with pytest.raises(ConfigError, match="has no null class"):
+            pipe.sample(2, guidance=2.0, steps=2)
 
 
 def test_import_names_what_does_not_map(tmp_path):

@@ -322,6 +322,7 @@ def test_real_full_disk_checkpoint_json_png(small_fs):
     ("data.dataset", "nope", "data.dataset 'nope' is not one of digits"),
     ("train.sample_every", -5, "train.sample_every must be in [0, inf)"),
     ("model.channel_mult", [], "model.channel_mult is empty"),
+    ("model.null_class", False, "drops labels to the null class, which model.null_class false removes"),
 ])
 def test_config_numbers_and_combinations(key, value, message):
     with pytest.raises(ConfigError) as e:

@@ -216,7 +216,8 @@ def train_step_for(provider: str, dtype: str, base, cfg, device, x0, labels, opt
     null = cfg.model.num_classes if cfg.model.num_classes else None
 
     def loss_fn(g, x, y):
-        return diffusion_loss(forward, schedule, x, y, g, prediction=cfg.diffusion.prediction,
+        return diffusion_loss(forward, schedule, x, y if null is not None else None, g,
+                              prediction=cfg.diffusion.prediction,
                               p_uncond=tc.p_uncond, null_label=null, device=device, amp=dtype)
 
     step_fn = make_train_step(model, opt, loss_fn, grad_clip=tc.grad_clip, seed=0, device=device, amp=dtype,

@@ -42,6 +42,9 @@ MAPPED = ("sample_size", "in_channels", "out_channels", "block_out_channels", "l
           "num_train_timesteps")
 
 
+NULL_KEY = "_fastdiff_null_label"  # in a UNet2DModel config.json fastdiff wrote: the class row that is its null label
+
+
 # ---- configs ----------------------------------------------------------------------------------------------------
 def _levels(cfg: UNetConfig) -> list[bool]:
     """Whether each level (highest resolution first) has attention."""
@@ -63,8 +66,11 @@ def unet2d_config(cfg: UNetConfig) -> dict:
         raise ConfigError(f"num_heads={cfg.num_heads} on attention layers of widths {sorted(_attention_channels(cfg))} "
                           "has no diffusers equivalent (its attention_head_dim is one width for all layers)")
     levels = _levels(cfg)
+    # The null label, fastdiff's last class row, is no diffusers convention: the key says so (diffusers drops keys
+    # that start with "_"), and a folder without it imports with every row a class and no null class.
+    null = {NULL_KEY: cfg.num_classes} if cfg.num_classes and cfg.null_class else {}
     return {
-        "_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION, **FIXED,
+        "_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION, **null, **FIXED,
         "sample_size": cfg.image_size, "in_channels": cfg.in_channels, "out_channels": cfg.in_channels,
         "block_out_channels": [cfg.base_channels * m for m in cfg.channel_mult],
         "layers_per_block": cfg.num_res_blocks,
@@ -72,7 +78,7 @@ def unet2d_config(cfg: UNetConfig) -> dict:
         "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(levels)],
         "dropout": cfg.dropout, "attention_head_dim": head_dim, "norm_num_groups": cfg.num_groups,
         "attn_norm_num_groups": None, "norm_eps": cfg.norm_eps,
-        "num_class_embeds": cfg.num_classes + 1 if cfg.num_classes else None,  # + fastdiff's null label, the last
+        "num_class_embeds": cfg.num_classes + cfg.null_class if cfg.num_classes else None,
         "flip_sin_to_cos": cfg.flip_sin_to_cos, "freq_shift": cfg.freq_shift,
         "downsample_padding": cfg.downsample_padding, "time_embedding_dim": None, "num_train_timesteps": None,
     }
@@ -119,14 +125,19 @@ def unet_config_from(d: dict) -> UNetConfig:
         raise ConfigError(f"time_embedding_dim={d['time_embedding_dim']} is not 4 * block_out_channels[0] = {4 * base}")
     if d.get("downsample_padding", 1) not in (0, 1):
         raise ConfigError(f"downsample_padding={d['downsample_padding']} is not supported (0 or 1)")
-    classes = d.get("num_class_embeds")
+    classes = d.get("num_class_embeds") or 0
+    null = d.get(NULL_KEY)
+    if null is not None and (not classes or null != classes - 1):
+        raise ConfigError(f"{NULL_KEY}={null!r} is not the last of num_class_embeds={classes} class rows, as fastdiff "
+                          "writes it; remove the key (every row a class) or correct it")
     heads = _heads(d.get("attention_head_dim", 8), chans, attn)
     return UNetConfig(
         image_size=size, in_channels=in_ch, base_channels=base, channel_mult=tuple(c // base for c in chans),
         num_res_blocks=d.get("layers_per_block", 2), attn_resolutions=tuple(size // 2**i for i, a in enumerate(attn)
                                                                              if a),
         num_heads=heads, dropout=float(d.get("dropout", 0.0)), num_groups=groups,
-        num_classes=classes - 1 if classes else 0, flip_sin_to_cos=bool(d.get("flip_sin_to_cos", True)),
+        num_classes=classes - 1 if null is not None else classes, null_class=null is not None or not classes,
+        flip_sin_to_cos=bool(d.get("flip_sin_to_cos", True)),
         freq_shift=float(d.get("freq_shift", 0)), downsample_padding=d.get("downsample_padding", 1),
         norm_eps=float(d.get("norm_eps", 1e-5)),
     )

@@ -91,7 +91,8 @@ class UNet(nn.Module):
         ch, groups, eps = cfg.base_channels, cfg.num_groups, cfg.norm_eps
         temb_ch = 4 * ch
         self.time_embed = TimestepEmbedding(ch, temb_ch, flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
-        self.class_embed = nn.Embedding(cfg.num_classes + 1, temb_ch) if cfg.num_classes > 0 else None
+        rows = cfg.num_classes + cfg.null_class  # the null label's row last
+        self.class_embed = nn.Embedding(rows, temb_ch) if cfg.num_classes > 0 else None
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
 
         self.down = nn.ModuleList()
@@ -135,7 +136,8 @@ class UNet(nn.Module):
 
     @property
     def null_label(self) -> int | None:
-        return self.config.num_classes if self.config.num_classes > 0 else None
+        """The label of the unconditional class (None: an unconditional model, or one without a null class)."""
+        return self.config.num_classes if self.config.num_classes > 0 and self.config.null_class else None
 
     def _run(self, blocks: nn.ModuleList, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         for block in blocks:
@@ -158,7 +160,10 @@ class UNet(nn.Module):
         temb = self.time_embed(t)
         if self.class_embed is not None:
             if labels is None:
-                labels = torch.full((x.shape[0],), self.config.num_classes, device=x.device, dtype=torch.long)
+                if self.null_label is None:
+                    raise ConfigError(f"this model is class-conditional ({self.config.num_classes} classes) without a "
+                                      "null class: pass labels")
+                labels = torch.full((x.shape[0],), self.null_label, device=x.device, dtype=torch.long)
             temb = temb + self.class_embed(labels)
         h = self.conv_in(x)
         hs = [h]

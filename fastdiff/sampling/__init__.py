@@ -89,7 +89,8 @@ class Denoiser:
         device = torch.device(device) if device is not None else next(model.parameters()).device
         schedule = schedule if schedule is not None else NoiseSchedule.from_config(cfg.diffusion, device)
         return cls(model=model, schedule=schedule, image_shape=(mc.in_channels, mc.image_size, mc.image_size),
-                   device=device, num_classes=mc.num_classes, null_label=mc.num_classes or None,
+                   device=device, num_classes=mc.num_classes,
+                   null_label=mc.num_classes if mc.num_classes and mc.null_class else None,
                    prediction=cfg.diffusion.prediction,
                    student_timesteps=cfg.distill.student_timesteps if cfg.is_student else None,
                    defaults=cfg.sample, config=cfg, path=str(path))

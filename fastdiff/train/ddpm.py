@@ -22,16 +22,16 @@ from fastdiff.train.step import adamw
 
 def diffusion_loss(model, schedule: NoiseSchedule, x0, labels, gen, *, prediction: str, p_uncond: float,
                    null_label: int | None, device, amp: str) -> torch.Tensor:
-    """Sample t and eps, noise x0 to x_t, regress the network output on the prediction target."""
+    """Sample t and eps, noise x0 to x_t, regress the network output on the prediction target. labels: None for an
+    unconditional model; with a null label, each is dropped to it with probability p_uncond (classifier-free
+    guidance)."""
     b = x0.shape[0]
     t = torch.randint(0, schedule.num_timesteps, (b,), device=device, generator=gen)
     eps = torch.randn(x0.shape, device=device, generator=gen)
     x_t = schedule.add_noise(x0, eps, t)
-    if null_label is not None:
+    if labels is not None and null_label is not None:
         drop = torch.rand(b, device=device, generator=gen) < p_uncond
         labels = torch.where(drop, torch.full_like(labels, null_label), labels)
-    else:
-        labels = None
     ab = schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
     target = training_target(prediction, x0, eps, ab)
     with autocast(device, amp):
@@ -62,6 +62,7 @@ class DDPMObjective:
 
         def loss_fn(gen, x0, labels):  # flips, timesteps, noise and label dropout come from (seed, step)
             x0 = _flip(x0, gen) if cfg.data.hflip else x0
+            labels = labels if mc.num_classes else None
             return diffusion_loss(forward, self.schedule, x0, labels, gen, prediction=cfg.diffusion.prediction,
                                   p_uncond=tc.p_uncond, null_label=null_label, device=device, amp=tc.amp)
 
