@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import types
 import typing
+
+import torch
 
 from fastdiff.errors import ConfigError
 
@@ -205,3 +208,45 @@ def validate(cfg) -> None:
     limit = len(dc.student_timesteps) if s.sampler == "student" else T
     if s.steps > limit:
         raise ConfigError(f"sample.steps {s.steps} must be in [1, {limit}] for sampler {s.sampler}")
+
+
+# --- one option of a call (no config built): the Python API's sampling options, the schedulers' arguments ---
+
+def number(name: str, value, *, lo=None, hi=None, lo_open: bool = False, finite: bool = True,
+           allowed: str = "") -> float:
+    """value as a float in [lo, hi] ((lo, hi] with lo_open; finite unless `finite` is False), else one ConfigError
+    naming the option (the options of a call, where no config is built: sampling's, for every caller)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not _real_scalar(value):
+        raise ConfigError(f"{name}={value!r} is not a number; use a value {allowed}")
+    value = float(value)
+    ok = (not math.isnan(value) and (math.isfinite(value) or not finite)
+          and (lo is None or (value > lo if lo_open else value >= lo)) and (hi is None or value <= hi))
+    if not ok:
+        raise ConfigError(f"{name}={value:g} is outside the allowed range: {allowed}")
+    return value
+
+
+def integer(name: str, value) -> int:
+    """value as an int (of an integer type: 2.5 or "2" is refused, not truncated), else one ConfigError."""
+    try:
+        n = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        n = None
+    if n is None:
+        raise ConfigError(f"{name}={value!r} is not a whole number; give an integer")
+    return n
+
+
+def count(name: str, value) -> int:
+    """value as an int >= 1, else one ConfigError naming the option."""
+    n = integer(name, value)
+    if n < 1:
+        raise ConfigError(f"{name}={n} must be at least 1")
+    return n
+
+
+def _real_scalar(value) -> bool:
+    """A numpy or 0-d torch real number (what a caller's arithmetic may hand over)."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool
+    return type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 and value.dtype.kind in "iuf"

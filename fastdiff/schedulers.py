@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from fastdiff import ops
+from fastdiff.config_checks import integer
 from fastdiff.diffusion.diffusers_options import (
     CLASS_OPTIONS,
     PREDICTIONS,
@@ -164,7 +165,7 @@ class _Scheduler:
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None):
         T = len(self)
-        n = num_inference_steps
+        n = integer("num_inference_steps", num_inference_steps)
         spacing = self.config.timestep_spacing
         ts = make_timesteps(T, n, spacing) + (self.config.steps_offset if spacing == "leading" else 0)
         self.num_inference_steps = n
@@ -290,9 +291,10 @@ class DDPMScheduler(_Scheduler):
             raise ConfigError("pass exactly one of num_inference_steps and timesteps to set_timesteps")
         if timesteps is None:
             return super().set_timesteps(num_inference_steps, device)
-        ts = torch.as_tensor(list(timesteps), dtype=torch.int64)
-        if bool((ts[1:] >= ts[:-1]).any()) or int(ts[0]) >= len(self) or int(ts.min()) < 0:
-            raise ConfigError(f"custom timesteps must be strictly decreasing within 0..{len(self) - 1}")
+        ts = torch.as_tensor([integer("timesteps[]", t) for t in timesteps], dtype=torch.int64)
+        if not len(ts) or bool((ts[1:] >= ts[:-1]).any()) or int(ts[0]) >= len(self) or int(ts.min()) < 0:
+            raise ConfigError(f"custom timesteps must be a non-empty, strictly decreasing list within "
+                              f"0..{len(self) - 1}")
         self.num_inference_steps = None
         self.custom_timesteps = True
         self._set(ts, device)

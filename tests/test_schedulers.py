@@ -312,6 +312,16 @@ def test_errors_name_the_option():
         fs.DDIMScheduler().step(torch.zeros(1, 1, 2, 2), 10, torch.zeros(1, 1, 2, 2))
     with pytest.raises(AttributeError, match="read-only"):
         fs.DDIMScheduler().config["eta"] = 1
+    # bad arguments to set_timesteps: one ConfigError each, not a TypeError or IndexError (nor 2.5 truncated)
+    for call, message in ((lambda: fs.DDIMScheduler().set_timesteps(None), "num_inference_steps=None is not a whole"),
+                          (lambda: fs.DDIMScheduler().set_timesteps(2.5), "num_inference_steps=2.5 is not a whole"),
+                          (lambda: fs.DDPMScheduler().set_timesteps(timesteps=[]), "a non-empty, strictly decreasing"),
+                          (lambda: fs.DDPMScheduler().set_timesteps(timesteps=[9.5, 3]), r"timesteps\[\]=9.5 is not")):
+        with pytest.raises(ConfigError, match=message):
+            call()
+    sched = fs.DDPMScheduler()
+    sched.set_timesteps(timesteps=torch.tensor([900, 500, 0]))  # a tensor's elements are whole numbers
+    assert sched.timesteps.tolist() == [900, 500, 0]
 
 
 def test_seeds_are_fastdiffs_batch_invariant_noise():

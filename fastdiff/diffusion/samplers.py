@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from fastdiff import ops
+from fastdiff.config_checks import integer
 from fastdiff.diffusion.parameterization import check_prediction, x0_coefficients
 from fastdiff.diffusion.schedules import NoiseSchedule
 from fastdiff.errors import ConfigError
@@ -40,7 +41,7 @@ def make_timesteps(num_train_timesteps: int, steps: int, spacing: str = "trailin
     48 steps of 1000: 937 for diffusers' 936; linspace 27: 500 for 499).
     """
     T = num_train_timesteps
-    if not 1 <= steps <= T:
+    if not 1 <= integer("steps", steps) <= T:
         raise ConfigError(f"steps={steps} must be between 1 and the {T} training timesteps")
     if spacing == "leading":
         ts = np.arange(steps, dtype=np.int64) * (T // steps)
