@@ -127,6 +127,16 @@ def is_pretrained(ckpt_dir) -> bool:
     return Path(ckpt_dir).resolve().parent == PRETRAINED_DIR
 
 
+def pin_checkpoint(path) -> str:
+    """The checkpoint folder `path` (a run directory, a checkpoint folder or pretrained:NAME) resolves to now, as an
+    absolute path: what a run that reads another run's weights (a student's teacher, a refiner's generator) records
+    when it starts, so that a resume reads the same weights after the other run has trained on. pretrained:NAME
+    stays a name (its weights do not change, and its folder moves with the install)."""
+    if str(path).startswith("pretrained:"):
+        return str(path)
+    return str(resolve_checkpoint(path).resolve())
+
+
 def resolve_checkpoint(path) -> Path:
     """A checkpoint folder from a run directory (its latest checkpoint), a checkpoint folder itself, or
     `pretrained:NAME` (a model shipped in the package)."""

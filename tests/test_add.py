@@ -364,6 +364,9 @@ def test_distill_resume_continues_exactly(student_run):
     train_add(cfg, root / "a", **quiet)
     train_add(apply_overrides(cfg, {"train.steps": 1}), root / "b", **quiet)
     train_add(cfg, root / "b", resume=True, **quiet)
+    # the run recorded the teacher's checkpoint (a resume reads it again, whatever the teacher trains on to)
+    teacher = str(ckpt.latest_checkpoint(root / "teacher").resolve())
+    assert json.loads((root / "b" / "config.json").read_text())["distill"]["teacher"] == teacher
     a, b = ckpt.latest_checkpoint(root / "a"), ckpt.latest_checkpoint(root / "b")
     assert a.name == b.name == "step-000000002"
     for name in ("model", "ema", "disc", "optimizer", "disc_optimizer"):
@@ -445,7 +448,18 @@ def test_refiner_resume_continues_exactly(student_run, capsys):
     assert main(["train-refiner", "--out", str(a), "--steps", "3", *common]) == 0
     assert main(["train-refiner", "--out", str(b), "--steps", "3", *common]) == 0
     shutil.rmtree(ckpt.latest_checkpoint(b))
-    assert main(["train-refiner", "--out", str(b), "--resume", "--steps", "3", "--no-progress"]) == 0
+    # The generator trains on before the resume: a newer checkpoint (other weights). The refiner recorded the
+    # checkpoint it started from, and resumes with it, not with the newer one.
+    pinned = json.loads((b / "config.json").read_text())["refiner"]["generator"]
+    assert pinned == str(ckpt.latest_checkpoint(run).resolve())
+    newer = ckpt.save_checkpoint(run, 10**6, tensors={n: {k: v * 1.5 for k, v in ckpt.load_tensors(pinned, n).items()}
+                                                      for n in ("model", "ema")},
+                                 state=ckpt.load_json(pinned, "state"), config=ckpt.load_json(pinned, "config"),
+                                 keep=0)
+    try:
+        assert main(["train-refiner", "--out", str(b), "--resume", "--steps", "3", "--no-progress"]) == 0
+    finally:
+        shutil.rmtree(newer)
     assert main(["train-refiner", "--out", str(b), "--resume", "--batch-size", "4"]) == 2
     assert "--batch-size cannot change on --resume" in capsys.readouterr().err
     pa, pb = ckpt.latest_checkpoint(a), ckpt.latest_checkpoint(b)

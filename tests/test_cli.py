@@ -134,7 +134,7 @@ def test_resume_errors_name_flags_that_exist(capsys):
     "args, message",
     [
         (["train", "--preset", "imagenet-xl", "--out", "{tmp}/r"], "unknown preset 'imagenet-xl'"),
-        (["train", "--dataset", "imagenet", "--out", "{tmp}/r", *TINY], "unknown dataset 'imagenet'"),
+        (["train", "--dataset", "imagenet", "--out", "{tmp}/r", *TINY], "data.dataset 'imagenet' is not one of digits"),
         (["train", "--dataset", "mnist", "--data-dir", "{tmp}/corrupt", "--out", "{tmp}/r", *TINY],
          "not an IDX file"),
         (["sample", "--checkpoint", "{tmp}/missing", "--out", "{tmp}/x.png"], "does not exist"),

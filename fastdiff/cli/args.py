@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 
 from fastdiff.errors import ConfigError
 
@@ -143,18 +142,6 @@ def _flags(names) -> str:
     return ", ".join(sorted(flag_name(k) for k in names))
 
 
-def saved_run_config(run_dir) -> Path | None:
-    """The config a resume of run_dir continues with: RUN/config.json, else (deleted or lost) the one inside its
-    newest checkpoint, which every checkpoint holds; None for a directory with neither."""
-    from fastdiff.checkpoint import checkpoint_dirs
-
-    saved = Path(run_dir) / "config.json"
-    if saved.exists():
-        return saved
-    inside = [path / "config.json" for _, path in reversed(checkpoint_dirs(run_dir)) if (path / "config.json").exists()]
-    return inside[0] if inside else None
-
-
 def _plain(value):
     return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
@@ -167,6 +154,7 @@ def resumed_config(args, given: dict, keys: dict, resumable: set, not_on_resume:
     config.load_config's checks)."""
     from fastdiff.checkpoint import read_json
     from fastdiff.config import load_config
+    from fastdiff.train.rundir import saved_run_config
 
     saved = saved_run_config(args.out) if args.resume else None
     if saved is None:

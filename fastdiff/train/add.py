@@ -15,6 +15,7 @@ support): with several processes its gradients are averaged by an all-reduce aft
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -45,6 +46,7 @@ from fastdiff.train.distributed import World
 from fastdiff.train.loop import Part, Session, train_loop
 from fastdiff.train.lr import warmup_lr
 from fastdiff.train.monitor import sample_grid
+from fastdiff.train.rundir import source_checkpoint
 from fastdiff.train.step import adamw
 
 
@@ -233,8 +235,11 @@ def train_add(cfg: RunConfig, out, *, device="auto", resume: bool = False, progr
               echo=print, accel: AccelOptions | None = None) -> dict:
     """Distil (or resume distilling) the teacher named in cfg.distill into a student run in `out`.
 
-    `accel` as for `train_ddpm` (default: compile + CUDA graphs on a GPU, the plain steps on the CPU).
+    `accel` as for `train_ddpm` (default: compile + CUDA graphs on a GPU, the plain steps on the CPU). A new run
+    records the teacher's checkpoint folder, which a resume reads again (`rundir.source_checkpoint`).
     """
+    teacher = source_checkpoint(out, resume, cfg.distill.teacher, "distill", "teacher")
+    cfg = replace(cfg, distill=replace(cfg.distill, teacher=teacher))
     _check(cfg)
     mc = cfg.model
     data = load_dataset(cfg.data.dataset, "train", data_dir=cfg.data.data_dir, image_size=mc.image_size,

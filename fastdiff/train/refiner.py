@@ -32,6 +32,7 @@ from fastdiff.train.add import load_teacher
 from fastdiff.train.add_pairs import PAIR_SEED, teacher_pairs
 from fastdiff.train.loop import Part, Session, train_loop
 from fastdiff.train.lr import one_cycle_lr
+from fastdiff.train.rundir import source_checkpoint
 from fastdiff.train.step import adamw
 
 REFINER_PAIR_SEED = PAIR_SEED + (1 << 32)  # "samples" pairs: far from the student's regression pairs and eval's
@@ -156,7 +157,9 @@ class RefinerObjective:
 
 def train_refiner(cfg: RefinerConfig, out, *, device="auto", resume: bool = False, progress: bool = True,
                   echo=print, accel: AccelOptions | None = None) -> dict:
-    """Train (or resume) a refiner for the x0 estimates of run `cfg.generator` in run directory `out`."""
+    """Train (or resume) a refiner for the x0 estimates of run `cfg.generator` in run directory `out`. A new run
+    records the generator's checkpoint folder, which a resume reads again (`rundir.source_checkpoint`)."""
+    cfg = replace(cfg, generator=source_checkpoint(out, resume, cfg.generator, "refiner", "generator"))
     gcfg = RunConfig.from_dict(ckpt.load_json(ckpt.resolve_checkpoint(cfg.generator), "config"))
     T = gcfg.diffusion.num_timesteps
     t_max = T // 2 if cfg.t_max is None else cfg.t_max

@@ -37,6 +37,31 @@ def resume_checkpoint(run_dir: Path, log=None, set_aside: bool = True) -> Path:
     return path
 
 
+def saved_run_config(run_dir) -> Path | None:
+    """The config a resume of run_dir continues with: RUN/config.json, else (deleted or lost) the one inside its
+    newest checkpoint, which every checkpoint holds; None for a directory with neither."""
+    saved = Path(run_dir) / "config.json"
+    if saved.exists():
+        return saved
+    inside = [p / "config.json" for _, p in reversed(ckpt.checkpoint_dirs(run_dir)) if (p / "config.json").exists()]
+    return inside[0] if inside else None
+
+
+def source_checkpoint(run_dir, resume: bool, given: str, *key: str) -> str:
+    """The checkpoint of another run that this run reads (a student's teacher, a refiner's generator): on a new
+    run, `given` pinned to the checkpoint it resolves to now (`checkpoint.pin_checkpoint`); on a resume, the one
+    the run recorded (its config's `key` path), so that it continues with the same weights after the other run
+    has trained on."""
+    saved = saved_run_config(run_dir) if resume else None
+    if saved is not None:
+        value = ckpt.read_json(saved)
+        for k in key:
+            value = value.get(k) if isinstance(value, dict) else None
+        if isinstance(value, str) and value:
+            return value
+    return ckpt.pin_checkpoint(given)
+
+
 @contextlib.contextmanager
 def open_run_dir(run_dir: Path, resume: bool):
     """Open a run directory for writing for the duration of the `with` block (the writing process only).
