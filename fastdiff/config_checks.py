@@ -212,6 +212,12 @@ def validate(cfg) -> None:
 
 # --- one option of a call (no config built): the Python API's sampling options, the schedulers' arguments ---
 
+# The ranges of the sampling options, for every caller: the CLI's flag types (fastdiff.cli.args) and the Python API
+# (fastdiff.sampling.settings) both take them from here.
+GUIDANCE_RANGE = dict(lo=0, allowed="0 and up, finite (1 = no guidance, 0 = the unconditional model)")
+ETA_RANGE = dict(lo=0, hi=1, allowed="between 0 (deterministic DDIM) and 1")
+
+
 def number(name: str, value, *, lo=None, hi=None, lo_open: bool = False, finite: bool = True,
            allowed: str = "") -> float:
     """value as a float in [lo, hi] ((lo, hi] with lo_open; finite unless `finite` is False), else one ConfigError

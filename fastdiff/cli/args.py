@@ -7,6 +7,7 @@ import argparse
 import math
 import sys
 
+from fastdiff.config_checks import ETA_RANGE, GUIDANCE_RANGE
 from fastdiff.errors import ConfigError
 
 
@@ -58,8 +59,8 @@ def _number(kind, lo=None, hi=None, *, lo_open=False, allowed: str = ""):
 
 COUNT = _number(int, 1, 2**31 - 1, allowed="1 and up")  # --n, --steps, --batch-size, ...
 SEED = _number(int, 0, 2**62, allowed="0 to 2^62")
-GUIDANCE = _number(float, 0, allowed="0 and up, finite (1 = no guidance, 0 = the unconditional model)")
-ETA = _number(float, 0, 1, allowed="[0, 1]")
+GUIDANCE = _number(float, **GUIDANCE_RANGE)  # the ranges of the Python API's sampling options (config_checks)
+ETA = _number(float, **ETA_RANGE)
 POSITIVE = _number(float, 0, lo_open=True, allowed="above 0, finite")
 NON_NEGATIVE_INT = _number(int, 0, 2**31 - 1, allowed="0 and up")
 

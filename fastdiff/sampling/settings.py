@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from fastdiff.config import SampleConfig
-from fastdiff.config_checks import count, integer, number
+from fastdiff.config_checks import ETA_RANGE, GUIDANCE_RANGE, count, integer, number
 from fastdiff.diffusion.samplers import SPACINGS, make_timesteps, student_timesteps
 from fastdiff.errors import ConfigError
 from fastdiff.runtime import AccelOptions, sample_batch_size
@@ -72,8 +72,7 @@ def resolve_settings(denoiser, device=None, *, accel: AccelOptions | None = None
     if sampler == "student" and denoiser.student_timesteps is None:
         raise ConfigError(f"{denoiser.name} is not an ADD student run; sample it with --sampler ddim or ddpm")
     steps = _steps(denoiser, sampler, given.get("steps"))
-    eta = number("eta", given.get("eta", run.eta if sampler == "ddim" else 0.0), lo=0, hi=1,
-                 allowed="between 0 (deterministic DDIM) and 1")
+    eta = number("eta", given.get("eta", run.eta if sampler == "ddim" else 0.0), **ETA_RANGE)
     if eta != 0 and sampler != "ddim":
         raise ConfigError(f"eta={eta} applies to --sampler ddim only, not {sampler}; drop --eta")
     guidance = _guidance(denoiser, given.get("guidance"))
@@ -132,8 +131,7 @@ def _check_student_grid(denoiser, sampler: str, steps: int, spacing: str) -> Non
 def _guidance(denoiser, guidance: float | None) -> float:
     if guidance is None:  # the run's own guidance; an unconditional model has none to apply
         return float(denoiser.defaults.guidance) if denoiser.null_label is not None else 1.0
-    guidance = number("guidance", guidance, lo=0,
-                      allowed="0 and up, finite (1 = no guidance, 0 = the unconditional model)")
+    guidance = number("guidance", guidance, **GUIDANCE_RANGE)
     if guidance != 1.0 and denoiser.null_label is None:
         what = "is unconditional" if denoiser.num_classes == 0 else "has no null class"
         raise ConfigError(f"guidance={guidance:g} needs a class-conditional model with a null class, but "
