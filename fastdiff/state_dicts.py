@@ -86,9 +86,17 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
                     st[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
+def mismatch(e: RuntimeError) -> str:
+    """What load_state_dict's error says does not fit (missing and unexpected keys, size mismatches), on one line:
+    its first line only names the model."""
+    lines = [" ".join(line.split()) for line in str(e).splitlines()[1:] if line.strip()]
+    detail = "; ".join(lines) or " ".join(str(e).split())
+    return detail if len(detail) <= 400 else detail[:400] + " ..."
+
+
 def load_model_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where) -> None:
     try:
         model.load_state_dict(tensors)
     except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise CheckpointError(f"{where} does not fit this model ({first}); was it written with another config?")
+        raise CheckpointError(f"{where} does not fit this model ({mismatch(e)}); was it written with another "
+                              "config?") from None

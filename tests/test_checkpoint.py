@@ -96,3 +96,16 @@ def test_fused_adamw_resumes_exactly_on_channels_last_weights():
     assert opt.param_groups[0]["fused"]
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+def test_weights_that_do_not_fit_name_the_keys():
+    # load_state_dict's first line names only the model; the message carries what does not fit
+    load_model_weights = state_dicts.load_model_weights
+    model = torch.nn.Linear(2, 3)
+    for tensors, detail in (({"weight": torch.zeros(3, 2)}, 'Missing key(s) in state_dict: "bias"'),
+                            ({"weight": torch.zeros(3, 2), "bias": torch.zeros(3), "extra": torch.zeros(1)},
+                             'Unexpected key(s) in state_dict: "extra"'),
+                            ({"weight": torch.zeros(4, 2), "bias": torch.zeros(3)}, "size mismatch for weight")):
+        with pytest.raises(CheckpointError, match="run/model.safetensors does not fit this model") as e:
+            load_model_weights(model, tensors, "run/model.safetensors")
+        assert detail in str(e.value)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fastdiff.data import download as dl
-from fastdiff.data import load_dataset
+from fastdiff.data import formats, load_dataset
 from fastdiff.errors import ConfigError, DataError
 
 # The files written here are not the published archives; the warning about that has its own test.
@@ -62,6 +62,14 @@ def test_mnist_idx(tmp_path, gz):
     assert t.images.shape == (5, 1, 32, 32)
 
 
+def test_idx_header_whose_size_overflows_int64(tmp_path):
+    # dims 2^31 x 2^31 x 4: numpy's int64 product wraps to 0, so a bare header passed the length check
+    path = tmp_path / "x-idx3-ubyte"
+    path.write_bytes(b"\x00\x00\x08\x03" + (2**31).to_bytes(4, "big") * 2 + (4).to_bytes(4, "big"))
+    with pytest.raises(DataError, match=r"has 16 bytes but its header \(2147483648, 2147483648, 4\) needs"):
+        formats.read_idx(path, 3)
+
+
 @pytest.mark.parametrize("damage", ["magic", "truncated", "gzip"])
 def test_corrupt_idx(tmp_path, damage):
     files = write_mnist(tmp_path / "fashion-mnist")
@@ -89,7 +97,7 @@ def write_cifar(folder: Path, protocol=2):
     return batches
 
 
-@pytest.mark.parametrize("protocol", [2, 4])
+@pytest.mark.parametrize("protocol", [2, 4, 5])  # 5: numpy pickles arrays through _frombuffer
 def test_cifar10(tmp_path, protocol):
     write_cifar(tmp_path / "cifar10", protocol)
     d = load_dataset("cifar10", data_dir=tmp_path, download=False)
@@ -213,6 +221,21 @@ def test_download_checksum_mismatch(tmp_path, http_server, monkeypatch):
         load_dataset("mnist", data_dir=tmp_path / "data")
     assert "put them in" in str(e.value)
     assert not (tmp_path / "data" / "mnist" / "train-images-idx3-ubyte.gz").exists()
+
+
+def test_download_cut_off_mid_chunk_tries_the_next_mirror(tmp_path, monkeypatch):
+    # http.client.IncompleteRead (a chunked transfer dropped) is no OSError: it escaped as a traceback
+    import http.client
+    import io
+
+    class Dropped(io.BytesIO):
+        def read(self, *args):
+            raise http.client.IncompleteRead(b"")
+
+    monkeypatch.setattr(dl.urllib.request, "urlopen", lambda url, timeout: Dropped())
+    with pytest.raises(DataError, match="could not download x.bin .*IncompleteRead"):
+        dl.download_file("x.bin", ["http://a/", "http://b/"], "md5:" + "0" * 32, tmp_path)
+    assert not list(tmp_path.iterdir())
 
 
 def test_download_offline_says_where_to_put_files(tmp_path, monkeypatch):
@@ -369,8 +392,6 @@ def test_folder_with_one_split_folder(tmp_path):
 
 def test_folder_image_too_large_to_decode(tmp_path, monkeypatch):
     from PIL import Image
-
-    from fastdiff.data import formats
 
     _class_folders(tmp_path, size=(30, 20))
     monkeypatch.setattr(formats, "MAX_IMAGE_PIXELS", 500)

@@ -100,6 +100,12 @@ def test_dino_checkpoint_file_resized_grey_input(tmp_path):
     assert feats[0].shape == (3, 4, 24) and torch.isfinite(feats[0]).all()
 
 
+def test_mlp_width_is_rebuilt_exactly():
+    # The width comes back from mlp_ratio = hidden / dim: int() truncated 120 / 88 * 88 = 119.99.. to 119
+    cfg = ViTConfig(image_size=8, in_channels=1, patch_size=4, dim=88, depth=1, num_heads=2, mlp_ratio=120 / 88)
+    assert ViT(cfg).blocks[0].mlp.fc1.weight.shape[0] == 120
+
+
 def test_bad_backbone_files(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_vit_file(tmp_path / "missing.pth")

@@ -4,6 +4,7 @@ brings are checked against the same checksums (a warning when they differ)."""
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import urllib.error
@@ -85,7 +86,7 @@ def download_file(filename: str, mirrors: list[str], checksum: str, dest_dir: Pa
                 with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as out:
                     shutil.copyfileobj(response, out, 1 << 20)
                 verify(part, checksum)
-            except (urllib.error.URLError, OSError, DataError) as e:
+            except (urllib.error.URLError, http.client.HTTPException, OSError, DataError) as e:  # e.g. IncompleteRead
                 reasons.append(f"{url}: {getattr(e, 'reason', e)}")
                 continue
             os.replace(part, dest)

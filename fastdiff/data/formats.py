@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import math
 import pickle
 import tarfile
 import zlib
@@ -98,7 +99,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     if len(raw) < header:
         raise DataError(f"{path} is truncated inside its header; {fix}")
     dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = header + int(np.prod(dims))
+    expected = header + math.prod(dims)  # Python ints: numpy's int64 product wraps (2^31 * 2^31 * 4 gives 0)
     if len(raw) != expected:
         raise DataError(f"{path} has {len(raw)} bytes but its header {dims} needs {expected}; {fix}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
@@ -119,6 +120,8 @@ class _CifarUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("numpy.core.numeric", "_frombuffer"),  # arrays pickled with protocol 5
+        ("numpy._core.numeric", "_frombuffer"),
         ("_codecs", "encode"),
     }
 

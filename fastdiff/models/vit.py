@@ -25,6 +25,7 @@ from fastdiff.checkpoint import check_finite, read_json, read_tensors, save_tens
 from fastdiff.errors import CheckpointError, ConfigError
 from fastdiff.nn import attention
 from fastdiff.runtime import isolated_rng
+from fastdiff.state_dicts import mismatch
 
 
 @dataclass
@@ -87,7 +88,7 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(cfg.dim, eps=1e-6)
         self.attn = Attention(cfg.dim, cfg.num_heads)
         self.ln2 = nn.LayerNorm(cfg.dim, eps=1e-6)
-        self.mlp = MLP(cfg.dim, int(cfg.dim * cfg.mlp_ratio))
+        self.mlp = MLP(cfg.dim, round(cfg.dim * cfg.mlp_ratio))  # round: 120 / 88 * 88 is 119.99...
         self.gamma1 = nn.Parameter(torch.ones(cfg.dim)) if cfg.layer_scale else None
         self.gamma2 = nn.Parameter(torch.ones(cfg.dim)) if cfg.layer_scale else None
 
@@ -252,8 +253,7 @@ def vit_from_timm(sd: dict[str, torch.Tensor], *, image_size: int | None = None,
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise CheckpointError(f"the ViT state dict does not map onto fastdiff's ViT: {first}") from None
+        raise CheckpointError(f"the ViT state dict does not map onto fastdiff's ViT: {mismatch(e)}") from None
     return model
 
 
