@@ -100,6 +100,19 @@ def test_dino_checkpoint_file_resized_grey_input(tmp_path):
     assert feats[0].shape == (3, 4, 24) and torch.isfinite(feats[0]).all()
 
 
+def test_timm_positions_of_the_patches_only():
+    # timm builds its register DINOv2 models with no_embed_class: pos_embed has no class-token row, and the class
+    # token gets no position. That is a zero row for it here (the file was refused: "not a square grid").
+    sd = timm_state_dict(registers=4)
+    sd["pos_embed"][:, 0] = 0
+    patches_only = {**sd, "pos_embed": sd["pos_embed"][:, 1:].clone()}
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = vit_from_timm(dict(sd), num_heads=3, normalize=False).tokens(x, [0, 1])
+        got = vit_from_timm(patches_only, num_heads=3, normalize=False).tokens(x, [0, 1])
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def test_mlp_width_is_rebuilt_exactly():
     # The width comes back from mlp_ratio = hidden / dim: int() truncated 120 / 88 * 88 = 119.99.. to 119
     cfg = ViTConfig(image_size=8, in_channels=1, patch_size=4, dim=88, depth=1, num_heads=2, mlp_ratio=120 / 88)

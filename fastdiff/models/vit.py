@@ -239,6 +239,10 @@ def vit_from_timm(sd: dict[str, torch.Tensor], *, image_size: int | None = None,
     patch, channels = sd["patch.weight"].shape[-1], sd["patch.weight"].shape[1]
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     registers = sd["registers"].shape[1] if "registers" in sd else 0
+    positions = sd["pos"].shape[1]
+    if math.isqrt(positions) ** 2 == positions:  # timm's no_embed_class models (its DINOv2 with registers): the
+        # patches' positions only, none added to the class token, which a zero position for it is
+        sd["pos"] = torch.cat([torch.zeros_like(sd["pos"][:, :1]), sd["pos"]], dim=1)
     pretrain_grid = math.isqrt(sd["pos"].shape[1] - 1)
     cfg = ViTConfig(image_size=image_size or pretrain_grid * patch, in_channels=channels, patch_size=patch, dim=dim,
                     depth=depth, num_heads=num_heads or max(1, dim // 64),
