@@ -375,6 +375,25 @@ def test_folder_splits_share_the_train_classes(tmp_path):
     assert test.class_names == ["a", "b", "c"] and test.labels.bincount().tolist() == [10, 10, 10]
 
 
+def test_folder_transparent_pixels_read_over_white(tmp_path):
+    # A sprite: black strokes on a transparent background (its transparent pixels hold black too). convert()
+    # alone gave a black square; a viewer shows black on white. Opaque images read as before.
+    from PIL import Image
+
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[2:6, 3, 3] = 255  # a vertical black stroke, opaque; everything else transparent black
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        Image.fromarray(rgba).save(tmp_path / cls / "sprite.png")
+        Image.fromarray(rgba[..., 0]).save(tmp_path / cls / "opaque.png")
+        Image.fromarray(rgba[..., 0], "L").convert("P").save(tmp_path / cls / "palette.gif", transparency=0)
+    d = load_dataset("folder", data_dir=tmp_path, image_size=8, channels=1)  # every 10th held out: none of 3
+    sprite, opaque, palette = (d.images[d.labels == 0][i, 0] for i in (2, 0, 1))  # name order: opaque, palette, sprite
+    assert sprite[2:6, 3].tolist() == [0] * 4 and int(sprite.min()) == 0 and int(sprite.max()) == 255
+    assert int((sprite == 255).sum()) == 60 and int(opaque.max()) == 0  # 64 pixels, 4 of them the stroke
+    assert int((palette == 255).sum()) == 64  # palette index 0 (black) is the transparent one
+
+
 def test_folder_with_one_split_folder(tmp_path):
     # DIR/train/<class>/ without DIR/test/: train/ is the class root and every 10th image is held out (it was
     # taken for a class named "train", and the error said to remove the folder: the whole dataset)

@@ -234,6 +234,10 @@ def _read_image(file: Path, mode: str, size: int) -> np.ndarray:
                 if im.mode not in EIGHT_BIT_MODES:
                     raise DataError(f"image {file} has {im.mode} pixels (16-bit or float), which would be clipped "
                                     "to 0..255; save it as an 8-bit image")
+                if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+                    # transparent pixels as a viewer shows them, over white: convert() would drop the alpha and
+                    # keep their colour, often black (a sprite of black strokes came out a black square)
+                    im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
                 im = im.convert(mode)
                 s = min(w, h)
                 im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
