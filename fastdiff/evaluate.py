@@ -9,11 +9,13 @@ KID and precision/recall get the same real-vs-real values (kid_floor, precision_
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 from fastdiff.checkpoint import (
+    CHECKPOINTS,
     PRETRAINED_DIR,
     is_pretrained,
     read_json,
@@ -138,17 +140,24 @@ def score_samples(model: Classifier, samples: torch.Tensor, labels: torch.Tensor
     return out
 
 
+def user_cache_dir() -> Path:
+    """fastdiff's folder in the user's cache ($XDG_CACHE_HOME/fastdiff, else ~/.cache/fastdiff)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastdiff"
+
+
 def classifier_cache_dir(checkpoint_dir, cfg) -> Path:
-    """Where the evaluation classifier is cached: --data-dir when given; the pretrained folder for a shipped model
-    (`make pretrained` puts the classifier there); a student's teacher run, so that their FD_cls compare; else
-    the run directory."""
+    """Where the evaluation classifier is cached: --data-dir when given; a student's teacher run, so that their
+    FD_cls compare; the run directory; for a checkpoint folder outside a run, the folder holding it. For a shipped
+    model, the user's cache (`user_cache_dir`): the installed package is not written to, and its own classifier
+    (`make pretrained`), which `load_or_train_classifier` reads from there, serves the default steps."""
     if cfg.data.data_dir and Path(cfg.data.data_dir).is_dir():
         return Path(cfg.data.data_dir)
     if cfg.is_student and (Path(cfg.distill.teacher).exists() or cfg.distill.teacher.startswith("pretrained:")):
         checkpoint_dir = resolve_checkpoint(cfg.distill.teacher)
     if is_pretrained(checkpoint_dir):
-        return PRETRAINED_DIR
-    return Path(checkpoint_dir).parent.parent
+        return user_cache_dir()
+    path = Path(checkpoint_dir)
+    return path.parent.parent if path.parent.name == CHECKPOINTS else path.parent
 
 
 def evaluate_run(checkpoint, *, n: int = 1000, seed: int = 0, device=None, classifier_steps: int = 1500, log=None,

@@ -55,6 +55,19 @@ def test_a_run_without_its_own_classifier_uses_the_shipped_one(tmp_path, monkeyp
     assert trained == [1]
 
 
+def test_the_classifier_cache_is_never_the_installed_package(tmp_path, monkeypatch):
+    # eval of pretrained:NAME with other --classifier-steps trained a classifier into fastdiff/pretrained/,
+    # replacing the shipped one; it goes to the user's cache. A checkpoint folder outside a run caches beside it.
+    from fastdiff.config import load_config
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = ckpt.resolve_checkpoint("pretrained:mnist")
+    cfg = load_config(folder / "config.json")
+    assert evaluate.classifier_cache_dir(folder, cfg) == tmp_path / "cache" / "fastdiff"
+    assert evaluate.classifier_cache_dir(tmp_path / "downloads" / "ck", cfg) == tmp_path / "downloads"
+    assert evaluate.classifier_cache_dir(tmp_path / "run" / "checkpoints" / "step-000000004", cfg) == tmp_path / "run"
+
+
 def test_a_refiner_ships_in_fp16_for_its_student_only(tmp_path):
     import dataclasses
 
