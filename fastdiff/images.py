@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -40,13 +41,30 @@ def auto_scale(size: int) -> int:
 
 
 def writable(path: Path) -> Path:
-    """`path` with its folder created; one FastdiffError when it cannot be (`fastdiff sample` checks it first)."""
+    """`path` with its folder created; one FastdiffError when it cannot be (`check_writable` checks a path before the
+    work that ends in writing it)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise FastdiffError(f"cannot create the output folder {path.parent}: {e.strerror}; choose a writable path")
     return path
+
+
+def check_writable(path, *, folder: bool = False, what: str = "the output") -> None:
+    """One FastdiffError now, before any work, where `path` (a file; with `folder`, a folder of files) could not be
+    written: it is a folder (a file), or its nearest existing parent is no writable folder. Creates nothing, so a
+    command refused later leaves no folders behind (`writable` creates them when the file is written)."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise FastdiffError(f"{what} {path} is a file, not a folder; choose a folder")
+    if not folder and path.is_dir():
+        raise FastdiffError(f"{what} {path} is a folder; choose a file name")
+    parent = path if folder else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise FastdiffError(f"cannot write {what} {path}: {parent} is not a writable folder; choose a writable path")
 
 
 def save_png(array: np.ndarray, path) -> Path:

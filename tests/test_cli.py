@@ -69,6 +69,25 @@ def test_sample_ddpm(trained, tmp_path, capsys):
     assert code == 0 and json.loads(out)["sampler"] == "ddpm"
 
 
+def test_sample_checks_every_output_before_sampling(trained, tmp_path, capsys):
+    # Each output path that cannot be written is one error before the sampling: no grid or .npz is left (or
+    # replaced) by a run that then fails, and a refused run leaves no folders it created.
+    common = ["sample", "--checkpoint", str(trained), "--n", "2", "--steps", "2"]
+    (tmp_path / "g.npz").mkdir()
+    (tmp_path / "imgs").write_text("a file")
+    (tmp_path / "k_trajectory.png").mkdir()
+    for extra, message in ((["--out", str(tmp_path / "g.png")], r"raw samples \(beside --out\) .*g.npz is a folder"),
+                           (["--out", str(tmp_path / "h.png"), "--save-images", str(tmp_path / "imgs")],
+                            "--save-images .*imgs is a file, not a folder"),
+                           (["--out", str(tmp_path / "k.png"), "--trajectory"], "the trajectory figure .* is a folder"),
+                           (["--out", str(tmp_path / ".png")], "must be a .png file name, e.g. grid.png")):
+        code, _, err = run([*common, *extra], capsys)
+        assert code == 2 and re.search(message, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.npz", "imgs", "k_trajectory.png"]
+    code, _, err = run([*common, "--out", str(tmp_path / "new" / "deep" / "x.png"), "--labels", "99"], capsys)
+    assert code == 2 and "outside 0..9" in err and not (tmp_path / "new").exists()
+
+
 def test_sample_save_images(trained, tmp_path, capsys):
     from PIL import Image
 
@@ -142,7 +161,7 @@ def test_resume_errors_name_flags_that_exist(capsys):
         (["eval", "--checkpoint", "{tmp}/missing"], "does not exist"),
         (["train", "--out", "{tmp}/blocker/run", *TINY], "cannot write to the run directory"),
         (["sample", "--checkpoint", "{run}", "--out", "{tmp}/blocker/x.png", "--n", "1", "--steps", "1"],
-         "cannot create the output folder"),
+         "blocker is not a writable folder"),
         (["sample", "--checkpoint", "{run}", "--out", "{tmp}/x.jpg"], "must be a .png"),
         (["sample", "--checkpoint", "{run}", "--out", "{tmp}/x.png", "--labels", "12"], "outside 0..9"),
         (["train", "--image-size", "10", "--out", "{tmp}/r", *TINY], "not divisible"),

@@ -86,14 +86,20 @@ def add_sample(sub):
 
 
 def cmd_sample(args) -> int:
-    from fastdiff.images import save_grid, save_images, save_samples, save_trajectory, writable
+    from fastdiff.images import check_writable, save_grid, save_images, save_samples, save_trajectory
     from fastdiff.runtime import resolve_device
     from fastdiff.sampling import TrajectoryRecorder, load_run, resolve_settings, sample
 
     out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise ConfigError(f"--out must be a .png file, got {out}")
-    writable(out)  # before the sampling, not after it
+    if out.suffix.lower() != ".png" or out.name.lower() == ".png":
+        raise ConfigError(f"--out must be a .png file name, e.g. grid.png, got {out}")
+    traj = out.with_name(out.stem + "_trajectory.png")
+    # every output checked before the sampling, not after it (creating nothing: a refused run leaves no folders)
+    for path, what in ((out, "--out"), (out.with_suffix(".npz"), "the raw samples (beside --out)"),
+                       *([(traj, "the trajectory figure")] if args.trajectory else [])):
+        check_writable(path, what=what)
+    if args.save_images:
+        check_writable(args.save_images, folder=True, what="--save-images")
     device = resolve_device(args.device)
     run = load_run(args.checkpoint, device, use_ema=not args.no_ema)
     settings = resolve_settings(run, device, refiner=args.refine, **sampling_overrides(args))
@@ -113,7 +119,6 @@ def cmd_sample(args) -> int:
         save_images(res.images, res.seeds, res.labels, args.save_images)
         result["images"] = str(args.save_images)
     if recorder is not None:
-        traj = out.with_name(out.stem + "_trajectory.png")
         save_trajectory(recorder.frames, traj, title=f"{settings.sampler}, {settings.steps} steps")
         result["trajectory"] = str(traj)
     print(json.dumps(result))
