@@ -66,7 +66,17 @@ def test_export_runs_in_diffusers_with_equal_outputs(tmp_path, capsys):
     assert pipe.scheduler.config.num_train_timesteps == cfg.diffusion.num_timesteps
     # A second export into the same folder is refused with one line.
     assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 2
-    assert "not empty" in capsys.readouterr().err
+    assert "not an empty folder" in capsys.readouterr().err
+    # a file, or a path under one: one line each (they were tracebacks), and nothing left behind
+    (tmp_path / "efile").write_text("x")
+    for bad in (tmp_path / "efile", tmp_path / "efile" / "sub"):
+        assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(bad)]) == 2
+        assert "Traceback" not in capsys.readouterr().err
+    assert not list(tmp_path.glob(".*tmp-*")) and (tmp_path / "efile").read_text() == "x"
+    empty = tmp_path / "empty"
+    empty.mkdir()  # an empty folder is taken
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(empty)]) == 0
+    assert sorted(p.name for p in empty.iterdir()) == ["model_index.json", "scheduler", "unet"]
 
 
 def test_unconditional_export_runs_ddpm_pipeline(tmp_path):

@@ -13,6 +13,8 @@ imports diffusers: the folders are JSON + safetensors, written and read directly
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -22,7 +24,8 @@ from safetensors.torch import load_file, save_file
 from fastdiff.config import DiffusionConfig, RunConfig, SampleConfig, UNetConfig
 from fastdiff.diffusion.diffusers_options import BETA_SCHEDULES, PREDICTIONS, resolve_options
 from fastdiff.diffusion.schedules import NoiseSchedule
-from fastdiff.errors import CheckpointError, ConfigError
+from fastdiff.errors import CheckpointError, ConfigError, FastdiffError
+from fastdiff.images import check_writable
 from fastdiff.models.unet import UNet
 from fastdiff.schedulers import DIFFUSERS_VERSION, DDPMScheduler
 
@@ -364,15 +367,25 @@ def export_run(run_or_checkpoint, out_dir, *, use_ema: bool = True) -> Path:
     config = unet2d_config(cfg.model)
     scheduler = scheduler_for(cfg.diffusion, cfg.sample)
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out} exists and is not empty; choose a new folder for the export")
-    (out / "unet").mkdir(parents=True, exist_ok=True)
-    save_file(to_diffusers(loaded.model.state_dict(), cfg.model), str(out / "unet" / WEIGHTS))
-    (out / "unet" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    scheduler.save_pretrained(out / "scheduler")
-    index = {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
-             "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDPMScheduler"]}
-    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} exists and is not an empty folder; choose a new folder for the export")
+    check_writable(out, folder=True, what="the export folder")
+    # Written into a temporary sibling and renamed into place: a failure leaves no half-written export behind
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        (tmp / "unet").mkdir(parents=True)
+        save_file(to_diffusers(loaded.model.state_dict(), cfg.model), str(tmp / "unet" / WEIGHTS))
+        (tmp / "unet" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        scheduler.save_pretrained(tmp / "scheduler")
+        index = {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+                 "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDPMScheduler"]}
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.rename(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FastdiffError(f"cannot write the export {out}: {e.strerror or e}; choose a writable --out") from None
     return out
 
 
