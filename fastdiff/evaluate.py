@@ -25,7 +25,7 @@ from fastdiff.checkpoint import (
     write_json_atomic,
 )
 from fastdiff.data import ImageData, load_dataset
-from fastdiff.errors import CheckpointError
+from fastdiff.errors import CheckpointError, ConfigError
 from fastdiff.metrics import frechet_distance, kid, knn_radii, precision_recall
 from fastdiff.models.classifier import Classifier, ClassifierConfig, train_classifier
 from fastdiff.runtime import resolve_device
@@ -172,6 +172,9 @@ def evaluate_run(checkpoint, *, n: int = 1000, seed: int = 0, device=None, class
     run = load_run(checkpoint, device)
     settings = resolve_settings(run, device, **sampling)  # bad settings fail before the classifier trains
     cfg = run.config
+    if cfg.preset == "diffusers":  # load_diffusers' config of a folder without a fastdiff run's
+        raise ConfigError(f"{run.path} is a diffusers folder that names no dataset to score it against; evaluate the "
+                          "fastdiff run it came from, or a folder `fastdiff export` wrote (it keeps the run's config)")
     train, test = evaluation_sets(cfg, n)
     cache = classifier_cache_dir(run.path, cfg)
     classifier = load_or_train_classifier(train, cache, device, log, steps=classifier_steps)

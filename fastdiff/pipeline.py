@@ -20,7 +20,6 @@ from fastdiff.config import RunConfig, SampleConfig
 from fastdiff.diffusion import NoiseSchedule
 from fastdiff.errors import CheckpointError, ConfigError
 from fastdiff.images import to_uint8
-from fastdiff.interop.diffusers import is_diffusers_folder, load_diffusers
 from fastdiff.runtime import resolve_device
 from fastdiff.sampling import Denoiser, SampleSettings, load_run, resolve_settings, sample
 
@@ -122,17 +121,7 @@ def load(path, *, device="auto", use_ema: bool = True) -> Pipeline:
     use_ema: sample a run's EMA weights (its default); a pretrained folder holds the one set of weights to use.
     """
     device = resolve_device(device)
-    spec = str(path)
-    if spec.startswith("pretrained:"):
-        return Pipeline.from_denoiser(load_run(spec, device))
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"{p} does not exist; pass a run directory, a checkpoint folder, pretrained:NAME or a "
+    if not str(path).startswith("pretrained:") and not Path(path).exists():
+        raise CheckpointError(f"{path} does not exist; pass a run directory, a checkpoint folder, pretrained:NAME or a "
                               "diffusers folder")
-    if is_diffusers_folder(p):
-        model, cfg, schedule = load_diffusers(p, device)
-        return Pipeline.from_denoiser(Denoiser.from_config(model, cfg, schedule, path=str(p), device=device))
-    if not ((p / "model.safetensors").exists() or ckpt.latest_checkpoint(p)):
-        raise CheckpointError(f"{p} is neither a fastdiff run directory or checkpoint folder (no "
-                              "checkpoints/step-*/model.safetensors) nor a diffusers pipeline or UNet2DModel folder")
-    return Pipeline.from_denoiser(load_run(p, device, use_ema=use_ema))
+    return Pipeline.from_denoiser(load_run(path, device, use_ema=use_ema))

@@ -76,7 +76,7 @@ def test_export_runs_in_diffusers_with_equal_outputs(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()  # an empty folder is taken
     assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(empty)]) == 0
-    assert sorted(p.name for p in empty.iterdir()) == ["model_index.json", "scheduler", "unet"]
+    assert sorted(p.name for p in empty.iterdir()) == ["fastdiff_run.json", "model_index.json", "scheduler", "unet"]
 
 
 def test_unconditional_export_runs_ddpm_pipeline(tmp_path):

@@ -9,11 +9,11 @@ import torch
 
 import fastdiff
 from fastdiff import checkpoint as ckpt
-from fastdiff import pipeline
 from fastdiff.cli import main
 from fastdiff.config import RunConfig, apply_overrides, preset_config
 from fastdiff.diffusion import NoiseSchedule, initial_noise, sample_ddim, seeds_for
 from fastdiff.errors import CheckpointError, ConfigError
+from fastdiff.evaluate import evaluate_run
 from fastdiff.models import UNet
 from fastdiff.train import train_ddpm
 
@@ -96,7 +96,9 @@ def test_pretrained_names(run, tmp_path, monkeypatch):
 
 
 def test_diffusers_folders_dispatch_to_interop(run, tmp_path, monkeypatch):
-    """The dispatch only: fastdiff.interop.diffusers (is_diffusers_folder, load_diffusers) is replaced by a stand-in."""
+    """The dispatch only (in load_run, which fastdiff sample and eval read too): fastdiff.interop.diffusers
+    (is_diffusers_folder, load_diffusers) is replaced by a stand-in."""
+    from fastdiff.interop import diffusers as interop
     cfg = fastdiff.load(run, device="cpu").config
     calls = []
 
@@ -105,8 +107,8 @@ def test_diffusers_folders_dispatch_to_interop(run, tmp_path, monkeypatch):
         torch.manual_seed(0)
         return UNet(cfg.model).eval(), cfg, NoiseSchedule.from_config(cfg.diffusion, device)
 
-    monkeypatch.setattr(pipeline, "is_diffusers_folder", lambda p: (p / "model_index.json").exists())
-    monkeypatch.setattr(pipeline, "load_diffusers", load_diffusers)
+    monkeypatch.setattr(interop, "is_diffusers_folder", lambda p: (p / "model_index.json").exists())
+    monkeypatch.setattr(interop, "load_diffusers", load_diffusers)
     folder = tmp_path / "ddpm"
     folder.mkdir()
     (folder / "model_index.json").write_text("{}")
@@ -173,5 +175,15 @@ def test_a_diffusers_folder_samples_as_its_run(run, tmp_path):
     interop = pytest.importorskip("fastdiff.interop.diffusers")
     folder = interop.export_run(run, tmp_path / "exported")
     pipe = fastdiff.load(folder, device="cpu")
-    want = fastdiff.load(run, device="cpu").sample(4, steps=2, guidance=2.0)
-    torch.testing.assert_close(pipe.sample(4, steps=2, guidance=2.0), want, atol=1e-5, rtol=0)
+    # the run's own sampling defaults (guidance 2 here) came with it (fastdiff_run.json), so the defaults agree
+    assert pipe.config.sample == fastdiff.load(run, device="cpu").config.sample and pipe.config.sample.guidance != 1
+    want = fastdiff.load(run, device="cpu").sample(4, steps=2)
+    torch.testing.assert_close(pipe.sample(4, steps=2), want, atol=1e-5, rtol=0)
+    # fastdiff sample reads the folder as fastdiff.load does (one loader: load_run)
+    assert main(["sample", "--checkpoint", str(folder), "--n", "4", "--steps", "2", "--out", str(tmp_path / "g.png"),
+                 "--no-progress"]) == 0
+    # a folder whose config is not fastdiff's names no dataset: eval says so before training a classifier
+    (folder / interop.RUN_CONFIG).unlink()
+    assert fastdiff.load(folder, device="cpu").config.preset == "diffusers"
+    with pytest.raises(ConfigError, match="names no dataset"):
+        evaluate_run(folder, n=8, device="cpu")

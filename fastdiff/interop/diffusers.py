@@ -349,17 +349,31 @@ def _read_weights(unet_dir: Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{unet_dir} has no {WEIGHTS} (or {WEIGHTS_BIN})")
 
 
+RUN_CONFIG = "fastdiff_run.json"  # in a folder fastdiff exported: the run's config (diffusers ignores the file)
+
+
 def load_diffusers(path, device="cpu") -> tuple[UNet, RunConfig, NoiseSchedule]:
-    """(UNet in eval mode, a RunConfig whose diffusion/sample sections reflect the scheduler config, schedule)."""
+    """(UNet in eval mode, a RunConfig, schedule). In a folder fastdiff exported, the run's own config (its
+    sampling defaults, dataset and, for a student, its timesteps), where it still describes the UNet and the
+    scheduler that the folder holds; else one whose diffusion and sample sections reflect the scheduler config
+    (preset "diffusers": no dataset of its own)."""
     model, ucfg, sched = import_unet(path, device)
     diffusion, sample = run_sections(sched)
     cfg = RunConfig(preset="diffusers", model=ucfg, diffusion=diffusion, sample=sample)
-    return model, cfg, NoiseSchedule.from_config(diffusion, device)
+    saved = Path(path) / RUN_CONFIG
+    if saved.exists():
+        from fastdiff.config import load_config
+
+        run = load_config(saved)
+        if run.model == ucfg and run.diffusion == diffusion:
+            cfg = run
+    return model, cfg, NoiseSchedule.from_config(cfg.diffusion, device)
 
 
 def export_run(run_or_checkpoint, out_dir, *, use_ema: bool = True) -> Path:
     """Write a run's UNet (EMA weights by default) as a diffusers pipeline folder that DDPMPipeline loads:
-    model_index.json, unet/ (config.json, diffusion_pytorch_model.safetensors) and scheduler/."""
+    model_index.json, unet/ (config.json, diffusion_pytorch_model.safetensors) and scheduler/, and the run's
+    config (RUN_CONFIG), from which `fastdiff.load` and `fastdiff sample` take its sampling defaults."""
     from fastdiff.sampling import load_run
 
     loaded = load_run(run_or_checkpoint, "cpu", use_ema=use_ema)
@@ -380,6 +394,7 @@ def export_run(run_or_checkpoint, out_dir, *, use_ema: bool = True) -> Path:
         index = {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
                  "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDPMScheduler"]}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / RUN_CONFIG).write_text(cfg.to_json() + "\n")
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.rename(tmp, out)

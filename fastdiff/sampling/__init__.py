@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -97,8 +98,20 @@ class Denoiser:
 
 
 def load_run(checkpoint, device, use_ema: bool = True) -> Denoiser:
-    """The model (EMA weights by default) and config of a run directory, a checkpoint folder or `pretrained:NAME`
-    (which holds one set of weights, the run's EMA weights)."""
+    """The model (EMA weights by default) and config of a run directory, a checkpoint folder, `pretrained:NAME`
+    (which holds one set of weights, the run's EMA weights) or a diffusers pipeline or UNet2DModel folder
+    (`fastdiff.interop.diffusers.load_diffusers`): what `fastdiff sample`, `eval` and `fastdiff.load` all read."""
+    from fastdiff.interop.diffusers import is_diffusers_folder, load_diffusers
+
+    if not str(checkpoint).startswith("pretrained:"):
+        p = Path(checkpoint)
+        if is_diffusers_folder(p):
+            model, cfg, schedule = load_diffusers(p, device)
+            return Denoiser.from_config(model, cfg, schedule, path=str(p), device=device)
+        if p.is_dir() and not ((p / "model.safetensors").exists() or ckpt.latest_checkpoint(p)):
+            raise CheckpointError(f"{p} is neither a fastdiff run directory or checkpoint folder (no "
+                                  "checkpoints/step-*/model.safetensors) nor a diffusers pipeline or UNet2DModel "
+                                  "folder; train a model into it, or pass another")
     path = ckpt.resolve_checkpoint(checkpoint)
     cfg = load_config(path / "config.json")
     model = UNet(cfg.model)
