@@ -88,6 +88,21 @@ def test_sample_checks_every_output_before_sampling(trained, tmp_path, capsys):
     assert code == 2 and "outside 0..9" in err and not (tmp_path / "new").exists()
 
 
+def test_a_refiner_is_checked_before_any_sampling(trained, tmp_path, capsys, monkeypatch):
+    # A refiner for other images (MNIST's 28x28 on 8x8 digits ran silently) or none at all: one error before
+    # the sampling, and before eval trains its classifier.
+    from fastdiff import evaluate
+
+    out = str(tmp_path / "g.png")
+    code, _, err = run(["sample", "--checkpoint", str(trained), "--n", "2", "--steps", "2", "--out", out,
+                        "--refine", "pretrained:mnist-student-refiner"], capsys)
+    assert code == 2 and "refines images [1, 28, 28], not" in err and not list(tmp_path.iterdir())
+    monkeypatch.setattr(evaluate, "train_classifier", lambda *a, **k: pytest.fail("trained a classifier"))
+    code, _, err = run(["eval", "--checkpoint", str(trained), "--n", "8", "--steps", "2", "--refine",
+                        str(tmp_path / "nope")], capsys)
+    assert code == 2 and "does not exist" in err
+
+
 def test_sample_save_images(trained, tmp_path, capsys):
     from PIL import Image
 

@@ -90,6 +90,14 @@ def resolve_settings(denoiser, device=None, *, accel: AccelOptions | None = None
     base = accel if accel is not None else AccelOptions.for_device(device)
     options = dataclasses.replace(base, **flat).check(device)
     refiner = given.get("refiner")
+    if refiner:  # checked now, before any sampling (or an evaluation classifier's training): its images' shape
+        from fastdiff.models.refiner import refiner_config
+
+        rc = refiner_config(refiner)[1]
+        if (rc.in_channels, rc.image_size, rc.image_size) != tuple(denoiser.image_shape):
+            raise ConfigError(f"the refiner {refiner} refines images {[rc.in_channels, rc.image_size, rc.image_size]}"
+                              f", not {denoiser.name}'s {list(denoiser.image_shape)}; pass a refiner trained for this "
+                              "model (`fastdiff train-refiner --checkpoint` it)")
     return SampleSettings(sampler=sampler, steps=steps, eta=eta, guidance=guidance, spacing=spacing, clip=clip,
                           batch_size=batch_size, accel=options, refiner=str(refiner) if refiner else None)
 
