@@ -149,6 +149,14 @@ class AccelOptions:
                               "or 0 for no limit")
         if device.type != "cuda" and self.cuda_graphs:
             raise ConfigError("CUDA graphs need a CUDA device; drop --cuda-graphs or use --device cuda")
+        if self.compile_mode is not None:
+            from torch import _inductor
+
+            modes = tuple(_inductor.list_mode_options())
+            if self.compile_mode not in modes:
+                raise ConfigError(f"unknown --compile-mode {self.compile_mode!r}; use one of {', '.join(modes)}")
+            if not self.compile:
+                raise ConfigError("--compile-mode applies to a compiled run only; add --compile or drop --compile-mode")
         if self.compile and self.cuda_graphs and self.compile_mode in ("reduce-overhead", "max-autotune"):
             raise ConfigError(f"--compile-mode {self.compile_mode} makes CUDA graphs of its own inside ours; use "
                               "max-autotune-no-cudagraphs (or the default mode), or --no-cuda-graphs")

@@ -93,6 +93,12 @@ def test_options_defaults_and_checks():
             AccelOptions(max_rows=bad).check("cpu")
     with pytest.raises(ConfigError, match="max-autotune-no-cudagraphs"):
         AccelOptions(compile=True, cuda_graphs=True, compile_mode="reduce-overhead").check("cuda")
+    # a mode torch.compile does not know was its RuntimeError (a traceback); without --compile it was ignored
+    with pytest.raises(ConfigError, match="unknown --compile-mode 'bogus'; use one of default, .*max-autotune"):
+        AccelOptions(compile=True, compile_mode="bogus").check("cpu")
+    with pytest.raises(ConfigError, match="add --compile or drop --compile-mode"):
+        AccelOptions(compile_mode="max-autotune").check("cpu")
+    assert AccelOptions(compile=True, compile_mode="max-autotune-no-cudagraphs").check("cpu").compile
 
 
 def test_bucket_sizes():

@@ -172,7 +172,7 @@ def test_resume_errors_name_flags_that_exist(capsys):
         (["train", "--dataset", "mnist", "--data-dir", "{tmp}/corrupt", "--out", "{tmp}/r", *TINY],
          "not an IDX file"),
         (["sample", "--checkpoint", "{tmp}/missing", "--out", "{tmp}/x.png"], "does not exist"),
-        (["sample", "--checkpoint", "{tmp}", "--out", "{tmp}/x.png"], "holds no checkpoint"),
+        (["sample", "--checkpoint", "{tmp}", "--out", "{tmp}/x.png"], "is neither a fastdiff run directory"),
         (["eval", "--checkpoint", "{tmp}/missing"], "does not exist"),
         (["train", "--out", "{tmp}/blocker/run", *TINY], "cannot write to the run directory"),
         (["sample", "--checkpoint", "{run}", "--out", "{tmp}/blocker/x.png", "--n", "1", "--steps", "1"],

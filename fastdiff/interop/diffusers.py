@@ -315,7 +315,8 @@ def is_diffusers_folder(path) -> bool:
     config = _unet_folder(p) / "config.json"
     try:
         return config.exists() and json.loads(config.read_text()).get("_class_name") == "UNet2DModel"
-    except (json.JSONDecodeError, OSError, AttributeError):
+    except (ValueError, RecursionError, OSError, AttributeError):  # not JSON, not UTF-8, nested too deep: the
+        # loader it falls to then names what is wrong with the file
         return False
 
 
