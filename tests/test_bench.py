@@ -338,6 +338,27 @@ def test_bench_command_end_to_end(tiny_preset, tmp_path, capsys, monkeypatch):
     assert (tmp_path / "bench.md").read_text().split("## ")[-1].startswith("Targets") and "\ntargets\n" in out
 
 
+def test_bench_refuses_bad_input_before_it_starts_and_keeps_an_earlier_report(tmp_path, capsys):
+    (tmp_path / "bfile").write_text("x")
+    for out in (tmp_path / "bfile", tmp_path / "bfile" / "sub"):  # they were tracebacks
+        assert main(["bench", "--quick", "--device", "cpu", "--out", str(out)]) == 2
+        assert "Traceback" not in capsys.readouterr().err
+    # a preset that no job of this device runs: one error, not an empty report with exit 0
+    assert main(["bench", "--quick", "--device", "cpu", "--sections", "sample", "--presets", "cifar10-ddpm",
+                 "--out", str(tmp_path / "b")]) == 2
+    assert "runs preset(s) cifar10-ddpm; it runs digits, mnist5k" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+    # an earlier report stays until this run has a row to replace it with (interrupted at once here)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "bench.json").write_text('{"rows": [1]}')
+    import fastdiff.bench.suite as suite
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(suite, "run_job", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert main(["bench", "--quick", "--device", "cpu", "--out", str(tmp_path / "old")]) == 130
+    assert (tmp_path / "old" / "bench.json").read_text() == '{"rows": [1]}'
+
+
 def _rows_for_targets(train_ms: float, ddpm_ms: float) -> list[dict]:
     train = dict(section="train", preset="cifar10-ddpm", batch=128, status="ok", case="train")
     ddpm = dict(section="sample", preset="cifar10-ddpm", batch=1024, sampler="ddpm-1000", status="ok", case="ddpm")

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
+from fastdiff.checkpoint import atomic_write
 from fastdiff.envinfo import collect
+from fastdiff.images import writable
 
 # Columns in this order where any row has them; other scalar keys follow, except the JSON-only ones.
 COLUMNS = [
@@ -196,20 +198,12 @@ def new_doc(device, title: str = "fastdiff bench", **fields) -> dict:
     return {"title": title, "command": command_line(), "environment": environment(device), "rows": [], **fields}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_reports(doc: dict, out_dir: Path, stem: str = "bench") -> tuple[Path, Path]:
     """Fill in the ratios and write out_dir/<stem>.json and <stem>.md."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     add_ratios(doc["rows"])
-    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    _write_atomic(json_path, json.dumps(doc, indent=1, default=str) + "\n")
-    _write_atomic(md_path, render_markdown(doc))
+    json_path, md_path = writable(Path(out_dir) / f"{stem}.json"), Path(out_dir) / f"{stem}.md"
+    atomic_write(json_path, (json.dumps(doc, indent=1, default=str) + "\n").encode())
+    atomic_write(md_path, render_markdown(doc).encode())
     return json_path, md_path
 
 

@@ -23,6 +23,7 @@ from fastdiff.bench.targets import evaluate
 from fastdiff.bench.timing import error_status
 from fastdiff.config import PRESETS as ALL_PRESETS
 from fastdiff.errors import ConfigError
+from fastdiff.images import check_writable
 from fastdiff.runtime import AccelOptions, train_defaults
 
 SECTIONS = ("ops", "sample", "train")
@@ -158,8 +159,13 @@ def run_bench(*, device, out: Path, quick: bool = False, sections=SECTIONS, pres
             doc["targets"] = [{"target": "all", "status": f"not evaluated: {error_status(e)}"}]
         return write_reports(doc, out)
 
-    save()
+    check_writable(out, folder=True, what="--out")  # now, not after the first job; and an earlier report in it
+    # stays until this run has a row to replace it with
     jobs = [job for job in plan(device, quick, presets, providers) if job.section in sections]
+    if presets and {"sample", "train"} & set(sections) and not any(isinstance(j, Job) for j in jobs):
+        runs = sorted({j.preset for j in plan(device, quick) if isinstance(j, Job)})
+        raise ConfigError(f"no bench job on this device ({device.type}{', --quick' if quick else ''}) runs preset(s) "
+                          f"{', '.join(presets)}; it runs {', '.join(runs)}")
     def log(line):
         with tqdm.external_write_mode():
             echo(f"[{budget.used():.0f} s] {line}")
