@@ -41,13 +41,15 @@ def read_stats(run_dir) -> list[dict]:
             continue
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep to decode
             if i == len(lines) and not text.endswith("\n"):
                 break
             raise FastdiffError(f"{path} line {i} is not JSON; the file is corrupt") from None
         if not isinstance(record, dict) or not isinstance(record.get("kimg"), (int, float)):
             raise FastdiffError(f"{path} line {i} has no 'kimg' field; it is not a fastdiff stats file")
         step = record.get("step", record["kimg"])
+        if isinstance(step, bool) or not isinstance(step, (int, float)):
+            raise FastdiffError(f"{path} line {i} has a 'step' that is no number ({step!r}); the file is corrupt")
         while records and records[-1].get("step", records[-1]["kimg"]) >= step:
             records.pop()
         records.append(record)

@@ -68,6 +68,10 @@ def test_read_stats_keeps_the_resumed_records_and_skips_a_partial_line(tmp_path)
     (lambda d: write_stats(d, records(2), tail="oops\n" + json.dumps(records(3)[2]) + "\n"), ["loss"],
      "line 3 is not JSON"),
     (lambda d: write_stats(d, [{"step": 1, "loss": 1.0}]), ["loss"], "no 'kimg' field"),
+    # a line nested too deep to decode, and a step that is no number: they were tracebacks
+    (lambda d: write_stats(d, records(2), tail="[" * 100_000 + "\n" + json.dumps(records(3)[2]) + "\n"), ["loss"],
+     "line 3 is not JSON"),
+    (lambda d: write_stats(d, [{"kimg": 1, "loss": 1.0, "step": "a"}]), ["loss"], "has a 'step' that is no number"),
     (lambda d: write_stats(d, records()), [], "at least one stat"),
 ])
 def test_errors(tmp_path, setup, keys, message):
