@@ -73,6 +73,9 @@ def test_bad_input_errors(run, tmp_path):
         pipe.sample(2.0)
     with pytest.raises(ConfigError, match=r"n=0 must be at least 1"):
         pipe.sample(0)
+    for seed in (2.5, True, "1"):  # 2.5 and True were seeds 2 and 1 without a word, "1" a TypeError
+        with pytest.raises(ConfigError, match="seed=.* is not a whole number"):
+            pipe.sample(2, seed=seed)
     with pytest.raises(CheckpointError, match="does not exist"):
         fastdiff.load(tmp_path / "missing")
     (tmp_path / "other").mkdir()

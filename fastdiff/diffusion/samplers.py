@@ -277,6 +277,7 @@ def initial_noise(seeds: torch.Tensor, shape: tuple[int, ...], device=None, dtyp
 
 def seeds_for(seed: int, n: int) -> torch.Tensor:
     """Per-sample seeds seed, seed+1, ..., seed+n-1: sample k of a run is reproducible on its own."""
+    seed = integer("seed", seed)  # 2.5 or True would be seed 2 or 1 without a word
     if not 0 <= seed < 2**63 - n:
         raise ConfigError(f"seed={seed} must be a non-negative 63-bit integer")
     return torch.arange(seed, seed + n, dtype=torch.int64)

@@ -139,6 +139,9 @@ def labels_for(spec, n: int, num_classes: int) -> torch.Tensor | None:
     bad = sorted({int(y) for y in labels if not 0 <= int(y) < num_classes})
     if bad:
         raise ConfigError(f"labels {bad} are outside 0..{num_classes - 1}")
+    if len(labels) > n:  # fewer repeat to fill n; more would be dropped without a word
+        raise ConfigError(f"{len(labels)} labels for {n} samples; give at most {n} (they repeat to fill them), or "
+                          f"raise --n to {len(labels)}")
     return labels.long().repeat((n + len(labels) - 1) // len(labels))[:n]
 
 
