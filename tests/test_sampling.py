@@ -210,3 +210,21 @@ def test_public_samplers_keep_no_autograd_graph():
                  guidance=2.0, null_label=10, callback=lambda i, t, xp, x0: frames.append((xp, x0)))
         assert out.grad_fn is None and not out.requires_grad
     assert all(xp.grad_fn is None and x0.grad_fn is None for xp, x0 in frames)
+
+
+def test_trajectory_rows_do_not_depend_on_the_batch_size():
+    # The recorder takes its rows from as many batches as hold them: with batches of 2 it showed 2 rows, not 4
+    from fastdiff.sampling import TrajectoryRecorder
+
+    den = denoiser()
+    frames = {}
+    for batch in (6, 2):
+        settings = resolve_settings(den, steps=3, batch_size=batch, **PLAIN)
+        rec = TrajectoryRecorder(settings.steps, rows=4)
+        sample(den, settings, n=6, callback=rec, callback_rows=rec.rows)
+        frames[batch] = rec.frames
+    assert [label for label, _, _ in frames[2]] == [label for label, _, _ in frames[6]] and len(frames[2]) == 3
+    for (_, x2, p2), (_, x6, p6) in zip(frames[2], frames[6]):
+        assert x2.shape == x6.shape == (4, 1, 8, 8)
+        torch.testing.assert_close(x2, x6, atol=1e-4, rtol=0)  # the convolutions' rounding by batch size
+        torch.testing.assert_close(p2, p6, atol=1e-4, rtol=0)

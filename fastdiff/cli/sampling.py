@@ -105,7 +105,7 @@ def cmd_sample(args) -> int:
     settings = resolve_settings(run, device, refiner=args.refine, **sampling_overrides(args))
     recorder = TrajectoryRecorder(settings.steps, rows=min(args.n, args.trajectory_rows)) if args.trajectory else None
     res = sample(run, settings, n=args.n, seed=args.seed, labels=args.labels, callback=recorder,
-                 progress=not args.no_progress)
+                 callback_rows=recorder.rows if recorder is not None else 1, progress=not args.no_progress)
     classes = run.num_classes
     nrow = classes if res.labels is not None and args.labels is None and args.n % classes == 0 else None
     grid = save_grid(res.images, out, nrow=nrow)

@@ -168,11 +168,12 @@ class SampleResult:
 
 
 def sample(denoiser: Denoiser, settings: SampleSettings, *, n: int, seed: int = 0, labels=None,
-           callback: Callable | None = None, progress: bool = False) -> SampleResult:
+           callback: Callable | None = None, callback_rows: int = 1, progress: bool = False) -> SampleResult:
     """n samples of `denoiser` with `settings` (from `resolve_settings`); sample i has seed seed + i.
 
     labels: see `labels_for` (None: balanced classes on a conditional model). callback(i, t, x, x0) sees the
-    first batch only (for trajectory figures). With a refiner, each batch is refined inside the timed region.
+    batches that hold the first `callback_rows` samples (the first batch by default; trajectory figures, whose
+    rows must not depend on the batch size). With a refiner, each batch is refined inside the timed region.
     progress: a tqdm bar of the denoising steps of all batches, with ETA, on stderr (the CLI's default; it ticks
     through the step callback, so the fast path then clones each step's tensors for it).
     """
@@ -198,7 +199,7 @@ def sample(denoiser: Denoiser, settings: SampleSettings, *, n: int, seed: int = 
             s = seeds[start : start + settings.batch_size].to(device)
             y = labels[start : start + settings.batch_size].to(device) if labels is not None else None
             x = initial_noise(s, shape, device)
-            cb = _ticking(bar, callback if start == 0 else None)
+            cb = _ticking(bar, callback if start < callback_rows else None)
             if fast is not None:
                 x = fast.run(x, table, seeds=s, labels=y, callback=cb)
             else:
@@ -302,19 +303,29 @@ def sampler_table(schedule: NoiseSchedule, sampler: str, steps: int | None, *, e
 
 
 class TrajectoryRecorder:
-    """A sampler callback keeping x_t and the x0 prediction of the first `rows` samples at ~`cols` steps."""
+    """A sampler callback keeping x_t and the x0 prediction of the first `rows` samples at ~`cols` steps, from as
+    many batches as hold them (`sample(..., callback_rows=recorder.rows)`)."""
 
     def __init__(self, total_steps: int, rows: int = 4, cols: int = 10):
         self.rows = rows
         self.total_steps = total_steps
         picks = torch.linspace(0, total_steps - 1, min(cols, total_steps)).round().long().tolist()
         self.keep = set(picks)
-        self.frames: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self._frames: dict[int, tuple[str, list[torch.Tensor], list[torch.Tensor]]] = {}
 
     def __call__(self, i, t, x, x0):
-        if i in self.keep:
-            label = f"step {i + 1}/{self.total_steps}\nt={int(t[0])}"
-            self.frames.append((label, x[: self.rows].float().cpu(), x0[: self.rows].float().cpu()))
+        if i not in self.keep:
+            return
+        label, xs, x0s = self._frames.setdefault(i, (f"step {i + 1}/{self.total_steps}\nt={int(t[0])}", [], []))
+        need = self.rows - sum(len(a) for a in xs)
+        if need > 0:
+            xs.append(x[:need].float().cpu())
+            x0s.append(x0[:need].float().cpu())
+
+    @property
+    def frames(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """[(column label, x [rows, C, H, W], x0 [rows, C, H, W])] in step order."""
+        return [(label, torch.cat(xs), torch.cat(x0s)) for _, (label, xs, x0s) in sorted(self._frames.items())]
 
 
 __all__ = ["SAMPLERS", "Denoiser", "SampleResult", "SampleSettings", "TrajectoryRecorder", "labels_for", "load_run",
