@@ -152,8 +152,14 @@ def classifier_cache_dir(checkpoint_dir, cfg) -> Path:
     (`make pretrained`), which `load_or_train_classifier` reads from there, serves the default steps."""
     if cfg.data.data_dir and Path(cfg.data.data_dir).is_dir():
         return Path(cfg.data.data_dir)
-    if cfg.is_student and (Path(cfg.distill.teacher).exists() or cfg.distill.teacher.startswith("pretrained:")):
-        checkpoint_dir = resolve_checkpoint(cfg.distill.teacher)
+    if cfg.is_student:
+        teacher = cfg.distill.teacher
+        if not teacher.startswith("pretrained:"):
+            teacher = Path(teacher)
+            if not teacher.exists() and teacher.parent.name == CHECKPOINTS:
+                teacher = teacher.parent.parent  # the checkpoint the student started from, pruned since: its run
+        if str(teacher).startswith("pretrained:") or Path(teacher).exists():
+            checkpoint_dir = resolve_checkpoint(teacher)
     if is_pretrained(checkpoint_dir):
         return user_cache_dir()
     path = Path(checkpoint_dir)
@@ -174,7 +180,8 @@ def evaluate_run(checkpoint, *, n: int = 1000, seed: int = 0, device=None, class
     cfg = run.config
     if cfg.preset == "diffusers":  # load_diffusers' config of a folder without a fastdiff run's
         raise ConfigError(f"{run.path} is a diffusers folder that names no dataset to score it against; evaluate the "
-                          "fastdiff run it came from, or a folder `fastdiff export` wrote (it keeps the run's config)")
+                          "fastdiff run it came from, or a folder `fastdiff export` wrote (it keeps the run's config, "
+                          "used while the folder's UNet and scheduler are still the run's)")
     train, test = evaluation_sets(cfg, n)
     cache = classifier_cache_dir(run.path, cfg)
     classifier = load_or_train_classifier(train, cache, device, log, steps=classifier_steps)

@@ -79,6 +79,18 @@ def test_export_runs_in_diffusers_with_equal_outputs(tmp_path, capsys):
     assert sorted(p.name for p in empty.iterdir()) == ["fastdiff_run.json", "model_index.json", "scheduler", "unet"]
 
 
+@pytest.mark.parametrize("T", [1000, 200, 50])  # the export scales beta_end by 1000/T, the import back by T/1000
+def test_an_export_keeps_its_runs_config_and_takes_dot(tmp_path, monkeypatch, T):
+    import fastdiff
+
+    _, cfg = make_run(tmp_path / "run", {"diffusion.num_timesteps": T, "sample.guidance": 2.0})
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")  # --out . (the current folder, empty) was a ValueError
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", "."]) == 0
+    loaded = fastdiff.load(tmp_path / "here", device="cpu").config
+    assert loaded.preset == cfg.preset and loaded.sample.guidance == 2.0 and loaded.data == cfg.data
+
+
 def test_unconditional_export_runs_ddpm_pipeline(tmp_path):
     make_run(tmp_path / "run", {"model.num_classes": 0})
     pipe = diffusers.DDPMPipeline.from_pretrained(interop.export_run(tmp_path / "run", tmp_path / "out"))

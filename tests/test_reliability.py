@@ -148,6 +148,39 @@ def test_set_aside_newer_checkpoints(run_copy):
     assert sorted(p.name for p in moved[0].parent.iterdir()) == ["step-000000004", "step-000000004.1"]
 
 
+def test_a_lost_config_comes_from_the_checkpoint_a_resume_starts_from(run_copy):
+    # RUN/config.json lost and the newest checkpoint damaged: the config is the one of the checkpoint the resume
+    # starts from (the newest that passes), not the damaged one's
+    from fastdiff.train.rundir import saved_run_config
+
+    (run_copy / "config.json").unlink()
+    (run_copy / "checkpoints" / "step-000000004" / "config.json").write_text("{trunc")
+    assert saved_run_config(run_copy) == run_copy / "checkpoints" / "step-000000002" / "config.json"
+
+
+def test_a_pinned_source_checkpoint_that_was_pruned(tmp_path):
+    # A student or refiner resumes with the checkpoint it recorded; where its run pruned it since, with that run's
+    # newest, and it says the resume is not exact (it was an error with no way out)
+    from fastdiff.train.loop import _changes
+    from fastdiff.train.rundir import source_checkpoint
+
+    for step in (2, 4):
+        _save(tmp_path / "teacher", step, keep=0)
+    pinned = str((tmp_path / "teacher" / "checkpoints" / "step-000000002").resolve())
+    student = tmp_path / "student"
+    student.mkdir()
+    (student / "config.json").write_text(json.dumps({"distill": {"teacher": pinned}}))
+    lines = []
+    assert source_checkpoint(student, True, "unused", "distill", "teacher", log=lines.append) == pinned and not lines
+    shutil.rmtree(pinned)
+    newest = str((tmp_path / "teacher" / "checkpoints" / "step-000000004").resolve())
+    assert source_checkpoint(student, True, "unused", "distill", "teacher", log=lines.append) == newest
+    assert len(lines) == 1 and "is gone" in lines[0] and "not exact" in lines[0]
+    assert source_checkpoint(student, False, str(tmp_path / "teacher"), "distill", "teacher") == newest
+    # a resumed run's log names no change for an option its config.json predates (model.null_class, 2026-12-07)
+    assert _changes({"model": {"a": 1}}, {"model": {"a": 1, "null_class": True}}) == []
+
+
 def test_resume_without_a_good_checkpoint_is_refused(run_copy, capsys):
     # Every checkpoint damaged: --resume must not start over from step 0 (and overwrite them) as if resuming.
     for step in (2, 4):

@@ -12,7 +12,9 @@ imports diffusers: the folders are JSON + safetensors, written and read directly
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -366,7 +368,10 @@ def load_diffusers(path, device="cpu") -> tuple[UNet, RunConfig, NoiseSchedule]:
         from fastdiff.config import load_config
 
         run = load_config(saved)
-        if run.model == ucfg and run.diffusion == diffusion:
+        # the export scaled beta_start/end by 1000/T and the import by T/1000: equal up to float rounding
+        same = dataclasses.replace(run.diffusion, beta_start=diffusion.beta_start, beta_end=diffusion.beta_end)
+        if (run.model == ucfg and same == diffusion and math.isclose(run.diffusion.beta_start, diffusion.beta_start)
+                and math.isclose(run.diffusion.beta_end, diffusion.beta_end)):
             cfg = run
     return model, cfg, NoiseSchedule.from_config(cfg.diffusion, device)
 
@@ -381,7 +386,7 @@ def export_run(run_or_checkpoint, out_dir, *, use_ema: bool = True) -> Path:
     cfg = loaded.config
     config = unet2d_config(cfg.model)
     scheduler = scheduler_for(cfg.diffusion, cfg.sample)
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()  # "." has no name to build the temporary sibling's from
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out} exists and is not an empty folder; choose a new folder for the export")
     check_writable(out, folder=True, what="the export folder")

@@ -141,7 +141,7 @@ def labels_for(spec, n: int, num_classes: int) -> torch.Tensor | None:
         raise ConfigError(f"labels {bad} are outside 0..{num_classes - 1}")
     if len(labels) > n:  # fewer repeat to fill n; more would be dropped without a word
         raise ConfigError(f"{len(labels)} labels for {n} samples; give at most {n} (they repeat to fill them), or "
-                          f"raise --n to {len(labels)}")
+                          f"raise n (--n) to {len(labels)}")
     return labels.long().repeat((n + len(labels) - 1) // len(labels))[:n]
 
 

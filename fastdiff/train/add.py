@@ -238,7 +238,7 @@ def train_add(cfg: RunConfig, out, *, device="auto", resume: bool = False, progr
     `accel` as for `train_ddpm` (default: compile + CUDA graphs on a GPU, the plain steps on the CPU). A new run
     records the teacher's checkpoint folder, which a resume reads again (`rundir.source_checkpoint`).
     """
-    teacher = source_checkpoint(out, resume, cfg.distill.teacher, "distill", "teacher")
+    teacher = source_checkpoint(out, resume, cfg.distill.teacher, "distill", "teacher", log=echo)
     cfg = replace(cfg, distill=replace(cfg.distill, teacher=teacher))
     _check(cfg)
     mc = cfg.model

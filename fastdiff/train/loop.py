@@ -128,9 +128,9 @@ def _advice(command: str, run_dir: Path, tc: TrainConfig, last_ckpt: str | None)
 
 def _changes(old: dict, new: dict, where: str = "") -> list[str]:
     """The options that differ between two configs, as 'section.option old -> new' (a tuple equals the list that
-    config.json holds for it)."""
+    config.json holds for it). An option the old config lacks is one added since it was written: no change."""
     out = []
-    for key in sorted(set(old) | set(new)):
+    for key in sorted(set(old) & set(new)):
         a, b = (list(v) if isinstance(v, tuple) else v for v in (old.get(key), new.get(key)))
         if isinstance(a, dict) and isinstance(b, dict):
             out += _changes(a, b, f"{where}{key}.")

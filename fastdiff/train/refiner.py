@@ -159,7 +159,7 @@ def train_refiner(cfg: RefinerConfig, out, *, device="auto", resume: bool = Fals
                   echo=print, accel: AccelOptions | None = None) -> dict:
     """Train (or resume) a refiner for the x0 estimates of run `cfg.generator` in run directory `out`. A new run
     records the generator's checkpoint folder, which a resume reads again (`rundir.source_checkpoint`)."""
-    cfg = replace(cfg, generator=source_checkpoint(out, resume, cfg.generator, "refiner", "generator"))
+    cfg = replace(cfg, generator=source_checkpoint(out, resume, cfg.generator, "refiner", "generator", log=echo))
     gcfg = RunConfig.from_dict(ckpt.load_json(ckpt.resolve_checkpoint(cfg.generator), "config"))
     T = gcfg.diffusion.num_timesteps
     t_max = T // 2 if cfg.t_max is None else cfg.t_max

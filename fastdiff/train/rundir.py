@@ -38,27 +38,36 @@ def resume_checkpoint(run_dir: Path, log=None, set_aside: bool = True) -> Path:
 
 
 def saved_run_config(run_dir) -> Path | None:
-    """The config a resume of run_dir continues with: RUN/config.json, else (deleted or lost) the one inside its
-    newest checkpoint, which every checkpoint holds; None for a directory with neither."""
+    """The config a resume of run_dir continues with: RUN/config.json, else (deleted or lost) the one inside the
+    checkpoint the resume will start from (the newest that passes its check; every checkpoint holds its config);
+    None for a directory with neither."""
     saved = Path(run_dir) / "config.json"
     if saved.exists():
         return saved
-    inside = [p / "config.json" for _, p in reversed(ckpt.checkpoint_dirs(run_dir)) if (p / "config.json").exists()]
-    return inside[0] if inside else None
+    good = ckpt.latest_good_checkpoint(run_dir)
+    return good / "config.json" if good is not None else None
 
 
-def source_checkpoint(run_dir, resume: bool, given: str, *key: str) -> str:
+def source_checkpoint(run_dir, resume: bool, given: str, *key: str, log=None) -> str:
     """The checkpoint of another run that this run reads (a student's teacher, a refiner's generator): on a new
     run, `given` pinned to the checkpoint it resolves to now (`checkpoint.pin_checkpoint`); on a resume, the one
     the run recorded (its config's `key` path), so that it continues with the same weights after the other run
-    has trained on."""
+    has trained on. Where that checkpoint is gone (the other run pruned it: it keeps its newest few), its run's
+    newest one, and `log` says that the resume is then not exact."""
     saved = saved_run_config(run_dir) if resume else None
     if saved is not None:
         value = ckpt.read_json(saved)
         for k in key:
             value = value.get(k) if isinstance(value, dict) else None
         if isinstance(value, str) and value:
-            return value
+            pinned = Path(value)
+            if value.startswith("pretrained:") or pinned.exists() or pinned.parent.name != ckpt.CHECKPOINTS:
+                return value
+            newest = ckpt.pin_checkpoint(pinned.parent.parent)  # its run's newest (an error if the run is gone)
+            if log is not None:
+                log(f"the checkpoint {value} this run started from is gone (its run keeps only its newest); "
+                    f"continuing with {newest}, so this resume is not exact")
+            return newest
     return ckpt.pin_checkpoint(given)
 
 
