@@ -134,7 +134,7 @@ rm -f "$OUT/bench.json" "$OUT/bench.md"  # an earlier run's, in a reused $OUT: n
 timeout -k 5 "$limit" $PY -m fastdiff bench --device "$DEVICE" --out "$OUT" --budget-s "$budget" "${BENCH_ARGS[@]}" \
     >"$OUT/bench.log" 2>&1
 brc=$?
-log "stage 2: fastdiff bench: exit $brc$([ $brc = 124 ] && echo ' (timed out; bench.json holds the rows so far)')"
+log "stage 2: fastdiff bench: exit $brc$([ $brc = 124 ] && echo ' (timed out; bench.json holds the rows so far, if it had one)')"
 [ -f "$OUT/bench.md" ] && sed -n '/^## Targets/,$p' "$OUT/bench.md" | tee -a "$OUT/suite.log"  # the last section
 rm -f "$OUT"/.bench.*.tmp  # a report the limit's kill interrupted mid-write: not a ninth file
 log "done in $((SECONDS - start)) s"
