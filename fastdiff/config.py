@@ -242,11 +242,10 @@ SECTIONS = {"model": UNetConfig, "diffusion": DiffusionConfig, "data": DataConfi
 
 
 def apply_overrides(cfg: RunConfig, overrides: dict[str, object]) -> RunConfig:
-    """Overrides are {"section.option": value}; None values are skipped (flags the user did not pass)."""
+    """Overrides are {"section.option": value}. A None is a value (a --config file's null: no clipping, grids at
+    each checkpoint), checked like any other; flags the user did not pass are left out by the CLI, not here."""
     d = cfg.to_dict()
     for key, value in overrides.items():
-        if value is None:
-            continue
         section, _, option = key.partition(".")
         if section not in d or not isinstance(d[section], dict) or option not in d[section]:
             raise ConfigError(f"unknown option {key!r}")

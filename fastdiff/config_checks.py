@@ -190,6 +190,16 @@ def validate(cfg) -> None:
                               f"satisfy 0 <= min <= max <= {T - 1}")
         if dc.regress_at not in REGRESS_AT:
             raise ConfigError(f"distill.regress_at {dc.regress_at!r} is not one of {', '.join(REGRESS_AT)}")
+        # choices the discriminator and the losses hold, refused now (they failed after the teacher pairs and the
+        # backbone's pretraining, and passed --dry-run)
+        from fastdiff.models.discriminator import HEAD_KINDS, parse_augment
+        from fastdiff.train.add_losses import WEIGHTINGS
+
+        for key, value, choices in (("distill.disc_head", dc.disc_head, HEAD_KINDS),
+                                    ("distill.distill_weighting", dc.distill_weighting, WEIGHTINGS)):
+            if value not in choices:
+                raise ConfigError(f"{key} {value!r} is not one of {', '.join(choices)}")
+        parse_augment(dc.augment)
         if dc.backbone_dim % dc.backbone_heads:
             raise ConfigError(f"distill.backbone_dim {dc.backbone_dim} is not divisible by backbone_heads "
                               f"{dc.backbone_heads}")

@@ -64,6 +64,16 @@ def test_dry_run_output_is_a_config_file(tmp_path, capsys):
                    capsys) == first
 
 
+def test_a_json_null_is_a_value(tmp_path, capsys):
+    # "clip": null (no clipping) was dropped, leaving the preset's 1.0; a null where none is allowed is refused
+    (tmp_path / "n.json").write_text('{"sample": {"clip": null}, "train": {"sample_every": null}}')
+    cfg = dry_run(["train", "--out", str(tmp_path / "run"), "--config", str(tmp_path / "n.json")], capsys)
+    assert cfg["sample"]["clip"] is None and cfg["train"]["sample_every"] is None
+    (tmp_path / "bad.json").write_text('{"train": {"lr": null}}')
+    assert main(["train", "--out", str(tmp_path / "run"), "--config", str(tmp_path / "bad.json"), "--dry-run"]) == 2
+    assert "train.lr must be a number, got None" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("config_file") / "teacher"
@@ -79,6 +89,10 @@ def test_distill_config_file_names_the_teacher(teacher, tmp_path, capsys):
     assert cfg["distill"]["teacher"] == str(teacher) and cfg["distill"]["r1_gamma"] == 0.5
     assert cfg["distill"]["student_timesteps"] == [999, 499] and cfg["sample"]["steps"] == 2
     assert cfg["train"]["steps"] == 5 and cfg["train"]["lr"] == 1e-5  # the flag; the 'default' preset's lr
+    # a preset's trained backbone can be frozen from the command line (--train-backbone could only turn it on)
+    frozen = dry_run(["distill", "--teacher", str(teacher), "--out", str(tmp_path / "s"), "--no-train-backbone"],
+                     capsys)
+    assert frozen["distill"]["train_backbone"] is False
 
 
 @pytest.mark.parametrize(
@@ -109,6 +123,12 @@ def test_bad_file_is_one_line_with_exit_2(name, text, message, tmp_path, capsys)
 @pytest.mark.parametrize("text, message", [
     ('{"model": {"base_channels": 8}}', "unknown key 'model'; the valid top-level keys are: preset, teacher, train, "),
     ('{"distill": {"teacher": "elsewhere"}}', "unknown key 'distill.teacher'"),
+    # distillation drops no labels: a p_uncond was recorded and had no effect
+    ('{"train": {"p_uncond": 0.5}}', "unknown key 'train.p_uncond'"),
+    # refused by the validation, so before the teacher pairs and the backbone (and by --dry-run)
+    ('{"distill": {"disc_head": "foo"}}', "distill.disc_head 'foo' is not one of conv, mlp"),
+    ('{"distill": {"distill_weighting": "bar"}}', "distill.distill_weighting 'bar' is not one of"),
+    ('{"distill": {"augment": "zoom"}}', "unknown augmentation(s) ['zoom']"),
 ])
 def test_distill_file_sets_only_the_students_own_sections(text, message, teacher, tmp_path, capsys):
     (tmp_path / "d.json").write_text(text)

@@ -113,6 +113,24 @@ def test_timm_positions_of_the_patches_only():
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
+def test_backbone_size_resizes_a_fastdiff_vit_file(tmp_path):
+    # --backbone-size was ignored for fastdiff's own ViT files (its cached backbones): they loaded at their size
+    import json
+    from dataclasses import asdict
+
+    from fastdiff.checkpoint import save_tensors
+
+    cfg = ViTConfig(image_size=8, in_channels=1, patch_size=2, dim=16, depth=1, num_heads=2)
+    torch.manual_seed(0)
+    save_tensors(tmp_path / "vit.safetensors", ViT(cfg).state_dict())
+    (tmp_path / "vit.json").write_text(json.dumps({"config": asdict(cfg)}))
+    same = load_vit_file(tmp_path / "vit.safetensors")
+    big = load_vit_file(tmp_path / "vit.safetensors", image_size=16)
+    assert (same.cfg.image_size, big.cfg.image_size, big.cfg.grid) == (8, 16, 8)
+    assert big.pos.shape == (1, 1 + 64, 16) and torch.equal(big.pos[:, :1], same.pos[:, :1])
+    assert big.tokens(torch.randn(2, 1, 16, 16), [0])[0].shape == (2, 64, 16)
+
+
 def test_mlp_width_is_rebuilt_exactly():
     # The width comes back from mlp_ratio = hidden / dim: int() truncated 120 / 88 * 88 = 119.99.. to 119
     cfg = ViTConfig(image_size=8, in_channels=1, patch_size=4, dim=88, depth=1, num_heads=2, mlp_ratio=120 / 88)

@@ -164,8 +164,8 @@ def add_distill(sub):
                    "('' for none) (default: the preset's, translation,cutout)")
     p.add_argument("--backbone", help="pretrain (a ViT trained on the dataset and cached), none (random, trained), "
                    "or a local timm/DINO ViT state dict (default: the preset's, pretrain)")
-    p.add_argument("--train-backbone", action="store_true", default=None, help="adapt the backbone too (default: "
-                   "the preset's)")
+    p.add_argument("--train-backbone", action=argparse.BooleanOptionalAction, default=None,
+                   help="adapt the backbone too, or freeze it (--no-train-backbone) (default: the preset's)")
     p.add_argument("--backbone-steps", type=int, help="pretraining steps of a 'pretrain' backbone (default: the "
                    "preset's, 600)")
     p.add_argument("--backbone-size", type=int, help="input size of a file backbone (default: its own)")
@@ -204,7 +204,7 @@ def resolve_distill_config(args):
                           {"preset": args.preset, "teacher": args.teacher, "config": args.config})
     # distill.teacher is the --teacher path; the student's model, diffusion and data are the teacher's
     file = config_file_layer(args, sections=("train", "distill", "sample"), names=("preset", "teacher"),
-                        excluded=("distill.teacher",))
+                        excluded=("distill.teacher", "train.p_uncond"))  # ADD drops no labels
     if cfg is None:
         teacher = args.teacher or file.names.get("teacher")
         if not teacher:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -270,7 +270,15 @@ def load_vit_file(path, *, image_size: int | None = None, num_heads: int | None 
                               "--backbone pretrain to train one on the dataset")
     meta = path.with_suffix(".json")
     if path.suffix == ".safetensors" and meta.exists():
-        return _load_cached(path, meta)
+        model = _load_cached(path, meta)
+        if image_size is None or image_size == model.cfg.image_size:
+            return model
+        cfg = replace(model.cfg, image_size=image_size)  # --backbone-size: its positions resized, as a timm file's
+        sd = model.state_dict()
+        sd["pos"] = _resize_pos(sd["pos"], cfg.grid)
+        model = ViT(cfg)
+        model.load_state_dict(sd)
+        return model
     try:
         sd = read_tensors(path) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu",
                                                                                   weights_only=True)
