@@ -42,6 +42,8 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):  # mps, xpu, meta: fastdiff's paths are the CPU's and CUDA's
+        raise ConfigError(f"device {name!r} is not one fastdiff runs on; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu")
     return device

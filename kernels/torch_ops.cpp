@@ -9,6 +9,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "cpu/kernels.h"
 #include "torch_common.h"
 
@@ -96,6 +98,11 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_silu_cpu(const Tensor& x, int64_t 
   Tensor out = at::empty_like(call.x);
   Tensor mean = at::empty({x.size(0), num_groups}, call.x.options().dtype(at::kFloat));
   Tensor rstd = at::empty_like(mean);
+  if (call.x.numel() == 0) {  // no elements to read (an empty tensor's data pointer is null): as F.group_norm
+    mean.fill_(std::numeric_limits<float>::quiet_NaN());
+    rstd.fill_(std::numeric_limits<float>::quiet_NaN());
+    return {out.to(call.result_dtype), mean, rstd};
+  }
   dispatch_float_types(call.x.scalar_type(), "fastdiff_native.group_norm_silu", [&](auto tag) {
     using T = decltype(tag);
     cpu::group_norm_silu_forward<T>(call.params, call.x.data_ptr<T>(), out.data_ptr<T>(), mean.data_ptr<float>(),
@@ -114,6 +121,11 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_silu_backward_cpu(const Tensor& gr
   Tensor grad_x = at::empty_like(call.x);
   Tensor grad_w = at::empty({x.size(1)}, call.x.options().dtype(at::kFloat));
   Tensor grad_b = at::empty_like(grad_w);
+  if (call.x.numel() == 0) {  // nothing to read; the parameters got no gradient from no elements
+    grad_w.zero_();
+    grad_b.zero_();
+    return {grad_x.to(call.result_dtype), wrap::param_grad(grad_w, weight), wrap::param_grad(grad_b, bias)};
+  }
   dispatch_float_types(call.x.scalar_type(), "fastdiff_native.group_norm_silu_backward", [&](auto tag) {
     using T = decltype(tag);
     cpu::group_norm_silu_backward<T>(call.params, dout.data_ptr<T>(), call.x.data_ptr<T>(), m.data_ptr<float>(),

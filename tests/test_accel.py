@@ -101,6 +101,17 @@ def test_options_defaults_and_checks():
     assert AccelOptions(compile=True, compile_mode="max-autotune-no-cudagraphs").check("cpu").compile
 
 
+def test_devices_fastdiff_runs_on():
+    from fastdiff.runtime import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device("auto").type in ("cpu", "cuda")
+    # mps, xpu and meta passed, and ended in tracebacks (torch's assertions) once a run used them
+    for name, message in (("meta", "is not one fastdiff runs on"), ("xpu", "is not one fastdiff runs on"),
+                          ("bogus", "unknown device 'bogus'")):
+        with pytest.raises(ConfigError, match=message):
+            resolve_device(name)
+
+
 def test_bucket_sizes():
     assert [bucket_size(n) for n in (1, 2, 3, 5, 8, 9, 1000)] == [1, 2, 4, 8, 8, 16, 1024]
 

@@ -9,7 +9,8 @@ function, which picks the backend per call:
   kernel (fastdiff._C) where the extension is built and the op has one (measured faster on every CPU, once their
   silu stopped computing subnormals and their bf16 loads and stores vectorised: benchmarks/cpu_defaults.py;
   `runtime.cpu_choice` picks the layout by whether they run), else the reference.
-  The CUDA kernels of the extension are never chosen automatically: they have not run on a GPU yet.
+  The CUDA kernels of the extension are never chosen automatically: they have not run on a GPU yet. Tensors of
+  another dtype than float32, float16 and bfloat16 (float64) run the reference, which keeps their precision.
 - a forced backend, `use_backend("torch" | "triton" | "native")`: every op runs it; an op without that backend
   (no native kernel) runs the reference.
 
@@ -42,6 +43,7 @@ _native._load()
 CPU_NATIVE = _native.available()
 
 BACKENDS = ("torch", "triton", "native")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the fused kernels compute for (automatically)
 
 
 @dataclass
@@ -191,6 +193,8 @@ def backend_for(x: torch.Tensor, spec: Op) -> str:
     forced = current_backend()
     if forced is not None:
         return _forced(forced, x, spec)
+    if x.dtype not in KERNEL_DTYPES:  # float64 (or another): the reference keeps its precision; the kernels compute
+        return "torch"  # in float32 and would hand back float32's error labelled float64
     if x.device.type == "cuda":
         return "triton" if TRITON_INSTALLED else "torch"
     if x.device.type == "cpu" and INTERPRET:

@@ -171,7 +171,9 @@ class _SamplerStep(torch.autograd.Function):
         with torch.enable_grad():
             outs = reference.sampler_step(*diff, saved[7], ctx.step, ctx.clip, True)
             wanted = [t for t in diff if t.requires_grad]
-            grads = iter(torch.autograd.grad(outs, wanted, (grad_prev, grad_x0), allow_unused=True))
+            # x0 depends on x, model_out, p and q only: with none of them wanted it has no graph to go back through
+            pairs = [(o, g) for o, g in zip(outs, (grad_prev, grad_x0)) if o.requires_grad]
+            grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
         return (*(next(grads) if t.requires_grad else None for t in diff), None, None, None, None)
 
 

@@ -105,20 +105,21 @@ inline float exp_f(float v) { return exp_upto(v, 88.5f); }
 // computes the clamped arm of the exp for every lane and blends; GCC folds that arm into y * (1 / (1 + e^cap)),
 // which for cap 88.5 is y * 3.7e-39: a subnormal product in nearly every lane, and on Intel CPUs a microcode
 // assist per vector (on a 2-core Xeon with AVX-512 the native GroupNorm+SiLU lost to torch's two ops until this
-// cap; README, "CPU defaults"). With cap 60 the arm stays normal for |y| > 1.4e-12;
-// below y = -60 silu is y * 8.8e-27 instead of y * e^y, both under 1e-24 in magnitude.
+// cap; README, "CPU defaults"). With cap 60 the arm stays normal for |y| > 1.4e-12. Below y = -60 silu and its
+// gradient are taken as 0 (y * e^y is under 1e-24 in magnitude there): y * sigmoid(-60) alone would grow with
+// |y| (-0.88 at y = -1e26), a select the compiler keeps vectorised.
 constexpr float kSigmoidExpCap = 60.0f;
 inline float sigmoid_f(float y) { return 1.0f / (1.0f + exp_upto(-y, kSigmoidExpCap)); }
 
 // silu(y) = y * sigmoid(y). Written as y * (1 / (1 + exp(-y))) rather than y / (1 + exp(-y)): where the
 // compiler specialises the clamped arm of the exp into a constant, that arm is then a multiplication instead of
 // a second division per vector.
-inline float silu_f(float y) { return y * sigmoid_f(y); }
+inline float silu_f(float y) { return y < -kSigmoidExpCap ? 0.0f : y * sigmoid_f(y); }
 
 // d silu / dy = s * (1 + y * (1 - s)), s = sigmoid(y).
 inline float silu_grad_f(float y) {
   const float s = sigmoid_f(y);
-  return s * (1.0f + y * (1.0f - s));
+  return y < -kSigmoidExpCap ? 0.0f : s * (1.0f + y * (1.0f - s));
 }
 
 }  // namespace vecmath

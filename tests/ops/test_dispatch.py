@@ -109,7 +109,7 @@ def test_native_cuda_kernels_run_only_when_forced(monkeypatch):
     # Triton (or the reference) unless use_backend("native") asks for them.
     monkeypatch.setattr(dispatch, "native_available", lambda: True)
     monkeypatch.setattr(dispatch._native, "cuda_available", lambda: True)
-    on_cuda = types.SimpleNamespace(device=torch.device("cuda"))  # backend_for reads only the device
+    on_cuda = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)  # what backend_for reads
     with use_backend(None):
         assert {backend_for(on_cuda, spec) for spec in dispatch.REGISTRY.values()} <= {"triton", "torch"}
     with use_backend("native"):

@@ -397,3 +397,54 @@ def test_cuda_group_norm_silu_backward_refuses_arguments_on_another_device():
                        ((grad, x, 2, None, None, mean.cpu(), rstd), "mean")):
         with pytest.raises(RuntimeError, match=f"{name} is on cpu but x is on cuda"):
             torch.ops.fastdiff_native.group_norm_silu_backward(*args)
+
+
+@requires_native
+@pytest.mark.parametrize("shape, channels_last", [((2, 32, 0, 4), False), ((2, 32, 0, 4), True), ((2, 8, 0, 0), False),
+                                                  ((2, 8, 0), False)])
+def test_group_norm_silu_of_an_empty_tensor(shape, channels_last):
+    # An empty tensor with a batch (its data pointer null) crashed the process in the kernels' first read
+    x = torch.randn(shape)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w, b = torch.ones(shape[1], requires_grad=True), torch.zeros(shape[1], requires_grad=True)
+    y = native.group_norm_silu(x, 8 if shape[1] % 8 == 0 else 1, w, b)
+    assert y.shape == x.shape
+    gx, gw, gb = torch.autograd.grad(y.sum(), (x, w, b), allow_unused=True)
+    assert gx.shape == x.shape and not gw.any() and not gb.any()
+
+
+@requires_native
+def test_silu_of_very_negative_inputs_is_zero():
+    # Below y = -60 silu(y) was y * sigmoid(-60): -0.88 at y = -1e26 (the float64 truth is -0), its gradient -3.5
+    x = torch.randn(2, 16, 4, 4, requires_grad=True)
+    b = torch.full((16,), -1e26, requires_grad=True)
+    y = native.group_norm_silu(x, 4, torch.ones(16), b)
+    (gb,) = torch.autograd.grad(y.sum(), (b,))
+    assert y.abs().max() == 0 and gb.abs().max() == 0
+
+
+@requires_native
+def test_sampler_step_gradients_of_the_coefficients_alone():
+    # With none of x, model_out, p, q needing a gradient, x0 has no graph: the backward raised on it
+    n = 3
+    x, out = torch.randn(n, 1, 4, 4), torch.randn(n, 1, 4, 4)
+    p, q, A, B, sigma = _coefs(n)
+    A, sigma = A.clone().requires_grad_(), sigma.clone().requires_grad_()
+    seeds = seeds_for(0, n)
+    got = torch.autograd.grad(native.sampler_step(x, out, p, q, A, B, sigma, seeds, 5).sum(), (A, sigma))
+    want = torch.autograd.grad(reference.sampler_step(x, out, p, q, A, B, sigma, seeds, 5).sum(), (A, sigma))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_float64_runs_the_reference_automatically():
+    # The kernels compute in float32: float64 through them came back with float32's error labelled float64
+    from fastdiff import ops
+    from fastdiff.ops import dispatch
+
+    x = torch.randn(2, 16, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert dispatch.backend_for(x, dispatch.REGISTRY["group_norm_silu"]) == "torch"
+    assert torch.equal(ops.group_norm_silu(x, 4), reference.group_norm_silu(x, 4))
+    assert torch.autograd.gradcheck(lambda t: ops.group_norm_silu(t, 4), (x[:1, :, :2, :2].detach().requires_grad_(),))
