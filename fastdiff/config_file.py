@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastdiff.config import SECTIONS
+from fastdiff.config_checks import check_types
 from fastdiff.errors import ConfigError
 
 
@@ -55,7 +56,8 @@ def read_config_file(path, *, sections: tuple[str, ...], names: tuple[str, ...] 
     """The layer a config file sets; `sections` and `names` are the top-level keys it may have, `excluded` the
     "section.option" keys it may not (set elsewhere, e.g. distill.teacher from the teacher's path).
 
-    One ConfigError naming the file for a missing or unparsable file and for an unknown key (with the valid keys).
+    One ConfigError naming the file for a missing or unparsable file, an unknown key (with the valid keys) and a
+    value of the wrong type (ranges are checked with the whole config, `config_checks.validate`).
     """
     path = Path(path)
     try:
@@ -80,6 +82,7 @@ def read_config_file(path, *, sections: tuple[str, ...], names: tuple[str, ...] 
                     raise ConfigError(f"{path}: unknown key '{key}.{option}'; the keys of section {key!r} are: "
                                       f"{', '.join(valid)}")
                 layer.overrides[f"{key}.{option}"] = v
+            check_types(SECTIONS[key], value, f"{path}: {key}")  # a value of the wrong type names the file too
         else:
             raise ConfigError(f"{path}: unknown key {key!r}; the valid top-level keys are: "
                               f"{', '.join((*names, *sections))}")

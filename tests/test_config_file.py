@@ -107,7 +107,7 @@ def test_distill_config_file_names_the_teacher(teacher, tmp_path, capsys):
         ("section.toml", "[optim]\nlr = 1", "unknown key 'optim'; the valid top-level keys are: preset, model, "),
         ("flat.json", '{"train": 3}', "section 'train' must be an object"),
         ("preset.json", '{"preset": 3}', "preset must be a string"),
-        ("value.json", '{"train": {"steps": "many"}}', "train.steps"),
+        ("value.json", '{"train": {"steps": "many"}}', "value.json: train.steps must be an integer, got 'many'"),
     ],
 )
 def test_bad_file_is_one_line_with_exit_2(name, text, message, tmp_path, capsys):
