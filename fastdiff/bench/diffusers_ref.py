@@ -30,7 +30,7 @@ def available() -> bool:
 def twin(model: torch.nn.Module) -> torch.nn.Module:
     """The diffusers UNet2DModel that stands for fastdiff's `model` in the diffusers rows: the same architecture
     and the same weights (fastdiff.interop's mapping, strict)."""
-    from fastdiff.interop.diffusers import to_diffusers
+    from fastdiff.interop.diffusers_weights import to_diffusers
 
     twin = unet(model.config)
     twin.load_state_dict(to_diffusers(model.state_dict(), model.config), strict=True)

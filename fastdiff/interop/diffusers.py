@@ -1,9 +1,8 @@
-"""fastdiff's UNet <-> diffusers' UNet2DModel: configs, weights, and whole folders in diffusers' layout.
+"""fastdiff's UNet <-> diffusers' UNet2DModel: configs, schedulers and whole folders in diffusers' layout (the
+weights' names: `fastdiff.interop.diffusers_weights`).
 
-The two networks are the same DDPM UNet (Ho et al. 2020) under different names; the one structural difference
-is attention, where fastdiff fuses q, k and v into one 1x1 conv (`qkv`, rows q | k | v, heads contiguous) and
-diffusers has three Linear layers (`to_q`, `to_k`, `to_v`) and `to_out.0` for fastdiff's `proj`. Nothing here
-imports diffusers: the folders are JSON + safetensors, written and read directly.
+The two networks are the same DDPM UNet (Ho et al. 2020) under different names. Nothing here imports diffusers:
+the folders are JSON + safetensors, written and read directly.
 
     export_run(run, out)          a run or checkpoint -> a diffusers pipeline folder (DDPMPipeline.from_pretrained)
     import_unet(folder)           a UNet2DModel folder (or a pipeline folder with unet/) -> fastdiff UNet
@@ -28,6 +27,7 @@ from fastdiff.diffusion.diffusers_options import BETA_SCHEDULES, PREDICTIONS, re
 from fastdiff.diffusion.schedules import NoiseSchedule
 from fastdiff.errors import CheckpointError, ConfigError, FastdiffError
 from fastdiff.images import check_writable
+from fastdiff.interop.diffusers_weights import attention_levels, from_diffusers, to_diffusers
 from fastdiff.models.unet import UNet
 from fastdiff.schedulers import DIFFUSERS_VERSION, DDPMScheduler
 
@@ -51,13 +51,8 @@ NULL_KEY = "_fastdiff_null_label"  # in a UNet2DModel config.json fastdiff wrote
 
 
 # ---- configs ----------------------------------------------------------------------------------------------------
-def _levels(cfg: UNetConfig) -> list[bool]:
-    """Whether each level (highest resolution first) has attention."""
-    return [cfg.image_size // 2**i in cfg.attn_resolutions for i in range(len(cfg.channel_mult))]
-
-
 def _attention_channels(cfg: UNetConfig) -> set[int]:
-    chans = [cfg.base_channels * m for m, a in zip(cfg.channel_mult, _levels(cfg)) if a]
+    chans = [cfg.base_channels * m for m, a in zip(cfg.channel_mult, attention_levels(cfg)) if a]
     return set(chans + [cfg.base_channels * cfg.channel_mult[-1]])  # + the middle block's
 
 
@@ -70,7 +65,7 @@ def unet2d_config(cfg: UNetConfig) -> dict:
     else:
         raise ConfigError(f"num_heads={cfg.num_heads} on attention layers of widths {sorted(_attention_channels(cfg))} "
                           "has no diffusers equivalent (its attention_head_dim is one width for all layers)")
-    levels = _levels(cfg)
+    levels = attention_levels(cfg)
     # The null label, fastdiff's last class row, is no diffusers convention: the key says so (diffusers drops keys
     # that start with "_"), and a folder without it imports with every row a class and no null class.
     null = {NULL_KEY: cfg.num_classes} if cfg.num_classes and cfg.null_class else {}
@@ -157,95 +152,6 @@ def _heads(head_dim, chans, attn) -> int:
         raise ConfigError(f"attention_head_dim={head_dim} gives a different head count on attention layers of widths "
                           f"{widths}; fastdiff's UNet has one num_heads for all of them")
     return heads.pop()
-
-
-# ---- weights ----------------------------------------------------------------------------------------------------
-_RES = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "norm2": "norm2", "conv2": "conv2",
-        "skip": "conv_shortcut"}
-
-
-def _module_pairs(cfg: UNetConfig) -> list[tuple[str, str, str]]:
-    """(fastdiff module, diffusers module, kind) for every module with weights; kind is res, attn or plain."""
-    pairs = [("time_embed.linear_1", "time_embedding.linear_1", "plain"),
-             ("time_embed.linear_2", "time_embedding.linear_2", "plain"), ("class_embed", "class_embedding", "plain"),
-             ("conv_in", "conv_in", "plain"), ("norm_out", "conv_norm_out", "plain"), ("conv_out", "conv_out", "plain"),
-             ("mid.0", "mid_block.resnets.0", "res"), ("mid.1", "mid_block.attentions.0", "attn"),
-             ("mid.2", "mid_block.resnets.1", "res")]
-    levels = _levels(cfg)
-    # Down and up blocks pair alike: fastdiff numbers its blocks flat (down.k / up.k), diffusers per level; the up
-    # path runs the levels in reverse with one extra resnet each (for the skip) and upsamplers where down has
-    # downsamplers.
-    for side, order, resnets, sampler in (("down", levels, cfg.num_res_blocks, "downsamplers"),
-                                           ("up", levels[::-1], cfg.num_res_blocks + 1, "upsamplers")):
-        k = 0
-        for i, attn in enumerate(order):
-            for j in range(resnets):
-                pairs.append((f"{side}.{k}.0", f"{side}_blocks.{i}.resnets.{j}", "res"))
-                if attn:
-                    pairs.append((f"{side}.{k}.1", f"{side}_blocks.{i}.attentions.{j}", "attn"))
-                k += 1
-            if i != len(levels) - 1:
-                pairs.append((f"{side}.{k}.0.conv", f"{side}_blocks.{i}.{sampler}.0.conv", "plain"))
-                k += 1
-    return pairs
-
-
-def _key_map(cfg: UNetConfig, fd_keys) -> dict[str, tuple[str, str]]:
-    """fastdiff key -> (diffusers key or, for a fused qkv, its three keys joined by '|', the tensor transform)."""
-    modules = {fd: (df, kind) for fd, df, kind in _module_pairs(cfg)}
-    out = {}
-    for key in fd_keys:
-        module, _, leaf = key.rpartition(".")
-        owner, _, sub = module.rpartition(".")
-        if module in modules:  # a plain module
-            out[key] = (f"{modules[module][0]}.{leaf}", "same")
-        elif owner in modules and modules[owner][1] == "res" and sub in _RES:
-            out[key] = (f"{modules[owner][0]}.{_RES[sub]}.{leaf}", "same")
-        elif owner in modules and modules[owner][1] == "attn":
-            df = modules[owner][0]
-            if sub == "norm":
-                out[key] = (f"{df}.group_norm.{leaf}", "same")
-            elif sub == "qkv":
-                out[key] = ("|".join(f"{df}.to_{n}.{leaf}" for n in "qkv"), "qkv")
-            elif sub == "proj":
-                out[key] = (f"{df}.to_out.0.{leaf}", "conv1x1")
-        if key not in out:
-            raise ConfigError(f"fastdiff UNet parameter {key!r} has no diffusers name (a bug: the UNet changed)")
-    return out
-
-
-def to_diffusers(state: dict[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:
-    """fastdiff UNet state dict -> UNet2DModel state dict."""
-    out = {}
-    for key, (df, how) in _key_map(cfg, state).items():
-        t = state[key].detach().cpu()
-        if how == "qkv":  # [3C, C, 1, 1] conv -> three [C, C] Linear weights (or [3C] -> three [C] biases)
-            for name, part in zip(df.split("|"), t.chunk(3, dim=0)):
-                out[name] = part.flatten(1) if part.dim() == 4 else part.clone()
-        elif how == "conv1x1":
-            out[df] = t.flatten(1) if t.dim() == 4 else t.clone()
-        else:
-            out[df] = t.clone()
-    return {k: v.contiguous() for k, v in out.items()}
-
-
-def from_diffusers(state: dict[str, torch.Tensor], cfg: UNetConfig, fd_shapes: dict[str, torch.Size]):
-    """UNet2DModel state dict -> fastdiff UNet state dict (shapes `fd_shapes`); every key of `state` must map."""
-    left = dict(state)
-    out = {}
-    for key, (df, how) in _key_map(cfg, fd_shapes).items():
-        names = df.split("|")
-        missing = [n for n in names if n not in left]
-        if missing:
-            raise CheckpointError(f"the diffusers weights have no {missing[0]!r} (for fastdiff's {key!r}); "
-                                  "the folder's config.json does not describe its weights")
-        parts = [left.pop(n) for n in names]
-        t = torch.cat(parts, dim=0) if how == "qkv" else parts[0]
-        out[key] = t.reshape(fd_shapes[key])
-    if left:
-        raise CheckpointError(f"diffusers weight(s) {sorted(left)[:5]}{' ...' if len(left) > 5 else ''} do not map "
-                              "to fastdiff's UNet (an architecture fastdiff does not implement)")
-    return out
 
 
 # ---- schedulers -------------------------------------------------------------------------------------------------
