@@ -137,6 +137,15 @@ def pin_checkpoint(path) -> str:
     return str(resolve_checkpoint(path).resolve())
 
 
+def pinned_or_its_run(path: str) -> str:
+    """A recorded checkpoint (`pin_checkpoint`) as it stands now: itself while it exists, else (its run pruned it,
+    keeping only its newest few) its run directory; anything else unchanged."""
+    pinned = Path(path)
+    if str(path).startswith("pretrained:") or pinned.exists() or pinned.parent.name != CHECKPOINTS:
+        return str(path)
+    return str(pinned.parent.parent)
+
+
 def resolve_checkpoint(path) -> Path:
     """A checkpoint folder from a run directory (its latest checkpoint), a checkpoint folder itself, or
     `pretrained:NAME` (a model shipped in the package)."""

@@ -18,6 +18,7 @@ from fastdiff.checkpoint import (
     CHECKPOINTS,
     PRETRAINED_DIR,
     is_pretrained,
+    pinned_or_its_run,
     read_json,
     read_tensors,
     resolve_checkpoint,
@@ -153,12 +154,8 @@ def classifier_cache_dir(checkpoint_dir, cfg) -> Path:
     if cfg.data.data_dir and Path(cfg.data.data_dir).is_dir():
         return Path(cfg.data.data_dir)
     if cfg.is_student:
-        teacher = cfg.distill.teacher
-        if not teacher.startswith("pretrained:"):
-            teacher = Path(teacher)
-            if not teacher.exists() and teacher.parent.name == CHECKPOINTS:
-                teacher = teacher.parent.parent  # the checkpoint the student started from, pruned since: its run
-        if str(teacher).startswith("pretrained:") or Path(teacher).exists():
+        teacher = pinned_or_its_run(cfg.distill.teacher)  # the checkpoint it started from, or its run if pruned
+        if teacher.startswith("pretrained:") or Path(teacher).exists():
             checkpoint_dir = resolve_checkpoint(teacher)
     if is_pretrained(checkpoint_dir):
         return user_cache_dir()

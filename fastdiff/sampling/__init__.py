@@ -24,6 +24,7 @@ from tqdm import tqdm
 from fastdiff import checkpoint as ckpt
 from fastdiff import state_dicts
 from fastdiff.config import RunConfig, SampleConfig, load_config
+from fastdiff.config_checks import count
 from fastdiff.diffusion import (
     NoiseSchedule,
     ddim_table,
@@ -42,7 +43,7 @@ from fastdiff.models import UNet
 from fastdiff.models.refiner import load_refiner
 from fastdiff.runtime import synchronize
 from fastdiff.sampling.fast import FastSampler
-from fastdiff.sampling.settings import SAMPLERS, SampleSettings, count, resolve_settings
+from fastdiff.sampling.settings import SAMPLERS, SampleSettings, resolve_settings
 
 
 @dataclass

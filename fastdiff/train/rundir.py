@@ -60,10 +60,10 @@ def source_checkpoint(run_dir, resume: bool, given: str, *key: str, log=None) ->
         for k in key:
             value = value.get(k) if isinstance(value, dict) else None
         if isinstance(value, str) and value:
-            pinned = Path(value)
-            if value.startswith("pretrained:") or pinned.exists() or pinned.parent.name != ckpt.CHECKPOINTS:
+            now = ckpt.pinned_or_its_run(value)
+            if now == value:
                 return value
-            newest = ckpt.pin_checkpoint(pinned.parent.parent)  # its run's newest (an error if the run is gone)
+            newest = ckpt.pin_checkpoint(now)  # its run's newest (an error if the run is gone)
             if log is not None:
                 log(f"the checkpoint {value} this run started from is gone (its run keeps only its newest); "
                     f"continuing with {newest}, so this resume is not exact")
