@@ -148,6 +148,47 @@ def _distill_worker(rank, world_size, port, cfg_dict, out):
     torch.save(made[0].disc.state_dict(), os.path.join(out, f"disc-rank{rank}.pt"))
 
 
+def _pin_race_worker(rank, world_size, port, cfg_dict, out, older):
+    """A refiner's process 1 pins `older` (its generator run wrote a checkpoint between the two processes' pins)."""
+    _torchrun_env(rank, world_size, port)
+    torch.set_num_threads(1)
+    from fastdiff.train import refiner
+
+    if rank == 1:
+        refiner.source_checkpoint = lambda *args, **kwargs: older
+    made = []
+    init = refiner.RefinerObjective.__init__
+
+    def keep(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    refiner.RefinerObjective.__init__ = keep
+    refiner.train_refiner(refiner.RefinerConfig.from_dict(cfg_dict), out, device="cpu", progress=False,
+                          echo=lambda s: None)
+    with open(os.path.join(out, f"generator-rank{rank}.txt"), "w") as f:
+        f.write(made[0].loaded.path)
+
+
+def test_every_process_reads_the_source_checkpoint_the_first_pinned(tmp_path, tiny_overrides):
+    """Each process pins the other run's checkpoint as it starts, before the process group is up; if that run
+    writes a checkpoint in between, they would train against different weights. The first process's pin (the one
+    its config.json records) is every process's."""
+    from fastdiff.train import train_ddpm
+    from fastdiff.train.refiner import RefinerConfig
+
+    gen = tmp_path / "gen"
+    train_ddpm(apply_overrides(preset_config("digits"), {**tiny_overrides, "train.steps": 2, "train.ckpt_every": 1}),
+               gen, progress=False, echo=lambda s: None)
+    older, newest = (str(p.resolve()) for p in sorted((gen / "checkpoints").iterdir()))
+    cfg = RefinerConfig(generator=str(gen))
+    cfg.train.steps, cfg.train.batch_size, cfg.base_channels = 1, 8, 8
+    out = tmp_path / "refiner"
+    mp.spawn(_pin_race_worker, args=(2, _free_port(), cfg.to_dict(), str(out), older), nprocs=2, join=True)
+    assert json.loads((out / "config.json").read_text())["refiner"]["generator"] == newest
+    assert [(out / f"generator-rank{r}.txt").read_text() for r in range(2)] == [newest, newest]
+
+
 def _cli_worker(rank, world_size, port, argv, out):
     _torchrun_env(rank, world_size, port)
     torch.set_num_threads(1)

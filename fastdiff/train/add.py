@@ -114,6 +114,8 @@ class ADDObjective:
     stats = ("loss", "g_adv", "distill", "regress", "d_loss", "r1", "d_real", "d_fake", "grad_norm")
 
     def __init__(self, cfg: RunConfig, data, session: Session):
+        # every process reads the teacher checkpoint the first one pinned (and recorded) as it started
+        cfg = replace(cfg, distill=replace(cfg.distill, teacher=session.world.from_main(cfg.distill.teacher)))
         tc, dc, device = session.tc, cfg.distill, session.device
         self.cfg, self.tc, self.world, self.device = cfg, tc, session.world, device
         teacher = load_teacher(cfg, device)

@@ -84,6 +84,16 @@ class World:
             accel = dataclasses.replace(accel, fullgraph=False)
         return accel
 
+    def from_main(self, value):
+        """The first process's `value` (picklable), on every process: what the ranks decided apart before the
+        process group was up (a source checkpoint each pinned when it started) becomes the first's, which is the
+        one it recorded in the run directory."""
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self, group=None) -> None:
         if self.distributed:
             dist.barrier(group=group)

@@ -113,10 +113,13 @@ class RefinerObjective:
     kind, command, ema = "refiner", "fastdiff train-refiner", False
     stats = ("loss", "unrefined_loss", "grad_norm")
 
-    def __init__(self, cfg: RefinerConfig, gcfg: RunConfig, t_max: int, session: Session):
+    def __init__(self, cfg: RefinerConfig, t_max: int, session: Session):
         tc, device = session.tc, session.device
+        # every process reads the generator checkpoint the first one pinned (and recorded) as it started
+        cfg = replace(cfg, generator=session.world.from_main(cfg.generator))
         self.cfg, self.t_max = cfg, t_max
         self.loaded = load_run(cfg.generator, device)
+        gcfg = self.loaded.config
         self.memory_format = session.memory_format
         model = Refiner(refiner_unet_config(gcfg.model, cfg)).to(device).to(memory_format=self.memory_format)
         opt = adamw(model.parameters(), device, lr=tc.lr, weight_decay=tc.weight_decay)
@@ -177,6 +180,6 @@ def train_refiner(cfg: RefinerConfig, out, *, device="auto", resume: bool = Fals
     data = load_dataset(gcfg.data.dataset, "train", data_dir=gcfg.data.data_dir, image_size=gcfg.model.image_size,
                         channels=gcfg.model.in_channels)
     config = cfg.to_dict(model=asdict(refiner_unet_config(gcfg.model, cfg)))
-    return train_loop(lambda session: RefinerObjective(cfg, gcfg, t_max, session), data=data, tc=cfg.train,
+    return train_loop(lambda session: RefinerObjective(cfg, t_max, session), data=data, tc=cfg.train,
                       config=config, run_dir=out, device=device, resume=resume, progress=progress, echo=echo,
                       accel=accel)
