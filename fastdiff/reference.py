@@ -106,7 +106,7 @@ def sampler_step(x, model_out, p, q, A, B, sigma, seeds, step, clip: float | Non
     x0 = p.float().view(bshape) * xf + q.float().view(bshape) * model_out.float()
     if clip is not None:
         x0 = x0.clamp(-clip, clip)
-    z = philox_normal(seeds, step, x[0].numel(), STREAM_STEP).view(x.shape)
+    z = philox_normal(seeds, step, math.prod(x.shape[1:]), STREAM_STEP).view(x.shape)
     x_prev = A.float().view(bshape) * x0 + B.float().view(bshape) * xf + sigma.float().view(bshape) * z
     x_prev = x_prev.to(x.dtype)
     if return_x0:

@@ -160,3 +160,29 @@ def test_strided_views_and_mixed_layouts(device):
     torch.testing.assert_close(x0, x0_ref, rtol=1e-5, atol=1e-5)
     y_nchw = sampler_step(x.contiguous(), out, *coefs, seeds, 2)  # x NCHW, model output channels_last
     torch.testing.assert_close(y_nchw, y_ref, rtol=1e-5, atol=1e-5)
+
+
+
+def _step_an_empty_batch(device, backend):
+    x = torch.randn(0, 2, 4, 4, device=device)
+    coefs = _coefs(0, device)
+    seeds = torch.zeros(0, dtype=torch.int64, device=device)
+    with use_backend(backend):
+        for step in (3, torch.tensor(3, device=device)):
+            y, x0 = sampler_step(x, torch.randn_like(x), *coefs, seeds, step, clip=1.0, return_x0=True)
+            assert y.shape == x0.shape == x.shape and y.device == x.device
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_an_empty_batch_steps_to_empty_outputs(backend):
+    # The reference indexed x[0] for the noise size, an IndexError on a batch of none, where the native and Triton
+    # kernels return empty outputs; every backend now agrees
+    from fastdiff.ops import native
+
+    if backend == "native" and not native.available():
+        pytest.skip(f"{native.load_error()} (build it: make ext)")
+    _step_an_empty_batch(torch.device("cpu"), backend)
+
+
+def test_the_kernel_steps_an_empty_batch_to_empty_outputs(device):
+    _step_an_empty_batch(device, None)
