@@ -1,6 +1,6 @@
 """The teacher-vs-student table of `make distill-demo`: FD_cls, class-conditional accuracy and images/s of a
-teacher (DDIM 50 and 4 steps) and its ADD student (1, 2 and 4 steps by its own sampler, 2 and 4 by DDIM with eta),
-each without and with a refiner.
+teacher (DDIM 50 and 4 steps) and its ADD student (1, 2 and 4 steps by its own sampler, 2 and 4 by DDIM with eta,
+for a student of four timesteps; `compare` says which rows another gets), each without and with a refiner.
 
 Every row is scored with the same evaluation classifier (the teacher's, cached in its run directory) against
 the same held-out images. A refined row reuses its unrefined row's samples; its images/s counts the sampling
@@ -29,6 +29,7 @@ from fastdiff.evaluate import (
 )
 from fastdiff.runtime import resolve_device
 from fastdiff.sampling import load_run, resolve_settings, sample
+from fastdiff.sampling.settings import student_grid_steps
 
 STUDENT_ETA = 0.7  # DDIM eta of the student's DDIM rows (README, "Few-step students": 0, 0.5, 0.6, 0.7 and 1 measured)
 
@@ -38,13 +39,26 @@ def _rows(teacher_steps, student_steps, student_ddim_steps):
             + [("student", "ddim", s) for s in student_ddim_steps])
 
 
+def student_rows(student, steps=None, ddim_steps=None, spacing: str | None = None) -> tuple[list, list]:
+    """The student's rows: (its own sampler's step counts, DDIM's), each as given, or by default 1, 2 and 4 steps and
+    all its timesteps, of as many as it has; and DDIM at every count above 1 that runs on its timesteps alone with
+    `spacing` (None: the run's; `student_grid_steps`)."""
+    trained = len(student.student_timesteps)
+    if steps is None:
+        steps = sorted({k for k in (1, 2, 4) if k <= trained} | {trained})
+    if ddim_steps is None:
+        ddim_steps = [k for k in student_grid_steps(student, spacing or student.defaults.spacing) if k > 1]
+    return list(steps), list(ddim_steps)
+
+
 def compare(teacher, student, refiner=None, *, n: int = 1000, seed: int = 0, teacher_steps=(50, 4),
-            student_steps=(1, 2, 4), student_ddim_steps=(2, 4), student_eta: float = STUDENT_ETA, device="cpu",
+            student_steps=None, student_ddim_steps=None, student_eta: float = STUDENT_ETA, device="cpu",
             log=None, progress: bool = False, **sampling) -> list[dict]:
     """One record per (model, sampler, steps, refined) row; progress: each row's sampling progress bar on stderr.
 
     The student is sampled by its own sampler (ADD's: x0, re-noised with fresh noise) and by DDIM with eta
     `student_eta` on its own timesteps (2 and 4 steps of trailing spacing are 999, 499 and 999, 749, 499, 249).
+    student_steps and student_ddim_steps: its rows (None: `student_rows`' defaults, which fit its timesteps).
     sampling: overrides of `fastdiff.sampling.resolve_settings` for every row (batch_size, eta, guidance, clip,
     acceleration keys); each row's sampler and steps are the table's, and the student's DDIM rows take
     `student_eta`.
@@ -53,6 +67,8 @@ def compare(teacher, student, refiner=None, *, n: int = 1000, seed: int = 0, tea
     runs = {"teacher": load_run(teacher, device), "student": load_run(student, device)}
     if not runs["student"].config.is_student or runs["teacher"].config.is_student:
         raise ConfigError("--teacher must be a DDPM run and --student an ADD student run")
+    student_steps, student_ddim_steps = student_rows(runs["student"], student_steps, student_ddim_steps,
+                                                    sampling.get("spacing"))
 
     def row_settings(who, sampler, steps):
         over = {**sampling, "eta": student_eta} if (who, sampler) == ("student", "ddim") else sampling

@@ -544,3 +544,19 @@ def test_shipping_a_student_alone_needs_it_to_distil_the_shipped_teacher(student
     err = capsys.readouterr().err
     assert "not pretrained:mnist; ship its teacher with it (--teacher RUN)" in err and len(err.splitlines()) == 1
     assert not list(tmp_path.iterdir()), "nothing was written"
+
+
+def test_distill_table_rows_fit_the_students_timesteps(student_run):
+    """The table's student rows follow its timesteps: 1, 2 and 4 steps and DDIM at 2 and 4 for 999, 749, 499,
+    249, where a student of 2 or 3 timesteps made every table fail at its 4-step row."""
+    import dataclasses
+
+    from fastdiff.distill_table import student_rows
+
+    student = load_run(student_run / "student", "cpu")
+    assert student_rows(student) == ([1, 2, 4], [2, 4])
+    assert student_rows(dataclasses.replace(student, student_timesteps=(999, 499))) == ([1, 2], [2])
+    assert student_rows(dataclasses.replace(student, student_timesteps=(999, 666, 332))) == ([1, 2, 3], [3])
+    assert student_rows(dataclasses.replace(student, student_timesteps=(999, 666, 332)), spacing="leading") == (
+        [1, 2, 3], [])
+    assert student_rows(student, [1], [4]) == ([1], [4])

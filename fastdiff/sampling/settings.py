@@ -123,14 +123,20 @@ def _steps(denoiser, sampler: str, steps: int | None) -> int:
     return steps
 
 
-def _check_student_grid(denoiser, sampler: str, steps: int, spacing: str) -> None:
-    """A student runs DDIM or DDPM only on the timesteps it was trained at (elsewhere its outputs are the teacher's
-    half-forgotten ones): e.g. trailing DDIM with 1, 2 or 4 steps on a student of 999, 749, 499, 249."""
-    trained = [int(t) for t in denoiser.student_timesteps]
+def student_grid_steps(denoiser, spacing: str = "trailing") -> list[int]:
+    """The step counts at which a student's DDIM or DDPM with `spacing` runs only on the timesteps it was trained at
+    (elsewhere its outputs are the teacher's half-forgotten ones): e.g. trailing 1, 2 and 4 on a student of 999,
+    749, 499, 249."""
+    trained = {int(t) for t in denoiser.student_timesteps}
     T = denoiser.schedule.num_timesteps
-    fits = lambda k: set(make_timesteps(T, k, spacing).tolist()) <= set(trained)  # noqa: E731
-    if not fits(steps):
-        ok = [k for k in range(1, len(trained) + 1) if fits(k)]
+    return [k for k in range(1, len(trained) + 1) if set(make_timesteps(T, k, spacing).tolist()) <= trained]
+
+
+def _check_student_grid(denoiser, sampler: str, steps: int, spacing: str) -> None:
+    """A student runs DDIM or DDPM only on its trained timesteps (`student_grid_steps`)."""
+    ok = student_grid_steps(denoiser, spacing)
+    if steps not in ok:
+        trained = [int(t) for t in denoiser.student_timesteps]
         hint = f"--steps {' or '.join(map(str, ok))} ({spacing} spacing)" if ok else "another --spacing"
         raise ConfigError(f"{denoiser.name} is an ADD student trained at timesteps {trained}; {sampler} with {steps} "
                           f"steps would run it at others: use --sampler student, or {sampler} with {hint}")
