@@ -19,6 +19,10 @@ def test_frechet_distance_closed_forms():
     b = rng.normal(size=(200_000, 3)) * 2.0
     c = rng.normal(size=(200_000, 3)) * 0.5
     assert frechet_distance(b, c) == pytest.approx(3 * 1.5**2, rel=0.02)
+    # One feature (np.cov gives it as a 0-d array): (mu_a - mu_b)^2 + (s_a - s_b)^2.
+    assert frechet_distance(b[:, :1], c[:, :1] + 1.0) == pytest.approx(1.0 + 1.5**2, rel=0.02)
+    with pytest.raises(ValueError, match="feature sizes differ: 3 and 2"):
+        frechet_distance(b, c[:, :2])
 
 
 def test_frechet_distance_matches_scipy_sqrtm():
