@@ -146,6 +146,10 @@ def validate(cfg) -> None:
         if s.guidance != 1:
             raise ConfigError(f"sample.guidance {s.guidance} needs a null class, which model.null_class false "
                               "removes; set sample.guidance 1")
+    if m.num_classes and m.null_class and dc is None and not cfg.train.p_uncond and s.guidance != 1:
+        raise ConfigError(f"sample.guidance {s.guidance} guides against the null class, which train.p_uncond 0 "
+                          "never trains (its embedding stays random); set train.p_uncond above 0 (e.g. 0.1) or "
+                          "sample.guidance 1")
 
     if not m.channel_mult:
         raise ConfigError("model.channel_mult is empty; give one multiplier of base_channels per resolution level, "

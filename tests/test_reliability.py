@@ -356,6 +356,7 @@ def test_real_full_disk_checkpoint_json_png(small_fs):
     ("train.sample_every", -5, "train.sample_every must be in [0, inf)"),
     ("model.channel_mult", [], "model.channel_mult is empty"),
     ("model.null_class", False, "drops labels to the null class, which model.null_class false removes"),
+    ("train.p_uncond", 0.0, "guides against the null class, which train.p_uncond 0 never trains"),
 ])
 def test_config_numbers_and_combinations(key, value, message):
     with pytest.raises(ConfigError) as e:
@@ -367,6 +368,7 @@ def test_valid_settings_still_accepted():
     cfg = apply_overrides(preset_config("digits-v"), {"diffusion.zero_terminal_snr": True, "sample.guidance": 0.0,
                                                       "train.keep_checkpoints": 0, "train.grad_clip": float("inf")})
     assert cfg.diffusion.zero_terminal_snr and cfg.sample.guidance == 0.0
+    assert apply_overrides(preset_config("digits"), {"train.p_uncond": 0.0, "sample.guidance": 1.0}).train.p_uncond == 0
     for name in ("digits", "mnist", "fashion-mnist", "fer2013", "cifar10-ddpm", "digits-v"):
         RunConfig.from_dict(json.loads(preset_config(name).to_json()))
 

@@ -97,6 +97,14 @@ def test_guidance_needs_a_null_class():
     assert resolve_settings(den).guidance == 1.0
 
 
+def test_guidance_needs_a_trained_null_class():
+    # p_uncond 0 never trains the null label's embedding (its row stays random), so guiding against it is noise
+    never = denoiser(apply_overrides(preset_config("digits"), {**TINY, "train.p_uncond": 0.0, "sample.guidance": 1.0}))
+    with pytest.raises(ConfigError, match="never trained .train.p_uncond 0"):
+        resolve_settings(never, guidance=2.0)
+    assert resolve_settings(never).guidance == 1.0 and resolve_settings(denoiser(), guidance=2.0).guidance == 2.0
+
+
 def test_the_same_flags_resolve_the_same_everywhere():
     flags = ["--sampler", "ddpm", "--guidance", "3", "--clip", "none", "--spacing", "linspace", "--amp", "bf16"]
     common = ["--checkpoint", "run"]

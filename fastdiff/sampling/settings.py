@@ -150,4 +150,8 @@ def _guidance(denoiser, guidance: float | None) -> float:
         what = "is unconditional" if denoiser.num_classes == 0 else "has no null class"
         raise ConfigError(f"guidance={guidance:g} needs a class-conditional model with a null class, but "
                           f"{denoiser.name} {what}; use guidance 1")
+    cfg = denoiser.config
+    if guidance != 1.0 and cfg is not None and not cfg.is_student and not cfg.train.p_uncond:
+        raise ConfigError(f"guidance={guidance:g} guides against the null class, which {denoiser.name} never trained "
+                          "(train.p_uncond 0: its embedding is random); use guidance 1")
     return guidance
