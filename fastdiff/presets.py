@@ -171,6 +171,7 @@ def distill_config(teacher_cfg: RunConfig, teacher_path: str, preset: str | None
     if name not in DISTILL_PRESETS:
         raise ConfigError(f"unknown distillation preset {name!r}; choose one of: {', '.join(DISTILL_PRESETS)}")
     d = teacher_cfg.to_dict()
+    d["preset"] = name  # the distillation preset (the teacher's own is in its run)
     d["train"] = asdict(TrainConfig())
     d["distill"] = asdict(ADDConfig(teacher=str(teacher_path), teacher_guidance=teacher_cfg.sample.guidance))
     for section, values in DISTILL_PRESETS[name].items():

@@ -89,6 +89,7 @@ def test_distill_config_file_names_the_teacher(teacher, tmp_path, capsys):
     assert cfg["distill"]["teacher"] == str(teacher) and cfg["distill"]["r1_gamma"] == 0.5
     assert cfg["distill"]["student_timesteps"] == [999, 499] and cfg["sample"]["steps"] == 2
     assert cfg["train"]["steps"] == 5 and cfg["train"]["lr"] == 1e-5  # the flag; the 'default' preset's lr
+    assert cfg["preset"] == "default"  # the distillation preset it ran (it recorded the teacher's 'digits')
     # a preset's trained backbone can be frozen from the command line (--train-backbone could only turn it on)
     frozen = dry_run(["distill", "--teacher", str(teacher), "--out", str(tmp_path / "s"), "--no-train-backbone"],
                      capsys)
