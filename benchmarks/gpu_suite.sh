@@ -2,15 +2,16 @@
 # The GPU suite: at most TOTAL_S seconds (default 300) in two stages, each under `timeout`, writing into $OUT
 # (default ./gpu-results) as it goes, 8 files (the most a device call brings back):
 #   suite.log  env.txt  pytest-gpu-ops.log  pytest-gpu-sample.log  pytest-gpu.log  bench.log  bench.json  bench.md
-# Stage 1 (at most STAGE1_S, default 120 s): the environment (nvidia-smi, versions, `fastdiff env`), then the `gpu`
+# Stage 1 (at most STAGE1_S, default 120 s): the environment (nvidia-smi, versions, `fastdiff env`), beside the `gpu`
 #   tests that prove each fast path correct, in three pytest processes at once (their Triton and Inductor
 #   compiling is CPU-bound, and the machine has cores to spare): the ops against the reference at real sizes
 #   (tests/ops, pytest-gpu-ops.log), the fast sampling paths (graphed samples equal to ungraphed, compiled ones
 #   to compiled: test_accel.py's sampler tests, pytest-gpu-sample.log) and the rest (the compiled and graphed
 #   train step equal to eager, `fastdiff train`'s fast path, attention, ADD under capture; pytest-gpu.log). Each
 #   log names every test as it ends (-v), so a timeout still shows which passed. Beside them, at low priority,
-#   stage 2's compiles start early (PREWARM=1, the default): `fastdiff bench` on stage 2's jobs with only the
-#   compiled providers (fastdiff, torch-compile) and one round, so that Inductor's, AOTAutograd's and Triton's
+#   stage 2's compiles start early (PREWARM=1, the default): `fastdiff bench` on stage 2's jobs, its headline op
+#   rows first, with only the compiled providers (fastdiff, torch-compile; op rows keep all theirs) and one
+#   round, so that Inductor's, AOTAutograd's and Triton's
 #   on-disk caches hold stage 2's graphs when it compiles them again (on a CPU a warm cache cut a sampler's
 #   compile from 41 s to 6 s and a training step's from 55 s to 2 s: README, "CPU defaults"). It is stopped when
 #   the tests end; suite.log gets its warm-up lines, the cold compile times.
@@ -24,7 +25,7 @@
 #   rewritten after every row, so a killed bench still leaves valid JSON and markdown. Their last section, the
 #   speed targets met or not by this run's rows (fastdiff/bench/targets.py), is copied into suite.log.
 # No network: wheels carried in $FASTDIFF_WHEELS (default .whl, else benchmarks/wheels) are installed first with
-#   --no-deps (diffusers 0.42.1 and importlib_metadata for the diffusers rows; see benchmarks/results/README.md);
+#   --no-deps (diffusers 0.42.1 for the diffusers rows; see benchmarks/results/README.md);
 #   without diffusers those rows say "skipped: diffusers is not installed".
 # FASTDIFF_SUITE_DRY=1 (or --dry-run) runs the same stages on the CPU at CPU size (`bench --quick --presets digits`),
 #   to check the script's plumbing without a GPU (tests/test_bench.py). FASTDIFF_NATIVE=1 builds fastdiff._C
@@ -73,9 +74,8 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton._
         | tail -1
     echo "## fastdiff env"
     timeout -k 2 "$(until_s "$STAGE1_S")" $PY -m fastdiff env 2>&1
-} >"$OUT/env.txt"
-grep -q '^diffusers ' "$OUT/env.txt" || log "diffusers did not import: its rows will be skipped with the reason" \
-    "(carry wheels in .whl, see benchmarks/results/README.md)"
+} >"$OUT/env.txt" 2>&1 &
+env_pid=$!  # beside the build and the tests: three Pythons importing torch, one way, ~10 s of stage 1
 if [ "${FASTDIFF_NATIVE:-0}" = 1 ]; then
     log "building fastdiff._C"
     timeout -k 5 "$(until_s "$STAGE1_S")" sh -c "cmake -S . -B build/ext -DPython_EXECUTABLE=$(command -v "$PY") \
@@ -97,7 +97,7 @@ if [ "${PREWARM:-1}" = 1 ]; then
     timeout -k 5 "$(until_s "$STAGE1_S")" nice -n 19 $PY -c 'import sys, torch._inductor.config as inductor
 inductor.autotune_local_cache = False
 from fastdiff.cli import main
-sys.exit(main())' bench --device "$DEVICE" --out "$prewarm_dir" --sections sample train \
+sys.exit(main())' bench --device "$DEVICE" --out "$prewarm_dir" --sections ops sample train \
         --providers fastdiff torch-compile --rounds 1 --no-progress "${BENCH_ARGS[@]}" >"$prewarm_dir/bench.log" 2>&1 &
     prewarm_pid=$!
     log "stage 1: stage 2's compiles started beside the tests (nice 19)"
@@ -106,6 +106,9 @@ gpu_tests pytest-gpu-ops.log tests/ops & ops_pid=$!
 gpu_tests pytest-gpu-sample.log tests/test_accel.py -k "$SAMPLING" & sample_pid=$!
 gpu_tests pytest-gpu.log tests --ignore=tests/ops -k "not ($SAMPLING)"
 rc_paths=$?
+wait $env_pid
+grep -q '^diffusers ' "$OUT/env.txt" || log "diffusers did not import: its rows will be skipped with the reason" \
+    "(carry wheels in .whl, see benchmarks/results/README.md)"
 wait $ops_pid
 rc_ops=$?
 wait $sample_pid
@@ -131,8 +134,8 @@ limit=$(until_s "$end2")
 budget=$(( limit * 3 / 5 ))  # a job started before the budget ends may still compile and capture; the limit kills it
 log "stage 2: fastdiff bench --device $DEVICE ${BENCH_ARGS[*]} (limit ${limit} s, budget ${budget} s)"
 rm -f "$OUT/bench.json" "$OUT/bench.md"  # an earlier run's, in a reused $OUT: never copied into this suite.log
-timeout -k 5 "$limit" $PY -m fastdiff bench --device "$DEVICE" --out "$OUT" --budget-s "$budget" "${BENCH_ARGS[@]}" \
-    >"$OUT/bench.log" 2>&1
+timeout -k 5 "$limit" $PY -m fastdiff bench --device "$DEVICE" --out "$OUT" --budget-s "$budget" --no-progress \
+    "${BENCH_ARGS[@]}" >"$OUT/bench.log" 2>&1
 brc=$?
 log "stage 2: fastdiff bench: exit $brc$([ $brc = 124 ] && echo ' (timed out; bench.json holds the rows so far, if it had one)')"
 [ -f "$OUT/bench.md" ] && sed -n '/^## Targets/,$p' "$OUT/bench.md" | tee -a "$OUT/suite.log"  # the last section

@@ -42,8 +42,24 @@ def test_headline_cases_lead():
     headline = [(name, c.shape, c.dtype, c.note) for name, cases in declared.items() for _, c in cases if c.headline]
     assert headline == [("group_norm_silu", (32, 256, 64, 64), torch.bfloat16, ""),
                         ("group_norm_silu", (32, 256, 64, 64), torch.bfloat16, "channels_last"),
-                        ("sampler_step", (512, 3, 128, 128), torch.float32, "sigma > 0, step from a device tensor")]
-    assert len(default_cases(cpu, quick=False, part="rest")) + 3 == len(default_cases(cpu, quick=False))
+                        ("sampler_step", (512, 3, 128, 128), torch.float32, "sigma > 0, step from a device tensor"),
+                        ("sampler_step", (512, 3, 128, 128), torch.bfloat16, "sigma > 0, step from a device tensor")]
+    assert len(default_cases(cpu, quick=False, part="rest")) + 4 == len(default_cases(cpu, quick=False))
+
+
+def test_every_op_target_is_a_headline_case():
+    # The 5-minute GPU suite reaches the other op rows last, if at all: a target's row there reads "not measured"
+    from fastdiff.bench.targets import targets_for
+
+    declared = bench_ops._declared(quick=False)
+    headline = [(name, list(c.shape), str(c.dtype).removeprefix("torch."), c.note)
+                for name, cases in declared.items() for _, c in cases if c.headline]
+    for target in targets_for("cuda"):
+        row = target.row
+        if row["section"] == "op":
+            assert any((name, shape, dtype) == (row["op"], row["shape"], row["dtype"])
+                       and row.get("note", note) == note for name, shape, dtype, note in headline), (
+                target.what)
 
 
 def test_a_registered_op_is_benchmarked_from_its_own_declaration(monkeypatch):
