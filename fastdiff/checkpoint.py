@@ -127,6 +127,13 @@ def is_pretrained(ckpt_dir) -> bool:
     return Path(ckpt_dir).resolve().parent == PRETRAINED_DIR
 
 
+def user_cache_dir() -> Path:
+    """fastdiff's folder in the user's cache ($XDG_CACHE_HOME/fastdiff, else ~/.cache/fastdiff): what is derived
+    from a shipped model (its evaluation classifier, a student's backbone and teacher pairs), which is never
+    written into the installed package."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastdiff"
+
+
 def pin_checkpoint(path) -> str:
     """The checkpoint folder `path` (a run directory, a checkpoint folder or pretrained:NAME) resolves to now, as an
     absolute path: what a run that reads another run's weights (a student's teacher, a refiner's generator) records

@@ -9,7 +9,6 @@ KID and precision/recall get the same real-vs-real values (kid_floor, precision_
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from fastdiff.checkpoint import (
     read_tensors,
     resolve_checkpoint,
     save_tensors,
+    user_cache_dir,
     write_json_atomic,
 )
 from fastdiff.data import ImageData, load_dataset
@@ -139,11 +139,6 @@ def score_samples(model: Classifier, samples: torch.Tensor, labels: torch.Tensor
     if labels is not None:
         out["cond_accuracy"] = float((logits.argmax(1) == labels.cpu()).float().mean())
     return out
-
-
-def user_cache_dir() -> Path:
-    """fastdiff's folder in the user's cache ($XDG_CACHE_HOME/fastdiff, else ~/.cache/fastdiff)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastdiff"
 
 
 def classifier_cache_dir(checkpoint_dir, cfg) -> Path:

@@ -15,6 +15,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def users_cache(tmp_path_factory):
+    """The tests write no user's cache (what fastdiff derives from shipped models: `checkpoint.user_cache_dir`)."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME")
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 @pytest.fixture
 def no_tf32():
     """fp32 convolutions without TF32 on a GPU, so that two paths through the same model agree to fp32 rounding

@@ -494,12 +494,16 @@ def test_a_student_is_the_same_whether_its_backbone_and_pairs_were_cached(studen
             assert all(torch.equal(ta[k], tb[k]) for k in ta), f"{run}: {name} differs"
 
 
-def test_caches_go_beside_a_local_teacher_and_into_the_run_of_a_pretrained_one(student_run, tmp_path):
+def test_caches_go_beside_a_local_teacher_and_into_the_users_cache_for_a_shipped_one(student_run, tmp_path,
+                                                                                      monkeypatch):
+    # A shipped teacher's backbone and pairs went into the student's run, so every new student of it (each
+    # `make distill-demo`, which starts its student afresh) spent ~15 minutes making them again
     from fastdiff.config import ADDConfig
     from fastdiff.train.add import cache_dir
 
-    assert cache_dir(ADDConfig(teacher=str(student_run / "teacher")), tmp_path) == student_run / "teacher"
-    assert cache_dir(ADDConfig(teacher="pretrained:mnist"), tmp_path) == tmp_path  # never inside the package
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache_dir(ADDConfig(teacher=str(student_run / "teacher"))) == student_run / "teacher"
+    assert cache_dir(ADDConfig(teacher="pretrained:mnist")) == tmp_path / "fastdiff" / "mnist"  # not the package
 
 
 def test_distill_table_targets_are_the_issues():

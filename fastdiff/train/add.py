@@ -50,12 +50,12 @@ from fastdiff.train.rundir import source_checkpoint
 from fastdiff.train.step import adamw
 
 
-def cache_dir(dc: ADDConfig, run_dir: Path) -> Path:
-    """Where the teacher's derived files (the pretrained ViT backbone, the regression pairs) are cached: beside the
-    teacher, for the next student of it; for a `pretrained:` teacher (inside the installed package), the student's
-    own run directory."""
+def cache_dir(dc: ADDConfig) -> Path:
+    """Where the teacher's derived files (the pretrained ViT backbone, the regression pairs) are cached, for the
+    next student of it: beside the teacher; for a `pretrained:NAME` teacher (inside the installed package, which is
+    not written to), the user's cache (`checkpoint.user_cache_dir()/NAME`)."""
     path = ckpt.resolve_checkpoint(dc.teacher)
-    return Path(run_dir) if ckpt.is_pretrained(path) else path.parent.parent
+    return ckpt.user_cache_dir() / path.name if ckpt.is_pretrained(path) else path.parent.parent
 
 
 def load_teacher(cfg: RunConfig, device) -> Denoiser:
@@ -70,7 +70,7 @@ def load_teacher(cfg: RunConfig, device) -> Denoiser:
     return teacher
 
 
-def build_discriminator(cfg: RunConfig, data, device, log, run_dir: Path, world: World) -> Discriminator:
+def build_discriminator(cfg: RunConfig, data, device, log, world: World) -> Discriminator:
     """ViT backbone (pretrained on the dataset and cached, a timm/DINO file, or none) with trainable heads."""
     dc, mc = cfg.distill, cfg.model
     vcfg = ViTConfig(image_size=mc.image_size, in_channels=mc.in_channels, patch_size=dc.backbone_patch,
@@ -80,7 +80,7 @@ def build_discriminator(cfg: RunConfig, data, device, log, run_dir: Path, world:
         vcfg.num_classes = data.num_classes
         cache = Path(cfg.data.data_dir) if cfg.data.data_dir and Path(cfg.data.data_dir).is_dir() else None
         with world.main_first():  # the first process pretrains and caches it, the rest read it
-            backbone = load_or_pretrain_vit(data, cache or cache_dir(dc, run_dir), vcfg, steps=dc.backbone_steps,
+            backbone = load_or_pretrain_vit(data, cache or cache_dir(dc), vcfg, steps=dc.backbone_steps,
                                             device=device, log=log)
     elif dc.backbone == "none":
         log("no backbone checkpoint (--backbone none): the ViT starts from random weights and trains with the heads")
@@ -120,7 +120,7 @@ class ADDObjective:
         self.cfg, self.tc, self.world, self.device = cfg, tc, session.world, device
         teacher = load_teacher(cfg, device)
         with session.world.main_first():  # the first process draws and caches the pairs, the rest read them
-            self.pairs = (teacher_pairs(teacher, cfg, cache_dir(dc, session.run_dir), device=device, log=session.log,
+            self.pairs = (teacher_pairs(teacher, cfg, cache_dir(dc), device=device, log=session.log,
                                         states_at=dc.student_timesteps[1:] if dc.regress_at == "all" else ())
                           if dc.regress_weight > 0 else None)
         self.memory_format = session.memory_format
@@ -130,7 +130,7 @@ class ADDObjective:
         student.load_state_dict(self.teacher.state_dict())
         student.requires_grad_(True)
         student = student.to(memory_format=self.memory_format)
-        disc = build_discriminator(cfg, data, device, session.log, session.run_dir, session.world)
+        disc = build_discriminator(cfg, data, device, session.log, session.world)
         self.student, self.disc = student, disc
         opt = adamw(student.parameters(), device, lr=tc.lr, betas=dc.betas, weight_decay=tc.weight_decay)
         disc_opt = adamw(disc.trainable_parameters(), device, lr=dc.disc_lr, betas=dc.betas, weight_decay=0.0)
