@@ -2,6 +2,7 @@
 (never "None"), and --preset lists every preset with its one-line description."""
 
 import argparse
+import re
 
 import pytest
 
@@ -68,3 +69,13 @@ def test_preset_help_names_every_preset(presets, descriptions, command):
 def test_no_progress_is_everywhere_there_is_a_progress_bar(name):
     options = {s for a in PARSERS[name]._actions for s in a.option_strings}
     assert "--no-progress" in options
+
+
+@pytest.mark.parametrize("name", sorted(PARSERS))
+def test_every_flag_a_help_names_is_one_of_its_commands(name):
+    # train-refiner's --resume help told users to pass --warmup, which it does not have
+    parser = PARSERS[name]
+    options = {s for a in parser._actions for s in a.option_strings}
+    text = " ".join([parser.description or "", parser.epilog or "", *(a.help or "" for a in parser._actions)])
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text))
+    assert named <= options, f"{name}'s help names flags it does not have: {sorted(named - options)}"

@@ -90,18 +90,19 @@ def add_loop_flags(p, *, unit: str, ema: str, seed: str):
 
 
 def add_monitor_flags(p):
-    p.add_argument("--sample-every", type=int, help="EMA sample grid every N steps into RUN/samples/step-N.png "
+    p.add_argument("--sample-every", type=int, help="EMA sample grid every N steps into RUN/samples/step-N.png (N in nine digits) "
                    "(default: at each checkpoint; 0: none)")
     p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
                    help="also write scalars and sample grids as TensorBoard events under RUN/tb (default: off)")
 
 
-def add_resume_flags(p, command):
+def add_resume_flags(p, command, warmup: bool = True):
+    """--resume (its help names --warmup where the command has it), --dry-run and --no-progress."""
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its latest checkpoint; --steps may grow, and --lr / --warmup "
-                   "may change: the optimizer state is kept and the new learning-rate schedule applies from the "
-                   f"resumed step (e.g. after the NaN guard stopped a run: {command} --out RUN --resume --lr 1e-4 "
-                   "--warmup 1000)")
+                   help=f"continue the run in --out from its latest checkpoint; --steps may grow, and --lr"
+                   f"{' / --warmup' if warmup else ''} may change: the optimizer state is kept and the new "
+                   "learning-rate schedule applies from the resumed step (e.g. after the NaN guard stopped a run: "
+                   f"{command} --out RUN --resume --lr 1e-4{' --warmup 1000' if warmup else ''})")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr (log lines go to stderr "
                    "plainly)")

@@ -250,7 +250,7 @@ def add_train_refiner(sub):
     p.add_argument("--log-every", type=COUNT, help="log line every N steps (default: 250)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     add_accel_flags(p)
-    add_resume_flags(p, "fastdiff train-refiner")
+    add_resume_flags(p, "fastdiff train-refiner", warmup=False)  # its learning rate is one cycle over --steps
 
 
 REFINER_FLAGS = {  # CLI dest -> (section, option) of RefinerConfig
