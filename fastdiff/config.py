@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import asdict, dataclass, field
 
 from fastdiff.config_checks import check_types, validate
@@ -213,9 +214,16 @@ class RunConfig:
 
 def load_config(path) -> RunConfig:
     """The RunConfig in a config.json (a run's or a checkpoint's), validated; one ConfigError naming the file."""
-    from fastdiff.checkpoint import read_json
+    from fastdiff.checkpoint import is_pretrained, read_json
 
     d = read_json(path, error=ConfigError)
+    if isinstance(d, dict) and d.get("kind") == "refiner":
+        folder = os.path.dirname(os.path.abspath(path))
+        name = f"pretrained:{os.path.basename(folder)}" if is_pretrained(folder) else folder
+        generator = d["refiner"].get("generator") if isinstance(d.get("refiner"), dict) else None
+        raise ConfigError(f"{name} is a refiner (fastdiff train-refiner): it refines another run's samples and makes "
+                          f"none of its own; sample its generator{f' ({generator})' if generator else ''} with "
+                          f"--refine {name}")
     missing = [name for name in ("model", "diffusion", "data", "train", "sample") if name not in d]
     if missing:
         raise ConfigError(f"{path}: config sections {missing} are missing; this is not a config.json that fastdiff "

@@ -90,3 +90,15 @@ def test_a_refiner_ships_in_fp16_for_its_student_only(tmp_path):
     torch.testing.assert_close(load_refiner(out)(x), refiner.eval()(x), atol=2e-3, rtol=0)  # fp16 weights
     with pytest.raises(FastdiffError, match="not a refiner of pretrained:y-student"):
         write_refiner(tmp_path / "run", "y-student-refiner", tmp_path / "shipped")
+
+
+def test_a_refiner_is_not_sampled_on_its_own(capsys, tmp_path):
+    # It said its config.json was "not a config.json that fastdiff wrote"
+    from fastdiff.cli import main
+
+    code = main(["sample", "--checkpoint", "pretrained:mnist-student-refiner", "--n", "2", "--out",
+                 str(tmp_path / "g.png")])
+    err = capsys.readouterr().err
+    assert code != 0 and not (tmp_path / "g.png").exists()
+    assert "is a refiner (fastdiff train-refiner)" in err and "generator (pretrained:mnist-student)" in err
+    assert "--refine pretrained:mnist-student-refiner" in err and "Traceback" not in err
