@@ -4,9 +4,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build of torch: a plain `pip install torch` would pull a multi-GB CUDA build. On a GPU machine with
-# torch already installed, use `make test VENV_FLAGS=--system-site-packages TORCH_SPEC=` to keep its torch.
+# torch 2.13.0. From PyPI on Linux that is the multi-GB CUDA build; TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# installs the CPU build instead (this project's machines find it on local disk through pip's own config). On a GPU
+# machine with torch already installed, use `make test VENV_FLAGS=--system-site-packages TORCH_SPEC=` to keep its torch.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 VENV_FLAGS ?=
 STAMP := $(VENV)/.fastdiff-installed
 RUN ?= runs/mnist5k
@@ -19,7 +21,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(if $(TORCH_SPEC),$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)")
+	$(if $(TORCH_SPEC),$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)))
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
