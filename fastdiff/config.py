@@ -189,8 +189,9 @@ class RunConfig:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, d: dict, source: str | None = None) -> "RunConfig":
-        """A validated RunConfig (see `validate`) from its dict; `source` (a file) prefixes every error."""
+    def from_dict(cls, d: dict, source: str | None = None, saved: bool = False) -> "RunConfig":
+        """A validated RunConfig (see `validate`; saved: a run's own config.json) from its dict; `source` (a file)
+        prefixes every error."""
         try:
             if not isinstance(d, dict):
                 raise ConfigError(f"a config is a JSON object of sections, got {type(d).__name__}")
@@ -206,7 +207,7 @@ class RunConfig:
                     continue
                 kwargs[key] = _build(SECTIONS[key], value, key)
             cfg = cls(**kwargs)
-            validate(cfg)
+            validate(cfg, saved)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}" if source else str(e)) from None
         return cfg
@@ -228,7 +229,7 @@ def load_config(path) -> RunConfig:
     if missing:
         raise ConfigError(f"{path}: config sections {missing} are missing; this is not a config.json that fastdiff "
                           "wrote")
-    return RunConfig.from_dict(d, source=str(path))
+    return RunConfig.from_dict(d, source=str(path), saved=True)
 
 
 def _build(section_cls, values: dict, where: str):

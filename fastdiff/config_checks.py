@@ -116,9 +116,18 @@ def check_types(section_cls, values: dict, where: str) -> None:
             raise ConfigError(f"{where}.{name} must be {_type_name(hints[name])}, got {repr(value)[:60]}")
 
 
-def validate(cfg) -> None:
+def guides_untrained_null(cfg, guidance: float) -> bool:
+    """Whether classifier-free guidance `guidance` of a run's model would guide against a null label that the run
+    never trained (train.p_uncond 0: its embedding row stays random). A student's null label is its teacher's."""
+    m = cfg.model
+    return guidance != 1 and bool(m.num_classes) and m.null_class and cfg.distill is None and not cfg.train.p_uncond
+
+
+def validate(cfg, saved: bool = False) -> None:
     """Every option of every section in its range, and the combinations that would fail later (in training, at
-    sampling time, or in another command) refused now. Raises ConfigError naming the option and what is allowed."""
+    sampling time, or in another command) refused now. Raises ConfigError naming the option and what is allowed.
+    saved: a run's own config.json, already trained: a default it cannot use (`guides_untrained_null`, which
+    runs before 2026-12-07 could be given) is refused when sampling uses it, not when the run loads."""
     from fastdiff.config import REGRESS_AT
     from fastdiff.data.datasets import DATASETS
     from fastdiff.diffusion.parameterization import PREDICTIONS
@@ -146,7 +155,7 @@ def validate(cfg) -> None:
         if s.guidance != 1:
             raise ConfigError(f"sample.guidance {s.guidance} needs a null class, which model.null_class false "
                               "removes; set sample.guidance 1")
-    if m.num_classes and m.null_class and dc is None and not cfg.train.p_uncond and s.guidance != 1:
+    if not saved and guides_untrained_null(cfg, s.guidance):
         raise ConfigError(f"sample.guidance {s.guidance} guides against the null class, which train.p_uncond 0 "
                           "never trains (its embedding stays random); set train.p_uncond above 0 (e.g. 0.1) or "
                           "sample.guidance 1")

@@ -564,3 +564,17 @@ def test_distill_table_rows_fit_the_students_timesteps(student_run):
     assert student_rows(dataclasses.replace(student, student_timesteps=(999, 666, 332)), spacing="leading") == (
         [1, 2, 3], [])
     assert student_rows(student, [1], [4]) == ([1], [4])
+
+
+def test_teacher_guidance_needs_a_null_class_the_teacher_trained():
+    # The distillation loss guided the teacher against its null label, random where it trained with p_uncond 0
+    from fastdiff.config import distill_config
+    from fastdiff.train.add import check_teacher
+
+    tcfg = apply_overrides(preset_config("digits-v"), {"train.p_uncond": 0.0, "sample.guidance": 1.0})
+    cfg = distill_config(tcfg, "teacher")
+    check_teacher(tcfg, cfg, "teacher")
+    with pytest.raises(ConfigError, match="--teacher-guidance 2 guides the teacher teacher against its null class"):
+        check_teacher(tcfg, apply_overrides(cfg, {"distill.teacher_guidance": 2.0}), "teacher")
+    check_teacher(preset_config("digits-v"), apply_overrides(distill_config(preset_config("digits-v"), "teacher"),
+                                                              {"distill.teacher_guidance": 2.0}), "teacher")

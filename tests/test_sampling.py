@@ -4,6 +4,7 @@ public samplers keeping no autograd graph."""
 
 import argparse
 import dataclasses
+import json
 import math
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 from fastdiff import checkpoint as ckpt
 from fastdiff.cli import add_sampling_args, build_parser, sampling_overrides
-from fastdiff.config import RunConfig, apply_overrides, distill_config, preset_config
+from fastdiff.config import RunConfig, apply_overrides, distill_config, load_config, preset_config
 from fastdiff.diffusion import NoiseSchedule, initial_noise, sample_ddim, sample_ddpm, seeds_for
 from fastdiff.errors import ConfigError
 from fastdiff.models import UNet
@@ -97,12 +98,20 @@ def test_guidance_needs_a_null_class():
     assert resolve_settings(den).guidance == 1.0
 
 
-def test_guidance_needs_a_trained_null_class():
+def test_guidance_needs_a_trained_null_class(tmp_path):
     # p_uncond 0 never trains the null label's embedding (its row stays random), so guiding against it is noise
     never = denoiser(apply_overrides(preset_config("digits"), {**TINY, "train.p_uncond": 0.0, "sample.guidance": 1.0}))
-    with pytest.raises(ConfigError, match="never trained .train.p_uncond 0"):
+    with pytest.raises(ConfigError, match="^guidance 2 guides against the null class, which .* never trained"):
         resolve_settings(never, guidance=2.0)
     assert resolve_settings(never).guidance == 1.0 and resolve_settings(denoiser(), guidance=2.0).guidance == 2.0
+    # A run from before the rule, whose own default guidance is 2: it loads, and samples with guidance 1 only
+    d = json.loads(apply_overrides(preset_config("digits"), TINY).to_json())
+    d["train"]["p_uncond"] = 0.0
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    old = denoiser(load_config(tmp_path / "config.json"))
+    with pytest.raises(ConfigError, match="^its default guidance 2 guides against the null class"):
+        resolve_settings(old)
+    assert resolve_settings(old, guidance=1.0).guidance == 1.0
 
 
 def test_the_same_flags_resolve_the_same_everywhere():

@@ -90,8 +90,8 @@ def add_loop_flags(p, *, unit: str, ema: str, seed: str):
 
 
 def add_monitor_flags(p):
-    p.add_argument("--sample-every", type=int, help="EMA sample grid every N steps into RUN/samples/step-N.png (N in nine digits) "
-                   "(default: at each checkpoint; 0: none)")
+    p.add_argument("--sample-every", type=int, help="EMA sample grid every N steps into RUN/samples/step-N.png "
+                   "(N in nine digits; default: at each checkpoint; 0: none)")
     p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
                    help="also write scalars and sample grids as TensorBoard events under RUN/tb (default: off)")
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from fastdiff.config import SampleConfig
-from fastdiff.config_checks import ETA_RANGE, GUIDANCE_RANGE, count, integer, number
+from fastdiff.config_checks import ETA_RANGE, GUIDANCE_RANGE, count, guides_untrained_null, integer, number
 from fastdiff.diffusion.samplers import SPACINGS, make_timesteps, student_timesteps
 from fastdiff.errors import ConfigError
 from fastdiff.runtime import AccelOptions, sample_batch_size
@@ -144,14 +144,16 @@ def _check_student_grid(denoiser, sampler: str, steps: int, spacing: str) -> Non
 
 def _guidance(denoiser, guidance: float | None) -> float:
     if guidance is None:  # the run's own guidance; an unconditional model has none to apply
-        return float(denoiser.defaults.guidance) if denoiser.null_label is not None else 1.0
-    guidance = number("guidance", guidance, **GUIDANCE_RANGE)
+        if denoiser.null_label is None:
+            return 1.0
+        guidance, given = float(denoiser.defaults.guidance), "its default guidance"
+    else:
+        guidance, given = number("guidance", guidance, **GUIDANCE_RANGE), "guidance"
     if guidance != 1.0 and denoiser.null_label is None:
         what = "is unconditional" if denoiser.num_classes == 0 else "has no null class"
         raise ConfigError(f"guidance={guidance:g} needs a class-conditional model with a null class, but "
                           f"{denoiser.name} {what}; use guidance 1")
-    cfg = denoiser.config
-    if guidance != 1.0 and cfg is not None and not cfg.is_student and not cfg.train.p_uncond:
-        raise ConfigError(f"guidance={guidance:g} guides against the null class, which {denoiser.name} never trained "
-                          "(train.p_uncond 0: its embedding is random); use guidance 1")
+    if denoiser.config is not None and guides_untrained_null(denoiser.config, guidance):
+        raise ConfigError(f"{given} {guidance:g} guides against the null class, which {denoiser.name} never "
+                          "trained (train.p_uncond 0: its embedding is random); use guidance 1")
     return guidance

@@ -22,7 +22,8 @@ import torch
 
 from fastdiff import checkpoint as ckpt
 from fastdiff import state_dicts
-from fastdiff.config import ADDConfig, RunConfig
+from fastdiff.config import ADDConfig, RunConfig, load_config
+from fastdiff.config_checks import guides_untrained_null
 from fastdiff.data import load_dataset
 from fastdiff.diffusion import NoiseSchedule, student_table, student_timesteps
 from fastdiff.diffusion.parameterization import check_prediction
@@ -58,15 +59,23 @@ def cache_dir(dc: ADDConfig) -> Path:
     return ckpt.user_cache_dir() / path.name if ckpt.is_pretrained(path) else path.parent.parent
 
 
-def load_teacher(cfg: RunConfig, device) -> Denoiser:
-    """The frozen teacher (EMA weights); its model and diffusion config must be the student's."""
-    teacher = load_run(cfg.distill.teacher, device)
-    tcfg, path = teacher.config, teacher.path
+def check_teacher(tcfg: RunConfig, cfg: RunConfig, path) -> None:
+    """A teacher (config tcfg, at path) that student run cfg can distil: a DDPM run of the student's model and
+    diffusion config, with a null label it trained where the student's teacher guidance needs one."""
     if tcfg.is_student:
         raise ConfigError(f"{path} is an ADD student; distil from a DDPM teacher run")
     if tcfg.model != cfg.model or tcfg.diffusion != cfg.diffusion:
         raise ConfigError(f"the teacher {path} has another model or diffusion config than this student run; "
                           "start a new --out for this teacher")
+    if guides_untrained_null(tcfg, cfg.distill.teacher_guidance):
+        raise ConfigError(f"--teacher-guidance {cfg.distill.teacher_guidance:g} guides the teacher {path} against "
+                          "its null class, which it never trained (train.p_uncond 0); use --teacher-guidance 1")
+
+
+def load_teacher(cfg: RunConfig, device) -> Denoiser:
+    """The frozen teacher (EMA weights), checked (`check_teacher`)."""
+    teacher = load_run(cfg.distill.teacher, device)
+    check_teacher(teacher.config, cfg, teacher.path)
     return teacher
 
 
@@ -243,6 +252,7 @@ def train_add(cfg: RunConfig, out, *, device="auto", resume: bool = False, progr
     teacher = source_checkpoint(out, resume, cfg.distill.teacher, "distill", "teacher", log=echo)
     cfg = replace(cfg, distill=replace(cfg.distill, teacher=teacher))
     _check(cfg)
+    check_teacher(load_config(ckpt.resolve_checkpoint(teacher) / "config.json"), cfg, teacher)  # before the run opens
     mc = cfg.model
     data = load_dataset(cfg.data.dataset, "train", data_dir=cfg.data.data_dir, image_size=mc.image_size,
                         channels=mc.in_channels)
