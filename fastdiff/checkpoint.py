@@ -19,6 +19,7 @@ checked: `fastdiff.state_dicts`. The full-disk tests inject faults at this modul
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -125,6 +126,20 @@ def pretrained_names() -> list[str]:
 
 def is_pretrained(ckpt_dir) -> bool:
     return Path(ckpt_dir).resolve().parent == PRETRAINED_DIR
+
+
+def weights_fingerprint(folder) -> str:
+    """A short sha256 of a checkpoint folder's weight files (model.safetensors, and ema.safetensors where it has
+    one): what a cache of samples of its model is keyed by, so that a folder whose weights changed in place (a
+    re-shipped pretrained model, a run trained again into the same directory) is never read stale."""
+    digest = hashlib.sha256()
+    for name in ("model.safetensors", "ema.safetensors"):
+        path = Path(folder) / name
+        if path.exists():
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def user_cache_dir() -> Path:

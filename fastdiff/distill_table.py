@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--student-eta", type=float, default=STUDENT_ETA, help="DDIM eta of the student's DDIM rows "
-                   "(2 and 4 steps)")
+                   "(2 and 4 steps for a student of four timesteps)")
     p.add_argument("--out", help="write the table (markdown) here and the records beside it as .json (default: "
                    "print the records as JSON)")
     add_sampling_args(p)

@@ -578,3 +578,20 @@ def test_teacher_guidance_needs_a_null_class_the_teacher_trained():
         check_teacher(tcfg, apply_overrides(cfg, {"distill.teacher_guidance": 2.0}), "teacher")
     check_teacher(preset_config("digits-v"), apply_overrides(distill_config(preset_config("digits-v"), "teacher"),
                                                               {"distill.teacher_guidance": 2.0}), "teacher")
+
+
+def test_teacher_pairs_are_made_again_when_the_teachers_weights_change_in_place(student_run, tmp_path):
+    # The cache was keyed by the teacher's folder: a pretrained model re-shipped under its name, or a run trained
+    # again into the same directory, gave its students the old weights' samples
+    from fastdiff.train.add_pairs import teacher_pairs
+
+    folder = tmp_path / "teacher"
+    shutil.copytree(ckpt.latest_checkpoint(student_run / "teacher"), folder)
+    cfg = apply_overrides(distill_config(load_run(folder, "cpu").config, str(folder)),
+                          {"distill.regress_steps": 2, "distill.regress_pairs": 4})
+    first = teacher_pairs(load_run(folder, "cpu"), cfg, tmp_path, device="cpu")
+    assert torch.equal(teacher_pairs(load_run(folder, "cpu"), cfg, tmp_path, device="cpu").images, first.images)
+    ckpt.save_tensors(folder / "ema.safetensors", {k: v * 0.5 for k, v in ckpt.read_tensors(folder /
+                                                                                          "ema.safetensors").items()})
+    again = teacher_pairs(load_run(folder, "cpu"), cfg, tmp_path, device="cpu")
+    assert not torch.equal(again.images, first.images)

@@ -131,11 +131,13 @@ def test_main_first_waits_for_the_first_process_beyond_the_group_timeout(tmp_pat
     assert (tmp_path / "rank1.txt").read_text() == "made by rank 0"
 
 
-def _distill_worker(rank, world_size, port, cfg_dict, out):
+def _distill_worker(rank, world_size, port, cfg_dict, out, older=None):
     _torchrun_env(rank, world_size, port)
     torch.set_num_threads(1)
     from fastdiff.train import add
 
+    if rank == 1 and older:  # its teacher run wrote a checkpoint between the two processes' pins
+        add.source_checkpoint = lambda *args, **kwargs: older
     made = []
     init = add.ADDObjective.__init__
 
@@ -146,6 +148,8 @@ def _distill_worker(rank, world_size, port, cfg_dict, out):
     add.ADDObjective.__init__ = keep
     add.train_add(RunConfig.from_dict(cfg_dict), out, device="cpu", progress=False, echo=lambda s: None)
     torch.save(made[0].disc.state_dict(), os.path.join(out, f"disc-rank{rank}.pt"))
+    with open(os.path.join(out, f"teacher-rank{rank}.txt"), "w") as f:
+        f.write(made[0].cfg.distill.teacher)
 
 
 def _pin_race_worker(rank, world_size, port, cfg_dict, out, older):
@@ -207,15 +211,19 @@ def test_two_processes_distill_and_refine_with_the_caches_made_once(tmp_path, ti
     from fastdiff.train import train_ddpm
 
     teacher = tmp_path / "teacher"
-    train_ddpm(apply_overrides(preset_config("digits"), {**tiny_overrides, "train.steps": 2}), teacher,
-               progress=False, echo=lambda s: None)
+    train_ddpm(apply_overrides(preset_config("digits"), {**tiny_overrides, "train.steps": 2, "train.ckpt_every": 1}),
+               teacher, progress=False, echo=lambda s: None)
+    older, newest = (str(p.resolve()) for p in sorted((teacher / "checkpoints").iterdir()))
     over = {"train.steps": 2, "train.batch_size": 8, "train.log_every": 1, "train.ckpt_every": 2,
             "train.sample_every": 0, "distill.backbone": "pretrain", "distill.backbone_steps": 3,
             "distill.backbone_dim": 16, "distill.backbone_depth": 2, "distill.backbone_heads": 2,
             "distill.disc_width": 8, "distill.r1_gamma": 0.1, "distill.regress_weight": 1.0,
             "distill.regress_pairs": 6, "distill.regress_steps": 2}
     cfg = apply_overrides(distill_config(load_run(teacher, "cpu").config, str(teacher)), over)
-    mp.spawn(_distill_worker, args=(2, _free_port(), cfg.to_dict(), str(tmp_path / "student")), nprocs=2, join=True)
+    mp.spawn(_distill_worker, args=(2, _free_port(), cfg.to_dict(), str(tmp_path / "student"), older), nprocs=2,
+             join=True)
+    # both processes distil the teacher checkpoint the first pinned (process 1 pinned the older one)
+    assert [(tmp_path / "student" / f"teacher-rank{r}.txt").read_text() for r in range(2)] == [newest, newest]
     log = (tmp_path / "student" / "log.txt").read_text()
     assert "processes=2" in log and log.count("sampling 6 teacher pairs") == 1
     assert len(list(teacher.glob("vit-digits-*.safetensors"))) == 1

@@ -56,7 +56,8 @@ def teacher_pairs(teacher: Denoiser, cfg: RunConfig, cache_dir, *, device, log=N
     states_at = tuple(int(t) for t in states_at)
     settings = resolve_settings(teacher, device, sampler="ddim", steps=dc.regress_steps, eta=0.0,
                                 guidance=dc.teacher_guidance)
-    meta = {"teacher": teacher.path, "n": n, "seed": seed, "sampler": "ddim",
+    meta = {"teacher": teacher.path, "weights": ckpt.weights_fingerprint(teacher.path), "n": n, "seed": seed,
+            "sampler": "ddim",
             "steps": settings.steps, "guidance": settings.guidance, "spacing": settings.spacing,
             "clip": settings.clip, "amp": settings.accel.amp}
     tag = "" if seed == PAIR_SEED else f"-seed{seed - PAIR_SEED}"
