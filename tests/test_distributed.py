@@ -87,6 +87,20 @@ def test_two_processes_train_resume_exactly_and_only_rank0_writes(tmp_path, tiny
             assert torch.equal(ta[k], tb[k]), f"{name}.{k} differs after a resumed two-process run"
 
 
+def test_a_resume_with_another_number_of_processes_says_it_is_not_exact(tmp_path, tiny_overrides):
+    # Each process draws its own noise (seed, rank, step): such a resume continues, but not as the run would have
+    from fastdiff.train import train_ddpm
+
+    def cfg(steps):
+        return apply_overrides(preset_config("digits"), {**tiny_overrides, "train.steps": steps})
+
+    _launch(cfg(2), tmp_path / "run")
+    assert json.loads((ckpt.latest_checkpoint(tmp_path / "run") / "state.json").read_text())["processes"] == 2
+    train_ddpm(cfg(3), tmp_path / "run", resume=True, progress=False, echo=lambda s: None)
+    assert "resuming a run of 2 processes with 1: each process draws its own noise, so this resume is not exact" in (
+        tmp_path / "run" / "log.txt").read_text()
+
+
 def test_two_processes_train_compiled(tmp_path, tiny_overrides):
     """torch.compile of the DDP-wrapped model, as on GPUs (Dynamo's eager backend here, to skip Inductor's C++):
     DDP's forward is no single graph, so fullgraph=True failed every multi-GPU run at its first step."""

@@ -139,8 +139,9 @@ def _changes(old: dict, new: dict, where: str = "") -> list[str]:
     return out
 
 
-def _save(run_dir: Path, objective, ema: EMA | None, config: dict, tc: TrainConfig, step: int, images_seen: int):
-    tensors, state = {}, {"step": step, "images_seen": images_seen, "kind": objective.kind,
+def _save(run_dir: Path, objective, ema: EMA | None, config: dict, tc: TrainConfig, step: int, images_seen: int,
+          processes: int):
+    tensors, state = {}, {"step": step, "images_seen": images_seen, "kind": objective.kind, "processes": processes,
                           **objective.extra_state()}
     for part in objective.parts:
         tensors[part.name] = part.tensors() if part.tensors else part.module.state_dict()
@@ -232,15 +233,19 @@ def _run(build, world: World, data, tc: TrainConfig, config: dict, run_dir: Path
         objective = build(session)
         main = objective.parts[0]
         ema = EMA(main.module, tc.ema_decay) if world.is_main and objective.ema else None
-        images_seen, last_ckpt = 0, None
+        images_seen, last_ckpt, saved_processes = 0, None, world.size
         if path is not None:
-            images_seen, last_ckpt = _restore(path, objective, ema, device)["images_seen"], str(path)
+            state = _restore(path, objective, ema, device)
+            images_seen, last_ckpt, saved_processes = state["images_seen"], str(path), state.get("processes")
         batcher = Batcher(len(data), tc.batch_size, tc.seed)
         log.line(f"{'resuming at step ' + str(start) if path is not None else 'training'} {objective.describe()} "
                  f"dataset={data.name} ({len(data)} images {tuple(data.shape)}) device={device} amp={tc.amp} "
                  f"steps={tc.steps} batch={tc.batch_size} step={session.describe()} processes={world.size}")
         for line in changed:
             log.line(f"resumed with {line} from step {start} on (the optimizer state is kept)")
+        if saved_processes is not None and saved_processes != world.size:  # (a checkpoint before 2026-12-07: None)
+            log.line(f"resuming a run of {saved_processes} processes with {world.size}: each process draws its own "
+                     "noise, so this resume is not exact (it is for the same number of processes)")
         if world.is_main:
             monitor = Monitor(run_dir, tensorboard=tc.tensorboard, start_step=start,
                               plot_keys=("loss", "images_per_sec", "lr"))
@@ -284,7 +289,7 @@ def _loop(objective, session: Session, ema, monitor, log, data, batcher, tc: Tra
             log.line(f"step {done}/{tc.steps} {terms} {record['images_per_sec']:.0f} img/s")
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             if is_ckpt and world.is_main:
-                last_ckpt = _save(run_dir, objective, ema, config, tc, done, images_seen)
+                last_ckpt = _save(run_dir, objective, ema, config, tc, done, images_seen, session.world.size)
                 log.line(f"checkpoint {last_ckpt}")
             if monitor is not None:
                 if is_grid and ema is not None and (grid := objective.grid(ema.model)) is not None:
