@@ -40,6 +40,19 @@ def test_batch_must_split_evenly(monkeypatch):
         init_world(torch.device("cpu"), 5)
 
 
+def test_dry_run_under_torchrun_prints_once_and_checks_the_batch_split(monkeypatch, capsys, tmp_path):
+    # Every process printed the config (two JSON documents in one stdout), and a batch the run would refuse passed
+    from fastdiff.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, printed in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["train", "--preset", "digits", "--out", str(tmp_path / "run"), "--dry-run"]) == 0
+        assert bool(capsys.readouterr().out) == printed
+    assert main(["train", "--preset", "digits", "--out", str(tmp_path / "run"), "--batch-size", "7", "--dry-run"]) == 2
+    assert "--batch-size 7 is not divisible by the 2 processes" in capsys.readouterr().err
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -31,12 +31,15 @@ def _run(args, cfg, trainer: str, dry_run: str | None) -> int:
     """What train, distill and train-refiner do with their resolved config: print `dry_run` (the config, with
     --dry-run), or train it with `fastdiff.train.<trainer>` on --device and print the run's record as JSON (the
     training stack is imported only then)."""
+    from fastdiff.train.distributed import check_batch_split, is_main_process
+
     if dry_run is not None:
-        print(dry_run)
+        check_batch_split(cfg.train.batch_size)  # under torchrun: what the run checks first
+        if is_main_process():  # one config under torchrun, not one per process
+            print(dry_run)
         return 0
     from fastdiff import train
     from fastdiff.runtime import resolve_device
-    from fastdiff.train.distributed import is_main_process
 
     device = resolve_device(args.device)
     record = getattr(train, trainer)(cfg, args.out, device=device, resume=args.resume, progress=not args.no_progress,

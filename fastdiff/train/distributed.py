@@ -135,15 +135,21 @@ def is_main_process() -> bool:
     return _env_world()[0] == 0
 
 
+def check_batch_split(batch_size: int) -> None:
+    """The global batch splits evenly over torchrun's processes (its environment; any batch on its own)."""
+    size = _env_world()[1]
+    if batch_size % size:
+        raise ConfigError(f"--batch-size {batch_size} is not divisible by the {size} processes; "
+                          f"use a multiple of {size}")
+
+
 def init_world(device: torch.device, batch_size: int) -> tuple[World, torch.device]:
     """The World from torchrun's environment (one process: World()), and the device this rank uses."""
     rank, size = _env_world()
     if size == 1:
         return World(), device
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if batch_size % size:
-        raise ConfigError(f"--batch-size {batch_size} is not divisible by the {size} processes; "
-                          f"use a multiple of {size}")
+    check_batch_split(batch_size)
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise ConfigError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs; "
