@@ -205,7 +205,7 @@ class RunConfig:
                         raise ConfigError(f"preset must be a string, got {value!r}")
                     kwargs[key] = value
                     continue
-                kwargs[key] = _build(SECTIONS[key], value, key)
+                kwargs[key] = build_section(SECTIONS[key], value, key)
             cfg = cls(**kwargs)
             validate(cfg, saved)
         except ConfigError as e:
@@ -215,16 +215,18 @@ class RunConfig:
 
 def load_config(path) -> RunConfig:
     """The RunConfig in a config.json (a run's or a checkpoint's), validated; one ConfigError naming the file."""
-    from fastdiff.checkpoint import is_pretrained, read_json
+    from fastdiff.checkpoint import CHECKPOINTS, is_pretrained, read_json
 
     d = read_json(path, error=ConfigError)
     if isinstance(d, dict) and d.get("kind") == "refiner":
         folder = os.path.dirname(os.path.abspath(path))
+        if os.path.basename(os.path.dirname(folder)) == CHECKPOINTS:  # a run's checkpoint: name the run
+            folder = os.path.dirname(os.path.dirname(folder))
         name = f"pretrained:{os.path.basename(folder)}" if is_pretrained(folder) else folder
         generator = d["refiner"].get("generator") if isinstance(d.get("refiner"), dict) else None
-        raise ConfigError(f"{name} is a refiner (fastdiff train-refiner): it refines another run's samples and makes "
-                          f"none of its own; sample its generator{f' ({generator})' if generator else ''} with "
-                          f"--refine {name}")
+        raise ConfigError(f"{name} is a refiner (fastdiff train-refiner), not a diffusion run: it refines the samples "
+                          f"of its generator, e.g. fastdiff sample --checkpoint {generator or 'GENERATOR'} --refine "
+                          f"{name}")
     missing = [name for name in ("model", "diffusion", "data", "train", "sample") if name not in d]
     if missing:
         raise ConfigError(f"{path}: config sections {missing} are missing; this is not a config.json that fastdiff "
@@ -232,7 +234,9 @@ def load_config(path) -> RunConfig:
     return RunConfig.from_dict(d, source=str(path), saved=True)
 
 
-def _build(section_cls, values: dict, where: str):
+def build_section(section_cls, values: dict, where: str):
+    """The section dataclass of `values` (a config file's or a flag's raw values): one ConfigError naming `where`
+    for an unknown option or a value of the wrong type. Its numbers' ranges: `config_checks.check_numbers`."""
     if not isinstance(values, dict):
         raise ConfigError(f"config section {where!r} must be an object of options, got {repr(values)[:60]}")
     names = {f.name for f in dataclasses.fields(section_cls)}

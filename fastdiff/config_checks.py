@@ -81,6 +81,8 @@ RANGES: dict[str, str] = {
     "distill.backbone_dim": "[1, inf)", "distill.backbone_depth": "[1, inf)",
     "distill.backbone_heads": "[1, inf)", "distill.backbone_size": "[0, inf)",
     "distill.disc_heads": "[1, inf)", "distill.disc_width": "[1, inf)", "distill.disc_mbstd": "[0, inf)",
+    "refiner.pairs": "[1, inf)", "refiner.t_min": "[0, inf)", "refiner.t_max": "[0, inf)",
+    "refiner.base_channels": "[1, inf)", "refiner.channel_mult[]": "[1, inf)",
 }
 
 
@@ -92,7 +94,9 @@ def _in_range(value, spec: str) -> bool:
     return (lo <= value if spec[0] == "[" else lo < value) and (value <= hi if spec[-1] == "]" else value < hi)
 
 
-def _check_numbers(where: str, section) -> None:
+def check_numbers(where: str, section) -> None:
+    """Each number of a section dataclass in its RANGES entry (`where.option`), else finite; whole numbers at most
+    _INT."""
     for f in dataclasses.fields(section):
         key, value = f"{where}.{f.name}", getattr(section, f.name)
         items = [(key, v) for v in value] if isinstance(value, tuple) else [(key, value)]
@@ -138,7 +142,7 @@ def validate(cfg, saved: bool = False) -> None:
     for f in dataclasses.fields(cfg):
         section = getattr(cfg, f.name)
         if dataclasses.is_dataclass(section):
-            _check_numbers(f.name, section)
+            check_numbers(f.name, section)
     m, d, s, dc = cfg.model, cfg.diffusion, cfg.sample, cfg.distill
     for key, value, choices in (("diffusion.schedule", d.schedule, SCHEDULES),
                                 ("diffusion.prediction", d.prediction, PREDICTIONS),

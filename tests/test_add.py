@@ -1,6 +1,7 @@
 """ADD: loss signs, where gradients go, the few-step sampler, and a tiny distillation run end to end on the CLI."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -595,3 +596,52 @@ def test_teacher_pairs_are_made_again_when_the_teachers_weights_change_in_place(
                                                                                           "ema.safetensors").items()})
     again = teacher_pairs(load_run(folder, "cpu"), cfg, tmp_path, device="cpu")
     assert not torch.equal(again.images, first.images)
+
+
+def test_a_samples_refiner_reads_the_teachers_newest_when_its_pinned_one_was_pruned(student_run, tmp_path,
+                                                                                    capsys):
+    # It failed ("checkpoint ... does not exist") once the student's teacher run had pruned the checkpoint the
+    # student was distilled from, even for a new refiner run
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    shutil.copytree(student_run / "teacher", teacher)
+    shutil.copytree(student_run / "student", student)
+    pruned = str(teacher / "checkpoints" / "step-000000001")
+    for config in [student / "config.json", *student.glob("checkpoints/*/config.json")]:
+        d = json.loads(config.read_text())
+        d["distill"]["teacher"] = pruned
+        config.write_text(json.dumps(d))
+    assert main(["train-refiner", "--checkpoint", str(student), "--out", str(tmp_path / "refiner"), "--steps", "1",
+                 "--batch-size", "8", "--base-channels", "8", "--pairs", "8", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert f"the checkpoint {pruned} that the student was distilled from is gone" in err
+    assert str(ckpt.latest_checkpoint(teacher).resolve()) in err
+
+
+@pytest.mark.parametrize("refiner, message", [
+    ({"base_channels": 0}, "refiner.base_channels must be in [1, inf), got 0"),
+    ({"channel_mult": []}, "refiner.channel_mult is empty"),
+    ({"channel_mult": [1, 0]}, "refiner.channel_mult must be in [1, inf), got 0"),
+    ({"t_max": "5"}, "refiner.t_max must be"),
+    ({"pairs": 0}, "refiner.pairs must be in [1, inf), got 0"),
+    ({"channel_mult": [1, 2, 2, 2, 2]}, "halve the generator's 8px images 4 times"),
+    ({"t_max": 5000}, "t_max (5000) < 1000"),
+])
+def test_refiner_settings_are_one_error_before_the_run(student_run, tmp_path, refiner, message):
+    # Tracebacks (torch's conv errors, a TypeError at t_max "5") or silence (an empty channel_mult), and the dry
+    # run checked none of them
+    from fastdiff.train.refiner import RefinerConfig, train_refiner
+
+    cfg = RefinerConfig(generator=str(student_run / "teacher"), **refiner)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train_refiner(cfg, tmp_path / "r", progress=False, echo=lambda s: None)
+    assert not (tmp_path / "r").exists()
+
+
+def test_refiner_dry_run_makes_the_runs_checks(student_run, tmp_path, capsys):
+    common = ["train-refiner", "--checkpoint", str(student_run / "student"), "--out", str(tmp_path / "r")]
+    assert main([*common, "--t-max", "5000", "--dry-run"]) == 2
+    assert "t_max (5000) < 1000" in capsys.readouterr().err
+    assert main([*common, "--dry-run"]) == 0  # the resolved config: the generator pinned, the student's inputs
+    cfg = json.loads(capsys.readouterr().out)["refiner"]
+    assert cfg["generator"] == str(ckpt.latest_checkpoint(student_run / "student").resolve())
+    assert cfg["inputs"] == "samples" and not (tmp_path / "r").exists()

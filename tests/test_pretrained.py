@@ -100,5 +100,6 @@ def test_a_refiner_is_not_sampled_on_its_own(capsys, tmp_path):
                  str(tmp_path / "g.png")])
     err = capsys.readouterr().err
     assert code != 0 and not (tmp_path / "g.png").exists()
-    assert "is a refiner (fastdiff train-refiner)" in err and "generator (pretrained:mnist-student)" in err
-    assert "--refine pretrained:mnist-student-refiner" in err and "Traceback" not in err
+    assert "pretrained:mnist-student-refiner is a refiner (fastdiff train-refiner), not a diffusion run" in err
+    assert "fastdiff sample --checkpoint pretrained:mnist-student --refine pretrained:mnist-student-refiner" in err
+    assert "Traceback" not in err

@@ -283,4 +283,8 @@ def resolve_refiner_config(args):
 
 def cmd_train_refiner(args) -> int:
     cfg = resolve_refiner_config(args)
+    if args.dry_run:  # the checks the run makes against its generator, and what they resolve
+        from fastdiff.train.refiner import resolve_refiner
+
+        cfg = resolve_refiner(cfg, args.out, args.resume)[0]
     return _run(args, cfg, "train_refiner", json.dumps(cfg.to_dict(), indent=2) if args.dry_run else None)

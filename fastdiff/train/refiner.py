@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from fastdiff import checkpoint as ckpt
-from fastdiff.config import RunConfig, TrainConfig
+from fastdiff.config import RunConfig, TrainConfig, build_section, load_config
+from fastdiff.config_checks import check_numbers
 from fastdiff.data import load_dataset
 from fastdiff.diffusion.parameterization import to_x0
 from fastdiff.diffusion.samplers import guided
@@ -32,7 +33,7 @@ from fastdiff.train.add import load_teacher
 from fastdiff.train.add_pairs import PAIR_SEED, teacher_pairs
 from fastdiff.train.loop import Part, Session, train_loop
 from fastdiff.train.lr import one_cycle_lr
-from fastdiff.train.rundir import source_checkpoint
+from fastdiff.train.rundir import pinned_now, source_checkpoint
 from fastdiff.train.step import adamw
 
 REFINER_PAIR_SEED = PAIR_SEED + (1 << 32)  # "samples" pairs: far from the student's regression pairs and eval's
@@ -68,12 +69,20 @@ class RefinerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RefinerConfig":
+        """The refiner config of a dict (`to_dict`), every option of the wrong type or outside its range refused
+        (the generator-dependent checks: `resolve_refiner`)."""
         if not isinstance(d, dict) or d.get("kind") != "refiner" or not isinstance(d.get("refiner"), dict):
             raise ConfigError("not a refiner run's config.json (its kind must be 'refiner')")
-        try:
-            return cls(**d["refiner"], train=TrainConfig(**d.get("train", {})))
-        except TypeError as e:
-            raise ConfigError(f"invalid refiner config: {e}") from None
+        if "train" in d["refiner"]:
+            raise ConfigError("unknown option(s) ['train'] in config section 'refiner'")
+        cfg = build_section(cls, d["refiner"], "refiner")
+        cfg.train = build_section(TrainConfig, d.get("train", {}), "train")
+        check_numbers("refiner", cfg)
+        check_numbers("train", cfg.train)
+        if not cfg.channel_mult:
+            raise ConfigError("refiner.channel_mult is empty; give one multiplier of base_channels per level, "
+                              "e.g. [1, 2]")
+        return cfg
 
 
 def make_pairs(loaded, x0: torch.Tensor, labels, t_min: int, t_max: int, gen) -> torch.Tensor:
@@ -96,6 +105,9 @@ def sample_pairs(student, gcfg: RunConfig, n: int, session: Session) -> tuple[to
     the first noise gone astray: on mnist5k a refiner trained on 4-step pairs took the 4-step student from 2.1x to
     13.9x the floor (README, "Few-step students")."""
     device = session.device
+    # the student's teacher checkpoint, or its run's newest where that run has since pruned it
+    teacher = pinned_now(gcfg.distill.teacher, session.log, "that the student was distilled from")
+    gcfg = replace(gcfg, distill=replace(gcfg.distill, teacher=teacher))
     with session.world.main_first():  # the first process draws and caches the pairs, the rest read them
         target = teacher_pairs(load_teacher(gcfg, device), gcfg, session.run_dir, device=device, log=session.log,
                                n=n, seed=REFINER_PAIR_SEED, purpose="the refiner")
@@ -158,12 +170,18 @@ class RefinerObjective:
         return f"a refiner for {self.cfg.generator} on {on} params={n_params / 1e6:.2f}M"
 
 
-def train_refiner(cfg: RefinerConfig, out, *, device="auto", resume: bool = False, progress: bool = True,
-                  echo=print, accel: AccelOptions | None = None) -> dict:
-    """Train (or resume) a refiner for the x0 estimates of run `cfg.generator` in run directory `out`. A new run
-    records the generator's checkpoint folder, which a resume reads again (`rundir.source_checkpoint`)."""
-    cfg = replace(cfg, generator=source_checkpoint(out, resume, cfg.generator, "refiner", "generator", log=echo))
-    gcfg = RunConfig.from_dict(ckpt.load_json(ckpt.resolve_checkpoint(cfg.generator), "config"))
+def resolve_refiner(cfg: RefinerConfig, out, resume: bool = False, log=None) -> tuple[RefinerConfig, RunConfig, int]:
+    """What a refiner run in `out` checks and resolves before it opens the directory (`--dry-run` too): every value
+    of cfg, its generator pinned (`rundir.source_checkpoint`: a resume reads the one it recorded) and its inputs
+    chosen; returns (cfg, the generator's config, t_max)."""
+    cfg = RefinerConfig.from_dict(cfg.to_dict())  # a config built in Python is checked as a file's is
+    cfg = replace(cfg, generator=source_checkpoint(out, resume, cfg.generator, "refiner", "generator", log=log))
+    gcfg = load_config(ckpt.resolve_checkpoint(cfg.generator) / "config.json")
+    levels = len(cfg.channel_mult)
+    if gcfg.model.image_size % 2 ** (levels - 1):
+        raise ConfigError(f"refiner: {levels} levels (channel_mult {list(cfg.channel_mult)}) halve the "
+                          f"generator's {gcfg.model.image_size}px images {levels - 1} times, which do not divide "
+                          "evenly; use fewer levels")
     T = gcfg.diffusion.num_timesteps
     t_max = T // 2 if cfg.t_max is None else cfg.t_max
     if not 0 <= cfg.t_min <= t_max < T:
@@ -175,8 +193,14 @@ def train_refiner(cfg: RefinerConfig, out, *, device="auto", resume: bool = Fals
     if cfg.inputs == "samples" and not gcfg.is_student:
         raise ConfigError(f"refiner: inputs 'samples' needs an ADD student (their teacher gives the targets); "
                           f"{cfg.generator} is not one: use inputs 'noised'")
-    if cfg.pairs < 1:
-        raise ConfigError(f"refiner: pairs must be at least 1, not {cfg.pairs}")
+    return cfg, gcfg, t_max
+
+
+def train_refiner(cfg: RefinerConfig, out, *, device="auto", resume: bool = False, progress: bool = True,
+                  echo=print, accel: AccelOptions | None = None) -> dict:
+    """Train (or resume) a refiner for the x0 estimates of run `cfg.generator` in run directory `out`. A new run
+    records the generator's checkpoint folder, which a resume reads again (`rundir.source_checkpoint`)."""
+    cfg, gcfg, t_max = resolve_refiner(cfg, out, resume, log=echo)
     data = load_dataset(gcfg.data.dataset, "train", data_dir=gcfg.data.data_dir, image_size=gcfg.model.image_size,
                         channels=gcfg.model.in_channels)
     config = cfg.to_dict(model=asdict(refiner_unet_config(gcfg.model, cfg)))

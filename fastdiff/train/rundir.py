@@ -60,15 +60,21 @@ def source_checkpoint(run_dir, resume: bool, given: str, *key: str, log=None) ->
         for k in key:
             value = value.get(k) if isinstance(value, dict) else None
         if isinstance(value, str) and value:
-            now = ckpt.pinned_or_its_run(value)
-            if now == value:
-                return value
-            newest = ckpt.pin_checkpoint(now)  # its run's newest (an error if the run is gone)
-            if log is not None:
-                log(f"the checkpoint {value} this run started from is gone (its run keeps only its newest); "
-                    f"continuing with {newest}, so this resume is not exact")
-            return newest
+            return pinned_now(value, log, "this run started from")
     return ckpt.pin_checkpoint(given)
+
+
+def pinned_now(pinned: str, log=None, what: str = "recorded") -> str:
+    """A pinned checkpoint (`checkpoint.pin_checkpoint`) to read now: itself while it exists, else (its run pruned
+    it, keeping only its newest few) its run's newest, and `log` says so: what follows is then not exact."""
+    now = ckpt.pinned_or_its_run(pinned)
+    if now == pinned:
+        return pinned
+    newest = ckpt.pin_checkpoint(now)  # its run's newest (an error if the run is gone)
+    if log is not None:
+        log(f"the checkpoint {pinned} {what} is gone (its run keeps only its newest); continuing with {newest}, so "
+            "this is not exact")
+    return newest
 
 
 @contextlib.contextmanager
