@@ -81,6 +81,7 @@ def test_student_defaults():
     ({"amp": "fp16"}, "fp16 needs a CUDA device"),
     ({"cuda_graphs": True}, "CUDA graphs need a CUDA device"),
     ({"temperature": 2.0}, "unknown sampling option"),
+    ({"refiner": ""}, "an empty refiner names no run"),  # it sampled without one, reporting refiner ""
 ])
 def test_one_clear_error_per_bad_value(overrides, message):
     with pytest.raises(ConfigError, match=message):

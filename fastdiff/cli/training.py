@@ -246,7 +246,8 @@ def add_train_refiner(sub):
                    help="noised pairs come from x0 estimates at t in [0, t-max] (default: T/2)")
     p.add_argument("--pairs", type=COUNT, help="samples pairs, sampled once and cached in --out (default: 2048)")
     p.add_argument("--base-channels", type=COUNT, help="width of the refiner's UNet (default: 16)")
-    p.add_argument("--seed", type=SEED, help="seed of the weights, pairs and noise (default: 0)")
+    p.add_argument("--seed", type=SEED, help="seed of the weights, the batches and the 'noised' pairs' noise "
+                   "('samples' pairs have a fixed seed, apart from the student's and eval's; default: 0)")
     p.add_argument("--amp", choices=["auto", "fp32", "bf16", "fp16"], help="autocast of the refiner; auto: bf16 on a "
                    "CPU with AMX or AVX-512 BF16, else fp32 (default: auto)")
     p.add_argument("--ckpt-every", type=COUNT, help="checkpoint every N steps (default: 500)")

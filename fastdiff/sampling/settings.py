@@ -90,6 +90,9 @@ def resolve_settings(denoiser, device=None, *, accel: AccelOptions | None = None
     base = accel if accel is not None else AccelOptions.for_device(device)
     options = dataclasses.replace(base, **flat).check(device)
     refiner = given.get("refiner")
+    if refiner is not None and not str(refiner).strip():
+        raise ConfigError("an empty refiner names no run; pass a refiner run directory (fastdiff train-refiner), or "
+                          "none")
     if refiner:  # checked now, before any sampling (or an evaluation classifier's training): its images' shape
         from fastdiff.models.refiner import refiner_config
 
