@@ -114,6 +114,21 @@ def sampler_step(x, model_out, p, q, A, B, sigma, seeds, step, clip: float | Non
     return x_prev
 
 
+def sampler_step_grads(saved, needs, step, clip, grad_prev, grad_x0):
+    """The gradients of `sampler_step` for (x, model_out, p, q, A, B, sigma), by autograd through this reference,
+    recomputed: what a fused kernel's backward returns (it keeps no graph; backward is rare, e.g. a loss through a
+    sampling step). saved: those seven and seeds; needs: which of the seven want a gradient (None for the rest);
+    grad_x0: None where the caller's step returned no x0."""
+    diff = [t.detach().requires_grad_(need) for t, need in zip(saved[:7], needs)]
+    with torch.enable_grad():
+        outs = sampler_step(*diff, saved[7], step, clip, True)
+        wanted = [t for t in diff if t.requires_grad]
+        # x0 depends on x, model_out, p and q only: with none of them wanted it has no graph to go back through
+        pairs = [(o, g) for o, g in zip(outs, (grad_prev, grad_x0)) if o.requires_grad and g is not None]
+        grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
+    return [next(grads) if t.requires_grad else None for t in diff]
+
+
 def group_norm_silu(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5, upcast: bool = False):
     """silu(group_norm(x)). With upcast, computed in float32 and returned in float32 (the truth for tests)."""
     if upcast:

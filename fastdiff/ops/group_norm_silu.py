@@ -52,7 +52,7 @@ def _group_strides(x: torch.Tensor):
     """(s_n, s_c, s_hw) when h and w of x merge into one index (NCHW, channels_last), else None."""
     N, C, H, W = x.shape
     sn, sc, sh, sw = x.stride()
-    if H == 1 or sh == W * sw:
+    if H == 1 or W == 1 or sh == W * sw:  # a size-1 dim's stride is arbitrary (a transposed view's W of 1)
         return sn, sc, (sw if W > 1 else sh)
     return None
 
@@ -123,6 +123,11 @@ def _looped_warps(block_c: int, block_hw: int) -> int:
     return min(8, max(1, (block_c * block_hw) // 512))
 
 
+def _dense(t):
+    """weight or bias as the kernels read it, element c at offset c (a strided or expanded view copied)."""
+    return t.contiguous() if t is not None else None
+
+
 def _check_groups(x, num_groups: int) -> None:
     if x.dim() < 2 or num_groups <= 0 or x.shape[1] % num_groups:
         raise ConfigError(
@@ -136,10 +141,12 @@ def group_norm_silu_fwd(x, weight, bias, num_groups: int, eps: float, max_fused:
                         chunk: int = CHUNK):
     """Launch the forward on 4-D x; returns (y, mean, rstd), mean/rstd float32 [N * num_groups]."""
     _check_groups(x, num_groups)
+    weight, bias = _dense(weight), _dense(bias)
     y = torch.empty_like(x)
     strides = _group_strides(x)
-    if strides is None or y.stride() != x.stride():  # rare layouts: run contiguous, copy back
-        y_c, mean, rstd = group_norm_silu_fwd(x.contiguous(), weight, bias, num_groups, eps, max_fused, chunk)
+    if strides is None or y.stride() != x.stride():  # rare layouts: run on a plain NCHW copy, copy back
+        y_c, mean, rstd = group_norm_silu_fwd(x.clone(memory_format=torch.contiguous_format), weight, bias, num_groups,
+                                              eps, max_fused, chunk)
         return y.copy_(y_c), mean, rstd
     N, C, H, W = x.shape
     HW = H * W
@@ -169,10 +176,12 @@ def group_norm_silu_fwd(x, weight, bias, num_groups: int, eps: float, max_fused:
 def group_norm_silu_bwd(dy, x, weight, bias, mean, rstd, num_groups: int, max_fused: int = MAX_FUSED_BWD,
                         chunk: int = CHUNK):
     """Launch the backward; returns (dx, dweight, dbias), the last two empty when weight / bias is None."""
+    weight, bias = _dense(weight), _dense(bias)
     dx = torch.empty_like(x)
     strides = _group_strides(x)
-    if strides is None or dx.stride() != x.stride():  # rare layouts: run contiguous, copy back
-        dx_c, dw, db = group_norm_silu_bwd(dy, x.contiguous(), weight, bias, mean, rstd, num_groups, max_fused, chunk)
+    if strides is None or dx.stride() != x.stride():  # rare layouts: run on a plain NCHW copy, copy back
+        dx_c, dw, db = group_norm_silu_bwd(dy, x.clone(memory_format=torch.contiguous_format), weight, bias, mean,
+                                           rstd, num_groups, max_fused, chunk)
         return dx.copy_(dx_c), dw, db
     if dy.stride() != x.stride():
         dy = torch.empty_like(x).copy_(dy)

@@ -166,15 +166,9 @@ class _SamplerStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_prev, grad_x0):
-        saved = ctx.saved_tensors
-        diff = [t.detach().requires_grad_(need) for t, need in zip(saved[:7], ctx.needs_input_grad[:7])]
-        with torch.enable_grad():
-            outs = reference.sampler_step(*diff, saved[7], ctx.step, ctx.clip, True)
-            wanted = [t for t in diff if t.requires_grad]
-            # x0 depends on x, model_out, p and q only: with none of them wanted it has no graph to go back through
-            pairs = [(o, g) for o, g in zip(outs, (grad_prev, grad_x0)) if o.requires_grad]
-            grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
-        return (*(next(grads) if t.requires_grad else None for t in diff), None, None, None, None)
+        grads = reference.sampler_step_grads(ctx.saved_tensors, ctx.needs_input_grad[:7], ctx.step, ctx.clip,
+                                             grad_prev, grad_x0)
+        return (*grads, None, None, None, None)
 
 
 def sampler_step(x, model_out, p, q, A, B, sigma, seeds, step, clip=None, return_x0: bool = False):

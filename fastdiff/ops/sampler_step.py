@@ -134,8 +134,8 @@ def sampler_step_fwd(x, model_out, p, q, A, B, sigma, seeds, step_tensor, step_i
     rows, cols, (sx, so, sy) = view
     N = x.shape[0]
     seeds = seeds.to(device=x.device, dtype=torch.int64)  # no-ops in the samplers (already int64 on the device)
-    if step_tensor is not None:
-        step_tensor = step_tensor.to(x.device)
+    if step_tensor is not None:  # int64, as the kernel reads it (an int32 step overflowed its 32-bit mask)
+        step_tensor = step_tensor.to(device=x.device, dtype=torch.int64)
     block_r = min(triton.next_power_of_2(rows), 64)  # 1 exactly when rows == 1
     block_q = max(1, min(_TILE // (4 * block_r), triton.next_power_of_2(triton.cdiv(cols, 4))))
     tiles_r, tiles_l = triton.cdiv(rows, block_r), triton.cdiv(cols, 4 * block_q)
@@ -164,6 +164,24 @@ def _sampler_step_op(
 @_sampler_step_op.register_fake
 def _(x, model_out, p, q, A, B, sigma, seeds, step_tensor, step_int, clip, return_x0):
     return torch.empty_like(x), (torch.empty_like(x) if return_x0 else x.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, model_out, p, q, A, B, sigma, seeds, step_tensor, step_int, clip, return_x0 = inputs
+    ctx.save_for_backward(x, model_out, p, q, A, B, sigma, seeds, step_tensor)
+    ctx.step_int, ctx.clip, ctx.return_x0 = step_int, clip, return_x0
+
+
+def _backward(ctx, grad_prev, grad_x0):
+    """The reference's gradients, recomputed (`reference.sampler_step_grads`, as the native op's backward)."""
+    *saved, step_tensor = ctx.saved_tensors
+    step = step_tensor if step_tensor is not None else ctx.step_int
+    grads = reference.sampler_step_grads(saved, ctx.needs_input_grad[:7], step, ctx.clip, grad_prev,
+                                         grad_x0 if ctx.return_x0 else None)
+    return (*grads, None, None, None, None, None)
+
+
+_sampler_step_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _bench_cases(quick: bool) -> list[BenchCase]:

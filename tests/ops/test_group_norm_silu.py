@@ -183,3 +183,39 @@ def test_non_dense_input(device):
     ref = _grads(lambda x, w, b: reference.group_norm_silu(x, 4, w, b), x, w, b, dy)
     for a, r in zip(ours, ref):
         torch.testing.assert_close(a, r, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("view", ["strided", "expanded"])
+def test_weight_and_bias_views(device, view):
+    # The kernels read weight[c] at offset c: a strided weight was read at the wrong elements, and an expanded one
+    # (stride 0) past its one element
+    shape = (2, 6, 4, 5) if device.type == "cpu" else (4, 64, 32, 32)
+    C = shape[1]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(device)
+    dy = torch.randn(shape, generator=g).to(device)
+    n = 2 * C if view == "strided" else 1
+    results = []
+    for fn in (group_norm_silu, reference.group_norm_silu):
+        wb = (1 + torch.randn(n, generator=torch.Generator().manual_seed(1))).to(device).requires_grad_()
+        bb = torch.randn(n, generator=torch.Generator().manual_seed(2)).to(device).requires_grad_()
+        w, b = (wb[::2], bb[1::2]) if view == "strided" else (wb.expand(C), bb.expand(C))
+        xl = x.clone().requires_grad_()
+        y = fn(xl, 2, w, b)
+        results.append((y.detach(), *torch.autograd.grad(y, (xl, wb, bb), dy)))
+    for a, r in zip(*results):
+        torch.testing.assert_close(a, r, atol=2e-5, rtol=2e-5)
+
+
+def test_a_width_of_one_with_any_stride(device):
+    # A transposed [N, C, 1, H] view is [N, C, H, 1] with W's stride not 1: it recursed without end (its "contiguous"
+    # copy was itself)
+    base = torch.randn((2, 6, 1, 7) if device.type == "cpu" else (4, 64, 1, 1024), device=device)
+    x = base.transpose(2, 3)
+    assert x.is_contiguous() and x.stride(3) != 1
+    w, b = torch.randn(x.shape[1], device=device), torch.randn(x.shape[1], device=device)
+    dy = torch.randn(x.shape, device=device)
+    ours = _grads(lambda x, w, b: group_norm_silu(x, 2, w, b), x, w, b, dy)
+    ref = _grads(lambda x, w, b: reference.group_norm_silu(x, 2, w, b), x, w, b, dy)
+    for a, r in zip(ours, ref):
+        torch.testing.assert_close(a, r, atol=2e-5, rtol=2e-5)

@@ -186,3 +186,33 @@ def test_an_empty_batch_steps_to_empty_outputs(backend):
 
 def test_the_kernel_steps_an_empty_batch_to_empty_outputs(device):
     _step_an_empty_batch(device, None)
+
+
+def test_a_step_tensor_of_another_integer_type(device):
+    # An int32 step overflowed the kernel's 32-bit mask of it (the reference takes any integer step)
+    x = torch.randn(2, 3, 4, 4, device=device)
+    out = torch.randn_like(x)
+    coefs, seeds = _coefs(2, device), torch.arange(2, device=device)
+    for step in (17, -1):
+        ref = reference.sampler_step(x, out, *coefs, seeds, step)
+        y = sampler_step(x, out, *coefs, seeds, torch.tensor(step, dtype=torch.int32, device=device))
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_the_kernels_backward_is_the_references(device, clip):
+    # The Triton op had no autograd formula: a loss through a sampling step failed on a GPU where the CPU's native
+    # and reference steps differentiate
+    x = torch.randn(2, 3, 4, 4, device=device)
+    out = torch.randn_like(x)
+    coefs, seeds = _coefs(2, device), torch.arange(2, device=device)
+    grads = []
+    for fn in (sampler_step, reference.sampler_step):
+        leaves = [t.clone().requires_grad_() for t in (x, out, *coefs)]
+        y, x0 = fn(*leaves[:2], *leaves[2:], seeds, torch.tensor(5, device=device), clip=clip, return_x0=True)
+        grads.append(torch.autograd.grad((y * y).sum() + x0.sum(), leaves))
+        only_coefs = [t.clone().requires_grad_() for t in coefs]  # x0 has no graph to go back through
+        y = fn(x, out, *only_coefs, seeds, 5, clip=clip)
+        grads.append(torch.autograd.grad(y.sum(), only_coefs))
+    for a, r in zip(grads[0] + grads[1], grads[2] + grads[3]):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
