@@ -19,6 +19,7 @@ import torch
 
 from fastdiff.checkpoint import write_json_atomic
 from fastdiff.cli import HelpFormatter, add_sampling_args, sampling_overrides
+from fastdiff.cli.args import show_progress
 from fastdiff.errors import ConfigError, FastdiffError
 from fastdiff.evaluate import (
     classifier_cache_dir,
@@ -159,7 +160,7 @@ def main(argv=None) -> int:
         records = compare(args.teacher, args.student, args.refiner, n=args.n, seed=args.seed,
                           student_eta=args.student_eta,
                           device=resolve_device(args.device), log=lambda s: print(s, file=sys.stderr),
-                          progress=not args.no_progress, **overrides)
+                          progress=show_progress(args), **overrides)
     except FastdiffError as e:
         print(f"distill_table: error: {e}", file=sys.stderr)
         return 2

@@ -19,3 +19,8 @@ class CheckpointError(FastdiffError):
 
 class TrainingDiverged(FastdiffError):
     """The loss became NaN or infinite."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a scheduler's time limit, docker stop), raised where the process is, as Ctrl-C's
+    KeyboardInterrupt is: the same cleanup runs (temporary files removed, the run's log says where it stopped)."""

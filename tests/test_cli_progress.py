@@ -14,6 +14,12 @@ TINY = ["--steps", "2", "--batch-size", "16", "--log-every", "1", "--ckpt-every"
 ETA = re.compile(r"\d+/\d+ \[\d\d:\d\d<\d\d:\d\d")  # tqdm's "done/total [elapsed<remaining"
 
 
+@pytest.fixture(autouse=True)
+def terminal(monkeypatch):
+    """stderr as a terminal's (pytest captures it): where the bars are drawn."""
+    monkeypatch.setattr("fastdiff.cli.args.stderr_is_terminal", lambda: True)
+
+
 def run(args, capsys):
     code = main(args)
     out = capsys.readouterr()
@@ -45,6 +51,16 @@ def test_sampling_bar_counts_the_steps_of_every_batch(command, trained, tmp_path
     assert re.search(r"sampling: 100%.*6/6 \[\d\d:\d\d<\d\d:\d\d", err), err  # 2 batches x 3 steps
     quiet = run([*args, "--no-progress"], capsys)
     assert "sampling" not in quiet and not ETA.search(quiet), quiet
+
+
+def test_no_bar_where_stderr_is_no_terminal(trained, tmp_path, capsys, monkeypatch):
+    # Redirected to a file, each redraw was a carriage return, and the log lines came out between them
+    monkeypatch.setattr("fastdiff.cli.args.stderr_is_terminal", lambda: False)
+    err = run(["train", "--preset", "digits", "--out", str(tmp_path / "run"), *TINY], capsys)
+    assert "step 2/2" in err and not ETA.search(err) and "\r" not in err
+    err = run(["sample", "--checkpoint", str(trained), "--n", "4", "--steps", "2", "--out", str(tmp_path / "s.png")],
+              capsys)
+    assert not ETA.search(err) and "\r" not in err
 
 
 def test_python_api_is_quiet_unless_asked(trained, capsys):

@@ -10,12 +10,15 @@ sample, eval and the tools, `args` what their parsers share.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
 
 from fastdiff.cli import sampling, training
 from fastdiff.cli.args import HelpFormatter, Parser
 from fastdiff.cli.sampling import add_sampling_args, sampling_overrides
-from fastdiff.errors import FastdiffError
+from fastdiff.errors import FastdiffError, Terminated
 from fastdiff.runtime import apply_malloc_setting
 
 __all__ = ["HelpFormatter", "add_sampling_args", "build_parser", "main", "sampling_overrides"]
@@ -41,15 +44,33 @@ COMMANDS = {"train": training.cmd_train, "sample": sampling.cmd_sample, "eval": 
             "bench": sampling.cmd_bench, "export": sampling.cmd_export, "plot": sampling.cmd_plot}
 
 
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    handle = main_thread and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if handle:
+        signal.signal(signal.SIGTERM, _terminate)  # cleaned up as Ctrl-C is, not killed mid-write
     try:
         apply_malloc_setting()  # before the command allocates (README, "CPU defaults")
         return COMMANDS[args.command](args)
     except FastdiffError as e:
         print(f"fastdiff {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"fastdiff {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
+        print(f"fastdiff {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
+    except BrokenPipeError:  # stdout closed early (`| head`): the rest of the output has no reader
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exit's flush cannot fail again
+        except (OSError, ValueError):  # a stdout without a file descriptor (captured)
+            pass
+        return 141
+    finally:
+        if handle:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 

@@ -96,6 +96,16 @@ def add_monitor_flags(p):
                    help="also write scalars and sample grids as TensorBoard events under RUN/tb (default: off)")
 
 
+def stderr_is_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+def show_progress(args) -> bool:
+    """A progress bar on stderr: unless --no-progress, where stderr is a terminal (in a log file its redraws would
+    be carriage returns between the lines)."""
+    return not args.no_progress and stderr_is_terminal()
+
+
 def add_resume_flags(p, command, warmup: bool = True):
     """--resume (its help names --warmup where the command has it), --dry-run and --no-progress."""
     p.add_argument("--resume", action="store_true",

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from fastdiff.cli.args import COUNT, ETA, GUIDANCE, NON_NEGATIVE_INT, POSITIVE, SEED, add_accel_flags
+from fastdiff.cli.args import COUNT, ETA, GUIDANCE, NON_NEGATIVE_INT, POSITIVE, SEED, add_accel_flags, show_progress
 from fastdiff.errors import ConfigError
 
 
@@ -105,7 +105,7 @@ def cmd_sample(args) -> int:
     settings = resolve_settings(run, device, refiner=args.refine, **sampling_overrides(args))
     recorder = TrajectoryRecorder(settings.steps, rows=min(args.n, args.trajectory_rows)) if args.trajectory else None
     res = sample(run, settings, n=args.n, seed=args.seed, labels=args.labels, callback=recorder,
-                 callback_rows=recorder.rows if recorder is not None else 1, progress=not args.no_progress)
+                 callback_rows=recorder.rows if recorder is not None else 1, progress=show_progress(args))
     classes = run.num_classes
     nrow = classes if res.labels is not None and args.labels is None and args.n % classes == 0 else None
     grid = save_grid(res.images, out, nrow=nrow)
@@ -141,7 +141,7 @@ def cmd_eval(args) -> int:
 
     result = evaluate_run(args.checkpoint, n=args.n, seed=args.seed, device=args.device,
                           classifier_steps=args.classifier_steps, log=lambda s: print(s, file=sys.stderr),
-                          refiner=args.refine, progress=not args.no_progress, **sampling_overrides(args))
+                          refiner=args.refine, progress=show_progress(args), **sampling_overrides(args))
     floor = result["fd_cls_floor"]
     print(f"FD_cls {result['fd_cls']:.3f} (real-vs-real floor {floor:.3f}, ratio {result['fd_ratio']:.2f})")
     print(f"KID {result['kid']:.5f} +- {result['kid_std']:.5f} "
@@ -201,7 +201,7 @@ def cmd_bench(args) -> int:
 
     doc = run_bench(device=resolve_device(args.device), out=Path(args.out), quick=args.quick, sections=args.sections,
                     presets=args.presets, providers=args.providers, budget_s=args.budget_s, rounds=args.rounds,
-                    progress=not args.no_progress)
+                    progress=show_progress(args))
     errors = [r for r in doc["rows"] if str(r.get("status", "")).startswith("error")]
     for r in errors:
         print(f"fastdiff bench: {r.get('case') or r.get('op')} {r.get('provider', '')}: {r['status']}", file=sys.stderr)

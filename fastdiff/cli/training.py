@@ -23,6 +23,7 @@ from fastdiff.cli.args import (
     echo_stderr,
     preset_list,
     resumed_config,
+    show_progress,
 )
 from fastdiff.errors import ConfigError
 
@@ -42,7 +43,7 @@ def _run(args, cfg, trainer: str, dry_run: str | None) -> int:
     from fastdiff.runtime import resolve_device
 
     device = resolve_device(args.device)
-    record = getattr(train, trainer)(cfg, args.out, device=device, resume=args.resume, progress=not args.no_progress,
+    record = getattr(train, trainer)(cfg, args.out, device=device, resume=args.resume, progress=show_progress(args),
                                      echo=echo_stderr, accel=accel_options(args, device))
     if is_main_process():  # under torchrun the first process reports the run (the others' records are partial)
         print(json.dumps({"run_dir": str(args.out), **record}))

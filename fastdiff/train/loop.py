@@ -29,6 +29,8 @@ checkpoint.
 
 from __future__ import annotations
 
+import platform
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -38,10 +40,10 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from fastdiff import __version__, state_dicts
 from fastdiff import checkpoint as ckpt
-from fastdiff import state_dicts
 from fastdiff.config import TrainConfig
-from fastdiff.errors import ConfigError
+from fastdiff.errors import ConfigError, FastdiffError, Terminated
 from fastdiff.runtime import AccelOptions, check_amp, mix_seed, resolve_device
 from fastdiff.train.batcher import Batcher
 from fastdiff.train.distributed import World, init_world
@@ -218,8 +220,10 @@ def _run(build, world: World, data, tc: TrainConfig, config: dict, run_dir: Path
     changed = []
     if world.is_main:
         saved = run_dir / "config.json"
+        # the records past the checkpoint it starts from; on a fresh start, those of an earlier start that stopped
+        # before its first checkpoint
+        truncate_stats(run_dir, start)
         if path is not None:
-            truncate_stats(run_dir, start)
             old = ckpt.load_json(run_dir, "config") if saved.exists() else ckpt.load_json(path, "config")
             changed = _changes(old, config)
         ckpt.write_json_atomic(saved, config)
@@ -238,6 +242,8 @@ def _run(build, world: World, data, tc: TrainConfig, config: dict, run_dir: Path
             state = _restore(path, objective, ema, device)
             images_seen, last_ckpt, saved_processes = state["images_seen"], str(path), state.get("processes")
         batcher = Batcher(len(data), tc.batch_size, tc.seed)
+        log.line(f"{shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])} (fastdiff {__version__}, torch "
+                 f"{torch.__version__}, Python {platform.python_version()})", echo=False)
         log.line(f"{'resuming at step ' + str(start) if path is not None else 'training'} {objective.describe()} "
                  f"dataset={data.name} ({len(data)} images {tuple(data.shape)}) device={device} amp={tc.amp} "
                  f"steps={tc.steps} batch={tc.batch_size} step={session.describe()} processes={world.size}")
@@ -263,7 +269,7 @@ def _loop(objective, session: Session, ema, monitor, log, data, batcher, tc: Tra
     bar = tqdm(total=tc.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
     meter = IntervalMeter(objective.stats, device, start, reduce=world.mean)
     sample_every = tc.ckpt_every if tc.sample_every is None else tc.sample_every
-    record = {}
+    record, done = {}, start
     for part in objective.parts:
         part.module.train()
     try:
@@ -296,6 +302,16 @@ def _loop(objective, session: Session, ema, monitor, log, data, batcher, tc: Tra
                     log.line(f"samples {monitor.grid(done, grid)}")
                 monitor.record(record, last=done == tc.steps)
             meter.restart()  # checkpoints, grids and plots are not training time
+    except (KeyboardInterrupt, FastdiffError) as e:  # the run's log says where it stopped, and how to go on
+        bar.close()
+        if isinstance(e, FastdiffError):
+            log.line(f"stopped after step {done}: {e}", echo=False)  # the command prints it
+        else:
+            go_on = (f"continue from {last_ckpt} with: {objective.command} --out {run_dir} --resume" if last_ckpt
+                     else "no checkpoint was written yet")
+            log.line(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'} after step {done}; {go_on}")
+        raise
     finally:
         bar.close()
+    log.line(f"finished at step {tc.steps}")
     return record

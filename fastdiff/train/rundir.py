@@ -142,10 +142,11 @@ class RunLog:
         self._log = open(run_dir / "log.txt", "a", buffering=1)
         self._stats = open(run_dir / "stats.jsonl", "a", buffering=1)
 
-    def line(self, text: str) -> None:
+    def line(self, text: str, echo: bool = True) -> None:
+        """A line in log.txt, echoed (echo False: the file alone, e.g. what the terminal shows already)."""
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         self._log.write(f"[{stamp}] {text}\n")
-        if self.echo is not None:
+        if echo and self.echo is not None:
             self.echo(text)
 
     def stats(self, record: dict) -> None:
@@ -159,7 +160,7 @@ class RunLog:
 class QuietLog:
     """The run log of the processes other than the first of a multi-process run: they write nothing."""
 
-    def line(self, text: str) -> None:
+    def line(self, text: str, echo: bool = True) -> None:
         pass
 
     def stats(self, record: dict) -> None:
