@@ -484,3 +484,64 @@ def test_lock_is_released_when_the_holder_exits(tmp_path):
     t0 = time.perf_counter()
     runlock.lock_run_dir(tmp_path).release()
     assert time.perf_counter() - t0 < 1
+
+
+# --- stopping a command ---------------------------------------------------------------------------------------------
+
+def test_sigterm_stops_training_as_ctrl_c_does(tmp_path):
+    # SIGTERM (kill, a scheduler's limit) killed the process where it stood: no line, no word in log.txt, and the
+    # temporaries of a file being written stayed
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "fastdiff.cli", "train", "--preset", "digits", "--out", str(run_dir),
+                             "--steps", "100000", "--ckpt-every", "3", "--sample-every", "0", "--batch-size", "16",
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).parent.parent)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "checkpoints").is_dir() or not ckpt.latest_checkpoint(run_dir):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "fastdiff train: terminated", err
+    assert "Traceback" not in err and out == ""
+    log = (run_dir / "log.txt").read_text()
+    assert re.search(r"terminated after step \d+; continue from .*step-\d+ with: fastdiff train --out .* --resume",
+                     log), log
+    assert not [p for p in run_dir.rglob("*") if ".tmp" in p.name]
+
+
+def test_a_closed_stdout_is_no_traceback(tmp_path):
+    # `fastdiff ... | head` ended in a BrokenPipeError traceback (and bench stopped after its first row)
+    proc = subprocess.Popen([sys.executable, "-m", "fastdiff.cli", "env"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141 and "Traceback" not in err, err
+
+
+def test_an_interrupted_run_says_where_it_stopped_and_a_fresh_start_drops_its_stats(tmp_path, monkeypatch,
+                                                                                     tiny_overrides):
+    from fastdiff.train import train_ddpm
+    from fastdiff.train.batcher import Batcher
+
+    cfg = apply_overrides(preset_config("digits"), {**tiny_overrides, "train.steps": 4, "train.ckpt_every": 100})
+    indices = Batcher.indices
+
+    def stop_at_step_3(self, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return indices(self, step)
+
+    with monkeypatch.context() as m:
+        m.setattr(Batcher, "indices", stop_at_step_3)
+        with pytest.raises(KeyboardInterrupt):
+            train_ddpm(cfg, tmp_path, progress=False, echo=lambda s: None)
+    assert "interrupted after step 2; no checkpoint was written yet" in (tmp_path / "log.txt").read_text()
+    train_ddpm(cfg, tmp_path, progress=False, echo=lambda s: None)  # no checkpoint: a fresh start
+    steps = [json.loads(line)["step"] for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # the stopped start's 1 and 2 are gone
+    log = (tmp_path / "log.txt").read_text()
+    assert log.rstrip().endswith("finished at step 4") and "fastdiff 0.1.0, torch" in log
