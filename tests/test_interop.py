@@ -73,6 +73,16 @@ def test_export_runs_in_diffusers_with_equal_outputs(tmp_path, capsys):
         assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(bad)]) == 2
         assert "Traceback" not in capsys.readouterr().err
     assert not list(tmp_path.glob(".*tmp-*")) and (tmp_path / "efile").read_text() == "x"
+    # Ctrl-C (or SIGTERM) after the weights were written left the temporary export folder behind
+    import fastdiff.interop.diffusers as exporter
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(exporter.DDPMScheduler, "save_pretrained", interrupt)
+        assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "cut")]) == 130
+    assert not list(tmp_path.glob(".*tmp-*")) and not (tmp_path / "cut").exists()
     empty = tmp_path / "empty"
     empty.mkdir()  # an empty folder is taken
     assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(empty)]) == 0

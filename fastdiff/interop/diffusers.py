@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from fastdiff.checkpoint import save_tensors, write_error
 from fastdiff.config import DiffusionConfig, RunConfig, SampleConfig, UNetConfig
 from fastdiff.diffusion.diffusers_options import BETA_SCHEDULES, PREDICTIONS, resolve_options
 from fastdiff.diffusion.schedules import NoiseSchedule
@@ -300,7 +301,7 @@ def export_run(run_or_checkpoint, out_dir, *, use_ema: bool = True) -> Path:
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         (tmp / "unet").mkdir(parents=True)
-        save_file(to_diffusers(loaded.model.state_dict(), cfg.model), str(tmp / "unet" / WEIGHTS))
+        save_tensors(tmp / "unet" / WEIGHTS, to_diffusers(loaded.model.state_dict(), cfg.model))
         (tmp / "unet" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         scheduler.save_pretrained(tmp / "scheduler")
         index = {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
@@ -310,9 +311,11 @@ def export_run(run_or_checkpoint, out_dir, *, use_ema: bool = True) -> Path:
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.rename(tmp, out)
-    except OSError as e:
+    except BaseException as e:  # a full disk, Ctrl-C, SIGTERM: no half-written export stays behind
         shutil.rmtree(tmp, ignore_errors=True)
-        raise FastdiffError(f"cannot write the export {out}: {e.strerror or e}; choose a writable --out") from None
+        if isinstance(e, OSError):
+            raise FastdiffError(write_error(f"the export {out}", e)) from None
+        raise
     return out
 
 
