@@ -57,17 +57,27 @@ def write_error(path, e: OSError) -> str:
 def atomic_write(path, data: bytes) -> Path:
     """Write `data` to `path` through a temporary file and a rename: `path` is the old file or the new one, never a
     partial one, and no temporary file is left behind on any error (a full disk gives one FastdiffError)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    return atomic_write_all({path: data})[0]
+
+
+def atomic_write_all(files: dict) -> list[Path]:
+    """`atomic_write` of several files together ({path: bytes}), e.g. a grid and its samples: all are written to
+    temporary files first and renamed into place only once every one is written, so an error (a full disk, Ctrl-C)
+    leaves every file as it was, never a new one beside an old one."""
+    items = [(Path(p), data, Path(p).with_name(f".{Path(p).name}.{os.getpid()}.tmp")) for p, data in files.items()]
+    current = items[0][0]
     try:
-        _write_file(tmp, data)
-        os.replace(tmp, path)
+        for current, data, tmp in items:
+            _write_file(tmp, data)
+        for current, _, tmp in items:
+            os.replace(tmp, current)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
+        for _, _, tmp in items:
+            tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise FastdiffError(write_error(path, e)) from None
+            raise FastdiffError(write_error(current, e)) from None
         raise
-    return path
+    return [path for path, _, _ in items]
 
 
 def save_tensors(path, tensors: dict[str, torch.Tensor]) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdiff.checkpoint import atomic_write
+from fastdiff.checkpoint import atomic_write, atomic_write_all
 from fastdiff.errors import FastdiffError
 
 
@@ -67,29 +67,38 @@ def check_writable(path, *, folder: bool = False, what: str = "the output") -> N
         raise FastdiffError(f"cannot write {what} {path}: {parent} is not a writable folder; choose a writable path")
 
 
-def save_png(array: np.ndarray, path) -> Path:
-    """Every file here is written whole or not at all (`atomic_write`): a full disk leaves no 0-byte PNG."""
+def png_bytes(array: np.ndarray) -> bytes:
     from PIL import Image
 
-    path = writable(path)
     buf = io.BytesIO()
     Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(buf, format="PNG")
-    return atomic_write(path, buf.getvalue())
+    return buf.getvalue()
 
 
-def save_grid(x: torch.Tensor, path, nrow: int | None = None) -> Path:
-    return save_png(make_grid(x, nrow, scale=auto_scale(x.shape[-1])), path)
+def save_png(array: np.ndarray, path) -> Path:
+    """Every file here is written whole or not at all (`atomic_write`): a full disk leaves no 0-byte PNG."""
+    return atomic_write(writable(path), png_bytes(array))
 
 
-def save_samples(path, samples: torch.Tensor, labels: torch.Tensor | None, seeds: torch.Tensor) -> Path:
+def grid_png(x: torch.Tensor, nrow: int | None = None) -> bytes:
+    return png_bytes(make_grid(x, nrow, scale=auto_scale(x.shape[-1])))
+
+
+def samples_npz(samples: torch.Tensor, labels: torch.Tensor | None, seeds: torch.Tensor) -> bytes:
     """Raw samples as .npz: images uint8 [N, H, W, C], float samples in [-1, 1], labels and per-sample seeds."""
-    path = writable(path)
     arrays = {"images": to_uint8(samples), "samples": samples.float().cpu().numpy(), "seeds": seeds.cpu().numpy()}
     if labels is not None:
         arrays["labels"] = labels.cpu().numpy()
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
-    return atomic_write(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_grid_and_samples(x: torch.Tensor, labels, seeds, grid_path, samples_path, nrow: int | None = None):
+    """The grid and its raw samples (`samples_npz`) written together (`atomic_write_all`): never a new grid beside
+    an old .npz. Returns their paths."""
+    return atomic_write_all({writable(grid_path): grid_png(x, nrow),
+                             writable(samples_path): samples_npz(x, labels, seeds)})
 
 
 def sample_name(seed: int, label: int | None) -> str:

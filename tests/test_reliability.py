@@ -296,6 +296,18 @@ def test_disk_full_sample_is_one_line_and_writes_nothing(trained, tmp_path, disk
     assert "no space left on device" in err and list(tmp_path.iterdir()) == []
 
 
+def test_disk_full_sample_keeps_the_old_grid_and_samples_together(trained, tmp_path, disk_full, capsys):
+    # The grid was renamed into place before the .npz failed: a new grid beside the old run's samples
+    args = ["sample", "--checkpoint", str(trained), "--n", "2", "--steps", "2", "--no-progress", "--out",
+            str(tmp_path / "s.png")]
+    assert run(args, capsys)[0] == 0
+    old = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    disk_full(1)  # the grid's temporary file is written, the samples' is not
+    code, _, err = run([*args, "--n", "3", "--seed", "5"], capsys)
+    one_line_error(code, err)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == old
+
+
 @pytest.fixture
 def small_fs(tmp_path):
     """A 1 MiB tmpfs made by the test (root only; skipped where mount is not allowed)."""

@@ -86,7 +86,7 @@ def add_sample(sub):
 
 
 def cmd_sample(args) -> int:
-    from fastdiff.images import check_writable, save_grid, save_images, save_samples, save_trajectory
+    from fastdiff.images import check_writable, save_grid_and_samples, save_images, save_trajectory
     from fastdiff.runtime import resolve_device
     from fastdiff.sampling import TrajectoryRecorder, load_run, resolve_settings, sample
 
@@ -108,8 +108,7 @@ def cmd_sample(args) -> int:
                  callback_rows=recorder.rows if recorder is not None else 1, progress=show_progress(args))
     classes = run.num_classes
     nrow = classes if res.labels is not None and args.labels is None and args.n % classes == 0 else None
-    grid = save_grid(res.images, out, nrow=nrow)
-    raw = save_samples(out.with_suffix(".npz"), res.images, res.labels, res.seeds)
+    grid, raw = save_grid_and_samples(res.images, res.labels, res.seeds, out, out.with_suffix(".npz"), nrow=nrow)
     result = {"grid": str(grid), "samples": str(raw), "n": args.n, "sampler": settings.sampler,
               "steps": settings.steps, "guidance": settings.guidance if res.labels is not None else None,
               "seconds": round(res.seconds + res.setup_s, 3), "images_per_sec": res.images_per_sec,
