@@ -357,6 +357,18 @@ def test_bench_refuses_bad_input_before_it_starts_and_keeps_an_earlier_report(tm
         m.setattr(suite, "run_job", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
         assert main(["bench", "--quick", "--device", "cpu", "--out", str(tmp_path / "old")]) == 130
     assert (tmp_path / "old" / "bench.json").read_text() == '{"rows": [1]}'
+    # a run stopped after its first row says so in its report (it read as a finished run's)
+    real = suite.run_job
+
+    def one_row_then_stop(job, *args, **kwargs):
+        yield next(iter(real(job, *args, **kwargs)))
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(suite, "run_job", one_row_then_stop)
+        assert main(["bench", "--quick", "--device", "cpu", "--sections", "ops", "--out", str(tmp_path / "cut")]) == 130
+    assert json.loads((tmp_path / "cut" / "bench.json").read_text())["complete"] is False
+    assert "**incomplete**" in (tmp_path / "cut" / "bench.md").read_text()
 
 
 def _rows_for_targets(train_ms: float, ddpm_ms: float) -> list[dict]:

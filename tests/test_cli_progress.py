@@ -84,5 +84,8 @@ def test_bench_bar_counts_jobs_and_keeps_its_rows_on_stdout(tmp_path, capsys, mo
     out = capsys.readouterr()
     assert re.search(r"bench: 100%.*2/2 \[\d\d:\d\d<\d\d:\d\d", out.err), out.err
     assert out.out.count("op stand-in: skipped: test") == 2 and not ETA.search(out.out)
+    result = json.loads(out.out.strip().splitlines()[-1])  # the result last, as every command's
+    assert result["rows"] == 2 and result["json"] == str(tmp_path / "bench.json")
+    assert json.loads((tmp_path / "bench.json").read_text())["complete"] is True
     assert main([*args, "--no-progress"]) == 0
     assert not ETA.search(capsys.readouterr().err)

@@ -171,6 +171,9 @@ def render_markdown(doc: dict) -> str:
     ]
     if doc.get("command"):
         head.append(f"- command: `{doc['command']}`")
+    if doc.get("complete") is False:  # (a report from before 2026-12-07 has no such field)
+        head.append("- **incomplete**: the run stopped (interrupted, killed or timed out) before its last job; these "
+                    "are the rows it had")
     head += [f"- {note}" for note in doc.get("notes", [])]
     parts = ["\n".join(head)]
     sections = dict.fromkeys(r.get("section", "rows") for r in doc["rows"])

@@ -141,7 +141,7 @@ def run_bench(*, device, out: Path, quick: bool = False, sections=SECTIONS, pres
     budget = Budget(budget_s if budget_s is not None else (40.0 if quick else 420.0))
     rounds = rounds or (2 if quick else 5)
     doc = new_doc(device, title=f"fastdiff bench{' --quick' if quick else ''}", quick=quick, budget_s=budget.seconds,
-                  rounds=rounds, notes=[
+                  rounds=rounds, complete=False, notes=[
                       "providers of a row group are timed interleaved, round by round, in one process; median and "
                       "p20-p80 over rounds, warm-up (compile, capture) excluded and reported as warm-up s",
                       "a sampling case ddpm-1000 timed on fewer steps is extrapolated to 1000 (every step does the "
@@ -176,7 +176,7 @@ def run_bench(*, device, out: Path, quick: bool = False, sections=SECTIONS, pres
             with tqdm.external_write_mode():
                 echo(_one_line(row))
             save()
-    doc["total_s"] = round(budget.used(), 1)
+    doc["total_s"], doc["complete"] = round(budget.used(), 1), True  # (reports saved before this say False)
     json_path, md_path = save()
     for section in ("sample", "train"):
         rows = [r for r in doc["rows"] if r.get("section") == section]
