@@ -62,8 +62,9 @@ def atomic_write(path, data: bytes) -> Path:
 
 def atomic_write_all(files: dict) -> list[Path]:
     """`atomic_write` of several files together ({path: bytes}), e.g. a grid and its samples: all are written to
-    temporary files first and renamed into place only once every one is written, so an error (a full disk, Ctrl-C)
-    leaves every file as it was, never a new one beside an old one."""
+    temporary files first and renamed into place only once every one is written, so an error while writing (a full
+    disk, Ctrl-C) leaves every file as it was, never a new one beside an old one. (Only a stop between the renames,
+    a moment, could still mix them.)"""
     items = [(Path(p), data, Path(p).with_name(f".{Path(p).name}.{os.getpid()}.tmp")) for p, data in files.items()]
     current = items[0][0]
     try:

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import os
 import resource
+import shlex
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -353,3 +354,22 @@ def train_defaults(device) -> tuple[str, bool]:
         return "fp32", True
     choice = cpu_choice()
     return choice.train_amp, choice.train_channels_last
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command this process runs, as it could be typed again (a program given by its full path, such as a
+    console script in a virtual environment, by its name; a module's __main__.py as `python -m <package>`, e.g.
+    torchrun's `-m fastdiff.cli`): what a bench report and a run's log.txt record."""
+    argv = list(sys.argv if argv is None else argv)
+    if argv and os.path.basename(argv[0]) == "__main__.py":
+        folder, names = os.path.dirname(os.path.abspath(argv[0])), []
+        while True:  # up through the packages (folders with an __init__.py) to the top one
+            names.insert(0, os.path.basename(folder))
+            parent = os.path.dirname(folder)
+            if not os.path.exists(os.path.join(parent, "__init__.py")) or parent == folder:
+                break
+            folder = parent
+        return shlex.join(["python", "-m", ".".join(names), *argv[1:]])
+    if argv and os.path.isabs(argv[0]):
+        argv[0] = os.path.basename(argv[0])
+    return shlex.join(argv)

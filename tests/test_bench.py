@@ -12,6 +12,7 @@ from unittest import mock
 import pytest
 import torch
 
+import fastdiff
 from fastdiff import runtime
 from fastdiff.bench import diffusers_ref, e2e, report
 from fastdiff.bench.e2e import Job, SampleCase, sample_rows, train_rows
@@ -130,11 +131,14 @@ def test_reports_name_the_environment(tmp_path):
 
 
 def test_reports_name_the_command_that_made_them():
-    assert report.command_line(["/venv/bin/fastdiff", "bench", "--out", "a b"]) == "fastdiff bench --out 'a b'"
-    assert report.command_line(["benchmarks/cpu_defaults.py", "--rows", "64"]) == "benchmarks/cpu_defaults.py --rows 64"
-    assert report.command_line(["/src/fastdiff/__main__.py", "bench"]) == "python -m fastdiff bench"  # python -m
+    assert runtime.command_line(["/venv/bin/fastdiff", "bench", "--out", "a b"]) == "fastdiff bench --out 'a b'"
+    assert (runtime.command_line(["benchmarks/cpu_defaults.py", "--rows", "64"])
+            == "benchmarks/cpu_defaults.py --rows 64")
+    assert runtime.command_line(["/src/fastdiff/__main__.py", "bench"]) == "python -m fastdiff bench"  # python -m
+    cli_main = str(Path(fastdiff.__file__).parent / "cli" / "__main__.py")  # torchrun -m fastdiff.cli: 'cli' before
+    assert runtime.command_line([cli_main, "train"]) == "python -m fastdiff.cli train"
     doc = report.new_doc("cpu", title="t")
-    assert doc["command"] == report.command_line()
+    assert doc["command"] == runtime.command_line()
     assert f"- command: `{doc['command']}`" in render_markdown(doc)
 
 

@@ -527,11 +527,14 @@ def test_sigterm_stops_training_as_ctrl_c_does(tmp_path):
 
 def test_a_closed_stdout_is_no_traceback(tmp_path):
     # `fastdiff ... | head` ended in a BrokenPipeError traceback (and bench stopped after its first row)
-    proc = subprocess.Popen([sys.executable, "-m", "fastdiff.cli", "env"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
-    proc.stdout.close()
-    err = proc.stderr.read()
-    assert proc.wait(timeout=60) == 141 and "Traceback" not in err, err
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # block-buffered, as in a pipe
+    for command in (["env"], ["sample", "--checkpoint", "pretrained:mnist", "--n", "1", "--steps", "1", "--out",
+                              str(tmp_path / "g.png"), "--no-progress"]):  # a short result: written out at exit
+        proc = subprocess.Popen([sys.executable, "-m", "fastdiff.cli", *command], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent, env=env)
+        proc.stdout.close()
+        err = proc.stderr.read()
+        assert proc.wait(timeout=60) == 141 and "Traceback" not in err and "Exception ignored" not in err, err
 
 
 def test_an_interrupted_run_says_where_it_stopped_and_a_fresh_start_drops_its_stats(tmp_path, monkeypatch,
@@ -557,3 +560,27 @@ def test_an_interrupted_run_says_where_it_stopped_and_a_fresh_start_drops_its_st
     assert steps == [1, 2, 3, 4]  # the stopped start's 1 and 2 are gone
     log = (tmp_path / "log.txt").read_text()
     assert log.rstrip().endswith("finished at step 4") and "fastdiff 0.1.0, torch" in log
+    # stopped while it set up (a student's teacher pairs and backbone can take minutes): said too
+    import fastdiff.train.loop as loop
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "EMA", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            train_ddpm(cfg, tmp_path / "setup", progress=False, echo=lambda s: None)
+    log = (tmp_path / "setup" / "log.txt").read_text().splitlines()
+    assert "fastdiff 0.1.0, torch" in log[0] and log[-1].endswith("interrupted before step 1; no checkpoint was "
+                                                                  "written yet")
+
+
+def test_export_on_a_full_disk_names_the_export(trained, tmp_path, capsys, monkeypatch):
+    # It named the temporary file inside the folder it had just removed
+    import fastdiff.interop.diffusers as exporter
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(exporter, "safetensors_bytes", full)
+    code, _, err = run(["export", "--checkpoint", str(trained), "--out", str(tmp_path / "exp")], capsys)
+    one_line_error(code, err)
+    assert f"cannot write the export {tmp_path / 'exp'}: no space left on device" in err
+    assert list(tmp_path.iterdir()) == []

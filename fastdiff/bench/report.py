@@ -10,17 +10,16 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shlex
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from fastdiff.checkpoint import atomic_write
+from fastdiff.checkpoint import atomic_write_all
 from fastdiff.envinfo import collect
 from fastdiff.images import writable
+from fastdiff.runtime import command_line
 
 # Columns in this order where any row has them; other scalar keys follow, except the JSON-only ones.
 COLUMNS = [
@@ -186,17 +185,6 @@ def render_markdown(doc: dict) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def command_line(argv: list[str] | None = None) -> str:
-    """The command that made a report, as it could be typed again (a program given by its full path, such as a
-    console script in a virtual environment, by its name; a package's __main__.py as `python -m <package>`)."""
-    argv = list(sys.argv if argv is None else argv)
-    if argv and os.path.basename(argv[0]) == "__main__.py":
-        return shlex.join(["python", "-m", os.path.basename(os.path.dirname(os.path.abspath(argv[0]))), *argv[1:]])
-    if argv and os.path.isabs(argv[0]):
-        argv[0] = os.path.basename(argv[0])
-    return shlex.join(argv)
-
-
 def new_doc(device, title: str = "fastdiff bench", **fields) -> dict:
     return {"title": title, "command": command_line(), "environment": environment(device), "rows": [], **fields}
 
@@ -205,8 +193,8 @@ def write_reports(doc: dict, out_dir: Path, stem: str = "bench") -> tuple[Path, 
     """Fill in the ratios and write out_dir/<stem>.json and <stem>.md."""
     add_ratios(doc["rows"])
     json_path, md_path = writable(Path(out_dir) / f"{stem}.json"), Path(out_dir) / f"{stem}.md"
-    atomic_write(json_path, (json.dumps(doc, indent=1, default=str) + "\n").encode())
-    atomic_write(md_path, render_markdown(doc).encode())
+    atomic_write_all({json_path: (json.dumps(doc, indent=1, default=str) + "\n").encode(),  # the two together
+                      md_path: render_markdown(doc).encode()})
     return json_path, md_path
 
 

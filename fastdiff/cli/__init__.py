@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _terminate)  # cleaned up as Ctrl-C is, not killed mid-write
     try:
         apply_malloc_setting()  # before the command allocates (README, "CPU defaults")
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is the BrokenPipeError below
+        return code
     except FastdiffError as e:
         print(f"fastdiff {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

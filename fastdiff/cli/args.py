@@ -97,7 +97,10 @@ def add_monitor_flags(p):
 
 
 def stderr_is_terminal() -> bool:
-    return sys.stderr.isatty()
+    try:
+        return sys.stderr is not None and sys.stderr.isatty()
+    except (ValueError, OSError):  # closed
+        return False
 
 
 def show_progress(args) -> bool:

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
-from fastdiff.checkpoint import save_tensors, write_error
+from fastdiff.checkpoint import write_error
 from fastdiff.config import DiffusionConfig, RunConfig, SampleConfig, UNetConfig
 from fastdiff.diffusion.diffusers_options import BETA_SCHEDULES, PREDICTIONS, resolve_options
 from fastdiff.diffusion.schedules import NoiseSchedule
@@ -301,7 +302,8 @@ def export_run(run_or_checkpoint, out_dir, *, use_ema: bool = True) -> Path:
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         (tmp / "unet").mkdir(parents=True)
-        save_tensors(tmp / "unet" / WEIGHTS, to_diffusers(loaded.model.state_dict(), cfg.model))
+        # plain writes inside the temporary folder: its rename is the atomic step, and an error names the export
+        (tmp / "unet" / WEIGHTS).write_bytes(safetensors_bytes(to_diffusers(loaded.model.state_dict(), cfg.model)))
         (tmp / "unet" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         scheduler.save_pretrained(tmp / "scheduler")
         index = {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,

@@ -30,7 +30,6 @@ checkpoint.
 from __future__ import annotations
 
 import platform
-import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ from fastdiff import __version__, state_dicts
 from fastdiff import checkpoint as ckpt
 from fastdiff.config import TrainConfig
 from fastdiff.errors import ConfigError, FastdiffError, Terminated
-from fastdiff.runtime import AccelOptions, check_amp, mix_seed, resolve_device
+from fastdiff.runtime import AccelOptions, check_amp, command_line, mix_seed, resolve_device
 from fastdiff.train.batcher import Batcher
 from fastdiff.train.distributed import World, init_world
 from fastdiff.train.ema import EMA
@@ -126,6 +125,18 @@ def _advice(command: str, run_dir: Path, tc: TrainConfig, last_ckpt: str | None)
                 f"({command} --lr {lr} --warmup {warmup} into a new --out), {fp}or check the data for NaNs")
     return (f"the last good checkpoint is {last_ckpt}. Resume from it with a lower learning rate or a longer "
             f"warm-up: {command} --out {run_dir} --resume --lr {lr} --warmup {warmup} ({fp}or check the data for NaNs)")
+
+
+def _stopped(e: BaseException, where: str, last_ckpt: str | None, run_dir: Path, world: World,
+             command: str | None = None) -> str:
+    """The log line of a run stopped by an error or a signal: where, and how to go on (`command`: the objective's,
+    where it was built)."""
+    if isinstance(e, FastdiffError):
+        return f"stopped {where}: {e}"
+    how = f" under torchrun with {world.size} processes" if world.distributed else ""
+    resume = f"{command} --out {run_dir} --resume" if command else "the same command with --resume"
+    go_on = f"continue from {last_ckpt} with: {resume}{how}" if last_ckpt else "no checkpoint was written yet"
+    return f"{'terminated' if isinstance(e, Terminated) else 'interrupted'} {where}; {go_on}"
 
 
 def _changes(old: dict, new: dict, where: str = "") -> list[str]:
@@ -229,21 +240,26 @@ def _run(build, world: World, data, tc: TrainConfig, config: dict, run_dir: Path
         ckpt.write_json_atomic(saved, config)
     write = (lambda s: tqdm.write(s, file=sys.stderr)) if progress else echo
     log = RunLog(run_dir, echo=write) if world.is_main else QuietLog()
+    log.line(f"{command_line()} (fastdiff {__version__}, torch {torch.__version__}, Python "
+             f"{platform.python_version()})", echo=False)
     monitor = None
     try:
         accel = AccelOptions.for_device(device) if accel is None else accel.check(device)
         session = Session(tc, device, world, world.adjust(accel, log.line), log.line, run_dir)
         torch.manual_seed(tc.seed)
-        objective = build(session)
-        main = objective.parts[0]
-        ema = EMA(main.module, tc.ema_decay) if world.is_main and objective.ema else None
-        images_seen, last_ckpt, saved_processes = 0, None, world.size
-        if path is not None:
-            state = _restore(path, objective, ema, device)
-            images_seen, last_ckpt, saved_processes = state["images_seen"], str(path), state.get("processes")
+        try:  # the setup (a student's teacher pairs and backbone may take minutes)
+            objective = build(session)
+            main = objective.parts[0]
+            ema = EMA(main.module, tc.ema_decay) if world.is_main and objective.ema else None
+            images_seen, last_ckpt, saved_processes = 0, None, world.size
+            if path is not None:
+                state = _restore(path, objective, ema, device)
+                images_seen, last_ckpt, saved_processes = state["images_seen"], str(path), state.get("processes")
+        except (KeyboardInterrupt, FastdiffError) as e:
+            log.line(_stopped(e, f"before step {start + 1}", str(path) if path else None, run_dir, world),
+                     echo=isinstance(e, KeyboardInterrupt))  # a FastdiffError: the command prints it
+            raise
         batcher = Batcher(len(data), tc.batch_size, tc.seed)
-        log.line(f"{shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])} (fastdiff {__version__}, torch "
-                 f"{torch.__version__}, Python {platform.python_version()})", echo=False)
         log.line(f"{'resuming at step ' + str(start) if path is not None else 'training'} {objective.describe()} "
                  f"dataset={data.name} ({len(data)} images {tuple(data.shape)}) device={device} amp={tc.amp} "
                  f"steps={tc.steps} batch={tc.batch_size} step={session.describe()} processes={world.size}")
@@ -304,12 +320,8 @@ def _loop(objective, session: Session, ema, monitor, log, data, batcher, tc: Tra
             meter.restart()  # checkpoints, grids and plots are not training time
     except (KeyboardInterrupt, FastdiffError) as e:  # the run's log says where it stopped, and how to go on
         bar.close()
-        if isinstance(e, FastdiffError):
-            log.line(f"stopped after step {done}: {e}", echo=False)  # the command prints it
-        else:
-            go_on = (f"continue from {last_ckpt} with: {objective.command} --out {run_dir} --resume" if last_ckpt
-                     else "no checkpoint was written yet")
-            log.line(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'} after step {done}; {go_on}")
+        log.line(_stopped(e, f"after step {done}", last_ckpt, run_dir, world, objective.command),
+                 echo=isinstance(e, KeyboardInterrupt))  # a FastdiffError: the command prints it
         raise
     finally:
         bar.close()

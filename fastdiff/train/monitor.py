@@ -53,8 +53,9 @@ class Monitor:
                 raise FastdiffError("--tensorboard needs the tensorboard package: pip install 'fastdiff[tensorboard]' "
                                     "(or drop --tensorboard)") from None
 
-            # purge_step: events past the checkpoint a resume starts from are dropped, as stats.jsonl's are
-            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+            # purge_step: events past the checkpoint a resume starts from are dropped, as stats.jsonl's are (on a
+            # fresh start, those of an earlier start that stopped before its first checkpoint)
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1)
 
     def grid(self, step: int, grid: np.ndarray) -> Path:
         path = save_png(grid, self.run_dir / "samples" / f"step-{step:09d}.png")
