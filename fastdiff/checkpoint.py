@@ -19,7 +19,6 @@ checked: `fastdiff.state_dicts`. The full-disk tests inject faults at this modul
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -137,46 +136,6 @@ def pretrained_names() -> list[str]:
 
 def is_pretrained(ckpt_dir) -> bool:
     return Path(ckpt_dir).resolve().parent == PRETRAINED_DIR
-
-
-def weights_fingerprint(folder) -> str:
-    """A short sha256 of a checkpoint folder's weight files (model.safetensors, and ema.safetensors where it has
-    one): what a cache of samples of its model is keyed by, so that a folder whose weights changed in place (a
-    re-shipped pretrained model, a run trained again into the same directory) is never read stale."""
-    digest = hashlib.sha256()
-    for name in ("model.safetensors", "ema.safetensors"):
-        path = Path(folder) / name
-        if path.exists():
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
-def user_cache_dir() -> Path:
-    """fastdiff's folder in the user's cache ($XDG_CACHE_HOME/fastdiff, else ~/.cache/fastdiff): what is derived
-    from a shipped model (its evaluation classifier, a student's backbone and teacher pairs), which is never
-    written into the installed package."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastdiff"
-
-
-def pin_checkpoint(path) -> str:
-    """The checkpoint folder `path` (a run directory, a checkpoint folder or pretrained:NAME) resolves to now, as an
-    absolute path: what a run that reads another run's weights (a student's teacher, a refiner's generator) records
-    when it starts, so that a resume reads the same weights after the other run has trained on. pretrained:NAME
-    stays a name (its weights do not change, and its folder moves with the install)."""
-    if str(path).startswith("pretrained:"):
-        return str(path)
-    return str(resolve_checkpoint(path).resolve())
-
-
-def pinned_or_its_run(path: str) -> str:
-    """A recorded checkpoint (`pin_checkpoint`) as it stands now: itself while it exists, else (its run pruned it,
-    keeping only its newest few) its run directory; anything else unchanged."""
-    pinned = Path(path)
-    if str(path).startswith("pretrained:") or pinned.exists() or pinned.parent.name != CHECKPOINTS:
-        return str(path)
-    return str(pinned.parent.parent)
 
 
 def resolve_checkpoint(path) -> Path:

@@ -17,12 +17,10 @@ from fastdiff.checkpoint import (
     CHECKPOINTS,
     PRETRAINED_DIR,
     is_pretrained,
-    pinned_or_its_run,
     read_json,
     read_tensors,
     resolve_checkpoint,
     save_tensors,
-    user_cache_dir,
     write_json_atomic,
 )
 from fastdiff.data import ImageData, load_dataset
@@ -31,6 +29,7 @@ from fastdiff.metrics import frechet_distance, kid, knn_radii, precision_recall
 from fastdiff.models.classifier import Classifier, ClassifierConfig, train_classifier
 from fastdiff.runtime import resolve_device
 from fastdiff.sampling import load_run, resolve_settings, sample
+from fastdiff.sources import pinned_or_its_run, user_cache_dir
 
 PR_K = 3  # nearest neighbours of the precision/recall manifolds (Kynkaanniemi et al. 2019)
 MIN_IMAGES = PR_K + 1  # fewer and a point has no k-th neighbour

@@ -17,7 +17,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def users_cache(tmp_path_factory):
-    """The tests write no user's cache (what fastdiff derives from shipped models: `checkpoint.user_cache_dir`)."""
+    """The tests write no user's cache (what fastdiff derives from shipped models: `sources.user_cache_dir`)."""
     old = os.environ.get("XDG_CACHE_HOME")
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
     yield

@@ -33,6 +33,7 @@ from fastdiff.models.discriminator import Discriminator, parse_augment
 from fastdiff.models.vit import ViT, ViTConfig, load_or_pretrain_vit, load_vit_file
 from fastdiff.runtime import AccelOptions, compile_fn, grad_scaler, step_generator
 from fastdiff.sampling import Denoiser, load_run
+from fastdiff.sources import user_cache_dir
 from fastdiff.train.add_losses import (
     c_of_t,
     discriminator_logits,
@@ -54,9 +55,9 @@ from fastdiff.train.step import adamw
 def cache_dir(dc: ADDConfig) -> Path:
     """Where the teacher's derived files (the pretrained ViT backbone, the regression pairs) are cached, for the
     next student of it: beside the teacher; for a `pretrained:NAME` teacher (inside the installed package, which is
-    not written to), the user's cache (`checkpoint.user_cache_dir()/NAME`)."""
+    not written to), the user's cache (`sources.user_cache_dir()/NAME`)."""
     path = ckpt.resolve_checkpoint(dc.teacher)
-    return ckpt.user_cache_dir() / path.name if ckpt.is_pretrained(path) else path.parent.parent
+    return user_cache_dir() / path.name if ckpt.is_pretrained(path) else path.parent.parent
 
 
 def check_teacher(tcfg: RunConfig, cfg: RunConfig, path) -> None:

@@ -30,6 +30,7 @@ from fastdiff.diffusion import make_timesteps
 from fastdiff.errors import ConfigError
 from fastdiff.runtime import isolated_rng
 from fastdiff.sampling import Denoiser, labels_for, resolve_settings, sample
+from fastdiff.sources import weights_fingerprint
 
 PAIR_SEED = 1 << 40
 
@@ -56,7 +57,7 @@ def teacher_pairs(teacher: Denoiser, cfg: RunConfig, cache_dir, *, device, log=N
     states_at = tuple(int(t) for t in states_at)
     settings = resolve_settings(teacher, device, sampler="ddim", steps=dc.regress_steps, eta=0.0,
                                 guidance=dc.teacher_guidance)
-    meta = {"teacher": teacher.path, "weights": ckpt.weights_fingerprint(teacher.path), "n": n, "seed": seed,
+    meta = {"teacher": teacher.path, "weights": weights_fingerprint(teacher.path), "n": n, "seed": seed,
             "sampler": "ddim",
             "steps": settings.steps, "guidance": settings.guidance, "spacing": settings.spacing,
             "clip": settings.clip, "amp": settings.accel.amp}

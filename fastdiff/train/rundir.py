@@ -19,6 +19,7 @@ from pathlib import Path
 from fastdiff import checkpoint as ckpt
 from fastdiff import runlock
 from fastdiff.errors import FastdiffError
+from fastdiff.sources import pin_checkpoint, pinned_or_its_run
 
 
 def resume_checkpoint(run_dir: Path, log=None, set_aside: bool = True) -> Path:
@@ -50,7 +51,7 @@ def saved_run_config(run_dir) -> Path | None:
 
 def source_checkpoint(run_dir, resume: bool, given: str, *key: str, log=None) -> str:
     """The checkpoint of another run that this run reads (a student's teacher, a refiner's generator): on a new
-    run, `given` pinned to the checkpoint it resolves to now (`checkpoint.pin_checkpoint`); on a resume, the one
+    run, `given` pinned to the checkpoint it resolves to now (`sources.pin_checkpoint`); on a resume, the one
     the run recorded (its config's `key` path), so that it continues with the same weights after the other run
     has trained on. Where that checkpoint is gone (the other run pruned it: it keeps its newest few), its run's
     newest one, and `log` says that the resume is then not exact."""
@@ -61,16 +62,16 @@ def source_checkpoint(run_dir, resume: bool, given: str, *key: str, log=None) ->
             value = value.get(k) if isinstance(value, dict) else None
         if isinstance(value, str) and value:
             return pinned_now(value, log, "this run started from")
-    return ckpt.pin_checkpoint(given)
+    return pin_checkpoint(given)
 
 
 def pinned_now(pinned: str, log=None, what: str = "recorded") -> str:
-    """A pinned checkpoint (`checkpoint.pin_checkpoint`) to read now: itself while it exists, else (its run pruned
+    """A pinned checkpoint (`sources.pin_checkpoint`) to read now: itself while it exists, else (its run pruned
     it, keeping only its newest few) its run's newest, and `log` says so: what follows is then not exact."""
-    now = ckpt.pinned_or_its_run(pinned)
+    now = pinned_or_its_run(pinned)
     if now == pinned:
         return pinned
-    newest = ckpt.pin_checkpoint(now)  # its run's newest (an error if the run is gone)
+    newest = pin_checkpoint(now)  # its run's newest (an error if the run is gone)
     if log is not None:
         log(f"the checkpoint {pinned} {what} is gone (its run keeps only its newest); continuing with {newest}, so "
             "this is not exact")
