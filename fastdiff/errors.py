@@ -23,4 +23,29 @@ class TrainingDiverged(FastdiffError):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (kill, a scheduler's time limit, docker stop), raised where the process is, as Ctrl-C's
-    KeyboardInterrupt is: the same cleanup runs (temporary files removed, the run's log says where it stopped)."""
+    KeyboardInterrupt is: the same cleanup runs (temporary files removed, the run's log says where it stopped).
+    An exception raised inside a finalizer is swallowed, so the training loop also checks `terminating` after
+    every step."""
+
+
+_terminating = [False]
+
+
+def terminate(signum=None, frame=None):
+    """The SIGTERM handler of the CLI: raise Terminated here and remember it (`terminating`); a second SIGTERM
+    kills the process at once, as by default."""
+    import os
+    import signal
+
+    if _terminating[0]:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+    _terminating[0] = True
+    raise Terminated()
+
+
+def terminating(reset: bool = False) -> bool:
+    """Whether SIGTERM was received (reset: forget it, as each CLI command starts)."""
+    if reset:
+        _terminating[0] = False
+    return _terminating[0]

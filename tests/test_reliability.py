@@ -560,6 +560,15 @@ def test_an_interrupted_run_says_where_it_stopped_and_a_fresh_start_drops_its_st
     assert steps == [1, 2, 3, 4]  # the stopped start's 1 and 2 are gone
     log = (tmp_path / "log.txt").read_text()
     assert log.rstrip().endswith("finished at step 4") and "fastdiff 0.1.0, torch" in log
+    # a SIGTERM whose exception a finalizer swallowed (a CI run trained on for a minute after it): the loop stops
+    import fastdiff.errors as errors
+    from fastdiff.errors import Terminated
+
+    monkeypatch.setattr(errors, "_terminating", [True])
+    with pytest.raises(Terminated):
+        train_ddpm(cfg, tmp_path / "term", progress=False, echo=lambda s: None)
+    assert "terminated after step 1; no checkpoint" in (tmp_path / "term" / "log.txt").read_text()
+    monkeypatch.setattr(errors, "_terminating", [False])
     # stopped while it set up (a student's teacher pairs and backbone can take minutes): said too
     import fastdiff.train.loop as loop
 

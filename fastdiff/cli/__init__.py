@@ -18,7 +18,7 @@ import threading
 from fastdiff.cli import sampling, training
 from fastdiff.cli.args import HelpFormatter, Parser
 from fastdiff.cli.sampling import add_sampling_args, sampling_overrides
-from fastdiff.errors import FastdiffError, Terminated
+from fastdiff.errors import FastdiffError, Terminated, terminate, terminating
 from fastdiff.runtime import apply_malloc_setting
 
 __all__ = ["HelpFormatter", "add_sampling_args", "build_parser", "main", "sampling_overrides"]
@@ -44,16 +44,13 @@ COMMANDS = {"train": training.cmd_train, "sample": sampling.cmd_sample, "eval": 
             "bench": sampling.cmd_bench, "export": sampling.cmd_export, "plot": sampling.cmd_plot}
 
 
-def _terminate(signum, frame):
-    raise Terminated()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     main_thread = threading.current_thread() is threading.main_thread()
     handle = main_thread and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     if handle:
-        signal.signal(signal.SIGTERM, _terminate)  # cleaned up as Ctrl-C is, not killed mid-write
+        terminating(reset=True)
+        signal.signal(signal.SIGTERM, terminate)  # cleaned up as Ctrl-C is, not killed mid-write
     try:
         apply_malloc_setting()  # before the command allocates (README, "CPU defaults")
         code = COMMANDS[args.command](args)

@@ -42,7 +42,7 @@ from tqdm import tqdm
 from fastdiff import __version__, state_dicts
 from fastdiff import checkpoint as ckpt
 from fastdiff.config import TrainConfig
-from fastdiff.errors import ConfigError, FastdiffError, Terminated
+from fastdiff.errors import ConfigError, FastdiffError, Terminated, terminating
 from fastdiff.runtime import AccelOptions, check_amp, command_line, mix_seed, resolve_device
 from fastdiff.train.batcher import Batcher
 from fastdiff.train.distributed import World, init_world
@@ -298,6 +298,8 @@ def _loop(objective, session: Session, ema, monitor, log, data, batcher, tc: Tra
             images_seen += tc.batch_size
             done = step + 1
             bar.update(1)
+            if terminating():  # a SIGTERM whose exception a finalizer swallowed
+                raise Terminated()
             is_ckpt = done % tc.ckpt_every == 0 or done == tc.steps
             is_grid = sample_every > 0 and (done % sample_every == 0 or done == tc.steps)
             if not (done % tc.log_every == 0 or is_ckpt or is_grid):
