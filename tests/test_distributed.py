@@ -213,7 +213,7 @@ def test_every_process_reads_the_source_checkpoint_the_first_pinned(tmp_path, ti
                gen, progress=False, echo=lambda s: None)
     older, newest = (str(p.resolve()) for p in sorted((gen / "checkpoints").iterdir()))
     cfg = RefinerConfig(generator=str(gen))
-    cfg.train.steps, cfg.train.batch_size, cfg.base_channels = 1, 8, 8
+    cfg.train.steps, cfg.train.batch_size, cfg.base_channels = 2, 8, 8
     out = tmp_path / "refiner"
     mp.spawn(_pin_race_worker, args=(2, _free_port(), cfg.to_dict(), str(out), older), nprocs=2, join=True)
     assert json.loads((out / "config.json").read_text())["refiner"]["generator"] == newest
