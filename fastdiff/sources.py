@@ -37,7 +37,8 @@ def pin_checkpoint(path) -> str:
     """The checkpoint folder `path` (a run directory, a checkpoint folder or pretrained:NAME) resolves to now, as an
     absolute path: what a run that reads another run's weights (a student's teacher, a refiner's generator) records
     when it starts, so that a resume reads the same weights after the other run has trained on. pretrained:NAME
-    stays a name (its weights do not change, and its folder moves with the install)."""
+    stays a name (its folder moves with the install; a cache of its samples is keyed by `weights_fingerprint`, as
+    a newer install may ship other weights under the name)."""
     if str(path).startswith("pretrained:"):
         return str(path)
     return str(resolve_checkpoint(path).resolve())
