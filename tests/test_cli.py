@@ -260,8 +260,9 @@ def test_keep_freed_memory_reuses_freed_pages():
     # unmap each and fault all of the next one in again (54 MiB in all against 14).
     if not glibc_version():
         pytest.skip("mallopt is glibc's")
-    faults = {s: int(subprocess.run([sys.executable, "-c", FAULTS, s], capture_output=True, text=True,
-                                    check=True).stdout) for s in ("keep", "default")}
+    # the fewest of three processes each: a loaded machine once added 4,500 faults to one "keep" process in CI
+    faults = {s: min(int(subprocess.run([sys.executable, "-c", FAULTS, s], capture_output=True, text=True,
+                                        check=True).stdout) for _ in range(3)) for s in ("keep", "default")}
     assert faults["keep"] < faults["default"] / 2, faults
 
 
