@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -106,15 +107,40 @@ def sample_name(seed: int, label: int | None) -> str:
     return f"seed{seed:06d}.png" if label is None else f"seed{seed:06d}-label{label}.png"
 
 
+SAMPLE_NAME = re.compile(r"seed\d+(-label\d+)?\.png")  # every name `sample_name` gives
+
+
+def _names(seeds, labels) -> list[str]:
+    seeds = [int(s) for s in seeds]
+    labels = [None] * len(seeds) if labels is None else [int(y) for y in labels]
+    if len(seeds) != len(labels):
+        raise ValueError(f"{len(seeds)} seeds and {len(labels)} labels")
+    return [sample_name(s, y) for s, y in zip(seeds, labels)]
+
+
+def check_images_folder(out_dir, seeds, labels, what: str = "--save-images") -> None:
+    """One FastdiffError now, before the sampling, where out_dir holds sample images (`SAMPLE_NAME`) of an earlier
+    run that these seeds and labels would not replace: the folder would mix two samplings, and whatever reads it
+    (a FID over a folder) would count both. Images of the same names are replaced whole; other files are ignored."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return
+    ours = set(_names(seeds, labels))
+    stale = sorted(p.name for p in out_dir.iterdir() if SAMPLE_NAME.fullmatch(p.name) and p.name not in ours)
+    if stale:
+        raise FastdiffError(f"{what} {out_dir} already holds {len(stale)} sample image(s) that this run would not "
+                            f"replace (e.g. {stale[0]}), so it would mix two samplings; choose a new or empty folder, "
+                            "or remove them")
+
+
 def save_images(images: torch.Tensor, seeds, labels, out_dir) -> list[Path]:
     """One PNG per sample in out_dir, at the model's resolution, named by its seed and label (`sample_name`):
     float images in [-1, 1] [N, C, H, W] become uint8 exactly as in the grids (`to_uint8`)."""
-    seeds = [int(s) for s in seeds]
-    labels = [None] * len(seeds) if labels is None else [int(y) for y in labels]
-    if not len(images) == len(seeds) == len(labels):
-        raise ValueError(f"{len(images)} images, {len(seeds)} seeds and {len(labels)} labels")
+    names = _names(seeds, labels)
+    if len(images) != len(names):
+        raise ValueError(f"{len(images)} images, {len(names)} seeds")
     out_dir = Path(out_dir)
-    return [save_png(a, out_dir / sample_name(s, y)) for a, s, y in zip(to_uint8(images), seeds, labels)]
+    return [save_png(a, out_dir / name) for a, name in zip(to_uint8(images), names)]
 
 
 def save_trajectory(frames: list[tuple[str, torch.Tensor, torch.Tensor]], path, title: str = "") -> Path:

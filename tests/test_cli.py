@@ -115,6 +115,19 @@ def test_sample_save_images(trained, tmp_path, capsys):
     images = np.load(result["samples"])["images"]  # the same uint8 conversion as the .npz archive
     for name, want in zip(names, images):
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "each" / name))[..., None], want)
+    # fewer samples into the same folder would leave seed000043 of the first run beside them: refused, before sampling
+    (tmp_path / "each" / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "each").iterdir()}
+    code, _, err = run(["sample", "--checkpoint", str(trained), "--n", "2", "--steps", "2", "--labels", "4", "--seed",
+                        "41", "--out",
+                        str(tmp_path / "g2.png"), "--save-images", str(tmp_path / "each")], capsys)
+    assert code == 2 and "1 sample image(s) that this run would not replace (e.g. seed000043-label4.png)" in err
+    assert "Traceback" not in err and not (tmp_path / "g2.png").exists()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "each").iterdir()} == before
+    # the same names again (a rerun, or other labels' images of the same seeds) are replaced whole
+    code, _, _ = run(["sample", "--checkpoint", str(trained), "--n", "3", "--steps", "2", "--labels", "4", "--seed",
+                      "41", "--out", str(tmp_path / "g3.png"), "--save-images", str(tmp_path / "each")], capsys)
+    assert code == 0 and sorted(p.name for p in (tmp_path / "each").iterdir()) == ["notes.txt", *names]
 
 
 def test_eval_prints_json_last(trained, capsys):

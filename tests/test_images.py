@@ -41,3 +41,18 @@ def test_save_images_unconditional_and_mismatch(tmp_path):
     assert (np.asarray(Image.open(paths[1])) == 128).all()
     with pytest.raises(ValueError, match="2 images, 3 seeds"):
         save_images(x, [1, 2, 3], None, tmp_path)
+
+
+def test_check_images_folder(tmp_path):
+    from fastdiff.errors import FastdiffError
+    from fastdiff.images import check_images_folder
+
+    check_images_folder(tmp_path / "new", [1, 2], None)  # a folder yet to be made holds nothing
+    save_images(torch.zeros(2, 1, 4, 4), [1, 2], [0, 1], tmp_path)
+    (tmp_path / "seed-notes.png").write_bytes(b"")  # not a sample name: the user's, ignored
+    check_images_folder(tmp_path, [1, 2], [0, 1])  # the same names are replaced
+    check_images_folder(tmp_path, [1, 2, 3], [0, 1, 2])
+    with pytest.raises(FastdiffError, match=r"holds 1 sample image\(s\).*e\.g\. seed000002-label1\.png"):
+        check_images_folder(tmp_path, [1], [0])
+    with pytest.raises(FastdiffError, match="holds 2 sample image"):
+        check_images_folder(tmp_path, [1, 2], None)  # unconditional names differ from labelled ones

@@ -80,15 +80,16 @@ def add_sample(sub):
     p.add_argument("--trajectory", action="store_true", help="also write <out>_trajectory.png")
     p.add_argument("--trajectory-rows", type=COUNT, default=4, help="samples shown in the trajectory figure")
     p.add_argument("--save-images", metavar="DIR", help="also write one PNG per sample into DIR, named by its seed "
-                   "and label: seed000123-label7.png (seed000123.png unconditional) (default: off)")
+                   "and label: seed000123-label7.png (seed000123.png unconditional); refused where DIR holds other "
+                   "sample images this run would not replace (default: off)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     add_sampling_args(p)
 
 
 def cmd_sample(args) -> int:
-    from fastdiff.images import check_writable, save_grid_and_samples, save_images, save_trajectory
+    from fastdiff.images import check_images_folder, check_writable, save_grid_and_samples, save_images, save_trajectory
     from fastdiff.runtime import resolve_device
-    from fastdiff.sampling import TrajectoryRecorder, load_run, resolve_settings, sample
+    from fastdiff.sampling import TrajectoryRecorder, labels_for, load_run, resolve_settings, sample, seeds_for
 
     out = Path(args.out)
     if out.suffix.lower() != ".png" or out.name.lower() == ".png":
@@ -103,6 +104,9 @@ def cmd_sample(args) -> int:
     device = resolve_device(args.device)
     run = load_run(args.checkpoint, device, use_ema=not args.no_ema)
     settings = resolve_settings(run, device, refiner=args.refine, **sampling_overrides(args))
+    if args.save_images:
+        check_images_folder(args.save_images, seeds_for(args.seed, args.n),
+                            labels_for(args.labels, args.n, run.num_classes))
     recorder = TrajectoryRecorder(settings.steps, rows=min(args.n, args.trajectory_rows)) if args.trajectory else None
     res = sample(run, settings, n=args.n, seed=args.seed, labels=args.labels, callback=recorder,
                  callback_rows=recorder.rows if recorder is not None else 1, progress=show_progress(args))
