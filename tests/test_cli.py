@@ -292,6 +292,19 @@ def test_every_command_sets_malloc_and_env_says_how(env, says):
     assert says in json.loads(out.stdout.strip().splitlines()[-1])["malloc"]
 
 
+@pytest.mark.parametrize("command", [["env"], ["train", "--preset", "digits", "--steps", "1", "--out", "run"]])
+def test_a_bad_backend_setting_is_one_line_before_the_command(command, tmp_path):
+    """It used to surface at the first op call (a training run's first step, its folder made) or, in env, as a
+    report line under exit 0."""
+    import os
+
+    out = subprocess.run([sys.executable, "-m", "fastdiff.cli", *command], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path, env={**os.environ, "FASTDIFF_BACKEND": "cuda-magic"})
+    assert out.returncode == 2 and out.stdout == "" and not (tmp_path / "run").exists(), out.stderr
+    assert out.stderr.strip().splitlines() == [f"fastdiff {command[0]}: error: FASTDIFF_BACKEND='cuda-magic' is not "
+                                               "a backend; use one of torch, triton, native or auto"]
+
+
 def test_a_bad_malloc_setting_is_one_line(monkeypatch, capsys):
     monkeypatch.setenv("FASTDIFF_MALLOC", "jemalloc")
     code, _, err = run(["env"], capsys)

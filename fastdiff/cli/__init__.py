@@ -2,7 +2,8 @@
 
 Errors that the user can fix (FastdiffError) print one line and exit with status 2; anything else is a bug
 and keeps its traceback. Every command first has glibc's malloc keep freed memory for the next call
-(`runtime.apply_malloc_setting`; FASTDIFF_MALLOC=default leaves glibc's rules). Each subcommand's parser
+(`runtime.apply_malloc_setting`; FASTDIFF_MALLOC=default leaves glibc's rules) and refuses a bad
+FASTDIFF_BACKEND. Each subcommand's parser
 function sits beside its command function: `training` holds train, distill and train-refiner, `sampling`
 sample, eval and the tools, `args` what their parsers share.
 """
@@ -19,6 +20,7 @@ from fastdiff.cli import sampling, training
 from fastdiff.cli.args import HelpFormatter, Parser
 from fastdiff.cli.sampling import add_sampling_args, sampling_overrides
 from fastdiff.errors import FastdiffError, Terminated, terminate, terminating
+from fastdiff.ops.dispatch import current_backend
 from fastdiff.runtime import apply_malloc_setting
 
 __all__ = ["HelpFormatter", "add_sampling_args", "build_parser", "main", "sampling_overrides"]
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, terminate)  # cleaned up as Ctrl-C is, not killed mid-write
     try:
         apply_malloc_setting()  # before the command allocates (README, "CPU defaults")
+        current_backend()  # a bad FASTDIFF_BACKEND: its one line now, not at the first op call (or never, in env)
         code = COMMANDS[args.command](args)
         sys.stdout.flush()  # here, not at exit, so that a closed pipe is the BrokenPipeError below
         return code
