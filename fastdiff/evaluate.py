@@ -40,10 +40,12 @@ def classifier_path(cache_dir: Path, data: ImageData) -> Path:
     return Path(cache_dir) / f"classifier-{data.name}-{c}x{h}.safetensors"
 
 
-def load_or_train_classifier(train: ImageData, cache_dir, device="cpu", log=None, steps: int = 1500) -> Classifier:
+def load_or_train_classifier(train: ImageData, cache_dir, device="cpu", log=None, steps: int = 1500,
+                             progress: bool = False) -> Classifier:
     """The evaluation classifier for this dataset and size, trained once and cached in cache_dir. A shipped
     classifier of the same dataset, size and steps (fastdiff/pretrained, `make pretrained`) is the same training
-    already done, so it serves any run of that dataset that has none of its own."""
+    already done, so it serves any run of that dataset that has none of its own. progress: a bar of its training
+    (`fit_classifier`)."""
     path = classifier_path(cache_dir, train)
     shipped = classifier_path(PRETRAINED_DIR, train)
     for candidate in dict.fromkeys((path, shipped)):
@@ -54,7 +56,8 @@ def load_or_train_classifier(train: ImageData, cache_dir, device="cpu", log=None
             return model.to(device).eval()
     if log:
         log(f"training the evaluation classifier for {train.name} at {train.shape} (cached as {path})")
-    model = train_classifier(train.float_images(), train.labels, train.num_classes, steps=steps, device=device, log=log)
+    model = train_classifier(train.float_images(), train.labels, train.num_classes, steps=steps, device=device, log=log,
+                             progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_tensors(path, model.state_dict())
     write_json_atomic(path.with_suffix(".json"), {"config": model.config_dict(), "steps": steps,
@@ -162,8 +165,8 @@ def evaluate_run(checkpoint, *, n: int = 1000, seed: int = 0, device=None, class
     """Sample n images from a run and score them: FD_cls, its floor, and class-conditional accuracy.
 
     sampling: the overrides of `fastdiff.sampling.resolve_settings` (sampler, steps, guidance, eta, spacing, clip,
-    batch_size, refiner, acceleration keys); None or absent is the run's own setting. progress: the sampling
-    progress bar on stderr (`fastdiff.sampling.sample`).
+    batch_size, refiner, acceleration keys); None or absent is the run's own setting. progress: progress bars on
+    stderr of the classifier's training where it is not cached yet, and of the sampling (`fastdiff.sampling.sample`).
     """
     device = resolve_device(device)
     run = load_run(checkpoint, device)
@@ -175,7 +178,7 @@ def evaluate_run(checkpoint, *, n: int = 1000, seed: int = 0, device=None, class
                           "used while the folder's UNet and scheduler are still the run's)")
     train, test = evaluation_sets(cfg, n)
     cache = classifier_cache_dir(run.path, cfg)
-    classifier = load_or_train_classifier(train, cache, device, log, steps=classifier_steps)
+    classifier = load_or_train_classifier(train, cache, device, log, steps=classifier_steps, progress=progress)
     ref = real_reference(classifier, train, test, n, device)
     res = sample(run, settings, n=n, seed=seed, progress=progress)
     result = {"checkpoint": run.path, "dataset": cfg.data.dataset, "n": n, "sampler": settings.sampler,

@@ -49,8 +49,27 @@ def test_sampling_bar_counts_the_steps_of_every_batch(command, trained, tmp_path
     args += ["--out", str(tmp_path / "s.png")] if command == "sample" else ["--classifier-steps", "5"]
     err = run(args, capsys)
     assert re.search(r"sampling: 100%.*6/6 \[\d\d:\d\d<\d\d:\d\d", err), err  # 2 batches x 3 steps
+    if command == "eval":  # its classifier trains first (for minutes at the default steps), then it is cached
+        assert re.search(r"classifier: 100%.*5/5 \[\d\d:\d\d<\d\d:\d\d", err), err
     quiet = run([*args, "--no-progress"], capsys)
     assert "sampling" not in quiet and not ETA.search(quiet), quiet
+
+
+def test_distill_shows_bars_of_its_setup(tmp_path, capsys):
+    """The ViT backbone's pretraining and the teacher pairs' sampling take minutes before the first step."""
+    from fastdiff.config import apply_overrides, preset_config
+    from fastdiff.train.ddpm import train_ddpm
+
+    tiny = {"model.base_channels": 16, "model.num_groups": 4, "train.batch_size": 16, "train.steps": 2,
+            "train.ckpt_every": 2, "diffusion.prediction": "v"}
+    train_ddpm(apply_overrides(preset_config("digits"), tiny), tmp_path / "teacher", progress=False,
+               echo=lambda s: None)
+    err = run(["distill", "--teacher", str(tmp_path / "teacher"), "--out", str(tmp_path / "student"), "--steps", "2",
+               "--backbone-steps", "3", "--regress-weight", "1", "--regress-pairs", "8", "--regress-steps", "4",
+               *TINY[2:]], capsys)
+    assert re.search(r"ViT backbone: 100%.*3/3 \[\d\d:\d\d<\d\d:\d\d", err), err
+    assert re.search(r"sampling: 100%.*4/4 \[\d\d:\d\d<\d\d:\d\d", err), err  # 8 pairs, 1 batch x DDIM-4
+    assert re.search(r"2/2 \[\d\d:\d\d<\d\d:\d\d", err), err  # then the training loop's own bar
 
 
 def test_no_bar_where_stderr_is_no_terminal(trained, tmp_path, capsys, monkeypatch):

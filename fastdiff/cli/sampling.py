@@ -140,10 +140,12 @@ def add_eval(sub):
 
 
 def cmd_eval(args) -> int:
+    from tqdm import tqdm
+
     from fastdiff.evaluate import evaluate_run
 
     result = evaluate_run(args.checkpoint, n=args.n, seed=args.seed, device=args.device,
-                          classifier_steps=args.classifier_steps, log=lambda s: print(s, file=sys.stderr),
+                          classifier_steps=args.classifier_steps, log=lambda s: tqdm.write(s, file=sys.stderr),
                           refiner=args.refine, progress=show_progress(args), **sampling_overrides(args))
     floor = result["fd_cls_floor"]
     print(f"FD_cls {result['fd_cls']:.3f} (real-vs-real floor {floor:.3f}, ratio {result['fd_ratio']:.2f})")

@@ -3,11 +3,13 @@ predictions define class-conditional accuracy. Deterministic given the seed; cac
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 
 @dataclass
@@ -55,31 +57,37 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def fit_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, steps: int, batch_size: int,
-                   lr: float, seed: int, log=None, name: str = "classifier") -> nn.Module:
+                   lr: float, seed: int, log=None, name: str = "classifier", progress: bool = False) -> nn.Module:
     """Train `model` (already on its device) to classify images in [-1, 1], [N, C, H, W]: AdamW with a one-cycle
     schedule, random translations, label smoothing 0.1, batches drawn from a generator seeded by `seed`. Returns
-    it in eval mode. Shared by the evaluation classifier and the ADD discriminator's ViT backbone."""
+    it in eval mode. Shared by the evaluation classifier and the ADD discriminator's ViT backbone. progress: a
+    tqdm bar of its steps, with ETA, on stderr (it trains for minutes on a CPU; a `log` that writes to stderr
+    then writes through `tqdm.write`)."""
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    for step in range(steps):
-        idx = torch.randint(0, len(images), (batch_size,), generator=gen)
-        x = _augment(images[idx].to(device), gen)
-        loss = F.cross_entropy(model(x), labels[idx].to(device), label_smoothing=0.1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if log and (step + 1) % 500 == 0:
-            log(f"{name} step {step + 1}/{steps} loss {loss.item():.3f}")
+    with tqdm(total=steps, desc=name, unit="step", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
+        for step in range(steps):
+            idx = torch.randint(0, len(images), (batch_size,), generator=gen)
+            x = _augment(images[idx].to(device), gen)
+            loss = F.cross_entropy(model(x), labels[idx].to(device), label_smoothing=0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update()
+            if log and (step + 1) % 500 == 0:
+                log(f"{name} step {step + 1}/{steps} loss {loss.item():.3f}")
     return model.eval()
 
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int, *, steps: int = 1500,
-                     batch_size: int = 128, lr: float = 2e-3, seed: int = 0, device="cpu", log=None) -> Classifier:
+                     batch_size: int = 128, lr: float = 2e-3, seed: int = 0, device="cpu", log=None,
+                     progress: bool = False) -> Classifier:
     """images: float in [-1, 1], [N, C, H, W]."""
     torch.manual_seed(seed)
     model = Classifier(ClassifierConfig(images.shape[1], num_classes)).to(device)
-    return fit_classifier(model, images, labels, steps=steps, batch_size=batch_size, lr=lr, seed=seed, log=log)
+    return fit_classifier(model, images, labels, steps=steps, batch_size=batch_size, lr=lr, seed=seed, log=log,
+                          progress=progress)

@@ -294,14 +294,15 @@ def load_vit_file(path, *, image_size: int | None = None, num_heads: int | None 
 
 
 def pretrain_vit(images: torch.Tensor, labels: torch.Tensor, cfg: ViTConfig, *, steps: int = 1500,
-                 batch_size: int = 128, lr: float = 1e-3, seed: int = 0, device="cpu", log=None) -> ViT:
+                 batch_size: int = 128, lr: float = 1e-3, seed: int = 0, device="cpu", log=None,
+                 progress: bool = False) -> ViT:
     """Train a ViT classifier on images in [-1, 1] (random translations, label smoothing); returns it in eval."""
     from fastdiff.models.classifier import fit_classifier
 
     torch.manual_seed(seed)
     model = ViT(cfg).to(device)
     return fit_classifier(model, images, labels, steps=steps, batch_size=batch_size, lr=lr, seed=seed, log=log,
-                          name="ViT backbone")
+                          name="ViT backbone", progress=progress)
 
 
 def _load_cached(path: Path, meta_path: Path) -> ViT:
@@ -314,17 +315,18 @@ def _load_cached(path: Path, meta_path: Path) -> ViT:
     return model
 
 
-def load_or_pretrain_vit(data, cache_dir, cfg: ViTConfig, *, steps: int = 1500, device="cpu", log=None) -> ViT:
+def load_or_pretrain_vit(data, cache_dir, cfg: ViTConfig, *, steps: int = 1500, device="cpu", log=None,
+                         progress: bool = False) -> ViT:
     """The dataset's pretrained ViT classifier, trained once and cached in cache_dir as safetensors + JSON.
 
     The global random state is the same after it whether it trained the ViT or read it, so a run that builds its
     discriminator on it is the same either way (and on every process of a distributed run, where the first
     trains it and the rest read it)."""
     with isolated_rng(device):
-        return _load_or_pretrain_vit(data, cache_dir, cfg, steps=steps, device=device, log=log)
+        return _load_or_pretrain_vit(data, cache_dir, cfg, steps=steps, device=device, log=log, progress=progress)
 
 
-def _load_or_pretrain_vit(data, cache_dir, cfg: ViTConfig, *, steps: int, device, log) -> ViT:
+def _load_or_pretrain_vit(data, cache_dir, cfg: ViTConfig, *, steps: int, device, log, progress: bool) -> ViT:
     c, h, _ = data.shape
     tag = f"vit-{data.name}-{c}x{h}-p{cfg.patch_size}d{cfg.dim}x{cfg.depth}"
     path = Path(cache_dir) / f"{tag}.safetensors"
@@ -335,7 +337,7 @@ def _load_or_pretrain_vit(data, cache_dir, cfg: ViTConfig, *, steps: int, device
             return _load_cached(path, meta_path).to(device).eval()
     if log:
         log(f"pretraining the ViT backbone on {data.name} ({steps} steps; cached as {path})")
-    model = pretrain_vit(data.float_images(), data.labels, cfg, steps=steps, device=device, log=log)
+    model = pretrain_vit(data.float_images(), data.labels, cfg, steps=steps, device=device, log=log, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_tensors(path, model.state_dict())
     write_json_atomic(meta_path, {"config": asdict(cfg), "steps": steps, "train_images": len(data)})

@@ -80,7 +80,7 @@ def load_teacher(cfg: RunConfig, device) -> Denoiser:
     return teacher
 
 
-def build_discriminator(cfg: RunConfig, data, device, log, world: World) -> Discriminator:
+def build_discriminator(cfg: RunConfig, data, device, log, world: World, progress: bool = False) -> Discriminator:
     """ViT backbone (pretrained on the dataset and cached, a timm/DINO file, or none) with trainable heads."""
     dc, mc = cfg.distill, cfg.model
     vcfg = ViTConfig(image_size=mc.image_size, in_channels=mc.in_channels, patch_size=dc.backbone_patch,
@@ -91,7 +91,7 @@ def build_discriminator(cfg: RunConfig, data, device, log, world: World) -> Disc
         cache = Path(cfg.data.data_dir) if cfg.data.data_dir and Path(cfg.data.data_dir).is_dir() else None
         with world.main_first():  # the first process pretrains and caches it, the rest read it
             backbone = load_or_pretrain_vit(data, cache or cache_dir(dc), vcfg, steps=dc.backbone_steps,
-                                            device=device, log=log)
+                                            device=device, log=log, progress=progress)
     elif dc.backbone == "none":
         log("no backbone checkpoint (--backbone none): the ViT starts from random weights and trains with the heads")
         backbone, train_backbone = ViT(vcfg), True
@@ -131,7 +131,8 @@ class ADDObjective:
         teacher = load_teacher(cfg, device)
         with session.world.main_first():  # the first process draws and caches the pairs, the rest read them
             self.pairs = (teacher_pairs(teacher, cfg, cache_dir(dc), device=device, log=session.log,
-                                        states_at=dc.student_timesteps[1:] if dc.regress_at == "all" else ())
+                                        states_at=dc.student_timesteps[1:] if dc.regress_at == "all" else (),
+                                        progress=session.progress)
                           if dc.regress_weight > 0 else None)
         self.memory_format = session.memory_format
         # the run's layout, whatever sampling the pairs left it in (fresh and cached pairs give the same run)
@@ -140,7 +141,7 @@ class ADDObjective:
         student.load_state_dict(self.teacher.state_dict())
         student.requires_grad_(True)
         student = student.to(memory_format=self.memory_format)
-        disc = build_discriminator(cfg, data, device, session.log, session.world)
+        disc = build_discriminator(cfg, data, device, session.log, session.world, session.progress)
         self.student, self.disc = student, disc
         opt = adamw(student.parameters(), device, lr=tc.lr, betas=dc.betas, weight_decay=tc.weight_decay)
         disc_opt = adamw(disc.trainable_parameters(), device, lr=dc.disc_lr, betas=dc.betas, weight_decay=0.0)

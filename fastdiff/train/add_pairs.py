@@ -29,7 +29,7 @@ from fastdiff.config import RunConfig
 from fastdiff.diffusion import make_timesteps
 from fastdiff.errors import ConfigError
 from fastdiff.runtime import isolated_rng
-from fastdiff.sampling import Denoiser, labels_for, resolve_settings, sample
+from fastdiff.sampling import Denoiser, resolve_settings, sample
 from fastdiff.sources import weights_fingerprint
 
 PAIR_SEED = 1 << 40
@@ -49,9 +49,11 @@ class Pairs:
 
 
 def teacher_pairs(teacher: Denoiser, cfg: RunConfig, cache_dir, *, device, log=None, n: int | None = None,
-                  seed: int = PAIR_SEED, purpose: str = "the regression loss", states_at=()) -> Pairs:
+                  seed: int = PAIR_SEED, purpose: str = "the regression loss", states_at=(),
+                  progress: bool = False) -> Pairs:
     """n (default cfg.distill.regress_pairs) teacher samples of seeds seed, seed + 1, ... (DDIM-regress_steps,
-    eta 0, teacher guidance), with their DDIM states at the timesteps `states_at` where asked; cached."""
+    eta 0, teacher guidance), with their DDIM states at the timesteps `states_at` where asked; cached. progress:
+    the sampling's bar (`sample`)."""
     dc = cfg.distill
     n = dc.regress_pairs if n is None else n
     states_at = tuple(int(t) for t in states_at)
@@ -80,7 +82,7 @@ def teacher_pairs(teacher: Denoiser, cfg: RunConfig, cache_dir, *, device, log=N
         log(f"sampling {n} teacher pairs for {purpose} (DDIM-{settings.steps}, guidance "
             f"{settings.guidance:g}{f', states at t={list(states_at)}' if states_at else ''}; cached as {path})")
     with isolated_rng(device):
-        pairs = _sample_pairs(teacher, settings, n, seed, states_at, [grid.index(t) for t in states_at])
+        pairs = _sample_pairs(teacher, settings, n, seed, states_at, [grid.index(t) for t in states_at], progress)
     tensors = {k: v for k, v in (("seeds", pairs.seeds), ("images", pairs.images), ("labels", pairs.labels),
                                  ("states", pairs.states)) if v is not None}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,27 +92,20 @@ def teacher_pairs(teacher: Denoiser, cfg: RunConfig, cache_dir, *, device, log=N
 
 
 def _sample_pairs(teacher: Denoiser, settings, n: int, seed: int, states_at: tuple[int, ...],
-                  steps: list[int]) -> Pairs:
-    """`sample` of the n seeds; with `steps` (the DDIM steps from the timesteps `states_at`), batch by batch (its
-    step callback sees one batch), keeping the input x of each of those steps (the output of the step before it)."""
+                  steps: list[int], progress: bool) -> Pairs:
+    """`sample` of the n seeds; with `steps` (the DDIM steps from the timesteps `states_at`), keeping the input x
+    of each of those steps (the output of the step before it), from the step callback of every batch."""
+    kept: list[dict[int, torch.Tensor]] = []  # per batch, in order: step -> x
+
+    def keep(i, t, x, x0):
+        if i == 0:  # a batch's first step
+            kept.append({})
+        if i + 1 in steps:
+            kept[-1][i + 1] = x.float().cpu().contiguous()
+
+    res = sample(teacher, settings, n=n, seed=seed, callback=keep if steps else None, callback_rows=n,
+                 progress=progress)
     if not steps:
-        res = sample(teacher, settings, n=n, seed=seed)
         return Pairs(res.seeds, res.labels, res.images)
-    labels = labels_for(None, n, teacher.num_classes)
-    seeds, labs, images, states = [], [], [], []
-    for start in range(0, n, settings.batch_size):
-        size = min(settings.batch_size, n - start)
-        kept: dict[int, torch.Tensor] = {}
-
-        def keep(i, t, x, x0):
-            if i + 1 in steps:
-                kept[i + 1] = x.float().cpu().contiguous()
-
-        res = sample(teacher, settings, n=size, seed=seed + start, callback=keep,
-                     labels=labels[start : start + size] if labels is not None else None)
-        seeds.append(res.seeds)
-        images.append(res.images)
-        labs += [res.labels] if res.labels is not None else []
-        states.append(torch.stack([kept[k] for k in steps], dim=1))
-    return Pairs(torch.cat(seeds), torch.cat(labs) if labs else None, torch.cat(images), torch.cat(states),
-                 states_at)
+    states = torch.cat([torch.stack([batch[k] for k in steps], dim=1) for batch in kept])
+    return Pairs(res.seeds, res.labels, res.images, states, states_at)

@@ -82,12 +82,13 @@ class Part:
 
 
 class Session:
-    """What an objective builds its steps from: the device, the processes, the options, the run's log."""
+    """What an objective builds its steps from: the device, the processes, the options, the run's log, and whether
+    this process draws progress bars (of a setup that takes minutes, too: a ViT's pretraining, teacher pairs)."""
 
     def __init__(self, tc: TrainConfig, device: torch.device, world: World, accel: AccelOptions, log,
-                 run_dir: Path):
+                 run_dir: Path, progress: bool = False):
         self.tc, self.device, self.world, self.accel, self.log = tc, device, world, accel, log
-        self.run_dir = run_dir
+        self.run_dir, self.progress = run_dir, progress
         self.steps: list[tuple[str, object]] = []
 
     @property
@@ -245,7 +246,7 @@ def _run(build, world: World, data, tc: TrainConfig, config: dict, run_dir: Path
     monitor = None
     try:
         accel = AccelOptions.for_device(device) if accel is None else accel.check(device)
-        session = Session(tc, device, world, world.adjust(accel, log.line), log.line, run_dir)
+        session = Session(tc, device, world, world.adjust(accel, log.line), log.line, run_dir, progress)
         torch.manual_seed(tc.seed)
         try:  # the setup (a student's teacher pairs and backbone may take minutes)
             objective = build(session)

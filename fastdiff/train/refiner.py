@@ -110,7 +110,7 @@ def sample_pairs(student, gcfg: RunConfig, n: int, session: Session) -> tuple[to
     gcfg = replace(gcfg, distill=replace(gcfg.distill, teacher=teacher))
     with session.world.main_first():  # the first process draws and caches the pairs, the rest read them
         target = teacher_pairs(load_teacher(gcfg, device), gcfg, session.run_dir, device=device, log=session.log,
-                               n=n, seed=REFINER_PAIR_SEED, purpose="the refiner")
+                               n=n, seed=REFINER_PAIR_SEED, purpose="the refiner", progress=session.progress)
     with isolated_rng(device):
         own = sample(student, resolve_settings(student, device, steps=1), n=n, seed=REFINER_PAIR_SEED)
     if target.labels is not None and not torch.equal(own.labels.to(device), target.labels):
