@@ -41,6 +41,9 @@ from fastdiff.diffusion.schedules import NoiseSchedule
 from fastdiff.errors import ConfigError
 
 CONFIG_NAME = "scheduler_config.json"
+# diffusers' from_pretrained keywords for fetching from the hub: a local folder (all fastdiff reads) needs none
+HUB_KEYWORDS = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "user_agent",
+                "return_commit_hash")
 DIFFUSERS_VERSION = "0.42.1"  # the diffusers release these schedulers and their files are tested against
 
 
@@ -89,24 +92,52 @@ class _Scheduler:
         extra = sorted(set(options) - set(CLASS_OPTIONS[name]))
         if extra:
             raise ConfigError(f"{name} has no option(s) {extra}; its options are {', '.join(CLASS_OPTIONS[name])}")
-        opts = resolve_options(options, name)
-        if opts["trained_betas"] is not None:
-            opts["trained_betas"] = [float(b) for b in torch.as_tensor(opts["trained_betas"]).flatten()]
-        self._internal_dict = FrozenConfig(opts)
-        self.schedule = NoiseSchedule(**schedule_kwargs(opts))
-        self.prediction = PREDICTIONS[opts["prediction_type"]]
-        self.clip = float(opts["clip_sample_range"]) if opts["clip_sample"] else None
-        self.betas = self.schedule.betas
-        self.alphas = 1 - self.schedule.betas
-        self.alphas_cumprod = self.schedule.alphas_cumprod
         self.num_inference_steps = None
         self.custom_timesteps = False
+        self._internal_dict = options
         self._set(torch.arange(len(self) - 1, -1, -1, dtype=torch.int64))
 
     # ---- diffusers' ConfigMixin surface -------------------------------------------------------------------
     @property
     def config(self) -> FrozenConfig:
-        return self._internal_dict
+        return self._config
+
+    @property
+    def _internal_dict(self) -> FrozenConfig:
+        return self._config
+
+    @_internal_dict.setter
+    def _internal_dict(self, config: Mapping) -> None:
+        """Everything the steps read comes from the config, here: diffusers' pipelines replace `_internal_dict` to
+        mend an old config (clip_sample, steps_offset), and the scheduler must then step by the new one."""
+        opts = resolve_options(config, type(self).__name__)
+        if opts["trained_betas"] is not None:
+            opts["trained_betas"] = [float(b) for b in torch.as_tensor(opts["trained_betas"]).flatten()]
+        self._config = FrozenConfig(opts)
+        self.schedule = NoiseSchedule(**schedule_kwargs(opts))
+        self.prediction = PREDICTIONS[opts["prediction_type"]]
+        self.clip = float(opts["clip_sample_range"]) if opts["clip_sample"] else None
+        self.betas = self.schedule.betas
+        self.alphas = 1 - self.schedule.betas
+        self._tables = {}
+
+    def register_to_config(self, **kwargs) -> None:
+        """Change options in place, as diffusers' `register_to_config` (from_config(config, key=value) builds anew)."""
+        self._internal_dict = {**self.config, **kwargs}
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.schedule.alphas_cumprod
+
+    @alphas_cumprod.setter
+    def alphas_cumprod(self, value) -> None:
+        """The same values (moved to a device, as diffusers' own code and training scripts do) are accepted; other
+        values are refused, not ignored: the steps use the schedule of the config."""
+        mine = self.schedule.alphas_cumprod64.cpu()
+        value = torch.as_tensor(value).detach().to("cpu", torch.float64)
+        if value.shape != mine.shape or not torch.allclose(value, mine, rtol=1e-5, atol=1e-7):
+            raise ConfigError("fastdiff's schedulers step with the alphas_cumprod of their config; give other betas "
+                              "through the config instead (from_config(config, trained_betas=...))")
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
@@ -137,14 +168,19 @@ class _Scheduler:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, **kwargs):
+        """From a local folder's scheduler_config.json; the hub's keywords (`HUB_KEYWORDS`) are accepted and unused."""
+        kwargs = {k: v for k, v in kwargs.items() if k not in HUB_KEYWORDS}
         return cls.from_config(cls.load_config(pretrained_model_name_or_path, subfolder), **kwargs)
 
     def save_pretrained(self, save_directory, **kwargs) -> Path:
+        """scheduler_config.json in save_directory (diffusers' `save_config` too)."""
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         doc = {"_class_name": type(self).__name__, "_diffusers_version": DIFFUSERS_VERSION, **dict(self.config)}
         (folder / CONFIG_NAME).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
         return folder / CONFIG_NAME
+
+    save_config = save_pretrained
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
@@ -174,7 +210,19 @@ class _Scheduler:
 
     def _set(self, timesteps: torch.Tensor, device=None):
         self.timesteps = timesteps.to(device)
-        self._index = {int(t): i for i, t in enumerate(timesteps.tolist())}
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        return self._timesteps
+
+    @timesteps.setter
+    def timesteps(self, value) -> None:
+        """Assigned (a pipeline that starts part-way, `timesteps[k:]`) as set: the steps index the new list."""
+        ts = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+        if ts.is_floating_point() or ts.dim() != 1:
+            raise ConfigError(f"timesteps must be a 1-D list of integers, got {ts.dtype} of shape {list(ts.shape)}")
+        self._timesteps = ts.long()
+        self._index = {int(t): i for i, t in enumerate(ts.tolist())}
         self._tables = {}
 
     def _ab(self, ts: torch.Tensor, final: float | torch.Tensor = 1.0) -> torch.Tensor:
@@ -185,14 +233,19 @@ class _Scheduler:
     def _row(self, timestep, device, key, coefficients):
         """float32 [6] coefficients (p, q, A, B, sigma, E) of `timestep` on `device` and its step index (or None).
 
-        The table for all of self.timesteps is built once per (key, device) and indexed on the host."""
+        The table for all of self.timesteps is built once per (key, device) and indexed on the host. Where one of
+        them has no row (eps at a zero-SNR timestep), each step computes its own row, so only that step fails."""
         t = int(timestep)
         i = self._index.get(t)
-        if i is None:
-            return coefficients(torch.tensor([t]))[0].to(device, torch.float32), None
-        table = self._tables.get((key, device))
-        if table is None:
-            table = self._tables[(key, device)] = coefficients(self.timesteps.cpu()).to(device, torch.float32)
+        table = self._tables.get((key, device)) if i is not None else None
+        if table is None and i is not None:
+            try:
+                table = coefficients(self.timesteps.cpu()).to(device, torch.float32)
+            except ConfigError:
+                table = False
+            self._tables[(key, device)] = table
+        if table is None or table is False:
+            return coefficients(torch.tensor([t]))[0].to(device, torch.float32), i
         return table[i], i
 
     def _step(self, row, i, model_output, sample, draw: bool, generator, noise, seeds, extra: bool = False):
@@ -269,7 +322,7 @@ class DDIMScheduler(_Scheduler):
         diffusers, or fastdiff's per-sample `seeds`); use_clipped_model_output re-derives eps from the clipped x0."""
         if self.num_inference_steps is None:
             raise ConfigError("the number of inference steps is not set; call set_timesteps(n) before step")
-        if generator is not None and variance_noise is not None:
+        if eta > 0 and generator is not None and variance_noise is not None:  # neither is read at eta 0
             raise ConfigError("pass either a generator or variance_noise, not both")
         clipped = bool(use_clipped_model_output)
         row, i = self._row(timestep, sample.device, (float(eta), clipped),
@@ -282,9 +335,9 @@ class DDIMScheduler(_Scheduler):
 class DDPMScheduler(_Scheduler):
     """diffusers' DDPMScheduler (Ho et al. 2020) on fastdiff's fused step; options as diffusers' (see module)."""
 
-    def __init__(self, **options):
-        super().__init__(**options)
-        self.variance_type = self.config.variance_type
+    @property
+    def variance_type(self) -> str:
+        return self.config.variance_type
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None):
         if (num_inference_steps is None) == (timesteps is None):

@@ -369,3 +369,83 @@ if __name__ == "__main__":  # the table of measured differences: python tests/te
               f"| {w['diffusers-truth']:.2e} |")
     for case in PIPELINE_CASES:
         print(f"| {case[0]} images | {short(case[2])} | {short(case[3])} | {pipeline_diff(*case)[0]:.2e} | | |")
+
+
+def _both(name, **opts):
+    return getattr(fs, name)(**opts), getattr(diffusers, name)(**opts)
+
+
+def _step_both(ours, theirs, t, x, out, seed=None, **kwargs):
+    """One step of each from the same x; with `seed`, each draws from its own generator of that seed."""
+    def gen():
+        return {} if seed is None else {"generator": torch.Generator().manual_seed(seed)}
+
+    a = ours.step(out, t, x, **gen(), **kwargs).prev_sample
+    b = theirs.step(out, t, x, **gen(), **kwargs).prev_sample
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    return a
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler"])
+def test_assigned_timesteps_are_stepped_as_set(name):
+    """A pipeline that starts part-way assigns `timesteps[k:]`: DDIM stepped with the coefficients of the old list's
+    index (off by up to 1.9), DDPM raised IndexError."""
+    ours, theirs = _both(name)
+    x, out = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0)), torch.randn(2, 1, 4, 4)
+    for s in (ours, theirs):
+        s.set_timesteps(10)
+        s.timesteps = s.timesteps[3:]
+    for t in ours.timesteps.tolist():
+        x = _step_both(ours, theirs, t, x, out, seed=t)
+    with pytest.raises(ConfigError, match="1-D list of integers"):
+        ours.timesteps = torch.tensor([[999.5]])
+
+
+def test_a_replaced_config_is_the_one_stepped():
+    """diffusers' pipelines mend an old scheduler config by replacing `_internal_dict`; clip_sample was read once,
+    at construction, and kept clipping."""
+    ours, theirs = _both("DDIMScheduler")
+    for s in (ours, theirs):
+        s._internal_dict = type(s.config)({**s.config, "clip_sample": False, "steps_offset": 1})
+        s.set_timesteps(10)
+    assert ours.config.clip_sample is False and ours.config.steps_offset == 1
+    x, out = torch.randn(2, 1, 4, 4), 3 * torch.randn(2, 1, 4, 4)
+    assert ours.step(out, 901, x).pred_original_sample.abs().max() > 10  # not clipped to [-1, 1]
+    _step_both(ours, theirs, 901, x, out)
+    ours.register_to_config(prediction_type="v_prediction")
+    theirs.register_to_config(prediction_type="v_prediction")
+    _step_both(ours, theirs, 801, x, out)
+    with pytest.raises(ConfigError, match="thresholding"):
+        ours.register_to_config(thresholding=True)
+
+
+def test_alphas_cumprod_moved_is_accepted_and_changed_is_refused():
+    ours = fs.DDPMScheduler()
+    ours.alphas_cumprod = ours.alphas_cumprod.to(torch.float64)  # as diffusers' own add_noise does, to a device
+    torch.testing.assert_close(ours.alphas_cumprod, diffusers.DDPMScheduler().alphas_cumprod)
+    with pytest.raises(ConfigError, match="alphas_cumprod of their config"):
+        ours.alphas_cumprod = ours.alphas_cumprod * 0.5
+
+
+def test_eps_at_zero_snr_fails_only_the_step_that_has_no_x0():
+    """Every step failed where a timestep of the list (999) had alphas_cumprod 0."""
+    opts = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "clip_sample": False}
+    ours, theirs = _both("DDIMScheduler", **opts)
+    for s in (ours, theirs):
+        s.set_timesteps(10)
+    x, out = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    _step_both(ours, theirs, 99, x, out)
+    with pytest.raises(ConfigError, match="eps-prediction cannot recover x0 .*prediction_type='v_prediction'"):
+        ours.step(out, 999, x)
+    ours, theirs = _both("DDPMScheduler", rescale_betas_zero_snr=True)  # no set_timesteps: every timestep
+    _step_both(ours, theirs, 500, x, out, seed=0)
+
+
+def test_save_config_and_noise_arguments_unread_at_eta_zero(tmp_path):
+    ours, theirs = _both("DDIMScheduler", clip_sample=False)
+    assert ours.save_config(tmp_path).name == "scheduler_config.json"
+    assert fs.DDIMScheduler.from_pretrained(tmp_path, local_files_only=True, revision="main").config == ours.config
+    for s in (ours, theirs):
+        s.set_timesteps(4)
+    x, out = torch.randn(1, 1, 4, 4), torch.randn(1, 1, 4, 4)
+    _step_both(ours, theirs, 751, x, out, generator=torch.Generator(), variance_noise=torch.zeros_like(x))

@@ -79,7 +79,7 @@ def x0_coefficients(prediction: str, ab: torch.Tensor) -> tuple[torch.Tensor, to
         if bool((ab <= 0).any()):
             raise ConfigError(
                 "eps-prediction cannot recover x0 where alphas_cumprod = 0 (zero terminal SNR); "
-                "use --prediction v with --zero-terminal-snr"
+                "predict v instead (--prediction v; diffusers' prediction_type='v_prediction')"
             )
         return 1 / ab.sqrt(), -(1 - ab).sqrt() / ab.sqrt()
     if prediction == "v":
