@@ -261,3 +261,50 @@ def test_ddpm_cifar10_32_layout_imports_exactly():
     x, t = torch.randn(1, 3, 32, 32), torch.tensor([617])
     with torch.no_grad():
         torch.testing.assert_close(model(x, t), unet(x, t).sample, atol=1e-5, rtol=0)
+
+
+def test_weights_of_another_shape_are_refused_not_reshaped(tmp_path):
+    """conv_in saved [1, 16, 3, 3] where the config gives [16, 1, 3, 3] (as many elements) loaded silently as
+    wrong weights; a size that could not reshape was a raw RuntimeError."""
+    unet = diffusers_unet(in_channels=1, out_channels=1)
+    unet.save_pretrained(tmp_path / "unet")
+    weights = tmp_path / "unet" / interop.WEIGHTS
+    sd = load_file(str(weights))
+    for key, bad in (("conv_in.weight", sd["conv_in.weight"].transpose(0, 1).contiguous()),
+                     ("down_blocks.1.attentions.0.to_q.weight", sd["down_blocks.1.attentions.0.to_q.weight"][:-1])):
+        save_file({**sd, key: bad}, str(weights))
+        with pytest.raises(CheckpointError, match=rf"{key}' has shape {list(bad.shape)}".replace("[", r"\[")):
+            interop.import_unet(tmp_path / "unet")
+
+
+def test_legacy_attention_names_import_as_diffusers_renames_them(tmp_path):
+    """Hub folders written before diffusers 0.15 name attention query/key/value/proj_attn."""
+    unet = diffusers_unet()
+    unet.save_pretrained(tmp_path / "unet")
+    weights = tmp_path / "unet" / interop.WEIGHTS
+    new = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    legacy = {}
+    for key, value in load_file(str(weights)).items():
+        for now, old in new.items():
+            key = key.replace(f".attentions.0.{now}.", f".attentions.0.{old}.")
+        legacy[key] = value
+    assert "mid_block.attentions.0.proj_attn.weight" in legacy and "down_blocks.1.attentions.0.query.bias" in legacy
+    save_file(legacy, str(weights))
+    assert diffusers.UNet2DModel.from_pretrained(tmp_path / "unet").state_dict().keys() == unet.state_dict().keys()
+    model, cfg, _ = interop.import_unet(tmp_path / "unet")
+    x, t = inputs(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t), unet(x, t).sample, atol=1e-5, rtol=0)
+
+
+def test_zero_blocks_with_changing_widths_are_refused_both_ways(tmp_path):
+    config = {**DDPM_CIFAR10_32, "layers_per_block": 0}
+    with pytest.raises(ConfigError, match=r"layers_per_block=0 with widths \[128, 256, 256, 256\]"):
+        interop.unet_config_from(config)
+    make_run(tmp_path / "run", {"model.num_res_blocks": 0})
+    with pytest.raises(ConfigError, match=r"num_res_blocks=0 with widths \[16, 32, 32\]"):
+        interop.export_run(tmp_path / "run", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    equal = interop.unet_config_from({**config, "block_out_channels": [64, 64, 64, 64]})  # the same layers in both
+    assert equal.num_res_blocks == 0 and equal.channel_mult == (1, 1, 1, 1)
+    assert interop.unet_config_from({**DDPM_CIFAR10_32, "act_fn": "swish"}) == interop.unet_config_from(DDPM_CIFAR10_32)

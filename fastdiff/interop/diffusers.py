@@ -29,7 +29,12 @@ from fastdiff.diffusion.diffusers_options import BETA_SCHEDULES, PREDICTIONS, re
 from fastdiff.diffusion.schedules import NoiseSchedule
 from fastdiff.errors import CheckpointError, ConfigError, FastdiffError
 from fastdiff.images import check_writable
-from fastdiff.interop.diffusers_weights import attention_levels, from_diffusers, to_diffusers
+from fastdiff.interop.diffusers_weights import (
+    attention_levels,
+    from_diffusers,
+    renamed_legacy_attention,
+    to_diffusers,
+)
 from fastdiff.models.unet import UNet
 from fastdiff.schedulers import DIFFUSERS_VERSION, DDPMScheduler
 
@@ -43,6 +48,7 @@ FIXED = {
     "mid_block_scale_factor": 1, "downsample_type": "conv", "upsample_type": "conv", "act_fn": "silu",
     "resnet_time_scale_shift": "default", "add_attention": True, "class_embed_type": None,
 }
+SYNONYMS = {"act_fn": {"swish": "silu"}}  # values diffusers builds the same layer for (its get_activation)
 MAPPED = ("sample_size", "in_channels", "out_channels", "block_out_channels", "layers_per_block", "down_block_types",
           "up_block_types", "dropout", "attention_head_dim", "norm_num_groups", "attn_norm_num_groups", "norm_eps",
           "num_class_embeds", "flip_sin_to_cos", "freq_shift", "downsample_padding", "time_embedding_dim",
@@ -67,6 +73,7 @@ def unet2d_config(cfg: UNetConfig) -> dict:
     else:
         raise ConfigError(f"num_heads={cfg.num_heads} on attention layers of widths {sorted(_attention_channels(cfg))} "
                           "has no diffusers equivalent (its attention_head_dim is one width for all layers)")
+    _check_blocks(cfg.num_res_blocks, [cfg.base_channels * m for m in cfg.channel_mult], "num_res_blocks")
     levels = attention_levels(cfg)
     # The null label, fastdiff's last class row, is no diffusers convention: the key says so (diffusers drops keys
     # that start with "_"), and a folder without it imports with every row a class and no null class.
@@ -92,7 +99,7 @@ def unet_config_from(d: dict) -> UNetConfig:
     if unknown:
         raise ConfigError(f"UNet2DModel option(s) {unknown} have no equivalent in fastdiff's UNet")
     for key, value in FIXED.items():
-        if d.get(key, value) != value:
+        if SYNONYMS.get(key, {}).get(d.get(key), d.get(key, value)) != value:
             raise ConfigError(f"UNet2DModel {key}={d[key]!r} is not supported by fastdiff's UNet (it has {value!r})")
     chans = list(d.get("block_out_channels", (224, 448, 672, 896)))
     base = chans[0]
@@ -132,6 +139,7 @@ def unet_config_from(d: dict) -> UNetConfig:
     if null is not None and (not classes or null != classes - 1):
         raise ConfigError(f"{NULL_KEY}={null!r} is not the last of num_class_embeds={classes} class rows, as fastdiff "
                           "writes it; remove the key (every row a class) or correct it")
+    _check_blocks(d.get("layers_per_block", 2), chans, "layers_per_block")
     heads = _heads(d.get("attention_head_dim", 8), chans, attn)
     return UNetConfig(
         image_size=size, in_channels=in_ch, base_channels=base, channel_mult=tuple(c // base for c in chans),
@@ -143,6 +151,15 @@ def unet_config_from(d: dict) -> UNetConfig:
         freq_shift=float(d.get("freq_shift", 0)), downsample_padding=d.get("downsample_padding", 1),
         norm_eps=float(d.get("norm_eps", 1e-5)),
     )
+
+
+def _check_blocks(blocks, chans, name: str) -> None:
+    """0 blocks per level with widths that change between levels: the two UNets build different layers there (no
+    resnet changes a level's width), so their weights do not map (diffusers refused such an export's weights; an
+    import of such a folder failed on the shapes)."""
+    if blocks == 0 and len(set(chans)) > 1:
+        raise ConfigError(f"{name}=0 with widths {chans} that change between levels has no equivalent in the other "
+                          "library's UNet (widths change in the resnets); use at least 1 block per level")
 
 
 def _heads(head_dim, chans, attn) -> int:
@@ -242,7 +259,8 @@ def import_unet(folder, device="cpu") -> tuple[UNet, UNetConfig, dict | None]:
     cfg = unet_config_from(_read_json(unet_dir / "config.json"))
     model = UNet(cfg)
     fd_shapes = {k: v.shape for k, v in model.state_dict().items()}
-    model.load_state_dict(from_diffusers(_read_weights(unet_dir), cfg, fd_shapes), strict=True)
+    state = renamed_legacy_attention(_read_weights(unet_dir))
+    model.load_state_dict(from_diffusers(state, cfg, fd_shapes), strict=True)
     sched_file = root / "scheduler" / "scheduler_config.json"
     sched = _read_json(sched_file) if unet_dir != root and sched_file.exists() else None
     return model.to(device).eval().requires_grad_(False), cfg, sched

@@ -85,8 +85,34 @@ def to_diffusers(state: dict[str, torch.Tensor], cfg: UNetConfig) -> dict[str, t
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def _diffusers_shape(fd_shape: torch.Size, how: str) -> tuple[int, ...]:
+    """The shape of the diffusers tensor (each of the three for qkv) that becomes a fastdiff tensor of fd_shape."""
+    if how == "same" or len(fd_shape) == 1 and how == "conv1x1":
+        return tuple(fd_shape)
+    if how == "conv1x1":
+        return tuple(fd_shape[:2])
+    return (fd_shape[0] // 3, *fd_shape[1:2])  # qkv: one third of the rows, as a Linear weight or bias
+
+
+LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def renamed_legacy_attention(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Attention weights under the names of diffusers before 0.15 (query, key, value, proj_attn), still in many hub
+    folders, under today's (to_q, to_k, to_v, to_out.0), as diffusers renames them when it loads them."""
+    out = {}
+    for key, tensor in state.items():
+        module, _, leaf = key.rpartition(".")
+        owner, _, sub = module.rpartition(".")
+        if sub in LEGACY_ATTENTION and owner.rpartition(".")[0].endswith("attentions"):
+            key = f"{owner}.{LEGACY_ATTENTION[sub]}.{leaf}"
+        out[key] = tensor
+    return out
+
+
 def from_diffusers(state: dict[str, torch.Tensor], cfg: UNetConfig, fd_shapes: dict[str, torch.Size]):
-    """UNet2DModel state dict -> fastdiff UNet state dict (shapes `fd_shapes`); every key of `state` must map."""
+    """UNet2DModel state dict -> fastdiff UNet state dict (shapes `fd_shapes`); every key of `state` must map, each
+    to a tensor of exactly the shape its config gives it (not merely as many elements)."""
     left = dict(state)
     out = {}
     for key, (df, how) in _key_map(cfg, fd_shapes).items():
@@ -96,6 +122,12 @@ def from_diffusers(state: dict[str, torch.Tensor], cfg: UNetConfig, fd_shapes: d
             raise CheckpointError(f"the diffusers weights have no {missing[0]!r} (for fastdiff's {key!r}); "
                                   "the folder's config.json does not describe its weights")
         parts = [left.pop(n) for n in names]
+        want = _diffusers_shape(fd_shapes[key], how)
+        for name, part in zip(names, parts):
+            if tuple(part.shape) != want:
+                raise CheckpointError(f"the diffusers weight {name!r} has shape {list(part.shape)} where the "
+                                      f"folder's config.json gives {list(want)}; the config.json does not describe "
+                                      "its weights")
         t = torch.cat(parts, dim=0) if how == "qkv" else parts[0]
         out[key] = t.reshape(fd_shapes[key])
     if left:
