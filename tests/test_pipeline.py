@@ -141,6 +141,13 @@ def test_wrap_your_own_model():
         pipe.sample(2, labels=[1])
     with pytest.raises(ConfigError, match="is unconditional"):
         pipe.sample(2, guidance=2.0)
+    # on a schedule shorter than the default 50 steps, no steps given is every timestep (it raised "steps=50 must
+    # be between 1 and the 20 training timesteps")
+    seen.clear()
+    short = fastdiff.Pipeline(model, schedule=NoiseSchedule("cosine", 20), image_shape=(1, 12, 12))
+    assert short.sample(1, **PLAIN).shape == (1, 1, 12, 12) and len(seen) == 20
+    with pytest.raises(ConfigError, match="steps=21"):
+        short.sample(1, steps=21)
 
 
 @pytest.mark.parametrize("accel", [PLAIN, {"amp": "bf16", "channels_last": True}], ids=["plain", "fast"])

@@ -118,6 +118,7 @@ def _steps(denoiser, sampler: str, steps: int | None) -> int:
             steps = len(denoiser.student_timesteps)
         else:
             steps = SampleConfig.steps
+        steps = min(steps, T)  # a default beyond a short schedule (a wrapped model's own) is all its timesteps
     steps = integer("steps", steps)
     if sampler == "student":
         student_timesteps(denoiser.student_timesteps, steps)  # raises for steps outside 1..len
