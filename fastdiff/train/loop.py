@@ -213,8 +213,11 @@ def train_loop(build: Callable[[Session], object], *, data, tc: TrainConfig, con
         check_amp(tc.amp, device)
         if world.is_main:
             with open_run_dir(run_dir, resume):
-                return _run(build, world, data, tc, config, run_dir, device, resume, progress, echo, accel)
-        return _run(build, world, data, tc, config, run_dir, device, resume, False, echo, accel)
+                result = _run(build, world, data, tc, config, run_dir, device, resume, progress, echo, accel)
+        else:
+            result = _run(build, world, data, tc, config, run_dir, device, resume, False, echo, accel)
+        world.barrier()  # every process done (the first writes the last checkpoint) before any tears the group down
+        return result
     finally:
         world.close()
 
