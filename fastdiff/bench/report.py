@@ -189,10 +189,16 @@ def new_doc(device, title: str = "fastdiff bench", **fields) -> dict:
     return {"title": title, "command": command_line(), "environment": environment(device), "rows": [], **fields}
 
 
+def report_paths(out_dir, stem: str = "bench") -> tuple[Path, Path]:
+    """out_dir/<stem>.json and <stem>.md: where `write_reports` writes."""
+    return Path(out_dir) / f"{stem}.json", Path(out_dir) / f"{stem}.md"
+
+
 def write_reports(doc: dict, out_dir: Path, stem: str = "bench") -> tuple[Path, Path]:
-    """Fill in the ratios and write out_dir/<stem>.json and <stem>.md."""
+    """Fill in the ratios and write `report_paths(out_dir, stem)`."""
     add_ratios(doc["rows"])
-    json_path, md_path = writable(Path(out_dir) / f"{stem}.json"), Path(out_dir) / f"{stem}.md"
+    json_path, md_path = report_paths(out_dir, stem)
+    json_path = writable(json_path)
     atomic_write_all({json_path: (json.dumps(doc, indent=1, default=str) + "\n").encode(),  # the two together
                       md_path: render_markdown(doc).encode()})
     return json_path, md_path

@@ -201,6 +201,7 @@ def add_bench(sub):
 
 
 def cmd_bench(args) -> int:
+    from fastdiff.bench.report import report_paths
     from fastdiff.bench.suite import run_bench
     from fastdiff.runtime import resolve_device
 
@@ -210,8 +211,8 @@ def cmd_bench(args) -> int:
     errors = [r for r in doc["rows"] if str(r.get("status", "")).startswith("error")]
     for r in errors:
         print(f"fastdiff bench: {r.get('case') or r.get('op')} {r.get('provider', '')}: {r['status']}", file=sys.stderr)
-    out = Path(args.out)  # the result, last on stdout as every command's
-    print(json.dumps({"json": str(out / "bench.json"), "md": str(out / "bench.md"), "rows": len(doc["rows"]),
+    json_path, md_path = report_paths(args.out)  # the result, last on stdout as every command's
+    print(json.dumps({"json": str(json_path), "md": str(md_path), "rows": len(doc["rows"]),
                       "errors": len(errors), "total_s": doc["total_s"],
                       "targets_met": sum(t.get("status") == "met" for t in doc.get("targets", []))}))
     return 1 if errors else 0
