@@ -213,6 +213,18 @@ class RunConfig:
         return cfg
 
 
+# the kinds of training run (each checkpoint's state.json "kind") and the command that trains and resumes each
+RUN_KINDS = {"ddpm": "fastdiff train", "add-student": "fastdiff distill", "refiner": "fastdiff train-refiner"}
+
+
+def run_kind(d) -> str:
+    """The RUN_KINDS key of a run's config.json dict: a refiner's, a distilled student's (a distill section), or a
+    DDPM run's."""
+    if isinstance(d, dict) and d.get("kind") == "refiner":
+        return "refiner"
+    return "add-student" if isinstance(d, dict) and isinstance(d.get("distill"), dict) else "ddpm"
+
+
 def load_config(path) -> RunConfig:
     """The RunConfig in a config.json (a run's or a checkpoint's), validated; one ConfigError naming the file."""
     from fastdiff.checkpoint import CHECKPOINTS, is_pretrained, read_json

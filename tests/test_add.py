@@ -645,3 +645,32 @@ def test_refiner_dry_run_makes_the_runs_checks(student_run, tmp_path, capsys):
     cfg = json.loads(capsys.readouterr().out)["refiner"]
     assert cfg["generator"] == str(ckpt.latest_checkpoint(student_run / "student").resolve())
     assert cfg["inputs"] == "samples" and not (tmp_path / "r").exists()
+
+
+def test_a_run_is_resumed_only_by_the_command_that_trains_it(student_run, tmp_path, capsys):
+    """train --resume on a student went on as a DDPM run (its next checkpoint kind "ddpm", no discriminator, and
+    distill --resume then called it corrupt); distill --resume on a DDPM run was an AttributeError traceback."""
+    from fastdiff.errors import CheckpointError
+
+    student, teacher = tmp_path / "student", tmp_path / "teacher"
+    shutil.copytree(student_run / "student", student)
+    shutil.copytree(student_run / "teacher", teacher)
+    before = {p: p.read_bytes() for p in sorted(student.rglob("*")) if p.is_file()}
+    cases = [(["train", "--out", str(student), "--resume", "--steps", "4"], student, "fastdiff distill"),
+             (["train", "--out", str(student), "--resume", "--steps", "4", "--dry-run"], student, "fastdiff distill"),
+             (["distill", "--out", str(teacher), "--resume", "--steps", "4"], teacher, "fastdiff train"),
+             (["train-refiner", "--out", str(teacher), "--resume", "--steps", "4"], teacher, "fastdiff train")]
+    for argv, run_dir, command in cases:
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{run_dir} is a run of {command}, not of fastdiff {argv[0]}" in err, err
+        assert f"resume it with {command} --out {run_dir} --resume" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in sorted(student.rglob("*")) if p.is_file()} == before
+    # the Python API, given a config of another kind, stops where the checkpoint's state says what it is
+    from fastdiff.config import load_config
+
+    cfg = apply_overrides(load_config(teacher / "config.json"), {"train.steps": 4})
+    with pytest.raises(CheckpointError, match="is a checkpoint of kind 'add-student', not 'ddpm'; resume it with "
+                                              "fastdiff distill"):
+        train_ddpm(cfg, student, resume=True, progress=False, echo=lambda s: None)

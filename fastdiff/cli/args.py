@@ -161,23 +161,28 @@ def _plain(value):
     return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
-def resumed_config(args, given: dict, keys: dict, resumable: set, not_on_resume: dict, parse=None):
+def resumed_config(args, given: dict, keys: dict, resumable: set, not_on_resume: dict, kind: str, parse=None):
     """The run's saved config when `--resume` finds one in --out (`saved_run_config`; None otherwise), after
     checking that no flag in `not_on_resume` is given and that `given` (dest -> value; `keys`: dest -> its
     "section.option") changes only `resumable` options: any other change would make the checkpoint and the config
-    disagree (a flag that repeats the run's own value changes nothing). `parse` reads the saved dict (default:
-    config.load_config's checks)."""
+    disagree (a flag that repeats the run's own value changes nothing), and that the run is of this command's
+    `kind` (`config.RUN_KINDS`: a student resumed by train went on as a DDPM run). `parse` reads the saved dict
+    (default: config.load_config's checks)."""
     from fastdiff.checkpoint import read_json
-    from fastdiff.config import load_config
+    from fastdiff.config import RUN_KINDS, load_config, run_kind
     from fastdiff.train.rundir import saved_run_config
 
     saved = saved_run_config(args.out) if args.resume else None
     if saved is None:
         return None
+    d = read_json(saved, error=ConfigError)
+    if run_kind(d) != kind:
+        raise ConfigError(f"{args.out} is a run of {RUN_KINDS[run_kind(d)]}, not of {RUN_KINDS[kind]}; resume it "
+                          f"with {RUN_KINDS[run_kind(d)]} --out {args.out} --resume")
     extra = [k for k, v in not_on_resume.items() if v]
     if extra:
         raise ConfigError(f"--resume continues the run with its own config; drop {_flags(extra)}")
-    cfg = load_config(saved) if parse is None else parse(read_json(saved, error=ConfigError))
+    cfg = load_config(saved) if parse is None else parse(d)
     old = cfg.to_dict()
 
     def saved_value(dest):

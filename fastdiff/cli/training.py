@@ -106,7 +106,7 @@ def resolve_train_config(args):
     from fastdiff.config import apply_overrides, train_config
 
     given = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
-    cfg = resumed_config(args, given, TRAIN_FLAGS, RESUMABLE, {"preset": args.preset, "config": args.config})
+    cfg = resumed_config(args, given, TRAIN_FLAGS, RESUMABLE, {"preset": args.preset, "config": args.config}, "ddpm")
     file = config_file_layer(args, sections=("model", "diffusion", "data", "train", "sample"))
     overrides = {**file.overrides, **{TRAIN_FLAGS[k]: v for k, v in given.items()}}
     if cfg is None:
@@ -205,7 +205,7 @@ def resolve_distill_config(args):
 
     given = {k: getattr(args, k) for k in DISTILL_FLAGS if getattr(args, k) is not None}
     cfg = resumed_config(args, given, DISTILL_FLAGS, DISTILL_RESUMABLE,
-                          {"preset": args.preset, "teacher": args.teacher, "config": args.config})
+                          {"preset": args.preset, "teacher": args.teacher, "config": args.config}, "add-student")
     # distill.teacher is the --teacher path; the student's model, diffusion and data are the teacher's
     file = config_file_layer(args, sections=("train", "distill", "sample"), names=("preset", "teacher"),
                         excluded=("distill.teacher", "train.p_uncond"))  # ADD drops no labels
@@ -270,7 +270,7 @@ def resolve_refiner_config(args):
     from fastdiff.train.refiner import RefinerConfig
 
     given = {k: getattr(args, k) for k in REFINER_FLAGS if getattr(args, k) is not None}
-    cfg = resumed_config(args, given, REFINER_FLAGS, REFINER_RESUMABLE, {"checkpoint": args.checkpoint},
+    cfg = resumed_config(args, given, REFINER_FLAGS, REFINER_RESUMABLE, {"checkpoint": args.checkpoint}, "refiner",
                           parse=RefinerConfig.from_dict)
     if cfg is None:
         if not args.checkpoint:

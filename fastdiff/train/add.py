@@ -22,7 +22,7 @@ import torch
 
 from fastdiff import checkpoint as ckpt
 from fastdiff import state_dicts
-from fastdiff.config import ADDConfig, RunConfig, load_config
+from fastdiff.config import RUN_KINDS, ADDConfig, RunConfig, load_config
 from fastdiff.config_checks import guides_untrained_null
 from fastdiff.data import load_dataset
 from fastdiff.diffusion import NoiseSchedule, student_table, student_timesteps
@@ -120,7 +120,8 @@ def _check(cfg: RunConfig) -> None:
 class ADDObjective:
     """Student (parts[0], averaged into the EMA) and discriminator (parts[1]); the teacher is frozen."""
 
-    kind, command, ema = "add-student", "fastdiff distill", True
+    kind, ema = "add-student", True
+    command = RUN_KINDS[kind]
     stats = ("loss", "g_adv", "distill", "regress", "d_loss", "r1", "d_real", "d_fake", "grad_norm")
 
     def __init__(self, cfg: RunConfig, data, session: Session):

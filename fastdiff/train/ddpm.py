@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastdiff.config import RunConfig
+from fastdiff.config import RUN_KINDS, RunConfig
 from fastdiff.data import load_dataset
 from fastdiff.diffusion import NoiseSchedule, ddim_table, make_timesteps, training_target
 from fastdiff.diffusion.parameterization import check_prediction
@@ -47,7 +47,8 @@ def _flip(x: torch.Tensor, gen) -> torch.Tensor:
 class DDPMObjective:
     """The UNet regressed on its prediction target at uniform timesteps; one train step per training step."""
 
-    kind, command, stats, ema = "ddpm", "fastdiff train", ("loss", "grad_norm"), True
+    kind, stats, ema = "ddpm", ("loss", "grad_norm"), True
+    command = RUN_KINDS[kind]
 
     def __init__(self, cfg: RunConfig, session: Session):
         tc, mc, device = session.tc, cfg.model, session.device

@@ -41,8 +41,8 @@ from tqdm import tqdm
 
 from fastdiff import __version__, state_dicts
 from fastdiff import checkpoint as ckpt
-from fastdiff.config import TrainConfig
-from fastdiff.errors import ConfigError, FastdiffError, Terminated, terminating
+from fastdiff.config import RUN_KINDS, TrainConfig
+from fastdiff.errors import CheckpointError, ConfigError, FastdiffError, Terminated, terminating
 from fastdiff.runtime import AccelOptions, check_amp, command_line, mix_seed, resolve_device
 from fastdiff.train.batcher import Batcher
 from fastdiff.train.distributed import World, init_world
@@ -170,6 +170,10 @@ def _save(run_dir: Path, objective, ema: EMA | None, config: dict, tc: TrainConf
 
 def _restore(path: Path, objective, ema: EMA | None, device) -> dict:
     where = path / "state.json"
+    kind = ckpt.load_json(path, "state").get("kind", objective.kind)  # recorded since ADD
+    if kind != objective.kind:  # the CLI refuses it before (cli.args.resumed_config); the Python API here
+        raise CheckpointError(f"{path} is a checkpoint of kind '{kind}', not '{objective.kind}'; resume it "
+                              f"with {RUN_KINDS.get(kind, 'the command that trained it')}")
     state = ckpt.load_state(path, keys=("step", "images_seen") + tuple(p.prefix + "optimizer" for p in objective.parts))
     for part in objective.parts:
         weights = ckpt.load_tensors(path, part.name, device)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdiff import checkpoint as ckpt
-from fastdiff.config import RunConfig, TrainConfig, build_section, load_config
+from fastdiff.config import RUN_KINDS, RunConfig, TrainConfig, build_section, load_config
 from fastdiff.config_checks import check_numbers
 from fastdiff.data import load_dataset
 from fastdiff.diffusion.parameterization import to_x0
@@ -122,7 +122,8 @@ def sample_pairs(student, gcfg: RunConfig, n: int, session: Session) -> tuple[to
 class RefinerObjective:
     """The refiner regressed on its pairs, "noised" or "samples" (module docstring; no EMA: the weights are used)."""
 
-    kind, command, ema = "refiner", "fastdiff train-refiner", False
+    kind, ema = "refiner", False
+    command = RUN_KINDS[kind]
     stats = ("loss", "unrefined_loss", "grad_norm")
 
     def __init__(self, cfg: RefinerConfig, t_max: int, session: Session):
