@@ -593,3 +593,35 @@ def test_export_on_a_full_disk_names_the_export(trained, tmp_path, capsys, monke
     one_line_error(code, err)
     assert f"cannot write the export {tmp_path / 'exp'}: no space left on device" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_new_run_writes_only_into_an_empty_folder_or_an_unfinished_run(tmp_path, capsys, monkeypatch):
+    """train --out wrote config.json, log.txt and stats into any folder: a checkpoint folder (its config.json, which
+    sampling then read, replaced), the current folder of --out "", someone's files (their stats.jsonl cut)."""
+    tiny = ["--preset", "digits", "--steps", "1", "--batch-size", "8", "--ckpt-every", "1", "--sample-every", "0",
+            "--no-progress"]
+    run = tmp_path / "run"
+    assert main(["train", *tiny, "--out", str(run)]) == 0
+    checkpoint = ckpt.latest_checkpoint(run)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "config.json").write_text('{"lr": 1}')
+    (theirs / "stats.jsonl").write_text("not json\n")
+    monkeypatch.chdir(theirs)
+    for out, says in ((checkpoint, "is a checkpoint folder, not a run directory"),
+                      (theirs, "is not empty (config.json, stats.jsonl) and holds no fastdiff run"),
+                      (".", "is not empty (config.json, stats.jsonl) and holds no fastdiff run"),
+                      ("", "argument --out: empty; give a file or folder name")):
+        before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+        capsys.readouterr()
+        try:
+            code = main(["train", *tiny, "--out", str(out)])
+        except SystemExit as e:  # argparse's own error
+            code = e.code
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert says in err and "Traceback" not in err, err
+        assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
+    # a run that stopped before its first checkpoint (config.json and stats, no checkpoints) starts over
+    shutil.rmtree(run / "checkpoints")
+    assert main(["train", *tiny, "--out", str(run)]) == 0 and ckpt.latest_checkpoint(run) is not None

@@ -65,13 +65,21 @@ POSITIVE = _number(float, 0, lo_open=True, allowed="above 0, finite")
 NON_NEGATIVE_INT = _number(int, 0, 2**31 - 1, allowed="0 and up")
 
 
+def PATH(text: str) -> str:  # noqa: N802 - a type, as COUNT and the others
+    """A file or folder flag's value: an empty one (an unset shell variable) would be the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty; give a file or folder name")
+    return text
+
+
 def preset_list(lead: str, descriptions: dict[str, str]) -> str:
     """A --preset help: `lead`, then one line per preset (fastdiff.config keeps the lines beside the presets)."""
     return lead + ":\n" + "\n".join(f"{name}: {text}" for name, text in descriptions.items())
 
 
 def add_config_file_flag(p, what: str):
-    p.add_argument("--config", metavar="FILE", help=f"JSON or TOML file of config sections, e.g. {{\"train\": "
+    p.add_argument("--config", metavar="FILE", type=PATH,
+                   help=f"JSON or TOML file of config sections, e.g. {{\"train\": "
                    f"{{\"lr\": 0.001}}}} or [train] lr = 0.001; {what}; applied over the preset, under the flags "
                    "(default: none)")
 

@@ -8,7 +8,17 @@ import json
 import sys
 from pathlib import Path
 
-from fastdiff.cli.args import COUNT, ETA, GUIDANCE, NON_NEGATIVE_INT, POSITIVE, SEED, add_accel_flags, show_progress
+from fastdiff.cli.args import (
+    COUNT,
+    ETA,
+    GUIDANCE,
+    NON_NEGATIVE_INT,
+    PATH,
+    POSITIVE,
+    SEED,
+    add_accel_flags,
+    show_progress,
+)
 from fastdiff.errors import ConfigError
 
 
@@ -59,7 +69,8 @@ def sampling_overrides(args) -> dict:
 
 
 def _add_run_flags(p, n_default):
-    p.add_argument("--checkpoint", required=True, help="run directory (its latest checkpoint), a checkpoint folder "
+    p.add_argument("--checkpoint", type=PATH, required=True,
+                   help="run directory (its latest checkpoint), a checkpoint folder "
                    "or pretrained:NAME (required)")
     p.add_argument("--n", type=COUNT, default=n_default, help="number of samples")
     p.add_argument("--seed", type=SEED, default=0, help="sample i uses seed + i")
@@ -76,10 +87,11 @@ def add_sample(sub):
     _add_run_flags(p, 100)
     p.add_argument("--labels", type=int, nargs="+", help="class labels, repeated to fill --n (default: balanced "
                    "classes on a conditional model)")
-    p.add_argument("--out", required=True, help="output PNG; raw samples go beside it as .npz (required)")
+    p.add_argument("--out", type=PATH, required=True, help="output PNG; raw samples go beside it as .npz (required)")
     p.add_argument("--trajectory", action="store_true", help="also write <out>_trajectory.png")
     p.add_argument("--trajectory-rows", type=COUNT, default=4, help="samples shown in the trajectory figure")
-    p.add_argument("--save-images", metavar="DIR", help="also write one PNG per sample into DIR, named by its seed "
+    p.add_argument("--save-images", type=PATH, metavar="DIR",
+                   help="also write one PNG per sample into DIR, named by its seed "
                    "and label: seed000123-label7.png (seed000123.png unconditional); refused where DIR holds other "
                    "sample images this run would not replace (default: off)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
@@ -189,7 +201,8 @@ def add_bench(sub):
                        description="Benchmark the op kernels and end-to-end sampling and training per provider; "
                        "print a table and write bench.json and bench.md.")
     p.add_argument("--quick", action="store_true", help="tiny sizes (CI: under a minute on a CPU)")
-    p.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.md (default: runs/bench)")
+    p.add_argument("--out", type=PATH, default="runs/bench",
+                   help="folder for bench.json and bench.md (default: runs/bench)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS, help="benchmark sections to run")
     p.add_argument("--presets", nargs="+", help=f"keep the rows of these presets (default: all; the CPU runs "
@@ -222,9 +235,11 @@ def add_export(sub):
     p = sub.add_parser("export", help="write a run as a diffusers pipeline folder (DDPMPipeline.from_pretrained)",
                        description="Write a run's UNet and schedule as a diffusers folder: model_index.json, "
                                    "unet/ (UNet2DModel) and scheduler/ (DDPMScheduler).")
-    p.add_argument("--checkpoint", required=True, help="run directory (its latest checkpoint) or a checkpoint folder "
+    p.add_argument("--checkpoint", type=PATH, required=True,
+                   help="run directory (its latest checkpoint) or a checkpoint folder "
                    "(required)")
-    p.add_argument("--out", required=True, help="the new folder, which must not exist or be empty (required)")
+    p.add_argument("--out", type=PATH, required=True,
+                   help="the new folder, which must not exist or be empty (required)")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
 
 
@@ -243,7 +258,7 @@ def add_plot(sub):
                        description="Draw the stats.jsonl of one or more runs on one PNG: one subplot per stat "
                        "against images seen (kimg), one line per run, the legend naming each run directory.")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories written by fastdiff train or distill")
-    p.add_argument("--out", required=True, help="output .png file (required)")
+    p.add_argument("--out", type=PATH, required=True, help="output .png file (required)")
     p.add_argument("--keys", default=",".join(DEFAULT_KEYS),
                    help="comma-separated stats.jsonl fields, one subplot each, e.g. grad_norm, sec_per_kimg, "
                    "peak_mem_mb, or an ADD run's g_adv, distill, d_loss (default: %(default)s)")

@@ -11,6 +11,7 @@ from fastdiff.cli.args import (
     COUNT,
     LOOP_RESUMABLE,
     NON_NEGATIVE_INT,
+    PATH,
     POSITIVE,
     SEED,
     accel_options,
@@ -61,8 +62,9 @@ def add_train(sub):
                           "--dry-run prints)")
     p.add_argument("--dataset", help="digits | mnist5k | mnist | fashion-mnist | cifar10 | fer2013 | folder | "
                    "synthetic (default: the preset's)")
-    p.add_argument("--data-dir", help="folder with the dataset files (default: $FASTDIFF_DATA_DIR or ./data)")
-    p.add_argument("--out", required=True, help="run directory (checkpoints, logs, config) (required)")
+    p.add_argument("--data-dir", type=PATH,
+                   help="folder with the dataset files (default: $FASTDIFF_DATA_DIR or ./data)")
+    p.add_argument("--out", type=PATH, required=True, help="run directory (checkpoints, logs, config) (required)")
     p.add_argument("--steps", type=int, help="total optimizer steps (default: the preset's)")
     p.add_argument("--batch-size", type=int, help="images per optimizer step, over all processes (default: the "
                    "preset's)")
@@ -126,9 +128,10 @@ def add_distill(sub):
                        description="Adversarial Diffusion Distillation of a DDPM teacher run into a few-step student. "
                        "Options come from the distillation preset, then --config FILE, then the flags; the student's "
                        "model, diffusion and data are the teacher's.")
-    p.add_argument("--teacher", help="the teacher's run directory or checkpoint folder (required unless --config "
+    p.add_argument("--teacher", type=PATH,
+                   help="the teacher's run directory or checkpoint folder (required unless --config "
                    "names it or with --resume)")
-    p.add_argument("--out", required=True, help="the student's run directory (required)")
+    p.add_argument("--out", type=PATH, required=True, help="the student's run directory (required)")
     p.add_argument("--preset", help=preset_list("distillation preset (default: the teacher's preset name if one "
                                                  "exists, else default)", DISTILL_PRESET_HELP))
     add_config_file_flag(p, "its keys: preset, teacher and the sections train, distill, sample")
@@ -166,7 +169,8 @@ def add_distill(sub):
                    "preset's, 1)")
     p.add_argument("--augment", help="DiffAugment ops, comma-separated: translation,cutout,brightness,contrast "
                    "('' for none) (default: the preset's, translation,cutout)")
-    p.add_argument("--backbone", help="pretrain (a ViT trained on the dataset and cached), none (random, trained), "
+    p.add_argument("--backbone", type=PATH,
+                   help="pretrain (a ViT trained on the dataset and cached), none (random, trained), "
                    "or a local timm/DINO ViT state dict (default: the preset's, pretrain)")
     p.add_argument("--train-backbone", action=argparse.BooleanOptionalAction, default=None,
                    help="adapt the backbone too, or freeze it (--no-train-backbone) (default: the preset's)")
@@ -233,9 +237,10 @@ def add_train_refiner(sub):
                        description="Train a small UNet that maps a run's samples to cleaner ones: for a DDPM run on "
                                    "its x0 estimates of noised real images, for an ADD student on its own samples "
                                    "and its teacher's of the same noises.")
-    p.add_argument("--checkpoint", help="the run (teacher or student) whose x0 estimates it refines (required "
+    p.add_argument("--checkpoint", type=PATH,
+                   help="the run (teacher or student) whose x0 estimates it refines (required "
                    "unless --resume)")
-    p.add_argument("--out", required=True, help="the refiner's run directory (required)")
+    p.add_argument("--out", type=PATH, required=True, help="the refiner's run directory (required)")
     p.add_argument("--steps", type=COUNT, help="total optimizer steps (default: 1500)")
     p.add_argument("--batch-size", type=COUNT, help="pairs per optimizer step (default: 128)")
     p.add_argument("--lr", type=POSITIVE, help="peak learning rate of the one-cycle schedule (default: 1e-3)")

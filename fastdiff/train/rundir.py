@@ -86,6 +86,9 @@ def open_run_dir(run_dir: Path, resume: bool):
     killed while it wrote a checkpoint. This is the one place a training run opens its directory; it holds the
     run-directory lock (`fastdiff.runlock.lock_run_dir`, released on any exit, kill -9 included) for the block.
     """
+    no_checkpoint = f"--resume: {run_dir} holds no checkpoint to resume from; drop --resume to start a run"
+    if resume and not run_dir.is_dir():  # refused before anything is made
+        raise FastdiffError(no_checkpoint)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"
@@ -93,16 +96,36 @@ def open_run_dir(run_dir: Path, resume: bool):
         probe.unlink()
     except OSError as e:
         raise FastdiffError(f"cannot write to the run directory {run_dir}: {e.strerror}; choose a writable --out")
+    if not resume:
+        _check_fresh(run_dir)  # reads only, before the lock file is made in a folder that is no run
     with runlock.lock_run_dir(run_dir):  # taken before anything is read, held until the block ends
         ckpt.remove_stale_temporaries(run_dir)
         has_ckpt = ckpt.latest_checkpoint(run_dir) is not None
         if resume and not has_ckpt:
-            raise FastdiffError(f"--resume: {run_dir} holds no checkpoint to resume from; drop --resume to start a "
-                                "run")
+            raise FastdiffError(no_checkpoint)
         if not resume and has_ckpt:
             raise FastdiffError(f"{run_dir} already holds a run; pass --resume to continue it or choose another "
                                 "--out")
         yield
+
+
+def _check_fresh(run_dir: Path) -> None:
+    """A new run starts in an empty folder, or over a run that stopped before its first checkpoint (its config.json
+    fastdiff's, with a train section, as every run's has). It rewrites config.json and stats.jsonl, so any
+    other folder (a checkpoint folder, the current folder of `--out .`, someone's files) is refused, untouched."""
+    entries = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))  # .lock: the run's own
+    if not entries:
+        return
+    if (run_dir / "model.safetensors").exists() or (run_dir / "state.json").exists():
+        raise FastdiffError(f"{run_dir} is a checkpoint folder, not a run directory; choose a new --out")
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        config = None
+    if not (isinstance(config, dict) and isinstance(config.get("train"), dict)):
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise FastdiffError(f"{run_dir} is not empty ({shown}) and holds no fastdiff run, whose config.json and "
+                            "stats.jsonl a new run would overwrite; choose a new or empty --out")
 
 
 def truncate_stats(run_dir: Path, step: int) -> int:
