@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from fastdiff.errors import CheckpointError, FastdiffError
+from fastdiff.errors import CheckpointError, FastdiffError, access_error
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -96,6 +96,8 @@ def read_json(path, error=CheckpointError) -> dict:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise error(f"{path} is missing") from None
+    except PermissionError:
+        raise access_error(path) from None
     except OSError as e:
         raise error(f"cannot read {path}: {e.strerror or e}") from None
     try:
@@ -113,8 +115,16 @@ def checkpoint_dirs(run_dir) -> list[tuple[int, Path]]:
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    found = [(int(m.group(1)), p) for p in _listing(root) if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
     return sorted(found)
+
+
+def _listing(folder: Path) -> list[Path]:
+    """The entries of a checkpoints folder; one AccessError where this user may not list it."""
+    try:
+        return list(folder.iterdir())
+    except PermissionError:
+        raise access_error(folder, "list") from None
 
 
 def latest_checkpoint(run_dir) -> Path | None:
@@ -298,7 +308,7 @@ def remove_stale_temporaries(run_dir) -> None:
     """Leftovers of a run killed while writing a checkpoint; a checkpoint killed mid-swap is put back."""
     root = Path(run_dir) / CHECKPOINTS
     if root.is_dir():
-        for p in root.iterdir():
+        for p in _listing(root):
             m = re.match(r"^\.old-(step-\d+)-\d+$", p.name)
             if m and not (root / m.group(1)).exists():
                 os.rename(p, root / m.group(1))
@@ -318,8 +328,11 @@ def _good_hint(ckpt_dir: Path) -> str:
 
 def read_tensors(path, device="cpu", advice=lambda: "") -> dict[str, torch.Tensor]:
     """The tensors of one safetensors file, all finite; else one CheckpointError naming the file and the tensor
-    (and `advice()`, computed only then)."""
+    (and `advice()`, computed only then). A file this user may not read is an AccessError, not corrupt (safetensors
+    reports it as a missing file)."""
     path = Path(path)
+    if path.exists() and not os.access(path, os.R_OK):
+        raise access_error(path)
     try:
         tensors = load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:

@@ -17,6 +17,15 @@ class CheckpointError(FastdiffError):
     """A missing, incomplete or incompatible checkpoint."""
 
 
+class AccessError(FastdiffError):
+    """A file or folder that is there but that this user may not read: no damage, so nothing is skipped for it (a
+    resume does not fall back past it to an older checkpoint, nor set it aside)."""
+
+
+def access_error(path, what: str = "read") -> AccessError:
+    return AccessError(f"cannot {what} {path}: permission denied; make it readable to this user")
+
+
 class TrainingDiverged(FastdiffError):
     """The loss became NaN or infinite."""
 

@@ -108,6 +108,39 @@ def test_resume_starts_from_newest_good_checkpoint_and_is_exact(run_copy, tmp_pa
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_an_unreadable_checkpoint_is_not_skipped_as_corrupt(run_copy, capsys, monkeypatch):
+    """A file this user may not read (safetensors: "No such file") was "corrupt": the resume set its checkpoint
+    aside and went back to an older one (exit 0); an unlistable checkpoints/ was a PermissionError traceback. The
+    tests run as root, whom permissions do not stop, so os.access and the folder listing say what they would."""
+    import pathlib
+
+    step4 = run_copy / "checkpoints" / "step-000000004"
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p).name != "ema.safetensors" and real_access(p, mode))
+    before = sorted(p.name for p in (run_copy / "checkpoints").iterdir())
+    for argv in (["train", "--out", str(run_copy), "--resume", "--steps", "6", "--no-progress"],
+                 ["sample", "--checkpoint", str(run_copy), "--n", "2", "--steps", "2",
+                  "--out", str(run_copy / "s.png")]):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"cannot read {step4 / 'ema.safetensors'}: permission denied" in err and "skipping" not in err, err
+    assert sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == before  # nothing set aside
+    monkeypatch.setattr(os, "access", real_access)
+    real_iterdir = pathlib.Path.iterdir
+
+    def iterdir(self):
+        if self.name == "checkpoints":
+            raise PermissionError(13, "Permission denied")
+        return real_iterdir(self)
+
+    monkeypatch.setattr(pathlib.Path, "iterdir", iterdir)
+    capsys.readouterr()
+    assert main(["train", "--out", str(run_copy), "--resume", "--steps", "6", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot list {run_copy / 'checkpoints'}: permission denied" in err and "Traceback" not in err, err
+
+
 def _save(run_dir, step, value=1.0, keep=2, size=4):
     model = {"w": torch.full((size,), value)}
     return ckpt.save_checkpoint(run_dir, step, tensors={"model": model}, state={"step": step}, config={"x": 1},
