@@ -24,7 +24,8 @@ from fastdiff.checkpoint import (
     write_json_atomic,
 )
 from fastdiff.data import ImageData, load_dataset
-from fastdiff.errors import CheckpointError, ConfigError
+from fastdiff.errors import CheckpointError, ConfigError, FastdiffError
+from fastdiff.images import check_writable
 from fastdiff.metrics import frechet_distance, kid, knn_radii, precision_recall
 from fastdiff.models.classifier import Classifier, ClassifierConfig, train_classifier
 from fastdiff.runtime import resolve_device
@@ -35,25 +36,37 @@ PR_K = 3  # nearest neighbours of the precision/recall manifolds (Kynkaanniemi e
 MIN_IMAGES = PR_K + 1  # fewer and a point has no k-th neighbour
 
 
-def classifier_path(cache_dir: Path, data: ImageData) -> Path:
+CLASSIFIER_STEPS = 1500  # the evaluation classifier's default training steps (`make pretrained` ships them)
+
+
+def classifier_path(cache_dir: Path, data: ImageData, steps: int = CLASSIFIER_STEPS) -> Path:
+    """Its cache file: one per dataset, image size and steps (other steps do not replace the default's)."""
     c, h, _ = data.shape
-    return Path(cache_dir) / f"classifier-{data.name}-{c}x{h}.safetensors"
+    tag = "" if steps == CLASSIFIER_STEPS else f"-steps{steps}"
+    return Path(cache_dir) / f"classifier-{data.name}-{c}x{h}{tag}.safetensors"
 
 
-def load_or_train_classifier(train: ImageData, cache_dir, device="cpu", log=None, steps: int = 1500,
+def load_or_train_classifier(train: ImageData, cache_dir, device="cpu", log=None, steps: int = CLASSIFIER_STEPS,
                              progress: bool = False) -> Classifier:
-    """The evaluation classifier for this dataset and size, trained once and cached in cache_dir. A shipped
-    classifier of the same dataset, size and steps (fastdiff/pretrained, `make pretrained`) is the same training
-    already done, so it serves any run of that dataset that has none of its own. progress: a bar of its training
-    (`fit_classifier`)."""
-    path = classifier_path(cache_dir, train)
-    shipped = classifier_path(PRETRAINED_DIR, train)
-    for candidate in dict.fromkeys((path, shipped)):
+    """The evaluation classifier for this dataset, size and steps, trained once and cached in cache_dir (in the
+    user's cache, `user_cache_dir`, where cache_dir is not writable: a read-only run). One cached in the user's
+    cache or shipped (fastdiff/pretrained, `make pretrained`) is the same training already done, so it serves any
+    run of that dataset that has none of its own. progress: a bar of its training (`fit_classifier`)."""
+    path = classifier_path(cache_dir, train, steps)
+    user = classifier_path(user_cache_dir(), train, steps)
+    shipped = classifier_path(PRETRAINED_DIR, train, steps)
+    for candidate in dict.fromkeys((path, user, shipped)):
         model = _cached_classifier(candidate, steps, len(train), log)
         if model is not None:
             if candidate != path and log:
-                log(f"using the shipped evaluation classifier {candidate}")
+                log(f"using the {'shipped' if candidate == shipped else 'cached'} evaluation classifier {candidate}")
             return model.to(device).eval()
+    try:  # checked before the minutes of training, not when it is written
+        check_writable(path, what="the evaluation classifier")
+    except FastdiffError:
+        if log:
+            log(f"{path.parent} is not writable; caching the evaluation classifier in {user.parent}")
+        path = user
     if log:
         log(f"training the evaluation classifier for {train.name} at {train.shape} (cached as {path})")
     model = train_classifier(train.float_images(), train.labels, train.num_classes, steps=steps, device=device, log=log,
@@ -146,22 +159,25 @@ def score_samples(model: Classifier, samples: torch.Tensor, labels: torch.Tensor
 def classifier_cache_dir(checkpoint_dir, cfg) -> Path:
     """Where the evaluation classifier is cached: --data-dir when given; a student's teacher run, so that their
     FD_cls compare; the run directory; for a checkpoint folder outside a run, the folder holding it. For a shipped
-    model, the user's cache (`user_cache_dir`): the installed package is not written to, and its own classifier
-    (`make pretrained`), which `load_or_train_classifier` reads from there, serves the default steps."""
+    model or a diffusers folder (`fastdiff export`'s), the user's cache (`user_cache_dir`): neither the installed
+    package nor a folder that is no run is written to (the shipped classifier, which `load_or_train_classifier`
+    reads from there, serves the default steps)."""
     if cfg.data.data_dir and Path(cfg.data.data_dir).is_dir():
         return Path(cfg.data.data_dir)
     if cfg.is_student:
         teacher = pinned_or_its_run(cfg.distill.teacher)  # the checkpoint it started from, or its run if pruned
         if teacher.startswith("pretrained:") or Path(teacher).exists():
             checkpoint_dir = resolve_checkpoint(teacher)
-    if is_pretrained(checkpoint_dir):
+    from fastdiff.interop.diffusers import is_diffusers_folder
+
+    if is_pretrained(checkpoint_dir) or is_diffusers_folder(checkpoint_dir):  # not a run's: not written into
         return user_cache_dir()
     path = Path(checkpoint_dir)
     return path.parent.parent if path.parent.name == CHECKPOINTS else path.parent
 
 
-def evaluate_run(checkpoint, *, n: int = 1000, seed: int = 0, device=None, classifier_steps: int = 1500, log=None,
-                 progress: bool = False, **sampling) -> dict:
+def evaluate_run(checkpoint, *, n: int = 1000, seed: int = 0, device=None, classifier_steps: int = CLASSIFIER_STEPS,
+                 log=None, progress: bool = False, **sampling) -> dict:
     """Sample n images from a run and score them: FD_cls, its floor, and class-conditional accuracy.
 
     sampling: the overrides of `fastdiff.sampling.resolve_settings` (sampler, steps, guidance, eta, spacing, clip,

@@ -8,6 +8,7 @@ change to the model, sampler or ops code that changes samples materially fails h
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,6 +67,38 @@ def test_the_classifier_cache_is_never_the_installed_package(tmp_path, monkeypat
     assert evaluate.classifier_cache_dir(folder, cfg) == tmp_path / "cache" / "fastdiff"
     assert evaluate.classifier_cache_dir(tmp_path / "downloads" / "ck", cfg) == tmp_path / "downloads"
     assert evaluate.classifier_cache_dir(tmp_path / "run" / "checkpoints" / "step-000000004", cfg) == tmp_path / "run"
+    # an exported diffusers folder is no run: its classifier went into the folder holding it (the current folder)
+    from fastdiff.interop import export_run
+
+    export_run("pretrained:mnist", tmp_path / "exported")
+    assert evaluate.classifier_cache_dir(tmp_path / "exported", cfg) == tmp_path / "cache" / "fastdiff"
+
+
+def test_other_classifier_steps_and_a_read_only_run_keep_their_own_cache(tmp_path, monkeypatch):
+    """--classifier-steps 3 replaced the default's cached classifier (one file per dataset and size); a run this
+    user may not write trained the classifier for minutes, then failed to cache it."""
+    import os
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    train = load_dataset("digits", "train")
+    run = tmp_path / "run"
+    run.mkdir()
+    evaluate.load_or_train_classifier(train, run, steps=3)
+    assert sorted(p.name for p in run.iterdir()) == ["classifier-digits-1x8-steps3.json",
+                                                      "classifier-digits-1x8-steps3.safetensors"]
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != tmp_path / "ro" and real_access(p, mode))
+    (tmp_path / "ro").mkdir()
+    logs = []
+    first = evaluate.load_or_train_classifier(train, tmp_path / "ro", steps=2, log=logs.append)
+    assert any(f"{tmp_path / 'ro'} is not writable" in line for line in logs) and not list((tmp_path / "ro").iterdir())
+    cached = tmp_path / "cache" / "fastdiff" / "classifier-digits-1x8-steps2.safetensors"
+    assert cached.exists()
+    monkeypatch.setattr(evaluate, "train_classifier", lambda *a, **k: pytest.fail("trained a classifier again"))
+    logs.clear()
+    again = evaluate.load_or_train_classifier(train, tmp_path / "ro", steps=2, log=logs.append)
+    assert logs == [f"using the cached evaluation classifier {cached}"]
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in first.state_dict().items())
 
 
 def test_a_refiner_ships_in_fp16_for_its_student_only(tmp_path):

@@ -515,7 +515,7 @@ def test_classifier_cache_with_bad_metadata_retrains(tmp_path):
     from fastdiff.evaluate import classifier_path, load_or_train_classifier
 
     data = load_dataset("digits", "train")
-    path = classifier_path(tmp_path, data)
+    path = classifier_path(tmp_path, data, 2)
     path.write_bytes(b"junk")
     path.with_suffix(".json").write_text("[1, 2]")
     said = []

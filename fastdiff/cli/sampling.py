@@ -141,12 +141,14 @@ def cmd_sample(args) -> int:
 
 
 def add_eval(sub):
+    from fastdiff.evaluate import CLASSIFIER_STEPS
+
     p = sub.add_parser("eval", help="FD_cls, its real-vs-real floor, and class-conditional accuracy",
                        description="Sample --n images from a run and score them against held-out real images with "
                        "a classifier trained on the dataset (cached): FD_cls, KID, precision and recall, each beside "
                        "its real-vs-real value, and class-conditional accuracy. JSON on the last line.")
     _add_run_flags(p, 1000)
-    p.add_argument("--classifier-steps", type=COUNT, default=1500,
+    p.add_argument("--classifier-steps", type=COUNT, default=CLASSIFIER_STEPS,
                    help="training steps of the evaluation classifier when it is not cached yet")
     add_sampling_args(p)
 
