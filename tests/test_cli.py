@@ -310,3 +310,15 @@ def test_a_bad_malloc_setting_is_one_line(monkeypatch, capsys):
     code, _, err = run(["env"], capsys)
     assert code == 2 and "FASTDIFF_MALLOC='jemalloc'" in err and "keep" in err and "default" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("env, says", [({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not an integer"),
+                                       ({"WORLD_SIZE": "2"}, "RANK is not set"),
+                                       ({"WORLD_SIZE": "2", "RANK": "5"}, "RANK=5 is outside 0..1"),
+                                       ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0 must be 1 or more")])
+def test_a_bad_torchrun_environment_is_one_line(env, says, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("RANK", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    code, _, err = run(["train", "--preset", "digits", "--out", str(tmp_path / "r"), "--dry-run"], capsys)
+    assert code == 2 and says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err

@@ -126,8 +126,26 @@ class World:
 
 def _env_world() -> tuple[int, int]:
     """(rank, size) from torchrun's environment; (0, 1) for a process on its own."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    return (int(os.environ["RANK"]), size) if size > 1 else (0, 1)
+    size = _env_int("WORLD_SIZE", "1")
+    if size < 1:
+        raise ConfigError(f"WORLD_SIZE={size} must be 1 or more; run under torchrun, or unset WORLD_SIZE")
+    if size == 1:
+        return 0, 1
+    rank = _env_int("RANK", None)
+    if not 0 <= rank < size:
+        raise ConfigError(f"RANK={rank} is outside 0..{size - 1} (WORLD_SIZE={size}); run under torchrun, which sets "
+                          "both")
+    return rank, size
+
+
+def _env_int(name: str, default: str | None) -> int:
+    text = os.environ.get(name, default)
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        said = f"{name} is not set" if text is None else f"{name}={text!r} is not an integer"
+        raise ConfigError(f"{said}; run under torchrun (which sets WORLD_SIZE, RANK and LOCAL_RANK), or unset "
+                          "WORLD_SIZE to run one process") from None
 
 
 def is_main_process() -> bool:
@@ -148,7 +166,7 @@ def init_world(device: torch.device, batch_size: int) -> tuple[World, torch.devi
     rank, size = _env_world()
     if size == 1:
         return World(), device
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = _env_int("LOCAL_RANK", "0")
     check_batch_split(batch_size)
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
