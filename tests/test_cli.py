@@ -322,3 +322,12 @@ def test_a_bad_torchrun_environment_is_one_line(env, says, tmp_path, monkeypatch
         monkeypatch.setenv(key, value)
     code, _, err = run(["train", "--preset", "digits", "--out", str(tmp_path / "r"), "--dry-run"], capsys)
     assert code == 2 and says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_flag_the_command_lacks_is_the_commands_error(capsys):
+    """It was the top-level parser's ("fastdiff: error: ... (see fastdiff --help)"), whose help lists no flags."""
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--checkpoint", "x", "--labels", "3"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("fastdiff eval: error: unrecognized arguments: --labels 3 (see fastdiff eval "
+                                       "--help)\n")

@@ -39,6 +39,18 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but a flag the command does not have is the command's error (`fastdiff eval: error: ...
+        (see fastdiff eval --help)`), not the top-level parser's, whose help lists no command's flags."""
+        ns, extra = self.parse_known_args(args, namespace)
+        if extra:
+            command = self
+            for action in self._actions:
+                if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001 - argparse has no public way
+                    command = action.choices.get(getattr(ns, action.dest, None), self)
+            command.error(f"unrecognized arguments: {' '.join(extra)}")
+        return ns
+
 
 # --- option checks: every CLI-only number is checked here, as it is parsed (config options: fastdiff.config_checks)
 
