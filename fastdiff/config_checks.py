@@ -207,6 +207,9 @@ def validate(cfg, saved: bool = False) -> None:
                               f"satisfy 0 <= min <= max <= {T - 1}")
         if dc.regress_at not in REGRESS_AT:
             raise ConfigError(f"distill.regress_at {dc.regress_at!r} is not one of {', '.join(REGRESS_AT)}")
+        if dc.regress_steps > T:  # the teacher's DDIM steps for its pairs
+            raise ConfigError(f"distill.regress_steps {dc.regress_steps} must be in [1, {T}] (the teacher's "
+                              "timesteps)")
         # choices the discriminator and the losses hold, refused now (they failed after the teacher pairs and the
         # backbone's pretraining, and passed --dry-run)
         from fastdiff.models.discriminator import HEAD_KINDS, parse_augment

@@ -674,3 +674,14 @@ def test_a_run_is_resumed_only_by_the_command_that_trains_it(student_run, tmp_pa
     with pytest.raises(CheckpointError, match="is a checkpoint of kind 'add-student', not 'ddpm'; resume it with "
                                               "fastdiff distill"):
         train_ddpm(cfg, student, resume=True, progress=False, echo=lambda s: None)
+
+
+def test_regress_steps_beyond_the_teachers_timesteps_are_refused_before_the_run(student_run, tmp_path, capsys):
+    """They passed --dry-run, then failed at setup with "steps=5000 must be between 1 and the 1000 training
+    timesteps" (no flag named), a run folder left behind."""
+    for extra in (["--dry-run"], []):
+        capsys.readouterr()
+        assert main(["distill", "--teacher", str(student_run / "teacher"), "--out", str(tmp_path / "s"),
+                     "--regress-weight", "1", "--regress-steps", "5000", *extra]) == 2
+        assert "distill.regress_steps 5000 must be in [1, 1000]" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
