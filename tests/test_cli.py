@@ -331,3 +331,11 @@ def test_a_flag_the_command_lacks_is_the_commands_error(capsys):
     assert e.value.code == 2
     assert capsys.readouterr().err == ("fastdiff eval: error: unrecognized arguments: --labels 3 (see fastdiff eval "
                                        "--help)\n")
+
+
+def test_samples_overflowed_by_guidance_name_it(trained, tmp_path, capsys):
+    """They blamed the weights alone ("damaged or diverged")."""
+    code, _, err = run(["sample", "--checkpoint", str(trained), "--n", "2", "--steps", "2", "--guidance", "1e300",
+                        "--out", str(tmp_path / "g.png")], capsys)
+    assert code == 2 and "guidance 1e+300 amplified its output past the float range (lower --guidance)" in err, err
+    assert not (tmp_path / "g.png").exists()

@@ -220,8 +220,11 @@ def sample(denoiser: Denoiser, settings: SampleSettings, *, n: int, seed: int = 
     images = torch.cat(images)
     if not torch.isfinite(images).all():  # finite weights can still overflow: never hand out a black grid
         bad = int((~torch.isfinite(images.flatten(1))).any(1).sum())
+        guided = labels is not None and settings.guidance is not None and settings.guidance > 1
+        cause = (f"guidance {settings.guidance:g} amplified its output past the float range (lower --guidance), or "
+                 if guided else "")
         raise CheckpointError(f"{bad} of {len(images)} samples of {denoiser.path or 'the model'} are NaN or infinite "
-                              "although its weights are finite; the weights are damaged or the model diverged")
+                              f"although its weights are finite; {cause}the weights are damaged or the model diverged")
     return SampleResult(images=images, labels=labels, seeds=seeds, seconds=elapsed - setup_s,
                         setup_s=setup_s, settings=settings, refine_s=refine_s,
                         unrefined=torch.cat(unrefined) if unrefined else None)
