@@ -685,3 +685,19 @@ def test_regress_steps_beyond_the_teachers_timesteps_are_refused_before_the_run(
                      "--regress-weight", "1", "--regress-steps", "5000", *extra]) == 2
         assert "distill.regress_steps 5000 must be in [1, 1000]" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_a_student_whose_teacher_moved_says_where_it_was(student_run, tmp_path, capsys):
+    """Its resume said only "checkpoint .../teacher does not exist; pass a run directory", and --teacher is refused
+    on a resume."""
+    shutil.copytree(student_run / "student", tmp_path / "student")
+    shutil.copytree(student_run / "teacher", tmp_path / "teacher")
+    config = json.loads((tmp_path / "student" / "config.json").read_text())
+    pinned = config["distill"]["teacher"].replace(str(student_run), str(tmp_path))
+    (tmp_path / "student" / "config.json").write_text(json.dumps({**config, "distill": {**config["distill"],
+                                                                                         "teacher": pinned}}))
+    (tmp_path / "teacher").rename(tmp_path / "moved")
+    assert main(["distill", "--out", str(tmp_path / "student"), "--resume", "--steps", "3", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert f"the checkpoint {pinned} this run started from is gone with its run {tmp_path / 'teacher'}; move that " \
+           "run back there" in err, err

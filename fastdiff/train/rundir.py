@@ -69,6 +69,9 @@ def pinned_now(pinned: str, log=None, what: str = "recorded") -> str:
     """A pinned checkpoint (`sources.pin_checkpoint`) to read now: itself while it exists, else (its run pruned
     it, keeping only its newest few) its run's newest, and `log` says so: what follows is then not exact."""
     now = pinned_or_its_run(pinned)
+    if not now.startswith("pretrained:") and not Path(now).exists():  # the run itself moved or deleted
+        raise FastdiffError(f"the checkpoint {pinned} {what} is gone{' with its run ' + now if now != pinned else ''}; "
+                            "move that run back there (its path is recorded in the config)")
     if now == pinned:
         return pinned
     newest = pin_checkpoint(now)  # its run's newest (an error if the run is gone)
