@@ -79,6 +79,8 @@ def test_sample_checks_every_output_before_sampling(trained, tmp_path, capsys):
     for extra, message in ((["--out", str(tmp_path / "g.png")], r"raw samples \(beside --out\) .*g.npz is a folder"),
                            (["--out", str(tmp_path / "h.png"), "--save-images", str(tmp_path / "imgs")],
                             "--save-images .*imgs is a file, not a folder"),
+                           (["--out", str(tmp_path / "h.png"), "--save-images", str(tmp_path / "h.npz")],
+                            "--save-images .*h.npz is also the raw samples \\(beside --out\\)'s file"),
                            (["--out", str(tmp_path / "k.png"), "--trajectory"], "the trajectory figure .* is a folder"),
                            (["--out", str(tmp_path / ".png")], "must be a .png file name, e.g. grid.png")):
         code, _, err = run([*common, *extra], capsys)

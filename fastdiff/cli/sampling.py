@@ -108,11 +108,16 @@ def cmd_sample(args) -> int:
         raise ConfigError(f"--out must be a .png file name, e.g. grid.png, got {out}")
     traj = out.with_name(out.stem + "_trajectory.png")
     # every output checked before the sampling, not after it (creating nothing: a refused run leaves no folders)
-    for path, what in ((out, "--out"), (out.with_suffix(".npz"), "the raw samples (beside --out)"),
-                       *([(traj, "the trajectory figure")] if args.trajectory else [])):
+    files = ((out, "--out"), (out.with_suffix(".npz"), "the raw samples (beside --out)"),
+             *([(traj, "the trajectory figure")] if args.trajectory else []))
+    for path, what in files:
         check_writable(path, what=what)
     if args.save_images:
         check_writable(args.save_images, folder=True, what="--save-images")
+        for path, what in files:
+            if Path(args.save_images).resolve() == path.resolve():
+                raise ConfigError(f"--save-images {args.save_images} is also {what}'s file; give it a folder of "
+                                  "its own")
     device = resolve_device(args.device)
     run = load_run(args.checkpoint, device, use_ema=not args.no_ema)
     settings = resolve_settings(run, device, refiner=args.refine, **sampling_overrides(args))
