@@ -362,6 +362,20 @@ def test_folder_class_without_images(tmp_path):
         load_dataset("folder", data_dir=tmp_path, image_size=8, channels=1)
 
 
+def test_folder_of_too_few_images_for_a_held_out_split_says_so(tmp_path):
+    """It said "no images found in the class folders", which hold 6."""
+    from PIL import Image
+
+    for cls in ("cats", "dogs"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((8, 8), i * 20, np.uint8)).save(tmp_path / cls / f"{i}.png")
+    assert len(load_dataset("folder", data_dir=tmp_path, image_size=8, channels=1)) == 6
+    with pytest.raises(DataError, match=r"none of the 6 images in the class folders of .* is in this split: without "
+                                        r"train/ and test/ folders the 10th image of each class"):
+        load_dataset("folder", "test", data_dir=tmp_path, image_size=8, channels=1)
+
+
 def test_folder_splits_share_the_train_classes(tmp_path):
     _class_folders(tmp_path / "train", ("a", "b", "c"))
     _class_folders(tmp_path / "test", ("a", "c"))

@@ -158,14 +158,16 @@ def _folder(root: Path, split: str, channels: int, size: int):
         extra = sorted({p.name for p in formats.list_class_folders(root / "test")} - set(classes))
         if extra:
             raise DataError(f"{root / 'test'} has class folders that {root / 'train'} lacks: {', '.join(extra)}")
-        root, keep = root / split, (lambda i: True)
+        root, keep, rule = root / split, (lambda i: True), ""
     else:
         classes = [p.name for p in formats.list_class_folders(root)]
         # Without train/ and test/ folders, every 10th image of each class (in name order) is held out.
         keep = (lambda i: i % 10 != 9) if split == "train" else (lambda i: i % 10 == 9)
+        rule = ("without train/ and test/ folders the 10th image of each class (in name order) and every 10th after "
+                "it is held out, so a class needs 10 images; add images, or make train/ and test/ folders")
     if not classes:
         raise DataError(f"{root} has no class sub-folders; expected root/<class>/<image files>")
-    images, labels = formats.read_folder(root, classes, channels, size, keep)
+    images, labels = formats.read_folder(root, classes, channels, size, keep, rule)
     return images, labels, classes
 
 

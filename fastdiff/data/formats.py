@@ -249,13 +249,15 @@ def _read_image(file: Path, mode: str, size: int) -> np.ndarray:
         raise DataError(f"cannot read image {file}: {e}; remove or replace it") from None
 
 
-def read_folder(root: Path, class_names: list[str], channels: int, size: int, keep=lambda i: True):
-    """Images under root/<class>/ for each class name, center-cropped to a square and resized to size. Every
+def read_folder(root: Path, class_names: list[str], channels: int, size: int, keep=lambda i: True,
+                split_rule: str = ""):
+    """Images under root/<class>/ for each class name (the i-th of each where keep(i): a split, whose rule
+    `split_rule` states for the error where it keeps none), center-cropped to a square and resized to size. Every
     class folder must hold at least one image."""
     mode = {1: "L", 3: "RGB"}.get(channels)
     if mode is None:
         raise DataError(f"image folders load as 1 or 3 channels, not {channels}")
-    images, labels = [], []
+    images, labels, found = [], [], 0
     for label, name in enumerate(class_names):
         folder = root / name
         if not folder.is_dir():
@@ -267,11 +269,14 @@ def read_folder(root: Path, class_names: list[str], channels: int, size: int, ke
         if not files:
             raise DataError(f"class folder {folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
                             "add images or remove the folder")
+        found += len(files)
         for i, file in enumerate(files):
             if keep(i):
                 arr = _read_image(file, mode, size)
                 images.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
                 labels.append(label)
+    if not images and found:
+        raise DataError(f"none of the {found} images in the class folders of {root} is in this split: {split_rule}")
     if not images:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in the class folders of {root}")
     return np.stack(images), np.asarray(labels, dtype=np.int64)
