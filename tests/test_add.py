@@ -625,6 +625,7 @@ def test_a_samples_refiner_reads_the_teachers_newest_when_its_pinned_one_was_pru
     ({"pairs": 0}, "refiner.pairs must be in [1, inf), got 0"),
     ({"channel_mult": [1, 2, 2, 2, 2]}, "halve the generator's 8px images 4 times"),
     ({"t_max": 5000}, "t_max (5000) < 1000"),
+    ({"pairs": 8}, "refiner: pairs 8 set, which inputs 'noised' do not use (only 'samples' pairs do)"),  # ignored
 ])
 def test_refiner_settings_are_one_error_before_the_run(student_run, tmp_path, refiner, message):
     # Tracebacks (torch's conv errors, a TypeError at t_max "5") or silence (an empty channel_mult), and the dry
