@@ -226,6 +226,9 @@ def validate(cfg, saved: bool = False) -> None:
         if dc.backbone in ("pretrain", "none") and m.image_size % dc.backbone_patch:
             raise ConfigError(f"distill.backbone_patch {dc.backbone_patch} does not divide the image size "
                               f"{m.image_size}")
+        if dc.backbone in ("pretrain", "none") and dc.backbone_size:  # it was dropped without a word
+            raise ConfigError(f"distill.backbone_size {dc.backbone_size} applies to a backbone file only; the "
+                              f"'{dc.backbone}' backbone takes the images at their size: drop it")
         if dc.backbone in ("pretrain", "none") and dc.disc_heads > dc.backbone_depth:
             raise ConfigError(f"distill.disc_heads {dc.disc_heads} must be in [1, backbone_depth "
                               f"{dc.backbone_depth}]")

@@ -702,3 +702,9 @@ def test_a_student_whose_teacher_moved_says_where_it_was(student_run, tmp_path, 
     err = capsys.readouterr().err
     assert f"the checkpoint {pinned} this run started from is gone with its run {tmp_path / 'teacher'}; move that " \
            "run back there" in err, err
+
+
+def test_a_backbone_size_without_a_backbone_file_is_refused(student_run, tmp_path, capsys):
+    assert main(["distill", "--teacher", str(student_run / "teacher"), "--out", str(tmp_path / "s"),
+                 "--backbone-size", "32", "--dry-run"]) == 2
+    assert "distill.backbone_size 32 applies to a backbone file only" in capsys.readouterr().err
