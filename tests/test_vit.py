@@ -230,3 +230,10 @@ def test_minibatch_std_is_float32_under_autocast(labelled):
     want = torch.stack([(x[s].var(0, unbiased=False) + 1e-8).sqrt().mean(-1) for s in sets])
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_an_empty_backbone_file_says_what_is_wrong(tmp_path):
+    """It said "cannot read the backbone file afile ()": torch's EOFError has no message."""
+    (tmp_path / "afile.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"cannot read the backbone file .*afile.pth \(EOFError: 0 bytes\)"):
+        load_vit_file(tmp_path / "afile.pth")

@@ -283,7 +283,8 @@ def load_vit_file(path, *, image_size: int | None = None, num_heads: int | None 
         sd = read_tensors(path) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu",
                                                                                   weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        raise CheckpointError(f"cannot read the backbone file {path} ({e})") from None
+        raise CheckpointError(f"cannot read the backbone file {path} ({str(e) or type(e).__name__}: "
+                              f"{path.stat().st_size} bytes)") from None
     if path.suffix != ".safetensors":  # read_tensors has checked those; here the backbone's tensors, once unwrapped
         check_finite(path, unwrap_state_dict(sd))
     return vit_from_timm(sd, image_size=image_size, num_heads=num_heads)
