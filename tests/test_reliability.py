@@ -655,6 +655,10 @@ def test_a_new_run_writes_only_into_an_empty_folder_or_an_unfinished_run(tmp_pat
         assert code == 2, err
         assert says in err and "Traceback" not in err, err
         assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
+    (tmp_path / "afile").write_text("x")
+    for extra in ([], ["--resume"]):
+        assert main(["train", *tiny, "--out", str(tmp_path / "afile"), *extra]) == 2
+        assert "afile is a file, not a folder; choose another --out" in capsys.readouterr().err
     # a run that stopped before its first checkpoint (config.json and stats, no checkpoints) starts over
     shutil.rmtree(run / "checkpoints")
     assert main(["train", *tiny, "--out", str(run)]) == 0 and ckpt.latest_checkpoint(run) is not None

@@ -89,6 +89,8 @@ def open_run_dir(run_dir: Path, resume: bool):
     killed while it wrote a checkpoint. This is the one place a training run opens its directory; it holds the
     run-directory lock (`fastdiff.runlock.lock_run_dir`, released on any exit, kill -9 included) for the block.
     """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FastdiffError(f"the run directory {run_dir} is a file, not a folder; choose another --out")
     no_checkpoint = f"--resume: {run_dir} holds no checkpoint to resume from; drop --resume to start a run"
     if resume and not run_dir.is_dir():  # refused before anything is made
         raise FastdiffError(no_checkpoint)
