@@ -193,6 +193,9 @@ def evaluate_run(checkpoint, *, n: int = 1000, seed: int = 0, device=None, class
                           "fastdiff run it came from, or a folder `fastdiff export` wrote (it keeps the run's config, "
                           "used while the folder's UNet and scheduler are still the run's)")
     train, test = evaluation_sets(cfg, n)
+    if n > len(train) and log:  # the floor's training images number min(n, len(train)) (`real_reference`)
+        log(f"the real-vs-real floor uses all {len(train)} training images, fewer than --n {n}: it is measured at a "
+            "smaller sample size than FD_cls, and FD's bias grows as the sample shrinks, so fd_ratio reads low")
     cache = classifier_cache_dir(run.path, cfg)
     classifier = load_or_train_classifier(train, cache, device, log, steps=classifier_steps, progress=progress)
     ref = real_reference(classifier, train, test, n, device)
