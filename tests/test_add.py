@@ -651,8 +651,6 @@ def test_refiner_dry_run_makes_the_runs_checks(student_run, tmp_path, capsys):
 def test_a_run_is_resumed_only_by_the_command_that_trains_it(student_run, tmp_path, capsys):
     """train --resume on a student went on as a DDPM run (its next checkpoint kind "ddpm", no discriminator, and
     distill --resume then called it corrupt); distill --resume on a DDPM run was an AttributeError traceback."""
-    from fastdiff.errors import CheckpointError
-
     student, teacher = tmp_path / "student", tmp_path / "teacher"
     shutil.copytree(student_run / "student", student)
     shutil.copytree(student_run / "teacher", teacher)
@@ -668,13 +666,21 @@ def test_a_run_is_resumed_only_by_the_command_that_trains_it(student_run, tmp_pa
         assert f"{run_dir} is a run of {command}, not of fastdiff {argv[0]}" in err, err
         assert f"resume it with {command} --out {run_dir} --resume" in err and "Traceback" not in err
     assert {p: p.read_bytes() for p in sorted(student.rglob("*")) if p.is_file()} == before
-    # the Python API, given a config of another kind, stops where the checkpoint's state says what it is
+    # the Python API, given a config of another kind, stops before it sets aside, truncates or rewrites anything
+    # (it rewrote config.json, then refused after the setup, and the right command was refused after that)
     from fastdiff.config import load_config
+    from fastdiff.train.refiner import RefinerConfig, train_refiner
 
     cfg = apply_overrides(load_config(teacher / "config.json"), {"train.steps": 4})
-    with pytest.raises(CheckpointError, match="is a checkpoint of kind 'add-student', not 'ddpm'; resume it with "
-                                              "fastdiff distill"):
+    with pytest.raises(ConfigError, match=f"{student} is a run of fastdiff distill, not of fastdiff train; resume it "
+                                          f"with fastdiff distill --out {student} --resume"):
         train_ddpm(cfg, student, resume=True, progress=False, echo=lambda s: None)
+    assert {p: p.read_bytes() for p in sorted(student.rglob("*")) if p.is_file()} == before
+    teacher_files = {p: p.read_bytes() for p in sorted(teacher.rglob("*")) if p.is_file()}
+    with pytest.raises(ConfigError, match="is a run of fastdiff train, not of fastdiff train-refiner"):
+        train_refiner(RefinerConfig(generator=str(teacher)), teacher, resume=True, progress=False,
+                      echo=lambda s: None)
+    assert {p: p.read_bytes() for p in sorted(teacher.rglob("*")) if p.is_file()} == teacher_files
 
 
 def test_regress_steps_beyond_the_teachers_timesteps_are_refused_before_the_run(student_run, tmp_path, capsys):

@@ -189,16 +189,14 @@ def resumed_config(args, given: dict, keys: dict, resumable: set, not_on_resume:
     `kind` (`config.RUN_KINDS`: a student resumed by train went on as a DDPM run). `parse` reads the saved dict
     (default: config.load_config's checks)."""
     from fastdiff.checkpoint import read_json
-    from fastdiff.config import RUN_KINDS, load_config, run_kind
-    from fastdiff.train.rundir import saved_run_config
+    from fastdiff.config import load_config
+    from fastdiff.train.rundir import check_run_kind, saved_run_config
 
     saved = saved_run_config(args.out) if args.resume else None
     if saved is None:
         return None
+    check_run_kind(args.out, kind)  # here too, before --dry-run prints a config of the wrong kind
     d = read_json(saved, error=ConfigError)
-    if run_kind(d) != kind:
-        raise ConfigError(f"{args.out} is a run of {RUN_KINDS[run_kind(d)]}, not of {RUN_KINDS[kind]}; resume it "
-                          f"with {RUN_KINDS[run_kind(d)]} --out {args.out} --resume")
     extra = [k for k, v in not_on_resume.items() if v]
     if extra:
         raise ConfigError(f"--resume continues the run with its own config; drop {_flags(extra)}")

@@ -259,6 +259,6 @@ def train_add(cfg: RunConfig, out, *, device="auto", resume: bool = False, progr
     mc = cfg.model
     data = load_dataset(cfg.data.dataset, "train", data_dir=cfg.data.data_dir, image_size=mc.image_size,
                         channels=mc.in_channels)
-    return train_loop(lambda session: ADDObjective(cfg, data, session), data=data, tc=cfg.train,
+    return train_loop(lambda session: ADDObjective(cfg, data, session), kind=ADDObjective.kind, data=data, tc=cfg.train,
                       config=cfg.to_dict(), run_dir=out, device=device, resume=resume, progress=progress, echo=echo,
                       accel=accel)

@@ -102,5 +102,6 @@ def train_ddpm(cfg: RunConfig, out, *, device="auto", resume: bool = False, prog
     if mc.num_classes and data.num_classes != mc.num_classes:
         raise ConfigError(f"the model has {mc.num_classes} classes but {cfg.data.dataset} has {data.num_classes}; "
                           f"set the model's num_classes to {data.num_classes} (or 0 for unconditional)")
-    return train_loop(lambda session: DDPMObjective(cfg, session), data=data, tc=cfg.train, config=cfg.to_dict(),
+    return train_loop(lambda session: DDPMObjective(cfg, session),
+                      kind=DDPMObjective.kind, data=data, tc=cfg.train, config=cfg.to_dict(),
                       run_dir=out, device=device, resume=resume, progress=progress, echo=echo, accel=accel)

@@ -41,8 +41,8 @@ from tqdm import tqdm
 
 from fastdiff import __version__, state_dicts
 from fastdiff import checkpoint as ckpt
-from fastdiff.config import RUN_KINDS, TrainConfig
-from fastdiff.errors import CheckpointError, ConfigError, FastdiffError, Terminated, terminating
+from fastdiff.config import TrainConfig
+from fastdiff.errors import ConfigError, FastdiffError, Terminated, terminating
 from fastdiff.runtime import AccelOptions, check_amp, command_line, mix_seed, resolve_device
 from fastdiff.train.batcher import Batcher
 from fastdiff.train.distributed import World, init_world
@@ -170,10 +170,6 @@ def _save(run_dir: Path, objective, ema: EMA | None, config: dict, tc: TrainConf
 
 def _restore(path: Path, objective, ema: EMA | None, device) -> dict:
     where = path / "state.json"
-    kind = ckpt.load_json(path, "state").get("kind", objective.kind)  # recorded since ADD
-    if kind != objective.kind:  # the CLI refuses it before (cli.args.resumed_config); the Python API here
-        raise CheckpointError(f"{path} is a checkpoint of kind '{kind}', not '{objective.kind}'; resume it "
-                              f"with {RUN_KINDS.get(kind, 'the command that trained it')}")
     state = ckpt.load_state(path, keys=("step", "images_seen") + tuple(p.prefix + "optimizer" for p in objective.parts))
     for part in objective.parts:
         weights = ckpt.load_tensors(path, part.name, device)
@@ -195,9 +191,11 @@ def _resumed_step(path: Path, tc: TrainConfig, run_dir: Path) -> int:
     return step
 
 
-def train_loop(build: Callable[[Session], object], *, data, tc: TrainConfig, config: dict, run_dir, device="auto",
-               resume: bool = False, progress: bool = True, echo=print, accel: AccelOptions | None = None) -> dict:
-    """Train (or resume) the objective that `build(session)` makes, on `data`, in `run_dir`.
+def train_loop(build: Callable[[Session], object], *, kind: str, data, tc: TrainConfig, config: dict, run_dir,
+               device="auto", resume: bool = False, progress: bool = True, echo=print,
+               accel: AccelOptions | None = None) -> dict:
+    """Train (or resume) the objective that `build(session)` makes, on `data`, in `run_dir`; `kind` is the
+    objective's (`config.RUN_KINDS`), which a resumed run must be (`rundir.check_run_kind`).
 
     `tc` holds the loop's settings (steps, batch size, seed, amp, intervals, EMA decay); `config` is the run's
     whole config, written to config.json and into every checkpoint. Returns the last stats record (on a finished
@@ -216,7 +214,7 @@ def train_loop(build: Callable[[Session], object], *, data, tc: TrainConfig, con
     try:
         check_amp(tc.amp, device)
         if world.is_main:
-            with open_run_dir(run_dir, resume):
+            with open_run_dir(run_dir, resume, kind):
                 result = _run(build, world, data, tc, config, run_dir, device, resume, progress, echo, accel)
         else:
             result = _run(build, world, data, tc, config, run_dir, device, resume, False, echo, accel)

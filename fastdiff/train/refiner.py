@@ -212,6 +212,7 @@ def train_refiner(cfg: RefinerConfig, out, *, device="auto", resume: bool = Fals
     data = load_dataset(gcfg.data.dataset, "train", data_dir=gcfg.data.data_dir, image_size=gcfg.model.image_size,
                         channels=gcfg.model.in_channels)
     config = cfg.to_dict(model=asdict(refiner_unet_config(gcfg.model, cfg)))
-    return train_loop(lambda session: RefinerObjective(cfg, t_max, session), data=data, tc=cfg.train,
+    return train_loop(lambda session: RefinerObjective(cfg, t_max, session),
+                      kind=RefinerObjective.kind, data=data, tc=cfg.train,
                       config=config, run_dir=out, device=device, resume=resume, progress=progress, echo=echo,
                       accel=accel)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fastdiff import checkpoint as ckpt
 from fastdiff import runlock
-from fastdiff.errors import FastdiffError
+from fastdiff.errors import ConfigError, FastdiffError
 from fastdiff.sources import pin_checkpoint, pinned_or_its_run
 
 
@@ -81,11 +81,25 @@ def pinned_now(pinned: str, log=None, what: str = "recorded") -> str:
     return newest
 
 
+def check_run_kind(run_dir, kind: str) -> None:
+    """A resume of run_dir by the command of `kind` (`config.RUN_KINDS`) continues a run of that kind (its saved
+    config's, `config.run_kind`): a student resumed by train went on as a DDPM run, distill on a DDPM run was a
+    traceback. One ConfigError naming the command that resumes it; nothing for a folder with no saved config."""
+    from fastdiff.config import RUN_KINDS, run_kind
+
+    saved = saved_run_config(run_dir)
+    found = run_kind(ckpt.read_json(saved, error=ConfigError)) if saved is not None else kind
+    if found != kind:
+        raise ConfigError(f"{run_dir} is a run of {RUN_KINDS[found]}, not of {RUN_KINDS[kind]}; resume it with "
+                          f"{RUN_KINDS[found]} --out {run_dir} --resume")
+
+
 @contextlib.contextmanager
-def open_run_dir(run_dir: Path, resume: bool):
+def open_run_dir(run_dir: Path, resume: bool, kind: str):
     """Open a run directory for writing for the duration of the `with` block (the writing process only).
 
-    Checks that it is writable and that --resume matches what it holds, and removes the temporaries of a run
+    Checks that it is writable and that --resume matches what it holds (a checkpoint, of a run of `kind`), and
+    removes the temporaries of a run
     killed while it wrote a checkpoint. This is the one place a training run opens its directory; it holds the
     run-directory lock (`fastdiff.runlock.lock_run_dir`, released on any exit, kill -9 included) for the block.
     """
@@ -108,6 +122,8 @@ def open_run_dir(run_dir: Path, resume: bool):
         has_ckpt = ckpt.latest_checkpoint(run_dir) is not None
         if resume and not has_ckpt:
             raise FastdiffError(no_checkpoint)
+        if resume:
+            check_run_kind(run_dir, kind)  # before anything is set aside, truncated or rewritten
         if not resume and has_ckpt:
             raise FastdiffError(f"{run_dir} already holds a run; pass --resume to continue it or choose another "
                                 "--out")
