@@ -628,7 +628,7 @@ def test_export_on_a_full_disk_names_the_export(trained, tmp_path, capsys, monke
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_new_run_writes_only_into_an_empty_folder_or_an_unfinished_run(tmp_path, capsys, monkeypatch):
+def test_a_new_run_overwrites_no_files_of_another_and_no_checkpoint_folder(tmp_path, capsys, monkeypatch):
     """train --out wrote config.json, log.txt and stats into any folder: a checkpoint folder (its config.json, which
     sampling then read, replaced), the current folder of --out "", someone's files (their stats.jsonl cut)."""
     tiny = ["--preset", "digits", "--steps", "1", "--batch-size", "8", "--ckpt-every", "1", "--sample-every", "0",
@@ -642,8 +642,8 @@ def test_a_new_run_writes_only_into_an_empty_folder_or_an_unfinished_run(tmp_pat
     (theirs / "stats.jsonl").write_text("not json\n")
     monkeypatch.chdir(theirs)
     for out, says in ((checkpoint, "is a checkpoint folder, not a run directory"),
-                      (theirs, "is not empty (config.json, stats.jsonl) and holds no fastdiff run"),
-                      (".", "is not empty (config.json, stats.jsonl) and holds no fastdiff run"),
+                      (theirs, "holds config.json, stats.jsonl of no fastdiff run, which a new run would overwrite"),
+                      (".", "holds config.json, stats.jsonl of no fastdiff run, which a new run would overwrite"),
                       ("", "argument --out: empty; give a file or folder name")):
         before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
         capsys.readouterr()
@@ -659,6 +659,15 @@ def test_a_new_run_writes_only_into_an_empty_folder_or_an_unfinished_run(tmp_pat
     for extra in ([], ["--resume"]):
         assert main(["train", *tiny, "--out", str(tmp_path / "afile"), *extra]) == 2
         assert "afile is a file, not a folder; choose another --out" in capsys.readouterr().err
+    # other files stay beside a new run: a job script, the run's own redirected output
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "train.log").write_text("started\n")
+    assert main(["train", *tiny, "--out", str(job)]) == 0 and (job / "train.log").read_text() == "started\n"
+    # a finished run whose config.json is lost is still a run: resume it
+    (job / "config.json").unlink()
+    assert main(["train", *tiny, "--out", str(job)]) == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
     # a run that stopped before its first checkpoint (config.json and stats, no checkpoints) starts over
     shutil.rmtree(run / "checkpoints")
     assert main(["train", *tiny, "--out", str(run)]) == 0 and ckpt.latest_checkpoint(run) is not None

@@ -130,23 +130,26 @@ def open_run_dir(run_dir: Path, resume: bool, kind: str):
         yield
 
 
+RUN_FILES = ("config.json", "stats.jsonl", "log.txt", "samples", "stats.png", "tb")  # what a new run writes over
+
+
 def _check_fresh(run_dir: Path) -> None:
-    """A new run starts in an empty folder, or over a run that stopped before its first checkpoint (its config.json
-    fastdiff's, with a train section, as every run's has). It rewrites config.json and stats.jsonl, so any
-    other folder (a checkpoint folder, the current folder of `--out .`, someone's files) is refused, untouched."""
-    entries = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))  # .lock: the run's own
-    if not entries:
-        return
+    """A new run writes config.json, stats.jsonl, log.txt and samples/ (`RUN_FILES`): refused where they are there
+    but not a fastdiff run's (no config.json of one, with its train section), and in a checkpoint folder, so that
+    nothing of anyone else's is overwritten. Other files (a job script, the run's own redirected log) stay beside
+    it; a folder with checkpoints is left to the --resume check."""
     if (run_dir / "model.safetensors").exists() or (run_dir / "state.json").exists():
         raise FastdiffError(f"{run_dir} is a checkpoint folder, not a run directory; choose a new --out")
+    if ckpt.latest_checkpoint(run_dir) is not None:
+        return
+    mine = [name for name in RUN_FILES if (run_dir / name).exists()]
     try:
-        config = json.loads((run_dir / "config.json").read_text())
+        config = json.loads((run_dir / "config.json").read_text()) if "config.json" in mine else None
     except (OSError, ValueError):
         config = None
-    if not (isinstance(config, dict) and isinstance(config.get("train"), dict)):
-        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
-        raise FastdiffError(f"{run_dir} is not empty ({shown}) and holds no fastdiff run, whose config.json and "
-                            "stats.jsonl a new run would overwrite; choose a new or empty --out")
+    if mine and not (isinstance(config, dict) and isinstance(config.get("train"), dict)):
+        raise FastdiffError(f"{run_dir} holds {', '.join(mine)} of no fastdiff run, which a new run would overwrite; "
+                            "choose a new or empty --out")
 
 
 def truncate_stats(run_dir: Path, step: int) -> int:
