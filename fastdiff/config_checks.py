@@ -131,7 +131,9 @@ def validate(cfg, saved: bool = False) -> None:
     """Every option of every section in its range, and the combinations that would fail later (in training, at
     sampling time, or in another command) refused now. Raises ConfigError naming the option and what is allowed.
     saved: a run's own config.json, already trained: a default it cannot use (`guides_untrained_null`, which
-    runs before 2026-12-07 could be given) is refused when sampling uses it, not when the run loads."""
+    runs before 2026-12-07 could be given) is refused when sampling uses it, not when the run loads, and settings
+    such runs were given without effect (distill.backbone_size without a backbone file, regress_steps beyond T)
+    still load."""
     from fastdiff.config import REGRESS_AT
     from fastdiff.data.datasets import DATASETS
     from fastdiff.diffusion.parameterization import PREDICTIONS
@@ -207,7 +209,7 @@ def validate(cfg, saved: bool = False) -> None:
                               f"satisfy 0 <= min <= max <= {T - 1}")
         if dc.regress_at not in REGRESS_AT:
             raise ConfigError(f"distill.regress_at {dc.regress_at!r} is not one of {', '.join(REGRESS_AT)}")
-        if dc.regress_steps > T:  # the teacher's DDIM steps for its pairs
+        if dc.regress_steps > T and not saved:  # the teacher's DDIM steps for its pairs
             raise ConfigError(f"distill.regress_steps {dc.regress_steps} must be in [1, {T}] (the teacher's "
                               "timesteps)")
         # choices the discriminator and the losses hold, refused now (they failed after the teacher pairs and the
@@ -226,7 +228,7 @@ def validate(cfg, saved: bool = False) -> None:
         if dc.backbone in ("pretrain", "none") and m.image_size % dc.backbone_patch:
             raise ConfigError(f"distill.backbone_patch {dc.backbone_patch} does not divide the image size "
                               f"{m.image_size}")
-        if dc.backbone in ("pretrain", "none") and dc.backbone_size:  # it was dropped without a word
+        if dc.backbone in ("pretrain", "none") and dc.backbone_size and not saved:  # it was dropped without a word
             raise ConfigError(f"distill.backbone_size {dc.backbone_size} applies to a backbone file only; the "
                               f"'{dc.backbone}' backbone takes the images at their size: drop it")
         if dc.backbone in ("pretrain", "none") and dc.disc_heads > dc.backbone_depth:

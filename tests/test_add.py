@@ -638,6 +638,18 @@ def test_refiner_settings_are_one_error_before_the_run(student_run, tmp_path, re
     assert not (tmp_path / "r").exists()
 
 
+def test_a_resumed_refiner_keeps_settings_its_inputs_do_not_read(student_run, tmp_path):
+    """Refused for a new run, such settings were accepted before; a run given them must still resume."""
+    from fastdiff.train.refiner import RefinerConfig, resolve_refiner
+
+    teacher = str(ckpt.latest_checkpoint(student_run / "teacher").resolve())
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.json").write_text(json.dumps(RefinerConfig(generator=teacher, pairs=8).to_dict()))
+    assert resolve_refiner(RefinerConfig(generator=teacher, pairs=8), tmp_path / "r", resume=True)[0].pairs == 8
+    with pytest.raises(ConfigError, match="pairs 8 set, which inputs 'noised' do not use"):
+        resolve_refiner(RefinerConfig(generator=teacher, pairs=8), tmp_path / "new")
+
+
 def test_refiner_dry_run_makes_the_runs_checks(student_run, tmp_path, capsys):
     common = ["train-refiner", "--checkpoint", str(student_run / "student"), "--out", str(tmp_path / "r")]
     assert main([*common, "--t-max", "5000", "--dry-run"]) == 2
@@ -714,3 +726,10 @@ def test_a_backbone_size_without_a_backbone_file_is_refused(student_run, tmp_pat
     assert main(["distill", "--teacher", str(student_run / "teacher"), "--out", str(tmp_path / "s"),
                  "--backbone-size", "32", "--dry-run"]) == 2
     assert "distill.backbone_size 32 applies to a backbone file only" in capsys.readouterr().err
+    # a student given it before the check (which ignored it) still loads, samples and resumes
+    from fastdiff.config import load_config
+
+    config = json.loads((student_run / "student" / "config.json").read_text())
+    config["distill"]["backbone_size"] = 32
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert load_config(tmp_path / "config.json").distill.backbone_size == 32

@@ -194,11 +194,12 @@ def resolve_refiner(cfg: RefinerConfig, out, resume: bool = False, log=None) -> 
     if cfg.inputs == "samples" and not gcfg.is_student:
         raise ConfigError(f"refiner: inputs 'samples' needs an ADD student (their teacher gives the targets); "
                           f"{cfg.generator} is not one: use inputs 'noised'")
-    # set to what the other inputs read: used by nothing here (they were dropped without a word)
+    # set to what the other inputs read: used by nothing here (they were dropped without a word); a resumed run
+    # that was given them before this check keeps its config
     unused = [f"{key} {value}" for key, value, set_, reads in (
         ("t_max", cfg.t_max, cfg.t_max is not None, "noised"), ("t_min", cfg.t_min, cfg.t_min != 0, "noised"),
         ("pairs", cfg.pairs, cfg.pairs != RefinerConfig.pairs, "samples")) if set_ and cfg.inputs != reads]
-    if unused:
+    if unused and not resume:
         raise ConfigError(f"refiner: {', '.join(unused)} set, which inputs '{cfg.inputs}' do not use (only "
                           f"'{'noised' if cfg.inputs == 'samples' else 'samples'}' pairs do); drop it")
     return cfg, gcfg, t_max
