@@ -308,3 +308,5 @@ def test_zero_blocks_with_changing_widths_are_refused_both_ways(tmp_path):
     equal = interop.unet_config_from({**config, "block_out_channels": [64, 64, 64, 64]})  # the same layers in both
     assert equal.num_res_blocks == 0 and equal.channel_mult == (1, 1, 1, 1)
     assert interop.unet_config_from({**DDPM_CIFAR10_32, "act_fn": "swish"}) == interop.unet_config_from(DDPM_CIFAR10_32)
+    with pytest.raises(ConfigError, match=r"act_fn=\['silu'\] is not supported"):  # a list is no name: one error
+        interop.unet_config_from({**DDPM_CIFAR10_32, "act_fn": ["silu"]})

@@ -99,7 +99,8 @@ def unet_config_from(d: dict) -> UNetConfig:
     if unknown:
         raise ConfigError(f"UNet2DModel option(s) {unknown} have no equivalent in fastdiff's UNet")
     for key, value in FIXED.items():
-        if SYNONYMS.get(key, {}).get(d.get(key), d.get(key, value)) != value:
+        given = d.get(key, value)
+        if (SYNONYMS.get(key, {}).get(given, given) if isinstance(given, str) else given) != value:
             raise ConfigError(f"UNet2DModel {key}={d[key]!r} is not supported by fastdiff's UNet (it has {value!r})")
     chans = list(d.get("block_out_channels", (224, 448, 672, 896)))
     base = chans[0]
