@@ -113,13 +113,18 @@ class _Scheduler:
         opts = resolve_options(config, type(self).__name__)
         if opts["trained_betas"] is not None:
             opts["trained_betas"] = [float(b) for b in torch.as_tensor(opts["trained_betas"]).flatten()]
+        before = getattr(self, "_config", None)
         self._config = FrozenConfig(opts)
         self.schedule = NoiseSchedule(**schedule_kwargs(opts))
         self.prediction = PREDICTIONS[opts["prediction_type"]]
         self.clip = float(opts["clip_sample_range"]) if opts["clip_sample"] else None
         self.betas = self.schedule.betas
         self.alphas = 1 - self.schedule.betas
+        self._alphas_cumprod = self.schedule.alphas_cumprod
         self._tables = {}
+        if before is not None and before.num_train_timesteps != self._config.num_train_timesteps:
+            self.num_inference_steps, self.custom_timesteps = None, False  # the old list may not exist in the new
+            self._set(torch.arange(len(self) - 1, -1, -1, dtype=torch.int64))
 
     def register_to_config(self, **kwargs) -> None:
         """Change options in place, as diffusers' `register_to_config` (from_config(config, key=value) builds anew)."""
@@ -127,17 +132,18 @@ class _Scheduler:
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
-        return self.schedule.alphas_cumprod
+        return self._alphas_cumprod
 
     @alphas_cumprod.setter
     def alphas_cumprod(self, value) -> None:
-        """The same values (moved to a device, as diffusers' own code and training scripts do) are accepted; other
-        values are refused, not ignored: the steps use the schedule of the config."""
+        """The same values, moved to a device or cast (as diffusers' own code and training scripts do), are kept and
+        read back; other values are refused, not ignored: the steps use the schedule of the config."""
         mine = self.schedule.alphas_cumprod64.cpu()
-        value = torch.as_tensor(value).detach().to("cpu", torch.float64)
-        if value.shape != mine.shape or not torch.allclose(value, mine, rtol=1e-5, atol=1e-7):
+        given = torch.as_tensor(value).detach().to("cpu", torch.float64)
+        if given.shape != mine.shape or not torch.allclose(given, mine, rtol=1e-5, atol=1e-7):
             raise ConfigError("fastdiff's schedulers step with the alphas_cumprod of their config; give other betas "
                               "through the config instead (from_config(config, trained_betas=...))")
+        self._alphas_cumprod = value
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
@@ -338,6 +344,10 @@ class DDPMScheduler(_Scheduler):
     @property
     def variance_type(self) -> str:
         return self.config.variance_type
+
+    @variance_type.setter
+    def variance_type(self, value: str) -> None:
+        self.register_to_config(variance_type=value)
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None):
         if (num_inference_steps is None) == (timesteps is None):

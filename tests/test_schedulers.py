@@ -421,10 +421,18 @@ def test_a_replaced_config_is_the_one_stepped():
 
 def test_alphas_cumprod_moved_is_accepted_and_changed_is_refused():
     ours = fs.DDPMScheduler()
-    ours.alphas_cumprod = ours.alphas_cumprod.to(torch.float64)  # as diffusers' own add_noise does, to a device
-    torch.testing.assert_close(ours.alphas_cumprod, diffusers.DDPMScheduler().alphas_cumprod)
+    moved = ours.alphas_cumprod.to(torch.float64)  # as diffusers' own add_noise does, to a device
+    ours.alphas_cumprod = moved
+    assert ours.alphas_cumprod is moved  # kept, as an attribute is
+    torch.testing.assert_close(ours.alphas_cumprod.float(), diffusers.DDPMScheduler().alphas_cumprod)
     with pytest.raises(ConfigError, match="alphas_cumprod of their config"):
         ours.alphas_cumprod = ours.alphas_cumprod * 0.5
+    ours.variance_type = "fixed_large"  # an attribute in diffusers; here the config stepped
+    assert ours.config.variance_type == "fixed_large"
+    ours.set_timesteps(10)
+    ours.register_to_config(num_train_timesteps=500)  # the old list (from 900) does not exist in the new schedule
+    assert ours.num_inference_steps is None and ours.timesteps[0] == 499 and len(ours.alphas_cumprod) == 500
+    ours.step(torch.zeros(1, 1, 2, 2), 499, torch.zeros(1, 1, 2, 2), generator=torch.Generator())
 
 
 def test_eps_at_zero_snr_fails_only_the_step_that_has_no_x0():
