@@ -9,6 +9,7 @@ KID and precision/recall get the same real-vs-real values (kid_floor, precision_
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -55,8 +56,9 @@ def load_or_train_classifier(train: ImageData, cache_dir, device="cpu", log=None
     path = classifier_path(cache_dir, train, steps)
     user = classifier_path(user_cache_dir(), train, steps)
     shipped = classifier_path(PRETRAINED_DIR, train, steps)
+    data = data_fingerprint(train)
     for candidate in dict.fromkeys((path, user, shipped)):
-        model = _cached_classifier(candidate, steps, len(train), log)
+        model = _cached_classifier(candidate, steps, len(train), data, log)
         if model is not None:
             if candidate != path and log:
                 log(f"using the {'shipped' if candidate == shipped else 'cached'} evaluation classifier {candidate}")
@@ -74,13 +76,22 @@ def load_or_train_classifier(train: ImageData, cache_dir, device="cpu", log=None
     path.parent.mkdir(parents=True, exist_ok=True)
     save_tensors(path, model.state_dict())
     write_json_atomic(path.with_suffix(".json"), {"config": model.config_dict(), "steps": steps,
-                                  "train_images": len(train)})
+                                                  "train_images": len(train), "data": data})
     return model
 
 
-def _cached_classifier(path: Path, steps: int, train_images: int, log) -> Classifier | None:
+def data_fingerprint(data: ImageData) -> str:
+    """The training images and labels' digest: two datasets of one name, size and count (every image folder is
+    "folder") do not share a cached classifier."""
+    h = hashlib.sha256(data.images.contiguous().numpy().tobytes())
+    h.update(data.labels.contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _cached_classifier(path: Path, steps: int, train_images: int, data: str, log) -> Classifier | None:
     """The classifier cached at path if it is there, readable and trained for `steps` steps on `train_images`
-    images (a cache written before that was recorded is taken on its steps alone), else None."""
+    images whose `data_fingerprint` is `data` (a cache written before either was recorded is taken without it),
+    else None."""
     meta_path = path.with_suffix(".json")
     if not (path.exists() and meta_path.exists()):
         return None
@@ -92,7 +103,9 @@ def _cached_classifier(path: Path, steps: int, train_images: int, log) -> Classi
         if log:
             log(f"cached classifier {path} unreadable ({e}); retraining")
         return None
-    return model if meta.get("steps") == steps and meta.get("train_images", train_images) == train_images else None
+    same = (meta.get("steps") == steps and meta.get("train_images", train_images) == train_images
+            and meta.get("data", data) == data)
+    return model if same else None
 
 
 @torch.no_grad()

@@ -136,3 +136,24 @@ def test_a_refiner_is_not_sampled_on_its_own(capsys, tmp_path):
     assert "pretrained:mnist-student-refiner is a refiner (fastdiff train-refiner), not a diffusion run" in err
     assert "fastdiff sample --checkpoint pretrained:mnist-student --refine pretrained:mnist-student-refiner" in err
     assert "Traceback" not in err
+
+
+def test_two_image_folders_of_one_size_and_count_do_not_share_a_classifier(tmp_path, monkeypatch):
+    """Every folder dataset is named "folder": a classifier cached for one (in the user's cache, say) served another
+    of the same image size and count, with another number of classes."""
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for root, classes, per_class in ((tmp_path / "a", 2, 9), (tmp_path / "b", 3, 6)):
+        for c in range(classes):
+            (root / f"c{c}").mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(np.full((8, 8), 10 * i + 60 * c, np.uint8)).save(root / f"c{c}" / f"{i}.png")
+    a, b = (load_dataset("folder", data_dir=tmp_path / name, image_size=8, channels=1) for name in ("a", "b"))
+    assert (a.name, len(a), a.shape) == (b.name, len(b), b.shape) and a.num_classes != b.num_classes
+    first = evaluate.load_or_train_classifier(a, tmp_path / "cache" / "fastdiff", steps=3)
+    logs = []
+    second = evaluate.load_or_train_classifier(b, tmp_path / "run", steps=3, log=logs.append)
+    assert any("training the evaluation classifier" in line for line in logs), logs
+    assert first.config_dict()["num_classes"] == 2 and second.config_dict()["num_classes"] == 3
