@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import re
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdiff.checkpoint import atomic_write, atomic_write_all
+from fastdiff.checkpoint import atomic_write, atomic_write_all, read_json
 from fastdiff.errors import FastdiffError
 
 
@@ -118,28 +119,49 @@ def _names(seeds, labels) -> list[str]:
     return [sample_name(s, y) for s, y in zip(seeds, labels)]
 
 
-def check_images_folder(out_dir, seeds, labels, what: str = "--save-images") -> None:
-    """One FastdiffError now, before the sampling, where out_dir holds sample images (`SAMPLE_NAME`) of an earlier
-    run that these seeds and labels would not replace: the folder would mix two samplings, and whatever reads it
-    (a FID over a folder) would count both. Images of the same names are replaced whole; other files are ignored."""
+SAMPLES_MANIFEST = ".fastdiff-samples.json"  # in a folder of sample images: the sampling that wrote them
+
+
+def check_images_folder(out_dir, seeds, labels, source: dict, what: str = "--save-images") -> None:
+    """One FastdiffError now, before the sampling, where out_dir holds sample images of another sampling, which
+    these would mix with (whatever reads the folder, a FID over it, would count both):
+    - its manifest (`SAMPLES_MANIFEST`, which `save_images` writes) names another `source` (checkpoint and
+      settings): seeds of the same sampling are welcome, so shards of one FID set go into one folder;
+    - without one, sample images (`SAMPLE_NAME`) that these seeds and labels would not replace, of unknown origin.
+    Images of the same names are replaced whole; other files are ignored."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return
+    source = json.loads(json.dumps(source))
+    if (out_dir / SAMPLES_MANIFEST).exists():
+        earlier = read_json(out_dir / SAMPLES_MANIFEST, error=FastdiffError)
+        changed = sorted(k for k in set(earlier) | set(source) if earlier.get(k) != source.get(k))
+        if changed:
+            said = "; ".join(f"{k} {earlier.get(k)!r} there, {source.get(k)!r} now" for k in changed)
+            raise FastdiffError(f"{what} {out_dir} holds the samples of another sampling ({said}), which these would "
+                                "mix with; choose a new or empty folder")
+        return
     ours = set(_names(seeds, labels))
-    stale = sorted(p.name for p in out_dir.iterdir() if SAMPLE_NAME.fullmatch(p.name) and p.name not in ours)
+    try:
+        stale = sorted(p.name for p in out_dir.iterdir() if SAMPLE_NAME.fullmatch(p.name) and p.name not in ours)
+    except PermissionError:
+        raise FastdiffError(f"cannot list {what} {out_dir}: permission denied; choose a folder of yours") from None
     if stale:
-        raise FastdiffError(f"{what} {out_dir} already holds {len(stale)} sample image(s) that this run would not "
-                            f"replace (e.g. {stale[0]}), so it would mix two samplings; choose a new or empty folder, "
-                            "or remove them")
+        raise FastdiffError(f"{what} {out_dir} already holds {len(stale)} sample image(s) of an unknown sampling that "
+                            f"this run would not replace (e.g. {stale[0]}), so it would mix two samplings; choose a "
+                            "new or empty folder, or remove them")
 
 
-def save_images(images: torch.Tensor, seeds, labels, out_dir) -> list[Path]:
+def save_images(images: torch.Tensor, seeds, labels, out_dir, source: dict | None = None) -> list[Path]:
     """One PNG per sample in out_dir, at the model's resolution, named by its seed and label (`sample_name`):
-    float images in [-1, 1] [N, C, H, W] become uint8 exactly as in the grids (`to_uint8`)."""
+    float images in [-1, 1] [N, C, H, W] become uint8 exactly as in the grids (`to_uint8`). With `source` (the
+    sampling's checkpoint and settings) the folder's manifest records it first (`check_images_folder`)."""
     names = _names(seeds, labels)
     if len(images) != len(names):
         raise ValueError(f"{len(images)} images, {len(names)} seeds")
     out_dir = Path(out_dir)
+    if source is not None:
+        atomic_write(writable(out_dir / SAMPLES_MANIFEST), (json.dumps(source, indent=1) + "\n").encode())
     return [save_png(a, out_dir / name) for a, name in zip(to_uint8(images), names)]
 
 

@@ -108,28 +108,38 @@ def test_a_refiner_is_checked_before_any_sampling(trained, tmp_path, capsys, mon
 def test_sample_save_images(trained, tmp_path, capsys):
     from PIL import Image
 
-    code, out, _ = run(["sample", "--checkpoint", str(trained), "--n", "3", "--steps", "2", "--labels", "4", "--seed",
-                        "41", "--out", str(tmp_path / "g.png"), "--save-images", str(tmp_path / "each")], capsys)
+    common = ["sample", "--checkpoint", str(trained), "--steps", "2", "--labels", "4"]
+    code, out, _ = run([*common, "--n", "3", "--seed", "41", "--out", str(tmp_path / "g.png"), "--save-images",
+                        str(tmp_path / "each")], capsys)
     result = json.loads(out.strip().splitlines()[-1])
     assert code == 0 and result["images"] == str(tmp_path / "each")
     names = ["seed000041-label4.png", "seed000042-label4.png", "seed000043-label4.png"]
-    assert sorted(p.name for p in (tmp_path / "each").iterdir()) == names
+    assert sorted(p.name for p in (tmp_path / "each").iterdir()) == [".fastdiff-samples.json", *names]
     images = np.load(result["samples"])["images"]  # the same uint8 conversion as the .npz archive
     for name, want in zip(names, images):
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "each" / name))[..., None], want)
-    # fewer samples into the same folder would leave seed000043 of the first run beside them: refused, before sampling
+    # another sampling (here more steps) into the folder would mix with it: refused, before sampling
     (tmp_path / "each" / "notes.txt").write_text("mine")
     before = {p.name: p.read_bytes() for p in (tmp_path / "each").iterdir()}
-    code, _, err = run(["sample", "--checkpoint", str(trained), "--n", "2", "--steps", "2", "--labels", "4", "--seed",
-                        "41", "--out",
-                        str(tmp_path / "g2.png"), "--save-images", str(tmp_path / "each")], capsys)
-    assert code == 2 and "1 sample image(s) that this run would not replace (e.g. seed000043-label4.png)" in err
+    code, _, err = run([*common, "--n", "2", "--seed", "44", "--steps", "3", "--out", str(tmp_path / "g2.png"),
+                        "--save-images", str(tmp_path / "each")], capsys)
+    assert code == 2 and "holds the samples of another sampling (steps 2 there, 3 now)" in err, err
     assert "Traceback" not in err and not (tmp_path / "g2.png").exists()
     assert {p.name: p.read_bytes() for p in (tmp_path / "each").iterdir()} == before
-    # the same names again (a rerun, or other labels' images of the same seeds) are replaced whole
-    code, _, _ = run(["sample", "--checkpoint", str(trained), "--n", "3", "--steps", "2", "--labels", "4", "--seed",
-                      "41", "--out", str(tmp_path / "g3.png"), "--save-images", str(tmp_path / "each")], capsys)
-    assert code == 0 and sorted(p.name for p in (tmp_path / "each").iterdir()) == ["notes.txt", *names]
+    # a shard of the same sampling (other seeds), and the same seeds again, go into it
+    code, _, _ = run([*common, "--n", "2", "--seed", "44", "--out", str(tmp_path / "g3.png"), "--save-images",
+                      str(tmp_path / "each")], capsys)
+    assert code == 0 and run([*common, "--n", "3", "--seed", "41", "--out", str(tmp_path / "g4.png"),
+                              "--save-images", str(tmp_path / "each")], capsys)[0] == 0
+    assert sorted(p.name for p in (tmp_path / "each").iterdir() if p.suffix == ".png") == [
+        *names, "seed000044-label4.png", "seed000045-label4.png"]
+    # sample images of unknown origin (no manifest) that this run would not replace: refused
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "seed000001.png").write_bytes(b"")
+    code, _, err = run([*common, "--n", "1", "--seed", "7", "--out", str(tmp_path / "g5.png"), "--save-images",
+                        str(tmp_path / "theirs")], capsys)
+    assert code == 2 and "1 sample image(s) of an unknown sampling that this run would not replace (e.g. " \
+                         "seed000001.png)" in err, err
 
 
 def test_eval_prints_json_last(trained, capsys):

@@ -47,12 +47,17 @@ def test_check_images_folder(tmp_path):
     from fastdiff.errors import FastdiffError
     from fastdiff.images import check_images_folder
 
-    check_images_folder(tmp_path / "new", [1, 2], None)  # a folder yet to be made holds nothing
-    save_images(torch.zeros(2, 1, 4, 4), [1, 2], [0, 1], tmp_path)
+    source = {"checkpoint": "run", "steps": 4}
+    check_images_folder(tmp_path / "new", [1, 2], None, source)  # a folder yet to be made holds nothing
+    save_images(torch.zeros(2, 1, 4, 4), [1, 2], [0, 1], tmp_path)  # no source: no manifest
     (tmp_path / "seed-notes.png").write_bytes(b"")  # not a sample name: the user's, ignored
-    check_images_folder(tmp_path, [1, 2], [0, 1])  # the same names are replaced
-    check_images_folder(tmp_path, [1, 2, 3], [0, 1, 2])
-    with pytest.raises(FastdiffError, match=r"holds 1 sample image\(s\).*e\.g\. seed000002-label1\.png"):
-        check_images_folder(tmp_path, [1], [0])
+    check_images_folder(tmp_path, [1, 2], [0, 1], source)  # the same names are replaced
+    check_images_folder(tmp_path, [1, 2, 3], [0, 1, 2], source)
+    with pytest.raises(FastdiffError, match=r"holds 1 sample image\(s\) of an unknown sampling.*seed000002-label1"):
+        check_images_folder(tmp_path, [1], [0], source)
     with pytest.raises(FastdiffError, match="holds 2 sample image"):
-        check_images_folder(tmp_path, [1, 2], None)  # unconditional names differ from labelled ones
+        check_images_folder(tmp_path, [1, 2], None, source)  # unconditional names differ from labelled ones
+    save_images(torch.zeros(1, 1, 4, 4), [9], None, tmp_path / "m", source)
+    check_images_folder(tmp_path / "m", [3], None, source)  # the same sampling's other seeds: a shard
+    with pytest.raises(FastdiffError, match=r"another sampling \(checkpoint 'run' there, 'other' now\)"):
+        check_images_folder(tmp_path / "m", [3], None, {**source, "checkpoint": "other"})

@@ -92,8 +92,8 @@ def add_sample(sub):
     p.add_argument("--trajectory-rows", type=COUNT, default=4, help="samples shown in the trajectory figure")
     p.add_argument("--save-images", type=PATH, metavar="DIR",
                    help="also write one PNG per sample into DIR, named by its seed "
-                   "and label: seed000123-label7.png (seed000123.png unconditional); refused where DIR holds other "
-                   "sample images this run would not replace (default: off)")
+                   "and label: seed000123-label7.png (seed000123.png unconditional); shards of one sampling (other "
+                   "--seed, same checkpoint and settings) may share DIR, another sampling is refused (default: off)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     add_sampling_args(p)
 
@@ -122,8 +122,12 @@ def cmd_sample(args) -> int:
     run = load_run(args.checkpoint, device, use_ema=not args.no_ema)
     settings = resolve_settings(run, device, refiner=args.refine, **sampling_overrides(args))
     if args.save_images:
+        # what makes the samples of a seed: shards of one sampling may share a --save-images folder, others not
+        source = {"checkpoint": run.path, "ema": not args.no_ema, "sampler": settings.sampler,
+                  "steps": settings.steps, "eta": settings.eta, "guidance": settings.guidance,
+                  "spacing": settings.spacing, "clip": settings.clip, "refiner": settings.refiner}
         check_images_folder(args.save_images, seeds_for(args.seed, args.n),
-                            labels_for(args.labels, args.n, run.num_classes))
+                            labels_for(args.labels, args.n, run.num_classes), source)
     recorder = TrajectoryRecorder(settings.steps, rows=min(args.n, args.trajectory_rows)) if args.trajectory else None
     res = sample(run, settings, n=args.n, seed=args.seed, labels=args.labels, callback=recorder,
                  callback_rows=recorder.rows if recorder is not None else 1, progress=show_progress(args))
@@ -136,7 +140,7 @@ def cmd_sample(args) -> int:
               "setup_seconds": round(res.setup_s, 3), "accel": settings.accel.describe(), "checkpoint": run.path,
               "refiner": args.refine}
     if args.save_images:
-        save_images(res.images, res.seeds, res.labels, args.save_images)
+        save_images(res.images, res.seeds, res.labels, args.save_images, source)
         result["images"] = str(args.save_images)
     if recorder is not None:
         save_trajectory(recorder.frames, traj, title=f"{settings.sampler}, {settings.steps} steps")
