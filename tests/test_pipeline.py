@@ -197,3 +197,28 @@ def test_a_diffusers_folder_samples_as_its_run(run, tmp_path):
     assert fastdiff.load(folder, device="cpu").config.preset == "diffusers"
     with pytest.raises(ConfigError, match="names no dataset"):
         evaluate_run(folder, n=8, device="cpu")
+
+
+def test_the_fast_path_under_threads_and_from_its_own_callback(run):
+    """Its static buffers are shared by every call with the same settings: four threads got one another's images
+    (off by up to 1.0), and a sampling from inside a step callback changed the outer one's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastdiff.sampling import resolve_settings, sample
+
+    pipe = fastdiff.load(run, device="cpu")
+    fast = {"amp": "fp32", "channels_last": True}  # the fast path on every CPU (not the plain loop)
+    want = {k: pipe.sample(4, seed=k, steps=6, **fast) for k in range(4)}
+    with ThreadPoolExecutor(4) as pool:
+        got = dict(zip(range(4), pool.map(lambda k: pipe.sample(4, seed=k, steps=6, **fast), range(4))))
+    assert all(torch.equal(got[k], want[k]) for k in range(4))
+    den = pipe.denoiser
+    settings = resolve_settings(den, "cpu", steps=6, **fast)
+    assert not settings.accel.plain
+
+    def nested(i, t, x, x0):
+        sample(den, settings, n=2, seed=9)
+
+    with pytest.raises(ConfigError, match="sampling again from inside a sampling callback"):
+        sample(den, settings, n=2, seed=0, callback=nested)
+    assert torch.equal(sample(den, settings, n=4, seed=0).images, want[0])  # and it still samples afterwards

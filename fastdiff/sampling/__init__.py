@@ -13,6 +13,7 @@ import dataclasses
 import math
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -280,14 +281,18 @@ def _ticking(bar: tqdm, callback: Callable | None) -> Callable | None:
     return step
 
 
+_FAST_SAMPLERS_LOCK = threading.Lock()  # two threads' first calls build one sampler (it converts the model in place)
+
+
 def _fast_sampler(denoiser: Denoiser, settings: SampleSettings) -> FastSampler:
     key = (dataclasses.astuple(settings.accel), settings.guidance, settings.clip)
-    if key not in denoiser.fast_samplers:
-        denoiser.fast_samplers[key] = FastSampler(
-            denoiser.model, settings.accel, device=denoiser.device, shape=denoiser.image_shape,
-            guidance=settings.guidance, null_label=denoiser.null_label, clip=settings.clip,
-            capacity=denoiser.schedule.num_timesteps, conditional=denoiser.num_classes > 0)
-    return denoiser.fast_samplers[key]
+    with _FAST_SAMPLERS_LOCK:
+        if key not in denoiser.fast_samplers:
+            denoiser.fast_samplers[key] = FastSampler(
+                denoiser.model, settings.accel, device=denoiser.device, shape=denoiser.image_shape,
+                guidance=settings.guidance, null_label=denoiser.null_label, clip=settings.clip,
+                capacity=denoiser.schedule.num_timesteps, conditional=denoiser.num_classes > 0)
+        return denoiser.fast_samplers[key]
 
 
 def sampler_table(schedule: NoiseSchedule, sampler: str, steps: int | None, *, eta: float = 0.0,
