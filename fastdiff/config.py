@@ -213,6 +213,19 @@ class RunConfig:
         return cfg
 
 
+def checked(cfg, *, student: bool, saved: bool = False) -> RunConfig:
+    """cfg checked as a config file is (`validate`; saved: a resumed run's own): a RunConfig built or changed in
+    Python trained unchecked and wrote a run that would not load. `student`: whether the trainer takes a distilled
+    student's config (`distill_config`) or a DDPM run's."""
+    if not isinstance(cfg, RunConfig):
+        raise ConfigError(f"the config must be a fastdiff.config.RunConfig (preset_config, load_config), got "
+                          f"{type(cfg).__name__}")
+    if cfg.is_student != student:
+        raise ConfigError("a distilled student's config (with a distill section) trains with train_add" if
+                          cfg.is_student else "train_add needs a student's config: fastdiff.config.distill_config")
+    return RunConfig.from_dict(cfg.to_dict(), saved=saved)
+
+
 # the kinds of training run (each checkpoint's state.json "kind") and the command that trains and resumes each
 RUN_KINDS = {"ddpm": "fastdiff train", "add-student": "fastdiff distill", "refiner": "fastdiff train-refiner"}
 

@@ -68,3 +68,25 @@ def test_bf16_autocast_on_cpu(tmp_path, tiny_overrides):
     cfg = tiny(tiny_overrides, **{"train.steps": 2, "train.amp": "bf16"})
     rec = train_ddpm(cfg, tmp_path, progress=False, echo=lambda s: None)
     assert rec["step"] == 2 and rec["loss"] == rec["loss"]
+
+
+def test_a_config_built_in_python_is_checked_as_a_file_is(tmp_path, tiny_overrides):
+    """train_ddpm trained an ema_decay of 2 (or sample.steps 5000, p_uncond 5) and wrote a run that would not load;
+    a dict or a student's config were AttributeErrors."""
+    import dataclasses
+
+    from fastdiff.config import distill_config
+    from fastdiff.errors import ConfigError
+    from fastdiff.train import train_add
+
+    cfg = apply_overrides(preset_config("digits"), tiny_overrides)
+    for bad, says in ((dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ema_decay=2.0)),
+                       r"train.ema_decay must be in \[0, 1\)"),
+                      (dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, steps=5000)), "sample.steps"),
+                      (cfg.to_dict(), "must be a fastdiff.config.RunConfig"),
+                      (distill_config(cfg, str(tmp_path / "teacher")), "trains with train_add")):
+        with pytest.raises(ConfigError, match=says):
+            train_ddpm(bad, tmp_path / "run", progress=False, echo=lambda s: None)
+    with pytest.raises(ConfigError, match="train_add needs a student's config"):
+        train_add(cfg, tmp_path / "run", progress=False, echo=lambda s: None)
+    assert not (tmp_path / "run").exists()

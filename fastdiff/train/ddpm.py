@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastdiff.config import RUN_KINDS, RunConfig
+from fastdiff.config import RUN_KINDS, RunConfig, checked
 from fastdiff.data import load_dataset
 from fastdiff.diffusion import NoiseSchedule, ddim_table, make_timesteps, training_target
 from fastdiff.diffusion.parameterization import check_prediction
@@ -95,6 +95,7 @@ def train_ddpm(cfg: RunConfig, out, *, device="auto", resume: bool = False, prog
 
     `accel` picks the fast paths (default: compile + CUDA graphs on a GPU, the plain step on the CPU).
     """
+    cfg = checked(cfg, student=False, saved=resume)
     mc = cfg.model
     check_prediction(cfg.diffusion.prediction)
     data = load_dataset(cfg.data.dataset, "train", data_dir=cfg.data.data_dir, image_size=mc.image_size,
