@@ -126,3 +126,30 @@ def test_timesteps_spacing():
     assert make_timesteps(1000, 4, "linspace").tolist() == [999, 666, 333, 0]
     with pytest.raises(ValueError, match="steps"):
         make_timesteps(1000, 0)
+
+
+def test_the_plain_samplers_check_their_arguments():
+    """sample_ddpm(steps=0) ran all 1000 steps; eta or guidance NaN gave NaN images, clip -1 all -1, an int x was
+    rounded every step, float seeds were truncated and guidance without labels was dropped, all without a word."""
+    from fastdiff.errors import ConfigError
+
+    def model(x, t, labels=None):
+        return torch.zeros_like(x)
+
+    schedule, seeds = NoiseSchedule("linear", 1000), seeds_for(0, 2)
+    x = initial_noise(seeds, (1, 4, 4))
+    for call, says in ((lambda: sample_ddpm(model, x, schedule, steps=0, seeds=seeds), "steps"),
+                       (lambda: sample_ddim(model, x, schedule, steps=2, eta=float("nan"), seeds=seeds), "eta=nan"),
+                       (lambda: sample_ddim(model, x, schedule, steps=2, guidance=float("nan"), seeds=seeds,
+                                            labels=torch.tensor([0, 1]), null_label=2), "guidance=nan"),
+                       (lambda: sample_ddim(model, x, schedule, steps=2, guidance=3, seeds=seeds),
+                        "guidance=3 needs labels"),
+                       (lambda: sample_ddim(model, x, schedule, steps=2, clip=-1, seeds=seeds), "clip=-1"),
+                       (lambda: sample_ddim(model, x.long(), schedule, steps=2, seeds=seeds), "x must be a float"),
+                       (lambda: sample_ddim(model, x[0], schedule, steps=2, seeds=seeds), r"\[n, C, H, W\]"),
+                       (lambda: sample_ddim(model, x, schedule, steps=2, seeds=seeds.float()), "seeds must be an int64"),
+                       (lambda: sample_ddim(model, x, schedule, steps=2, seeds=seeds, labels=torch.tensor([0.5, 1.2]),
+                                            null_label=2, guidance=2), "labels must be an integer tensor")):
+        with pytest.raises(ConfigError, match=says):
+            call()
+    assert sample_ddim(model, x, schedule, steps=2, clip=None, seeds=seeds).shape == x.shape

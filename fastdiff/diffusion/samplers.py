@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from fastdiff import ops
-from fastdiff.config_checks import integer
+from fastdiff.config_checks import GUIDANCE_RANGE, integer, number
 from fastdiff.diffusion.parameterization import check_prediction, x0_coefficients
 from fastdiff.diffusion.schedules import NoiseSchedule
 from fastdiff.errors import ConfigError
@@ -90,8 +90,7 @@ def ddim_coefficients(ab, ab_prev, *, eta: float = 0.0, prediction: str = "eps")
     eps_hat = (x_t - sqrt(ab) x0) / sqrt(1-ab) is re-derived from the (possibly clipped) x0, so
     x_prev = sqrt(ab_prev) x0 + c * eps_hat + sigma z  with c = sqrt(1 - ab_prev - sigma^2).
     """
-    if eta < 0:
-        raise ConfigError(f"eta={eta} must be >= 0")
+    eta = number("eta", eta, lo=0, allowed="0 and up, finite (0: deterministic DDIM)")
     p, q = x0_coefficients(check_prediction(prediction), ab)
     # (16): sigma_t(eta) = eta * sqrt((1 - ab_prev) / (1 - ab)) * sqrt(1 - ab / ab_prev)
     sigma = eta * ((1 - ab_prev) / (1 - ab)).sqrt() * (1 - ab / ab_prev).clamp(min=0).sqrt()
@@ -188,8 +187,19 @@ def guided(model: Callable, x, t, labels, guidance: float, null_label: int | Non
 
 
 def check_batch(x: torch.Tensor, seeds: torch.Tensor, labels: torch.Tensor | None) -> None:
-    """The per-sample inputs of a batch of n images: seeds [n] and labels [n] (or None)."""
+    """The per-sample inputs of a batch of n images: x a float [n, C, H, W] tensor, int64 seeds [n] and integer
+    labels [n] (or None)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
+        got = f"{x.dtype} of shape {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ConfigError(f"x must be a float tensor [n, C, H, W] (initial_noise(seeds, shape)), got {got}")
     n = x.shape[0]
+    if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64:
+        got = seeds.dtype if isinstance(seeds, torch.Tensor) else type(seeds).__name__
+        raise ConfigError(f"seeds must be an int64 tensor [n] (seeds_for(seed, n)), got {got}")
+    if labels is not None and (not isinstance(labels, torch.Tensor) or labels.is_floating_point()
+                               or labels.is_complex() or labels.dtype == torch.bool):
+        got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ConfigError(f"labels must be an integer tensor [n], got {got}")
     if seeds.shape != (n,):
         raise ConfigError(f"seeds must have shape [{n}] (one per sample), got {list(seeds.shape)}")
     if labels is not None and labels.shape != (n,):
@@ -225,6 +235,12 @@ def run_table(
     """The shared sampling loop, under `torch.inference_mode()` (no autograd graph is kept, whatever the model's
     parameters say). callback(i, t, x_prev, x0) is called after each step when given."""
     check_batch(x, seeds, labels)
+    guidance = number("guidance", guidance, **GUIDANCE_RANGE)
+    if guidance != 1.0 and labels is None:  # it was dropped without a word
+        raise ConfigError(f"guidance={guidance:g} needs labels (the classes to guide towards); pass labels, or "
+                          "guidance 1")
+    if clip is not None:
+        clip = number("clip", clip, lo=0, lo_open=True, finite=False, allowed="above 0 (None for no clipping)")
     n = x.shape[0]
     seeds = seeds.to(x.device)
     for i in range(len(table)):
@@ -252,7 +268,7 @@ def sample_ddpm(
     prediction="eps", clip=None, spacing="trailing", callback=None,
 ):
     """DDPM ancestral sampling over all T steps (steps=None) or a respaced subset."""
-    ts = make_timesteps(schedule.num_timesteps, steps or schedule.num_timesteps, spacing)
+    ts = make_timesteps(schedule.num_timesteps, schedule.num_timesteps if steps is None else steps, spacing)
     table = ddpm_table(schedule, ts, variance=variance, prediction=prediction, device=x.device)
     return run_table(model, x, table, seeds=seeds, labels=labels, guidance=guidance, null_label=null_label,
                      clip=clip, callback=callback)

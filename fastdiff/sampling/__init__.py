@@ -305,7 +305,7 @@ def sampler_table(schedule: NoiseSchedule, sampler: str, steps: int | None, *, e
     if sampler == "student":
         ts = student_timesteps(trained_timesteps, steps)
         return student_table(schedule, ts, prediction=prediction, device=device)
-    ts = make_timesteps(schedule.num_timesteps, steps or schedule.num_timesteps, spacing)
+    ts = make_timesteps(schedule.num_timesteps, schedule.num_timesteps if steps is None else steps, spacing)
     if sampler == "ddim":
         return ddim_table(schedule, ts, eta=eta, prediction=prediction, device=device)
     return ddpm_table(schedule, ts, prediction=prediction, device=device)
