@@ -147,7 +147,8 @@ def test_the_plain_samplers_check_their_arguments():
                        (lambda: sample_ddim(model, x, schedule, steps=2, clip=-1, seeds=seeds), "clip=-1"),
                        (lambda: sample_ddim(model, x.long(), schedule, steps=2, seeds=seeds), "x must be a float"),
                        (lambda: sample_ddim(model, x[0], schedule, steps=2, seeds=seeds), r"\[n, C, H, W\]"),
-                       (lambda: sample_ddim(model, x, schedule, steps=2, seeds=seeds.float()), "seeds must be an int64"),
+                       (lambda: sample_ddim(model, x, schedule, steps=2, seeds=seeds.float()),
+                        "seeds must be an int64"),
                        (lambda: sample_ddim(model, x, schedule, steps=2, seeds=seeds, labels=torch.tensor([0.5, 1.2]),
                                             null_label=2, guidance=2), "labels must be an integer tensor")):
         with pytest.raises(ConfigError, match=says):
