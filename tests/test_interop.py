@@ -310,3 +310,18 @@ def test_zero_blocks_with_changing_widths_are_refused_both_ways(tmp_path):
     assert interop.unet_config_from({**DDPM_CIFAR10_32, "act_fn": "swish"}) == interop.unet_config_from(DDPM_CIFAR10_32)
     with pytest.raises(ConfigError, match=r"act_fn=\['silu'\] is not supported"):  # a list is no name: one error
         interop.unet_config_from({**DDPM_CIFAR10_32, "act_fn": ["silu"]})
+
+
+def test_non_finite_weights_and_bad_widths_are_one_error(tmp_path):
+    """A NaN weight loaded without a word (the samples' error then blamed guidance); negative widths were a torch
+    traceback."""
+    unet = diffusers_unet()
+    unet.save_pretrained(tmp_path / "unet")
+    weights = tmp_path / "unet" / interop.WEIGHTS
+    sd = load_file(str(weights))
+    sd["conv_in.weight"][0, 0, 0, 0] = float("nan")
+    save_file(sd, str(weights))
+    with pytest.raises(CheckpointError, match=r"conv_in.weight' holds NaN or infinite values"):
+        interop.import_unet(tmp_path / "unet")
+    with pytest.raises(ConfigError, match=r"block_out_channels=\[16, -32, 32\] must be a list of positive integers"):
+        interop.unet_config_from({**DDPM_CIFAR10_32, "block_out_channels": [16, -32, 32]})

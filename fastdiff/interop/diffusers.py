@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from fastdiff.checkpoint import write_error
+from fastdiff.checkpoint import check_finite, write_error
 from fastdiff.config import DiffusionConfig, RunConfig, SampleConfig, UNetConfig
 from fastdiff.diffusion.diffusers_options import BETA_SCHEDULES, PREDICTIONS, resolve_options
 from fastdiff.diffusion.schedules import NoiseSchedule
@@ -103,6 +103,8 @@ def unet_config_from(d: dict) -> UNetConfig:
         if (SYNONYMS.get(key, {}).get(given, given) if isinstance(given, str) else given) != value:
             raise ConfigError(f"UNet2DModel {key}={d[key]!r} is not supported by fastdiff's UNet (it has {value!r})")
     chans = list(d.get("block_out_channels", (224, 448, 672, 896)))
+    if not chans or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in chans):
+        raise ConfigError(f"block_out_channels={chans} must be a list of positive integers")
     base = chans[0]
     if any(c % base for c in chans):
         raise ConfigError(f"block_out_channels={chans} are not multiples of the first, as fastdiff's channel_mult")
@@ -268,15 +270,18 @@ def import_unet(folder, device="cpu") -> tuple[UNet, UNetConfig, dict | None]:
 
 
 def _read_weights(unet_dir: Path) -> dict[str, torch.Tensor]:
-    path = unet_dir / WEIGHTS
+    """The folder's weights, all finite (as every checkpoint fastdiff loads: `checkpoint.check_finite`)."""
+    path = unet_dir / WEIGHTS if (unet_dir / WEIGHTS).exists() else unet_dir / WEIGHTS_BIN
+    if not path.exists():
+        raise CheckpointError(f"{unet_dir} has no {WEIGHTS} (or {WEIGHTS_BIN})")
     try:
-        if path.exists():
-            return load_file(str(path))
-        if (unet_dir / WEIGHTS_BIN).exists():
-            return torch.load(unet_dir / WEIGHTS_BIN, map_location="cpu", weights_only=True)
+        if path.name == WEIGHTS:
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"the weights in {unet_dir} are not readable ({e})") from None
-    raise CheckpointError(f"{unet_dir} has no {WEIGHTS} (or {WEIGHTS_BIN})")
+    return check_finite(path, state)
 
 
 RUN_CONFIG = "fastdiff_run.json"  # in a folder fastdiff exported: the run's config (diffusers ignores the file)
