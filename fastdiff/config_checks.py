@@ -278,6 +278,15 @@ def integer(name: str, value) -> int:
     return n
 
 
+def flag(name: str, value) -> bool:
+    """value as a bool (True or False, a numpy bool too), else one ConfigError: "no", or 1, was taken as true."""
+    if isinstance(value, bool):
+        return value
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 and value.dtype.kind == "b":
+        return bool(value)
+    raise ConfigError(f"{name}={value!r} is not True or False")
+
+
 def count(name: str, value) -> int:
     """value as an int >= 1, else one ConfigError naming the option."""
     n = integer(name, value)

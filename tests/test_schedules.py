@@ -66,3 +66,29 @@ def test_a_schedule_checks_its_betas(args, kwargs, message):
     # The public class (Pipeline, the samplers, the schedulers) holds to what the run config's validation holds.
     with pytest.raises(ConfigError, match=message):
         NoiseSchedule(*args, **kwargs)
+
+
+def test_a_boolean_option_takes_a_bool_only(tmp_path):
+    """Any truthy value was True: zero_terminal_snr="no" rescaled the schedule, clip_sample="no" clipped,
+    channels_last="no" converted the model, use_ema="no" read the EMA weights, resume="no" resumed."""
+    import dataclasses
+
+    import numpy as np
+
+    import fastdiff.schedulers as fs
+    from fastdiff.config import apply_overrides, preset_config
+    from fastdiff.runtime import AccelOptions
+    from fastdiff.sampling import load_run
+    from fastdiff.train import train_ddpm
+
+    assert NoiseSchedule("linear", 100, zero_terminal_snr=np.bool_(True)).zero_terminal_snr is True
+    for call, name in ((lambda: NoiseSchedule("linear", 100, zero_terminal_snr="no"), "zero_terminal_snr"),
+                       (lambda: fs.DDIMScheduler(clip_sample="no"), "clip_sample"),
+                       (lambda: fs.DDPMScheduler.from_config({"rescale_betas_zero_snr": 1}), "rescale_betas_zero_snr"),
+                       (lambda: dataclasses.replace(AccelOptions(), channels_last="no").check("cpu"), "channels_last"),
+                       (lambda: load_run(tmp_path, "cpu", use_ema="no"), "use_ema"),
+                       (lambda: train_ddpm(apply_overrides(preset_config("digits"), {"train.steps": 1}), tmp_path / "r",
+                                           resume="no", progress=False), "resume")):
+        with pytest.raises(ConfigError, match=f"{name}=.* is not True or False"):
+            call()
+    assert not (tmp_path / "r").exists()

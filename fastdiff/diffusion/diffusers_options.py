@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from fastdiff.config_checks import flag
 from fastdiff.errors import ConfigError
 
 SCHEDULE_OPTIONS = {
@@ -59,6 +60,9 @@ def resolve_options(config: Mapping, class_name: str) -> dict:
                           f"DDIMScheduler, which fastdiff implements; remove them (known: {', '.join(sorted(KNOWN))})")
     own = CLASS_OPTIONS[class_name]
     opts = {k: config.get(k, default) for k, default in own.items()}
+    for key, default in own.items():  # "no" was taken as true
+        if isinstance(default, bool):
+            opts[key] = flag(key, opts[key])
     if "beta_schedule" in opts and opts["trained_betas"] is None:
         _one_of("beta_schedule", opts["beta_schedule"], list(BETA_SCHEDULES))
     if "prediction_type" in opts:

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 import torch
 
+from fastdiff.config_checks import flag
 from fastdiff.errors import ConfigError
 
 SCHEDULES = ("linear", "scaled_linear", "cosine")
@@ -98,6 +99,7 @@ class NoiseSchedule:
             kind = "trained"
         else:
             betas = named_betas(kind, num_timesteps, beta_start, beta_end, cosine_s, max_beta)
+        zero_terminal_snr = flag("zero_terminal_snr", zero_terminal_snr)
         if zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
         self.kind = kind

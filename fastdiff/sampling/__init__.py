@@ -25,7 +25,7 @@ from tqdm import tqdm
 from fastdiff import checkpoint as ckpt
 from fastdiff import state_dicts
 from fastdiff.config import RunConfig, SampleConfig, load_config
-from fastdiff.config_checks import count
+from fastdiff.config_checks import count, flag
 from fastdiff.diffusion import (
     NoiseSchedule,
     ddim_table,
@@ -104,6 +104,8 @@ def load_run(checkpoint, device, use_ema: bool = True) -> Denoiser:
     (which holds one set of weights, the run's EMA weights) or a diffusers pipeline or UNet2DModel folder
     (`fastdiff.interop.diffusers.load_diffusers`): what `fastdiff sample`, `eval` and `fastdiff.load` all read."""
     from fastdiff.interop.diffusers import is_diffusers_folder, load_diffusers
+
+    use_ema = flag("use_ema", use_ema)
 
     if not str(checkpoint).startswith("pretrained:"):
         p = Path(checkpoint)
