@@ -614,3 +614,21 @@ def test_a_failing_job_or_target_check_keeps_the_report(tiny_preset, tmp_path, m
     doc = suite.run_bench(device="cpu", out=tmp_path, quick=True, sections=("train",), providers=("torch-eager",),
                           echo=lambda line: None)
     assert doc["rows"] and doc["targets"][0]["status"].startswith("not evaluated: error: ZeroDivisionError")
+
+
+def test_run_bench_checks_its_arguments(tmp_path):
+    """sections="sample" was split into letters, an unknown provider ran no model rows and said complete, rounds 0
+    became 5, a NaN budget never ran out, out=None was a TypeError."""
+    from fastdiff.bench import suite
+    from fastdiff.errors import ConfigError
+
+    for kwargs, says in (({"sections": "sample"}, r"sections='sample' must be a list of names"),
+                         ({"providers": ["nope"]}, r"unknown bench provider\(s\) \['nope'\]"),
+                         ({"presets": ["nope"]}, r"unknown bench preset\(s\) \['nope'\]"),
+                         ({"rounds": 0}, "rounds=0 must be at least 1"),
+                         ({"budget_s": float("nan")}, "budget_s=nan is outside"),
+                         ({"out": None}, "out is the folder"),
+                         ({"device": "gpu"}, "gpu")):
+        with pytest.raises(ConfigError, match=says):
+            suite.run_bench(**{"device": "cpu", "out": tmp_path / "b", "quick": True, **kwargs})
+    assert not (tmp_path / "b").exists()

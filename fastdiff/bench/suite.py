@@ -22,9 +22,10 @@ from fastdiff.bench.report import TARGET_COLUMNS, add_ratios, new_doc, table, wr
 from fastdiff.bench.targets import evaluate
 from fastdiff.bench.timing import error_status
 from fastdiff.config import PRESETS as ALL_PRESETS
+from fastdiff.config_checks import count, number
 from fastdiff.errors import ConfigError
 from fastdiff.images import check_writable
-from fastdiff.runtime import AccelOptions, train_defaults
+from fastdiff.runtime import AccelOptions, resolve_device, train_defaults
 
 SECTIONS = ("ops", "sample", "train")
 GPU_PRESETS = ("mnist", "cifar10-ddpm")  # the GPU run's headline rows
@@ -131,15 +132,21 @@ def run_bench(*, device, out: Path, quick: bool = False, sections=SECTIONS, pres
     """Run the suite and write out/bench.json and out/bench.md; returns the report document.
 
     progress: a tqdm bar of the jobs, with ETA, on stderr (the echoed rows are written around it)."""
-    device = torch.device(device)
-    missing = [p for p in presets or () if p not in ALL_PRESETS]
-    if missing:
-        raise ConfigError(f"unknown preset(s) {missing}; choose from {', '.join(ALL_PRESETS)}")
-    unknown = set(sections) - set(SECTIONS)
-    if unknown:
-        raise ConfigError(f"unknown bench section(s) {sorted(unknown)}; use {', '.join(SECTIONS)}")
-    budget = Budget(budget_s if budget_s is not None else (40.0 if quick else 420.0))
-    rounds = rounds or (2 if quick else 5)
+    from fastdiff.bench.providers import PROVIDERS
+
+    device = resolve_device(device)
+    if out is None:
+        raise ConfigError("out is the folder for bench.json and bench.md; give one")
+    for name, given, known in (("section", sections, SECTIONS), ("preset", presets, ALL_PRESETS),
+                               ("provider", providers, PROVIDERS)):
+        if isinstance(given, str):  # one name: split into letters, it named none
+            raise ConfigError(f"{name}s={given!r} must be a list of names, e.g. [{given!r}]")
+        unknown = sorted(set(given or ()) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown bench {name}(s) {unknown}; choose from {', '.join(known)}")
+    budget_s = 40.0 if budget_s is None and quick else 420.0 if budget_s is None else budget_s
+    budget = Budget(number("budget_s", budget_s, lo=0, lo_open=True, allowed="seconds above 0"))
+    rounds = count("rounds", 2 if quick else 5) if rounds is None else count("rounds", rounds)
     doc = new_doc(device, title=f"fastdiff bench{' --quick' if quick else ''}", quick=quick, budget_s=budget.seconds,
                   rounds=rounds, complete=False, notes=[
                       "providers of a row group are timed interleaved, round by round, in one process; median and "
