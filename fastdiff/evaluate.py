@@ -24,6 +24,7 @@ from fastdiff.checkpoint import (
     save_tensors,
     write_json_atomic,
 )
+from fastdiff.config_checks import count
 from fastdiff.data import ImageData, load_dataset
 from fastdiff.errors import CheckpointError, ConfigError, FastdiffError
 from fastdiff.images import check_writable
@@ -197,6 +198,7 @@ def evaluate_run(checkpoint, *, n: int = 1000, seed: int = 0, device=None, class
     batch_size, refiner, acceleration keys); None or absent is the run's own setting. progress: progress bars on
     stderr of the classifier's training where it is not cached yet, and of the sampling (`fastdiff.sampling.sample`).
     """
+    n, classifier_steps = count("n", n), count("classifier_steps", classifier_steps)  # before minutes of training
     device = resolve_device(device)
     run = load_run(checkpoint, device)
     settings = resolve_settings(run, device, **sampling)  # bad settings fail before the classifier trains

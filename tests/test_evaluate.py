@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from fastdiff.models.classifier import _augment
@@ -33,3 +34,15 @@ def test_score_samples_reports_each_metric_beside_its_real_vs_real_value():
     assert noise["precision"] < ref["precision_floor"] / 2 and noise["fd_cls"] > noise["fd_cls_floor"]
     assert {"kid", "kid_std", "kid_floor", "kid_floor_std", "precision", "recall", "precision_floor",
             "recall_floor", "fd_cls", "fd_cls_floor", "fd_ratio"} == set(noise)
+
+
+def test_evaluate_run_checks_n_and_classifier_steps_first(monkeypatch):
+    """n=20.5 was a TypeError after the classifier had trained; classifier_steps 0 one from torch's OneCycleLR."""
+    from fastdiff import evaluate
+    from fastdiff.errors import ConfigError
+
+    monkeypatch.setattr(evaluate, "load_run", lambda *a, **k: pytest.fail("loaded the run"))
+    for kwargs, says in (({"n": 20.5}, "n=20.5 is not a whole number"), ({"n": 0}, "n=0 must be at least 1"),
+                         ({"classifier_steps": 0}, "classifier_steps=0 must be at least 1")):
+        with pytest.raises(ConfigError, match=says):
+            evaluate.evaluate_run("pretrained:mnist", **kwargs)
