@@ -34,7 +34,9 @@ class Pipeline:
     model(x, t, labels) with x [batch, C, H, W], t a float tensor [batch] and labels int64 [batch] (None when
     unconditional); it returns eps, v or x0 (`prediction`) of x's shape. null_label is the label of its
     unconditional class (None: no classifier-free guidance). `defaults` (a `fastdiff.config.SampleConfig`) are the
-    settings `.sample` uses when not told otherwise (DDIM, 50 steps, clip 1, no guidance).
+    settings `.sample` uses when not told otherwise (DDIM, 50 steps, clip 1, no guidance). A module is put in eval
+    mode, and the fast path converts its weights to its layout in place (channels_last on most CPUs and GPUs:
+    `.contiguous()` a state dict's tensors to save them, or sample with `channels_last=False`).
     """
 
     def __init__(self, model: Callable, *, schedule: NoiseSchedule, image_shape, num_classes: int = 0,
@@ -44,14 +46,14 @@ class Pipeline:
             raise ConfigError(f"the model must be callable as model(x, t, labels), got {type(model).__name__}")
         if not isinstance(schedule, NoiseSchedule):
             raise ConfigError("schedule must be a fastdiff.NoiseSchedule, e.g. NoiseSchedule('linear', 1000)")
-        if null_label is not None and not 0 <= null_label <= num_classes:
-            raise ConfigError(f"null_label={null_label} must be in 0..{num_classes} (num_classes={num_classes})")
         if device is None:
             params = model.parameters() if isinstance(model, torch.nn.Module) else iter(())
             device = next(params, torch.empty(0)).device
         self.denoiser = Denoiser(model=model, schedule=schedule, image_shape=image_shape, device=device,
                                  num_classes=num_classes, null_label=null_label, prediction=prediction,
                                  defaults=defaults if defaults is not None else SampleConfig())
+        if isinstance(model, torch.nn.Module):  # once accepted
+            model.eval()  # as fastdiff.load's: dropout or batch-norm statistics would change every sample
 
     @classmethod
     def from_denoiser(cls, denoiser: Denoiser) -> "Pipeline":

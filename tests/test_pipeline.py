@@ -222,3 +222,25 @@ def test_the_fast_path_under_threads_and_from_its_own_callback(run):
     with pytest.raises(ConfigError, match="sampling again from inside a sampling callback"):
         sample(den, settings, n=2, seed=0, callback=nested)
     assert torch.equal(sample(den, settings, n=4, seed=0).images, want[0])  # and it still samples afterwards
+
+
+def test_pipeline_arguments_are_checked_and_a_module_samples_in_eval_mode():
+    """image_shape "188" became (1, 8, 8) and (1, 8.7, 8) (1, 8, 8); num_classes 2.5 and a null label on an
+    unconditional model were accepted (its guidance then dropped); device "gpu" was a torch error; a module in
+    training mode sampled with dropout on."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3, padding=1), torch.nn.Dropout(0.5))
+    schedule = NoiseSchedule("linear", 1000)
+    for kwargs, says in (({"image_shape": "188"}, "image_shape must be"),
+                         ({"image_shape": (1, 8.7, 8)}, "image_shape\\[1\\]=8.7 is not a whole number"),
+                         ({"image_shape": (1, 0, 8)}, "image_shape\\[1\\]=0 must be at least 1"),
+                         ({"num_classes": 2.5}, "num_classes=2.5 is not a whole number"),
+                         ({"null_label": 0}, "null_label=0 must be in 0..0 on a class-conditional model"),
+                         ({"device": "gpu"}, "gpu"),
+                         ({"defaults": {"steps": 3}}, "defaults must be a fastdiff.config.SampleConfig")):
+        with pytest.raises(ConfigError, match=says):
+            fastdiff.Pipeline(net, schedule=schedule, **{"image_shape": (1, 8, 8), **kwargs})
+    pipe = fastdiff.Pipeline(lambda x, t, labels: net(x), schedule=schedule, image_shape=(1, 8, 8))
+    assert net.training  # a plain callable is the user's to put in eval mode
+    fastdiff.Pipeline(net, schedule=schedule, image_shape=(1, 8, 8))
+    assert not net.training
+    assert torch.equal(pipe.sample(2, steps=3, seed=1, **PLAIN), pipe.sample(2, steps=3, seed=1, **PLAIN))

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from fastdiff import checkpoint as ckpt
 from fastdiff import state_dicts
 from fastdiff.config import RunConfig, SampleConfig, load_config
-from fastdiff.config_checks import count, flag
+from fastdiff.config_checks import count, flag, integer
 from fastdiff.diffusion import (
     NoiseSchedule,
     ddim_table,
@@ -42,7 +42,7 @@ from fastdiff.diffusion.samplers import StepTable
 from fastdiff.errors import CheckpointError, ConfigError
 from fastdiff.models import UNet
 from fastdiff.models.refiner import load_refiner
-from fastdiff.runtime import synchronize
+from fastdiff.runtime import resolve_device, synchronize
 from fastdiff.sampling.fast import FastSampler
 from fastdiff.sampling.settings import SAMPLERS, SampleSettings, resolve_settings
 
@@ -72,13 +72,22 @@ class Denoiser:
     fast_samplers: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
-        self.image_shape = tuple(int(s) for s in self.image_shape)
-        if len(self.image_shape) != 3:
-            raise ConfigError(f"image_shape must be (channels, height, width), got {self.image_shape}")
-        self.device = torch.device(self.device)
+        shape = self.image_shape
+        if isinstance(shape, (str, bytes)) or not hasattr(shape, "__len__") or len(shape) != 3:
+            raise ConfigError(f"image_shape must be (channels, height, width), got {shape!r}")
+        self.image_shape = tuple(count(f"image_shape[{i}]", s) for i, s in enumerate(shape))  # 8.7 was 8
+        self.device = resolve_device(self.device)
         check_prediction(self.prediction)
+        self.num_classes = integer("num_classes", self.num_classes)
         if self.num_classes < 0:
             raise ConfigError(f"num_classes={self.num_classes} must be >= 0 (0: unconditional)")
+        if self.null_label is not None:
+            self.null_label = integer("null_label", self.null_label)
+            if not 0 <= self.null_label <= self.num_classes or not self.num_classes:
+                raise ConfigError(f"null_label={self.null_label} must be in 0..{self.num_classes} on a "
+                                  f"class-conditional model (num_classes={self.num_classes}), or None")
+        if not isinstance(self.defaults, SampleConfig):
+            raise ConfigError(f"defaults must be a fastdiff.config.SampleConfig, got {type(self.defaults).__name__}")
 
     @property
     def name(self) -> str:
