@@ -154,3 +154,14 @@ def test_the_plain_samplers_check_their_arguments():
         with pytest.raises(ConfigError, match=says):
             call()
     assert sample_ddim(model, x, schedule, steps=2, clip=None, seeds=seeds).shape == x.shape
+
+
+def test_seeds_for_checks_n_and_says_when_the_seeds_overflow():
+    from fastdiff.errors import ConfigError
+
+    assert seeds_for(5, 0).tolist() == [] and seeds_for(2**63 - 2, 2).tolist() == [2**63 - 2, 2**63 - 1]
+    for args, says in (((0, -1), "n=-1 must be 0 or more"), ((0, 2.0), "n=2.0 is not a whole number"),
+                       ((0, True), "n=True is not a whole number"), ((-1, 2), "seed=-1 must be a non-negative"),
+                       ((2**63 - 1, 2), "pass the largest 63-bit integer")):
+        with pytest.raises(ConfigError, match=says):
+            seeds_for(*args)

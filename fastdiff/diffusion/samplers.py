@@ -293,10 +293,14 @@ def initial_noise(seeds: torch.Tensor, shape: tuple[int, ...], device=None, dtyp
 
 def seeds_for(seed: int, n: int) -> torch.Tensor:
     """Per-sample seeds seed, seed+1, ..., seed+n-1: sample k of a run is reproducible on its own."""
-    seed = integer("seed", seed)  # 2.5 or True would be seed 2 or 1 without a word
-    if not 0 <= seed < 2**63 - n:
+    seed, n = integer("seed", seed), integer("n", n)  # 2.5 or True would be 2 or 1 without a word
+    if n < 0:
+        raise ConfigError(f"n={n} must be 0 or more")
+    if not 0 <= seed < 2**63:
         raise ConfigError(f"seed={seed} must be a non-negative 63-bit integer")
-    return torch.arange(seed, seed + n, dtype=torch.int64)
+    if seed + n > 2**63:
+        raise ConfigError(f"seeds {seed}..{seed} + {n} pass the largest 63-bit integer; use a smaller seed")
+    return torch.arange(n, dtype=torch.int64) + seed  # arange's end may be 2^63 itself
 
 
 __all__ = [
