@@ -154,7 +154,7 @@ def resolve_checkpoint(path) -> Path:
     if str(path).startswith("pretrained:"):
         name = str(path)[len("pretrained:"):]
         folder = PRETRAINED_DIR / name
-        if not name or not (folder / "model.safetensors").exists():
+        if name not in pretrained_names() or not (folder / "model.safetensors").exists():  # "/abs", "../x": no
             names = pretrained_names()
             have = f"available: {', '.join(names)}" if names else "this install ships none"
             raise CheckpointError(f"unknown pretrained model {name!r} ({have}); pass pretrained:NAME or a run "

@@ -94,6 +94,10 @@ def test_pretrained_names(run, tmp_path, monkeypatch):
     shutil.copy(src / "ema.safetensors", tmp_path / "digits" / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"unknown pretrained model 'cifar' \(available: digits\)"):
         fastdiff.load("pretrained:cifar")
+    # a path is no name: "pretrained:/abs/run" or "pretrained:../x" loaded any folder
+    for name in (str(src.resolve()), "../" + tmp_path.name + "/digits", "digits/"):
+        with pytest.raises(CheckpointError, match="unknown pretrained model"):
+            fastdiff.load(f"pretrained:{name}")
     got = fastdiff.load("pretrained:digits", device="cpu").sample(4, steps=2)
     assert torch.equal(got, fastdiff.load(run, device="cpu").sample(4, steps=2))
 
