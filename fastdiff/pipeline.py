@@ -92,10 +92,15 @@ class Pipeline:
         labels: None (balanced classes i mod num_classes on a conditional model), an int, or a sequence repeated
         to fill n. sampler / steps / guidance / eta and options (spacing, clip, batch_size, compile, cuda_graphs,
         channels_last, amp, compile_mode, max_rows, refiner) default to the run's settings. output: "tensor" (float
-        [n, C, H, W] in [-1, 1] on the CPU), "numpy" (uint8 [n, H, W, C]) or "pil" (a list of PIL images).
+        [n, C, H, W] on the CPU, in [-1, 1] unless clip is None or above 1), "numpy" (uint8 [n, H, W, C]) or "pil"
+        (a list of PIL images, of 1 to 4 channels: L, LA, RGB, RGBA).
         """
         if output not in OUTPUTS:
             raise ConfigError(f"unknown output {output!r}; use one of {', '.join(OUTPUTS)}")
+        channels = self.denoiser.image_shape[0]
+        if output == "pil" and channels > 4:  # refused before the sampling, not after it
+            raise ConfigError(f"PIL images have 1 to 4 channels, the model's {channels}; use output 'numpy' or "
+                              "'tensor'")
         settings = self.settings(sampler=sampler, steps=steps, guidance=guidance, eta=eta, **options)
         images = sample(self.denoiser, settings, n=n, seed=seed, labels=labels).images
         if output == "tensor":

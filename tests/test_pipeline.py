@@ -248,3 +248,16 @@ def test_pipeline_arguments_are_checked_and_a_module_samples_in_eval_mode():
     fastdiff.Pipeline(net, schedule=schedule, image_shape=(1, 8, 8))
     assert not net.training
     assert torch.equal(pipe.sample(2, steps=3, seed=1, **PLAIN), pipe.sample(2, steps=3, seed=1, **PLAIN))
+
+
+def test_pil_output_of_more_than_four_channels_is_refused_before_sampling():
+    calls = []
+
+    def model(x, t, labels):
+        calls.append(1)
+        return torch.zeros_like(x)
+
+    pipe = fastdiff.Pipeline(model, schedule=NoiseSchedule("linear", 1000), image_shape=(5, 4, 4))
+    with pytest.raises(ConfigError, match="PIL images have 1 to 4 channels, the model's 5"):
+        pipe.sample(2, steps=2, output="pil")
+    assert calls == [] and pipe.sample(2, steps=2, output="numpy", **PLAIN).shape == (2, 4, 4, 5)
