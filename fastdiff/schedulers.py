@@ -241,7 +241,7 @@ class _Scheduler:
 
         The table for all of self.timesteps is built once per (key, device) and indexed on the host. Where one of
         them has no row (eps at a zero-SNR timestep), each step computes its own row, so only that step fails."""
-        t = int(timestep)
+        t = _timestep(timestep, len(self))
         i = self._index.get(t)
         table = self._tables.get((key, device)) if i is not None else None
         if table is None and i is not None:
@@ -284,6 +284,17 @@ class _Scheduler:
         if extra:
             prev = prev + E.view(-1, *([1] * (sample.dim() - 1))).to(prev.dtype) * model_output
         return prev, x0
+
+
+def _timestep(timestep, T: int) -> int:
+    """One whole timestep in [0, T): 2.7 was truncated to 2, -5 stepped to NaN, 1000 was an IndexError."""
+    try:
+        value = float(timestep.item() if isinstance(timestep, torch.Tensor) else timestep)
+    except (TypeError, ValueError, RuntimeError):  # a string, a tensor of several timesteps
+        raise ConfigError(f"the timestep must be one number, got {timestep!r}") from None
+    if not value.is_integer() or not 0 <= value < T:
+        raise ConfigError(f"timestep {value:g} is not a whole timestep in 0..{T - 1}")
+    return int(value)
 
 
 def _randn(like: torch.Tensor, generator) -> torch.Tensor:

@@ -457,3 +457,18 @@ def test_save_config_and_noise_arguments_unread_at_eta_zero(tmp_path):
         s.set_timesteps(4)
     x, out = torch.randn(1, 1, 4, 4), torch.randn(1, 1, 4, 4)
     _step_both(ours, theirs, 751, x, out, generator=torch.Generator(), variance_noise=torch.zeros_like(x))
+
+
+def test_a_step_takes_one_whole_timestep_in_range():
+    """DDIM truncated 2.7 to 2, stepped -5 to NaN and raised IndexError at 1000; one off the list (5) is diffusers'."""
+    ours, theirs = _both("DDIMScheduler", clip_sample=False)
+    for s in (ours, theirs):
+        s.set_timesteps(10)
+    x, out = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    _step_both(ours, theirs, 5, x, out)
+    _step_both(ours, theirs, torch.tensor(901), x, out)
+    for bad, says in ((2.7, "timestep 2.7 is not a whole timestep in 0..999"), (-5, "timestep -5"),
+                      (1000, "timestep 1000"), ("x", "must be one number"),
+                      (torch.tensor([1, 2]), "must be one number")):
+        with pytest.raises(ConfigError, match=says):
+            ours.step(out, bad, x)
