@@ -261,3 +261,27 @@ def test_pil_output_of_more_than_four_channels_is_refused_before_sampling():
     with pytest.raises(ConfigError, match="PIL images have 1 to 4 channels, the model's 5"):
         pipe.sample(2, steps=2, output="pil")
     assert calls == [] and pipe.sample(2, steps=2, output="numpy", **PLAIN).shape == (2, 4, 4, 5)
+
+
+def test_sample_checks_its_settings_against_the_denoiser(run):
+    """Settings resolved for one model ran on another unchecked: guidance dropped on an unconditional model,
+    hand-built steps=0 ran 1000 steps; a Pipeline in place of a Denoiser was an AttributeError."""
+    import dataclasses
+
+    from fastdiff.sampling import resolve_settings, sample
+
+    conditional = fastdiff.load(run, device="cpu")
+    guided = resolve_settings(conditional.denoiser, "cpu", steps=2, guidance=3.0)
+    plain = fastdiff.Pipeline(lambda x, t, labels: torch.zeros_like(x), schedule=NoiseSchedule("linear", 1000),
+                              image_shape=(1, 8, 8))
+    with pytest.raises(ConfigError, match="guidance=3 needs a class-conditional model"):
+        sample(plain.denoiser, guided, n=2)
+    with pytest.raises(ConfigError, match="steps=0"):
+        sample(conditional.denoiser, dataclasses.replace(guided, steps=0), n=2)
+    with pytest.raises(ConfigError, match="sample takes a Denoiser"):
+        sample(conditional, guided, n=2)
+    with pytest.raises(ConfigError, match="settings must be a SampleSettings"):
+        sample(conditional.denoiser, {"steps": 2}, n=2)
+    no_clip = resolve_settings(conditional.denoiser, "cpu", steps=2, clip=None)  # the run's clip
+    unclipped = dataclasses.replace(no_clip, clip=None)  # no clipping stays no clipping
+    assert sample(conditional.denoiser, unclipped, n=2).settings.clip is None

@@ -191,6 +191,7 @@ def sample(denoiser: Denoiser, settings: SampleSettings, *, n: int, seed: int = 
     through the step callback, so the fast path then clones each step's tensors for it).
     """
     n = count("n", n)
+    settings = _settings_for(denoiser, settings)
     device, shape = denoiser.device, denoiser.image_shape
     _check_result_fits(n, shape, refined=bool(settings.refiner))
     labels = labels_for(labels, n, denoiser.num_classes)
@@ -240,6 +241,21 @@ def sample(denoiser: Denoiser, settings: SampleSettings, *, n: int, seed: int = 
     return SampleResult(images=images, labels=labels, seeds=seeds, seconds=elapsed - setup_s,
                         setup_s=setup_s, settings=settings, refine_s=refine_s,
                         unrefined=torch.cat(unrefined) if unrefined else None)
+
+
+def _settings_for(denoiser: Denoiser, settings: SampleSettings) -> SampleSettings:
+    """settings checked against this denoiser by `resolve_settings` itself (the one check): settings resolved for
+    another model ran a student off its timesteps, dropped guidance on an unconditional model, and hand-built
+    ones ran 1000 steps for steps 0."""
+    if not isinstance(denoiser, Denoiser):
+        raise ConfigError(f"sample takes a Denoiser (load_run(...), or a Pipeline's .denoiser), got "
+                          f"{type(denoiser).__name__}")
+    if not isinstance(settings, SampleSettings):
+        raise ConfigError(f"settings must be a SampleSettings from resolve_settings, got {type(settings).__name__}")
+    return resolve_settings(denoiser, denoiser.device, accel=settings.accel, sampler=settings.sampler,
+                            steps=settings.steps, eta=settings.eta, guidance=settings.guidance,
+                            spacing=settings.spacing, clip=math.inf if settings.clip is None else settings.clip,
+                            batch_size=settings.batch_size, refiner=settings.refiner)
 
 
 def _check_result_fits(n: int, shape: tuple[int, int, int], refined: bool) -> None:
