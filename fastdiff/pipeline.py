@@ -34,9 +34,10 @@ class Pipeline:
     model(x, t, labels) with x [batch, C, H, W], t a float tensor [batch] and labels int64 [batch] (None when
     unconditional); it returns eps, v or x0 (`prediction`) of x's shape. null_label is the label of its
     unconditional class (None: no classifier-free guidance). `defaults` (a `fastdiff.config.SampleConfig`) are the
-    settings `.sample` uses when not told otherwise (DDIM, 50 steps, clip 1, no guidance). A module is put in eval
-    mode, and the fast path converts its weights to its layout in place (channels_last on most CPUs and GPUs:
-    `.contiguous()` a state dict's tensors to save them, or sample with `channels_last=False`).
+    settings `.sample` uses when not told otherwise (DDIM, 50 steps, clip 1, no guidance). A module samples in eval
+    mode (and is put back as it was), and the fast path converts its weights to its layout in place (channels_last
+    on most CPUs and GPUs: `.contiguous()` a state dict's tensors to save them, or sample with
+    `channels_last=False`). One sampling of a model at a time (`fastdiff.sampling.sample`).
     """
 
     def __init__(self, model: Callable, *, schedule: NoiseSchedule, image_shape, num_classes: int = 0,
@@ -52,8 +53,7 @@ class Pipeline:
         self.denoiser = Denoiser(model=model, schedule=schedule, image_shape=image_shape, device=device,
                                  num_classes=num_classes, null_label=null_label, prediction=prediction,
                                  defaults=defaults if defaults is not None else SampleConfig())
-        if isinstance(model, torch.nn.Module):  # once accepted
-            model.eval()  # as fastdiff.load's: dropout or batch-norm statistics would change every sample
+
 
     @classmethod
     def from_denoiser(cls, denoiser: Denoiser) -> "Pipeline":

@@ -212,9 +212,10 @@ def test_the_fast_path_under_threads_and_from_its_own_callback(run):
 
     pipe = fastdiff.load(run, device="cpu")
     fast = {"amp": "fp32", "channels_last": True}  # the fast path on every CPU (not the plain loop)
-    want = {k: pipe.sample(4, seed=k, steps=6, **fast) for k in range(4)}
+    others = [fast, {**fast, "guidance": 2.0}, PLAIN, {**fast, "guidance": 3.0}]  # one sampler each but PLAIN's
+    want = {k: pipe.sample(4, seed=k, steps=6, **others[k]) for k in range(4)}
     with ThreadPoolExecutor(4) as pool:
-        got = dict(zip(range(4), pool.map(lambda k: pipe.sample(4, seed=k, steps=6, **fast), range(4))))
+        got = dict(zip(range(4), pool.map(lambda k: pipe.sample(4, seed=k, steps=6, **others[k]), range(4))))
     assert all(torch.equal(got[k], want[k]) for k in range(4))
     den = pipe.denoiser
     settings = resolve_settings(den, "cpu", steps=6, **fast)
@@ -223,7 +224,7 @@ def test_the_fast_path_under_threads_and_from_its_own_callback(run):
     def nested(i, t, x, x0):
         sample(den, settings, n=2, seed=9)
 
-    with pytest.raises(ConfigError, match="sampling again from inside a sampling callback"):
+    with pytest.raises(ConfigError, match="again from inside a step callback of its own sampling"):
         sample(den, settings, n=2, seed=0, callback=nested)
     assert torch.equal(sample(den, settings, n=4, seed=0).images, want[0])  # and it still samples afterwards
 
@@ -232,7 +233,15 @@ def test_pipeline_arguments_are_checked_and_a_module_samples_in_eval_mode():
     """image_shape "188" became (1, 8, 8) and (1, 8.7, 8) (1, 8, 8); num_classes 2.5 and a null label on an
     unconditional model were accepted (its guidance then dropped); device "gpu" was a torch error; a module in
     training mode sampled with dropout on."""
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3, padding=1), torch.nn.Dropout(0.5))
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.drop = torch.nn.Conv2d(1, 1, 3, padding=1), torch.nn.Dropout(0.5)
+
+        def forward(self, x, t, labels):
+            return self.drop(self.conv(x))
+
+    net = Net()
     schedule = NoiseSchedule("linear", 1000)
     for kwargs, says in (({"image_shape": "188"}, "image_shape must be"),
                          ({"image_shape": (1, 8.7, 8)}, "image_shape\\[1\\]=8.7 is not a whole number"),
@@ -243,11 +252,12 @@ def test_pipeline_arguments_are_checked_and_a_module_samples_in_eval_mode():
                          ({"defaults": {"steps": 3}}, "defaults must be a fastdiff.config.SampleConfig")):
         with pytest.raises(ConfigError, match=says):
             fastdiff.Pipeline(net, schedule=schedule, **{"image_shape": (1, 8, 8), **kwargs})
-    pipe = fastdiff.Pipeline(lambda x, t, labels: net(x), schedule=schedule, image_shape=(1, 8, 8))
-    assert net.training  # a plain callable is the user's to put in eval mode
-    fastdiff.Pipeline(net, schedule=schedule, image_shape=(1, 8, 8))
-    assert not net.training
+    # a module samples in eval mode and is put back as it was: a training loop's previews change nothing of it
+    net.conv.eval()  # a mixed state, kept as it is
+    pipe = fastdiff.Pipeline(net, schedule=schedule, image_shape=(1, 8, 8))
+    assert net.training
     assert torch.equal(pipe.sample(2, steps=3, seed=1, **PLAIN), pipe.sample(2, steps=3, seed=1, **PLAIN))
+    assert net.training and not net.conv.training and net.drop.training
 
 
 def test_pil_output_of_more_than_four_channels_is_refused_before_sampling():

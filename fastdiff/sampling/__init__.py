@@ -70,6 +70,9 @@ class Denoiser:
     # FastSamplers built for this denoiser, by settings: their compiled steps and CUDA graphs are reused by later
     # calls of `sample` (a new FastSampler would compile and capture again).
     fast_samplers: dict = field(default_factory=dict, repr=False, compare=False)
+    # one sampling of this model at a time (`_exclusive`): its fast samplers' static buffers, its weights' layout
+    lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+    sampling_in: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         shape = self.image_shape
@@ -188,10 +191,42 @@ def sample(denoiser: Denoiser, settings: SampleSettings, *, n: int, seed: int = 
     batches that hold the first `callback_rows` samples (the first batch by default; trajectory figures, whose
     rows must not depend on the batch size). With a refiner, each batch is refined inside the timed region.
     progress: a tqdm bar of the denoising steps of all batches, with ETA, on stderr (the CLI's default; it ticks
-    through the step callback, so the fast path then clones each step's tensors for it).
+    through the step callback, so the fast path then clones each step's tensors for it). One sampling of a model
+    at a time (`_exclusive`): calls from several threads run one after another, and a call from inside a step
+    callback of the same model's sampling is an error (so is a callback that waits for another thread's).
     """
     n = count("n", n)
     settings = _settings_for(denoiser, settings)
+    with _exclusive(denoiser):
+        return _sample(denoiser, settings, n, seed, labels, callback, callback_rows, progress)
+
+
+@contextlib.contextmanager
+def _exclusive(denoiser: Denoiser):
+    """Hold the model for one sampling: its fast samplers' static buffers and its weights' layout are shared by
+    every call (four threads got one another's images; a sampling from a step callback changed the outer one's).
+    A module in training mode samples in eval mode (dropout, batch-norm statistics would change every sample) and
+    is put back as it was."""
+    me = threading.get_ident()
+    if denoiser.sampling_in == me:
+        raise ConfigError(f"sampling {denoiser.name} again from inside a step callback of its own sampling: its "
+                          "fast path's buffers are in use; sample after the call returns")
+    with denoiser.lock:
+        denoiser.sampling_in = me
+        module = denoiser.model if isinstance(denoiser.model, torch.nn.Module) else None
+        training = {m: m.training for m in module.modules()} if module is not None and module.training else {}
+        if training:
+            module.eval()
+        try:
+            yield
+        finally:
+            denoiser.sampling_in = None
+            for m, mode in training.items():
+                m.training = mode
+
+
+def _sample(denoiser: Denoiser, settings: SampleSettings, n: int, seed, labels, callback, callback_rows: int,
+            progress: bool) -> SampleResult:
     device, shape = denoiser.device, denoiser.image_shape
     _check_result_fits(n, shape, refined=bool(settings.refiner))
     labels = labels_for(labels, n, denoiser.num_classes)
@@ -308,18 +343,14 @@ def _ticking(bar: tqdm, callback: Callable | None) -> Callable | None:
     return step
 
 
-_FAST_SAMPLERS_LOCK = threading.Lock()  # two threads' first calls build one sampler (it converts the model in place)
-
-
 def _fast_sampler(denoiser: Denoiser, settings: SampleSettings) -> FastSampler:
     key = (dataclasses.astuple(settings.accel), settings.guidance, settings.clip)
-    with _FAST_SAMPLERS_LOCK:
-        if key not in denoiser.fast_samplers:
-            denoiser.fast_samplers[key] = FastSampler(
-                denoiser.model, settings.accel, device=denoiser.device, shape=denoiser.image_shape,
-                guidance=settings.guidance, null_label=denoiser.null_label, clip=settings.clip,
-                capacity=denoiser.schedule.num_timesteps, conditional=denoiser.num_classes > 0)
-        return denoiser.fast_samplers[key]
+    if key not in denoiser.fast_samplers:
+        denoiser.fast_samplers[key] = FastSampler(
+            denoiser.model, settings.accel, device=denoiser.device, shape=denoiser.image_shape,
+            guidance=settings.guidance, null_label=denoiser.null_label, clip=settings.clip,
+            capacity=denoiser.schedule.num_timesteps, conditional=denoiser.num_classes > 0)
+    return denoiser.fast_samplers[key]
 
 
 def sampler_table(schedule: NoiseSchedule, sampler: str, steps: int | None, *, eta: float = 0.0,

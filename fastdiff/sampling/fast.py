@@ -16,7 +16,6 @@ Outputs live in the static buffers and are overwritten by the next replay, so ev
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Callable
 
@@ -160,9 +159,6 @@ class FastSampler:
         self.warmup = warmup
         self.setup_s = 0.0
         self.replays = 0
-        # one run at a time through the static buffers: other threads wait; the running thread's own nested call
-        # (from a step callback) is refused
-        self._lock, self._running_in = threading.Lock(), None
         self._buckets: dict[int, _StaticStep] = {}
 
     def _weight_storage(self) -> tuple:
@@ -233,20 +229,8 @@ class FastSampler:
     @torch.inference_mode()
     def run(self, x: torch.Tensor, table: StepTable, *, seeds: torch.Tensor, labels: torch.Tensor | None = None,
             callback: Callable | None = None) -> torch.Tensor:
-        """Sample from x_T; same contract as `run_table` (callback(i, t, x_prev, x0) gets clones). Calls from other
-        threads run one after another (the buckets' buffers are shared); a call from inside this one's callback is
-        an error."""
-        if self._running_in == threading.get_ident():
-            raise ConfigError("sampling again from inside a sampling callback, with the same model and settings: "
-                              "the fast path's buffers are in use; sample after the call returns")
-        with self._lock:
-            self._running_in = threading.get_ident()
-            try:
-                return self._run(x, table, seeds, labels, callback)
-            finally:
-                self._running_in = None
-
-    def _run(self, x, table, seeds, labels, callback) -> torch.Tensor:
+        """Sample from x_T; same contract as `run_table` (callback(i, t, x_prev, x0) gets clones). Its static
+        buffers are shared by every call: one at a time (`fastdiff.sampling.sample` sees to it)."""
         n = x.shape[0]
         check_batch(x, seeds, labels)
         if self.conditional and labels is None:  # unconditional samples from a conditional model
