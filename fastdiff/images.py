@@ -125,8 +125,9 @@ SAMPLES_MANIFEST = ".fastdiff-samples.json"  # in a folder of sample images: the
 def check_images_folder(out_dir, seeds, labels, source: dict, what: str = "--save-images") -> None:
     """One FastdiffError now, before the sampling, where out_dir holds sample images of another sampling, which
     these would mix with (whatever reads the folder, a FID over it, would count both):
-    - its manifest (`SAMPLES_MANIFEST`, which `save_images` writes) names another `source` (checkpoint and
-      settings): seeds of the same sampling are welcome, so shards of one FID set go into one folder;
+    - its manifest (`SAMPLES_MANIFEST`, which `save_images` writes) names another `source` (weights and settings;
+      its "checkpoint", where they were read from, only says so): seeds of the same sampling are welcome, so
+      shards of one FID set go into one folder;
     - without one, sample images (`SAMPLE_NAME`) that these seeds and labels would not replace, of unknown origin.
     Images of the same names are replaced whole; other files are ignored."""
     out_dir = Path(out_dir)
@@ -135,9 +136,11 @@ def check_images_folder(out_dir, seeds, labels, source: dict, what: str = "--sav
     source = json.loads(json.dumps(source))
     if (out_dir / SAMPLES_MANIFEST).exists():
         earlier = read_json(out_dir / SAMPLES_MANIFEST, error=FastdiffError)
-        changed = sorted(k for k in set(earlier) | set(source) if earlier.get(k) != source.get(k))
+        changed = sorted(k for k in set(earlier) | set(source) if k != "checkpoint" and earlier.get(k) != source.get(k))
         if changed:
             said = "; ".join(f"{k} {earlier.get(k)!r} there, {source.get(k)!r} now" for k in changed)
+            if "weights" in changed:
+                said += f"; the weights of {earlier.get('checkpoint')} there, of {source.get('checkpoint')} now"
             raise FastdiffError(f"{what} {out_dir} holds the samples of another sampling ({said}), which these would "
                                 "mix with; choose a new or empty folder")
         return

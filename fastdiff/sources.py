@@ -9,6 +9,8 @@ import hashlib
 import os
 from pathlib import Path
 
+import torch
+
 from fastdiff.checkpoint import CHECKPOINTS, resolve_checkpoint
 
 
@@ -23,6 +25,16 @@ def weights_fingerprint(folder) -> str:
             with open(path, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def module_fingerprint(module) -> str:
+    """A short sha256 of a loaded model's weights (names and values, whatever their layout or the path they came
+    from): what identifies the model whose samples a folder holds."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

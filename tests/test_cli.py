@@ -126,9 +126,14 @@ def test_sample_save_images(trained, tmp_path, capsys):
     assert code == 2 and "holds the samples of another sampling (steps 2 there, 3 now)" in err, err
     assert "Traceback" not in err and not (tmp_path / "g2.png").exists()
     assert {p.name: p.read_bytes() for p in (tmp_path / "each").iterdir()} == before
-    # a shard of the same sampling (other seeds), and the same seeds again, go into it
-    code, _, _ = run([*common, "--n", "2", "--seed", "44", "--out", str(tmp_path / "g3.png"), "--save-images",
-                      str(tmp_path / "each")], capsys)
+    # a shard of the same sampling (other seeds, the same weights read from the checkpoint folder), and the same
+    # seeds again, go into it
+    from fastdiff import checkpoint as ckpt
+
+    code, _, err = run(["sample", "--checkpoint", str(ckpt.latest_checkpoint(trained)), "--steps", "2", "--labels",
+                        "4", "--n", "2", "--seed", "44", "--out", str(tmp_path / "g3.png"), "--save-images",
+                        str(tmp_path / "each")], capsys)
+    assert code == 0, err
     assert code == 0 and run([*common, "--n", "3", "--seed", "41", "--out", str(tmp_path / "g4.png"),
                               "--save-images", str(tmp_path / "each")], capsys)[0] == 0
     assert sorted(p.name for p in (tmp_path / "each").iterdir() if p.suffix == ".png") == [

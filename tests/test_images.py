@@ -47,7 +47,7 @@ def test_check_images_folder(tmp_path):
     from fastdiff.errors import FastdiffError
     from fastdiff.images import check_images_folder
 
-    source = {"checkpoint": "run", "steps": 4}
+    source = {"checkpoint": "run", "weights": "abc", "steps": 4}
     check_images_folder(tmp_path / "new", [1, 2], None, source)  # a folder yet to be made holds nothing
     save_images(torch.zeros(2, 1, 4, 4), [1, 2], [0, 1], tmp_path)  # no source: no manifest
     (tmp_path / "seed-notes.png").write_bytes(b"")  # not a sample name: the user's, ignored
@@ -59,5 +59,7 @@ def test_check_images_folder(tmp_path):
         check_images_folder(tmp_path, [1, 2], None, source)  # unconditional names differ from labelled ones
     save_images(torch.zeros(1, 1, 4, 4), [9], None, tmp_path / "m", source)
     check_images_folder(tmp_path / "m", [3], None, source)  # the same sampling's other seeds: a shard
-    with pytest.raises(FastdiffError, match=r"another sampling \(checkpoint 'run' there, 'other' now\)"):
-        check_images_folder(tmp_path / "m", [3], None, {**source, "checkpoint": "other"})
+    check_images_folder(tmp_path / "m", [3], None, {**source, "checkpoint": "elsewhere"})  # where it was read from
+    with pytest.raises(FastdiffError, match=r"another sampling \(weights 'abc' there, 'def' now; the weights of run "
+                                            r"there, of other now\)"):
+        check_images_folder(tmp_path / "m", [3], None, {**source, "weights": "def", "checkpoint": "other"})

@@ -122,10 +122,15 @@ def cmd_sample(args) -> int:
     run = load_run(args.checkpoint, device, use_ema=not args.no_ema)
     settings = resolve_settings(run, device, refiner=args.refine, **sampling_overrides(args))
     if args.save_images:
-        # what makes the samples of a seed: shards of one sampling may share a --save-images folder, others not
-        source = {"checkpoint": run.path, "ema": not args.no_ema, "sampler": settings.sampler,
+        # what makes the samples of a seed (the weights themselves, wherever they were read from, and the
+        # settings): shards of one sampling may share a --save-images folder, others not
+        from fastdiff.checkpoint import resolve_checkpoint
+        from fastdiff.sources import module_fingerprint, weights_fingerprint
+
+        source = {"checkpoint": run.path, "weights": module_fingerprint(run.model), "sampler": settings.sampler,
                   "steps": settings.steps, "eta": settings.eta, "guidance": settings.guidance,
-                  "spacing": settings.spacing, "clip": settings.clip, "refiner": settings.refiner}
+                  "spacing": settings.spacing, "clip": settings.clip, "amp": settings.accel.amp,
+                  "refiner": weights_fingerprint(resolve_checkpoint(settings.refiner)) if settings.refiner else None}
         check_images_folder(args.save_images, seeds_for(args.seed, args.n),
                             labels_for(args.labels, args.n, run.num_classes), source)
     recorder = TrajectoryRecorder(settings.steps, rows=min(args.n, args.trajectory_rows)) if args.trajectory else None
