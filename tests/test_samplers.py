@@ -154,6 +154,13 @@ def test_the_plain_samplers_check_their_arguments():
         with pytest.raises(ConfigError, match=says):
             call()
     assert sample_ddim(model, x, schedule, steps=2, clip=None, seeds=seeds).shape == x.shape
+    # the fast path's sampler takes the same check (it returned all -1 for clip -1)
+    from fastdiff.runtime import AccelOptions
+    from fastdiff.sampling.fast import FastSampler
+
+    for kwargs, says in (({"clip": -1}, "clip=-1"), ({"guidance": float("nan")}, "guidance=nan")):
+        with pytest.raises(ConfigError, match=says):
+            FastSampler(model, AccelOptions(channels_last=True), device="cpu", shape=(1, 4, 4), **kwargs)
 
 
 def test_seeds_for_checks_n_and_says_when_the_seeds_overflow():

@@ -206,6 +206,15 @@ def check_batch(x: torch.Tensor, seeds: torch.Tensor, labels: torch.Tensor | Non
         raise ConfigError(f"labels must have shape [{n}] (one per sample), got {list(labels.shape)}")
 
 
+def check_guidance_clip(guidance, clip) -> tuple[float, float | None]:
+    """The guidance and clip of a sampling loop (`run_table`, `fastdiff.sampling.fast.FastSampler`), checked: NaN
+    gave NaN images, clip -1 all -1."""
+    guidance = number("guidance", guidance, **GUIDANCE_RANGE)
+    if clip is not None:
+        clip = number("clip", clip, lo=0, lo_open=True, finite=False, allowed="above 0 (None for no clipping)")
+    return guidance, clip
+
+
 def denoise_step(model: Callable, x, t, coefs, seeds, step, labels, *, guidance: float, null_label: int | None,
                  clip: float | None):
     """One denoising step: the model (with guidance), then `ops.sampler_step` with this step's coefficients.
@@ -235,12 +244,10 @@ def run_table(
     """The shared sampling loop, under `torch.inference_mode()` (no autograd graph is kept, whatever the model's
     parameters say). callback(i, t, x_prev, x0) is called after each step when given."""
     check_batch(x, seeds, labels)
-    guidance = number("guidance", guidance, **GUIDANCE_RANGE)
+    guidance, clip = check_guidance_clip(guidance, clip)
     if guidance != 1.0 and labels is None:  # it was dropped without a word
         raise ConfigError(f"guidance={guidance:g} needs labels (the classes to guide towards); pass labels, or "
                           "guidance 1")
-    if clip is not None:
-        clip = number("clip", clip, lo=0, lo_open=True, finite=False, allowed="above 0 (None for no clipping)")
     n = x.shape[0]
     seeds = seeds.to(x.device)
     for i in range(len(table)):

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from fastdiff.diffusion.samplers import StepTable, check_batch, denoise_step, model_output
+from fastdiff.diffusion.samplers import StepTable, check_batch, check_guidance_clip, denoise_step, model_output
 from fastdiff.errors import ConfigError
 from fastdiff.runtime import AccelOptions, amp_dtype, autocast, compile_fn, next_power_of_2, synchronize
 
@@ -132,6 +132,7 @@ class FastSampler:
                  conditional: bool | None = None):
         self.device = torch.device(device)
         self.options = options.check(self.device)
+        guidance, clip = check_guidance_clip(guidance, clip)
         self.memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
         self.module = model if isinstance(model, torch.nn.Module) else None  # a plain callable: inputs only
         self._convert()
