@@ -323,5 +323,6 @@ def test_non_finite_weights_and_bad_widths_are_one_error(tmp_path):
     save_file(sd, str(weights))
     with pytest.raises(CheckpointError, match=r"conv_in.weight' holds NaN or infinite values"):
         interop.import_unet(tmp_path / "unet")
-    with pytest.raises(ConfigError, match=r"block_out_channels=\[16, -32, 32\] must be a list of positive integers"):
-        interop.unet_config_from({**DDPM_CIFAR10_32, "block_out_channels": [16, -32, 32]})
+    for bad in ([16, -32, 32], 64, None, "64", []):
+        with pytest.raises(ConfigError, match=r"block_out_channels=.* must be a list of positive integers"):
+            interop.unet_config_from({**DDPM_CIFAR10_32, "block_out_channels": bad})

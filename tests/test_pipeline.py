@@ -247,7 +247,7 @@ def test_pipeline_arguments_are_checked_and_a_module_samples_in_eval_mode():
                          ({"image_shape": (1, 8.7, 8)}, "image_shape\\[1\\]=8.7 is not a whole number"),
                          ({"image_shape": (1, 0, 8)}, "image_shape\\[1\\]=0 must be at least 1"),
                          ({"num_classes": 2.5}, "num_classes=2.5 is not a whole number"),
-                         ({"null_label": 0}, "null_label=0 must be in 0..0 on a class-conditional model"),
+                         ({"null_label": 0}, r"null_label=0 applies to a class-conditional model only"),
                          ({"device": "gpu"}, "gpu"),
                          ({"defaults": {"steps": 3}}, "defaults must be a fastdiff.config.SampleConfig")):
         with pytest.raises(ConfigError, match=says):

@@ -306,7 +306,8 @@ def seeds_for(seed: int, n: int) -> torch.Tensor:
     if not 0 <= seed < 2**63:
         raise ConfigError(f"seed={seed} must be a non-negative 63-bit integer")
     if seed + n > 2**63:
-        raise ConfigError(f"seeds {seed}..{seed} + {n} pass the largest 63-bit integer; use a smaller seed")
+        raise ConfigError(f"the seeds {seed}..{seed + n - 1} pass the largest 63-bit integer, 2^63 - 1; use a "
+                          "smaller seed")
     return torch.arange(n, dtype=torch.int64) + seed  # arange's end may be 2^63 itself
 
 

@@ -102,9 +102,11 @@ def unet_config_from(d: dict) -> UNetConfig:
         given = d.get(key, value)
         if (SYNONYMS.get(key, {}).get(given, given) if isinstance(given, str) else given) != value:
             raise ConfigError(f"UNet2DModel {key}={d[key]!r} is not supported by fastdiff's UNet (it has {value!r})")
-    chans = list(d.get("block_out_channels", (224, 448, 672, 896)))
-    if not chans or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in chans):
-        raise ConfigError(f"block_out_channels={chans} must be a list of positive integers")
+    chans = d.get("block_out_channels", (224, 448, 672, 896))
+    if not isinstance(chans, (list, tuple)) or not chans or any(
+            isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in chans):
+        raise ConfigError(f"block_out_channels={chans!r} must be a list of positive integers")
+    chans = list(chans)
     base = chans[0]
     if any(c % base for c in chans):
         raise ConfigError(f"block_out_channels={chans} are not multiples of the first, as fastdiff's channel_mult")

@@ -86,9 +86,12 @@ class Denoiser:
             raise ConfigError(f"num_classes={self.num_classes} must be >= 0 (0: unconditional)")
         if self.null_label is not None:
             self.null_label = integer("null_label", self.null_label)
-            if not 0 <= self.null_label <= self.num_classes or not self.num_classes:
-                raise ConfigError(f"null_label={self.null_label} must be in 0..{self.num_classes} on a "
-                                  f"class-conditional model (num_classes={self.num_classes}), or None")
+            if not self.num_classes:
+                raise ConfigError(f"null_label={self.null_label} applies to a class-conditional model only "
+                                  "(num_classes=0); pass None")
+            if not 0 <= self.null_label <= self.num_classes:
+                raise ConfigError(f"null_label={self.null_label} must be in 0..{self.num_classes} "
+                                  f"(num_classes={self.num_classes}), or None")
         if not isinstance(self.defaults, SampleConfig):
             raise ConfigError(f"defaults must be a fastdiff.config.SampleConfig, got {type(self.defaults).__name__}")
 
