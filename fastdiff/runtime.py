@@ -147,9 +147,10 @@ class AccelOptions:
     def check(self, device) -> "AccelOptions":
         device = torch.device(device)
         check_amp(self.amp, device)
-        for name in ("channels_last", "compile", "cuda_graphs"):  # "no" was taken as true
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name}={getattr(self, name)!r} is not True or False")
+        from fastdiff.config_checks import flag  # here: config_checks reads runtime's AMP_MODES
+
+        for name in ("channels_last", "compile", "cuda_graphs", "fullgraph"):  # "no" was taken as true
+            flag(name, getattr(self, name))
         if isinstance(self.max_rows, bool) or not isinstance(self.max_rows, int) or self.max_rows < 0:
             raise ConfigError(f"max_rows={self.max_rows!r} must be a whole number: the most rows per model call, "
                               "or 0 for no limit")

@@ -424,6 +424,9 @@ def test_alphas_cumprod_moved_is_accepted_and_changed_is_refused():
     moved = ours.alphas_cumprod.to(torch.float64)  # as diffusers' own add_noise does, to a device
     ours.alphas_cumprod = moved
     assert ours.alphas_cumprod is moved  # kept, as an attribute is
+    ours.alphas_cumprod = moved.half()  # a cast, within its rounding
+    assert ours.alphas_cumprod.dtype == torch.float16
+    ours.alphas_cumprod = moved
     torch.testing.assert_close(ours.alphas_cumprod.float(), diffusers.DDPMScheduler().alphas_cumprod)
     with pytest.raises(ConfigError, match="alphas_cumprod of their config"):
         ours.alphas_cumprod = ours.alphas_cumprod * 0.5

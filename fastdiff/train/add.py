@@ -23,7 +23,7 @@ import torch
 from fastdiff import checkpoint as ckpt
 from fastdiff import state_dicts
 from fastdiff.config import RUN_KINDS, ADDConfig, RunConfig, checked, load_config
-from fastdiff.config_checks import guides_untrained_null
+from fastdiff.config_checks import flag, guides_untrained_null
 from fastdiff.data import load_dataset
 from fastdiff.diffusion import NoiseSchedule, student_table, student_timesteps
 from fastdiff.diffusion.parameterization import check_prediction
@@ -252,6 +252,7 @@ def train_add(cfg: RunConfig, out, *, device="auto", resume: bool = False, progr
     `accel` as for `train_ddpm` (default: compile + CUDA graphs on a GPU, the plain steps on the CPU). A new run
     records the teacher's checkpoint folder, which a resume reads again (`rundir.source_checkpoint`).
     """
+    resume = flag("resume", resume)  # "no" was taken as true
     cfg = checked(cfg, student=True, saved=resume)
     teacher = source_checkpoint(out, resume, cfg.distill.teacher, "distill", "teacher", log=echo)
     cfg = replace(cfg, distill=replace(cfg.distill, teacher=teacher))

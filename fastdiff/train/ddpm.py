@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdiff.config import RUN_KINDS, RunConfig, checked
+from fastdiff.config_checks import flag
 from fastdiff.data import load_dataset
 from fastdiff.diffusion import NoiseSchedule, ddim_table, make_timesteps, training_target
 from fastdiff.diffusion.parameterization import check_prediction
@@ -95,6 +96,7 @@ def train_ddpm(cfg: RunConfig, out, *, device="auto", resume: bool = False, prog
 
     `accel` picks the fast paths (default: compile + CUDA graphs on a GPU, the plain step on the CPU).
     """
+    resume = flag("resume", resume)  # "no" was taken as true
     cfg = checked(cfg, student=False, saved=resume)
     mc = cfg.model
     check_prediction(cfg.diffusion.prediction)

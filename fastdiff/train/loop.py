@@ -42,7 +42,6 @@ from tqdm import tqdm
 from fastdiff import __version__, state_dicts
 from fastdiff import checkpoint as ckpt
 from fastdiff.config import TrainConfig
-from fastdiff.config_checks import flag
 from fastdiff.errors import ConfigError, FastdiffError, Terminated, terminating
 from fastdiff.runtime import AccelOptions, check_amp, command_line, mix_seed, resolve_device
 from fastdiff.train.batcher import Batcher
@@ -203,7 +202,6 @@ def train_loop(build: Callable[[Session], object], *, kind: str, data, tc: Train
     run: {"step": N, "already_finished": True}).
     """
     run_dir = Path(run_dir)
-    resume = flag("resume", resume)
     if min(tc.steps, tc.batch_size, tc.log_every, tc.ckpt_every) < 1:
         raise ConfigError(f"--steps ({tc.steps}), --batch-size ({tc.batch_size}), --log-every ({tc.log_every}) and "
                           f"--ckpt-every ({tc.ckpt_every}) must be positive")

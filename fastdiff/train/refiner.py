@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from fastdiff import checkpoint as ckpt
 from fastdiff.config import RUN_KINDS, RunConfig, TrainConfig, build_section, load_config
-from fastdiff.config_checks import check_numbers
+from fastdiff.config_checks import check_numbers, flag
 from fastdiff.data import load_dataset
 from fastdiff.diffusion.parameterization import to_x0
 from fastdiff.diffusion.samplers import guided
@@ -209,6 +209,7 @@ def train_refiner(cfg: RefinerConfig, out, *, device="auto", resume: bool = Fals
                   echo=print, accel: AccelOptions | None = None) -> dict:
     """Train (or resume) a refiner for the x0 estimates of run `cfg.generator` in run directory `out`. A new run
     records the generator's checkpoint folder, which a resume reads again (`rundir.source_checkpoint`)."""
+    resume = flag("resume", resume)  # "no" was taken as true
     cfg, gcfg, t_max = resolve_refiner(cfg, out, resume, log=echo)
     data = load_dataset(gcfg.data.dataset, "train", data_dir=gcfg.data.data_dir, image_size=gcfg.model.image_size,
                         channels=gcfg.model.in_channels)
