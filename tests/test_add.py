@@ -639,7 +639,8 @@ def test_refiner_settings_are_one_error_before_the_run(student_run, tmp_path, re
 
 
 def test_a_resumed_refiner_keeps_settings_its_inputs_do_not_read(student_run, tmp_path):
-    """Refused for a new run, such settings were accepted before; a run given them must still resume."""
+    """Refused for a new run, such settings were accepted before; a run given them passes the check a resume
+    makes (resolve_refiner with resume)."""
     from fastdiff.train.refiner import RefinerConfig, resolve_refiner
 
     teacher = str(ckpt.latest_checkpoint(student_run / "teacher").resolve())
@@ -726,7 +727,8 @@ def test_a_backbone_size_without_a_backbone_file_is_refused(student_run, tmp_pat
     assert main(["distill", "--teacher", str(student_run / "teacher"), "--out", str(tmp_path / "s"),
                  "--backbone-size", "32", "--dry-run"]) == 2
     assert "distill.backbone_size 32 applies to a backbone file only" in capsys.readouterr().err
-    # a student given it before the check (which ignored it) still loads, samples and resumes
+    # a student given it before the check (which ignored it) still loads: its config (what sample, eval, export
+    # and a resume read first) passes
     from fastdiff.config import load_config
 
     config = json.loads((student_run / "student" / "config.json").read_text())
