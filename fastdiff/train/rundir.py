@@ -136,8 +136,8 @@ RUN_FILES = ("config.json", "stats.jsonl", "log.txt", "samples", "stats.png", "t
 def _check_fresh(run_dir: Path) -> None:
     """A new run writes config.json, stats.jsonl, log.txt, samples/, stats.png and tb/ (`RUN_FILES`): refused where
     they are there but not a fastdiff run's (no config.json of one, with its train section), and in a checkpoint
-    folder, so that nothing of anyone else's is overwritten. Other files (a job script, the run's own redirected log) stay beside
-    it; a folder with checkpoints is left to the --resume check."""
+    folder, so that nothing of anyone else's is overwritten. Other files (a job script, the run's own redirected
+    log) stay beside it; a folder with checkpoints is left to the --resume check."""
     if (run_dir / "model.safetensors").exists() or (run_dir / "state.json").exists():
         raise FastdiffError(f"{run_dir} is a checkpoint folder, not a run directory; choose a new --out")
     if ckpt.latest_checkpoint(run_dir) is not None:
