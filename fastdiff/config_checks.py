@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+import os
 import types
 import typing
 
@@ -276,6 +277,17 @@ def integer(name: str, value) -> int:
     if n is None:
         raise ConfigError(f"{name}={value!r} is not a whole number; give an integer")
     return n
+
+
+def path_arg(name: str, value) -> str:
+    """A file or folder argument as a str: a str or os.PathLike, not empty (an unset shell variable, "", would be
+    the current folder); else one ConfigError (None or 3 were TypeErrors)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise ConfigError(f"{name}={value!r} is not a path; give a file or folder name")
+    text = os.fspath(value)
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(f"{name} is empty; give a file or folder name")
+    return text
 
 
 def flag(name: str, value) -> bool:

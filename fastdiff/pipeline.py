@@ -17,6 +17,7 @@ from PIL import Image
 
 from fastdiff import checkpoint as ckpt
 from fastdiff.config import RunConfig, SampleConfig
+from fastdiff.config_checks import path_arg
 from fastdiff.diffusion import NoiseSchedule
 from fastdiff.errors import CheckpointError, ConfigError
 from fastdiff.images import to_uint8
@@ -128,7 +129,8 @@ def load(path, *, device="auto", use_ema: bool = True) -> Pipeline:
     use_ema: sample a run's EMA weights (its default); a pretrained folder holds the one set of weights to use.
     """
     device = resolve_device(device)
-    if not str(path).startswith("pretrained:") and not Path(path).exists():
+    path = path_arg("path", path)
+    if not path.startswith("pretrained:") and not Path(path).exists():
         raise CheckpointError(f"{path} does not exist; pass a run directory, a checkpoint folder, pretrained:NAME or a "
                               "diffusers folder")
     return Pipeline.from_denoiser(load_run(path, device, use_ema=use_ema))

@@ -295,3 +295,15 @@ def test_sample_checks_its_settings_against_the_denoiser(run):
     no_clip = resolve_settings(conditional.denoiser, "cpu", steps=2, clip=None)  # the run's clip
     unclipped = dataclasses.replace(no_clip, clip=None)  # no clipping stays no clipping
     assert sample(conditional.denoiser, unclipped, n=2).settings.clip is None
+
+
+def test_a_path_argument_is_a_path(tmp_path):
+    """fastdiff.load(None), load(3) and export_run(run, None) were TypeErrors; load("") read the current folder."""
+    from fastdiff.interop import export_run
+
+    for bad, says in ((None, "path=None is not a path"), (3, "path=3 is not a path"), ("", "path is empty"),
+                      (b"run", "is not a path")):
+        with pytest.raises(ConfigError, match=says):
+            fastdiff.load(bad)
+    with pytest.raises(ConfigError, match="out_dir=None is not a path"):
+        export_run("pretrained:mnist", None)

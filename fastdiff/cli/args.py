@@ -78,10 +78,13 @@ NON_NEGATIVE_INT = _number(int, 0, 2**31 - 1, allowed="0 and up")
 
 
 def PATH(text: str) -> str:  # noqa: N802 - a type, as COUNT and the others
-    """A file or folder flag's value: an empty one (an unset shell variable) would be the current folder."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("empty; give a file or folder name")
-    return text
+    """A file or folder flag's value (`config_checks.path_arg`): an empty one would be the current folder."""
+    from fastdiff.config_checks import path_arg
+
+    try:
+        return path_arg("the value", text)
+    except ConfigError:
+        raise argparse.ArgumentTypeError("empty; give a file or folder name") from None
 
 
 def preset_list(lead: str, descriptions: dict[str, str]) -> str:

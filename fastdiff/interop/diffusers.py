@@ -314,8 +314,10 @@ def export_run(run_or_checkpoint, out_dir, *, use_ema: bool = True) -> Path:
     """Write a run's UNet (EMA weights by default) as a diffusers pipeline folder that DDPMPipeline loads:
     model_index.json, unet/ (config.json, diffusion_pytorch_model.safetensors) and scheduler/, and the run's
     config (RUN_CONFIG), from which `fastdiff.load` and `fastdiff sample` take its sampling defaults."""
+    from fastdiff.config_checks import path_arg
     from fastdiff.sampling import load_run
 
+    out_dir = path_arg("out_dir", out_dir)
     loaded = load_run(run_or_checkpoint, "cpu", use_ema=use_ema)
     cfg = loaded.config
     config = unet2d_config(cfg.model)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from fastdiff import checkpoint as ckpt
 from fastdiff import state_dicts
 from fastdiff.config import RunConfig, SampleConfig, load_config
-from fastdiff.config_checks import count, flag, integer
+from fastdiff.config_checks import count, flag, integer, path_arg
 from fastdiff.diffusion import (
     NoiseSchedule,
     ddim_table,
@@ -121,6 +121,7 @@ def load_run(checkpoint, device, use_ema: bool = True) -> Denoiser:
     from fastdiff.interop.diffusers import is_diffusers_folder, load_diffusers
 
     use_ema = flag("use_ema", use_ema)
+    checkpoint = path_arg("checkpoint", checkpoint)
 
     if not str(checkpoint).startswith("pretrained:"):
         p = Path(checkpoint)
