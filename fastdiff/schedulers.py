@@ -32,6 +32,7 @@ from fastdiff.diffusion.diffusers_options import (
     CLASS_OPTIONS,
     PREDICTIONS,
     VARIANCE_TYPES,
+    FrozenConfig,
     resolve_options,
     schedule_kwargs,
 )
@@ -45,26 +46,6 @@ CONFIG_NAME = "scheduler_config.json"
 HUB_KEYWORDS = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "user_agent",
                 "return_commit_hash")
 DIFFUSERS_VERSION = "0.42.1"  # the diffusers release these schedulers and their files are tested against
-
-
-class FrozenConfig(dict):
-    """A read-only dict whose keys are also attributes, like diffusers' FrozenDict (`scheduler.config.x`)."""
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def _readonly(self, *args, **kwargs):
-        raise AttributeError("a scheduler's config is read-only; build a new one with from_config(config, key=value)")
-
-    __setitem__ = __delitem__ = __setattr__ = update = pop = setdefault = _readonly
-
-    def __reduce__(self):
-        # copy, deepcopy and pickle rebuild a dict subclass item by item through __setitem__; the constructor
-        # takes the items at once (so a copied or pickled scheduler works, as diffusers' does)
-        return (FrozenConfig, (dict(self),))
 
 
 @dataclass

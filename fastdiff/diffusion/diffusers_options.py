@@ -44,6 +44,26 @@ VARIANCE_TYPES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small"
 SPACINGS = ("leading", "trailing", "linspace")
 
 
+class FrozenConfig(dict):
+    """A read-only dict whose keys are also attributes, like diffusers' FrozenDict (`scheduler.config.x`)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def _readonly(self, *args, **kwargs):
+        raise AttributeError("a scheduler's config is read-only; build a new one with from_config(config, key=value)")
+
+    __setitem__ = __delitem__ = __setattr__ = update = pop = setdefault = _readonly
+
+    def __reduce__(self):
+        # copy, deepcopy and pickle rebuild a dict subclass item by item through __setitem__; the constructor
+        # takes the items at once (so a copied or pickled scheduler works, as diffusers' does)
+        return (FrozenConfig, (dict(self),))
+
+
 def _one_of(key, value, allowed, why=""):
     if value not in allowed:
         choices = ", ".join(map(str, allowed))
