@@ -475,3 +475,17 @@ def test_a_step_takes_one_whole_timestep_in_range():
                       (torch.tensor([1, 2]), "must be one number")):
         with pytest.raises(ConfigError, match=says):
             ours.step(out, bad, x)
+
+
+def test_scheduler_numbers_are_checked():
+    """num_train_timesteps 10.5 or a string beta_start were TypeErrors inside; steps_offset -5 gave negative
+    timesteps."""
+    for opts, says in (({"num_train_timesteps": 10.5}, "num_train_timesteps=10.5 is not a whole number"),
+                       ({"num_train_timesteps": 1}, "num_train_timesteps=1 must be at least 2"),
+                       ({"beta_start": "1e-4"}, "beta_start='1e-4' is not a number"),
+                       ({"beta_end": 0}, "beta_end=0 is outside"),
+                       ({"steps_offset": -5}, "steps_offset=-5 must be 0 or more"),
+                       ({"clip_sample_range": 0}, "clip_sample_range=0 is outside")):
+        with pytest.raises(ConfigError, match=says):
+            fs.DDIMScheduler.from_config(opts)
+    assert fs.DDIMScheduler.from_config({"clip_sample": False, "clip_sample_range": 0}).clip is None

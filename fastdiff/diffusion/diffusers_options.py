@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from fastdiff.config_checks import flag
+from fastdiff.config_checks import flag, integer, number
 from fastdiff.errors import ConfigError
 
 SCHEDULE_OPTIONS = {
@@ -83,6 +83,19 @@ def resolve_options(config: Mapping, class_name: str) -> dict:
     for key, default in own.items():  # "no" was taken as true
         if isinstance(default, bool):
             opts[key] = flag(key, opts[key])
+    # numbers: 10.5 timesteps or a string beta were TypeErrors deep inside, steps_offset -5 gave negative timesteps
+    opts["num_train_timesteps"] = integer("num_train_timesteps", opts["num_train_timesteps"])
+    if opts["num_train_timesteps"] < 2:
+        raise ConfigError(f"num_train_timesteps={opts['num_train_timesteps']} must be at least 2")
+    opts["beta_start"] = number("beta_start", opts["beta_start"], lo=0, allowed="0 or more, finite")
+    opts["beta_end"] = number("beta_end", opts["beta_end"], lo=0, lo_open=True, allowed="above 0, finite")
+    if opts.get("clip_sample"):
+        opts["clip_sample_range"] = number("clip_sample_range", opts["clip_sample_range"], lo=0, lo_open=True,
+                                           allowed="above 0 (with clip_sample)")
+    if "steps_offset" in opts:
+        opts["steps_offset"] = integer("steps_offset", opts["steps_offset"])
+        if opts["steps_offset"] < 0:
+            raise ConfigError(f"steps_offset={opts['steps_offset']} must be 0 or more")
     if "beta_schedule" in opts and opts["trained_betas"] is None:
         _one_of("beta_schedule", opts["beta_schedule"], list(BETA_SCHEDULES))
     if "prediction_type" in opts:
@@ -91,8 +104,6 @@ def resolve_options(config: Mapping, class_name: str) -> dict:
         if opts["thresholding"]:
             raise ConfigError("thresholding=True (dynamic thresholding, Saharia et al. 2022) is not supported by "
                               "fastdiff's schedulers; set thresholding to false (clip_sample clips x0 instead)")
-        if opts["clip_sample"] and not opts["clip_sample_range"] > 0:
-            raise ConfigError(f"clip_sample_range={opts['clip_sample_range']!r} must be > 0")
     if "variance_type" in opts:
         _one_of("variance_type", opts["variance_type"], list(VARIANCE_TYPES),
                 " (learned variances need a second output half; fixed_large_log is log-variance)")
