@@ -9,7 +9,6 @@ KID and precision/recall get the same real-vs-real values (kid_floor, precision_
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -32,7 +31,7 @@ from fastdiff.metrics import frechet_distance, kid, knn_radii, precision_recall
 from fastdiff.models.classifier import Classifier, ClassifierConfig, train_classifier
 from fastdiff.runtime import resolve_device
 from fastdiff.sampling import load_run, resolve_settings, sample
-from fastdiff.sources import pinned_or_its_run, user_cache_dir
+from fastdiff.sources import pinned_or_its_run, tensors_fingerprint, user_cache_dir
 
 PR_K = 3  # nearest neighbours of the precision/recall manifolds (Kynkaanniemi et al. 2019)
 MIN_IMAGES = PR_K + 1  # fewer and a point has no k-th neighbour
@@ -84,9 +83,7 @@ def load_or_train_classifier(train: ImageData, cache_dir, device="cpu", log=None
 def data_fingerprint(data: ImageData) -> str:
     """The training images and labels' digest: two datasets of one name, size and count (every image folder is
     "folder") do not share a cached classifier."""
-    h = hashlib.sha256(data.images.contiguous().numpy().tobytes())
-    h.update(data.labels.contiguous().numpy().tobytes())
-    return h.hexdigest()[:32]
+    return tensors_fingerprint((("images", data.images), ("labels", data.labels)))
 
 
 def _cached_classifier(path: Path, steps: int, train_images: int, data: str, log) -> Classifier | None:

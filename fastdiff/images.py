@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from fastdiff.checkpoint import atomic_write, atomic_write_all, read_json
-from fastdiff.errors import FastdiffError
+from fastdiff.errors import FastdiffError, access_error
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -148,7 +148,7 @@ def check_images_folder(out_dir, seeds, labels, source: dict, what: str = "--sav
     try:
         stale = sorted(p.name for p in out_dir.iterdir() if SAMPLE_NAME.fullmatch(p.name) and p.name not in ours)
     except PermissionError:
-        raise FastdiffError(f"cannot list {what} {out_dir}: permission denied; choose a folder of yours") from None
+        raise access_error(out_dir, "list") from None
     if stale:
         raise FastdiffError(f"{what} {out_dir} already holds {len(stale)} sample image(s) of an unknown sampling that "
                             f"this run would not replace (e.g. {stale[0]}), so it would mix two samplings; choose a "

@@ -227,14 +227,13 @@ class _Scheduler:
         them has no row (eps at a zero-SNR timestep), each step computes its own row, so only that step fails."""
         t = _timestep(timestep, len(self))
         i = self._index.get(t)
-        table = self._tables.get((key, device)) if i is not None else None
-        if table is None and i is not None:
+        if i is not None and (key, device) not in self._tables:
             try:
-                table = coefficients(self.timesteps.cpu()).to(device, torch.float32)
-            except ConfigError:
-                table = False
-            self._tables[(key, device)] = table
-        if table is None or table is False:
+                self._tables[(key, device)] = coefficients(self.timesteps.cpu()).to(device, torch.float32)
+            except ConfigError:  # a row missing: None, each step's own row
+                self._tables[(key, device)] = None
+        table = self._tables.get((key, device)) if i is not None else None
+        if table is None:
             return coefficients(torch.tensor([t]))[0].to(device, torch.float32), i
         return table[i], i
 

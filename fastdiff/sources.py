@@ -28,11 +28,12 @@ def weights_fingerprint(folder) -> str:
     return digest.hexdigest()[:16]
 
 
-def module_fingerprint(module) -> str:
-    """A short sha256 of a loaded model's weights (names and values, whatever their layout or the path they came
-    from): what identifies the model whose samples a folder holds."""
+def tensors_fingerprint(named) -> str:
+    """A short sha256 of named tensors' names and values, whatever their layout or device: a loaded model's
+    weights (`module.state_dict().items()`: the model whose samples a folder holds, wherever it was read from),
+    or a dataset's images and labels (which training an evaluation classifier read)."""
     digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
+    for name, tensor in named:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -65,4 +66,4 @@ def pinned_or_its_run(path: str) -> str:
     return str(pinned.parent.parent)
 
 
-__all__ = ["pin_checkpoint", "pinned_or_its_run", "user_cache_dir", "weights_fingerprint"]
+__all__ = ["pin_checkpoint", "pinned_or_its_run", "tensors_fingerprint", "user_cache_dir", "weights_fingerprint"]

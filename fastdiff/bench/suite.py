@@ -144,9 +144,10 @@ def run_bench(*, device, out: Path, quick: bool = False, sections=SECTIONS, pres
         unknown = sorted(set(given or ()) - set(known))
         if unknown:
             raise ConfigError(f"unknown bench {name}(s) {unknown}; choose from {', '.join(known)}")
-    budget_s = 40.0 if budget_s is None and quick else 420.0 if budget_s is None else budget_s
+    if budget_s is None:
+        budget_s = 40.0 if quick else 420.0
     budget = Budget(number("budget_s", budget_s, lo=0, lo_open=True, allowed="seconds above 0"))
-    rounds = count("rounds", 2 if quick else 5) if rounds is None else count("rounds", rounds)
+    rounds = count("rounds", (2 if quick else 5) if rounds is None else rounds)
     doc = new_doc(device, title=f"fastdiff bench{' --quick' if quick else ''}", quick=quick, budget_s=budget.seconds,
                   rounds=rounds, complete=False, notes=[
                       "providers of a row group are timed interleaved, round by round, in one process; median and "
