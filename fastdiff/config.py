@@ -279,16 +279,17 @@ SECTIONS = {"model": UNetConfig, "diffusion": DiffusionConfig, "data": DataConfi
             "sample": SampleConfig, "distill": ADDConfig}
 
 
-def apply_overrides(cfg: RunConfig, overrides: dict[str, object]) -> RunConfig:
+def apply_overrides(cfg: RunConfig, overrides: dict[str, object], saved: bool = False) -> RunConfig:
     """Overrides are {"section.option": value}. A None is a value (a --config file's null: no clipping, grids at
-    each checkpoint), checked like any other; flags the user did not pass are left out by the CLI, not here."""
+    each checkpoint), checked like any other; flags the user did not pass are left out by the CLI, not here.
+    saved: cfg is a resumed run's own (`validate`'s saved: what such a run was given before a check still loads)."""
     d = cfg.to_dict()
     for key, value in overrides.items():
         section, _, option = key.partition(".")
         if section not in d or not isinstance(d[section], dict) or option not in d[section]:
             raise ConfigError(f"unknown option {key!r}")
         d[section][option] = value
-    return RunConfig.from_dict(d)
+    return RunConfig.from_dict(d, saved=saved)
 
 
 # The presets live in fastdiff.presets (they build on the dataclasses above); fastdiff.config keeps their names.

@@ -735,3 +735,15 @@ def test_a_backbone_size_without_a_backbone_file_is_refused(student_run, tmp_pat
     config["distill"]["backbone_size"] = 32
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert load_config(tmp_path / "config.json").distill.backbone_size == 32
+
+
+def test_a_student_given_a_setting_before_its_check_still_resumes(student_run, tmp_path, capsys):
+    """The saved config loaded leniently, but a resume rebuilt it with the flags as a new run's and refused it:
+    "distill.backbone_size 32 applies to a backbone file only"."""
+    run = tmp_path / "student"
+    shutil.copytree(student_run / "student", run)
+    config = json.loads((run / "config.json").read_text())
+    config["distill"]["backbone_size"] = 32
+    (run / "config.json").write_text(json.dumps(config))
+    assert main(["distill", "--out", str(run), "--resume", "--steps", "4", *TINY]) == 0, capsys.readouterr().err
+    assert json.loads((run / "config.json").read_text())["train"]["steps"] == 4

@@ -113,7 +113,7 @@ def resolve_train_config(args):
     overrides = {**file.overrides, **{TRAIN_FLAGS[k]: v for k, v in given.items()}}
     if cfg is None:
         return train_config(args.preset or file.names.get("preset"), overrides)
-    return apply_overrides(cfg, overrides)
+    return apply_overrides(cfg, overrides, saved=True)
 
 
 def cmd_train(args) -> int:
@@ -210,6 +210,7 @@ def resolve_distill_config(args):
     given = {k: getattr(args, k) for k in DISTILL_FLAGS if getattr(args, k) is not None}
     cfg = resumed_config(args, given, DISTILL_FLAGS, DISTILL_RESUMABLE,
                           {"preset": args.preset, "teacher": args.teacher, "config": args.config}, "add-student")
+    resumed = cfg is not None
     # distill.teacher is the --teacher path; the student's model, diffusion and data are the teacher's
     file = config_file_layer(args, sections=("train", "distill", "sample"), names=("preset", "teacher"),
                         excluded=("distill.teacher", "train.p_uncond"))  # ADD drops no labels
@@ -224,7 +225,7 @@ def resolve_distill_config(args):
     if (isinstance(timesteps, (list, tuple)) and timesteps and cfg.sample.sampler == "student"
             and "sample.steps" not in overrides):
         overrides["sample.steps"] = min(cfg.sample.steps, len(timesteps))  # a student samples with at most these
-    return apply_overrides(cfg, overrides)
+    return apply_overrides(cfg, overrides, saved=resumed)
 
 
 def cmd_distill(args) -> int:
