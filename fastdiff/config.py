@@ -282,13 +282,20 @@ SECTIONS = {"model": UNetConfig, "diffusion": DiffusionConfig, "data": DataConfi
 def apply_overrides(cfg: RunConfig, overrides: dict[str, object], saved: bool = False) -> RunConfig:
     """Overrides are {"section.option": value}. A None is a value (a --config file's null: no clipping, grids at
     each checkpoint), checked like any other; flags the user did not pass are left out by the CLI, not here.
-    saved: cfg is a resumed run's own (`validate`'s saved: what such a run was given before a check still loads)."""
+    saved: cfg is a resumed run's own (`validate`'s saved: what such a run was given before a check still loads).
+    A new config of an unconditional model (model.num_classes 0) has guidance 1 and label dropout 0 unless they are
+    given: a class-conditional preset's would be ignored by sampling and training, yet written in the run."""
     d = cfg.to_dict()
     for key, value in overrides.items():
         section, _, option = key.partition(".")
         if section not in d or not isinstance(d[section], dict) or option not in d[section]:
             raise ConfigError(f"unknown option {key!r}")
         d[section][option] = value
+    if not saved and d["model"]["num_classes"] == 0:
+        for key, neutral in (("sample.guidance", 1.0), ("train.p_uncond", 0.0)):
+            section, _, option = key.partition(".")
+            if key not in overrides:
+                d[section][option] = neutral
     return RunConfig.from_dict(d, saved=saved)
 
 

@@ -162,6 +162,9 @@ def validate(cfg, saved: bool = False) -> None:
         if s.guidance != 1:
             raise ConfigError(f"sample.guidance {s.guidance} needs a null class, which model.null_class false "
                               "removes; set sample.guidance 1")
+    if not m.num_classes and s.guidance != 1 and not saved:  # sampling took it as 1 without a word
+        raise ConfigError(f"sample.guidance {s.guidance} needs class labels, and model.num_classes 0 makes an "
+                          "unconditional model; set sample.guidance 1 (or give the model classes)")
     if not saved and guides_untrained_null(cfg, s.guidance):
         raise ConfigError(f"sample.guidance {s.guidance} guides against the null class, which train.p_uncond 0 "
                           "never trains (its embedding stays random); set train.p_uncond above 0 (e.g. 0.1) or "

@@ -409,6 +409,20 @@ def test_config_numbers_and_combinations(key, value, message):
     assert message in str(e.value)
 
 
+def test_an_unconditional_model_has_no_guidance():
+    """--num-classes 0 on a class-conditional preset wrote its guidance 2 and label dropout 0.1 in the run, where
+    sampling took 1 and training dropped no labels without a word; a guidance given for such a model is refused."""
+    cfg = apply_overrides(preset_config("digits"), {"model.num_classes": 0})
+    assert (cfg.sample.guidance, cfg.train.p_uncond) == (1.0, 0.0)
+    with pytest.raises(ConfigError, match="sample.guidance 2 needs class labels, and model.num_classes 0"):
+        apply_overrides(preset_config("digits"), {"model.num_classes": 0, "sample.guidance": 2})
+    # a run saved with them before still loads and resumes as it was
+    old = {**preset_config("digits").to_dict(), "model": {**preset_config("digits").to_dict()["model"],
+                                                          "num_classes": 0}}
+    resumed = apply_overrides(RunConfig.from_dict(old, saved=True), {"train.steps": 5}, saved=True)
+    assert (resumed.sample.guidance, resumed.train.p_uncond, resumed.train.steps) == (2.0, 0.1, 5)
+
+
 def test_valid_settings_still_accepted():
     cfg = apply_overrides(preset_config("digits-v"), {"diffusion.zero_terminal_snr": True, "sample.guidance": 0.0,
                                                       "train.keep_checkpoints": 0, "train.grad_clip": float("inf")})

@@ -45,9 +45,11 @@ def test_defaults_come_from_the_run():
     # None is "not given"; clip inf is no clipping.
     s = resolve_settings(denoiser(), sampler=None, guidance=None, clip=math.inf, eta=0.5)
     assert (s.sampler, s.guidance, s.clip, s.eta) == ("ddim", 2.0, None, 0.5)
-    # An unconditional run has no guidance to apply; its config's value does not leak in.
-    uncond = denoiser(apply_overrides(preset_config("digits"), {**TINY, "model.num_classes": 0}))
-    assert resolve_settings(uncond).guidance == 1.0
+    # An unconditional run has no guidance to apply; the value a run saved before 2026-12-07 holds does not leak in.
+    old = apply_overrides(preset_config("digits"), TINY).to_dict()
+    old["model"]["num_classes"] = 0
+    uncond = denoiser(RunConfig.from_dict(old, saved=True))
+    assert uncond.config.sample.guidance == 2.0 and resolve_settings(uncond).guidance == 1.0
 
 
 def test_student_defaults():
