@@ -235,6 +235,13 @@ def validate(cfg, saved: bool = False) -> None:
         if dc.backbone in ("pretrain", "none") and dc.backbone_size and not saved:  # it was dropped without a word
             raise ConfigError(f"distill.backbone_size {dc.backbone_size} applies to a backbone file only; the "
                               f"'{dc.backbone}' backbone takes the images at their size: drop it")
+        group, batch = dc.disc_mbstd, cfg.train.batch_size
+        if group and not m.num_classes and batch % group and not saved:  # min-batch std over gcd(batch, group)
+            took = math.gcd(batch, group)
+            raise ConfigError(f"distill.disc_mbstd {group} splits the (unconditional) discriminator's batches into "
+                              f"groups of {group}, and train.batch_size {batch} is not a multiple of it: groups of "
+                              f"{took} would be taken{' (one sample: a constant feature)' if took == 1 else ''}; use "
+                              f"a batch size that is a multiple of {group}, or --disc-mbstd {took if took > 1 else 0}")
         if dc.backbone in ("pretrain", "none") and dc.disc_heads > dc.backbone_depth:
             raise ConfigError(f"distill.disc_heads {dc.disc_heads} must be in [1, backbone_depth "
                               f"{dc.backbone_depth}]")

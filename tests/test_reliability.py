@@ -446,6 +446,24 @@ def test_distill_settings_checked():
             apply_overrides(cfg, {key: value})
 
 
+def test_an_unconditional_discriminators_std_groups_divide_the_batch():
+    """Minibatch std over gcd(batch, disc_mbstd) samples: batch 9 with groups of 4 gave a constant feature, silently."""
+    from fastdiff.config import distill_config
+
+    student = distill_config(apply_overrides(preset_config("digits-v"), {"model.num_classes": 0}), "teacher")
+    with pytest.raises(ConfigError, match=re.escape("train.batch_size 9 is not a multiple of it: groups of 1 would "
+                                                    "be taken (one sample: a constant feature)")):
+        apply_overrides(student, {"train.batch_size": 9})
+    with pytest.raises(ConfigError, match=re.escape("groups of 2 would be taken; use a batch size that is a multiple "
+                                                    "of 4, or --disc-mbstd 2")):
+        apply_overrides(student, {"train.batch_size": 6})
+    assert apply_overrides(student, {"train.batch_size": 6, "distill.disc_mbstd": 2}).train.batch_size == 6
+    assert apply_overrides(student, {"train.batch_size": 6, "distill.disc_mbstd": 0}).train.batch_size == 6
+    # a class-conditional discriminator takes the samples of each label, whatever the batch
+    conditional = distill_config(preset_config("digits-v"), "teacher")
+    assert apply_overrides(conditional, {"train.batch_size": 9}).train.batch_size == 9
+
+
 @pytest.mark.parametrize("args, message", [
     (["sample", "--steps", "0"], "argument --steps: 0 is outside"),
     (["sample", "--n", "-3"], "argument --n: -3 is outside"),

@@ -180,8 +180,9 @@ def add_distill(sub):
     p.add_argument("--disc-heads", type=int, help="heads on this many evenly spaced backbone blocks (default: the "
                    "preset's, 2)")
     p.add_argument("--disc-head", choices=["conv", "mlp"], help="discriminator head (default: the preset's, conv)")
-    p.add_argument("--disc-mbstd", type=int, help="minibatch-std channel in the heads: its group size, 0 for off "
-                   "(default: the preset's, 4)")
+    p.add_argument("--disc-mbstd", type=int, help="minibatch-std channel in the heads: its group size (a divisor of "
+                   "the batch; a class-conditional model's groups are its labels), 0 for off (default: the preset's, "
+                   "4)")
     p.add_argument("--no-spectral-norm", action="store_false", dest="spectral_norm", default=None,
                    help="heads without spectral norm (default: the preset's, with)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
