@@ -26,6 +26,11 @@ def access_error(path, what: str = "read") -> AccessError:
     return AccessError(f"cannot {what} {path}: permission denied; make it readable to this user")
 
 
+class FastdiffWarning(UserWarning):
+    """Something the user may want to know that stops nothing (a dataset file unlike the published one, a refiner
+    applied to another model than its own): the CLI prints it as one line, the Python API warns."""
+
+
 class TrainingDiverged(FastdiffError):
     """The loss became NaN or infinite."""
 

@@ -39,6 +39,14 @@ def tensors_fingerprint(named) -> str:
     return digest.hexdigest()[:16]
 
 
+def model_fingerprint(model) -> str | None:
+    """`tensors_fingerprint` of a module's state dict (the weights a sampling reads, wherever they were loaded
+    from: a run, pretrained:NAME, a diffusers folder); None for a model that is no torch module."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    return tensors_fingerprint(model.state_dict().items())
+
+
 def user_cache_dir() -> Path:
     """fastdiff's folder in the user's cache ($XDG_CACHE_HOME/fastdiff, else ~/.cache/fastdiff): what is derived
     from a shipped model (its evaluation classifier, a student's backbone and teacher pairs), which is never
@@ -66,4 +74,5 @@ def pinned_or_its_run(path: str) -> str:
     return str(pinned.parent.parent)
 
 
-__all__ = ["pin_checkpoint", "pinned_or_its_run", "tensors_fingerprint", "user_cache_dir", "weights_fingerprint"]
+__all__ = ["model_fingerprint", "pin_checkpoint", "pinned_or_its_run", "tensors_fingerprint", "user_cache_dir",
+           "weights_fingerprint"]

@@ -432,7 +432,14 @@ def test_refiner_trains_and_applies(student_run, capsys, monkeypatch):
     assert "needs an ADD student" in err and len(err.strip().splitlines()) == 1
     assert main(["sample", "--checkpoint", str(run), "--n", "4", "--refine", str(ref), "--out",
                  str(ref / "r.png")]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["refiner"] == str(ref)
+    out, err = capsys.readouterr()
+    assert json.loads(out.strip().splitlines()[-1])["refiner"] == str(ref) and "warning" not in err
+    # applied to another model of the same shape (here the teacher), it was silent: one line, and the samples
+    assert main(["sample", "--checkpoint", str(student_run / "teacher"), "--n", "4", "--refine", str(ref), "--out",
+                 str(ref / "t.png")]) == 0
+    err = capsys.readouterr().err
+    assert f"fastdiff sample: warning: the refiner {ref} was trained on the samples of other weights (" in err
+    assert "train a refiner for this model" in err and "Traceback" not in err and (ref / "t.png").exists()
     assert main(["sample", "--checkpoint", str(run), "--n", "4", "--refine", str(run), "--out",
                  str(ref / "r.png")]) == 2
     assert "not a refiner run" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -200,6 +201,19 @@ def test_refiner_runs_inside_sample(tmp_path):
     assert torch.equal(res.unrefined, plain.images)
     torch.testing.assert_close(res.images, (plain.images + 0.25).clamp(-1, 1), atol=1e-6, rtol=0)
     assert 0 < res.refine_s <= res.seconds and res.settings.refiner == str(tmp_path)
+    # a refiner records its generator's weights: another model's (here a retrained copy) is warned about
+    from fastdiff.errors import FastdiffWarning
+    from fastdiff.sources import model_fingerprint
+
+    config["refiner"] = {"generator": "RUN", "generator_weights": model_fingerprint(den.model)}
+    ckpt.save_checkpoint(tmp_path, 2, tensors={"model": refiner.state_dict()}, state={"step": 2}, config=config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolve_settings(den, refiner=str(tmp_path))
+    other = denoiser()
+    torch.nn.init.constant_(other.model.conv_out.bias, 0.5)
+    with pytest.warns(FastdiffWarning, match="trained on the samples of other weights \\(RUN, fingerprint"):
+        resolve_settings(other, refiner=str(tmp_path))
 
 
 def test_too_many_samples_or_too_large_a_batch_is_one_clear_error():

@@ -1,11 +1,11 @@
 """`fastdiff train | sample | eval | env | bench | distill | train-refiner | export | plot`.
 
 Errors that the user can fix (FastdiffError) print one line and exit with status 2; anything else is a bug
-and keeps its traceback. Every command first has glibc's malloc keep freed memory for the next call
-(`runtime.apply_malloc_setting`; FASTDIFF_MALLOC=default leaves glibc's rules) and refuses a bad
-FASTDIFF_BACKEND. Each subcommand's parser
-function sits beside its command function: `training` holds train, distill and train-refiner, `sampling`
-sample, eval and the tools, `args` what their parsers share.
+and keeps its traceback. A FastdiffWarning prints one line too, and the command goes on. Every command first has
+glibc's malloc keep freed memory for the next call (`runtime.apply_malloc_setting`; FASTDIFF_MALLOC=default leaves
+glibc's rules) and refuses a bad FASTDIFF_BACKEND. Each subcommand's parser function sits beside its command
+function: `training` holds train, distill and train-refiner, `sampling` sample, eval and the tools, `args` what
+their parsers share.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import os
 import signal
 import sys
 import threading
+import warnings
 
 from fastdiff.cli import sampling, training
 from fastdiff.cli.args import HelpFormatter, Parser
 from fastdiff.cli.sampling import add_sampling_args, sampling_overrides
-from fastdiff.errors import FastdiffError, Terminated, terminate, terminating
+from fastdiff.errors import FastdiffError, FastdiffWarning, Terminated, terminate, terminating
 from fastdiff.ops.dispatch import current_backend
 from fastdiff.runtime import apply_malloc_setting
 
@@ -56,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         apply_malloc_setting()  # before the command allocates (README, "CPU defaults")
         current_backend()  # a bad FASTDIFF_BACKEND: its one line now, not at the first op call (or never, in env)
-        code = COMMANDS[args.command](args)
+        with warnings.catch_warnings():  # restores the caller's showwarning (main is also called in-process)
+            warnings.showwarning = _one_line(args.command, warnings.showwarning)
+            code = COMMANDS[args.command](args)
         sys.stdout.flush()  # here, not at exit, so that a closed pipe is the BrokenPipeError below
         return code
     except FastdiffError as e:
@@ -76,3 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         if handle:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
+
+def _one_line(command: str, show):
+    """warnings.showwarning printing a FastdiffWarning as `fastdiff COMMAND: warning: ...` (no file and line of
+    fastdiff's source); any other warning as `show` does."""
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, FastdiffWarning):
+            print(f"fastdiff {command}: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+    return one_line

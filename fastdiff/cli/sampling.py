@@ -125,9 +125,9 @@ def cmd_sample(args) -> int:
         # what makes the samples of a seed (the weights themselves, wherever they were read from, and the
         # settings): shards of one sampling may share a --save-images folder, others not
         from fastdiff.checkpoint import resolve_checkpoint
-        from fastdiff.sources import tensors_fingerprint, weights_fingerprint
+        from fastdiff.sources import model_fingerprint, weights_fingerprint
 
-        source = {"checkpoint": run.path, "weights": tensors_fingerprint(run.model.state_dict().items()),
+        source = {"checkpoint": run.path, "weights": model_fingerprint(run.model),
                   "sampler": settings.sampler,
                   "steps": settings.steps, "eta": settings.eta, "guidance": settings.guidance,
                   "spacing": settings.spacing, "clip": settings.clip, "amp": settings.accel.amp,

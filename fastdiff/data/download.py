@@ -12,7 +12,7 @@ import urllib.request
 import warnings
 from pathlib import Path
 
-from fastdiff.errors import DataError
+from fastdiff.errors import DataError, FastdiffWarning
 
 # Each file: "md5:<hex>" or "sha256:<hex>" of the archive as published.
 RESOURCES: dict[str, dict] = {
@@ -56,7 +56,7 @@ def verify(path: Path, checksum: str) -> None:
         raise DataError(f"{path.name} failed its {algorithm} check (expected {expected}, got {got})")
 
 
-class DataWarning(UserWarning):
+class DataWarning(FastdiffWarning):
     """A dataset file that fastdiff reads but that differs from the published one."""
 
 

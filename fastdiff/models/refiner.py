@@ -41,22 +41,24 @@ def refiner_unet_config(gen_model: UNetConfig, cfg) -> UNetConfig:
                       attn_resolutions=(), dropout=0.0, num_groups=groups, num_classes=0)
 
 
-def refiner_config(run_dir) -> tuple[Path, UNetConfig]:
-    """(checkpoint folder, network config) of a `fastdiff train-refiner` run directory, read and checked without
-    loading its weights (`resolve_settings` checks a refiner before any sampling)."""
+def refiner_config(run_dir) -> tuple[Path, UNetConfig, dict]:
+    """(checkpoint folder, network config, the run's refiner settings: its generator and generator_weights) of a
+    `fastdiff train-refiner` run directory, read and checked without loading its weights (`resolve_settings`
+    checks a refiner before any sampling)."""
     path = ckpt.resolve_checkpoint(run_dir)
     config = ckpt.load_json(path, "config")
     if config.get("kind") != "refiner":
         raise CheckpointError(f"{run_dir} is not a refiner run; train one with `fastdiff train-refiner`")
+    settings = config.get("refiner") if isinstance(config.get("refiner"), dict) else {}
     try:
-        return path, UNetConfig(**config["model"])
+        return path, UNetConfig(**config["model"]), settings
     except (TypeError, KeyError) as e:
         raise CheckpointError(f"{path}/config.json is not a refiner config ({e})") from None
 
 
 def load_refiner(run_dir, device="cpu") -> Refiner:
     """The refiner of a `fastdiff train-refiner` run directory, in eval mode without gradients."""
-    path, cfg = refiner_config(run_dir)
+    path, cfg, _ = refiner_config(run_dir)
     model = Refiner(cfg)
     state_dicts.load_model_weights(model, ckpt.load_tensors(path, "model"), path)
     return model.to(device).eval().requires_grad_(False)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,7 @@ import torch
 from fastdiff.config import SampleConfig
 from fastdiff.config_checks import ETA_RANGE, GUIDANCE_RANGE, count, guides_untrained_null, integer, number
 from fastdiff.diffusion.samplers import SPACINGS, make_timesteps, student_timesteps
-from fastdiff.errors import ConfigError
+from fastdiff.errors import ConfigError, FastdiffWarning
 from fastdiff.runtime import AccelOptions, sample_batch_size
 
 SAMPLERS = ("ddim", "ddpm", "student")
@@ -94,15 +95,29 @@ def resolve_settings(denoiser, device=None, *, accel: AccelOptions | None = None
         raise ConfigError("an empty refiner names no run; pass a refiner run directory (fastdiff train-refiner), or "
                           "none")
     if refiner:  # checked now, before any sampling (or an evaluation classifier's training): its images' shape
-        from fastdiff.models.refiner import refiner_config
-
-        rc = refiner_config(refiner)[1]
-        if (rc.in_channels, rc.image_size, rc.image_size) != tuple(denoiser.image_shape):
-            raise ConfigError(f"the refiner {refiner} refines images {[rc.in_channels, rc.image_size, rc.image_size]}"
-                              f", not {denoiser.name}'s {list(denoiser.image_shape)}; pass a refiner trained for this "
-                              "model (`fastdiff train-refiner --checkpoint` it)")
+        _check_refiner(denoiser, refiner)
     return SampleSettings(sampler=sampler, steps=steps, eta=eta, guidance=guidance, spacing=spacing, clip=clip,
                           batch_size=batch_size, accel=options, refiner=str(refiner) if refiner else None)
+
+
+def _check_refiner(denoiser, refiner) -> None:
+    """A refiner of this model's images (else one ConfigError), trained on this model's samples (else one
+    FastdiffWarning: the weights differ from those its run recorded, e.g. another run's of the same shape, or a later
+    checkpoint of its generator; a refiner from before 2026-12-07 recorded none)."""
+    from fastdiff.models.refiner import refiner_config
+    from fastdiff.sources import model_fingerprint
+
+    _, rc, made_for = refiner_config(refiner)
+    if (rc.in_channels, rc.image_size, rc.image_size) != tuple(denoiser.image_shape):
+        raise ConfigError(f"the refiner {refiner} refines images {[rc.in_channels, rc.image_size, rc.image_size]}"
+                          f", not {denoiser.name}'s {list(denoiser.image_shape)}; pass a refiner trained for this "
+                          "model (`fastdiff train-refiner --checkpoint` it)")
+    expected = made_for.get("generator_weights")
+    if expected and expected != model_fingerprint(denoiser.model):
+        warnings.warn(f"the refiner {refiner} was trained on the samples of other weights ({made_for.get('generator')}"
+                      f", fingerprint {expected}) than {denoiser.name}'s: its corrections may not fit them; train a "
+                      f"refiner for this model (fastdiff train-refiner --checkpoint {denoiser.path or 'RUN'})",
+                      FastdiffWarning, stacklevel=3)
 
 
 def _steps(denoiser, sampler: str, steps: int | None) -> int:

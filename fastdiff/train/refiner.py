@@ -29,6 +29,7 @@ from fastdiff.errors import ConfigError
 from fastdiff.models.refiner import Refiner, refiner_unet_config
 from fastdiff.runtime import AccelOptions, autocast, compile_fn, grad_scaler, isolated_rng
 from fastdiff.sampling import load_run, resolve_settings, sample
+from fastdiff.sources import model_fingerprint
 from fastdiff.train.add import load_teacher
 from fastdiff.train.add_pairs import PAIR_SEED, teacher_pairs
 from fastdiff.train.loop import Part, Session, train_loop
@@ -56,6 +57,9 @@ class RefinerConfig:
     t_max: int | None = None  # None: half the generator's training timesteps
     base_channels: int = 16
     channel_mult: tuple[int, ...] = (1, 2)
+    # `sources.model_fingerprint` of the generator's weights as sampled (set as a new run starts; "": a run from
+    # before 2026-12-07): sampling another model with this refiner warns
+    generator_weights: str = ""
     train: TrainConfig = field(default_factory=refiner_train_config)
 
     def __post_init__(self):
@@ -211,6 +215,8 @@ def train_refiner(cfg: RefinerConfig, out, *, device="auto", resume: bool = Fals
     records the generator's checkpoint folder, which a resume reads again (`rundir.source_checkpoint`)."""
     resume = flag("resume", resume)  # "no" was taken as true
     cfg, gcfg, t_max = resolve_refiner(cfg, out, resume, log=echo)
+    if not resume:  # a resume keeps the fingerprint its run recorded, of the generator it pinned
+        cfg = replace(cfg, generator_weights=model_fingerprint(load_run(cfg.generator, "cpu").model))
     data = load_dataset(gcfg.data.dataset, "train", data_dir=gcfg.data.data_dir, image_size=gcfg.model.image_size,
                         channels=gcfg.model.in_channels)
     config = cfg.to_dict(model=asdict(refiner_unet_config(gcfg.model, cfg)))
