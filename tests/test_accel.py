@@ -360,6 +360,40 @@ def test_graphed_sampler_bitwise_equals_ungraphed(amp, name):
 
 
 @pytest.mark.gpu
+def test_two_threads_capture_and_replay_samplers_of_two_models_at_once():
+    """Each thread captures fresh graphed samplers of its own model while the other captures, replays, allocates
+    and synchronizes: in torch's default capture mode ("global") those calls of the other thread are errors."""
+    import threading
+
+    _, tabs = tables("cuda")
+    x, seeds, labels = sampling_inputs(8, "cuda")
+    kw = dict(device="cuda", shape=(1, 8, 8), guidance=2.0, null_label=10, clip=1.0)
+    want = FastSampler(tiny_unet(device="cuda"), AccelOptions(), **kw).run(x, tabs["ddpm"], seeds=seeds,
+                                                                         labels=labels)
+    models = [tiny_unet(device="cuda"), tiny_unet(device="cuda")]
+    start, results, errors = threading.Barrier(2), [[], []], []
+
+    def work(i):
+        try:
+            start.wait()
+            for _ in range(4):
+                fast = FastSampler(models[i], AccelOptions(cuda_graphs=True), **kw)
+                results[i].append(fast.run(x, tabs["ddpm"], seeds=seeds, labels=labels))
+                torch.cuda.synchronize()
+        except BaseException as e:  # reported by the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for got in results[0] + results[1]:
+        assert torch.equal(got, want), f"max diff {(got - want).abs().max().item()}"
+
+
+@pytest.mark.gpu
 def test_graphed_sampler_makes_no_host_syncs():
     _, tabs = tables("cuda")
     x, seeds, labels = sampling_inputs(8, "cuda")

@@ -222,7 +222,9 @@ class FastSampler:
                 st.body(self.step_fn)
         torch.cuda.current_stream(device).wait_stream(side)
         st.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.device(device), torch.cuda.graph(st.graph):
+        # thread_local: another thread's sampling of another model (allocating, synchronizing) stays legal during
+        # this capture, which torch's default "global" mode would make fail; this thread's unsafe calls still do
+        with torch.cuda.device(device), torch.cuda.graph(st.graph, capture_error_mode="thread_local"):
             st.body(self.step_fn)
         torch.cuda.synchronize(device)
         st.index.zero_()

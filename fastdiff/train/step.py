@@ -164,7 +164,7 @@ class GraphedTrainStep(TrainStep):
             self.opt.zero_grad(set_to_none=True)
             self.graph = torch.cuda.CUDAGraph()
             self.graph.register_generator_state(self.gen)
-            with torch.cuda.device(self.device), torch.cuda.graph(self.graph):
+            with torch.cuda.device(self.device), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.outputs = self._body()
         finally:
             for g, (lr, capturable) in zip(groups, saved):
