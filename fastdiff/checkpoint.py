@@ -18,11 +18,14 @@ checked: `fastdiff.state_dicts`. The full-disk tests inject faults at this modul
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import re
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -53,6 +56,20 @@ def write_error(path, e: OSError) -> str:
     return f"cannot write {path}: {e.strerror or e}; choose a writable path"
 
 
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM blocked inside (on the main thread, where Python runs signal handlers; elsewhere nothing
+    to do): one arriving then is delivered as the block ends, its exception raised after the block's work."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def atomic_write(path, data: bytes) -> Path:
     """Write `data` to `path` through a temporary file and a rename: `path` is the old file or the new one, never a
     partial one, and no temporary file is left behind on any error (a full disk gives one FastdiffError)."""
@@ -62,15 +79,16 @@ def atomic_write(path, data: bytes) -> Path:
 def atomic_write_all(files: dict) -> list[Path]:
     """`atomic_write` of several files together ({path: bytes}), e.g. a grid and its samples: all are written to
     temporary files first and renamed into place only once every one is written, so an error while writing (a full
-    disk, Ctrl-C) leaves every file as it was, never a new one beside an old one. (Only a stop between the renames,
-    a moment, could still mix them.)"""
+    disk, Ctrl-C) leaves every file as it was, never a new one beside an old one. Ctrl-C and SIGTERM during the
+    renames wait until the last is done (`_signals_held`); only a kill -9 or a crash between them could mix them."""
     items = [(Path(p), data, Path(p).with_name(f".{Path(p).name}.{os.getpid()}.tmp")) for p, data in files.items()]
     current = items[0][0]
     try:
         for current, data, tmp in items:
             _write_file(tmp, data)
-        for current, _, tmp in items:
-            os.replace(tmp, current)
+        with _signals_held():
+            for current, _, tmp in items:
+                os.replace(tmp, current)
     except BaseException as e:
         for _, _, tmp in items:
             tmp.unlink(missing_ok=True)

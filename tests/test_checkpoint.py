@@ -50,6 +50,31 @@ def test_interrupted_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [good.name]
 
 
+def test_ctrl_c_during_the_renames_of_files_written_together_waits_for_the_last(tmp_path, monkeypatch):
+    """A grid and its samples are renamed into place one after the other: Ctrl-C (or SIGTERM) after the first
+    rename left a new grid beside the old samples. Now the signal lands after the last rename."""
+    import os
+    import signal
+
+    a, b = tmp_path / "grid.png", tmp_path / "grid.npz"
+    a.write_bytes(b"old a")
+    b.write_bytes(b"old b")
+    replace = os.replace
+    renamed = []
+
+    def replace_then_interrupt(src, dst):
+        replace(src, dst)
+        renamed.append(dst)
+        if len(renamed) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # delivered at once, unless held
+
+    monkeypatch.setattr(ckpt.os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.atomic_write_all({a: b"new a", b: b"new b"})
+    assert (a.read_bytes(), b.read_bytes()) == (b"new a", b"new b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.npz", "grid.png"]  # no temporary file left
+
+
 def test_errors(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         ckpt.resolve_checkpoint(tmp_path / "nope")
