@@ -117,7 +117,7 @@ def _check_refiner(denoiser, refiner) -> None:
         warnings.warn(f"the refiner {refiner} was trained on the samples of other weights ({made_for.get('generator')}"
                       f", fingerprint {expected}) than {denoiser.name}'s: its corrections may not fit them; train a "
                       f"refiner for this model (fastdiff train-refiner --checkpoint {denoiser.path or 'RUN'})",
-                      FastdiffWarning, stacklevel=3)
+                      FastdiffWarning)  # its place here, not the caller's: once, though `sample` resolves again
 
 
 def _steps(denoiser, sampler: str, steps: int | None) -> int:
