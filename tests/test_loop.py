@@ -13,7 +13,7 @@ from fastdiff.cli import main
 from fastdiff.config import apply_overrides, preset_config
 from fastdiff.errors import ConfigError, TrainingDiverged
 from fastdiff.train import train_ddpm
-from fastdiff.train.lr import one_cycle_lr, warmup_lr
+from fastdiff.train.lr import one_cycle_lr, one_cycle_momentum, warmup_lr
 from fastdiff.train.rundir import truncate_stats
 
 QUIET = dict(progress=False, echo=lambda s: None)
@@ -79,6 +79,25 @@ def test_lr_schedules_are_pure_functions_of_the_step():
         assert one(k) == pytest.approx(ref.get_last_lr()[0], rel=1e-12, abs=1e-15), k
         opt.step()
         ref.step()
+    # and its momentum (the classifiers' AdamW beta1), bit for bit, at every length torch's runs; at 10 steps (one
+    # warm-up step) torch divided by zero, which failed `fastdiff eval --classifier-steps 10` with a traceback
+    for n in (1, 2, 9, 11, 57, 600):
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=3e-3)
+        ref = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=n, pct_start=0.1)
+        lr, beta1 = one_cycle_lr(3e-3, n), one_cycle_momentum(n)
+        for k in range(n):
+            assert (lr(k), beta1(k)) == (opt.param_groups[0]["lr"], opt.param_groups[0]["betas"][0]), (n, k)
+            opt.step()
+            ref.step()
+    with pytest.raises(ZeroDivisionError):
+        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=10, pct_start=0.1)
+    ten = one_cycle_momentum(10)
+    assert [round(ten(k), 6) for k in (0, 9)] == [0.85, 0.95] and one_cycle_lr(3e-3, 10)(0) == 3e-3
+    from fastdiff.models.classifier import fit_classifier
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    images, labels = torch.rand(32, 1, 8, 8) * 2 - 1, torch.arange(32) % 10
+    assert not fit_classifier(model, images, labels, steps=10, batch_size=8, lr=1e-3, seed=0).training
 
 
 def test_resume_with_a_new_learning_rate_and_warmup(tmp_path, tiny_overrides, capsys):

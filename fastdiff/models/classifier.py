@@ -63,9 +63,11 @@ def fit_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     it in eval mode. Shared by the evaluation classifier and the ADD discriminator's ViT backbone. progress: a
     tqdm bar of its steps, with ETA, on stderr (it trains for minutes on a CPU; a `log` that writes to stderr
     then writes through `tqdm.write`)."""
+    from fastdiff.train.lr import one_cycle_lr, one_cycle_momentum  # (fastdiff.train imports the models)
+
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    lr_at, beta1_at = one_cycle_lr(lr, steps), one_cycle_momentum(steps)  # torch's OneCycleLR failed at 10 steps
     gen = torch.Generator().manual_seed(seed)
     model.train()
     with tqdm(total=steps, desc=name, unit="step", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
@@ -75,8 +77,9 @@ def fit_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
             loss = F.cross_entropy(model(x), labels[idx].to(device), label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            for group in opt.param_groups:
+                group["lr"], group["betas"] = lr_at(step), (beta1_at(step), group["betas"][1])
             opt.step()
-            sched.step()
             bar.update()
             if log and (step + 1) % 500 == 0:
                 log(f"{name} step {step + 1}/{steps} loss {loss.item():.3f}")

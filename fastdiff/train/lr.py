@@ -29,15 +29,26 @@ def one_cycle_lr(max_lr: float, total_steps: int, pct_start: float = 0.1, div_fa
     """Smith's one-cycle shape (torch's OneCycleLR learning rate, cosine both ways): from max_lr / div_factor up
     to max_lr over pct_start of the run, then down to max_lr / div_factor / final_div_factor at its end."""
     initial = max_lr / div_factor
-    final = initial / final_div_factor
+    return _one_cycle(initial, max_lr, initial / final_div_factor, total_steps, pct_start)
+
+
+def one_cycle_momentum(total_steps: int, pct_start: float = 0.1, base: float = 0.85, top: float = 0.95) -> LRSchedule:
+    """The momentum (Adam's beta1) that torch's OneCycleLR cycles against `one_cycle_lr`: from top down to base
+    while the learning rate rises, then back up to top."""
+    return _one_cycle(top, base, top, total_steps, pct_start)
+
+
+def _one_cycle(first: float, middle: float, last: float, total_steps: int, pct_start: float) -> LRSchedule:
+    """first -> middle over pct_start of the run, then -> last, cosine both ways, as torch's OneCycleLR computes it
+    (bit for bit), except where its warm-up is one step (10 steps at pct_start 0.1): torch divides by zero there."""
     peak = float(pct_start * total_steps) - 1
 
     def cos_anneal(start: float, end: float, pct: float) -> float:
         return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
 
-    def lr(step: int) -> float:
+    def at(step: int) -> float:
         if step <= peak:
-            return cos_anneal(initial, max_lr, step / peak if peak > 0 else 1.0)
-        return cos_anneal(max_lr, final, min(1.0, (step - peak) / max(total_steps - 1 - peak, 1e-9)))
+            return cos_anneal(first, middle, step / peak if peak > 0 else 1.0)
+        return cos_anneal(middle, last, min(1.0, (step - peak) / max(total_steps - 1 - peak, 1e-9)))
 
-    return lr
+    return at
