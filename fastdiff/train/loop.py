@@ -197,16 +197,12 @@ def train_loop(build: Callable[[Session], object], *, kind: str, data, tc: Train
     """Train (or resume) the objective that `build(session)` makes, on `data`, in `run_dir`; `kind` is the
     objective's (`config.RUN_KINDS`), which a resumed run must be (`rundir.check_run_kind`).
 
-    `tc` holds the loop's settings (steps, batch size, seed, amp, intervals, EMA decay); `config` is the run's
-    whole config, written to config.json and into every checkpoint. Returns the last stats record (on a finished
-    run: {"step": N, "already_finished": True}).
+    `tc` holds the loop's settings (steps, batch size, seed, amp, intervals, EMA decay), checked by the trainer
+    that calls it (`config.checked`, `RefinerConfig.from_dict`); `config` is the run's whole config, written to
+    config.json and into every checkpoint. Returns the last stats record (on a finished run: {"step": N,
+    "already_finished": True}).
     """
     run_dir = Path(run_dir)
-    if min(tc.steps, tc.batch_size, tc.log_every, tc.ckpt_every) < 1:
-        raise ConfigError(f"--steps ({tc.steps}), --batch-size ({tc.batch_size}), --log-every ({tc.log_every}) and "
-                          f"--ckpt-every ({tc.ckpt_every}) must be positive")
-    if tc.sample_every is not None and tc.sample_every < 0:
-        raise ConfigError(f"--sample-every ({tc.sample_every}) must be 0 (no grids) or positive")
     world, device = init_world(resolve_device(device), tc.batch_size)  # torchrun: one process per device
     # amp "auto" and channels_last None become this device's defaults here, once: the run records what it ran.
     tc = tc.for_device(device)
