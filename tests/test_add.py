@@ -420,6 +420,11 @@ def test_refiner_trains_and_applies(student_run, capsys, monkeypatch):
     # samples of the same noises (cached in the run).
     assert sampled == [(True, "student", 1)]
     assert json.loads((ref / "config.json").read_text())["refiner"]["inputs"] == "samples"
+    from fastdiff.sampling import load_run
+    from fastdiff.sources import model_fingerprint
+
+    assert json.loads((ref / "config.json").read_text())["refiner"]["generator_weights"] == model_fingerprint(
+        load_run(run, "cpu").model)
     assert [p.name for p in ref.glob("pairs-*.safetensors")] == [f"pairs-ddim20-n16-seed{1 << 32}.safetensors"]
     noised = student_run / "refiner-noised"
     assert main(["train-refiner", "--checkpoint", str(run), "--out", str(noised), "--steps", "1", "--batch-size",

@@ -57,8 +57,8 @@ class RefinerConfig:
     t_max: int | None = None  # None: half the generator's training timesteps
     base_channels: int = 16
     channel_mult: tuple[int, ...] = (1, 2)
-    # `sources.model_fingerprint` of the generator's weights as sampled (set as a new run starts; "": a run from
-    # before 2026-12-07): sampling another model with this refiner warns
+    # `sources.model_fingerprint` of the generator's weights as sampled (`resolve_refiner` sets it): sampling
+    # another model with this refiner warns
     generator_weights: str = ""
     train: TrainConfig = field(default_factory=refiner_train_config)
 
@@ -182,6 +182,8 @@ def resolve_refiner(cfg: RefinerConfig, out, resume: bool = False, log=None) -> 
     cfg = RefinerConfig.from_dict(cfg.to_dict())  # a config built in Python is checked as a file's is
     cfg = replace(cfg, generator=source_checkpoint(out, resume, cfg.generator, "refiner", "generator", log=log))
     gcfg = load_config(ckpt.resolve_checkpoint(cfg.generator) / "config.json")
+    if not resume or not cfg.generator_weights:  # a resume keeps its own (a run from before 2026-12-07 gets one)
+        cfg = replace(cfg, generator_weights=model_fingerprint(load_run(cfg.generator, "cpu").model))
     levels = len(cfg.channel_mult)
     if gcfg.model.image_size % 2 ** (levels - 1):
         raise ConfigError(f"refiner: {levels} levels (channel_mult {list(cfg.channel_mult)}) halve the "
@@ -215,8 +217,6 @@ def train_refiner(cfg: RefinerConfig, out, *, device="auto", resume: bool = Fals
     records the generator's checkpoint folder, which a resume reads again (`rundir.source_checkpoint`)."""
     resume = flag("resume", resume)  # "no" was taken as true
     cfg, gcfg, t_max = resolve_refiner(cfg, out, resume, log=echo)
-    if not resume:  # a resume keeps the fingerprint its run recorded, of the generator it pinned
-        cfg = replace(cfg, generator_weights=model_fingerprint(load_run(cfg.generator, "cpu").model))
     data = load_dataset(gcfg.data.dataset, "train", data_dir=gcfg.data.data_dir, image_size=gcfg.model.image_size,
                         channels=gcfg.model.in_channels)
     config = cfg.to_dict(model=asdict(refiner_unet_config(gcfg.model, cfg)))
