@@ -101,7 +101,7 @@ def layer_rows(cfg, args, doc: dict) -> None:
         i, amp, layout, name = key
         rate = flops[key] / (t.median_ms / 1e3)
         row = dict(section="layers", case=f"{amp} {layout}", dtype=amp, layout=layout, provider=name,
-                   median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, gflop_per_s=round(rate, 1),
+                   median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, gflop_per_s=float(f"{rate:.3g}"),
                    vs_wide=round(rate / wide_rate[amp], 3), status="ok")
         if i == "wide":
             row.update(provider=f"wide 3x3 convolution, {args.wide} channels, 14x14", case=f"{amp} wide")
@@ -115,7 +115,7 @@ def layer_rows(cfg, args, doc: dict) -> None:
     for (amp, layout, name), ms in sorted(totals.items()):
         rate = total_flop[(amp, layout, name)] / (ms / 1e3)
         doc["rows"].append(dict(section="totals", case=f"{amp} {layout}", dtype=amp, layout=layout,
-                                provider=f"{name}, all layers", total_ms=round(ms, 2), gflop_per_s=round(rate, 1),
+                                provider=f"{name}, all layers", total_ms=round(ms, 2), gflop_per_s=float(f"{rate:.3g}"),
                                 vs_wide=round(rate / wide_rate[amp], 3), status="ok"))
 
 
