@@ -126,6 +126,15 @@ def test_timesteps_spacing():
     assert make_timesteps(1000, 4, "linspace").tolist() == [999, 666, 333, 0]
     with pytest.raises(ValueError, match="steps"):
         make_timesteps(1000, 0)
+    # every count gives that many distinct timesteps in [0, T), noisiest first: trailing 61 of 1000 gave 62, the
+    # last -1 (alphas_cumprod[-1], the noisiest, at the last step), as diffusers' trailing spacing does
+    assert make_timesteps(1000, 61, "trailing")[-3:].tolist() == [48, 32, 15]
+    for T in (2, 10, 100, 1000):
+        for spacing in ("leading", "trailing", "linspace"):
+            for n in range(1, T + 1):
+                ts = make_timesteps(T, n, spacing)
+                assert len(ts) == n and ts.min() >= 0 and ts.max() < T and bool((ts[:-1] > ts[1:]).all()), \
+                    (T, spacing, n, ts.tolist()[-3:])
 
 
 def test_the_plain_samplers_check_their_arguments():

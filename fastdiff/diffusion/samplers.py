@@ -38,7 +38,8 @@ def make_timesteps(num_train_timesteps: int, steps: int, spacing: str = "trailin
 
     Computed with numpy's arange and linspace, as diffusers computes them: torch's float64 arange and linspace
     round differently in the last bit, which moves a value that lands near .5 to the other integer (trailing
-    48 steps of 1000: 937 for diffusers' 936; linspace 27: 500 for 499).
+    48 steps of 1000: 937 for diffusers' 936; linspace 27: 500 for 499). Always `steps` timesteps in [0, T):
+    diffusers' trailing spacing gives one more, -1, for 62 of the 1000 counts of T = 1000 (61, 103, 121, ...).
     """
     T = num_train_timesteps
     if not 1 <= integer("steps", steps) <= T:
@@ -46,7 +47,10 @@ def make_timesteps(num_train_timesteps: int, steps: int, spacing: str = "trailin
     if spacing == "leading":
         ts = np.arange(steps, dtype=np.int64) * (T // steps)
     elif spacing == "trailing":
-        ts = np.round(np.arange(T, 0, -T / steps))[::-1] - 1
+        # [:steps]: the arange's length rounds up past `steps` for some counts (61 of 1000: ceil(61.00000000000001)),
+        # adding a last value of about -6e-13 that became timestep -1 (alphas_cumprod[-1], the noisiest), as
+        # diffusers' trailing spacing still does (62 timesteps for 61)
+        ts = np.round(np.arange(T, 0, -T / steps)[:steps])[::-1] - 1
     elif spacing == "linspace":
         ts = np.linspace(0, T - 1, steps).round()
     else:
