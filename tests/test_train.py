@@ -70,6 +70,15 @@ def test_bf16_autocast_on_cpu(tmp_path, tiny_overrides):
     assert rec["step"] == 2 and rec["loss"] == rec["loss"]
 
 
+def test_a_schedule_of_fewer_timesteps_than_a_grids_steps_trains(tmp_path, tiny_overrides):
+    """A grid samples 10 DDIM steps: with 3 timesteps the run trained, wrote its checkpoint and then failed with
+    "steps=10 must be between 1 and the 3 training timesteps", a value nobody gave."""
+    cfg = tiny(tiny_overrides, **{"train.steps": 2, "train.sample_every": None, "diffusion.num_timesteps": 3,
+                                  "diffusion.schedule": "cosine", "sample.steps": 3})
+    assert train_ddpm(cfg, tmp_path, progress=False, echo=lambda s: None)["step"] == 2
+    assert (tmp_path / "samples" / "step-000000002.png").exists()
+
+
 def test_a_config_built_in_python_is_checked_as_a_file_is(tmp_path, tiny_overrides):
     """train_ddpm trained an ema_decay of 2 (or sample.steps 5000, p_uncond 5) and wrote a run that would not load;
     a dict or a student's config were AttributeErrors."""

@@ -79,7 +79,8 @@ class DDPMObjective:
 
     def grid(self, model):
         sc, mc = self.cfg.sample, self.cfg.model
-        ts = make_timesteps(self.schedule.num_timesteps, GRID_STEPS, sc.spacing)
+        T = self.schedule.num_timesteps
+        ts = make_timesteps(T, min(GRID_STEPS, T), sc.spacing)  # a schedule of fewer timesteps: all of them
         table = ddim_table(self.schedule, ts, prediction=self.cfg.diffusion.prediction, device=self.schedule.device)
         return sample_grid(model, table, shape=(mc.in_channels, mc.image_size, mc.image_size),
                            num_classes=mc.num_classes, guidance=sc.guidance, null_label=model.null_label,
