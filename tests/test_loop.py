@@ -142,6 +142,27 @@ def test_nan_guard_advice_is_a_command_that_works(tmp_path, tiny_overrides, nan_
     assert [r["step"] for r in stats(run)] == list(range(1, 9))
 
 
+def test_nan_guard_advice_names_only_flags_the_command_has(tmp_path):
+    """train-refiner's advice said `--warmup 100`, which it has not (its one cycle has no warm-up): the command it
+    gave failed with "unrecognized arguments"."""
+    from fastdiff.cli import build_parser
+    from fastdiff.train.add import ADDObjective
+    from fastdiff.train.ddpm import DDPMObjective
+    from fastdiff.train.loop import _advice
+    from fastdiff.train.refiner import RefinerObjective, refiner_train_config
+
+    tc = refiner_train_config()
+    for objective in (DDPMObjective, ADDObjective, RefinerObjective):
+        for last in (None, str(tmp_path / "checkpoints" / "step-000000002")):
+            advice = _advice(objective, tmp_path, tc, last)
+            command = advice.split("(" if last is None else "warm-up: " if objective.warmup else "rate: ", 1)[1]
+            args = shlex.split(command.split(" into a new --out")[0].split(" (")[0])
+            assert args[:2] == objective.command.split() and ("--warmup" in args) == objective.warmup, advice
+            extra = {"fastdiff train": ["--out", "x"], "fastdiff distill": ["--teacher", "t", "--out", "x"],
+                     "fastdiff train-refiner": ["--checkpoint", "c", "--out", "x"]}[objective.command]
+            build_parser().parse_args(args[1:] + ([] if last else extra))  # exits on a flag it lacks
+
+
 def test_resume_with_another_precision(tmp_path, tiny_overrides):
     # A run trained on a GPU in fp16 (which the CPU cannot run) continues on the CPU with --amp bf16 or fp32: the
     # checkpoint holds float32 weights and moments, so --amp may change on --resume like --lr.

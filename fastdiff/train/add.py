@@ -106,7 +106,7 @@ def build_discriminator(cfg: RunConfig, data, device, log, world: World, progres
 class ADDObjective:
     """Student (parts[0], averaged into the EMA) and discriminator (parts[1]); the teacher is frozen."""
 
-    kind, ema = "add-student", True
+    kind, ema, warmup = "add-student", True, True
     command = RUN_KINDS[kind]
     stats = ("loss", "g_adv", "distill", "regress", "d_loss", "r1", "d_real", "d_fake", "grad_norm")
 

@@ -48,7 +48,7 @@ def _flip(x: torch.Tensor, gen) -> torch.Tensor:
 class DDPMObjective:
     """The UNet regressed on its prediction target at uniform timesteps; one train step per training step."""
 
-    kind, stats, ema = "ddpm", ("loss", "grad_norm"), True
+    kind, stats, ema, warmup = "ddpm", ("loss", "grad_norm"), True, True
     command = RUN_KINDS[kind]
 
     def __init__(self, cfg: RunConfig, session: Session):

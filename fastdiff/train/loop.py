@@ -5,6 +5,7 @@ DDPM (`train.ddpm`), ADD (`train.add`) and the refiner (`train.refiner`) are obj
 from a `Session` (device, processes, acceleration options, log) and gives the loop:
 
     kind, command        the checkpoint's kind ("ddpm", ...) and the CLI command that trains it (for advice)
+    warmup               whether its learning rate has a --warmup (the refiner's one cycle has none)
     parts                its trained networks (`Part`: module, optimizer, lr(step), loss scaler); parts[0] is the
                          network that is sampled
     ema                  whether parts[0] is averaged into an EMA (saved as `ema`, sampled in the grids)
@@ -118,14 +119,17 @@ class Session:
         return sum(step.take_setup_seconds() for _, step in self.steps)
 
 
-def _advice(command: str, run_dir: Path, tc: TrainConfig, last_ckpt: str | None) -> str:
-    lr, warmup = f"{tc.lr / 2:g}", max(2 * tc.warmup_steps, 100)
+def _advice(objective, run_dir: Path, tc: TrainConfig, last_ckpt: str | None) -> str:
+    """After a NaN: the command that goes on with a lower learning rate (and a longer warm-up, where it has one)."""
+    command, has_warmup = objective.command, objective.warmup
+    change = "a lower learning rate or a longer warm-up" if has_warmup else "a lower learning rate"
+    flags = f"--lr {tc.lr / 2:g}" + (f" --warmup {max(2 * tc.warmup_steps, 100)}" if has_warmup else "")
     fp = "use --amp bf16 or fp32 instead of fp16, " if tc.amp == "fp16" else ""
     if last_ckpt is None:
-        return (f"no checkpoint was written yet. Start again with a lower learning rate or a longer warm-up "
-                f"({command} --lr {lr} --warmup {warmup} into a new --out), {fp}or check the data for NaNs")
-    return (f"the last good checkpoint is {last_ckpt}. Resume from it with a lower learning rate or a longer "
-            f"warm-up: {command} --out {run_dir} --resume --lr {lr} --warmup {warmup} ({fp}or check the data for NaNs)")
+        return (f"no checkpoint was written yet. Start again with {change} ({command} {flags} into a new --out), "
+                f"{fp}or check the data for NaNs")
+    return (f"the last good checkpoint is {last_ckpt}. Resume from it with {change}: {command} --out {run_dir} "
+            f"--resume {flags} ({fp}or check the data for NaNs)")
 
 
 def _stopped(e: BaseException, where: str, last_ckpt: str | None, run_dir: Path, world: World,
@@ -306,7 +310,7 @@ def _loop(objective, session: Session, ema, monitor, log, data, batcher, tc: Tra
             is_grid = sample_every > 0 and (done % sample_every == 0 or done == tc.steps)
             if not (done % tc.log_every == 0 or is_ckpt or is_grid):
                 continue
-            advice = _advice(objective.command, run_dir, tc, last_ckpt)
+            advice = _advice(objective, run_dir, tc, last_ckpt)
             record = {"step": done, "kimg": images_seen / 1000,
                       **meter.read(done, tc.batch_size, advice, session.take_setup_seconds()),
                       "lr": lrs[0], "time": time.time()}

@@ -126,7 +126,7 @@ def sample_pairs(student, gcfg: RunConfig, n: int, session: Session) -> tuple[to
 class RefinerObjective:
     """The refiner regressed on its pairs, "noised" or "samples" (module docstring; no EMA: the weights are used)."""
 
-    kind, ema = "refiner", False
+    kind, ema, warmup = "refiner", False, False  # one cycle over --steps: no --warmup
     command = RUN_KINDS[kind]
     stats = ("loss", "unrefined_loss", "grad_norm")
 
