@@ -201,8 +201,10 @@ def load_dataset(name: str, split: str = "train", *, data_dir=None, image_size: 
     if name in NATIVE:
         native_c, native_size = NATIVE[name]
         if channels is not None and channels != native_c:
+            others = [n for n, (c, _) in NATIVE.items() if c == channels] + ["folder"] * (channels in (1, 3))
             raise ConfigError(f"{name} images have {native_c} channel(s) but the model expects {channels}; "
-                              f"set --channels {native_c} or pick a dataset with {channels}")
+                              f"set --channels {native_c} or pick a dataset of {channels}-channel images "
+                              f"({', '.join(others + ['synthetic'])})")
         size = image_size or native_size
     else:
         size = image_size or 32
