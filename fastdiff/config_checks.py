@@ -235,13 +235,8 @@ def validate(cfg, saved: bool = False) -> None:
         if dc.backbone in ("pretrain", "none") and dc.backbone_size and not saved:  # it was dropped without a word
             raise ConfigError(f"distill.backbone_size {dc.backbone_size} applies to a backbone file only; the "
                               f"'{dc.backbone}' backbone takes the images at their size: drop it")
-        group, batch = dc.disc_mbstd, cfg.train.batch_size
-        if group and not m.num_classes and batch % group and not saved:  # min-batch std over gcd(batch, group)
-            took = math.gcd(batch, group)
-            raise ConfigError(f"distill.disc_mbstd {group} splits the (unconditional) discriminator's batches into "
-                              f"groups of {group}, and train.batch_size {batch} is not a multiple of it: groups of "
-                              f"{took} would be taken{' (one sample: a constant feature)' if took == 1 else ''}; use "
-                              f"a batch size that is a multiple of {group}, or --disc-mbstd {took if took > 1 else 0}")
+        if not saved:  # what new runs would train without, silently (runs given them before still load)
+            _check_add_settings(cfg)
         if dc.backbone in ("pretrain", "none") and dc.disc_heads > dc.backbone_depth:
             raise ConfigError(f"distill.disc_heads {dc.disc_heads} must be in [1, backbone_depth "
                               f"{dc.backbone_depth}]")
@@ -254,6 +249,39 @@ def validate(cfg, saved: bool = False) -> None:
     limit = len(dc.student_timesteps) if s.sampler == "student" else T
     if s.steps > limit:
         raise ConfigError(f"sample.steps {s.steps} must be in [1, {limit}] for sampler {s.sampler}")
+
+
+def _check_add_settings(cfg) -> None:
+    """A new student's settings that would do nothing: a loss with no weight at all, regression options without
+    the regression, teacher guidance without a null class, minibatch-std groups of one sample."""
+    m, dc = cfg.model, cfg.distill
+    if not (dc.adv_weight or dc.distill_weight or dc.regress_weight):
+        raise ConfigError("distill.adv_weight, distill_weight and regress_weight are all 0: the student would never "
+                          "change; give one of them a weight (the preset's: adv 1, distill 2.5)")
+    from fastdiff.config import ADDConfig
+    from fastdiff.presets import DISTILL_PRESETS
+
+    preset = DISTILL_PRESETS.get(cfg.preset, {}).get("distill", {})  # --regress-weight 0 on mnist5k's: an ablation
+    unused = [f"{key} {getattr(dc, key)!r}" for key in ("regress_pairs", "regress_steps", "regress_at")
+              if getattr(dc, key) != preset.get(key, getattr(ADDConfig, key))]
+    if unused and not dc.regress_weight:
+        raise ConfigError(f"distill.{', '.join(unused)} set, which only the regression loss reads, and "
+                          "distill.regress_weight is 0 (off): give --regress-weight, or drop them")
+    if dc.teacher_guidance != 1 and not (m.num_classes and m.null_class):
+        raise ConfigError(f"distill.teacher_guidance {dc.teacher_guidance:g} needs a class-conditional teacher with a "
+                          f"null class, and this one {'has none' if m.num_classes else 'is unconditional'}; set "
+                          "--teacher-guidance 1")
+    group, batch = dc.disc_mbstd, cfg.train.batch_size
+    if group and not m.num_classes and (group == 1 or batch % group):  # minibatch std over gcd(batch, group)
+        took = math.gcd(batch, group)
+        if group == 1:
+            why, fix = "a group of one sample gives a constant feature", "--disc-mbstd 2 or more, or 0 for off"
+        else:
+            why = (f"train.batch_size {batch} is not a multiple of it: groups of {took} would be taken"
+                   + (" (one sample: a constant feature)" if took == 1 else ""))
+            fix = f"a batch size that is a multiple of {group}, or --disc-mbstd {took if took > 1 else 0}"
+        raise ConfigError(f"distill.disc_mbstd {group} splits the (unconditional) discriminator's batches into groups "
+                          f"of {group}, and {why}; use {fix}")
 
 
 # --- one option of a call (no config built): the Python API's sampling options, the schedulers' arguments ---

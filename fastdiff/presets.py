@@ -173,7 +173,9 @@ def distill_config(teacher_cfg: RunConfig, teacher_path: str, preset: str | None
     d = teacher_cfg.to_dict()
     d["preset"] = name  # the distillation preset (the teacher's own is in its run)
     d["train"] = asdict(TrainConfig())
-    d["distill"] = asdict(ADDConfig(teacher=str(teacher_path), teacher_guidance=teacher_cfg.sample.guidance))
+    tm = teacher_cfg.model  # a teacher without a null class guides nothing (an older one's config may say 2)
+    guidance = teacher_cfg.sample.guidance if tm.num_classes and tm.null_class else 1.0
+    d["distill"] = asdict(ADDConfig(teacher=str(teacher_path), teacher_guidance=guidance))
     for section, values in DISTILL_PRESETS[name].items():
         d[section].update(copy.deepcopy(values))
     return RunConfig.from_dict(d)

@@ -188,7 +188,7 @@ def test_teacher_pairs_keep_the_ddim_state_at_each_later_student_timestep(studen
 
     teacher = load_run(student_run / "teacher", "cpu")
     cfg = apply_overrides(distill_config(teacher.config, str(student_run / "teacher")),
-                          {"distill.regress_steps": 4, "distill.regress_pairs": 70})
+                          {"distill.regress_weight": 1.0, "distill.regress_steps": 4, "distill.regress_pairs": 70})
     one_batch = resolve_settings(teacher, "cpu", sampler="ddim", steps=4, eta=0.0, batch_size=128,
                                  guidance=cfg.distill.teacher_guidance)
     assert make_timesteps(1000, 4, one_batch.spacing).tolist() == [999, 749, 499, 249]
@@ -601,7 +601,7 @@ def test_teacher_pairs_are_made_again_when_the_teachers_weights_change_in_place(
     folder = tmp_path / "teacher"
     shutil.copytree(ckpt.latest_checkpoint(student_run / "teacher"), folder)
     cfg = apply_overrides(distill_config(load_run(folder, "cpu").config, str(folder)),
-                          {"distill.regress_steps": 2, "distill.regress_pairs": 4})
+                          {"distill.regress_weight": 1.0, "distill.regress_steps": 2, "distill.regress_pairs": 4})
     first = teacher_pairs(load_run(folder, "cpu"), cfg, tmp_path, device="cpu")
     assert torch.equal(teacher_pairs(load_run(folder, "cpu"), cfg, tmp_path, device="cpu").images, first.images)
     ckpt.save_tensors(folder / "ema.safetensors", {k: v * 0.5 for k, v in ckpt.read_tensors(folder /

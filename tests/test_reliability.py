@@ -459,9 +459,40 @@ def test_an_unconditional_discriminators_std_groups_divide_the_batch():
         apply_overrides(student, {"train.batch_size": 6})
     assert apply_overrides(student, {"train.batch_size": 6, "distill.disc_mbstd": 2}).train.batch_size == 6
     assert apply_overrides(student, {"train.batch_size": 6, "distill.disc_mbstd": 0}).train.batch_size == 6
+    with pytest.raises(ConfigError, match="a group of one sample gives a constant feature; use --disc-mbstd 2"):
+        apply_overrides(student, {"distill.disc_mbstd": 1})
     # a class-conditional discriminator takes the samples of each label, whatever the batch
     conditional = distill_config(preset_config("digits-v"), "teacher")
     assert apply_overrides(conditional, {"train.batch_size": 9}).train.batch_size == 9
+    assert apply_overrides(conditional, {"distill.disc_mbstd": 1}).distill.disc_mbstd == 1
+
+
+def test_a_students_settings_that_would_do_nothing_are_refused():
+    """Found by the boundary review: each trained (exit 0) without the setting having any effect."""
+    from fastdiff.config import RunConfig, distill_config
+
+    student = distill_config(preset_config("digits-v"), "teacher")
+    for overrides, says in (
+            ({"distill.adv_weight": 0.0, "distill.distill_weight": 0.0}, "are all 0: the student would never change"),
+            ({"distill.regress_steps": 61}, "distill.regress_steps 61 set, which only the regression loss reads"),
+            ({"distill.regress_pairs": 8, "distill.regress_at": "all"}, "regress_pairs 8, regress_at 'all' set")):
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            apply_overrides(student, overrides)
+    # the preset's own regression settings, with the regression turned off (an ablation), are no user's setting
+    mnist5k = distill_config(apply_overrides(preset_config("mnist5k"), {}), "teacher")
+    assert apply_overrides(mnist5k, {"distill.regress_weight": 0.0}).distill.regress_at == "all"
+    regress_only = {"distill.regress_weight": 1.0, "distill.regress_steps": 61, "distill.adv_weight": 0.0,
+                    "distill.distill_weight": 0.0}
+    assert apply_overrides(student, regress_only).distill.regress_steps == 61
+    # teacher guidance needs the teacher's null class: an unconditional teacher's was recorded and ignored
+    old_teacher = preset_config("digits-v").to_dict()
+    old_teacher["model"]["num_classes"] = 0  # a teacher saved before 2026-12-07 kept the preset's guidance 2
+    unconditional = distill_config(RunConfig.from_dict(old_teacher, saved=True), "teacher")
+    assert unconditional.distill.teacher_guidance == 1.0
+    with pytest.raises(ConfigError, match="teacher_guidance 3 needs a class-conditional teacher with a null class, "
+                                          "and this one is unconditional"):
+        apply_overrides(unconditional, {"distill.teacher_guidance": 3.0})
+    assert apply_overrides(student, {"distill.teacher_guidance": 3.0}).distill.teacher_guidance == 3.0
 
 
 @pytest.mark.parametrize("args, message", [
