@@ -53,6 +53,17 @@ def test_defaults_come_from_the_run():
     assert uncond.config.sample.guidance == 2.0 and resolve_settings(uncond).guidance == 1.0
 
 
+def test_one_step_that_would_run_at_timestep_0_is_refused():
+    """leading and linspace spacing put a single step at t = 0: the images were the initial noise, clipped."""
+    for spacing in ("leading", "linspace"):
+        for sampler in ("ddim", "ddpm"):
+            with pytest.raises(ConfigError, match=f"1 {sampler} step with {spacing} spacing runs the model at "
+                                                  "timestep 0 only"):
+                resolve_settings(denoiser(), sampler=sampler, steps=1, spacing=spacing)
+        assert resolve_settings(denoiser(), steps=2, spacing=spacing).steps == 2
+    assert resolve_settings(denoiser(), steps=1, spacing="trailing").steps == 1
+
+
 def test_student_defaults():
     teacher = apply_overrides(preset_config("digits-v"), TINY)
     student = denoiser(distill_config(teacher, "teacher"))

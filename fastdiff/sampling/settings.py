@@ -80,6 +80,10 @@ def resolve_settings(denoiser, device=None, *, accel: AccelOptions | None = None
     spacing = given.get("spacing", run.spacing)
     if spacing not in SPACINGS:
         raise ConfigError(f"unknown timestep spacing {spacing!r}; use one of {', '.join(SPACINGS)}")
+    if sampler != "student" and steps == 1 and spacing != "trailing":  # its one timestep is 0
+        raise ConfigError(f"1 {sampler} step with {spacing} spacing runs the model at timestep 0 only, on pure noise "
+                          "(the images are that noise); use --spacing trailing, which starts at the noisiest "
+                          "timestep, or more steps")
     if sampler != "student" and denoiser.student_timesteps is not None:
         _check_student_grid(denoiser, sampler, steps, spacing)
     clip = given.get("clip", run.clip)
