@@ -2,9 +2,11 @@
 precision/recall (fastdiff.metrics), each beside its real-vs-real value, and class-conditional accuracy.
 
 FD_cls follows FID (Heusel et al. 2017) with fastdiff's own small classifier in place of Inception, which
-knows nothing of 8x8 digits. Every FD_cls is reported beside the floor: the FD between the held-out real
-images and an equal number of training images, i.e. what a perfect generator would score at this sample size.
-KID and precision/recall get the same real-vs-real values (kid_floor, precision_floor, recall_floor).
+knows nothing of 8x8 digits. Every FD_cls is reported beside the floor: the FD between the whole held-out set
+and n training images (all of them where there are fewer), i.e. what a perfect generator would score at this
+sample size. KID and precision/recall get the same real-vs-real values (kid_floor, precision_floor,
+recall_floor). FD's small-sample bias makes FD_cls, its floor and their ratio fd_ratio depend on n and on the
+held-out set's size: compare them between runs at the same n and dataset only, never with published FIDs.
 """
 
 from __future__ import annotations
@@ -206,8 +208,9 @@ def evaluate_run(checkpoint, *, n: int = 1000, seed: int = 0, device=None, class
                           "used while the folder's UNet and scheduler are still the run's)")
     train, test = evaluation_sets(cfg, n)
     if n > len(train) and log:  # the floor's training images number min(n, len(train)) (`real_reference`)
-        log(f"the real-vs-real floor uses all {len(train)} training images, fewer than --n {n}: it is measured at a "
-            "smaller sample size than FD_cls, and FD's bias grows as the sample shrinks, so fd_ratio reads low")
+        log(f"the real-vs-real floors use all {len(train)} training images, fewer than --n {n}: they are measured "
+            "at a smaller sample size than the scores, and FD's bias grows as the sample shrinks, so fd_ratio reads "
+            "low (precision and recall also depend on the set sizes)")
     cache = classifier_cache_dir(run.path, cfg)
     classifier = load_or_train_classifier(train, cache, device, log, steps=classifier_steps, progress=progress)
     ref = real_reference(classifier, train, test, n, device)

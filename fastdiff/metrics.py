@@ -22,11 +22,15 @@ import torch
 
 
 def _float64(x) -> torch.Tensor:
-    """A [N, D] float64 CPU tensor from a tensor or an array."""
+    """A [N, D] float64 CPU tensor from a tensor or an array, of finite values (an inf row's k-NN radius is inf,
+    which put every real row in the generated manifold: recall 1; NaN failed inside LAPACK or gave NaN)."""
     t = x.detach().cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
     if t.ndim != 2:
         raise ValueError(f"features must be [N, D], got shape {tuple(t.shape)}")
-    return t.to(torch.float64)
+    t = t.to(torch.float64)
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"features hold NaN or inf in {int((~torch.isfinite(t)).any(1).sum())} of {len(t)} rows")
+    return t
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -34,6 +38,8 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     a, b = _float64(a).numpy(), _float64(b).numpy()
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"feature sizes differ: {a.shape[1]} and {b.shape[1]}")
+    if min(len(a), len(b)) < 2:
+        raise ValueError(f"the Frechet distance needs at least 2 rows in each set, got {len(a)} and {len(b)}")
     mu_a, mu_b = a.mean(0), b.mean(0)
     # [1, 1] for one feature, where np.cov gives a 0-d array
     s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
@@ -54,19 +60,31 @@ def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> float:
     """The unbiased MMD^2 estimate with the polynomial kernel (Gretton et al. 2012, eq. 3):
     mean of k(x_i, x_j) over i != j, plus the same for y, minus twice the mean of k(x_i, y_j) over all pairs."""
     m, n = len(x), len(y)
-    k_xx, k_yy, k_xy = polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y)
-    within_x = (k_xx.sum() - k_xx.diagonal().sum()) / (m * (m - 1))
-    within_y = (k_yy.sum() - k_yy.diagonal().sum()) / (n * (n - 1))
-    return float(within_x + within_y - 2 * k_xy.mean())
+    within_x = (_kernel_sum(x, x) - _kernel_diagonal_sum(x)) / (m * (m - 1))
+    within_y = (_kernel_sum(y, y) - _kernel_diagonal_sum(y)) / (n * (n - 1))
+    return float(within_x + within_y - 2 * _kernel_sum(x, y) / (m * n))
+
+
+def _kernel_sum(x: torch.Tensor, y: torch.Tensor, chunk: int = 2048) -> float:
+    """The sum of `polynomial_kernel(x, y)`, chunk rows of x at a time (all rows of 50,000 images: a 20 GB matrix)."""
+    return float(sum(polynomial_kernel(x[i : i + chunk], y).sum() for i in range(0, len(x), chunk)))
+
+
+def _kernel_diagonal_sum(x: torch.Tensor) -> float:
+    """The sum of k(x_i, x_i)."""
+    return float(((x * x).sum(1) / x.shape[1] + 1).pow(3).sum())
 
 
 def kid(a, b, *, subsets: int = 10, max_subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """Kernel Inception Distance between feature sets a [N, D] and b [M, D]: (mean, standard error).
+    """Kernel Inception Distance between feature sets a [N, D] and b [M, D]: (estimate, standard error).
 
-    Both sets are shuffled (seeded) and split into `subsets` disjoint subsets (more when a subset would exceed
-    `max_subset_size` rows, fewer when a set has under 2 rows per subset); the unbiased MMD^2 of each subset pair
-    is an independent unbiased estimate, so their mean is the KID and std / sqrt(subsets) its standard error
-    (NaN with a single subset). Subsets of the two sets may differ in size.
+    The estimate is the unbiased MMD^2 over all rows of both sets (`mmd2_unbiased`). The standard error comes from
+    disjoint subsets: both sets are shuffled (seeded) and split into `subsets` subsets (more when a subset would
+    exceed `max_subset_size` rows, fewer when a set has under 2 rows per subset), whose MMD^2 are independent
+    unbiased estimates; std / sqrt(subsets) is the standard error of their mean (NaN with a single subset), which
+    is no smaller than the all-rows estimate's (that one is their mean over every split: Rao-Blackwell). Until
+    2026-12-07 the estimate was that mean, a noisier one (tests/test_metrics.py). This is a standard error, not the
+    spread of subset values that torch-fidelity reports as "KID std".
     """
     a, b = _float64(a), _float64(b)
     if a.shape[1] != b.shape[1]:
@@ -83,7 +101,7 @@ def kid(a, b, *, subsets: int = 10, max_subset_size: int = 1000, seed: int = 0) 
         for i in range(count)
     ])
     stderr = float(values.std(ddof=1) / math.sqrt(count)) if count > 1 else float("nan")
-    return float(values.mean()), stderr
+    return mmd2_unbiased(a, b), stderr
 
 
 def _distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

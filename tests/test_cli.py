@@ -364,4 +364,4 @@ def test_eval_says_when_the_floor_has_fewer_images_than_n(trained, capsys):
     """The floor quietly took min(n, the training images): a smaller sample than FD_cls's, whose bias is larger."""
     code, _, err = run(["eval", "--checkpoint", str(trained), "--n", "1500", "--steps", "1", "--classifier-steps",
                         "20"], capsys)
-    assert code == 0 and "the real-vs-real floor uses all 1437 training images, fewer than --n 1500" in err, err
+    assert code == 0 and "the real-vs-real floors use all 1437 training images, fewer than --n 1500" in err, err

@@ -69,19 +69,40 @@ def test_kid_matches_direct_formula():
     assert kid(torch.as_tensor(x, dtype=torch.float32), y, subsets=1)[0] == pytest.approx(direct, rel=1e-5)
 
 
-def test_kid_subsets_are_disjoint_and_average():
+def test_kid_is_all_rows_and_its_standard_error_the_disjoint_subsets():
     rng = np.random.default_rng(1)
     x, y = rng.normal(size=(40, 4)), rng.normal(size=(60, 4)) + 0.5
     value, stderr = kid(x, y, subsets=4)
+    assert value == pytest.approx(_direct_mmd2(x.tolist(), y.tolist()), rel=1e-10)
     # Reproduce the split: one seeded permutation per set, 4 disjoint slices (10 rows of x, 15 of y each).
     g = torch.Generator().manual_seed(0)
     pa, pb = torch.randperm(40, generator=g).numpy(), torch.randperm(60, generator=g).numpy()
     vals = [_direct_mmd2(x[pa[10 * i : 10 * i + 10]].tolist(), y[pb[15 * i : 15 * i + 15]].tolist()) for i in range(4)]
-    assert value == pytest.approx(np.mean(vals), rel=1e-10)
     assert stderr == pytest.approx(np.std(vals, ddof=1) / 2, rel=1e-10)
     # The subset count grows to keep subsets under max_subset_size, and shrinks to keep 2 rows per subset.
-    assert kid(x, y, subsets=2, max_subset_size=10)[0] == pytest.approx(kid(x, y, subsets=6)[0], rel=1e-12)
-    assert kid(x[:6], y, subsets=10)[0] == pytest.approx(kid(x[:6], y, subsets=3)[0], rel=1e-12)
+    assert kid(x, y, subsets=2, max_subset_size=10)[1] == pytest.approx(kid(x, y, subsets=6)[1], rel=1e-12)
+    assert kid(x[:6], y, subsets=10)[1] == pytest.approx(kid(x[:6], y, subsets=3)[1], rel=1e-12)
+    # chunks of the kernel matrix (its memory is bounded) sum to the whole
+    from fastdiff.metrics import _kernel_sum, polynomial_kernel
+
+    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+    assert _kernel_sum(xt, yt, chunk=7) == pytest.approx(float(polynomial_kernel(xt, yt).sum()), rel=1e-12)
+
+
+def test_kid_over_all_rows_is_less_noisy_than_the_mean_of_disjoint_subsets():
+    """The mean of the 10 subsets' estimates, fastdiff's KID until 2026-12-07, uses a tenth of the kernel pairs; the
+    all-rows estimate is their average over every split, so its spread over repeated draws is smaller."""
+    rng = np.random.default_rng(3)
+    full, subset_mean = [], []
+    for seed in range(20):
+        a, b = rng.normal(size=(400, 8)), rng.normal(size=(150, 8))  # one distribution: MMD^2 = 0
+        full.append(kid(a, b, seed=seed)[0])
+        g = torch.Generator().manual_seed(seed)
+        pa, pb = torch.randperm(400, generator=g), torch.randperm(150, generator=g)
+        subset_mean.append(np.mean([mmd2_unbiased(torch.as_tensor(a)[pa[40 * i : 40 * i + 40]],
+                                                  torch.as_tensor(b)[pb[15 * i : 15 * i + 15]]) for i in range(10)]))
+    assert np.std(full) < 0.7 * np.std(subset_mean), (np.std(full), np.std(subset_mean))
+    assert abs(np.mean(full)) < 3 * np.std(full) / np.sqrt(20)  # unbiased all the same: only the spread differs
 
 
 def test_kid_same_distribution_is_unbiased_and_shift_is_detected():
@@ -102,6 +123,16 @@ def test_kid_same_distribution_is_unbiased_and_shift_is_detected():
 def test_kid_rejects_bad_input():
     with pytest.raises(ValueError, match="at least 2 rows"):
         kid(np.zeros((1, 3)), np.zeros((5, 3)))
+    # non-finite features: NaN failed inside LAPACK (FD) or gave NaN (KID); an inf row gave recall 1.0
+    for bad in (np.nan, np.inf):
+        fake = np.random.default_rng(0).normal(size=(20, 3))
+        fake[4, 1] = bad
+        real = np.random.default_rng(1).normal(size=(20, 3))
+        for metric in (frechet_distance, kid, precision_recall):
+            with pytest.raises(ValueError, match="features hold NaN or inf in 1 of 20 rows"):
+                metric(real, fake)
+    with pytest.raises(ValueError, match="the Frechet distance needs at least 2 rows in each set, got 1 and 5"):
+        frechet_distance(np.zeros((1, 3)), np.zeros((5, 3)))
     with pytest.raises(ValueError, match="feature sizes differ"):
         kid(np.zeros((5, 3)), np.zeros((5, 4)))
 

@@ -178,8 +178,8 @@ def cmd_eval(args) -> int:
                           refiner=args.refine, progress=show_progress(args), **sampling_overrides(args))
     floor = result["fd_cls_floor"]
     print(f"FD_cls {result['fd_cls']:.3f} (real-vs-real floor {floor:.3f}, ratio {result['fd_ratio']:.2f})")
-    print(f"KID {result['kid']:.5f} +- {result['kid_std']:.5f} "
-          f"(real-vs-real {result['kid_floor']:.5f} +- {result['kid_floor_std']:.5f})")
+    print(f"KID {result['kid']:.5f} (standard error {result['kid_std']:.5f}; real-vs-real {result['kid_floor']:.5f}, "
+          f"standard error {result['kid_floor_std']:.5f})")
     print(f"precision {result['precision']:.3f}, recall {result['recall']:.3f} "
           f"(real-vs-real {result['precision_floor']:.3f}, {result['recall_floor']:.3f})")
     if "cond_accuracy" in result:
