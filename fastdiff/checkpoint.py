@@ -98,9 +98,14 @@ def atomic_write_all(files: dict) -> list[Path]:
     return [path for path, _, _ in items]
 
 
-def save_tensors(path, tensors: dict[str, torch.Tensor]) -> Path:
-    """One safetensors file, written atomically (the caches kept beside runs)."""
-    return atomic_write(path, safetensors_bytes(_cpu(tensors)))
+def save_tensors(path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> Path:
+    """One safetensors file, written atomically (the caches kept beside runs); with `meta`, its JSON beside it
+    (path.json) in the same `atomic_write_all`, so that a kill between them cannot leave a new file beside an old
+    description."""
+    files = {path: safetensors_bytes(_cpu(tensors))}
+    if meta is not None:
+        files[Path(path).with_suffix(".json")] = json.dumps(meta, indent=2).encode()
+    return atomic_write_all(files)[0]
 
 
 def write_json_atomic(path, obj) -> Path:

@@ -23,7 +23,6 @@ from fastdiff.checkpoint import (
     read_tensors,
     resolve_checkpoint,
     save_tensors,
-    write_json_atomic,
 )
 from fastdiff.config_checks import count
 from fastdiff.data import ImageData, load_dataset
@@ -76,9 +75,8 @@ def load_or_train_classifier(train: ImageData, cache_dir, device="cpu", log=None
     model = train_classifier(train.float_images(), train.labels, train.num_classes, steps=steps, device=device, log=log,
                              progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_tensors(path, model.state_dict())
-    write_json_atomic(path.with_suffix(".json"), {"config": model.config_dict(), "steps": steps,
-                                                  "train_images": len(train), "data": data})
+    save_tensors(path, model.state_dict(), meta={"config": model.config_dict(), "steps": steps,
+                                                 "train_images": len(train), "data": data})
     return model
 
 

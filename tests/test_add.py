@@ -606,8 +606,16 @@ def test_teacher_pairs_are_made_again_when_the_teachers_weights_change_in_place(
     assert torch.equal(teacher_pairs(load_run(folder, "cpu"), cfg, tmp_path, device="cpu").images, first.images)
     ckpt.save_tensors(folder / "ema.safetensors", {k: v * 0.5 for k, v in ckpt.read_tensors(folder /
                                                                                           "ema.safetensors").items()})
+    cached = next(tmp_path.glob("pairs-*.safetensors"))
+    old_weights_file = cached.read_bytes()
     again = teacher_pairs(load_run(folder, "cpu"), cfg, tmp_path, device="cpu")
     assert not torch.equal(again.images, first.images)
+    # What the pairs are of is inside their one file: a kill -9 between the pairs and a .json beside them (or two
+    # distillations writing the cache at once) left the new weights' description beside the old weights' pairs,
+    # which were then read as the new ones'. Here the old weights' file comes back under the cache's name.
+    assert [p.name for p in tmp_path.glob("pairs-*")] == [cached.name]
+    cached.write_bytes(old_weights_file)
+    assert torch.equal(teacher_pairs(load_run(folder, "cpu"), cfg, tmp_path, device="cpu").images, again.images)
 
 
 def test_a_samples_refiner_reads_the_teachers_newest_when_its_pinned_one_was_pruned(student_run, tmp_path,

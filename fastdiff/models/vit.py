@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdiff.checkpoint import check_finite, read_json, read_tensors, save_tensors, write_json_atomic
+from fastdiff.checkpoint import check_finite, read_json, read_tensors, save_tensors
 from fastdiff.errors import CheckpointError, ConfigError
 from fastdiff.nn import attention
 from fastdiff.runtime import isolated_rng
@@ -340,6 +340,5 @@ def _load_or_pretrain_vit(data, cache_dir, cfg: ViTConfig, *, steps: int, device
         log(f"pretraining the ViT backbone on {data.name} ({steps} steps; cached as {path})")
     model = pretrain_vit(data.float_images(), data.labels, cfg, steps=steps, device=device, log=log, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_tensors(path, model.state_dict())
-    write_json_atomic(meta_path, {"config": asdict(cfg), "steps": steps, "train_images": len(data)})
+    save_tensors(path, model.state_dict(), meta={"config": asdict(cfg), "steps": steps, "train_images": len(data)})
     return model

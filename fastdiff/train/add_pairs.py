@@ -19,6 +19,7 @@ models learn, here on cached pairs.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,10 +69,14 @@ def teacher_pairs(teacher: Denoiser, cfg: RunConfig, cache_dir, *, device, log=N
         meta["states_at"] = list(states_at)
         tag += "-states" + "-".join(map(str, states_at))
     path = Path(cache_dir) / f"pairs-ddim{settings.steps}-n{n}{tag}.safetensors"
-    meta_path = path.with_suffix(".json")
-    if path.exists() and meta_path.exists() and ckpt.read_json(meta_path) == meta:
+    # what the pairs are of travels inside their file (one rename writes both): a separate .json beside them, as
+    # until 2026-12-07, could be another sampling's after a kill -9 between the two writes, or after two
+    # distillations of other checkpoints of one teacher wrote the cache at once, and was then read as theirs
+    meta_bytes = json.dumps(meta, sort_keys=True).encode()
+    if path.exists():
         t = ckpt.read_tensors(path)
-        return Pairs(t["seeds"], t.get("labels"), t["images"], t.get("states"), states_at).to(device)
+        if "meta" in t and bytes(t["meta"].numpy()) == meta_bytes:
+            return Pairs(t["seeds"], t.get("labels"), t["images"], t.get("states"), states_at).to(device)
     grid = make_timesteps(teacher.schedule.num_timesteps, settings.steps, settings.spacing).tolist()
     missing = [t for t in states_at if t not in grid[1:]]  # step 0's input is the noise itself
     if missing:
@@ -85,9 +90,9 @@ def teacher_pairs(teacher: Denoiser, cfg: RunConfig, cache_dir, *, device, log=N
         pairs = _sample_pairs(teacher, settings, n, seed, states_at, [grid.index(t) for t in states_at], progress)
     tensors = {k: v for k, v in (("seeds", pairs.seeds), ("images", pairs.images), ("labels", pairs.labels),
                                  ("states", pairs.states)) if v is not None}
+    tensors["meta"] = torch.frombuffer(bytearray(meta_bytes), dtype=torch.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     ckpt.save_tensors(path, tensors)
-    ckpt.write_json_atomic(meta_path, meta)
     return pairs.to(device)
 
 
