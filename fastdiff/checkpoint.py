@@ -274,8 +274,13 @@ def _prune(run_dir, n: int, skip_step: int | None = None, good: Path | None = No
         return
     good = good or latest_good_checkpoint(run_dir)
     for _, path in excess:
-        if path != good:
-            shutil.rmtree(path, ignore_errors=True)
+        if path != good:  # out of sight first: a stop mid-delete left a half-deleted step-* folder among the good
+            hidden = path.with_name(f".pruned-{path.name}-{os.getpid()}")
+            try:
+                os.rename(path, hidden)
+            except OSError:
+                hidden = path
+            shutil.rmtree(hidden, ignore_errors=True)
 
 
 def save_checkpoint(run_dir, step: int, *, tensors: dict[str, dict[str, torch.Tensor]], state: dict, config: dict,
@@ -328,14 +333,14 @@ def save_checkpoint(run_dir, step: int, *, tensors: dict[str, dict[str, torch.Te
 
 
 def remove_stale_temporaries(run_dir) -> None:
-    """Leftovers of a run killed while writing a checkpoint; a checkpoint killed mid-swap is put back."""
+    """Leftovers of a run killed while writing or pruning a checkpoint; a checkpoint killed mid-swap is put back."""
     root = Path(run_dir) / CHECKPOINTS
     if root.is_dir():
         for p in _listing(root):
             m = re.match(r"^\.old-(step-\d+)-\d+$", p.name)
             if m and not (root / m.group(1)).exists():
                 os.rename(p, root / m.group(1))
-            elif p.name.startswith((".tmp-step-", ".old-step-")):
+            elif p.name.startswith((".tmp-step-", ".old-step-", ".pruned-step-")):
                 shutil.rmtree(p, ignore_errors=True)
 
 

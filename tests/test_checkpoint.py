@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -48,6 +50,31 @@ def test_interrupted_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
     assert ckpt.resolve_checkpoint(tmp_path) == good  # the half-written step 2 is invisible
     ckpt.remove_stale_temporaries(tmp_path)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [good.name]
+
+
+def test_a_stop_while_pruning_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
+    """A kill while an old checkpoint was deleted in place left a step-* folder without its state.json, which
+    `fastdiff sample --checkpoint` then refused; it is renamed out of sight first, and a leftover is removed."""
+    import shutil
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in (1, 2):
+        _save(tmp_path, step, model, opt)
+    rmtree = shutil.rmtree
+
+    def stop_midway(path, ignore_errors=False):
+        (Path(path) / "state.json").unlink()  # part deleted, then killed
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", stop_midway)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, 3, model, opt)
+    monkeypatch.setattr(ckpt.shutil, "rmtree", rmtree)
+    assert [s for s, _ in ckpt.checkpoint_dirs(tmp_path)] == [2]  # step 1 is out of sight, step 2 whole
+    assert all((p / "state.json").exists() for _, p in ckpt.checkpoint_dirs(tmp_path))
+    ckpt.remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000000002"]
 
 
 def test_ctrl_c_during_the_renames_of_files_written_together_waits_for_the_last(tmp_path, monkeypatch):
