@@ -677,6 +677,26 @@ def test_an_interrupted_run_says_where_it_stopped_and_a_fresh_start_drops_its_st
                                                                   "written yet")
 
 
+def test_a_stop_just_after_a_checkpoint_is_renamed_names_that_checkpoint(tmp_path, monkeypatch, tiny_overrides):
+    """Stopped inside the checkpoint's write, after its rename (at the folder's fsync), the log said to continue
+    from the checkpoint before it: the loop records a checkpoint when the write returns."""
+    from fastdiff.train import train_ddpm
+
+    cfg = apply_overrides(preset_config("digits"), {**tiny_overrides, "train.steps": 6, "train.ckpt_every": 2})
+    fsync = ckpt._fsync
+
+    def stop_after_the_second_rename(path):
+        fsync(path)
+        if Path(path).name == "checkpoints" and (Path(path) / "step-000000004").exists():
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "_fsync", stop_after_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        train_ddpm(cfg, tmp_path, progress=False, echo=lambda s: None)
+    assert (f"interrupted after step 4; continue from {tmp_path / 'checkpoints' / 'step-000000004'} with: "
+            "fastdiff train") in (tmp_path / "log.txt").read_text()
+
+
 def test_export_on_a_full_disk_names_the_export(trained, tmp_path, capsys, monkeypatch):
     # It named the temporary file inside the folder it had just removed
     import fastdiff.interop.diffusers as exporter
