@@ -697,6 +697,28 @@ def test_a_stop_just_after_a_checkpoint_is_renamed_names_that_checkpoint(tmp_pat
             "fastdiff train") in (tmp_path / "log.txt").read_text()
 
 
+def test_a_grid_lost_between_its_checkpoint_and_a_stop_is_drawn_on_resuming(tmp_path, monkeypatch, tiny_overrides):
+    """A kill after the checkpoint's rename and before its grid lost samples/step-N.png for good: the resume
+    started at step N + 1. The grid is drawn when the run resumes, and the run stays exact."""
+    from fastdiff.train import train_ddpm
+    from fastdiff.train.monitor import Monitor
+
+    cfg = apply_overrides(preset_config("digits"), {**tiny_overrides, "train.steps": 4, "train.ckpt_every": 2,
+                                                    "train.sample_every": None})
+    train_ddpm(cfg, tmp_path / "straight", progress=False, echo=lambda s: None)
+    with monkeypatch.context() as m:
+        m.setattr(Monitor, "grid", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            train_ddpm(cfg, tmp_path / "stopped", progress=False, echo=lambda s: None)
+    assert not (tmp_path / "stopped" / "samples" / "step-000000002.png").exists()
+    train_ddpm(cfg, tmp_path / "stopped", resume=True, progress=False, echo=lambda s: None)
+    for step in (2, 4):
+        name = f"samples/step-{step:09d}.png"
+        assert (tmp_path / "stopped" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes()
+    a, b = (ckpt.load_tensors(ckpt.latest_checkpoint(tmp_path / r), "ema") for r in ("straight", "stopped"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_export_on_a_full_disk_names_the_export(trained, tmp_path, capsys, monkeypatch):
     # It named the temporary file inside the folder it had just removed
     import fastdiff.interop.diffusers as exporter

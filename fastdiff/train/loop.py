@@ -291,7 +291,15 @@ def _loop(objective, session: Session, ema, monitor, log, data, batcher, tc: Tra
     bar = tqdm(total=tc.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
     meter = IntervalMeter(objective.stats, device, start, reduce=world.mean)
     sample_every = tc.ckpt_every if tc.sample_every is None else tc.sample_every
+
+    def grid_due(step: int) -> bool:
+        return sample_every > 0 and (step % sample_every == 0 or step == tc.steps)
+
     record, done = {}, start
+    if (monitor is not None and ema is not None and start and grid_due(start)
+            and not monitor.grid_path(start).exists()):  # stopped between the checkpoint and its grid: drawn now
+        if (grid := objective.grid(ema.model)) is not None:
+            log.line(f"samples {monitor.grid(start, grid)} (the stopped run's, drawn on resuming)")
     for part in objective.parts:
         part.module.train()
     try:
@@ -307,7 +315,7 @@ def _loop(objective, session: Session, ema, monitor, log, data, batcher, tc: Tra
             if terminating():  # a SIGTERM whose exception a finalizer swallowed
                 raise Terminated()
             is_ckpt = done % tc.ckpt_every == 0 or done == tc.steps
-            is_grid = sample_every > 0 and (done % sample_every == 0 or done == tc.steps)
+            is_grid = grid_due(done)
             if not (done % tc.log_every == 0 or is_ckpt or is_grid):
                 continue
             advice = _advice(objective, run_dir, tc, last_ckpt)

@@ -57,8 +57,11 @@ class Monitor:
             # fresh start, those of an earlier start that stopped before its first checkpoint)
             self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1)
 
+    def grid_path(self, step: int) -> Path:
+        return self.run_dir / "samples" / f"step-{step:09d}.png"
+
     def grid(self, step: int, grid: np.ndarray) -> Path:
-        path = save_png(grid, self.run_dir / "samples" / f"step-{step:09d}.png")
+        path = save_png(grid, self.grid_path(step))
         if self.tb is not None:
             self.tb.add_image("samples", grid, step, dataformats="HWC")
         return path
