@@ -332,8 +332,28 @@ def save_checkpoint(run_dir, step: int, *, tensors: dict[str, dict[str, torch.Te
     return final
 
 
+_TMP_FILE = re.compile(r"^\..+\.(\d+)\.tmp$")  # atomic_write_all's temporary files: .NAME.PID.tmp
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
 def remove_stale_temporaries(run_dir) -> None:
-    """Leftovers of a run killed while writing or pruning a checkpoint; a checkpoint killed mid-swap is put back."""
+    """Leftovers of a run killed while writing or pruning a checkpoint (a checkpoint killed mid-swap is put back),
+    and the temporary files of a process killed while writing the run's config, stats, plot or a grid (those of
+    a process still running, e.g. a `fastdiff sample` into the run directory, are its own)."""
+    for folder in (Path(run_dir), Path(run_dir) / "samples"):
+        for p in _listing(folder) if folder.is_dir() else []:
+            m = _TMP_FILE.match(p.name)
+            if m and p.is_file() and not _running(int(m.group(1))):
+                p.unlink(missing_ok=True)
     root = Path(run_dir) / CHECKPOINTS
     if root.is_dir():
         for p in _listing(root):

@@ -77,6 +77,22 @@ def test_a_stop_while_pruning_leaves_no_half_deleted_checkpoint(tmp_path, monkey
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000000002"]
 
 
+def test_a_killed_writers_temporary_files_are_removed_at_the_next_start(tmp_path):
+    """kill -9 while a grid, stats.png or config.json was written left .NAME.PID.tmp for good (only checkpoints/
+    was cleaned); a running process's own (a `fastdiff sample` into the run) stay."""
+    import os
+
+    dead = 2**22 + 11  # above Linux's largest pid: no such process
+    (tmp_path / "samples").mkdir()
+    stale = [tmp_path / f".stats.png.{dead}.tmp", tmp_path / "samples" / f".step-000000005.png.{dead}.tmp"]
+    live = tmp_path / f".grid.png.{os.getpid()}.tmp"
+    mine = tmp_path / f".notes.{dead}.txt"  # not a temporary file of ours
+    for p in (*stale, live, mine):
+        p.write_bytes(b"x")
+    ckpt.remove_stale_temporaries(tmp_path)
+    assert not any(p.exists() for p in stale) and live.exists() and mine.exists()
+
+
 def test_ctrl_c_during_the_renames_of_files_written_together_waits_for_the_last(tmp_path, monkeypatch):
     """A grid and its samples are renamed into place one after the other: Ctrl-C (or SIGTERM) after the first
     rename left a new grid beside the old samples. Now the signal lands after the last rename."""
