@@ -58,16 +58,25 @@ def write_error(path, e: OSError) -> str:
 
 @contextlib.contextmanager
 def _signals_held():
-    """SIGINT and SIGTERM blocked inside (on the main thread, where Python runs signal handlers; elsewhere nothing
-    to do): one arriving then is delivered as the block ends, its exception raised after the block's work."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    """SIGINT and SIGTERM held inside: their Python handlers (which run on the main thread; elsewhere there is
+    nothing to hold) only note them, and each noted signal is raised again as the block ends, so its exception
+    comes after the block's work. (Blocking the signals in the thread's mask does not hold them: the kernel hands
+    a signal sent to the process to any other thread, torch's included, and Python then runs its handler.)"""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    noted = []
+    held = {}
+    for s in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(s) is not None:  # None: a handler installed from C, left alone
+            held[s] = signal.signal(s, lambda signum, frame: noted.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, handler in held.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(noted):
+            signal.raise_signal(s)
 
 
 def atomic_write(path, data: bytes) -> Path:
@@ -80,7 +89,8 @@ def atomic_write_all(files: dict) -> list[Path]:
     """`atomic_write` of several files together ({path: bytes}), e.g. a grid and its samples: all are written to
     temporary files first and renamed into place only once every one is written, so an error while writing (a full
     disk, Ctrl-C) leaves every file as it was, never a new one beside an old one. Ctrl-C and SIGTERM during the
-    renames wait until the last is done (`_signals_held`); only a kill -9 or a crash between them could mix them."""
+    renames wait until the last is done (`_signals_held`, on the main thread); only a kill -9 or a crash between
+    them could mix them."""
     items = [(Path(p), data, Path(p).with_name(f".{Path(p).name}.{os.getpid()}.tmp")) for p, data in files.items()]
     current = items[0][0]
     try:

@@ -109,7 +109,7 @@ def test_ctrl_c_during_the_renames_of_files_written_together_waits_for_the_last(
         replace(src, dst)
         renamed.append(dst)
         if len(renamed) == 1:
-            os.kill(os.getpid(), signal.SIGINT)  # delivered at once, unless held
+            signal.raise_signal(signal.SIGINT)  # to this thread: its KeyboardInterrupt comes at once, unless held
 
     monkeypatch.setattr(ckpt.os, "replace", replace_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
