@@ -12,20 +12,16 @@ hidden temporary folder, flushed to disk, then renamed into place, so a killed r
 Every tensor load checks that the tensors are finite, every JSON read that the file holds a JSON object, and
 pruning never removes the newest checkpoint that passes both checks. One writer at a time:
 `fastdiff.runlock.lock_run_dir`. Restoring live objects (model, optimizer, schedulers) from what is loaded here,
-checked: `fastdiff.state_dicts`. The full-disk tests inject faults at this module's one low-level write
-(`_write_file`).
+checked: `fastdiff.state_dicts`. Files are written by `fastdiff.files` (whose `_write_file`, where the full-disk
+tests inject faults, writes a checkpoint's files too).
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import os
 import re
 import shutil
-import signal
-import threading
 from pathlib import Path
 
 import torch
@@ -33,113 +29,24 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from fastdiff.errors import CheckpointError, FastdiffError, access_error
+from fastdiff import files
+from fastdiff.errors import CheckpointError, access_error
+from fastdiff.files import atomic_write, atomic_write_all, read_json, write_error, write_json_atomic  # noqa: F401
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-# --- writing files: the one place bytes reach the disk ------------------------------------------------------------
-
-def _write_file(path: Path, data: bytes) -> None:
-    """Write and flush one file (tests inject disk-full faults here)."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_error(path, e: OSError) -> str:
-    """One line for a failed write; a full disk names the fix."""
-    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        return f"cannot write {path}: no space left on device; free some space and run again (earlier files are intact)"
-    return f"cannot write {path}: {e.strerror or e}; choose a writable path"
-
-
-@contextlib.contextmanager
-def _signals_held():
-    """SIGINT and SIGTERM held inside: their Python handlers (which run on the main thread; elsewhere there is
-    nothing to hold) only note them, and each noted signal is raised again as the block ends, so its exception
-    comes after the block's work. (Blocking the signals in the thread's mask does not hold them: the kernel hands
-    a signal sent to the process to any other thread, torch's included, and Python then runs its handler.)"""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    noted = []
-    held = {}
-    for s in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(s) is not None:  # None: a handler installed from C, left alone
-            held[s] = signal.signal(s, lambda signum, frame: noted.append(signum))
-    try:
-        yield
-    finally:
-        for s, handler in held.items():
-            signal.signal(s, handler)
-        for s in dict.fromkeys(noted):
-            signal.raise_signal(s)
-
-
-def atomic_write(path, data: bytes) -> Path:
-    """Write `data` to `path` through a temporary file and a rename: `path` is the old file or the new one, never a
-    partial one, and no temporary file is left behind on any error (a full disk gives one FastdiffError)."""
-    return atomic_write_all({path: data})[0]
-
-
-def atomic_write_all(files: dict) -> list[Path]:
-    """`atomic_write` of several files together ({path: bytes}), e.g. a grid and its samples: all are written to
-    temporary files first and renamed into place only once every one is written, so an error while writing (a full
-    disk, Ctrl-C) leaves every file as it was, never a new one beside an old one. Ctrl-C and SIGTERM during the
-    renames wait until the last is done (`_signals_held`, on the main thread); only a kill -9 or a crash between
-    them could mix them."""
-    items = [(Path(p), data, Path(p).with_name(f".{Path(p).name}.{os.getpid()}.tmp")) for p, data in files.items()]
-    current = items[0][0]
-    try:
-        for current, data, tmp in items:
-            _write_file(tmp, data)
-        with _signals_held():
-            for current, _, tmp in items:
-                os.replace(tmp, current)
-    except BaseException as e:
-        for _, _, tmp in items:
-            tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise FastdiffError(write_error(current, e)) from None
-        raise
-    return [path for path, _, _ in items]
-
+# --- writing files (fastdiff.files; re-exported here) -----------------------------------------------------------
 
 def save_tensors(path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> Path:
     """One safetensors file, written atomically (the caches kept beside runs); with `meta`, its JSON beside it
     (path.json) in the same `atomic_write_all`, so that a kill between them cannot leave a new file beside an old
     description."""
-    files = {path: safetensors_bytes(_cpu(tensors))}
+    out = {path: safetensors_bytes(_cpu(tensors))}
     if meta is not None:
-        files[Path(path).with_suffix(".json")] = json.dumps(meta, indent=2).encode()
-    return atomic_write_all(files)[0]
-
-
-def write_json_atomic(path, obj) -> Path:
-    return atomic_write(path, json.dumps(obj, indent=2).encode())
-
-
-def read_json(path, error=CheckpointError) -> dict:
-    """A JSON object from `path`; anything else (missing, unreadable, not JSON, not an object) is one `error`."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise error(f"{path} is missing") from None
-    except PermissionError:
-        raise access_error(path) from None
-    except OSError as e:
-        raise error(f"cannot read {path}: {e.strerror or e}") from None
-    try:
-        obj = json.loads(raw)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise error(f"{path} is not valid JSON ({str(e).splitlines()[0][:120]})") from None
-    if not isinstance(obj, dict):
-        raise error(f"{path} holds a JSON {type(obj).__name__}, not an object; the file is corrupt or not fastdiff's")
-    return obj
+        out[Path(path).with_suffix(".json")] = json.dumps(meta, indent=2).encode()
+    return atomic_write_all(out)[0]
 
 
 # --- finding checkpoints ------------------------------------------------------------------------------------------
@@ -319,9 +226,9 @@ def save_checkpoint(run_dir, step: int, *, tensors: dict[str, dict[str, torch.Te
             shutil.rmtree(tmp)
         tmp.mkdir()
         for name, group in tensors.items():
-            _write_file(tmp / f"{name}.safetensors", safetensors_bytes(_cpu(group)))
+            files._write_file(tmp / f"{name}.safetensors", safetensors_bytes(_cpu(group)))
         for name, obj in (("state", state), ("config", config)):
-            _write_file(tmp / f"{name}.json", json.dumps(obj, indent=2).encode())
+            files._write_file(tmp / f"{name}.json", json.dumps(obj, indent=2).encode())
         _fsync(tmp)
         if final.exists():  # re-saving a step (resumed from an older checkpoint): swap, then delete
             os.rename(final, old)
@@ -342,28 +249,12 @@ def save_checkpoint(run_dir, step: int, *, tensors: dict[str, dict[str, torch.Te
     return final
 
 
-_TMP_FILE = re.compile(r"^\..+\.(\d+)\.tmp$")  # atomic_write_all's temporary files: .NAME.PID.tmp
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process
-        return True
-    return True
-
-
 def remove_stale_temporaries(run_dir) -> None:
     """Leftovers of a run killed while writing or pruning a checkpoint (a checkpoint killed mid-swap is put back),
     and the temporary files of a process killed while writing the run's config, stats, plot or a grid (those of
     a process still running, e.g. a `fastdiff sample` into the run directory, are its own)."""
     for folder in (Path(run_dir), Path(run_dir) / "samples"):
-        for p in _listing(folder) if folder.is_dir() else []:
-            m = _TMP_FILE.match(p.name)
-            if m and p.is_file() and not _running(int(m.group(1))):
-                p.unlink(missing_ok=True)
+        files.remove_stale_files(folder)
     root = Path(run_dir) / CHECKPOINTS
     if root.is_dir():
         for p in _listing(root):

@@ -111,7 +111,9 @@ def test_ctrl_c_during_the_renames_of_files_written_together_waits_for_the_last(
         if len(renamed) == 1:
             signal.raise_signal(signal.SIGINT)  # to this thread: its KeyboardInterrupt comes at once, unless held
 
-    monkeypatch.setattr(ckpt.os, "replace", replace_then_interrupt)
+    from fastdiff import files
+
+    monkeypatch.setattr(files.os, "replace", replace_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         ckpt.atomic_write_all({a: b"new a", b: b"new b"})
     assert (a.read_bytes(), b.read_bytes()) == (b"new a", b"new b")

@@ -273,7 +273,9 @@ def _no_temporaries(root: Path) -> None:
 @pytest.fixture
 def disk_full(monkeypatch):
     """Fail the n-th write of a file with ENOSPC (the default: the first)."""
-    real = ckpt._write_file
+    from fastdiff import files
+
+    real = files._write_file
     calls = {"n": 0}
 
     def arm(after: int = 0):
@@ -282,7 +284,7 @@ def disk_full(monkeypatch):
             if calls["n"] > after:
                 raise OSError(errno.ENOSPC, "No space left on device")
             real(path, data)
-        monkeypatch.setattr(ckpt, "_write_file", write)
+        monkeypatch.setattr(files, "_write_file", write)
     return arm
 
 
