@@ -367,3 +367,22 @@ def test_eval_says_when_the_floor_has_fewer_images_than_n(trained, capsys):
     code, _, err = run(["eval", "--checkpoint", str(trained), "--n", "1500", "--steps", "1", "--classifier-steps",
                         "20"], capsys)
     assert code == 0 and "the real-vs-real floors use all 1437 training images, fewer than --n 1500" in err, err
+
+
+def test_a_stop_that_an_import_wrapped_is_still_a_stop(monkeypatch, capsys):
+    """SIGTERM inside matplotlib's first import (at a run's first stats.png) came out as "ImportError:
+    initialization failed", a traceback and exit 1 (CI, test_sigterm_stops_training_as_ctrl_c_does)."""
+    import fastdiff.cli as cli
+    from fastdiff.errors import Terminated
+
+    def wrapped(args):
+        try:
+            raise Terminated()
+        except Terminated as stop:
+            raise ImportError("initialization failed") from stop
+
+    monkeypatch.setitem(cli.COMMANDS, "env", wrapped)
+    assert main(["env"]) == 143 and capsys.readouterr().err == "fastdiff env: terminated\n"
+    monkeypatch.setitem(cli.COMMANDS, "env", lambda args: (_ for _ in ()).throw(ImportError("a bug")))
+    with pytest.raises(ImportError, match="a bug"):  # any other error keeps its traceback
+        main(["env"])

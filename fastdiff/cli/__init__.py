@@ -66,15 +66,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastdiff {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        terminated = isinstance(e, Terminated)
-        print(f"fastdiff {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
-        return 143 if terminated else 130
+        return _stopped(args.command, e)
     except BrokenPipeError:  # stdout closed early (`| head`): the rest of the output has no reader
         try:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exit's flush cannot fail again
         except (OSError, ValueError):  # a stdout without a file descriptor (captured)
             pass
         return 141
+    except Exception as e:  # a Ctrl-C or SIGTERM raised inside an import or a C callback, which wrapped it
+        stop = e.__cause__ or e.__context__
+        if not isinstance(stop, KeyboardInterrupt):
+            raise
+        return _stopped(args.command, stop)
     finally:
         if handle:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -89,3 +92,10 @@ def _one_line(command: str, show):
         else:
             show(message, category, filename, lineno, file, line)
     return one_line
+
+
+def _stopped(command: str, e: KeyboardInterrupt) -> int:
+    """The line and exit status of a command stopped by Ctrl-C (130) or SIGTERM (143)."""
+    terminated = isinstance(e, Terminated)
+    print(f"fastdiff {command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+    return 143 if terminated else 130

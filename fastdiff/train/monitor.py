@@ -43,6 +43,10 @@ class Monitor:
     """Grids, stats.png and TensorBoard events of the run in `run_dir` (the writing process only)."""
 
     def __init__(self, run_dir: Path, *, tensorboard: bool, start_step: int, plot_keys: tuple[str, ...]):
+        # matplotlib's C modules load now, before training: a SIGTERM inside their first import (at the first
+        # stats.png) became "ImportError: initialization failed", a traceback and exit 1 instead of a stop
+        import matplotlib.backends.backend_agg  # noqa: F401
+
         self.run_dir, self.plot_keys = run_dir, plot_keys
         self.plotted_at = -float("inf")
         self.tb = None
