@@ -18,7 +18,6 @@ tests inject faults, writes a checkpoint's files too).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -45,7 +44,7 @@ def save_tensors(path, tensors: dict[str, torch.Tensor], meta: dict | None = Non
     description."""
     out = {path: safetensors_bytes(_cpu(tensors))}
     if meta is not None:
-        out[Path(path).with_suffix(".json")] = json.dumps(meta, indent=2).encode()
+        out[Path(path).with_suffix(".json")] = files.json_bytes(meta)
     return atomic_write_all(out)[0]
 
 
@@ -228,7 +227,7 @@ def save_checkpoint(run_dir, step: int, *, tensors: dict[str, dict[str, torch.Te
         for name, group in tensors.items():
             files._write_file(tmp / f"{name}.safetensors", safetensors_bytes(_cpu(group)))
         for name, obj in (("state", state), ("config", config)):
-            files._write_file(tmp / f"{name}.json", json.dumps(obj, indent=2).encode())
+            files._write_file(tmp / f"{name}.json", files.json_bytes(obj))
         _fsync(tmp)
         if final.exists():  # re-saving a step (resumed from an older checkpoint): swap, then delete
             os.rename(final, old)

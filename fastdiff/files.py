@@ -83,8 +83,13 @@ def atomic_write_all(files: dict) -> list[Path]:
     return [path for path, _, _ in items]
 
 
+def json_bytes(obj) -> bytes:
+    """How fastdiff writes a JSON file: indented, UTF-8."""
+    return json.dumps(obj, indent=2).encode()
+
+
 def write_json_atomic(path, obj) -> Path:
-    return atomic_write(path, json.dumps(obj, indent=2).encode())
+    return atomic_write(path, json_bytes(obj))
 
 
 def read_json(path, error=CheckpointError) -> dict:

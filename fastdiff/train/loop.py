@@ -336,9 +336,9 @@ def _loop(objective, session: Session, ema, monitor, log, data, batcher, tc: Tra
             meter.restart()  # checkpoints, grids and plots are not training time
     except (KeyboardInterrupt, FastdiffError) as e:  # the run's log says where it stopped, and how to go on
         bar.close()
-        newest = ckpt.latest_checkpoint(run_dir) if world.is_main else None
-        if newest is not None:  # a stop inside _save just after its checkpoint's rename: that one, not the one before
-            last_ckpt = str(newest)
+        if world.is_main and isinstance(e, KeyboardInterrupt):  # only a stop's line names the checkpoint to go on
+            newest = ckpt.latest_checkpoint(run_dir)  # a stop inside _save after its rename: that one, not the last
+            last_ckpt = str(newest) if newest is not None else last_ckpt
         log.line(_stopped(e, f"after step {done}", last_ckpt, run_dir, world, objective.command),
                  echo=isinstance(e, KeyboardInterrupt))  # a FastdiffError: the command prints it
         raise
