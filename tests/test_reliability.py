@@ -721,6 +721,37 @@ def test_a_grid_lost_between_its_checkpoint_and_a_stop_is_drawn_on_resuming(tmp_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_stop_after_the_last_checkpoint_is_finished_by_the_resume(tmp_path, monkeypatch, tiny_overrides):
+    """A kill after the last checkpoint and before the end of the run lost its last grid, its last stats.png and its
+    "finished" line for good: the resume said "already finished". It now draws them, as the run would have."""
+    from fastdiff.train import train_ddpm
+    from fastdiff.train.monitor import Monitor
+
+    cfg = apply_overrides(preset_config("digits"), {**tiny_overrides, "train.steps": 2, "train.ckpt_every": 2,
+                                                    "train.log_every": 2, "train.sample_every": None})
+    straight = train_ddpm(cfg, tmp_path / "straight", progress=False, echo=lambda s: None)
+    for where in ("grid", "plot"):
+        run = tmp_path / where
+        with monkeypatch.context() as m:
+            m.setattr(Monitor, where, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+            with pytest.raises(KeyboardInterrupt):
+                train_ddpm(cfg, run, progress=False, echo=lambda s: None)
+        assert not (run / "stats.png").exists() or where == "grid"
+        said = []
+        record = train_ddpm(cfg, run, resume=True, progress=False, echo=said.append)
+        assert not any("already finished" in line for line in said), said
+        assert record == json.loads((run / "stats.jsonl").read_text().splitlines()[-1])
+        assert (record["step"], record["loss"]) == (straight["step"], straight["loss"])
+        name = "samples/step-000000002.png"
+        assert (run / name).read_bytes() == (tmp_path / "straight" / name).read_bytes()
+        assert (run / "stats.png").exists()
+        assert (run / "log.txt").read_text().splitlines()[-1].endswith("] finished at step 2")
+        assert len((run / "stats.jsonl").read_text().splitlines()) == 1
+        said.clear()
+        assert train_ddpm(cfg, run, resume=True, progress=False, echo=said.append)["already_finished"]
+        assert len(said) == 1 and "already finished at step 2" in said[0]
+
+
 def test_export_on_a_full_disk_names_the_export(trained, tmp_path, capsys, monkeypatch):
     # It named the temporary file inside the folder it had just removed
     import fastdiff.interop.diffusers as exporter

@@ -50,7 +50,8 @@ from fastdiff.train.distributed import World, init_world
 from fastdiff.train.ema import EMA
 from fastdiff.train.meter import IntervalMeter
 from fastdiff.train.monitor import Monitor
-from fastdiff.train.rundir import QuietLog, RunLog, open_run_dir, resume_checkpoint, truncate_stats
+from fastdiff.train.rundir import (FINISHED, QuietLog, RunLog, open_run_dir, read_stats, resume_checkpoint,
+                                   run_finished, truncate_stats)
 from fastdiff.train.step import make_train_step
 
 
@@ -229,7 +230,7 @@ def _run(build, world: World, data, tc: TrainConfig, config: dict, run_dir: Path
     world.barrier()  # the first process has opened the run directory
     path = resume_checkpoint(run_dir, log=echo if world.is_main else None, set_aside=world.is_main) if resume else None
     start = _resumed_step(path, tc, run_dir) if path is not None else 0
-    if path is not None and start == tc.steps:
+    if path is not None and start == tc.steps and run_finished(run_dir, start):  # else: a stop lost its end (_loop)
         if world.is_main:
             echo(f"the run in {run_dir} is already finished at step {start}; pass --steps N (above {start}) with "
                  "--resume to train it further")
@@ -296,6 +297,10 @@ def _loop(objective, session: Session, ema, monitor, log, data, batcher, tc: Tra
         return sample_every > 0 and (step % sample_every == 0 or step == tc.steps)
 
     record, done = {}, start
+    if start == tc.steps:  # a stop after the last checkpoint: its grid (below), stats.png and last line are drawn now
+        record = ([{}] + read_stats(run_dir))[-1]
+        if monitor is not None:
+            monitor.plot()
     if (monitor is not None and ema is not None and start and grid_due(start)
             and not monitor.grid_path(start).exists()):  # stopped between the checkpoint and its grid: drawn now
         if (grid := objective.grid(ema.model)) is not None:
@@ -344,5 +349,5 @@ def _loop(objective, session: Session, ema, monitor, log, data, batcher, tc: Tra
         raise
     finally:
         bar.close()
-    log.line(f"finished at step {tc.steps}")
+    log.line(FINISHED.format(tc.steps))
     return record

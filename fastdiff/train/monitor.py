@@ -73,13 +73,16 @@ class Monitor:
     def record(self, record: dict, last: bool = False) -> None:
         """At each logging interval: refresh stats.png and write the record's scalars to TensorBoard."""
         if last or time.perf_counter() - self.plotted_at >= PLOT_MIN_INTERVAL_S:
-            plot_stats([self.run_dir], self.run_dir / "stats.png", keys=self.plot_keys)
-            self.plotted_at = time.perf_counter()
+            self.plot()
         if self.tb is not None:
             for key, value in record.items():
                 if key not in ("step", "time") and isinstance(value, (int, float)):
                     self.tb.add_scalar(f"train/{key}", value, record["step"])
             self.tb.flush()
+
+    def plot(self) -> None:
+        plot_stats([self.run_dir], self.run_dir / "stats.png", keys=self.plot_keys)
+        self.plotted_at = time.perf_counter()
 
     def close(self) -> None:
         if self.tb is not None:

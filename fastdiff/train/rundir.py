@@ -174,6 +174,22 @@ def truncate_stats(run_dir: Path, step: int) -> int:
     return dropped
 
 
+FINISHED = "finished at step {}"  # the training loop's last line in log.txt, after the last checkpoint, grid and plot
+
+
+def run_finished(run_dir: Path, step: int) -> bool:
+    """Whether the run in `run_dir` wrote everything of its last step: log.txt ends with FINISHED. A stop between
+    its last checkpoint and that line (a kill -9 while its grid or stats.png was drawn) leaves it out, and the
+    resume then draws what the stop lost."""
+    try:
+        with open(run_dir / "log.txt", "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 4096))
+            tail = f.read().decode(errors="replace").splitlines()
+    except FileNotFoundError:
+        return False
+    return bool(tail) and tail[-1].endswith("] " + FINISHED.format(step))
+
+
 def read_stats(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "stats.jsonl"
     if not path.exists():
