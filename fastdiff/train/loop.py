@@ -50,8 +50,16 @@ from fastdiff.train.distributed import World, init_world
 from fastdiff.train.ema import EMA
 from fastdiff.train.meter import IntervalMeter
 from fastdiff.train.monitor import Monitor
-from fastdiff.train.rundir import (FINISHED, QuietLog, RunLog, open_run_dir, read_stats, resume_checkpoint,
-                                   run_finished, truncate_stats)
+from fastdiff.train.rundir import (
+    FINISHED,
+    QuietLog,
+    RunLog,
+    open_run_dir,
+    read_stats,
+    resume_checkpoint,
+    run_finished,
+    truncate_stats,
+)
 from fastdiff.train.step import make_train_step
 
 
