@@ -113,7 +113,7 @@ def read_json(path, error=CheckpointError) -> dict:
 
 
 
-_TMP_FILE = re.compile(r"^\..+\.(\d+)\.tmp$")  # atomic_write_all's temporary files: .NAME.PID.tmp
+_TMP_FILE = re.compile(r"^\.(.+)\.(\d+)\.tmp$")  # atomic_write_all's temporary files: .NAME.PID.tmp
 
 
 def _running(pid: int) -> bool:
@@ -126,10 +126,11 @@ def _running(pid: int) -> bool:
     return True
 
 
-def remove_stale_files(folder: Path) -> None:
+def remove_stale_files(folder: Path, names=None) -> None:
     """The temporary files (`atomic_write_all`'s) in `folder` of processes no longer running: killed while they
-    wrote (a running process's are its own)."""
+    wrote (a running process's are its own). With `names` (a function of a file name), only those of the files it
+    accepts: in a folder of the user's, those of the files the command writes."""
     for p in sorted(folder.iterdir()) if folder.is_dir() else []:
         m = _TMP_FILE.match(p.name)
-        if m and p.is_file() and not _running(int(m.group(1))):
+        if m and (names is None or names(m.group(1))) and p.is_file() and not _running(int(m.group(2))):
             p.unlink(missing_ok=True)

@@ -122,6 +122,11 @@ def _names(seeds, labels) -> list[str]:
 SAMPLES_MANIFEST = ".fastdiff-samples.json"  # in a folder of sample images: the sampling that wrote them
 
 
+def is_sample_file(name: str) -> bool:
+    """A file that `save_images` writes."""
+    return name == SAMPLES_MANIFEST or SAMPLE_NAME.fullmatch(name) is not None
+
+
 def check_images_folder(out_dir, seeds, labels, source: dict, what: str = "--save-images") -> None:
     """One FastdiffError now, before the sampling, where out_dir holds sample images of another sampling, which
     these would mix with (whatever reads the folder, a FID over it, would count both):

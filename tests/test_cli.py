@@ -354,6 +354,26 @@ def test_a_flag_the_command_lacks_is_the_commands_error(capsys):
                                        "--help)\n")
 
 
+def test_sample_removes_the_temporary_files_a_killed_sampling_left(trained, tmp_path, capsys):
+    """kill -9 of `fastdiff sample` while it wrote left .s.npz.PID.tmp (as large as the samples) for good. The next
+    sampling into those names removes them; other files, and a running process's, stay."""
+    import os
+
+    dead = 2**22 + 11  # above Linux's largest pid: no such process
+    (tmp_path / "each").mkdir()
+    stale = [tmp_path / f".s.png.{dead}.tmp", tmp_path / f".s.npz.{dead}.tmp",
+             tmp_path / f".s_trajectory.png.{dead}.tmp", tmp_path / "each" / f".seed000001.png.{dead}.tmp",
+             tmp_path / "each" / f".seed000002-label3.png.{dead}.tmp"]
+    stay = [tmp_path / f".other.png.{dead}.tmp", tmp_path / f".s.npz.{os.getppid()}.tmp",
+            tmp_path / "each" / f".notes.txt.{dead}.tmp"]
+    for p in (*stale, *stay):
+        p.write_bytes(b"x")
+    code, _, err = run(["sample", "--checkpoint", str(trained), "--n", "2", "--steps", "2", "--trajectory",
+                        "--out", str(tmp_path / "s.png"), "--save-images", str(tmp_path / "each")], capsys)
+    assert code == 0, err
+    assert [p for p in stale if p.exists()] == [] and all(p.exists() for p in stay)
+
+
 def test_samples_overflowed_by_guidance_name_it(trained, tmp_path, capsys):
     """They blamed the weights alone ("damaged or diverged")."""
     code, _, err = run(["sample", "--checkpoint", str(trained), "--n", "2", "--steps", "2", "--guidance", "1e300",

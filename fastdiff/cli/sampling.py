@@ -99,7 +99,15 @@ def add_sample(sub):
 
 
 def cmd_sample(args) -> int:
-    from fastdiff.images import check_images_folder, check_writable, save_grid_and_samples, save_images, save_trajectory
+    from fastdiff.files import remove_stale_files
+    from fastdiff.images import (
+        check_images_folder,
+        check_writable,
+        is_sample_file,
+        save_grid_and_samples,
+        save_images,
+        save_trajectory,
+    )
     from fastdiff.runtime import resolve_device
     from fastdiff.sampling import TrajectoryRecorder, labels_for, load_run, resolve_settings, sample, seeds_for
 
@@ -112,6 +120,8 @@ def cmd_sample(args) -> int:
              *([(traj, "the trajectory figure")] if args.trajectory else []))
     for path, what in files:
         check_writable(path, what=what)
+    # a `fastdiff sample` killed while it wrote these files left its temporary files beside them
+    remove_stale_files(out.parent, names={path.name for path, _ in files}.__contains__)
     if args.save_images:
         check_writable(args.save_images, folder=True, what="--save-images")
         for path, what in files:
@@ -134,6 +144,7 @@ def cmd_sample(args) -> int:
                   "refiner": weights_fingerprint(resolve_checkpoint(settings.refiner)) if settings.refiner else None}
         check_images_folder(args.save_images, seeds_for(args.seed, args.n),
                             labels_for(args.labels, args.n, run.num_classes), source)
+        remove_stale_files(Path(args.save_images), names=is_sample_file)
     recorder = TrajectoryRecorder(settings.steps, rows=min(args.n, args.trajectory_rows)) if args.trajectory else None
     res = sample(run, settings, n=args.n, seed=args.seed, labels=args.labels, callback=recorder,
                  callback_rows=recorder.rows if recorder is not None else 1, progress=show_progress(args))
