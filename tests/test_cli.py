@@ -148,8 +148,8 @@ def test_sample_save_images(trained, tmp_path, capsys):
 
 
 def test_eval_prints_json_last(trained, capsys):
-    code, out, _ = run(["eval", "--checkpoint", str(trained), "--n", "40", "--steps", "2", "--classifier-steps", "20"],
-                       capsys)
+    code, out, err = run(["eval", "--checkpoint", str(trained), "--n", "40", "--steps", "2", "--classifier-steps",
+                          "20"], capsys)
     assert code == 0
     result = json.loads(out.strip().splitlines()[-1])
     assert {"fd_cls", "fd_cls_floor", "fd_ratio", "cond_accuracy", "classifier_test_accuracy"} <= set(result)
@@ -158,6 +158,8 @@ def test_eval_prints_json_last(trained, capsys):
     assert {"kid", "kid_std", "kid_floor", "kid_floor_std", "precision", "recall", "precision_floor",
             "recall_floor"} <= set(result) and "KID" in out and "precision" in out
     assert result["kid_std"] > 0 and 0 <= result["precision"] <= 1 and 0 <= result["recall_floor"] <= 1
+    # 40 images in 64 feature dimensions: singular covariances, said (and not at 1500, below)
+    assert "--n 40 is not above the classifier's 64 feature dimensions" in err, err
 
 
 def test_resume_extends_and_guards_flags(trained, capsys):
@@ -387,6 +389,7 @@ def test_eval_says_when_the_floor_has_fewer_images_than_n(trained, capsys):
     code, _, err = run(["eval", "--checkpoint", str(trained), "--n", "1500", "--steps", "1", "--classifier-steps",
                         "20"], capsys)
     assert code == 0 and "the real-vs-real floors use all 1437 training images, fewer than --n 1500" in err, err
+    assert "feature dimensions" not in err
 
 
 def test_a_stop_that_an_import_wrapped_is_still_a_stop(monkeypatch, capsys):
