@@ -271,15 +271,22 @@ def _check_add_settings(cfg) -> None:
         raise ConfigError(f"distill.teacher_guidance {dc.teacher_guidance:g} needs a class-conditional teacher with a "
                           f"null class, and this one {'has none' if m.num_classes else 'is unconditional'}; set "
                           "--teacher-guidance 1")
-    group, batch = dc.disc_mbstd, cfg.train.batch_size
+    from fastdiff.train.distributed import torchrun_processes
+
+    group, batch, processes = dc.disc_mbstd, cfg.train.batch_size, torchrun_processes()
+    if batch % processes == 0:  # (else `check_batch_split` says so) each process's discriminator sees its share
+        batch //= processes
     if group and not m.num_classes and (group == 1 or batch % group):  # minibatch std over gcd(batch, group)
         took = math.gcd(batch, group)
         if group == 1:
             why, fix = "a group of one sample gives a constant feature", "--disc-mbstd 2 or more, or 0 for off"
         else:
-            why = (f"train.batch_size {batch} is not a multiple of it: groups of {took} would be taken"
+            share = (f"train.batch_size {cfg.train.batch_size} over {processes} processes is {batch} each, which"
+                     if processes > 1 else f"train.batch_size {batch}")
+            why = (f"{share} is not a multiple of it: groups of {took} would be taken"
                    + (" (one sample: a constant feature)" if took == 1 else ""))
-            fix = f"a batch size that is a multiple of {group}, or --disc-mbstd {took if took > 1 else 0}"
+            fix = (f"a batch size that is a multiple of {group * processes}, or --disc-mbstd "
+                   f"{took if took > 1 else 0}")
         raise ConfigError(f"distill.disc_mbstd {group} splits the (unconditional) discriminator's batches into groups "
                           f"of {group}, and {why}; use {fix}")
 

@@ -448,7 +448,7 @@ def test_distill_settings_checked():
             apply_overrides(cfg, {key: value})
 
 
-def test_an_unconditional_discriminators_std_groups_divide_the_batch():
+def test_an_unconditional_discriminators_std_groups_divide_the_batch(monkeypatch):
     """Minibatch std over gcd(batch, disc_mbstd) samples: batch 9 with groups of 4 gave a constant feature, silently."""
     from fastdiff.config import distill_config
 
@@ -463,6 +463,14 @@ def test_an_unconditional_discriminators_std_groups_divide_the_batch():
     assert apply_overrides(student, {"train.batch_size": 6, "distill.disc_mbstd": 0}).train.batch_size == 6
     with pytest.raises(ConfigError, match="a group of one sample gives a constant feature; use --disc-mbstd 2"):
         apply_overrides(student, {"distill.disc_mbstd": 1})
+    # under torchrun each process's discriminator sees its share of the batch: 8 over 4 processes is 2 each
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match=re.escape("train.batch_size 8 over 4 processes is 2 each, which is not a "
+                                                    "multiple of it: groups of 2 would be taken; use a batch size "
+                                                    "that is a multiple of 16, or --disc-mbstd 2")):
+        apply_overrides(student, {"train.batch_size": 8})
+    assert apply_overrides(student, {"train.batch_size": 16}).train.batch_size == 16
     # a class-conditional discriminator takes the samples of each label, whatever the batch
     conditional = distill_config(preset_config("digits-v"), "teacher")
     assert apply_overrides(conditional, {"train.batch_size": 9}).train.batch_size == 9

@@ -153,9 +153,14 @@ def is_main_process() -> bool:
     return _env_world()[0] == 0
 
 
+def torchrun_processes() -> int:
+    """How many processes torchrun started (1 for a process on its own)."""
+    return _env_world()[1]
+
+
 def check_batch_split(batch_size: int) -> None:
     """The global batch splits evenly over torchrun's processes (its environment; any batch on its own)."""
-    size = _env_world()[1]
+    size = torchrun_processes()
     if batch_size % size:
         raise ConfigError(f"--batch-size {batch_size} is not divisible by the {size} processes; "
                           f"use a multiple of {size}")
