@@ -297,6 +297,7 @@ def _check_add_settings(cfg) -> None:
 # (fastdiff.sampling.settings) both take them from here.
 GUIDANCE_RANGE = dict(lo=0, allowed="0 and up, finite (1 = no guidance, 0 = the unconditional model)")
 ETA_RANGE = dict(lo=0, hi=1, allowed="between 0 (deterministic DDIM) and 1")
+NO_CLIP = ("none", "off", "inf")  # the clip values, besides float("inf"), of no clipping
 
 
 def number(name: str, value, *, lo=None, hi=None, lo_open: bool = False, finite: bool = True,

@@ -92,9 +92,10 @@ class Pipeline:
 
         labels: None (balanced classes i mod num_classes on a conditional model), an int, or a sequence repeated
         to fill n. sampler / steps / guidance / eta and options (spacing, clip, batch_size, compile, cuda_graphs,
-        channels_last, amp, compile_mode, max_rows, refiner) default to the run's settings. output: "tensor" (float
-        [n, C, H, W] on the CPU, in [-1, 1] unless clip is None or above 1), "numpy" (uint8 [n, H, W, C]) or "pil"
-        (a list of PIL images, of 1 to 4 channels: L, LA, RGB, RGBA).
+        channels_last, amp, compile_mode, max_rows, refiner) default to the run's settings; None, for any of them,
+        is the run's setting (clip="none" or float("inf"): no clipping). output: "tensor" (float [n, C, H, W] on
+        the CPU, in [-1, 1] unless clip is "none" or above 1), "numpy" (uint8 [n, H, W, C]) or "pil" (a list of PIL
+        images, of 1 to 4 channels: L, LA, RGB, RGBA).
         """
         if output not in OUTPUTS:
             raise ConfigError(f"unknown output {output!r}; use one of {', '.join(OUTPUTS)}")

@@ -55,6 +55,22 @@ def test_cli_and_python_give_the_same_samples_bit_for_bit(run, tmp_path, labels)
     assert torch.equal(cli, py)
 
 
+def test_clip_none_is_the_clis_clip_none(run, tmp_path):
+    """The docstring said clip=None turns clipping off; None is "the run's own" for every option, so it clipped. The
+    CLI's --clip none is clip="none" (or float("inf")) in Python."""
+    assert main(["sample", "--checkpoint", str(run), "--n", "4", "--steps", "3", "--clip", "none",
+                 "--out", str(tmp_path / "s.png")]) == 0
+    cli = torch.from_numpy(np.load(tmp_path / "s.npz")["samples"])
+    pipe = fastdiff.load(run, device="cpu")
+    assert cli.abs().max() > 1  # unclipped
+    for off in ("none", "Off", float("inf")):
+        assert torch.equal(pipe.sample(4, steps=3, clip=off), cli)
+    assert pipe.settings(clip="none").clip is None and pipe.settings(clip=None).clip == 1.0
+    assert torch.equal(pipe.sample(4, steps=3, clip=None), pipe.sample(4, steps=3))
+    with pytest.raises(ConfigError, match="clip"):
+        pipe.sample(4, steps=3, clip="nothing")
+
+
 def test_outputs(run):
     pipe = fastdiff.load(run, device="cpu")
     arrays = pipe.sample(3, steps=2, output="numpy")

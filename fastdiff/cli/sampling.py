@@ -19,12 +19,13 @@ from fastdiff.cli.args import (
     add_accel_flags,
     show_progress,
 )
+from fastdiff.config_checks import NO_CLIP
 from fastdiff.errors import ConfigError
 
 
 def _clip(value: str) -> float:
     """--clip C (x0 clamped to [-C, C]); none, off or inf for no clipping."""
-    if value.lower() in ("none", "off", "inf"):
+    if value.lower() in NO_CLIP:
         return float("inf")
     try:
         clip = float(value)

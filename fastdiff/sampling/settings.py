@@ -9,7 +9,7 @@ all resolve their settings here, so a flag or keyword means the same thing every
     guidance    classifier-free guidance scale (default: the run's; 1 on an unconditional model, where any other
                 value is an error, as it is on a model without a null class)
     spacing     leading | trailing | linspace (default: the run's)
-    clip        x0 is clamped to [-clip, clip]; inf (or None in `resolve_settings`'s result) for none
+    clip        x0 is clamped to [-clip, clip]; inf or "none" for no clipping (None in `resolve_settings`'s result)
     batch_size  images per batch (default: `runtime.sample_batch_size`, 256 on a GPU, 64 on the CPU; the samples do
                 not depend on it, up to the rounding of the convolutions, and of bf16 where it runs)
     accel       `AccelOptions.for_device(device)` (every fast path on a GPU, `runtime.cpu_choice` on the CPU), then the
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from fastdiff.config import SampleConfig
-from fastdiff.config_checks import ETA_RANGE, GUIDANCE_RANGE, count, guides_untrained_null, integer, number
+from fastdiff.config_checks import ETA_RANGE, GUIDANCE_RANGE, NO_CLIP, count, guides_untrained_null, integer, number
 from fastdiff.diffusion.samplers import SPACINGS, make_timesteps, student_timesteps
 from fastdiff.errors import ConfigError, FastdiffWarning
 from fastdiff.runtime import AccelOptions, sample_batch_size
@@ -87,6 +87,8 @@ def resolve_settings(denoiser, device=None, *, accel: AccelOptions | None = None
     if sampler != "student" and denoiser.student_timesteps is not None:
         _check_student_grid(denoiser, sampler, steps, spacing)
     clip = given.get("clip", run.clip)
+    if isinstance(clip, str) and clip.lower() in NO_CLIP:  # as the CLI's --clip none
+        clip = math.inf
     if clip is not None:
         clip = number("clip", clip, lo=0, lo_open=True, finite=False, allowed="above 0 (inf for no clipping)")
     clip = None if clip is None or math.isinf(clip) else clip
