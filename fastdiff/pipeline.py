@@ -38,7 +38,8 @@ class Pipeline:
     settings `.sample` uses when not told otherwise (DDIM, 50 steps, clip 1, no guidance). A module samples in eval
     mode (and is put back as it was), and the fast path converts its weights to its layout in place (channels_last
     on most CPUs and GPUs: `.contiguous()` a state dict's tensors to save them, or sample with
-    `channels_last=False`). One sampling of a model at a time (`fastdiff.sampling.sample`).
+    `channels_last=False`). One sampling of a model at a time (`fastdiff.sampling.sample`). The device is the
+    module's; pass `device=` for a model that is no torch module (a function around one).
     """
 
     def __init__(self, model: Callable, *, schedule: NoiseSchedule, image_shape, num_classes: int = 0,
@@ -48,9 +49,12 @@ class Pipeline:
             raise ConfigError(f"the model must be callable as model(x, t, labels), got {type(model).__name__}")
         if not isinstance(schedule, NoiseSchedule):
             raise ConfigError("schedule must be a fastdiff.NoiseSchedule, e.g. NoiseSchedule('linear', 1000)")
-        if device is None:
-            params = model.parameters() if isinstance(model, torch.nn.Module) else iter(())
-            device = next(params, torch.empty(0)).device
+        params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
+        if other := sorted({str(p.dtype) for p in params if p.is_floating_point() and p.dtype != torch.float32}):
+            raise ConfigError(f"the model's weights are {', '.join(other)}; fastdiff samples float32 weights (in bf16 "
+                              "or fp16 with amp=...): pass model.float()")
+        if device is None:  # a callable that is no module: the CPU unless told
+            device = params[0].device if params else torch.device("cpu")
         self.denoiser = Denoiser(model=model, schedule=schedule, image_shape=image_shape, device=device,
                                  num_classes=num_classes, null_label=null_label, prediction=prediction,
                                  defaults=defaults if defaults is not None else SampleConfig())

@@ -35,18 +35,20 @@ def next_power_of_2(n: int) -> int:
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     """"auto" (or None): CUDA when available, else the CPU; otherwise the named device, checked."""
-    if isinstance(name, torch.device):
-        return name
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError:
+        device = torch.device(name)  # a torch.device too: checked as its name is
+    except (RuntimeError, TypeError):
         raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    name = str(device) if isinstance(name, torch.device) else name
     if device.type not in ("cpu", "cuda"):  # mps, xpu, meta: fastdiff's paths are the CPU's and CUDA's
         raise ConfigError(f"device {name!r} is not one fastdiff runs on; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r} requested but there are {torch.cuda.device_count()} GPUs; use cuda:0 to "
+                          f"cuda:{torch.cuda.device_count() - 1}")
     return device
 
 

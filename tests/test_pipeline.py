@@ -268,6 +268,20 @@ def test_pipeline_arguments_are_checked_and_a_module_samples_in_eval_mode():
                          ({"defaults": {"steps": 3}}, "defaults must be a fastdiff.config.SampleConfig")):
         with pytest.raises(ConfigError, match=says):
             fastdiff.Pipeline(net, schedule=schedule, **{"image_shape": (1, 8, 8), **kwargs})
+    # a torch.device skipped the device checks (meta failed inside autocast, cuda inside torch); float64 or half
+    # weights failed at their first convolution
+    for device, says in ((torch.device("meta"), "device 'meta' is not one fastdiff runs on"),
+                         *([] if torch.cuda.is_available() else
+                           [(torch.device("cuda"), "device 'cuda' requested but CUDA is not available")])):
+        with pytest.raises(ConfigError, match=says):
+            fastdiff.Pipeline(net, schedule=schedule, image_shape=(1, 8, 8), device=device)
+        with pytest.raises(ConfigError, match=says):
+            fastdiff.load("pretrained:mnist", device=device)
+    with pytest.raises(ConfigError, match=r"device 'meta' is not one fastdiff runs on"):
+        fastdiff.Pipeline(torch.nn.Conv2d(1, 1, 1).to("meta"), schedule=schedule, image_shape=(1, 8, 8))
+    for dtype in (torch.float64, torch.float16):
+        with pytest.raises(ConfigError, match=f"the model's weights are {dtype}; .* pass model.float"):
+            fastdiff.Pipeline(Net().to(dtype), schedule=schedule, image_shape=(1, 8, 8))
     # a module samples in eval mode and is put back as it was: a training loop's previews change nothing of it
     net.conv.eval()  # a mixed state, kept as it is
     pipe = fastdiff.Pipeline(net, schedule=schedule, image_shape=(1, 8, 8))
