@@ -180,20 +180,26 @@ class _Scheduler:
         return sample
 
     def add_noise(self, original_samples, noise, timesteps) -> torch.Tensor:
-        """q(x_t | x_0) at `timesteps` (one per sample)."""
+        """q(x_t | x_0) at `timesteps` (one per sample, or one for all)."""
         device = original_samples.device
-        x_t = self.schedule.to(device).add_noise(original_samples, noise, timesteps.to(device).flatten())
+        t = _timesteps_of(timesteps, original_samples.shape[0], len(self)).to(device)
+        x_t = self.schedule.to(device).add_noise(original_samples, noise, t)
         return x_t.to(original_samples.dtype)
 
     def get_velocity(self, sample, noise, timesteps) -> torch.Tensor:
-        ab = self.schedule.to(sample.device).alphas_cumprod[timesteps.to(sample.device).flatten()]
+        t = _timesteps_of(timesteps, sample.shape[0], len(self)).to(sample.device)
+        ab = self.schedule.to(sample.device).alphas_cumprod[t]
         return v_from(sample, noise, ab.view(-1, *([1] * (sample.dim() - 1)))).to(sample.dtype)
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None):
         T = len(self)
         n = integer("num_inference_steps", num_inference_steps)
         spacing = self.config.timestep_spacing
-        ts = make_timesteps(T, n, spacing) + (self.config.steps_offset if spacing == "leading" else 0)
+        offset = self.config.steps_offset if spacing == "leading" else 0
+        ts = make_timesteps(T, n, spacing) + offset
+        if int(ts.max()) >= T:  # diffusers: an IndexError at the first step
+            raise ConfigError(f"{n} leading steps with steps_offset {offset} start at timestep {int(ts.max())}, past "
+                              f"the schedule's 0..{T - 1}; use fewer steps, steps_offset 0 or trailing spacing")
         self.num_inference_steps = n
         self.custom_timesteps = False
         self._set(ts, device)
@@ -278,6 +284,21 @@ def _timestep(timestep, T: int) -> int:
     if not value.is_integer() or not 0 <= value < T:
         raise ConfigError(f"timestep {value:g} is not a whole timestep in 0..{T - 1}")
     return int(value)
+
+
+def _timesteps_of(timesteps, n: int, T: int) -> torch.Tensor:
+    """add_noise's and get_velocity's timesteps as int64 [n] (one, or one per sample), each in [0, T): -1 took the
+    noisiest timestep, 1000 and float timesteps were torch errors. A CUDA tensor's values are not read (that would
+    wait for the GPU at every training step); its device checks the range as it indexes."""
+    t = timesteps if isinstance(timesteps, torch.Tensor) else torch.as_tensor(timesteps)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ConfigError(f"timesteps must be integers (torch.long), got {t.dtype}")
+    t = t.flatten().long()
+    if t.numel() not in (1, n):
+        raise ConfigError(f"{t.numel()} timesteps for a batch of {n}; pass one per sample, or one")
+    if t.device.type == "cpu" and t.numel() and not (0 <= int(t.min()) and int(t.max()) < T):
+        raise ConfigError(f"timesteps {t.tolist()[:8]} are not all whole timesteps in 0..{T - 1}")
+    return t.expand(n)
 
 
 def _randn(like: torch.Tensor, generator) -> torch.Tensor:

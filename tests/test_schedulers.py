@@ -497,3 +497,48 @@ def test_scheduler_numbers_are_checked():
         with pytest.raises(ConfigError, match=says):
             fs.DDIMScheduler.from_config(opts)
     assert fs.DDIMScheduler.from_config({"clip_sample": False, "clip_sample_range": 0}).clip is None
+
+
+def test_add_noise_takes_whole_timesteps_in_range():
+    """add_noise and get_velocity took -1 as the noisiest timestep, and 1000, float or int timesteps were torch
+    errors (IndexError, "tensors used as indices must be long", AttributeError)."""
+    ours, ref = fs.DDPMScheduler(), diffusers.DDPMScheduler()
+    x0, noise = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    for t in (torch.tensor([3, 900]), [3, 900], torch.tensor([[3], [900]]), torch.tensor([3, 900], dtype=torch.int32)):
+        torch.testing.assert_close(ours.add_noise(x0, noise, t), ref.add_noise(x0, noise, torch.tensor([3, 900])),
+                                   atol=1e-6, rtol=0)
+    one = ours.add_noise(x0, noise, 7)  # one timestep for the batch
+    torch.testing.assert_close(one, ours.add_noise(x0, noise, torch.tensor([7, 7])), atol=0, rtol=0)
+    for method in (ours.add_noise, ours.get_velocity):
+        for bad, says in ((torch.tensor([1000, 1]), r"timesteps \[1000, 1\] are not all whole timesteps in 0..999"),
+                          (torch.tensor([-1, 1]), r"timesteps \[-1, 1\] are not all whole"),
+                          (torch.tensor([10.0, 9.0]), "timesteps must be integers"),
+                          (torch.tensor([1, 2, 3]), "3 timesteps for a batch of 2")):
+            with pytest.raises(ConfigError, match=says):
+                method(x0, noise, bad)
+
+
+def test_leading_steps_shifted_past_the_schedule_are_refused_at_set_timesteps():
+    """steps_offset 1 moved the first of 1000 leading timesteps to 1000: an error at the first step (diffusers: an
+    IndexError); 999 steps stay within 1..999."""
+    s = fs.DDIMScheduler(steps_offset=1)
+    with pytest.raises(ConfigError, match="1000 leading steps with steps_offset 1 start at timestep 1000, past"):
+        s.set_timesteps(1000)
+    s.set_timesteps(999)
+    ref = diffusers.DDIMScheduler(steps_offset=1)
+    ref.set_timesteps(999)
+    assert torch.equal(s.timesteps, ref.timesteps) and int(s.timesteps.max()) == 999
+
+
+def test_eta_above_one_is_refused():
+    """DDIM at eta above 1 clamped a negative variance to 0 silently (diffusers: NaN); the CLI refused it."""
+    s = fs.DDIMScheduler()
+    s.set_timesteps(10)
+    x = torch.randn(2, 1, 4, 4)
+    with pytest.raises(ConfigError, match="eta=1.5 is outside"):
+        s.step(x, s.timesteps[0], x, eta=1.5, generator=torch.Generator().manual_seed(0))
+    from fastdiff.diffusion import NoiseSchedule, sample_ddim
+
+    with pytest.raises(ConfigError, match="eta=2 is outside"):
+        sample_ddim(lambda x, t, y: torch.zeros_like(x), x, NoiseSchedule("linear", 1000), steps=2, eta=2.0,
+                    seeds=torch.arange(2))

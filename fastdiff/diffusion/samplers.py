@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from fastdiff import ops
-from fastdiff.config_checks import GUIDANCE_RANGE, integer, number
+from fastdiff.config_checks import ETA_RANGE, GUIDANCE_RANGE, integer, number
 from fastdiff.diffusion.parameterization import check_prediction, x0_coefficients
 from fastdiff.diffusion.schedules import NoiseSchedule
 from fastdiff.errors import ConfigError
@@ -94,7 +94,7 @@ def ddim_coefficients(ab, ab_prev, *, eta: float = 0.0, prediction: str = "eps")
     eps_hat = (x_t - sqrt(ab) x0) / sqrt(1-ab) is re-derived from the (possibly clipped) x0, so
     x_prev = sqrt(ab_prev) x0 + c * eps_hat + sigma z  with c = sqrt(1 - ab_prev - sigma^2).
     """
-    eta = number("eta", eta, lo=0, allowed="0 and up, finite (0: deterministic DDIM)")
+    eta = number("eta", eta, **ETA_RANGE)  # above 1, sigma^2 would exceed 1 - ab_prev (diffusers' NaN)
     p, q = x0_coefficients(check_prediction(prediction), ab)
     # (16): sigma_t(eta) = eta * sqrt((1 - ab_prev) / (1 - ab)) * sqrt(1 - ab / ab_prev)
     sigma = eta * ((1 - ab_prev) / (1 - ab)).sqrt() * (1 - ab / ab_prev).clamp(min=0).sqrt()
