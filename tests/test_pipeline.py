@@ -322,6 +322,9 @@ def test_sample_checks_its_settings_against_the_denoiser(run):
         sample(conditional, guided, n=2)
     with pytest.raises(ConfigError, match="settings must be a SampleSettings"):
         sample(conditional.denoiser, {"steps": 2}, n=2)
+    # a student steps through its own timesteps: a spacing was dropped without a word
+    with pytest.raises(ConfigError, match="spacing applies to the ddim and ddpm samplers; a student steps through"):
+        fastdiff.load("pretrained:mnist-student", device="cpu").sample(2, spacing="leading")
     no_clip = resolve_settings(conditional.denoiser, "cpu", steps=2, clip=None)  # the run's clip
     unclipped = dataclasses.replace(no_clip, clip=None)  # no clipping stays no clipping
     assert sample(conditional.denoiser, unclipped, n=2).settings.clip is None

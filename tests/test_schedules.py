@@ -59,13 +59,26 @@ def test_add_noise_matches_definition():
     (("linear", 1000), {"beta_start": -1e-4}, "gives betas outside"),
     (("scaled_linear", 1000), {"beta_start": 0.02, "beta_end": 1e-4}, "beta_start <= beta_end"),
     (("linear", 0), {}, "num_timesteps=0 must be a whole number of at least 2"),
-    (("cosine", 2.5), {}, "num_timesteps=2.5 must be a whole number"),
+    (("cosine", 2.5), {}, "num_timesteps=2.5 is not a whole number"),
     (("sigmoid", 1000), {}, "unknown noise schedule 'sigmoid'"),
 ])
 def test_a_schedule_checks_its_betas(args, kwargs, message):
     # The public class (Pipeline, the samplers, the schedulers) holds to what the run config's validation holds.
     with pytest.raises(ConfigError, match=message):
         NoiseSchedule(*args, **kwargs)
+
+
+def test_num_timesteps_is_a_whole_number_with_explicit_betas_too():
+    """np.int64(1000) was refused as "not a whole number"; with betas=, num_timesteps 3.0 or 1 passed unchecked
+    (3.0 then failed at sampling as "steps=3.0", which nobody gave)."""
+    import numpy as np
+
+    assert NoiseSchedule("linear", np.int64(1000)).num_timesteps == 1000
+    assert type(NoiseSchedule(betas=[0.1, 0.2, 0.3], num_timesteps=np.int32(3)).num_timesteps) is int
+    for T, says in ((3.0, "num_timesteps=3.0 is not a whole number"), (1, "num_timesteps=1 must be a whole number "
+                                                                         "of at least 2")):
+        with pytest.raises(ConfigError, match=says):
+            NoiseSchedule(betas=[0.1] * 3 if T != 1 else [0.1], num_timesteps=T)
 
 
 def test_a_boolean_option_takes_a_bool_only(tmp_path):

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import torch
 
-from fastdiff.config_checks import flag
+from fastdiff.config_checks import flag, integer
 from fastdiff.errors import ConfigError
 
 SCHEDULES = ("linear", "scaled_linear", "cosine")
@@ -48,12 +48,19 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1 - alphas
 
 
+def timestep_count(num_timesteps) -> int:
+    """T as an int of at least 2 (a numpy integer too), else one ConfigError."""
+    T = integer("num_timesteps", num_timesteps)
+    if T < 2:
+        raise ConfigError(f"num_timesteps={num_timesteps!r} must be a whole number of at least 2")
+    return T
+
+
 def named_betas(kind: str, num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02,
                 cosine_s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
     """The betas of a named schedule, checked: T >= 2 timesteps and every beta in (0, 1), so that alphas_cumprod
     stays positive (one ConfigError otherwise). `NoiseSchedule` and the run config's validation both use it."""
-    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 2:
-        raise ConfigError(f"num_timesteps={num_timesteps!r} must be a whole number of at least 2")
+    num_timesteps = timestep_count(num_timesteps)
     if kind == "linear":
         betas = linear_betas(num_timesteps, beta_start, beta_end)
     elif kind == "scaled_linear":
@@ -92,6 +99,7 @@ class NoiseSchedule:
         betas=None,
         device: torch.device | str = "cpu",
     ):
+        num_timesteps = timestep_count(num_timesteps)
         if betas is not None:
             betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
             if len(betas) != num_timesteps or not bool(((betas > 0) & (betas < 1)).all()):

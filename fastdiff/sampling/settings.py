@@ -77,6 +77,9 @@ def resolve_settings(denoiser, device=None, *, accel: AccelOptions | None = None
     if eta != 0 and sampler != "ddim":
         raise ConfigError(f"eta={eta} applies to --sampler ddim only, not {sampler}; drop --eta")
     guidance = _guidance(denoiser, given.get("guidance"))
+    if sampler == "student" and given.get("spacing", run.spacing) != run.spacing:  # its timesteps are its run's
+        raise ConfigError("spacing applies to the ddim and ddpm samplers; a student steps through its own "
+                          "timesteps: drop --spacing")
     spacing = given.get("spacing", run.spacing)
     if spacing not in SPACINGS:
         raise ConfigError(f"unknown timestep spacing {spacing!r}; use one of {', '.join(SPACINGS)}")
