@@ -32,7 +32,7 @@ def write_error(path, e: OSError) -> str:
 
 
 @contextlib.contextmanager
-def _signals_held():
+def signals_held():
     """SIGINT and SIGTERM held inside: their Python handlers (which run on the main thread; elsewhere there is
     nothing to hold) only note them, and each noted signal is raised again as the block ends, so its exception
     comes after the block's work. (Blocking the signals in the thread's mask does not hold them: the kernel hands
@@ -64,14 +64,14 @@ def atomic_write_all(files: dict) -> list[Path]:
     """`atomic_write` of several files together ({path: bytes}), e.g. a grid and its samples: all are written to
     temporary files first and renamed into place only once every one is written, so an error while writing (a full
     disk, Ctrl-C) leaves every file as it was, never a new one beside an old one. Ctrl-C and SIGTERM during the
-    renames wait until the last is done (`_signals_held`, on the main thread); only a kill -9 or a crash between
+    renames wait until the last is done (`signals_held`, on the main thread); only a kill -9 or a crash between
     them could mix them."""
     items = [(Path(p), data, Path(p).with_name(f".{Path(p).name}.{os.getpid()}.tmp")) for p, data in files.items()]
     current = items[0][0]
     try:
         for current, data, tmp in items:
             _write_file(tmp, data)
-        with _signals_held():
+        with signals_held():
             for current, _, tmp in items:
                 os.replace(tmp, current)
     except BaseException as e:

@@ -1,6 +1,7 @@
 """fastdiff's UNet in and out of diffusers' UNet2DModel format, checked against diffusers 0.42.1 itself."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,9 +97,87 @@ def test_an_export_keeps_its_runs_config_and_takes_dot(tmp_path, monkeypatch, T)
     _, cfg = make_run(tmp_path / "run", {"diffusion.num_timesteps": T, "sample.guidance": 2.0})
     (tmp_path / "here").mkdir()
     monkeypatch.chdir(tmp_path / "here")  # --out . (the current folder, empty) was a ValueError
+    inode = (tmp_path / "here").stat().st_ino
     assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", "."]) == 0
+    # filled in place: it was replaced by a new folder, and the shell was left in the deleted one
+    assert (tmp_path / "here").stat().st_ino == inode and sorted(p.name for p in Path(".").iterdir()) == [
+        "fastdiff_run.json", "model_index.json", "scheduler", "unet"]
     loaded = fastdiff.load(tmp_path / "here", device="cpu").config
     assert loaded.preset == cfg.preset and loaded.sample.guidance == 2.0 and loaded.data == cfg.data
+
+
+def test_an_export_says_which_weights_and_leaves_nothing_when_it_fails(tmp_path, capsys, monkeypatch):
+    """--no-ema of a pretrained model exported its one set of weights and said "ema": false; no export said which
+    weights it held; a failed export into new parent folders left them behind; a full disk while an empty folder
+    was filled left it empty."""
+    import errno
+
+    import fastdiff.interop.diffusers as exporter
+
+    make_run(tmp_path / "run")
+    for flags, weights in (([], "ema"), (["--no-ema"], "raw")):
+        out = tmp_path / f"w-{weights}"
+        assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(out), *flags]) == 0
+        assert json.loads((out / "unet" / "config.json").read_text())[interop.WEIGHTS_KEY] == weights
+    capsys.readouterr()
+    for source in ("pretrained:mnist", str(tmp_path / "w-ema")):
+        assert main(["export", "--checkpoint", source, "--out", str(tmp_path / "x"), "--no-ema"]) == 2
+        assert "holds one set of weights" in capsys.readouterr().err and not (tmp_path / "x").exists()
+        assert main(["sample", "--checkpoint", source, "--out", str(tmp_path / "s.png"), "--no-ema"]) == 2
+        assert "holds one set of weights" in capsys.readouterr().err
+    # a diffusers folder's weights are whatever it holds: not claimed
+    assert main(["export", "--checkpoint", str(tmp_path / "w-ema"), "--out", str(tmp_path / "again")]) == 0
+    assert interop.WEIGHTS_KEY not in json.loads((tmp_path / "again" / "unet" / "config.json").read_text())
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    (tmp_path / "empty").mkdir()
+    with monkeypatch.context() as m:
+        real = exporter.os.rename
+        m.setattr(exporter.os, "rename", lambda a, b: full() if Path(b).name == "model_index.json" else real(a, b))
+        assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "empty")]) == 2
+        assert list((tmp_path / "empty").iterdir()) == []
+        m.setattr(exporter, "safetensors_bytes", full)
+        assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "new" / "deep")]) == 2
+    assert "no space left on device" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".*tmp-*"))
+
+
+def test_a_scaled_linear_run_exports_and_imports(tmp_path):
+    """The run config takes scaled_linear, sampling ran it, and export refused it ("has no diffusers
+    beta_schedule"), as the import refused diffusers' scaled_linear."""
+    make_run(tmp_path / "run", {"diffusion.schedule": "scaled_linear", "diffusion.num_timesteps": 500,
+                                "diffusion.beta_end": 0.012, "diffusion.beta_start": 0.00085})
+    import fastdiff
+
+    folder = interop.export_run(tmp_path / "run", tmp_path / "out")
+    ref = diffusers.DDPMScheduler.from_pretrained(folder / "scheduler")
+    ours = fastdiff.load(tmp_path / "run", device="cpu").schedule
+    torch.testing.assert_close(ref.alphas_cumprod, ours.alphas_cumprod, atol=1e-6, rtol=1e-6)
+    back = fastdiff.load(folder, device="cpu")
+    assert back.config.diffusion.schedule == "scaled_linear" and torch.equal(back.schedule.alphas_cumprod,
+                                                                              ours.alphas_cumprod)
+
+
+def test_an_exported_folder_samples_with_its_scheduler_configs_spacing_and_clip(tmp_path):
+    """The run's config in the folder replaced the scheduler's spacing and clip: an edit of scheduler_config.json
+    (as diffusers samples the folder) was ignored."""
+    import fastdiff
+
+    make_run(tmp_path / "run")
+    folder = interop.export_run(tmp_path / "run", tmp_path / "out")
+    file = folder / "scheduler" / "scheduler_config.json"
+    sched = json.loads(file.read_text())
+    assert fastdiff.load(folder, device="cpu").config.sample.spacing == sched["timestep_spacing"] == "trailing"
+    file.write_text(json.dumps({**sched, "clip_sample": False, "timestep_spacing": "leading"}))
+    run = fastdiff.load(folder, device="cpu").config
+    assert run.sample.clip is None and run.sample.spacing == "leading" and run.sample.guidance == 2.0
+    # its unet/ alone has no scheduler: said, not dropped silently
+    from fastdiff.errors import FastdiffWarning
+
+    with pytest.warns(FastdiffWarning, match="is the UNet of the pipeline folder .*out, whose scheduler"):
+        fastdiff.load(folder / "unet", device="cpu")
 
 
 def test_unconditional_export_runs_ddpm_pipeline(tmp_path):

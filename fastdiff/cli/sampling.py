@@ -263,10 +263,12 @@ def cmd_bench(args) -> int:
 def add_export(sub):
     p = sub.add_parser("export", help="write a run as a diffusers pipeline folder (DDPMPipeline.from_pretrained)",
                        description="Write a run's UNet and schedule as a diffusers folder: model_index.json, "
-                                   "unet/ (UNet2DModel) and scheduler/ (DDPMScheduler).")
+                                   "unet/ (UNet2DModel) and scheduler/ (DDPMScheduler). diffusers' DDPMPipeline "
+                                   "samples an unconditional model; a class-conditional one takes class_labels in a "
+                                   "loop of one's own (README, \"Drop-in\").")
     p.add_argument("--checkpoint", type=PATH, required=True,
-                   help="run directory (its latest checkpoint) or a checkpoint folder "
-                   "(required)")
+                   help="run directory (its latest checkpoint), a checkpoint folder, pretrained:NAME or a diffusers "
+                   "folder (required)")
     p.add_argument("--out", type=PATH, required=True,
                    help="the new folder, which must not exist or be empty (required)")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")

@@ -11,11 +11,13 @@ the folders are JSON + safetensors, written and read directly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,7 +29,8 @@ from fastdiff.checkpoint import check_finite, write_error
 from fastdiff.config import DiffusionConfig, RunConfig, SampleConfig, UNetConfig
 from fastdiff.diffusion.diffusers_options import BETA_SCHEDULES, PREDICTIONS, resolve_options
 from fastdiff.diffusion.schedules import NoiseSchedule
-from fastdiff.errors import CheckpointError, ConfigError, FastdiffError
+from fastdiff.errors import CheckpointError, ConfigError, FastdiffError, FastdiffWarning
+from fastdiff.files import signals_held
 from fastdiff.images import check_writable
 from fastdiff.interop.diffusers_weights import (
     attention_levels,
@@ -56,6 +59,7 @@ MAPPED = ("sample_size", "in_channels", "out_channels", "block_out_channels", "l
 
 
 NULL_KEY = "_fastdiff_null_label"  # in a UNet2DModel config.json fastdiff wrote: the class row that is its null label
+WEIGHTS_KEY = "_fastdiff_weights"  # and which of the run's weights it holds: "ema" or "raw"
 
 
 # ---- configs ----------------------------------------------------------------------------------------------------
@@ -181,9 +185,7 @@ def _heads(head_dim, chans, attn) -> int:
 # ---- schedulers -------------------------------------------------------------------------------------------------
 def scheduler_for(dc: DiffusionConfig, sc: SampleConfig) -> DDPMScheduler:
     """The DDPMScheduler that samples like fastdiff's DDPM sampler with this run's schedule and clip."""
-    beta = {"linear": "linear", "cosine": "squaredcos_cap_v2"}.get(dc.schedule)
-    if beta is None:
-        raise ConfigError(f"schedule {dc.schedule!r} has no diffusers beta_schedule")
+    beta = {v: k for k, v in BETA_SCHEDULES.items()}[dc.schedule]  # every schedule a run config takes
     scale = 1.0 if dc.num_timesteps == 1000 else 1000.0 / dc.num_timesteps  # diffusers' endpoints are unscaled
     return DDPMScheduler(
         num_train_timesteps=dc.num_timesteps, beta_start=dc.beta_start * scale, beta_end=dc.beta_end * scale,
@@ -216,8 +218,6 @@ def run_sections(sched: dict | None) -> tuple[DiffusionConfig, SampleConfig]:
         beta_end=opts["beta_end"] * scale, zero_terminal_snr=bool(opts["rescale_betas_zero_snr"]),
         prediction=PREDICTIONS[opts["prediction_type"]],
     )
-    if diffusion.schedule == "scaled_linear":
-        raise ConfigError(f"beta_schedule='scaled_linear' has no fastdiff run-config schedule{hint}")
     sample = SampleConfig(spacing=opts["timestep_spacing"],
                           clip=float(opts["clip_sample_range"]) if opts["clip_sample"] else None)
     return diffusion, sample
@@ -295,6 +295,11 @@ def load_diffusers(path, device="cpu") -> tuple[UNet, RunConfig, NoiseSchedule]:
     scheduler that the folder holds; else one whose diffusion and sample sections reflect the scheduler config
     (preset "diffusers": no dataset of its own)."""
     model, ucfg, sched = import_unet(path, device)
+    pipeline = Path(path).resolve().parent
+    if sched is None and (pipeline / "model_index.json").exists():  # its scheduler was dropped without a word
+        warnings.warn(f"{path} is the UNet of the pipeline folder {pipeline}, whose scheduler (schedule, prediction, "
+                      f"clip) is read only where that folder is loaded; sampling it with diffusers' defaults instead",
+                      FastdiffWarning, stacklevel=2)
     diffusion, sample = run_sections(sched)
     cfg = RunConfig(preset="diffusers", model=ucfg, diffusion=diffusion, sample=sample)
     saved = Path(path) / RUN_CONFIG
@@ -306,14 +311,21 @@ def load_diffusers(path, device="cpu") -> tuple[UNet, RunConfig, NoiseSchedule]:
         same = dataclasses.replace(run.diffusion, beta_start=diffusion.beta_start, beta_end=diffusion.beta_end)
         if (run.model == ucfg and same == diffusion and math.isclose(run.diffusion.beta_start, diffusion.beta_start)
                 and math.isclose(run.diffusion.beta_end, diffusion.beta_end)):
-            cfg = run
+            # the scheduler's spacing and clip, as a diffusers pipeline of the folder samples (the export wrote
+            # the run's; an edit of scheduler_config.json was ignored)
+            cfg = dataclasses.replace(run, sample=dataclasses.replace(run.sample, spacing=sample.spacing,
+                                                                      clip=sample.clip))
     return model, cfg, NoiseSchedule.from_config(cfg.diffusion, device)
 
 
 def export_run(run_or_checkpoint, out_dir, *, use_ema: bool = True) -> Path:
     """Write a run's UNet (EMA weights by default) as a diffusers pipeline folder that DDPMPipeline loads:
     model_index.json, unet/ (config.json, diffusion_pytorch_model.safetensors) and scheduler/, and the run's
-    config (RUN_CONFIG), from which `fastdiff.load` and `fastdiff sample` take its sampling defaults."""
+    config (RUN_CONFIG), from which `fastdiff.load` and `fastdiff sample` take its sampling defaults.
+
+    diffusers' DDPMPipeline and DDIMPipeline sample an unconditional model only: a class-conditional one takes
+    `class_labels` in a loop of one's own (its unet/config.json names the null label of guidance,
+    `_fastdiff_null_label`). A student's own sampler is fastdiff's: in diffusers, DDIM at 1 step is the same."""
     from fastdiff.config_checks import path_arg
     from fastdiff.sampling import load_run
 
@@ -326,8 +338,12 @@ def export_run(run_or_checkpoint, out_dir, *, use_ema: bool = True) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out} exists and is not an empty folder; choose a new folder for the export")
     check_writable(out, folder=True, what="the export folder")
+    made = [p for p in out.parents if not p.exists()]  # removed again if the export fails
+    moved = []
     # Written into a temporary sibling and renamed into place: a failure leaves no half-written export behind
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if not is_diffusers_folder(run_or_checkpoint):  # which of a run's weights (a pretrained model's are EMA)
+        config = {**config, WEIGHTS_KEY: "ema" if use_ema else "raw"}
     try:
         (tmp / "unet").mkdir(parents=True)
         # plain writes inside the temporary folder: its rename is the atomic step, and an error names the export
@@ -338,11 +354,24 @@ def export_run(run_or_checkpoint, out_dir, *, use_ema: bool = True) -> Path:
                  "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDPMScheduler"]}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         (tmp / RUN_CONFIG).write_text(cfg.to_json() + "\n")
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.rename(tmp, out)
+        if out.exists():  # empty (checked above), perhaps the shell's current folder: filled, not replaced
+            with signals_held():  # model_index.json last: until it is in, the folder is no diffusers folder
+                for name in ("unet", "scheduler", RUN_CONFIG, "model_index.json"):
+                    os.rename(tmp / name, out / name)
+                    moved.append(out / name)
+            tmp.rmdir()
+        else:
+            os.rename(tmp, out)
     except BaseException as e:  # a full disk, Ctrl-C, SIGTERM: no half-written export stays behind
         shutil.rmtree(tmp, ignore_errors=True)
+        for path in moved:  # the empty folder it was
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        for folder in made:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         if isinstance(e, OSError):
             raise FastdiffError(write_error(f"the export {out}", e)) from None
         raise

@@ -127,6 +127,7 @@ def load_run(checkpoint, device, use_ema: bool = True) -> Denoiser:
     if not str(checkpoint).startswith("pretrained:"):
         p = Path(checkpoint)
         if is_diffusers_folder(p):
+            _one_set_of_weights(p, use_ema)
             model, cfg, schedule = load_diffusers(p, device)
             return Denoiser.from_config(model, cfg, schedule, path=str(p), device=device)
         if p.is_dir() and not ((p / "model.safetensors").exists() or ckpt.latest_checkpoint(p)):
@@ -134,12 +135,22 @@ def load_run(checkpoint, device, use_ema: bool = True) -> Denoiser:
                                   "checkpoints/step-*/model.safetensors) nor a diffusers pipeline or UNet2DModel "
                                   "folder; train a model into it, or pass another")
     path = ckpt.resolve_checkpoint(checkpoint)
+    if ckpt.is_pretrained(path):
+        _one_set_of_weights(checkpoint, use_ema)
     cfg = load_config(path / "config.json")
     model = UNet(cfg.model)
     weights = "ema" if use_ema and not ckpt.is_pretrained(path) else "model"
     state_dicts.load_model_weights(model, ckpt.load_tensors(path, weights), path)
     model = model.to(device).eval().requires_grad_(False)
     return Denoiser.from_config(model, cfg, path=str(path), device=device)
+
+
+def _one_set_of_weights(source, use_ema: bool) -> None:
+    """A pretrained model or a diffusers folder holds one set of weights: use_ema=False (--no-ema) read them too,
+    without a word."""
+    if not use_ema:
+        raise ConfigError(f"{source} holds one set of weights (a pretrained model's are its run's EMA weights), no raw "
+                          "ones to choose with --no-ema; drop it")
 
 
 def labels_for(spec, n: int, num_classes: int) -> torch.Tensor | None:
