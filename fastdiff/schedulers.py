@@ -20,6 +20,7 @@ depend on its batch (start from `fastdiff.initial_noise(seeds, shape)`).
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from fastdiff import ops
 from fastdiff.config_checks import integer
 from fastdiff.diffusion.diffusers_options import (
     CLASS_OPTIONS,
+    KNOWN,
     PREDICTIONS,
     VARIANCE_TYPES,
     FrozenConfig,
@@ -39,7 +41,7 @@ from fastdiff.diffusion.diffusers_options import (
 from fastdiff.diffusion.parameterization import v_from
 from fastdiff.diffusion.samplers import ddim_coefficients, ddpm_coefficients, make_timesteps
 from fastdiff.diffusion.schedules import NoiseSchedule
-from fastdiff.errors import ConfigError
+from fastdiff.errors import ConfigError, FastdiffWarning
 
 CONFIG_NAME = "scheduler_config.json"
 # diffusers' from_pretrained keywords for fetching from the hub: a local folder (all fastdiff reads) needs none
@@ -133,13 +135,27 @@ class _Scheduler:
     def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
         """From a diffusers scheduler config (a dict or anything with `.config`), with `kwargs` overriding it.
 
-        Keys of the other DDPM/DDIM scheduler are ignored, as diffusers does; unknown keys are an error."""
+        Keys of the other DDPM/DDIM scheduler are ignored, as diffusers does. So are other keys of `config`, with
+        a warning naming them, as diffusers warns: another scheduler's (PNDM's, Euler's), since
+        `DDIMScheduler.from_config(pipe.scheduler.config)` swaps a pipeline's scheduler. An unknown keyword is an
+        error (a misspelt option would do nothing), or with return_unused_kwargs, returned with the rest of what
+        went unused."""
         config = getattr(config, "config", config) or {}
         if not isinstance(config, Mapping):
             raise ConfigError(f"from_config takes a scheduler config dict, got {type(config).__name__}")
+        config, kwargs = dict(config), dict(kwargs)
+        for key in config.get("_use_default_values", ()):  # values its own class defaulted: this class's defaults
+            config.pop(key, None)  # (as diffusers: PNDM's set_alpha_to_one False does not become DDIM's)
+        unused = {k: config.pop(k) for k in list(config) if not k.startswith("_") and k not in KNOWN}
+        if unused:
+            warnings.warn(f"{cls.__name__}.from_config ignores {sorted(unused)}: no options of diffusers' "
+                          "DDPMScheduler or DDIMScheduler (another scheduler's config, or a misspelt key)",
+                          FastdiffWarning, stacklevel=2)
+        if return_unused_kwargs:
+            unused.update({k: kwargs.pop(k) for k in list(kwargs) if k not in KNOWN})
         merged = {**config, **kwargs}
         scheduler = cls(**resolve_options(merged, cls.__name__))
-        unused = {k: v for k, v in merged.items() if k not in CLASS_OPTIONS[cls.__name__]}
+        unused.update({k: v for k, v in merged.items() if k not in CLASS_OPTIONS[cls.__name__]})
         return (scheduler, unused) if return_unused_kwargs else scheduler
 
     @classmethod

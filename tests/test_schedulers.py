@@ -306,13 +306,15 @@ def test_timesteps_equal_diffusers_at_every_step_count():
 
 
 def test_errors_name_the_option():
+    from fastdiff.errors import FastdiffWarning
+
     with pytest.raises(ConfigError, match="thresholding"):
         fs.DDIMScheduler(thresholding=True)
     with pytest.raises(ConfigError, match="variance_type='learned_range'"):
         fs.DDPMScheduler(variance_type="learned_range")
     with pytest.raises(ConfigError, match="beta_schedule='sigmoid'"):
         fs.DDPMScheduler(beta_schedule="sigmoid")
-    with pytest.raises(ConfigError, match="skip_prk_steps"):
+    with pytest.warns(FastdiffWarning, match="skip_prk_steps"):  # PNDM's, ignored (diffusers warns too)
         fs.DDIMScheduler.from_config({"skip_prk_steps": True})
     with pytest.raises(ConfigError, match="variance_type"):
         fs.DDIMScheduler(variance_type="fixed_small")  # a DDPM option given to the DDIM constructor
@@ -542,3 +544,31 @@ def test_eta_above_one_is_refused():
     with pytest.raises(ConfigError, match="eta=2 is outside"):
         sample_ddim(lambda x, t, y: torch.zeros_like(x), x, NoiseSchedule("linear", 1000), steps=2, eta=2.0,
                     seeds=torch.arange(2))
+
+
+def test_from_config_of_another_schedulers_config_swaps_it_in():
+    """DDIMScheduler.from_config(pipe.scheduler.config) of a PNDM or Euler pipeline (the usual swap) was refused
+    over their own keys (skip_prk_steps); return_unused_kwargs raised instead of returning unknown kwargs. A
+    misspelt key of a DDPM/DDIM config is still an error."""
+    from fastdiff.errors import FastdiffWarning
+
+    for other, own in ((diffusers.PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                                skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1),
+                        "skip_prk_steps"),
+                       (diffusers.EulerDiscreteScheduler(prediction_type="v_prediction", use_karras_sigmas=True),
+                        "use_karras_sigmas")):
+        with pytest.warns(FastdiffWarning, match=rf"DDIMScheduler.from_config ignores \['{own}'\]: no options"):
+            ours, unused = fs.DDIMScheduler.from_config(other.config, return_unused_kwargs=True)
+        theirs = diffusers.DDIMScheduler.from_config(other.config)
+        # the values its class defaulted are this class's defaults, as in diffusers (set_alpha_to_one True there)
+        assert dict(ours.config) == {k: theirs.config[k] for k in ours.config}
+        assert unused[own] is True
+        ours.set_timesteps(10)
+        theirs.set_timesteps(10)
+        assert torch.equal(ours.timesteps, theirs.timesteps)
+    with pytest.warns(FastdiffWarning, match=r"ignores \['clip_smaple'\]"):
+        fs.DDIMScheduler.from_config({**diffusers.DDIMScheduler().config, "clip_smaple": False})
+    with pytest.raises(ConfigError, match="clip_smaple"):
+        fs.DDIMScheduler.from_config({}, clip_smaple=False)
+    _, unused = fs.DDIMScheduler.from_config({}, return_unused_kwargs=True, foo=1)
+    assert unused == {"foo": 1}
