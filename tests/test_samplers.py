@@ -181,3 +181,21 @@ def test_seeds_for_checks_n_and_says_when_the_seeds_overflow():
                        ((2**63 - 1, 2), "pass the largest 63-bit integer")):
         with pytest.raises(ConfigError, match=says):
             seeds_for(*args)
+
+
+def test_the_samplers_helpers_check_their_arguments():
+    """A Python list of seeds (AttributeError), an int shape (TypeError), 2.5 student steps (IndexError) and a
+    timestep 999.5 (truncated to 999) or steps=True (one step) went through unchecked."""
+    from fastdiff.diffusion import initial_noise, seeds_for, student_timesteps
+    from fastdiff.errors import ConfigError
+
+    for call, says in ((lambda: initial_noise([0, 1], (1, 4, 4)), "seeds must be a 1-D integer tensor"),
+                       (lambda: initial_noise(seeds_for(0, 2), 16), "shape must be the"),
+                       (lambda: initial_noise(seeds_for(0, 2), (1, 0, 4)), "shape must be the"),
+                       (lambda: student_timesteps((999, 500), 2.5), "steps=2.5 is not a whole number"),
+                       (lambda: student_timesteps((999, 500), True), "steps=True is not a whole number"),
+                       (lambda: student_timesteps((999.5, 500)), "student timestep=999.5 is not a whole")):
+        with pytest.raises(ConfigError, match=says):
+            call()
+    assert initial_noise(seeds_for(0, 2), [1, 2, 2]).shape == (2, 1, 2, 2)
+    assert student_timesteps((999, 500), 1).tolist() == [999]

@@ -137,10 +137,10 @@ def student_timesteps(trained, steps: int | None = None) -> torch.Tensor:
     A student distilled on {999, 749, 499, 249} samples with [999] (1 step), [999, 499] (2), [999, 749, 249] (3)
     or all four; steps=None uses all of them.
     """
-    ts = torch.as_tensor(list(trained), dtype=torch.int64)
+    ts = torch.as_tensor([integer("student timestep", t) for t in trained], dtype=torch.int64)  # 999.5 was 999
     if ts.dim() != 1 or len(ts) == 0 or bool((ts[1:] >= ts[:-1]).any()):
         raise ConfigError(f"student timesteps must be a non-empty, strictly decreasing list, got {ts.tolist()}")
-    k = len(ts) if steps is None else steps
+    k = len(ts) if steps is None else integer("steps", steps)  # 2.5 was an IndexError, True one step
     if not 1 <= k <= len(ts):
         raise ConfigError(f"a student distilled on {len(ts)} timesteps {ts.tolist()} samples with 1 to {len(ts)} "
                           f"steps, not {k}")
@@ -298,8 +298,12 @@ def sample_student(
 
 def initial_noise(seeds: torch.Tensor, shape: tuple[int, ...], device=None, dtype=torch.float32) -> torch.Tensor:
     """x_T for each seed: standard normal of `shape` (C, H, W), a pure function of the seed."""
+    if not isinstance(seeds, torch.Tensor) or seeds.dim() != 1 or seeds.is_floating_point():
+        raise ConfigError(f"seeds must be a 1-D integer tensor (seeds_for(seed, n)), got {seeds!r:.80}")
+    if not isinstance(shape, (tuple, list, torch.Size)) or not all(integer("shape[]", s) > 0 for s in shape):
+        raise ConfigError(f"shape must be the (channels, height, width) of one sample, got {shape!r}")
     device = device if device is not None else seeds.device
-    return seeded_randn(seeds.to(device), tuple(shape), dtype)
+    return seeded_randn(seeds.to(device), tuple(int(s) for s in shape), dtype)
 
 
 def seeds_for(seed: int, n: int) -> torch.Tensor:
