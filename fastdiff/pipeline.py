@@ -58,6 +58,7 @@ class Pipeline:
         self.denoiser = Denoiser(model=model, schedule=schedule, image_shape=image_shape, device=device,
                                  num_classes=num_classes, null_label=null_label, prediction=prediction,
                                  defaults=defaults if defaults is not None else SampleConfig())
+        self.settings()  # the defaults checked now (steps None was a TypeError, guidance -3 an error at .sample)
 
 
     @classmethod

@@ -10,7 +10,7 @@ import torch
 import fastdiff
 from fastdiff import checkpoint as ckpt
 from fastdiff.cli import main
-from fastdiff.config import RunConfig, apply_overrides, preset_config
+from fastdiff.config import RunConfig, SampleConfig, apply_overrides, preset_config
 from fastdiff.diffusion import NoiseSchedule, initial_noise, sample_ddim, seeds_for
 from fastdiff.errors import CheckpointError, ConfigError
 from fastdiff.evaluate import evaluate_run
@@ -265,7 +265,11 @@ def test_pipeline_arguments_are_checked_and_a_module_samples_in_eval_mode():
                          ({"num_classes": 2.5}, "num_classes=2.5 is not a whole number"),
                          ({"null_label": 0}, r"null_label=0 applies to a class-conditional model only"),
                          ({"device": "gpu"}, "gpu"),
-                         ({"defaults": {"steps": 3}}, "defaults must be a fastdiff.config.SampleConfig")):
+                         ({"defaults": {"steps": 3}}, "defaults must be a fastdiff.config.SampleConfig"),
+                         # checked at once: guidance -3 failed only at .sample, steps 2.5 too
+                         ({"defaults": SampleConfig(guidance=-3), "num_classes": 2, "null_label": 2},
+                          "guidance=-3 is outside"),
+                         ({"defaults": SampleConfig(steps=2.5)}, "steps=2.5 is not a whole number")):
         with pytest.raises(ConfigError, match=says):
             fastdiff.Pipeline(net, schedule=schedule, **{"image_shape": (1, 8, 8), **kwargs})
     # a torch.device skipped the device checks (meta failed inside autocast, cuda inside torch); float64 or half
@@ -282,6 +286,10 @@ def test_pipeline_arguments_are_checked_and_a_module_samples_in_eval_mode():
     for dtype in (torch.float64, torch.float16):
         with pytest.raises(ConfigError, match=f"the model's weights are {dtype}; .* pass model.float"):
             fastdiff.Pipeline(Net().to(dtype), schedule=schedule, image_shape=(1, 8, 8))
+    # steps None in the defaults: the sampler's own (a TypeError)
+    ddpm = fastdiff.Pipeline(net, schedule=schedule, image_shape=(1, 8, 8),
+                             defaults=SampleConfig(sampler="ddpm", steps=None))
+    assert ddpm.settings().steps == 1000
     # a module samples in eval mode and is put back as it was: a training loop's previews change nothing of it
     net.conv.eval()  # a mixed state, kept as it is
     pipe = fastdiff.Pipeline(net, schedule=schedule, image_shape=(1, 8, 8))

@@ -132,7 +132,7 @@ def _check_refiner(denoiser, refiner) -> None:
 def _steps(denoiser, sampler: str, steps: int | None) -> int:
     T = denoiser.schedule.num_timesteps
     if steps is None:
-        if sampler == denoiser.defaults.sampler:
+        if sampler == denoiser.defaults.sampler and denoiser.defaults.steps is not None:
             steps = denoiser.defaults.steps
         elif denoiser.student_timesteps is not None:  # a student's DDIM or DDPM: on all its timesteps
             steps = len(denoiser.student_timesteps)
@@ -174,9 +174,10 @@ def _guidance(denoiser, guidance: float | None) -> float:
     if guidance is None:  # the run's own guidance; an unconditional model has none to apply
         if denoiser.null_label is None:
             return 1.0
-        guidance, given = float(denoiser.defaults.guidance), "its default guidance"
+        guidance, given = denoiser.defaults.guidance, "its default guidance"
     else:
-        guidance, given = number("guidance", guidance, **GUIDANCE_RANGE), "guidance"
+        given = "guidance"
+    guidance = number("guidance", guidance, **GUIDANCE_RANGE)
     if guidance != 1.0 and denoiser.null_label is None:
         what = "is unconditional" if denoiser.num_classes == 0 else "has no null class"
         raise ConfigError(f"guidance={guidance:g} needs a class-conditional model with a null class, but "
