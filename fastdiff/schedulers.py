@@ -269,13 +269,20 @@ class _Scheduler:
         x0's: the op's form has a single x0, so that term is added here too.
         """
         n = sample.shape[0]
+        for name, t in (("model_output", model_output), ("variance_noise", noise)):
+            if t is not None and tuple(t.shape) != tuple(sample.shape):
+                raise ConfigError(f"{name} has shape {list(t.shape)}, the sample {list(sample.shape)}; they must "
+                                  "be equal")
         p, q, A, B, sigma, E = (c.expand(n) for c in row)
         if seeds is not None:
             if generator is not None or noise is not None:
                 raise ConfigError("pass either seeds (fastdiff's per-sample noise) or a generator/variance_noise")
             if i is None:
                 raise ConfigError("seeds need a timestep from set_timesteps (the noise is keyed by the step index)")
-            seeds = torch.as_tensor(seeds, dtype=torch.int64, device=sample.device)
+            seeds = torch.as_tensor(seeds)
+            if seeds.is_floating_point() or seeds.is_complex() or seeds.dtype == torch.bool:  # 0.5 was seed 0
+                raise ConfigError(f"seeds must be integers, got {seeds.dtype}")
+            seeds = seeds.to(sample.device, torch.int64)
             if seeds.shape != (n,):
                 raise ConfigError(f"seeds must have shape [{n}] (one per sample), got {list(seeds.shape)}")
             prev, x0 = ops.sampler_step(sample, model_output, p, q, A, B, sigma, seeds, i, self.clip, True)

@@ -355,6 +355,14 @@ def test_seeds_are_fastdiffs_batch_invariant_noise():
     torch.testing.assert_close(together, ref, atol=1e-6, rtol=0)
     with pytest.raises(ConfigError, match="seeds"):
         sched.step(x, 999, x, eta=1.0, seeds=seeds, generator=torch.Generator())
+    # float seeds were truncated (0.5 and 1.7 became 0 and 1); a model output or noise of another batch was a raw
+    # RuntimeError
+    for bad, says in (({"seeds": torch.tensor([5.5, 6.0, 7.0])}, "seeds must be integers"),
+                      ({"variance_noise": torch.zeros(2, 1, 4, 4)}, r"variance_noise has shape \[2, 1, 4, 4\]")):
+        with pytest.raises(ConfigError, match=says):
+            sched.step(x, 999, x, eta=1.0, **bad)
+    with pytest.raises(ConfigError, match=r"model_output has shape \[1, 1, 4, 4\], the sample \[3, 1, 4, 4\]"):
+        sched.step(x[:1], 999, x, eta=1.0, seeds=seeds)
 
 
 def test_noise_schedule_from_diffusers_config():
