@@ -85,6 +85,9 @@ def test_bad_input_errors(run, tmp_path):
     pipe = fastdiff.load(run, device="cpu")
     with pytest.raises(ConfigError, match=r"labels \[10\] are outside 0..9"):
         pipe.sample(2, labels=[1, 10])
+    for labels in ([[1, 2]], torch.tensor([1j])):  # flattened without a word; a RuntimeError
+        with pytest.raises(ConfigError, match=r"labels must be an integer or a 1-D list of integers in 0..9"):
+            pipe.sample(2, labels=labels)
     with pytest.raises(ConfigError, match=r"n=2.0 is not a whole number"):
         pipe.sample(2.0)
     with pytest.raises(ConfigError, match=r"n=0 must be at least 1"):

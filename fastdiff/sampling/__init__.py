@@ -163,11 +163,15 @@ def labels_for(spec, n: int, num_classes: int) -> torch.Tensor | None:
     if spec is None or (isinstance(spec, (list, tuple)) and len(spec) == 0):
         return torch.arange(n) % num_classes
     try:
-        labels = torch.as_tensor(spec).reshape(-1).cpu()
+        labels = torch.as_tensor(spec).cpu()
     except (TypeError, ValueError, RuntimeError):  # a string, a ragged list, ...
         labels = None
-    if labels is None or labels.is_floating_point() or labels.dtype == torch.bool or len(labels) == 0:
-        raise ConfigError(f"labels must be integers in 0..{num_classes - 1}, got {spec!r}")
+    if labels is not None and labels.dim() > 1:  # [[1, 2]] was flattened without a word
+        labels = None
+    labels = labels.reshape(-1) if labels is not None else None
+    if (labels is None or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool
+            or len(labels) == 0):
+        raise ConfigError(f"labels must be an integer or a 1-D list of integers in 0..{num_classes - 1}, got {spec!r}")
     bad = sorted({int(y) for y in labels if not 0 <= int(y) < num_classes})
     if bad:
         raise ConfigError(f"labels {bad} are outside 0..{num_classes - 1}")
