@@ -301,6 +301,15 @@ def test_pipeline_arguments_are_checked_and_a_module_samples_in_eval_mode():
     assert net.training and not net.conv.training and net.drop.training
 
 
+def test_a_wrapped_models_nan_output_does_not_claim_checked_weights():
+    """The error said "although its weights are finite" of a model whose weights fastdiff never read."""
+    pipe = fastdiff.Pipeline(lambda x, t, labels: torch.full_like(x, float("nan")), schedule=NoiseSchedule(),
+                             image_shape=(1, 4, 4))
+    with pytest.raises(CheckpointError, match=r"2 of 2 samples of the model are NaN or infinite; the weights") as e:
+        pipe.sample(2, steps=2, clip="none")
+    assert "finite" not in str(e.value)
+
+
 def test_pil_output_of_more_than_four_channels_is_refused_before_sampling():
     calls = []
 
