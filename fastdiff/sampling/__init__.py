@@ -291,8 +291,8 @@ def _sample(denoiser: Denoiser, settings: SampleSettings, n: int, seed, labels, 
         guided = labels is not None and settings.guidance is not None and settings.guidance > 1
         cause = (f"guidance {settings.guidance:g} amplified its output past the float range (lower --guidance), or "
                  if guided else "")
-        checked = "although its weights are finite; " if denoiser.path else "; "  # a loaded model's were checked
-        raise CheckpointError(f"{bad} of {len(images)} samples of {denoiser.path or 'the model'} are NaN or infinite "
+        checked = " although its weights are finite; " if denoiser.path else "; "  # a loaded model's were checked
+        raise CheckpointError(f"{bad} of {len(images)} samples of {denoiser.path or 'the model'} are NaN or infinite"
                               f"{checked}{cause}the weights are damaged or the model diverged")
     return SampleResult(images=images, labels=labels, seeds=seeds, seconds=elapsed - setup_s,
                         setup_s=setup_s, settings=settings, refine_s=refine_s,
