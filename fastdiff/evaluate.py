@@ -213,8 +213,8 @@ def evaluate_run(checkpoint, *, n: int = 1000, seed: int = 0, device=None, class
     classifier = load_or_train_classifier(train, cache, device, log, steps=classifier_steps, progress=progress)
     if n <= classifier.cfg.feature_dim and log:
         log(f"--n {n} is not above the classifier's {classifier.cfg.feature_dim} feature dimensions: the Fréchet "
-            "distance's covariances are singular at that size, so FD_cls, its floor and fd_ratio are mostly sampling "
-            "noise; score at --n 1000 to compare runs (the README's tables do)")
+            "distance's covariances are singular at that size, so FD_cls, its floor and fd_ratio are mostly the "
+            "draw's chance; score at --n 1000 to compare runs (the README's tables do)")
     ref = real_reference(classifier, train, test, n, device)
     res = sample(run, settings, n=n, seed=seed, progress=progress)
     result = {"checkpoint": run.path, "dataset": cfg.data.dataset, "n": n, "sampler": settings.sampler,
