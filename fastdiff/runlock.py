@@ -1,12 +1,16 @@
 """One writer per run directory: an exclusive flock on RUN/.lock that holds the writer's pid.
 
-`fastdiff.train.rundir.open_run_dir` takes it before it reads anything in the run directory.
+`fastdiff.train.rundir.open_run_dir` takes it before it reads anything in the run directory. `waiting_lock`: one
+process at a time through a block (a dataset's download and unpacking), the others waiting their turn.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 from fastdiff.errors import FastdiffError
@@ -65,3 +69,19 @@ def lock_run_dir(run_dir) -> RunDirLock:
     """Take the run directory's writer lock (a FastdiffError naming the holder's pid if another process has it).
     Use as `with lock_run_dir(out): ...` or call `.release()`."""
     return RunDirLock(run_dir).acquire()
+
+
+@contextlib.contextmanager
+def waiting_lock(name: str, key: Path):
+    """One process at a time inside (the others wait): an exclusive flock on a file in the temporary folder named
+    by `name` and the resolved path `key` (nothing is written beside `key`, which may not exist yet or be
+    read-only). The kernel drops it when its process ends in any way."""
+    import fcntl
+
+    digest = hashlib.sha256(str(Path(key).resolve()).encode()).hexdigest()[:16]
+    fd = os.open(Path(tempfile.gettempdir()) / f"fastdiff-{name}-{digest}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # the flock goes with its last descriptor

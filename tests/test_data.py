@@ -4,6 +4,7 @@ errors for missing or corrupt files."""
 import gzip
 import hashlib
 import http.server
+import os
 import pickle
 import shutil
 import tarfile
@@ -133,6 +134,54 @@ def test_cifar_from_archive(tmp_path):
     assert len(load_dataset("cifar10", data_dir=tmp_path, download=False)) == 15
 
 
+def test_one_process_at_a_time_downloads_and_unpacks_a_datasets_files(tmp_path, http_server, monkeypatch):
+    """torchrun's ranks each downloaded into one shared FILE.part and unpacked one archive into one folder at once:
+    a rank read a batch another was still writing ("pickle data was truncated; delete it and download again"). The
+    download and the unpacking now run under a lock that every other process waits for, and each download writes
+    a temporary file of its own."""
+    import errno
+    import fcntl
+    import hashlib as hl
+    import tempfile
+
+    from fastdiff.data import formats
+
+    def lock_is_held(folder):  # another open file description: refused while a process holds the lock
+        key = hl.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+        fd = os.open(Path(tempfile.gettempdir()) / f"fastdiff-data-{key}.lock", os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except OSError as e:
+            assert e.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+            return True
+        finally:
+            os.close(fd)
+
+    seen = []
+    real_extract, real_fetch = formats.extract_tar, dl.download_file
+    monkeypatch.setattr(formats, "extract_tar", lambda a, d: (seen.append(lock_is_held(d)), real_extract(a, d)))
+    write_cifar_archive(tmp_path)
+    assert len(load_dataset("cifar10", data_dir=tmp_path, download=False)) == 15 and seen == [True]
+    assert not lock_is_held(tmp_path / "cifar10")  # and released
+
+    def fetch(filename, mirrors, checksum, dest_dir, timeout=60):
+        seen.append(lock_is_held(dest_dir))
+        return real_fetch(filename, mirrors, checksum, dest_dir, timeout)
+
+    root, url = http_server
+    _serve_mnist(root, monkeypatch, url)
+    monkeypatch.setattr(dl, "download_file", fetch)
+    parts = []
+    copy = shutil.copyfileobj
+    monkeypatch.setattr(dl.shutil, "copyfileobj", lambda src, out, *n: (  # the test's server copies with it too
+        parts.append(Path(getattr(out, "name", "")).name), copy(src, out, *n)))
+    assert load_dataset("mnist", data_dir=tmp_path / "data").images.shape == (12, 1, 28, 28)
+    assert len(seen) == 5 and all(seen)
+    parts = [p for p in parts if p.endswith(".tmp")]
+    assert len(parts) == 4 and all(p.endswith(f".{os.getpid()}.tmp") for p in parts), parts
+
+
 def test_fer2013(tmp_path):
     rows = ["emotion,pixels,Usage"]
     for i, usage in enumerate(["Training", "Training", "PublicTest", "PrivateTest"]):
@@ -210,7 +259,7 @@ def test_download_from_local_server(tmp_path, http_server, monkeypatch):
     assert d.images.shape == (12, 1, 28, 28)
     assert sorted(p.name for p in (tmp_path / "data" / "mnist").iterdir() if p.name.startswith("train"))[0].endswith(
         ".gz")
-    assert not list((tmp_path / "data" / "mnist").glob("*.part"))
+    assert not list((tmp_path / "data" / "mnist").glob(".*.tmp"))
 
 
 def test_download_checksum_mismatch(tmp_path, http_server, monkeypatch):

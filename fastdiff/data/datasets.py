@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from fastdiff.data import formats, mnist5k
 from fastdiff.data.download import RESOURCES, check_published, fetch_dataset
 from fastdiff.errors import ConfigError, DataError
+from fastdiff.runlock import waiting_lock
 
 DATASETS = ("digits", "mnist5k", "mnist", "fashion-mnist", "cifar10", "fer2013", "folder", "synthetic")
 SPLITS = ("train", "test")
@@ -94,15 +95,16 @@ def _idx_dataset(name: str, root: Path, split: str, download: bool):
     all missing files of the four are named (downloaded, or asked for) at once."""
     folder = root / name
     stems = [s for pair in MNIST_FILES.values() for s in pair]
-    paths = {s: formats.find_file(folder, s) for s in stems}
-    if any(paths[s] is None for s in MNIST_FILES[split]):
-        missing = [s + ".gz" for s in stems if paths[s] is None]
-        if not download:
-            raise DataError(f"{name} needs the four IDX files (.gz or not) in {folder}; not found: "
-                            f"{', '.join(missing)}. Get them from {RESOURCES[name]['mirrors'][0]} and put them there "
-                            "(or pass --data-dir to a folder that holds them)")
-        fetch_dataset(name, folder, missing)
+    with waiting_lock("data", folder):  # torchrun's ranks (or two runs) share the folder: one downloads at a time
         paths = {s: formats.find_file(folder, s) for s in stems}
+        if any(paths[s] is None for s in MNIST_FILES[split]):
+            missing = [s + ".gz" for s in stems if paths[s] is None]
+            if not download:
+                raise DataError(f"{name} needs the four IDX files (.gz or not) in {folder}; not found: "
+                                f"{', '.join(missing)}. Get them from {RESOURCES[name]['mirrors'][0]} and put them "
+                                "there (or pass --data-dir to a folder that holds them)")
+            fetch_dataset(name, folder, missing)
+            paths = {s: formats.find_file(folder, s) for s in stems}
     image_path, label_path = (paths[s] for s in MNIST_FILES[split])
     for path in (image_path, label_path):
         check_published(name, path)
@@ -117,17 +119,19 @@ def _cifar10(root: Path, split: str, download: bool):
     folder = root / "cifar10"
     batches = folder / "cifar-10-batches-py"
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-    if not all((batches / n).exists() for n in names):
-        archive = folder / "cifar-10-python.tar.gz"
-        if not archive.exists():
-            if not download:
-                raise DataError(f"CIFAR-10 batches not found in {batches} and no archive {archive}")
-            fetch_dataset("cifar10", folder, [archive.name])
-        check_published("cifar10", archive)
-        formats.extract_tar(archive, folder)
-        missing = [n for n in names if not (batches / n).exists()]
-        if missing:
-            raise DataError(f"{archive} does not contain {', '.join(missing)}; is it the CIFAR-10 python archive?")
+    with waiting_lock("data", folder):  # a batch another rank is still unpacking was read truncated
+        if not all((batches / n).exists() for n in names):
+            archive = folder / "cifar-10-python.tar.gz"
+            if not archive.exists():
+                if not download:
+                    raise DataError(f"CIFAR-10 batches not found in {batches} and no archive {archive}")
+                fetch_dataset("cifar10", folder, [archive.name])
+            check_published("cifar10", archive)
+            formats.extract_tar(archive, folder)
+            missing = [n for n in names if not (batches / n).exists()]
+            if missing:
+                raise DataError(f"{archive} does not contain {', '.join(missing)}; is it the CIFAR-10 python "
+                                "archive?")
     parts = [formats.read_cifar_batch(batches / n) for n in names]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from fastdiff.errors import DataError, FastdiffWarning
+from fastdiff.files import remove_stale_files
 
 # Each file: "md5:<hex>" or "sha256:<hex>" of the archive as published.
 RESOURCES: dict[str, dict] = {
@@ -75,9 +76,11 @@ def check_published(name: str, path: Path) -> None:
 
 def download_file(filename: str, mirrors: list[str], checksum: str, dest_dir: Path, timeout: float = 60) -> Path:
     """Fetch `filename` into the existing dest_dir from the first mirror that serves it with the right checksum;
-    atomic write (a `.part` file renamed into place, removed on any failure, Ctrl-C included)."""
+    atomic write (a temporary file renamed into place, removed on any failure, Ctrl-C included)."""
     dest = dest_dir / filename
-    part = dest_dir / (filename + ".part")
+    # each process its own temporary file (a shared FILE.part was truncated by the next rank); a killed one's go
+    part = dest_dir / f".{filename}.{os.getpid()}.tmp"
+    remove_stale_files(dest_dir, names={filename}.__contains__)
     reasons = []
     for mirror in mirrors:
         url = mirror.rstrip("/") + "/" + filename
