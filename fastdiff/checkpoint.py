@@ -50,6 +50,11 @@ def save_tensors(path, tensors: dict[str, torch.Tensor], meta: dict | None = Non
 
 # --- finding checkpoints ------------------------------------------------------------------------------------------
 
+def checkpoint_path(run_dir, step: int) -> Path:
+    """Where the checkpoint of `step` goes: RUN/checkpoints/step-<step, 9 digits>."""
+    return Path(run_dir) / CHECKPOINTS / f"step-{step:09d}"
+
+
 def checkpoint_dirs(run_dir) -> list[tuple[int, Path]]:
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
@@ -214,7 +219,7 @@ def save_checkpoint(run_dir, step: int, *, tensors: dict[str, dict[str, torch.Te
             raise CheckpointError(f"not writing checkpoint step {step}: {name} tensor {bad!r} holds NaN or infinite "
                                   "values (the run diverged); the earlier checkpoints are kept")
     root = Path(run_dir) / CHECKPOINTS
-    final = root / f"step-{step:09d}"
+    final = checkpoint_path(run_dir, step)
     tmp = root / f".tmp-step-{step:09d}-{os.getpid()}"
     old = root / f".old-step-{step:09d}-{os.getpid()}"
     if keep > 0:

@@ -114,6 +114,40 @@ def test_a_resume_with_another_number_of_processes_says_it_is_not_exact(tmp_path
         tmp_path / "run" / "log.txt").read_text()
 
 
+def _nan_worker(rank, world_size, port, cfg_dict, out):
+    """A run whose batches turn NaN after the third, so it diverges at step 4 after its step-2 checkpoint (as the
+    `nan_batches` fixture); each process writes the NaN guard's message it raised."""
+    _torchrun_env(rank, world_size, port)
+    torch.set_num_threads(1)
+    from fastdiff.data import datasets
+    from fastdiff.errors import TrainingDiverged
+    from fastdiff.train import train_ddpm
+
+    real, calls = datasets.ImageData.batch, [0]
+
+    def poisoned(self, index, device):
+        calls[0] += 1
+        x, y = real(self, index, device)
+        return (x * float("nan") if calls[0] > 3 else x), y
+
+    datasets.ImageData.batch = poisoned
+    try:
+        train_ddpm(RunConfig.from_dict(cfg_dict), out, device="cpu", progress=False, echo=lambda s: None)
+    except TrainingDiverged as e:
+        with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
+            f.write(str(e))
+
+
+def test_every_process_names_the_last_checkpoint_after_a_nan(tmp_path, tiny_overrides):
+    """The other processes' NaN guard said "no checkpoint was written yet. Start again ... into a new --out" (only
+    the first had written it), and the CLI prints every process's error: following that line threw the run away."""
+    cfg = apply_overrides(preset_config("digits"), {**tiny_overrides, "train.steps": 8})
+    mp.spawn(_nan_worker, args=(2, _free_port(), cfg.to_dict(), str(tmp_path)), nprocs=2, join=True)
+    said = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    last = tmp_path / "checkpoints" / "step-000000002"
+    assert said[0] == said[1] and f"the last good checkpoint is {last}" in said[1]
+
+
 def test_two_processes_train_compiled(tmp_path, tiny_overrides):
     """torch.compile of the DDP-wrapped model, as on GPUs (Dynamo's eager backend here, to skip Inductor's C++):
     DDP's forward is no single graph, so fullgraph=True failed every multi-GPU run at its first step."""

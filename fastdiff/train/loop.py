@@ -342,6 +342,8 @@ def _loop(objective, session: Session, ema, monitor, log, data, batcher, tc: Tra
             if is_ckpt and world.is_main:
                 last_ckpt = _save(run_dir, objective, ema, config, tc, done, images_seen, session.world.size)
                 log.line(f"checkpoint {last_ckpt}")
+            elif is_ckpt:  # the first process's, which every process's advice after a NaN names (it said "none")
+                last_ckpt = str(ckpt.checkpoint_path(run_dir, done))
             if monitor is not None:
                 if is_grid and ema is not None and (grid := objective.grid(ema.model)) is not None:
                     log.line(f"samples {monitor.grid(done, grid)}")
