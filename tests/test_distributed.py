@@ -36,8 +36,22 @@ def test_ranks_take_contiguous_slices_and_own_streams():
 def test_batch_must_split_evenly(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")
     with pytest.raises(ConfigError, match="not divisible by the 2 processes"):
         init_world(torch.device("cpu"), 5)
+
+
+def test_world_size_without_torchrun_is_one_error(monkeypatch):
+    """WORLD_SIZE and RANK alone (a leftover, another launcher) were torch's ValueError after the dataset loaded;
+    without LOCAL_RANK every process took cuda:0."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match="WORLD_SIZE=2 is set but MASTER_ADDR and MASTER_PORT not: run under "
+                                          "torchrun"):
+        init_world(torch.device("cpu"), 4)
 
 
 def test_dry_run_under_torchrun_prints_once_and_checks_the_batch_split(monkeypatch, capsys, tmp_path):

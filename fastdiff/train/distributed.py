@@ -171,6 +171,13 @@ def init_world(device: torch.device, batch_size: int) -> tuple[World, torch.devi
     rank, size = _env_world()
     if size == 1:
         return World(), device
+    here = not dist.is_initialized()
+    # torchrun sets them all; WORLD_SIZE alone (a leftover in the shell, another launcher) was torch's ValueError
+    # after the dataset loaded, and LOCAL_RANK's absence put every process on cuda:0
+    needed = (["MASTER_ADDR", "MASTER_PORT"] if here else []) + (["LOCAL_RANK"] if device.type == "cuda" else [])
+    if missing := [name for name in needed if name not in os.environ]:
+        raise ConfigError(f"WORLD_SIZE={size} is set but {' and '.join(missing)} not: run under torchrun "
+                          "(torchrun --nproc_per_node N -m fastdiff.cli ...), which sets them, or unset WORLD_SIZE")
     local_rank = _env_int("LOCAL_RANK", "0")
     check_batch_split(batch_size)
     if device.type == "cuda":
@@ -179,7 +186,6 @@ def init_world(device: torch.device, batch_size: int) -> tuple[World, torch.devi
                               "lower --nproc_per_node")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    here = not dist.is_initialized()
     if here:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return World(rank, size, here), device
