@@ -82,7 +82,13 @@ def _torchrun_env(rank, world_size, port):
 def _worker(rank, world_size, port, cfg_dict, out, resume, accel):
     _torchrun_env(rank, world_size, port)
     torch.set_num_threads(1)
-    from fastdiff.train import train_ddpm
+    from fastdiff.train import loop, train_ddpm
+
+    if rank:  # the first process chooses the checkpoint a resume starts from, for all (each chose its own)
+        def chosen_apart(*args, **kwargs):
+            raise AssertionError(f"process {rank} chose the resume's checkpoint itself")
+
+        loop.resume_checkpoint = chosen_apart
 
     train_ddpm(RunConfig.from_dict(cfg_dict), out, device="cpu", resume=resume, progress=False, echo=lambda s: None,
                accel=accel)

@@ -236,7 +236,11 @@ def train_loop(build: Callable[[Session], object], *, kind: str, data, tc: Train
 def _run(build, world: World, data, tc: TrainConfig, config: dict, run_dir: Path, device, resume: bool,
          progress: bool, echo, accel) -> dict:
     world.barrier()  # the first process has opened the run directory
-    path = resume_checkpoint(run_dir, log=echo if world.is_main else None, set_aside=world.is_main) if resume else None
+    path = None
+    if resume:  # the first process's choice on all (each choosing while it set corrupt ones aside could differ)
+        path = resume_checkpoint(run_dir, log=echo) if world.is_main else None
+        path = world.from_main(None if path is None else str(path))
+        path = Path(path) if path is not None else None
     start = _resumed_step(path, tc, run_dir) if path is not None else 0
     if path is not None and start == tc.steps and run_finished(run_dir, start):  # else: a stop lost its end (_loop)
         if world.is_main:

@@ -22,19 +22,19 @@ from fastdiff.errors import ConfigError, FastdiffError
 from fastdiff.sources import pin_checkpoint, pinned_or_its_run
 
 
-def resume_checkpoint(run_dir: Path, log=None, set_aside: bool = True) -> Path:
-    """The checkpoint that --resume continues from: the newest one whose tensors load and are finite. With
-    `set_aside` (the writing process only), newer checkpoints that failed the check move to checkpoints/set-aside/,
-    where nothing prunes or resumes from them; nothing is deleted. Where none passes, one error: starting over
-    from step 0 under --resume would be no resume, and would overwrite the damaged checkpoints."""
+def resume_checkpoint(run_dir: Path, log=None) -> Path:
+    """The checkpoint that --resume continues from: the newest one whose tensors load and are finite (chosen by
+    the writing process, which shares it with the others). Newer checkpoints that failed the check move to
+    checkpoints/set-aside/, where nothing prunes or resumes from them; nothing is deleted. Where none passes, one
+    error: starting over from step 0 under --resume would be no resume, and would overwrite the damaged
+    checkpoints."""
     path = ckpt.latest_good_checkpoint(run_dir, log=log)
     if path is None:
         names = ", ".join(p.name for _, p in ckpt.checkpoint_dirs(run_dir)) or "none"
         raise FastdiffError(f"--resume: no checkpoint of {run_dir} passes its check ({names}; "
                             "the lines above say why each was skipped), so the run cannot continue where it stopped;"
                             f" to start over, move {run_dir} aside and train without --resume")
-    if set_aside:
-        ckpt.set_aside_newer(run_dir, path)
+    ckpt.set_aside_newer(run_dir, path)
     return path
 
 
