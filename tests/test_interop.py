@@ -405,3 +405,33 @@ def test_non_finite_weights_and_bad_widths_are_one_error(tmp_path):
     for bad in ([16, -32, 32], 64, None, "64", []):
         with pytest.raises(ConfigError, match=r"block_out_channels=.* must be a list of positive integers"):
             interop.unet_config_from({**DDPM_CIFAR10_32, "block_out_channels": bad})
+
+
+def test_export_in_half_precision(tmp_path, capsys):
+    """fp16 or bf16 weights: half the file, loaded into float32 models by fastdiff and diffusers alike."""
+    import fastdiff
+
+    model, cfg = make_run(tmp_path / "run")
+    x, t = inputs(cfg.model)
+    labels = torch.tensor([3, 9, 10])
+    with torch.no_grad():
+        want = model(x, t, labels)
+    sizes = {}
+    for dtype, torch_dtype, tol in (("fp32", torch.float32, 1e-5), ("fp16", torch.float16, 1e-2),
+                                    ("bf16", torch.bfloat16, 5e-2)):
+        out = tmp_path / dtype
+        assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(out), "--dtype", dtype]) == 0
+        assert json.loads(capsys.readouterr().out)["dtype"] == dtype
+        file = out / "unet" / interop.WEIGHTS
+        sizes[dtype] = file.stat().st_size
+        assert {v.dtype for v in load_file(str(file)).values() if v.is_floating_point()} == {torch_dtype}
+        ours = fastdiff.load(out, device="cpu").model
+        unet = diffusers.UNet2DModel.from_pretrained(out / "unet").eval()
+        with torch.no_grad():
+            for got in (ours(x, t, labels), unet(x, t, class_labels=labels).sample):
+                assert got.dtype == torch.float32
+                torch.testing.assert_close(got, want, atol=tol, rtol=0)
+    assert max(sizes["fp16"], sizes["bf16"]) < 0.55 * sizes["fp32"]
+    with pytest.raises(ConfigError, match="unknown export dtype 'int8'; use one of fp32, fp16, bf16"):
+        interop.export_run(tmp_path / "run", tmp_path / "x", dtype="int8")
+    assert not (tmp_path / "x").exists()

@@ -272,13 +272,16 @@ def add_export(sub):
     p.add_argument("--out", type=PATH, required=True,
                    help="the new folder, which must not exist or be empty (required)")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="the weights' dtype in the file: fp16 or bf16 halve its size and load into float32 models "
+                   "within their rounding (default: %(default)s)")
 
 
 def cmd_export(args) -> int:
     from fastdiff.interop import export_run
 
-    out = export_run(args.checkpoint, args.out, use_ema=not args.no_ema)
-    print(json.dumps({"out": str(out), "checkpoint": args.checkpoint, "ema": not args.no_ema}))
+    out = export_run(args.checkpoint, args.out, use_ema=not args.no_ema, dtype=args.dtype)
+    print(json.dumps({"out": str(out), "checkpoint": args.checkpoint, "ema": not args.no_ema, "dtype": args.dtype}))
     return 0
 
 

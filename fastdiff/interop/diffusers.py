@@ -318,17 +318,24 @@ def load_diffusers(path, device="cpu") -> tuple[UNet, RunConfig, NoiseSchedule]:
     return model, cfg, NoiseSchedule.from_config(cfg.diffusion, device)
 
 
-def export_run(run_or_checkpoint, out_dir, *, use_ema: bool = True) -> Path:
+EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def export_run(run_or_checkpoint, out_dir, *, use_ema: bool = True, dtype: str = "fp32") -> Path:
     """Write a run's UNet (EMA weights by default) as a diffusers pipeline folder that DDPMPipeline loads:
     model_index.json, unet/ (config.json, diffusion_pytorch_model.safetensors) and scheduler/, and the run's
     config (RUN_CONFIG), from which `fastdiff.load` and `fastdiff sample` take its sampling defaults.
 
     diffusers' DDPMPipeline and DDIMPipeline sample an unconditional model only: a class-conditional one takes
     `class_labels` in a loop of one's own (its unet/config.json names the null label of guidance,
-    `_fastdiff_null_label`). A student's own sampler is fastdiff's: in diffusers, DDIM at 1 step is the same."""
+    `_fastdiff_null_label`). A student's own sampler is fastdiff's: in diffusers, DDIM at 1 step is the same.
+    dtype: the weights' dtype in the file, "fp32" (as trained), "fp16" or "bf16" (half the size; both load into
+    float32 models, in fastdiff and diffusers, within that dtype's rounding)."""
     from fastdiff.config_checks import path_arg
     from fastdiff.sampling import load_run
 
+    if dtype not in EXPORT_DTYPES:
+        raise ConfigError(f"unknown export dtype {dtype!r}; use one of {', '.join(EXPORT_DTYPES)}")
     out_dir = path_arg("out_dir", out_dir)
     loaded = load_run(run_or_checkpoint, "cpu", use_ema=use_ema)
     cfg = loaded.config
@@ -347,7 +354,9 @@ def export_run(run_or_checkpoint, out_dir, *, use_ema: bool = True) -> Path:
     try:
         (tmp / "unet").mkdir(parents=True)
         # plain writes inside the temporary folder: its rename is the atomic step, and an error names the export
-        (tmp / "unet" / WEIGHTS).write_bytes(safetensors_bytes(to_diffusers(loaded.model.state_dict(), cfg.model)))
+        weights = {k: v.to(EXPORT_DTYPES[dtype]) if v.is_floating_point() else v
+                   for k, v in to_diffusers(loaded.model.state_dict(), cfg.model).items()}
+        (tmp / "unet" / WEIGHTS).write_bytes(safetensors_bytes(weights))
         (tmp / "unet" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         scheduler.save_pretrained(tmp / "scheduler")
         index = {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
