@@ -30,6 +30,7 @@ from fastdiff.errors import CheckpointError, ConfigError, FastdiffError
 from fastdiff.images import check_writable
 from fastdiff.metrics import frechet_distance, kid, knn_radii, precision_recall
 from fastdiff.models.classifier import Classifier, ClassifierConfig, train_classifier
+from fastdiff.runlock import waiting_lock
 from fastdiff.runtime import resolve_device
 from fastdiff.sampling import load_run, resolve_settings, sample
 from fastdiff.sources import pinned_or_its_run, tensors_fingerprint, user_cache_dir
@@ -58,26 +59,28 @@ def load_or_train_classifier(train: ImageData, cache_dir, device="cpu", log=None
     user = classifier_path(user_cache_dir(), train, steps)
     shipped = classifier_path(PRETRAINED_DIR, train, steps)
     data = data_fingerprint(train)
-    for candidate in dict.fromkeys((path, user, shipped)):
-        model = _cached_classifier(candidate, steps, len(train), data, log)
-        if model is not None:
-            if candidate != path and log:
-                log(f"using the {'shipped' if candidate == shipped else 'cached'} evaluation classifier {candidate}")
-            return model.to(device).eval()
-    try:  # checked before the minutes of training, not when it is written
-        check_writable(path, what="the evaluation classifier")
-    except FastdiffError:
+    with waiting_lock("cache", path):  # two evaluations at once: the second waits, then reads the first's
+        for candidate in dict.fromkeys((path, user, shipped)):
+            model = _cached_classifier(candidate, steps, len(train), data, log)
+            if model is not None:
+                if candidate != path and log:
+                    which = "shipped" if candidate == shipped else "cached"
+                    log(f"using the {which} evaluation classifier {candidate}")
+                return model.to(device).eval()
+        try:  # checked before the minutes of training, not when it is written
+            check_writable(path, what="the evaluation classifier")
+        except FastdiffError:
+            if log:
+                log(f"{path.parent} is not writable; caching the evaluation classifier in {user.parent}")
+            path = user
         if log:
-            log(f"{path.parent} is not writable; caching the evaluation classifier in {user.parent}")
-        path = user
-    if log:
-        log(f"training the evaluation classifier for {train.name} at {train.shape} (cached as {path})")
-    model = train_classifier(train.float_images(), train.labels, train.num_classes, steps=steps, device=device, log=log,
-                             progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_tensors(path, model.state_dict(), meta={"config": model.config_dict(), "steps": steps,
-                                                 "train_images": len(train), "data": data})
-    return model
+            log(f"training the evaluation classifier for {train.name} at {train.shape} (cached as {path})")
+        model = train_classifier(train.float_images(), train.labels, train.num_classes, steps=steps, device=device,
+                                 log=log, progress=progress)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_tensors(path, model.state_dict(), meta={"config": model.config_dict(), "steps": steps,
+                                                     "train_images": len(train), "data": data})
+        return model
 
 
 def data_fingerprint(data: ImageData) -> str:

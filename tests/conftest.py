@@ -73,3 +73,24 @@ def pytest_configure(config):
         import fastdiff.runtime
 
         fastdiff.runtime.cpu_flags = lambda: frozenset(flags.split())
+
+
+def waiting_lock_is_held(name: str, key) -> bool:
+    """Whether a process holds `fastdiff.runlock.waiting_lock(name, key)` now (this one included: a new open file
+    description of the lock file is refused while another holds it)."""
+    import errno
+    import fcntl
+    import hashlib
+    import tempfile
+    from pathlib import Path
+
+    digest = hashlib.sha256(str(Path(key).resolve()).encode()).hexdigest()[:16]
+    fd = os.open(Path(tempfile.gettempdir()) / f"fastdiff-{name}-{digest}.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError as e:
+        assert e.errno in (errno.EWOULDBLOCK, errno.EAGAIN), e
+        return True
+    finally:
+        os.close(fd)

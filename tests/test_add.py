@@ -618,6 +618,43 @@ def test_teacher_pairs_are_made_again_when_the_teachers_weights_change_in_place(
     assert torch.equal(teacher_pairs(load_run(folder, "cpu"), cfg, tmp_path, device="cpu").images, again.images)
 
 
+def test_caches_are_made_by_one_process_at_a_time(student_run, tmp_path, monkeypatch):
+    """Two distillations or evaluations started together each sampled the same teacher pairs, or trained the same
+    ViT backbone or evaluation classifier, and wrote the cache twice. Each is now made under a lock that the other
+    waits for; it then reads the first one's cache."""
+    from conftest import waiting_lock_is_held
+
+    from fastdiff import evaluate
+    from fastdiff.data import load_dataset
+    from fastdiff.models import vit
+    from fastdiff.train import add_pairs
+
+    held = []
+
+    def recording(real, key):
+        def run(*args, **kwargs):
+            held.append(waiting_lock_is_held("cache", key()))
+            return real(*args, **kwargs)
+        return run
+
+    folder = ckpt.latest_checkpoint(student_run / "teacher")
+    cfg = apply_overrides(distill_config(load_run(folder, "cpu").config, str(folder)),
+                          {"distill.regress_weight": 1.0, "distill.regress_steps": 2, "distill.regress_pairs": 4})
+    monkeypatch.setattr(add_pairs, "_sample_pairs", recording(add_pairs._sample_pairs,
+                                                              lambda: tmp_path / "pairs-ddim2-n4.safetensors"))
+    add_pairs.teacher_pairs(load_run(folder, "cpu"), cfg, tmp_path, device="cpu")
+    digits = load_dataset("digits")
+    monkeypatch.setattr(evaluate, "train_classifier", recording(
+        evaluate.train_classifier, lambda: evaluate.classifier_path(tmp_path, digits, 3)))
+    evaluate.load_or_train_classifier(digits, tmp_path, steps=3)
+    vcfg = vit.ViTConfig(image_size=8, in_channels=1, patch_size=4, dim=16, depth=1, num_heads=2, num_classes=10)
+    monkeypatch.setattr(vit, "pretrain_vit", recording(vit.pretrain_vit,
+                                                       lambda: tmp_path / "vit-digits-1x8-p4d16x1.safetensors"))
+    vit.load_or_pretrain_vit(digits, tmp_path, vcfg, steps=2)
+    assert held == [True, True, True]
+    assert not any(waiting_lock_is_held("cache", p) for p in tmp_path.glob("*.safetensors"))  # and released
+
+
 def test_a_samples_refiner_reads_the_teachers_newest_when_its_pinned_one_was_pruned(student_run, tmp_path,
                                                                                     capsys):
     # It failed ("checkpoint ... does not exist") once the student's teacher run had pruned the checkpoint the

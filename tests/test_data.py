@@ -139,24 +139,12 @@ def test_one_process_at_a_time_downloads_and_unpacks_a_datasets_files(tmp_path, 
     a rank read a batch another was still writing ("pickle data was truncated; delete it and download again"). The
     download and the unpacking now run under a lock that every other process waits for, and each download writes
     a temporary file of its own."""
-    import errno
-    import fcntl
-    import hashlib as hl
-    import tempfile
+    from conftest import waiting_lock_is_held
 
     from fastdiff.data import formats
 
-    def lock_is_held(folder):  # another open file description: refused while a process holds the lock
-        key = hl.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
-        fd = os.open(Path(tempfile.gettempdir()) / f"fastdiff-data-{key}.lock", os.O_RDWR | os.O_CREAT)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return False
-        except OSError as e:
-            assert e.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
-            return True
-        finally:
-            os.close(fd)
+    def lock_is_held(folder):
+        return waiting_lock_is_held("data", folder)
 
     seen = []
     real_extract, real_fetch = formats.extract_tar, dl.download_file

@@ -24,6 +24,7 @@ from torch import nn
 from fastdiff.checkpoint import check_finite, read_json, read_tensors, save_tensors
 from fastdiff.errors import CheckpointError, ConfigError
 from fastdiff.nn import attention
+from fastdiff.runlock import waiting_lock
 from fastdiff.runtime import isolated_rng
 from fastdiff.state_dicts import mismatch
 
@@ -332,6 +333,12 @@ def _load_or_pretrain_vit(data, cache_dir, cfg: ViTConfig, *, steps: int, device
     tag = f"vit-{data.name}-{c}x{h}-p{cfg.patch_size}d{cfg.dim}x{cfg.depth}"
     path = Path(cache_dir) / f"{tag}.safetensors"
     meta_path = path.with_suffix(".json")
+    with waiting_lock("cache", path):  # two distillations at once: the second waits, then reads the first's
+        return _read_or_pretrain(data, cfg, path, meta_path, steps=steps, device=device, log=log, progress=progress)
+
+
+def _read_or_pretrain(data, cfg: ViTConfig, path: Path, meta_path: Path, *, steps: int, device, log,
+                      progress: bool) -> ViT:
     if path.exists() and meta_path.exists():
         meta = read_json(meta_path)
         if meta.get("steps") == steps and meta.get("config") == json.loads(json.dumps(asdict(cfg))):

@@ -29,6 +29,7 @@ from fastdiff import checkpoint as ckpt
 from fastdiff.config import RunConfig
 from fastdiff.diffusion import make_timesteps
 from fastdiff.errors import ConfigError
+from fastdiff.runlock import waiting_lock
 from fastdiff.runtime import isolated_rng
 from fastdiff.sampling import Denoiser, resolve_settings, sample
 from fastdiff.sources import weights_fingerprint
@@ -73,27 +74,30 @@ def teacher_pairs(teacher: Denoiser, cfg: RunConfig, cache_dir, *, device, log=N
     # until 2026-12-07, could be another sampling's after a kill -9 between the two writes, or after two
     # distillations of other checkpoints of one teacher wrote the cache at once, and was then read as theirs
     meta_bytes = json.dumps(meta, sort_keys=True).encode()
-    if path.exists():
-        t = ckpt.read_tensors(path)
-        if "meta" in t and bytes(t["meta"].numpy()) == meta_bytes:
-            return Pairs(t["seeds"], t.get("labels"), t["images"], t.get("states"), states_at).to(device)
+    # two samplings of one teacher's pairs at once (two distillations): the second waits, then reads the first's
     grid = make_timesteps(teacher.schedule.num_timesteps, settings.steps, settings.spacing).tolist()
     missing = [t for t in states_at if t not in grid[1:]]  # step 0's input is the noise itself
     if missing:
         raise ConfigError(f"the teacher's DDIM-{settings.steps} ({settings.spacing} spacing) never steps from student "
                           f"timesteps {missing}, so it has no state there to regress on; pick --regress-steps so "
                           f"that it does (20 visits 999, 749, 499 and 249) or --regress-at first")
-    if log:
-        log(f"sampling {n} teacher pairs for {purpose} (DDIM-{settings.steps}, guidance "
-            f"{settings.guidance:g}{f', states at t={list(states_at)}' if states_at else ''}; cached as {path})")
-    with isolated_rng(device):
-        pairs = _sample_pairs(teacher, settings, n, seed, states_at, [grid.index(t) for t in states_at], progress)
-    tensors = {k: v for k, v in (("seeds", pairs.seeds), ("images", pairs.images), ("labels", pairs.labels),
-                                 ("states", pairs.states)) if v is not None}
-    tensors["meta"] = torch.frombuffer(bytearray(meta_bytes), dtype=torch.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ckpt.save_tensors(path, tensors)
-    return pairs.to(device)
+    with waiting_lock("cache", path):
+        if path.exists():
+            t = ckpt.read_tensors(path)
+            if "meta" in t and bytes(t["meta"].numpy()) == meta_bytes:
+                return Pairs(t["seeds"], t.get("labels"), t["images"], t.get("states"), states_at).to(device)
+        if log:
+            log(f"sampling {n} teacher pairs for {purpose} (DDIM-{settings.steps}, guidance "
+                f"{settings.guidance:g}{f', states at t={list(states_at)}' if states_at else ''}; cached as {path})")
+        with isolated_rng(device):
+            pairs = _sample_pairs(teacher, settings, n, seed, states_at, [grid.index(t) for t in states_at],
+                                  progress)
+        tensors = {k: v for k, v in (("seeds", pairs.seeds), ("images", pairs.images), ("labels", pairs.labels),
+                                     ("states", pairs.states)) if v is not None}
+        tensors["meta"] = torch.frombuffer(bytearray(meta_bytes), dtype=torch.uint8)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ckpt.save_tensors(path, tensors)
+        return pairs.to(device)
 
 
 def _sample_pairs(teacher: Denoiser, settings, n: int, seed: int, states_at: tuple[int, ...],
