@@ -75,6 +75,12 @@ def pytest_configure(config):
         fastdiff.runtime.cpu_flags = lambda: frozenset(flags.split())
 
 
+@pytest.fixture
+def lock_is_held():
+    """`waiting_lock_is_held` (a fixture: test modules of two folders cannot import one conftest by name)."""
+    return waiting_lock_is_held
+
+
 def waiting_lock_is_held(name: str, key) -> bool:
     """Whether a process holds `fastdiff.runlock.waiting_lock(name, key)` now (this one included: a new open file
     description of the lock file is refused while another holds it)."""

@@ -618,12 +618,10 @@ def test_teacher_pairs_are_made_again_when_the_teachers_weights_change_in_place(
     assert torch.equal(teacher_pairs(load_run(folder, "cpu"), cfg, tmp_path, device="cpu").images, again.images)
 
 
-def test_caches_are_made_by_one_process_at_a_time(student_run, tmp_path, monkeypatch):
+def test_caches_are_made_by_one_process_at_a_time(student_run, tmp_path, monkeypatch, lock_is_held):
     """Two distillations or evaluations started together each sampled the same teacher pairs, or trained the same
     ViT backbone or evaluation classifier, and wrote the cache twice. Each is now made under a lock that the other
     waits for; it then reads the first one's cache."""
-    from conftest import waiting_lock_is_held
-
     from fastdiff import evaluate
     from fastdiff.data import load_dataset
     from fastdiff.models import vit
@@ -633,7 +631,7 @@ def test_caches_are_made_by_one_process_at_a_time(student_run, tmp_path, monkeyp
 
     def recording(real, key):
         def run(*args, **kwargs):
-            held.append(waiting_lock_is_held("cache", key()))
+            held.append(lock_is_held("cache", key()))
             return real(*args, **kwargs)
         return run
 
@@ -652,7 +650,7 @@ def test_caches_are_made_by_one_process_at_a_time(student_run, tmp_path, monkeyp
                                                        lambda: tmp_path / "vit-digits-1x8-p4d16x1.safetensors"))
     vit.load_or_pretrain_vit(digits, tmp_path, vcfg, steps=2)
     assert held == [True, True, True]
-    assert not any(waiting_lock_is_held("cache", p) for p in tmp_path.glob("*.safetensors"))  # and released
+    assert not any(lock_is_held("cache", p) for p in tmp_path.glob("*.safetensors"))  # and released
 
 
 def test_a_samples_refiner_reads_the_teachers_newest_when_its_pinned_one_was_pruned(student_run, tmp_path,

@@ -134,27 +134,23 @@ def test_cifar_from_archive(tmp_path):
     assert len(load_dataset("cifar10", data_dir=tmp_path, download=False)) == 15
 
 
-def test_one_process_at_a_time_downloads_and_unpacks_a_datasets_files(tmp_path, http_server, monkeypatch):
+def test_one_process_at_a_time_downloads_and_unpacks_a_datasets_files(tmp_path, http_server, monkeypatch,
+                                                                      lock_is_held):
     """torchrun's ranks each downloaded into one shared FILE.part and unpacked one archive into one folder at once:
     a rank read a batch another was still writing ("pickle data was truncated; delete it and download again"). The
     download and the unpacking now run under a lock that every other process waits for, and each download writes
     a temporary file of its own."""
-    from conftest import waiting_lock_is_held
-
     from fastdiff.data import formats
-
-    def lock_is_held(folder):
-        return waiting_lock_is_held("data", folder)
 
     seen = []
     real_extract, real_fetch = formats.extract_tar, dl.download_file
-    monkeypatch.setattr(formats, "extract_tar", lambda a, d: (seen.append(lock_is_held(d)), real_extract(a, d)))
+    monkeypatch.setattr(formats, "extract_tar", lambda a, d: (seen.append(lock_is_held("data", d)), real_extract(a, d)))
     write_cifar_archive(tmp_path)
     assert len(load_dataset("cifar10", data_dir=tmp_path, download=False)) == 15 and seen == [True]
-    assert not lock_is_held(tmp_path / "cifar10")  # and released
+    assert not lock_is_held("data", tmp_path / "cifar10")  # and released
 
     def fetch(filename, mirrors, checksum, dest_dir, timeout=60):
-        seen.append(lock_is_held(dest_dir))
+        seen.append(lock_is_held("data", dest_dir))
         return real_fetch(filename, mirrors, checksum, dest_dir, timeout)
 
     root, url = http_server

@@ -154,12 +154,12 @@ def test_labels_for():
         labels_for([3, 12], 4, 10)
     with pytest.raises(ConfigError, match="unconditional"):
         labels_for([1], 4, 0)
-    with pytest.raises(ConfigError, match="must be integers"):
+    with pytest.raises(ConfigError, match="must be an integer or a 1-D list of integers"):
         labels_for([0.5], 4, 10)
     with pytest.raises(ConfigError, match="3 labels for 2 samples; give at most 2"):  # they were dropped
         labels_for([1, 2, 3], 2, 10)
     for bad in ("3", [[1, 2], [3]]):  # a string, a ragged list: one ConfigError, not torch's TypeError
-        with pytest.raises(ConfigError, match="must be integers in 0..9"):
+        with pytest.raises(ConfigError, match="must be an integer or a 1-D list of integers in 0..9"):
             labels_for(bad, 4, 10)
 
 
