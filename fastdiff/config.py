@@ -49,8 +49,10 @@ class UNetConfig:
                 f"image_size={self.image_size} is not divisible by 2**{downs} for channel_mult={self.channel_mult}; "
                 "choose an image size or fewer levels that divide evenly"
             )
+        if not isinstance(self.num_groups, int) or isinstance(self.num_groups, bool) or self.num_groups < 1:
+            raise ConfigError(f"model.num_groups must be a whole number of at least 1, got {self.num_groups!r}")
         for m in self.channel_mult:
-            if (self.base_channels * m) % self.num_groups:
+            if (self.base_channels * m) % self.num_groups:  # (num_groups 0 was a ZeroDivisionError)
                 raise ConfigError(f"channels {self.base_channels * m} not divisible by num_groups={self.num_groups}")
 
 

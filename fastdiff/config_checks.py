@@ -154,6 +154,8 @@ def validate(cfg, saved: bool = False) -> None:
                                 ("data.dataset", cfg.data.dataset, DATASETS)):
         if value not in choices:
             raise ConfigError(f"{key} {value!r} is not one of {', '.join(choices)}")
+    if cfg.data.data_dir is not None and not str(cfg.data.data_dir).strip():  # "" was the current folder
+        raise ConfigError("data.data_dir is empty; give a folder, or null for $FASTDIFF_DATA_DIR or ./data")
 
     if m.num_classes and not m.null_class:  # no null label to drop labels to, or to guide against
         if cfg.train.p_uncond:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastdiff.config import SECTIONS
-from fastdiff.config_checks import check_types
+from fastdiff.config_checks import NO_CLIP, check_types
 from fastdiff.errors import ConfigError
 
 
@@ -28,12 +29,28 @@ class ConfigFile:
     overrides: dict[str, object] = field(default_factory=dict)
 
 
+def _no_clip(value) -> bool:
+    """A clip value of no clipping besides null: "none", "off", "inf" (as `fastdiff sample --clip`) or inf."""
+    return (isinstance(value, str) and value.lower() in NO_CLIP) or (isinstance(value, float) and math.isinf(value)
+                                                                      and value > 0)
+
+
+def _unique_keys(pairs: list) -> dict:
+    """A JSON object whose keys are all different: of two "train" sections, json.loads kept the last alone."""
+    keys = [k for k, _ in pairs]
+    if repeated := sorted({k for k in keys if keys.count(k) > 1}):
+        raise ValueError(f"key(s) {repeated} given twice in one object; give each once")
+    return dict(pairs)
+
+
 def _parse(path: Path, text: str) -> object:
     suffix = path.suffix.lower()
     if suffix == ".json":
         try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
+            return json.loads(text, object_pairs_hook=_unique_keys)
+        except RecursionError:  # nested deeper than the interpreter's stack (a traceback)
+            raise ConfigError(f"config file {path} is nested too deep to be a config") from None
+        except ValueError as e:  # JSONDecodeError too
             raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
     if suffix == ".toml":
         if sys.version_info >= (3, 11):
@@ -46,6 +63,8 @@ def _parse(path: Path, text: str) -> object:
                                   "as JSON") from None
         try:
             return tomllib.loads(text)
+        except RecursionError:
+            raise ConfigError(f"config file {path} is nested too deep to be a config") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
     raise ConfigError(f"config file {path} must end in .json or .toml")
@@ -60,6 +79,8 @@ def read_config_file(path, *, sections: tuple[str, ...], names: tuple[str, ...] 
     value of the wrong type (ranges are checked with the whole config, `config_checks.validate`).
     """
     path = Path(path)
+    if path.suffix.lower() not in (".json", ".toml"):  # before reading it (/dev/zero would never end)
+        raise ConfigError(f"config file {path} must end in .json or .toml")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -77,13 +98,19 @@ def read_config_file(path, *, sections: tuple[str, ...], names: tuple[str, ...] 
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: section {key!r} must be an object of options, got {repr(value)[:60]}")
             valid = [f.name for f in dataclasses.fields(SECTIONS[key]) if f"{key}.{f.name}" not in excluded]
+            value = dict(value)
             for option, v in value.items():
                 if option not in valid:
                     raise ConfigError(f"{path}: unknown key '{key}.{option}'; the keys of section {key!r} are: "
                                       f"{', '.join(valid)}")
+                if f"{key}.{option}" == "sample.clip" and _no_clip(v):  # TOML has no null: clip = "none" or inf
+                    value[option] = v = None
                 layer.overrides[f"{key}.{option}"] = v
             check_types(SECTIONS[key], value, f"{path}: {key}")  # a value of the wrong type names the file too
         else:
-            raise ConfigError(f"{path}: unknown key {key!r}; the valid top-level keys are: "
+            section, _, option = key.partition(".")
+            hint = (f" (a section's option goes inside it: {{\"{section}\": {{\"{option}\": ...}}}})"
+                    if option and section in sections else "")
+            raise ConfigError(f"{path}: unknown key {key!r}{hint}; the valid top-level keys are: "
                               f"{', '.join((*names, *sections))}")
     return layer

@@ -64,6 +64,18 @@ def test_dry_run_output_is_a_config_file(tmp_path, capsys):
                    capsys) == first
 
 
+def test_toml_turns_clipping_off_as_the_sample_flag_does(tmp_path, capsys):
+    """TOML has no null: clip = inf was out of range and clip = "none" a type error, so no TOML file could turn
+    clipping off; they are --clip's words now (none, off, inf)."""
+    for value in ("inf", '"none"', '"off"', '"inf"'):
+        (tmp_path / "c.toml").write_text(f"[sample]\nclip = {value}\n")
+        assert dry_run(["train", "--out", str(tmp_path / "run"), "--config", str(tmp_path / "c.toml")],
+                       capsys)["sample"]["clip"] is None
+    (tmp_path / "c.toml").write_text("[sample]\nclip = -inf\n")
+    assert main(["train", "--out", str(tmp_path / "run"), "--config", str(tmp_path / "c.toml"), "--dry-run"]) == 2
+    assert "sample.clip" in capsys.readouterr().err
+
+
 def test_a_json_null_is_a_value(tmp_path, capsys):
     # "clip": null (no clipping) was dropped, leaving the preset's 1.0; a null where none is allowed is refused
     (tmp_path / "n.json").write_text('{"sample": {"clip": null}, "train": {"sample_every": null}}')
@@ -109,6 +121,15 @@ def test_distill_config_file_names_the_teacher(teacher, tmp_path, capsys):
         ("flat.json", '{"train": 3}', "section 'train' must be an object"),
         ("preset.json", '{"preset": 3}', "preset must be a string"),
         ("value.json", '{"train": {"steps": "many"}}', "value.json: train.steps must be an integer, got 'many'"),
+        # tracebacks until 2026-12-07: a ZeroDivisionError, RecursionErrors
+        ("groups.toml", "[model]\nnum_groups = 0", "model.num_groups must be a whole number of at least 1, got 0"),
+        ("deep.json", "[" * 100000 + "]" * 100000, "deep.json is nested too deep to be a config"),
+        ("deep.toml", "a = " + "[" * 100000 + "]" * 100000, "deep.toml is nested too deep to be a config"),
+        # json.loads kept the last of two sections (the lr was lost); a dotted key named no fix; "" was "."
+        ("twice.json", '{"train": {"lr": 0.001}, "train": {"steps": 5}}', "key(s) ['train'] given twice"),
+        ("dotted.json", '{"train.lr": 0.001}', """unknown key 'train.lr' (a section's option goes inside it: """
+                                              """{"train": {"lr": ...}})"""),
+        ("empty.json", '{"data": {"data_dir": ""}}', "data.data_dir is empty; give a folder, or null"),
     ],
 )
 def test_bad_file_is_one_line_with_exit_2(name, text, message, tmp_path, capsys):
