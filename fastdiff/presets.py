@@ -97,13 +97,13 @@ def preset_config(name: str) -> RunConfig:
     return RunConfig.from_dict(base)
 
 
-def train_config(preset: str | None, overrides: dict[str, object]) -> RunConfig:
+def train_config(preset: str | None, overrides: dict[str, object], resized: bool | None = None) -> RunConfig:
     """A new training run's config: `preset` with the CLI overrides ({"section.option": value}) on top.
 
     Without a preset, the dataset (overrides["data.dataset"]) picks its own from DATASET_PRESETS, so that
     `--dataset mnist5k` builds a 28x28 model. A dataset whose native image size differs from the model's is
-    refused unless model.image_size is overridden explicitly: images are never resized silently (MNIST squashed
-    to 8x8 under the digits preset).
+    refused unless the image size was chosen for it (`resized`; None: model.image_size is among the overrides):
+    images are never resized silently (MNIST squashed to 8x8 under the digits preset).
     """
     from fastdiff.data.datasets import NATIVE
 
@@ -112,7 +112,8 @@ def train_config(preset: str | None, overrides: dict[str, object]) -> RunConfig:
     cfg = apply_overrides(preset_config(name), overrides)
     native = NATIVE.get(cfg.data.dataset)
     size = cfg.model.image_size
-    if native and native[1] != size and overrides.get("model.image_size") is None:
+    resized = overrides.get("model.image_size") is not None if resized is None else resized
+    if native and native[1] != size and not resized:
         n = native[1]
         raise ConfigError(f"dataset {cfg.data.dataset} has {n}x{n} images but preset {name} builds a model for "
                           f"{size}x{size} images; use --preset {DATASET_PRESETS[cfg.data.dataset]} (or no --preset), "

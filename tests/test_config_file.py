@@ -76,6 +76,23 @@ def test_toml_turns_clipping_off_as_the_sample_flag_does(tmp_path, capsys):
     assert "sample.clip" in capsys.readouterr().err
 
 
+def test_a_dry_runs_image_size_does_not_resize_another_flags_dataset(tmp_path, capsys):
+    """A dry run's file holds model.image_size, which counted as a resize on purpose: --config digits.json
+    --dataset mnist5k squashed MNIST to 8x8 without a word (--preset digits --dataset mnist5k is refused)."""
+    out = ["--out", str(tmp_path / "run")]
+    (tmp_path / "digits.json").write_text(json.dumps(dry_run(["train", *out], capsys)))
+    assert main(["train", *out, "--config", str(tmp_path / "digits.json"), "--dataset", "mnist5k", "--dry-run"]) == 2
+    assert "dataset mnist5k has 28x28 images but preset digits builds a model for 8x8" in capsys.readouterr().err
+    # a size given for the new dataset, by the flag or by a file that names no dataset, is a choice
+    cfg = dry_run(["train", *out, "--config", str(tmp_path / "digits.json"), "--dataset", "mnist5k",
+                   "--image-size", "8"], capsys)
+    assert (cfg["data"]["dataset"], cfg["model"]["image_size"]) == ("mnist5k", 8)
+    (tmp_path / "size.json").write_text('{"model": {"image_size": 16}}')
+    cfg = dry_run(["train", *out, "--config", str(tmp_path / "size.json"), "--dataset", "mnist5k", "--preset",
+                   "digits"], capsys)
+    assert (cfg["data"]["dataset"], cfg["model"]["image_size"]) == ("mnist5k", 16)
+
+
 def test_a_json_null_is_a_value(tmp_path, capsys):
     # "clip": null (no clipping) was dropped, leaving the preset's 1.0; a null where none is allowed is refused
     (tmp_path / "n.json").write_text('{"sample": {"clip": null}, "train": {"sample_every": null}}')

@@ -112,7 +112,12 @@ def resolve_train_config(args):
     file = config_file_layer(args, sections=("model", "diffusion", "data", "train", "sample"))
     overrides = {**file.overrides, **{TRAIN_FLAGS[k]: v for k, v in given.items()}}
     if cfg is None:
-        return train_config(args.preset or file.names.get("preset"), overrides)
+        # an image size chosen for the dataset: the flag's, or the file's unless the file's dataset was replaced by
+        # a flag (a dry run's file holds both: its 8x8 was no choice for the --dataset mnist5k of a flag)
+        flags, mine = {TRAIN_FLAGS[k] for k in given}, file.overrides
+        resized = "model.image_size" in flags or ("model.image_size" in mine
+                                                  and not ("data.dataset" in mine and "data.dataset" in flags))
+        return train_config(args.preset or file.names.get("preset"), overrides, resized=resized)
     return apply_overrides(cfg, overrides, saved=True)
 
 
