@@ -350,7 +350,15 @@ def test_bench_refuses_bad_input_before_it_starts_and_keeps_an_earlier_report(tm
     # a preset that no job of this device runs: one error, not an empty report with exit 0
     assert main(["bench", "--quick", "--device", "cpu", "--sections", "sample", "--presets", "cifar10-ddpm",
                  "--out", str(tmp_path / "b")]) == 2
-    assert "runs preset(s) cifar10-ddpm; it runs digits, mnist5k" in capsys.readouterr().err
+    assert "runs preset(s) cifar10-ddpm; its jobs run preset(s) digits, mnist5k with provider(s)" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+    # a provider that no job of the sections runs: it ran nothing and reported itself complete, exit 0
+    for presets in ([], ["--presets", "digits"]):  # the second named the preset it refused as one it runs
+        assert main(["bench", "--quick", "--device", "cpu", "--sections", "train", "--providers", "fastdiff-native",
+                     *presets, "--out", str(tmp_path / "b")]) == 2
+        err = capsys.readouterr().err
+        assert "no train bench job on this device (cpu, --quick) runs " in err and "provider(s) fastdiff-native;" in err
     assert not (tmp_path / "b").exists()
     # an earlier report stays until this run has a row to replace it with (interrupted at once here)
     (tmp_path / "old").mkdir()

@@ -170,10 +170,15 @@ def run_bench(*, device, out: Path, quick: bool = False, sections=SECTIONS, pres
     check_writable(out, folder=True, what="--out")  # now, not after the first job; and an earlier report in it
     # stays until this run has a row to replace it with
     jobs = [job for job in plan(device, quick, presets, providers) if job.section in sections]
-    if presets and {"sample", "train"} & set(sections) and not any(isinstance(j, Job) for j in jobs):
-        runs = sorted({j.preset for j in plan(device, quick) if isinstance(j, Job)})
-        raise ConfigError(f"no bench job on this device ({device.type}{', --quick' if quick else ''}) runs preset(s) "
-                          f"{', '.join(presets)}; it runs {', '.join(runs)}")
+    models = sorted({"sample", "train"} & set(sections))
+    if (presets or providers) and models and not any(isinstance(j, Job) for j in jobs):  # it ran nothing, "complete"
+        every = [j for j in plan(device, quick) if isinstance(j, Job) and j.section in models]
+        asked = " and ".join(f"{what} {', '.join(names)}" for what, names in (("preset(s)", presets),
+                                                                                ("provider(s)", providers)) if names)
+        where = f"{device.type}{', --quick' if quick else ''}"
+        raise ConfigError(f"no {'/'.join(models)} bench job on this device ({where}) runs {asked}; its jobs run "
+                          f"preset(s) {', '.join(sorted({j.preset for j in every}))} with provider(s) "
+                          f"{', '.join(sorted({p for j in every for p, _ in j.providers}))}")
     def log(line):
         with tqdm.external_write_mode():
             echo(f"[{budget.used():.0f} s] {line}")

@@ -236,7 +236,8 @@ def add_bench(sub):
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS, help="benchmark sections to run")
     p.add_argument("--presets", nargs="+", help=f"keep the rows of these presets (default: all; the CPU runs "
                    f"{' '.join(PRESETS)}, a GPU {' '.join(GPU_PRESETS)})")
-    p.add_argument("--providers", nargs="+", choices=PROVIDERS, help="default: all (diffusers when installed)")
+    p.add_argument("--providers", nargs="+", choices=PROVIDERS, help="the sample and train rows' providers; the ops "
+                   "rows time every path of each op (default: all, diffusers when installed)")
     p.add_argument("--budget-s", type=POSITIVE, help="time budget; later jobs are skipped (default 40 quick, 420 full)")
     p.add_argument("--rounds", type=COUNT, help="interleaved timing rounds per row (default 2 quick, 5 full)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (benchmark jobs, with ETA) on stderr")
