@@ -9,6 +9,7 @@ Drawn with matplotlib's Agg canvas on a standalone Figure (no pyplot state, no G
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,7 @@ def read_stats(run_dir) -> list[dict]:
             if i == len(lines) and not text.endswith("\n"):
                 break
             raise FastdiffError(f"{path} line {i} is not JSON; the file is corrupt") from None
-        if not isinstance(record, dict) or not isinstance(record.get("kimg"), (int, float)):
+        if not isinstance(record, dict) or not _number(record.get("kimg")):
             raise FastdiffError(f"{path} line {i} has no 'kimg' field; it is not a fastdiff stats file")
         step = record.get("step", record["kimg"])
         if isinstance(step, bool) or not isinstance(step, (int, float)):
@@ -58,14 +59,28 @@ def read_stats(run_dir) -> list[dict]:
     return records
 
 
+def _number(value) -> bool:
+    """A stat's value to draw: an int or float, not a bool (True was drawn as 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _float(value) -> float:
+    """As a float: an int beyond the float range (a corrupt line) is inf, not an OverflowError."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def _series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
-    pairs = [(r["kimg"], float(r[key])) for r in records if isinstance(r.get(key), (int, float))]
+    pairs = [(_float(r["kimg"]), _float(r[key])) for r in records if _number(r.get(key))]
     return np.array([p[0] for p in pairs], float), np.array([p[1] for p in pairs], float)
 
 
 def _run_names(run_dirs: list[Path]) -> list[str]:
-    """Each run's directory name, or its full path where two runs share a name."""
-    names = [p.name or str(p) for p in run_dirs]
+    """Each run's directory name (of its resolved path: "." is the current folder's), or its full path where two
+    runs share a name."""
+    names = [p.resolve().name or str(p) for p in run_dirs]
     return [str(p) if names.count(n) > 1 else n for p, n in zip(run_dirs, names)]
 
 
@@ -88,11 +103,11 @@ def plot_stats(run_dirs: list, out_png, keys=DEFAULT_KEYS) -> Path:
     if out_png.suffix.lower() != ".png":
         raise ConfigError(f"the plot is written as PNG: give a .png path, got {out_png}")
     stats = [read_stats(p) for p in run_dirs]
-    present = {k for records in stats for r in records for k, v in r.items() if isinstance(v, (int, float))}
+    present = {k for records in stats for r in records for k, v in r.items() if _number(v)}
     for key in keys:
         if key not in present:
-            have = ", ".join(sorted(present - set(_AXES)))
-            raise ConfigError(f"no run has the stat {key!r}; the stats hold: {have}")
+            have = ", ".join(sorted(present - set(_AXES))) or "no numbers besides step and kimg"
+            raise ConfigError(f"no run has the stat {key!r} as numbers; the stats hold: {have}")
 
     fig = Figure(figsize=(WIDTH_IN, ROW_IN * len(keys)), dpi=DPI, layout="constrained")
     canvas = FigureCanvasAgg(fig)

@@ -51,6 +51,20 @@ def test_one_and_two_runs(tmp_path):
     assert img1.size == (round(WIDTH_IN * DPI), round(ROW_IN * DPI))
 
 
+def test_a_value_beyond_the_float_range_and_the_current_folder_plot(tmp_path, monkeypatch):
+    """An integer of 400 digits in a stats line was an OverflowError; `fastdiff plot .` named its line "."."""
+    import matplotlib.axes
+
+    run = write_stats(tmp_path / "my-run", records(3) + [{"step": 4, "kimg": 0.3, "loss": 10**400}])
+    labels = []
+    real = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, *a, **k: (labels.append(k.get("label")),
+                                                                           real(ax, *a, **k))[1])
+    monkeypatch.chdir(run)
+    assert plot_stats(["."], tmp_path / "p.png", ["loss"]).exists()
+    assert labels == ["my-run"]
+
+
 def test_read_stats_keeps_the_resumed_records_and_skips_a_partial_line(tmp_path):
     first = records(6)
     again = [dict(r, loss=-1.0) for r in records(8)[3:]]  # resumed from step 3: steps 4..8 logged again
@@ -63,7 +77,10 @@ def test_read_stats_keeps_the_resumed_records_and_skips_a_partial_line(tmp_path)
 @pytest.mark.parametrize("setup, keys, message", [
     (lambda d: d.mkdir(), ["loss"], "has no stats.jsonl"),
     (lambda d: write_stats(d, records()), ["los"],
-     "no run has the stat 'los'; the stats hold: images_per_sec, loss, lr"),
+     "no run has the stat 'los' as numbers; the stats hold: images_per_sec, loss, lr"),
+    # a stat of strings or booleans only: the list of stats ended empty ("the stats hold: ")
+    (lambda d: write_stats(d, [{"step": 1, "kimg": 0.1, "loss": "x", "ok": True}]), ["loss"],
+     "no run has the stat 'loss' as numbers; the stats hold: no numbers besides step and kimg"),
     (lambda d: write_stats(d, []), ["loss"], "holds no records yet"),
     (lambda d: write_stats(d, records(2), tail="oops\n" + json.dumps(records(3)[2]) + "\n"), ["loss"],
      "line 3 is not JSON"),
