@@ -52,8 +52,8 @@ def _type_name(hint) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(hint))
     if typing.get_origin(hint) is tuple:
         args = typing.get_args(hint)
-        each = _type_name(args[0])
-        return f"a list of {each}s" if args[-1] is Ellipsis else f"a list of {len(args)} ({each})"
+        each = _type_name(args[0]).removeprefix("an ").removeprefix("a ")  # "a list of integers", not "of an"
+        return f"a list of {each}s" if args[-1] is Ellipsis else f"a list of {len(args)} {each}s"
     return str(hint)
 
 

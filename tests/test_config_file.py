@@ -147,6 +147,7 @@ def test_distill_config_file_names_the_teacher(teacher, tmp_path, capsys):
         ("dotted.json", '{"train.lr": 0.001}', """unknown key 'train.lr' (a section's option goes inside it: """
                                               """{"train": {"lr": ...}})"""),
         ("empty.json", '{"data": {"data_dir": ""}}', "data.data_dir is empty; give a folder, or null"),
+        ("mult.json", '{"model": {"channel_mult": "124"}}', "channel_mult must be a list of integers, got '124'"),
     ],
 )
 def test_bad_file_is_one_line_with_exit_2(name, text, message, tmp_path, capsys):
