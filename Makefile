@@ -98,6 +98,7 @@ ext: setup
 # The accuracy check of the vectorised math (all 2^23 uniforms), then the op tests against the reference.
 ext-test: ext
 	$(EXT_BUILD)/fastdiff_vecmath_check
+	$(BIN)/python -c "import sys; from fastdiff.ops import native; sys.exit(native.load_error())"  # refused: fail, not skip
 	$(BIN)/python -m pytest -q tests/ops/test_native.py
 
 # Compile the CUDA kernels with nvcc and their torch-facing wrapper against the venv's torch headers, without

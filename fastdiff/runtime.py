@@ -189,8 +189,8 @@ def compile_fn(fn: Callable, options: AccelOptions) -> Callable:
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo, read once; empty elsewhere, which selects the fp32 defaults)."""
+def hardware_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo, read once; empty elsewhere): the instructions it runs."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -199,6 +199,13 @@ def cpu_flags() -> frozenset[str]:
     except OSError:
         pass
     return frozenset()
+
+
+def cpu_flags() -> frozenset[str]:
+    """The flags the CPU defaults (`cpu_choice`) follow: the hardware's; empty selects the fp32 defaults. (The
+    test suite replaces this function to check another CPU class's defaults; what the native library may run is
+    the hardware's own, `hardware_flags`.)"""
+    return hardware_flags()
 
 
 @dataclass(frozen=True)

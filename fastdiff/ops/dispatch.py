@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -124,7 +125,10 @@ def _from_environment() -> tuple[str | None, ConfigError | None]:
         return None, e
 
 
-_choice, _env_error = _from_environment()
+_ENVIRONMENT = _from_environment()  # the choice outside every use_backend block
+_choice, _env_error = _ENVIRONMENT
+_blocks: list[tuple[object, str | None]] = []  # the open use_backend blocks, oldest first
+_blocks_lock = threading.Lock()
 
 
 def current_backend() -> str | None:
@@ -137,15 +141,21 @@ def current_backend() -> str | None:
 @contextlib.contextmanager
 def use_backend(name: str | None):
     """Run every fused op on `name` ("torch", "triton" or "native"; None or "auto": the automatic choice) inside
-    the block, then restore the previous choice. The choice is process-wide (not per thread); blocks nest."""
+    the block. The choice is process-wide (not per thread): the newest open block's, and once every block has
+    closed, FASTDIFF_BACKEND's again. Blocks nest; blocks of two threads that close out of order (each had saved
+    the other's choice) left one forced for good."""
     global _choice, _env_error
     new = _parse(name, "use_backend")
-    saved = _choice, _env_error
-    _choice, _env_error = new, None
+    token = object()
+    with _blocks_lock:
+        _blocks.append((token, new))
+        _choice, _env_error = new, None
     try:
         yield
     finally:
-        _choice, _env_error = saved
+        with _blocks_lock:
+            _blocks[:] = [block for block in _blocks if block[0] is not token]
+            _choice, _env_error = (_blocks[-1][1], None) if _blocks else _ENVIRONMENT
 
 
 def triton_available() -> bool:
@@ -185,7 +195,7 @@ def _forced(forced: str, x: torch.Tensor, spec: Op) -> str:
 def backend_on(device) -> str:
     """The backend that the GroupNorm+SiLU (an op with every backend) runs on `device`'s tensors now: what
     `fastdiff env` and the bench's rows name."""
-    return backend_for(torch.empty(0, device=device), REGISTRY["group_norm_silu"])
+    return backend_for(torch.empty(0, device=device, dtype=torch.float32), REGISTRY["group_norm_silu"])
 
 
 def backend_for(x: torch.Tensor, spec: Op) -> str:

@@ -26,9 +26,10 @@ import torch
 from fastdiff import reference
 from fastdiff.checkpoint import read_json
 from fastdiff.errors import CheckpointError
+from fastdiff.runtime import hardware_flags
 
 NAMESPACE = "fastdiff_native"
-_BUILD_INFO = Path(__file__).resolve().parent.parent / "_C.json"
+BUILD_INFO = "_C.json"  # beside the library: the torch it was built against, its CUDA kernels
 _OPS = None  # torch.ops.fastdiff_native once the library is loaded (a plain global: torch.compile reads it as is)
 # _probe()'s answer, kept in a plain global rather than functools.cache: torch.compile ignores a cache wrapper and
 # traces the function inside (a file read here, which would break the graph), but reads a global as a constant.
@@ -44,23 +45,68 @@ def _load() -> tuple[dict | None, str | None]:
 
 
 def _probe() -> tuple[dict | None, str | None]:
-    if importlib.util.find_spec("fastdiff._C") is None:
+    spec = importlib.util.find_spec("fastdiff._C")
+    if spec is None or spec.origin is None:
         return None, "the extension fastdiff._C is not built"
+    library = Path(spec.origin)
     try:
-        info = read_json(_BUILD_INFO)
+        info = read_json(library.with_name(BUILD_INFO))  # the record of this library, wherever it was found
     except CheckpointError as e:
         return None, f"fastdiff._C has no readable build record ({e}); rebuild it"
     if info.get("torch_version") != torch.__version__:
         return None, (f"fastdiff._C was built against torch {info.get('torch_version')} but torch {torch.__version__} "
                       "is running; rebuild it")
+    problem = _library_problem(library)
+    if problem is not None:
+        return None, f"fastdiff._C ({library}) {problem}; rebuild it"
     try:
         importlib.import_module("fastdiff._C")
     except ImportError as e:
         return None, f"fastdiff._C does not load ({e}); rebuild it"
-    _register_fakes()
+    try:
+        _register_fakes()
+    except RuntimeError as e:  # an op of this fastdiff that the library does not register (another version's)
+        return None, f"fastdiff._C lacks an op of this fastdiff ({str(e).splitlines()[0]}); rebuild it"
     global _OPS
     _OPS = getattr(torch.ops, NAMESPACE)
     return info, None
+
+
+ISA_MARK = b"FASTDIFF_ISA:"  # kernels/module.cpp: the instruction sets the library was compiled for
+_SOURCES = (".cpp", ".h", ".cu", ".cuh", ".in")  # what kernels/ compiles into the library (kernels/tests: not)
+
+
+def _library_problem(library: Path) -> str | None:
+    """What makes the library file unsafe to load or to run here, read from the file before dlopen: cut short
+    (dlopen of a truncated file died of SIGBUS, the whole process with it), older than the kernel sources beside it
+    (in a source tree: an older kernel's bugs came back without a word), or compiled for instructions this CPU
+    lacks (-march=native on another machine: its first kernel would die of SIGILL)."""
+    try:
+        data = library.read_bytes()
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if len(data) < 64 or data[:5] != b"\x7fELF\x02":
+        return "is no 64-bit ELF library"
+    end = int.from_bytes(data[0x28:0x30], "little") + int.from_bytes(data[0x3A:0x3C], "little") * int.from_bytes(
+        data[0x3C:0x3E], "little")  # the section header table, the end of an ELF file as the linker writes it
+    if end > len(data):
+        return f"is cut short ({len(data)} of its {end} bytes)"
+    kernels = library.parent.parent / "kernels"
+    if kernels.is_dir():
+        built = library.stat().st_mtime
+        newer = [p for p in kernels.rglob("*") if p.suffix in _SOURCES
+                 and "tests" not in p.relative_to(kernels).parts and p.stat().st_mtime > built]
+        if newer:
+            return f"is older than its kernel sources ({newer[0].relative_to(kernels.parent)} changed since)"
+    at = data.find(ISA_MARK)
+    if at < 0:
+        return "records no instruction sets (a build from before 2026-12-07)"
+    needs = data[at + len(ISA_MARK): data.find(b";", at)].decode(errors="replace").split()
+    have = hardware_flags()
+    missing = [flag for flag in needs if have and flag not in have]
+    if missing:
+        return f"was compiled for instructions this CPU lacks ({', '.join(missing)}: -march=native elsewhere)"
+    return None
 
 
 def available() -> bool:
@@ -84,7 +130,7 @@ def unavailable_reason(device) -> str | None:
     device = torch.device(device)
     info, error = _load()
     if info is None:
-        return f"{error} (build it: make ext, see README)"
+        return f"{error} (make ext, see README)"
     if device.type == "cuda" and not info.get("with_cuda"):
         return "fastdiff._C was built without CUDA kernels (rebuild it with a CUDA toolkit and a CUDA torch)"
     if device.type not in ("cpu", "cuda"):

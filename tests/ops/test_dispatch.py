@@ -60,6 +60,30 @@ def test_use_backend_sets_and_restores_without_touching_the_environment():
     assert current_backend() == outer
 
 
+def test_blocks_of_two_threads_that_close_out_of_order_leave_nothing_forced():
+    """A enters torch, B enters native, A closes, B closes: B put back the 'torch' it had saved, forced for good."""
+    import threading
+
+    outer = current_backend()
+    steps = [threading.Event() for _ in range(3)]
+
+    def a():
+        with use_backend("torch"):
+            steps[0].set()
+            steps[1].wait(10)
+        steps[2].set()
+
+    thread = threading.Thread(target=a)
+    thread.start()
+    steps[0].wait(10)
+    with use_backend("native"):
+        steps[1].set()
+        steps[2].wait(10)  # A has closed its block: B's is the open one
+        assert current_backend() == "native"
+    thread.join()
+    assert current_backend() == outer
+
+
 def test_environment_is_the_default_read_once():
     code = ("import os; from fastdiff import ops\n"
             "assert ops.current_backend() == 'torch'\n"
@@ -114,3 +138,15 @@ def test_native_cuda_kernels_run_only_when_forced(monkeypatch):
         assert {backend_for(on_cuda, spec) for spec in dispatch.REGISTRY.values()} <= {"triton", "torch"}
     with use_backend("native"):
         assert backend_for(on_cuda, GN) == "native"
+
+
+def test_backend_on_names_the_float32_choice_whatever_the_default_dtype():
+    """After torch.set_default_dtype(float64), `fastdiff env` and cpu_choice read a float64 probe, which the
+    automatic choice sends to the reference: "torch", and "build the extension" where it is built."""
+    want = dispatch.backend_on("cpu")
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert dispatch.backend_on("cpu") == want
+    finally:
+        torch.set_default_dtype(before)

@@ -2,6 +2,12 @@
 through fastdiff.ops (the UNet, the samplers), the fastdiff-native provider of `fastdiff bench` and its profile
 rows, loading and dispatch errors. Tests that need the extension skip (with the reason) when it is not built."""
 
+import importlib.util
+import json
+import os
+import types
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -101,23 +107,86 @@ def test_unbuilt_extension_is_reported(monkeypatch):
 @pytest.mark.parametrize("record, says", [(None, "is missing"), ("[1]", "holds a JSON list, not an object"),
                                            ("{", "is not valid JSON")])
 def test_unreadable_build_record_is_reported(monkeypatch, tmp_path, record, says):
-    monkeypatch.setattr(native.importlib.util, "find_spec", lambda name: object())  # as if fastdiff._C were built
+    built_here(monkeypatch, tmp_path)
     path = tmp_path / "_C.json"
     if record is not None:
         path.write_text(record)
-    monkeypatch.setattr(native, "_BUILD_INFO", path)
     info, error = native._probe()
     assert info is None and error.startswith("fastdiff._C has no readable build record") and says in error
     assert error.endswith("; rebuild it")
 
 
-@requires_native
+def built_here(monkeypatch, folder, library=None):
+    """As if fastdiff._C were the library `library` (default: a name in `folder`, no file) with its record
+    beside it: the loader reads the record of the library it finds, not one of its own tree."""
+    origin = str(library or folder / "_C.abi3.so")
+    monkeypatch.setattr(native.importlib.util, "find_spec", lambda name: types.SimpleNamespace(origin=origin))
+
+
 def test_extension_built_for_another_torch_is_refused(monkeypatch, tmp_path):
-    record = tmp_path / "_C.json"
-    record.write_text('{"torch_version": "0.0.1", "with_cuda": false}')
-    monkeypatch.setattr(native, "_BUILD_INFO", record)
+    built_here(monkeypatch, tmp_path)
+    (tmp_path / "_C.json").write_text('{"torch_version": "0.0.1", "with_cuda": false}')
     info, error = native._probe()
     assert info is None and "built against torch 0.0.1" in error and "rebuild" in error
+
+
+@requires_native
+def test_a_library_unsafe_to_load_or_run_here_is_refused_before_it_loads(monkeypatch, tmp_path):
+    """A cut library killed `import fastdiff` with SIGBUS inside dlopen; one built from older kernel sources was
+    taken (their bugs back); one compiled with -march=native for instructions this CPU lacks would die of SIGILL
+    at its first kernel. Each is now refused, read from the file, and the torch ops run."""
+    import shutil
+
+    real = Path(importlib.util.find_spec("fastdiff._C").origin)
+    tree = tmp_path / "tree"
+    (tree / "fastdiff").mkdir(parents=True)
+    lib = tree / "fastdiff" / real.name
+    shutil.copy(real, lib)
+    (tree / "fastdiff" / "_C.json").write_text(json.dumps({"torch_version": torch.__version__, "with_cuda": False}))
+    assert native._library_problem(lib) is None
+    needs = lib.read_bytes().split(native.ISA_MARK, 1)[1].split(b";", 1)[0].decode().split()
+    assert "avx2" in needs or not {"avx2"} & native.hardware_flags()  # -march=native names this CPU's sets
+    # another CPU: one without the library's instruction sets
+    monkeypatch.setattr(native, "hardware_flags", lambda: frozenset({"sse2", "ssse3"}))
+    assert "was compiled for instructions this CPU lacks (" in native._library_problem(lib)
+    monkeypatch.undo()
+    # kernel sources changed after the build (a git pull without make ext)
+    (tree / "kernels" / "cpu").mkdir(parents=True)
+    source = tree / "kernels" / "cpu" / "group_norm_silu.cpp"
+    source.write_text("// newer")
+    os.utime(source, (lib.stat().st_mtime + 10,) * 2)
+    assert native._library_problem(lib) == ("is older than its kernel sources (kernels/cpu/group_norm_silu.cpp "
+                                            "changed since)")
+    os.utime(source, (lib.stat().st_mtime - 10,) * 2)
+    (tree / "kernels" / "tests").mkdir()
+    (tree / "kernels" / "tests" / "check.cpp").write_text("// not in the library")
+    assert native._library_problem(lib) is None
+    # cut short, or no library at all
+    data = lib.read_bytes()
+    for cut in (1000, len(data) // 2):
+        lib.write_bytes(data[:cut])
+        assert native._library_problem(lib).startswith(f"is cut short ({cut} of its ")
+    lib.write_bytes(b"#!/bin/sh\n")
+    assert native._library_problem(lib) == "is no 64-bit ELF library"
+    # and _probe refuses it before dlopen, naming the library
+    built_here(monkeypatch, tree / "fastdiff", lib)
+    info, error = native._probe()
+    assert info is None and error == f"fastdiff._C ({lib}) is no 64-bit ELF library; rebuild it"
+
+
+def test_a_library_without_this_fastdiffs_ops_is_refused(monkeypatch, tmp_path):
+    """A library that loads but registers another version's ops made `import fastdiff` raise a RuntimeError."""
+    built_here(monkeypatch, tmp_path)
+    (tmp_path / "_C.json").write_text(json.dumps({"torch_version": torch.__version__, "with_cuda": False}))
+    monkeypatch.setattr(native, "_library_problem", lambda library: None)
+    monkeypatch.setattr(native.importlib, "import_module", lambda name: None)
+
+    def missing():
+        raise RuntimeError("operator fastdiff_native::sampler_step does not exist")
+
+    monkeypatch.setattr(native, "_register_fakes", missing)
+    assert native._probe() == (None, "fastdiff._C lacks an op of this fastdiff (operator fastdiff_native::sampler_step "
+                                     "does not exist); rebuild it")
 
 
 def test_forced_native_without_extension_names_the_build(monkeypatch):
