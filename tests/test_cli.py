@@ -267,7 +267,7 @@ def test_env_says_why_the_extension_does_not_run(monkeypatch):
 
     why = "fastdiff._C was built against torch 2.0.0 but torch 9.9.9 is running; rebuild it"
     monkeypatch.setattr(native, "_STATE", (None, why))
-    assert collect()["native_extension"] == f"unavailable (optional): {why} (build it: make ext, see README)"
+    assert collect()["native_extension"] == f"unavailable (optional): {why} (make ext, see README)"
     monkeypatch.setattr(native, "_STATE", ({"with_cuda": False}, None))
     assert collect()["native_extension"] == "built (fastdiff._C, CPU kernels)"
 
