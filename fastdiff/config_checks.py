@@ -263,12 +263,26 @@ def _check_add_settings(cfg) -> None:
     from fastdiff.config import ADDConfig
     from fastdiff.presets import DISTILL_PRESETS
 
-    preset = DISTILL_PRESETS.get(cfg.preset, {}).get("distill", {})  # --regress-weight 0 on mnist5k's: an ablation
-    unused = [f"{key} {getattr(dc, key)!r}" for key in ("regress_pairs", "regress_steps", "regress_at")
-              if getattr(dc, key) != preset.get(key, getattr(ADDConfig, key))]
-    if unused and not dc.regress_weight:
-        raise ConfigError(f"distill.{', '.join(unused)} set, which only the regression loss reads, and "
-                          "distill.regress_weight is 0 (off): give --regress-weight, or drop them")
+    # the options a switched-off part reads, set beyond what `distill_config` gives (its preset's, and the
+    # defaults it fits to the teacher's T): --regress-weight 0 on mnist5k's regression options is an ablation
+    T = cfg.diffusion.num_timesteps
+    given = {**dataclasses.asdict(ADDConfig()), "teacher_t_max": T - 1,
+             "regress_steps": min(ADDConfig.regress_steps, T), **DISTILL_PRESETS.get(cfg.preset, {}).get("distill", {})}
+    for off, reader, keys, fix in (
+            (not dc.regress_weight, "the regression loss", ("regress_pairs", "regress_steps", "regress_at"),
+             "distill.regress_weight is 0 (off): give --regress-weight"),
+            (not dc.distill_weight, "the distillation loss", ("teacher_t_min", "teacher_t_max", "distill_weighting"),
+             "distill.distill_weight is 0 (off): give --distill-weight"),
+            (dc.backbone != "pretrain", "the pretraining of a 'pretrain' backbone", ("backbone_steps",),
+             f"distill.backbone is {dc.backbone!r}: give --backbone pretrain")):
+        unused = [f"{key} {getattr(dc, key)!r}" for key in keys if getattr(dc, key) != given[key]]
+        if off and unused:
+            raise ConfigError(f"distill.{', '.join(unused)} set, which only {reader} reads, and {fix}, or drop "
+                              f"{'them' if len(unused) > 1 else 'it'}")
+    if dc.student_timesteps[0] != T - 1:  # sampling starts from pure noise, which only the noisiest one is
+        raise ConfigError(f"distill.student_timesteps {list(dc.student_timesteps)} start at {dc.student_timesteps[0]}, "
+                          f"but a student's sampling starts from pure noise, at the noisiest timestep {T - 1}; start "
+                          f"them there (e.g. {T - 1} {(T - 1) // 2})")
     if dc.teacher_guidance != 1 and not (m.num_classes and m.null_class):
         raise ConfigError(f"distill.teacher_guidance {dc.teacher_guidance:g} needs a class-conditional teacher with a "
                           f"null class, and this one {'has none' if m.num_classes else 'is unconditional'}; set "

@@ -176,7 +176,14 @@ def distill_config(teacher_cfg: RunConfig, teacher_path: str, preset: str | None
     d["train"] = asdict(TrainConfig())
     tm = teacher_cfg.model  # a teacher without a null class guides nothing (an older one's config may say 2)
     guidance = teacher_cfg.sample.guidance if tm.num_classes and tm.null_class else 1.0
-    d["distill"] = asdict(ADDConfig(teacher=str(teacher_path), teacher_guidance=guidance))
+    # the default timesteps are T = 1000's (999, 749, 499, 249): for another T, the same spread over its own (a
+    # teacher of 500 was refused whatever the flags said, one of 2000 started its student halfway)
+    from fastdiff.diffusion.samplers import make_timesteps
+
+    T, add = teacher_cfg.diffusion.num_timesteps, ADDConfig()
+    spread = tuple(int(t) for t in make_timesteps(T, min(len(add.student_timesteps), T), "trailing"))
+    d["distill"] = asdict(ADDConfig(teacher=str(teacher_path), teacher_guidance=guidance, student_timesteps=spread,
+                                    teacher_t_max=T - 1, regress_steps=min(add.regress_steps, T)))
     for section, values in DISTILL_PRESETS[name].items():
         d[section].update(copy.deepcopy(values))
     return RunConfig.from_dict(d)

@@ -485,7 +485,16 @@ def test_a_students_settings_that_would_do_nothing_are_refused():
     for overrides, says in (
             ({"distill.adv_weight": 0.0, "distill.distill_weight": 0.0}, "are all 0: the student would never change"),
             ({"distill.regress_steps": 61}, "distill.regress_steps 61 set, which only the regression loss reads"),
-            ({"distill.regress_pairs": 8, "distill.regress_at": "all"}, "regress_pairs 8, regress_at 'all' set")):
+            ({"distill.regress_pairs": 8, "distill.regress_at": "all"}, "regress_pairs 8, regress_at 'all' set"),
+            # the distillation loss's options without that loss, a pretraining without a backbone to pretrain
+            ({"distill.distill_weight": 0.0, "distill.teacher_t_min": 100},
+             "distill.teacher_t_min 100 set, which only the distillation loss reads, and distill.distill_weight is "
+             "0 (off): give --distill-weight, or drop it"),
+            ({"distill.backbone": "none", "distill.backbone_steps": 50},
+             "distill.backbone_steps 50 set, which only the pretraining of a 'pretrain' backbone reads"),
+            # a student's sampling starts from pure noise: at the noisiest timestep only
+            ({"distill.student_timesteps": [749, 249]}, "start at 749, but a student's sampling starts from pure "
+                                                        "noise, at the noisiest timestep 999")):
         with pytest.raises(ConfigError, match=re.escape(says)):
             apply_overrides(student, overrides)
     # the preset's own regression settings, with the regression turned off (an ablation), are no user's setting
@@ -494,6 +503,13 @@ def test_a_students_settings_that_would_do_nothing_are_refused():
     regress_only = {"distill.regress_weight": 1.0, "distill.regress_steps": 61, "distill.adv_weight": 0.0,
                     "distill.distill_weight": 0.0}
     assert apply_overrides(student, regress_only).distill.regress_steps == 61
+    assert apply_overrides(student, {"distill.distill_weight": 0.0}).distill.teacher_t_max == 999
+    # a teacher of another T: the default timesteps spread over its own (500 was refused whatever the flags, 2000
+    # started its student halfway and drew the teacher's timesteps from the lower half)
+    for T, timesteps in ((500, (499, 374, 249, 124)), (2000, (1999, 1499, 999, 499))):
+        other = distill_config(apply_overrides(preset_config("digits-v"), {"diffusion.num_timesteps": T}), "t")
+        assert (other.distill.student_timesteps, other.distill.teacher_t_max) == (timesteps, T - 1)
+        assert apply_overrides(other, {"distill.regress_weight": 0.0}).distill.regress_steps == 20
     # teacher guidance needs the teacher's null class: an unconditional teacher's was recorded and ignored
     old_teacher = preset_config("digits-v").to_dict()
     old_teacher["model"]["num_classes"] = 0  # a teacher saved before 2026-12-07 kept the preset's guidance 2
