@@ -183,3 +183,19 @@ def test_config_is_refused_on_resume(tmp_path, capsys):
     (tmp_path / "c.json").write_text('{"train": {"lr": 1e-3}}')
     code = main(["train", "--out", str(tmp_path), "--resume", "--config", str(tmp_path / "c.json")])
     assert code == 2 and "drop --config" in capsys.readouterr().err
+
+
+def test_a_data_dir_is_recorded_absolute_and_distill_and_refiner_take_their_own(teacher, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """train recorded --data-dir as typed: relative, it stopped resolving for a distill or a refiner started from
+    another folder, and neither had a flag to say where the data went."""
+    monkeypatch.chdir(tmp_path)
+    cfg = dry_run(["train", "--out", "run", "--data-dir", "data/here"], capsys)
+    assert cfg["data"]["data_dir"] == str(tmp_path / "data" / "here")
+    (tmp_path / "d.json").write_text('{"data": {"data_dir": "from-file"}}')
+    assert dry_run(["train", "--out", "run", "--config", "d.json"], capsys)["data"]["data_dir"] == str(
+        tmp_path / "from-file")
+    student = dry_run(["distill", "--teacher", str(teacher), "--out", "s", "--data-dir", "moved"], capsys)
+    assert student["data"]["data_dir"] == str(tmp_path / "moved")
+    code = main(["train-refiner", "--checkpoint", str(teacher), "--out", "r", "--data-dir", "moved", "--dry-run"])
+    assert code == 0 and json.loads(capsys.readouterr().out)["refiner"]["data_dir"] == str(tmp_path / "moved")

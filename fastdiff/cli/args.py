@@ -225,3 +225,14 @@ def config_file_layer(args, **keys):
 
 def echo_stderr(line: str) -> None:
     print(line, file=sys.stderr)
+
+
+def absolute_data_dir(overrides: dict) -> dict:
+    """overrides with data.data_dir (a flag's or a --config file's) as an absolute path: recorded as typed, a
+    relative one stopped resolving for a distillation or a refiner started from another folder."""
+    import os
+
+    value = overrides.get("data.data_dir")
+    if isinstance(value, str) and value.strip():
+        overrides = {**overrides, "data.data_dir": os.path.abspath(value)}
+    return overrides

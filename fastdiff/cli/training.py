@@ -14,6 +14,7 @@ from fastdiff.cli.args import (
     PATH,
     POSITIVE,
     SEED,
+    absolute_data_dir,
     accel_options,
     add_accel_flags,
     add_config_file_flag,
@@ -110,7 +111,7 @@ def resolve_train_config(args):
     given = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
     cfg = resumed_config(args, given, TRAIN_FLAGS, RESUMABLE, {"preset": args.preset, "config": args.config}, "ddpm")
     file = config_file_layer(args, sections=("model", "diffusion", "data", "train", "sample"))
-    overrides = {**file.overrides, **{TRAIN_FLAGS[k]: v for k, v in given.items()}}
+    overrides = absolute_data_dir({**file.overrides, **{TRAIN_FLAGS[k]: v for k, v in given.items()}})
     if cfg is None:
         # an image size chosen for the dataset: the flag's, or the file's unless the file's dataset was replaced by
         # a flag (a dry run's file holds both: its 8x8 was no choice for the --dataset mnist5k of a flag)
@@ -190,6 +191,8 @@ def add_distill(sub):
                    "4)")
     p.add_argument("--no-spectral-norm", action="store_false", dest="spectral_norm", default=None,
                    help="heads without spectral norm (default: the preset's, with)")
+    p.add_argument("--data-dir", type=PATH, help="the folder of the teacher's dataset files, where the one its run "
+                   "recorded has moved (default: the teacher's)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     add_monitor_flags(p)
     add_accel_flags(p)
@@ -200,13 +203,14 @@ DISTILL_FLAGS = {  # CLI dest -> config key
     "steps": "train.steps", "batch_size": "train.batch_size", "lr": "train.lr", "warmup_steps": "train.warmup_steps",
     "amp": "train.amp", "ema_decay": "train.ema_decay", "seed": "train.seed", "ckpt_every": "train.ckpt_every",
     "log_every": "train.log_every", "sample_every": "train.sample_every", "tensorboard": "train.tensorboard",
+    "data_dir": "data.data_dir",
     **{k: "distill." + k for k in (
         "student_timesteps", "adv_weight", "distill_weight", "distill_weighting", "teacher_t_min", "teacher_t_max",
         "teacher_guidance", "regress_weight", "regress_pairs", "regress_steps", "regress_at", "r1_gamma", "disc_lr",
         "disc_steps", "augment", "backbone", "train_backbone",
         "backbone_steps", "backbone_size", "disc_heads", "disc_head", "disc_mbstd", "spectral_norm")},
 }
-DISTILL_RESUMABLE = set(LOOP_RESUMABLE)
+DISTILL_RESUMABLE = LOOP_RESUMABLE | {"data_dir"}
 
 
 def resolve_distill_config(args):
@@ -226,7 +230,7 @@ def resolve_distill_config(args):
             raise ConfigError("fastdiff distill needs --teacher RUN_DIR (a run trained with fastdiff train)")
         path = ckpt.resolve_checkpoint(teacher)
         cfg = distill_config(load_config(path / "config.json"), teacher, args.preset or file.names.get("preset"))
-    overrides = {**file.overrides, **{DISTILL_FLAGS[k]: v for k, v in given.items()}}
+    overrides = absolute_data_dir({**file.overrides, **{DISTILL_FLAGS[k]: v for k, v in given.items()}})
     timesteps = overrides.get("distill.student_timesteps")
     if (isinstance(timesteps, (list, tuple)) and timesteps and cfg.sample.sampler == "student"
             and "sample.steps" not in overrides):
@@ -265,6 +269,8 @@ def add_train_refiner(sub):
                    "CPU with AMX or AVX-512 BF16, else fp32 (default: auto)")
     p.add_argument("--ckpt-every", type=COUNT, help="checkpoint every N steps (default: 500)")
     p.add_argument("--log-every", type=COUNT, help="log line every N steps (default: 250)")
+    p.add_argument("--data-dir", type=PATH, help="the folder of the run's dataset files, where the one its run "
+                   "recorded has moved (default: the run's)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     add_accel_flags(p)
     add_resume_flags(p, "fastdiff train-refiner", warmup=False)  # its learning rate is one cycle over --steps
@@ -274,14 +280,17 @@ REFINER_FLAGS = {  # CLI dest -> (section, option) of RefinerConfig
     "steps": "train.steps", "batch_size": "train.batch_size", "lr": "train.lr", "seed": "train.seed",
     "amp": "train.amp", "ckpt_every": "train.ckpt_every", "log_every": "train.log_every", "t_max": "refiner.t_max",
     "base_channels": "refiner.base_channels", "inputs": "refiner.inputs", "pairs": "refiner.pairs",
+    "data_dir": "refiner.data_dir",
 }
-REFINER_RESUMABLE = {"steps", "ckpt_every", "log_every", "lr"}
+REFINER_RESUMABLE = {"steps", "ckpt_every", "log_every", "lr", "data_dir"}
 
 
 def resolve_refiner_config(args):
     from fastdiff.train.refiner import RefinerConfig
 
     given = {k: getattr(args, k) for k in REFINER_FLAGS if getattr(args, k) is not None}
+    if "data_dir" in given:
+        given["data_dir"] = absolute_data_dir({"data.data_dir": given["data_dir"]})["data.data_dir"]
     cfg = resumed_config(args, given, REFINER_FLAGS, REFINER_RESUMABLE, {"checkpoint": args.checkpoint}, "refiner",
                           parse=RefinerConfig.from_dict)
     if cfg is None:

@@ -57,6 +57,7 @@ class RefinerConfig:
     t_max: int | None = None  # None: half the generator's training timesteps
     base_channels: int = 16
     channel_mult: tuple[int, ...] = (1, 2)
+    data_dir: str | None = None  # the generator's dataset folder where its recorded one has moved (None: that one)
     # `sources.model_fingerprint` of the generator's weights as sampled (`resolve_refiner` sets it): sampling
     # another model with this refiner warns
     generator_weights: str = ""
@@ -220,8 +221,8 @@ def train_refiner(cfg: RefinerConfig, out, *, device="auto", resume: bool = Fals
     records the generator's checkpoint folder, which a resume reads again (`rundir.source_checkpoint`)."""
     resume = flag("resume", resume)  # "no" was taken as true
     cfg, gcfg, t_max = resolve_refiner(cfg, out, resume, log=echo)
-    data = load_dataset(gcfg.data.dataset, "train", data_dir=gcfg.data.data_dir, image_size=gcfg.model.image_size,
-                        channels=gcfg.model.in_channels)
+    data = load_dataset(gcfg.data.dataset, "train", data_dir=cfg.data_dir or gcfg.data.data_dir,
+                        image_size=gcfg.model.image_size, channels=gcfg.model.in_channels)
     config = cfg.to_dict(model=asdict(refiner_unet_config(gcfg.model, cfg)))
     return train_loop(lambda session: RefinerObjective(cfg, t_max, session),
                       kind=RefinerObjective.kind, data=data, tc=cfg.train,
