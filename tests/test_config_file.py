@@ -115,7 +115,9 @@ def test_distill_config_file_names_the_teacher(teacher, tmp_path, capsys):
                                      "student_timesteps = [999, 499]\n[train]\nsteps = 11\n")
     cfg = dry_run(["distill", "--out", str(tmp_path / "s"), "--config", str(tmp_path / "d.toml"), "--steps", "5"],
                   capsys)
-    assert cfg["distill"]["teacher"] == str(teacher) and cfg["distill"]["r1_gamma"] == 0.5
+    # the teacher's checkpoint the run pins and records (the dry run printed the path as given)
+    pinned = sorted((teacher / "checkpoints").glob("step-*"))[-1]
+    assert cfg["distill"]["teacher"] == str(pinned) and cfg["distill"]["r1_gamma"] == 0.5
     assert cfg["distill"]["student_timesteps"] == [999, 499] and cfg["sample"]["steps"] == 2
     assert cfg["train"]["steps"] == 5 and cfg["train"]["lr"] == 1e-5  # the flag; the 'default' preset's lr
     assert cfg["preset"] == "default"  # the distillation preset it ran (it recorded the teacher's 'digits')
@@ -123,6 +125,13 @@ def test_distill_config_file_names_the_teacher(teacher, tmp_path, capsys):
     frozen = dry_run(["distill", "--teacher", str(teacher), "--out", str(tmp_path / "s"), "--no-train-backbone"],
                      capsys)
     assert frozen["distill"]["train_backbone"] is False
+    # what the run refused after --dry-run passed (two of them after opening the run directory)
+    for flags, says in ((["--backbone", str(tmp_path / "no.pt")], "no.pt: no such file; give a ViT state dict"),
+                        (["--regress-weight", "1", "--regress-at", "all", "--student-timesteps", "999", "500"],
+                         "never steps from student timesteps [500], so distill.regress_at 'all' has no state")):
+        assert main(["distill", "--teacher", str(teacher), "--out", str(tmp_path / "s"), *flags, "--dry-run"]) == 2
+        assert says in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
 
 
 @pytest.mark.parametrize(

@@ -240,6 +240,10 @@ def resolve_distill_config(args):
 
 def cmd_distill(args) -> int:
     cfg = resolve_distill_config(args)
+    if args.dry_run:  # the checks the run makes against its teacher, and what they resolve
+        from fastdiff.train.add import resolve_add
+
+        cfg = resolve_add(cfg, args.out, args.resume)
     return _run(args, cfg, "train_add", cfg.to_json() if args.dry_run else None)
 
 

@@ -231,6 +231,20 @@ class ADDObjective:
         return text
 
 
+def resolve_add(cfg: RunConfig, out, resume: bool = False, log=None) -> RunConfig:
+    """What a student run in `out` checks and resolves before it opens the directory (`--dry-run` too, which
+    passed what the run then refused): its config, its teacher's checkpoint pinned (`rundir.source_checkpoint`: a
+    resume reads the one it recorded) and checked against it, and a backbone file that exists."""
+    cfg = checked(cfg, student=True, saved=resume)
+    teacher = source_checkpoint(out, resume, cfg.distill.teacher, "distill", "teacher", log=log)
+    cfg = replace(cfg, distill=replace(cfg.distill, teacher=teacher))
+    check_teacher(load_config(ckpt.resolve_checkpoint(teacher) / "config.json"), cfg, teacher)
+    backbone = cfg.distill.backbone
+    if backbone not in ("pretrain", "none") and not Path(backbone).is_file():  # failed inside the opened run
+        raise ConfigError(f"--backbone {backbone}: no such file; give a ViT state dict file, pretrain or none")
+    return cfg
+
+
 def train_add(cfg: RunConfig, out, *, device="auto", resume: bool = False, progress: bool = True,
               echo=print, accel: AccelOptions | None = None) -> dict:
     """Distil (or resume distilling) the teacher named in cfg.distill into a student run in `out`.
@@ -239,10 +253,7 @@ def train_add(cfg: RunConfig, out, *, device="auto", resume: bool = False, progr
     records the teacher's checkpoint folder, which a resume reads again (`rundir.source_checkpoint`).
     """
     resume = flag("resume", resume)  # "no" was taken as true
-    cfg = checked(cfg, student=True, saved=resume)
-    teacher = source_checkpoint(out, resume, cfg.distill.teacher, "distill", "teacher", log=echo)
-    cfg = replace(cfg, distill=replace(cfg.distill, teacher=teacher))
-    check_teacher(load_config(ckpt.resolve_checkpoint(teacher) / "config.json"), cfg, teacher)  # before the run opens
+    cfg = resolve_add(cfg, out, resume, log=echo)
     mc = cfg.model
     data = load_dataset(cfg.data.dataset, "train", data_dir=cfg.data.data_dir, image_size=mc.image_size,
                         channels=mc.in_channels)
