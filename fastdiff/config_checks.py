@@ -260,6 +260,14 @@ def validate(cfg, saved: bool = False) -> None:
     limit = len(dc.student_timesteps) if s.sampler == "student" else T
     if s.steps > limit:
         raise ConfigError(f"sample.steps {s.steps} must be in [1, {limit}] for sampler {s.sampler}")
+    if dc is not None and s.sampler != "student" and not saved:  # `fastdiff sample` of the student refused it
+        from fastdiff.diffusion.samplers import student_grid
+
+        ok = student_grid(dc.student_timesteps, T, s.spacing)
+        if s.steps not in ok:
+            raise ConfigError(f"sample.sampler {s.sampler} with sample.steps {s.steps} ({s.spacing} spacing) would run "
+                              f"the student at timesteps other than its {list(dc.student_timesteps)}; use sampler "
+                              f"student, or steps {' or '.join(map(str, ok)) or 'on another spacing'}")
 
 
 def _check_add_settings(cfg) -> None:

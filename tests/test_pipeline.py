@@ -342,6 +342,14 @@ def test_sample_checks_its_settings_against_the_denoiser(run):
         sample(conditional, guided, n=2)
     with pytest.raises(ConfigError, match="settings must be a SampleSettings"):
         sample(conditional.denoiser, {"steps": 2}, n=2)
+    # a student's DDIM by default: the most of its timesteps that DDIM runs on alone (all of them was refused for
+    # 999, 500, whose trailing 2 steps are 999, 499)
+    student = fastdiff.load("pretrained:mnist-student", device="cpu").denoiser
+    assert resolve_settings(student, "cpu", sampler="ddim").steps == 4
+    assert resolve_settings(dataclasses.replace(student, student_timesteps=(999, 500)), "cpu",
+                            sampler="ddim").steps == 1
+    assert resolve_settings(dataclasses.replace(student, student_timesteps=(999, 500)), "cpu",
+                            sampler="student").steps == 1  # the run's own (1 step), as before
     # a student steps through its own timesteps: a spacing was dropped without a word
     with pytest.raises(ConfigError, match="spacing applies to the ddim and ddpm samplers; a student steps through"):
         fastdiff.load("pretrained:mnist-student", device="cpu").sample(2, spacing="leading")

@@ -504,6 +504,12 @@ def test_a_students_settings_that_would_do_nothing_are_refused():
                     "distill.distill_weight": 0.0}
     assert apply_overrides(student, regress_only).distill.regress_steps == 61
     assert apply_overrides(student, {"distill.distill_weight": 0.0}).distill.teacher_t_max == 999
+    # a sampling default that `fastdiff sample` of the student then refused
+    with pytest.raises(ConfigError, match=re.escape("sample.sampler ddim with sample.steps 3 (trailing spacing) "
+                                                    "would run the student at timesteps other than its [999, 749, "
+                                                    "499, 249]; use sampler student, or steps 1 or 2 or 4")):
+        apply_overrides(student, {"sample.sampler": "ddim", "sample.steps": 3})
+    assert apply_overrides(student, {"sample.sampler": "ddim", "sample.steps": 4}).sample.steps == 4
     # a teacher of another T: the default timesteps spread over its own (500 was refused whatever the flags, 2000
     # started its student halfway and drew the teacher's timesteps from the lower half)
     for T, timesteps in ((500, (499, 374, 249, 124)), (2000, (1999, 1499, 999, 499))):

@@ -296,6 +296,14 @@ def sample_student(
                      clip=clip, callback=callback)
 
 
+def student_grid(trained, T: int, spacing: str = "trailing") -> list[int]:
+    """The step counts at which DDIM or DDPM with `spacing` over T timesteps runs only on a student's `trained`
+    timesteps (elsewhere its outputs are the teacher's half-forgotten ones): trailing 1, 2 and 4 for 999, 749,
+    499, 249."""
+    trained = {int(t) for t in trained}
+    return [k for k in range(1, len(trained) + 1) if set(make_timesteps(T, k, spacing).tolist()) <= trained]
+
+
 def initial_noise(seeds: torch.Tensor, shape: tuple[int, ...], device=None, dtype=torch.float32) -> torch.Tensor:
     """x_T for each seed: standard normal of `shape` (C, H, W), a pure function of the seed."""
     if not isinstance(seeds, torch.Tensor) or seeds.dim() != 1 or seeds.is_floating_point():
@@ -322,5 +330,5 @@ def seeds_for(seed: int, n: int) -> torch.Tensor:
 __all__ = [
     "SPACINGS", "VARIANCES", "StepTable", "check_batch", "ddim_coefficients", "ddim_table", "ddpm_coefficients",
     "ddpm_table", "denoise_step", "guided", "initial_noise", "make_timesteps", "run_table", "sample_ddim",
-    "sample_ddpm", "sample_student", "seeds_for", "student_table", "student_timesteps",
+    "sample_ddpm", "sample_student", "seeds_for", "student_grid", "student_table", "student_timesteps",
 ]

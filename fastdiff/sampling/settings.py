@@ -29,7 +29,7 @@ import torch
 
 from fastdiff.config import SampleConfig
 from fastdiff.config_checks import ETA_RANGE, GUIDANCE_RANGE, NO_CLIP, count, guides_untrained_null, integer, number
-from fastdiff.diffusion.samplers import SPACINGS, make_timesteps, student_timesteps
+from fastdiff.diffusion.samplers import SPACINGS, make_timesteps, student_grid, student_timesteps
 from fastdiff.errors import ConfigError, FastdiffWarning
 from fastdiff.runtime import AccelOptions, sample_batch_size
 
@@ -72,15 +72,15 @@ def resolve_settings(denoiser, device=None, *, accel: AccelOptions | None = None
         raise ConfigError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
     if sampler == "student" and denoiser.student_timesteps is None:
         raise ConfigError(f"{denoiser.name} is not an ADD student run; sample it with --sampler ddim or ddpm")
-    steps = _steps(denoiser, sampler, given.get("steps"))
+    spacing = given.get("spacing", run.spacing)
+    steps = _steps(denoiser, sampler, given.get("steps"), spacing)
     eta = number("eta", given.get("eta", run.eta if sampler == "ddim" else 0.0), **ETA_RANGE)
     if eta != 0 and sampler != "ddim":
         raise ConfigError(f"eta={eta} applies to --sampler ddim only, not {sampler}; drop --eta")
     guidance = _guidance(denoiser, given.get("guidance"))
-    if sampler == "student" and given.get("spacing", run.spacing) != run.spacing:  # its timesteps are its run's
+    if sampler == "student" and spacing != run.spacing:  # its timesteps are its run's
         raise ConfigError("spacing applies to the ddim and ddpm samplers; a student steps through its own "
                           "timesteps: drop --spacing")
-    spacing = given.get("spacing", run.spacing)
     if spacing not in SPACINGS:
         raise ConfigError(f"unknown timestep spacing {spacing!r}; use one of {', '.join(SPACINGS)}")
     if sampler != "student" and steps == 1 and spacing != "trailing":  # its one timestep is 0
@@ -129,13 +129,15 @@ def _check_refiner(denoiser, refiner) -> None:
                       FastdiffWarning)  # its place here, not the caller's: once, though `sample` resolves again
 
 
-def _steps(denoiser, sampler: str, steps: int | None) -> int:
+def _steps(denoiser, sampler: str, steps: int | None, spacing: str) -> int:
     T = denoiser.schedule.num_timesteps
     if steps is None:
         if sampler == denoiser.defaults.sampler and denoiser.defaults.steps is not None:
             steps = denoiser.defaults.steps
-        elif denoiser.student_timesteps is not None:  # a student's DDIM or DDPM: on all its timesteps
-            steps = len(denoiser.student_timesteps)
+        elif denoiser.student_timesteps is not None and sampler != "student":  # its DDIM or DDPM: the most of
+            # its timesteps it can run on alone (all of them was refused for 999, 500: trailing 2 are 999, 499)
+            fit = student_grid(denoiser.student_timesteps, T, spacing) if spacing in SPACINGS else []
+            steps = max(fit, default=len(denoiser.student_timesteps))
         elif sampler == "ddpm":
             steps = T
         elif sampler == "student":
@@ -155,9 +157,7 @@ def student_grid_steps(denoiser, spacing: str = "trailing") -> list[int]:
     """The step counts at which a student's DDIM or DDPM with `spacing` runs only on the timesteps it was trained at
     (elsewhere its outputs are the teacher's half-forgotten ones): e.g. trailing 1, 2 and 4 on a student of 999,
     749, 499, 249."""
-    trained = {int(t) for t in denoiser.student_timesteps}
-    T = denoiser.schedule.num_timesteps
-    return [k for k in range(1, len(trained) + 1) if set(make_timesteps(T, k, spacing).tolist()) <= trained]
+    return student_grid(denoiser.student_timesteps, denoiser.schedule.num_timesteps, spacing)
 
 
 def _check_student_grid(denoiser, sampler: str, steps: int, spacing: str) -> None:
