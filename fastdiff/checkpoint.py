@@ -111,6 +111,11 @@ def resolve_checkpoint(path) -> Path:
         return p
     latest = latest_checkpoint(p)
     if latest is None:
+        from fastdiff.interop.diffusers import is_diffusers_folder
+
+        if is_diffusers_folder(p):  # `sample` and `fastdiff.load` read it (they look for one before this)
+            raise CheckpointError(f"{p} is a diffusers folder, which fastdiff samples but cannot train from: pass the "
+                                  "fastdiff run it was exported from")
         raise CheckpointError(
             f"{p} holds no checkpoint (no {CHECKPOINTS}/step-*/model.safetensors); train a model into it first"
         )

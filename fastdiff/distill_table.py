@@ -73,8 +73,8 @@ def compare(teacher, student, refiner=None, *, n: int = 1000, seed: int = 0, tea
 
     def row_settings(who, sampler, steps):
         over = {**sampling, "eta": student_eta} if (who, sampler) == ("student", "ddim") else sampling
-        if sampler == "student":  # --spacing is the DDIM rows'; the student's own timesteps are its run's
-            over = {k: v for k, v in over.items() if k != "spacing"}
+        if sampler == "student":  # --spacing and --eta are the DDIM rows'; the student sampler reads neither
+            over = {k: v for k, v in over.items() if k not in ("spacing", "eta")}
         return resolve_settings(runs[who], device, sampler=sampler, steps=steps, refiner=refiner, **over)
 
     settings = {row: row_settings(*row) for row in _rows(teacher_steps, student_steps, student_ddim_steps)}

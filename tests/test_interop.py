@@ -125,6 +125,11 @@ def test_an_export_says_which_weights_and_leaves_nothing_when_it_fails(tmp_path,
         assert "holds one set of weights" in capsys.readouterr().err and not (tmp_path / "x").exists()
         assert main(["sample", "--checkpoint", source, "--out", str(tmp_path / "s.png"), "--no-ema"]) == 2
         assert "holds one set of weights" in capsys.readouterr().err
+    # a diffusers folder is sampled, not trained from: distill and train-refiner said "train a model into it"
+    for command in (["distill", "--teacher"], ["train-refiner", "--checkpoint"]):
+        assert main([*command, str(tmp_path / "w-ema"), "--out", str(tmp_path / "s"), "--dry-run"]) == 2
+        assert "w-ema is a diffusers folder, which fastdiff samples but cannot train from: pass the fastdiff run" in \
+            capsys.readouterr().err
     # a diffusers folder's weights are whatever it holds: not claimed
     assert main(["export", "--checkpoint", str(tmp_path / "w-ema"), "--out", str(tmp_path / "again")]) == 0
     assert interop.WEIGHTS_KEY not in json.loads((tmp_path / "again" / "unet" / "config.json").read_text())
