@@ -802,3 +802,15 @@ def test_a_student_given_a_setting_before_its_check_still_resumes(student_run, t
     (run / "config.json").write_text(json.dumps(config))
     assert main(["distill", "--out", str(run), "--resume", "--steps", "4", *TINY]) == 0, capsys.readouterr().err
     assert json.loads((run / "config.json").read_text())["train"]["steps"] == 4
+
+
+def test_distill_table_takes_the_ddim_rows_eta_and_spacing(tmp_path, capsys):
+    """--eta and --spacing were passed to the student sampler's rows too, which refuse both: every table given
+    either failed there ("eta=0.3 applies to --sampler ddim only, not student")."""
+    from fastdiff import distill_table
+
+    assert distill_table.main(["--teacher", "pretrained:mnist", "--student", "pretrained:mnist-student", "--n", "16",
+                               "--eta", "0.3", "--spacing", "trailing", "--no-progress",
+                               "--out", str(tmp_path / "t.md")]) == 0, capsys.readouterr().err
+    table = (tmp_path / "t.md").read_text()
+    assert "| student | student | 1 |" in table and "eta 0.3" in table
