@@ -42,6 +42,7 @@ from fastdiff.diffusion.parameterization import v_from
 from fastdiff.diffusion.samplers import ddim_coefficients, ddpm_coefficients, make_timesteps
 from fastdiff.diffusion.schedules import NoiseSchedule
 from fastdiff.errors import ConfigError, FastdiffWarning
+from fastdiff.scheduler_inputs import batch_timesteps, diffusers_noise, one_timestep
 
 CONFIG_NAME = "scheduler_config.json"
 # diffusers' from_pretrained keywords for fetching from the hub: a local folder (all fastdiff reads) needs none
@@ -198,12 +199,12 @@ class _Scheduler:
     def add_noise(self, original_samples, noise, timesteps) -> torch.Tensor:
         """q(x_t | x_0) at `timesteps` (one per sample, or one for all)."""
         device = original_samples.device
-        t = _timesteps_of(timesteps, original_samples.shape[0], len(self)).to(device)
+        t = batch_timesteps(timesteps, original_samples.shape[0], len(self)).to(device)
         x_t = self.schedule.to(device).add_noise(original_samples, noise, t)
         return x_t.to(original_samples.dtype)
 
     def get_velocity(self, sample, noise, timesteps) -> torch.Tensor:
-        t = _timesteps_of(timesteps, sample.shape[0], len(self)).to(sample.device)
+        t = batch_timesteps(timesteps, sample.shape[0], len(self)).to(sample.device)
         ab = self.schedule.to(sample.device).alphas_cumprod[t]
         return v_from(sample, noise, ab.view(-1, *([1] * (sample.dim() - 1)))).to(sample.dtype)
 
@@ -247,7 +248,7 @@ class _Scheduler:
 
         The table for all of self.timesteps is built once per (key, device) and indexed on the host. Where one of
         them has no row (eps at a zero-SNR timestep), each step computes its own row, so only that step fails."""
-        t = _timestep(timestep, len(self))
+        t = one_timestep(timestep, len(self))
         i = self._index.get(t)
         if i is not None and (key, device) not in self._tables:
             try:
@@ -291,51 +292,11 @@ class _Scheduler:
             prev, x0 = ops.sampler_step(sample, model_output, p, q, A, B, torch.zeros_like(sigma), unused, 0,
                                         self.clip, True)
             if draw:
-                z = noise if noise is not None else _randn(model_output, generator)
+                z = noise if noise is not None else diffusers_noise(model_output, generator)
                 prev = prev + sigma.view(-1, *([1] * (sample.dim() - 1))).to(prev.dtype) * z
         if extra:
             prev = prev + E.view(-1, *([1] * (sample.dim() - 1))).to(prev.dtype) * model_output
         return prev, x0
-
-
-def _timestep(timestep, T: int) -> int:
-    """One whole timestep in [0, T): 2.7 was truncated to 2, -5 stepped to NaN, 1000 was an IndexError."""
-    try:
-        value = float(timestep.item() if isinstance(timestep, torch.Tensor) else timestep)
-    except (TypeError, ValueError, RuntimeError):  # a string, a tensor of several timesteps
-        raise ConfigError(f"the timestep must be one number, got {timestep!r}") from None
-    if not value.is_integer() or not 0 <= value < T:
-        raise ConfigError(f"timestep {value:g} is not a whole timestep in 0..{T - 1}")
-    return int(value)
-
-
-def _timesteps_of(timesteps, n: int, T: int) -> torch.Tensor:
-    """add_noise's and get_velocity's timesteps as int64 [n] (one, or one per sample), each in [0, T): -1 took the
-    noisiest timestep, 1000 and float timesteps were torch errors. A CUDA tensor's values are not read (that would
-    wait for the GPU at every training step); its device checks the range as it indexes."""
-    t = timesteps if isinstance(timesteps, torch.Tensor) else torch.as_tensor(timesteps)
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise ConfigError(f"timesteps must be integers (torch.long), got {t.dtype}")
-    t = t.flatten().long()
-    if t.numel() not in (1, n):
-        raise ConfigError(f"{t.numel()} timesteps for a batch of {n}; pass one per sample, or one")
-    if t.device.type == "cpu" and t.numel() and not (0 <= int(t.min()) and int(t.max()) < T):
-        raise ConfigError(f"timesteps {t.tolist()[:8]} are not all whole timesteps in 0..{T - 1}")
-    return t.expand(n)
-
-
-def _randn(like: torch.Tensor, generator) -> torch.Tensor:
-    """Noise as diffusers' randn_tensor draws it: on a CPU generator's device then moved; one draw per generator
-    for a list of generators (one per sample)."""
-    if isinstance(generator, list) and len(generator) == 1:
-        generator = generator[0]
-    if isinstance(generator, list):
-        if len(generator) != like.shape[0]:
-            raise ConfigError(f"{len(generator)} generators for a batch of {like.shape[0]}; pass one per sample")
-        draws = [_randn(like[i : i + 1], g) for i, g in enumerate(generator)]
-        return torch.cat(draws).to(like.device)
-    device = generator.device if generator is not None and generator.device.type == "cpu" else like.device
-    return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
 
 class DDIMScheduler(_Scheduler):

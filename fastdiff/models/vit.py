@@ -262,13 +262,19 @@ def vit_from_timm(sd: dict[str, torch.Tensor], *, image_size: int | None = None,
     return model
 
 
-def load_vit_file(path, *, image_size: int | None = None, num_heads: int | None = None) -> ViT:
-    """A backbone from a local file: a fastdiff ViT (.safetensors with its .json config beside it), or a
-    timm/DINO state dict (.safetensors, .pth, .pt, .bin)."""
+def check_vit_file(path) -> Path:
+    """A backbone file's path, which must exist (one CheckpointError naming the fix)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"backbone file {path} does not exist; pass a timm/DINO ViT state dict, or "
                               "--backbone pretrain to train one on the dataset")
+    return path
+
+
+def load_vit_file(path, *, image_size: int | None = None, num_heads: int | None = None) -> ViT:
+    """A backbone from a local file: a fastdiff ViT (.safetensors with its .json config beside it), or a
+    timm/DINO state dict (.safetensors, .pth, .pt, .bin)."""
+    path = check_vit_file(path)
     meta = path.with_suffix(".json")
     if path.suffix == ".safetensors" and meta.exists():
         model = _load_cached(path, meta)

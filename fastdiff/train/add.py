@@ -29,7 +29,7 @@ from fastdiff.diffusion import NoiseSchedule, student_table, student_timesteps
 from fastdiff.errors import ConfigError
 from fastdiff.models import UNet
 from fastdiff.models.discriminator import Discriminator, parse_augment
-from fastdiff.models.vit import ViT, ViTConfig, load_or_pretrain_vit, load_vit_file
+from fastdiff.models.vit import ViT, ViTConfig, check_vit_file, load_or_pretrain_vit, load_vit_file
 from fastdiff.runtime import AccelOptions, compile_fn, grad_scaler, step_generator
 from fastdiff.sampling import Denoiser, load_run
 from fastdiff.sources import user_cache_dir
@@ -239,9 +239,8 @@ def resolve_add(cfg: RunConfig, out, resume: bool = False, log=None) -> RunConfi
     teacher = source_checkpoint(out, resume, cfg.distill.teacher, "distill", "teacher", log=log)
     cfg = replace(cfg, distill=replace(cfg.distill, teacher=teacher))
     check_teacher(load_config(ckpt.resolve_checkpoint(teacher) / "config.json"), cfg, teacher)
-    backbone = cfg.distill.backbone
-    if backbone not in ("pretrain", "none") and not Path(backbone).is_file():  # failed inside the opened run
-        raise ConfigError(f"--backbone {backbone}: no such file; give a ViT state dict file, pretrain or none")
+    if cfg.distill.backbone not in ("pretrain", "none"):  # it failed inside the opened run
+        check_vit_file(cfg.distill.backbone)
     return cfg
 
 
