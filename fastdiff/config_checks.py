@@ -218,15 +218,6 @@ def validate(cfg, saved: bool = False) -> None:
         if dc.regress_steps > T and not saved:  # the teacher's DDIM steps for its pairs
             raise ConfigError(f"distill.regress_steps {dc.regress_steps} must be in [1, {T}] (the teacher's "
                               "timesteps)")
-        if dc.regress_weight and dc.regress_at == "all" and dc.regress_steps <= T:  # (the run failed, not --dry-run)
-            from fastdiff.diffusion.samplers import make_timesteps
-
-            visits = make_timesteps(T, dc.regress_steps, s.spacing).tolist()[1:]  # step 0's input is the noise
-            if missing := [t for t in dc.student_timesteps[1:] if t not in visits]:
-                raise ConfigError(f"the teacher's DDIM-{dc.regress_steps} ({s.spacing} spacing) never steps from "
-                                  f"student timesteps {missing}, so distill.regress_at 'all' has no state there to "
-                                  "regress on; pick --regress-steps so that it does (with trailing spacing, 20 "
-                                  "visits 999, 749, 499 and 249) or --regress-at first")
         # choices the discriminator and the losses hold, refused now (they failed after the teacher pairs and the
         # backbone's pretraining, and passed --dry-run)
         from fastdiff.models.discriminator import HEAD_KINDS, parse_augment

@@ -126,7 +126,7 @@ def test_distill_config_file_names_the_teacher(teacher, tmp_path, capsys):
                      capsys)
     assert frozen["distill"]["train_backbone"] is False
     # what the run refused after --dry-run passed (two of them after opening the run directory)
-    for flags, says in ((["--backbone", str(tmp_path / "no.pt")], "no.pt does not exist; pass a timm/DINO ViT state dict"),
+    for flags, says in ((["--backbone", str(tmp_path / "no.pt")], "no.pt does not exist; pass a timm/DINO ViT"),
                         (["--regress-weight", "1", "--regress-at", "all", "--student-timesteps", "999", "500"],
                          "never steps from student timesteps [500], so distill.regress_at 'all' has no state")):
         assert main(["distill", "--teacher", str(teacher), "--out", str(tmp_path / "s"), *flags, "--dry-run"]) == 2

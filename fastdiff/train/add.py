@@ -25,7 +25,7 @@ from fastdiff import state_dicts
 from fastdiff.config import RUN_KINDS, ADDConfig, RunConfig, checked, load_config
 from fastdiff.config_checks import flag, guides_untrained_null
 from fastdiff.data import load_dataset
-from fastdiff.diffusion import NoiseSchedule, student_table, student_timesteps
+from fastdiff.diffusion import NoiseSchedule, make_timesteps, student_table, student_timesteps
 from fastdiff.errors import ConfigError
 from fastdiff.models import UNet
 from fastdiff.models.discriminator import Discriminator, parse_augment
@@ -41,7 +41,7 @@ from fastdiff.train.add_losses import (
     regression_loss,
     student_x0,
 )
-from fastdiff.train.add_pairs import teacher_pairs
+from fastdiff.train.add_pairs import check_states, regress_states, teacher_pairs
 from fastdiff.train.distributed import World
 from fastdiff.train.loop import Part, Session, train_loop
 from fastdiff.train.lr import warmup_lr
@@ -118,8 +118,7 @@ class ADDObjective:
         teacher = load_teacher(cfg, device)
         with session.world.main_first():  # the first process draws and caches the pairs, the rest read them
             self.pairs = (teacher_pairs(teacher, cfg, cache_dir(dc), device=device, log=session.log,
-                                        states_at=dc.student_timesteps[1:] if dc.regress_at == "all" else (),
-                                        progress=session.progress)
+                                        states_at=regress_states(cfg), progress=session.progress)
                           if dc.regress_weight > 0 else None)
         self.memory_format = session.memory_format
         # the run's layout, whatever sampling the pairs left it in (fresh and cached pairs give the same run)
@@ -238,9 +237,14 @@ def resolve_add(cfg: RunConfig, out, resume: bool = False, log=None) -> RunConfi
     cfg = checked(cfg, student=True, saved=resume)
     teacher = source_checkpoint(out, resume, cfg.distill.teacher, "distill", "teacher", log=log)
     cfg = replace(cfg, distill=replace(cfg.distill, teacher=teacher))
-    check_teacher(load_config(ckpt.resolve_checkpoint(teacher) / "config.json"), cfg, teacher)
-    if cfg.distill.backbone not in ("pretrain", "none"):  # it failed inside the opened run
-        check_vit_file(cfg.distill.backbone)
+    tcfg = load_config(ckpt.resolve_checkpoint(teacher) / "config.json")
+    check_teacher(tcfg, cfg, teacher)
+    # these two failed inside the opened run: the states of its pairs (the teacher's own spacing), the backbone file
+    dc, spacing = cfg.distill, tcfg.sample.spacing
+    grid = make_timesteps(tcfg.diffusion.num_timesteps, dc.regress_steps, spacing).tolist()
+    check_states(regress_states(cfg), grid, dc.regress_steps, spacing)
+    if dc.backbone not in ("pretrain", "none"):
+        check_vit_file(dc.backbone)
     return cfg
 
 

@@ -74,13 +74,9 @@ def teacher_pairs(teacher: Denoiser, cfg: RunConfig, cache_dir, *, device, log=N
     # until 2026-12-07, could be another sampling's after a kill -9 between the two writes, or after two
     # distillations of other checkpoints of one teacher wrote the cache at once, and was then read as theirs
     meta_bytes = json.dumps(meta, sort_keys=True).encode()
-    # two samplings of one teacher's pairs at once (two distillations): the second waits, then reads the first's
     grid = make_timesteps(teacher.schedule.num_timesteps, settings.steps, settings.spacing).tolist()
-    missing = [t for t in states_at if t not in grid[1:]]  # step 0's input is the noise itself
-    if missing:
-        raise ConfigError(f"the teacher's DDIM-{settings.steps} ({settings.spacing} spacing) never steps from student "
-                          f"timesteps {missing}, so it has no state there to regress on; pick --regress-steps so "
-                          f"that it does (20 visits 999, 749, 499 and 249) or --regress-at first")
+    check_states(states_at, grid, settings.steps, settings.spacing)
+    # two samplings of one teacher's pairs at once (two distillations): the second waits, then reads the first's
     with waiting_lock("cache", path):
         if path.exists():
             t = ckpt.read_tensors(path)
@@ -98,6 +94,24 @@ def teacher_pairs(teacher: Denoiser, cfg: RunConfig, cache_dir, *, device, log=N
         path.parent.mkdir(parents=True, exist_ok=True)
         ckpt.save_tensors(path, tensors)
         return pairs.to(device)
+
+
+def check_states(states_at, grid: list[int], steps: int, spacing: str) -> None:
+    """The teacher's DDIM (its timesteps `grid`, `steps` of `spacing`) steps from every timestep of `states_at`,
+    whose states the regression loss reads."""
+    missing = [t for t in states_at if t not in grid[1:]]  # step 0's input is the noise itself
+    if missing:
+        raise ConfigError(f"the teacher's DDIM-{steps} ({spacing} spacing) never steps from student timesteps "
+                          f"{missing}, so distill.regress_at 'all' has no state there to regress on; pick "
+                          "--regress-steps so that it does (with trailing spacing, 20 visits 999, 749, 499 and 249) "
+                          "or --regress-at first")
+
+
+def regress_states(cfg: RunConfig) -> tuple[int, ...]:
+    """The student timesteps whose teacher states the regression loss reads (regress_at 'all': each after the
+    first)."""
+    dc = cfg.distill
+    return tuple(dc.student_timesteps[1:]) if dc.regress_weight and dc.regress_at == "all" else ()
 
 
 def _sample_pairs(teacher: Denoiser, settings, n: int, seed: int, states_at: tuple[int, ...],

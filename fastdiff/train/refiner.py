@@ -113,8 +113,8 @@ def sample_pairs(student, gcfg: RunConfig, n: int, session: Session) -> tuple[to
     # the student's teacher checkpoint, or its run's newest where that run has since pruned it
     # (the first process's choice on every process, as the generator's: a pruned checkpoint's replacement could
     # differ between them)
-    teacher = session.world.from_main(pinned_now(gcfg.distill.teacher, session.log, "that the student was distilled "
-                                                 "from"))
+    pinned = pinned_now(gcfg.distill.teacher, session.log, "that the student was distilled from")
+    teacher = session.world.from_main(pinned)
     gcfg = replace(gcfg, distill=replace(gcfg.distill, teacher=teacher))
     with session.world.main_first():  # the first process draws and caches the pairs, the rest read them
         target = teacher_pairs(load_teacher(gcfg, device), gcfg, session.run_dir, device=device, log=session.log,
