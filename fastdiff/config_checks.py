@@ -268,14 +268,12 @@ def _check_add_settings(cfg) -> None:
     if not (dc.adv_weight or dc.distill_weight or dc.regress_weight):
         raise ConfigError("distill.adv_weight, distill_weight and regress_weight are all 0: the student would never "
                           "change; give one of them a weight (the preset's: adv 1, distill 2.5)")
-    from fastdiff.config import ADDConfig
-    from fastdiff.presets import DISTILL_PRESETS
+    from fastdiff.presets import DISTILL_PRESETS, student_defaults
 
     # the options a switched-off part reads, set beyond what `distill_config` gives (its preset's, and the
     # defaults it fits to the teacher's T): --regress-weight 0 on mnist5k's regression options is an ablation
     T = cfg.diffusion.num_timesteps
-    given = {**dataclasses.asdict(ADDConfig()), "teacher_t_max": T - 1,
-             "regress_steps": min(ADDConfig.regress_steps, T), **DISTILL_PRESETS.get(cfg.preset, {}).get("distill", {})}
+    given = {**dataclasses.asdict(student_defaults(T)), **DISTILL_PRESETS.get(cfg.preset, {}).get("distill", {})}
     for off, reader, keys, fix in (
             (not dc.regress_weight, "the regression loss", ("regress_pairs", "regress_steps", "regress_at"),
              "distill.regress_weight is 0 (off): give --regress-weight"),
@@ -322,6 +320,14 @@ def _check_add_settings(cfg) -> None:
 GUIDANCE_RANGE = dict(lo=0, allowed="0 and up, finite (1 = no guidance, 0 = the unconditional model)")
 ETA_RANGE = dict(lo=0, hi=1, allowed="between 0 (deterministic DDIM) and 1")
 NO_CLIP = ("none", "off", "inf")  # the clip values, besides float("inf"), of no clipping
+
+
+def no_clip(value) -> bool:
+    """Whether a clip value says "no clipping" in a way other than None: "none", "off" or "inf" (any case, as
+    `--clip` takes them; a TOML file has no null) or float inf."""
+    if isinstance(value, str):
+        return value.strip().lower() in NO_CLIP
+    return isinstance(value, float) and math.isinf(value) and value > 0
 
 
 def number(name: str, value, *, lo=None, hi=None, lo_open: bool = False, finite: bool = True,

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastdiff.config import SECTIONS
-from fastdiff.config_checks import NO_CLIP, check_types
+from fastdiff.config_checks import check_types, no_clip
 from fastdiff.errors import ConfigError
 
 
@@ -27,12 +26,6 @@ class ConfigFile:
 
     names: dict[str, str] = field(default_factory=dict)
     overrides: dict[str, object] = field(default_factory=dict)
-
-
-def _no_clip(value) -> bool:
-    """A clip value of no clipping besides null: "none", "off", "inf" (as `fastdiff sample --clip`) or inf."""
-    return (isinstance(value, str) and value.lower() in NO_CLIP) or (isinstance(value, float) and math.isinf(value)
-                                                                      and value > 0)
 
 
 def _unique_keys(pairs: list) -> dict:
@@ -103,7 +96,7 @@ def read_config_file(path, *, sections: tuple[str, ...], names: tuple[str, ...] 
                 if option not in valid:
                     raise ConfigError(f"{path}: unknown key '{key}.{option}'; the keys of section {key!r} are: "
                                       f"{', '.join(valid)}")
-                if f"{key}.{option}" == "sample.clip" and _no_clip(v):  # TOML has no null: clip = "none" or inf
+                if f"{key}.{option}" == "sample.clip" and no_clip(v):  # TOML has no null: clip = "none" or inf
                     value[option] = v = None
                 layer.overrides[f"{key}.{option}"] = v
             check_types(SECTIONS[key], value, f"{path}: {key}")  # a value of the wrong type names the file too

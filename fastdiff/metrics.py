@@ -51,9 +51,14 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * tr_cross)
 
 
+def _cubic(dots: torch.Tensor, d: int) -> torch.Tensor:
+    """The polynomial kernel of dot products of D-dimensional rows: (x.y / d + 1)^3."""
+    return (dots / d + 1) ** 3
+
+
 def polynomial_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """k(x, y) = (x.y / d + 1)^3 for every pair of rows: [N, D] x [M, D] -> [N, M]."""
-    return (x @ y.T / x.shape[1] + 1) ** 3
+    return _cubic(x @ y.T, x.shape[1])
 
 
 def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -72,7 +77,7 @@ def _kernel_sum(x: torch.Tensor, y: torch.Tensor, chunk: int = 2048) -> float:
 
 def _kernel_diagonal_sum(x: torch.Tensor) -> float:
     """The sum of k(x_i, x_i)."""
-    return float(((x * x).sum(1) / x.shape[1] + 1).pow(3).sum())
+    return float(_cubic((x * x).sum(1), x.shape[1]).sum())
 
 
 def kid(a, b, *, subsets: int = 10, max_subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:

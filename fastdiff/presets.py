@@ -5,7 +5,7 @@ config dataclasses in `fastdiff.config`, sized by measurement (README), and the 
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from fastdiff.config import ADDConfig, RunConfig, TrainConfig, apply_overrides
 from fastdiff.errors import ConfigError
@@ -161,6 +161,18 @@ DISTILL_PRESET_HELP: dict[str, str] = {  # one line per distillation preset for 
 }
 
 
+def student_defaults(T: int) -> ADDConfig:
+    """ADDConfig's defaults fitted to a teacher of T timesteps: they are T = 1000's (999, 749, 499, 249 and a teacher
+    t up to 999), so for another T the same spread over its own (a teacher of 500 was refused whatever the flags
+    said, one of 2000 started its student halfway), and at most T regression steps. `distill_config` starts from
+    them, and `config_checks` tells a user's setting from them."""
+    from fastdiff.diffusion.samplers import make_timesteps
+
+    add = ADDConfig()
+    spread = tuple(int(t) for t in make_timesteps(T, min(len(add.student_timesteps), T), "trailing"))
+    return replace(add, student_timesteps=spread, teacher_t_max=T - 1, regress_steps=min(add.regress_steps, T))
+
+
 def distill_config(teacher_cfg: RunConfig, teacher_path: str, preset: str | None = None) -> RunConfig:
     """A student run's config: the teacher's model, diffusion and data sections with a distillation preset on top.
 
@@ -176,14 +188,8 @@ def distill_config(teacher_cfg: RunConfig, teacher_path: str, preset: str | None
     d["train"] = asdict(TrainConfig())
     tm = teacher_cfg.model  # a teacher without a null class guides nothing (an older one's config may say 2)
     guidance = teacher_cfg.sample.guidance if tm.num_classes and tm.null_class else 1.0
-    # the default timesteps are T = 1000's (999, 749, 499, 249): for another T, the same spread over its own (a
-    # teacher of 500 was refused whatever the flags said, one of 2000 started its student halfway)
-    from fastdiff.diffusion.samplers import make_timesteps
-
-    T, add = teacher_cfg.diffusion.num_timesteps, ADDConfig()
-    spread = tuple(int(t) for t in make_timesteps(T, min(len(add.student_timesteps), T), "trailing"))
-    d["distill"] = asdict(ADDConfig(teacher=str(teacher_path), teacher_guidance=guidance, student_timesteps=spread,
-                                    teacher_t_max=T - 1, regress_steps=min(add.regress_steps, T)))
+    d["distill"] = asdict(replace(student_defaults(teacher_cfg.diffusion.num_timesteps), teacher=str(teacher_path),
+                                  teacher_guidance=guidance))
     for section, values in DISTILL_PRESETS[name].items():
         d[section].update(copy.deepcopy(values))
     return RunConfig.from_dict(d)

@@ -71,15 +71,20 @@ def lock_run_dir(run_dir) -> RunDirLock:
     return RunDirLock(run_dir).acquire()
 
 
+def waiting_lock_path(name: str, key) -> Path:
+    """The lock file of `waiting_lock(name, key)`: in the temporary folder, named by `name` and the resolved path
+    `key` (nothing is written beside `key`, which may not exist yet or be read-only)."""
+    digest = hashlib.sha256(str(Path(key).resolve()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"fastdiff-{name}-{digest}.lock"
+
+
 @contextlib.contextmanager
 def waiting_lock(name: str, key: Path):
-    """One process at a time inside (the others wait): an exclusive flock on a file in the temporary folder named
-    by `name` and the resolved path `key` (nothing is written beside `key`, which may not exist yet or be
-    read-only). The kernel drops it when its process ends in any way."""
+    """One process at a time inside (the others wait): an exclusive flock on `waiting_lock_path(name, key)`. The
+    kernel drops it when its process ends in any way."""
     import fcntl
 
-    digest = hashlib.sha256(str(Path(key).resolve()).encode()).hexdigest()[:16]
-    fd = os.open(Path(tempfile.gettempdir()) / f"fastdiff-{name}-{digest}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    fd = os.open(waiting_lock_path(name, key), os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -86,12 +86,10 @@ def waiting_lock_is_held(name: str, key) -> bool:
     description of the lock file is refused while another holds it)."""
     import errno
     import fcntl
-    import hashlib
-    import tempfile
-    from pathlib import Path
 
-    digest = hashlib.sha256(str(Path(key).resolve()).encode()).hexdigest()[:16]
-    fd = os.open(Path(tempfile.gettempdir()) / f"fastdiff-{name}-{digest}.lock", os.O_RDWR | os.O_CREAT)
+    from fastdiff.runlock import waiting_lock_path
+
+    fd = os.open(waiting_lock_path(name, key), os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return False

@@ -766,7 +766,8 @@ def test_a_stop_after_the_last_checkpoint_is_finished_by_the_resume(tmp_path, mo
             m.setattr(Monitor, where, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
             with pytest.raises(KeyboardInterrupt):
                 train_ddpm(cfg, run, progress=False, echo=lambda s: None)
-        assert not (run / "stats.png").exists() or where == "grid"
+        if where == "plot":  # stopped at the only drawing (the grid's stop came before it)
+            assert not (run / "stats.png").exists()
         said = []
         record = train_ddpm(cfg, run, resume=True, progress=False, echo=said.append)
         assert not any("already finished" in line for line in said), said

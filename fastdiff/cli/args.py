@@ -227,12 +227,12 @@ def echo_stderr(line: str) -> None:
     print(line, file=sys.stderr)
 
 
-def absolute_data_dir(overrides: dict) -> dict:
-    """overrides with data.data_dir (a flag's or a --config file's) as an absolute path: recorded as typed, a
-    relative one stopped resolving for a distillation or a refiner started from another folder."""
+def absolute_data_dir(overrides: dict, key: str = "data.data_dir") -> dict:
+    """overrides with the data folder `key` (a flag's or a --config file's) as an absolute path: recorded as typed,
+    a relative one stopped resolving for a distillation or a refiner started from another folder."""
     import os
 
-    value = overrides.get("data.data_dir")
+    value = overrides.get(key)
     if isinstance(value, str) and value.strip():
-        overrides = {**overrides, "data.data_dir": os.path.abspath(value)}
+        overrides = {**overrides, key: os.path.abspath(value)}
     return overrides

@@ -19,13 +19,13 @@ from fastdiff.cli.args import (
     add_accel_flags,
     show_progress,
 )
-from fastdiff.config_checks import NO_CLIP
+from fastdiff.config_checks import no_clip
 from fastdiff.errors import ConfigError
 
 
 def _clip(value: str) -> float:
     """--clip C (x0 clamped to [-C, C]); none, off or inf for no clipping."""
-    if value.lower() in NO_CLIP:
+    if no_clip(value):
         return float("inf")
     try:
         clip = float(value)
@@ -266,7 +266,7 @@ def add_export(sub):
                        description="Write a run's UNet and schedule as a diffusers folder: model_index.json, "
                                    "unet/ (UNet2DModel) and scheduler/ (DDPMScheduler). diffusers' DDPMPipeline "
                                    "samples an unconditional model; a class-conditional one takes class_labels in a "
-                                   "loop of one's own (README, \"Drop-in\").")
+                                   "loop of one's own (README, \"Use it from Python\").")
     p.add_argument("--checkpoint", type=PATH, required=True,
                    help="run directory (its latest checkpoint), a checkpoint folder, pretrained:NAME or a diffusers "
                    "folder (required)")

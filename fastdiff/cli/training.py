@@ -292,9 +292,8 @@ REFINER_RESUMABLE = {"steps", "ckpt_every", "log_every", "lr", "data_dir"}
 def resolve_refiner_config(args):
     from fastdiff.train.refiner import RefinerConfig
 
-    given = {k: getattr(args, k) for k in REFINER_FLAGS if getattr(args, k) is not None}
-    if "data_dir" in given:
-        given["data_dir"] = absolute_data_dir({"data.data_dir": given["data_dir"]})["data.data_dir"]
+    given = absolute_data_dir({k: getattr(args, k) for k in REFINER_FLAGS if getattr(args, k) is not None},
+                              key="data_dir")
     cfg = resumed_config(args, given, REFINER_FLAGS, REFINER_RESUMABLE, {"checkpoint": args.checkpoint}, "refiner",
                           parse=RefinerConfig.from_dict)
     if cfg is None:

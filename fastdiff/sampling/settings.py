@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from fastdiff.config import SampleConfig
-from fastdiff.config_checks import ETA_RANGE, GUIDANCE_RANGE, NO_CLIP, count, guides_untrained_null, integer, number
+from fastdiff.config_checks import ETA_RANGE, GUIDANCE_RANGE, count, guides_untrained_null, integer, no_clip, number
 from fastdiff.diffusion.samplers import SPACINGS, make_timesteps, student_grid, student_timesteps
 from fastdiff.errors import ConfigError, FastdiffWarning
 from fastdiff.runtime import AccelOptions, sample_batch_size
@@ -90,7 +90,7 @@ def resolve_settings(denoiser, device=None, *, accel: AccelOptions | None = None
     if sampler != "student" and denoiser.student_timesteps is not None:
         _check_student_grid(denoiser, sampler, steps, spacing)
     clip = given.get("clip", run.clip)
-    if isinstance(clip, str) and clip.lower() in NO_CLIP:  # as the CLI's --clip none
+    if no_clip(clip):  # "none" as the CLI's --clip none, or inf
         clip = math.inf
     if clip is not None:
         clip = number("clip", clip, lo=0, lo_open=True, finite=False, allowed="above 0 (inf for no clipping)")

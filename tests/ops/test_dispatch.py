@@ -140,13 +140,16 @@ def test_native_cuda_kernels_run_only_when_forced(monkeypatch):
         assert backend_for(on_cuda, GN) == "native"
 
 
-def test_backend_on_names_the_float32_choice_whatever_the_default_dtype():
+def test_backend_on_names_the_float32_choice_whatever_the_default_dtype(monkeypatch):
     """After torch.set_default_dtype(float64), `fastdiff env` and cpu_choice read a float64 probe, which the
     automatic choice sends to the reference: "torch", and "build the extension" where it is built."""
-    want = dispatch.backend_on("cpu")
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        assert dispatch.backend_on("cpu") == want
-    finally:
-        torch.set_default_dtype(before)
+    monkeypatch.setattr(dispatch, "CPU_NATIVE", True)  # as on a CPU whose choice is the extension's ops
+    with use_backend(None):
+        want = dispatch.backend_on("cpu")
+        assert want != "torch"
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            assert dispatch.backend_on("cpu") == want
+        finally:
+            torch.set_default_dtype(before)
