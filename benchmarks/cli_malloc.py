@@ -3,6 +3,7 @@
     python benchmarks/cli_malloc.py --out DIR -- eval --checkpoint pretrained:mnist --n 1000 --no-progress
     python benchmarks/cli_malloc.py --fresh runs/tmp-train --out DIR -- train --preset mnist5k --steps 200 \
         --out runs/tmp-train --no-progress
+    python benchmarks/cli_malloc.py --vs "--max-rows 64" --out DIR -- eval --checkpoint pretrained:mnist --n 1000
 
 Every `fastdiff` command first has glibc's malloc keep freed memory (`fastdiff.runtime.keep_freed_memory`): `keep`
 runs the command as it ships, `default` with FASTDIFF_MALLOC=default, which leaves glibc's own rules (glibc's
@@ -11,6 +12,10 @@ times in each setting, in alternating order, each run a fresh process. A row giv
 images/s the command reports (its JSON's `images_per_sec`: sampling only, or training's last logged window), of its
 wall time, and of its peak RSS (the process's own, from wait4). `same_output` says whether the commands printed the
 same results apart from timings and memory (the setting must not change a sample or a loss).
+
+With `--vs ARGS`, the command as typed runs against the command with ARGS added, both as they ship (malloc kept),
+in the same alternation: a CLI default against a flag that overrides it. `same_output` then compares the results
+apart from timings and the options ARGS set (`accel`).
 """
 
 from __future__ import annotations
@@ -66,30 +71,42 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="runs per setting")
     p.add_argument("--out", type=Path, default=Path("runs/cli-malloc"))
     p.add_argument("--fresh", type=Path, help="a folder to remove before each run (the --out of a train command)")
+    p.add_argument("--vs", help="extra arguments: the command as typed against the command with these added, "
+                   "both keeping freed memory, instead of kept malloc against glibc's rules")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the fastdiff command and its arguments")
     args = p.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         p.error("name the fastdiff command after --")
-    doc = new_doc("cpu", title=f"fastdiff {command[0]}: malloc kept against glibc's rules", notes=[
+    if args.vs is not None and not args.vs.split():
+        p.error("--vs needs the arguments to add, e.g. --vs \"--max-rows 64\"")
+    # each setting: (malloc setting, arguments added to the command)
+    settings = ({"as typed": ("keep", []), f"with {args.vs}": ("keep", args.vs.split())} if args.vs else
+                {s: (s, []) for s in SETTINGS})
+    title = f"as typed against with {args.vs}" if args.vs else "malloc kept against glibc's rules"
+    doc = new_doc("cpu", title=f"fastdiff {command[0]}: {title}", notes=[
         f"{args.rounds} fresh processes per setting, alternating; rows: median and p20-p80 over them",
         f"keep: the command as it ships (mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold "
         f"{TRIM_THRESHOLD >> 30} GiB); default: FASTDIFF_MALLOC=default, glibc's own rules",
         "images_per_s: the command's own figure (sampling time only); wall_s: the whole process"])
-    runs: dict[str, list[dict]] = {s: [] for s in SETTINGS}
+    names = list(settings)
+    runs: dict[str, list[dict]] = {s: [] for s in names}
     load0 = os.getloadavg()
     for r in range(args.rounds):
-        for setting in SETTINGS if r % 2 == 0 else SETTINGS[::-1]:
-            runs[setting].append(run_once(setting, command, args.fresh))
+        for setting in names if r % 2 == 0 else names[::-1]:
+            malloc, extra = settings[setting]
+            runs[setting].append(run_once(malloc, command + extra, args.fresh))
             last = runs[setting][-1]
             print(f"round {r + 1}/{args.rounds} {setting}: {last['wall_s']:.1f} s, {last['images_per_s']} images/s",
                   flush=True)
-    strip = lambda res: {k: v for k, v in res.items() if k not in VARYING}  # noqa: E731
-    same = all(strip(x["result"]) == strip(runs["keep"][0]["result"]) for s in SETTINGS for x in runs[s])
+    varying = VARYING + (("accel",) if args.vs else ())
+    strip = lambda res: {k: v for k, v in res.items() if k not in varying}  # noqa: E731
+    same = all(strip(x["result"]) == strip(runs[names[0]][0]["result"]) for s in names for x in runs[s])
     rates = {}
-    for setting in SETTINGS:
-        row = {"section": command[0], "case": " ".join(command), "provider": f"fastdiff {setting}",
-               "malloc": setting, "processes": len(runs[setting]), "same_output": same, "status": "ok"}
+    for setting in names:
+        row = {"section": command[0], "case": " ".join(command + settings[setting][1]),
+               "provider": f"fastdiff {setting}", "malloc": settings[setting][0], "processes": len(runs[setting]),
+               "same_output": same, "status": "ok"}
         for key in ("images_per_s", "wall_s", "peak_rss_mib"):
             values = [x[key] for x in runs[setting] if x[key] is not None]
             if values:
@@ -97,10 +114,11 @@ def main(argv=None) -> int:
                 row.update({key: m, f"{key}_p20_p80": f"{p20:.4g}-{p80:.4g}"})
         rates[setting] = row.get("images_per_s")
         doc["rows"].append(row)
-    if rates["keep"] and rates["default"]:
-        doc["rows"][0]["keep_vs_default"] = rates["keep"] / rates["default"]
+    first, second = names
+    if rates[first] and rates[second]:
+        doc["rows"][0][f"{first}_vs_{second}".replace(" ", "_")] = rates[first] / rates[second]
     doc["load_avg"] = [round(x, 2) for x in load0 + os.getloadavg()]
-    doc["last_result"] = runs["keep"][-1]["result"]
+    doc["last_result"] = runs[first][-1]["result"]
     write_reports(doc, args.out, stem="cli_malloc")
     print((args.out / "cli_malloc.md").read_text())
     return 0

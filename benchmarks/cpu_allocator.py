@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -84,13 +85,19 @@ def split_label(label: str, batch: int) -> tuple[str, int]:
     return name, int(at) if at else batch
 
 
+def candidate_grid(only: list[str], batch: int) -> dict[str, dict]:
+    """cpu_defaults' candidates by name, with the chunked (.../rN) ones that `only` names."""
+    rows = sorted({m.group(1) for label in only if (m := re.search(r"/r(\d+)$", split_label(label, batch)[0]))})
+    return {cpu_defaults.name(c): c for c in cpu_defaults.with_rows(
+        cpu_defaults.candidates(True, False, torch.get_num_threads()), ",".join(rows))}
+
+
 def child(setting: str, section: str, only: list[str], args) -> dict:
     """One process: the candidates timed interleaved; per candidate the median ms, page faults per call, and the
     process's peak RSS (of both candidates together)."""
     malloc = {"keep": keep_freed_memory, "warm": warm_malloc}.get(setting, lambda: "glibc default")()
     cfg = preset_config(args.preset)
-    grid = {cpu_defaults.name(c): c for c in cpu_defaults.with_rows(
-        cpu_defaults.candidates(True, False, torch.get_num_threads()), "32,64")}
+    grid = candidate_grid(only, args.batch)
     faults: dict[str, list[int]] = {}
 
     def counted(label, fn):
@@ -167,6 +174,10 @@ def main(argv=None) -> int:
     settings = tuple(s for s in SETTINGS if s in args.settings.split(","))
     if not settings:
         p.error(f"--settings {args.settings} names none of {', '.join(SETTINGS)}")
+    unknown = [x for x in only if split_label(x, args.batch)[0] not in candidate_grid(only, args.batch)]
+    if unknown:
+        p.error(f"--only names no candidate of cpu_defaults.py: {', '.join(unknown)} (names as in its reports, "
+                "e.g. cl/bf16/native/2t/r64)")
     if args.child:
         print(json.dumps(child(args.setting, args.child, only, args)))
         return 0

@@ -17,6 +17,7 @@ The chosen default (`fastdiff.runtime.cpu_choice`) is named in the report.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import resource
 import subprocess
@@ -190,6 +191,8 @@ def main(argv=None) -> int:
         grid = [c for c in grid if name(c) in keep]
         if not grid:
             p.error(f"--only {args.only} names no candidate")
+    if args.batches and args.memory:
+        p.error("--memory measures at --batch only; run it once per batch instead of --batches")
     if args.batches:
         grid = [dict(c, batch=int(b)) for c in grid for b in args.batches.split(",")]
     doc = new_doc(DEVICE, title=f"fastdiff CPU defaults ({args.preset}, batch {args.batch})", preset=args.preset,
@@ -201,7 +204,11 @@ def main(argv=None) -> int:
                       "diffusers: UNet2DModel + DDIMScheduler on the same weights and settings"])
     for section in args.sections.split(","):
         if args.memory:
-            doc.setdefault("peak_rss_mib", {})[section] = memory(section, args, grid)
+            peaks = doc.setdefault("peak_rss_mib", {})[section] = memory(section, args, grid)
+            doc["rows"] += [dict(section=section, preset=args.preset, batch=args.batch, provider=key,
+                                 layout=c["layout"], dtype=c["amp"], peak_rss_mib=peaks[key],
+                                 status="failed" if math.isnan(peaks[key]) else "ok")
+                            for c in grid for key in [name(c)]]
             write_reports(doc, args.out, stem="cpu_defaults")
         else:
             ab(section, cfg, args, grid, doc, args.out)

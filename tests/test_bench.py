@@ -523,6 +523,57 @@ def test_cli_malloc_runs_a_command_in_both_settings(tmp_path, monkeypatch):
         assert doc["last_result"]["malloc"].startswith("keep freed memory")
 
 
+def test_cli_malloc_vs_runs_the_command_against_itself_with_more_arguments(tmp_path, monkeypatch):
+    # --vs: the command as typed against the same command with the extra arguments, each in fresh processes that
+    # keep freed memory; the outputs compared apart from timings and the options the arguments set.
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import cli_malloc
+
+    grid = tmp_path / "grid.png"
+    assert cli_malloc.main(["--rounds", "1", "--vs", "--max-rows 1", "--out", str(tmp_path), "--", "sample",
+                            "--checkpoint", "pretrained:mnist-student", "--n", "2", "--out", str(grid)]) == 0
+    doc = json.loads((tmp_path / "cli_malloc.json").read_text())
+    rows = {r["provider"]: r for r in doc["rows"]}
+    assert set(rows) == {"fastdiff as typed", "fastdiff with --max-rows 1"}
+    assert {r["malloc"] for r in rows.values()} == {"keep"} and all(r["same_output"] for r in rows.values())
+    assert rows["fastdiff with --max-rows 1"]["case"].endswith("--max-rows 1")
+    assert doc["rows"][0]["as_typed_vs_with_--max-rows_1"] > 0 and grid.exists()
+    with pytest.raises(SystemExit):
+        cli_malloc.main(["--vs", " ", "--out", str(tmp_path), "--", "env"])
+
+
+def test_cpu_allocator_takes_any_row_limit_its_candidates_name(monkeypatch):
+    # benchmarks/cpu_allocator.py builds the chunked candidates (.../rN) its --only names, any N, and refuses an
+    # unknown name in one line before it starts a process.
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import cpu_allocator
+
+    t = f"{torch.get_num_threads()}t"
+    grid = cpu_allocator.candidate_grid([f"cl/bf16/native/{t}/r128@64", f"nchw/fp32/torch/{t}/r96", "diffusers/bf16"],
+                                        64)
+    assert grid[f"cl/bf16/native/{t}/r128"]["rows"] == 128 and grid[f"nchw/fp32/torch/{t}/r96"]["rows"] == 96
+    assert "diffusers/bf16" in grid and f"cl/bf16/native/{t}/r64" not in grid
+    with pytest.raises(SystemExit):
+        cpu_allocator.main(["--only", f"cl/bf16/native/{t}/r128,no/such/candidate", "--settings", "keep"])
+
+
+def test_cpu_defaults_memory_report_has_a_row_per_candidate(tmp_path, monkeypatch):
+    # benchmarks/cpu_defaults.py --memory: each candidate's peak RSS in a process of its own, in the JSON and as
+    # rows of the Markdown report (which had the tables' headings and no rows); --batches is refused with it.
+    pytest.importorskip("diffusers")  # every memory process imports it, so that baselines match
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import cpu_defaults
+
+    only = f"nchw/fp32/torch/{torch.get_num_threads()}t"
+    assert cpu_defaults.main(["--preset", "digits", "--batch", "2", "--memory", "--sections", "sample",
+                              "--only", only, "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "cpu_defaults.json").read_text())["rows"]
+    assert [(r["provider"], r["status"]) for r in rows] == [(only, "ok")] and rows[0]["peak_rss_mib"] > 10
+    assert f"| {only} |" in (tmp_path / "cpu_defaults.md").read_text()
+    with pytest.raises(SystemExit):
+        cpu_defaults.main(["--memory", "--batches", "16,32", "--out", str(tmp_path)])
+
+
 def test_conv_layers_reports_each_convolution_and_the_step_share(tmp_path, monkeypatch):
     # benchmarks/conv_layers.py at a tiny size: a row per convolution and pass, the totals, and each library's
     # profiled training step with its convolution share and fastdiff's ceiling against diffusers.
