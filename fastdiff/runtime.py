@@ -226,7 +226,8 @@ class CpuChoice:
         return dataclasses.asdict(self)
 
 
-ROWS_WHY = "sampling calls of at most 64 rows (their activations stay within what malloc reuses)"
+def _rows_why(rows: int) -> str:
+    return f"sampling calls of at most {rows} rows (their activations stay within what malloc reuses)"
 
 
 def _native_ops_run() -> bool:
@@ -257,14 +258,14 @@ def cpu_choice(flags: frozenset[str] | None = None, native: bool | None = None) 
         EPYC with avx512_bf16: sampling 2.09x, training 1.51x (channels_last bf16 1.94x / 1.21x); on the Zen 5:
         1.93x and 1.51x.
       On a Zen 4 EPYC with avx512_bf16 (2026-12-06) the native ops in channels_last sampled 1.15-1.17x and
-      trained 1.06-1.13x NCHW bf16 with the torch ops, at fp32's FD_cls (1.38x the floor). The AMX Xeon ran
-      them only before the fix, when they lost.
+      trained 1.06-1.13x NCHW bf16 with the torch ops, at fp32's FD_cls (1.38x the floor); on the AMX Xeon
+      (2026-12-07) 1.49-1.54x and 1.34-1.37x, at the same FD_cls.
     - otherwise (AVX2 only, or AVX-512 without BF16) fp32, where channels_last beat NCHW (sampling 1.16-1.26x,
       training level to 1.14x; on the bf16 machines in fp32 too: sampling 1.23-1.50x, training 1.00-1.16x),
       and the native ops beat the torch ops in that layout: on a Xeon with AVX-512 and no BF16, sampling 1.19x
       and training 1.13x; on an AVX2-only EPYC, sampling 1.22x and training 1.08x. Without bf16 instructions,
       bf16 autocast sampled 2-17x and trained 2-9x slower than fp32.
-    - on every CPU, sampling calls of the model run at most 64 rows (`AccelOptions.max_rows`): classifier-free
+    - sampling calls of the model run at most 64 rows (`AccelOptions.max_rows`): classifier-free
       guidance makes a batch of 64 images 128 rows, whose widest activations (mnist5k: 96 channels at 28x28,
       38.5 MB in fp32, which the torch ops' GroupNorm keeps under bf16 autocast too) exceed glibc malloc's 32 MiB
       ceiling for reusing freed blocks, so every call had the kernel map and zero-fill them afresh. In two calls
@@ -273,6 +274,10 @@ def cpu_choice(flags: frozenset[str] | None = None, native: bool | None = None) 
       machine's noise. On the Zen 5 in bf16, each candidate in a process of its own: NCHW with the torch ops
       412 MiB instead of 471-479, speed 0.93x and 1.02x; channels_last with the native ops 390 instead of 433
       MiB, 8.5k faults instead of 20.3k, speed 1.02x; the same FD_cls to every digit over 1,000 samples.
+      Except with AMX and the native ops: 128 rows. Their bf16 channels_last activations of 128 rows stay
+      within malloc's reuse (no page faults per call where malloc keeps freed memory), and on the AMX Xeon
+      (2026-12-07, each candidate in processes of its own) 128-row calls sampled 1.10x and 1.06x 64-row ones,
+      in 575 MiB instead of 500 (diffusers' bf16: 808); 256 rows faulted again and ran level.
     torch.compile (Inductor C++) is off: it sped bf16 sampling up 1.35-1.6x and training 1.13-1.2x but took
     30-85 s to compile with a cold Inductor cache, more than it saves in a 1500-step run or a 1000-image
     evaluation (with a warm cache 6 s and 2 s, which would pay).
@@ -282,18 +287,19 @@ def cpu_choice(flags: frozenset[str] | None = None, native: bool | None = None) 
     if "amx_bf16" in flags or "avx512_bf16" in flags:
         unit = "AMX (amx_bf16)" if "amx_bf16" in flags else "AVX-512 BF16 (avx512_bf16)"
         if native:
+            rows = 128 if "amx_bf16" in flags else 64
             return CpuChoice(sample_channels_last=True, train_channels_last=True, sample_amp="bf16",
-                             train_amp="bf16",
+                             train_amp="bf16", sample_max_rows=rows,
                              why=f"{unit}: bf16 autocast on oneDNN's bf16 kernels, channels_last and the native "
-                                 f"extension's ops (measured fastest); {ROWS_WHY}")
+                                 f"extension's ops (measured fastest); {_rows_why(rows)}")
         return CpuChoice(sample_channels_last=False, train_channels_last=False, sample_amp="bf16", train_amp="bf16",
                          why=f"{unit}: bf16 autocast on oneDNN's bf16 kernels, NCHW and the torch ops, as the "
                              "native extension's ops do not run here (not built, or another backend forced; with "
-                             f"them channels_last is faster, README); {ROWS_WHY}")
+                             f"them channels_last is faster, README); {_rows_why(64)}")
     return CpuChoice(sample_channels_last=True, train_channels_last=True, sample_amp="fp32", train_amp="fp32",
                      why="no bf16 instructions (AVX2, or AVX-512 without BF16): fp32, channels_last, and the native "
                          "extension's ops where it is built (each measured faster; bf16 without them is many times "
-                         f"slower); {ROWS_WHY}")
+                         f"slower); {_rows_why(64)}")
 
 
 MALLOC_ENV = "FASTDIFF_MALLOC"  # keep (what every fastdiff command sets) | default (glibc's own rules)

@@ -65,10 +65,12 @@ def test_options_defaults_and_checks():
     if native_available():
         with use_backend("native"):
             assert cpu_choice(bf16).sample_channels_last
-    # Sampling calls chunked to 64 rows on every CPU, and said so.
+    # Sampling calls chunked to 64 rows, 128 with AMX and the native ops (measured faster there), and said so.
     for flags in ({"amx_bf16"}, {"avx512_bf16"}, {"avx2", "avx512f"}, {"avx2"}):
-        choice = cpu_choice(frozenset(flags))
-        assert choice.sample_max_rows == 64 and "at most 64 rows" in choice.why, flags
+        for native in (True, False):
+            choice = cpu_choice(frozenset(flags), native=native)
+            rows = 128 if native and flags == {"amx_bf16"} else 64
+            assert choice.sample_max_rows == rows and f"at most {rows} rows" in choice.why, (flags, native)
     choice = cpu_choice()
     cpu = AccelOptions.for_device("cpu")
     assert (cpu.amp, cpu.channels_last, cpu.compile, cpu.cuda_graphs, cpu.max_rows) == (
