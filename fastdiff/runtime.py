@@ -276,8 +276,8 @@ def cpu_choice(flags: frozenset[str] | None = None, native: bool | None = None) 
       MiB, 8.5k faults instead of 20.3k, speed 1.02x; the same FD_cls to every digit over 1,000 samples.
       Except with AMX and the native ops: 128 rows. Their bf16 channels_last activations of 128 rows stay
       within malloc's reuse (no page faults per call where malloc keeps freed memory), and on the AMX Xeon
-      (2026-12-07, each candidate in processes of its own) 128-row calls sampled 1.10x and 1.06x 64-row ones,
-      in 575 MiB instead of 500 (diffusers' bf16: 808); 256 rows faulted again and ran level.
+      (2026-12-07, each candidate in processes of its own) 128-row calls sampled 1.07-1.11x 64-row ones in
+      three runs, in 564-575 MiB instead of 495-501 (diffusers' bf16: 778-808); 256 rows faulted and ran level.
     torch.compile (Inductor C++) is off: it sped bf16 sampling up 1.35-1.6x and training 1.13-1.2x but took
     30-85 s to compile with a cold Inductor cache, more than it saves in a 1500-step run or a 1000-image
     evaluation (with a warm cache 6 s and 2 s, which would pay).
