@@ -278,9 +278,11 @@ def cpu_choice(flags: frozenset[str] | None = None, native: bool | None = None) 
       within malloc's reuse (no page faults per call where malloc keeps freed memory), and on the AMX Xeon
       (2026-12-07, each candidate in processes of its own) 128-row calls sampled 1.07-1.11x 64-row ones in
       three runs, in 564-575 MiB instead of 495-501 (diffusers' bf16: 778-808); 256 rows faulted and ran level.
-    torch.compile (Inductor C++) is off: it sped bf16 sampling up 1.35-1.6x and training 1.13-1.2x but took
-    30-85 s to compile with a cold Inductor cache, more than it saves in a 1500-step run or a 1000-image
-    evaluation (with a warm cache 6 s and 2 s, which would pay).
+    torch.compile (Inductor C++) is off: it sped NCHW bf16 with the torch ops up 1.35-1.6x in sampling and
+    1.13-1.2x in training but took 30-85 s to compile with a cold Inductor cache, more than it saves in a
+    1500-step run or a 1000-image evaluation (with a warm cache 6 s and 2 s, which would pay); against the
+    channels_last bf16 default with the native ops it ran 0.88-1.04x on the Zen 4 and, on the AMX Xeon,
+    sampling 1.00x and training 1.09x after 35 s of compiling.
     """
     flags = cpu_flags() if flags is None else flags
     native = _native_ops_run() if native is None else native
