@@ -261,9 +261,16 @@ def validate(cfg, saved: bool = False) -> None:
                               f"student, or steps {' or '.join(map(str, ok)) or 'on another spacing'}")
 
 
+# the options only the discriminator of an ADD student reads (none is built where distill.adv_weight is 0)
+DISCRIMINATOR_KEYS = ("r1_gamma", "disc_lr", "disc_steps", "augment", "backbone", "train_backbone", "backbone_steps",
+                      "backbone_patch", "backbone_dim", "backbone_depth", "backbone_heads", "backbone_size",
+                      "disc_heads", "disc_head", "disc_width", "disc_mbstd", "spectral_norm")
+
+
 def _check_add_settings(cfg) -> None:
     """A new student's settings that would do nothing: a loss with no weight at all, regression options without
-    the regression, teacher guidance without a null class, minibatch-std groups of one sample."""
+    the regression, discriminator options without the adversarial loss, teacher guidance without a null class,
+    minibatch-std groups of one sample."""
     m, dc = cfg.model, cfg.distill
     if not (dc.adv_weight or dc.distill_weight or dc.regress_weight):
         raise ConfigError("distill.adv_weight, distill_weight and regress_weight are all 0: the student would never "
@@ -279,6 +286,8 @@ def _check_add_settings(cfg) -> None:
              "distill.regress_weight is 0 (off): give --regress-weight"),
             (not dc.distill_weight, "the distillation loss", ("teacher_t_min", "teacher_t_max", "distill_weighting"),
              "distill.distill_weight is 0 (off): give --distill-weight"),
+            (not dc.adv_weight, "the discriminator", DISCRIMINATOR_KEYS,
+             "distill.adv_weight is 0 (off: no discriminator is built): give --adv-weight"),
             (dc.backbone != "pretrain", "the pretraining of a 'pretrain' backbone", ("backbone_steps",),
              f"distill.backbone is {dc.backbone!r}: give --backbone pretrain")):
         unused = [f"{key} {getattr(dc, key)!r}" for key in keys if getattr(dc, key) != given[key]]
@@ -298,7 +307,8 @@ def _check_add_settings(cfg) -> None:
     group, batch, processes = dc.disc_mbstd, cfg.train.batch_size, torchrun_processes()
     if batch % processes == 0:  # (else `check_batch_split` says so) each process's discriminator sees its share
         batch //= processes
-    if group and not m.num_classes and (group == 1 or batch % group):  # minibatch std over gcd(batch, group)
+    # minibatch std over gcd(batch, group), of a discriminator that exists
+    if dc.adv_weight and group and not m.num_classes and (group == 1 or batch % group):
         took = math.gcd(batch, group)
         if group == 1:
             why, fix = "a group of one sample gives a constant feature", "--disc-mbstd 2 or more, or 0 for off"

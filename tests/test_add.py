@@ -814,3 +814,33 @@ def test_distill_table_takes_the_ddim_rows_eta_and_spacing(tmp_path, capsys):
                                "--out", str(tmp_path / "t.md")]) == 0, capsys.readouterr().err
     table = (tmp_path / "t.md").read_text()
     assert "| student | student | 1 |" in table and "eta 0.3" in table
+
+
+def test_a_student_without_the_adversarial_loss_builds_no_discriminator(student_run, tmp_path, capsys):
+    """--adv-weight 0 (distillation alone): no discriminator is built or pretrained, the checkpoints hold the student
+    alone, the stats have no discriminator columns, and a resume continues exactly. Options only the discriminator
+    reads are refused with it."""
+    root = student_run
+    over = {"train.steps": 2, "train.batch_size": 8, "train.log_every": 1, "train.ckpt_every": 1,
+            "distill.adv_weight": 0.0}
+    cfg = apply_overrides(distill_config(load_run(root / "teacher", "cpu").config, str(root / "teacher")), over)
+    logs: list[str] = []
+    train_add(cfg, tmp_path / "a", progress=False, echo=logs.append)
+    train_add(apply_overrides(cfg, {"train.steps": 1}), tmp_path / "b", progress=False, echo=lambda s: None)
+    train_add(cfg, tmp_path / "b", resume=True, progress=False, echo=lambda s: None)
+    a, b = ckpt.latest_checkpoint(tmp_path / "a"), ckpt.latest_checkpoint(tmp_path / "b")
+    assert not list(a.glob("disc*")) and {p.name for p in a.glob("*.safetensors")} >= {"model.safetensors",
+                                                                                      "ema.safetensors"}
+    for name in ("model", "ema", "optimizer"):
+        ta, tb = ckpt.load_tensors(a, name), ckpt.load_tensors(b, name)
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), name
+    assert any("--adv-weight 0: no discriminator" in line for line in logs)
+    assert any("no discriminator (adv_weight 0)" in line for line in logs)  # the run's description
+    stats = [json.loads(line) for line in (tmp_path / "a" / "stats.jsonl").read_text().splitlines()]
+    assert {"loss", "distill", "regress"} <= set(stats[-1]) and not {"g_adv", "d_loss", "r1"} & set(stats[-1])
+    capsys.readouterr()
+    assert main(["distill", "--teacher", str(root / "teacher"), "--out", str(tmp_path / "c"), "--adv-weight", "0",
+                 "--r1-gamma", "0.5", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "r1_gamma 0.5 set, which only the discriminator reads" in err and "--adv-weight" in err
+    assert "Traceback" not in err and not (tmp_path / "c").exists()

@@ -8,9 +8,11 @@ the detached student output, with R1. The teacher is frozen; the student starts 
 
 The two updates are two train steps (`Session.train_step`), each with its own optimizer, loss scaler and random
 stream. The student's step is the DDPM step: compiled, CUDA-graphed and DistributedDataParallel where DDPM's is.
-The discriminator's step is graphed where the student's is, but never compiled (its R1 penalty differentiates
-twice, which torch.compile does not support) and never wrapped in DDP (R1 calls autograd.grad, which DDP does not
-support): with several processes its gradients are averaged by an all-reduce after backward.
+With `adv_weight` 0 (distillation and regression alone) there is no discriminator: none is built, its backbone is
+not pretrained, and the run has the student's step alone. The discriminator's step is graphed where the student's
+is, but never compiled (its R1 penalty differentiates twice, which torch.compile does not support) and never
+wrapped in DDP (R1 calls autograd.grad, which DDP does not support): with several processes its gradients are
+averaged by an all-reduce after backward.
 """
 
 from __future__ import annotations
@@ -104,11 +106,12 @@ def build_discriminator(cfg: RunConfig, data, device, log, world: World, progres
 
 
 class ADDObjective:
-    """Student (parts[0], averaged into the EMA) and discriminator (parts[1]); the teacher is frozen."""
+    """Student (parts[0], averaged into the EMA) and discriminator (parts[1], where adv_weight is not 0); the
+    teacher is frozen."""
 
     kind, ema, warmup = "add-student", True, True
     command = RUN_KINDS[kind]
-    stats = ("loss", "g_adv", "distill", "regress", "d_loss", "r1", "d_real", "d_fake", "grad_norm")
+    ADVERSARIAL_STATS = ("g_adv", "d_loss", "r1", "d_real", "d_fake")
 
     def __init__(self, cfg: RunConfig, data, session: Session):
         # every process reads the teacher checkpoint the first one pinned (and recorded) as it started
@@ -127,27 +130,34 @@ class ADDObjective:
         student.load_state_dict(self.teacher.state_dict())
         student.requires_grad_(True)
         student = student.to(memory_format=self.memory_format)
-        disc = build_discriminator(cfg, data, device, session.log, session.world, session.progress)
-        self.student, self.disc = student, disc
         opt = adamw(student.parameters(), device, lr=tc.lr, betas=dc.betas, weight_decay=tc.weight_decay)
-        disc_opt = adamw(disc.trainable_parameters(), device, lr=dc.disc_lr, betas=dc.betas, weight_decay=0.0)
-        self.parts = [
-            Part("model", student, opt, warmup_lr(tc.lr, tc.warmup_steps), grad_scaler(device, tc.amp)),
-            Part("disc", disc, disc_opt, lambda step: dc.disc_lr, grad_scaler(device, tc.amp),
-                 tensors=self._disc_tensors, load=self._load_disc),
-        ]
+        self.parts = [Part("model", student, opt, warmup_lr(tc.lr, tc.warmup_steps), grad_scaler(device, tc.amp))]
+        disc = None
+        if dc.adv_weight > 0:
+            disc = build_discriminator(cfg, data, device, session.log, session.world, session.progress)
+            disc_opt = adamw(disc.trainable_parameters(), device, lr=dc.disc_lr, betas=dc.betas, weight_decay=0.0)
+            self.parts.append(Part("disc", disc, disc_opt, lambda step: dc.disc_lr, grad_scaler(device, tc.amp),
+                                   tensors=self._disc_tensors, load=self._load_disc))
+        else:
+            session.log("--adv-weight 0: no discriminator (the student learns from the teacher's distillation and "
+                        "regression losses alone)")
+        self.student, self.disc = student, disc
+        self.stats = tuple(k for k in ("loss", "g_adv", "distill", "regress", "d_loss", "r1", "d_real", "d_fake",
+                                       "grad_norm") if disc is not None or k not in self.ADVERSARIAL_STATS)
         self.schedule = NoiseSchedule.from_config(cfg.diffusion, device)
         self.ts = torch.tensor(dc.student_timesteps, device=device)
         self.augment = parse_augment(dc.augment)
         self.forward = compile_fn(session.world.wrap(student), session.accel)
-        buffers = list(disc.buffers()) + list(student.buffers())  # spectral-norm vectors move in both updates
+        # spectral-norm vectors move in both updates
+        buffers = (list(disc.buffers()) if disc is not None else []) + list(student.buffers())
         self.student_step = session.train_step(self.parts[0], self._student_loss, grad_clip=tc.grad_clip,
                                                compiled=session.accel.compile, buffers=buffers)
-        self.disc_step = session.train_step(self.parts[1], self._disc_loss, grad_clip=float("inf"), compiled=False,
-                                            stream=1, buffers=buffers)
-        if session.world.distributed:
-            for p in disc.trainable_parameters():
-                p.register_post_accumulate_grad_hook(self._average_grad)
+        if disc is not None:
+            self.disc_step = session.train_step(self.parts[1], self._disc_loss, grad_clip=float("inf"),
+                                                compiled=False, stream=1, buffers=buffers)
+            if session.world.distributed:
+                for p in disc.trainable_parameters():
+                    p.register_post_accumulate_grad_hook(self._average_grad)
 
     def _average_grad(self, param: torch.Tensor) -> None:
         """The discriminator's gradients averaged over the processes (it is not wrapped in DDP); a hook returns
@@ -159,14 +169,16 @@ class ADDObjective:
         teacher pairs); D's weights get no gradient."""
         tc, dc, prediction = self.tc, self.cfg.distill, self.cfg.diffusion.prediction
         labels = labels if self.cfg.model.num_classes else None
-        self.disc.set_trainable(False)  # the adversarial gradient reaches the student only
         x0_s, _ = student_x0(self.forward, self.schedule, x0, labels, self.ts, gen, prediction=prediction,
                              amp=tc.amp)
-        g_adv = hinge_generator_loss(discriminator_logits(self.disc, x0_s, labels, self.augment, gen, tc.amp))
+        g_adv = torch.zeros((), device=self.device)
+        if self.disc is not None:
+            self.disc.set_trainable(False)  # the adversarial gradient reaches the student only
+            g_adv = hinge_generator_loss(discriminator_logits(self.disc, x0_s, labels, self.augment, gen, tc.amp))
+            self.disc.set_trainable(True)  # autograd recorded the graph above without D's weights
         dist = distillation_loss(self.teacher, self.schedule, x0_s, labels, gen, prediction=prediction,
                                  t_min=dc.teacher_t_min, t_max=dc.teacher_t_max, guidance=dc.teacher_guidance,
                                  null_label=self.teacher.null_label, weighting=dc.distill_weighting, amp=tc.amp)
-        self.disc.set_trainable(True)  # autograd recorded the graph above without D's weights
         loss = dc.adv_weight * g_adv + dc.distill_weight * dist
         reg = torch.zeros((), device=self.device)
         if self.pairs is not None:
@@ -186,6 +198,8 @@ class ADDObjective:
         dc, tc = self.cfg.distill, self.tc
         x0 = x0.contiguous(memory_format=self.memory_format)
         loss, grad_norm, x_fake, g_adv, dist, reg = self.student_step(step, x0, labels)
+        if self.disc is None:
+            return loss, dist, reg, grad_norm
         for k in range(dc.disc_steps):
             if k > 0:  # further discriminator steps see fresh student outputs (each process its own noise)
                 gen = step_generator(self.world.seed(tc.seed), step * dc.disc_steps + k, self.device, stream=3)
@@ -218,10 +232,14 @@ class ADDObjective:
 
     def describe(self) -> str:
         dc = self.cfg.distill
-        n_disc = sum(p.numel() for p in self.disc.trainable_parameters())
         text = (f"distilling teacher={dc.teacher} student timesteps={list(dc.student_timesteps)} "
-                f"prediction={self.cfg.diffusion.prediction} disc trainable params={n_disc / 1e6:.2f}M "
-                f"backbone={'trained' if self.disc.train_backbone else 'frozen'}")
+                f"prediction={self.cfg.diffusion.prediction} ")
+        if self.disc is None:
+            text += "no discriminator (adv_weight 0)"
+        else:
+            n_disc = sum(p.numel() for p in self.disc.trainable_parameters())
+            text += (f"disc trainable params={n_disc / 1e6:.2f}M "
+                     f"backbone={'trained' if self.disc.train_backbone else 'frozen'}")
         if self.cfg.diffusion.prediction == "eps" and not self.cfg.diffusion.zero_terminal_snr:
             t = max(dc.student_timesteps)
             ab = float(self.schedule.alphas_cumprod[t])
