@@ -476,3 +476,60 @@ def test_folder_16_bit_image_is_refused_not_clipped(tmp_path):
     Image.fromarray(np.full((12, 12), 40000, np.uint16)).save(tmp_path / "b" / "deep.png")
     with pytest.raises(DataError, match=r"deep.png has I;?1?6? pixels \(16-bit or float\)"):
         load_dataset("folder", data_dir=tmp_path, image_size=8, channels=1)
+
+
+def test_folder_damaged_png_is_one_error(tmp_path):
+    # A PNG whose second data chunk is damaged: PIL's decoder raises SyntaxError ("broken PNG file"), which came
+    # out as a traceback; it is one error naming the file, like any other unreadable image.
+    import io
+
+    from PIL import Image
+
+    _class_folders(tmp_path)
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 300), dtype=np.uint8)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    second = data.index(b"IDAT", data.index(b"IDAT") + 4)  # PIL writes 64 KiB per chunk: 90 KB is two
+    data[second:second + 4] = b"L\x95&\xd7"
+    (tmp_path / "b" / "broken.png").write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"cannot read image .*b/broken.png: broken PNG file.*remove or replace it"):
+        load_dataset("folder", data_dir=tmp_path, image_size=8, channels=1)
+
+
+def test_folder_skips_hidden_files_and_turns_photos_upright(tmp_path):
+    # A Mac zip's "._0.png" metadata beside an image is not an image (it failed the load, or a hidden image was
+    # trained); a photo stored sideways with an EXIF orientation reads as a viewer shows it.
+    from PIL import Image
+
+    _class_folders(tmp_path)
+    (tmp_path / "a" / "._0.png").write_bytes(b"\x00\x05\x16\x07 Mac OS X metadata")
+    Image.new("L", (12, 12), 255).save(tmp_path / "b" / ".thumb.png")
+    d = load_dataset("folder", data_dir=tmp_path, image_size=8, channels=1)
+    assert len(d) == 18 and d.class_names == ["a", "b"]  # 10 + 10 images, every 10th held out
+    photo = np.zeros((20, 40), np.uint8)
+    photo[:, :20] = 255  # stored: left half white; orientation 6 (rotate 90 clockwise to view): top half white
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    shutil.rmtree(tmp_path / "b")
+    (tmp_path / "b").mkdir()
+    for i in range(10):
+        Image.fromarray(photo).save(tmp_path / "b" / f"{i}.jpg", exif=exif, quality=95)
+    img = load_dataset("folder", data_dir=tmp_path, image_size=8, channels=1).images
+    upright = img[-1, 0].float()
+    assert upright[:3].mean() > 200 and upright[-3:].mean() < 50  # top white, bottom black (uint8)
+
+
+def test_data_dir_with_a_tilde_or_naming_a_file(tmp_path, monkeypatch):
+    # "~/data" from a config file reaches the reader unexpanded (the shell expands flags only): it is the home
+    # folder's, not a folder named "~" in the current one. A --data-dir that is a file says so.
+    from fastdiff.cli.args import absolute_data_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _class_folders(tmp_path / "pics")
+    assert load_dataset("folder", data_dir="~/pics", image_size=8, channels=1).class_names == ["a", "b"]
+    assert absolute_data_dir({"data.data_dir": "~/pics"}) == {"data.data_dir": str(tmp_path / "pics")}
+    (tmp_path / "fer2013.csv").write_text("emotion,pixels,Usage\n")
+    with pytest.raises(DataError, match=r"fer2013.csv is a file; pass the folder that holds fer2013.csv"):
+        load_dataset("fer2013", data_dir=tmp_path / "fer2013.csv")
+    with pytest.raises(DataError, match=r"image folder .*fer2013.csv is a file"):
+        load_dataset("folder", data_dir=tmp_path / "fer2013.csv", image_size=8, channels=1)

@@ -233,6 +233,6 @@ def absolute_data_dir(overrides: dict, key: str = "data.data_dir") -> dict:
     import os
 
     value = overrides.get(key)
-    if isinstance(value, str) and value.strip():
-        overrides = {**overrides, key: os.path.abspath(value)}
+    if isinstance(value, str) and value.strip():  # "~/data" from a config file too (the shell expands a flag's)
+        overrides = {**overrides, key: os.path.abspath(os.path.expanduser(value))}
     return overrides

@@ -69,7 +69,7 @@ class ImageData:
 
 
 def default_data_dir() -> Path:
-    return Path(os.environ.get("FASTDIFF_DATA_DIR", "data"))
+    return Path(os.environ.get("FASTDIFF_DATA_DIR", "data")).expanduser()
 
 
 def _resize(images: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
@@ -141,6 +141,8 @@ def _fer2013(root: Path, split: str):
         if candidate.exists():
             usages = {"Training"} if split == "train" else {"PublicTest", "PrivateTest"}
             return formats.read_fer2013(candidate, usages)
+    if root.is_file():  # the CSV itself given as --data-dir
+        raise DataError(f"--data-dir {root} is a file; pass the folder that holds fer2013.csv (or fer2013/fer2013.csv)")
     raise DataError(
         f"fer2013.csv not found in {root / 'fer2013'}; FER-2013 cannot be downloaded without a Kaggle account: "
         "get fer2013.csv from the Kaggle challenge page and put it there, or pass --data-dir"
@@ -149,7 +151,8 @@ def _fer2013(root: Path, split: str):
 
 def _folder(root: Path, split: str, channels: int, size: int):
     if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist; pass --data-dir pointing at root/<class>/*.png")
+        raise DataError(f"image folder {root} {'is a file' if root.exists() else 'does not exist'}; pass --data-dir "
+                        "pointing at root/<class>/*.png")
     both = (root / "train").is_dir() and (root / "test").is_dir()
     if not both and _is_split_folder(root / "test"):
         raise DataError(f"{root} has a test/ folder of classes but no train/; add {root / 'train'}/<class>/ beside "
@@ -182,7 +185,7 @@ def _is_split_folder(path: Path) -> bool:
         return False
     entries = list(path.iterdir())
     return (any(p.is_dir() and not p.name.startswith(".") for p in entries)
-            and not any(p.suffix.lower() in formats.IMAGE_SUFFIXES for p in entries))
+            and not any(formats.is_image_file(p) for p in entries))
 
 
 def _synthetic(split: str, channels: int, size: int, num_classes: int = 10, n: int | None = None):
@@ -200,7 +203,8 @@ def load_dataset(name: str, split: str = "train", *, data_dir=None, image_size: 
         raise ConfigError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; use train or test")
-    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    # "~/data" from a config file (the shell expands a flag's): a folder named "~" here would be made and filled
+    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     class_names = CLASS_NAMES.get(name)
     if name in NATIVE:
         native_c, native_size = NATIVE[name]

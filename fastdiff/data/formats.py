@@ -138,7 +138,8 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         data = np.asarray(d[b"data"] if b"data" in d else d["data"])
         labels = np.asarray(d[b"labels"] if b"labels" in d else d["labels"])
     except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError, AttributeError) as e:
-        raise DataError(f"{path} is not a valid CIFAR-10 batch ({e}); delete it and download the archive again")
+        raise DataError(f"{path} is not a valid CIFAR-10 batch ({e}); delete it: the next run extracts it again "
+                        "from the archive, or downloads the archive where it is gone")
     if data.ndim != 2 or data.shape[1] != 3072 or labels.ndim != 1 or len(labels) != len(data):
         raise DataError(f"{path}: expected data [N, 3072] and N labels, found {data.shape} and {len(labels)} labels")
     data, labels = check_pixels(data, str(path)), check_labels(labels, 10, str(path))
@@ -206,6 +207,12 @@ def read_fer2013(path: Path, usages: set[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(images), np.asarray(labels, dtype=np.int64)
 
 
+def is_image_file(path: Path) -> bool:
+    """A file an image folder's reader reads: an image suffix, not hidden (a zip made on a Mac holds a
+    "._NAME.png" of metadata beside each image)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
 def list_class_folders(root: Path) -> list[Path]:
     try:
         return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -218,10 +225,11 @@ EIGHT_BIT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX
 
 
 def _read_image(file: Path, mode: str, size: int) -> np.ndarray:
-    """One image, center-cropped to a square and resized to size x size, as uint8 [H, W] or [H, W, 3]."""
+    """One image, turned upright by its EXIF orientation (as a viewer shows it), center-cropped to a square and
+    resized to size x size, as uint8 [H, W] or [H, W, 3]."""
     import warnings
 
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
     try:
         with warnings.catch_warnings():
@@ -234,6 +242,8 @@ def _read_image(file: Path, mode: str, size: int) -> np.ndarray:
                 if im.mode not in EIGHT_BIT_MODES:
                     raise DataError(f"image {file} has {im.mode} pixels (16-bit or float), which would be clipped "
                                     "to 0..255; save it as an 8-bit image")
+                im = ImageOps.exif_transpose(im)  # a phone photo's pixels are stored sideways
+                w, h = im.size
                 if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
                     # transparent pixels as a viewer shows them, over white: convert() would drop the alpha and
                     # keep their colour, often black (a sprite of black strokes came out a black square)
@@ -243,9 +253,11 @@ def _read_image(file: Path, mode: str, size: int) -> np.ndarray:
                 im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
                 im = im.resize((size, size), Image.Resampling.BICUBIC)
                 return np.asarray(im, dtype=np.uint8)
+    except DataError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DataError(f"image {file} is too large to decode safely ({e}); shrink it or remove it") from None
-    except (OSError, UnidentifiedImageError, ValueError) as e:
+    except Exception as e:  # a damaged file: PIL's decoders raise OSError, SyntaxError, EOFError, struct.error...
         raise DataError(f"cannot read image {file}: {e}; remove or replace it") from None
 
 
@@ -263,7 +275,7 @@ def read_folder(root: Path, class_names: list[str], channels: int, size: int, ke
         if not folder.is_dir():
             raise DataError(f"class folder {folder} does not exist; every split needs the same class folders")
         try:
-            files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(p for p in folder.iterdir() if is_image_file(p))
         except OSError as e:
             raise DataError(f"cannot list the class folder {folder}: {e}") from None
         if not files:
