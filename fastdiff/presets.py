@@ -118,6 +118,14 @@ def train_config(preset: str | None, overrides: dict[str, object], resized: bool
         raise ConfigError(f"dataset {cfg.data.dataset} has {n}x{n} images but preset {name} builds a model for "
                           f"{size}x{size} images; use --preset {DATASET_PRESETS[cfg.data.dataset]} (or no --preset), "
                           f"or pass --image-size {size} to resize the images on purpose")
+    # an image folder has no size of its own: it read under the default preset as 8x8 grayscale without a word
+    default = preset_config(name).model
+    unset = [f"{flag} ({what}; preset {name}'s is {value})" for flag, what, value, chosen in (
+        ("--image-size", "e.g. 32", default.image_size, resized),
+        ("--channels", "1 or 3", default.in_channels, "model.in_channels" in overrides)) if not chosen]
+    if cfg.data.dataset == "folder" and preset is None and unset:
+        raise ConfigError(f"--dataset folder crops and resizes its images to the model's size and converts them to "
+                          f"its channels, which nothing chose here; pass {' and '.join(unset)}, or a --preset")
     return cfg
 
 

@@ -533,3 +533,23 @@ def test_data_dir_with_a_tilde_or_naming_a_file(tmp_path, monkeypatch):
         load_dataset("fer2013", data_dir=tmp_path / "fer2013.csv")
     with pytest.raises(DataError, match=r"image folder .*fer2013.csv is a file"):
         load_dataset("folder", data_dir=tmp_path / "fer2013.csv", image_size=8, channels=1)
+
+
+def test_training_on_an_image_folder_needs_its_size_and_channels_chosen(tmp_path, capsys):
+    # Without a preset an image folder took the default preset's 8x8 grayscale without a word (RGB photos
+    # trained as 8x8 gray). The flags, a config file's model section or a --preset choose them.
+    from fastdiff.cli import main
+
+    _class_folders(tmp_path / "pics", mode="RGB")
+    base = ["train", "--dataset", "folder", "--data-dir", str(tmp_path / "pics"), "--dry-run"]
+    assert main([*base, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "pass --image-size (e.g. 32; preset digits's is 8) and --channels (1 or 3" in err
+    assert main([*base, "--image-size", "16", "--out", str(tmp_path / "r")]) == 2
+    assert "pass --channels" in capsys.readouterr().err
+    assert main([*base, "--image-size", "16", "--channels", "3", "--out", str(tmp_path / "r")]) == 0
+    capsys.readouterr()
+    (tmp_path / "c.toml").write_text("[model]\nimage_size = 16\nin_channels = 3\n")
+    assert main([*base, "--config", str(tmp_path / "c.toml"), "--out", str(tmp_path / "r")]) == 0
+    assert main([*base, "--preset", "cifar10-ddpm", "--out", str(tmp_path / "r")]) == 0
+    assert not (tmp_path / "r").exists()
