@@ -37,6 +37,15 @@ def make_grid(x: torch.Tensor, nrow: int | None = None, pad: int = 1, scale: int
     return grid
 
 
+def class_columns(n: int, classes: int) -> int | None:
+    """Images per grid row for n samples of cycling labels (i % classes): a multiple of `classes`, so that each
+    column holds one class, near a square grid (2 classes in 64 samples: 8 columns, not a strip of 2); None (a
+    square grid) for an unconditional model or fewer than two samples a class."""
+    if not classes or n < 2 * classes:
+        return None
+    return classes * max(1, round(math.sqrt(n) / classes))
+
+
 def auto_scale(size: int) -> int:
     """Upscale factor so that small images (8x8 digits) are visible in a grid: at least ~64 px per image."""
     return max(1, 64 // size)

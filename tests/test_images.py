@@ -63,3 +63,14 @@ def test_check_images_folder(tmp_path):
     with pytest.raises(FastdiffError, match=r"another sampling \(weights 'abc' there, 'def' now; the weights of run "
                                             r"there, of other now\)"):
         check_images_folder(tmp_path / "m", [3], None, {**source, "weights": "def", "checkpoint": "other"})
+
+
+def test_class_columns_keep_a_class_per_column_near_a_square_grid():
+    # Cycling labels (i % classes) in rows of a multiple of the classes: each column one class. A 2-class model's
+    # 64 samples were a strip 2 wide and 32 tall; 100 samples of 100 classes a row 100 wide.
+    from fastdiff.images import class_columns
+
+    assert class_columns(64, 2) == 8 and class_columns(40, 2) == 6 and class_columns(40, 1) == 6
+    assert class_columns(40, 10) == 10 and class_columns(100, 10) == 10 and class_columns(35, 7) == 7
+    assert class_columns(1000, 10) == 30 and class_columns(99, 10) == 10  # a last row part full
+    assert class_columns(100, 100) is None and class_columns(15, 10) is None and class_columns(64, 0) is None

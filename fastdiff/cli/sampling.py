@@ -104,6 +104,7 @@ def cmd_sample(args) -> int:
     from fastdiff.images import (
         check_images_folder,
         check_writable,
+        class_columns,
         is_sample_file,
         save_grid_and_samples,
         save_images,
@@ -149,8 +150,7 @@ def cmd_sample(args) -> int:
     recorder = TrajectoryRecorder(settings.steps, rows=min(args.n, args.trajectory_rows)) if args.trajectory else None
     res = sample(run, settings, n=args.n, seed=args.seed, labels=args.labels, callback=recorder,
                  callback_rows=recorder.rows if recorder is not None else 1, progress=show_progress(args))
-    classes = run.num_classes
-    nrow = classes if res.labels is not None and args.labels is None and args.n % classes == 0 else None
+    nrow = class_columns(args.n, run.num_classes) if res.labels is not None and args.labels is None else None
     grid, raw = save_grid_and_samples(res.images, res.labels, res.seeds, out, out.with_suffix(".npz"), nrow=nrow)
     result = {"grid": str(grid), "samples": str(raw), "n": args.n, "sampler": settings.sampler,
               "steps": settings.steps, "guidance": settings.guidance if res.labels is not None else None,

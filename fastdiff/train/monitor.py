@@ -18,7 +18,7 @@ import torch
 from fastdiff.diffusion import initial_noise, run_table, seeds_for
 from fastdiff.diffusion.samplers import StepTable
 from fastdiff.errors import FastdiffError
-from fastdiff.images import auto_scale, make_grid, save_png
+from fastdiff.images import auto_scale, class_columns, make_grid, save_png
 from fastdiff.plot import plot_stats
 
 GRID_SAMPLES = 40  # 4 rows of 10 classes
@@ -36,7 +36,7 @@ def sample_grid(model, table: StepTable, *, shape: tuple[int, ...], num_classes:
     labels = (torch.arange(n, device=device) % num_classes) if num_classes else None
     x = run_table(model, initial_noise(seeds, shape, device), table, seeds=seeds, labels=labels,
                   guidance=guidance if num_classes else 1.0, null_label=null_label, clip=clip)
-    return make_grid(x, nrow=num_classes or None, scale=auto_scale(shape[-1]))
+    return make_grid(x, nrow=class_columns(n, num_classes), scale=auto_scale(shape[-1]))
 
 
 class Monitor:
