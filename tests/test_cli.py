@@ -82,6 +82,8 @@ def test_sample_checks_every_output_before_sampling(trained, tmp_path, capsys):
                            (["--out", str(tmp_path / "h.png"), "--save-images", str(tmp_path / "h.npz")],
                             "--save-images .*h.npz is also the raw samples \\(beside --out\\)'s file"),
                            (["--out", str(tmp_path / "k.png"), "--trajectory"], "the trajectory figure .* is a folder"),
+                           (["--out", str(tmp_path / "shots" / "grid.png"), "--save-images", str(tmp_path / "shots")],
+                            "--save-images .*shots would hold --out .*grid.png among the samples"),
                            (["--out", str(tmp_path / ".png")], "must be a .png file name, e.g. grid.png")):
         code, _, err = run([*common, *extra], capsys)
         assert code == 2 and re.search(message, err), err

@@ -130,6 +130,9 @@ def cmd_sample(args) -> int:
             if Path(args.save_images).resolve() == path.resolve():
                 raise ConfigError(f"--save-images {args.save_images} is also {what}'s file; give it a folder of "
                                   "its own")
+            if Path(args.save_images).resolve() == path.parent.resolve():  # a tool reading every PNG counts them
+                raise ConfigError(f"--save-images {args.save_images} would hold {what} {path} among the samples; "
+                                  "give --out a file outside it")
     device = resolve_device(args.device)
     run = load_run(args.checkpoint, device, use_ema=not args.no_ema)
     settings = resolve_settings(run, device, refiner=args.refine, **sampling_overrides(args))
