@@ -167,6 +167,12 @@ class ADDConfig:
         self.betas = tuple(self.betas)
 
 
+# the ADDConfig options only the discriminator reads (none is built where adv_weight is 0)
+DISCRIMINATOR_KEYS = ("r1_gamma", "disc_lr", "disc_steps", "augment", "backbone", "train_backbone", "backbone_steps",
+                      "backbone_patch", "backbone_dim", "backbone_depth", "backbone_heads", "backbone_size",
+                      "disc_heads", "disc_head", "disc_width", "disc_mbstd", "spectral_norm")
+
+
 @dataclass
 class RunConfig:
     preset: str = "digits"

@@ -164,9 +164,11 @@ def validate(cfg, saved: bool = False) -> None:
         if s.guidance != 1:
             raise ConfigError(f"sample.guidance {s.guidance} needs a null class, which model.null_class false "
                               "removes; set sample.guidance 1")
-    if not m.num_classes and s.guidance != 1 and not saved:  # sampling took it as 1 without a word
-        raise ConfigError(f"sample.guidance {s.guidance} needs class labels, and model.num_classes 0 makes an "
-                          "unconditional model; set sample.guidance 1 (or give the model classes)")
+    if not m.num_classes and not saved:  # sampling took guidance as 1, training dropped no labels, without a word
+        for key, value, neutral in (("sample.guidance", s.guidance, 1), ("train.p_uncond", cfg.train.p_uncond, 0)):
+            if value != neutral:
+                raise ConfigError(f"{key} {value} needs class labels, and model.num_classes 0 makes an unconditional "
+                                  f"model; set {key} {neutral} (or give the model classes)")
     if not saved and guides_untrained_null(cfg, s.guidance):
         raise ConfigError(f"sample.guidance {s.guidance} guides against the null class, which train.p_uncond 0 "
                           "never trains (its embedding stays random); set train.p_uncond above 0 (e.g. 0.1) or "
@@ -261,12 +263,6 @@ def validate(cfg, saved: bool = False) -> None:
                               f"student, or steps {' or '.join(map(str, ok)) or 'on another spacing'}")
 
 
-# the options only the discriminator of an ADD student reads (none is built where distill.adv_weight is 0)
-DISCRIMINATOR_KEYS = ("r1_gamma", "disc_lr", "disc_steps", "augment", "backbone", "train_backbone", "backbone_steps",
-                      "backbone_patch", "backbone_dim", "backbone_depth", "backbone_heads", "backbone_size",
-                      "disc_heads", "disc_head", "disc_width", "disc_mbstd", "spectral_norm")
-
-
 def _check_add_settings(cfg) -> None:
     """A new student's settings that would do nothing: a loss with no weight at all, regression options without
     the regression, discriminator options without the adversarial loss, teacher guidance without a null class,
@@ -275,6 +271,7 @@ def _check_add_settings(cfg) -> None:
     if not (dc.adv_weight or dc.distill_weight or dc.regress_weight):
         raise ConfigError("distill.adv_weight, distill_weight and regress_weight are all 0: the student would never "
                           "change; give one of them a weight (the preset's: adv 1, distill 2.5)")
+    from fastdiff.config import DISCRIMINATOR_KEYS
     from fastdiff.presets import DISTILL_PRESETS, student_defaults
 
     # the options a switched-off part reads, set beyond what `distill_config` gives (its preset's, and the

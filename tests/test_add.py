@@ -844,3 +844,8 @@ def test_a_student_without_the_adversarial_loss_builds_no_discriminator(student_
     err = capsys.readouterr().err
     assert "r1_gamma 0.5 set, which only the discriminator reads" in err and "--adv-weight" in err
     assert "Traceback" not in err and not (tmp_path / "c").exists()
+    import dataclasses
+
+    from fastdiff.config import DISCRIMINATOR_KEYS, ADDConfig
+
+    assert set(DISCRIMINATOR_KEYS) <= {f.name for f in dataclasses.fields(ADDConfig)}

@@ -418,6 +418,9 @@ def test_an_unconditional_model_has_no_guidance():
     assert (cfg.sample.guidance, cfg.train.p_uncond) == (1.0, 0.0)
     with pytest.raises(ConfigError, match="sample.guidance 2 needs class labels, and model.num_classes 0"):
         apply_overrides(preset_config("digits"), {"model.num_classes": 0, "sample.guidance": 2})
+    # a label dropout given for it too (a config file's p_uncond 0.3 was recorded and did nothing)
+    with pytest.raises(ConfigError, match="train.p_uncond 0.3 needs class labels, .* set train.p_uncond 0 "):
+        apply_overrides(preset_config("digits"), {"model.num_classes": 0, "train.p_uncond": 0.3})
     # a run saved with them before still loads and resumes as it was
     old = {**preset_config("digits").to_dict(), "model": {**preset_config("digits").to_dict()["model"],
                                                           "num_classes": 0}}
