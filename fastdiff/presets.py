@@ -42,7 +42,7 @@ PRESETS: dict[str, dict] = {
                       attn_resolutions=(16,), dropout=0.1, num_groups=32, num_classes=0),
         "data": dict(dataset="cifar10", hflip=True),
         "train": dict(steps=800_000, batch_size=128, lr=2e-4, warmup_steps=5000, grad_clip=1.0, ema_decay=0.9999,
-                      ckpt_every=5000, log_every=500),
+                      ckpt_every=5000, log_every=500, p_uncond=0.0),
     },
 }
 # Fashion-MNIST: the MNIST network and settings, trained longer (its classes are harder to tell apart).
