@@ -2,6 +2,7 @@
 errors for missing or corrupt files."""
 
 import gzip
+import json
 import hashlib
 import http.server
 import os
@@ -553,3 +554,24 @@ def test_training_on_an_image_folder_needs_its_size_and_channels_chosen(tmp_path
     assert main([*base, "--config", str(tmp_path / "c.toml"), "--out", str(tmp_path / "r")]) == 0
     assert main([*base, "--preset", "cifar10-ddpm", "--out", str(tmp_path / "r")]) == 0
     assert not (tmp_path / "r").exists()
+
+
+def test_a_resume_on_renamed_class_folders_is_refused(tmp_path, capsys):
+    # An image folder's labels are its sorted class folders: one renamed (dog -> ant) gave label 0 to the other
+    # class, and the resume trained on without a word. Checkpoints record the classes; the resume checks them.
+    from fastdiff.cli import main
+
+    _class_folders(tmp_path / "pics", ("cat", "dog"))
+    args = ["train", "--dataset", "folder", "--data-dir", str(tmp_path / "pics"), "--image-size", "8", "--channels",
+            "1", "--num-classes", "2", "--batch-size", "4", "--ckpt-every", "1",
+            "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main([*args, "--steps", "1"]) == 0
+    state = json.loads(next((tmp_path / "run" / "checkpoints").glob("step-*/state.json")).read_text())
+    assert state["classes"] == ["cat", "dog"]
+    (tmp_path / "pics" / "dog").rename(tmp_path / "pics" / "ant")
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--steps", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "classes (labels 0, 1, ...) are ant, cat, but" in err and "trained on cat, dog" in err
+    (tmp_path / "pics" / "ant").rename(tmp_path / "pics" / "dog")
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--steps", "2", "--no-progress"]) == 0

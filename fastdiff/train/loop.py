@@ -43,7 +43,7 @@ from tqdm import tqdm
 from fastdiff import __version__, state_dicts
 from fastdiff import checkpoint as ckpt
 from fastdiff.config import TrainConfig
-from fastdiff.errors import ConfigError, FastdiffError, Terminated, terminating
+from fastdiff.errors import ConfigError, DataError, FastdiffError, Terminated, terminating
 from fastdiff.runtime import AccelOptions, check_amp, command_line, mix_seed, resolve_device
 from fastdiff.train.batcher import Batcher
 from fastdiff.train.distributed import World, init_world
@@ -167,9 +167,9 @@ def _changes(old: dict, new: dict, where: str = "") -> list[str]:
 
 
 def _save(run_dir: Path, objective, ema: EMA | None, config: dict, tc: TrainConfig, step: int, images_seen: int,
-          processes: int):
+          processes: int, classes: list[str]):
     tensors, state = {}, {"step": step, "images_seen": images_seen, "kind": objective.kind, "processes": processes,
-                          **objective.extra_state()}
+                          "classes": classes, **objective.extra_state()}
     for part in objective.parts:
         tensors[part.name] = part.tensors() if part.tensors else part.module.state_dict()
         tensors[part.prefix + "optimizer"], state[part.prefix + "optimizer"] = state_dicts.optimizer_tensors(part.opt)
@@ -194,6 +194,17 @@ def _restore(path: Path, objective, ema: EMA | None, device) -> dict:
     if ema is not None:
         state_dicts.load_model_weights(ema.model, ckpt.load_tensors(path, "ema", device), path)
     return state
+
+
+def _check_classes(state: dict, data, path: Path) -> None:
+    """The dataset's classes, in label order, are those the checkpoint trained on (an image folder's are its
+    sorted class folders: one renamed gave its label to another class without a word). Checkpoints before
+    2026-12-07 recorded none."""
+    then = state.get("classes")
+    if then is not None and list(then) != list(data.class_names):
+        raise DataError(f"the {data.name} dataset's classes (labels 0, 1, ...) are {', '.join(data.class_names)}, but "
+                        f"{path} trained on {', '.join(then)}; restore the class folders as they were, or start a "
+                        "new --out")
 
 
 def _resumed_step(path: Path, tc: TrainConfig, run_dir: Path) -> int:
@@ -273,6 +284,7 @@ def _run(build, world: World, data, tc: TrainConfig, config: dict, run_dir: Path
             images_seen, last_ckpt, saved_processes = 0, None, world.size
             if path is not None:
                 state = _restore(path, objective, ema, device)
+                _check_classes(state, data, path)
                 images_seen, last_ckpt, saved_processes = state["images_seen"], str(path), state.get("processes")
         except (KeyboardInterrupt, FastdiffError) as e:
             log.line(_stopped(e, f"before step {start + 1}", str(path) if path else None, run_dir, world),
@@ -344,7 +356,8 @@ def _loop(objective, session: Session, ema, monitor, log, data, batcher, tc: Tra
             log.line(f"step {done}/{tc.steps} {terms} {record['images_per_sec']:.0f} img/s")
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             if is_ckpt and world.is_main:
-                last_ckpt = _save(run_dir, objective, ema, config, tc, done, images_seen, session.world.size)
+                last_ckpt = _save(run_dir, objective, ema, config, tc, done, images_seen, session.world.size,
+                                  data.class_names)
                 log.line(f"checkpoint {last_ckpt}")
             elif is_ckpt:  # the first process's, which every process's advice after a NaN names (it said "none")
                 last_ckpt = str(ckpt.checkpoint_path(run_dir, done))
