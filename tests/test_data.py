@@ -2,9 +2,9 @@
 errors for missing or corrupt files."""
 
 import gzip
-import json
 import hashlib
 import http.server
+import json
 import os
 import pickle
 import shutil

@@ -173,6 +173,11 @@ def native_available() -> bool:
 
 
 def _forced(forced: str, x: torch.Tensor, spec: Op) -> str:
+    # an mps or xpu tensor met a NotImplementedError traceback inside the op
+    elsewhere = x.device.type not in ("cpu", "cuda")
+    if elsewhere and (forced == "triton" or (forced == "native" and spec.native is not None)):
+        raise ConfigError(f"the ops backend '{forced}' runs CPU and CUDA tensors, not {x.device.type} ones; use the "
+                          "automatic choice (unset FASTDIFF_BACKEND) or 'torch'")
     if forced == "triton":
         if not TRITON_INSTALLED:
             raise ConfigError("the ops backend is 'triton' but triton is not installed; pip install triton")

@@ -40,6 +40,17 @@ def test_unknown_backend_is_a_clear_error():
     assert out.returncode != 0 and "FASTDIFF_BACKEND='cuda-magic' is not a backend" in out.stderr, out.stderr
 
 
+def test_a_forced_kernel_backend_on_another_device_is_one_error():
+    # Forcing the native or Triton ops on mps or xpu tensors (here meta ones) failed inside the op with a
+    # NotImplementedError traceback; the torch ops run every device.
+    x = torch.empty(2, 4, 3, 3, device="meta")
+    for forced in ("native", "triton"):
+        with use_backend(forced), pytest.raises(ConfigError, match=f"'{forced}' runs CPU and CUDA tensors, not meta"):
+            backend_for(x, GN)
+    with use_backend("torch"):
+        assert backend_for(x, GN) == "torch"
+
+
 def test_forced_torch():
     with use_backend("torch"):
         assert backend_for(torch.zeros(1), GN) == "torch" and current_backend() == "torch"
