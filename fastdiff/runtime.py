@@ -295,8 +295,8 @@ def cpu_choice(flags: frozenset[str] | None = None, native: bool | None = None) 
                              why=f"{unit}: bf16 autocast on oneDNN's bf16 kernels, channels_last and the native "
                                  f"extension's ops (measured fastest); {_rows_why(rows)}")
         return CpuChoice(sample_channels_last=False, train_channels_last=False, sample_amp="bf16", train_amp="bf16",
-                         why=f"{unit}: bf16 autocast on oneDNN's bf16 kernels, NCHW and the torch ops, as the "
-                             "native extension's ops do not run here (not built, or another backend forced; with "
+                         why=f"{unit}: bf16 autocast on oneDNN's bf16 kernels, NCHW, as the native extension's "
+                             "ops do not run here (not built, or another backend forced, which cpu_ops names; with "
                              f"them channels_last is faster, README); {_rows_why(64)}")
     return CpuChoice(sample_channels_last=True, train_channels_last=True, sample_amp="fp32", train_amp="fp32",
                      why="no bf16 instructions (AVX2, or AVX-512 without BF16): fp32, channels_last, and the native "
