@@ -713,7 +713,11 @@ def test_refiner_dry_run_makes_the_runs_checks(student_run, tmp_path, capsys):
     assert main([*common, "--dry-run"]) == 0  # the resolved config: the generator pinned, the student's inputs
     cfg = json.loads(capsys.readouterr().out)["refiner"]
     assert cfg["generator"] == str(ckpt.latest_checkpoint(student_run / "student").resolve())
-    assert cfg["inputs"] == "samples" and not (tmp_path / "r").exists()
+    assert cfg["inputs"] == "samples" and cfg["t_max"] is None and not (tmp_path / "r").exists()
+    # a DDPM generator's noised inputs: the t_max the run trains at (half its timesteps), not null
+    teacher = ["train-refiner", "--checkpoint", str(student_run / "teacher"), "--out", str(tmp_path / "r")]
+    assert main([*teacher, "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["refiner"]["t_max"] == 500
 
 
 def test_a_run_is_resumed_only_by_the_command_that_trains_it(student_run, tmp_path, capsys):

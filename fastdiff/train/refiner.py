@@ -212,6 +212,8 @@ def resolve_refiner(cfg: RefinerConfig, out, resume: bool = False, log=None) -> 
     if unused and not resume:
         raise ConfigError(f"refiner: {', '.join(unused)} set, which inputs '{cfg.inputs}' do not use (only "
                           f"'{'noised' if cfg.inputs == 'samples' else 'samples'}' pairs do); drop it")
+    if cfg.inputs == "noised" and not resume:  # the run (and --dry-run) records the t_max it trains at, not null
+        cfg = replace(cfg, t_max=t_max)
     return cfg, gcfg, t_max
 
 
