@@ -14,7 +14,7 @@ STAMP := $(VENV)/.fastdiff-installed
 RUN ?= runs/mnist5k
 
 .PHONY: setup demo distill-demo pretrained test test-all test-slow lint bench clean ext ext-test ext-cuda-check \
-	image-check
+	image-check gpu-wheels
 
 setup: $(STAMP)
 
@@ -122,6 +122,13 @@ image-check:
 	$(IMAGE_VENV)/bin/python -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", \
 		torch.__version__, "triton", triton.__version__)'
 	$(IMAGE_VENV)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider
+
+# The wheels benchmarks/gpu_suite.sh installs on the GPU machine, which has no network (carry .whl with the call):
+# diffusers for its rows, for the image's Python 3.12
+gpu-wheels: setup
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform any -d .whl "diffusers==0.42.1"
+	ls .whl
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache fastdiff/_C*.so fastdiff/_C.json

@@ -52,6 +52,12 @@ log "gpu_suite: commit $(git rev-parse HEAD 2>/dev/null || echo "${FASTDIFF_COMM
 
 # ---- stage 1: environment and correctness (ends at STAGE1_S) ----
 log "stage 1: environment"
+# without a GPU the gpu tests skip and pytest exits 0: stop at once, saying why (one torch import, ~3 s)
+if [ "$DRY" != 1 ] && ! timeout -k 2 60 $PY -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+    { echo "## nvidia-smi"; timeout 20 nvidia-smi 2>&1; } >"$OUT/env.txt" 2>&1
+    log "CUDA is not available to $PY (torch without CUDA, or no GPU: env.txt has nvidia-smi's output); stopping"
+    exit 1
+fi
 WHEELS=${FASTDIFF_WHEELS:-$( [ -d .whl ] && echo .whl || echo benchmarks/wheels )}
 if compgen -G "$WHEELS/*.whl" >/dev/null; then
     site=${TMPDIR:-/tmp}/fastdiff-site

@@ -267,19 +267,22 @@ def _tiny_unet():
 
 
 @requires_diffusers
-def test_diffusers_ddim_loop_is_fastdiffs_clipped_ddim():
+@pytest.mark.parametrize("preset", ["digits", "mnist5k", "digits-v"])
+def test_diffusers_ddim_loop_is_fastdiffs_clipped_ddim(preset):
     # The same denoiser through both loops: diffusers' DDIMScheduler with use_clipped_model_output=True and
-    # clip_sample=True takes exactly fastdiff's clipped DDIM steps (guided, trailing timesteps, eta 0).
-    model, schedule = _tiny_unet(), NoiseSchedule("linear", 1000)
+    # clip_sample=True takes exactly fastdiff's clipped DDIM steps (guided, trailing timesteps, eta 0), for each
+    # preset's prediction and schedule (mnist5k's v-prediction was stepped as eps by the bench's diffusers rows).
+    dc = preset_config(preset).diffusion
+    model, schedule = _tiny_unet(), NoiseSchedule.from_config(dc)
     seeds = seeds_for(0, 3)
     x, labels = initial_noise(seeds, (1, 8, 8)) * 1.5, torch.tensor([1, 4, 9])  # * 1.5: clipping is exercised
-    table = sampler_table(schedule, "ddim", 10)
+    table = sampler_table(schedule, "ddim", 10, prediction=dc.prediction)
     with torch.no_grad():
         ours = run_table(model, x, table, seeds=seeds, labels=labels, guidance=2.0, null_label=10, clip=1.0)
-    sched = diffusers_ref.scheduler("ddim", _diffusion_cfg(), clip=1.0)
+    sched = diffusers_ref.scheduler("ddim", dc, clip=1.0)
     theirs = diffusers_ref.sample(model, sched, x, steps=10, labels=labels, guidance=2.0, null_label=10)
     torch.testing.assert_close(theirs, ours, atol=2e-5, rtol=1e-4)
-    unclipped = diffusers_ref.scheduler("ddim", _diffusion_cfg(), clip=None)
+    unclipped = diffusers_ref.scheduler("ddim", dc, clip=None)
     assert not torch.allclose(diffusers_ref.sample(model, unclipped, x, steps=10, labels=labels, guidance=2.0,
                                                    null_label=10), ours, atol=1e-3)
 
@@ -492,6 +495,19 @@ def test_gpu_suite_keeps_to_its_total_time(tmp_path):
     assert {"suite.log", "env.txt", "pytest-gpu-ops.log", "pytest-gpu-sample.log", "pytest-gpu.log",
             "bench.log"} <= files
     assert len(files) <= 8  # the most a device call brings back
+    assert "## nvidia-smi" in (tmp_path / "env.txt").read_text()
+
+
+def test_gpu_suite_without_cuda_stops_at_once_and_says_why(tmp_path):
+    # The real (not dry) suite where torch sees no GPU: the gpu tests would all skip and report exit 0, and the
+    # bench fail; it stops at its start with one line, nvidia-smi's output kept.
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    env = {**os.environ, "TOTAL_S": "60", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    env.pop("FASTDIFF_SUITE_DRY", None)
+    done = subprocess.run(["bash", str(SUITE)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "CUDA is not available" in (tmp_path / "suite.log").read_text()
+    assert {p.name for p in tmp_path.iterdir()} == {"suite.log", "env.txt"}
     assert "## nvidia-smi" in (tmp_path / "env.txt").read_text()
 
 

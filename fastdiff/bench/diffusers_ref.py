@@ -56,15 +56,21 @@ def as_denoiser(model: torch.nn.Module):
 
 
 def scheduler(sampler: str, diffusion_cfg, clip: float | None = 1.0, spacing: str = "trailing"):
-    """DDPMScheduler (fixed-small variance) or DDIMScheduler for our diffusion config and clipping."""
+    """diffusers' DDPMScheduler (fixed-small variance) or DDIMScheduler for our diffusion config (its schedule,
+    prediction and zero terminal SNR, as `fastdiff export` writes them: a v-prediction run was stepped as eps)
+    and clipping."""
+    import inspect
+
     from diffusers import DDIMScheduler, DDPMScheduler
 
-    common = dict(num_train_timesteps=diffusion_cfg.num_timesteps, beta_start=diffusion_cfg.beta_start,
-                  beta_end=diffusion_cfg.beta_end, beta_schedule="linear", prediction_type="epsilon",
-                  clip_sample=clip is not None, clip_sample_range=clip or 1.0, timestep_spacing=spacing)
-    if sampler == "ddim":
-        return DDIMScheduler(set_alpha_to_one=True, **common)
-    return DDPMScheduler(variance_type="fixed_small", **common)
+    from fastdiff.config import SampleConfig
+    from fastdiff.interop.diffusers import scheduler_for
+
+    cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
+    config = scheduler_for(diffusion_cfg, SampleConfig(clip=clip, spacing=spacing)).config
+    takes = inspect.signature(cls.__init__).parameters  # DDIM has no variance_type
+    return cls(**{k: v for k, v in config.items() if k in takes}, **({"set_alpha_to_one": True} if
+                                                                     sampler == "ddim" else {}))
 
 
 @torch.no_grad()
