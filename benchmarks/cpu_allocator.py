@@ -174,6 +174,8 @@ def main(argv=None) -> int:
     settings = tuple(s for s in SETTINGS if s in args.settings.split(","))
     if not settings:
         p.error(f"--settings {args.settings} names none of {', '.join(SETTINGS)}")
+    if not 1 <= args.timed_steps <= 20:
+        p.error(f"--timed-steps {args.timed_steps} must be in [1, 20] (steps of the DDIM-20 run)")
     unknown = [x for x in only if split_label(x, args.batch)[0] not in candidate_grid(only, args.batch)]
     if unknown:
         p.error(f"--only names no candidate of cpu_defaults.py: {', '.join(unknown)} (names as in its reports, "

@@ -20,6 +20,7 @@ import argparse
 import math
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -29,7 +30,7 @@ import torch
 
 from fastdiff.bench.e2e import SampleCase, SampleInputs, base_unet, sampler_for, train_batch, train_step_for
 from fastdiff.bench.report import new_doc, write_reports
-from fastdiff.bench.timing import measure
+from fastdiff.bench.timing import _quantile, measure
 from fastdiff.config import preset_config
 from fastdiff.ops import native, use_backend
 from fastdiff.runtime import AccelOptions, cpu_choice
@@ -100,9 +101,8 @@ def build(section: str, c: dict, cfg, batch: int, timed_steps: int):
 
 
 def _quantiles(xs: list[float]) -> tuple[float, float, float]:
-    xs = sorted(xs)
-    pick = lambda q: xs[min(len(xs) - 1, int(q * (len(xs) - 1) + 0.5))]  # noqa: E731
-    return pick(0.5), pick(0.2), pick(0.8)
+    """Median, p20 and p80 as `fastdiff.bench.timing` computes them (it picked a rank: [10, 20] had median 20)."""
+    return statistics.median(xs), _quantile(xs, 0.2), _quantile(xs, 0.8)
 
 
 def ab(section: str, cfg, args, grid: list[dict], doc: dict, out: Path) -> None:
@@ -112,10 +112,11 @@ def ab(section: str, cfg, args, grid: list[dict], doc: dict, out: Path) -> None:
     threads = max(c["threads"] for c in grid)
     torch.set_num_threads(threads)
     scale = 20 / args.timed_steps if section == "sample" else 1.0  # seconds of a whole DDIM-20 run per timed call
-    ref = {amp: timings.get(f"diffusers/{amp}") for amp in ("fp32", "bf16")}
-    plain = timings.get(f"nchw/fp32/torch/{threads}t")
     for c in grid:
         key, t = name(c), timings[name(c)]
+        at = f"/b{c['batch']}" if "batch" in c else ""  # --batches: the references at the row's own batch
+        ref = {amp: timings.get(f"diffusers/{amp}{at}") for amp in ("fp32", "bf16")}
+        plain = timings.get(f"nchw/fp32/torch/{threads}t{at}")
         batch = c.get("batch", args.batch)
         row = dict(section=section, preset=args.preset, batch=batch, case=f"{section} {args.preset}",
                    provider=key, layout=c["layout"], dtype=c["amp"], threads=c["threads"])
@@ -191,6 +192,8 @@ def main(argv=None) -> int:
         grid = [c for c in grid if name(c) in keep]
         if not grid:
             p.error(f"--only {args.only} names no candidate")
+    if not 1 <= args.timed_steps <= 20:  # DDIM-20's steps; more doubled images/s, 0 divided by zero at the end
+        p.error(f"--timed-steps {args.timed_steps} must be in [1, 20] (steps of the DDIM-20 run)")
     if args.batches and args.memory:
         p.error("--memory measures at --batch only; run it once per batch instead of --batches")
     if args.batches:

@@ -590,6 +590,28 @@ def test_cpu_defaults_memory_report_has_a_row_per_candidate(tmp_path, monkeypatc
         cpu_defaults.main(["--memory", "--batches", "16,32", "--out", str(tmp_path)])
 
 
+def test_cpu_defaults_compares_each_batch_with_its_own_references(tmp_path, monkeypatch):
+    # --batches named each candidate .../bN, and the references were looked up without it: every ratio column
+    # vanished without a word. Medians are timing's (an even count of rounds took the upper middle one), and
+    # --timed-steps beyond DDIM-20's (or 0) is refused before any timing.
+    pytest.importorskip("diffusers")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import cpu_defaults
+
+    assert cpu_defaults._quantiles([10.0, 20.0])[0] == 15.0
+    plain = f"nchw/fp32/torch/{torch.get_num_threads()}t"
+    assert cpu_defaults.main(["--preset", "digits", "--batch", "2", "--batches", "2,4", "--sections", "sample",
+                              "--rounds", "2", "--warmup", "1", "--timed-steps", "1", "--only",
+                              f"{plain},diffusers/fp32", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "cpu_defaults.json").read_text())["rows"]
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
+    assert all("vs_plain" in r and "vs_diffusers_fp32" in r for r in rows), rows
+    assert {r["batch"] for r in rows} == {2, 4}
+    for steps in ("0", "21"):
+        with pytest.raises(SystemExit):
+            cpu_defaults.main(["--timed-steps", steps, "--out", str(tmp_path)])
+
+
 def test_conv_layers_reports_each_convolution_and_the_step_share(tmp_path, monkeypatch):
     # benchmarks/conv_layers.py at a tiny size: a row per convolution and pass, the totals, and each library's
     # profiled training step with its convolution share and fastdiff's ceiling against diffusers.

@@ -38,3 +38,14 @@ def test_gpu_timing_measures_work_on_a_device_that_is_not_current():
 
     t = measure({"spin": spin}, "cuda:1", rounds=3)["spin"]
     assert t.median_ms > 1.0, t  # events recorded on cuda:0's stream would see next to nothing
+
+
+def test_rounds_rotate_and_reverse_the_providers_order():
+    # A B C in every round put A first and B after A always (inheriting A's caches and allocator state); each
+    # round now starts one later and odd rounds run backwards.
+    order = []
+    fns = {k: (lambda k=k: order.append(k)) for k in "ABC"}
+    measure(fns, "cpu", rounds=6, warmup=0)
+    rounds = ["".join(order[i:i + 3]) for i in range(0, 18, 3)]
+    assert rounds == ["ABC", "ACB", "CAB", "CBA", "BCA", "BAC"]
+    assert sorted(r[0] for r in rounds) == ["A", "A", "B", "B", "C", "C"]

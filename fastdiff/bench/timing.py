@@ -1,7 +1,9 @@
 """The one timer of every fastdiff benchmark: providers measured round by round, in alternation.
 
-On a shared or throttling machine the load drifts during a benchmark; alternating the providers (A B C A B C ...)
-exposes each to the same drift, so their ratio stays meaningful where back-to-back blocks would not. Warm-up
+On a shared or throttling machine the load drifts during a benchmark; alternating the providers exposes each to
+the same drift, so their ratio stays meaningful where back-to-back blocks would not. Each round starts one provider
+later than the last and odd rounds run backwards (A B C, C B A, B C A, B A C, ...), so that no provider always
+runs first or always after the same one (whose caches, allocator state and clocks it would inherit). Warm-up
 calls (compilation and CUDA-graph capture included) are timed apart and never enter the statistics. On a GPU
 each call is bracketed by CUDA events (optionally after flushing the L2 cache, outside the timed region, for
 memory-bound kernels); on the CPU by perf_counter, or by the calling thread's CPU time (clock="thread", immune to
@@ -136,8 +138,10 @@ def measure(fns: dict[Hashable, Callable[[], object]], device, *, rounds: int = 
             failed[name] = error_status(e)
     times: dict[Hashable, list[float]] = {name: [] for name in fns if name not in failed}
     with telemetry if telemetry is not None else contextlib.nullcontext():
-        for _ in range(rounds):
-            for name in [n for n in times if n not in failed]:
+        for r in range(rounds):
+            names = list(times)
+            names = names[r % len(names):] + names[:r % len(names)] if names else names
+            for name in [n for n in (names[::-1] if r % 2 else names) if n not in failed]:
                 if hasattr(telemetry, "tag"):
                     telemetry.tag = name
                 try:
