@@ -251,9 +251,12 @@ def test_fastdiff_training_row_trains_in_the_layout_of_fastdiff_train(tiny_prese
     model_of = e2e._model
     monkeypatch.setattr(e2e, "_model", lambda *a: built.append(model_of(*a)) or built[-1])
     x0, labels = e2e.train_batch(cfg, 4, "cpu")
-    for provider in ("fastdiff", "torch-eager"):
-        e2e.train_step_for(provider, "fp32", e2e.base_unet(cfg), cfg, "cpu", x0, labels)
+    fns = [e2e.train_step_for(provider, "fp32", e2e.base_unet(cfg), cfg, "cpu", x0, labels)[0]
+           for provider in ("fastdiff", "torch-eager")]
     fastdiff_model, eager_model = built
+    # the rows name the training layout and no sampling row limit (they showed the sampling options)
+    assert ("channels_last" in fns[0].options) == train_channels_last and "rows<=" not in fns[0].options
+    assert "channels_last" not in fns[1].options and "rows<=" not in fns[1].options
     # conv_out's weight [1, 16, 3, 3] is contiguous in one layout only (conv_in's, with 1 input channel, in both).
     assert fastdiff_model.conv_out.weight.is_contiguous(memory_format=torch.channels_last) == train_channels_last
     assert not eager_model.conv_out.weight.is_contiguous(memory_format=torch.channels_last)

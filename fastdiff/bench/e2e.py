@@ -12,7 +12,7 @@ every provider.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -171,8 +171,9 @@ def _timed_rows(job: Job, device, fns: dict, status: dict, fields: dict, *, roun
         if isinstance(t, str):
             yield job.row(*key, case, status=t)
             continue
-        row = job.row(*key, case, images_per_s=job.batch / per_image_s(t), **t.to_dict(), **fields[key],
-                      options=describe(key[0], provider_options(*key, device), device), status="ok")
+        row = job.row(*key, case, images_per_s=job.batch / per_image_s(t), **t.to_dict(),
+                      **{"options": describe(key[0], provider_options(*key, device), device), **fields[key]},
+                      status="ok")
         summary = tel.summary(key)
         yield {**row, **({"telemetry": summary} if summary else {}),
                **({"weights": diffusers_ref.WEIGHTS} if key[0] == "diffusers" else {})}
@@ -231,6 +232,8 @@ def train_step_for(provider: str, dtype: str, base, cfg, device, x0, labels, opt
         ema.update(model, k)
         return loss
 
+    # what the step ran with, for its row: the training layout, and no sampling row limit
+    fn.options = describe(provider, replace(opts, channels_last=channels_last, max_rows=0), device)
     return fn, type(step_fn).__name__
 
 
@@ -255,5 +258,6 @@ def train_rows(job: Job, device, *, rounds: int, warmup: int = 1, quick: bool = 
     x0, labels = train_batch(cfg, job.batch, device)
     steps, status = _prepare(job, device, quick, lambda p, d: train_step_for(p, d, base, cfg, device, x0, labels))
     yield from _timed_rows(job, device, {k: fn for k, (fn, _) in steps.items()}, status,
-                           {k: {"step": name} for k, (_, name) in steps.items()}, rounds=rounds, warmup=warmup,
+                           {k: {"step": name, "options": fn.options} for k, (fn, name) in steps.items()},
+                           rounds=rounds, warmup=warmup,
                            per_image_s=lambda t: t.median_ms / 1e3, log=log, budget=budget)
