@@ -9,6 +9,7 @@ a GPU run cut short still says which targets it reached.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -127,12 +128,16 @@ def _alternatives(target: Target, rows: list[dict]) -> str:
 
 
 def _show(target: Target, value: float, threshold: bool = False) -> str:
-    """A value with one digit more than a threshold shows, so that a miss never reads as the threshold."""
+    """A value with one digit more than a threshold shows, rounded down where it misses the target, so that a
+    miss never reads as the threshold (1.4996 showed as 1.500x against 1.50x)."""
     more = 0 if threshold else 1
+    low = not threshold and value < target.at_least
     if target.metric == "frac_copy_bw":
-        return f"{value:.{more}%}"
+        digits = 2 + more
+        return f"{math.floor(value * 10 ** digits) / 10 ** digits if low else value:.{more}%}"
     if target.metric.startswith("vs_"):
-        return f"{value:.{2 + more}f}x"
+        digits = 2 + more
+        return f"{math.floor(value * 10 ** digits) / 10 ** digits if low else value:.{digits}f}x"
     return f"{value:,.{more}f}" if value >= 100 else f"{value:.{3 + more}g}"
 
 
