@@ -671,6 +671,25 @@ def test_gpu_suite_runs_every_gpu_test_once():
     assert f"SAMPLING='{sampling}'" in SUITE.read_text()
 
 
+def test_ratios_compare_rows_of_one_job_and_the_gpu_plan_times_diffusers_beside_fastdiff():
+    # On the GPU diffusers ran in jobs of its own, minutes after the fastdiff/eager/compile trio of the same case,
+    # and its ratios were taken across them. Ratios are now within a job, and each diffusers job has fastdiff.
+    from fastdiff.bench.report import add_ratios
+    from fastdiff.bench.suite import Job, plan
+
+    case = dict(section="sample", case="sample mnist b64 ddim-20/20", status="ok")
+    rows = [{**case, "job": 0, "provider": "torch-eager", "dtype": "fp32", "median_ms": 100.0},
+            {**case, "job": 0, "provider": "fastdiff", "dtype": "bf16", "median_ms": 50.0},
+            {**case, "job": 1, "provider": "fastdiff", "dtype": "bf16", "median_ms": 40.0},
+            {**case, "job": 1, "provider": "diffusers", "dtype": "bf16", "median_ms": 80.0}]
+    add_ratios(rows)
+    assert rows[1]["vs_torch_eager"] == 2.0 and "vs_diffusers" not in rows[1]
+    assert rows[2]["vs_diffusers"] == 2.0 and "vs_torch_eager" not in rows[2] and "vs_torch_eager" not in rows[3]
+    for job in plan(torch.device("cuda"), quick=False):
+        if isinstance(job, Job) and any(p == "diffusers" for p, _ in job.providers):
+            assert ("fastdiff", "bf16") in job.providers, job
+
+
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
 def test_every_target_names_a_row_the_bench_makes(device):
     # A target whose row the plan never makes would read "not measured" on every run: each target's fields

@@ -79,7 +79,8 @@ def environment(device) -> dict:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Each RATIOS column: the reference row's median time over this row's, both of the same case in this run.
+    """Each RATIOS column: the reference row's median time over this row's, both of the same case in this run and
+    of the same job (`job`: the bench's job index; timed interleaved with it, not minutes apart in another job).
     The reference is the first row of its provider in the case: of the row's dtype where RATIOS says so; otherwise
     (vs eager) the fp32 one for an end-to-end row (the plain PyTorch reference, whatever other eager rows a later
     job adds to the case; none without it) and preferably the row's dtype for an op row (eager bf16 for a bf16
@@ -89,10 +90,11 @@ def add_ratios(rows: list[dict]) -> None:
         first: dict = {}
         for r in timed:
             if r["provider"] == provider:
-                first.setdefault((r["case"], r.get("dtype")), r["median_ms"])
-                first.setdefault((r["case"], None), r["median_ms"])
+                first.setdefault((r.get("job"), r["case"], r.get("dtype")), r["median_ms"])
+                first.setdefault((r.get("job"), r["case"], None), r["median_ms"])
         for r in timed:
-            ref = next((first[k] for k in reference_keys(r, column) if k in first), None)
+            ref = next((first[(r.get("job"), *k)] for k in reference_keys(r, column) if (r.get("job"), *k) in first),
+                       None)
             if ref is not None:
                 r[column] = ref / r["median_ms"]
 
