@@ -156,6 +156,28 @@ def test_git_commit_outside_git_is_the_one_the_sender_names(tmp_path, monkeypatc
     assert git_commit(tmp_path) == {"commit": None, "dirty": None}
     monkeypatch.setenv("FASTDIFF_COMMIT", "f" * 40)
     assert git_commit(tmp_path) == {"commit": "f" * 40, "dirty": None}
+    # and its report says that uncommitted changes cannot be ruled out; the load at the last write is named too
+    doc = {"environment": {**environment("cpu"), "commit": "f" * 40, "dirty": None}, "rows": []}
+    _, md = write_reports(doc, tmp_path)
+    assert "(no .git: uncommitted changes unknown)" in md.read_text() and "at the last write" in md.read_text()
+
+
+def test_git_commit_counts_a_new_source_file_not_a_new_result(tmp_path):
+    # A run importing a module not yet added was recorded as of a clean commit (untracked files were not looked
+    # at); a new result folder is no change to the code.
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "a")
+    (tmp_path / "results" / "run").mkdir(parents=True)
+    (tmp_path / "results" / "run" / "bench.json").write_text("{}")
+    assert git_commit(tmp_path)["dirty"] is False
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "new.py").write_text("y = 2\n")
+    assert git_commit(tmp_path)["dirty"] is True
 
 
 def test_plan_puts_the_headline_rows_first():

@@ -40,18 +40,23 @@ RATIOS = {"vs_torch_eager": ("torch-eager", False), "vs_torch_compile": ("torch-
 
 
 def git_commit(path: Path | None = None) -> dict:
-    """{commit, dirty} of the checkout holding `path` (this package by default). Outside git (a copy of the
-    working tree sent to a GPU machine, without .git) the commit is FASTDIFF_COMMIT's, as the sender names it,
-    with dirty unknown (None); None values without either."""
+    """{commit, dirty} of the checkout holding `path` (this package by default): dirty where a tracked file is
+    changed or a source file (not a result) is new, as a module a run imports before it is added. Outside git (a
+    copy of the working tree sent to a GPU machine, without .git) the commit is FASTDIFF_COMMIT's, as the sender
+    names it, with dirty unknown (None); None values without either."""
     where = Path(path or Path(__file__).resolve().parent)
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=where,
                                 capture_output=True, text=True, timeout=10, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return {"commit": os.environ.get("FASTDIFF_COMMIT") or None, "dirty": None}
-    return {"commit": commit, "dirty": bool(status.strip())}
+    changed = [line for line in status.splitlines() if not line.startswith("??") or line.endswith(SOURCE_SUFFIXES)]
+    return {"commit": commit, "dirty": bool(changed)}
+
+
+SOURCE_SUFFIXES = (".py", ".sh", ".cpp", ".cu", ".h", ".cuh", ".txt", ".toml")  # new files that change a run
 
 
 def cpu_model() -> str:
@@ -156,6 +161,12 @@ SECTION_TITLES = {
 }
 
 
+def _dirty(env: dict) -> str:
+    if env.get("dirty"):
+        return " (uncommitted changes)"
+    return " (no .git: uncommitted changes unknown)" if env.get("dirty") is None and env.get("commit") else ""
+
+
 def render_markdown(doc: dict) -> str:
     env = doc["environment"]
     load = env.get("load_avg")
@@ -164,10 +175,11 @@ def render_markdown(doc: dict) -> str:
         "",
         f"- device: {env.get('gpu') or env.get('cpu_model')} ({env.get('bench_device')}), "
         f"driver {env.get('driver', '-')}; CPU {env.get('cpu_model')} ({env.get('cpu_count')} threads), "
-        f"load {'/'.join(map(str, load)) if load else 'unknown'} at the start",
+        f"load {'/'.join(map(str, load)) if load else 'unknown'} at the start"
+        + (f", {'/'.join(map(str, doc['load_avg_end']))} at the last write" if doc.get("load_avg_end") else ""),
         f"- torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), triton {env.get('triton')}, "
         f"python {env.get('python')}",
-        f"- commit {env.get('commit') or 'unknown'}{' (uncommitted changes)' if env.get('dirty') else ''}, "
+        f"- commit {env.get('commit') or 'unknown'}{_dirty(env)}, "
         f"{env.get('date_utc')}",
     ]
     if doc.get("command"):
@@ -197,8 +209,10 @@ def report_paths(out_dir, stem: str = "bench") -> tuple[Path, Path]:
 
 
 def write_reports(doc: dict, out_dir: Path, stem: str = "bench") -> tuple[Path, Path]:
-    """Fill in the ratios and write `report_paths(out_dir, stem)`."""
+    """Fill in the ratios and the load average now, and write `report_paths(out_dir, stem)`."""
     add_ratios(doc["rows"])
+    if hasattr(os, "getloadavg"):
+        doc["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     json_path, md_path = report_paths(out_dir, stem)
     json_path = writable(json_path)
     atomic_write_all({json_path: (json.dumps(doc, indent=1, default=str) + "\n").encode(),  # the two together
