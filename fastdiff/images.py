@@ -186,15 +186,17 @@ def save_trajectory(frames: list[tuple[str, torch.Tensor, torch.Tensor]], path, 
     """The DDPM paper's figure: for each sample a row of x_t from noise to image, under it a row of the
     model's x0 prediction at the same steps. frames: [(column label, x [R, C, H, W], x0 [R, C, H, W]), ...],
     where x is the sample after that denoising step (the step's input was at timestep t)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a standalone Figure on the Agg canvas, as fastdiff.plot draws: matplotlib.use("Agg") switched a notebook's
+    # backend for the whole process
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     path = writable(path)
     n_rows = frames[0][1].shape[0]
     cols = len(frames)
-    fig, axes = plt.subplots(2 * n_rows, cols, figsize=(1.1 * cols, 1.15 * 2 * n_rows), squeeze=False)
+    fig = Figure(figsize=(1.1 * cols, 1.15 * 2 * n_rows))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2 * n_rows, cols, squeeze=False)
     for j, (t, xt, x0) in enumerate(frames):
         for r in range(n_rows):
             for k, img in enumerate((xt[r : r + 1], x0[r : r + 1])):
@@ -212,8 +214,5 @@ def save_trajectory(frames: list[tuple[str, torch.Tensor, torch.Tensor]], path, 
         fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
-    try:
-        fig.savefig(buf, dpi=100, format="png")
-    finally:
-        plt.close(fig)
+    fig.savefig(buf, dpi=100, format="png")
     return atomic_write(path, buf.getvalue())

@@ -74,3 +74,19 @@ def test_class_columns_keep_a_class_per_column_near_a_square_grid():
     assert class_columns(40, 10) == 10 and class_columns(100, 10) == 10 and class_columns(35, 7) == 7
     assert class_columns(1000, 10) == 30 and class_columns(99, 10) == 10  # a last row part full
     assert class_columns(100, 100) is None and class_columns(15, 10) is None and class_columns(64, 0) is None
+
+
+def test_the_trajectory_figure_leaves_the_callers_matplotlib_backend(tmp_path):
+    # save_trajectory called matplotlib.use("Agg"), switching a notebook's inline backend for the whole process.
+    import matplotlib
+
+    from fastdiff.images import save_trajectory
+
+    before = matplotlib.get_backend()
+    matplotlib.use("pdf")
+    try:
+        frames = [(f"t={t}", torch.rand(2, 1, 8, 8) * 2 - 1, torch.rand(2, 1, 8, 8) * 2 - 1) for t in (999, 500, 0)]
+        path = save_trajectory(frames, tmp_path / "t.png", title="trajectory")
+        assert matplotlib.get_backend() == "pdf" and path.read_bytes()[:4] == b"\x89PNG"
+    finally:
+        matplotlib.use(before)
