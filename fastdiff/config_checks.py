@@ -165,8 +165,9 @@ def validate(cfg, saved: bool = False) -> None:
             raise ConfigError(f"sample.guidance {s.guidance} needs a null class, which model.null_class false "
                               "removes; set sample.guidance 1")
     if not m.num_classes and not saved:  # sampling took guidance as 1, training dropped no labels, without a word
-        for key, value, neutral in (("sample.guidance", s.guidance, 1), ("train.p_uncond", cfg.train.p_uncond, 0)):
-            if value != neutral and not (key == "train.p_uncond" and cfg.distill is not None):  # a student's unread
+        ddpm = [("train.p_uncond", cfg.train.p_uncond, 0)] if cfg.distill is None else []  # a student drops none
+        for key, value, neutral in [("sample.guidance", s.guidance, 1), *ddpm]:
+            if value != neutral:
                 raise ConfigError(f"{key} {value} needs class labels, and model.num_classes 0 makes an unconditional "
                                   f"model; set {key} {neutral} (or give the model classes)")
     if not saved and guides_untrained_null(cfg, s.guidance):

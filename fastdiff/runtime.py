@@ -217,10 +217,10 @@ class CpuChoice:
     sample_amp: str
     train_amp: str
     why: str
-    sample_batch_size: int = 64  # sampling batch: 64 beat 16-256 in both precisions (1.5x fp32, 1.7x bf16 over 256)
     # AccelOptions.max_rows of sampling: the rows that keep one call's activations small enough for glibc's
     # malloc to reuse (see cpu_choice); 0 would be no limit
-    sample_max_rows: int = 64
+    sample_max_rows: int
+    sample_batch_size: int = 64  # sampling batch: 64 beat 16-256 in both precisions (1.5x fp32, 1.7x bf16 over 256)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -286,22 +286,24 @@ def cpu_choice(flags: frozenset[str] | None = None, native: bool | None = None) 
     """
     flags = cpu_flags() if flags is None else flags
     native = _native_ops_run() if native is None else native
+    rows = 128 if native and "amx_bf16" in flags else 64
     if "amx_bf16" in flags or "avx512_bf16" in flags:
         unit = "AMX (amx_bf16)" if "amx_bf16" in flags else "AVX-512 BF16 (avx512_bf16)"
         if native:
-            rows = 128 if "amx_bf16" in flags else 64
             return CpuChoice(sample_channels_last=True, train_channels_last=True, sample_amp="bf16",
                              train_amp="bf16", sample_max_rows=rows,
                              why=f"{unit}: bf16 autocast on oneDNN's bf16 kernels, channels_last and the native "
                                  f"extension's ops (measured fastest); {_rows_why(rows)}")
         return CpuChoice(sample_channels_last=False, train_channels_last=False, sample_amp="bf16", train_amp="bf16",
+                         sample_max_rows=rows,
                          why=f"{unit}: bf16 autocast on oneDNN's bf16 kernels, NCHW, as the native extension's "
                              "ops do not run here (not built, or another backend forced, which cpu_ops names; with "
-                             f"them channels_last is faster, README); {_rows_why(64)}")
+                             f"them channels_last is faster, README); {_rows_why(rows)}")
     return CpuChoice(sample_channels_last=True, train_channels_last=True, sample_amp="fp32", train_amp="fp32",
+                     sample_max_rows=rows,
                      why="no bf16 instructions (AVX2, or AVX-512 without BF16): fp32, channels_last, and the native "
                          "extension's ops where it is built (each measured faster; bf16 without them is many times "
-                         f"slower); {_rows_why(64)}")
+                         f"slower); {_rows_why(rows)}")
 
 
 MALLOC_ENV = "FASTDIFF_MALLOC"  # keep (what every fastdiff command sets) | default (glibc's own rules)

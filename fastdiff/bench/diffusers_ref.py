@@ -69,8 +69,10 @@ def scheduler(sampler: str, diffusion_cfg, clip: float | None = 1.0, spacing: st
     cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
     config = scheduler_for(diffusion_cfg, SampleConfig(clip=clip, spacing=spacing)).config
     takes = inspect.signature(cls.__init__).parameters  # DDIM has no variance_type
-    return cls(**{k: v for k, v in config.items() if k in takes}, **({"set_alpha_to_one": True} if
-                                                                     sampler == "ddim" else {}))
+    kwargs = {k: v for k, v in config.items() if k in takes}
+    if sampler == "ddim":
+        kwargs["set_alpha_to_one"] = True
+    return cls(**kwargs)
 
 
 @torch.no_grad()

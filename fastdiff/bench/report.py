@@ -39,6 +39,9 @@ RATIOS = {"vs_torch_eager": ("torch-eager", False), "vs_torch_compile": ("torch-
           "vs_diffusers": ("diffusers", True)}
 
 
+SOURCE_SUFFIXES = (".py", ".sh", ".cpp", ".cu", ".h", ".cuh", ".txt", ".toml")  # new files that change a run
+
+
 def git_commit(path: Path | None = None) -> dict:
     """{commit, dirty} of the checkout holding `path` (this package by default): dirty where a tracked file is
     changed or a source file (not a result) is new, as a module a run imports before it is added. Outside git (a
@@ -55,8 +58,6 @@ def git_commit(path: Path | None = None) -> dict:
     changed = [line for line in status.splitlines() if not line.startswith("??") or line.endswith(SOURCE_SUFFIXES)]
     return {"commit": commit, "dirty": bool(changed)}
 
-
-SOURCE_SUFFIXES = (".py", ".sh", ".cpp", ".cu", ".h", ".cuh", ".txt", ".toml")  # new files that change a run
 
 
 def cpu_model() -> str:

@@ -131,13 +131,13 @@ def _show(target: Target, value: float, threshold: bool = False) -> str:
     """A value with one digit more than a threshold shows, rounded down where it misses the target, so that a
     miss never reads as the threshold (1.4996 showed as 1.500x against 1.50x)."""
     more = 0 if threshold else 1
-    low = not threshold and value < target.at_least
+    digits = 2 + more  # decimals of the value (a percentage shows two fewer)
+    if not threshold and value < target.at_least:
+        value = math.floor(value * 10 ** digits) / 10 ** digits
     if target.metric == "frac_copy_bw":
-        digits = 2 + more
-        return f"{math.floor(value * 10 ** digits) / 10 ** digits if low else value:.{more}%}"
+        return f"{value:.{more}%}"
     if target.metric.startswith("vs_"):
-        digits = 2 + more
-        return f"{math.floor(value * 10 ** digits) / 10 ** digits if low else value:.{digits}f}x"
+        return f"{value:.{digits}f}x"
     return f"{value:,.{more}f}" if value >= 100 else f"{value:.{3 + more}g}"
 
 

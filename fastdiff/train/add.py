@@ -111,7 +111,8 @@ class ADDObjective:
 
     kind, ema, warmup = "add-student", True, True
     command = RUN_KINDS[kind]
-    ADVERSARIAL_STATS = ("g_adv", "d_loss", "r1", "d_real", "d_fake")
+    STATS = ("loss", "g_adv", "distill", "regress", "d_loss", "r1", "d_real", "d_fake", "grad_norm")
+    ADVERSARIAL_STATS = ("g_adv", "d_loss", "r1", "d_real", "d_fake")  # none without a discriminator
 
     def __init__(self, cfg: RunConfig, data, session: Session):
         # every process reads the teacher checkpoint the first one pinned (and recorded) as it started
@@ -142,8 +143,7 @@ class ADDObjective:
             session.log("--adv-weight 0: no discriminator (the student learns from the teacher's distillation and "
                         "regression losses alone)")
         self.student, self.disc = student, disc
-        self.stats = tuple(k for k in ("loss", "g_adv", "distill", "regress", "d_loss", "r1", "d_real", "d_fake",
-                                       "grad_norm") if disc is not None or k not in self.ADVERSARIAL_STATS)
+        self.stats = tuple(k for k in self.STATS if disc is not None or k not in self.ADVERSARIAL_STATS)
         self.schedule = NoiseSchedule.from_config(cfg.diffusion, device)
         self.ts = torch.tensor(dc.student_timesteps, device=device)
         self.augment = parse_augment(dc.augment)
