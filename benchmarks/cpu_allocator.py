@@ -174,9 +174,9 @@ def main(argv=None) -> int:
     settings = tuple(s for s in SETTINGS if s in args.settings.split(","))
     if not settings:
         p.error(f"--settings {args.settings} names none of {', '.join(SETTINGS)}")
-    if not 1 <= args.timed_steps <= 20:
-        p.error(f"--timed-steps {args.timed_steps} must be in [1, 20] (steps of the DDIM-20 run)")
-    unknown = [x for x in only if split_label(x, args.batch)[0] not in candidate_grid(only, args.batch)]
+    cpu_defaults.check_timed_steps(p, args.timed_steps)
+    grid = candidate_grid(only, args.batch)
+    unknown = [x for x in only if split_label(x, args.batch)[0] not in grid]
     if unknown:
         p.error(f"--only names no candidate of cpu_defaults.py: {', '.join(unknown)} (names as in its reports, "
                 "e.g. cl/bf16/native/2t/r64)")

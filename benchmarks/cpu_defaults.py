@@ -100,6 +100,13 @@ def build(section: str, c: dict, cfg, batch: int, timed_steps: int):
     return call
 
 
+def check_timed_steps(p: argparse.ArgumentParser, steps: int) -> None:
+    """--timed-steps within DDIM-20's steps: more doubled images/s (the scale is 20 / steps), 0 divided by zero
+    after all the timing."""
+    if not 1 <= steps <= 20:
+        p.error(f"--timed-steps {steps} must be in [1, 20] (steps of the DDIM-20 run)")
+
+
 def _quantiles(xs: list[float]) -> tuple[float, float, float]:
     """Median, p20 and p80 as `fastdiff.bench.timing` computes them (it picked a rank: [10, 20] had median 20)."""
     return statistics.median(xs), _quantile(xs, 0.2), _quantile(xs, 0.8)
@@ -192,8 +199,7 @@ def main(argv=None) -> int:
         grid = [c for c in grid if name(c) in keep]
         if not grid:
             p.error(f"--only {args.only} names no candidate")
-    if not 1 <= args.timed_steps <= 20:  # DDIM-20's steps; more doubled images/s, 0 divided by zero at the end
-        p.error(f"--timed-steps {args.timed_steps} must be in [1, 20] (steps of the DDIM-20 run)")
+    check_timed_steps(p, args.timed_steps)
     if args.batches and args.memory:
         p.error("--memory measures at --batch only; run it once per batch instead of --batches")
     if args.batches:

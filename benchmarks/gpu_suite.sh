@@ -18,9 +18,10 @@
 # Stage 2 (the rest, less a margin): `fastdiff bench` on the GPU, headline rows first (see fastdiff/bench/suite.py:
 #   the GroupNorm+SiLU (NCHW and channels_last) and sampler-step bandwidth rows, whose kernels stage 1 compiled;
 #   mnist sampling at batch 64, cifar10-ddpm training at bf16, DDPM-1000 at batch 1024 on 20 timed steps,
-#   extrapolated and labelled so; diffusers at the same settings beside fastdiff again, then the rest). Its time budget ends before the stage's limit so a job started
-#   late can still compile; once the budget is spent, a job skips the providers it has not yet compiled and times
-#   the ones it has (fastdiff is compiled before the torch-compile baseline). A job's rows come once its providers
+#   extrapolated and labelled so; diffusers at the same settings beside fastdiff again, then the rest). Its time
+#   budget ends before the stage's limit so a job started late can still compile; once the budget is spent, a job
+#   skips the providers it has not yet compiled and times the ones it has (fastdiff is compiled before the
+#   torch-compile baseline). A job's rows come once its providers
 #   are timed, bench.log has a line as each provider's warm-up (compile, capture) ends, and the reports are
 #   rewritten after every row, so a killed bench still leaves valid JSON and markdown. Their last section, the
 #   speed targets met or not by this run's rows (fastdiff/bench/targets.py), is copied into suite.log.

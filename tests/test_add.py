@@ -1,5 +1,6 @@
 """ADD: loss signs, where gradients go, the few-step sampler, and a tiny distillation run end to end on the CLI."""
 
+import dataclasses
 import json
 import re
 import shutil
@@ -11,7 +12,7 @@ from PIL import Image
 
 from fastdiff import checkpoint as ckpt
 from fastdiff.cli import main
-from fastdiff.config import apply_overrides, distill_config, preset_config
+from fastdiff.config import DISCRIMINATOR_KEYS, ADDConfig, apply_overrides, distill_config, preset_config
 from fastdiff.diffusion import NoiseSchedule, initial_noise, sample_student, seeds_for, student_table
 from fastdiff.diffusion.parameterization import x0_coefficients
 from fastdiff.diffusion.samplers import student_timesteps
@@ -848,8 +849,4 @@ def test_a_student_without_the_adversarial_loss_builds_no_discriminator(student_
     err = capsys.readouterr().err
     assert "r1_gamma 0.5 set, which only the discriminator reads" in err and "--adv-weight" in err
     assert "Traceback" not in err and not (tmp_path / "c").exists()
-    import dataclasses
-
-    from fastdiff.config import DISCRIMINATOR_KEYS, ADDConfig
-
     assert set(DISCRIMINATOR_KEYS) <= {f.name for f in dataclasses.fields(ADDConfig)}

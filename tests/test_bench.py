@@ -552,10 +552,15 @@ def test_gpu_suite_dry_run_writes_the_bench_report(tmp_path):
         assert "skipped" in pytest_log or "passed" in pytest_log, name
 
 
-def test_cli_malloc_runs_a_command_in_both_settings(tmp_path, monkeypatch):
+@pytest.fixture
+def bench_scripts(monkeypatch):
+    """benchmarks/ on sys.path, for the tests that import its scripts."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+def test_cli_malloc_runs_a_command_in_both_settings(tmp_path, bench_scripts):
     # benchmarks/cli_malloc.py's plumbing on a command that prints JSON: a fresh process per setting, each one's
     # own peak RSS (wait4), and the outputs compared apart from timings.
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import cli_malloc
 
     assert cli_malloc.main(["--rounds", "1", "--out", str(tmp_path), "--", "env"]) == 0
@@ -567,10 +572,9 @@ def test_cli_malloc_runs_a_command_in_both_settings(tmp_path, monkeypatch):
         assert doc["last_result"]["malloc"].startswith("keep freed memory")
 
 
-def test_cli_malloc_vs_runs_the_command_against_itself_with_more_arguments(tmp_path, monkeypatch):
+def test_cli_malloc_vs_runs_the_command_against_itself_with_more_arguments(tmp_path, bench_scripts):
     # --vs: the command as typed against the same command with the extra arguments, each in fresh processes that
     # keep freed memory; the outputs compared apart from timings and the options the arguments set.
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import cli_malloc
 
     grid = tmp_path / "grid.png"
@@ -586,10 +590,9 @@ def test_cli_malloc_vs_runs_the_command_against_itself_with_more_arguments(tmp_p
         cli_malloc.main(["--vs", " ", "--out", str(tmp_path), "--", "env"])
 
 
-def test_cpu_allocator_takes_any_row_limit_its_candidates_name(monkeypatch):
+def test_cpu_allocator_takes_any_row_limit_its_candidates_name(bench_scripts):
     # benchmarks/cpu_allocator.py builds the chunked candidates (.../rN) its --only names, any N, and refuses an
     # unknown name in one line before it starts a process.
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import cpu_allocator
 
     t = f"{torch.get_num_threads()}t"
@@ -601,11 +604,10 @@ def test_cpu_allocator_takes_any_row_limit_its_candidates_name(monkeypatch):
         cpu_allocator.main(["--only", f"cl/bf16/native/{t}/r128,no/such/candidate", "--settings", "keep"])
 
 
-def test_cpu_defaults_memory_report_has_a_row_per_candidate(tmp_path, monkeypatch):
+def test_cpu_defaults_memory_report_has_a_row_per_candidate(tmp_path, bench_scripts):
     # benchmarks/cpu_defaults.py --memory: each candidate's peak RSS in a process of its own, in the JSON and as
     # rows of the Markdown report (which had the tables' headings and no rows); --batches is refused with it.
     pytest.importorskip("diffusers")  # every memory process imports it, so that baselines match
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import cpu_defaults
 
     only = f"nchw/fp32/torch/{torch.get_num_threads()}t"
@@ -618,12 +620,11 @@ def test_cpu_defaults_memory_report_has_a_row_per_candidate(tmp_path, monkeypatc
         cpu_defaults.main(["--memory", "--batches", "16,32", "--out", str(tmp_path)])
 
 
-def test_cpu_defaults_compares_each_batch_with_its_own_references(tmp_path, monkeypatch):
+def test_cpu_defaults_compares_each_batch_with_its_own_references(tmp_path, bench_scripts):
     # --batches named each candidate .../bN, and the references were looked up without it: every ratio column
     # vanished without a word. Medians are timing's (an even count of rounds took the upper middle one), and
     # --timed-steps beyond DDIM-20's (or 0) is refused before any timing.
     pytest.importorskip("diffusers")
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import cpu_defaults
 
     assert cpu_defaults._quantiles([10.0, 20.0])[0] == 15.0
@@ -640,11 +641,10 @@ def test_cpu_defaults_compares_each_batch_with_its_own_references(tmp_path, monk
             cpu_defaults.main(["--timed-steps", steps, "--out", str(tmp_path)])
 
 
-def test_conv_layers_reports_each_convolution_and_the_step_share(tmp_path, monkeypatch):
+def test_conv_layers_reports_each_convolution_and_the_step_share(tmp_path, bench_scripts):
     # benchmarks/conv_layers.py at a tiny size: a row per convolution and pass, the totals, and each library's
     # profiled training step with its convolution share and fastdiff's ceiling against diffusers.
     pytest.importorskip("diffusers")
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import conv_layers
 
     assert conv_layers.main(["--preset", "digits", "--batch", "4", "--rounds", "1", "--profiles", "1", "--wide", "16",
