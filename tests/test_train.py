@@ -7,6 +7,8 @@ from fastdiff import checkpoint as ckpt
 from fastdiff.config import apply_overrides, preset_config
 from fastdiff.errors import FastdiffError, TrainingDiverged
 from fastdiff.train import train_ddpm
+from fastdiff.train.ema import EMA, warmed_decay
+from fastdiff.train.ema import describe as describe_ema
 
 
 def tiny(overrides, **extra):
@@ -23,6 +25,30 @@ def test_smoke_loss_decreases(tmp_path, tiny_overrides):
     assert {"kimg", "sec_per_kimg", "images_per_sec", "peak_mem_mb", "loss"} <= set(stats[0])
     assert (tmp_path / "log.txt").read_text().count("step ") >= 3
     assert json.loads((tmp_path / "config.json").read_text())["preset"] == "digits"
+    # the decay is never reached in 30 steps: the log says so, and what the warm-up made of it
+    assert "ema=0.999 (not reached: the warm-up (1+n)/(10+n) sets it, 0.7692 at the last step" in \
+        (tmp_path / "log.txt").read_text()
+
+
+def test_ema_warms_up_to_its_decay():
+    """The EMA's decay at step n is min(decay, (1+n)/(10+n)); a run's log line says from which step the decay holds,
+    or that it never does (a --ema-decay above the last step's warm-up then changes nothing)."""
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema, want = EMA(model, 0.8), 0.0
+    for step in range(40):
+        with torch.no_grad():
+            model.weight.fill_(step + 1.0)
+        ema.update(model, step)
+        d = min(0.8, (1 + step) / (10 + step))
+        want = d * want + (1 - d) * (step + 1.0)
+    assert ema.model.weight.item() == pytest.approx(want, rel=1e-6)
+    assert warmed_decay(0.999, 8990) == 0.999 and warmed_decay(0.999, 8989) < 0.999
+    assert describe_ema(0.999, 9000) == "0.999 (from step 8990)"
+    assert describe_ema(0.9995, 20_000) == "0.9995 (from step 17990)"  # (10d-1)/(1-d) is 17990.000000001983 in floats
+    assert describe_ema(0.0, 5) == "0"
+    assert describe_ema(0.999, 1000) == ("0.999 (not reached: the warm-up (1+n)/(10+n) sets it, 0.9911 at the last "
+                                         "step; 0.999 comes at step 8990)")
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])

@@ -48,6 +48,7 @@ from fastdiff.runtime import AccelOptions, check_amp, command_line, mix_seed, re
 from fastdiff.train.batcher import Batcher
 from fastdiff.train.distributed import World, init_world
 from fastdiff.train.ema import EMA
+from fastdiff.train.ema import describe as describe_ema
 from fastdiff.train.meter import IntervalMeter
 from fastdiff.train.monitor import Monitor
 from fastdiff.train.rundir import (
@@ -293,7 +294,8 @@ def _run(build, world: World, data, tc: TrainConfig, config: dict, run_dir: Path
         batcher = Batcher(len(data), tc.batch_size, tc.seed)
         log.line(f"{'resuming at step ' + str(start) if path is not None else 'training'} {objective.describe()} "
                  f"dataset={data.name} ({len(data)} images {tuple(data.shape)}) device={device} amp={tc.amp} "
-                 f"steps={tc.steps} batch={tc.batch_size} step={session.describe()} processes={world.size}")
+                 f"steps={tc.steps} batch={tc.batch_size} step={session.describe()} processes={world.size}"
+                 + (f" ema={describe_ema(tc.ema_decay, tc.steps)}" if objective.ema else ""))
         for line in changed:
             log.line(f"resumed with {line} from step {start} on (the optimizer state is kept)")
         if saved_processes is not None and saved_processes != world.size:  # (a checkpoint before 2026-12-07: None)
