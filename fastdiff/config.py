@@ -51,9 +51,11 @@ class UNetConfig:
             )
         if not isinstance(self.num_groups, int) or isinstance(self.num_groups, bool) or self.num_groups < 1:
             raise ConfigError(f"model.num_groups must be a whole number of at least 1, got {self.num_groups!r}")
-        for m in self.channel_mult:
+        for m in (1, *self.channel_mult):  # 1: the input convolution's channels, normed where channel_mult[0] > 1
             if (self.base_channels * m) % self.num_groups:  # (num_groups 0 was a ZeroDivisionError)
-                raise ConfigError(f"channels {self.base_channels * m} not divisible by num_groups={self.num_groups}")
+                raise ConfigError(f"channels {self.base_channels * m} (base_channels {self.base_channels} x {m}) not "
+                                  f"divisible by num_groups={self.num_groups}; choose base_channels or num_groups so "
+                                  "that it divides every level's channels")
 
 
 @dataclass

@@ -411,6 +411,14 @@ def test_config_numbers_and_combinations(key, value, message):
     assert message in str(e.value)
 
 
+def test_the_input_convolutions_channels_divide_by_num_groups():
+    """base_channels 24 with channel_mult (2, 4) and 16 groups passed the check (48 and 96 divide) and --dry-run, and
+    the first block's GroupNorm of conv_in's 24 channels failed at the first step with a traceback."""
+    with pytest.raises(ConfigError, match=r"channels 24 \(base_channels 24 x 1\) not divisible by num_groups=16"):
+        apply_overrides(preset_config("digits"), {"model.base_channels": 24, "model.channel_mult": [2, 4],
+                                                  "model.num_groups": 16})
+
+
 def test_an_unconditional_model_has_no_guidance():
     """--num-classes 0 on a class-conditional preset wrote its guidance 2 and label dropout 0.1 in the run, where
     sampling took 1 and training dropped no labels without a word; a guidance given for such a model is refused."""
