@@ -92,6 +92,14 @@ def is_pretrained(ckpt_dir) -> bool:
     return Path(ckpt_dir).resolve().parent == PRETRAINED_DIR
 
 
+def holds_one_set(ckpt_dir) -> bool:
+    """A folder of one set of weights: a shipped pretrained model, or a copy of its folder (model.safetensors and
+    config.json alone). A run's checkpoint has its state.json, and ema.safetensors where the run keeps an EMA."""
+    p = Path(ckpt_dir)
+    return is_pretrained(p) or not any((p / f).exists() for f in ("state.json", "ema.safetensors",
+                                                                   "optimizer.safetensors"))
+
+
 def resolve_checkpoint(path) -> Path:
     """A checkpoint folder from a run directory (its latest checkpoint), a checkpoint folder itself, or
     `pretrained:NAME` (a model shipped in the package)."""

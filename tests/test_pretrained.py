@@ -157,3 +157,25 @@ def test_two_image_folders_of_one_size_and_count_do_not_share_a_classifier(tmp_p
     second = evaluate.load_or_train_classifier(b, tmp_path / "run", steps=3, log=logs.append)
     assert any("training the evaluation classifier" in line for line in logs), logs
     assert first.config_dict()["num_classes"] == 2 and second.config_dict()["num_classes"] == 3
+
+
+def test_a_copy_of_a_shipped_folder_loads_as_the_shipped_model(tmp_path, capsys):
+    """A copy of fastdiff/pretrained/mnist was read as a run's checkpoint: "ema.safetensors is missing; the
+    checkpoint is incomplete, delete it". It holds the shipped model's one set of weights, as the shipped folder
+    does; a run's checkpoint without its EMA weights is still incomplete."""
+    import shutil
+
+    import fastdiff
+    from fastdiff.cli import main
+
+    copy = tmp_path / "mymnist"
+    shutil.copytree(ckpt.PRETRAINED_DIR / "mnist", copy)
+    kwargs = dict(n=2, seed=3, steps=2, device="cpu")
+    assert torch.equal(fastdiff.load(copy, device="cpu").sample(**kwargs),
+                       fastdiff.load("pretrained:mnist", device="cpu").sample(**kwargs))
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", str(copy), "--out", str(tmp_path / "s.png"), "--no-ema"]) == 2
+    assert "holds one set of weights" in capsys.readouterr().err
+    (copy / "state.json").write_text(json.dumps({"step": 10}))  # now a run's checkpoint, whose EMA file is missing
+    with pytest.raises(fastdiff.FastdiffError, match="ema.safetensors is missing; the checkpoint is incomplete"):
+        fastdiff.load(copy, device="cpu")

@@ -117,8 +117,9 @@ class Denoiser:
 
 def load_run(checkpoint, device, use_ema: bool = True) -> Denoiser:
     """The model (EMA weights by default) and config of a run directory, a checkpoint folder, `pretrained:NAME`
-    (which holds one set of weights, the run's EMA weights) or a diffusers pipeline or UNet2DModel folder
-    (`fastdiff.interop.diffusers.load_diffusers`): what `fastdiff sample`, `eval` and `fastdiff.load` all read."""
+    (which holds one set of weights, the run's EMA weights, as a copy of its folder does) or a diffusers pipeline or
+    UNet2DModel folder (`fastdiff.interop.diffusers.load_diffusers`): what `fastdiff sample`, `eval` and
+    `fastdiff.load` all read."""
     from fastdiff.interop.diffusers import is_diffusers_folder, load_diffusers
 
     use_ema = flag("use_ema", use_ema)
@@ -135,11 +136,12 @@ def load_run(checkpoint, device, use_ema: bool = True) -> Denoiser:
                                   "checkpoints/step-*/model.safetensors) nor a diffusers pipeline or UNet2DModel "
                                   "folder; train a model into it, or pass another")
     path = ckpt.resolve_checkpoint(checkpoint)
-    if ckpt.is_pretrained(path):
+    one_set = ckpt.holds_one_set(path)
+    if one_set:
         _one_set_of_weights(checkpoint, use_ema)
     cfg = load_config(path / "config.json")
     model = UNet(cfg.model)
-    weights = "ema" if use_ema and not ckpt.is_pretrained(path) else "model"
+    weights = "ema" if use_ema and not one_set else "model"
     state_dicts.load_model_weights(model, ckpt.load_tensors(path, weights), path)
     model = model.to(device).eval().requires_grad_(False)
     return Denoiser.from_config(model, cfg, path=str(path), device=device)
