@@ -138,9 +138,9 @@ def parse_augment(spec: str) -> tuple[str, ...]:
 def diff_augment(x: torch.Tensor, ops: tuple[str, ...], gen: torch.Generator) -> torch.Tensor:
     """Differentiable DiffAugment ops with per-sample parameters from `gen`.
 
-    translation: shift by up to 1/8 of the size, zero fill; cutout: zero one square of half the size (-1 is
-    black in [-1, 1], so the hole is filled with -1); brightness: add U(-0.25, 0.25); contrast: scale about the
-    image mean by U(0.5, 1.5).
+    translation: shift by up to 1/8 of the size, the uncovered border black; cutout: blacken one square of half
+    the size (black is -1 in [-1, 1]); brightness: add U(-0.25, 0.25); contrast: scale about the image mean by
+    U(0.5, 1.5).
     """
     b, _, h, w = x.shape
     dev = x.device
