@@ -118,6 +118,10 @@ def test_guidance_formula():
     # uncond = 10, cond = label: 10 + 2.5 * (label - 10)
     assert torch.allclose(out[:, 0, 0, 0], torch.tensor([10 + 2.5 * (3 - 10), 10 + 2.5 * (5 - 10)]))
     assert torch.equal(guided(model, x, t, labels, 1.0, 10), model(x, t, labels))
+    # guidance 0 is the unconditional model, in one evaluation of the null label's rows (it ran both halves)
+    rows = []
+    out = guided(lambda x, t, y: rows.append(y.tolist()) or model(x, t, y), x, t, labels, 0.0, null_label=10)
+    assert rows == [[10, 10]] and torch.equal(out, torch.full_like(x, 10.0))
 
 
 def test_timesteps_spacing():

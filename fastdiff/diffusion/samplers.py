@@ -177,14 +177,17 @@ def model_output(out, x: torch.Tensor) -> torch.Tensor:
 def guided(model: Callable, x, t, labels, guidance: float, null_label: int | None):
     """Classifier-free guidance (Ho & Salimans 2022): out = uncond + guidance * (cond - uncond).
 
-    guidance = 1 is the plain conditional model (one evaluation); other values evaluate the conditional and
-    the unconditional (null label) halves as one batch.
+    guidance = 1 is the plain conditional model and guidance = 0 the unconditional one (one evaluation each:
+    guidance 0 ran the conditional half too, at twice the cost, to multiply it by 0); other values evaluate the
+    conditional and the unconditional (null label) halves as one batch.
     """
     if labels is None or guidance == 1.0:
         return model_output(model(x, t, labels), x)
     if null_label is None:
         raise ConfigError("classifier-free guidance needs a class-conditional model (null_label is None)")
     null = torch.full_like(labels, null_label)
+    if guidance == 0.0:
+        return model_output(model(x, t, null), x)
     both = torch.cat([x, x])
     cond, uncond = model_output(model(both, torch.cat([t, t]), torch.cat([labels, null])), both).chunk(2)
     return uncond + guidance * (cond - uncond)
