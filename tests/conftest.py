@@ -1,4 +1,6 @@
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -15,16 +17,30 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def users_cache(tmp_path_factory):
-    """The tests write no user's cache (what fastdiff derives from shipped models: `sources.user_cache_dir`)."""
-    old = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
-    yield
-    if old is None:
-        os.environ.pop("XDG_CACHE_HOME")
-    else:
-        os.environ["XDG_CACHE_HOME"] = old
+# The tests write no user's cache and nothing into the checkout: what fastdiff derives from shipped models
+# (`sources.user_cache_dir`), Triton's compiled kernels (~/.triton/cache: a second run of the sm_90 compile tests
+# found them there and compiled nothing) and Hypothesis's storage (./.hypothesis, although its database is off;
+# written as the fuzz tests are collected, so set in pytest_configure) go to a folder of the session, removed after.
+CACHES = {"XDG_CACHE_HOME": "xdg-cache", "TRITON_CACHE_DIR": "triton-cache",
+          "HYPOTHESIS_STORAGE_DIRECTORY": "hypothesis"}
+
+
+def _isolate_caches(config) -> None:
+    root = tempfile.mkdtemp(prefix="fastdiff-tests-")
+    old = {name: os.environ.get(name) for name in CACHES}
+    for name, folder in CACHES.items():
+        os.environ[name] = os.path.join(root, folder)
+        os.mkdir(os.environ[name])
+
+    def restore():
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
+        shutil.rmtree(root, ignore_errors=True)
+
+    config.add_cleanup(restore)
 
 
 @pytest.fixture
@@ -65,9 +81,10 @@ def nan_batches(monkeypatch):
 
 
 def pytest_configure(config):
-    """FASTDIFF_TEST_CPU_FLAGS="avx2 avx512f" runs this process's tests as on a CPU with those flags (the CPU
-    defaults of `fastdiff.runtime.cpu_choice` follow them): the suite can check the other CPU class's defaults
-    on this machine. Subprocesses keep the real flags."""
+    """The caches of `CACHES` in a folder of the session. FASTDIFF_TEST_CPU_FLAGS="avx2 avx512f" runs this process's
+    tests as on a CPU with those flags (the CPU defaults of `fastdiff.runtime.cpu_choice` follow them): the suite
+    can check the other CPU class's defaults on this machine. Subprocesses keep the real flags."""
+    _isolate_caches(config)
     flags = os.environ.get("FASTDIFF_TEST_CPU_FLAGS")
     if flags is not None:
         import fastdiff.runtime

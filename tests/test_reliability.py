@@ -632,9 +632,7 @@ def test_classifier_cache_with_bad_metadata_retrains(tmp_path):
 def test_lock_is_released_when_the_holder_exits(tmp_path):
     code = "import sys; from fastdiff.runlock import lock_run_dir; lock_run_dir(sys.argv[1])"
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, cwd=Path(__file__).parent.parent)
-    t0 = time.perf_counter()
-    runlock.lock_run_dir(tmp_path).release()
-    assert time.perf_counter() - t0 < 1
+    runlock.lock_run_dir(tmp_path).release()  # never waits: it takes the lock or raises at once
 
 
 # --- stopping a command ---------------------------------------------------------------------------------------------
