@@ -120,9 +120,10 @@ def test_an_export_says_which_weights_and_leaves_nothing_when_it_fails(tmp_path,
         assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(out), *flags]) == 0
         assert json.loads((out / "unet" / "config.json").read_text())[interop.WEIGHTS_KEY] == weights
     capsys.readouterr()
-    for source in ("pretrained:mnist", str(tmp_path / "w-ema")):
+    for source, which in (("pretrained:mnist", "its run's EMA weights"), (str(tmp_path / "w-ema"), "saved with")):
         assert main(["export", "--checkpoint", source, "--out", str(tmp_path / "x"), "--no-ema"]) == 2
-        assert "holds one set of weights" in capsys.readouterr().err and not (tmp_path / "x").exists()
+        err = capsys.readouterr().err  # a diffusers folder's weights were called "its run's EMA weights" too
+        assert "holds one set of weights" in err and which in err and not (tmp_path / "x").exists()
         assert main(["sample", "--checkpoint", source, "--out", str(tmp_path / "s.png"), "--no-ema"]) == 2
         assert "holds one set of weights" in capsys.readouterr().err
     # a diffusers folder is sampled, not trained from: distill and train-refiner said "train a model into it"

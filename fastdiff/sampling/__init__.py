@@ -128,7 +128,7 @@ def load_run(checkpoint, device, use_ema: bool = True) -> Denoiser:
     if not str(checkpoint).startswith("pretrained:"):
         p = Path(checkpoint)
         if is_diffusers_folder(p):
-            _one_set_of_weights(p, use_ema)
+            _one_set_of_weights(p, use_ema, "a diffusers folder's are the ones it was saved with")
             model, cfg, schedule = load_diffusers(p, device)
             return Denoiser.from_config(model, cfg, schedule, path=str(p), device=device)
         if p.is_dir() and not ((p / "model.safetensors").exists() or ckpt.latest_checkpoint(p)):
@@ -138,7 +138,7 @@ def load_run(checkpoint, device, use_ema: bool = True) -> Denoiser:
     path = ckpt.resolve_checkpoint(checkpoint)
     one_set = ckpt.holds_one_set(path)
     if one_set:
-        _one_set_of_weights(checkpoint, use_ema)
+        _one_set_of_weights(checkpoint, use_ema, "a pretrained model's are its run's EMA weights")
     cfg = load_config(path / "config.json")
     model = UNet(cfg.model)
     weights = "ema" if use_ema and not one_set else "model"
@@ -147,12 +147,11 @@ def load_run(checkpoint, device, use_ema: bool = True) -> Denoiser:
     return Denoiser.from_config(model, cfg, path=str(path), device=device)
 
 
-def _one_set_of_weights(source, use_ema: bool) -> None:
-    """A pretrained model or a diffusers folder holds one set of weights: use_ema=False (--no-ema) read them too,
-    without a word."""
+def _one_set_of_weights(source, use_ema: bool, which: str) -> None:
+    """A pretrained model or a diffusers folder holds one set of weights (`which`: what they are): use_ema=False
+    (--no-ema) read them too, without a word."""
     if not use_ema:
-        raise ConfigError(f"{source} holds one set of weights (a pretrained model's are its run's EMA weights), no raw "
-                          "ones to choose with --no-ema; drop it")
+        raise ConfigError(f"{source} holds one set of weights ({which}), no raw ones to choose with --no-ema; drop it")
 
 
 def labels_for(spec, n: int, num_classes: int) -> torch.Tensor | None:
