@@ -175,6 +175,9 @@ def test_git_commit_counts_a_new_source_file_not_a_new_result(tmp_path):
     (tmp_path / "results" / "run").mkdir(parents=True)
     (tmp_path / "results" / "run" / "bench.json").write_text("{}")
     assert git_commit(tmp_path)["dirty"] is False
+    (tmp_path / "benchmarks" / "results" / "run").mkdir(parents=True)  # a results folder's text files too
+    (tmp_path / "benchmarks" / "results" / "run" / "lscpu.txt").write_text("Model name: x\n")
+    assert git_commit(tmp_path)["dirty"] is False
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "new.py").write_text("y = 2\n")
     assert git_commit(tmp_path)["dirty"] is True

@@ -40,6 +40,7 @@ RATIOS = {"vs_torch_eager": ("torch-eager", False), "vs_torch_compile": ("torch-
 
 
 SOURCE_SUFFIXES = (".py", ".sh", ".cpp", ".cu", ".h", ".cuh", ".txt", ".toml")  # new files that change a run
+RESULTS = "benchmarks/results/"  # ... except there: a results folder's lscpu.txt or logs
 
 
 def git_commit(path: Path | None = None) -> dict:
@@ -55,7 +56,8 @@ def git_commit(path: Path | None = None) -> dict:
                                 capture_output=True, text=True, timeout=10, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return {"commit": os.environ.get("FASTDIFF_COMMIT") or None, "dirty": None}
-    changed = [line for line in status.splitlines() if not line.startswith("??") or line.endswith(SOURCE_SUFFIXES)]
+    changed = [line for line in status.splitlines()
+               if not line.startswith("??") or (line.endswith(SOURCE_SUFFIXES) and not line[3:].startswith(RESULTS))]
     return {"commit": commit, "dirty": bool(changed)}
 
 
