@@ -137,8 +137,13 @@ class AccelOptions:
             opts = cls(channels_last=True, amp="bf16", compile=True, cuda_graphs=True)
         else:
             choice = cpu_choice()
+            given = {k: v for k, v in overrides.items() if v is not None}
+            # The choice's row limit was measured for its own precision and layout: with another (--amp fp32 on
+            # an AMX CPU), the general limit (128 fp32 rows faulted, in 533 MiB against 436, and ran level)
+            own = (given.get("amp", choice.sample_amp), given.get("channels_last", choice.sample_channels_last)) == \
+                (choice.sample_amp, choice.sample_channels_last)
             opts = cls(channels_last=choice.sample_channels_last, amp=choice.sample_amp,
-                       max_rows=choice.sample_max_rows)
+                       max_rows=choice.sample_max_rows if own else SAMPLE_ROWS)
         return dataclasses.replace(opts, **{k: v for k, v in overrides.items() if v is not None})
 
     @property
@@ -206,6 +211,9 @@ def cpu_flags() -> frozenset[str]:
     test suite replaces this function to check another CPU class's defaults; what the native library may run is
     the hardware's own, `hardware_flags`.)"""
     return hardware_flags()
+
+
+SAMPLE_ROWS = 64  # the CPU's sampling row limit (`cpu_choice`), but for AMX's bf16 channels_last with native ops
 
 
 @dataclass(frozen=True)
@@ -278,6 +286,8 @@ def cpu_choice(flags: frozenset[str] | None = None, native: bool | None = None) 
       within malloc's reuse (no page faults per call where malloc keeps freed memory), and on the AMX Xeon
       (2026-12-07, each candidate in processes of its own) 128-row calls sampled 1.07-1.11x 64-row ones in
       three runs, in 564-575 MiB instead of 495-501 (diffusers' bf16: 778-808); 256 rows faulted and ran level.
+      Sampling in another precision or layout than the choice's (`--amp fp32`) takes 64 rows: in fp32 on the AMX
+      Xeon 128-row calls faulted (1,568 per call) in 533 MiB against 436, and ran 0.98x (`AccelOptions.for_device`).
     torch.compile (Inductor C++) is off: it sped NCHW bf16 with the torch ops up 1.35-1.6x in sampling and
     1.13-1.2x in training but took 30-85 s to compile with a cold Inductor cache, more than it saves in a
     1500-step run or a 1000-image evaluation (with a warm cache 6 s and 2 s, which would pay); against the
@@ -286,7 +296,7 @@ def cpu_choice(flags: frozenset[str] | None = None, native: bool | None = None) 
     """
     flags = cpu_flags() if flags is None else flags
     native = _native_ops_run() if native is None else native
-    rows = 128 if native and "amx_bf16" in flags else 64
+    rows = 128 if native and "amx_bf16" in flags else SAMPLE_ROWS
     if "amx_bf16" in flags or "avx512_bf16" in flags:
         unit = "AMX (amx_bf16)" if "amx_bf16" in flags else "AVX-512 BF16 (avx512_bf16)"
         if native:

@@ -71,6 +71,21 @@ def test_options_defaults_and_checks():
             choice = cpu_choice(frozenset(flags), native=native)
             rows = 128 if native and flags == {"amx_bf16"} else 64
             assert choice.sample_max_rows == rows and f"at most {rows} rows" in choice.why, (flags, native)
+    # The choice's row limit holds for its own precision and layout only: --amp fp32 on an AMX CPU took 128 rows,
+    # which fault in fp32 (the sampling settings pass their overrides to for_device, which sees them).
+    from fastdiff import runtime
+    from fastdiff.sampling import load_run, resolve_settings
+
+    amx = cpu_choice(frozenset({"amx_bf16"}), native=True)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(runtime, "cpu_choice", lambda: amx)
+        rows = {over: AccelOptions.for_device("cpu", **dict(over)).max_rows
+                for over in ((), (("amp", "bf16"),), (("amp", "fp32"),), (("channels_last", False),),
+                             (("amp", "fp32"), ("max_rows", 128)))}
+        assert list(rows.values()) == [128, 128, 64, 64, 128], rows
+        run = load_run("pretrained:mnist", "cpu")
+        assert resolve_settings(run, "cpu", amp="fp32").accel.max_rows == 64
+        assert resolve_settings(run, "cpu").accel.max_rows == 128
     choice = cpu_choice()
     cpu = AccelOptions.for_device("cpu")
     assert (cpu.amp, cpu.channels_last, cpu.compile, cpu.cuda_graphs, cpu.max_rows) == (

@@ -97,8 +97,9 @@ def resolve_settings(denoiser, device=None, *, accel: AccelOptions | None = None
     clip = None if clip is None or math.isinf(clip) else clip
     batch_size = count("batch_size", given.get("batch_size", sample_batch_size(device)))
     flat = {k: given[k] for k in ACCEL_KEYS if k in given}
-    base = accel if accel is not None else AccelOptions.for_device(device)
-    options = dataclasses.replace(base, **flat).check(device)
+    # for_device takes the overrides itself: the CPU's row limit follows the precision and layout they give
+    options = (dataclasses.replace(accel, **flat) if accel is not None
+               else AccelOptions.for_device(device, **flat)).check(device)
     refiner = given.get("refiner")
     if refiner is not None and not str(refiner).strip():
         raise ConfigError("an empty refiner names no run; pass a refiner run directory (fastdiff train-refiner), or "
