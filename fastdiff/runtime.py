@@ -133,18 +133,18 @@ class AccelOptions:
 
     @classmethod
     def for_device(cls, device, **overrides) -> "AccelOptions":
+        given = {k: v for k, v in overrides.items() if v is not None}
         if torch.device(device).type == "cuda":
             opts = cls(channels_last=True, amp="bf16", compile=True, cuda_graphs=True)
         else:
             choice = cpu_choice()
-            given = {k: v for k, v in overrides.items() if v is not None}
             # The choice's row limit was measured for its own precision and layout: with another (--amp fp32 on
             # an AMX CPU), the general limit (128 fp32 rows faulted, in 533 MiB against 436, and ran level)
             own = (given.get("amp", choice.sample_amp), given.get("channels_last", choice.sample_channels_last)) == \
                 (choice.sample_amp, choice.sample_channels_last)
             opts = cls(channels_last=choice.sample_channels_last, amp=choice.sample_amp,
                        max_rows=choice.sample_max_rows if own else SAMPLE_ROWS)
-        return dataclasses.replace(opts, **{k: v for k, v in overrides.items() if v is not None})
+        return dataclasses.replace(opts, **given)
 
     @property
     def plain(self) -> bool:
@@ -213,7 +213,7 @@ def cpu_flags() -> frozenset[str]:
     return hardware_flags()
 
 
-SAMPLE_ROWS = 64  # the CPU's sampling row limit (`cpu_choice`), but for AMX's bf16 channels_last with native ops
+SAMPLE_ROWS = 64  # the CPU's sampling row limit (`cpu_choice`), except AMX's bf16 channels_last with native ops
 
 
 @dataclass(frozen=True)

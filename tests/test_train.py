@@ -43,12 +43,12 @@ def test_ema_warms_up_to_its_decay():
         d = min(0.8, (1 + step) / (10 + step))
         want = d * want + (1 - d) * (step + 1.0)
     assert ema.model.weight.item() == pytest.approx(want, rel=1e-6)
-    assert warmed_decay(0.999, 8990) == 0.999 and warmed_decay(0.999, 8989) < 0.999
-    assert describe_ema(0.999, 9000) == "0.999 (from step 8990)"
-    assert describe_ema(0.9995, 20_000) == "0.9995 (from step 17990)"  # (10d-1)/(1-d) is 17990.000000001983 in floats
+    assert warmed_decay(0.999, 8990) == 0.999 and warmed_decay(0.999, 8989) < 0.999  # 0-based: the 8991st step
+    assert describe_ema(0.999, 9000) == "0.999 (from step 8991)"
+    assert describe_ema(0.9995, 20_000) == "0.9995 (from step 17991)"  # (10d-1)/(1-d) is 17990.000000001983 in floats
     assert describe_ema(0.0, 5) == "0"
     assert describe_ema(0.999, 1000) == ("0.999 (not reached: the warm-up (1+n)/(10+n) sets it, 0.9911 at the last "
-                                         "step; 0.999 comes at step 8990)")
+                                         "step; 0.999 comes at step 8991)")
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])

@@ -106,7 +106,7 @@ def add_loop_flags(p, *, unit: str, ema: str, seed: str):
                    "bf16 on a CPU with bf16 instructions (AMX or AVX-512 BF16), else fp32 (`fastdiff env` shows the "
                    "choice) (default: the preset's, auto)")
     p.add_argument("--ema-decay", type=float, help=f"decay of {ema}, after a warm-up: the decay at step n is "
-                   "min(decay, (1+n)/(10+n)), so 0.999 from step 8990 on (default: the preset's)")
+                   "min(decay, (1+n)/(10+n)) (n from 0), so 0.999 from step 8991 on (default: the preset's)")
     p.add_argument("--seed", type=int, help=f"seed of {seed} (default: the preset's, 0)")
     p.add_argument("--ckpt-every", type=int, help=f"checkpoint every N {unit} (default: the preset's)")
     p.add_argument("--log-every", type=int, help=f"log line and stats.jsonl record every N {unit} (default: the "

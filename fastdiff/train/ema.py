@@ -16,15 +16,15 @@ def warmed_decay(decay: float, step: int) -> float:
 
 def describe(decay: float, steps: int) -> str:
     """`decay` for a training log line, with what the warm-up makes of it in a run of `steps` steps: a decay of 0.999
-    is only reached at step 8990, and in a shorter run the warm-up alone sets the EMA (any decay above the last
-    step's warm-up gives the same weights)."""
-    reached = max(0, math.ceil((10 * decay - 1) / (1 - decay)))  # the first n with (1+n)/(10+n) >= decay,
-    if reached > 0 and warmed_decay(1.0, reached - 1) >= decay:  # after the quotient's rounding
-        reached -= 1
-    if reached < steps:
-        return f"{decay:g}" + (f" (from step {reached})" if reached > 0 else "")
+    is only reached at step 8991 (counting from 1, as the log does), and in a shorter run the warm-up alone sets the
+    EMA (any decay above the last step's warm-up gives the same weights)."""
+    n = max(0, math.ceil((10 * decay - 1) / (1 - decay)))  # the first n with (1+n)/(10+n) >= decay,
+    if n > 0 and n / (9 + n) >= decay:  # after the quotient's rounding
+        n -= 1
+    if n < steps:
+        return f"{decay:g}" + (f" (from step {n + 1})" if n > 0 else "")
     return (f"{decay:g} (not reached: the warm-up (1+n)/(10+n) sets it, {warmed_decay(decay, steps - 1):.4f} at the "
-            f"last step; {decay:g} comes at step {reached})")
+            f"last step; {decay:g} comes at step {n + 1})")
 
 
 class EMA:
