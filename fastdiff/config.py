@@ -239,6 +239,20 @@ def checked(cfg, *, student: bool, saved: bool = False) -> RunConfig:
 # the kinds of training run (each checkpoint's state.json "kind") and the command that trains and resumes each
 RUN_KINDS = {"ddpm": "fastdiff train", "add-student": "fastdiff distill", "refiner": "fastdiff train-refiner"}
 
+# The options a resume of each kind may change ("section.option"): the loop's length, intervals, learning rate and
+# precision (and layout, which the device decides), where the data is read from, and the checkpoint of the other
+# run that a student or a refiner reads (a resume moves on to that run's newest where it pruned the recorded one:
+# `rundir.source_checkpoint`). Any other change would make the checkpoint and the config disagree: the training
+# loop refuses it, whatever gave it (a flag, the Python API, a hand-edited config.json).
+_LOOP_RESUMABLE = {"train.steps", "train.ckpt_every", "train.log_every", "train.lr", "train.amp",
+                   "train.channels_last"}
+RESUMABLE = {
+    "ddpm": _LOOP_RESUMABLE | {"train.warmup_steps", "train.sample_every", "train.tensorboard", "data.data_dir"},
+    "add-student": _LOOP_RESUMABLE | {"train.warmup_steps", "train.sample_every", "train.tensorboard",
+                                      "data.data_dir", "distill.teacher"},
+    "refiner": _LOOP_RESUMABLE | {"refiner.data_dir", "refiner.generator"},
+}
+
 
 def run_kind(d) -> str:
     """The RUN_KINDS key of a run's config.json dict: a refiner's, a distilled student's (a distill section), or a

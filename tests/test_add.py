@@ -476,6 +476,9 @@ def test_refiner_resume_continues_exactly(student_run, capsys):
         shutil.rmtree(newer)
     assert main(["train-refiner", "--out", str(b), "--resume", "--batch-size", "4"]) == 2
     assert "--batch-size cannot change on --resume" in capsys.readouterr().err
+    # --amp may change, as for train and distill (a refiner trained in fp16 on a GPU goes on on a CPU): refused
+    assert main(["train-refiner", "--out", str(b), "--resume", "--amp", "fp32", "--no-progress"]) == 0
+    assert "already finished at step 3" in capsys.readouterr().err
     pa, pb = ckpt.latest_checkpoint(a), ckpt.latest_checkpoint(b)
     assert pa.name == pb.name == "step-000000003"
     for name in ("model", "optimizer"):
@@ -802,9 +805,10 @@ def test_a_student_given_a_setting_before_its_check_still_resumes(student_run, t
     "distill.backbone_size 32 applies to a backbone file only"."""
     run = tmp_path / "student"
     shutil.copytree(student_run / "student", run)
-    config = json.loads((run / "config.json").read_text())
-    config["distill"]["backbone_size"] = 32
-    (run / "config.json").write_text(json.dumps(config))
+    for saved in (run / "config.json", *run.glob("checkpoints/step-*/config.json")):  # such a run's, everywhere
+        config = json.loads(saved.read_text())
+        config["distill"]["backbone_size"] = 32
+        saved.write_text(json.dumps(config))
     assert main(["distill", "--out", str(run), "--resume", "--steps", "4", *TINY]) == 0, capsys.readouterr().err
     assert json.loads((run / "config.json").read_text())["train"]["steps"] == 4
 

@@ -69,6 +69,47 @@ def test_stats_are_not_repeated_after_a_resume(tmp_path, tiny_overrides):
     assert truncate_stats(run, 2) == 2 and [r["step"] for r in stats(run)] == [1, 2]
 
 
+def test_a_refused_resume_leaves_the_run_as_it_was(tmp_path, tiny_overrides, monkeypatch, capsys):
+    """A resume refused during its setup (here: its image folder's classes changed) had already written its new
+    config.json (a later plain --resume trained on with the refused run's --steps and --lr, logging no change),
+    and cut stats.jsonl. Changes a resume may not make were refused only as flags: a hand-edited config.json, or
+    the Python API, resumed an eps checkpoint as v-prediction, on another batch size."""
+    from fastdiff.errors import DataError
+    from fastdiff.train import loop
+
+    over = {**tiny_overrides, "train.ckpt_every": 2, "train.log_every": 1, "train.sample_every": 1}
+    run = tmp_path / "r"
+    train_ddpm(tiny(over, **{"train.steps": 4}), run, **QUIET)
+    shutil.rmtree(ckpt.latest_checkpoint(run))  # killed after step 4's records and grid, before its checkpoint
+    files = lambda: {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*"))  # noqa: E731
+                     if p.is_file() and p.name != "log.txt" and p.suffix != ".lock"}
+    before = files()
+    assert (run / "samples" / "step-000000004.png").exists() and len(stats(run)) == 4
+
+    def refused(*args):
+        raise DataError("the classes changed")
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "_check_classes", refused)
+        with pytest.raises(DataError):
+            train_ddpm(tiny(over, **{"train.steps": 6, "train.lr": 4e-4}), run, resume=True, **QUIET)
+    assert files() == before
+    for change, value in (("train.batch_size", 8), ("diffusion.prediction", "v"), ("train.seed", 7)):
+        with pytest.raises(ConfigError, match=rf"a resume cannot change {change} .* -> {value} \(the checkpoint"):
+            train_ddpm(tiny(over, **{"train.steps": 6, change: value}), run, resume=True, **QUIET)
+        assert files() == before
+    saved = json.loads((run / "config.json").read_text())
+    saved["train"]["batch_size"] = 8
+    (run / "config.json").write_text(json.dumps(saved))
+    assert main(["train", "--out", str(run), "--resume", "--steps", "6", "--no-progress"]) == 2
+    assert "a resume cannot change train.batch_size 16 -> 8" in capsys.readouterr().err
+    saved["train"]["batch_size"] = 16
+    (run / "config.json").write_text(json.dumps(saved))
+    # the resume that may go on drops the records and the grid past its checkpoint, and writes them again
+    train_ddpm(tiny(over, **{"train.steps": 3}), run, resume=True, **QUIET)
+    assert [r["step"] for r in stats(run)] == [1, 2, 3] and not (run / "samples" / "step-000000004.png").exists()
+
+
 def test_lr_schedules_are_pure_functions_of_the_step():
     lr = warmup_lr(1e-3, 4)
     assert [lr(k) for k in range(5)] == [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3]

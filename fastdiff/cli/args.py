@@ -163,11 +163,6 @@ def accel_options(args, device, **extra):
                                    compile_mode=args.compile_mode, **extra).check(device)
 
 
-# Flags that may change when a run is resumed; the rest would make the checkpoint and the config disagree.
-# lr and warmup_steps: the new schedule applies from the resumed step, the optimizer state is kept (train/loop.py).
-LOOP_RESUMABLE = {"steps", "ckpt_every", "log_every", "lr", "warmup_steps", "sample_every", "tensorboard", "amp"}
-
-
 # The flags whose argparse dest is not their name (tests/test_cli.py checks that every name flag_name gives parses).
 FLAG_NAMES = {"warmup_steps": "--warmup", "spectral_norm": "--no-spectral-norm"}
 
@@ -185,15 +180,16 @@ def _plain(value):
     return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
-def resumed_config(args, given: dict, keys: dict, resumable: set, not_on_resume: dict, kind: str, parse=None):
+def resumed_config(args, given: dict, keys: dict, not_on_resume: dict, kind: str, parse=None):
     """The run's saved config when `--resume` finds one in --out (`saved_run_config`; None otherwise), after
     checking that no flag in `not_on_resume` is given and that `given` (dest -> value; `keys`: dest -> its
-    "section.option") changes only `resumable` options: any other change would make the checkpoint and the config
-    disagree (a flag that repeats the run's own value changes nothing), and that the run is of this command's
-    `kind` (`config.RUN_KINDS`: a student resumed by train went on as a DDPM run). `parse` reads the saved dict
-    (default: config.load_config's checks)."""
+    "section.option") changes only the options a resume of `kind` may change (`config.RESUMABLE`, which the
+    training loop enforces too; here first, naming the flags, before a dry run prints anything): any other change
+    would make the checkpoint and the config disagree (a flag that repeats the run's own value changes nothing),
+    and that the run is of this command's `kind` (`config.RUN_KINDS`: a student resumed by train went on as a DDPM
+    run). `parse` reads the saved dict (default: config.load_config's checks)."""
     from fastdiff.checkpoint import read_json
-    from fastdiff.config import load_config
+    from fastdiff.config import RESUMABLE, load_config
     from fastdiff.train.rundir import check_run_kind, saved_run_config
 
     saved = saved_run_config(args.out) if args.resume else None
@@ -211,6 +207,7 @@ def resumed_config(args, given: dict, keys: dict, resumable: set, not_on_resume:
         section, option = keys[dest].split(".")
         return old.get(section, {}).get(option)
 
+    resumable = {dest for dest, key in keys.items() if key in RESUMABLE[kind]}
     changed = {k for k in set(given) - resumable if _plain(given[k]) != _plain(saved_value(k))}
     if changed:
         raise ConfigError(f"{_flags(changed)} cannot change on --resume (only {_flags(resumable)} can)")

@@ -9,7 +9,6 @@ import json
 
 from fastdiff.cli.args import (
     COUNT,
-    LOOP_RESUMABLE,
     NON_NEGATIVE_INT,
     PATH,
     POSITIVE,
@@ -101,7 +100,6 @@ TRAIN_FLAGS = {  # CLI dest -> config key
     "zero_terminal_snr": "diffusion.zero_terminal_snr", "channels_last": "train.channels_last",
     "sample_every": "train.sample_every", "tensorboard": "train.tensorboard",
 }
-RESUMABLE = LOOP_RESUMABLE | {"data_dir", "channels_last"}
 
 
 def resolve_train_config(args):
@@ -109,7 +107,7 @@ def resolve_train_config(args):
     from fastdiff.config import apply_overrides, train_config
 
     given = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
-    cfg = resumed_config(args, given, TRAIN_FLAGS, RESUMABLE, {"preset": args.preset, "config": args.config}, "ddpm")
+    cfg = resumed_config(args, given, TRAIN_FLAGS, {"preset": args.preset, "config": args.config}, "ddpm")
     file = config_file_layer(args, sections=("model", "diffusion", "data", "train", "sample"))
     overrides = absolute_data_dir({**file.overrides, **{TRAIN_FLAGS[k]: v for k, v in given.items()}})
     if cfg is None:
@@ -210,7 +208,6 @@ DISTILL_FLAGS = {  # CLI dest -> config key
         "disc_steps", "augment", "backbone", "train_backbone",
         "backbone_steps", "backbone_size", "disc_heads", "disc_head", "disc_mbstd", "spectral_norm")},
 }
-DISTILL_RESUMABLE = LOOP_RESUMABLE | {"data_dir"}
 
 
 def resolve_distill_config(args):
@@ -218,7 +215,7 @@ def resolve_distill_config(args):
     from fastdiff.config import apply_overrides, distill_config, load_config
 
     given = {k: getattr(args, k) for k in DISTILL_FLAGS if getattr(args, k) is not None}
-    cfg = resumed_config(args, given, DISTILL_FLAGS, DISTILL_RESUMABLE,
+    cfg = resumed_config(args, given, DISTILL_FLAGS,
                           {"preset": args.preset, "teacher": args.teacher, "config": args.config}, "add-student")
     resumed = cfg is not None
     # distill.teacher is the --teacher path; the student's model, diffusion and data are the teacher's
@@ -286,7 +283,6 @@ REFINER_FLAGS = {  # CLI dest -> (section, option) of RefinerConfig
     "base_channels": "refiner.base_channels", "inputs": "refiner.inputs", "pairs": "refiner.pairs",
     "data_dir": "refiner.data_dir",
 }
-REFINER_RESUMABLE = {"steps", "ckpt_every", "log_every", "lr", "data_dir"}
 
 
 def resolve_refiner_config(args):
@@ -294,7 +290,7 @@ def resolve_refiner_config(args):
 
     given = absolute_data_dir({k: getattr(args, k) for k in REFINER_FLAGS if getattr(args, k) is not None},
                               key="data_dir")
-    cfg = resumed_config(args, given, REFINER_FLAGS, REFINER_RESUMABLE, {"checkpoint": args.checkpoint}, "refiner",
+    cfg = resumed_config(args, given, REFINER_FLAGS, {"checkpoint": args.checkpoint}, "refiner",
                           parse=RefinerConfig.from_dict)
     if cfg is None:
         if not args.checkpoint:

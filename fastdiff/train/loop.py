@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from fastdiff import __version__, state_dicts
 from fastdiff import checkpoint as ckpt
-from fastdiff.config import TrainConfig
+from fastdiff.config import RESUMABLE, TrainConfig
 from fastdiff.errors import ConfigError, DataError, FastdiffError, Terminated, terminating
 from fastdiff.runtime import AccelOptions, check_amp, command_line, mix_seed, resolve_device
 from fastdiff.train.batcher import Batcher
@@ -154,8 +154,8 @@ def _stopped(e: BaseException, where: str, last_ckpt: str | None, run_dir: Path,
     return f"{'terminated' if isinstance(e, Terminated) else 'interrupted'} {where}; {go_on}"
 
 
-def _changes(old: dict, new: dict, where: str = "") -> list[str]:
-    """The options that differ between two configs, as 'section.option old -> new' (a tuple equals the list that
+def _changes(old: dict, new: dict, where: str = "") -> list[tuple[str, object, object]]:
+    """The options that differ between two configs, as ('section.option', old, new) (a tuple equals the list that
     config.json holds for it). An option the old config lacks is one added since it was written: no change."""
     out = []
     for key in sorted(set(old) & set(new)):
@@ -163,8 +163,32 @@ def _changes(old: dict, new: dict, where: str = "") -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             out += _changes(a, b, f"{where}{key}.")
         elif a != b:
-            out.append(f"{where}{key} {a} -> {b}")
+            out.append((f"{where}{key}", a, b))
     return out
+
+
+def _resume_changes(old: dict, new: dict, kind: str) -> list[str]:
+    """The changes from the config of the checkpoint a resume starts from (`old`) to the run's new config, as log
+    lines; one ConfigError where one is not among those a resume of `kind` may make (`config.RESUMABLE`: the
+    command line refuses such flags itself; this also holds for the Python API and a hand-edited config.json)."""
+    changes = _changes(old, new)
+    refused = [f"{key} {a} -> {b}" for key, a, b in changes if key not in RESUMABLE[kind]]
+    if refused:
+        allowed = ", ".join(sorted(RESUMABLE[kind]))
+        raise ConfigError(f"a resume cannot change {'; '.join(refused)} (the checkpoint was trained with the old "
+                          f"value); only {allowed} can change. Restore the run's config.json, or start a new run")
+    return [f"{key} {a} -> {b}" for key, a, b in changes]
+
+
+def _begin(run_dir: Path, start: int, config: dict) -> None:
+    """Write the run's config and drop what was written past step `start` (the checkpoint a resume starts from; 0,
+    an earlier start that stopped before its first checkpoint): stats.jsonl's records and the sample grids. A resume
+    does it once its checkpoint is restored, so that one refused on the way leaves the run as it was."""
+    truncate_stats(run_dir, start)
+    for grid in (run_dir / "samples").glob("step-*.png"):
+        if grid.stem[5:].isdigit() and int(grid.stem[5:]) > start:
+            grid.unlink()
+    ckpt.write_json_atomic(run_dir / "config.json", config)
 
 
 def _save(run_dir: Path, objective, ema: EMA | None, config: dict, tc: TrainConfig, step: int, images_seen: int,
@@ -236,17 +260,17 @@ def train_loop(build: Callable[[Session], object], *, kind: str, data, tc: Train
         check_amp(tc.amp, device)
         if world.is_main:
             with open_run_dir(run_dir, resume, kind):
-                result = _run(build, world, data, tc, config, run_dir, device, resume, progress, echo, accel)
+                result = _run(build, kind, world, data, tc, config, run_dir, device, resume, progress, echo, accel)
         else:
-            result = _run(build, world, data, tc, config, run_dir, device, resume, False, echo, accel)
+            result = _run(build, kind, world, data, tc, config, run_dir, device, resume, False, echo, accel)
         world.barrier()  # every process done (the first writes the last checkpoint) before any tears the group down
         return result
     finally:
         world.close()
 
 
-def _run(build, world: World, data, tc: TrainConfig, config: dict, run_dir: Path, device, resume: bool,
-         progress: bool, echo, accel) -> dict:
+def _run(build, kind: str, world: World, data, tc: TrainConfig, config: dict, run_dir: Path, device,
+         resume: bool, progress: bool, echo, accel) -> dict:
     world.barrier()  # the first process has opened the run directory
     path = None
     if resume:  # the first process's choice on all (each choosing while it set corrupt ones aside could differ)
@@ -259,16 +283,9 @@ def _run(build, world: World, data, tc: TrainConfig, config: dict, run_dir: Path
             echo(f"the run in {run_dir} is already finished at step {start}; pass --steps N (above {start}) with "
                  "--resume to train it further")
         return {"step": start, "already_finished": True}
-    changed = []
-    if world.is_main:
-        saved = run_dir / "config.json"
-        # the records past the checkpoint it starts from; on a fresh start, those of an earlier start that stopped
-        # before its first checkpoint
-        truncate_stats(run_dir, start)
-        if path is not None:
-            old = ckpt.load_json(run_dir, "config") if saved.exists() else ckpt.load_json(path, "config")
-            changed = _changes(old, config)
-        ckpt.write_json_atomic(saved, config)
+    changed = _resume_changes(ckpt.load_json(path, "config"), config, kind) if path is not None else []
+    if world.is_main and path is None:  # a resume writes its config once its checkpoint is restored (_begin)
+        _begin(run_dir, start, config)
     write = (lambda s: tqdm.write(s, file=sys.stderr)) if progress else echo
     log = RunLog(run_dir, echo=write) if world.is_main else QuietLog()
     log.line(f"{command_line()} (fastdiff {__version__}, torch {torch.__version__}, Python "
@@ -291,13 +308,16 @@ def _run(build, world: World, data, tc: TrainConfig, config: dict, run_dir: Path
             log.line(_stopped(e, f"before step {start + 1}", str(path) if path else None, run_dir, world),
                      echo=isinstance(e, KeyboardInterrupt))  # a FastdiffError: the command prints it
             raise
+        if world.is_main and path is not None:
+            _begin(run_dir, start, config)
         batcher = Batcher(len(data), tc.batch_size, tc.seed)
         log.line(f"{'resuming at step ' + str(start) if path is not None else 'training'} {objective.describe()} "
                  f"dataset={data.name} ({len(data)} images {tuple(data.shape)}) device={device} amp={tc.amp} "
                  f"steps={tc.steps} batch={tc.batch_size} step={session.describe()} processes={world.size}"
                  + (f" ema={describe_ema(tc.ema_decay, tc.steps)}" if objective.ema else ""))
-        for line in changed:
-            log.line(f"resumed with {line} from step {start} on (the optimizer state is kept)")
+        for line in changed:  # the learning rate's new schedule goes on from the optimizer's kept state
+            kept = " (the optimizer state is kept)" if line.startswith(("train.lr ", "train.warmup_steps ")) else ""
+            log.line(f"resumed with {line} from step {start} on{kept}")
         if saved_processes is not None and saved_processes != world.size:  # (a checkpoint before 2026-12-07: None)
             log.line(f"resuming a run of {saved_processes} processes with {world.size}: each process draws its own "
                      "noise, so this resume is not exact (it is for the same number of processes)")

@@ -204,7 +204,7 @@ class RunLog:
         self.run_dir = run_dir
         self.echo = echo
         self._log = open(run_dir / "log.txt", "a", buffering=1)
-        self._stats = open(run_dir / "stats.jsonl", "a", buffering=1)
+        self._stats = None  # opened at the first record: a resume truncates the file once its checkpoint is restored
 
     def line(self, text: str, echo: bool = True) -> None:
         """A line in log.txt, echoed (echo False: the file alone, e.g. what the terminal shows already)."""
@@ -214,11 +214,14 @@ class RunLog:
             self.echo(text)
 
     def stats(self, record: dict) -> None:
+        if self._stats is None:
+            self._stats = open(self.run_dir / "stats.jsonl", "a", buffering=1)
         self._stats.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
         self._log.close()
-        self._stats.close()
+        if self._stats is not None:
+            self._stats.close()
 
 
 class QuietLog:
