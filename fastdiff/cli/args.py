@@ -181,7 +181,8 @@ def _plain(value):
 
 
 def resumed_config(args, given: dict, keys: dict, not_on_resume: dict, kind: str, parse=None):
-    """The run's saved config when `--resume` finds one in --out (`saved_run_config`; None otherwise), after
+    """The run's saved config on `--resume` (`saved_run_config`; None without --resume; an error where --out holds
+    none, as the run would refuse it: a dry run printed a new run's config), after
     checking that no flag in `not_on_resume` is given and that `given` (dest -> value; `keys`: dest -> its
     "section.option") changes only the options a resume of `kind` may change (`config.RESUMABLE`, which the
     training loop enforces too; here first, naming the flags, before a dry run prints anything): any other change
@@ -190,11 +191,13 @@ def resumed_config(args, given: dict, keys: dict, not_on_resume: dict, kind: str
     run). `parse` reads the saved dict (default: config.load_config's checks)."""
     from fastdiff.checkpoint import read_json
     from fastdiff.config import RESUMABLE, load_config
-    from fastdiff.train.rundir import check_run_kind, saved_run_config
+    from fastdiff.train.rundir import check_run_kind, no_checkpoint, saved_run_config
 
-    saved = saved_run_config(args.out) if args.resume else None
-    if saved is None:
+    if not args.resume:
         return None
+    saved = saved_run_config(args.out)
+    if saved is None:
+        raise no_checkpoint(args.out)
     check_run_kind(args.out, kind)  # here too, before --dry-run prints a config of the wrong kind
     d = read_json(saved, error=ConfigError)
     extra = [k for k, v in not_on_resume.items() if v]

@@ -94,6 +94,11 @@ def check_run_kind(run_dir, kind: str) -> None:
                           f"{RUN_KINDS[found]} --out {run_dir} --resume")
 
 
+def no_checkpoint(run_dir) -> FastdiffError:
+    """The error of a --resume where `run_dir` holds no checkpoint (a dry run's too: it printed a new run's config)."""
+    return FastdiffError(f"--resume: {run_dir} holds no checkpoint to resume from; drop --resume to start a run")
+
+
 @contextlib.contextmanager
 def open_run_dir(run_dir: Path, resume: bool, kind: str):
     """Open a run directory for writing for the duration of the `with` block (the writing process only).
@@ -105,9 +110,8 @@ def open_run_dir(run_dir: Path, resume: bool, kind: str):
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise FastdiffError(f"the run directory {run_dir} is a file, not a folder; choose another --out")
-    no_checkpoint = f"--resume: {run_dir} holds no checkpoint to resume from; drop --resume to start a run"
     if resume and not run_dir.is_dir():  # refused before anything is made
-        raise FastdiffError(no_checkpoint)
+        raise no_checkpoint(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"
@@ -121,7 +125,7 @@ def open_run_dir(run_dir: Path, resume: bool, kind: str):
         ckpt.remove_stale_temporaries(run_dir)
         has_ckpt = ckpt.latest_checkpoint(run_dir) is not None
         if resume and not has_ckpt:
-            raise FastdiffError(no_checkpoint)
+            raise no_checkpoint(run_dir)
         if resume:
             check_run_kind(run_dir, kind)  # before anything is set aside, truncated or rewritten
         if not resume and has_ckpt:
