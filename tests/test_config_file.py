@@ -192,6 +192,11 @@ def test_config_is_refused_on_resume(tmp_path, capsys):
     (tmp_path / "c.json").write_text('{"train": {"lr": 1e-3}}')
     code = main(["train", "--out", str(tmp_path), "--resume", "--config", str(tmp_path / "c.json")])
     assert code == 2 and "drop --config" in capsys.readouterr().err
+    # the command that started the run, repeated with --resume, names the run's own preset: that changes nothing
+    assert main(["train", "--preset", "digits", "--out", str(tmp_path), "--resume", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["preset"] == "digits"
+    assert main(["train", "--preset", "mnist5k", "--out", str(tmp_path), "--resume", "--dry-run"]) == 2
+    assert "drop --preset" in capsys.readouterr().err
 
 
 def test_a_data_dir_is_recorded_absolute_and_distill_and_refiner_take_their_own(teacher, tmp_path, capsys,

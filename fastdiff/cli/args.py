@@ -200,7 +200,7 @@ def resumed_config(args, given: dict, keys: dict, not_on_resume: dict, kind: str
         raise no_checkpoint(args.out)
     check_run_kind(args.out, kind)  # here too, before --dry-run prints a config of the wrong kind
     d = read_json(saved, error=ConfigError)
-    extra = [k for k, v in not_on_resume.items() if v]
+    extra = [k for k, v in not_on_resume.items() if v and v != d.get(k)]  # --preset NAME of the run's own: the same
     if extra:
         raise ConfigError(f"--resume continues the run with its own config; drop {_flags(extra)}")
     cfg = load_config(saved) if parse is None else parse(d)
