@@ -254,6 +254,32 @@ RESUMABLE = {
 }
 
 
+def config_changes(old: dict, new: dict, where: str = "") -> list[tuple[str, object, object]]:
+    """The options that differ between two configs, as ('section.option', old, new) (a tuple equals the list that
+    config.json holds for it). An option the old config lacks is one added since it was written: no change."""
+    out = []
+    for key in sorted(set(old) & set(new)):
+        a, b = (list(v) if isinstance(v, tuple) else v for v in (old.get(key), new.get(key)))
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{where}{key}.")
+        elif a != b:
+            out.append((f"{where}{key}", a, b))
+    return out
+
+
+def resume_changes(old: dict, new: dict, kind: str) -> list[str]:
+    """The changes from the config of the checkpoint a resume starts from (`old`) to the run's new config, as log
+    lines; one ConfigError where one is not among those a resume of `kind` may make (`config.RESUMABLE`: the
+    command line refuses such flags itself; this also holds for the Python API and a hand-edited config.json)."""
+    changes = config_changes(old, new)
+    refused = [f"{key} {a} -> {b}" for key, a, b in changes if key not in RESUMABLE[kind]]
+    if refused:
+        allowed = ", ".join(sorted(RESUMABLE[kind]))
+        raise ConfigError(f"a resume cannot change {'; '.join(refused)} (the checkpoint was trained with the old "
+                          f"value); only {allowed} can change. Restore the run's config.json, or start a new run")
+    return [f"{key} {a} -> {b}" for key, a, b in changes]
+
+
 def run_kind(d) -> str:
     """The RUN_KINDS key of a run's config.json dict: a refiner's, a distilled student's (a distill section), or a
     DDPM run's."""

@@ -252,47 +252,23 @@ def _native_ops_run() -> bool:
 
 def cpu_choice(flags: frozenset[str] | None = None, native: bool | None = None) -> CpuChoice:
     """The CPU defaults for a CPU with `flags` (this one's by default) where the native extension's ops run CPU
-    tensors or not (`native`; None: as they do here now), chosen by measurement (benchmarks/cpu_defaults.py;
-    README, "CPU defaults"): mnist5k's UNet at batch 64, DDIM-20 and a training step, every candidate
-    interleaved in one process, on five 2-core machines.
+    tensors or not (`native`; None: as they do here now), chosen by measurement (benchmarks/cpu_defaults.py and
+    cpu_allocator.py: mnist5k's UNet at batch 64, DDIM-20 and a training step, every candidate interleaved, on
+    five 2-core machines). The figures are in README, "CPU defaults"; the rules:
 
-    - bf16 arithmetic in hardware (amx_bf16 or avx512_bf16): bf16 autocast runs oneDNN's bf16 kernels.
-      - With the native ops, channels_last: on a Zen 5 EPYC with avx512_bf16, once their bf16 loads and stores
-        vectorised (kernels/cpu/convert.h), sampling ran 1.35x NCHW bf16 with the torch ops, both in 64-row
-        calls (1.58x each in a process of its own), and 1.53-1.62x diffusers' bf16; training 1.12x (1.24x
-        apart); the same FD_cls.
-      - Without them, NCHW: torch's GroupNorm is slow in channels_last under autocast. On a Xeon with AMX:
-        sampling 2.35x fp32 NCHW, training 1.79-1.83x, ahead of channels_last bf16 (1.81x / 1.45x). On a Zen 4
-        EPYC with avx512_bf16: sampling 2.09x, training 1.51x (channels_last bf16 1.94x / 1.21x); on the Zen 5:
-        1.93x and 1.51x.
-      On a Zen 4 EPYC with avx512_bf16 (2026-12-06) the native ops in channels_last sampled 1.15-1.17x and
-      trained 1.06-1.13x NCHW bf16 with the torch ops, at fp32's FD_cls (1.38x the floor); on the AMX Xeon
-      (2026-12-07) 1.49-1.54x and 1.34-1.37x, at the same FD_cls.
-    - otherwise (AVX2 only, or AVX-512 without BF16) fp32, where channels_last beat NCHW (sampling 1.16-1.26x,
-      training level to 1.14x; on the bf16 machines in fp32 too: sampling 1.23-1.50x, training 1.00-1.16x),
-      and the native ops beat the torch ops in that layout: on a Xeon with AVX-512 and no BF16, sampling 1.19x
-      and training 1.13x; on an AVX2-only EPYC, sampling 1.22x and training 1.08x. Without bf16 instructions,
-      bf16 autocast sampled 2-17x and trained 2-9x slower than fp32.
-    - sampling calls of the model run at most 64 rows (`AccelOptions.max_rows`): classifier-free
-      guidance makes a batch of 64 images 128 rows, whose widest activations (mnist5k: 96 channels at 28x28,
-      38.5 MB in fp32, which the torch ops' GroupNorm keeps under bf16 autocast too) exceed glibc malloc's 32 MiB
-      ceiling for reusing freed blocks, so every call had the kernel map and zero-fill them afresh. In two calls
-      of 64 rows, on the Xeon with AVX-512 and no BF16 (fp32): peak RSS 422 MiB instead of 519 and 18.6k minor
-      page faults per 2-step call instead of 51.7k; sampling speed 0.99-1.08x in three runs, within that
-      machine's noise. On the Zen 5 in bf16, each candidate in a process of its own: NCHW with the torch ops
-      412 MiB instead of 471-479, speed 0.93x and 1.02x; channels_last with the native ops 390 instead of 433
-      MiB, 8.5k faults instead of 20.3k, speed 1.02x; the same FD_cls to every digit over 1,000 samples.
-      Except with AMX and the native ops: 128 rows. Their bf16 channels_last activations of 128 rows stay
-      within malloc's reuse (no page faults per call where malloc keeps freed memory), and on the AMX Xeon
-      (2026-12-07, each candidate in processes of its own) 128-row calls sampled 1.07-1.11x 64-row ones in
-      three runs, in 564-575 MiB instead of 495-501 (diffusers' bf16: 778-808); 256 rows faulted and ran level.
-      Sampling in another precision or layout than the choice's (`--amp fp32`) takes 64 rows: in fp32 on the AMX
-      Xeon 128-row calls faulted (1,568 per call) in 533 MiB against 436, and ran 0.98x (`AccelOptions.for_device`).
-    torch.compile (Inductor C++) is off: it sped NCHW bf16 with the torch ops up 1.35-1.6x in sampling and
-    1.13-1.2x in training but took 30-85 s to compile with a cold Inductor cache, more than it saves in a
-    1500-step run or a 1000-image evaluation (with a warm cache 6 s and 2 s, which would pay); against the
-    channels_last bf16 default with the native ops it ran 0.88-1.04x on the Zen 4 and, on the AMX Xeon,
-    sampling 1.00x and training 1.09x after 35 s of compiling.
+    - bf16 arithmetic in hardware (amx_bf16 or avx512_bf16): bf16 autocast (oneDNN's bf16 kernels), at fp32's
+      FD_cls; in channels_last with the native ops (1.15-1.54x NCHW bf16 with the torch ops in sampling, 1.06-1.37x
+      in training), else NCHW (torch's GroupNorm is slow in channels_last under autocast).
+    - otherwise (AVX2 only, or AVX-512 without BF16) fp32 in channels_last, with the native ops where they run
+      (bf16 autocast without bf16 instructions sampled 2-17x and trained 2-9x slower than fp32).
+    - sampling calls of the model run at most 64 rows (`AccelOptions.max_rows`): classifier-free guidance makes a
+      batch of 64 images 128 rows, whose widest activations (mnist5k: 96 channels at 28x28, 38.5 MB in fp32)
+      exceed glibc malloc's 32 MiB ceiling for reusing freed blocks, so every call had the kernel map and
+      zero-fill them afresh (peak RSS and page faults fell, speed level). With AMX and the native ops 128 rows:
+      their bf16 channels_last activations stay within malloc's reuse, and sampled 1.07-1.11x 64-row calls. A
+      sampling run in another precision or layout than the choice's takes 64 (`AccelOptions.for_device`).
+    torch.compile (Inductor C++) is off: 30-85 s of compiling with a cold cache, more than it saves in a run or a
+    1000-image evaluation, and level with today's default (0.88-1.09x).
     """
     flags = cpu_flags() if flags is None else flags
     native = _native_ops_run() if native is None else native

@@ -194,7 +194,7 @@ def test_a_lost_config_comes_from_the_checkpoint_a_resume_starts_from(run_copy):
 def test_a_pinned_source_checkpoint_that_was_pruned(tmp_path):
     # A student or refiner resumes with the checkpoint it recorded; where its run pruned it since, with that run's
     # newest, and it says the resume is not exact (it was an error with no way out)
-    from fastdiff.train.loop import _changes
+    from fastdiff.config import config_changes
     from fastdiff.train.rundir import source_checkpoint
 
     for step in (2, 4):
@@ -211,7 +211,7 @@ def test_a_pinned_source_checkpoint_that_was_pruned(tmp_path):
     assert len(lines) == 1 and "is gone" in lines[0] and "not exact" in lines[0]
     assert source_checkpoint(student, False, str(tmp_path / "teacher"), "distill", "teacher") == newest
     # a resumed run's log names no change for an option its config.json predates (model.null_class, 2026-12-07)
-    assert _changes({"model": {"a": 1}}, {"model": {"a": 1, "null_class": True}}) == []
+    assert config_changes({"model": {"a": 1}}, {"model": {"a": 1, "null_class": True}}) == []
 
 
 def test_resume_without_a_good_checkpoint_is_refused(run_copy, capsys):

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from fastdiff import __version__, state_dicts
 from fastdiff import checkpoint as ckpt
-from fastdiff.config import RESUMABLE, TrainConfig
+from fastdiff.config import TrainConfig, resume_changes
 from fastdiff.errors import ConfigError, DataError, FastdiffError, Terminated, terminating
 from fastdiff.runtime import AccelOptions, check_amp, command_line, mix_seed, resolve_device
 from fastdiff.train.batcher import Batcher
@@ -55,11 +55,11 @@ from fastdiff.train.rundir import (
     FINISHED,
     QuietLog,
     RunLog,
+    begin_run,
     open_run_dir,
     read_stats,
     resume_checkpoint,
     run_finished,
-    truncate_stats,
 )
 from fastdiff.train.step import make_train_step
 
@@ -154,43 +154,6 @@ def _stopped(e: BaseException, where: str, last_ckpt: str | None, run_dir: Path,
     return f"{'terminated' if isinstance(e, Terminated) else 'interrupted'} {where}; {go_on}"
 
 
-def _changes(old: dict, new: dict, where: str = "") -> list[tuple[str, object, object]]:
-    """The options that differ between two configs, as ('section.option', old, new) (a tuple equals the list that
-    config.json holds for it). An option the old config lacks is one added since it was written: no change."""
-    out = []
-    for key in sorted(set(old) & set(new)):
-        a, b = (list(v) if isinstance(v, tuple) else v for v in (old.get(key), new.get(key)))
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _changes(a, b, f"{where}{key}.")
-        elif a != b:
-            out.append((f"{where}{key}", a, b))
-    return out
-
-
-def _resume_changes(old: dict, new: dict, kind: str) -> list[str]:
-    """The changes from the config of the checkpoint a resume starts from (`old`) to the run's new config, as log
-    lines; one ConfigError where one is not among those a resume of `kind` may make (`config.RESUMABLE`: the
-    command line refuses such flags itself; this also holds for the Python API and a hand-edited config.json)."""
-    changes = _changes(old, new)
-    refused = [f"{key} {a} -> {b}" for key, a, b in changes if key not in RESUMABLE[kind]]
-    if refused:
-        allowed = ", ".join(sorted(RESUMABLE[kind]))
-        raise ConfigError(f"a resume cannot change {'; '.join(refused)} (the checkpoint was trained with the old "
-                          f"value); only {allowed} can change. Restore the run's config.json, or start a new run")
-    return [f"{key} {a} -> {b}" for key, a, b in changes]
-
-
-def _begin(run_dir: Path, start: int, config: dict) -> None:
-    """Write the run's config and drop what was written past step `start` (the checkpoint a resume starts from; 0,
-    an earlier start that stopped before its first checkpoint): stats.jsonl's records and the sample grids. A resume
-    does it once its checkpoint is restored, so that one refused on the way leaves the run as it was."""
-    truncate_stats(run_dir, start)
-    for grid in (run_dir / "samples").glob("step-*.png"):
-        if grid.stem[5:].isdigit() and int(grid.stem[5:]) > start:
-            grid.unlink()
-    ckpt.write_json_atomic(run_dir / "config.json", config)
-
-
 def _save(run_dir: Path, objective, ema: EMA | None, config: dict, tc: TrainConfig, step: int, images_seen: int,
           processes: int, classes: list[str]):
     tensors, state = {}, {"step": step, "images_seen": images_seen, "kind": objective.kind, "processes": processes,
@@ -283,9 +246,9 @@ def _run(build, kind: str, world: World, data, tc: TrainConfig, config: dict, ru
             echo(f"the run in {run_dir} is already finished at step {start}; pass --steps N (above {start}) with "
                  "--resume to train it further")
         return {"step": start, "already_finished": True}
-    changed = _resume_changes(ckpt.load_json(path, "config"), config, kind) if path is not None else []
-    if world.is_main and path is None:  # a resume writes its config once its checkpoint is restored (_begin)
-        _begin(run_dir, start, config)
+    changed = resume_changes(ckpt.load_json(path, "config"), config, kind) if path is not None else []
+    if world.is_main and path is None:  # a resume writes its config once its checkpoint is restored (begin_run)
+        begin_run(run_dir, start, config)
     write = (lambda s: tqdm.write(s, file=sys.stderr)) if progress else echo
     log = RunLog(run_dir, echo=write) if world.is_main else QuietLog()
     log.line(f"{command_line()} (fastdiff {__version__}, torch {torch.__version__}, Python "
@@ -309,7 +272,7 @@ def _run(build, kind: str, world: World, data, tc: TrainConfig, config: dict, ru
                      echo=isinstance(e, KeyboardInterrupt))  # a FastdiffError: the command prints it
             raise
         if world.is_main and path is not None:
-            _begin(run_dir, start, config)
+            begin_run(run_dir, start, config)
         batcher = Batcher(len(data), tc.batch_size, tc.seed)
         log.line(f"{'resuming at step ' + str(start) if path is not None else 'training'} {objective.describe()} "
                  f"dataset={data.name} ({len(data)} images {tuple(data.shape)}) device={device} amp={tc.amp} "

@@ -95,7 +95,10 @@ def check_run_kind(run_dir, kind: str) -> None:
 
 
 def no_checkpoint(run_dir) -> FastdiffError:
-    """The error of a --resume where `run_dir` holds no checkpoint (a dry run's too: it printed a new run's config)."""
+    """The error of a --resume where `run_dir` holds no checkpoint (a dry run's too: it printed a new run's config),
+    or of any run where it is a file."""
+    if Path(run_dir).exists() and not Path(run_dir).is_dir():
+        return FastdiffError(f"the run directory {run_dir} is a file, not a folder; choose another --out")
     return FastdiffError(f"--resume: {run_dir} holds no checkpoint to resume from; drop --resume to start a run")
 
 
@@ -108,9 +111,7 @@ def open_run_dir(run_dir: Path, resume: bool, kind: str):
     killed while it wrote a checkpoint. This is the one place a training run opens its directory; it holds the
     run-directory lock (`fastdiff.runlock.lock_run_dir`, released on any exit, kill -9 included) for the block.
     """
-    if run_dir.exists() and not run_dir.is_dir():
-        raise FastdiffError(f"the run directory {run_dir} is a file, not a folder; choose another --out")
-    if resume and not run_dir.is_dir():  # refused before anything is made
+    if (run_dir.exists() and not run_dir.is_dir()) or (resume and not run_dir.is_dir()):  # before anything is made
         raise no_checkpoint(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -176,6 +177,17 @@ def truncate_stats(run_dir: Path, step: int) -> int:
     if dropped:
         ckpt.atomic_write(path, "".join(kept).encode())
     return dropped
+
+
+def begin_run(run_dir: Path, start: int, config: dict) -> None:
+    """Write the run's config and drop what was written past step `start` (the checkpoint a resume starts from; 0,
+    an earlier start that stopped before its first checkpoint): stats.jsonl's records and the sample grids. A resume
+    does it once its checkpoint is restored, so that one refused on the way leaves the run as it was."""
+    truncate_stats(run_dir, start)
+    for grid in (run_dir / "samples").glob("step-*.png"):
+        if grid.stem[5:].isdigit() and int(grid.stem[5:]) > start:
+            grid.unlink()
+    ckpt.write_json_atomic(run_dir / "config.json", config)
 
 
 FINISHED = "finished at step {}"  # the training loop's last line in log.txt, after the last checkpoint, grid and plot
