@@ -26,7 +26,7 @@ from fastdiff.checkpoint import (
 )
 from fastdiff.config_checks import count
 from fastdiff.data import ImageData, load_dataset
-from fastdiff.errors import CheckpointError, ConfigError, FastdiffError
+from fastdiff.errors import CheckpointError, ConfigError, DataError, FastdiffError
 from fastdiff.images import check_writable
 from fastdiff.metrics import frechet_distance, kid, knn_radii, precision_recall
 from fastdiff.models.classifier import Classifier, ClassifierConfig, train_classifier
@@ -100,9 +100,9 @@ def _cached_classifier(path: Path, steps: int, train_images: int, data: str, log
         meta = read_json(meta_path)
         model = Classifier(ClassifierConfig(**meta["config"]))
         model.load_state_dict(read_tensors(path))
-    except Exception as e:  # noqa: BLE001 - any failure to read the cache means: retrain
+    except Exception as e:  # noqa: BLE001 - any failure to read the cache means: the next candidate, or train
         if log:
-            log(f"cached classifier {path} unreadable ({e}); retraining")
+            log(f"cached classifier {path} unreadable ({e}); passing it over")
         return None
     same = (meta.get("steps") == steps and meta.get("train_images", train_images) == train_images
             and meta.get("data", data) == data)
@@ -208,6 +208,10 @@ def evaluate_run(checkpoint, *, n: int = 1000, seed: int = 0, device=None, class
                           "fastdiff run it came from, or a folder `fastdiff export` wrote (it keeps the run's config, "
                           "used while the folder's UNet and scheduler are still the run's)")
     train, test = evaluation_sets(cfg, n)
+    if train.num_classes < 2:  # a cross-entropy of one class is 0: the classifier kept its random features
+        raise DataError(f"{cfg.data.dataset} has {train.num_classes} class, and FD_cls, KID and precision/recall are "
+                        "measured in the features of a classifier trained to tell its classes apart, which one class "
+                        "cannot train; evaluate a dataset of 2 classes or more (an image folder's class folders)")
     if n > len(train) and log:  # the floor's training images number min(n, len(train)) (`real_reference`)
         log(f"the real-vs-real floors use all {len(train)} training images, fewer than --n {n}: they are measured "
             "at a smaller sample size than the scores, and FD's bias grows as the sample shrinks, so fd_ratio reads "
@@ -220,9 +224,9 @@ def evaluate_run(checkpoint, *, n: int = 1000, seed: int = 0, device=None, class
             "draw's chance; score at --n 1000 to compare runs (the README's tables do)")
     ref = real_reference(classifier, train, test, n, device)
     res = sample(run, settings, n=n, seed=seed, progress=progress)
-    result = {"checkpoint": run.path, "dataset": cfg.data.dataset, "n": n, "sampler": settings.sampler,
-              "steps": settings.steps, "guidance": settings.guidance if res.labels is not None else None,
-              "refiner": settings.refiner}
+    result = {"checkpoint": run.path, "dataset": cfg.data.dataset, "n": n, "seed": seed, "sampler": settings.sampler,
+              "steps": settings.steps, "eta": settings.eta, "spacing": settings.spacing, "clip": settings.clip,
+              "guidance": settings.guidance if res.labels is not None else None, "refiner": settings.refiner}
     result.update(score_samples(classifier, res.images, res.labels, ref, device))
     result["classifier_test_accuracy"] = ref["classifier_test_accuracy"]
     result["images_per_sec"] = res.images_per_sec

@@ -46,3 +46,27 @@ def test_evaluate_run_checks_n_and_classifier_steps_first(monkeypatch):
                          ({"classifier_steps": 0}, "classifier_steps=0 must be at least 1")):
         with pytest.raises(ConfigError, match=says):
             evaluate.evaluate_run("pretrained:mnist", **kwargs)
+
+
+def test_evaluate_run_records_its_sampling_and_refuses_one_class(monkeypatch):
+    """The JSON left out the seed, eta, spacing and clip, which change the numbers; a dataset of one class (an image
+    folder of one class folder) was scored in the features of a classifier that one class cannot train (its
+    cross-entropy is 0), as if it had been."""
+    import dataclasses
+
+    from fastdiff import evaluate
+    from fastdiff.errors import DataError
+
+    got = evaluate.evaluate_run("pretrained:mnist", n=8, seed=3, device="cpu", steps=2, eta=0.5, spacing="linspace",
+                                clip="none")
+    assert {k: got[k] for k in ("n", "seed", "sampler", "steps", "eta", "spacing", "clip")} == {
+        "n": 8, "seed": 3, "sampler": "ddim", "steps": 2, "eta": 0.5, "spacing": "linspace", "clip": None}
+    sets = evaluate.evaluation_sets
+
+    def one_class(cfg, n):
+        return tuple(dataclasses.replace(d, labels=d.labels * 0, class_names=["blobs"]) for d in sets(cfg, n))
+
+    monkeypatch.setattr(evaluate, "evaluation_sets", one_class)
+    monkeypatch.setattr(evaluate, "load_or_train_classifier", lambda *a, **k: pytest.fail("trained a classifier"))
+    with pytest.raises(DataError, match="has 1 class, and FD_cls, KID and precision/recall are measured in the"):
+        evaluate.evaluate_run("pretrained:mnist", n=8, device="cpu", steps=2)
