@@ -267,9 +267,9 @@ def config_changes(old: dict, new: dict, where: str = "") -> list[tuple[str, obj
     return out
 
 
-def resume_changes(old: dict, new: dict, kind: str) -> list[str]:
-    """The changes from the config of the checkpoint a resume starts from (`old`) to the run's new config, as log
-    lines; one ConfigError where one is not among those a resume of `kind` may make (`config.RESUMABLE`: the
+def resume_changes(old: dict, new: dict, kind: str) -> list[tuple[str, object, object]]:
+    """The changes (`config_changes`) from the config of the checkpoint a resume starts from (`old`) to the run's
+    new config; one ConfigError where one is not among those a resume of `kind` may make (`config.RESUMABLE`: the
     command line refuses such flags itself; this also holds for the Python API and a hand-edited config.json)."""
     changes = config_changes(old, new)
     refused = [f"{key} {a} -> {b}" for key, a, b in changes if key not in RESUMABLE[kind]]
@@ -277,7 +277,7 @@ def resume_changes(old: dict, new: dict, kind: str) -> list[str]:
         allowed = ", ".join(sorted(RESUMABLE[kind]))
         raise ConfigError(f"a resume cannot change {'; '.join(refused)} (the checkpoint was trained with the old "
                           f"value); only {allowed} can change. Restore the run's config.json, or start a new run")
-    return [f"{key} {a} -> {b}" for key, a, b in changes]
+    return changes
 
 
 def run_kind(d) -> str:

@@ -278,9 +278,9 @@ def _run(build, kind: str, world: World, data, tc: TrainConfig, config: dict, ru
                  f"dataset={data.name} ({len(data)} images {tuple(data.shape)}) device={device} amp={tc.amp} "
                  f"steps={tc.steps} batch={tc.batch_size} step={session.describe()} processes={world.size}"
                  + (f" ema={describe_ema(tc.ema_decay, tc.steps)}" if objective.ema else ""))
-        for line in changed:  # the learning rate's new schedule goes on from the optimizer's kept state
-            kept = " (the optimizer state is kept)" if line.startswith(("train.lr ", "train.warmup_steps ")) else ""
-            log.line(f"resumed with {line} from step {start} on{kept}")
+        for key, a, b in changed:  # a new learning rate schedule goes on from the optimizer's kept state
+            kept = " (the optimizer state is kept)" if key in ("train.lr", "train.warmup_steps") else ""
+            log.line(f"resumed with {key} {a} -> {b} from step {start} on{kept}")
         if saved_processes is not None and saved_processes != world.size:  # (a checkpoint before 2026-12-07: None)
             log.line(f"resuming a run of {saved_processes} processes with {world.size}: each process draws its own "
                      "noise, so this resume is not exact (it is for the same number of processes)")
