@@ -218,10 +218,16 @@ def evaluate_run(checkpoint, *, n: int = 1000, seed: int = 0, device=None, class
             "low (precision and recall also depend on the set sizes)")
     cache = classifier_cache_dir(run.path, cfg)
     classifier = load_or_train_classifier(train, cache, device, log, steps=classifier_steps, progress=progress)
-    if n <= classifier.cfg.feature_dim and log:
-        log(f"--n {n} is not above the classifier's {classifier.cfg.feature_dim} feature dimensions: the Fréchet "
-            "distance's covariances are singular at that size, so FD_cls, its floor and fd_ratio are mostly the "
-            "draw's chance; score at --n 1000 to compare runs (the README's tables do)")
+    sizes = {f"--n {n}": n, f"the held-out set's {len(test)} images": len(test)}
+    if len(train) < n:
+        sizes[f"the floor's {len(train)} training images"] = len(train)
+    small = [name for name, size in sizes.items() if size <= classifier.cfg.feature_dim]
+    if small and log:  # a held-out set as small as that was as singular, without a word
+        log(f"{' and '.join(small)} {'is' if len(small) == 1 else 'are'} not above the classifier's "
+            f"{classifier.cfg.feature_dim} feature dimensions: "
+            "the Fréchet distance's covariances are singular at that size, so FD_cls, its floor and fd_ratio are "
+            "mostly the draw's chance; score at --n 1000 (with 1000 held-out images) to compare runs (the README's "
+            "tables do)")
     ref = real_reference(classifier, train, test, n, device)
     res = sample(run, settings, n=n, seed=seed, progress=progress)
     result = {"checkpoint": run.path, "dataset": cfg.data.dataset, "n": n, "seed": seed, "sampler": settings.sampler,

@@ -63,6 +63,15 @@ def test_evaluate_run_records_its_sampling_and_refuses_one_class(monkeypatch):
         "n": 8, "seed": 3, "sampler": "ddim", "steps": 2, "eta": 0.5, "spacing": "linspace", "clip": None}
     sets = evaluate.evaluation_sets
 
+    def small_test_set(cfg, n):
+        train, test = sets(cfg, n)
+        return train, dataclasses.replace(test, images=test.images[:20], labels=test.labels[:20])
+
+    monkeypatch.setattr(evaluate, "evaluation_sets", small_test_set)  # n 70 was all the singular-size check read
+    said = []
+    evaluate.evaluate_run("pretrained:mnist", n=70, device="cpu", steps=2, log=said.append)
+    assert any("the held-out set's 20 images is not above the classifier's 64 feature dimensions" in s for s in said)
+
     def one_class(cfg, n):
         return tuple(dataclasses.replace(d, labels=d.labels * 0, class_names=["blobs"]) for d in sets(cfg, n))
 
