@@ -10,9 +10,11 @@ and the refiner's time. Run: python -m fastdiff.distill_table --teacher RUN --st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,7 +22,7 @@ import torch
 from fastdiff.checkpoint import write_json_atomic
 from fastdiff.cli import HelpFormatter, add_sampling_args, sampling_overrides
 from fastdiff.cli.args import show_progress
-from fastdiff.errors import ConfigError, FastdiffError
+from fastdiff.errors import ConfigError, FastdiffError, FastdiffWarning
 from fastdiff.evaluate import (
     classifier_cache_dir,
     evaluation_sets,
@@ -34,6 +36,17 @@ from fastdiff.sampling.settings import student_grid_steps
 
 STUDENT_ETA = 0.7  # DDIM eta of the student's DDIM rows (README, "Few-step students": 0, 0.5, 0.6, 0.7 and 1 measured)
 
+
+@contextlib.contextmanager
+def _student_refiner(who: str):
+    """The teacher's refined rows run the student's refiner on the teacher's samples on purpose (how much of the
+    refiner's gain is the student's own): its warning that it was trained on other weights' samples is silenced
+    for them, and for them alone."""
+    with warnings.catch_warnings():
+        if who == "teacher":
+            warnings.filterwarnings("ignore", message=".*was trained on the samples of other weights",
+                                    category=FastdiffWarning)
+        yield
 
 def _rows(teacher_steps, student_steps, student_ddim_steps):
     return ([("teacher", "ddim", s) for s in teacher_steps] + [("student", "student", s) for s in student_steps]
@@ -75,7 +88,8 @@ def compare(teacher, student, refiner=None, *, n: int = 1000, seed: int = 0, tea
         over = {**sampling, "eta": student_eta} if (who, sampler) == ("student", "ddim") else sampling
         if sampler == "student":  # --spacing and --eta are the DDIM rows'; the student sampler reads neither
             over = {k: v for k, v in over.items() if k not in ("spacing", "eta")}
-        return resolve_settings(runs[who], device, sampler=sampler, steps=steps, refiner=refiner, **over)
+        with _student_refiner(who):
+            return resolve_settings(runs[who], device, sampler=sampler, steps=steps, refiner=refiner, **over)
 
     settings = {row: row_settings(*row) for row in _rows(teacher_steps, student_steps, student_ddim_steps)}
     cfg = runs["teacher"].config
@@ -86,7 +100,8 @@ def compare(teacher, student, refiner=None, *, n: int = 1000, seed: int = 0, tea
     records = []
     for (who, sampler, steps), st in settings.items():
         # With a refiner, one run gives both rows: the samples before the refiner and after it.
-        res = sample(runs[who], st, n=n, seed=seed, progress=progress)
+        with _student_refiner(who):
+            res = sample(runs[who], st, n=n, seed=seed, progress=progress)
         base = {"model": who, "sampler": sampler, "steps": steps, "guidance": st.guidance, "eta": st.eta, "n": n,
                 "accel": st.accel.describe()}
         plain = res.unrefined if refiner else res.images

@@ -854,3 +854,16 @@ def test_a_student_without_the_adversarial_loss_builds_no_discriminator(student_
     assert "r1_gamma 0.5 set, which only the discriminator reads" in err and "--adv-weight" in err
     assert "Traceback" not in err and not (tmp_path / "c").exists()
     assert set(DISCRIMINATOR_KEYS) <= {f.name for f in dataclasses.fields(ADDConfig)}
+
+
+def test_distill_table_runs_the_students_refiner_on_the_teachers_rows_without_a_warning(tmp_path, recwarn):
+    """The teacher's refined rows use the student's refiner on purpose; each printed "the refiner ... was trained on
+    the samples of other weights" (every `make distill-demo`). A student's own refined rows keep the check."""
+    from fastdiff import distill_table
+    from fastdiff.errors import FastdiffWarning
+
+    assert distill_table.main(["--teacher", "pretrained:mnist", "--student", "pretrained:mnist-student", "--refiner",
+                               "pretrained:mnist-student-refiner", "--n", "8", "--no-progress",
+                               "--out", str(tmp_path / "t.md")]) == 0
+    assert "| teacher | ddim (guidance 1.5) | 50 | yes |" in (tmp_path / "t.md").read_text()
+    assert not [w for w in recwarn if issubclass(w.category, FastdiffWarning)], [str(w.message) for w in recwarn]
