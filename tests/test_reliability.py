@@ -752,7 +752,15 @@ def test_a_grid_lost_between_its_checkpoint_and_a_stop_is_drawn_on_resuming(tmp_
         with pytest.raises(KeyboardInterrupt):
             train_ddpm(cfg, tmp_path / "stopped", progress=False, echo=lambda s: None)
     assert not (tmp_path / "stopped" / "samples" / "step-000000002.png").exists()
+    # ... and off the clock: the first interval's images/s counted the seconds of drawing it
+    from fastdiff.train import loop
+
+    events, real_grid, real_meter = [], Monitor.grid, loop.IntervalMeter
+    monkeypatch.setattr(Monitor, "grid", lambda self, step, g: events.append(f"grid {step}")
+                        or real_grid(self, step, g))
+    monkeypatch.setattr(loop, "IntervalMeter", lambda *a, **k: events.append("meter") or real_meter(*a, **k))
     train_ddpm(cfg, tmp_path / "stopped", resume=True, progress=False, echo=lambda s: None)
+    assert events == ["grid 2", "meter", "grid 4"], events
     for step in (2, 4):
         name = f"samples/step-{step:09d}.png"
         assert (tmp_path / "stopped" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes()

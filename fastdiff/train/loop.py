@@ -298,8 +298,6 @@ def _run(build, kind: str, world: World, data, tc: TrainConfig, config: dict, ru
 def _loop(objective, session: Session, ema, monitor, log, data, batcher, tc: TrainConfig, config, run_dir, start,
           images_seen, last_ckpt, progress) -> dict:
     world, device = session.world, session.device
-    bar = tqdm(total=tc.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
-    meter = IntervalMeter(objective.stats, device, start, reduce=world.mean)
     sample_every = tc.ckpt_every if tc.sample_every is None else tc.sample_every
 
     def grid_due(step: int) -> bool:
@@ -314,6 +312,9 @@ def _loop(objective, session: Session, ema, monitor, log, data, batcher, tc: Tra
             and not monitor.grid_path(start).exists()):  # stopped between the checkpoint and its grid: drawn now
         if (grid := objective.grid(ema.model)) is not None:
             log.line(f"samples {monitor.grid(start, grid)} (the stopped run's, drawn on resuming)")
+    # the clocks start here: a grid drawn on resuming (seconds) was counted in the first interval's images/s
+    bar = tqdm(total=tc.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    meter = IntervalMeter(objective.stats, device, start, reduce=world.mean)
     for part in objective.parts:
         part.module.train()
     try:
