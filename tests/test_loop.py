@@ -217,3 +217,15 @@ def test_resume_with_another_precision(tmp_path, tiny_overrides):
     assert json.loads((run / "config.json").read_text())["train"]["amp"] == "bf16"
     assert "resumed with train.amp fp32 -> bf16 from step 2 on" in (run / "log.txt").read_text()
     assert [r["step"] for r in stats(run)][-1] == 4
+
+
+def test_the_nan_guard_names_the_term_that_is_not_finite():
+    """The guard summed every logged term: an infinite gradient norm beside a finite loss was "the loss became
+    inf"."""
+    from fastdiff.train.meter import IntervalMeter
+
+    for values, says in (((1.0, float("inf")), "grad_norm became inf"), ((float("nan"), 1.0), "the loss became nan")):
+        meter = IntervalMeter(("loss", "grad_norm"), torch.device("cpu"), 0)
+        meter.add(*(torch.tensor(v) for v in values))
+        with pytest.raises(TrainingDiverged, match=rf"^{says} between steps 1 and 1; go on"):
+            meter.read(1, 8, "go on")

@@ -13,10 +13,10 @@ from fastdiff.errors import TrainingDiverged
 from fastdiff.runtime import peak_memory_mb, synchronize
 
 
-def check_finite(value: float, first_step: int, last_step: int, advice: str) -> float:
-    """Stop with TrainingDiverged (and `advice`: what to do next) if a loss of the interval was NaN or inf."""
+def check_finite(value: float, first_step: int, last_step: int, advice: str, what: str = "the loss") -> float:
+    """Stop with TrainingDiverged (and `advice`: what to do next) if `what` of the interval was NaN or inf."""
     if not math.isfinite(value):
-        raise TrainingDiverged(f"the loss became {value} between steps {first_step + 1} and {last_step}; {advice}")
+        raise TrainingDiverged(f"{what} became {value} between steps {first_step + 1} and {last_step}; {advice}")
     return value
 
 
@@ -43,7 +43,8 @@ class IntervalMeter:
         n = done - self.start
         sums = self.reduce(self.sums)
         means = (sums / n).tolist()  # the one host sync of the interval
-        check_finite(sum(means), self.start, done, advice)
+        for name, mean in zip(self.names, means):  # the first term that is not finite, by its name: the sum of all
+            check_finite(mean, self.start, done, advice, "the loss" if name == "loss" else name)  # blamed the loss
         synchronize(self.device)
         dt = max(time.perf_counter() - self.t0 - setup_s, 1e-9)
         record = dict(zip(self.names, means))
