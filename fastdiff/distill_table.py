@@ -48,6 +48,7 @@ def _student_refiner(who: str):
                                     category=FastdiffWarning)
         yield
 
+
 def _rows(teacher_steps, student_steps, student_ddim_steps):
     return ([("teacher", "ddim", s) for s in teacher_steps] + [("student", "student", s) for s in student_steps]
             + [("student", "ddim", s) for s in student_ddim_steps])

@@ -43,8 +43,9 @@ class IntervalMeter:
         n = done - self.start
         sums = self.reduce(self.sums)
         means = (sums / n).tolist()  # the one host sync of the interval
-        for name, mean in zip(self.names, means):  # the first term that is not finite, by its name: the sum of all
-            check_finite(mean, self.start, done, advice, "the loss" if name == "loss" else name)  # blamed the loss
+        # the first term that is not finite, by its name (the sum of them all blamed the loss for a gradient norm)
+        for name, mean in zip(self.names, means):
+            check_finite(mean, self.start, done, advice, "the loss" if name == "loss" else name)
         synchronize(self.device)
         dt = max(time.perf_counter() - self.t0 - setup_s, 1e-9)
         record = dict(zip(self.names, means))
