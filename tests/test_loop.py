@@ -50,6 +50,8 @@ def test_cli_resume_of_a_finished_run_says_so(tmp_path, tiny_overrides, capsys):
     assert "already finished at step 2" in err and len(err.strip().splitlines()) == 1
     assert main(["train", "--out", str(run), "--resume", "--steps", "1", "--no-progress"]) == 2
     assert "--steps 1 is below step 2" in capsys.readouterr().err
+    assert main(["train", "--out", str(run), "--resume", "--steps", "1", "--dry-run"]) == 2  # it printed the config
+    assert "--steps 1 is below step 2" in capsys.readouterr().err
     # a dry run of a resume with nothing to resume printed a new run's config, exit 0, where the run is refused
     for command in (["train", "--preset", "digits"], ["distill"], ["train-refiner"]):
         assert main([*command, "--out", str(tmp_path / "none"), "--resume", "--dry-run"]) == 2

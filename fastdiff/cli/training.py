@@ -37,6 +37,14 @@ def _run(args, cfg, trainer: str, dry_run: str | None) -> int:
 
     if dry_run is not None:
         check_batch_split(cfg.train.batch_size)  # under torchrun: what the run checks first
+        if args.resume:  # the step the resume would start from (reading only: the run sets corrupt ones aside)
+            from fastdiff import checkpoint as ckpt
+            from fastdiff.train.rundir import no_checkpoint, resumed_step
+
+            good = ckpt.latest_good_checkpoint(args.out)
+            if good is None:
+                raise no_checkpoint(args.out)
+            resumed_step(good, cfg.train.steps, args.out)
         if is_main_process():  # one config under torchrun, not one per process
             print(dry_run)
         return 0

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from fastdiff import __version__, state_dicts
 from fastdiff import checkpoint as ckpt
 from fastdiff.config import TrainConfig, resume_changes
-from fastdiff.errors import ConfigError, DataError, FastdiffError, Terminated, terminating
+from fastdiff.errors import DataError, FastdiffError, Terminated, terminating
 from fastdiff.runtime import AccelOptions, check_amp, command_line, mix_seed, resolve_device
 from fastdiff.train.batcher import Batcher
 from fastdiff.train.distributed import World, init_world
@@ -59,6 +59,7 @@ from fastdiff.train.rundir import (
     open_run_dir,
     read_stats,
     resume_checkpoint,
+    resumed_step,
     run_finished,
 )
 from fastdiff.train.step import make_train_step
@@ -195,14 +196,6 @@ def _check_classes(state: dict, data, path: Path) -> None:
                         "new --out")
 
 
-def _resumed_step(path: Path, tc: TrainConfig, run_dir: Path) -> int:
-    step = int(ckpt.load_json(path, "state")["step"])
-    if tc.steps < step:
-        raise ConfigError(f"--steps {tc.steps} is below step {step}, which the run in {run_dir} already reached; "
-                          f"pass --steps {step} or more to continue it")
-    return step
-
-
 def train_loop(build: Callable[[Session], object], *, kind: str, data, tc: TrainConfig, config: dict, run_dir,
                device="auto", resume: bool = False, progress: bool = True, echo=print,
                accel: AccelOptions | None = None) -> dict:
@@ -240,7 +233,7 @@ def _run(build, kind: str, world: World, data, tc: TrainConfig, config: dict, ru
         path = resume_checkpoint(run_dir, log=echo) if world.is_main else None
         path = world.from_main(None if path is None else str(path))
         path = Path(path) if path is not None else None
-    start = _resumed_step(path, tc, run_dir) if path is not None else 0
+    start = resumed_step(path, tc.steps, run_dir) if path is not None else 0
     if path is not None and start == tc.steps and run_finished(run_dir, start):  # else: a stop lost its end (_loop)
         if world.is_main:
             echo(f"the run in {run_dir} is already finished at step {start}; pass --steps N (above {start}) with "

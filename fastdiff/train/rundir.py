@@ -94,6 +94,16 @@ def check_run_kind(run_dir, kind: str) -> None:
                           f"{RUN_KINDS[found]} --out {run_dir} --resume")
 
 
+def resumed_step(checkpoint: Path, steps: int, run_dir) -> int:
+    """The step of the checkpoint a resume starts from; one ConfigError where the run's --steps are below it (a dry
+    run checks it too: it printed a config the run refuses)."""
+    step = int(ckpt.load_json(checkpoint, "state")["step"])
+    if steps < step:
+        raise ConfigError(f"--steps {steps} is below step {step}, which the run in {run_dir} already reached; "
+                          f"pass --steps {step} or more to continue it")
+    return step
+
+
 def no_checkpoint(run_dir) -> FastdiffError:
     """The error of a --resume where `run_dir` holds no checkpoint (a dry run's too: it printed a new run's config),
     or of any run where it is a file."""
