@@ -187,15 +187,20 @@ def test_distill_file_sets_only_the_students_own_sections(text, message, teacher
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_config_is_refused_on_resume(tmp_path, capsys):
-    (tmp_path / "config.json").write_text(preset_config("digits").to_json())
+def test_config_is_refused_on_resume(tmp_path, capsys, tiny_overrides):
+    from fastdiff.config import apply_overrides
+    from fastdiff.train import train_ddpm
+
+    run = tmp_path / "run"
+    train_ddpm(apply_overrides(preset_config("digits"), {**tiny_overrides, "train.steps": 2}), run, progress=False,
+               echo=lambda s: None)
     (tmp_path / "c.json").write_text('{"train": {"lr": 1e-3}}')
-    code = main(["train", "--out", str(tmp_path), "--resume", "--config", str(tmp_path / "c.json")])
+    code = main(["train", "--out", str(run), "--resume", "--config", str(tmp_path / "c.json")])
     assert code == 2 and "drop --config" in capsys.readouterr().err
     # the command that started the run, repeated with --resume, names the run's own preset: that changes nothing
-    assert main(["train", "--preset", "digits", "--out", str(tmp_path), "--resume", "--dry-run"]) == 0
+    assert main(["train", "--preset", "digits", "--out", str(run), "--resume", "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out)["preset"] == "digits"
-    assert main(["train", "--preset", "mnist5k", "--out", str(tmp_path), "--resume", "--dry-run"]) == 2
+    assert main(["train", "--preset", "mnist5k", "--out", str(run), "--resume", "--dry-run"]) == 2
     assert "drop --preset" in capsys.readouterr().err
 
 
