@@ -30,11 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_defaults import _quantiles  # noqa: E402 - median, p20, p80
-
-from fastdiff.bench.report import new_doc, write_reports  # noqa: E402
-from fastdiff.runtime import MMAP_THRESHOLD, TRIM_THRESHOLD  # noqa: E402
+from fastdiff.bench.report import new_doc, write_reports
+from fastdiff.bench.timing import median_p20_p80
+from fastdiff.runtime import MMAP_THRESHOLD, TRIM_THRESHOLD
 
 SETTINGS = ("keep", "default")
 GLIBC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "FASTDIFF_MALLOC")
@@ -110,7 +108,7 @@ def main(argv=None) -> int:
         for key in ("images_per_s", "wall_s", "peak_rss_mib"):
             values = [x[key] for x in runs[setting] if x[key] is not None]
             if values:
-                m, p20, p80 = _quantiles(values)
+                m, p20, p80 = median_p20_p80(values)
                 row.update({key: m, f"{key}_p20_p80": f"{p20:.4g}-{p80:.4g}"})
         rates[setting] = row.get("images_per_s")
         doc["rows"].append(row)

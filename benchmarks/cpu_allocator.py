@@ -43,12 +43,10 @@ import cpu_defaults  # noqa: E402 - the candidates and their callables
 
 from fastdiff import runtime  # noqa: E402
 from fastdiff.bench.report import new_doc, write_reports  # noqa: E402
-from fastdiff.bench.timing import measure  # noqa: E402
+from fastdiff.bench.timing import measure, median_p20_p80  # noqa: E402
 from fastdiff.config import preset_config  # noqa: E402
 from fastdiff.ops import native  # noqa: E402
 from fastdiff.runtime import MMAP_THRESHOLD, TRIM_THRESHOLD, cpu_choice  # noqa: E402
-
-median_p20_p80 = cpu_defaults._quantiles
 
 SETTINGS = ("keep", "default", "warm")
 WARM_BLOCK = 31 * 2**20  # under glibc's 32 MiB ceiling for its dynamic mmap threshold

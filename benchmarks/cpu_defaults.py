@@ -20,7 +20,6 @@ import argparse
 import math
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ import torch
 
 from fastdiff.bench.e2e import SampleCase, SampleInputs, base_unet, sampler_for, train_batch, train_step_for
 from fastdiff.bench.report import new_doc, write_reports
-from fastdiff.bench.timing import _quantile, measure
+from fastdiff.bench.timing import measure, median_p20_p80
 from fastdiff.config import preset_config
 from fastdiff.ops import native, use_backend
 from fastdiff.runtime import AccelOptions, cpu_choice
@@ -107,11 +106,6 @@ def check_timed_steps(p: argparse.ArgumentParser, steps: int) -> None:
         p.error(f"--timed-steps {steps} must be in [1, 20] (steps of the DDIM-20 run)")
 
 
-def _quantiles(xs: list[float]) -> tuple[float, float, float]:
-    """Median, p20 and p80 as `fastdiff.bench.timing` computes them (it picked a rank: [10, 20] had median 20)."""
-    return statistics.median(xs), _quantile(xs, 0.2), _quantile(xs, 0.8)
-
-
 def ab(section: str, cfg, args, grid: list[dict], doc: dict, out: Path) -> None:
     fns = {name(c): build(section, c, cfg, c.get("batch", args.batch), args.timed_steps) for c in grid}
     load0 = os.getloadavg()
@@ -131,7 +125,7 @@ def ab(section: str, cfg, args, grid: list[dict], doc: dict, out: Path) -> None:
             doc["rows"].append({**row, "status": t})
             continue
         cpu = fns[key].cpu_ms[args.warmup:]  # the warm-up calls come first
-        cpu_med, cpu20, cpu80 = _quantiles(cpu)
+        cpu_med, cpu20, cpu80 = median_p20_p80(cpu)
         row.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, rounds=t.rounds, warmup_s=t.warmup_s,
                    images_per_s=batch / (t.median_ms / 1e3 * scale), cpu_ms=cpu_med,
                    cpu_spread=f"{cpu20:.4g}-{cpu80:.4g}", status="ok")

@@ -630,7 +630,7 @@ def test_cpu_defaults_compares_each_batch_with_its_own_references(tmp_path, benc
     pytest.importorskip("diffusers")
     import cpu_defaults
 
-    assert cpu_defaults._quantiles([10.0, 20.0])[0] == 15.0
+    assert cpu_defaults.median_p20_p80([10.0, 20.0])[0] == 15.0
     plain = f"nchw/fp32/torch/{torch.get_num_threads()}t"
     assert cpu_defaults.main(["--preset", "digits", "--batch", "2", "--batches", "2,4", "--sections", "sample",
                               "--rounds", "2", "--warmup", "1", "--timed-steps", "1", "--only",

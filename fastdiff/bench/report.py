@@ -61,7 +61,6 @@ def git_commit(path: Path | None = None) -> dict:
     return {"commit": commit, "dirty": bool(changed)}
 
 
-
 def cpu_model() -> str:
     """The CPU's model name from lscpu, else what `platform` knows."""
     try:

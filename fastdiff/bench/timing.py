@@ -49,6 +49,11 @@ def _quantile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+def median_p20_p80(xs: list[float]) -> tuple[float, float, float]:
+    """The median and the 20th and 80th percentiles (interpolated) of a benchmark's samples."""
+    return statistics.median(xs), _quantile(xs, 0.2), _quantile(xs, 0.8)
+
+
 _L2_FLUSH: dict[torch.device, torch.Tensor] = {}
 
 
@@ -156,7 +161,7 @@ def measure(fns: dict[Hashable, Callable[[], object]], device, *, rounds: int = 
             out[name] = failed[name]
             continue
         ts = times[name]
-        out[name] = Timing(statistics.median(ts), _quantile(ts, 0.2), _quantile(ts, 0.8), rounds, per_round[name],
+        out[name] = Timing(*median_p20_p80(ts), rounds, per_round[name],
                            round(warm[name][0], 3), warm[name][1])
     return out
 
